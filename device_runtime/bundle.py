@@ -1,0 +1,288 @@
+"""The bundle format: what a device receives to train its pruned expert subset.
+
+A bundle is a directory::
+
+    manifest.json            this module's ``Manifest`` (format version, shape key, expert ids, sha256s)
+    training_model.onnx      ORT training graph (loss + gradients), from ``onnxruntime.training.artifacts``
+    eval_model.onnx          ORT eval graph (same inputs, no gradients)
+    optimizer_model.onnx     AdamW graph (eps 1e-8, weight decay 0.01: matches torch.optim.AdamW)
+    checkpoint               ORT checkpoint: initial values of every parameter, frozen and trainable
+    weights.safetensors      every tensor that depends on *which* experts are kept (expert weights,
+                             router rows, LoRA adapters), by ONNX initializer name == torch state_dict name
+    tokenizer.json           the base model's tokenizer (``tokenizers`` library)
+
+The graph files depend only on the :class:`ShapeKey` (experts kept per MoE layer + trainable mode), never
+on which experts were kept, so a device caches them by ``ShapeKey.id`` and each round receives only
+new weights. Every file's sha256 is in the manifest; :func:`load_bundle` verifies all of them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from device_runtime.errors import BundleError, BundleIntegrityError
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+GRAPH_FILES = ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx", "checkpoint")
+WEIGHTS_FILE = "weights.safetensors"
+TOKENIZER_FILE = "tokenizer.json"
+TRAINABLE_MODES = ("experts", "lora")
+DTYPES = ("float32", "float16")
+_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,200}$")
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in ``chunk``-byte pieces."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class ShapeKey:
+    """What a training graph depends on: experts kept per MoE layer and the trainable mode.
+
+    Attributes:
+        experts_per_layer: number of experts kept in each MoE layer, in layer order.
+        trainable_mode: ``"experts"`` (full expert weights + router) or ``"lora"`` (rank-r adapters on
+            each kept expert's projections + router).
+        lora_rank: LoRA rank r (0 when ``trainable_mode == "experts"``).
+        prox: whether the graph takes FedProx anchor inputs (``<name>.anchor`` and ``prox_mu``).
+    """
+
+    experts_per_layer: tuple[int, ...]
+    trainable_mode: str = "experts"
+    lora_rank: int = 0
+    prox: bool = False
+
+    def __post_init__(self):
+        if not self.experts_per_layer or any(int(c) < 1 for c in self.experts_per_layer):
+            raise BundleError(f"experts_per_layer must be non-empty and >= 1, got {self.experts_per_layer}")
+        if self.trainable_mode not in TRAINABLE_MODES:
+            raise BundleError(f"trainable_mode must be one of {TRAINABLE_MODES}, got {self.trainable_mode!r}")
+        if (self.trainable_mode == "lora") != (self.lora_rank > 0):
+            raise BundleError("lora_rank must be > 0 exactly when trainable_mode is 'lora'")
+
+    @property
+    def id(self) -> str:
+        """A stable, filesystem-safe identifier, e.g. ``experts-2.2.1.1`` or ``lora8-prox-2.2``."""
+        mode = self.trainable_mode if self.trainable_mode == "experts" else f"lora{self.lora_rank}"
+        prox = "-prox" if self.prox else ""
+        return f"{mode}{prox}-" + ".".join(str(c) for c in self.experts_per_layer)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ShapeKey":
+        return cls(
+            experts_per_layer=tuple(int(c) for c in data["experts_per_layer"]),
+            trainable_mode=str(data.get("trainable_mode", "experts")),
+            lora_rank=int(data.get("lora_rank", 0)),
+            prox=bool(data.get("prox", False)),
+        )
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One named tensor of a bundle.
+
+    Attributes:
+        name: ONNX initializer name, equal to the torch ``state_dict`` key.
+        shape: its shape in the pruned model.
+        dtype: ``"float32"`` or ``"float16"``.
+        layer: the MoE layer index (into ``Manifest.moe_layers``) it belongs to, or None.
+        expert_axis: the axis that indexes the layer's kept experts (local index i is global expert
+            ``Manifest.expert_ids[layer][i]``), or None for tensors not indexed by expert.
+        trainable: whether the device's optimizer updates it.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str = "float32"
+    layer: int | None = None
+    expert_axis: int | None = None
+    trainable: bool = True
+
+    def __post_init__(self):
+        if not _NAME.match(self.name):
+            raise BundleError(f"invalid tensor name {self.name!r}")
+        if self.dtype not in DTYPES or any(int(d) < 0 for d in self.shape):
+            raise BundleError(f"tensor {self.name}: invalid dtype {self.dtype!r} or shape {self.shape}")
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TensorSpec":
+        return cls(
+            name=str(data["name"]),
+            shape=tuple(int(d) for d in data["shape"]),
+            dtype=str(data.get("dtype", "float32")),
+            layer=None if data.get("layer") is None else int(data["layer"]),
+            expert_axis=None if data.get("expert_axis") is None else int(data["expert_axis"]),
+            trainable=bool(data.get("trainable", True)),
+        )
+
+
+@dataclass(frozen=True)
+class TrainingDefaults:
+    """Local training defaults; a round's assignment may override them.
+
+    Attributes:
+        batch_size: sequences per step. seq_len: tokens per sequence. learning_rate: AdamW lr.
+        aux_loss_coef: load-balancing loss coefficient. local_steps: optimizer steps per round (0: one epoch).
+    """
+
+    batch_size: int = 8
+    seq_len: int = 128
+    learning_rate: float = 1e-4
+    aux_loss_coef: float = 0.01
+    local_steps: int = 0
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """``manifest.json`` of a bundle.
+
+    Attributes:
+        base_model: ``{"id": str, "sha256": str}``: the global model this bundle was cut from.
+        family: MoE family name (``mixtral``, ``qwen2_moe``, ``qwen3_moe``, ``olmoe``).
+        shape_key: what the graph depends on.
+        moe_layers: decoder-layer indices of the MoE layers, in order.
+        num_experts: experts per MoE layer in the global model.
+        experts_per_token: top-k per MoE layer in the pruned model (``min(k, kept)``).
+        expert_ids: per MoE layer, local expert index -> global expert id.
+        tensors: every tensor in ``weights.safetensors``.
+        inputs: graph input names in feed order. outputs: graph output names (``loss`` first).
+        training: local training defaults.
+        files: relative path -> sha256 of every other file in the bundle.
+    """
+
+    base_model: dict
+    family: str
+    shape_key: ShapeKey
+    moe_layers: tuple[int, ...]
+    num_experts: int
+    experts_per_token: tuple[int, ...]
+    expert_ids: tuple[tuple[int, ...], ...]
+    tensors: tuple[TensorSpec, ...]
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    training: TrainingDefaults = field(default_factory=TrainingDefaults)
+    files: dict = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    def __post_init__(self):
+        counts = tuple(len(ids) for ids in self.expert_ids)
+        if counts != self.shape_key.experts_per_layer or len(self.moe_layers) != len(counts):
+            raise BundleError(
+                f"expert_ids {counts} / moe_layers {len(self.moe_layers)} disagree with "
+                f"shape key {self.shape_key.experts_per_layer}"
+            )
+        for ids in self.expert_ids:
+            if len(set(ids)) != len(ids) or any(not 0 <= g < self.num_experts for g in ids):
+                raise BundleError(f"expert ids {ids} must be distinct and in [0, {self.num_experts})")
+
+    @property
+    def trainable_names(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.tensors if t.trainable)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Manifest":
+        """Parse and validate a manifest. Raises BundleError on any malformed or unknown field."""
+        try:
+            data = json.loads(text)
+            version = int(data["format_version"])
+            if version != FORMAT_VERSION:
+                raise BundleError(f"bundle format {version} is not supported (this runtime reads {FORMAT_VERSION}); "
+                                  "upgrade fedmoe on the device or re-export the bundle")
+            return cls(
+                base_model=dict(data["base_model"]),
+                family=str(data["family"]),
+                shape_key=ShapeKey.from_dict(data["shape_key"]),
+                moe_layers=tuple(int(i) for i in data["moe_layers"]),
+                num_experts=int(data["num_experts"]),
+                experts_per_token=tuple(int(k) for k in data["experts_per_token"]),
+                expert_ids=tuple(tuple(int(g) for g in ids) for ids in data["expert_ids"]),
+                tensors=tuple(TensorSpec.from_dict(t) for t in data["tensors"]),
+                inputs=tuple(str(n) for n in data["inputs"]),
+                outputs=tuple(str(n) for n in data["outputs"]),
+                training=TrainingDefaults(**data.get("training", {})),
+                files={str(k): str(v) for k, v in data.get("files", {}).items()},
+                format_version=version,
+            )
+        except BundleError:
+            raise
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BundleError(f"malformed manifest: {exc!r}") from exc
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A verified bundle on disk."""
+
+    root: Path
+    manifest: Manifest
+
+    def path(self, name: str) -> Path:
+        return self.root / name
+
+
+def write_manifest(root: Path, manifest: Manifest) -> Manifest:
+    """Hash every file under ``root`` (except the manifest) into ``manifest.files`` and write it.
+
+    Returns the manifest as written.
+    """
+    files = {
+        p.relative_to(root).as_posix(): sha256_file(p)
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != MANIFEST
+    }
+    final = Manifest(**{**{f: getattr(manifest, f) for f in manifest.__dataclass_fields__}, "files": files})
+    (root / MANIFEST).write_text(final.to_json())
+    return final
+
+
+def load_bundle(root: str | Path, *, verify: bool = True) -> Bundle:
+    """Read ``root/manifest.json`` and verify every file's sha256.
+
+    Raises:
+        BundleError: the directory or manifest is missing or malformed, or a required file is absent.
+        BundleIntegrityError: a file differs from its recorded sha256, or an unlisted file is present.
+    """
+    root = Path(root)
+    if not (root / MANIFEST).is_file():
+        raise BundleError(f"{root} is not a bundle (no {MANIFEST}); write one with `fedmoe-export bundle`")
+    manifest = Manifest.from_json((root / MANIFEST).read_text())
+    missing = [n for n in (*GRAPH_FILES, WEIGHTS_FILE) if n not in manifest.files]
+    if missing:
+        raise BundleError(f"bundle {root} lacks {missing}")
+    if verify:
+        verify_files(root, manifest.files)
+    return Bundle(root=root, manifest=manifest)
+
+
+def verify_files(root: Path, files: dict) -> None:
+    """Check that each ``relpath -> sha256`` of ``files`` matches the file under ``root``.
+
+    Raises:
+        BundleIntegrityError: naming the first file that is missing, escapes ``root`` or differs.
+    """
+    base = root.resolve()
+    for rel, expected in files.items():
+        path = (root / rel).resolve()
+        if base not in path.parents:
+            raise BundleIntegrityError(f"bundle file {rel!r} escapes the bundle directory")
+        if not path.is_file():
+            raise BundleIntegrityError(f"bundle file {rel} is missing from {root}")
+        actual = sha256_file(path)
+        if actual != expected:
+            raise BundleIntegrityError(
+                f"bundle file {rel} is corrupted or was tampered with (sha256 {actual[:12]}..., manifest says "
+                f"{expected[:12]}...); fetch the bundle again"
+            )
