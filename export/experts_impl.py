@@ -1,0 +1,167 @@
+"""A dense-masked experts implementation for transformers 5.x MoE layers, and per-expert LoRA adapters.
+
+Why: ONNX Runtime training gives silent wrong gradients for ScatterND/ScatterElements with
+``reduction="add"`` (``index_add``) and Sequence ops, and no gradient for Einsum (DESIGN.md §3). Here every
+expert of a (pruned) layer runs on every token with batched MatMul, and the outputs are combined with an
+``(num_tokens, num_experts)`` gate matrix that is zero outside each token's top-k. The result equals the
+sparse computation (the zero gates drop the unused outputs); the cost is ``num_experts / top_k`` times the
+expert FLOPs, which is acceptable for the few experts a device keeps.
+
+Works for the fused experts classes of Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE (``gate_up_proj
+(E, 2I, H)``, ``down_proj (E, H, I)``, concatenated ``[gate; up]`` layout, no bias).
+
+LoRA (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models", eq. 3:
+``h = W0 x + (alpha / r) B A x``) is added per expert by :func:`add_lora`; the dense-masked forward uses
+the adapters whenever they are present.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+from device_runtime.errors import ModelError
+
+DENSE_MASKED = "dense_masked"
+LORA_PARAMS = ("gate_up_lora_A", "gate_up_lora_B", "down_lora_A", "down_lora_B")
+
+
+def gate_matrix(top_k_index: torch.Tensor, top_k_weights: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """The dense routing matrix: ``gates[n, e] = sum_k [top_k_index[n, k] == e] * top_k_weights[n, k]``.
+
+    Args:
+        top_k_index: ``(num_tokens, top_k)`` int64 expert ids.
+        top_k_weights: ``(num_tokens, top_k)`` routing weights.
+        num_experts: E.
+
+    Returns:
+        ``(num_tokens, num_experts)``, zero outside each token's top-k (built with Equal + Mul + ReduceSum:
+        no OneHot/Scatter in the exported graph).
+    """
+    experts = torch.arange(num_experts, device=top_k_index.device)
+    hits = (top_k_index.unsqueeze(-1) == experts).to(top_k_weights.dtype)  # (N, k, E)
+    return (hits * top_k_weights.unsqueeze(-1)).sum(dim=1)  # (N, E)
+
+
+def _project(x: torch.Tensor, weight: torch.Tensor, lora_a, lora_b, scaling: float) -> torch.Tensor:
+    """Every expert's linear map of ``x``: ``(N, in) -> (E, N, out)`` for ``weight (E, out, in)``."""
+    out = torch.matmul(x, weight.transpose(1, 2))  # (E, N, out)
+    if lora_a is not None:
+        low = torch.matmul(x, lora_a.transpose(1, 2))  # (E, N, r)
+        out = out + scaling * torch.matmul(low, lora_b.transpose(1, 2))  # (E, N, out)
+    return out
+
+
+def dense_masked_experts_forward(
+    self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
+    """Experts forward in the ``ExpertsInterface`` signature, every expert on every token.
+
+    Args:
+        self: the fused experts module (``gate_up_proj (E, 2I, H)``, ``down_proj (E, H, I)``, optional LoRA
+            parameters from :func:`add_lora`).
+        hidden_states: ``(num_tokens, hidden)``.
+        top_k_index: ``(num_tokens, top_k)`` int64.
+        top_k_weights: ``(num_tokens, top_k)``.
+
+    Returns:
+        ``(num_tokens, hidden)``: ``sum_e gates[n, e] * expert_e(hidden_states[n])``.
+    """
+    lora = getattr(self, "gate_up_lora_A", None) is not None
+    scaling = getattr(self, "lora_scaling", 0.0)
+    num_experts = self.gate_up_proj.shape[0]
+    gates = gate_matrix(top_k_index, top_k_weights, num_experts)  # (N, E)
+    gate_up = _project(
+        hidden_states, self.gate_up_proj,
+        self.gate_up_lora_A if lora else None, self.gate_up_lora_B if lora else None, scaling,
+    )  # (E, N, 2I)
+    inner = self._apply_gate(gate_up)  # (E, N, I)
+    out = _project(
+        inner, self.down_proj, self.down_lora_A if lora else None, self.down_lora_B if lora else None, scaling
+    )  # (E, N, H)
+    combined = (out * gates.transpose(0, 1).unsqueeze(-1)).sum(dim=0)  # (N, H)
+    return combined.to(hidden_states.dtype)
+
+
+ALL_EXPERTS_FUNCTIONS.register(DENSE_MASKED, dense_masked_experts_forward)
+
+
+def experts_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The fused experts modules of ``model`` (those with 3-D ``gate_up_proj`` and ``down_proj``), in order."""
+    found = []
+    for name, module in model.named_modules():
+        gate_up = getattr(module, "gate_up_proj", None)
+        down = getattr(module, "down_proj", None)
+        if isinstance(gate_up, nn.Parameter) and isinstance(down, nn.Parameter) and gate_up.dim() == 3:
+            found.append((name, module))
+    return found
+
+
+def _check_layout(name: str, module: nn.Module) -> None:
+    if getattr(module, "is_transposed", False) or getattr(module, "has_bias", False):
+        raise ModelError(f"{name}: transposed or biased fused experts are not supported by {DENSE_MASKED!r}")
+    if not getattr(module, "has_gate", True) or not getattr(module, "is_concatenated", True):
+        raise ModelError(f"{name}: only gated experts with concatenated [gate; up] weights are supported")
+
+
+def use_dense_masked(model: nn.Module) -> nn.Module:
+    """Switch ``model`` (a transformers MoE ``PreTrainedModel``) to the dense-masked experts implementation.
+
+    Returns:
+        ``model`` (modified in place).
+
+    Raises:
+        ModelError: the model has no fused experts, or their layout is not ``[gate; up]`` without bias.
+    """
+    found = experts_modules(model)
+    if not found:
+        raise ModelError(f"{type(model).__name__} has no fused MoE experts (gate_up_proj / down_proj)")
+    for name, module in found:
+        _check_layout(name, module)
+    model.set_experts_implementation(DENSE_MASKED)
+    return model
+
+
+def _lora_pair(num_experts: int, rank: int, fan_in: int, fan_out: int, like: torch.Tensor):
+    """``A (E, r, in)`` Kaiming-uniform as in PEFT, ``B (E, out, r)`` zero so the output is unchanged."""
+    a = torch.empty(num_experts, rank, fan_in, dtype=like.dtype, device=like.device)
+    bound = 1.0 / math.sqrt(fan_in)  # kaiming_uniform_(a=sqrt(5)) on a (r, in) matrix
+    nn.init.uniform_(a, -bound, bound)
+    b = torch.zeros(num_experts, fan_out, rank, dtype=like.dtype, device=like.device)
+    return nn.Parameter(a), nn.Parameter(b)
+
+
+def add_lora(model: nn.Module, rank: int, alpha: float) -> list[str]:
+    """Add per-expert LoRA adapters to every fused experts module of ``model``.
+
+    Each experts module gets ``gate_up_lora_A (E, r, H)``, ``gate_up_lora_B (E, 2I, r)``,
+    ``down_lora_A (E, r, I)``, ``down_lora_B (E, H, r)`` and ``lora_scaling = alpha / r``. B is zero, so the
+    model output is unchanged until training moves it. Only :data:`DENSE_MASKED` uses the adapters: call
+    :func:`use_dense_masked` too.
+
+    Returns:
+        The new parameters' names, as in ``model.state_dict()``.
+
+    Raises:
+        ModelError: ``rank < 1``, adapters already present, or the model has no fused experts.
+    """
+    if rank < 1:
+        raise ModelError(f"LoRA rank must be >= 1, got {rank}")
+    found = experts_modules(model)
+    if not found:
+        raise ModelError(f"{type(model).__name__} has no fused MoE experts to attach LoRA adapters to")
+    names = []
+    for prefix, module in found:
+        if getattr(module, "gate_up_lora_A", None) is not None:
+            raise ModelError(f"{prefix} already has LoRA adapters")
+        num_experts, two_inter, hidden = module.gate_up_proj.shape
+        inter = module.down_proj.shape[2]
+        like = module.gate_up_proj
+        module.gate_up_lora_A, module.gate_up_lora_B = _lora_pair(num_experts, rank, hidden, two_inter, like)
+        module.down_lora_A, module.down_lora_B = _lora_pair(num_experts, rank, inter, hidden, like)
+        module.lora_scaling = float(alpha) / rank
+        names += [f"{prefix}.{p}" for p in LORA_PARAMS]
+    return names
