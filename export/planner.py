@@ -1,0 +1,223 @@
+"""Budget planner: how many experts per MoE layer a device can train (HFedMoE's budgeted selection).
+
+Torch-free (the coordinator imports it). The memory model of one ORT training step, in bytes, float32:
+
+    peak = runtime_overhead
+         + 4 * all parameters of the pruned model          (ORT checkpoint state, frozen and trainable)
+         + 12 * trainable parameters                        (gradient + AdamW m and v)
+         + activation_factor * 4 * activation floats        (kept for backward, see _activation_floats)
+
+and the compute model: ``flops = 3 * (2 * tokens * parameters + attention)`` (every kept expert runs on
+every token: dense-masked routing; the tied embedding counts once, as the lm_head matmul), step time =
+flops / (device GFLOP/s * efficiency). The constants are calibrated by ``bench/bench_planner.py`` against
+ORT training runs on this machine (see ``CALIBRATION``); the benchmark prints estimated vs measured peak RSS.
+
+Selection (Fang et al., HFedMoE, arXiv 2601.00583, budgeted importance maximisation): experts are of equal
+size, so maximising the summed importance under the budget is "the largest uniform C per layer that fits,
+then the top-C experts of each layer by importance". A uniform C keeps the number of distinct graph shapes
+(and so ONNX exports) at most E.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from device_runtime.errors import BudgetError, ConfigError, ModelError
+
+MIB = 1 << 20
+# Measured by bench/bench_planner.py (ORT 1.19.2, 2 threads); see that file for the runs.
+CALIBRATION = {"runtime_overhead_mib": 160.0, "activation_factor": 2.0, "efficiency": 0.25}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The sizes the planner needs, read from a checkpoint without loading it.
+
+    Attributes:
+        hidden, intermediate (per expert), vocab, num_layers, num_heads, num_kv_heads, head_dim: config sizes.
+        moe_layers: number of MoE layers. num_experts: experts per MoE layer in the global model.
+        experts_per_token: top-k. shared_params: parameters outside experts and routers (embeddings, attention,
+        norms, dense MLPs, shared experts). expert_params: parameters of ONE expert (all its projections).
+    """
+
+    hidden: int
+    intermediate: int
+    vocab: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    moe_layers: int
+    num_experts: int
+    experts_per_token: int
+    shared_params: int
+    expert_params: int
+
+
+@dataclass(frozen=True)
+class TrainingShape:
+    """What a local training step looks like.
+
+    Attributes:
+        batch_size: sequences per step. seq_len: tokens per sequence.
+        trainable_mode: ``"experts"`` or ``"lora"``. lora_rank: r (LoRA mode only).
+    """
+
+    batch_size: int = 8
+    seq_len: int = 128
+    trainable_mode: str = "experts"
+    lora_rank: int = 0
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A device's budget: memory in MiB, compute in GFLOP/s, optional cap on one step's time in seconds."""
+
+    memory_mib: float
+    gflops: float = 10.0
+    max_step_s: float | None = None
+
+    def __post_init__(self):
+        if self.memory_mib <= 0 or self.gflops <= 0:
+            raise ConfigError(f"budget memory_mib and gflops must be > 0, got {self.memory_mib}, {self.gflops}")
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """Estimated peak memory (bytes, by part) and step time (seconds) for C experts per layer."""
+
+    experts_per_layer: int
+    parts: dict = field(default_factory=dict)
+    step_s: float = 0.0
+
+    @property
+    def peak_bytes(self) -> int:
+        return int(sum(self.parts.values()))
+
+    @property
+    def peak_mib(self) -> float:
+        return self.peak_bytes / MIB
+
+
+def _lora_params(shape: ModelShape, rank: int) -> int:
+    """LoRA parameters of one expert: A and B for gate_up (2I x H) and down (H x I)."""
+    h, i = shape.hidden, shape.intermediate
+    return rank * (h + 2 * i) + rank * (i + h)
+
+
+def _activation_floats(shape: ModelShape, train: TrainingShape, kept: int) -> int:
+    """Floats kept for backward in one step: attention, dense-masked experts (all kept run on every token), logits."""
+    tokens = train.batch_size * train.seq_len
+    h, i = shape.hidden, shape.intermediate
+    kv = shape.num_kv_heads * shape.head_dim
+    attention = tokens * (8 * h + 4 * kv + 2 * shape.num_heads * train.seq_len)
+    experts = tokens * kept * (5 * i + 2 * h) + tokens * 4 * shape.num_experts
+    logits = 3 * tokens * shape.vocab
+    return shape.num_layers * attention + shape.moe_layers * experts + logits
+
+
+def estimate(shape: ModelShape, train: TrainingShape, kept: int, *, gflops: float = 10.0,
+             calibration: dict = CALIBRATION) -> Estimate:
+    """Estimate peak training memory and step time with ``kept`` experts in every MoE layer."""
+    router = kept * shape.hidden
+    expert_total = shape.moe_layers * (kept * shape.expert_params + router)
+    if train.trainable_mode == "lora":
+        lora = shape.moe_layers * kept * _lora_params(shape, train.lora_rank)
+        all_params, trainable = shape.shared_params + expert_total + lora, lora + shape.moe_layers * router
+    else:
+        all_params, trainable = shape.shared_params + expert_total, expert_total
+    parts = {
+        "runtime": calibration["runtime_overhead_mib"] * MIB,
+        "weights": 4 * all_params,
+        "grad_and_adamw": 12 * trainable,
+        "activations": calibration["activation_factor"] * 4 * _activation_floats(shape, train, kept),
+    }
+    tokens = train.batch_size * train.seq_len
+    attention_flops = 4 * tokens * train.seq_len * shape.num_heads * shape.head_dim * shape.num_layers
+    flops = 3 * (2 * tokens * all_params + attention_flops)
+    step_s = flops / (gflops * 1e9 * calibration["efficiency"])
+    return Estimate(experts_per_layer=kept, parts=parts, step_s=step_s)
+
+
+def plan(shape: ModelShape, train: TrainingShape, budget: Budget, *, calibration: dict = CALIBRATION) -> Estimate:
+    """The largest uniform number of experts per layer whose estimate fits the budget.
+
+    Raises:
+        BudgetError: even one expert per layer does not fit; the message gives the estimate by part.
+    """
+    best = None
+    for kept in range(1, shape.num_experts + 1):
+        est = estimate(shape, train, kept, gflops=budget.gflops, calibration=calibration)
+        fits_time = budget.max_step_s is None or est.step_s <= budget.max_step_s
+        if est.peak_mib <= budget.memory_mib and fits_time:
+            best = est
+    if best is None:
+        est = estimate(shape, train, 1, gflops=budget.gflops, calibration=calibration)
+        parts = ", ".join(f"{k} {v / MIB:.0f} MiB" for k, v in est.parts.items())
+        raise BudgetError(
+            f"one expert per layer needs ~{est.peak_mib:.0f} MiB ({parts}) and ~{est.step_s:.2f} s/step, over the "
+            f"budget of {budget.memory_mib:.0f} MiB / {budget.max_step_s} s: use --trainable lora, a smaller "
+            "batch or seq_len, or upcycle with fewer layers (--num-layers)"
+        )
+    return best
+
+
+def select_experts(importance: list[np.ndarray], kept: int) -> tuple[tuple[int, ...], ...]:
+    """Top-``kept`` experts of each layer by importance, in ascending global id order.
+
+    Args:
+        importance: per MoE layer an array ``(num_experts,)`` of I(e) scores (higher is more important).
+        kept: experts to keep per layer (clipped to the layer's expert count).
+    """
+    chosen = []
+    for scores in importance:
+        scores = np.asarray(scores, dtype=np.float64)
+        order = np.argsort(-scores, kind="stable")[: min(kept, scores.size)]
+        chosen.append(tuple(sorted(int(e) for e in order)))
+    return tuple(chosen)
+
+
+def model_shape(checkpoint: str | Path) -> ModelShape:
+    """Read a MoE checkpoint directory's ``config.json`` and safetensors headers (no weights loaded).
+
+    Raises:
+        ModelError: no config.json, or the config lacks the MoE fields.
+    """
+    from safetensors import safe_open
+
+    checkpoint = Path(checkpoint)
+    try:
+        config = json.loads((checkpoint / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot read {checkpoint}/config.json: {exc}") from exc
+    num_experts = config.get("num_local_experts") or config.get("num_experts")
+    if not num_experts:
+        raise ModelError(f"{checkpoint} is not a MoE checkpoint (no num_local_experts / num_experts)")
+    shapes = {}
+    for file in sorted(checkpoint.glob("*.safetensors")):
+        with safe_open(str(file), framework="numpy") as handle:
+            shapes.update({name: handle.get_slice(name).get_shape() for name in handle.keys()})
+    experts = {n: s for n, s in shapes.items() if ".mlp.experts." in n and "lora" not in n}
+    routers = [n for n in shapes if n.endswith(".mlp.gate.weight")]
+    total = sum(int(np.prod(s)) for s in shapes.values())
+    expert_total = sum(int(np.prod(s)) for s in experts.values())
+    router_total = sum(int(np.prod(shapes[n])) for n in routers)
+    heads = int(config["num_attention_heads"])
+    return ModelShape(
+        hidden=int(config["hidden_size"]),
+        intermediate=int(config.get("moe_intermediate_size") or config["intermediate_size"]),
+        vocab=int(config["vocab_size"]),
+        num_layers=int(config["num_hidden_layers"]),
+        num_heads=heads,
+        num_kv_heads=int(config.get("num_key_value_heads") or heads),
+        head_dim=int(config.get("head_dim") or config["hidden_size"] // heads),
+        moe_layers=len(routers),
+        num_experts=int(num_experts),
+        experts_per_token=int(config["num_experts_per_tok"]),
+        shared_params=total - expert_total - router_total,
+        expert_params=expert_total // (len(routers) * int(num_experts)),
+    )
