@@ -1,0 +1,178 @@
+"""Write a device bundle (format: ``device_runtime/bundle.py``) for one expert subset of a MoE checkpoint.
+
+The ORT graph files depend only on the shape key, so they are exported once per (base model, shape key)
+into a graph cache and hard-linked (or copied) into every bundle of that shape; only
+``weights.safetensors`` differs between devices and rounds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from device_runtime.bundle import (GRAPH_FILES, TOKENIZER_FILE, WEIGHTS_FILE, Manifest, ShapeKey, TensorSpec,
+                                   TrainingDefaults, write_manifest)
+from device_runtime.errors import BundleError
+from export.families import MoeDescription, describe
+from export.loading import cache_dir, checkpoint_sha256, load_causal_lm
+
+GRAPH_INFO = "graph.json"
+
+
+@dataclass(frozen=True)
+class BundleRequest:
+    """What to cut from a checkpoint.
+
+    Attributes:
+        keep: per MoE layer, the global expert ids the device keeps.
+        trainable_mode: ``"experts"`` or ``"lora"``. lora_rank / lora_alpha: LoRA hyper-parameters.
+        prox: add the FedProx anchor inputs to the graph.
+        training: local training defaults written to the manifest.
+        seed: seed of the LoRA initialisation (the same seed gives the same global adapters).
+    """
+
+    keep: tuple[tuple[int, ...], ...]
+    trainable_mode: str = "experts"
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    prox: bool = False
+    training: TrainingDefaults = TrainingDefaults()
+    seed: int = 0
+
+    @property
+    def shape_key(self) -> ShapeKey:
+        return ShapeKey(tuple(len(ids) for ids in self.keep), self.trainable_mode, self.lora_rank, self.prox)
+
+
+def expert_tensor_names(description: MoeDescription, state_names: Sequence[str]) -> list[tuple[str, int]]:
+    """``(name, moe_layer)`` of every tensor indexed by expert on axis 0: routers, experts and LoRA adapters."""
+    found = []
+    for l, layer in enumerate(description.layers):
+        prefix = f"model.layers.{layer.index}.mlp."
+        found += [(n, l) for n in state_names if n == layer.router or n.startswith(prefix + "experts.")]
+    return found
+
+
+def trainable_names(description: MoeDescription, state_names: Sequence[str], mode: str) -> list[str]:
+    """Trainable tensors: routers plus full expert tensors (``experts``) or LoRA adapters (``lora``)."""
+    names = []
+    for name, _ in expert_tensor_names(description, state_names):
+        is_lora = "_lora_" in name
+        if name.endswith(".mlp.gate.weight") or (is_lora if mode == "lora" else not is_lora):
+            names.append(name)
+    return names
+
+
+def prepare_model(checkpoint: Path, request: BundleRequest):
+    """Load the global model, add LoRA adapters if asked (seeded), and prune it to ``request.keep``.
+
+    Returns ``(pruned_model, description_of_the_global_model)``.
+    """
+    import torch
+
+    from export.experts_impl import add_lora, use_dense_masked
+    from export.prune import prune
+
+    model = use_dense_masked(load_causal_lm(checkpoint))
+    if request.trainable_mode == "lora":
+        torch.manual_seed(request.seed)
+        add_lora(model, request.lora_rank, request.lora_alpha)
+    description = describe(model)
+    pruned, _ = prune(model, request.keep)
+    return pruned, description
+
+
+def _example_batch(vocab: int, seq_len: int):
+    import torch
+
+    ids = torch.randint(0, vocab, (2, min(seq_len, 16)), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, -3:] = 0
+    return ids, mask, ids.clone()
+
+
+def graph_dir(base_sha: str, shape_key: ShapeKey) -> Path:
+    """Where the graph of ``shape_key`` for base model ``base_sha`` is cached."""
+    return cache_dir() / "graphs" / base_sha[:16] / shape_key.id
+
+
+def ensure_graph(wrapper, base_sha: str, shape_key: ShapeKey, trainable: list[str], vocab: int, seq_len: int):
+    """Export the ORT training artifacts of ``shape_key`` unless cached.
+
+    Returns ``(graph directory, {"inputs": [...], "outputs": [...]})``; the names are kept in ``graph.json``.
+    """
+    from export.artifacts import export_training_artifacts
+
+    target = graph_dir(base_sha, shape_key)
+    if not all((target / f).is_file() for f in (*GRAPH_FILES, GRAPH_INFO)):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            info = export_training_artifacts(wrapper, Path(tmp) / "g", trainable=trainable,
+                                             example_batch=_example_batch(vocab, seq_len))
+            names = {"inputs": list(info.inputs), "outputs": list(info.outputs)}
+            (Path(tmp) / "g" / GRAPH_INFO).write_text(json.dumps(names))
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(Path(tmp) / "g", target)
+    return target, json.loads((target / GRAPH_INFO).read_text())
+
+
+def _link(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def write_bundle(checkpoint: str | Path, out: str | Path, request: BundleRequest) -> Manifest:
+    """Cut ``request.keep`` out of the MoE ``checkpoint`` directory and write a bundle to ``out``.
+
+    Raises:
+        BundleError: ``out`` exists and is not empty, or the checkpoint has no tokenizer.json.
+        ConfigError / ModelError / ExportError: from pruning, loading or export.
+    """
+    from safetensors.torch import save_file
+
+    from export.training_graph import TrainingWrapper
+
+    checkpoint, out = Path(checkpoint), Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise BundleError(f"{out} exists and is not empty: choose another --out or remove it")
+    if not (checkpoint / TOKENIZER_FILE).is_file():
+        raise BundleError(f"{checkpoint} has no {TOKENIZER_FILE}: the device needs it to tokenise its data")
+    base_sha = checkpoint_sha256(checkpoint)
+    pruned, description = prepare_model(checkpoint, request)
+    state = pruned.state_dict()
+    trainable = trainable_names(description, list(state), request.trainable_mode)
+    wrapper = TrainingWrapper(pruned, prox=request.prox, trainable=trainable)
+    graph, info = ensure_graph(wrapper, base_sha, request.shape_key, trainable, description.vocab_size,
+                               request.training.seq_len)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in GRAPH_FILES:
+        _link(graph / name, out / name)
+    shutil.copy2(checkpoint / TOKENIZER_FILE, out / TOKENIZER_FILE)
+    expert_tensors = expert_tensor_names(description, list(state))
+    save_file({n: state[n].contiguous() for n, _ in expert_tensors}, str(out / WEIGHTS_FILE))
+    specs = tuple(
+        TensorSpec(name=n, shape=tuple(state[n].shape), layer=l, expert_axis=0, trainable=n in trainable)
+        for n, l in expert_tensors
+    )
+    manifest = Manifest(
+        base_model={"id": checkpoint.name, "sha256": base_sha},
+        family=description.family,
+        shape_key=request.shape_key,
+        moe_layers=tuple(layer.index for layer in description.layers),
+        num_experts=description.num_experts,
+        experts_per_token=tuple(min(layer.experts_per_token, len(ids))
+                                for layer, ids in zip(description.layers, request.keep)),
+        expert_ids=tuple(tuple(ids) for ids in request.keep),
+        tensors=specs,
+        inputs=tuple(info["inputs"]),
+        outputs=tuple(info["outputs"]),
+        training=request.training,
+    )
+    return write_manifest(out, manifest)
