@@ -87,13 +87,14 @@ def prepare_model(checkpoint: Path, request: BundleRequest):
     return pruned, description
 
 
-def _example_batch(vocab: int, seq_len: int):
+def _example_batch(wrapper, vocab: int, seq_len: int) -> dict:
+    """Every graph input for tracing: 2 sequences, the second padded (batch and seq_len stay dynamic)."""
     import torch
 
     ids = torch.randint(0, vocab, (2, min(seq_len, 16)), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
     mask[1, -3:] = 0
-    return ids, mask, ids.clone()
+    return wrapper.make_inputs(ids, mask, ids.clone())
 
 
 def graph_dir(base_sha: str, shape_key: ShapeKey) -> Path:
@@ -113,7 +114,7 @@ def ensure_graph(wrapper, base_sha: str, shape_key: ShapeKey, trainable: list[st
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             info = export_training_artifacts(wrapper, Path(tmp) / "g", trainable=trainable,
-                                             example_batch=_example_batch(vocab, seq_len))
+                                             example_batch=_example_batch(wrapper, vocab, seq_len))
             names = {"inputs": list(info.inputs), "outputs": list(info.outputs)}
             (Path(tmp) / "g" / GRAPH_INFO).write_text(json.dumps(names))
             shutil.rmtree(target, ignore_errors=True)
