@@ -194,30 +194,33 @@ def model_shape(checkpoint: str | Path) -> ModelShape:
         config = json.loads((checkpoint / "config.json").read_text())
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot read {checkpoint}/config.json: {exc}") from exc
-    num_experts = config.get("num_local_experts") or config.get("num_experts")
+    num_experts = int(config.get("num_local_experts") or config.get("num_experts") or 0)
     if not num_experts:
         raise ModelError(f"{checkpoint} is not a MoE checkpoint (no num_local_experts / num_experts)")
     shapes = {}
     for file in sorted(checkpoint.glob("*.safetensors")):
         with safe_open(str(file), framework="numpy") as handle:
             shapes.update({name: handle.get_slice(name).get_shape() for name in handle.keys()})
-    experts = {n: s for n, s in shapes.items() if ".mlp.experts." in n and "lora" not in n}
-    routers = [n for n in shapes if n.endswith(".mlp.gate.weight")]
+    hidden = int(config["hidden_size"])
+    intermediate = int(config.get("moe_intermediate_size") or config["intermediate_size"])
+    # Routers are ``*.gate.weight`` of shape (E, hidden) whatever the on-disk layout (fused or per-expert).
+    moe_layers = sum(1 for n, s in shapes.items() if n.endswith(".gate.weight") and list(s) == [num_experts, hidden])
+    if not moe_layers:
+        raise ModelError(f"{checkpoint} has no router tensor (*.gate.weight of shape ({num_experts}, {hidden}))")
+    expert_params = 3 * hidden * intermediate  # gate, up, down projections
     total = sum(int(np.prod(s)) for s in shapes.values())
-    expert_total = sum(int(np.prod(s)) for s in experts.values())
-    router_total = sum(int(np.prod(shapes[n])) for n in routers)
     heads = int(config["num_attention_heads"])
     return ModelShape(
-        hidden=int(config["hidden_size"]),
-        intermediate=int(config.get("moe_intermediate_size") or config["intermediate_size"]),
+        hidden=hidden,
+        intermediate=intermediate,
         vocab=int(config["vocab_size"]),
         num_layers=int(config["num_hidden_layers"]),
         num_heads=heads,
         num_kv_heads=int(config.get("num_key_value_heads") or heads),
         head_dim=int(config.get("head_dim") or config["hidden_size"] // heads),
-        moe_layers=len(routers),
-        num_experts=int(num_experts),
+        moe_layers=moe_layers,
+        num_experts=num_experts,
         experts_per_token=int(config["num_experts_per_tok"]),
-        shared_params=total - expert_total - router_total,
-        expert_params=expert_total // (len(routers) * int(num_experts)),
+        shared_params=total - moe_layers * num_experts * (expert_params + hidden),
+        expert_params=expert_params,
     )
