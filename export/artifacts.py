@@ -5,7 +5,11 @@ Recipe (DESIGN.md §3, the one that gives correct gradients in ORT 1.19): TorchS
 axes; ONNX initializer names must equal the torch ``state_dict`` names (checked). Then
 ``onnxruntime.training.artifacts.generate_artifacts`` with ``loss=None``: its ``PassThrough`` block keeps
 every graph output and backpropagates from the first one, which the wrapper makes the total ``loss``.
-Optimizer: ``onnxblock.optim.AdamW(eps=1e-8, weight_decay=0.01)`` to match ``torch.optim.AdamW``.
+Optimizer: ``onnxblock.optim.AdamW(eps=1e-8, weight_decay=0.01)``, then its ``AdamWOptimizer`` node is
+switched from ``adam_mode=1`` (what onnxblock hard-codes: HF-style, eps added to the *uncorrected*
+sqrt(v), i.e. an effective eps of 1e-8 / sqrt(1 - beta2^t), ~3e-7 at step 1) to ``adam_mode=0``
+(``torch.optim.AdamW`` exactly); measured: with mode 1, a third of the elements with |grad| < ~1e-5 took
+steps up to 10% smaller than torch's.
 
 Files written to ``out_dir``: ``device_runtime.bundle.GRAPH_FILES`` (training_model.onnx,
 eval_model.onnx, optimizer_model.onnx, checkpoint); the intermediate forward-only model is removed.
@@ -104,6 +108,21 @@ def _generate(model_path: Path, out_dir: Path, trainable: list[str], frozen: lis
     )
 
 
+def _use_torch_adamw(optimizer_path: Path) -> None:
+    """Set ``adam_mode=0`` (PyTorch AdamW semantics) on the optimizer graph's AdamWOptimizer node.
+
+    Raises:
+        ExportError: the optimizer graph has no AdamWOptimizer node with an ``adam_mode`` attribute.
+    """
+    model = onnx.load(str(optimizer_path))
+    modes = [a for n in model.graph.node if n.op_type == "AdamWOptimizer" for a in n.attribute
+             if a.name == "adam_mode"]
+    if len(modes) != 1:
+        raise ExportError(f"{optimizer_path.name}: expected one AdamWOptimizer adam_mode attribute, found {len(modes)}")
+    modes[0].i = 0
+    onnx.save(model, str(optimizer_path))
+
+
 def export_training_artifacts(
     wrapper: TrainingWrapper, out_dir: str | Path, *, trainable: list[str], example_batch: dict[str, torch.Tensor]
 ) -> TrainingArtifacts:
@@ -143,6 +162,9 @@ def export_training_artifacts(
         frozen = _check_names(onnx.load(str(model_path)), wrapper, trainable)
         try:
             _generate(model_path, out_dir, trainable, frozen)
+            _use_torch_adamw(out_dir / "optimizer_model.onnx")
+        except ExportError:
+            raise
         except Exception as exc:  # noqa: BLE001
             raise ExportError(f"onnxruntime generate_artifacts failed: {exc}") from exc
     absent = [f for f in GRAPH_FILES if not (out_dir / f).exists()]

@@ -1,0 +1,248 @@
+"""The module exported as the device's ONNX training graph: causal-LM loss + MoE regularisers + routing stats.
+
+Graph inputs, in feed order (names are the module constants below; ``L`` = number of MoE layers, ``l``
+indexes them in decoder order, i.e. into ``Manifest.moe_layers``; ``E_l`` = experts kept in layer ``l``):
+
+==========================  ======================  =======  ================================================
+name                        shape                   dtype    meaning
+==========================  ======================  =======  ================================================
+``input_ids``               (batch, seq_len)        int64    token ids
+``attention_mask``          (batch, seq_len)        int64    1 = real token, 0 = padding
+``labels``                  (batch, seq_len)        int64    target ids, -100 = not a target; shifted inside
+                                                             (logits at t predict labels at t + 1); padding
+                                                             positions are ignored whatever their label
+``aux_loss_coef``           ()                      float32  load-balancing loss coefficient
+``routing_kl_coef``         ()                      float32  FedAlign-MoE lambda_r (0 disables)
+``routing_prior_{l}``       (E_l,)                  float32  p_global for layer l (FedAlign-MoE)
+``prox_mu``                 ()                      float32  FedProx mu (only with ``prox=True``)
+``<param>.anchor``          shape of ``<param>``    float32  FedProx anchor w_global, one per trainable
+                                                             tensor, in ``trainable`` order (``prox=True``)
+==========================  ======================  =======  ================================================
+
+Graph outputs: ``loss ()`` (first: the training objective), ``ce_loss ()``, ``routing_stats_{l} (4, E_l)``
+for each MoE layer, ``num_tokens ()`` int64. ``routing_stats_{l}`` rows over the valid (unpadded) tokens
+x_i, with router probabilities G = softmax(router logits):
+
+0. ``sum_i G_e(x_i)``            1. ``max_i G_e(x_i)``
+2. ``sum_i G_e(x_i) log G_e(x_i)``  3. number of tokens whose top-k contains e
+
+so the device can accumulate HFedMoE importance exactly across batches (DESIGN.md §2: s_cum = row0 / B,
+s_spec = max of row1, KL_e = row2 / B - s_cum * log s_cum).
+
+Objective (averages over MoE layers)::
+
+    loss = ce + aux_loss_coef * mean_l LB_l + routing_kl_coef * mean_l KL(p_l || prior_l)
+              [+ prox_mu / 2 * sum_w ||w - anchor_w||^2]
+
+with LB_l = E_l * sum_e f_e P_e (Switch Transformer, Fedus et al. 2021 eq. 4, top-k form as in Mixtral:
+f_e = fraction of valid tokens routed to e, P_e = mean router probability), p_l = mean router distribution over
+valid tokens (FedAlign-MoE distribution regularisation), and the FedProx proximal term (Li et al. 2020, eq. 2).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from device_runtime.errors import ModelError
+from export.experts_impl import use_dense_masked
+
+INPUT_IDS = "input_ids"
+ATTENTION_MASK = "attention_mask"
+LABELS = "labels"
+AUX_LOSS_COEF = "aux_loss_coef"
+ROUTING_KL_COEF = "routing_kl_coef"
+ROUTING_PRIOR = "routing_prior_{}"
+PROX_MU = "prox_mu"
+ANCHOR_SUFFIX = ".anchor"
+
+LOSS = "loss"
+CE_LOSS = "ce_loss"
+ROUTING_STATS = "routing_stats_{}"
+NUM_TOKENS = "num_tokens"
+
+IGNORE_INDEX = -100
+DYNAMIC_INPUTS = (INPUT_IDS, ATTENTION_MASK, LABELS)
+_EPS = 1e-12
+
+
+def moe_routers(model: nn.Module) -> list[nn.Module]:
+    """The router (``mlp.gate``) of each MoE decoder layer of an HF CausalLM, in layer order."""
+    return [
+        layer.mlp.gate
+        for layer in model.model.layers
+        if hasattr(layer.mlp, "experts") and hasattr(layer.mlp, "gate")
+    ]
+
+
+def routing_sums(logits: torch.Tensor, top_k_index: torch.Tensor, valid: torch.Tensor):
+    """Per-expert sums over the valid tokens of G (the router probabilities) and of top-k hits.
+
+    Args:
+        logits: ``(num_tokens, E)`` router logits.
+        top_k_index: ``(num_tokens, top_k)`` int64 chosen experts.
+        valid: ``(num_tokens, 1)`` float, 1 for real tokens, 0 for padding.
+
+    Returns:
+        ``(probs, log_probs, prob_sum, hit_count)``: ``(N, E)`` masked G, ``(N, E)`` log G,
+        ``(E,)`` sum_i G_e(x_i), ``(E,)`` number of tokens whose top-k contains e.
+    """
+    logits = logits.float()
+    probs = torch.softmax(logits, dim=-1) * valid  # (N, E)
+    log_probs = torch.log_softmax(logits, dim=-1)  # finite where probs underflow to 0
+    experts = torch.arange(logits.shape[-1], device=logits.device)
+    hits = (top_k_index.unsqueeze(-1) == experts).to(probs.dtype).sum(dim=1) * valid  # (N, E)
+    return probs, log_probs, probs.sum(0), hits.sum(0)
+
+
+def routing_stats(probs, log_probs, prob_sum, hit_count) -> torch.Tensor:
+    """The ``(4, E)`` ``routing_stats_{l}`` output from :func:`routing_sums` (see the module docstring).
+
+    Kept off the loss path: ORT has no gradient builder for ReduceMax, and needs none here.
+    """
+    return torch.stack([prob_sum, probs.amax(0), (probs * log_probs).sum(0), hit_count]).detach()
+
+
+def load_balancing_loss(prob_sum: torch.Tensor, hit_count: torch.Tensor, num_valid: torch.Tensor) -> torch.Tensor:
+    """Switch / Mixtral load-balancing loss ``E * sum_e f_e P_e``; inputs ``(E,)`` from :func:`routing_sums`."""
+    fraction = hit_count / num_valid  # f_e: no gradient (a count)
+    mean_prob = prob_sum / num_valid  # P_e
+    return prob_sum.shape[-1] * (fraction * mean_prob).sum()
+
+
+def routing_kl(prob_sum: torch.Tensor, num_valid: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
+    """``KL(p_local || prior)`` with ``p_local = prob_sum / num_valid`` (FedAlign-MoE regulariser)."""
+    local = prob_sum / num_valid
+    return (local * (torch.log(local.clamp_min(_EPS)) - torch.log(prior.clamp_min(_EPS)))).sum()
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over target positions.
+
+    Args:
+        logits: ``(batch, seq_len, vocab)``. labels: ``(batch, seq_len)`` int64, -100 = not a target.
+
+    Returns:
+        ``()``: sum of target losses / max(1, number of targets) (0 when there is no target).
+    """
+    shift_logits = logits[:, :-1, :].reshape(-1, logits.shape[-1]).float()
+    shift_labels = labels[:, 1:].reshape(-1)
+    total = F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    targets = (shift_labels != IGNORE_INDEX).sum().clamp_min(1).to(total.dtype)
+    return total / targets
+
+
+class TrainingWrapper(nn.Module):
+    """An HF MoE CausalLM (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE; pruned or not) as an ONNX training graph.
+
+    The wrapper adopts the CausalLM's children (``model``, ``lm_head``) so its ``state_dict`` names equal
+    the CausalLM's, and switches the experts to the dense-masked implementation. Router logits are captured
+    with forward hooks on each MoE layer's ``mlp.gate``.
+
+    Args:
+        causal_lm: a transformers ``*ForCausalLM`` with fused MoE experts (LoRA via ``add_lora`` optional).
+        prox: add the FedProx inputs (``prox_mu`` and one ``<name>.anchor`` per trainable tensor).
+        trainable: trainable parameter names (``state_dict`` names); needed when ``prox`` is set.
+
+    Raises:
+        ModelError: no MoE layer, or a ``trainable`` name that is not a parameter.
+    """
+
+    def __init__(self, causal_lm: nn.Module, *, prox: bool = False, trainable: list[str] | tuple[str, ...] = ()):
+        super().__init__()
+        use_dense_masked(causal_lm)
+        for name, child in causal_lm.named_children():
+            self.add_module(name, child)
+        self.config = causal_lm.config
+        self.routers = moe_routers(causal_lm)  # a plain list: not registered twice
+        if not self.routers:
+            raise ModelError(f"{type(causal_lm).__name__} has no MoE layer (no mlp.experts + mlp.gate)")
+        params = dict(self.named_parameters())
+        unknown = [n for n in trainable if n not in params]
+        if unknown:
+            raise ModelError(f"trainable names that are not parameters: {unknown[:5]}")
+        self.prox = prox
+        self.trainable = tuple(trainable)
+        self._captured: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for router in self.routers:
+            router.register_forward_hook(self._capture)
+
+    def _capture(self, module, args, output):
+        logits, _, top_k_index = output
+        self._captured.append((logits, top_k_index))
+
+    @property
+    def num_experts(self) -> tuple[int, ...]:
+        """Experts per MoE layer, E_l."""
+        return tuple(int(r.weight.shape[0]) for r in self.routers)
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        """Graph input names in feed order."""
+        names = [INPUT_IDS, ATTENTION_MASK, LABELS, AUX_LOSS_COEF, ROUTING_KL_COEF]
+        names += [ROUTING_PRIOR.format(l) for l in range(len(self.routers))]
+        if self.prox:
+            names += [PROX_MU] + [n + ANCHOR_SUFFIX for n in self.trainable]
+        return tuple(names)
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        """Graph output names (``loss`` first)."""
+        stats = [ROUTING_STATS.format(l) for l in range(len(self.routers))]
+        return (LOSS, CE_LOSS, *stats, NUM_TOKENS)
+
+    def make_inputs(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor,
+        *,
+        aux_loss_coef: float = 0.0,
+        routing_kl_coef: float = 0.0,
+        routing_priors: list | None = None,
+        prox_mu: float = 0.0,
+        anchors: dict | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """All graph inputs by name, in feed order. Priors default to uniform, anchors to the current weights."""
+        scalar = lambda v: torch.tensor(float(v), dtype=torch.float32)  # noqa: E731
+        inputs = {INPUT_IDS: input_ids, ATTENTION_MASK: attention_mask, LABELS: labels,
+                  AUX_LOSS_COEF: scalar(aux_loss_coef), ROUTING_KL_COEF: scalar(routing_kl_coef)}
+        for l, count in enumerate(self.num_experts):
+            prior = torch.full((count,), 1.0 / count) if routing_priors is None else routing_priors[l]
+            inputs[ROUTING_PRIOR.format(l)] = torch.as_tensor(prior, dtype=torch.float32)
+        if self.prox:
+            inputs[PROX_MU] = scalar(prox_mu)
+            params = dict(self.named_parameters())
+            for name in self.trainable:
+                anchor = params[name].detach() if anchors is None else anchors[name]
+                inputs[name + ANCHOR_SUFFIX] = torch.as_tensor(anchor, dtype=torch.float32).clone()
+        return inputs
+
+    def forward(self, input_ids, attention_mask, labels, aux_loss_coef, routing_kl_coef, *rest):
+        """Graph inputs positionally in :attr:`input_names` order; returns the :attr:`output_names` tuple."""
+        num_layers = len(self.routers)
+        priors, prox_inputs = rest[:num_layers], rest[num_layers:]
+        self._captured = []
+        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        labels = torch.where(attention_mask == 0, torch.full_like(labels, IGNORE_INDEX), labels)
+        ce = causal_lm_loss(self.lm_head(hidden), labels)
+        valid = attention_mask.reshape(-1, 1).to(torch.float32)  # (N, 1)
+        num_valid = valid.sum().clamp_min(1.0)
+        captured, self._captured = self._captured, []
+        if len(captured) != num_layers:
+            raise ModelError(f"captured {len(captured)} router outputs, expected one per MoE layer ({num_layers})")
+        sums = [routing_sums(logits, index, valid) for logits, index in captured]
+        balance = torch.stack([load_balancing_loss(s[2], s[3], num_valid) for s in sums]).mean()
+        kl = torch.stack([routing_kl(s[2], num_valid, p) for s, p in zip(sums, priors)]).mean()
+        stats = [routing_stats(*s) for s in sums]
+        loss = ce + aux_loss_coef * balance + routing_kl_coef * kl
+        if self.prox:
+            loss = loss + self._proximal(prox_inputs[0], prox_inputs[1:])
+        return (loss, ce, *stats, attention_mask.sum())
+
+    def _proximal(self, mu: torch.Tensor, anchors) -> torch.Tensor:
+        """FedProx ``mu / 2 * sum_w ||w - anchor_w||^2`` over the trainable tensors."""
+        params = dict(self.named_parameters())
+        squares = [((params[n] - a) ** 2).sum() for n, a in zip(self.trainable, anchors)]
+        return 0.5 * mu * torch.stack(squares).sum()

@@ -1,0 +1,255 @@
+"""ORT training graphs vs torch autograd, per MoE family and trainable mode: the guard against silent ORT
+gradient bugs (DESIGN.md §3: Scatter-add, Sequence ops and Einsum give wrong or no gradients without error).
+
+For tiny random Mixtral, Qwen2-MoE (shared expert), Qwen3-MoE and OLMoE models, in both trainable modes
+(full experts + router; LoRA + router), with padding and non-zero load-balancing and routing-KL
+coefficients: every trainable tensor's ORT gradient equals torch's, three ORT AdamW steps track three
+torch AdamW steps, and the routing_stats outputs equal a numpy reference built from the model's own
+``output_router_logits``.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from transformers import (
+    MixtralConfig, MixtralForCausalLM, OlmoeConfig, OlmoeForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM,
+    Qwen3MoeConfig, Qwen3MoeForCausalLM,
+)
+
+from export.artifacts import ADAMW_EPS, ADAMW_WEIGHT_DECAY, export_training_artifacts
+from export.experts_impl import LORA_PARAMS, add_lora
+from export.training_graph import TrainingWrapper
+
+ort_api = pytest.importorskip("onnxruntime.training.api")
+
+VOCAB, HIDDEN, NUM_EXPERTS, TOP_K = 100, 32, 4, 2
+COMMON = dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+FAMILIES = {
+    "mixtral": lambda: MixtralForCausalLM(MixtralConfig(
+        intermediate_size=48, num_local_experts=NUM_EXPERTS, num_experts_per_tok=TOP_K, **COMMON)),
+    "qwen2_moe": lambda: Qwen2MoeForCausalLM(Qwen2MoeConfig(
+        intermediate_size=48, moe_intermediate_size=40, shared_expert_intermediate_size=56,
+        num_experts=NUM_EXPERTS, num_experts_per_tok=TOP_K, **COMMON)),
+    "qwen3_moe": lambda: Qwen3MoeForCausalLM(Qwen3MoeConfig(
+        intermediate_size=48, moe_intermediate_size=40, num_experts=NUM_EXPERTS, num_experts_per_tok=TOP_K,
+        head_dim=8, norm_topk_prob=True, **COMMON)),
+    "olmoe": lambda: OlmoeForCausalLM(OlmoeConfig(
+        intermediate_size=40, num_experts=NUM_EXPERTS, num_experts_per_tok=TOP_K, **COMMON)),
+}
+MODES = ("experts", "lora")
+AUX, KL_COEF, LR = 0.05, 0.3, 1e-2
+
+
+def tiny_model(family: str, mode: str) -> tuple[torch.nn.Module, list[str]]:
+    """A seeded tiny model and its trainable names; LoRA B is made non-zero so A gets real gradients."""
+    torch.manual_seed(0)
+    model = FAMILIES[family]()
+    model.config._attn_implementation = "eager"
+    with torch.no_grad():  # HF leaves some weights at zero (e.g. the Qwen2-MoE router): randomise all
+        for param in model.parameters():
+            param.normal_(0.0, 0.2)
+    if mode == "lora":
+        lora = add_lora(model, rank=3, alpha=6.0)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name.endswith("lora_B"):
+                    param.normal_(0.0, 0.2)
+        trainable = [n for n, _ in model.named_parameters() if n.endswith(".mlp.gate.weight")] + lora
+    else:
+        trainable = [n for n, _ in model.named_parameters()
+                     if ".mlp.gate." in n or ".mlp.experts." in n or ".mlp.shared_expert" in n]
+    return model, trainable
+
+
+def batch(seed: int = 1) -> dict[str, torch.Tensor]:
+    """3 sequences of 9 tokens, right-padded (9, 6, 4 real tokens), some real tokens not targets."""
+    gen = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(3, VOCAB, (3, 9), generator=gen)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, 6:] = 0
+    attention_mask[2, 4:] = 0
+    labels = input_ids.clone()
+    labels[0, :3] = -100  # a prompt: not targets
+    labels[1, 6:] = 7  # padding with a real-looking label: the graph must ignore it
+    labels[2, 4:] = -100
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def graph_inputs(wrapper: TrainingWrapper, seed: int = 1) -> dict[str, torch.Tensor]:
+    priors = [torch.tensor([0.4, 0.3, 0.2, 0.1])[:e] / torch.tensor([0.4, 0.3, 0.2, 0.1])[:e].sum()
+              for e in wrapper.num_experts]
+    anchors = None
+    if wrapper.prox:
+        params = dict(wrapper.named_parameters())
+        anchors = {n: params[n].detach() + 0.05 * torch.randn_like(params[n]) for n in wrapper.trainable}
+    return wrapper.make_inputs(**batch(seed), aux_loss_coef=AUX, routing_kl_coef=KL_COEF, routing_priors=priors,
+                               prox_mu=0.7, anchors=anchors)
+
+
+def _export(tmp_path_factory, family, mode, prox=False):
+    model, trainable = tiny_model(family, mode)
+    wrapper = TrainingWrapper(model, prox=prox, trainable=trainable)
+    initial = copy.deepcopy(wrapper.state_dict())
+    out = tmp_path_factory.mktemp(f"{family}-{mode}")
+    arts = export_training_artifacts(wrapper, out, trainable=trainable, example_batch=graph_inputs(wrapper))
+    wrapper.load_state_dict(initial)
+    return wrapper, arts, initial
+
+
+@pytest.fixture(scope="module", params=[(f, m) for f in FAMILIES for m in MODES], ids=lambda p: f"{p[0]}-{p[1]}")
+def exported(request, tmp_path_factory):
+    return _export(tmp_path_factory, *request.param)
+
+
+@pytest.fixture(scope="module")
+def exported_prox(tmp_path_factory):
+    return _export(tmp_path_factory, "mixtral", "experts", prox=True)
+
+
+def ort_module(arts):
+    state = ort_api.CheckpointState.load_checkpoint(str(arts.directory / "checkpoint"))
+    module = ort_api.Module(str(arts.directory / "training_model.onnx"), state,
+                            str(arts.directory / "eval_model.onnx"))
+    return state, module
+
+
+def feed(inputs: dict[str, torch.Tensor]) -> list[np.ndarray]:
+    return [t.detach().numpy() for t in inputs.values()]
+
+
+def torch_step(wrapper, inputs):
+    wrapper.zero_grad()
+    outputs = wrapper(*inputs.values())
+    outputs[0].backward()
+    params = dict(wrapper.named_parameters())
+    return outputs, {n: params[n].grad.detach().numpy().copy() for n in wrapper.trainable}
+
+
+def assert_gradients_match(wrapper, arts, inputs):
+    _, expected = torch_step(wrapper, inputs)
+    state, module = ort_module(arts)
+    module.train()
+    module.lazy_reset_grad()
+    module(*feed(inputs))
+    assert sorted(expected) == sorted(arts.trainable)
+    for name, want in expected.items():
+        got = state.parameters[name].grad
+        assert got.shape == want.shape, name
+        assert np.abs(want).max() > 1e-6, f"{name}: torch gradient is zero: the test would prove nothing"
+        np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-5 * np.abs(want).max(), err_msg=name)
+
+
+def test_gradients_match_torch(exported):
+    wrapper, arts, _ = exported
+    assert_gradients_match(wrapper, arts, graph_inputs(wrapper))
+
+
+def test_prox_gradients_match_torch(exported_prox):
+    wrapper, arts, _ = exported_prox
+    assert arts.inputs[-len(wrapper.trainable) - 1] == "prox_mu"
+    assert arts.inputs[-1] == wrapper.trainable[-1] + ".anchor"
+    assert_gradients_match(wrapper, arts, graph_inputs(wrapper))
+
+
+def test_outputs_match_torch_and_reference(exported):
+    wrapper, arts, _ = exported
+    inputs = graph_inputs(wrapper, seed=2)
+    wrapper.eval()
+    with torch.no_grad():
+        want = wrapper(*inputs.values())
+    state, module = ort_module(arts)
+    module.eval()
+    got = module(*feed(inputs))
+    assert len(got) == len(arts.outputs) == 2 + len(wrapper.num_experts) + 1
+    for name, g, w in zip(arts.outputs, got, want):
+        np.testing.assert_allclose(g, w.numpy(), rtol=1e-4, atol=1e-5, err_msg=name)
+    assert int(got[-1]) == 9 + 6 + 4
+    for layer, stats in enumerate(got[2:-1]):
+        np.testing.assert_allclose(stats, reference_stats(wrapper, inputs, layer), rtol=1e-4, atol=1e-6)
+
+
+def reference_stats(wrapper, inputs, layer) -> np.ndarray:
+    """routing_stats from the HF model's own router-logit recorder, in numpy."""
+    hf_inputs = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
+    with torch.no_grad():
+        out = wrapper.model(**hf_inputs, output_router_logits=True, use_cache=False)
+    logits = out.router_logits[layer].double().numpy()  # (N, E)
+    valid = inputs["attention_mask"].reshape(-1).numpy() == 1
+    logits = logits[valid]
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    top = np.argsort(-probs, axis=-1)[:, :TOP_K]
+    hits = np.zeros_like(probs)
+    np.put_along_axis(hits, top, 1.0, axis=-1)
+    return np.stack([probs.sum(0), probs.max(0), (probs * np.log(probs)).sum(0), hits.sum(0)])
+
+
+def test_adamw_steps_track_torch(exported):
+    wrapper, arts, initial = exported
+    inputs = [graph_inputs(wrapper, seed=s) for s in (3, 4, 5)]
+    state, module = ort_module(arts)
+    optimizer = ort_api.Optimizer(str(arts.directory / "optimizer_model.onnx"), module)
+    optimizer.set_learning_rate(LR)
+    module.train()
+    ort_losses = []
+    for step_inputs in inputs:
+        module.lazy_reset_grad()
+        ort_losses.append(float(module(*feed(step_inputs))[0]))
+        optimizer.step()
+    wrapper.train()
+    params = dict(wrapper.named_parameters())
+    torch_opt = torch.optim.AdamW([params[n] for n in wrapper.trainable], lr=LR, eps=ADAMW_EPS,
+                                  weight_decay=ADAMW_WEIGHT_DECAY)
+    torch_losses = []
+    for step_inputs in inputs:
+        torch_opt.zero_grad()
+        loss = wrapper(*step_inputs.values())[0]
+        loss.backward()
+        torch_opt.step()
+        torch_losses.append(float(loss.detach()))
+    try:
+        assert len(set(np.round(torch_losses, 6))) == 3
+        np.testing.assert_allclose(ort_losses, torch_losses, rtol=1e-4)
+        for name in wrapper.trainable:
+            np.testing.assert_allclose(state.parameters[name].data, params[name].detach().numpy(),
+                                       rtol=1e-3, atol=1e-5, err_msg=name)
+    finally:
+        wrapper.load_state_dict(initial)
+
+
+def test_lora_starts_at_base_output():
+    model, _ = tiny_model("olmoe", "experts")
+    inputs = batch()
+    with torch.no_grad():
+        base = model(**{k: inputs[k] for k in ("input_ids", "attention_mask")}).logits
+    names = add_lora(model, rank=2, alpha=4.0)
+    assert len(names) == 2 * len(LORA_PARAMS)
+    wrapper = TrainingWrapper(model)
+    with torch.no_grad():
+        adapted = model(**{k: inputs[k] for k in ("input_ids", "attention_mask")}).logits
+    torch.testing.assert_close(adapted, base, rtol=1e-5, atol=1e-6)
+    assert wrapper.model is model.model
+
+
+def test_uniform_router_gives_hand_computed_regularisers():
+    """Zero router weights: G = 1/E, so LB = E * sum_e f_e / E = top_k and KL(uniform || uniform) = 0."""
+    model, _ = tiny_model("mixtral", "experts")
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(".mlp.gate.weight"):
+                param.zero_()
+    wrapper = TrainingWrapper(model)
+    inputs = wrapper.make_inputs(**batch(), aux_loss_coef=0.5, routing_kl_coef=2.0)
+    with torch.no_grad():
+        loss, ce, *stats, num_tokens = wrapper(*inputs.values())
+    assert float(loss - ce) == pytest.approx(0.5 * TOP_K, rel=1e-5)
+    assert int(num_tokens) == 19
+    for layer_stats in stats:
+        torch.testing.assert_close(layer_stats[0], torch.full((NUM_EXPERTS,), 19 / NUM_EXPERTS))
+        torch.testing.assert_close(layer_stats[1], torch.full((NUM_EXPERTS,), 1 / NUM_EXPERTS))
+        assert float(layer_stats[3].sum()) == 19 * TOP_K
