@@ -68,7 +68,7 @@ ERROR_CODES = (
     "internal",  # the peer failed while handling a valid message
 )
 _NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,200}$")
-_ID = re.compile(r"^[A-Za-z0-9_.\-]{1,100}$")
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$")  # ids never start with "." (safe as file names)
 _PATH = re.compile(r"^[A-Za-z0-9_.\-]+(/[A-Za-z0-9_.\-]+)*$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _ITEMSIZE = {"F32": 4, "F16": 2}
@@ -97,7 +97,8 @@ def tensors_to_bytes(tensors: Mapping[str, np.ndarray], *, wire_dtype: str | Non
         if array.dtype.name not in WIRE_DTYPES:
             raise ProtocolError("bad_tensor", f"tensor {name}: dtype {array.dtype} is not float32/float16")
         if wire_dtype is not None:
-            cast = array.astype(wire_dtype)
+            with np.errstate(over="ignore"):
+                cast = array.astype(wire_dtype)
             if not np.array_equal(np.isfinite(cast), np.isfinite(array)):
                 raise ProtocolError("bad_tensor", f"tensor {name} overflows {wire_dtype}; send float32")
             array = cast
