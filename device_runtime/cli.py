@@ -1,0 +1,158 @@
+"""``fedmoe-device``: the device runtime's command line (``python -m device_runtime.cli``).
+
+Commands here: ``profile`` (what this device can do) and ``train-local`` (offline training of a bundle on
+a local JSONL file, for debugging a bundle or a device without a coordinator).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from device_runtime.data import DEFAULT_TEMPLATE
+from device_runtime.errors import FedmoeError
+
+MIB = 1 << 20
+
+
+@click.group()
+def main():
+    """fedmoe device runtime: train pruned MoE expert subsets with ONNX Runtime (no torch)."""
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the profile as JSON instead of a table.")
+@click.option("--benchmark-seconds", default=0.3, show_default=True, type=click.FloatRange(min=0.01),
+              help="Duration of the float32 matmul benchmark, seconds.")
+def profile(as_json: bool, benchmark_seconds: float):
+    """Measure this device: memory (MiB), cores, platform, training backends, float32 GFLOP/s."""
+    from device_runtime.profile import collect_profile
+
+    measured = collect_profile(benchmark_seconds=benchmark_seconds)
+    if as_json:
+        click.echo(json.dumps(measured.to_dict(), indent=2))
+        return
+    table = Table(title="device profile")
+    table.add_column("field")
+    table.add_column("value", justify="right")
+    for key, value in measured.to_dict().items():
+        table.add_row(key, ", ".join(value) if isinstance(value, list) else str(value))
+    Console().print(table)
+
+
+@main.command("train-local")
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--data", "data_file", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help='JSONL file: {"text", "label"} or {"prompt", "completion"} per line.')
+@click.option("--steps", type=click.IntRange(min=1), help="Optimizer steps [default: manifest, else one epoch].")
+@click.option("--batch-size", type=click.IntRange(min=1), help="Sequences per step [default: manifest].")
+@click.option("--seq-len", type=click.IntRange(min=2), help="Tokens per sequence [default: manifest].")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), help="AdamW learning rate [default: manifest].")
+@click.option("--aux-loss-coef", type=click.FloatRange(min=0), help="Load-balancing loss coefficient "
+              "[default: manifest].")
+@click.option("--threads", type=click.IntRange(min=1), help="ORT intra-op threads [default: one per core].")
+@click.option("--eval-fraction", default=0.1, show_default=True, type=click.FloatRange(0, 1, max_open=True),
+              help="Share of the records held out for evaluation.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the train/eval split and shuffling.")
+@click.option("--template", default=DEFAULT_TEMPLATE, show_default=True,
+              help="Prompt template of classification records ({text} is replaced).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Write the trained weights.safetensors and fit.json here.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary instead of tables.")
+def train_local(bundle: Path, data_file: Path, steps, batch_size, seq_len, lr, aux_loss_coef, threads,
+                eval_fraction, seed, template, out_dir, no_progress, as_json):
+    """Train BUNDLE (a bundle directory) on local data, offline, and report loss, step time, peak RSS
+    and per-expert routing importance (HFedMoE, arXiv 2601.00583)."""
+    try:
+        summary = _train_local(bundle, data_file, steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr,
+                               aux_loss_coef=aux_loss_coef, threads=threads, eval_fraction=eval_fraction,
+                               seed=seed, template=template, out_dir=out_dir, progress=not no_progress)
+    except FedmoeError as exc:
+        raise click.ClickException(f"{type(exc).__name__}: {exc}") from exc
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+    else:
+        _print_summary(summary)
+
+
+def _train_local(bundle_dir: Path, data_file: Path, *, steps, batch_size, seq_len, lr, aux_loss_coef, threads,
+                 eval_fraction, seed, template, out_dir, progress) -> dict:
+    """Verify the bundle, train, evaluate before/after, optionally write weights; return a JSON-able summary."""
+    from device_runtime.bundle import TOKENIZER_FILE, WEIGHTS_FILE, load_bundle
+    from device_runtime.data import LocalDataset
+    from device_runtime.ort_trainer import OrtTrainer
+
+    bundle = load_bundle(bundle_dir)  # verifies every sha256 before anything runs
+    defaults = bundle.manifest.training
+    batch_size, seq_len = batch_size or defaults.batch_size, seq_len or defaults.seq_len
+    dataset = LocalDataset.from_jsonl(data_file, bundle.path(TOKENIZER_FILE), seq_len=seq_len, template=template,
+                                      eval_fraction=eval_fraction, seed=seed)
+    steps = steps or defaults.local_steps or math.ceil(len(dataset.train) / batch_size)
+    trainer = OrtTrainer(bundle, threads=threads, progress=progress)
+    before = trainer.evaluate(dataset.eval_batches(batch_size)) if dataset.eval else None
+    fit = trainer.fit(dataset.train_batches(batch_size), steps=steps, learning_rate=lr or defaults.learning_rate,
+                      aux_loss_coef=defaults.aux_loss_coef if aux_loss_coef is None else aux_loss_coef)
+    after = trainer.evaluate(dataset.eval_batches(batch_size)) if dataset.eval else None
+    summary = {
+        "bundle": str(bundle_dir), "shape_key": bundle.manifest.shape_key.id, "steps": steps,
+        "batch_size": batch_size, "seq_len": seq_len, "num_examples": fit.num_examples,
+        "num_tokens": fit.num_tokens, "losses": list(fit.losses), "step_time_s": fit.step_time_s,
+        "peak_rss_mib": fit.peak_rss_bytes / MIB,
+        "eval_loss_before": before and before.loss, "eval_loss_after": after and after.loss,
+        "trained_experts": [list(t) for t in fit.trained_experts], "routing": fit.routing.to_dict(),
+    }
+    if out_dir is not None:
+        from safetensors.numpy import save_file
+
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_file(trainer.get_parameters(), str(out_dir / WEIGHTS_FILE))
+        (out_dir / "fit.json").write_text(json.dumps(summary, indent=2))
+        summary["out"] = str(out_dir)
+    return summary
+
+
+def _print_summary(summary: dict) -> None:
+    from device_runtime.stats import RoutingStats
+
+    console = Console()
+    losses = summary["losses"]
+    curve = Table(title="loss curve", caption=f"{summary['steps']} steps, batch {summary['batch_size']} x "
+                                               f"{summary['seq_len']} tokens")
+    curve.add_column("step", justify="right")
+    curve.add_column("loss", justify="right")
+    stride = max(1, len(losses) // 20)
+    for step in sorted({*range(0, len(losses), stride), len(losses) - 1}):
+        curve.add_row(str(step + 1), f"{losses[step]:.4f}")
+    console.print(curve)
+    console.print(f"step time {summary['step_time_s'] * 1000:.1f} ms (mean), peak RSS "
+                  f"{summary['peak_rss_mib']:.0f} MiB, {summary['num_tokens']} tokens")
+    if summary["eval_loss_before"] is not None:
+        console.print(f"eval loss {summary['eval_loss_before']:.4f} -> {summary['eval_loss_after']:.4f}")
+    routing = RoutingStats.from_dict(summary["routing"])
+    console.print(_importance_table(routing))
+    if "out" in summary:
+        console.print(f"weights written to {summary['out']}")
+
+
+def _importance_table(routing) -> Table:
+    """Per MoE layer and kept expert: usage s_cum, s_spec, KL_e, I_b (lam 0.5, beta 0.1), tokens routed."""
+    table = Table(title="routing importance (HFedMoE)")
+    for column in ("layer", "expert", "usage", "s_spec", "KL", "I_b", "tokens"):
+        table.add_column(column, justify="right")
+    for l, layer in enumerate(routing.layers):
+        ids = routing.expert_ids[l] if routing.expert_ids else range(len(layer.usage))
+        score = layer.information_score()
+        for i, expert in enumerate(ids):
+            table.add_row(str(l), str(expert), f"{layer.usage[i]:.3f}", f"{layer.specific[i]:.3f}",
+                          f"{layer.kl[i]:.4f}", f"{score[i]:.3f}", str(layer.tokens_routed[i]))
+    return table
+
+
+if __name__ == "__main__":
+    main()
