@@ -1,0 +1,25 @@
+"""Sparsity-aware aggregation strategies (FedAvg, FedProx, FedMoE, HFedMoE, FedAlign-MoE), pure numpy.
+
+One module per algorithm; the math in ``aggregate.py`` / ``importance.py``; messages in ``types.py``.
+"""
+
+from coordinator.strategy.aggregate import RowAccumulator, cosine_similarity, hfedmoe_alpha, kl_divergence
+from coordinator.strategy.base import SinglePassStrategy, Strategy, StreamingAggregation
+from coordinator.strategy.fedalign import FedAlign
+from coordinator.strategy.fedavg import FedAvg
+from coordinator.strategy.fedmoe import FedMoE
+from coordinator.strategy.fedprox import FedProx
+from coordinator.strategy.hfedmoe import HFedMoE
+from coordinator.strategy.importance import (experts_per_layer, importance, routing_statistics, select_experts,
+                                             top_c)
+from coordinator.strategy.registry import STRATEGIES, from_name
+from coordinator.strategy.types import (ClientUpdate, Failure, LayerRouting, Params, Results, TensorMeta,
+                                        TensorRole)
+from coordinator.strategy.validate import validate_update
+
+__all__ = [
+    "STRATEGIES", "ClientUpdate", "Failure", "FedAlign", "FedAvg", "FedMoE", "FedProx", "HFedMoE", "LayerRouting",
+    "Params", "Results", "RowAccumulator", "SinglePassStrategy", "Strategy", "StreamingAggregation", "TensorMeta",
+    "TensorRole", "cosine_similarity", "experts_per_layer", "from_name", "hfedmoe_alpha", "importance",
+    "kl_divergence", "routing_statistics", "select_experts", "top_c", "validate_update",
+]

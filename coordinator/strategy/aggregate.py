@@ -1,0 +1,113 @@
+"""The aggregation math as pure numpy, testable without a server (Flower's ``aggregate.py``).
+
+:class:`RowAccumulator` is the streaming core: it takes client tensors one at a time and keeps, per
+tensor, a running weighted sum in the global layout (float64) plus a weight total per expert row, so
+memory is O(model size) whatever the number of clients. A row whose total weight stays 0 (no client
+contributed it) keeps its base value, which is how every strategy leaves unheld experts unchanged.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from coordinator.strategy.types import Params, TensorMeta
+
+_EPS = 1e-12
+
+
+def expert_rows(tensor: np.ndarray, axis: int | None) -> np.ndarray:
+    """View of ``tensor`` with the expert axis first: ``(E, ...)``; an unindexed tensor becomes ``(1, ...)``."""
+    return tensor[None] if axis is None else np.moveaxis(tensor, axis, 0)
+
+
+def _broadcast(weights: np.ndarray, ndim: int) -> np.ndarray:
+    return weights.reshape(weights.shape + (1,) * (ndim - 1))
+
+
+class RowAccumulator:
+    """Running weighted sums per expert row and weight totals; ``finish`` turns them into averages.
+
+    Memory: one float64 array per tensor touched (the global shape) plus one ``(E,)`` total per tensor.
+    """
+
+    def __init__(self, global_params: Params):
+        self._global = global_params
+        self._sums: dict[str, np.ndarray] = {}
+        self._totals: dict[str, np.ndarray] = {}
+        self._axes: dict[str, int | None] = {}
+
+    def add(self, name: str, tensor: np.ndarray, meta: TensorMeta, ids, weights) -> None:
+        """Add ``weights * tensor`` to the sums of the rows ``ids``.
+
+        Args:
+            name: global tensor name (validated beforehand, see ``validate_update``).
+            tensor: the client's pruned tensor, ``len(ids)`` entries on ``meta.expert_axis``.
+            meta: the tensor's role, layer and expert axis.
+            ids: global expert id of each local row (ignored for unindexed tensors).
+            weights: ``(len(ids),)`` weight per local row, or a scalar for an unindexed tensor.
+        """
+        axis = meta.expert_axis
+        if name not in self._sums:
+            reference = self._global[name]
+            self._sums[name] = np.zeros(reference.shape, np.float64)
+            self._totals[name] = np.zeros(expert_rows(reference, axis).shape[0], np.float64)
+            self._axes[name] = axis
+        rows = expert_rows(tensor, axis).astype(np.float64)  # (k, ...)
+        index = np.asarray(ids if axis is not None else [0], dtype=np.int64)
+        w = np.broadcast_to(np.asarray(weights, np.float64), (len(index),))
+        expert_rows(self._sums[name], axis)[index] += _broadcast(w, rows.ndim) * rows
+        self._totals[name][index] += w
+
+    def totals(self, name: str) -> np.ndarray | None:
+        """Weight total per global row of ``name`` (``(E,)``, or ``(1,)`` unindexed); None if never added."""
+        return self._totals.get(name)
+
+    def names(self) -> tuple[str, ...]:
+        """Names of the tensors that received at least one ``add``."""
+        return tuple(self._sums)
+
+    def finish(self, base: Params | None = None) -> Params:
+        """Weighted averages; rows with zero total weight take ``base`` (default: the global model).
+
+        Returns:
+            a new dict with every tensor of ``base``; tensors nobody touched are the same array objects.
+        """
+        base = self._global if base is None else base
+        out = dict(base)
+        for name, sums in self._sums.items():
+            axis, totals = self._axes[name], self._totals[name]
+            merged = expert_rows(base[name], axis).astype(np.float64)  # a copy: (E, ...)
+            held = totals > 0
+            merged[held] = expert_rows(sums, axis)[held] / _broadcast(totals[held], merged.ndim)
+            restored = merged[0] if axis is None else np.moveaxis(merged, 0, axis)
+            out[name] = restored.astype(self._global[name].dtype)
+        return out
+
+
+def hfedmoe_alpha(usage: np.ndarray, scores: np.ndarray, num_global_experts: int) -> float:
+    """HFedMoE gate weight of a client for one layer (arXiv 2601.00583, gate aggregation).
+
+    alpha(c) = sum_{e in S_c} p_c(e) / |S_global| with p_c(e) = u_c(e) * s_c(e).
+    The paper leaves alpha unnormalised; the strategy normalises it per router row over the holders.
+
+    Args:
+        usage: u_c(e), ``(E_local,)``. scores: s_c(e), ``(E_local,)``. num_global_experts: |S_global|.
+    """
+    return float(np.sum(np.asarray(usage) * np.asarray(scores)) / num_global_experts)
+
+
+def kl_divergence(p: np.ndarray, q: np.ndarray) -> float:
+    """KL(p || q) = sum_e p(e) log(p(e) / q(e)) of two distributions over the same experts (0 log 0 = 0).
+
+    Both are normalised to sum 1 first; ``q`` is floored at 1e-12 to stay finite.
+    """
+    p = np.asarray(p, np.float64) / max(float(np.sum(p)), _EPS)
+    q = np.maximum(np.asarray(q, np.float64) / max(float(np.sum(q)), _EPS), _EPS)
+    nz = p > 0
+    return float(np.sum(p[nz] * np.log(p[nz] / q[nz])))
+
+
+def cosine_similarity(dot: np.ndarray, sq_norm_a: np.ndarray, sq_norm_b: np.ndarray) -> np.ndarray:
+    """Cosine from sufficient statistics: dot / sqrt(|a|^2 |b|^2), elementwise; 0 where a norm is 0."""
+    denom = np.sqrt(np.asarray(sq_norm_a, np.float64) * np.asarray(sq_norm_b, np.float64))
+    return np.where(denom > _EPS, np.asarray(dot, np.float64) / np.maximum(denom, _EPS), 0.0)

@@ -1,0 +1,189 @@
+"""The ``Strategy`` interface (Flower style) and the streaming single-pass aggregation every strategy uses.
+
+A round's updates arrive as :data:`~coordinator.strategy.types.Results`; client failures are data
+(``(client_id, reason)`` pairs) and so are updates that fail validation: both are counted and reported
+in the metrics, neither stops the round.
+"""
+
+from __future__ import annotations
+
+import collections.abc
+from abc import ABC, abstractmethod
+from typing import Callable, ClassVar, Iterable, Sequence
+
+import numpy as np
+
+from coordinator.strategy.aggregate import RowAccumulator
+from coordinator.strategy.types import ClientUpdate, Failure, Params, Results, TensorMeta, TensorRole
+from coordinator.strategy.validate import validate_update
+from device_runtime.errors import UpdateRejected
+
+RowWeights = Callable[[ClientUpdate, str, TensorMeta, tuple[int, ...]], "np.ndarray | float"]
+"""``(update, tensor name, meta, global experts per layer) -> weights``: ``(E_local,)`` per kept expert,
+or a scalar for OTHER."""
+
+
+class Strategy(ABC):
+    """An aggregation algorithm: what clients are told to do (``configure_fit``) and how results merge."""
+
+    name: ClassVar[str]
+
+    def fit_config(self, server_round: int) -> dict:
+        """Config every client receives with its round assignment (JSON-serialisable)."""
+        return {}
+
+    def configure_fit(self, server_round: int, clients: Sequence[str]) -> dict[str, dict]:
+        """Per-client fit config: ``client_id -> config dict``."""
+        config = self.fit_config(server_round)
+        return {client: dict(config) for client in clients}
+
+    @abstractmethod
+    def aggregate_fit(self, server_round: int, results: Results, failures: Sequence[Failure],
+                      global_params: Params) -> tuple[Params, dict]:
+        """Merge the round's client updates into a new global model.
+
+        Args:
+            server_round: the round number (1-based).
+            results: the client updates (see ``Results``).
+            failures: ``(client_id, reason)`` of the clients that returned nothing usable.
+            global_params: the global model the round started from; not modified.
+        Returns:
+            ``(new_global_params, metrics)``; unchanged tensors are shared with ``global_params``.
+        """
+
+
+def open_results(results: Results) -> Iterable[ClientUpdate]:
+    """A fresh iterable over ``results`` (calls it when it is a zero-argument factory)."""
+    return results() if callable(results) else results
+
+
+def require_reopenable(results: Results) -> None:
+    """Two-pass strategies need to iterate twice.
+
+    Raises:
+        TypeError: ``results`` is a one-shot iterator; pass a list or a callable returning a fresh iterable.
+    """
+    if isinstance(results, collections.abc.Iterator):
+        raise TypeError("this strategy reads the updates twice: pass a list or a zero-argument callable "
+                        "returning a fresh iterable, not a one-shot iterator")
+
+
+class StreamingAggregation:
+    """One round's weighted per-row average, fed one update at a time (memory O(model size)).
+
+    Usage: ``agg.accumulate(update)`` for each update, then ``agg.finish()``.
+    """
+
+    def __init__(self, global_params: Params, weigh: RowWeights, *, roles: frozenset[TensorRole] | None = None):
+        """Args:
+            global_params: the round's starting global model.
+            weigh: the strategy's weight per (update, tensor, local expert row).
+            roles: only tensors of these roles are aggregated (default: all).
+        """
+        self.global_params = global_params
+        self.accumulator = RowAccumulator(global_params)
+        self._weigh = weigh
+        self._roles = roles
+        self._seen: set[str] = set()
+        self._expert_layer: dict[str, int] = {}
+        self._attempts = 0
+        self.accepted_positions: list[int] = []
+        self.num_examples = 0
+
+    def accumulate(self, update: ClientUpdate) -> tuple[int, ...]:
+        """Validate ``update`` and add it to the running sums.
+
+        Returns:
+            the global expert count per MoE layer of the update.
+        Raises:
+            UpdateRejected: the update is malformed or its client already sent one; nothing was added.
+        """
+        position, self._attempts = self._attempts, self._attempts + 1
+        if update.client_id in self._seen:
+            raise UpdateRejected(f"client {update.client_id!r} sent more than one update this round")
+        num_experts = validate_update(update, self.global_params)
+        self._seen.add(update.client_id)
+        self.accepted_positions.append(position)
+        self.num_examples += int(update.num_examples)
+        for name, tensor in update.tensors.items():
+            meta = update.tensor_meta[name]
+            if self._roles is not None and meta.role not in self._roles:
+                continue
+            ids = update.expert_ids[meta.layer] if meta.indexed else ()
+            self.accumulator.add(name, tensor, meta, ids, self._weigh(update, name, meta, num_experts))
+            if meta.role is TensorRole.EXPERT:
+                self._expert_layer[name] = meta.layer
+        return num_experts
+
+    @property
+    def num_clients(self) -> int:
+        return len(self._seen)
+
+    @property
+    def expert_names(self) -> tuple[str, ...]:
+        """Names of the EXPERT tensors aggregated so far."""
+        return tuple(self._expert_layer)
+
+    def experts_updated(self) -> dict[int, int]:
+        """Per MoE layer: how many global experts received a non-zero weight in some EXPERT tensor."""
+        per_layer: dict[int, np.ndarray] = {}
+        for name, layer in self._expert_layer.items():
+            held = self.accumulator.totals(name) > 0
+            per_layer[layer] = held | per_layer.get(layer, np.zeros_like(held))
+        return {layer: int(held.sum()) for layer, held in sorted(per_layer.items())}
+
+    def finish(self, base: Params | None = None) -> Params:
+        """The averaged model; rows nobody contributed keep ``base`` (default: the global model)."""
+        return self.accumulator.finish(base)
+
+
+def feed(aggregation: StreamingAggregation, updates: Iterable[ClientUpdate],
+         on_accept: Callable[[ClientUpdate, tuple[int, ...]], None] | None = None) -> dict[str, str]:
+    """Accumulate every update; returns ``client_id -> reason`` of the rejected ones (they are skipped)."""
+    rejected: dict[str, str] = {}
+    for update in updates:
+        try:
+            num_experts = aggregation.accumulate(update)
+        except UpdateRejected as exc:
+            rejected.setdefault(str(update.client_id), exc.reason)
+            continue
+        if on_accept is not None:
+            on_accept(update, num_experts)
+    return rejected
+
+
+def round_metrics(server_round: int, aggregation: StreamingAggregation, failures: Sequence[Failure],
+                  rejected: dict[str, str]) -> dict:
+    """The metrics every strategy reports for a round."""
+    return {
+        "round": server_round,
+        "num_clients": aggregation.num_clients,
+        "num_examples": aggregation.num_examples,
+        "num_failures": len(failures) + len(rejected),
+        "failures": {str(client): str(reason) for client, reason in failures},
+        "rejected": rejected,
+        "experts_updated": aggregation.experts_updated(),
+    }
+
+
+class SinglePassStrategy(Strategy):
+    """A strategy that is a weighted per-row average: subclasses define ``row_weights`` only."""
+
+    @abstractmethod
+    def row_weights(self, update: ClientUpdate, name: str, meta: TensorMeta,
+                    num_experts: tuple[int, ...]) -> np.ndarray | float:
+        """Weight of each kept expert row of ``update.tensors[name]`` (``(E_local,)``), or a scalar for OTHER.
+
+        ``num_experts[layer]`` is the global expert count of each MoE layer of the update.
+        """
+
+    def aggregation(self, global_params: Params) -> StreamingAggregation:
+        """A fresh streaming aggregation for one round (``accumulate`` / ``finish``)."""
+        return StreamingAggregation(global_params, self.row_weights)
+
+    def aggregate_fit(self, server_round: int, results: Results, failures: Sequence[Failure],
+                      global_params: Params) -> tuple[Params, dict]:
+        aggregation = self.aggregation(global_params)
+        rejected = feed(aggregation, open_results(results))
+        return aggregation.finish(), round_metrics(server_round, aggregation, failures, rejected)
+

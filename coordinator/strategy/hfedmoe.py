@@ -1,0 +1,59 @@
+"""HFedMoE (Fang et al., "HFedMoE: Resource-aware Heterogeneous Federated Learning with Mixture-of-Experts",
+arXiv 2601.00583), sparsity-aware aggregation, with the paper's flaws fixed (DESIGN.md section 2).
+
+Experts: E_e(t+1) = sum_{c in C_e} |D_c| E_e(c) / sum_{c in C_e} |D_c| with
+C_e = {c : e held by c, u_c(e) >= tau and e in trained_experts_c}. The paper's test u_c(e) >= tau alone
+does not prove that c updated e, so a held-but-frozen copy is never taken. Experts with C_e empty keep
+their previous weights.
+
+Router (gate): p_c(e) = u_c(e) * s_c(e), alpha(c) = sum_{e in S_c} p_c(e) / |S_global| per layer, with
+s_c(e) = lambda s_cum(e) + (1 - lambda) s_spec(e) recomputed from the reported statistics. Router row e is
+the alpha-weighted mean over the clients that HELD e only; alpha is normalised per row over those holders
+(the paper leaves it unnormalised). A row whose holders all have alpha = 0 keeps its previous value.
+
+Unindexed tensors (OTHER) are |D_c|-weighted averages over all clients. All three are single-pass:
+per-row normalisation happens in ``finish`` from the weight totals.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from coordinator.strategy.aggregate import hfedmoe_alpha
+from coordinator.strategy.base import SinglePassStrategy
+from coordinator.strategy.types import ClientUpdate, TensorMeta, TensorRole
+from device_runtime.errors import ConfigError
+
+
+class HFedMoE(SinglePassStrategy):
+    """Usage-thresholded expert aggregation and importance-weighted router aggregation."""
+
+    name = "hfedmoe"
+
+    def __init__(self, tau: float = 0.01, lam: float = 0.5, beta: float = 0.1):
+        """Args:
+            tau: usage threshold on u_c(e) (a mean router probability, in [0, 1]).
+            lam: lambda of s_b = lambda s_cum + (1 - lambda) s_spec, in [0, 1].
+            beta: beta of I_b = s_b - beta KL (sent to clients for their importance scores), >= 0.
+        Raises:
+            ConfigError: a parameter is out of range.
+        """
+        if not 0.0 <= tau <= 1.0 or not 0.0 <= lam <= 1.0 or not beta >= 0.0:
+            raise ConfigError(f"need 0 <= tau <= 1, 0 <= lam <= 1, beta >= 0; got tau={tau}, lam={lam}, beta={beta}")
+        self.tau, self.lam, self.beta = float(tau), float(lam), float(beta)
+
+    def fit_config(self, server_round: int) -> dict:
+        return {"importance_lambda": self.lam, "importance_beta": self.beta}
+
+    def row_weights(self, update: ClientUpdate, name: str, meta: TensorMeta,
+                    num_experts: tuple[int, ...]) -> np.ndarray | float:
+        if meta.role is TensorRole.OTHER:
+            return float(update.num_examples)
+        ids = update.expert_ids[meta.layer]
+        stats = update.routing[meta.layer]
+        if meta.role is TensorRole.ROUTER:
+            scores = self.lam * np.asarray(stats.s_cum) + (1.0 - self.lam) * np.asarray(stats.s_spec)
+            return np.full(len(ids), hfedmoe_alpha(stats.usage, scores, num_experts[meta.layer]))
+        trained = update.trained_experts[meta.layer]
+        keep = (np.asarray(stats.usage) >= self.tau) & np.array([g in trained for g in ids])
+        return np.where(keep, float(update.num_examples), 0.0)

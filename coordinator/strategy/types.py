@@ -1,0 +1,127 @@
+"""Messages of the aggregation strategies: frozen dataclasses over numpy arrays (Flower's ``FitRes`` style).
+
+The **global model** is a ``dict[str, np.ndarray]`` keyed by torch ``state_dict`` name. Expert-indexed
+tensors hold the layer's GLOBAL experts on their expert axis (axis 0 for the fused transformers 5.x
+layouts), e.g. for ``E`` experts, hidden ``H``, FFN ``I``, LoRA rank ``r``::
+
+    model.layers.3.mlp.experts.gate_up_proj     (E, 2I, H)   role EXPERT, expert_axis 0
+    model.layers.3.mlp.experts.down_proj        (E, H, I)    role EXPERT, expert_axis 0
+    model.layers.3.mlp.experts.gate_up_lora_A   (E, r, H)    role EXPERT, expert_axis 0
+    model.layers.3.mlp.gate.weight              (E, H)       role ROUTER, expert_axis 0
+    model.layers.3.self_attn.q_proj.weight      (H, H)       role OTHER (not indexed by expert)
+
+A :class:`ClientUpdate` carries a client's *pruned* tensors: on the expert axis they hold only the
+client's kept experts, in local order; ``expert_ids[layer][i]`` is the global id of local expert ``i``.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Mapping, Sequence, Union
+
+import numpy as np
+
+
+class TensorRole(enum.Enum):
+    """What a tensor is to the aggregation.
+
+    EXPERT: weights (or LoRA adapters) of the experts; indexed by expert on ``expert_axis``.
+    ROUTER: the gate's rows (``mlp.gate.weight (E, H)``, a bias ``(E,)``); indexed by expert.
+    OTHER:  anything not indexed by expert (attention, norms, a shared expert): averaged whole.
+    """
+
+    EXPERT = "expert"
+    ROUTER = "router"
+    OTHER = "other"
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    """How one tensor of an update maps onto the global model.
+
+    Attributes:
+        role: EXPERT, ROUTER or OTHER.
+        layer: index of the MoE layer (into ``ClientUpdate.expert_ids``), required for EXPERT / ROUTER.
+        expert_axis: the axis indexing the layer's experts (0 for every fused layout); None for OTHER.
+    """
+
+    role: TensorRole
+    layer: int | None = None
+    expert_axis: int | None = None
+
+    def __post_init__(self):
+        indexed = self.role is not TensorRole.OTHER
+        if indexed and (self.layer is None or self.expert_axis is None):
+            raise ValueError(f"{self.role.value} tensors need a layer and an expert_axis")
+        if not indexed and self.expert_axis is not None:
+            raise ValueError("OTHER tensors are not indexed by expert: expert_axis must be None")
+
+    @property
+    def indexed(self) -> bool:
+        """Whether the tensor is indexed by expert (EXPERT or ROUTER)."""
+        return self.role is not TensorRole.OTHER
+
+
+@dataclass(frozen=True)
+class LayerRouting:
+    """A client's routing statistics for one MoE layer, over its LOCAL experts (each array ``(E_local,)``).
+
+    With G(x) = Softmax(gate(x)) over the local experts and a client's B tokens (HFedMoE, arXiv 2601.00583):
+
+    Attributes:
+        usage: u(e) = (1/B) sum_i G_e(x_i), the mean router probability (equals ``s_cum``).
+        s_cum: cumulative score (1/B) sum_i G_e(x_i).
+        s_spec: specific score max_i G_e(x_i).
+        kl: KL_e = (1/B) sum_i G_e(x_i) log(G_e(x_i) / p(e)), p(e) = (1/B) sum_j G_e(x_j).
+        importance: I(e) = lambda s_cum + (1 - lambda) s_spec - beta KL_e, as the client computed it.
+    """
+
+    usage: np.ndarray
+    s_cum: np.ndarray
+    s_spec: np.ndarray
+    kl: np.ndarray
+    importance: np.ndarray
+
+    @classmethod
+    def uniform(cls, num_local: int) -> "LayerRouting":
+        """Statistics of a router that sends every token uniformly to its ``num_local`` experts."""
+        p = np.full(num_local, 1.0 / num_local)
+        return cls(usage=p, s_cum=p, s_spec=p, kl=np.zeros(num_local), importance=p)
+
+
+@dataclass(frozen=True)
+class ClientUpdate:
+    """One client's fit result (Flower's ``FitRes``), pruned to the experts it held.
+
+    Attributes:
+        client_id: the device's id.
+        num_examples: |D_c|, training examples (sequences) the client used this round, > 0.
+        tensors: name -> pruned tensor; EXPERT / ROUTER tensors have ``len(expert_ids[layer])`` entries on
+            their expert axis, every other axis as in the global model.
+        tensor_meta: name -> :class:`TensorMeta` for every name in ``tensors``.
+        expert_ids: per MoE layer, local expert index -> global expert id.
+        trained_experts: per MoE layer, the global ids whose weights received gradient steps this round.
+        routing: per MoE layer, routing statistics over the local experts.
+        metrics: free-form scalars the client reported (loss, seconds, peak RSS ...).
+    """
+
+    client_id: str
+    num_examples: int
+    tensors: Mapping[str, np.ndarray]
+    tensor_meta: Mapping[str, TensorMeta]
+    expert_ids: tuple[tuple[int, ...], ...]
+    trained_experts: tuple[frozenset[int], ...]
+    routing: tuple[LayerRouting, ...]
+    metrics: dict = field(default_factory=dict)
+
+
+Params = dict[str, np.ndarray]
+"""A global model: state_dict name -> array."""
+
+Failure = tuple[str, str]
+"""A client that did not return a usable update: ``(client_id, reason)``."""
+
+Results = Union[Sequence[ClientUpdate], Callable[[], Iterable[ClientUpdate]]]
+"""Client updates: a re-iterable sequence, or a zero-argument callable returning a fresh iterable (e.g.
+one that reads stored update files). A plain iterator is accepted only by single-pass strategies."""
