@@ -33,6 +33,7 @@ from export.training_graph import DYNAMIC_INPUTS, TrainingWrapper
 OPSET = 17
 ADAMW_EPS = 1e-8
 ADAMW_WEIGHT_DECAY = 0.01
+UNSAFE_OPS = ("ScatterND", "ScatterElements", "Einsum")
 
 
 @dataclass(frozen=True)
@@ -75,30 +76,42 @@ def _check_names(model: onnx.ModelProto, wrapper: TrainingWrapper, trainable: li
     """Check initializer names against ``state_dict`` names; return the frozen parameter names.
 
     Raises:
-        ExportError: a trainable tensor is not an initializer, or a parameter was renamed by the exporter.
+        ExportError: a trainable tensor is not an initializer, or an initializer is not a state_dict name.
     """
     initializers = {init.name for init in model.graph.initializer}
-    params = {name for name, _ in wrapper.named_parameters()}
     missing = [n for n in trainable if n not in initializers]
     if missing:
         raise ExportError(
             f"trainable tensors {missing[:5]} are not ONNX initializers (renamed by the exporter, or unused by "
             "the forward pass); export with dynamo=False and check the names against model.state_dict()"
         )
-    renamed = sorted(initializers - set(wrapper.state_dict()) - _constant_names(model))
+    renamed = sorted(initializers - set(wrapper.state_dict()))
     if renamed:
         raise ExportError(f"ONNX initializers {renamed[:5]} are not state_dict names: the exporter renamed them")
+    params = {name for name, _ in wrapper.named_parameters()}
     return sorted((initializers & params) - set(trainable))
 
 
-def _constant_names(model: onnx.ModelProto) -> set[str]:
-    """Initializers the exporter made itself (constants it lifted out of the graph, e.g. ``onnx::...``)."""
-    return {init.name for init in model.graph.initializer if "::" in init.name or init.name.startswith("_")}
+def _check_ops(model: onnx.ModelProto) -> None:
+    """Refuse ops whose ORT gradients are silently wrong or missing (DESIGN.md §3).
+
+    Raises:
+        ExportError: naming the op types found.
+    """
+    bad = sorted({n.op_type for n in model.graph.node if n.op_type in UNSAFE_OPS or "Sequence" in n.op_type})
+    if bad:
+        raise ExportError(
+            f"the forward graph contains {bad}, which ORT training differentiates wrongly or not at all; "
+            "use the dense-masked experts implementation (export.experts_impl.use_dense_masked)"
+        )
 
 
 def _generate(model_path: Path, out_dir: Path, trainable: list[str], frozen: list[str]) -> None:
+    import onnxruntime
     from onnxruntime.training import artifacts
     from onnxruntime.training.onnxblock import optim
+
+    onnxruntime.set_default_logger_severity(3)  # generate_artifacts logs every graph transformer at INFO
 
     # A ModelProto, not a path: with a path, ORT's blocks share one temp.onnx(.data) in the cwd and one block's
     # clean-up deletes the external data another still reads (fails for real-size models). Limit: 2 GB.
@@ -139,7 +152,8 @@ def export_training_artifacts(
         :class:`TrainingArtifacts`.
 
     Raises:
-        ExportError: empty ``trainable``, a missing example input, a renamed parameter, or a failure of
+        ExportError: empty ``trainable``, a missing example input, a renamed parameter, an op with broken ORT
+            gradients (Scatter*, Einsum, Sequence*) in the forward graph, or a failure of
             ``torch.onnx.export`` / ``generate_artifacts`` (the original exception is chained).
     """
     start = time.perf_counter()
@@ -159,7 +173,10 @@ def export_training_artifacts(
             _onnx_export(wrapper, model_path, example_batch)
         except Exception as exc:  # noqa: BLE001 - every exporter failure becomes an ExportError
             raise ExportError(f"torch.onnx.export failed for {type(wrapper.model).__name__}: {exc}") from exc
-        frozen = _check_names(onnx.load(str(model_path)), wrapper, trainable)
+        forward = onnx.load(str(model_path))
+        _check_ops(forward)
+        frozen = _check_names(forward, wrapper, trainable)
+        del forward
         try:
             _generate(model_path, out_dir, trainable, frozen)
             _use_torch_adamw(out_dir / "optimizer_model.onnx")
