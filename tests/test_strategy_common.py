@@ -1,0 +1,173 @@
+"""Shared pieces of the strategies: validation, the streaming accumulator, registry, failures as data.
+
+Also hosts ``make_update`` / ``tiny_global`` used by the other ``test_strategy_*`` files.
+"""
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from coordinator.strategy import (STRATEGIES, ClientUpdate, FedAvg, LayerRouting, StreamingAggregation,
+                                  TensorMeta, TensorRole, from_name, validate_update)
+from device_runtime.errors import ConfigError, UpdateRejected
+
+EXPERT = TensorMeta(TensorRole.EXPERT, layer=0, expert_axis=0)
+ROUTER = TensorMeta(TensorRole.ROUTER, layer=0, expert_axis=0)
+OTHER = TensorMeta(TensorRole.OTHER)
+
+
+def tiny_global():
+    """One MoE layer, 4 experts, hidden 2: experts.w (4, 2), gate.weight (4, 2), attn.w (2,)."""
+    return {
+        "experts.w": np.array([[0, 0], [10, 10], [20, 20], [30, 30]], np.float32),
+        "gate.weight": np.array([[0, 0], [0, 0], [0, 0], [9, 9]], np.float32),
+        "attn.w": np.array([0, 0], np.float32),
+    }
+
+
+def make_update(cid, n, ids, experts, gate, other, *, trained=None, usage=None, s_spec=None):
+    """An update of ``tiny_global``'s layout holding experts ``ids``."""
+    k = len(ids)
+    usage = np.full(k, 1.0 / k) if usage is None else np.asarray(usage, np.float64)
+    s_spec = usage if s_spec is None else np.asarray(s_spec, np.float64)
+    routing = LayerRouting(usage=usage, s_cum=usage, s_spec=s_spec, kl=np.zeros(k), importance=usage)
+    return ClientUpdate(
+        client_id=cid, num_examples=n,
+        tensors={"experts.w": np.asarray(experts, np.float32), "gate.weight": np.asarray(gate, np.float32),
+                 "attn.w": np.asarray(other, np.float32)},
+        tensor_meta={"experts.w": EXPERT, "gate.weight": ROUTER, "attn.w": OTHER},
+        expert_ids=(tuple(ids),),
+        trained_experts=(frozenset(ids if trained is None else trained),),
+        routing=(routing,),
+    )
+
+
+def good_update(cid="a"):
+    return make_update(cid, 2, (0, 1), [[1, 2], [3, 4]], [[1, 0], [0, 1]], [1, 1])
+
+
+def _replace_tensor(update, name, value):
+    return ClientUpdate(**{**update.__dict__, "tensors": {**update.tensors, name: value}})
+
+
+@pytest.mark.parametrize("mutate, needle", [
+    (lambda u: _replace_tensor(u, "experts.w", np.zeros((3, 2), np.float32)), "experts.w"),
+    (lambda u: _replace_tensor(u, "experts.w", np.zeros((2, 3), np.float32)), "expected (2, 2)"),
+    (lambda u: _replace_tensor(u, "attn.w", np.zeros(3, np.float32)), "attn.w"),
+    (lambda u: _replace_tensor(u, "gate.weight", np.array([[np.nan, 0], [0, 0]], np.float32)), "NaN"),
+    (lambda u: _replace_tensor(u, "attn.w", np.array([1, 2], np.int64)), "floating-point"),
+    (lambda u: ClientUpdate(**{**u.__dict__, "tensors": {**u.tensors, "bogus": np.zeros(2, np.float32)},
+                               "tensor_meta": {**u.tensor_meta, "bogus": OTHER}}), "not in the global model"),
+    (lambda u: ClientUpdate(**{**u.__dict__, "expert_ids": ((0, 7),)}), "[0, 4)"),
+    (lambda u: ClientUpdate(**{**u.__dict__, "expert_ids": ((1, 1),)}), "distinct"),
+    (lambda u: ClientUpdate(**{**u.__dict__, "trained_experts": (frozenset({3}),)}), "trained experts"),
+    (lambda u: ClientUpdate(**{**u.__dict__, "num_examples": 0}), "num_examples"),
+    (lambda u: ClientUpdate(**{**u.__dict__, "routing": (LayerRouting.uniform(3),)}), "routing usage"),
+    (lambda u: ClientUpdate(**{**u.__dict__, "routing": ()}), "different numbers of layers"),
+])
+def test_garbage_is_rejected_with_a_reason(mutate, needle):
+    with pytest.raises(UpdateRejected) as info:
+        validate_update(mutate(good_update()), tiny_global())
+    assert needle in info.value.reason and "'a'" in info.value.reason
+
+
+def test_rejected_update_leaves_the_accumulator_untouched_and_duplicates_are_refused():
+    params = tiny_global()
+    agg = StreamingAggregation(params, FedAvg().row_weights)
+    bad = _replace_tensor(good_update("b"), "experts.w", np.zeros((2, 5), np.float32))
+    with pytest.raises(UpdateRejected):
+        agg.accumulate(bad)
+    agg.accumulate(good_update("a"))
+    with pytest.raises(UpdateRejected, match="more than one update"):
+        agg.accumulate(good_update("a"))
+    out = agg.finish()
+    np.testing.assert_array_equal(out["experts.w"], [[1, 2], [3, 4], [20, 20], [30, 30]])
+    assert agg.num_clients == 1 and agg.num_examples == 2
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_failures_and_garbage_do_not_crash_a_round(name):
+    params = tiny_global()
+    strategy = from_name(name)
+    out, metrics = strategy.aggregate_fit(1, [], [("x", "timeout")], params)
+    assert all(out[k] is params[k] for k in params)
+    assert metrics["num_failures"] == 1 and metrics["failures"] == {"x": "timeout"}
+
+    garbage = _replace_tensor(good_update("bad"), "experts.w", np.zeros((9, 9), np.float32))
+    with_garbage, metrics = strategy.aggregate_fit(2, [good_update("a"), garbage], [("x", "oom")], params)
+    clean, _ = from_name(name).aggregate_fit(2, [good_update("a")], [], params)
+    assert set(metrics["rejected"]) == {"bad"} and metrics["num_failures"] == 2 and metrics["num_clients"] == 1
+    for key in params:
+        np.testing.assert_array_equal(with_garbage[key], clean[key])
+
+
+def _direct_fedavg(params, updates):
+    """Reference: stack every client's full-size rows and average each row over its holders."""
+    out = {}
+    for name, ref in params.items():
+        if name == "attn.w":
+            n = np.array([u.num_examples for u in updates], np.float64)
+            out[name] = sum(w * u.tensors[name] for w, u in zip(n, updates)) / n.sum()
+            continue
+        sums, totals = np.zeros(ref.shape), np.zeros(ref.shape[0])
+        for u in updates:
+            for local, g in enumerate(u.expert_ids[0]):
+                sums[g] += u.num_examples * u.tensors[name][local]
+                totals[g] += u.num_examples
+        out[name] = np.where(totals[:, None] > 0, sums / np.maximum(totals, 1)[:, None], ref)
+    return out
+
+
+def _random_updates(rng, count):
+    updates = []
+    for c in range(count):
+        ids = tuple(sorted(rng.choice(4, size=int(rng.integers(1, 4)), replace=False).tolist()))
+        k = len(ids)
+        updates.append(make_update(f"c{c}", int(rng.integers(1, 50)), ids, rng.normal(size=(k, 2)),
+                                   rng.normal(size=(k, 2)), rng.normal(size=2)))
+    return updates
+
+
+def test_streaming_from_files_equals_direct_computation(tmp_path):
+    rng = np.random.default_rng(0)
+    params = tiny_global()
+    updates = _random_updates(rng, 5)
+    for u in updates:
+        save_file(dict(u.tensors), str(tmp_path / f"{u.client_id}.safetensors"))
+
+    def reread():  # the coordinator's stored updates, read back one at a time
+        for u in updates:
+            yield ClientUpdate(**{**u.__dict__, "tensors": load_file(str(tmp_path / f"{u.client_id}.safetensors"))})
+
+    streamed, metrics = FedAvg().aggregate_fit(1, reread, [], params)
+    direct = _direct_fedavg(params, updates)
+    for name in params:
+        np.testing.assert_allclose(streamed[name], direct[name], rtol=1e-6, atol=1e-6)
+        assert streamed[name].dtype == np.float32
+    assert metrics["num_clients"] == 5
+
+
+def test_non_leading_expert_axis():
+    params = {"w": np.zeros((2, 3), np.float32), "g": np.zeros((3, 2), np.float32)}
+    meta = {"w": TensorMeta(TensorRole.EXPERT, 0, 1), "g": TensorMeta(TensorRole.ROUTER, 0, 0)}
+
+    def update(cid, n, ids, w):
+        return ClientUpdate(cid, n, {"w": np.asarray(w, np.float32), "g": np.ones((len(ids), 2), np.float32)},
+                            meta, (ids,), (frozenset(ids),), (LayerRouting.uniform(len(ids)),))
+
+    out, _ = FedAvg().aggregate_fit(1, [update("a", 1, (0, 2), [[1, 2], [3, 4]]),
+                                        update("b", 3, (2,), [[6], [8]])], [], params)
+    # expert 0 from a only; expert 2: (1*2 + 3*6)/4 = 5 and (1*4 + 3*8)/4 = 7; expert 1 unchanged
+    np.testing.assert_allclose(out["w"], [[1, 0, 5], [3, 0, 7]])
+
+
+def test_registry():
+    assert sorted(STRATEGIES) == ["fedalign", "fedavg", "fedmoe", "fedprox", "hfedmoe"]
+    assert from_name("fedprox", prox_mu=0.1).configure_fit(3, ["a", "b"]) == {"a": {"prox_mu": 0.1},
+                                                                              "b": {"prox_mu": 0.1}}
+    with pytest.raises(ConfigError, match="unknown strategy"):
+        from_name("fedsgd")
+    with pytest.raises(ConfigError, match="fedavg"):
+        from_name("fedavg", tau=0.3)
+    with pytest.raises(ConfigError):
+        from_name("fedprox", prox_mu=-1)
