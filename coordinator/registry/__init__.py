@@ -1,0 +1,21 @@
+"""The coordinator's SQL registry (SQLAlchemy 2): devices, enrolment tokens, rounds, assignments,
+updates, model versions, metrics.
+
+``tables`` holds the schema, ``engine`` opens a database (SQLite WAL, busy timeout, schema-version check),
+``store`` the :class:`Registry` the server calls.
+"""
+
+from coordinator.registry.store import Registry
+from coordinator.registry.tables import (
+    SCHEMA_VERSION,
+    Assignment,
+    Device,
+    EnrolToken,
+    Metric,
+    ModelVersion,
+    Round,
+    Update,
+)
+
+__all__ = ["Registry", "SCHEMA_VERSION", "Assignment", "Device", "EnrolToken", "Metric", "ModelVersion",
+           "Round", "Update"]

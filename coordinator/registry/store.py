@@ -1,0 +1,248 @@
+"""The :class:`Registry`: every read and write the coordinator makes to its SQL database."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable
+from datetime import datetime, timedelta, timezone
+
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from coordinator.registry.engine import ensure_schema, make_engine
+from coordinator.registry.tables import Assignment, Device, EnrolToken, Metric, ModelVersion, Round, Update
+from device_runtime.auth import hash_token, new_enrol_token
+from device_runtime.errors import AuthError, ConfigError, UpdateRejected
+
+ROUND_STATUSES = ("running", "finished", "failed")
+
+
+def utc_now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Registry:
+    """Devices, enrolment tokens, rounds, assignments, updates, model versions and metrics in SQL.
+
+    Args:
+        url: any SQLAlchemy URL, e.g. ``sqlite:////var/lib/fedmoe/registry.db``.
+        clock: source of timezone-aware UTC timestamps (token expiry, ``last_seen``, ...).
+
+    Returned rows are detached snapshots (``expire_on_commit=False``): read them freely, change the
+    database only through these methods.
+
+    Raises:
+        ConfigError: on opening, if the database has another schema version (see ``ensure_schema``).
+    """
+
+    def __init__(self, url: str, *, clock: Callable[[], datetime] = utc_now):
+        self.engine = make_engine(url)
+        ensure_schema(self.engine)
+        self._session = sessionmaker(self.engine, expire_on_commit=False)
+        self._clock = clock
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # ------------------------------------------------------------ enrolment and devices
+
+    def create_enrol_token(self, name: str, ttl_s: float) -> str:
+        """A new single-use token for enrolling a device called ``name``, valid ``ttl_s`` seconds.
+
+        Only its sha256 is stored; the plaintext is returned once, to hand to the device.
+        """
+        token, now = new_enrol_token(), self._clock()
+        with self._session.begin() as s:
+            s.add(EnrolToken(token_sha256=hash_token(token), name=name, created_at=now,
+                             expires_at=now + timedelta(seconds=ttl_s)))
+        return token
+
+    def redeem_token(self, token: str, name: str, profile: dict, public_key: bytes) -> Device:
+        """Spend ``token`` and register a device with this Ed25519 ``public_key`` (32 raw bytes).
+
+        Atomic: of concurrent redemptions of one token, exactly one succeeds.
+
+        Raises:
+            AuthError: the token is unknown, already used or expired, or the public key is not 32 bytes.
+        """
+        if len(public_key) != 32:
+            raise AuthError("an Ed25519 public key is 32 raw bytes")
+        digest, now = hash_token(token), self._clock()
+        with self._session.begin() as s:
+            device = Device(id=f"d-{secrets.token_hex(8)}", name=name, profile=profile,
+                            public_key=bytes(public_key), created_at=now)
+            s.add(device)
+            s.flush()
+            spent = s.execute(
+                update(EnrolToken)
+                .where(EnrolToken.token_sha256 == digest, EnrolToken.used_at.is_(None), EnrolToken.expires_at > now)
+                .values(used_at=now, device_id=device.id)
+            )
+            if spent.rowcount != 1:
+                raise AuthError(self._why_unredeemable(s, digest))  # rolls the device insert back
+        return device
+
+    @staticmethod
+    def _why_unredeemable(s: Session, digest: str) -> str:
+        row = s.get(EnrolToken, digest)
+        if row is None:
+            return "unknown enrolment token; create one with `fedmoe-coord enrol NAME`"
+        if row.used_at is not None:
+            return "enrolment token already used; create a new one with `fedmoe-coord enrol NAME`"
+        return "enrolment token expired; create a new one with `fedmoe-coord enrol NAME`"
+
+    def get_device(self, device_id: str) -> Device | None:
+        with self._session() as s:
+            return s.get(Device, device_id)
+
+    def touch_device(self, device_id: str, profile: dict | None = None) -> None:
+        """Set ``last_seen`` to now (and replace the profile if given). Raises ConfigError if unknown."""
+        values = {"last_seen": self._clock()} | ({} if profile is None else {"profile": profile})
+        self._update_device(device_id, values)
+
+    def revoke_device(self, device_id: str) -> None:
+        """Revoke a device: it can no longer authenticate. Raises ConfigError if unknown."""
+        self._update_device(device_id, {"revoked_at": self._clock()})
+
+    def _update_device(self, device_id: str, values: dict) -> None:
+        with self._session.begin() as s:
+            if s.execute(update(Device).where(Device.id == device_id).values(**values)).rowcount != 1:
+                raise ConfigError(f"no device {device_id!r}; list them with `fedmoe-coord devices`")
+
+    def list_devices(self, *, include_revoked: bool = True) -> list[Device]:
+        query = select(Device).order_by(Device.created_at, Device.id)
+        if not include_revoked:
+            query = query.where(Device.revoked_at.is_(None))
+        with self._session() as s:
+            return list(s.scalars(query))
+
+    # ------------------------------------------------------------ rounds and assignments
+
+    def start_round(self, strategy: str, config: dict) -> Round:
+        """Open a new round (``status="running"``); ids increase from 1."""
+        with self._session.begin() as s:
+            row = Round(strategy=strategy, status="running", started_at=self._clock(), config=config, metrics={})
+            s.add(row)
+        return row
+
+    def get_round(self, round_id: int) -> Round | None:
+        with self._session() as s:
+            return s.get(Round, round_id)
+
+    def finish_round(self, round_id: int, *, metrics: dict, status: str = "finished") -> Round:
+        """Close a round with its metrics. Raises ConfigError for an unknown round or status."""
+        if status not in ROUND_STATUSES[1:]:
+            raise ConfigError(f"a round finishes as one of {ROUND_STATUSES[1:]}, not {status!r}")
+        with self._session.begin() as s:
+            row = self._round(s, round_id)
+            row.status, row.finished_at, row.metrics = status, self._clock(), metrics
+        return row
+
+    def list_rounds(self, *, limit: int = 100) -> list[Round]:
+        """The ``limit`` most recent rounds, newest first."""
+        with self._session() as s:
+            return list(s.scalars(select(Round).order_by(Round.id.desc()).limit(limit)))
+
+    def record_assignment(self, round_id: int, device_id: str, *, update_id: str, shape_key: str,
+                          expert_ids: list[list[int]]) -> Assignment:
+        """Record the expert subset sent to a device. Raises ConfigError for an unknown round or
+        device, or a second assignment of the device in the round."""
+        with self._session() as s:
+            row = Assignment(round_id=round_id, device_id=device_id, update_id=update_id, shape_key=shape_key,
+                             expert_ids=[list(ids) for ids in expert_ids], status="assigned",
+                             created_at=self._clock())
+            s.add(row)
+            try:
+                s.commit()
+            except IntegrityError as exc:
+                raise ConfigError(f"cannot assign device {device_id} in round {round_id} (unknown round or "
+                                  f"device, or already assigned): {exc.orig}") from exc
+        return row
+
+    def assignments(self, round_id: int) -> list[Assignment]:
+        with self._session() as s:
+            return list(s.scalars(select(Assignment).where(Assignment.round_id == round_id).order_by(Assignment.id)))
+
+    @staticmethod
+    def _round(s: Session, round_id: int) -> Round:
+        row = s.get(Round, round_id)
+        if row is None:
+            raise ConfigError(f"no round {round_id}; list them with `fedmoe-coord rounds`")
+        return row
+
+    # ------------------------------------------------------------ updates
+
+    def record_update(self, *, update_id: str, round_id: int, device_id: str, num_examples: int,
+                      num_tokens: int, tensor_sha256: str | None, metadata: dict, accepted: bool,
+                      reason: str = "") -> tuple[Update, bool]:
+        """Record a device's update once per ``update_id`` and mark its assignment ``reported``.
+
+        Returns:
+            ``(row, created)``: ``created`` is False when ``update_id`` was already recorded; the
+            existing row is returned unchanged and nothing is counted twice.
+
+        Raises:
+            UpdateRejected: the round or device is unknown, or ``update_id`` was recorded for another
+                device or round.
+        """
+        with self._session() as s:
+            existing = self._existing_update(s, update_id, round_id, device_id)
+            if existing is not None:
+                return existing, False
+            if s.get(Round, round_id) is None or s.get(Device, device_id) is None:
+                raise UpdateRejected(f"update {update_id}: unknown round {round_id} or device {device_id}")
+            row = Update(update_id=update_id, round_id=round_id, device_id=device_id, num_examples=num_examples,
+                         num_tokens=num_tokens, tensor_sha256=tensor_sha256, meta=metadata, accepted=accepted,
+                         reason=reason, received_at=self._clock())
+            s.add(row)
+            s.execute(update(Assignment).where(Assignment.update_id == update_id).values(status="reported"))
+            try:
+                s.commit()
+            except IntegrityError:  # a concurrent writer recorded the same update_id first
+                s.rollback()
+                return self._existing_update(s, update_id, round_id, device_id), False
+        return row, True
+
+    @staticmethod
+    def _existing_update(s: Session, update_id: str, round_id: int, device_id: str) -> Update | None:
+        row = s.scalar(select(Update).where(Update.update_id == update_id))
+        if row is not None and (row.device_id, row.round_id) != (device_id, round_id):
+            raise UpdateRejected(f"update id {update_id} belongs to device {row.device_id}, round {row.round_id}")
+        return row
+
+    def accepted_updates(self, round_id: int) -> list[Update]:
+        """The accepted updates of a round, in arrival order."""
+        query = select(Update).where(Update.round_id == round_id, Update.accepted.is_(True)).order_by(Update.id)
+        with self._session() as s:
+            return list(s.scalars(query))
+
+    # ------------------------------------------------------------ model versions and metrics
+
+    def add_model_version(self, tensor_sha256: str, *, round_id: int | None = None,
+                          metrics: dict | None = None) -> ModelVersion:
+        """Record a new global checkpoint (a ``TensorStore`` sha256); versions count up from 0."""
+        with self._session.begin() as s:
+            last = s.scalar(select(func.max(ModelVersion.version)))
+            row = ModelVersion(version=0 if last is None else last + 1, round_id=round_id,
+                               tensor_sha256=tensor_sha256, metrics=metrics or {}, created_at=self._clock())
+            s.add(row)
+        return row
+
+    def latest_model_version(self) -> ModelVersion | None:
+        with self._session() as s:
+            return s.scalar(select(ModelVersion).order_by(ModelVersion.version.desc()).limit(1))
+
+    def log_metric(self, name: str, value: float, *, round_id: int | None = None,
+                   device_id: str | None = None) -> None:
+        with self._session.begin() as s:
+            s.add(Metric(name=name, value=float(value), round_id=round_id, device_id=device_id,
+                         created_at=self._clock()))
+
+    def metrics(self, *, round_id: int | None = None) -> list[Metric]:
+        """Logged metrics, oldest first; only those of ``round_id`` when given."""
+        query = select(Metric).order_by(Metric.id)
+        if round_id is not None:
+            query = query.where(Metric.round_id == round_id)
+        with self._session() as s:
+            return list(s.scalars(query))

@@ -1,0 +1,98 @@
+"""Content-addressed storage of tensor files (global checkpoints, device updates) on the coordinator.
+
+Layout: ``<root>/<sha[:2]>/<sha>.safetensors`` where ``sha`` is the hex sha256 of the file's bytes.
+Writes are atomic (temporary file in the same directory, fsync, ``os.replace``, fsync of the directory),
+so a crash leaves either the whole file or none; reads verify the hash. The registry stores only the sha.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from device_runtime.errors import ModelError
+from device_runtime.protocol import bytes_to_tensors, tensors_to_bytes
+
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+class TensorStore:
+    """Safetensors files addressed by their sha256 under ``root`` (created if missing)."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def path(self, sha: str) -> Path:
+        """Where the file of ``sha`` lives. Raises ModelError if ``sha`` is not 64 lowercase hex digits."""
+        if not isinstance(sha, str) or not _SHA256.match(sha):
+            raise ModelError(f"not a sha256: {str(sha)[:80]!r}")
+        return self.root / sha[:2] / f"{sha}.safetensors"
+
+    def put(self, tensors_or_bytes: Mapping[str, np.ndarray] | bytes) -> str:
+        """Store a name -> float32/float16 array map (serialised as safetensors) or a safetensors blob.
+
+        Returns the hex sha256 of the stored bytes; storing the same content twice is a no-op.
+
+        Raises:
+            ProtocolError("bad_tensor"): a tensor name or dtype is not allowed on the wire.
+        """
+        data = tensors_or_bytes if isinstance(tensors_or_bytes, bytes) else tensors_to_bytes(tensors_or_bytes)
+        sha = hashlib.sha256(data).hexdigest()
+        target = self.path(sha)
+        if target.is_file():
+            return sha
+        target.parent.mkdir(exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-", suffix=".safetensors")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        _fsync_dir(target.parent)
+        return sha
+
+    def has(self, sha: str) -> bool:
+        return self.path(sha).is_file()
+
+    def get(self, sha: str) -> bytes:
+        """The bytes stored under ``sha``, verified.
+
+        Raises:
+            ModelError: ``sha`` is malformed, absent, or the file's content no longer hashes to it.
+        """
+        path = self.path(sha)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError as exc:
+            raise ModelError(f"tensor file {sha[:12]}... is not in the store {self.root}") from exc
+        if hashlib.sha256(data).hexdigest() != sha:
+            raise ModelError(f"tensor file {path} is corrupted (content does not hash to its name); "
+                             "restore it from a backup or re-run the round")
+        return data
+
+    def load(self, sha: str) -> dict[str, np.ndarray]:
+        """The tensors stored under ``sha`` (name -> array, dtype as stored). Raises like :meth:`get`."""
+        return bytes_to_tensors(self.get(sha))
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename durable (POSIX); a no-op where directories cannot be opened (Windows)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,209 @@
+"""The SQL registry on a real SQLite file: tokens, devices, rounds, idempotent updates, WAL, schema version."""
+
+import sqlite3
+import threading
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from coordinator.registry import SCHEMA_VERSION, Registry
+from device_runtime.auth import hash_token
+from device_runtime.errors import AuthError, ConfigError, UpdateRejected
+
+T0 = datetime(2026, 1, 1, 12, 0, tzinfo=timezone.utc)
+KEY = bytes(range(32))
+
+
+class Clock:
+    def __init__(self):
+        self.now = T0
+
+    def __call__(self):
+        return self.now
+
+
+@pytest.fixture
+def clock():
+    return Clock()
+
+
+@pytest.fixture
+def db(tmp_path):
+    return tmp_path / "registry.db"
+
+
+@pytest.fixture
+def reg(db, clock):
+    registry = Registry(f"sqlite:///{db}", clock=clock)
+    yield registry
+    registry.close()
+
+
+def enrol(reg, name="pi"):
+    return reg.redeem_token(reg.create_enrol_token(name, ttl_s=600), name, {"memory_mb": 1024}, KEY)
+
+
+def test_token_is_single_use(reg):
+    token = reg.create_enrol_token("pi-4", ttl_s=60)
+    device = reg.redeem_token(token, "pi-4", {"memory_mb": 4096}, KEY)
+    assert device.id.startswith("d-") and device.name == "pi-4" and device.public_key == KEY
+    assert device.created_at == T0 and not device.revoked
+    with pytest.raises(AuthError, match="already used"):
+        reg.redeem_token(token, "pi-4", {}, bytes(32))
+    with pytest.raises(AuthError, match="unknown"):
+        reg.redeem_token("not-a-token", "x", {}, KEY)
+    assert [d.id for d in reg.list_devices()] == [device.id]  # failed redemptions added no device
+
+
+def test_token_expiry(reg, clock):
+    token = reg.create_enrol_token("phone", ttl_s=30)
+    clock.now = T0 + timedelta(seconds=30)  # expiry is exclusive
+    with pytest.raises(AuthError, match="expired"):
+        reg.redeem_token(token, "phone", {}, KEY)
+    assert reg.list_devices() == []
+
+
+def test_bad_public_key_rejected(reg):
+    with pytest.raises(AuthError, match="32 raw bytes"):
+        reg.redeem_token(reg.create_enrol_token("x", ttl_s=60), "x", {}, b"short")
+
+
+def test_token_hashed_at_rest(reg, db):
+    tokens = [reg.create_enrol_token(f"dev{i}", ttl_s=60) for i in range(3)]
+    reg.redeem_token(tokens[0], "dev0", {}, KEY)
+    stored = b"".join(p.read_bytes() for p in db.parent.glob("registry.db*"))
+    for token in tokens:
+        assert token.encode() not in stored
+        assert hash_token(token).encode() in stored  # the hash really is what is stored
+
+
+def test_concurrent_redemption_exactly_one_wins(db, clock):
+    first = Registry(f"sqlite:///{db}", clock=clock)
+    token = first.create_enrol_token("race", ttl_s=60)
+    registries = [first] + [Registry(f"sqlite:///{db}", clock=clock) for _ in range(3)]
+    outcomes, barrier = [], threading.Barrier(len(registries))
+
+    def redeem(registry):
+        barrier.wait()
+        try:
+            outcomes.append(registry.redeem_token(token, "race", {}, KEY).id)
+        except AuthError as exc:
+            outcomes.append(str(exc))
+
+    threads = [threading.Thread(target=redeem, args=(r,)) for r in registries]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(outcomes) == len(registries), outcomes  # no thread died of another error
+    assert sum(o.startswith("d-") for o in outcomes) == 1, outcomes
+    assert len(first.list_devices()) == 1
+    for registry in registries:
+        registry.close()
+
+
+def test_touch_revoke_and_list(reg, clock):
+    a, b = enrol(reg, "a"), enrol(reg, "b")
+    clock.now = T0 + timedelta(minutes=5)
+    reg.touch_device(a.id, profile={"memory_mb": 512})
+    got = reg.get_device(a.id)
+    assert got.last_seen == T0 + timedelta(minutes=5) and got.profile == {"memory_mb": 512}
+    assert got.last_seen.tzinfo is not None
+    reg.revoke_device(b.id)
+    assert reg.get_device(b.id).revoked
+    assert [d.id for d in reg.list_devices(include_revoked=False)] == [a.id]
+    assert {d.id for d in reg.list_devices()} == {a.id, b.id}
+    with pytest.raises(ConfigError):
+        reg.revoke_device("d-missing")
+    assert reg.get_device("d-missing") is None
+
+
+def test_rounds_and_assignments(reg, clock):
+    device = enrol(reg)
+    r1 = reg.start_round("hfedmoe", {"clients": 2})
+    r2 = reg.start_round("fedavg", {})
+    assert (r1.id, r1.status, r1.config) == (1, "running", {"clients": 2})
+    reg.record_assignment(r1.id, device.id, update_id="u-1", shape_key="experts-2.2", expert_ids=[[0, 3], [1, 2]])
+    with pytest.raises(ConfigError):
+        reg.record_assignment(r1.id, device.id, update_id="u-2", shape_key="experts-2.2", expert_ids=[[0], [1]])
+    with pytest.raises(ConfigError):
+        reg.record_assignment(99, device.id, update_id="u-3", shape_key="experts-1", expert_ids=[[0]])
+    [assignment] = reg.assignments(r1.id)
+    assert (assignment.expert_ids, assignment.status) == ([[0, 3], [1, 2]], "assigned")
+    clock.now = T0 + timedelta(hours=1)
+    done = reg.finish_round(r1.id, metrics={"eval_loss": 2.5})
+    assert (done.status, done.finished_at, done.metrics) == ("finished", clock.now, {"eval_loss": 2.5})
+    assert [r.id for r in reg.list_rounds()] == [r2.id, r1.id]
+    with pytest.raises(ConfigError):
+        reg.finish_round(r2.id, metrics={}, status="running")
+    with pytest.raises(ConfigError):
+        reg.finish_round(42, metrics={})
+
+
+def test_record_update_is_idempotent(reg):
+    a, b = enrol(reg, "a"), enrol(reg, "b")
+    rnd = reg.start_round("fedavg", {})
+    reg.record_assignment(rnd.id, a.id, update_id="u-a", shape_key="experts-1", expert_ids=[[0]])
+    kwargs = dict(round_id=rnd.id, num_examples=40, num_tokens=5120, tensor_sha256="ab" * 32,
+                  metadata={"metrics": {"loss": 2.0}}, accepted=True)
+    row, created = reg.record_update(update_id="u-a", device_id=a.id, **kwargs)
+    assert created and row.num_examples == 40 and row.meta == {"metrics": {"loss": 2.0}}
+    again, created = reg.record_update(update_id="u-a", device_id=a.id, **{**kwargs, "num_examples": 99})
+    assert not created and again.id == row.id and again.num_examples == 40
+    reg.record_update(update_id="u-b", device_id=b.id, **{**kwargs, "accepted": False})
+    assert [u.update_id for u in reg.accepted_updates(rnd.id)] == ["u-a"]
+    assert reg.assignments(rnd.id)[0].status == "reported"
+    with pytest.raises(UpdateRejected, match="belongs to device"):
+        reg.record_update(update_id="u-a", device_id=b.id, **kwargs)
+    with pytest.raises(UpdateRejected, match="unknown round"):
+        reg.record_update(update_id="u-c", device_id=a.id, **{**kwargs, "round_id": 77})
+
+
+def test_model_versions_and_metrics(reg):
+    assert reg.latest_model_version() is None
+    rnd = reg.start_round("fedavg", {})
+    v0 = reg.add_model_version("00" * 32)
+    v1 = reg.add_model_version("11" * 32, round_id=rnd.id, metrics={"eval_loss": 3.0})
+    assert (v0.version, v1.version) == (0, 1)
+    latest = reg.latest_model_version()
+    assert (latest.version, latest.tensor_sha256, latest.round_id) == (1, "11" * 32, rnd.id)
+    reg.log_metric("eval_loss", 3.0, round_id=rnd.id)
+    reg.log_metric("startup_s", 1.5)
+    assert [(m.name, m.value) for m in reg.metrics(round_id=rnd.id)] == [("eval_loss", 3.0)]
+    assert len(reg.metrics()) == 2
+
+
+def test_sqlite_wal_busy_timeout_and_foreign_keys(reg, db):
+    with reg.engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 5000
+        assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+    raw = sqlite3.connect(db)  # WAL is persistent in the file, visible to any client
+    assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    raw.close()
+
+
+@pytest.mark.parametrize("version, match", [(SCHEMA_VERSION + 1, "newer"), (SCHEMA_VERSION - 1, "no migration")])
+def test_schema_version_check(db, version, match):
+    Registry(f"sqlite:///{db}").close()
+    raw = sqlite3.connect(db)
+    raw.execute("UPDATE schema_version SET version = ?", (version,))
+    raw.commit()
+    raw.close()
+    with pytest.raises(ConfigError, match=match):
+        Registry(f"sqlite:///{db}")
+
+
+def test_reopen_keeps_data_and_foreign_db_refused(db, tmp_path):
+    first = Registry(f"sqlite:///{db}")
+    device = enrol(first)
+    first.close()
+    again = Registry(f"sqlite:///{db}")
+    assert again.get_device(device.id).public_key == KEY
+    again.close()
+    foreign = tmp_path / "other.db"
+    raw = sqlite3.connect(foreign)
+    raw.execute("CREATE TABLE devices (id TEXT)")
+    raw.close()
+    with pytest.raises(ConfigError, match="no schema_version"):
+        Registry(f"sqlite:///{foreign}")
