@@ -1,0 +1,104 @@
+"""HFedMoE aggregation and the importance math against hand-computed values."""
+
+import numpy as np
+import pytest
+
+from coordinator.strategy import (FedAvg, HFedMoE, experts_per_layer, hfedmoe_alpha, importance,
+                                  routing_statistics, select_experts, top_c)
+from device_runtime.errors import BudgetError, ConfigError
+from test_strategy_common import make_update, tiny_global
+
+GATE_A = [[1, 0], [0, 1]]
+GATE_B = [[2, 0], [0, 2]]
+GATE_C = [[4, 4], [8, 8]]
+
+
+def _three_clients():
+    a = make_update("a", 1, (0, 1), [[1, 2], [3, 4]], GATE_A, [1, 1],
+                    trained=(0, 1), usage=[0.7, 0.3], s_spec=[0.9, 0.5])
+    b = make_update("b", 3, (1, 2), [[5, 6], [7, 8]], GATE_B, [5, 5],
+                    trained=(2,), usage=[0.6, 0.4], s_spec=[0.8, 0.6])   # holds expert 1 but did not train it
+    c = make_update("c", 2, (0, 2), [[9, 10], [11, 12]], GATE_C, [2, 2],
+                    trained=(0, 2), usage=[0.9, 0.1], s_spec=[1.0, 0.3])  # expert 2 below tau
+    return [a, b, c]
+
+
+def test_hfedmoe_experts_by_hand():
+    out, metrics = HFedMoE(tau=0.2, lam=0.5).aggregate_fit(1, _three_clients(), [], tiny_global())
+    np.testing.assert_allclose(out["experts.w"], [[19 / 3, 22 / 3],  # (1*[1,2] + 2*[9,10]) / 3
+                                                  [3, 4],            # b held 1 untrained: a only
+                                                  [7, 8],            # c's usage 0.1 < tau: b only
+                                                  [30, 30]])         # unheld: unchanged
+    np.testing.assert_allclose(out["attn.w"], [20 / 6, 20 / 6])     # (1*1 + 3*5 + 2*2) / 6
+    assert metrics["experts_updated"] == {0: 3}
+
+
+def test_hfedmoe_router_rows_by_hand():
+    # s = 0.5 s_cum + 0.5 s_spec; alpha = sum(u * s) / 4
+    alpha_a = (0.7 * 0.8 + 0.3 * 0.4) / 4     # 0.17
+    alpha_b = (0.6 * 0.7 + 0.4 * 0.5) / 4     # 0.155
+    alpha_c = (0.9 * 0.95 + 0.1 * 0.2) / 4    # 0.21875
+    assert (alpha_a, alpha_b, alpha_c) == pytest.approx((0.17, 0.155, 0.21875))
+    out, _ = HFedMoE(tau=0.2, lam=0.5).aggregate_fit(1, _three_clients(), [], tiny_global())
+    # local rows: a e0 [1,0], a e1 [0,1]; b e1 [2,0], b e2 [0,2]; c e0 [4,4], c e2 [8,8]
+    expected = [
+        [(0.17 * 1 + 0.21875 * 4) / 0.38875, (0.17 * 0 + 0.21875 * 4) / 0.38875],  # expert 0: holders a, c
+        [(0.17 * 0 + 0.155 * 2) / 0.325, (0.17 * 1 + 0.155 * 0) / 0.325],          # expert 1: holders a, b
+        [(0.155 * 0 + 0.21875 * 8) / 0.37375, (0.155 * 2 + 0.21875 * 8) / 0.37375],  # expert 2: b, c
+        [9, 9],                                                                     # unheld: unchanged
+    ]
+    np.testing.assert_allclose(out["gate.weight"], expected, rtol=1e-6)
+
+
+def test_hfedmoe_equals_fedavg_when_everyone_holds_and_trains_everything():
+    rng = np.random.default_rng(2)
+    rows = [rng.normal(size=(4, 2)) for _ in range(3)]
+
+    def updates(n):
+        return [make_update(f"c{i}", n[i], (0, 1, 2, 3), rows[i], rows[i] + 1, rows[i][0],
+                            usage=[0.25] * 4, s_spec=[0.5] * 4) for i in range(3)]
+
+    same_n = [4, 4, 4]
+    h, _ = HFedMoE(tau=0.1).aggregate_fit(1, updates(same_n), [], tiny_global())
+    f, _ = FedAvg().aggregate_fit(1, updates(same_n), [], tiny_global())
+    for name in f:
+        np.testing.assert_allclose(h[name], f[name], rtol=1e-6)
+    # unequal |D_c|: experts still agree (both weight by num_examples); the router uses alpha instead
+    h, _ = HFedMoE(tau=0.1).aggregate_fit(1, updates([1, 2, 7]), [], tiny_global())
+    f, _ = FedAvg().aggregate_fit(1, updates([1, 2, 7]), [], tiny_global())
+    np.testing.assert_allclose(h["experts.w"], f["experts.w"], rtol=1e-6)
+    assert not np.allclose(h["gate.weight"], f["gate.weight"])
+
+
+def test_hfedmoe_config_and_parameter_checks():
+    assert HFedMoE(lam=0.3, beta=0.2).configure_fit(1, ["a"]) == {"a": {"importance_lambda": 0.3,
+                                                                       "importance_beta": 0.2}}
+    with pytest.raises(ConfigError):
+        HFedMoE(tau=1.5)
+
+
+def test_alpha_by_hand():
+    assert hfedmoe_alpha(np.array([0.5, 0.5]), np.array([0.2, 0.6]), 8) == pytest.approx(0.05)
+
+
+def test_routing_statistics_and_importance_by_hand():
+    s_cum, s_spec, kl = routing_statistics(np.array([[0.5, 0.5], [1.0, 0.0]]))
+    np.testing.assert_allclose(s_cum, [0.75, 0.25])
+    np.testing.assert_allclose(s_spec, [1.0, 0.5])
+    # KL_0 = (1/2)(0.5 ln(0.5/0.75) + 1 ln(1/0.75)); KL_1 = (1/2)(0.5 ln(0.5/0.25) + 0)
+    np.testing.assert_allclose(kl, [0.0424747, 0.1732868], rtol=1e-5)
+    np.testing.assert_allclose(importance(s_cum, s_spec, kl, lam=0.5, beta=1.0), [0.8325253, 0.2017132],
+                               rtol=1e-5)
+    with pytest.raises(ConfigError):
+        importance(s_cum, s_spec, kl, lam=1.5, beta=0.0)
+
+
+def test_budgeted_selection():
+    assert top_c(np.array([0.1, 0.5, 0.5, 0.2]), 2) == (1, 2)
+    assert top_c(np.array([0.1, 0.5, 0.5, 0.2]), 3) == (1, 2, 3)
+    mib = 2**20
+    assert experts_per_layer(100 * mib, 10 * mib, 3, 8) == 3      # 100 // 30
+    assert experts_per_layer(10_000 * mib, 10 * mib, 3, 8) == 8   # capped at num_experts
+    with pytest.raises(BudgetError, match="MiB"):
+        experts_per_layer(20 * mib, 10 * mib, 3, 8)
+    assert select_experts([np.array([3.0, 1.0, 2.0]), np.array([0.0, 1.0, 5.0])], 2) == ((0, 2), (1, 2))
