@@ -111,7 +111,7 @@ class OrtTrainer(Trainer):
         self._module.train()
         routing = RoutingStats(self.manifest.shape_key.experts_per_layer, self.manifest.expert_ids)
         losses, examples, tokens, elapsed = [], 0, 0, 0.0
-        with _progress_bar(self.progress, steps) as advance:
+        with _ProgressBar(self.progress, steps) as advance:
             for batch in itertools.islice(batches, steps):
                 start = time.perf_counter()
                 outputs = self._module(*self._feeds(batch, constants))
@@ -241,7 +241,7 @@ def _build_session(bundle: Bundle, threads: int | None):
     return state, module, optimizer
 
 
-class _progress_bar:
+class _ProgressBar:
     """A rich progress bar over ``steps`` showing the last loss; a no-op when disabled."""
 
     def __init__(self, enabled: bool, steps: int):
