@@ -146,7 +146,8 @@ class TrainingWrapper(nn.Module):
         trainable: trainable parameter names (``state_dict`` names); needed when ``prox`` is set.
 
     Raises:
-        ModelError: no MoE layer, or a ``trainable`` name that is not a parameter.
+        ModelError: no MoE layer, a ``trainable`` name that is not a parameter, or ``prox`` without
+            ``trainable``.
     """
 
     def __init__(self, causal_lm: nn.Module, *, prox: bool = False, trainable: list[str] | tuple[str, ...] = ()):
@@ -162,6 +163,8 @@ class TrainingWrapper(nn.Module):
         unknown = [n for n in trainable if n not in params]
         if unknown:
             raise ModelError(f"trainable names that are not parameters: {unknown[:5]}")
+        if prox and not trainable:
+            raise ModelError("FedProx (prox=True) needs the trainable names: one anchor input per trainable tensor")
         self.prox = prox
         self.trainable = tuple(trainable)
         self._captured: list[tuple[torch.Tensor, torch.Tensor]] = []

@@ -26,6 +26,7 @@ from export.experts_impl import LORA_PARAMS, add_lora
 from export.training_graph import TrainingWrapper
 
 ort_api = pytest.importorskip("onnxruntime.training.api")
+import onnxruntime  # noqa: E402  (after the api, which needs the training package)
 
 VOCAB, HIDDEN, NUM_EXPERTS, TOP_K = 100, 32, 4, 2
 COMMON = dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=4,
@@ -114,8 +115,10 @@ def exported_prox(tmp_path_factory):
 
 def ort_module(arts):
     state = ort_api.CheckpointState.load_checkpoint(str(arts.directory / "checkpoint"))
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = 1  # tiny graphs: threads only add contention on the shared 2 cores
     module = ort_api.Module(str(arts.directory / "training_model.onnx"), state,
-                            str(arts.directory / "eval_model.onnx"))
+                            str(arts.directory / "eval_model.onnx"), session_options=options)
     return state, module
 
 
@@ -132,7 +135,11 @@ def torch_step(wrapper, inputs):
 
 
 def assert_gradients_match(wrapper, arts, inputs, zero_ok: tuple[str, ...] = ()):
-    """ORT's gradient of every trainable tensor equals torch's; each must be non-zero unless in ``zero_ok``."""
+    """ORT's gradient of every trainable tensor equals torch's; each must be non-zero unless in ``zero_ok``.
+
+    Returns:
+        the ORT ``Module`` (trained on nothing: gradients only), for further checks.
+    """
     _, expected = torch_step(wrapper, inputs)
     state, module = ort_module(arts)
     module.train()
@@ -145,11 +152,13 @@ def assert_gradients_match(wrapper, arts, inputs, zero_ok: tuple[str, ...] = ())
         scale = np.abs(want).max()
         assert scale > 1e-6 or name in zero_ok, f"{name}: torch gradient is zero: the test would prove nothing"
         np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-5 * max(scale, 1e-3), err_msg=name)
+    return module
 
 
-def test_gradients_match_torch(exported):
+def test_gradients_and_outputs_match_torch(exported):
     wrapper, arts, _ = exported
-    assert_gradients_match(wrapper, arts, graph_inputs(wrapper))
+    module = assert_gradients_match(wrapper, arts, graph_inputs(wrapper))
+    assert_outputs_match(wrapper, arts, module)
 
 
 def test_prox_gradients_match_torch(exported_prox):
@@ -159,13 +168,12 @@ def test_prox_gradients_match_torch(exported_prox):
     assert_gradients_match(wrapper, arts, graph_inputs(wrapper))
 
 
-def test_outputs_match_torch_and_reference(exported):
-    wrapper, arts, _ = exported
+def assert_outputs_match(wrapper, arts, module):
+    """Eval-graph outputs equal torch's, and routing_stats equal a numpy reference."""
     inputs = graph_inputs(wrapper, seed=2)
     wrapper.eval()
     with torch.no_grad():
         want = wrapper(*inputs.values())
-    state, module = ort_module(arts)
     module.eval()
     got = module(*feed(inputs))
     assert len(got) == len(arts.outputs) == 2 + len(wrapper.num_experts) + 1
