@@ -1,0 +1,182 @@
+"""The coordinator's configuration: one TOML file, read into a frozen :class:`CoordinatorConfig`.
+
+Example (``fedmoe-coord init`` writes one)::
+
+    checkpoint = "moe"                      # HF MoE checkpoint directory (the frozen model)
+    state_dir = "state"                     # tensor store, bundle cache, calibration statistics
+    database_url = ""                       # "" = sqlite:///<state_dir>/registry.db
+    host = "127.0.0.1"
+    port = 8765
+    max_message_mib = 256
+    strategy = "hfedmoe"
+    min_fit_clients = 2
+    max_fit_clients = 10
+    fraction_fit = 1.0
+    round_deadline_s = 600
+    num_rounds = 0                          # 0: keep running rounds
+    trainable_mode = "experts"              # or "lora" (with lora_rank > 0)
+    lora_rank = 0
+    update_norm_bound = 1e4                 # L2 norm bound of one update tensor
+    tls_cert = ""
+    tls_key = ""
+
+    [strategy_params]
+    tau = 0.01
+
+    [fit]                                   # device_runtime.protocol.FitConfig fields
+    batch_size = 8
+    seq_len = 128
+    learning_rate = 1e-4
+    local_steps = 10
+
+Relative paths are resolved against the config file's directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import tomli_w
+
+from device_runtime.bundle import TRAINABLE_MODES
+from device_runtime.errors import ConfigError
+from device_runtime.protocol import FitConfig
+
+MIB = 1 << 20
+_PATHS = ("checkpoint", "state_dir", "tls_cert", "tls_key")
+
+
+@dataclass(frozen=True)
+class CoordinatorConfig:
+    """Every coordinator setting (see the module docstring for the TOML layout).
+
+    Attributes:
+        checkpoint: MoE checkpoint directory. state_dir: coordinator state (tensors, bundles, statistics).
+        database_url: SQLAlchemy URL of the registry ("" = SQLite file in ``state_dir``).
+        host, port: where to listen (port 0: any free port). max_message_mib: largest websocket message (MiB).
+        strategy, strategy_params: aggregation strategy name and keyword arguments.
+        min_fit_clients, max_fit_clients, fraction_fit: client selection per round.
+        round_deadline_s: seconds a round waits for updates. max_round_attempts: tries before giving up a round.
+        num_rounds: rounds to run (0: unbounded). trainable_mode, lora_rank: what devices train.
+        update_norm_bound: largest L2 norm of one update tensor. fit: local training defaults.
+        tls_cert, tls_key: PEM files; both set = serve ``wss://``. heartbeat_s: keep-alive interval (seconds).
+        seed: client-sampling seed.
+    """
+
+    checkpoint: str
+    state_dir: str = "state"
+    database_url: str = ""
+    host: str = "127.0.0.1"
+    port: int = 8765
+    max_message_mib: float = 256.0
+    strategy: str = "hfedmoe"
+    strategy_params: dict = field(default_factory=dict)
+    min_fit_clients: int = 2
+    max_fit_clients: int = 10
+    fraction_fit: float = 1.0
+    round_deadline_s: float = 600.0
+    max_round_attempts: int = 3
+    num_rounds: int = 0
+    trainable_mode: str = "experts"
+    lora_rank: int = 0
+    update_norm_bound: float = 1e4
+    fit: dict = field(default_factory=dict)
+    tls_cert: str = ""
+    tls_key: str = ""
+    heartbeat_s: float = 20.0
+    seed: int = 0
+
+    def __post_init__(self):
+        try:
+            _check(self)
+        except TypeError as exc:  # e.g. a string where TOML should hold a number
+            raise ConfigError(f"config: a value has the wrong type ({exc})") from exc
+
+    @property
+    def max_message_bytes(self) -> int:
+        return int(self.max_message_mib * MIB)
+
+    @property
+    def registry_url(self) -> str:
+        return self.database_url or f"sqlite:///{Path(self.state_dir) / 'registry.db'}"
+
+    @property
+    def fit_config(self) -> FitConfig:
+        """The local training defaults as a validated FitConfig."""
+        return FitConfig.from_dict(dict(self.fit))
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_cert and self.tls_key)
+
+
+def _check(cfg: CoordinatorConfig) -> None:
+    """Raise ConfigError naming the first invalid value."""
+    problems = [
+        (not cfg.checkpoint, "checkpoint must name the MoE checkpoint directory"),
+        (not 0 <= cfg.port <= 65535, f"port {cfg.port} is not in [0, 65535]"),
+        (not 0 < cfg.max_message_mib <= 4096, f"max_message_mib {cfg.max_message_mib} is not in (0, 4096]"),
+        (cfg.min_fit_clients < 1, f"min_fit_clients must be >= 1, got {cfg.min_fit_clients}"),
+        (cfg.max_fit_clients < cfg.min_fit_clients,
+         f"max_fit_clients {cfg.max_fit_clients} < min_fit_clients {cfg.min_fit_clients}"),
+        (not 0 < cfg.fraction_fit <= 1, f"fraction_fit must be in (0, 1], got {cfg.fraction_fit}"),
+        (not cfg.round_deadline_s > 0, f"round_deadline_s must be > 0, got {cfg.round_deadline_s}"),
+        (cfg.max_round_attempts < 1, "max_round_attempts must be >= 1"),
+        (cfg.num_rounds < 0, "num_rounds must be >= 0 (0 = unbounded)"),
+        (cfg.trainable_mode not in TRAINABLE_MODES, f"trainable_mode must be one of {TRAINABLE_MODES}"),
+        ((cfg.trainable_mode == "lora") != (cfg.lora_rank > 0), "lora_rank > 0 exactly when trainable_mode is lora"),
+        (not (cfg.update_norm_bound > 0 and math.isfinite(cfg.update_norm_bound)), "update_norm_bound must be > 0"),
+        (bool(cfg.tls_cert) != bool(cfg.tls_key), "set both tls_cert and tls_key, or neither"),
+        (not cfg.heartbeat_s > 0, "heartbeat_s must be > 0"),
+    ]
+    for bad, message in problems:
+        if bad:
+            raise ConfigError(f"config: {message}")
+    _check_fit(cfg.fit)
+    _check_strategy(cfg.strategy, cfg.strategy_params)
+
+
+def _check_fit(fit: dict) -> None:
+    try:
+        FitConfig.from_dict(dict(fit))
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"config [fit]: {exc}") from exc
+
+
+def _check_strategy(name: str, params: dict) -> None:
+    from coordinator.strategy import from_name
+
+    from_name(name, **params)  # raises ConfigError
+
+
+def load_config(path: str | Path) -> CoordinatorConfig:
+    """Read a TOML config; relative paths are resolved against its directory.
+
+    Raises:
+        ConfigError: unreadable file, invalid TOML, unknown key or invalid value.
+    """
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"cannot read config {path}: {exc}; create one with `fedmoe-coord init`") from exc
+    known = {f.name for f in dataclasses.fields(CoordinatorConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"config {path}: unknown keys {unknown}")
+    for key in _PATHS:
+        if data.get(key):
+            data[key] = str((path.parent / data[key]).resolve())
+    try:
+        return CoordinatorConfig(**data)
+    except TypeError as exc:
+        raise ConfigError(f"config {path}: {exc}") from exc
+
+
+def save_config(cfg: CoordinatorConfig, path: str | Path) -> None:
+    """Write ``cfg`` as TOML (absolute paths as given)."""
+    Path(path).write_text(tomli_w.dumps(dataclasses.asdict(cfg)))

@@ -1,0 +1,145 @@
+"""The coordinator's model side, free of networking: state layout, the initial global state, the
+calibration statistics, and one round's aggregation streamed over the stored updates.
+
+State directory layout::
+
+    <state_dir>/tensors/           content-addressed safetensors (global versions, device updates)
+    <state_dir>/bundles/<shape>/   bundle cache by shape key id
+    <state_dir>/calibration.json   RoutingStats.to_dict() of the calibration pass
+    <state_dir>/registry.db        the SQL registry (unless database_url points elsewhere)
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import load_file
+
+from coordinator.config import CoordinatorConfig
+from coordinator.planning import to_client_update
+from coordinator.registry import Registry
+from coordinator.registry.tables import ModelVersion, Update
+from coordinator.strategy.base import Strategy
+from coordinator.strategy.types import ClientUpdate, Params
+from coordinator.tensor_store import TensorStore
+from device_runtime.errors import ConfigError
+from device_runtime.stats import RoutingStats
+
+CALIBRATION_FILE = "calibration.json"
+
+
+def tensor_store(cfg: CoordinatorConfig) -> TensorStore:
+    return TensorStore(Path(cfg.state_dir) / "tensors")
+
+
+def load_calibration(cfg: CoordinatorConfig) -> RoutingStats:
+    """The calibration RoutingStats written by :func:`initialize`.
+
+    Raises:
+        ConfigError: the file is missing or malformed (run ``fedmoe-coord init``).
+    """
+    path = Path(cfg.state_dir) / CALIBRATION_FILE
+    try:
+        return RoutingStats.from_dict(json.loads(path.read_text()))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read {path} ({exc}); run `fedmoe-coord init` first") from exc
+
+
+def initialize(cfg: CoordinatorConfig, texts: Sequence[str], *, seq_len: int = 128) -> ModelVersion:
+    """Create the registry, global state version 0 and the calibration statistics (needs torch).
+
+    Args:
+        texts: calibration sample (e.g. ``export.calibration.default_texts()``), each truncated to ``seq_len`` tokens.
+    Raises:
+        ConfigError: the registry already has a model version (this state directory is initialised).
+        ModelError: the checkpoint cannot be loaded.
+    """
+    from export.global_state import init_global_state
+
+    Path(cfg.state_dir).mkdir(parents=True, exist_ok=True)
+    registry = Registry(cfg.registry_url)
+    try:
+        if registry.latest_model_version() is not None:
+            raise ConfigError(f"{cfg.registry_url} already holds a global model; use a new --state-dir")
+        with tempfile.TemporaryDirectory() as tmp:
+            state_file = Path(tmp) / "state.safetensors"
+            init_global_state(cfg.checkpoint, state_file, trainable_mode=cfg.trainable_mode,
+                              lora_rank=cfg.lora_rank, seed=cfg.seed)
+            sha = tensor_store(cfg).put(load_file(str(state_file)))
+        stats = _calibrate(cfg.checkpoint, texts, seq_len)
+        (Path(cfg.state_dir) / CALIBRATION_FILE).write_text(json.dumps(stats.to_dict()))
+        return registry.add_model_version(sha, metrics={"calibration_tokens": stats.num_tokens})
+    finally:
+        registry.close()
+
+
+def _calibrate(checkpoint: str, texts: Sequence[str], seq_len: int) -> RoutingStats:
+    from export.calibration import calibrate
+    from export.loading import load_causal_lm
+
+    stats = calibrate(load_causal_lm(checkpoint), Path(checkpoint) / "tokenizer.json", texts, seq_len=seq_len)
+    if stats.num_tokens == 0:
+        raise ConfigError("the calibration texts produced no tokens; pass a non-empty sample")
+    return stats
+
+
+class GlobalModel:
+    """The latest global state in memory (name -> float32 array, expert axis 0) and its version."""
+
+    def __init__(self, registry: Registry, store: TensorStore):
+        self.registry, self.store = registry, store
+        latest = registry.latest_model_version()
+        if latest is None:
+            raise ConfigError("the registry holds no global model; run `fedmoe-coord init` first")
+        self.version, self.params = latest.version, self._load(latest.tensor_sha256)
+
+    def _load(self, sha: str) -> Params:
+        return {name: np.asarray(t, dtype=np.float32) for name, t in self.store.load(sha).items()}
+
+    def commit(self, params: Params, round_id: int, metrics: dict) -> ModelVersion:
+        """Store ``params`` (atomic file write first), then record the version."""
+        sha = self.store.put({n: np.ascontiguousarray(a, dtype=np.float32) for n, a in params.items()})
+        row = self.registry.add_model_version(sha, round_id=round_id, metrics=metrics)
+        self.version, self.params = row.version, params
+        return row
+
+
+def stored_updates(store: TensorStore, rows: Sequence[Update], *, lam: float = 0.5,
+                   beta: float = 0.1) -> Callable[[], Iterator[ClientUpdate]]:
+    """A re-openable stream of ClientUpdates read one at a time from the tensor store (memory: one update)."""
+
+    def open_stream() -> Iterator[ClientUpdate]:
+        for row in rows:
+            tensors = store.load(row.tensor_sha256)
+            yield to_client_update(row.device_id, row.num_examples, row.meta, tensors, lam=lam, beta=beta)
+
+    return open_stream
+
+
+def aggregate_round(model: GlobalModel, strategy: Strategy, round_id: int, rows: Sequence[Update],
+                    failures: Sequence[tuple[str, str]]) -> ModelVersion:
+    """Aggregate the accepted updates ``rows`` of a round and commit the new global version.
+
+    Raises:
+        ModelError: a stored update file is missing or corrupted.
+    """
+    lam = float(getattr(strategy, "lam", 0.5))
+    beta = float(getattr(strategy, "beta", 0.1))
+    results = stored_updates(model.store, rows, lam=lam, beta=beta)
+    params, metrics = strategy.aggregate_fit(round_id, results, failures, model.params)
+    metrics = json.loads(json.dumps(metrics, default=float))  # JSON-safe (int keys -> strings)
+    metrics["train_loss"] = _mean_loss(rows)
+    return model.commit(params, round_id, metrics)
+
+
+def _mean_loss(rows: Sequence[Update]) -> float | None:
+    """num_examples-weighted mean of the devices' reported ``loss``."""
+    pairs = [(r.num_examples, r.meta.get("metrics", {}).get("loss")) for r in rows]
+    pairs = [(n, float(l)) for n, l in pairs if l is not None]
+    total = sum(n for n, _ in pairs)
+    return sum(n * l for n, l in pairs) / total if total else None
+

@@ -1,0 +1,242 @@
+"""Per-device round planning: profile -> Budget -> experts -> ShapeKey; the bundle cache; slicing the
+global state for an assignment; validating an update against the bundle manifest.
+
+Expert selection is HFedMoE's budgeted importance maximisation (Fang et al., arXiv 2601.00583): the
+planner (``export.planner.plan``) gives the uniform number C of experts per layer the device's budget
+affords, then the top-C experts of each layer by I(e) = s_b(e) - beta KL_e are kept. I(e) comes from the
+calibration statistics (``fedmoe-coord init``) with the device's own last reported statistics laid over
+the experts it held (rescaled to the calibration's mass on those experts, since the device's router
+probabilities are a softmax over its kept experts only).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from coordinator.strategy.types import ClientUpdate, LayerRouting, TensorMeta, TensorRole
+from device_runtime.bundle import MANIFEST, Manifest, ShapeKey, TrainingDefaults, load_bundle
+from device_runtime.errors import BundleError, ConfigError, ProtocolError, UpdateRejected
+from device_runtime.stats import RoutingStats
+from export.planner import Budget, ModelShape, TrainingShape, plan, select_experts
+
+ROUTER_SUFFIX = "mlp.gate.weight"
+
+
+# ---------------------------------------------------------------- budget and expert selection
+
+
+def budget_of(profile: Mapping) -> Budget:
+    """A device's Budget from its profile: ``memory_mib`` (else ``memory_available_mib``) and ``gflops``.
+
+    Raises:
+        ConfigError: no usable memory figure, or values out of range.
+    """
+    memory = profile.get("memory_mib", profile.get("memory_available_mib"))
+    try:
+        return Budget(memory_mib=float(memory), gflops=float(profile.get("gflops") or 10.0))
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"device profile has no usable memory_mib / gflops: {exc}") from exc
+
+
+def expert_scores(calibration: RoutingStats, reported: RoutingStats | None, *, lam: float = 0.5,
+                  beta: float = 0.1) -> list[np.ndarray]:
+    """I(e) per MoE layer over the global experts, each ``(num_experts,)`` (see the module docstring)."""
+    scores = [layer.information_score(lam, beta) for layer in calibration.layers]
+    if reported is None or reported.expert_ids is None or reported.num_tokens == 0:
+        return scores
+    for layer, ids, local in zip(scores, reported.expert_ids, reported.layers):
+        ids = np.asarray(ids, dtype=np.int64)
+        device = local.information_score(lam, beta)
+        mass, own = np.abs(layer[ids]).sum(), np.abs(device).sum()
+        layer[ids] = device * (mass / own) if own > 0 else layer[ids]
+    return scores
+
+
+@dataclass(frozen=True)
+class DevicePlan:
+    """What a device trains this round: the graph shape and, per MoE layer, its global expert ids."""
+
+    shape_key: ShapeKey
+    expert_ids: tuple[tuple[int, ...], ...]
+
+
+def plan_device(shape: ModelShape, train: TrainingShape, profile: Mapping, scores: list[np.ndarray], *,
+                prox: bool = False) -> DevicePlan:
+    """Size and pick a device's expert subset.
+
+    Raises:
+        ConfigError: the profile has no usable budget. BudgetError: one expert per layer does not fit.
+    """
+    kept = plan(shape, train, budget_of(profile)).experts_per_layer
+    ids = select_experts(scores, kept)
+    key = ShapeKey(tuple(len(layer) for layer in ids), train.trainable_mode, train.lora_rank, prox)
+    return DevicePlan(key, ids)
+
+
+# ---------------------------------------------------------------- bundle cache
+
+
+class BundleCache:
+    """Bundle directories by shape key id under ``root`` (graph + tokenizer + placeholder weights).
+
+    Any expert selection of a shape gives the same graph; the weights a device trains arrive with each
+    assignment. Writing a bundle runs torch and the ONNX export (seconds): call :meth:`ensure` off the
+    event loop.
+    """
+
+    def __init__(self, root: str | Path, checkpoint: str | Path, training: TrainingDefaults):
+        self.root, self.checkpoint, self.training = Path(root), Path(checkpoint), training
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._manifests: dict[str, Manifest] = {}
+
+    def ensure(self, key: ShapeKey) -> Manifest:
+        """The manifest of ``key``'s bundle, writing the bundle first if it is not cached."""
+        with self._lock:
+            if key.id not in self._manifests:
+                if not (self.root / key.id / MANIFEST).is_file():
+                    self._write(key)
+                self._manifests[key.id] = load_bundle(self.root / key.id).manifest
+            return self._manifests[key.id]
+
+    def _write(self, key: ShapeKey) -> None:
+        from export.bundle_writer import BundleRequest, write_bundle
+
+        keep = tuple(tuple(range(c)) for c in key.experts_per_layer)
+        request = BundleRequest(keep=keep, trainable_mode=key.trainable_mode, lora_rank=key.lora_rank,
+                                prox=key.prox, training=self.training)
+        with tempfile.TemporaryDirectory(dir=self.root, prefix=".tmp-") as tmp:
+            write_bundle(self.checkpoint, Path(tmp) / "b", request)
+            os.replace(Path(tmp) / "b", self.root / key.id)
+
+    def manifest(self, shape_key_id: str) -> Manifest:
+        """The cached manifest of a bundle already written.
+
+        Raises:
+            BundleError: no bundle of that id (a device asked for a shape it was never assigned).
+        """
+        if shape_key_id not in self._manifests:
+            if not (self.root / shape_key_id / MANIFEST).is_file():
+                raise BundleError(f"no bundle {shape_key_id!r} in the coordinator's cache")
+            self._manifests[shape_key_id] = load_bundle(self.root / shape_key_id).manifest
+        return self._manifests[shape_key_id]
+
+    def files(self, shape_key_id: str) -> dict[str, bytes]:
+        """Every file of a cached bundle, relative path -> bytes, the manifest last."""
+        manifest, root = self.manifest(shape_key_id), self.root / shape_key_id
+        files = {name: (root / name).read_bytes() for name in sorted(manifest.files)}
+        files[MANIFEST] = (root / MANIFEST).read_bytes()
+        return files
+
+
+# ---------------------------------------------------------------- assignment tensors
+
+
+def slice_assignment(global_state: Mapping[str, np.ndarray], manifest: Manifest,
+                     expert_ids: tuple[tuple[int, ...], ...]) -> dict[str, np.ndarray]:
+    """``global[name][expert_ids[layer]]`` (expert axis 0) for every TensorSpec of the bundle.
+
+    Raises:
+        BundleError: a spec names a tensor missing from the global state or of another shape.
+    """
+    out = {}
+    for spec in manifest.tensors:
+        if spec.name not in global_state:
+            raise BundleError(f"bundle tensor {spec.name} is not in the global state; re-run `fedmoe-coord init`")
+        rows = np.ascontiguousarray(global_state[spec.name][list(expert_ids[spec.layer])])
+        if rows.shape != tuple(spec.shape):
+            raise BundleError(f"{spec.name}: global slice {rows.shape} != bundle spec {tuple(spec.shape)}")
+        out[spec.name] = rows.astype(np.float32)
+    return out
+
+
+# ---------------------------------------------------------------- update validation
+
+
+def check_update(manifest: Manifest, expert_ids: tuple[tuple[int, ...], ...], *, num_examples: int,
+                 tensors: Mapping[str, np.ndarray], trained_experts, routing: dict,
+                 norm_bound: float) -> dict[str, np.ndarray]:
+    """Validate an Update against its assignment's bundle manifest; returns the tensors as float32.
+
+    Checks: the exact trainable name set and shapes of the manifest, finite values, each tensor's L2 norm
+    <= ``norm_bound``, num_examples > 0, trained experts among the assigned ones, routing statistics of
+    the assigned shape.
+
+    Raises:
+        UpdateRejected: naming the first problem.
+    """
+    if num_examples <= 0:
+        raise UpdateRejected("num_examples must be > 0")
+    expected = {s.name: tuple(s.shape) for s in manifest.tensors if s.trainable}
+    if set(tensors) != set(expected):
+        raise UpdateRejected(f"tensor set differs from the bundle: missing {sorted(set(expected) - set(tensors))[:3]}, "
+                             f"unexpected {sorted(set(tensors) - set(expected))[:3]}")
+    out = {}
+    for name, shape in expected.items():
+        array = np.asarray(tensors[name], dtype=np.float32)
+        if array.shape != shape:
+            raise UpdateRejected(f"tensor {name}: shape {array.shape} != {shape}")
+        if not np.all(np.isfinite(array)):
+            raise UpdateRejected(f"tensor {name} holds NaN or infinite values")
+        if float(np.linalg.norm(array)) > norm_bound:
+            raise UpdateRejected(f"tensor {name}: L2 norm above the bound {norm_bound:g}")
+        out[name] = array
+    _check_trained(expert_ids, trained_experts)
+    _check_routing(expert_ids, routing)
+    return out
+
+
+def _check_trained(expert_ids, trained_experts) -> None:
+    if len(trained_experts) != len(expert_ids):
+        raise UpdateRejected(f"trained_experts covers {len(trained_experts)} layers, the assignment {len(expert_ids)}")
+    for layer, (ids, trained) in enumerate(zip(expert_ids, trained_experts)):
+        if not set(trained) <= set(ids):
+            raise UpdateRejected(f"layer {layer}: trained experts {sorted(trained)} not among assigned {list(ids)}")
+
+
+def _check_routing(expert_ids, routing: dict) -> RoutingStats:
+    try:
+        stats = RoutingStats.from_dict(routing)
+    except ProtocolError as exc:
+        raise UpdateRejected(f"routing statistics: {exc}") from exc
+    if stats.experts_per_layer != tuple(map(len, expert_ids)) or \
+            (stats.expert_ids is not None and stats.expert_ids != tuple(map(tuple, expert_ids))):
+        raise UpdateRejected("routing statistics do not describe the assigned experts")
+    return stats
+
+
+# ---------------------------------------------------------------- stored update -> strategy input
+
+
+def update_meta(manifest: Manifest, expert_ids, trained_experts, routing: dict, metrics: dict) -> dict:
+    """The JSON a stored update needs to become a ClientUpdate again (registry ``updates.metadata``)."""
+    layers = {s.name: s.layer for s in manifest.tensors if s.trainable}
+    return {"expert_ids": [list(ids) for ids in expert_ids], "trained_experts": [list(t) for t in trained_experts],
+            "routing": routing, "metrics": metrics, "layers": layers, "shape_key": manifest.shape_key.id}
+
+
+def to_client_update(device_id: str, num_examples: int, meta: dict, tensors: Mapping[str, np.ndarray], *,
+                     lam: float = 0.5, beta: float = 0.1) -> ClientUpdate:
+    """Rebuild a strategy ``ClientUpdate`` from a stored update (see :func:`update_meta`)."""
+    stats = RoutingStats.from_dict(meta["routing"])
+    routing = tuple(LayerRouting(usage=l.usage, s_cum=l.usage, s_spec=l.specific, kl=l.kl,
+                                 importance=l.information_score(lam, beta)) for l in stats.layers)
+    tensor_meta = {
+        name: TensorMeta(TensorRole.ROUTER if name.endswith(ROUTER_SUFFIX) else TensorRole.EXPERT,
+                         layer=int(meta["layers"][name]), expert_axis=0)
+        for name in tensors
+    }
+    return ClientUpdate(
+        client_id=device_id, num_examples=int(num_examples),
+        tensors={n: np.asarray(t, dtype=np.float32) for n, t in tensors.items()}, tensor_meta=tensor_meta,
+        expert_ids=tuple(tuple(ids) for ids in meta["expert_ids"]),
+        trained_experts=tuple(frozenset(t) for t in meta["trained_experts"]),
+        routing=routing, metrics=dict(meta.get("metrics", {})),
+    )

@@ -1,0 +1,227 @@
+"""The round engine: an I/O-free state machine (select -> plan -> assign -> collect -> aggregate -> version).
+
+The server owns every I/O step and reports back; the engine only decides. One tick::
+
+    action = engine.step(now, available_devices)
+      StartRound(devices)        -> server plans + records + sends assignments, then engine.started(...)
+      Aggregate(round_id, ids)   -> server aggregates the accepted updates, writes a version, engine.closed()
+      RetryRound(round_id, why)  -> server marks the round failed, engine.closed(failed=True)
+      Wait(until)                -> nothing to do before ``until`` (or before the next event)
+      Finished()                 -> ``num_rounds`` rounds are done, or a round failed too often
+
+Stragglers and dropouts are data: an assignment is *pending* until its update arrives (``accepted`` or
+``rejected``) or its device disconnects (``lost``; a lost device that reconnects and re-sends its update
+before the round closes is still counted). A round aggregates once it has ``min_fit_clients`` accepted
+updates and either nothing is pending or the deadline passed; it is retried (as a new round) when it can
+no longer reach that quorum. Updates are keyed by ``update_id`` so a re-sent update never counts twice,
+and :func:`resume` rebuilds a running round from the registry after a crash.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from device_runtime.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class RoundPolicy:
+    """How rounds run.
+
+    Attributes:
+        min_fit_clients: quorum of accepted updates (and fewest devices to start a round).
+        max_fit_clients: most devices selected per round. fraction_fit: share of available devices selected.
+        deadline_s: seconds a round collects updates. max_attempts: consecutive failed tries before giving up.
+        num_rounds: rounds to finish (0: unbounded).
+    """
+
+    min_fit_clients: int = 2
+    max_fit_clients: int = 10
+    fraction_fit: float = 1.0
+    deadline_s: float = 600.0
+    max_attempts: int = 3
+    num_rounds: int = 0
+
+    def __post_init__(self):
+        if not 1 <= self.min_fit_clients <= self.max_fit_clients or not 0 < self.fraction_fit <= 1:
+            raise ConfigError(f"need 1 <= min_fit_clients <= max_fit_clients and 0 < fraction_fit <= 1: {self}")
+
+
+def select_clients(available: Sequence[str], policy: RoundPolicy, rng: random.Random) -> list[str]:
+    """Sample ``clamp(ceil(fraction_fit * n), min, max)`` of the ``n`` available devices (sorted ids).
+
+    Returns [] when fewer than ``min_fit_clients`` are available.
+    """
+    pool = sorted(set(available))
+    if len(pool) < policy.min_fit_clients:
+        return []
+    count = min(len(pool), policy.max_fit_clients, max(policy.min_fit_clients, math.ceil(policy.fraction_fit * len(pool))))
+    return sorted(rng.sample(pool, count))
+
+
+# ---------------------------------------------------------------- actions
+
+
+@dataclass(frozen=True)
+class StartRound:
+    devices: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Aggregate:
+    round_id: int
+    update_ids: tuple[str, ...]  # accepted, in arrival order
+
+
+@dataclass(frozen=True)
+class RetryRound:
+    round_id: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class Wait:
+    until: float | None  # None: until the next event
+
+
+@dataclass(frozen=True)
+class Finished:
+    reason: str
+
+
+Action = StartRound | Aggregate | RetryRound | Wait | Finished
+
+
+# ---------------------------------------------------------------- one round
+
+
+@dataclass
+class RoundState:
+    """The collection state of one round.
+
+    Attributes:
+        round_id: registry id. deadline: time (same clock as ``now``) after which nothing more is awaited.
+        devices: update_id -> device_id of every assignment. accepted: accepted update ids, arrival order.
+        rejected: update_id -> reason. lost: device ids that disconnected while pending.
+    """
+
+    round_id: int
+    deadline: float
+    devices: dict[str, str]
+    accepted: list[str] = field(default_factory=list)
+    rejected: dict[str, str] = field(default_factory=dict)
+    lost: set[str] = field(default_factory=set)
+
+    def pending(self) -> list[str]:
+        """Update ids neither accepted nor rejected (their devices may be lost)."""
+        done = set(self.accepted) | set(self.rejected)
+        return [u for u in self.devices if u not in done]
+
+    def record(self, update_id: str, accepted: bool, reason: str = "") -> bool:
+        """Count an update once; returns False if ``update_id`` is not of this round or already counted."""
+        if update_id not in self.devices or update_id in self.accepted or update_id in self.rejected:
+            return False
+        if accepted:
+            self.accepted.append(update_id)
+        else:
+            self.rejected[update_id] = reason
+        self.lost.discard(self.devices[update_id])
+        return True
+
+    def device_lost(self, device_id: str) -> None:
+        if any(self.devices[u] == device_id for u in self.pending()):
+            self.lost.add(device_id)
+
+    def device_back(self, device_id: str) -> None:
+        self.lost.discard(device_id)
+
+    def decide(self, now: float, quorum: int) -> Action:
+        """Aggregate, retry or wait (see the module docstring)."""
+        waiting = [u for u in self.pending() if self.devices[u] not in self.lost]
+        closed = now >= self.deadline or not waiting
+        if len(self.accepted) >= quorum and closed:
+            return Aggregate(self.round_id, tuple(self.accepted))
+        if closed or len(self.accepted) + len(self.pending()) < quorum:
+            return RetryRound(self.round_id, f"{len(self.accepted)} of {quorum} required updates accepted "
+                              f"({len(self.rejected)} rejected, {len(self.pending())} missing)")
+        return Wait(self.deadline)
+
+    def failures(self) -> list[tuple[str, str]]:
+        """``(device_id, reason)`` of every assignment without an accepted update (strategy ``failures``)."""
+        out = [(self.devices[u], f"rejected: {why}") for u, why in self.rejected.items()]
+        return out + [(self.devices[u], "no update (straggler or dropout)") for u in self.pending()]
+
+
+# ---------------------------------------------------------------- the engine
+
+
+class RoundEngine:
+    """Drives rounds one at a time (see the module docstring). ``rounds_done`` counts finished rounds."""
+
+    def __init__(self, policy: RoundPolicy, *, seed: int = 0, rounds_done: int = 0):
+        self.policy = policy
+        self.rounds_done = rounds_done
+        self.current: RoundState | None = None
+        self.failed_attempts = 0
+        self.busy = False  # an I/O step (start / aggregate) is in flight
+        self._rng = random.Random(seed)
+
+    def step(self, now: float, available: Iterable[str]) -> Action:
+        """The next thing the server should do."""
+        if self.busy:
+            return Wait(None)
+        if self.current is not None:
+            action = self.current.decide(now, self.policy.min_fit_clients)
+            self.busy = not isinstance(action, Wait)
+            return action
+        if self.failed_attempts >= self.policy.max_attempts:
+            return Finished(f"{self.failed_attempts} consecutive rounds failed to reach min_fit_clients")
+        if self.policy.num_rounds and self.rounds_done >= self.policy.num_rounds:
+            return Finished(f"{self.rounds_done} rounds done")
+        devices = select_clients(list(available), self.policy, self._rng)
+        if not devices:
+            return Wait(None)
+        self.busy = True
+        return StartRound(tuple(devices))
+
+    def started(self, round_id: int, assignments: Mapping[str, str], now: float) -> RoundState:
+        """The server sent a round's assignments (``update_id -> device_id``); collection begins."""
+        self.current = RoundState(round_id, now + self.policy.deadline_s, dict(assignments))
+        self.busy = False
+        return self.current
+
+    def start_failed(self) -> None:
+        """Planning or sending failed before any assignment went out."""
+        self.busy, self.failed_attempts = False, self.failed_attempts + 1
+
+    def closed(self, *, failed: bool = False) -> None:
+        """The server finished aggregating (or marked the round failed)."""
+        self.current, self.busy = None, False
+        if failed:
+            self.failed_attempts += 1
+        else:
+            self.rounds_done, self.failed_attempts = self.rounds_done + 1, 0
+
+    def on_update(self, update_id: str, accepted: bool, reason: str = "") -> bool:
+        """Count an update of the current round; False if it is not part of it or already counted."""
+        return self.current is not None and self.current.record(update_id, accepted, reason)
+
+
+def resume(engine: RoundEngine, round_id: int, assignments: Mapping[str, str], accepted: Sequence[str],
+           rejected: Mapping[str, str], now: float) -> RoundState:
+    """Rebuild a round that was running when the coordinator stopped, from registry data.
+
+    Args:
+        assignments: ``update_id -> device_id`` recorded for the round.
+        accepted: recorded accepted update ids (arrival order). rejected: recorded rejections.
+        now: the deadline restarts from here so that devices can reconnect and re-send.
+    """
+    state = engine.started(round_id, assignments, now)
+    for update_id in accepted:
+        state.record(update_id, True)
+    for update_id, reason in rejected.items():
+        state.record(update_id, False, reason)
+    return state
