@@ -52,29 +52,32 @@ class RowAccumulator:
             self._sums[name] = np.zeros(reference.shape, np.float64)
             self._totals[name] = np.zeros(expert_rows(reference, axis).shape[0], np.float64)
             self._axes[name] = axis
-        rows = expert_rows(tensor, axis).astype(np.float64)  # (k, ...)
-        index = np.asarray(ids if axis is not None else [0], dtype=np.int64)
+        rows = expert_rows(tensor, axis)  # (k, ...)
+        index = ids if axis is not None else (0,)
         w = np.broadcast_to(np.asarray(weights, np.float64), (len(index),))
-        expert_rows(self._sums[name], axis)[index] += _broadcast(w, rows.ndim) * rows
-        self._totals[name][index] += w
+        sums = expert_rows(self._sums[name], axis)  # (E, ...), a view
+        for local, (row, weight) in enumerate(zip(index, w)):
+            if weight != 0.0:  # one row at a time: temporaries stay the size of one expert
+                sums[row] += weight * rows[local]
+        self._totals[name][list(index)] += w
 
     def totals(self, name: str) -> np.ndarray | None:
         """Weight total per global row of ``name`` (``(E,)``, or ``(1,)`` unindexed); None if never added."""
         return self._totals.get(name)
 
-    def names(self) -> tuple[str, ...]:
-        """Names of the tensors that received at least one ``add``."""
-        return tuple(self._sums)
-
     def finish(self, base: Params | None = None) -> Params:
         """Weighted averages; rows with zero total weight take ``base`` (default: the global model).
+
+        Call once: the running sums are released tensor by tensor as they are averaged (the weight
+        totals stay readable).
 
         Returns:
             a new dict with every tensor of ``base``; tensors nobody touched are the same array objects.
         """
         base = self._global if base is None else base
         out = dict(base)
-        for name, sums in self._sums.items():
+        for name in list(self._sums):
+            sums = self._sums.pop(name)
             axis, totals = self._axes[name], self._totals[name]
             merged = expert_rows(base[name], axis).astype(np.float64)  # a copy: (E, ...)
             held = totals > 0

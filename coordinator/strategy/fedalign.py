@@ -21,7 +21,9 @@ Streaming: the cosine needs m(e), which depends on every client, and keeping per
 statistics (a Gram matrix) grows with clients^2. We make TWO streaming passes over a re-openable
 ``results`` (a list, or a callable that re-reads the stored update files): pass 1 averages everything
 (routers and OTHER final, experts as the all-holders fallback) and yields m; pass 2 re-weights the experts
-by alignment. Memory stays O(model size): about 3 float64 copies of the expert tensors.
+by alignment. Memory stays O(model size), independent of the number of clients: measured peak about
+5x the model size (96 MiB model: +450 MiB for 5 or 40 clients; float64 sums, the pass-1 average, m, the
+pass-2 sums, the output).
 """
 
 from __future__ import annotations
@@ -76,8 +78,7 @@ class FedAlign(Strategy):
         first = StreamingAggregation(global_params, self._first_pass_weights)
         rejected = feed(first, open_results(results), on_accept=usage.add)
         averaged = first.finish()
-        direction = {name: averaged[name].astype(np.float64) - global_params[name]
-                     for name in first.accumulator.names() if name in first.expert_names}
+        direction = {name: averaged[name] - global_params[name] for name in first.expert_names}
         aligned = _AlignedPass(global_params, direction, self.threshold)
         accepted = set(first.accepted_positions)
         for position, update in enumerate(open_results(results)):
