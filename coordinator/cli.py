@@ -1,0 +1,233 @@
+"""``fedmoe-coord``: initialise, serve and inspect a federation.
+
+\b
+Typical flow:
+  fedmoe-coord --config coord.toml init moe/ --strategy hfedmoe --min-fit-clients 2
+  fedmoe-coord --config coord.toml enroll --name pi-1 --expires 1h     # prints a one-time token
+  fedmoe-coord --config coord.toml serve
+  fedmoe-coord --config coord.toml rounds
+  fedmoe-coord --config coord.toml model export merged/
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from coordinator.config import CoordinatorConfig, load_config, save_config
+from coordinator.registry import Registry
+from device_runtime.errors import ConfigError, FedmoeError
+
+console = Console(stderr=True)
+out = Console()
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> float:
+    """``"90s"``, ``"15m"``, ``"1h"``, ``"2d"`` or plain seconds -> seconds. Raises ConfigError."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", text)
+    if not match or float(match.group(1)) <= 0:
+        raise ConfigError(f"bad duration {text!r}; use e.g. 90s, 15m, 1h or 2d")
+    return float(match.group(1)) * _UNITS[match.group(2) or "s"]
+
+
+def _config(ctx: click.Context) -> CoordinatorConfig:
+    return load_config(ctx.obj["config"])
+
+
+def _registry(ctx: click.Context) -> Registry:
+    return Registry(_config(ctx).registry_url)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--config", "config_path", default="fedmoe-coord.toml", show_default=True,
+              type=click.Path(dir_okay=False), help="The coordinator's TOML config file.")
+@click.pass_context
+def main(ctx, config_path):
+    """Run the federated fine-tuning coordinator (websocket server, registry, rounds)."""
+    ctx.obj = {"config": Path(config_path)}
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path(file_okay=False, exists=True))
+@click.option("--state-dir", default="state", show_default=True, help="Coordinator state directory.")
+@click.option("--strategy", default="hfedmoe", show_default=True, help="Aggregation strategy.")
+@click.option("--min-fit-clients", default=2, show_default=True)
+@click.option("--max-fit-clients", default=10, show_default=True)
+@click.option("--num-rounds", default=0, show_default=True, help="Rounds to run (0: unbounded).")
+@click.option("--round-deadline", default="10m", show_default=True, help="How long a round waits for updates.")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8765, show_default=True)
+@click.option("--trainable", type=click.Choice(["experts", "lora"]), default="experts", show_default=True)
+@click.option("--lora-rank", default=8, show_default=True, help="LoRA rank (with --trainable lora).")
+@click.option("--calibration-texts", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="JSONL file with a 'text' per line for the calibration pass. [default: 20 BBC News articles]")
+@click.pass_context
+def init(ctx, checkpoint, state_dir, strategy, min_fit_clients, max_fit_clients, num_rounds, round_deadline, host,
+         port, trainable, lora_rank, calibration_texts):
+    """Write the config, create the registry, global state version 0 and calibration statistics."""
+    path: Path = ctx.obj["config"]
+    if path.exists():
+        raise ConfigError(f"{path} exists; pick another --config or remove it")
+    cfg = CoordinatorConfig(checkpoint=str(Path(checkpoint).resolve()), state_dir=str(Path(state_dir).resolve()),
+                            strategy=strategy, min_fit_clients=min_fit_clients, max_fit_clients=max_fit_clients,
+                            num_rounds=num_rounds, round_deadline_s=parse_duration(round_deadline), host=host,
+                            port=port, trainable_mode=trainable, lora_rank=lora_rank if trainable == "lora" else 0)
+    from coordinator.federation import initialize
+
+    version = initialize(cfg, _calibration_texts(calibration_texts))
+    save_config(cfg, path)
+    console.print(f"wrote {path}; registry {cfg.registry_url}; model version {version.version}")
+
+
+def _calibration_texts(path: str | None) -> list[str]:
+    if path is None:
+        from export.calibration import default_texts
+
+        return default_texts()
+    try:
+        return [json.loads(line)["text"] for line in Path(path).read_text().splitlines() if line.strip()]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"{path}: every line must be a JSON object with a 'text' ({exc})") from exc
+
+
+@main.command()
+@click.option("--port", type=int, default=None, help="Override the config's port (0: any free port).")
+@click.pass_context
+def serve(ctx, port):
+    """Serve devices and run rounds until SIGTERM / Ctrl-C."""
+    import logging
+
+    from coordinator.server import run
+
+    cfg = _config(ctx)
+    cfg = cfg if port is None else replace(cfg, port=port)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    scheme = "wss" if cfg.tls else "ws"
+    run(cfg, ready=lambda p: print(f"listening on {scheme}://{cfg.host}:{p}", flush=True))
+
+
+@main.command()
+@click.option("--name", required=True, help="Name of the device to enrol.")
+@click.option("--expires", default="1h", show_default=True, help="Token lifetime (e.g. 15m, 1h, 2d).")
+@click.pass_context
+def enroll(ctx, name, expires):
+    """Create a one-time enrolment token (printed once; only its hash is stored)."""
+    registry = _registry(ctx)
+    try:
+        print(registry.create_enrol_token(name, parse_duration(expires)))
+    finally:
+        registry.close()
+
+
+@main.group(invoke_without_command=True)
+@click.pass_context
+def devices(ctx):
+    """List enrolled devices (subcommand: revoke)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    registry = _registry(ctx)
+    table = Table("id", "name", "memory MiB", "GFLOP/s", "last seen", "revoked")
+    for d in registry.list_devices():
+        memory = d.profile.get("memory_mib", d.profile.get("memory_available_mib", ""))
+        table.add_row(d.id, d.name, str(memory), str(d.profile.get("gflops", "")), _time(d.last_seen),
+                      _time(d.revoked_at))
+    registry.close()
+    out.print(table)
+
+
+@devices.command()
+@click.argument("device_id")
+@click.pass_context
+def revoke(ctx, device_id):
+    """Revoke a device: it can no longer authenticate."""
+    registry = _registry(ctx)
+    try:
+        registry.revoke_device(device_id)
+    finally:
+        registry.close()
+    console.print(f"revoked {device_id}")
+
+
+@main.command()
+@click.option("--limit", default=20, show_default=True)
+@click.pass_context
+def rounds(ctx, limit):
+    """Recent rounds with their status and metrics."""
+    registry = _registry(ctx)
+    table = Table("round", "strategy", "status", "clients", "examples", "train loss", "model version", "started")
+    for r in registry.list_rounds(limit=limit):
+        m = r.metrics or {}
+        loss = m.get("train_loss")
+        table.add_row(str(r.id), r.strategy, r.status, str(m.get("num_clients", "")), str(m.get("num_examples", "")),
+                      "" if loss is None else f"{loss:.4f}", str(m.get("model_version", "")), _time(r.started_at))
+    registry.close()
+    out.print(table)
+
+
+@main.command()
+@click.pass_context
+def status(ctx):
+    """Model version, devices and rounds at a glance."""
+    cfg = _config(ctx)
+    registry = Registry(cfg.registry_url)
+    latest, devs, recent = registry.latest_model_version(), registry.list_devices(), registry.list_rounds(limit=1)
+    registry.close()
+    table = Table("what", "value")
+    table.add_row("checkpoint", cfg.checkpoint)
+    table.add_row("strategy", cfg.strategy)
+    table.add_row("model version", "none (run init)" if latest is None else str(latest.version))
+    table.add_row("devices", f"{sum(not d.revoked for d in devs)} active, {sum(d.revoked for d in devs)} revoked")
+    table.add_row("last round", "none" if not recent else f"{recent[0].id} ({recent[0].status})")
+    out.print(table)
+
+
+@main.group()
+def model():
+    """The global model."""
+
+
+@model.command("export")
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.pass_context
+def export_model(ctx, out_dir):
+    """Merge the latest global state into a Hugging Face checkpoint directory OUT_DIR."""
+    from coordinator.federation import tensor_store
+    from export.global_state import export_checkpoint
+
+    cfg = _config(ctx)
+    registry = Registry(cfg.registry_url)
+    latest = registry.latest_model_version()
+    registry.close()
+    if latest is None:
+        raise ConfigError("no global model yet; run `fedmoe-coord init` first")
+    with tempfile.TemporaryDirectory() as tmp:
+        state = Path(tmp) / "state.safetensors"
+        state.write_bytes(tensor_store(cfg).get(latest.tensor_sha256))
+        export_checkpoint(cfg.checkpoint, state, out_dir)
+    console.print(f"exported model version {latest.version} to {out_dir}")
+
+
+def _time(value) -> str:
+    return "" if value is None else value.strftime("%Y-%m-%d %H:%M:%S")
+
+
+def run() -> None:
+    """Entry point: FedmoeError becomes a one-line error and exit status 1 (no traceback)."""
+    try:
+        main(standalone_mode=True)
+    except FedmoeError as exc:
+        console.print(f"[red]error:[/] {exc}")
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    run()

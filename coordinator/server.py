@@ -1,0 +1,212 @@
+"""The coordinator's websocket server (websockets 17, asyncio): enrolment, authentication, bundle
+transfer, updates and heartbeats over ``device_runtime.protocol`` frames.
+
+Per connection (see the protocol module docstring)::
+
+    [Enrol -> EnrolOk]*  Hello -> Challenge -> Auth -> AuthOk   then any of:
+    BundleRequest -> BundleData...   Update -> Ack   Heartbeat   EvaluateRes   Error
+
+A malformed message gets ``Error(code)`` and the connection stays open (at most ``MAX_BAD_BEFORE_AUTH``
+before authentication). Authentication failures get ``Error("auth")`` and the connection is closed.
+A frame above ``max_message_mib`` is refused by websockets itself (close code 1009). ``GET /healthz``
+answers 200 ``ok``. SIGTERM / SIGINT stop the server cleanly (:func:`run`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import ssl
+from collections.abc import Callable
+from http import HTTPStatus
+
+from websockets.asyncio.server import ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+
+from coordinator.config import CoordinatorConfig
+from coordinator.service import Coordinator, Session
+from device_runtime.auth import NonceBook, verify_challenge
+from device_runtime.errors import AuthError, BundleError, FedmoeError, ProtocolError
+from device_runtime.protocol import (PROTOCOL_VERSION, Auth, AuthOk, BundleRequest, Challenge, Enrol, EnrolOk,
+                                     Error, EvaluateRes, Heartbeat, Hello, Message, Update, bundle_chunks, decode,
+                                     encode)
+
+log = logging.getLogger("fedmoe.coord")
+MAX_BAD_BEFORE_AUTH = 3
+CHUNK_BYTES = 4 << 20
+
+
+def health(connection: ServerConnection, request):
+    """``process_request`` hook: ``GET /healthz`` -> 200 ok; anything else proceeds to the websocket handshake."""
+    if request.path == "/healthz":
+        return connection.respond(HTTPStatus.OK, "ok\n")
+    return None
+
+
+class Connection:
+    """One device connection: framing, the handshake, and message dispatch."""
+
+    def __init__(self, coord: Coordinator, ws: ServerConnection, nonces: NonceBook):
+        self.coord, self.ws, self.nonces = coord, ws, nonces
+        self.max_size = coord.cfg.max_message_bytes
+
+    async def send(self, msg: Message) -> None:
+        await self.ws.send(encode(msg))
+
+    async def error(self, code: str, message: str) -> None:
+        await self.send(Error(code=code, message=message[:2000]))
+
+    async def recv(self) -> Message:
+        """The next decoded message. Raises ProtocolError (bad frame) or ConnectionClosed."""
+        raw = await self.ws.recv()
+        if isinstance(raw, str):
+            raise ProtocolError("bad_frame", "protocol frames are binary websocket messages")
+        return decode(raw, max_size=self.max_size)
+
+    async def run(self) -> None:
+        session = None
+        try:
+            session = await self.handshake()
+            if session is not None:
+                await self.coord.attach(session)
+                await self.serve(session)
+        except ConnectionClosed:
+            pass
+        finally:
+            if session is not None:
+                self.coord.detach(session)
+
+    # ------------------------------------------------------------ handshake
+
+    async def handshake(self) -> Session | None:
+        """Enrolments, then Hello / Challenge / Auth. Returns the session, or None (connection closed)."""
+        bad = 0
+        while bad < MAX_BAD_BEFORE_AUTH:
+            try:
+                msg = await self.recv()
+                if isinstance(msg, Enrol):
+                    await self.enrol(msg)
+                elif isinstance(msg, Hello):
+                    return await self.authenticate(msg)
+                else:
+                    raise ProtocolError("unexpected", f"{msg.TYPE} before authentication; send hello first")
+            except ProtocolError as exc:
+                bad += 1
+                await self.error(exc.code, str(exc))
+            except AuthError as exc:
+                await self.error("auth", str(exc))
+                await self.ws.close(1008, "authentication failed")
+                return None
+        await self.ws.close(1008, "too many bad messages")
+        return None
+
+    async def enrol(self, msg: Enrol) -> None:
+        device = self.coord.registry.redeem_token(msg.token, msg.name, msg.profile, msg.public_key)
+        log.info("enrolled device %s (%s)", device.id, msg.name)
+        await self.send(EnrolOk(device_id=device.id))
+
+    async def authenticate(self, hello: Hello) -> Session:
+        """Challenge-response with a single-use nonce. Raises AuthError or ProtocolError."""
+        if hello.protocol_version != PROTOCOL_VERSION:
+            raise ProtocolError("version", f"device speaks v{hello.protocol_version}, coordinator v{PROTOCOL_VERSION}")
+        device = self.coord.registry.get_device(hello.device_id)
+        if device is None or device.revoked:
+            raise AuthError(f"device {hello.device_id} is unknown or revoked; enrol again")
+        nonce = self.nonces.issue()
+        await self.send(Challenge(nonce=nonce))
+        auth = await self.recv()
+        if not isinstance(auth, Auth) or auth.device_id != device.id:
+            raise AuthError("expected auth for the device that said hello")
+        self.nonces.consume(nonce)
+        verify_challenge(device.public_key, nonce, device.id, auth.signature)
+        self.coord.registry.touch_device(device.id, hello.profile or None)
+        await self.send(AuthOk())
+        log.info("device %s authenticated", device.id)
+        return Session(device.id, hello.profile or device.profile, self.send)
+
+    # ------------------------------------------------------------ authenticated messages
+
+    async def serve(self, session: Session) -> None:
+        while True:
+            try:
+                msg = await self.recv()
+                await self.dispatch(session, msg)
+            except ProtocolError as exc:
+                await self.error(exc.code, str(exc))
+            except ConnectionClosed:
+                raise
+            except FedmoeError as exc:
+                await self.error("internal", f"{type(exc).__name__}: {exc}")
+            except Exception as exc:  # a bug while handling a valid message: report it, keep serving
+                log.exception("handling a message from %s failed", session.device_id)
+                await self.error("internal", f"{type(exc).__name__}: {exc}")
+
+    async def dispatch(self, session: Session, msg: Message) -> None:
+        if isinstance(msg, Update):
+            await self.send(await self.coord.handle_update(session, msg))
+        elif isinstance(msg, BundleRequest):
+            await self.send_bundle(msg.shape_key_id)
+        elif isinstance(msg, Heartbeat):
+            self.coord.registry.touch_device(session.device_id)
+        elif isinstance(msg, EvaluateRes):
+            self.coord.registry.log_metric("eval_loss", msg.loss, round_id=msg.round_id, device_id=session.device_id)
+        elif isinstance(msg, Error):
+            log.warning("device %s reported %s: %s", session.device_id, msg.code, msg.message)
+        else:
+            raise ProtocolError("unexpected", f"{msg.TYPE} is not expected from an authenticated device")
+
+    async def send_bundle(self, shape_key_id: str) -> None:
+        try:
+            files = await asyncio.to_thread(self.coord.bundles.files, shape_key_id)
+        except BundleError as exc:
+            raise ProtocolError("unexpected", str(exc)) from exc
+        chunk = max(1, min(CHUNK_BYTES, self.max_size // 2))
+        for message in bundle_chunks(shape_key_id, files, chunk_bytes=chunk):
+            await self.send(message)
+
+
+def _ssl_context(cfg: CoordinatorConfig) -> ssl.SSLContext | None:
+    if not cfg.tls:
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cfg.tls_cert, cfg.tls_key)
+    return context
+
+
+async def serve_coordinator(cfg: CoordinatorConfig, stop: asyncio.Event, *,
+                            ready: Callable[[int], None] | None = None) -> None:
+    """Serve until ``stop`` is set; ``ready(port)`` is called once listening (port 0 picks a free one).
+
+    Raises:
+        ConfigError: the state directory is not initialised or the config is invalid.
+    """
+    coord, nonces = Coordinator(cfg), NonceBook()
+    handler = lambda ws: Connection(coord, ws, nonces).run()  # noqa: E731
+    try:
+        async with serve(handler, cfg.host, cfg.port, compression=None, max_size=cfg.max_message_bytes,
+                         process_request=health, ssl=_ssl_context(cfg), ping_interval=cfg.heartbeat_s,
+                         ping_timeout=3 * cfg.heartbeat_s) as server:
+            if ready is not None:
+                ready(server.sockets[0].getsockname()[1])
+            rounds = asyncio.create_task(coord.run_rounds(stop))
+            try:
+                await stop.wait()
+            finally:
+                rounds.cancel()
+                await asyncio.gather(rounds, return_exceptions=True)
+    finally:
+        coord.close()
+
+
+def run(cfg: CoordinatorConfig, *, ready: Callable[[int], None] | None = None) -> None:
+    """Blocking entry point: serve until SIGTERM or SIGINT, then close connections and the registry."""
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await serve_coordinator(cfg, stop, ready=ready)
+
+    asyncio.run(main())
