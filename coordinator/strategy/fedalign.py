@@ -15,7 +15,8 @@ Three parts (DESIGN.md section 2):
 3. Expert semantic alignment. With Delta_i(e) = E_e(i) - E_e(t) (over all EXPERT tensors of the layer,
    concatenated) and the mean direction m(e) = sum_i n_i Delta_i(e) / sum_i n_i over the holders,
    expert e is the n_i-weighted mean over the clients with cos(Delta_i(e), m(e)) >= ``threshold``; if none
-   passes, over all holders; if none holds e, unchanged. A zero update has cosine 0.
+   passes, over all holders; if none holds e, unchanged. A zero update has cosine 0, so a held but
+   untrained copy only counts in the fallback (it scales m without turning it).
 
 Streaming: the cosine needs m(e), which depends on every client, and keeping per-client sufficient
 statistics (a Gram matrix) grows with clients^2. We make TWO streaming passes over a re-openable
