@@ -1,0 +1,139 @@
+"""The round engine as a pure state machine: selection, quorum, deadline, dropouts, retries, resume."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from coordinator.rounds import (Aggregate, Finished, RetryRound, RoundEngine, RoundPolicy, StartRound, Wait,
+                                resume, select_clients)
+from device_runtime.errors import ConfigError
+
+DEVICES = [f"d{i}" for i in range(10)]
+
+
+def engine(**kw) -> RoundEngine:
+    defaults = dict(min_fit_clients=2, max_fit_clients=3, fraction_fit=1.0, deadline_s=60.0, max_attempts=2)
+    return RoundEngine(RoundPolicy(**{**defaults, **kw}), seed=0)
+
+
+def start(e: RoundEngine, devices: list[str], now: float = 0.0, round_id: int = 1) -> dict[str, str]:
+    action = e.step(now, devices)
+    assert isinstance(action, StartRound)
+    assignments = {f"u-{d}": d for d in action.devices}
+    e.started(round_id, assignments, now)
+    return assignments
+
+
+def test_select_clients_counts():
+    rng = random.Random(0)
+    policy = RoundPolicy(min_fit_clients=2, max_fit_clients=4, fraction_fit=0.3)
+    assert select_clients(["a"], policy, rng) == []
+    assert len(select_clients(DEVICES[:3], policy, rng)) == 2  # ceil(0.9) = 1 -> raised to min 2
+    assert len(select_clients(DEVICES, policy, rng)) == 3  # ceil(3.0)
+    assert len(select_clients(DEVICES * 2, RoundPolicy(2, 4, 1.0), rng)) == 4  # duplicates ignored, capped at max
+    picked = select_clients(DEVICES, policy, rng)
+    assert picked == sorted(set(picked)) and set(picked) <= set(DEVICES)
+
+
+def test_policy_rejects_bad_values():
+    with pytest.raises(ConfigError):
+        RoundPolicy(min_fit_clients=3, max_fit_clients=2)
+    with pytest.raises(ConfigError):
+        RoundPolicy(fraction_fit=0.0)
+
+
+def test_waits_for_enough_devices_then_starts():
+    e = engine()
+    assert e.step(0.0, ["d0"]) == Wait(None)
+    assignments = start(e, DEVICES[:3])
+    assert sorted(assignments.values()) == DEVICES[:3]
+    assert e.step(1.0, DEVICES) == Wait(60.0)  # collecting
+
+
+def test_aggregates_when_all_reported_before_the_deadline():
+    e = engine()
+    a = start(e, DEVICES[:3])
+    ids = list(a)
+    assert e.on_update(ids[0], True) and e.on_update(ids[2], True)
+    assert e.step(5.0, DEVICES) == Wait(60.0)  # quorum reached, one still pending, deadline ahead
+    assert e.on_update(ids[1], False, "nan")
+    assert e.step(6.0, DEVICES) == Aggregate(1, (ids[0], ids[2]))
+    assert e.step(6.0, DEVICES) == Wait(None)  # busy until the server reports back
+    e.closed()
+    assert e.rounds_done == 1 and e.current is None
+
+
+def test_replayed_update_counts_once():
+    e = engine(min_fit_clients=2)
+    ids = list(start(e, DEVICES[:2]))
+    assert e.on_update(ids[0], True)
+    assert not e.on_update(ids[0], True)
+    assert not e.on_update(ids[0], False, "replay")
+    assert not e.on_update("u-unknown", True)
+    assert e.current.accepted == [ids[0]] and e.current.rejected == {}
+    assert e.step(100.0, DEVICES) == RetryRound(1, e.current.decide(100.0, 2).reason)  # 1 of 2 at the deadline
+
+
+def test_deadline_with_quorum_aggregates_and_stragglers_are_failures():
+    e = engine()
+    ids = list(start(e, DEVICES[:3]))
+    e.on_update(ids[0], True)
+    e.on_update(ids[1], True)
+    assert e.step(59.9, DEVICES) == Wait(60.0)
+    assert e.step(60.0, DEVICES) == Aggregate(1, (ids[0], ids[1]))
+    assert e.current.failures() == [(a_dev(ids[2]), "no update (straggler or dropout)")]
+
+
+def a_dev(update_id: str) -> str:
+    return update_id.removeprefix("u-")
+
+
+def test_dropout_closes_early_and_a_returning_device_still_counts():
+    e = engine()
+    ids = list(start(e, DEVICES[:3]))
+    e.on_update(ids[0], True)
+    e.current.device_lost(a_dev(ids[1]))
+    assert isinstance(e.step(1.0, DEVICES), Wait)  # ids[2] still training
+    e.on_update(ids[1], True)  # the lost device reconnected and re-sent: counted
+    e.current.device_lost(a_dev(ids[2]))
+    assert e.step(2.0, DEVICES) == Aggregate(1, (ids[0], ids[1]))  # nothing left to wait for
+
+
+def test_retry_when_quorum_unreachable_then_give_up():
+    e = engine(max_attempts=2)
+    ids = list(start(e, DEVICES[:2]))
+    e.on_update(ids[0], False, "bad shape")
+    action = e.step(1.0, DEVICES)  # 0 accepted + 1 pending < 2: no need to wait for the deadline
+    assert isinstance(action, RetryRound) and "0 of 2" in action.reason
+    e.closed(failed=True)
+    start(e, DEVICES[:2], round_id=2)
+    assert isinstance(e.step(61.0, DEVICES), RetryRound)  # nobody reported by the deadline
+    e.closed(failed=True)
+    assert isinstance(e.step(62.0, DEVICES), Finished)
+
+
+def test_success_resets_attempts_and_num_rounds_finishes():
+    e = engine(num_rounds=1, max_attempts=2)
+    start(e, DEVICES[:2])
+    assert isinstance(e.step(61.0, []), RetryRound)
+    e.closed(failed=True)
+    ids = list(start(e, DEVICES[:2], round_id=2))
+    for u in ids:
+        e.on_update(u, True)
+    assert isinstance(e.step(62.0, DEVICES), Aggregate)
+    e.closed()
+    assert e.failed_attempts == 0 and e.rounds_done == 1
+    assert e.step(63.0, DEVICES) == Finished("1 rounds done")
+
+
+def test_resume_keeps_recorded_updates_and_counts_them_once():
+    e = engine(min_fit_clients=2)
+    assignments = {"u1": "d1", "u2": "d2", "u3": "d3"}
+    state = resume(e, 7, assignments, ["u1"], {"u3": "rejected before restart"}, now=100.0)
+    assert state.deadline == 160.0 and state.pending() == ["u2"]
+    assert not e.on_update("u1", True)  # re-sent after the restart: already counted
+    assert e.step(101.0, []) == Wait(160.0)
+    assert e.on_update("u2", True)
+    assert e.step(102.0, []) == Aggregate(7, ("u1", "u2"))
