@@ -91,6 +91,7 @@ class Coordinator:
         self.sessions: dict[str, Session] = {}
         self.pending: dict[str, Pending] = {}
         self.reported: dict[str, RoutingStats] = {}
+        self.unplannable: dict[str, str] = {}  # device_id -> why planning failed (cleared on reconnect)
         self.wake = asyncio.Event()
         self._resume()
 
@@ -102,6 +103,7 @@ class Coordinator:
     async def attach(self, session: Session) -> None:
         """A device authenticated: make it available and re-send its pending assignment, if any."""
         self.sessions[session.device_id] = session
+        self.unplannable.pop(session.device_id, None)
         current = self.engine.current
         if current is not None:
             current.device_back(session.device_id)
@@ -119,7 +121,7 @@ class Coordinator:
             self.wake.set()
 
     def _available(self) -> list[str]:
-        devices = (self.registry.get_device(d) for d in list(self.sessions))
+        devices = (self.registry.get_device(d) for d in list(self.sessions) if d not in self.unplannable)
         return [d.id for d in devices if d is not None and not d.revoked]
 
     async def _send(self, session: Session, msg: Message) -> bool:
@@ -180,6 +182,7 @@ class Coordinator:
             pending = await asyncio.to_thread(self._plan_sync, round_id, session, fit)
         except FedmoeError as exc:
             log.warning("device %s skipped in round %d: %s", session.device_id, round_id, exc)
+            self.unplannable[session.device_id] = str(exc)
             return None
         self.registry.record_assignment(round_id, session.device_id, update_id=pending.update_id,
                                         shape_key=pending.manifest.shape_key.id,
