@@ -1,0 +1,104 @@
+"""The global trainable state: every tensor federation changes, kept apart from the frozen checkpoint.
+
+A MoE checkpoint directory (Hugging Face format) holds the frozen part. The *global state* is one
+safetensors file of the routers ``...mlp.gate.weight (E, H)``, the experts ``...mlp.experts.gate_up_proj
+(E, 2I, H)`` / ``...down_proj (E, H, I)`` and, in LoRA mode, the adapters ``...experts.*_lora_* (E, ...)``,
+expert axis 0, named as in bundles (torch ``state_dict`` names). The coordinator reads and writes it with
+numpy only; :func:`export_checkpoint` merges it back into a checkpoint directory.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from device_runtime.errors import ModelError
+
+
+def _model_with_state(checkpoint: Path, *, trainable_mode: str, lora_rank: int, lora_alpha: float, seed: int):
+    import torch
+
+    from export.experts_impl import add_lora, use_dense_masked
+    from export.loading import load_causal_lm
+
+    model = use_dense_masked(load_causal_lm(checkpoint))
+    if trainable_mode == "lora":
+        torch.manual_seed(seed)  # the seed bundle_writer.prepare_model uses: same adapters
+        add_lora(model, lora_rank, lora_alpha)
+    return model
+
+
+def global_tensor_names(model) -> list[str]:
+    """Names of the federated tensors of a loaded MoE model: routers, experts, LoRA adapters."""
+    from export.bundle_writer import expert_tensor_names
+    from export.families import describe
+
+    return [name for name, _ in expert_tensor_names(describe(model), list(model.state_dict()))]
+
+
+def init_global_state(checkpoint: str | Path, out_file: str | Path, *, trainable_mode: str = "experts",
+                      lora_rank: int = 0, lora_alpha: float = 16.0, seed: int = 0) -> list[str]:
+    """Write the initial global state of ``checkpoint`` to ``out_file`` (safetensors). Returns the tensor names.
+
+    In LoRA mode the adapters are initialised with ``seed`` (B = 0, so the model is unchanged).
+    """
+    from safetensors.torch import save_file
+
+    model = _model_with_state(Path(checkpoint), trainable_mode=trainable_mode, lora_rank=lora_rank,
+                              lora_alpha=lora_alpha, seed=seed)
+    state = model.state_dict()
+    names = global_tensor_names(model)
+    save_file({n: state[n].contiguous() for n in names}, str(out_file))
+    return names
+
+
+def load_with_state(checkpoint: str | Path, state_file: str | Path, *, lora_alpha: float = 16.0):
+    """The checkpoint's model with the global state loaded into it (LoRA adapters added when present).
+
+    Raises:
+        ModelError: the state names or shapes do not fit the checkpoint.
+    """
+    import torch
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(state_file))
+    lora = [n for n in tensors if n.endswith("gate_up_lora_A")]
+    rank = int(tensors[lora[0]].shape[1]) if lora else 0
+    model = _model_with_state(Path(checkpoint), trainable_mode="lora" if lora else "experts", lora_rank=rank,
+                              lora_alpha=lora_alpha, seed=0)
+    params = dict(model.named_parameters())
+    for name, value in tensors.items():
+        if name not in params or tuple(params[name].shape) != tuple(value.shape):
+            raise ModelError(f"global state tensor {name} {tuple(value.shape)} does not fit the checkpoint")
+        with torch.no_grad():
+            params[name].copy_(value)
+    return model
+
+
+def export_checkpoint(checkpoint: str | Path, state_file: str | Path, out_dir: str | Path) -> Path:
+    """Write ``checkpoint`` with the global state applied as a Hugging Face checkpoint directory.
+
+    LoRA adapters are merged into the expert weights (``W + (alpha / r) B A``), so the result loads with plain
+    transformers. Returns ``out_dir``.
+    """
+    import torch
+
+    from export.experts_impl import experts_modules
+
+    model = load_with_state(checkpoint, state_file)
+    with torch.no_grad():
+        for _, module in experts_modules(model):
+            if getattr(module, "gate_up_lora_A", None) is None:
+                continue
+            scale = module.lora_scaling
+            module.gate_up_proj += scale * module.gate_up_lora_B @ module.gate_up_lora_A
+            module.down_proj += scale * module.down_lora_B @ module.down_lora_A
+            for name in ("gate_up_lora_A", "gate_up_lora_B", "down_lora_A", "down_lora_B"):
+                delattr(module, name)
+    model.set_experts_implementation("eager")
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (Path(checkpoint) / name).is_file():
+            shutil.copy(Path(checkpoint) / name, out_dir / name)
+    return out_dir
