@@ -351,3 +351,37 @@ def test_config_round_trip_and_errors(tmp_path, initialised):
     (tmp_path / "unknown.toml").write_text('checkpoint = "m"\nprot = 1\n')
     with pytest.raises(ConfigError, match="unknown keys"):
         load_config(tmp_path / "unknown.toml")
+
+
+def test_invalid_update_is_rejected_recorded_once_and_the_round_retried(server, initialised):
+    cfg, memory = initialised
+    profile = {"memory_mib": memory, "gflops": 5.0}
+    device_id, private, _ = enrol(server, cfg, "pi-2", profile)
+    with ws(server) as conn:
+        assert isinstance(login(conn, device_id, private, profile), AuthOk)
+        assignment = recv(conn, timeout=120)
+        assert isinstance(assignment, Assignment)
+        from device_runtime.bundle import load_bundle
+
+        manifest = load_bundle(os.path.join(cfg.state_dir, "bundles", assignment.shape_key.id)).manifest
+        update = fake_update(assignment, manifest)
+        name = next(iter(update.tensors))
+        poisoned = replace(update, tensors={**update.tensors, name: np.full_like(update.tensors[name], np.nan)})
+        send(conn, poisoned)
+        first = recv(conn)
+        assert isinstance(first, Ack) and not first.accepted and "NaN" in first.reason
+        send(conn, update)  # a valid re-send under the same update_id does not overwrite the record
+        second = recv(conn)
+        assert not second.accepted and second.reason == "already recorded"
+    registry = Registry(cfg.registry_url)
+    try:
+        row = wait_for(lambda: _closed(registry, assignment.round_id))
+        assert row.status == "failed" and "0 of 1" in row.metrics["reason"]
+        assert registry.accepted_updates(assignment.round_id) == []
+    finally:
+        registry.close()
+
+
+def _closed(registry, round_id):
+    row = registry.get_round(round_id)
+    return row if row.status != "running" else None
