@@ -27,7 +27,6 @@ from coordinator.registry import Registry
 from device_runtime.errors import ConfigError, FedmoeError
 
 console = Console(stderr=True)
-out = Console()
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
@@ -141,7 +140,7 @@ def devices(ctx):
         table.add_row(d.id, d.name, str(memory), str(d.profile.get("gflops", "")), _time(d.last_seen),
                       _time(d.revoked_at))
     registry.close()
-    out.print(table)
+    Console().print(table)
 
 
 @devices.command()
@@ -170,7 +169,7 @@ def rounds(ctx, limit):
         table.add_row(str(r.id), r.strategy, r.status, str(m.get("num_clients", "")), str(m.get("num_examples", "")),
                       "" if loss is None else f"{loss:.4f}", str(m.get("model_version", "")), _time(r.started_at))
     registry.close()
-    out.print(table)
+    Console().print(table)
 
 
 @main.command()
@@ -187,7 +186,7 @@ def status(ctx):
     table.add_row("model version", "none (run init)" if latest is None else str(latest.version))
     table.add_row("devices", f"{sum(not d.revoked for d in devs)} active, {sum(d.revoked for d in devs)} revoked")
     table.add_row("last round", "none" if not recent else f"{recent[0].id} ({recent[0].status})")
-    out.print(table)
+    Console().print(table)
 
 
 @main.group()

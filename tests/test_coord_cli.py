@@ -1,0 +1,128 @@
+"""``fedmoe-coord`` commands and crash recovery of a round, on a tiny Mixtral (no websockets here)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from coordinator.cli import main, parse_duration
+from coordinator.config import load_config
+from coordinator.registry import Registry
+from device_runtime.auth import generate_keypair
+from device_runtime.errors import ConfigError
+from device_runtime.protocol import Assignment
+
+pytest.importorskip("torch")
+from tests.test_server import fake_update, tiny_checkpoint, two_expert_memory  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def coord(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    checkpoint = tiny_checkpoint(root / "checkpoint")
+    texts = root / "calib.jsonl"
+    texts.write_text("".join(json.dumps({"text": t}) + "\n" for t in ("the match team won", "film star award")))
+    config = root / "coord.toml"
+    result = CliRunner().invoke(main, ["--config", str(config), "init", str(checkpoint), "--state-dir",
+                                       str(root / "state"), "--min-fit-clients", "2", "--calibration-texts",
+                                       str(texts), "--port", "0"])
+    assert result.exit_code == 0, result.output
+    return {"config": config, "root": root, "memory": two_expert_memory(checkpoint)}
+
+
+def cli(coord, *args):
+    return CliRunner(env={"COLUMNS": "200"}).invoke(main, ["--config", str(coord["config"]), *args])
+
+
+def test_parse_duration():
+    assert (parse_duration("90s"), parse_duration("15m"), parse_duration("2h"), parse_duration("7")) == \
+        (90, 900, 7200, 7)
+    with pytest.raises(ConfigError):
+        parse_duration("soon")
+
+
+def test_init_refuses_an_existing_config_and_commands_report(coord):
+    again = cli(coord, "init", str(coord["root"] / "checkpoint"))
+    assert again.exit_code != 0 and "exists" in str(again.exception)
+    token = cli(coord, "enroll", "--name", "pi-9", "--expires", "1h")
+    assert token.exit_code == 0 and len(token.output.strip()) == 43
+    status = cli(coord, "status")
+    assert status.exit_code == 0 and "model version" in status.output and "0" in status.output
+    assert cli(coord, "devices").exit_code == 0
+    missing = cli(coord, "devices", "revoke", "d-nope")
+    assert isinstance(missing.exception, ConfigError)
+
+
+class Device:
+    """A session whose ``send`` collects what the coordinator sends."""
+
+    def __init__(self, registry, name, profile):
+        token = registry.create_enrol_token(name, 60)
+        self.device = registry.redeem_token(token, name, profile, generate_keypair()[1])
+        self.inbox = []
+
+    async def send(self, msg):
+        self.inbox.append(msg)
+
+
+def test_round_survives_a_coordinator_restart(coord):
+    from coordinator.rounds import Aggregate, StartRound
+    from coordinator.service import Coordinator, Session
+
+    cfg = replace(load_config(coord["config"]), round_deadline_s=300, fit={"batch_size": 2, "seq_len": 8})
+    profile = {"memory_mib": coord["memory"], "gflops": 5.0}
+    registry = Registry(cfg.registry_url)
+    a, b = Device(registry, "a", profile), Device(registry, "b", profile)
+    registry.close()
+
+    async def first_life():
+        c = Coordinator(cfg)
+        sessions = [Session(d.device.id, profile, d.send) for d in (a, b)]
+        for s in sessions:
+            await c.attach(s)
+        action = c.engine.step(0.0, c._available())
+        assert isinstance(action, StartRound) and len(action.devices) == 2
+        await c._start_round(action.devices)
+        assignment = a.inbox[-1]
+        assert isinstance(assignment, Assignment)
+        manifest = c.bundles.manifest(assignment.shape_key.id)
+        ack = await c.handle_update(sessions[0], fake_update(assignment, manifest))
+        assert ack.accepted
+        c.close()  # crash: nothing else happens in this life
+        return manifest
+
+    async def second_life(manifest):
+        c = Coordinator(cfg)
+        assert c.engine.current.accepted == [a.inbox[-1].update_id] and len(c.engine.current.pending()) == 1
+        sessions = {d: Session(d.device.id, profile, d.send) for d in (a, b)}
+        await c.attach(sessions[b])  # b reconnects and gets its assignment again
+        resent = b.inbox[-1]
+        assert resent.update_id == b.inbox[0].update_id
+        np.testing.assert_array_equal(next(iter(resent.tensors.values())), next(iter(b.inbox[0].tensors.values())))
+        replay = await c.handle_update(sessions[a], fake_update(a.inbox[-1], manifest))
+        assert replay.accepted and replay.reason == "already recorded"
+        assert (await c.handle_update(sessions[b], fake_update(resent, manifest, trained_local=1))).accepted
+        action = c.engine.step(c.clock(), c._available())
+        assert action == Aggregate(c.engine.current.round_id, (a.inbox[-1].update_id, resent.update_id))
+        await c._aggregate(action)
+        rounds = c.registry.list_rounds()
+        c.close()
+        return rounds[0]
+
+    manifest = asyncio.run(first_life())
+    finished = asyncio.run(second_life(manifest))
+    assert finished.status == "finished" and finished.metrics["num_clients"] == 2
+    assert finished.metrics["num_examples"] == 8 and finished.metrics["model_version"] == 1
+    listing = cli(coord, "rounds")
+    assert listing.exit_code == 0 and "finished" in listing.output
+
+
+def test_model_export(coord, tmp_path):
+    result = cli(coord, "model", "export", str(tmp_path / "merged"))
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "merged" / "config.json").is_file() and (tmp_path / "merged" / "tokenizer.json").is_file()
