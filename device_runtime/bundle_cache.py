@@ -1,0 +1,140 @@
+"""A device's bounded cache of verified bundles, one directory per ``ShapeKey.id``.
+
+A bundle's graph depends only on its shape key (``device_runtime.bundle``), so a device fetches it once
+per shape and reuses it every round it is assigned that shape. Bundles enter the cache only through
+:meth:`BundleCache.install`, which verifies every sha256 (``load_bundle``) before the bundle becomes
+visible. Least recently used bundles are evicted beyond ``max_bundles`` entries or ``max_bytes`` bytes;
+recency is the directory's mtime (set on every install and lookup).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+from device_runtime.bundle import MANIFEST, Bundle, load_bundle
+from device_runtime.errors import BundleError, BundleIntegrityError
+
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$")
+_TMP_PREFIX = ".tmp-"
+
+
+class BundleCache:
+    """Verified bundles under ``root/<shape_key_id>/``.
+
+    Args:
+        root: cache directory (created, mode 0700).
+        max_bundles: bundles kept at most (>= 1).
+        max_bytes: total size of the kept bundles at most (bytes); also the largest bundle accepted.
+
+    Raises:
+        BundleError: ``max_bundles < 1`` or ``max_bytes < 1``.
+    """
+
+    def __init__(self, root: str | Path, *, max_bundles: int = 4, max_bytes: int = 4 << 30):
+        if max_bundles < 1 or max_bytes < 1:
+            raise BundleError(f"bundle cache bounds must be >= 1, got {max_bundles} bundles, {max_bytes} bytes")
+        self.root, self.max_bundles, self.max_bytes = Path(root), max_bundles, max_bytes
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for stale in self.root.glob(_TMP_PREFIX + "*"):  # left by a crash during install
+            shutil.rmtree(stale, ignore_errors=True)
+
+    def ids(self) -> list[str]:
+        """Shape key ids of the cached bundles, least recently used first."""
+        dirs = [p for p in self.root.iterdir() if p.is_dir() and _ID.match(p.name) and (p / MANIFEST).is_file()]
+        return [p.name for p in sorted(dirs, key=lambda p: p.stat().st_mtime_ns)]
+
+    def __contains__(self, shape_key_id: str) -> bool:
+        return bool(_ID.match(shape_key_id)) and (self.root / shape_key_id / MANIFEST).is_file()
+
+    def get(self, shape_key_id: str, *, verify: bool = True) -> Bundle | None:
+        """The cached bundle (marked most recently used), or None if absent.
+
+        A cached bundle that no longer verifies (disk corruption, tampering) is deleted and None returned.
+        """
+        if shape_key_id not in self:
+            return None
+        path = self.root / shape_key_id
+        try:
+            bundle = load_bundle(path, verify=verify)
+        except BundleError:
+            shutil.rmtree(path, ignore_errors=True)
+            return None
+        _touch(path)
+        return bundle
+
+    def install(self, shape_key_id: str, files: Mapping[str, bytes]) -> Bundle:
+        """Write a received bundle, verify it, make it visible, then evict down to the bounds.
+
+        Args:
+            shape_key_id: the bundle's shape key id (its manifest must say the same).
+            files: relative path -> bytes, ``manifest.json`` included (from ``BundleAssembler``).
+
+        Raises:
+            BundleIntegrityError: a file differs from the manifest's sha256, or a file is not listed in it.
+            BundleError: bad id, no or malformed manifest, another shape key, or larger than ``max_bytes``.
+        """
+        if not _ID.match(shape_key_id):
+            raise BundleError(f"invalid shape key id {shape_key_id!r}")
+        size = sum(len(blob) for blob in files.values())
+        if size > self.max_bytes:
+            raise BundleError(f"bundle {shape_key_id} is {size} bytes, above the cache bound {self.max_bytes}; "
+                              "raise --cache-mib")
+        with tempfile.TemporaryDirectory(dir=self.root, prefix=_TMP_PREFIX) as tmp:
+            staged = Path(tmp) / "bundle"
+            _write_files(staged, files)
+            bundle = load_bundle(staged)  # sha256 of every file, before anything is visible
+            _check_contents(shape_key_id, bundle, files)
+            final = self.root / shape_key_id
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(staged, final)
+        _touch(final)
+        self._evict(keep=shape_key_id)
+        return Bundle(root=final, manifest=bundle.manifest)
+
+    def total_bytes(self) -> int:
+        """Size of every cached bundle, bytes."""
+        return sum(_dir_bytes(self.root / i) for i in self.ids())
+
+    def _evict(self, *, keep: str) -> None:
+        ids = self.ids()
+        sizes = {i: _dir_bytes(self.root / i) for i in ids}
+        for victim in ids:
+            if len(sizes) <= self.max_bundles and sum(sizes.values()) <= self.max_bytes:
+                break
+            if victim != keep:
+                shutil.rmtree(self.root / victim, ignore_errors=True)
+                del sizes[victim]
+
+
+def _write_files(root: Path, files: Mapping[str, bytes]) -> None:
+    root.mkdir()
+    base = root.resolve()
+    for name, blob in files.items():
+        path = (root / name).resolve()
+        if base not in path.parents:
+            raise BundleIntegrityError(f"bundle file {name!r} escapes the bundle directory")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(blob)
+
+
+def _check_contents(shape_key_id: str, bundle: Bundle, files: Mapping[str, bytes]) -> None:
+    if bundle.manifest.shape_key.id != shape_key_id:
+        raise BundleError(f"received bundle is {bundle.manifest.shape_key.id}, requested {shape_key_id}")
+    unlisted = sorted(set(files) - set(bundle.manifest.files) - {MANIFEST})
+    if unlisted:
+        raise BundleIntegrityError(f"bundle {shape_key_id} holds files its manifest does not list: {unlisted[:5]}")
+
+
+def _touch(path: Path) -> None:
+    now = time.time_ns()
+    os.utime(path, ns=(now, now))
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())

@@ -1,0 +1,392 @@
+"""The device's connection to the coordinator (asyncio, websockets 17): enrolment, then a long-running
+loop that authenticates, serves assignments and reconnects.
+
+Per connection (protocol in ``device_runtime.protocol``)::
+
+    Hello -> Challenge -> Auth -> AuthOk        (Ed25519 challenge-response, ``device_runtime.auth``)
+    re-send every pending Update from disk      (same update_id: the coordinator counts it once)
+    Assignment [-> BundleRequest <- BundleData...] -> train -> Update <- Ack     Heartbeat every heartbeat_s
+
+Reactions to messages live in ``device_runtime.session`` (no I/O); this module does the I/O: the
+websocket (``compression=None``: deflate cuts tensor throughput 8x, DESIGN.md section 3; ``max_size``
+from config), TLS (``wss://`` verified against a CA file), the bundle cache, training in a worker thread
+and the on-disk store of unacknowledged updates (``device_runtime.update_store``).
+
+Failures: a lost connection, a refused connection or a malformed frame never ends :meth:`DeviceClient.run`;
+it reconnects after an exponential backoff with jitter (``base_s * 2**attempt`` capped at ``max_s``, times
+a uniform factor in [0.5, 1]). A rejected authentication (:class:`AuthError`) or protocol version
+(:class:`ConfigError`) does end it: retrying cannot help. :meth:`DeviceClient.stop` (SIGTERM) abandons
+training after the current step and closes the connection; pending updates and cached bundles stay on
+disk for the next start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import re
+import signal
+import ssl
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+
+from device_runtime.auth import Credentials, generate_keypair, save_credentials, sign_challenge
+from device_runtime.bundle_cache import BundleCache
+from device_runtime.data import DEFAULT_TEMPLATE
+from device_runtime.errors import (AuthError, BundleError, BundleIntegrityError, ConfigError, DataError,
+                                   FedmoeError, ProtocolError)
+from device_runtime.fit_round import fit_assignment
+from device_runtime.protocol import (PROTOCOL_VERSION, Assignment, Auth, AuthOk, Challenge, Enrol, EnrolOk, Error,
+                                     Heartbeat, Hello, Message, decode, encode, expect)
+from device_runtime.session import Acked, DeviceSession, InstallBundle, Report, Send, Train
+from device_runtime.update_store import UpdateStore
+
+log = logging.getLogger("fedmoe.device")
+MIB = 1 << 20
+HANDSHAKE_TIMEOUT_S = 30.0
+_JITTER = random.Random()
+
+
+def default_home() -> Path:
+    """The device's state directory: ``$FEDMOE_DEVICE_HOME``, else ``~/.fedmoe-device``."""
+    return Path(os.environ.get("FEDMOE_DEVICE_HOME", "~/.fedmoe-device")).expanduser()
+
+
+def ssl_context(url: str, cafile: str | Path | None) -> ssl.SSLContext | None:
+    """TLS context for ``wss://`` URLs (system CAs, or only ``cafile`` when given); None for ``ws://``.
+
+    Raises:
+        ConfigError: not a ws:// or wss:// URL, a CA file with ws://, or an unreadable CA file.
+    """
+    if url.startswith("ws://"):
+        if cafile is not None:
+            raise ConfigError(f"--cafile needs a wss:// URL, got {url}")
+        return None
+    if not url.startswith("wss://"):
+        raise ConfigError(f"coordinator URL must start with ws:// or wss://, got {url!r}")
+    try:
+        return ssl.create_default_context(cafile=None if cafile is None else str(cafile))
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"cannot load CA file {cafile}: {exc}") from exc
+
+
+def _connect(url: str, cafile, max_size: int, **kwargs):
+    return connect(url, ssl=ssl_context(url, cafile), compression=None, max_size=max_size,
+                   open_timeout=HANDSHAKE_TIMEOUT_S, **kwargs)
+
+
+async def _recv(ws: ClientConnection, max_size: int) -> Message:
+    """The next decoded frame. Raises ProtocolError (malformed) or ConnectionClosed."""
+    raw = await ws.recv()
+    if isinstance(raw, str):
+        raise ProtocolError("bad_frame", "protocol frames are binary websocket messages")
+    return decode(raw, max_size=max_size)
+
+
+def _expect(msg: Message, kind: type) -> Message:
+    """``expect`` for the handshake: a peer ``Error("auth")`` is an AuthError, ``"version"`` a ConfigError."""
+    try:
+        return expect(msg, kind)
+    except ProtocolError as exc:
+        if exc.code == "auth":
+            raise AuthError(f"coordinator refused: {exc}") from exc
+        if exc.code == "version":
+            raise ConfigError(f"{exc}; upgrade fedmoe on this device") from exc
+        raise
+
+
+def device_profile(memory_mib: int | None = None, *, benchmark_seconds: float = 0.3) -> dict:
+    """This device's profile for Enrol / Hello; ``memory_mib`` (the budget the coordinator plans with)
+    defaults to the memory available now (MiB)."""
+    from device_runtime.profile import collect_profile
+
+    profile = collect_profile(benchmark_seconds=benchmark_seconds).to_dict()
+    profile["memory_mib"] = int(memory_mib if memory_mib is not None else profile["memory_available_mib"])
+    return profile
+
+
+async def enroll(url: str, token: str, name: str, *, credentials_path: str | Path, cafile: str | Path | None = None,
+                 profile: dict | None = None, max_message_mib: float = 16.0) -> Credentials:
+    """Enrol this device once: generate an Ed25519 key pair, redeem ``token``, store the credentials.
+
+    Args:
+        url: coordinator URL (``ws://`` or ``wss://``). token: single-use enrolment token.
+        name: device name (``[A-Za-z0-9][A-Za-z0-9_.-]*``, at most 100 characters).
+        credentials_path: where the credentials JSON is written (mode 0600).
+        cafile: CA certificate (PEM) that signed the coordinator's TLS certificate.
+        profile: device profile (default: measured, see :func:`device_profile`).
+
+    Raises:
+        AuthError: the coordinator refused the token. ConfigError: bad URL, name or CA file.
+        ProtocolError / OSError / websockets errors: the exchange failed (nothing is written).
+    """
+    if not _valid_name(name):
+        raise ConfigError(f"device name {name!r} must match [A-Za-z0-9][A-Za-z0-9_.-]* (at most 100 characters)")
+    if profile is None:
+        profile = await asyncio.to_thread(device_profile)
+    private_key, public_key = generate_keypair()
+    max_size = int(max_message_mib * MIB)
+    async with _connect(url, cafile, max_size) as ws:
+        await ws.send(encode(Enrol(token=token, name=name, profile=profile, public_key=public_key)))
+        async with asyncio.timeout(HANDSHAKE_TIMEOUT_S):
+            ok = _expect(await _recv(ws, max_size), EnrolOk)
+    creds = Credentials(device_id=ok.device_id, private_key=private_key, coordinator_url=url)
+    save_credentials(credentials_path, creds)
+    log.info("enrolled as %s; credentials in %s", ok.device_id, credentials_path)
+    return creds
+
+
+def _valid_name(name: str) -> bool:
+    return bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}", name))
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Reconnect delays: ``min(max_s, base_s * 2**attempt)`` times a uniform jitter factor in [0.5, 1] (seconds)."""
+
+    base_s: float = 1.0
+    max_s: float = 60.0
+
+    def delay(self, attempt: int, rng: random.Random = _JITTER) -> float:
+        return min(self.max_s, self.base_s * 2.0 ** min(attempt, 30)) * rng.uniform(0.5, 1.0)
+
+
+class DeviceClient:
+    """A long-running device: connect, authenticate, train assignments, upload updates, reconnect.
+
+    Args:
+        url: coordinator URL (``ws://`` or ``wss://``).
+        credentials: from :func:`enroll` / ``auth.load_credentials``.
+        data_file: local JSONL training data.
+        cache_dir: state directory: ``bundles/`` (bundle cache) and ``updates/`` (unacknowledged updates).
+        cafile: CA certificate for ``wss://``. max_message_mib: largest websocket message (MiB; match the
+            coordinator's). threads: ORT intra-op threads (None: one per core).
+        memory_mib: the memory budget reported to the coordinator (MiB; default: memory available now).
+        profile: the profile sent in Hello (default: measured once at start).
+        heartbeat_s: seconds between Heartbeat messages. backoff: reconnect delays.
+        cache_bundles, cache_mib: bundle cache bounds (count, MiB).
+        template: prompt template of classification records.
+    """
+
+    def __init__(self, url: str, credentials: Credentials, data_file: str | Path, *, cache_dir: str | Path,
+                 cafile: str | Path | None = None, max_message_mib: float = 256.0, threads: int | None = None,
+                 memory_mib: int | None = None, profile: dict | None = None, heartbeat_s: float = 20.0,
+                 backoff: Backoff = Backoff(), cache_bundles: int = 4, cache_mib: float = 4096.0,
+                 template: str = DEFAULT_TEMPLATE):
+        ssl_context(url, cafile)  # fail fast on a bad URL / CA file
+        self.url, self.credentials, self.data_file, self.cafile = url, credentials, Path(data_file), cafile
+        self.max_size, self.threads, self.memory_mib = int(max_message_mib * MIB), threads, memory_mib
+        self.profile, self.heartbeat_s, self.backoff, self.template = profile, heartbeat_s, backoff, template
+        root = Path(cache_dir)
+        self.cache = BundleCache(root / "bundles", max_bundles=cache_bundles, max_bytes=int(cache_mib * MIB))
+        self.store = UpdateStore(root / "updates")
+        self.session = DeviceSession(cached=self.cache.ids(), known_updates=self.store.pending_ids(),
+                                     max_bundle_bytes=self.cache.max_bytes)
+        self.connections = 0  # successful authentications so far
+        self._ws: ClientConnection | None = None
+        self._queue: asyncio.Queue[Assignment] = asyncio.Queue()
+        self._stopping = asyncio.Event()
+        self._stop_training = threading.Event()
+
+    # ------------------------------------------------------------ lifecycle
+
+    def stop(self) -> None:
+        """Stop: abandon training after the current step, close the connection (call from the loop's thread)."""
+        self._stop_training.set()
+        self._stopping.set()
+        if self._ws is not None:
+            asyncio.ensure_future(self._ws.close(1001, "device stopping"))
+
+    async def run(self) -> None:
+        """Serve until :meth:`stop`.
+
+        Raises:
+            AuthError: the coordinator rejected this device's key (enrol again).
+            ConfigError: bad URL / CA file, or the coordinator speaks another protocol version.
+        """
+        if self.profile is None:
+            self.profile = await asyncio.to_thread(device_profile, self.memory_mib)
+        worker = asyncio.create_task(self._work())
+        attempt = 0
+        try:
+            while not self._stopping.is_set():
+                before = self.connections
+                try:
+                    await self._connection()
+                except (OSError, ConnectionClosed, InvalidHandshake, ProtocolError, TimeoutError) as exc:
+                    if self._stopping.is_set():
+                        break
+                    log.warning("connection to %s lost: %s: %s", self.url, type(exc).__name__, exc)
+                attempt = 0 if self.connections > before else attempt + 1
+                if not self._stopping.is_set():
+                    await self._sleep(self.backoff.delay(attempt))
+        finally:
+            self._stop_training.set()
+            self._queue.put_nowait(None)  # wake the worker; it ends after the current step
+            await asyncio.gather(worker, return_exceptions=True)
+
+    async def _sleep(self, seconds: float) -> None:
+        try:
+            await asyncio.wait_for(self._stopping.wait(), seconds)
+        except TimeoutError:
+            pass
+
+    # ------------------------------------------------------------ one connection
+
+    async def _connection(self) -> None:
+        try:
+            async with _connect(self.url, self.cafile, self.max_size, ping_interval=self.heartbeat_s,
+                                ping_timeout=3 * self.heartbeat_s) as ws:
+                await self._authenticate(ws)
+                self.connections += 1
+                self._ws = ws
+                heartbeat = asyncio.create_task(self._heartbeat(ws))
+                try:
+                    await self._resend_pending(ws)
+                    await self._serve(ws)
+                finally:
+                    self._ws = None
+                    heartbeat.cancel()
+                    self.session.connection_lost()
+        except InvalidURI as exc:
+            raise ConfigError(f"invalid coordinator URL {self.url!r}: {exc}") from exc
+
+    async def _authenticate(self, ws: ClientConnection) -> None:
+        creds = self.credentials
+        await ws.send(encode(Hello(device_id=creds.device_id, protocol_version=PROTOCOL_VERSION,
+                                   profile=self.profile)))
+        async with asyncio.timeout(HANDSHAKE_TIMEOUT_S):
+            challenge = _expect(await _recv(ws, self.max_size), Challenge)
+            signature = sign_challenge(creds.private_key, challenge.nonce, creds.device_id)
+            await ws.send(encode(Auth(device_id=creds.device_id, signature=signature)))
+            _expect(await _recv(ws, self.max_size), AuthOk)
+        log.info("authenticated as %s at %s", creds.device_id, self.url)
+
+    async def _resend_pending(self, ws: ClientConnection) -> None:
+        for update in self.store.pending():
+            log.info("re-sending update %s (round %d)", update.update_id, update.round_id)
+            await ws.send(encode(update))
+
+    async def _heartbeat(self, ws: ClientConnection) -> None:
+        try:
+            while True:
+                await asyncio.sleep(self.heartbeat_s)
+                await ws.send(encode(Heartbeat()))
+        except ConnectionClosed:
+            pass
+
+    async def _serve(self, ws: ClientConnection) -> None:
+        """Until the connection closes: decode each frame, let the session react, carry out its actions."""
+        while True:
+            try:
+                msg = await _recv(ws, self.max_size)
+            except ProtocolError as exc:
+                log.warning("malformed frame from the coordinator: %s", exc)
+                await self._apply(self.session.on_frame_error(exc))
+                continue
+            await self._apply(self.session.on_message(msg))
+
+    # ------------------------------------------------------------ actions
+
+    async def _apply(self, actions: list) -> None:
+        for action in actions:
+            if isinstance(action, Send):
+                await self._send(action.message)
+            elif isinstance(action, InstallBundle):
+                await self._apply(await self._install(action))
+            elif isinstance(action, Train):
+                self._queue.put_nowait(action.assignment)
+            elif isinstance(action, Acked):
+                self._acked(action)
+            elif isinstance(action, Report):
+                log.log(logging.WARNING if action.level == "warning" else logging.INFO, "%s", action.text)
+
+    async def _send(self, msg: Message) -> None:
+        """Send on the current connection, if any (a lost message is recovered by the next connection)."""
+        ws = self._ws
+        if ws is None:
+            return
+        try:
+            await ws.send(encode(msg))
+        except ConnectionClosed:
+            log.info("connection closed before %s could be sent", msg.TYPE)
+
+    async def _install(self, action: InstallBundle) -> list:
+        try:
+            await asyncio.to_thread(self.cache.install, action.shape_key_id, action.files)
+        except BundleIntegrityError as exc:
+            return self.session.bundle_rejected(action.shape_key_id, "bad_payload", str(exc))
+        except BundleError as exc:
+            return self.session.bundle_rejected(action.shape_key_id, "bad_header", str(exc))
+        cached = set(self.cache.ids())
+        for evicted in self.session.cached - cached - {action.shape_key_id}:
+            self.session.bundle_evicted(evicted)
+        log.info("bundle %s verified and cached", action.shape_key_id)
+        return self.session.bundle_installed(action.shape_key_id)
+
+    def _acked(self, ack: Acked) -> None:
+        self.store.acked(ack.update_id)
+        if ack.accepted:
+            log.info("update %s accepted", ack.update_id)
+        else:
+            log.warning("update %s rejected by the coordinator: %s", ack.update_id, ack.reason)
+
+    # ------------------------------------------------------------ training worker
+
+    async def _work(self) -> None:
+        """Train queued assignments one at a time, in a thread; store, then send each Update."""
+        while True:
+            assignment = await self._queue.get()
+            if assignment is None or self._stop_training.is_set():
+                return
+            try:
+                await self._train(assignment)
+            except Exception:  # a bug or a full disk must not end the device: log it, serve the next round
+                self.session.forget(assignment.update_id)
+                log.exception("round %d: handling assignment %s failed", assignment.round_id,
+                              assignment.update_id)
+
+    async def _train(self, assignment: Assignment) -> None:
+        uid = assignment.update_id
+        bundle = await asyncio.to_thread(self.cache.get, assignment.shape_key.id)
+        if bundle is None:
+            self.session.forget(uid)
+            log.warning("bundle %s vanished from the cache; assignment %s skipped", assignment.shape_key.id, uid)
+            return
+        log.info("round %d: training %s on %s", assignment.round_id, bundle.manifest.shape_key.id, self.data_file)
+        extra = {} if self.memory_mib is None else {"memory_budget_mib": float(self.memory_mib)}
+        try:
+            update = await asyncio.to_thread(fit_assignment, bundle, assignment, self.data_file,
+                                             threads=self.threads, stop=self._stop_training,
+                                             template=self.template, extra_metrics=extra)
+        except (FedmoeError, OSError) as exc:
+            self.session.forget(uid)
+            if self._stop_training.is_set() and isinstance(exc, DataError):
+                log.info("training of %s abandoned (stopping)", uid)
+                return
+            log.error("training of %s failed: %s: %s", uid, type(exc).__name__, exc)
+            code = exc.code if isinstance(exc, ProtocolError) else "internal"
+            await self._send(Error(code=code, message=f"{uid}: {type(exc).__name__}: {exc}"[:2000]))
+            return
+        self.store.put(update)  # on disk before it is sent: a drop or restart re-sends it
+        log.info("round %d: loss %.4f, %d steps, peak RSS %.0f MiB; sending update %s", assignment.round_id,
+                 update.metrics["loss"], int(update.metrics["steps"]), update.metrics["peak_rss_mb"], uid)
+        await self._send(update)
+
+
+def run_until_signal(client: DeviceClient) -> None:
+    """Blocking: run ``client`` until SIGTERM / SIGINT, which stop it cleanly (see :meth:`DeviceClient.stop`)."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, client.stop)
+        await client.run()
+
+    asyncio.run(main())

@@ -1,0 +1,149 @@
+"""One round of local training: an ``Assignment`` + its cached bundle + local data -> an ``Update``.
+
+Contract round step 5 (``notes/contract.md``): check the assignment's tensors against the bundle manifest
+(names, shapes), load them into a fresh :class:`~device_runtime.ort_trainer.OrtTrainer` (fresh AdamW
+moments each round), train ``local_steps`` (0: one epoch) and report the trainable tensors, the HFedMoE
+routing statistics (Fang et al., arXiv 2601.00583) and the trained experts, both in global expert ids.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from device_runtime.bundle import TOKENIZER_FILE, Bundle, Manifest
+from device_runtime.data import DEFAULT_TEMPLATE, Batch, LocalDataset
+from device_runtime.errors import ConfigError, DataError, ProtocolError
+from device_runtime.protocol import Assignment, FitConfig, Update, to_float32
+from device_runtime.trainer import FitResult
+
+MIB = 1 << 20
+
+
+def assignment_tensors(manifest: Manifest, assignment: Assignment) -> dict[str, np.ndarray]:
+    """The assignment's weights as float32, after checking them against the bundle manifest.
+
+    Raises:
+        ProtocolError("bad_tensor"): another shape key, or a tensor set / shape differing from the manifest.
+    """
+    if manifest.shape_key != assignment.shape_key:
+        raise ProtocolError("bad_tensor", f"assignment shape key {assignment.shape_key.id} != bundle "
+                                          f"{manifest.shape_key.id}")
+    expected = {t.name: tuple(t.shape) for t in manifest.tensors}
+    got = {name: tuple(a.shape) for name, a in assignment.tensors.items()}
+    if got != expected:
+        missing, extra = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
+        wrong = sorted(n for n in set(got) & set(expected) if got[n] != expected[n])
+        raise ProtocolError("bad_tensor", f"assignment tensors differ from bundle {manifest.shape_key.id}: "
+                                          f"missing {missing[:3]}, unexpected {extra[:3]}, wrong shape {wrong[:3]}")
+    return to_float32(assignment.tensors)
+
+
+def local_prior(config: FitConfig, manifest: Manifest, expert_ids) -> list[np.ndarray] | None:
+    """FedAlign-MoE's p_global restricted to the kept experts and renormalised, ``(E_l,)`` per layer.
+
+    The device's router is a softmax over its kept experts only, so the global distribution over all
+    ``num_experts`` is conditioned on the kept set. None when the config carries no prior.
+
+    Raises:
+        ConfigError: the prior does not have one entry per global expert in every MoE layer.
+    """
+    if config.routing_prior is None:
+        return None
+    prior = config.routing_prior
+    if len(prior) != len(expert_ids) or any(len(p) != manifest.num_experts for p in prior):
+        raise ConfigError(f"routing_prior must give {manifest.num_experts} probabilities for each of "
+                          f"{len(expert_ids)} MoE layers")
+    out = []
+    for layer, ids in zip(prior, expert_ids):
+        kept = np.asarray([layer[g] for g in ids], dtype=np.float64)
+        total = kept.sum()
+        kept = kept / total if total > 0 else np.full(len(ids), 1.0 / len(ids))
+        out.append(kept.astype(np.float32))
+    return out
+
+
+def until_stopped(batches: Iterator[Batch], stop: threading.Event | None) -> Iterator[Batch]:
+    """``batches`` until ``stop`` is set (checked between steps: the current step always completes)."""
+    for batch in batches:
+        if stop is not None and stop.is_set():
+            return
+        yield batch
+
+
+def fit_assignment(bundle: Bundle, assignment: Assignment, data_file: str | Path, *, threads: int | None = None,
+                   stop: threading.Event | None = None, template: str = DEFAULT_TEMPLATE,
+                   extra_metrics: dict | None = None) -> Update:
+    """Train ``assignment`` on ``data_file`` and build its ``Update``.
+
+    Args:
+        bundle: the verified cached bundle of ``assignment.shape_key``.
+        assignment: the round's assignment (weights in ``tensors``, settings in ``config``).
+        data_file: local JSONL data (see ``device_runtime.data``); all of it is training data.
+        threads: ORT intra-op threads. stop: set it to abandon after the current step.
+        template: prompt template of classification records. extra_metrics: added to the metrics.
+
+    Raises:
+        ProtocolError("bad_tensor"): the assignment does not fit the bundle.
+        DataError: no usable local data, or ``stop`` was set (then the caller sees ``stop.is_set()``).
+        BundleError / ConfigError: from the trainer.
+    """
+    from device_runtime.ort_trainer import OrtTrainer
+
+    tensors = assignment_tensors(bundle.manifest, assignment)
+    cfg = assignment.config
+    prior = local_prior(cfg, bundle.manifest, assignment.expert_ids)
+    dataset = LocalDataset.from_jsonl(data_file, bundle.path(TOKENIZER_FILE), seq_len=cfg.seq_len,
+                                      template=template, eval_fraction=0.0, seed=cfg.seed)
+    if not dataset.train:
+        raise DataError(f"{data_file} holds no training record")
+    steps = cfg.local_steps or math.ceil(len(dataset.train) / cfg.batch_size)
+    trainer = OrtTrainer(bundle, threads=threads, progress=False)
+    trainer.set_parameters(tensors)
+    start = time.perf_counter()
+    result = trainer.fit(until_stopped(dataset.train_batches(cfg.batch_size), stop), steps=steps,
+                         learning_rate=cfg.learning_rate, aux_loss_coef=cfg.aux_loss_coef, routing_prior=prior,
+                         routing_kl_coef=cfg.routing_reg_coef, prox_mu=cfg.prox_mu)
+    seconds = time.perf_counter() - start
+    trainable = set(bundle.manifest.trainable_names)
+    params = {n: a for n, a in trainer.get_parameters().items() if n in trainable}
+    metrics = {**_metrics(result, seconds), "model_version": float(assignment.model_version),
+               **(extra_metrics or {})}
+    return build_update(assignment, result, params, metrics)
+
+
+def build_update(assignment: Assignment, result: FitResult, params: dict[str, np.ndarray],
+                 metrics: dict[str, float]) -> Update:
+    """The ``Update`` of a fit: routing and trained experts in the assignment's global expert ids."""
+    ids = assignment.expert_ids
+    routing = result.routing.to_dict()
+    routing["expert_ids"] = [list(layer) for layer in ids]
+    trained = tuple(tuple(ids[l][i] for i in local) for l, local in enumerate(result.trained_experts))
+    return Update(update_id=assignment.update_id, round_id=assignment.round_id, num_examples=result.num_examples,
+                  num_tokens=result.num_tokens, metrics=metrics, routing=routing, trained_experts=trained,
+                  tensors=wire_tensors(params, assignment.config.update_dtype))
+
+
+def wire_tensors(params: dict[str, np.ndarray], dtype: str) -> dict[str, np.ndarray]:
+    """Cast to the update dtype; a tensor that would overflow float16 stays float32."""
+    out = {}
+    for name, value in params.items():
+        value = np.asarray(value, dtype=np.float32)
+        if dtype == "float16":
+            with np.errstate(over="ignore"):
+                half = value.astype(np.float16)
+            value = half if np.all(np.isfinite(half)) else value
+        out[name] = value
+    return out
+
+
+def _metrics(result: FitResult, seconds: float) -> dict[str, float]:
+    losses = result.losses
+    return {"loss": float(np.mean(losses)), "loss_first": losses[0], "loss_last": losses[-1],
+            "steps": float(len(losses)), "train_seconds": seconds, "step_time_s": result.step_time_s,
+            "peak_rss_mb": result.peak_rss_bytes / MIB}
