@@ -1,0 +1,88 @@
+"""Simulated device profiles: memory and compute budgets, from a TOML file or the embedded default.
+
+TOML layout (one table per kind; ``count`` devices of each kind)::
+
+    [[device]]
+    kind = "raspberry-pi"
+    memory_mib = 1024      # the device's memory budget (MiB): planner budget and OS memory limit
+    gflops = 5.0           # compute (GFLOP/s) the planner assumes
+    count = 2
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from device_runtime.errors import ConfigError
+
+DEFAULT_PROFILES = """
+[[device]]
+kind = "raspberry-pi"
+memory_mib = 1024
+gflops = 5.0
+count = 2
+
+[[device]]
+kind = "phone"
+memory_mib = 3072
+gflops = 15.0
+count = 2
+
+[[device]]
+kind = "laptop"
+memory_mib = 8192
+gflops = 40.0
+count = 1
+"""
+
+
+@dataclass(frozen=True)
+class SimulatedDevice:
+    """One simulated device: its name, kind and budget (memory in MiB, compute in GFLOP/s)."""
+
+    name: str
+    kind: str
+    memory_mib: int
+    gflops: float
+
+
+def parse_profiles(text: str, *, source: str = "profiles") -> list[SimulatedDevice]:
+    """Expand the ``[[device]]`` tables into one :class:`SimulatedDevice` per simulated device.
+
+    Raises:
+        ConfigError: invalid TOML, no device, or a non-positive memory / gflops / count.
+    """
+    try:
+        tables = tomllib.loads(text).get("device", [])
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: {exc}") from exc
+    devices = []
+    for table in tables:
+        try:
+            kind, memory, gflops = str(table["kind"]), int(table["memory_mib"]), float(table.get("gflops", 10.0))
+            count = int(table.get("count", 1))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(f"{source}: a [[device]] needs kind and memory_mib ({exc})") from exc
+        if memory <= 0 or gflops <= 0 or count < 1:
+            raise ConfigError(f"{source}: device {kind!r} needs memory_mib > 0, gflops > 0 and count >= 1")
+        devices += [SimulatedDevice(f"{kind}-{len(devices) + i}", kind, memory, gflops) for i in range(count)]
+    if not devices:
+        raise ConfigError(f"{source}: no [[device]] table")
+    return devices
+
+
+def load_profiles(path: str | Path | None, *, num_devices: int | None = None) -> list[SimulatedDevice]:
+    """Devices from ``path`` (or the default mix: 2 Pis of 1 GiB, 2 phones of 3 GiB, 1 laptop of 8 GiB).
+
+    With ``num_devices``, the list is cycled or cut to that many devices.
+    """
+    text = DEFAULT_PROFILES if path is None else Path(path).read_text()
+    devices = parse_profiles(text, source=str(path or "default profiles"))
+    if num_devices is None:
+        return devices
+    if num_devices < 1:
+        raise ConfigError(f"--num-devices must be >= 1, got {num_devices}")
+    cycled = [devices[i % len(devices)] for i in range(num_devices)]
+    return [SimulatedDevice(f"{d.kind}-{i}", d.kind, d.memory_mib, d.gflops) for i, d in enumerate(cycled)]

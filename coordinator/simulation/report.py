@@ -1,0 +1,90 @@
+"""Simulation outputs: per-round metrics (CSV, JSON), the summary, and plots (PNG, matplotlib).
+
+Round 0 is the zero-shot evaluation of the initial global model.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+
+@dataclass(frozen=True)
+class DeviceRound:
+    """One device in one round: training loss, bytes moved, peak RSS (MiB) and experts kept per layer."""
+
+    device: str
+    loss: float | None
+    bytes_up: int
+    bytes_down: int
+    peak_rss_mib: float | None
+    experts_kept: int
+
+
+@dataclass(frozen=True)
+class RoundRecord:
+    """One round of one strategy: global accuracy / loss on the held-out set, wall time, bytes moved."""
+
+    strategy: str
+    round: int
+    accuracy: float
+    loss: float
+    wall_s: float
+    bytes_up: int
+    bytes_down: int
+    devices: tuple[DeviceRound, ...] = field(default_factory=tuple)
+
+
+def cumulative_bytes_up(records: Sequence[RoundRecord]) -> list[int]:
+    """Running total of bytes uploaded, round by round (records of one strategy, in order)."""
+    total, out = 0, []
+    for record in records:
+        total += record.bytes_up
+        out.append(total)
+    return out
+
+
+def write_metrics(records: Sequence[RoundRecord], out: Path) -> None:
+    """``metrics.json`` (everything, nested) and ``metrics.csv`` (one row per strategy, round and device)."""
+    (out / "metrics.json").write_text(json.dumps([asdict(r) for r in records], indent=2))
+    columns = ["strategy", "round", "accuracy", "loss", "wall_s", "bytes_up", "bytes_down", "device",
+               "device_loss", "device_bytes_up", "device_bytes_down", "device_peak_rss_mib", "experts_kept"]
+    with open(out / "metrics.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(columns)
+        for r in records:
+            head = [r.strategy, r.round, f"{r.accuracy:.4f}", f"{r.loss:.4f}", f"{r.wall_s:.1f}", r.bytes_up,
+                    r.bytes_down]
+            for d in r.devices or (None,):
+                tail = ["", "", "", "", "", ""] if d is None else [
+                    d.device, "" if d.loss is None else f"{d.loss:.4f}", d.bytes_up, d.bytes_down,
+                    "" if d.peak_rss_mib is None else f"{d.peak_rss_mib:.0f}", d.experts_kept]
+                writer.writerow(head + tail)
+
+
+def plot_accuracy(records: Sequence[RoundRecord], path: Path) -> Path:
+    """Accuracy vs round and vs cumulative MiB uploaded, one line per strategy, as one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (by_round, by_bytes) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for strategy in dict.fromkeys(r.strategy for r in records):
+        rows = [r for r in records if r.strategy == strategy]
+        accuracy = [100 * r.accuracy for r in rows]
+        by_round.plot([r.round for r in rows], accuracy, marker="o", label=strategy)
+        by_bytes.plot([b / (1 << 20) for b in cumulative_bytes_up(rows)], accuracy, marker="o", label=strategy)
+    by_round.set(xlabel="round (0 = zero-shot)", ylabel="held-out accuracy (%)", title="accuracy vs round")
+    by_bytes.set(xlabel="MiB uploaded by all devices (cumulative)", ylabel="held-out accuracy (%)",
+                 title="accuracy vs bytes uploaded")
+    for axis in (by_round, by_bytes):
+        axis.grid(alpha=0.3)
+        axis.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
