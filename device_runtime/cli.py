@@ -1,7 +1,9 @@
 """``fedmoe-device``: the device runtime's command line (``python -m device_runtime.cli``).
 
 Commands here: ``profile`` (what this device can do) and ``train-local`` (offline training of a bundle on
-a local JSONL file, for debugging a bundle or a device without a coordinator).
+a local JSONL file, for debugging a bundle or a device without a coordinator); ``enroll`` (once: redeem a
+token, store the device key) and ``run`` (serve a coordinator's rounds until SIGTERM), see
+``device_runtime.client``.
 """
 
 from __future__ import annotations
@@ -152,6 +154,107 @@ def _importance_table(routing) -> Table:
             table.add_row(str(l), str(expert), f"{layer.usage[i]:.3f}", f"{layer.specific[i]:.3f}",
                           f"{layer.kl[i]:.4f}", f"{score[i]:.3f}", str(layer.tokens_routed[i]))
     return table
+
+
+
+# ---------------------------------------------------------------- coordinator connection (device_runtime.client)
+
+
+def _home_path(name: str) -> Path:
+    from device_runtime.client import default_home
+
+    return default_home() / name
+
+
+def _logging(verbose: bool) -> None:
+    import logging
+
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+_CAFILE = click.option("--cafile", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                       help="CA certificate (PEM) that signed the coordinator's TLS certificate (wss:// only) "
+                            "[default: the system CAs].")
+_CREDENTIALS = click.option("--credentials", "credentials_path", type=click.Path(dir_okay=False, path_type=Path),
+                            help="Credentials file (JSON, mode 0600) [default: $FEDMOE_DEVICE_HOME/credentials.json, "
+                                 "$FEDMOE_DEVICE_HOME defaults to ~/.fedmoe-device].")
+_MEMORY = click.option("--memory-mib", type=click.IntRange(min=1),
+                       help="Memory budget reported to the coordinator, MiB (it sizes the expert subset) "
+                            "[default: memory available now].")
+
+
+@main.command("enroll")
+@click.argument("url")
+@click.option("--token", required=True, envvar="FEDMOE_ENROL_TOKEN", show_envvar=True,
+              help="Single-use enrolment token from `fedmoe-coord enrol` (keep it out of shell history: "
+                   "use the environment variable).")
+@click.option("--name", required=True, help="Device name, e.g. pi4-kitchen ([A-Za-z0-9][A-Za-z0-9_.-]*).")
+@_CAFILE
+@_CREDENTIALS
+@_MEMORY
+def enroll_command(url, token, name, cafile, credentials_path, memory_mib):
+    """Enrol this device at the coordinator URL (ws://host:port or wss://host:port), once.
+
+    Generates an Ed25519 key pair (the private key never leaves the device), redeems the token and writes
+    the device id and key to the credentials file with mode 0600.
+    """
+    import asyncio
+
+    from device_runtime.client import device_profile, enroll
+
+    _logging(False)
+    path = credentials_path or _home_path("credentials.json")
+    try:
+        creds = asyncio.run(enroll(url, token, name, credentials_path=path, cafile=cafile,
+                                   profile=device_profile(memory_mib)))
+    except (FedmoeError, OSError) as exc:
+        raise click.ClickException(f"{type(exc).__name__}: {exc}") from exc
+    click.echo(f"enrolled as {creds.device_id}; credentials written to {path}")
+
+
+main.add_command(click.Command("enrol", callback=enroll_command.callback, params=enroll_command.params,
+                               help=enroll_command.help, hidden=True))
+
+
+@main.command("run")
+@click.argument("url")
+@click.option("--data", "data_file", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help='Local training data, JSONL: {"text", "label"} or {"prompt", "completion"} per line.')
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="State directory: cached bundles and not yet acknowledged updates "
+                   "[default: $FEDMOE_DEVICE_HOME/state].")
+@click.option("--threads", type=click.IntRange(min=1), help="ORT intra-op threads [default: one per core].")
+@_CAFILE
+@_CREDENTIALS
+@_MEMORY
+@click.option("--max-message-mib", default=256.0, show_default=True, type=click.FloatRange(0, 4096, min_open=True),
+              help="Largest websocket message accepted, MiB (match the coordinator's max_message_mib).")
+@click.option("--cache-mib", default=4096.0, show_default=True, type=click.FloatRange(min=1),
+              help="Bound on the bundle cache, MiB (least recently used bundles are evicted).")
+@click.option("--template", default=DEFAULT_TEMPLATE, show_default=True,
+              help="Prompt template of classification records ({text} is replaced).")
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+def run_command(url, data_file, cache_dir, threads, cafile, credentials_path, memory_mib, max_message_mib,
+                cache_mib, template, verbose):
+    """Serve the coordinator at URL: authenticate, train each assignment on local data, upload updates.
+
+    Reconnects with exponential backoff after a lost connection and re-sends any update not yet
+    acknowledged (also after a restart). SIGTERM / Ctrl-C abandon training after the current step and
+    keep cached bundles and pending updates for the next start.
+    """
+    from device_runtime.auth import load_credentials
+    from device_runtime.client import DeviceClient, run_until_signal
+
+    _logging(verbose)
+    try:
+        creds = load_credentials(credentials_path or _home_path("credentials.json"))
+        client = DeviceClient(url, creds, data_file, cache_dir=cache_dir or _home_path("state"), cafile=cafile,
+                              max_message_mib=max_message_mib, threads=threads, memory_mib=memory_mib,
+                              cache_mib=cache_mib, template=template)
+        run_until_signal(client)
+    except FedmoeError as exc:
+        raise click.ClickException(f"{type(exc).__name__}: {exc}") from exc
 
 
 if __name__ == "__main__":
