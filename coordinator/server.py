@@ -28,13 +28,16 @@ from coordinator.config import CoordinatorConfig
 from coordinator.service import Coordinator, Session
 from device_runtime.auth import NonceBook, verify_challenge
 from device_runtime.errors import AuthError, BundleError, FedmoeError, ProtocolError
-from device_runtime.protocol import (PROTOCOL_VERSION, Auth, AuthOk, BundleRequest, Challenge, Enrol, EnrolOk,
-                                     Error, EvaluateRes, Heartbeat, Hello, Message, Update, bundle_chunks, decode,
-                                     encode)
+from device_runtime.protocol import (PROTOCOL_VERSION, Assignment, Auth, AuthOk, BundleData, BundleRequest,
+                                     Challenge, Enrol, EnrolOk, Error, EvaluateRes, Heartbeat, Hello, Message,
+                                     Update, bundle_chunks, decode, encode)
 
 log = logging.getLogger("fedmoe.coord")
 MAX_BAD_BEFORE_AUTH = 3
 CHUNK_BYTES = 4 << 20
+
+
+TRAFFIC = (Assignment, BundleData, Update)  # the messages whose bytes are counted per device and round
 
 
 def health(connection: ServerConnection, request):
@@ -50,9 +53,13 @@ class Connection:
     def __init__(self, coord: Coordinator, ws: ServerConnection, nonces: NonceBook):
         self.coord, self.ws, self.nonces = coord, ws, nonces
         self.max_size = coord.cfg.max_message_bytes
+        self.device_id: str | None = None  # set once authenticated: bytes moved are counted per device
 
     async def send(self, msg: Message) -> None:
-        await self.ws.send(encode(msg))
+        frame = encode(msg)
+        await self.ws.send(frame)
+        if self.device_id is not None and isinstance(msg, TRAFFIC):
+            self.coord.count_bytes(self.device_id, "bytes_down", len(frame))
 
     async def error(self, code: str, message: str) -> None:
         await self.send(Error(code=code, message=message[:2000]))
@@ -62,7 +69,10 @@ class Connection:
         raw = await self.ws.recv()
         if isinstance(raw, str):
             raise ProtocolError("bad_frame", "protocol frames are binary websocket messages")
-        return decode(raw, max_size=self.max_size)
+        msg = decode(raw, max_size=self.max_size)
+        if self.device_id is not None and isinstance(msg, TRAFFIC):
+            self.coord.count_bytes(self.device_id, "bytes_up", len(raw))
+        return msg
 
     async def run(self) -> None:
         session = None
@@ -123,6 +133,7 @@ class Connection:
         self.coord.registry.touch_device(device.id, hello.profile or None)
         await self.send(AuthOk())
         log.info("device %s authenticated", device.id)
+        self.device_id = device.id
         return Session(device.id, hello.profile or device.profile, self.send)
 
     # ------------------------------------------------------------ authenticated messages

@@ -120,6 +120,12 @@ class Coordinator:
                 self.engine.current.device_lost(session.device_id)
             self.wake.set()
 
+    def count_bytes(self, device_id: str, direction: str, size: int) -> None:
+        """Record ``size`` bytes moved to (``bytes_down``) or from (``bytes_up``) a device in the current round."""
+        current = self.engine.current
+        self.registry.log_metric(direction, size, round_id=None if current is None else current.round_id,
+                                 device_id=device_id)
+
     def _available(self) -> list[str]:
         devices = (self.registry.get_device(d) for d in list(self.sessions) if d not in self.unplannable)
         return [d.id for d in devices if d is not None and not d.revoked]
