@@ -187,7 +187,7 @@ _MEMORY = click.option("--memory-mib", type=click.IntRange(min=1),
 @main.command("enroll")
 @click.argument("url")
 @click.option("--token", required=True, envvar="FEDMOE_ENROL_TOKEN", show_envvar=True,
-              help="Single-use enrolment token from `fedmoe-coord enrol` (keep it out of shell history: "
+              help="Single-use enrolment token from `fedmoe-coord enroll` (keep it out of shell history: "
                    "use the environment variable).")
 @click.option("--name", required=True, help="Device name, e.g. pi4-kitchen ([A-Za-z0-9][A-Za-z0-9_.-]*).")
 @_CAFILE

@@ -245,6 +245,8 @@ class DeviceClient:
                                 ping_timeout=3 * self.heartbeat_s) as ws:
                 await self._authenticate(ws)
                 self.connections += 1
+                if self._stopping.is_set():  # stop() came during the handshake, before there was a _ws to close
+                    return
                 self._ws = ws
                 heartbeat = asyncio.create_task(self._heartbeat(ws))
                 try:

@@ -389,3 +389,67 @@ def test_backoff_doubles_up_to_the_cap_with_jitter():
     for attempt, d in enumerate(delays):
         full = min(8.0, 2.0**attempt)
         assert 0.5 * full <= d <= full
+
+
+# ---------------------------------------------------------------- end to end: real coordinator, CLI, SIGTERM
+
+
+def test_cli_device_completes_a_round_with_the_real_coordinator_and_exits_on_sigterm(tmp_path):
+    """``fedmoe-device enroll`` + ``run`` in subprocesses against ``coordinator.server``: one HFedMoE round."""
+    import math
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from coordinator.config import CoordinatorConfig
+    from coordinator.federation import initialize
+    from coordinator.registry import Registry
+    from test_server import MAX_MIB as COORD_MIB, ServerThread, tiny_checkpoint as coord_checkpoint, two_expert_memory
+
+    old = os.environ.get("FEDMOE_CACHE")
+    os.environ["FEDMOE_CACHE"] = str(tmp_path / "cache")
+    try:
+        checkpoint = coord_checkpoint(tmp_path / "checkpoint")
+        cfg = CoordinatorConfig(checkpoint=str(checkpoint), state_dir=str(tmp_path / "coord"), port=0,
+                                max_message_mib=COORD_MIB, min_fit_clients=1, max_fit_clients=1, num_rounds=1,
+                                round_deadline_s=120, strategy="hfedmoe",
+                                fit={"batch_size": 2, "seq_len": 8, "local_steps": 2})
+        initialize(cfg, ["the match team won", "market shares profit bank", "film star award phone"])
+        server = ServerThread(cfg)
+    finally:
+        os.environ.pop("FEDMOE_CACHE") if old is None else os.environ.__setitem__("FEDMOE_CACHE", old)
+    registry = Registry(cfg.registry_url)
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"text": t, "label": "sport"}) + "\n" for t in ("the match team won",) * 4))
+    env = {**os.environ, "FEDMOE_DEVICE_HOME": str(tmp_path / "device"),
+           "FEDMOE_ENROL_TOKEN": registry.create_enrol_token("pi-cli", 3600)}
+    cli = [sys.executable, "-m", "device_runtime.cli"]
+    memory = str(math.ceil(two_expert_memory(checkpoint)))  # --memory-mib takes whole MiB
+    device = None
+    try:
+        enrolled_ = subprocess.run([*cli, "enroll", server.url, "--name", "pi-cli", "--memory-mib", memory],
+                                   env=env, capture_output=True, text=True, timeout=60)
+        assert enrolled_.returncode == 0, enrolled_.stderr
+        assert stat.S_IMODE((tmp_path / "device" / "credentials.json").stat().st_mode) == 0o600
+        device = subprocess.Popen([*cli, "run", server.url, "--data", str(data), "--threads", "1", "--memory-mib",
+                                   memory, "--max-message-mib", str(COORD_MIB)], env=env, stderr=subprocess.PIPE,
+                                  text=True)
+        deadline = time.monotonic() + 60
+        while not any(r.status == "finished" for r in registry.list_rounds()):
+            assert time.monotonic() < deadline and device.poll() is None, "no round finished"
+            time.sleep(0.2)
+        (round_,) = registry.list_rounds()
+        (update,) = registry.accepted_updates(round_.id)
+        assert round_.metrics["num_clients"] == 1 and update.num_examples == 4
+        assert registry.latest_model_version().version == 1
+        device.send_signal(signal.SIGTERM)
+        assert device.wait(timeout=15) == 0
+        log = device.stderr.read()
+        assert f"update {update.update_id} accepted" in log, log
+        assert not list((tmp_path / "device" / "state" / "updates").glob("*.safetensors"))
+    finally:
+        if device is not None and device.poll() is None:
+            device.kill()
+        registry.close()
+        server.stop()
