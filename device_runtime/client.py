@@ -45,6 +45,7 @@ from device_runtime.fit_round import fit_assignment
 from device_runtime.protocol import (PROTOCOL_VERSION, Assignment, Auth, AuthOk, Challenge, Enrol, EnrolOk, Error,
                                      Heartbeat, Hello, Message, decode, encode, expect)
 from device_runtime.session import Acked, DeviceSession, InstallBundle, Report, Send, Train
+from device_runtime.slots import training_slot
 from device_runtime.update_store import UpdateStore
 
 log = logging.getLogger("fedmoe.device")
@@ -364,7 +365,7 @@ class DeviceClient:
         log.info("round %d: training %s on %s", assignment.round_id, bundle.manifest.shape_key.id, self.data_file)
         extra = {} if self.memory_mib is None else {"memory_budget_mib": float(self.memory_mib)}
         try:
-            update = await asyncio.to_thread(fit_assignment, bundle, assignment, self.data_file,
+            update = await asyncio.to_thread(_fit_in_slot, bundle, assignment, self.data_file,
                                              threads=self.threads, stop=self._stop_training,
                                              template=self.template, extra_metrics=extra)
         except (FedmoeError, OSError) as exc:
@@ -380,6 +381,12 @@ class DeviceClient:
         log.info("round %d: loss %.4f, %d steps, peak RSS %.0f MiB; sending update %s", assignment.round_id,
                  update.metrics["loss"], int(update.metrics["steps"]), update.metrics["peak_rss_mb"], uid)
         await self._send(update)
+
+
+def _fit_in_slot(*args, **kwargs) -> Update:
+    """``fit_assignment`` while holding a training slot (``$FEDMOE_TRAINING_SLOTS``, see device_runtime.slots)."""
+    with training_slot():
+        return fit_assignment(*args, **kwargs)
 
 
 def run_until_signal(client: DeviceClient) -> None:

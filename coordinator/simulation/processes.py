@@ -1,0 +1,144 @@
+"""The processes of a simulation: one ``fedmoe-coord serve`` and one ``fedmoe-device run`` per device.
+
+Each device process runs under an operating-system memory limit equal to its budget. ``RLIMIT_AS`` counts
+address space, not memory: an ORT training process with 650 MB peak RSS died under a 900 MB ``RLIMIT_AS``
+(DESIGN.md §3), so the budget is enforced with ``RLIMIT_DATA`` (heap and private anonymous mappings, which
+is where tensors live). A bundle that does not fit fails visibly: the device process dies with a
+MemoryError / bad_alloc, the simulation reports its exit status. Peak RSS is read from ``wait4``'s rusage.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from device_runtime.errors import FedmoeError
+
+MIB = 1 << 20
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _command(name: str) -> list[str]:
+    """The console script ``name`` if installed, else ``python -m <package>.cli``."""
+    found = shutil.which(name)
+    module = {"fedmoe-coord": "coordinator.cli", "fedmoe-device": "device_runtime.cli"}[name]
+    return [found] if found else [sys.executable, "-m", module]
+
+
+@dataclass
+class Child:
+    """A started process, its log file, and (after :meth:`stop`) its exit status and peak RSS (MiB)."""
+
+    name: str
+    process: subprocess.Popen
+    log: Path
+    returncode: int | None = None
+    peak_rss_mib: float | None = None
+    extra: dict = field(default_factory=dict)
+
+    def poll(self) -> int | None:
+        """Exit status if it has ended (reaped with wait4 to keep its rusage), else None."""
+        if self.returncode is None:
+            pid, status, usage = os.wait4(self.process.pid, os.WNOHANG)
+            if pid:
+                self._reaped(status, usage)
+        return self.returncode
+
+    def _reaped(self, status: int, usage) -> None:
+        self.returncode = os.waitstatus_to_exitcode(status)
+        self.process.returncode = self.returncode
+        self.peak_rss_mib = usage.ru_maxrss / 1024  # Linux: KiB
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """SIGTERM, then SIGKILL after ``timeout`` seconds; reaps the process."""
+        if self.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while self.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if self.returncode is None:
+            self.process.kill()
+            _, status, usage = os.wait4(self.process.pid, 0)
+            self._reaped(status, usage)
+
+    def tail(self, lines: int = 5) -> str:
+        text = self.log.read_text(errors="replace").strip().splitlines() if self.log.exists() else []
+        return "\n".join(text[-lines:])
+
+
+def _spawn(name: str, args: list[str], log: Path, env: dict | None = None, limit_bytes: int | None = None) -> Child:
+    def limit() -> None:
+        if limit_bytes is not None:
+            resource.setrlimit(resource.RLIMIT_DATA, (limit_bytes, limit_bytes))
+
+    handle = open(log, "wb")
+    process = subprocess.Popen(args, stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                               env={**os.environ, **(env or {})}, preexec_fn=limit)
+    handle.close()
+    return Child(name, process, log)
+
+
+def start_coordinator(config: Path, log: Path) -> Child:
+    """``fedmoe-coord --config CONFIG serve`` as a child process."""
+    return _spawn("coordinator", [*_command("fedmoe-coord"), "--config", str(config), "serve"], log)
+
+
+def wait_healthy(port: int, child: Child, timeout: float = 120.0) -> None:
+    """Poll ``http://127.0.0.1:PORT/healthz`` until it answers.
+
+    Raises:
+        FedmoeError: the coordinator exited or did not answer in ``timeout`` seconds (with its log tail).
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if child.poll() is not None:
+            raise FedmoeError(f"the coordinator exited ({child.returncode}):\n{child.tail(20)}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.3)
+    raise FedmoeError(f"the coordinator did not answer /healthz within {timeout:.0f} s:\n{child.tail(20)}")
+
+
+def enrol_device(url: str, token: str, name: str, home: Path, memory_mib: int) -> None:
+    """``fedmoe-device enroll`` (a real websocket enrolment), credentials under ``home``.
+
+    Raises:
+        FedmoeError: enrolment failed (with its output).
+    """
+    home.mkdir(parents=True, exist_ok=True)
+    result = subprocess.run(
+        [*_command("fedmoe-device"), "enroll", url, "--name", name, "--memory-mib", str(memory_mib)],
+        env={**os.environ, "FEDMOE_DEVICE_HOME": str(home), "FEDMOE_ENROL_TOKEN": token},
+        capture_output=True, text=True, timeout=120)
+    if result.returncode != 0:
+        raise FedmoeError(f"enrolling {name} failed: {result.stdout}{result.stderr}")
+
+
+def start_device(url: str, name: str, home: Path, data: Path, memory_mib: int, *, threads: int,
+                 slots: str) -> Child:
+    """``fedmoe-device run`` under RLIMIT_DATA = ``memory_mib`` MiB; training slots bound the concurrency."""
+    args = [*_command("fedmoe-device"), "run", url, "--data", str(data), "--memory-mib", str(memory_mib),
+            "--threads", str(threads)]
+    env = {"FEDMOE_DEVICE_HOME": str(home), "FEDMOE_TRAINING_SLOTS": slots}
+    child = _spawn(name, args, home / "device.log", env, limit_bytes=memory_mib * MIB)
+    child.extra["memory_mib"] = memory_mib
+    return child
