@@ -215,6 +215,15 @@ def export_model(ctx, out_dir):
     console.print(f"exported model version {latest.version} to {out_dir}")
 
 
+def _simulate_command():
+    from coordinator.simulation.cli import simulate_command
+
+    return simulate_command
+
+
+main.add_command(_simulate_command(), name="simulate")
+
+
 def _time(value) -> str:
     return "" if value is None else value.strftime("%Y-%m-%d %H:%M:%S")
 

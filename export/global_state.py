@@ -53,25 +53,30 @@ def init_global_state(checkpoint: str | Path, out_file: str | Path, *, trainable
 
 
 def load_with_state(checkpoint: str | Path, state_file: str | Path, *, lora_alpha: float = 16.0):
-    """The checkpoint's model with the global state loaded into it (LoRA adapters added when present).
-
-    Raises:
-        ModelError: the state names or shapes do not fit the checkpoint.
-    """
-    import torch
-    from safetensors.torch import load_file
+    """The checkpoint's model with the global state file loaded into it (see :func:`apply_state`)."""
+    from safetensors.numpy import load_file
 
     tensors = load_file(str(state_file))
     lora = [n for n in tensors if n.endswith("gate_up_lora_A")]
-    rank = int(tensors[lora[0]].shape[1]) if lora else 0
-    model = _model_with_state(Path(checkpoint), trainable_mode="lora" if lora else "experts", lora_rank=rank,
-                              lora_alpha=lora_alpha, seed=0)
+    model = _model_with_state(Path(checkpoint), trainable_mode="lora" if lora else "experts",
+                              lora_rank=int(tensors[lora[0]].shape[1]) if lora else 0, lora_alpha=lora_alpha, seed=0)
+    return apply_state(model, tensors)
+
+
+def apply_state(model, tensors: dict):
+    """Copy global-state tensors (name -> numpy array) into ``model`` in place; returns ``model``.
+
+    Raises:
+        ModelError: a name is not a parameter of the model, or its shape differs.
+    """
+    import torch
+
     params = dict(model.named_parameters())
     for name, value in tensors.items():
         if name not in params or tuple(params[name].shape) != tuple(value.shape):
             raise ModelError(f"global state tensor {name} {tuple(value.shape)} does not fit the checkpoint")
         with torch.no_grad():
-            params[name].copy_(value)
+            params[name].copy_(torch.from_numpy(value))
     return model
 
 

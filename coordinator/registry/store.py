@@ -233,6 +233,10 @@ class Registry:
         with self._session() as s:
             return s.scalar(select(ModelVersion).order_by(ModelVersion.version.desc()).limit(1))
 
+    def get_model_version(self, version: int) -> ModelVersion | None:
+        with self._session() as s:
+            return s.get(ModelVersion, version)
+
     def log_metric(self, name: str, value: float, *, round_id: int | None = None,
                    device_id: str | None = None) -> None:
         with self._session.begin() as s:

