@@ -181,7 +181,7 @@ def make_client(url, creds, data, tmp_path, **kwargs) -> DeviceClient:
                         profile=PROFILE, heartbeat_s=0.2, backoff=Backoff(base_s=0.05, max_s=0.2), **kwargs)
 
 
-async def enrolled(server: Server, url: str, tmp_path) -> Credentials:
+async def enrolled(url: str, tmp_path) -> Credentials:
     return await enroll(url, "good-token", "pi4", credentials_path=tmp_path / "creds.json", profile=PROFILE)
 
 
@@ -209,7 +209,7 @@ def test_enrolment_writes_a_0600_credentials_file_with_the_registered_key(tmp_pa
     async def body(url):
         with pytest.raises(AuthError):
             await enroll(url, "bad-token", "pi4", credentials_path=tmp_path / "bad.json", profile=PROFILE)
-        return await enrolled(server, url, tmp_path)
+        return await enrolled(url, tmp_path)
 
     creds = asyncio.run(with_server(server, body))
     path = tmp_path / "creds.json"
@@ -224,7 +224,7 @@ def test_wrong_private_key_raises_auth_error(tmp_path, bundle):
     server = Server()
 
     async def body(url):
-        creds = await enrolled(server, url, tmp_path)
+        creds = await enrolled(url, tmp_path)
         impostor = Credentials(device_id=creds.device_id, private_key=generate_keypair()[0])
         with pytest.raises(AuthError, match="refused"):
             await make_client(url, impostor, bundle[1], tmp_path).run()
@@ -242,7 +242,7 @@ def test_update_dropped_during_upload_is_resent_with_the_same_id_and_counted_onc
     server = Server(assignment=assignment, files=bundle_files(verified), drop_first_update=True)
 
     async def body(url):
-        client = make_client(url, await enrolled(server, url, tmp_path), data, tmp_path)
+        client = make_client(url, await enrolled(url, tmp_path), data, tmp_path)
         await run_until(client, lambda: server.counted and not client.store.pending_ids())
         return client
 
@@ -273,7 +273,7 @@ def test_a_restarted_device_resumes_the_upload_from_disk(tmp_path, bundle):
     server = Server()
 
     async def body(url):
-        client = make_client(url, await enrolled(server, url, tmp_path), data, tmp_path)
+        client = make_client(url, await enrolled(url, tmp_path), data, tmp_path)
         await run_until(client, lambda: server.counted and not client.store.pending_ids())
 
     asyncio.run(with_server(server, body))
@@ -288,7 +288,7 @@ def test_corrupted_bundle_chunk_is_rejected_and_nothing_is_trained(tmp_path, bun
     server = Server(assignment=assignment_of(verified), files=bundle_files(verified), corrupt=corrupt)
 
     async def body(url):
-        client = make_client(url, await enrolled(server, url, tmp_path), data, tmp_path)
+        client = make_client(url, await enrolled(url, tmp_path), data, tmp_path)
         await run_until(client, lambda: any(e.code == "bad_payload"
                                             for e in server.errors))
         await asyncio.sleep(0.3)
@@ -306,7 +306,7 @@ def test_malformed_and_oversized_frames_get_errors_and_a_reconnect_not_a_crash(t
     server = Server(after_auth=[garbage, unknown], oversize_after_errors=2)
 
     async def body(url):
-        client = make_client(url, await enrolled(server, url, tmp_path), bundle[1], tmp_path)
+        client = make_client(url, await enrolled(url, tmp_path), bundle[1], tmp_path)
         await run_until(client, lambda: server.connections >= 2)
 
     asyncio.run(with_server(server, body))
@@ -320,7 +320,7 @@ def test_stop_abandons_training_after_the_current_step_and_keeps_state(tmp_path,
     server = Server(assignment=assignment_of(verified, local_steps=1_000_000), files=bundle_files(verified))
 
     async def body(url):
-        client = make_client(url, await enrolled(server, url, tmp_path), data, tmp_path)
+        client = make_client(url, await enrolled(url, tmp_path), data, tmp_path)
         await run_until(client, lambda: client.cache.ids(), settle_s=1.5)  # stop() mid-training
         return client
 
