@@ -43,7 +43,7 @@ from device_runtime.errors import (AuthError, BundleError, BundleIntegrityError,
                                    FedmoeError, ProtocolError)
 from device_runtime.fit_round import fit_assignment
 from device_runtime.protocol import (PROTOCOL_VERSION, Assignment, Auth, AuthOk, Challenge, Enrol, EnrolOk, Error,
-                                     Heartbeat, Hello, Message, decode, encode, expect)
+                                     Heartbeat, Hello, Message, Update, decode, encode, expect)
 from device_runtime.session import Acked, DeviceSession, InstallBundle, Report, Send, Train
 from device_runtime.slots import training_slot
 from device_runtime.update_store import UpdateStore
