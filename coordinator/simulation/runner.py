@@ -57,7 +57,8 @@ def _config(fed: Federation, out: Path, port: int) -> CoordinatorConfig:
         checkpoint=str(fed.checkpoint.resolve()), state_dir=str((out / "state").resolve()), port=port,
         strategy=fed.strategy, min_fit_clients=len(fed.devices), max_fit_clients=len(fed.devices),
         num_rounds=fed.rounds, round_deadline_s=fed.round_deadline_s, trainable_mode=fed.trainable_mode,
-        lora_rank=fed.lora_rank, seed=fed.seed, fit=dataclasses.asdict(fed.fit))
+        lora_rank=fed.lora_rank, seed=fed.seed,
+        fit={k: v for k, v in dataclasses.asdict(fed.fit).items() if v is not None})
 
 
 class Watch:
