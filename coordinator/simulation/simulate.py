@@ -105,7 +105,8 @@ def _fit(preset: Preset) -> FitConfig:
 
 
 def make_scorer(checkpoint: Path, test: list[dict], labels: list[str], plan: SimulationPlan) -> Callable:
-    """``score(params) -> (accuracy, loss)`` on the test set, ``params`` a global state (name -> array)."""
+    """``score(params) -> (accuracy, loss)`` on the test set; ``params`` is a global state (name -> array),
+    or None for the model as initialised (the zero-shot score)."""
     import torch
 
     from export.evaluate import label_accuracy
@@ -115,8 +116,9 @@ def make_scorer(checkpoint: Path, test: list[dict], labels: list[str], plan: Sim
     model = _model_with_state(checkpoint, trainable_mode=plan.trainable_mode, lora_rank=plan.lora_rank,
                               lora_alpha=16.0, seed=plan.seed)
 
-    def score(params: dict) -> tuple[float, float]:
-        apply_state(model, params)
+    def score(params: dict | None) -> tuple[float, float]:
+        if params is not None:
+            apply_state(model, params)
         result = label_accuracy(model, checkpoint / "tokenizer.json", test, labels, seq_len=plan.preset.seq_len)
         return result.accuracy, result.loss
 
@@ -136,13 +138,8 @@ def simulate(plan: SimulationPlan, on_event: Callable[[str, object], None]) -> d
     on_event("stage", "zero-shot evaluation of the initial global model")
     score = make_scorer(checkpoint, test, labels, plan)
     from export.calibration import default_texts
-    from safetensors.numpy import load_file
 
-    from export.global_state import init_global_state
-
-    init_global_state(checkpoint, plan.out / "initial_state.safetensors", trainable_mode=plan.trainable_mode,
-                      lora_rank=plan.lora_rank, seed=plan.seed)
-    zero_acc, zero_loss = score(load_file(str(plan.out / "initial_state.safetensors")))
+    zero_acc, zero_loss = score(None)
     records: list[RoundRecord] = []
     peaks: dict[str, dict] = {}
     for strategy in plan.strategies:
