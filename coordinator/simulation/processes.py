@@ -134,10 +134,10 @@ def enrol_device(url: str, token: str, name: str, home: Path, memory_mib: int) -
 
 
 def start_device(url: str, name: str, home: Path, data: Path, memory_mib: int, *, threads: int,
-                 slots: str) -> Child:
+                 slots: str, max_message_mib: float) -> Child:
     """``fedmoe-device run`` under RLIMIT_DATA = ``memory_mib`` MiB; training slots bound the concurrency."""
     args = [*_command("fedmoe-device"), "run", url, "--data", str(data), "--memory-mib", str(memory_mib),
-            "--threads", str(threads)]
+            "--threads", str(threads), "--max-message-mib", str(max_message_mib)]
     env = {"FEDMOE_DEVICE_HOME": str(home), "FEDMOE_TRAINING_SLOTS": slots}
     child = _spawn(name, args, home / "device.log", env, limit_bytes=memory_mib * MIB)
     child.extra["memory_mib"] = memory_mib

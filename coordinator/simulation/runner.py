@@ -10,6 +10,7 @@ This process then watches the registry: each new global model version is evaluat
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,8 @@ from typing import Callable, Sequence
 from coordinator.config import CoordinatorConfig, save_config
 from coordinator.federation import initialize
 from coordinator.registry import Registry
-from coordinator.simulation.processes import Child, enrol_device, free_port, start_coordinator, start_device, wait_healthy
+from coordinator.simulation.processes import (MIB, Child, enrol_device, free_port, start_coordinator, start_device,
+                                              wait_healthy)
 from coordinator.simulation.profiles import SimulatedDevice
 from coordinator.simulation.report import DeviceRound, RoundRecord
 from coordinator.tensor_store import TensorStore
@@ -111,7 +113,8 @@ def _start_devices(fed: Federation, out: Path, cfg: CoordinatorConfig, url: str)
     for device, token, data in zip(fed.devices, tokens, fed.data_files):
         home = out / "devices" / device.name
         enrol_device(url, token, device.name, home, device.memory_mib)
-        children.append(start_device(url, device.name, home, data, device.memory_mib, threads=1, slots=slots))
+        children.append(start_device(url, device.name, home, data, device.memory_mib, threads=1, slots=slots,
+                                     max_message_mib=cfg.max_message_mib))
     return children
 
 
@@ -135,7 +138,10 @@ def run_federation(fed: Federation, out: Path, evaluate: Callable[[dict], tuple[
     """
     out.mkdir(parents=True, exist_ok=True)
     cfg = _config(fed, out, free_port())
-    initialize(cfg, list(fed.calibration_texts), seq_len=fed.fit.seq_len)
+    version = initialize(cfg, list(fed.calibration_texts), seq_len=fed.fit.seq_len)
+    # The largest message is an assignment of every expert (the global state) plus its header.
+    state_mib = TensorStore(Path(cfg.state_dir) / "tensors").path(version.tensor_sha256).stat().st_size / MIB
+    cfg = dataclasses.replace(cfg, max_message_mib=max(cfg.max_message_mib, math.ceil(state_mib * 1.05) + 16))
     save_config(cfg, out / "fedmoe-coord.toml")
     coordinator = start_coordinator(out / "fedmoe-coord.toml", out / "coordinator.log")
     children: list[Child] = []
