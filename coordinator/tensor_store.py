@@ -10,12 +10,12 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 
+from device_runtime.files import atomic_write
 from device_runtime.errors import ModelError
 from device_runtime.protocol import bytes_to_tensors, tensors_to_bytes
 
@@ -49,16 +49,7 @@ class TensorStore:
         if target.is_file():
             return sha
         target.parent.mkdir(exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-", suffix=".safetensors")
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(target, data, mode=0o644)
         _fsync_dir(target.parent)
         return sha
 

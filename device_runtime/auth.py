@@ -45,6 +45,7 @@ from pathlib import Path
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from device_runtime.files import atomic_write
 from device_runtime.errors import AuthError
 
 TOKEN_BYTES = 32
@@ -185,17 +186,7 @@ def save_credentials(path: str | Path, creds: Credentials) -> None:
         "private_key": base64.b64encode(creds.private_key).decode("ascii"),
         "coordinator_url": creds.coordinator_url,
     }).encode()
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(body)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_write(path, body, mode=0o600)
 
 
 def load_credentials(path: str | Path) -> Credentials:

@@ -11,13 +11,12 @@ Layout under ``root`` (mode 0700)::
 from __future__ import annotations
 
 import json
-import os
 import re
-import secrets
 from pathlib import Path
 
 import safetensors.numpy
 
+from device_runtime.files import atomic_write
 from device_runtime.errors import ProtocolError
 from device_runtime.protocol import Update, _check_fields
 
@@ -42,9 +41,9 @@ class UpdateStore:
         """Persist ``update`` (tensors first, then the JSON that marks it complete)."""
         name = _checked(update.update_id)
         blob = safetensors.numpy.save({n: t for n, t in update.tensors.items()})
-        _atomic_write(self.root / f"{name}.safetensors", blob)
+        atomic_write(self.root / f"{name}.safetensors", blob)
         fields = {k: v for k, v in _fields(update).items() if k != "tensors"}
-        _atomic_write(self.root / f"{name}.json", json.dumps(fields).encode())
+        atomic_write(self.root / f"{name}.json", json.dumps(fields).encode())
 
     def pending(self) -> list[Update]:
         """Every complete pending update, oldest first; unreadable records are deleted (logged by caller)."""
@@ -67,7 +66,7 @@ class UpdateStore:
         self.discard(update_id)
         if update_id not in self._acked:
             self._acked = (self._acked + [update_id])[-self.keep_acked:]
-            _atomic_write(self.root / ACKED_FILE, json.dumps(self._acked).encode())
+            atomic_write(self.root / ACKED_FILE, json.dumps(self._acked).encode())
 
     def is_acked(self, update_id: str) -> bool:
         return update_id in self._acked
@@ -104,17 +103,3 @@ def _checked(update_id: str) -> str:
     if not _ID.match(update_id):
         raise ProtocolError("bad_header", f"invalid update id {update_id!r}")
     return update_id
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
