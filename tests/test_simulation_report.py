@@ -29,7 +29,7 @@ def test_cumulative_bytes_and_outputs(tmp_path):
 
 def test_profiles_expand_counts_and_reject_bad_values():
     devices = load_profiles(None)
-    assert [d.memory_mib for d in devices] == [1024, 1024, 3072, 3072, 8192]
+    assert [d.memory_mib for d in devices] == [1536, 1536, 3072, 3072, 8192]
     assert len({d.name for d in devices}) == 5
     assert [d.kind for d in load_profiles(None, num_devices=7)][5:] == ["raspberry-pi", "raspberry-pi"]
     with pytest.raises(ConfigError, match="memory_mib"):

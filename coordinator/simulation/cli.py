@@ -49,7 +49,7 @@ def _round_table(records: list[RoundRecord]) -> Table:
               help=f"Aggregation strategy: {', '.join(sorted(STRATEGIES))}.")
 @click.option("--compare", default=None, help="Several strategies on the same split and seed, e.g. hfedmoe,fedavg.")
 @click.option("--devices", "devices_file", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="TOML device profiles ([[device]] kind, memory_mib, gflops, count).  [default: 2 Pis of 1 GiB, "
+              help="TOML device profiles ([[device]] kind, memory_mib, gflops, count).  [default: 2 Pis of 1.5 GiB, "
                    "2 phones of 3 GiB, 1 laptop of 8 GiB]")
 @click.option("--num-devices", type=int, default=None, help="Cycle or cut the profiles to this many devices.")
 @click.option("--rounds", type=int, default=None, help="Rounds per strategy.  [default: from the preset]")

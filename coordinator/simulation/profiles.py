@@ -20,7 +20,7 @@ from device_runtime.errors import ConfigError
 DEFAULT_PROFILES = """
 [[device]]
 kind = "raspberry-pi"
-memory_mib = 1024
+memory_mib = 1536
 gflops = 5.0
 count = 2
 
@@ -74,7 +74,7 @@ def parse_profiles(text: str, *, source: str = "profiles") -> list[SimulatedDevi
 
 
 def load_profiles(path: str | Path | None, *, num_devices: int | None = None) -> list[SimulatedDevice]:
-    """Devices from ``path`` (or the default mix: 2 Pis of 1 GiB, 2 phones of 3 GiB, 1 laptop of 8 GiB).
+    """Devices from ``path`` (or the default mix: 2 Pis of 1.5 GiB, 2 phones of 3 GiB, 1 laptop of 8 GiB).
 
     With ``num_devices``, the list is cycled or cut to that many devices.
     """
