@@ -16,13 +16,15 @@ import numpy as np
 import pytest
 import torch
 from transformers import (
-    MixtralConfig, MixtralForCausalLM, OlmoeConfig, OlmoeForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM,
+    LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM, OlmoeConfig, OlmoeForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM,
     Qwen3MoeConfig, Qwen3MoeForCausalLM,
 )
 
 from device_runtime.errors import ExportError
 from export.artifacts import ADAMW_EPS, ADAMW_WEIGHT_DECAY, export_training_artifacts
 from export.experts_impl import LORA_PARAMS, add_lora
+from export.prune import prune
+from export.upcycle import upcycle
 from export.training_graph import TrainingWrapper
 
 ort_api = pytest.importorskip("onnxruntime.training.api")
@@ -42,6 +44,8 @@ FAMILIES = {
         head_dim=8, norm_topk_prob=True, **COMMON)),
     "olmoe": lambda: OlmoeForCausalLM(OlmoeConfig(
         intermediate_size=40, num_experts=NUM_EXPERTS, num_experts_per_tok=TOP_K, **COMMON)),
+    "upcycled-llama": lambda: upcycle(LlamaForCausalLM(LlamaConfig(intermediate_size=48, **COMMON)),
+                                      num_experts=NUM_EXPERTS, experts_per_token=TOP_K),
 }
 MODES = ("experts", "lora")
 AUX, KL_COEF, LR = 0.05, 0.3, 1e-2
@@ -266,22 +270,10 @@ def test_uniform_router_gives_hand_computed_regularisers():
         assert float(layer_stats[3].sum()) == 19 * TOP_K
 
 
-def prune(model: torch.nn.Module, keep: list[list[int]]) -> None:
-    """Keep only the listed experts of each MoE layer (what the pruner does), top-k clipped to what is kept."""
-    for layer, ids in zip(model.model.layers, keep):
-        mlp, index = layer.mlp, torch.tensor(ids)
-        with torch.no_grad():
-            mlp.gate.weight = torch.nn.Parameter(mlp.gate.weight[index].clone())
-            for name in ("gate_up_proj", "down_proj"):
-                setattr(mlp.experts, name, torch.nn.Parameter(getattr(mlp.experts, name)[index].clone()))
-        mlp.gate.num_experts = mlp.experts.num_experts = len(ids)
-        mlp.gate.top_k = min(mlp.gate.top_k, len(ids))
-
-
 def test_pruned_uneven_layers_gradients_and_dynamic_shapes(tmp_path):
     """3 experts kept in layer 0, 1 (top-1) in layer 1; a batch shape other than the export example's."""
     model, _ = tiny_model("qwen3_moe", "experts")
-    prune(model, [[3, 0, 2], [1]])
+    model, _ = prune(model, [[3, 0, 2], [1]])
     trainable = [n for n, _ in model.named_parameters() if ".mlp." in n]
     wrapper = TrainingWrapper(model, trainable=trainable)
     assert wrapper.num_experts == (3, 1)
