@@ -227,6 +227,7 @@ def _build_session(bundle: Bundle, threads: int | None):
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
+    options.enable_cpu_mem_arena = False  # the arena reserves far beyond use: RLIMIT_DATA budgets then fail
     if threads is not None:
         if threads < 1:
             raise ConfigError(f"threads must be >= 1, got {threads}")
