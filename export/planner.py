@@ -30,7 +30,7 @@ from device_runtime.errors import BudgetError, ConfigError, ModelError
 
 MIB = 1 << 20
 # Measured by bench/bench_planner.py (ORT 1.19.2, 2 threads); see that file for the runs.
-CALIBRATION = {"runtime_overhead_mib": 160.0, "activation_factor": 2.0, "efficiency": 0.25}
+CALIBRATION = {"runtime_overhead_mib": 150.0, "activation_factor": 1.03, "efficiency": 0.25}
 
 
 @dataclass(frozen=True)
@@ -110,31 +110,43 @@ def _lora_params(shape: ModelShape, rank: int) -> int:
 
 
 def _activation_floats(shape: ModelShape, train: TrainingShape, kept: int) -> int:
-    """Floats kept for backward in one step: attention, dense-masked experts (all kept run on every token), logits."""
+    """Floats kept for backward in one step, summed over ``batch * seq_len`` tokens.
+
+    Per token: each decoder layer's attention (q, k, v, o, softmax scores ``heads * seq_len`` twice) plus its two
+    RMSNorms and residuals; per MoE layer, every kept expert on every token (dense-masked routing: gate, up,
+    SiLU, product, down) and with LoRA the adapters' ``(2I + H)`` outputs twice; the logits four times (logits,
+    float cast, log-softmax, their gradient).
+    """
     tokens = train.batch_size * train.seq_len
     h, i = shape.hidden, shape.intermediate
     kv = shape.num_kv_heads * shape.head_dim
-    attention = tokens * (8 * h + 4 * kv + 2 * shape.num_heads * train.seq_len)
-    experts = tokens * kept * (5 * i + 2 * h) + tokens * 4 * shape.num_experts
-    logits = 3 * tokens * shape.vocab
-    return shape.num_layers * attention + shape.moe_layers * experts + logits
+    attention = 12 * h + 4 * kv + 2 * shape.num_heads * train.seq_len
+    expert = 5 * i + 2 * h + (2 * (2 * i + h) if train.trainable_mode == "lora" else 0)
+    experts = kept * expert + 4 * shape.num_experts
+    return tokens * (shape.num_layers * attention + shape.moe_layers * experts + 4 * shape.vocab)
 
 
 def estimate(shape: ModelShape, train: TrainingShape, kept: int, *, gflops: float = 10.0,
              calibration: dict = CALIBRATION) -> Estimate:
-    """Estimate peak training memory and step time with ``kept`` experts in every MoE layer."""
+    """Estimate peak training memory (bytes by part) and step time (seconds) with ``kept`` experts per MoE layer.
+
+    Parts: ``runtime`` (interpreter, numpy, ORT), ``weights`` (float32 parameters, plus one more copy of the kept
+    expert matrices: measured, the transposes the backward matmuls read), ``grad_and_adamw`` (12 bytes per
+    trainable parameter) and ``activations``: the larger of ``activation_factor`` x the activation floats and the
+    bundle tensors staged while ``weights.safetensors`` is loaded (the two never coexist).
+    """
     router = kept * shape.hidden
-    expert_total = shape.moe_layers * (kept * shape.expert_params + router)
-    if train.trainable_mode == "lora":
-        lora = shape.moe_layers * kept * _lora_params(shape, train.lora_rank)
-        all_params, trainable = shape.shared_params + expert_total + lora, lora + shape.moe_layers * router
-    else:
-        all_params, trainable = shape.shared_params + expert_total, expert_total
+    experts = shape.moe_layers * kept * shape.expert_params
+    lora = shape.moe_layers * kept * _lora_params(shape, train.lora_rank) if train.trainable_mode == "lora" else 0
+    staged = experts + shape.moe_layers * router + lora  # the bundle's weights.safetensors
+    trainable = lora + shape.moe_layers * router if train.trainable_mode == "lora" else staged
+    all_params = shape.shared_params + staged
+    activations = calibration["activation_factor"] * 4 * _activation_floats(shape, train, kept)
     parts = {
         "runtime": calibration["runtime_overhead_mib"] * MIB,
-        "weights": 4 * all_params,
+        "weights": 4 * all_params + 4 * experts,
         "grad_and_adamw": 12 * trainable,
-        "activations": calibration["activation_factor"] * 4 * _activation_floats(shape, train, kept),
+        "activations": max(activations, 4 * staged),
     }
     tokens = train.batch_size * train.seq_len
     attention_flops = 4 * tokens * train.seq_len * shape.num_heads * shape.head_dim * shape.num_layers
