@@ -35,6 +35,34 @@ def write_bbc_jsonl(path: Path) -> Path:
     return path
 
 
+def fedmoe_export(args: list[str], log: Path) -> float:
+    """Run ``fedmoe-export *args`` (output appended to ``log``); return its wall-clock seconds."""
+    start = time.perf_counter()
+    with open(log, "a") as handle:
+        subprocess.run([sys.executable, "-m", "export.cli", *args], stdout=handle, stderr=handle, check=True)
+    return time.perf_counter() - start
+
+
+def upcycled_checkpoint(workdir: Path, layers: int) -> Path:
+    """``workdir/smollm2-e4k2-{layers}l``: SmolLM2 upcycled to 4 experts, top-2, first ``layers`` layers (once)."""
+    path = workdir / f"smollm2-e4k2-{layers}l"
+    if not (path / "config.json").is_file():
+        fedmoe_export(["upcycle", "smollm2", "--experts", "4", "--top-k", "2", "--num-layers", str(layers),
+                       "--out", str(path)], workdir / "export.log")
+    return path
+
+
+def export_bundle(checkpoint: Path, out: Path, train, log: Path, *, experts_per_layer: int | None = None,
+                  budget_mib: float | None = None) -> float:
+    """``fedmoe-export bundle`` for a fixed experts-per-layer or a memory budget; returns its seconds."""
+    args = ["bundle", str(checkpoint), "--out", str(out), "--batch-size", str(train.batch_size),
+            "--seq-len", str(train.seq_len), "--trainable", train.trainable_mode]
+    if train.trainable_mode == "lora":
+        args += ["--lora-rank", str(train.lora_rank)]
+    args += ["--memory-mib", str(budget_mib)] if budget_mib else ["--experts-per-layer", str(experts_per_layer)]
+    return fedmoe_export(args, log)
+
+
 def run_child(args: list[str], *, env: dict | None = None) -> dict:
     """Run ``python bench/_measure.py *args``; return its JSON line plus ``wait4_peak_rss_mib``.
 

@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,41 +50,19 @@ CASES = (
     Case("budget-512", 4, TrainingShape(1, 64, "lora", 8), budget_mib=512),
     Case("budget-1024", 8, TrainingShape(2, 64), budget_mib=1024),
     Case("budget-2048", 8, TrainingShape(4, 128), budget_mib=2048),
+    Case("full-30", 30, TrainingShape(2, 64), experts_per_layer=1),  # all SmolLM2 layers: opt-in, ~2 min more
 )
-
-
-def _fedmoe_export(args: list[str], log: Path) -> float:
-    """Run ``fedmoe-export *args`` (output appended to ``log``); return its wall-clock seconds."""
-    start = time.perf_counter()
-    with open(log, "a") as handle:
-        subprocess.run([sys.executable, "-m", "export.cli", *args], stdout=handle, stderr=handle, check=True)
-    return time.perf_counter() - start
-
-
-def _checkpoint(workdir: Path, layers: int) -> Path:
-    path = workdir / f"smollm2-e4k2-{layers}l"
-    if not (path / "config.json").is_file():
-        _fedmoe_export(["upcycle", "smollm2", "--experts", "4", "--top-k", "2", "--num-layers", str(layers),
-                        "--out", str(path)], workdir / "export.log")
-    return path
-
-
-def _bundle(case: Case, checkpoint: Path, out: Path, log: Path) -> float:
-    train = case.train
-    args = ["bundle", str(checkpoint), "--out", str(out), "--batch-size", str(train.batch_size),
-            "--seq-len", str(train.seq_len), "--trainable", train.trainable_mode]
-    if train.trainable_mode == "lora":
-        args += ["--lora-rank", str(train.lora_rank)]
-    args += ["--memory-mib", str(case.budget_mib)] if case.budget_mib else \
-        ["--experts-per-layer", str(case.experts_per_layer)]
-    return _fedmoe_export(args, log)
+DEFAULT_CASES = [c.name for c in CASES if c.name != "full-30"]
 
 
 def measure(case: Case, workdir: Path, data: Path, steps: int, gflops: float) -> dict:
     """Export, train in a torch-free child and compare with the estimate; one row of the table."""
-    checkpoint = _checkpoint(workdir, case.layers)
+    checkpoint = _measure.upcycled_checkpoint(workdir, case.layers)
     out = workdir / "bundles" / case.name
-    export_s = _bundle(case, checkpoint, out, workdir / "export.log") if not out.is_dir() else float("nan")
+    export_s = float("nan")  # the bundle is reused when it exists
+    if not out.is_dir():
+        export_s = _measure.export_bundle(checkpoint, out, case.train, workdir / "export.log",
+                                          experts_per_layer=case.experts_per_layer, budget_mib=case.budget_mib)
     manifest = load_bundle(out).manifest
     kept = max(manifest.shape_key.experts_per_layer)
     est = estimate(model_shape(checkpoint), case.train, kept, gflops=gflops)
@@ -130,7 +106,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, required=True, help="checkpoints, bundles, data, export.log")
     parser.add_argument("--steps", type=int, default=2, help="timed steps per bundle after one warm-up step")
-    parser.add_argument("--cases", nargs="*", default=[c.name for c in CASES], help="subset of the case names")
+    parser.add_argument("--cases", nargs="*", default=DEFAULT_CASES,
+                        help=f"case names (default: all but full-30): {', '.join(c.name for c in CASES)}")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     opts = parser.parse_args()
     opts.workdir.mkdir(parents=True, exist_ok=True)

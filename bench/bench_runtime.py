@@ -4,7 +4,8 @@ For each size (experts kept per layer of an 8-layer upcycled SmolLM2), one bundl
 back, a torch-free child trains it with ``OrtTrainer`` and another child trains the same pruned model
 (``export.bundle_writer.prepare_model`` + ``TrainingWrapper``, same trainable set, AdamW eps 1e-8 weight decay
 0.01) with torch eager, on the same padded batches, 2 threads each, ``--steps`` timed steps after one warm-up.
-The pair is repeated ``--repeats`` times (the machine is shared: compare ratios within a pair).
+The pair is repeated ``--repeats`` times (the machine is shared: compare ratios within a pair). The largest
+difference between the two runtimes' per-step losses is printed too: it shows both trained on the same batches.
 
 Peak RSS is the child's ``ru_maxrss`` from ``os.wait4``. The torch child resets its peak
 (``/proc/self/clear_refs``) once the pruned model is built, so the full global model it loads first is not
@@ -25,7 +26,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _measure  # noqa: E402
-from bench_planner import _bundle, _checkpoint, Case  # noqa: E402
 
 from export.planner import TrainingShape  # noqa: E402
 
@@ -45,6 +45,7 @@ def _pair(bundle: Path, checkpoint: Path, data: Path, opts) -> dict:
         row[f"{name}_losses"] = result["losses"]
     row["step_ratio"] = row["ort_step_s"] / row["torch_step_s"]
     row["rss_ratio"] = row["ort_rss_mib"] / row["torch_rss_mib"]
+    row["loss_max_abs_diff"] = max(abs(a - b) for a, b in zip(ort["losses"], torch["losses"]))
     return row
 
 
@@ -62,21 +63,23 @@ def main() -> int:
     opts = parser.parse_args()
     opts.workdir.mkdir(parents=True, exist_ok=True)
     data = _measure.write_bbc_jsonl(opts.workdir / "bbc_news.jsonl")
-    checkpoint = _checkpoint(opts.workdir, opts.layers)
+    checkpoint = _measure.upcycled_checkpoint(opts.workdir, opts.layers)
     rows = []
     for size in opts.sizes:
-        case = Case(f"size-{size}", opts.layers, TrainingShape(opts.batch_size, opts.seq_len), experts_per_layer=size)
         bundle = opts.workdir / "bundles" / f"runtime-{size}"
         if not bundle.is_dir():
-            _bundle(case, checkpoint, bundle, opts.workdir / "export.log")
+            _measure.export_bundle(checkpoint, bundle, TrainingShape(opts.batch_size, opts.seq_len),
+                                   opts.workdir / "export.log", experts_per_layer=size)
         for repeat in range(opts.repeats):
             rows.append({"experts_per_layer": size, "repeat": repeat, **_pair(bundle, checkpoint, data, opts)})
     print(f"{opts.layers} layers, batch {opts.batch_size}x{opts.seq_len}, {opts.threads} threads, "
           f"{opts.steps} timed steps (median)")
-    print("experts/layer | repeat | ORT step s | torch step s | step ORT/torch | ORT MiB | torch MiB | RSS ORT/torch")
+    print("experts/layer | repeat | ORT step s | torch step s | step ORT/torch | ORT MiB | torch MiB | "
+          "RSS ORT/torch | max loss diff")
     for r in rows:
         print(f"{r['experts_per_layer']} | {r['repeat']} | {r['ort_step_s']:.2f} | {r['torch_step_s']:.2f} | "
-              f"{r['step_ratio']:.2f} | {r['ort_rss_mib']:.0f} | {r['torch_rss_mib']:.0f} | {r['rss_ratio']:.2f}")
+              f"{r['step_ratio']:.2f} | {r['ort_rss_mib']:.0f} | {r['torch_rss_mib']:.0f} | {r['rss_ratio']:.2f} | "
+              f"{r['loss_max_abs_diff']:.1e}")
     if opts.json:
         opts.json.write_text(json.dumps(rows, indent=2))
     return 0

@@ -2,10 +2,12 @@
 
 Torch-free (the coordinator imports it). The memory model of one ORT training step, in bytes, float32:
 
-    peak = runtime_overhead
-         + 4 * all parameters of the pruned model          (ORT checkpoint state, frozen and trainable)
-         + 12 * trainable parameters                        (gradient + AdamW m and v)
-         + activation_factor * 4 * activation floats        (kept for backward, see _activation_floats)
+    peak = runtime_overhead                                  (interpreter, numpy, ORT libraries)
+         + 4 * all parameters of the pruned model            (ORT checkpoint state, frozen and trainable)
+         + 4 * attention and kept expert matrix parameters   (measured: one more copy, the transposes)
+         + 12 * trainable parameters                          (gradient + AdamW m and v)
+         + max(activation_factor * 4 * activation floats,    (kept for backward, see _activation_floats)
+               4 * bundle tensors)                           (weights.safetensors staged while loading)
 
 and the compute model: ``flops = 3 * (2 * tokens * parameters + attention)`` (every kept expert runs on
 every token: dense-masked routing; the tied embedding counts once, as the lm_head matmul), step time =
@@ -29,8 +31,11 @@ import numpy as np
 from device_runtime.errors import BudgetError, ConfigError, ModelError
 
 MIB = 1 << 20
-# Measured by bench/bench_planner.py (ORT 1.19.2, 2 threads); see that file for the runs.
-CALIBRATION = {"runtime_overhead_mib": 150.0, "activation_factor": 1.03, "efficiency": 0.25}
+# Measured by bench/bench_planner.py (ORT 1.19.2, 2 threads, CPU arena off; bench/README.md has the tables): on 24
+# runs of 4-, 8- and 30-layer upcycled SmolLM2 bundles (1, 2, 4 experts/layer, experts and LoRA r=8, 16 to 1024
+# tokens per step) the estimate was 1.02-1.18x the measured peak RSS with these two memory constants. Efficiency:
+# the steps ran at 0.54-0.77 of measure_gflops (105.6 GFLOP/s here); 0.5 keeps the step estimate above them.
+CALIBRATION = {"runtime_overhead_mib": 120.0, "activation_factor": 1.03, "efficiency": 0.5}
 
 
 @dataclass(frozen=True)
@@ -130,9 +135,9 @@ def estimate(shape: ModelShape, train: TrainingShape, kept: int, *, gflops: floa
              calibration: dict = CALIBRATION) -> Estimate:
     """Estimate peak training memory (bytes by part) and step time (seconds) with ``kept`` experts per MoE layer.
 
-    Parts: ``runtime`` (interpreter, numpy, ORT), ``weights`` (float32 parameters, plus one more copy of the kept
-    expert matrices: measured, the transposes the backward matmuls read), ``grad_and_adamw`` (12 bytes per
-    trainable parameter) and ``activations``: the larger of ``activation_factor`` x the activation floats and the
+    Parts: ``runtime`` (interpreter, numpy, ORT), ``weights`` (float32 parameters, plus one more copy of the
+    attention and kept expert matrices: measured, the transposes the backward matmuls read), ``grad_and_adamw``
+    (12 bytes per trainable parameter) and ``activations``: the larger of ``activation_factor`` x the activation floats and the
     bundle tensors staged while ``weights.safetensors`` is loaded (the two never coexist).
     """
     router = kept * shape.hidden
@@ -141,10 +146,12 @@ def estimate(shape: ModelShape, train: TrainingShape, kept: int, *, gflops: floa
     staged = experts + shape.moe_layers * router + lora  # the bundle's weights.safetensors
     trainable = lora + shape.moe_layers * router if train.trainable_mode == "lora" else staged
     all_params = shape.shared_params + staged
+    q_and_o = 2 * shape.hidden * shape.num_heads * shape.head_dim
+    matrices = experts + shape.num_layers * (q_and_o + 2 * shape.hidden * shape.num_kv_heads * shape.head_dim)
     activations = calibration["activation_factor"] * 4 * _activation_floats(shape, train, kept)
     parts = {
         "runtime": calibration["runtime_overhead_mib"] * MIB,
-        "weights": 4 * all_params + 4 * experts,
+        "weights": 4 * all_params + 4 * matrices,
         "grad_and_adamw": 12 * trainable,
         "activations": max(activations, 4 * staged),
     }
