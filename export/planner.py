@@ -137,8 +137,8 @@ def estimate(shape: ModelShape, train: TrainingShape, kept: int, *, gflops: floa
 
     Parts: ``runtime`` (interpreter, numpy, ORT), ``weights`` (float32 parameters, plus one more copy of the
     attention and kept expert matrices: measured, the transposes the backward matmuls read), ``grad_and_adamw``
-    (12 bytes per trainable parameter) and ``activations``: the larger of ``activation_factor`` x the activation floats and the
-    bundle tensors staged while ``weights.safetensors`` is loaded (the two never coexist).
+    (12 bytes per trainable parameter) and ``activations``: the larger of ``activation_factor`` x the activation
+    floats and the bundle tensors staged while ``weights.safetensors`` is loaded (the two never coexist).
     """
     router = kept * shape.hidden
     experts = shape.moe_layers * kept * shape.expert_params
