@@ -4,7 +4,7 @@ For three bundle sizes (1, 2, 4 experts per layer of an 8-layer upcycled SmolLM2
 2048 MiB, bundles chosen by ``fedmoe-export bundle --memory-mib``), train a few steps in a fresh child process
 that never imports torch (asserted), read that child's peak RSS (``os.wait4`` ru_maxrss) and step time, and
 print: budget, shape key, estimated MiB, measured MiB, ratio, export seconds, bundle MiB, step times and the
-compute efficiency they imply against this machine's ``measure_gflops``.
+compute efficiency they imply against this machine's ``measure_gflops`` (best of three: the CPU is shared).
 
 Run (about 6-8 minutes on 2 cores)::
 
@@ -112,7 +112,9 @@ def main() -> int:
     opts = parser.parse_args()
     opts.workdir.mkdir(parents=True, exist_ok=True)
     data = _measure.write_bbc_jsonl(opts.workdir / "bbc_news.jsonl")
-    gflops = measure_gflops(seconds=1.0)
+    samples = [measure_gflops(seconds=1.0) for _ in range(3)]  # the CPU is shared: the best is the least disturbed
+    gflops = max(samples)
+    print(f"measure_gflops x3: {', '.join(f'{g:.1f}' for g in samples)} GFLOP/s; using the best")
     rows = [measure(case, opts.workdir, data, opts.steps, gflops) for case in CASES if case.name in opts.cases]
     _print_table(rows, gflops)
     if opts.json:
