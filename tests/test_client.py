@@ -1,7 +1,7 @@
 """The device client against a real websocket server on port 0 that speaks the real protocol (real
 sockets, real encode/decode, real Ed25519 checks), with faults injected on the server side: dropped
 connections, corrupted bundle chunks, malformed and oversized frames. Training uses a real tiny bundle
-(``export.bundle_writer`` on the tiny Mixtral of ``test_ort_trainer``) and ONNX Runtime training.
+(``export.bundle_writer`` on ``helpers.TRAINER_MIXTRAL``) and ONNX Runtime training.
 """
 
 from __future__ import annotations
@@ -31,9 +31,11 @@ from device_runtime.update_store import UpdateStore
 
 pytest.importorskip("onnxruntime.training.api")
 pytest.importorskip("torch")
-from test_ort_trainer import RECORDS, SEQ_LEN, tiny_checkpoint  # noqa: E402  (the tiny Mixtral fixture helper)
+from helpers import (RECORDS, SEQ_LEN, TRAINER_MIXTRAL, ServerThread, initialised_coordinator,  # noqa: E402
+                     tiny_checkpoint, two_expert_memory)
 
 MAX_MIB = 2.0
+COORD_MIB = 4.0  # the real coordinator of the end-to-end test
 PROFILE = {"memory_mib": 512, "gflops": 5.0}
 TIMEOUT_S = 30
 
@@ -45,13 +47,10 @@ def bundle(tmp_path_factory):
     from export.bundle_writer import BundleRequest, write_bundle
 
     root = tmp_path_factory.mktemp("client")
-    old = os.environ.get("FEDMOE_CACHE")
-    os.environ["FEDMOE_CACHE"] = str(root / "cache")
-    try:
-        write_bundle(tiny_checkpoint(root / "checkpoint"), root / "bundle",
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FEDMOE_CACHE", str(root / "cache"))
+        write_bundle(tiny_checkpoint(root / "checkpoint", TRAINER_MIXTRAL), root / "bundle",
                      BundleRequest(keep=((0, 2), (1, 3)), training=TrainingDefaults(batch_size=2, seq_len=SEQ_LEN)))
-    finally:
-        os.environ.pop("FEDMOE_CACHE") if old is None else os.environ.__setitem__("FEDMOE_CACHE", old)
     data = root / "data.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in RECORDS * 2))
     return load_bundle(root / "bundle"), data
@@ -402,30 +401,19 @@ def test_cli_device_completes_a_round_with_the_real_coordinator_and_exits_on_sig
     import sys
     import time
 
-    from coordinator.config import CoordinatorConfig
-    from coordinator.federation import initialize
     from coordinator.registry import Registry
-    from test_server import MAX_MIB as COORD_MIB, ServerThread, tiny_checkpoint as coord_checkpoint, two_expert_memory
 
-    old = os.environ.get("FEDMOE_CACHE")
-    os.environ["FEDMOE_CACHE"] = str(tmp_path / "cache")
-    try:
-        checkpoint = coord_checkpoint(tmp_path / "checkpoint")
-        cfg = CoordinatorConfig(checkpoint=str(checkpoint), state_dir=str(tmp_path / "coord"), port=0,
-                                max_message_mib=COORD_MIB, min_fit_clients=1, max_fit_clients=1, num_rounds=1,
-                                round_deadline_s=120, strategy="hfedmoe",
-                                fit={"batch_size": 2, "seq_len": 8, "local_steps": 2})
-        initialize(cfg, ["the match team won", "market shares profit bank", "film star award phone"])
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FEDMOE_CACHE", str(tmp_path / "cache"))
+        cfg = initialised_coordinator(tmp_path, tmp_path / "coord", max_message_mib=COORD_MIB, num_rounds=1)
         server = ServerThread(cfg)
-    finally:
-        os.environ.pop("FEDMOE_CACHE") if old is None else os.environ.__setitem__("FEDMOE_CACHE", old)
     registry = Registry(cfg.registry_url)
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps({"text": t, "label": "sport"}) + "\n" for t in ("the match team won",) * 4))
     env = {**os.environ, "FEDMOE_DEVICE_HOME": str(tmp_path / "device"),
            "FEDMOE_ENROL_TOKEN": registry.create_enrol_token("pi-cli", 3600)}
     cli = [sys.executable, "-m", "device_runtime.cli"]
-    memory = str(math.ceil(two_expert_memory(checkpoint)))  # --memory-mib takes whole MiB
+    memory = str(math.ceil(two_expert_memory(tmp_path / "checkpoint")))  # --memory-mib takes whole MiB
     device = None
     try:
         enrolled_ = subprocess.run([*cli, "enroll", server.url, "--name", "pi-cli", "--memory-mib", memory],

@@ -18,13 +18,13 @@ from device_runtime.errors import ConfigError
 from device_runtime.protocol import Assignment
 
 pytest.importorskip("torch")
-from tests.test_server import fake_update, tiny_checkpoint, two_expert_memory  # noqa: E402
+from helpers import COORD_MIXTRAL, fake_update, tiny_checkpoint, two_expert_memory  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def coord(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
-    checkpoint = tiny_checkpoint(root / "checkpoint")
+    checkpoint = tiny_checkpoint(root / "checkpoint", COORD_MIXTRAL)
     texts = root / "calib.jsonl"
     texts.write_text("".join(json.dumps({"text": t}) + "\n" for t in ("the match team won", "film star award")))
     config = root / "coord.toml"

@@ -8,7 +8,6 @@ test process); the training itself runs in subprocesses that must never load tor
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -23,31 +22,9 @@ from device_runtime.errors import BundleError, BundleIntegrityError, ConfigError
 
 pytest.importorskip("onnxruntime.training.api")
 torch = pytest.importorskip("torch")
+from helpers import RECORDS, SEQ_LEN, TRAINER_MIXTRAL, tiny_checkpoint  # noqa: E402
 
-WORDS = ("Article : Topic the match team won lost game market shares profit bank film star award phone software "
-         "chip sport business tech entertainment").split()
-RECORDS = [{"text": "the match team won", "label": "sport"}, {"text": "market shares profit bank", "label": "business"},
-           {"text": "film star award", "label": "entertainment"}, {"text": "phone software chip", "label": "tech"}]
 KEEP_A, KEEP_B = ((0, 2, 3), (1, 2)), ((3, 1, 0), (0, 3))  # same shape key: B reuses A's cached graph
-SEQ_LEN = 16
-
-
-def tiny_checkpoint(root):
-    """A seeded tiny Mixtral checkpoint directory with a WordLevel tokenizer.json."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import MixtralConfig, MixtralForCausalLM
-
-    torch.manual_seed(0)
-    model = MixtralForCausalLM(MixtralConfig(
-        vocab_size=48, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64,
-        pad_token_id=0, bos_token_id=1, eos_token_id=2))
-    model.save_pretrained(root)
-    tokenizer = Tokenizer(models.WordLevel({"<pad>": 0, "<unk>": 1, **{w: i + 3 for i, w in enumerate(WORDS)}},
-                                           unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer.save(str(root / "tokenizer.json"))
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -57,18 +34,12 @@ def bundles(tmp_path_factory):
     from export.bundle_writer import BundleRequest, write_bundle
 
     root = tmp_path_factory.mktemp("ort_trainer")
-    old_cache = os.environ.get("FEDMOE_CACHE")
-    os.environ["FEDMOE_CACHE"] = str(root / "cache")
-    try:
-        checkpoint = tiny_checkpoint(root / "checkpoint")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FEDMOE_CACHE", str(root / "cache"))
+        checkpoint = tiny_checkpoint(root / "checkpoint", TRAINER_MIXTRAL)
         defaults = TrainingDefaults(batch_size=4, seq_len=SEQ_LEN, learning_rate=1e-2, aux_loss_coef=0.01)
         for name, keep in (("a", KEEP_A), ("b", KEEP_B)):
             write_bundle(checkpoint, root / name, BundleRequest(keep=keep, training=defaults))
-    finally:
-        if old_cache is None:
-            os.environ.pop("FEDMOE_CACHE")
-        else:
-            os.environ["FEDMOE_CACHE"] = old_cache
     data = root / "data.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in RECORDS * 3))
     return {"checkpoint": checkpoint, "a": root / "a", "b": root / "b", "data": data}

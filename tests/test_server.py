@@ -3,9 +3,7 @@ websocket clients speaking the protocol, a tiny random Mixtral checkpoint, a rea
 
 from __future__ import annotations
 
-import asyncio
 import os
-import threading
 import urllib.request
 from dataclasses import replace
 
@@ -14,101 +12,26 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
-from coordinator.config import CoordinatorConfig, load_config, save_config
+from coordinator.config import load_config, save_config
 from coordinator.registry import Registry
 from device_runtime.auth import generate_keypair, sign_challenge
 from device_runtime.protocol import (PROTOCOL_VERSION, Ack, Assignment, Auth, AuthOk, BundleAssembler, BundleData,
-                                     BundleRequest, Challenge, Enrol, EnrolOk, Error, Heartbeat, Hello, Update,
-                                     decode, encode)
-from device_runtime.stats import RoutingStats
+                                     BundleRequest, Challenge, Enrol, EnrolOk, Error, Heartbeat, Hello, decode,
+                                     encode)
 
-torch = pytest.importorskip("torch")
+pytest.importorskip("torch")
+from helpers import ServerThread, fake_update, initialised_coordinator, two_expert_memory  # noqa: E402
 
-WORDS = "the match team won lost market shares profit bank film star award phone chip".split()
 MAX_MIB = 4.0
-
-
-def tiny_checkpoint(root):
-    """A seeded tiny Mixtral (2 layers, 4 experts, top-2) with a WordLevel tokenizer.json."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import MixtralConfig, MixtralForCausalLM
-
-    torch.manual_seed(0)
-    model = MixtralForCausalLM(MixtralConfig(
-        vocab_size=32, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64,
-        pad_token_id=0, bos_token_id=1, eos_token_id=2))
-    model.save_pretrained(root)
-    vocab = {"<pad>": 0, "<unk>": 1, **{w: i + 3 for i, w in enumerate(WORDS)}}
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer.save(str(root / "tokenizer.json"))
-    return root
-
-
-def two_expert_memory(checkpoint) -> float:
-    """A memory budget (MiB) under which the planner keeps exactly 2 of the 4 experts per layer."""
-    from export.planner import TrainingShape, estimate, model_shape
-
-    shape, train = model_shape(checkpoint), TrainingShape(batch_size=2, seq_len=8)
-    two, three = estimate(shape, train, 2).peak_mib, estimate(shape, train, 3).peak_mib
-    assert two < three
-    return (two + three) / 2
 
 
 @pytest.fixture(scope="module")
 def initialised(tmp_path_factory):
     """``(config, memory_mib)`` of an initialised coordinator state (global state v0, calibration)."""
-    from coordinator.federation import initialize
-
     root = tmp_path_factory.mktemp("coord")
     os.environ.setdefault("FEDMOE_CACHE", str(root / "cache"))
-    checkpoint = tiny_checkpoint(root / "checkpoint")
-    cfg = CoordinatorConfig(checkpoint=str(checkpoint), state_dir=str(root / "state"), port=0,
-                            max_message_mib=MAX_MIB, min_fit_clients=1, max_fit_clients=1, round_deadline_s=120,
-                            strategy="hfedmoe", fit={"batch_size": 2, "seq_len": 8, "local_steps": 2})
-    version = initialize(cfg, ["the match team won", "market shares profit bank", "film star award phone"])
-    assert version.version == 0
-    return cfg, two_expert_memory(checkpoint)
-
-
-class ServerThread:
-    """``serve_coordinator`` on its own event loop in a daemon thread."""
-
-    def __init__(self, cfg):
-        from coordinator.server import serve_coordinator
-
-        self.port, self._ready, self._loop, self._stop = None, threading.Event(), None, None
-        self.error = None
-
-        async def main():
-            self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
-            await serve_coordinator(cfg, self._stop, ready=self._on_ready)
-
-        def target():
-            try:
-                asyncio.run(main())
-            except BaseException as exc:  # surfaced by the test through .error
-                self.error = exc
-                self._ready.set()
-
-        self._thread = threading.Thread(target=target, daemon=True)
-        self._thread.start()
-        assert self._ready.wait(60), "server did not start"
-        assert self.error is None, self.error
-
-    def _on_ready(self, port):
-        self.port = port
-        self._ready.set()
-
-    @property
-    def url(self):
-        return f"ws://127.0.0.1:{self.port}"
-
-    def stop(self):
-        self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(30)
-        assert not self._thread.is_alive()
+    cfg = initialised_coordinator(root, root / "state", max_message_mib=MAX_MIB)
+    return cfg, two_expert_memory(root / "checkpoint")
 
 
 @pytest.fixture(scope="module")
@@ -229,31 +152,6 @@ def test_malformed_and_oversized_messages(server, initialised):
             conn.recv(timeout=10)
         assert closed.value.rcvd.code == 1009  # message too big: closed by websockets
     test_healthz(server)  # the server survived
-
-
-def fake_update(assignment: Assignment, manifest, *, trained_local: int = 0) -> Update:
-    """What a device would send: trainable tensors shifted by +1 on the trained experts, valid routing."""
-    tensors = {}
-    for spec in manifest.tensors:
-        if spec.trainable:
-            value = assignment.tensors[spec.name].copy()
-            if not spec.name.endswith("mlp.gate.weight"):
-                value[trained_local] += 1.0
-            else:
-                value += 0.5
-            tensors[spec.name] = value
-    counts = assignment.shape_key.experts_per_layer
-    stats = RoutingStats(counts, assignment.expert_ids)
-    per_layer = []
-    for c in counts:
-        probs = np.full(c, 1.0 / c)
-        routed = np.zeros(c)
-        routed[trained_local] = 8
-        per_layer.append(np.stack([probs * 8, probs, 8 * probs * np.log(probs), routed]))
-    stats.update(per_layer, 8)
-    trained = tuple((ids[trained_local],) for ids in assignment.expert_ids)
-    return Update(update_id=assignment.update_id, round_id=assignment.round_id, num_examples=4, num_tokens=8,
-                  metrics={"loss": 2.5}, routing=stats.to_dict(), trained_experts=trained, tensors=tensors)
 
 
 def test_round_with_bundle_transfer_and_replayed_update(server, initialised):

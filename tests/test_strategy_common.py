@@ -1,45 +1,13 @@
-"""Shared pieces of the strategies: validation, the streaming accumulator, registry, failures as data.
-
-Also hosts ``make_update`` / ``tiny_global`` used by the other ``test_strategy_*`` files.
-"""
+"""Shared pieces of the strategies: validation, the streaming accumulator, registry, failures as data."""
 
 import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from coordinator.strategy import (STRATEGIES, ClientUpdate, FedAvg, LayerRouting, StreamingAggregation,
-                                  TensorMeta, TensorRole, from_name, validate_update)
+from coordinator.strategy import (STRATEGIES, ClientUpdate, FedAvg, LayerRouting, StreamingAggregation, TensorMeta,
+                                  TensorRole, from_name, validate_update)
 from device_runtime.errors import ConfigError, UpdateRejected
-
-EXPERT = TensorMeta(TensorRole.EXPERT, layer=0, expert_axis=0)
-ROUTER = TensorMeta(TensorRole.ROUTER, layer=0, expert_axis=0)
-OTHER = TensorMeta(TensorRole.OTHER)
-
-
-def tiny_global():
-    """One MoE layer, 4 experts, hidden 2: experts.w (4, 2), gate.weight (4, 2), attn.w (2,)."""
-    return {
-        "experts.w": np.array([[0, 0], [10, 10], [20, 20], [30, 30]], np.float32),
-        "gate.weight": np.array([[0, 0], [0, 0], [0, 0], [9, 9]], np.float32),
-        "attn.w": np.array([0, 0], np.float32),
-    }
-
-
-def make_update(cid, n, ids, experts, gate, other, *, trained=None, usage=None, s_spec=None):
-    """An update of ``tiny_global``'s layout holding experts ``ids``."""
-    k = len(ids)
-    usage = np.full(k, 1.0 / k) if usage is None else np.asarray(usage, np.float64)
-    s_spec = usage if s_spec is None else np.asarray(s_spec, np.float64)
-    routing = LayerRouting(usage=usage, s_cum=usage, s_spec=s_spec, kl=np.zeros(k), importance=usage)
-    return ClientUpdate(
-        client_id=cid, num_examples=n,
-        tensors={"experts.w": np.asarray(experts, np.float32), "gate.weight": np.asarray(gate, np.float32),
-                 "attn.w": np.asarray(other, np.float32)},
-        tensor_meta={"experts.w": EXPERT, "gate.weight": ROUTER, "attn.w": OTHER},
-        expert_ids=(tuple(ids),),
-        trained_experts=(frozenset(ids if trained is None else trained),),
-        routing=(routing,),
-    )
+from helpers import OTHER, make_update, tiny_global
 
 
 def good_update(cid="a"):

@@ -5,7 +5,7 @@ import pytest
 
 from coordinator.strategy import FedAlign, cosine_similarity, kl_divergence
 from device_runtime.errors import ConfigError
-from test_strategy_common import make_update
+from helpers import make_update
 
 
 def _global():

@@ -3,7 +3,7 @@
 import numpy as np
 
 from coordinator.strategy import FedAvg, FedMoE, FedProx
-from test_strategy_common import make_update, tiny_global
+from helpers import make_update, tiny_global
 
 
 def _two_clients():

@@ -6,7 +6,7 @@ import pytest
 from coordinator.strategy import (FedAvg, HFedMoE, experts_per_layer, hfedmoe_alpha, importance,
                                   routing_statistics, select_experts, top_c)
 from device_runtime.errors import BudgetError, ConfigError
-from test_strategy_common import make_update, tiny_global
+from helpers import make_update, tiny_global
 
 GATE_A = [[1, 0], [0, 1]]
 GATE_B = [[2, 0], [0, 2]]

@@ -1,0 +1,197 @@
+"""Helpers shared by several test files: tiny Mixtral checkpoints, a coordinator in a thread, fake updates.
+
+Import them as ``from helpers import ...`` (pytest's default import mode puts ``tests/`` on ``sys.path``).
+Nothing here imports torch at module level: files that need torch skip without it before calling these.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from coordinator.strategy import ClientUpdate, LayerRouting, TensorMeta, TensorRole
+from device_runtime.protocol import Assignment, Update
+from device_runtime.stats import RoutingStats
+
+# ---------------------------------------------------------------- tiny Mixtral checkpoints
+
+
+@dataclass(frozen=True)
+class TinyMixtral:
+    """Sizes and WordLevel vocabulary of a seeded tiny Mixtral (2 layers, 4 experts, top-2).
+
+    Token ids: ``<pad>`` 0, ``<unk>`` 1, ``words[i]`` i + 3 (so ``vocab_size`` must exceed ``len(words) + 2``).
+    """
+
+    words: tuple[str, ...]
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+
+
+# Device-side tests (ORT trainer, device client): the vocabulary covers RECORDS.
+TRAINER_MIXTRAL = TinyMixtral(
+    words=tuple(("Article : Topic the match team won lost game market shares profit bank film star award phone "
+                 "software chip sport business tech entertainment").split()),
+    vocab_size=48, hidden_size=32, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2)
+# Coordinator-side tests (server, CLI, device end to end).
+COORD_MIXTRAL = TinyMixtral(
+    words=tuple("the match team won lost market shares profit bank film star award phone chip".split()),
+    vocab_size=32, hidden_size=16, intermediate_size=24, num_attention_heads=2, num_key_value_heads=1)
+
+RECORDS = [{"text": "the match team won", "label": "sport"}, {"text": "market shares profit bank", "label": "business"},
+           {"text": "film star award", "label": "entertainment"}, {"text": "phone software chip", "label": "tech"}]
+SEQ_LEN = 16
+CALIBRATION_TEXTS = ["the match team won", "market shares profit bank", "film star award phone"]
+
+
+def tiny_checkpoint(root: Path, model: TinyMixtral) -> Path:
+    """Write a seeded (torch seed 0) tiny Mixtral checkpoint and a WordLevel tokenizer.json to ``root``."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    config = MixtralConfig(
+        vocab_size=model.vocab_size, hidden_size=model.hidden_size, intermediate_size=model.intermediate_size,
+        num_hidden_layers=2, num_attention_heads=model.num_attention_heads,
+        num_key_value_heads=model.num_key_value_heads, num_local_experts=4, num_experts_per_tok=2,
+        max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    MixtralForCausalLM(config).save_pretrained(root)
+    vocab = {"<pad>": 0, "<unk>": 1, **{w: i + 3 for i, w in enumerate(model.words)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.save(str(root / "tokenizer.json"))
+    return root
+
+
+def two_expert_memory(checkpoint) -> float:
+    """A memory budget (MiB) under which the planner keeps exactly 2 of the 4 experts per layer."""
+    from export.planner import TrainingShape, estimate, model_shape
+
+    shape, train = model_shape(checkpoint), TrainingShape(batch_size=2, seq_len=8)
+    two, three = estimate(shape, train, 2).peak_mib, estimate(shape, train, 3).peak_mib
+    assert two < three
+    return (two + three) / 2
+
+
+# ---------------------------------------------------------------- a real coordinator
+
+
+def initialised_coordinator(root: Path, state_dir: Path, **overrides):
+    """A ``CoordinatorConfig`` (HFedMoE, one client per round, port 0) over a fresh ``COORD_MIXTRAL`` checkpoint
+    at ``root / "checkpoint"``, with the global state initialised (model version 0). ``overrides`` replace
+    config fields."""
+    from coordinator.config import CoordinatorConfig
+    from coordinator.federation import initialize
+
+    checkpoint = tiny_checkpoint(root / "checkpoint", COORD_MIXTRAL)
+    fields = dict(checkpoint=str(checkpoint), state_dir=str(state_dir), port=0, min_fit_clients=1,
+                  max_fit_clients=1, round_deadline_s=120, strategy="hfedmoe",
+                  fit={"batch_size": 2, "seq_len": 8, "local_steps": 2})
+    cfg = CoordinatorConfig(**{**fields, **overrides})
+    assert initialize(cfg, CALIBRATION_TEXTS).version == 0
+    return cfg
+
+
+class ServerThread:
+    """``serve_coordinator`` on its own event loop in a daemon thread."""
+
+    def __init__(self, cfg):
+        from coordinator.server import serve_coordinator
+
+        self.port, self._ready, self._loop, self._stop = None, threading.Event(), None, None
+        self.error = None
+
+        async def main():
+            self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
+            await serve_coordinator(cfg, self._stop, ready=self._on_ready)
+
+        def target():
+            try:
+                asyncio.run(main())
+            except BaseException as exc:  # surfaced by the test through .error
+                self.error = exc
+                self._ready.set()
+
+        self._thread = threading.Thread(target=target, daemon=True)
+        self._thread.start()
+        assert self._ready.wait(60), "server did not start"
+        assert self.error is None, self.error
+
+    def _on_ready(self, port):
+        self.port = port
+        self._ready.set()
+
+    @property
+    def url(self):
+        return f"ws://127.0.0.1:{self.port}"
+
+    def stop(self):
+        self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(30)
+        assert not self._thread.is_alive()
+
+
+def fake_update(assignment: Assignment, manifest, *, trained_local: int = 0) -> Update:
+    """What a device would send: trainable tensors shifted by +1 on the trained experts, valid routing."""
+    tensors = {}
+    for spec in manifest.tensors:
+        if spec.trainable:
+            value = assignment.tensors[spec.name].copy()
+            if not spec.name.endswith("mlp.gate.weight"):
+                value[trained_local] += 1.0
+            else:
+                value += 0.5
+            tensors[spec.name] = value
+    counts = assignment.shape_key.experts_per_layer
+    stats = RoutingStats(counts, assignment.expert_ids)
+    per_layer = []
+    for c in counts:
+        probs = np.full(c, 1.0 / c)
+        routed = np.zeros(c)
+        routed[trained_local] = 8
+        per_layer.append(np.stack([probs * 8, probs, 8 * probs * np.log(probs), routed]))
+    stats.update(per_layer, 8)
+    trained = tuple((ids[trained_local],) for ids in assignment.expert_ids)
+    return Update(update_id=assignment.update_id, round_id=assignment.round_id, num_examples=4, num_tokens=8,
+                  metrics={"loss": 2.5}, routing=stats.to_dict(), trained_experts=trained, tensors=tensors)
+
+
+# ---------------------------------------------------------------- strategy inputs (no model)
+
+EXPERT = TensorMeta(TensorRole.EXPERT, layer=0, expert_axis=0)
+ROUTER = TensorMeta(TensorRole.ROUTER, layer=0, expert_axis=0)
+OTHER = TensorMeta(TensorRole.OTHER)
+
+
+def tiny_global():
+    """One MoE layer, 4 experts, hidden 2: experts.w (4, 2), gate.weight (4, 2), attn.w (2,)."""
+    return {
+        "experts.w": np.array([[0, 0], [10, 10], [20, 20], [30, 30]], np.float32),
+        "gate.weight": np.array([[0, 0], [0, 0], [0, 0], [9, 9]], np.float32),
+        "attn.w": np.array([0, 0], np.float32),
+    }
+
+
+def make_update(cid, n, ids, experts, gate, other, *, trained=None, usage=None, s_spec=None):
+    """An update of ``tiny_global``'s layout holding experts ``ids``."""
+    k = len(ids)
+    usage = np.full(k, 1.0 / k) if usage is None else np.asarray(usage, np.float64)
+    s_spec = usage if s_spec is None else np.asarray(s_spec, np.float64)
+    routing = LayerRouting(usage=usage, s_cum=usage, s_spec=s_spec, kl=np.zeros(k), importance=usage)
+    return ClientUpdate(
+        client_id=cid, num_examples=n,
+        tensors={"experts.w": np.asarray(experts, np.float32), "gate.weight": np.asarray(gate, np.float32),
+                 "attn.w": np.asarray(other, np.float32)},
+        tensor_meta={"experts.w": EXPERT, "gate.weight": ROUTER, "attn.w": OTHER},
+        expert_ids=(tuple(ids),),
+        trained_experts=(frozenset(ids if trained is None else trained),),
+        routing=(routing,),
+    )
