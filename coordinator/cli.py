@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 import tempfile
 from dataclasses import replace
 from pathlib import Path
@@ -24,7 +23,8 @@ from rich.table import Table
 
 from coordinator.config import CoordinatorConfig, load_config, save_config
 from coordinator.registry import Registry
-from device_runtime.errors import ConfigError, FedmoeError
+from device_runtime.cli_errors import run_cli
+from device_runtime.errors import ConfigError
 
 console = Console(stderr=True)
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -230,11 +230,7 @@ def _time(value) -> str:
 
 def run() -> None:
     """Entry point: FedmoeError becomes a one-line error and exit status 1 (no traceback)."""
-    try:
-        main(standalone_mode=True)
-    except FedmoeError as exc:
-        console.print(f"[red]error:[/] {exc}")
-        sys.exit(1)
+    run_cli(main, console)
 
 
 if __name__ == "__main__":

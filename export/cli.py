@@ -10,7 +10,6 @@ Every option can also come from a TOML file (``--config FILE``) with one table p
 
 from __future__ import annotations
 
-import sys
 import tomllib
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from device_runtime.bundle import TrainingDefaults, load_bundle
-from device_runtime.errors import FedmoeError
+from device_runtime.cli_errors import run_cli
 from export.planner import MIB, Budget, TrainingShape, estimate, model_shape, plan, select_experts
 
 console = Console(stderr=True)
@@ -216,11 +215,7 @@ def inspect(bundle_dir):
 
 def run() -> None:
     """Entry point: FedmoeError becomes a one-line error and exit status 1 (no traceback)."""
-    try:
-        main(standalone_mode=True)
-    except FedmoeError as exc:
-        console.print(f"[red]error:[/] {exc}")
-        sys.exit(1)
+    run_cli(main, console)
 
 
 if __name__ == "__main__":
