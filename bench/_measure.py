@@ -63,7 +63,7 @@ def export_bundle(checkpoint: Path, out: Path, train, log: Path, *, experts_per_
     return fedmoe_export(args, log)
 
 
-def run_child(args: list[str], *, env: dict | None = None) -> dict:
+def run_child(args: list[str]) -> dict:
     """Run ``python bench/_measure.py *args``; return its JSON line plus ``wait4_peak_rss_mib``.
 
     ``wait4_peak_rss_mib`` is the child's ``ru_maxrss`` as its parent sees it when reaping it (``os.wait4``).
@@ -72,7 +72,7 @@ def run_child(args: list[str], *, env: dict | None = None) -> dict:
         RuntimeError: the child failed (the tail of its stderr is in the message).
     """
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen([sys.executable, str(HERE), *args], stdout=out, stderr=err, env=env)
+        proc = subprocess.Popen([sys.executable, str(HERE), *args], stdout=out, stderr=err)
         _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0), err.seek(0)

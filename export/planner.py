@@ -146,7 +146,7 @@ def estimate(shape: ModelShape, train: TrainingShape, kept: int, *, gflops: floa
     staged = experts + shape.moe_layers * router + lora  # the bundle's weights.safetensors
     trainable = lora + shape.moe_layers * router if train.trainable_mode == "lora" else staged
     all_params = shape.shared_params + staged
-    q_and_o = 2 * shape.hidden * shape.num_heads * shape.head_dim
+    q_and_o = 2 * shape.hidden * shape.num_heads * shape.head_dim  # attention matrices: q, o (H x heads*hd), k, v
     matrices = experts + shape.num_layers * (q_and_o + 2 * shape.hidden * shape.num_kv_heads * shape.head_dim)
     activations = calibration["activation_factor"] * 4 * _activation_floats(shape, train, kept)
     parts = {
