@@ -7,7 +7,10 @@ Torch-free (the coordinator imports it). The memory model of one ORT training st
          + 4 * attention and kept expert matrix parameters   (measured: one more copy, the transposes)
          + 12 * trainable parameters                          (gradient + AdamW m and v)
          + max(activation_factor * 4 * activation floats,    (kept for backward, see _activation_floats)
-               4 * bundle tensors)                           (weights.safetensors staged while loading)
+               4 * bundle tensors,                           (weights.safetensors staged while loading)
+               4 * (bundle tensors + 3 * trainable))         (federated round: the assignment's decoded
+                                                              tensors, and the update as numpy, safetensors
+                                                              bytes and websocket frame)
 
 and the compute model: ``flops = 3 * (2 * tokens * parameters + attention)`` (every kept expert runs on
 every token: dense-masked routing; the tied embedding counts once, as the lm_head matmul), step time =
@@ -138,7 +141,10 @@ def estimate(shape: ModelShape, train: TrainingShape, kept: int, *, gflops: floa
     Parts: ``runtime`` (interpreter, numpy, ORT), ``weights`` (float32 parameters, plus one more copy of the
     attention and kept expert matrices: measured, the transposes the backward matmuls read), ``grad_and_adamw``
     (12 bytes per trainable parameter) and ``activations``: the larger of ``activation_factor`` x the activation
-    floats and the bundle tensors staged while ``weights.safetensors`` is loaded (the two never coexist).
+    floats, the bundle tensors staged while ``weights.safetensors`` is loaded, and the wire copies of a federated
+    round (assignment tensors + 3 copies of the update); these transients never coexist. The wire term was
+    measured in ``fedmoe-coord simulate``: a 4-expert 8-layer device peaked at 2928 MiB RSS in round 2 and
+    ran out of a 3072 MiB RLIMIT_DATA while framing its 340 MB update.
     """
     router = kept * shape.hidden
     experts = shape.moe_layers * kept * shape.expert_params
@@ -153,7 +159,7 @@ def estimate(shape: ModelShape, train: TrainingShape, kept: int, *, gflops: floa
         "runtime": calibration["runtime_overhead_mib"] * MIB,
         "weights": 4 * all_params + 4 * matrices,
         "grad_and_adamw": 12 * trainable,
-        "activations": max(activations, 4 * staged),
+        "activations": max(activations, 4 * staged, 4 * (staged + 3 * trainable)),
     }
     tokens = train.batch_size * train.seq_len
     attention_flops = 4 * tokens * train.seq_len * shape.num_heads * shape.head_dim * shape.num_layers
