@@ -19,7 +19,7 @@ from device_runtime.bundle import (GRAPH_FILES, TOKENIZER_FILE, WEIGHTS_FILE, Ma
                                    TrainingDefaults, write_manifest)
 from device_runtime.errors import BundleError
 from export.families import MoeDescription, describe
-from export.loading import cache_dir, checkpoint_sha256, load_causal_lm
+from export.loading import cache_dir, checkpoint_sha256
 
 GRAPH_INFO = "graph.json"
 
@@ -73,15 +73,11 @@ def prepare_model(checkpoint: Path, request: BundleRequest):
 
     Returns ``(pruned_model, description_of_the_global_model)``.
     """
-    import torch
-
-    from export.experts_impl import add_lora, use_dense_masked
+    from export.global_state import load_trainable_model
     from export.prune import prune
 
-    model = use_dense_masked(load_causal_lm(checkpoint))
-    if request.trainable_mode == "lora":
-        torch.manual_seed(request.seed)
-        add_lora(model, request.lora_rank, request.lora_alpha)
+    model = load_trainable_model(checkpoint, trainable_mode=request.trainable_mode, lora_rank=request.lora_rank,
+                                 lora_alpha=request.lora_alpha, seed=request.seed)
     description = describe(model)
     pruned, _ = prune(model, request.keep)
     return pruned, description

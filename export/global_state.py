@@ -15,7 +15,10 @@ from pathlib import Path
 from device_runtime.errors import ModelError
 
 
-def _model_with_state(checkpoint: Path, *, trainable_mode: str, lora_rank: int, lora_alpha: float, seed: int):
+def load_trainable_model(checkpoint: str | Path, *, trainable_mode: str = "experts", lora_rank: int = 0,
+                         lora_alpha: float = 16.0, seed: int = 0):
+    """The checkpoint's model with dense-masked experts and, in LoRA mode, adapters seeded with ``seed``
+    (the same seed gives the same adapters: bundles and the global state agree)."""
     import torch
 
     from export.experts_impl import add_lora, use_dense_masked
@@ -23,7 +26,7 @@ def _model_with_state(checkpoint: Path, *, trainable_mode: str, lora_rank: int, 
 
     model = use_dense_masked(load_causal_lm(checkpoint))
     if trainable_mode == "lora":
-        torch.manual_seed(seed)  # the seed bundle_writer.prepare_model uses: same adapters
+        torch.manual_seed(seed)
         add_lora(model, lora_rank, lora_alpha)
     return model
 
@@ -44,7 +47,7 @@ def init_global_state(checkpoint: str | Path, out_file: str | Path, *, trainable
     """
     from safetensors.torch import save_file
 
-    model = _model_with_state(Path(checkpoint), trainable_mode=trainable_mode, lora_rank=lora_rank,
+    model = load_trainable_model(Path(checkpoint), trainable_mode=trainable_mode, lora_rank=lora_rank,
                               lora_alpha=lora_alpha, seed=seed)
     state = model.state_dict()
     names = global_tensor_names(model)
@@ -58,7 +61,7 @@ def load_with_state(checkpoint: str | Path, state_file: str | Path, *, lora_alph
 
     tensors = load_file(str(state_file))
     lora = [n for n in tensors if n.endswith("gate_up_lora_A")]
-    model = _model_with_state(Path(checkpoint), trainable_mode="lora" if lora else "experts",
+    model = load_trainable_model(Path(checkpoint), trainable_mode="lora" if lora else "experts",
                               lora_rank=int(tensors[lora[0]].shape[1]) if lora else 0, lora_alpha=lora_alpha, seed=0)
     return apply_state(model, tensors)
 

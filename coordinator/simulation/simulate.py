@@ -110,10 +110,10 @@ def make_scorer(checkpoint: Path, test: list[dict], labels: list[str], plan: Sim
     import torch
 
     from export.evaluate import label_accuracy
-    from export.global_state import _model_with_state, apply_state
+    from export.global_state import load_trainable_model, apply_state
 
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
-    model = _model_with_state(checkpoint, trainable_mode=plan.trainable_mode, lora_rank=plan.lora_rank,
+    model = load_trainable_model(checkpoint, trainable_mode=plan.trainable_mode, lora_rank=plan.lora_rank,
                               lora_alpha=16.0, seed=plan.seed)
 
     def score(params: dict | None) -> tuple[float, float]:
