@@ -3,7 +3,8 @@
 The server owns every I/O step and reports back; the engine only decides. One tick::
 
     action = engine.step(now, available_devices)
-      StartRound(devices)        -> server plans + records + sends assignments, then engine.started(...)
+      StartRound(devices)        -> server calls engine.started(...), then plans, records and sends each
+                                    assignment, registering it with RoundState.assign before sending it
       Aggregate(round_id, ids)   -> server aggregates the accepted updates, writes a version, engine.closed()
       RetryRound(round_id, why)  -> server marks the round failed, engine.closed(failed=True)
       Wait(until)                -> nothing to do before ``until`` (or before the next event)
@@ -115,6 +116,14 @@ class RoundState:
     rejected: dict[str, str] = field(default_factory=dict)
     lost: set[str] = field(default_factory=set)
 
+    def assign(self, update_id: str, device_id: str) -> None:
+        """Register an assignment before it is sent (its update may arrive before the next one is planned)."""
+        self.devices[update_id] = device_id
+
+    def withdraw(self, update_id: str) -> None:
+        """Forget an assignment that could not be sent."""
+        self.devices.pop(update_id, None)
+
     def pending(self) -> list[str]:
         """Update ids neither accepted nor rejected (their devices may be lost)."""
         done = set(self.accepted) | set(self.rejected)
@@ -188,7 +197,8 @@ class RoundEngine:
         return StartRound(tuple(devices))
 
     def started(self, round_id: int, assignments: Mapping[str, str], now: float) -> RoundState:
-        """The server sent a round's assignments (``update_id -> device_id``); collection begins."""
+        """A round opened with ``assignments`` (``update_id -> device_id``, more via :meth:`RoundState.assign`);
+        collection begins and the deadline runs from ``now``."""
         self.current = RoundState(round_id, now + self.policy.deadline_s, dict(assignments))
         self.busy = False
         return self.current

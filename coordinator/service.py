@@ -173,14 +173,17 @@ class Coordinator:
     async def _start_round(self, devices: tuple[str, ...]) -> None:
         row = self.registry.start_round(self.strategy.name, {"model_version": self.model.version})
         fit = self._fit_for(row.id)
-        assignments: dict[str, str] = {}
+        # Open the round first: a device planned early may send its update while later ones are planned.
+        state = self.engine.started(row.id, {}, self.clock())
         for device_id in devices:
             session = self.sessions.get(device_id)
             pending = None if session is None else await self._plan(row.id, session, fit)
-            if pending is not None and await self._send(session, pending.message(self.model)):
-                assignments[pending.update_id] = device_id
-        log.info("round %d started with %d of %d devices", row.id, len(assignments), len(devices))
-        self.engine.started(row.id, assignments, self.clock())
+            if pending is None:
+                continue
+            state.assign(pending.update_id, device_id)
+            if not await self._send(session, pending.message(self.model)):
+                state.withdraw(pending.update_id)
+        log.info("round %d started with %d of %d devices", row.id, len(state.devices), len(devices))
 
     async def _plan(self, round_id: int, session: Session, fit: FitConfig) -> Pending | None:
         """Plan, build the bundle if needed, record the assignment; None (logged) if the device cannot take part."""

@@ -137,3 +137,17 @@ def test_resume_keeps_recorded_updates_and_counts_them_once():
     assert e.step(101.0, []) == Wait(160.0)
     assert e.on_update("u2", True)
     assert e.step(102.0, []) == Aggregate(7, ("u1", "u2"))
+
+
+def test_an_update_counts_when_it_arrives_while_later_assignments_are_still_planned():
+    e = engine(min_fit_clients=2)
+    assert isinstance(e.step(0.0, DEVICES[:2]), StartRound)
+    state = e.started(1, {}, 0.0)  # the round opens before the first assignment is sent
+    state.assign("u-d0", "d0")
+    assert e.on_update("u-d0", True)  # d0 trained and reported while d1 was still being planned
+    state.assign("u-d1", "d1")
+    state.assign("u-d2", "d2")
+    state.withdraw("u-d2")  # its send failed
+    assert e.step(1.0, DEVICES) == Wait(60.0)
+    assert e.on_update("u-d1", True)
+    assert e.step(2.0, DEVICES) == Aggregate(1, ("u-d0", "u-d1"))
