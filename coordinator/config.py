@@ -19,6 +19,9 @@ Example (``fedmoe-coord init`` writes one)::
     update_norm_bound = 1e4                 # L2 norm bound of one update tensor
     tls_cert = ""
     tls_key = ""
+    eval_data = ""                          # held-out JSONL: every new model version is scored on it
+    eval_text_field = "text"
+    eval_label_field = "label"
 
     [strategy_params]
     tau = 0.01
@@ -47,7 +50,7 @@ from device_runtime.errors import ConfigError
 from device_runtime.protocol import FitConfig
 
 MIB = 1 << 20
-_PATHS = ("checkpoint", "state_dir", "tls_cert", "tls_key")
+_PATHS = ("checkpoint", "state_dir", "tls_cert", "tls_key", "eval_data")
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,8 @@ class CoordinatorConfig:
         update_norm_bound: largest L2 norm of one update tensor. fit: local training defaults.
         tls_cert, tls_key: PEM files; both set = serve ``wss://``. heartbeat_s: keep-alive interval (seconds).
         seed: client-sampling seed.
+        eval_data: held-out JSONL set ("" = none); each new global version is scored on it by label
+            log-likelihood (``coordinator.evaluation``). eval_text_field, eval_label_field: its fields.
     """
 
     checkpoint: str
@@ -89,6 +94,9 @@ class CoordinatorConfig:
     tls_key: str = ""
     heartbeat_s: float = 20.0
     seed: int = 0
+    eval_data: str = ""
+    eval_text_field: str = "text"
+    eval_label_field: str = "label"
 
     def __post_init__(self):
         try:

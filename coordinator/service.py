@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from coordinator.config import CoordinatorConfig
+from coordinator.evaluation import Evaluator
 from coordinator.federation import GlobalModel, aggregate_round, load_calibration, tensor_store
 from coordinator.planning import (BundleCache, check_update, expert_scores, plan_device, slice_assignment,
                                   update_meta)
@@ -93,6 +94,9 @@ class Coordinator:
         self.reported: dict[str, RoutingStats] = {}
         self.unplannable: dict[str, str] = {}  # device_id -> why planning failed (cleared on reconnect)
         self.wake = asyncio.Event()
+        self.evaluator = Evaluator.from_config(cfg)
+        self._evaluations: set[asyncio.Task] = set()
+        self._evaluating = asyncio.Lock()  # one evaluation at a time: they share the evaluator's model
         self._resume()
 
     def close(self) -> None:
@@ -223,6 +227,25 @@ class Coordinator:
         log.info("round %d aggregated %d updates -> model version %d", action.round_id, len(rows), version.version)
         self.pending = {u: p for u, p in self.pending.items() if p.round_id >= action.round_id}
         self.engine.closed()
+        if self.evaluator is not None:  # the next round starts meanwhile
+            task = asyncio.create_task(self._evaluate(action.round_id, version.tensor_sha256))
+            self._evaluations.add(task)
+            task.add_done_callback(self._evaluations.discard)
+
+    async def _evaluate(self, round_id: int, tensor_sha256: str) -> None:
+        """Score a new global version on the held-out set in a worker thread; log ``eval_accuracy`` and
+        ``eval_loss`` (nats per label token) as metrics of ``round_id``. A failure is logged, rounds go on."""
+        async with self._evaluating:
+            try:
+                params = await asyncio.to_thread(self.model.store.load, tensor_sha256)
+                score = await asyncio.to_thread(self.evaluator.score, params)
+            except Exception:  # noqa: BLE001 - evaluation is advisory; the federation must not stop for it
+                log.exception("evaluating round %d failed", round_id)
+                return
+        self.registry.log_metric("eval_accuracy", score.accuracy, round_id=round_id)
+        self.registry.log_metric("eval_loss", score.loss, round_id=round_id)
+        log.info("round %d evaluated: accuracy %.4f, label loss %.4f on %d examples", round_id, score.accuracy,
+                 score.loss, score.num_examples)
 
     # ------------------------------------------------------------ updates
 

@@ -59,6 +59,20 @@ def read_jsonl(path: str | Path) -> list[dict]:
     return [record for _, record in _numbered_records(Path(path))]
 
 
+def load_records(path: str | Path, *, text_field: str = "text", label_field: str = "label") -> list[dict]:
+    """Read a JSONL file of labelled texts as ``{"text", "label"}`` records (other fields are dropped).
+
+    Raises:
+        DataError: unreadable or empty file, a malformed line or a missing field (named by line number).
+    """
+    records = []
+    for number, row in _numbered_records(Path(path)):
+        if text_field not in row or label_field not in row:
+            raise DataError(f"{path}:{number}: needs the fields {text_field!r} and {label_field!r}")
+        records.append({"text": str(row[text_field]), "label": str(row[label_field])})
+    return records
+
+
 def _numbered_records(path: Path) -> list[tuple[int, dict]]:
     """``(line number, record)`` of every non-blank line; raises as :func:`read_jsonl`."""
     if not path.is_file():

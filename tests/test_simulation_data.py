@@ -2,7 +2,8 @@ import json
 
 import pytest
 
-from coordinator.simulation.data import dirichlet_split, label_histogram, load_records, train_test_split
+from coordinator.simulation.data import dirichlet_split, label_histogram, train_test_split
+from device_runtime.data import load_records
 from device_runtime.errors import ConfigError, DataError
 
 

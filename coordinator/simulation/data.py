@@ -13,31 +13,7 @@ from typing import Sequence
 
 import numpy as np
 
-from device_runtime.errors import ConfigError, DataError
-
-
-def load_records(path: str | Path, *, text_field: str = "text", label_field: str = "label") -> list[dict]:
-    """Read a JSONL file of labelled texts as ``{"text", "label"}`` records.
-
-    Raises:
-        DataError: unreadable file, a malformed line (named by number) or a missing field.
-    """
-    records = []
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except OSError as exc:
-        raise DataError(f"cannot read {path}: {exc}") from exc
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            records.append({"text": str(row[text_field]), "label": str(row[label_field])})
-        except (ValueError, KeyError, TypeError) as exc:
-            raise DataError(f"{path}:{number}: needs JSON with {text_field!r} and {label_field!r} ({exc})") from exc
-    if not records:
-        raise DataError(f"{path} holds no record")
-    return records
+from device_runtime.errors import ConfigError
 
 
 def train_test_split(records: Sequence[dict], test_size: int, seed: int) -> tuple[list[dict], list[dict]]:

@@ -3,8 +3,9 @@
 For each strategy: a fresh coordinator state (registry, global state v0, calibration) from the same
 checkpoint, ``fedmoe-coord serve`` as a process on a free loopback port, every device enrolled over the
 websocket with a one-time token and started as a ``fedmoe-device run`` process under its memory budget.
-This process then watches the registry: each new global model version is evaluated on the held-out set
-(label log-likelihood, ``export/evaluate.py``) and becomes one :class:`RoundRecord`.
+The coordinator scores each new global model version on the held-out set (``eval_data``,
+``coordinator/evaluation.py``); this process watches the registry and turns each scored round into one
+:class:`RoundRecord`.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ class Federation:
         fit: local training settings. trainable_mode / lora_rank: what devices train.
         calibration_texts: text sample for the initial expert importance. seed: selection / data seed.
         slots: concurrent trainings allowed on this machine. round_deadline_s: per-round deadline.
+        eval_data: the held-out JSONL set the coordinator scores every version on.
     """
 
     strategy: str
@@ -46,6 +48,7 @@ class Federation:
     devices: tuple[SimulatedDevice, ...]
     data_files: tuple[Path, ...]
     fit: FitConfig
+    eval_data: Path
     trainable_mode: str = "experts"
     lora_rank: int = 0
     calibration_texts: tuple[str, ...] = ()
@@ -59,7 +62,7 @@ def _config(fed: Federation, out: Path, port: int) -> CoordinatorConfig:
         checkpoint=str(fed.checkpoint.resolve()), state_dir=str((out / "state").resolve()), port=port,
         strategy=fed.strategy, min_fit_clients=len(fed.devices), max_fit_clients=len(fed.devices),
         num_rounds=fed.rounds, round_deadline_s=fed.round_deadline_s, trainable_mode=fed.trainable_mode,
-        lora_rank=fed.lora_rank, seed=fed.seed,
+        lora_rank=fed.lora_rank, seed=fed.seed, eval_data=str(fed.eval_data.resolve()),
         fit={k: v for k, v in dataclasses.asdict(fed.fit).items() if v is not None})
 
 
@@ -71,12 +74,19 @@ class Watch:
         self.store = TensorStore(Path(cfg.state_dir) / "tensors")
         self.names = {d.id: d.name for d in self.registry.list_devices()}
 
-    def version(self) -> int:
-        latest = self.registry.latest_model_version()
-        return -1 if latest is None else latest.version
-
-    def params(self, version_row) -> dict:
-        return self.store.load(version_row.tensor_sha256)
+    def scored_round(self, strategy: str, version: int, peak: dict) -> RoundRecord | None:
+        """The record of the round that made model ``version``, once the coordinator has scored it."""
+        row = self.registry.get_model_version(version)
+        if row is None:
+            return None
+        scores = {m.name: m.value for m in self.registry.metrics(round_id=row.round_id) if m.device_id is None}
+        if "eval_accuracy" not in scores:
+            return None
+        devices = self.device_rounds(row.round_id, peak)
+        round_row = self.registry.get_round(row.round_id)
+        wall = (round_row.finished_at - round_row.started_at).total_seconds() if round_row.finished_at else 0.0
+        return RoundRecord(strategy, version, scores["eval_accuracy"], scores["eval_loss"], wall,
+                           sum(d.bytes_up for d in devices), sum(d.bytes_down for d in devices), devices)
 
     def device_rounds(self, round_id: int, peak: dict) -> tuple[DeviceRound, ...]:
         """Per device of ``round_id``: its training loss, bytes up / down, peak RSS (MiB), experts kept."""
@@ -127,11 +137,11 @@ def _check_alive(children: Sequence[Child]) -> None:
                 f"{child.returncode}; its log ends:\n{child.tail(8)}")
 
 
-def run_federation(fed: Federation, out: Path, evaluate: Callable[[dict], tuple[float, float]],
-                   on_round: Callable[[RoundRecord], None], *, poll_s: float = 1.0) -> tuple[list[RoundRecord], dict]:
+def run_federation(fed: Federation, out: Path, on_round: Callable[[RoundRecord], None], *,
+                   poll_s: float = 1.0) -> tuple[list[RoundRecord], dict]:
     """Run ``fed`` to completion in ``out``; returns its round records and each device's peak RSS (MiB).
 
-    ``evaluate(params) -> (accuracy, loss)`` scores a global state; ``on_round`` sees each record.
+    ``on_round`` sees each record once the coordinator has scored the round's model version.
 
     Raises:
         FedmoeError: the coordinator or a device process died, or a round failed for good.
@@ -149,7 +159,7 @@ def run_federation(fed: Federation, out: Path, evaluate: Callable[[dict], tuple[
     try:
         wait_healthy(cfg.port, coordinator)
         children = _start_devices(fed, out, cfg, f"ws://127.0.0.1:{cfg.port}")
-        records = _watch_rounds(fed, cfg, coordinator, children, evaluate, on_round, peak, poll_s)
+        records = _watch_rounds(fed, cfg, coordinator, children, on_round, peak, poll_s)
     finally:
         for child in children:
             child.stop()
@@ -159,26 +169,19 @@ def run_federation(fed: Federation, out: Path, evaluate: Callable[[dict], tuple[
     return records, peak
 
 
-def _watch_rounds(fed, cfg, coordinator, children, evaluate, on_round, peak, poll_s) -> list[RoundRecord]:
+def _watch_rounds(fed, cfg, coordinator, children, on_round, peak, poll_s) -> list[RoundRecord]:
     watch = Watch(cfg)
-    records, seen = [], 0
+    records = []
     try:
-        while seen < fed.rounds:
+        while len(records) < fed.rounds:
             if coordinator.poll() is not None:
                 raise FedmoeError(f"the coordinator exited ({coordinator.returncode}):\n{coordinator.tail(20)}")
             _check_alive(children)
-            if watch.version() <= seen:
+            record = watch.scored_round(fed.strategy, len(records) + 1, peak)
+            if record is None:
                 _check_failed_rounds(watch, fed.strategy)
                 time.sleep(poll_s)
                 continue
-            seen += 1
-            row = watch.registry.get_model_version(seen)
-            accuracy, loss = evaluate(watch.params(row))
-            devices = watch.device_rounds(row.round_id, peak)
-            round_row = watch.registry.get_round(row.round_id)
-            wall = (round_row.finished_at - round_row.started_at).total_seconds() if round_row.finished_at else 0.0
-            record = RoundRecord(fed.strategy, seen, accuracy, loss, wall,
-                                 sum(d.bytes_up for d in devices), sum(d.bytes_down for d in devices), devices)
             records.append(record)
             on_round(record)
     finally:

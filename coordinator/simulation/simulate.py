@@ -9,15 +9,15 @@ every round.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
-from coordinator.simulation.data import dirichlet_split, label_histogram, load_records, train_test_split, write_jsonl
+from coordinator.simulation.data import dirichlet_split, label_histogram, train_test_split, write_jsonl
 from coordinator.simulation.profiles import SimulatedDevice
 from coordinator.simulation.report import RoundRecord, plot_accuracy, write_metrics
 from coordinator.simulation.runner import Federation, run_federation
+from device_runtime.data import load_records
 from device_runtime.errors import ConfigError
 from device_runtime.protocol import FitConfig
 
@@ -104,25 +104,13 @@ def _fit(preset: Preset) -> FitConfig:
                      local_steps=preset.local_steps)
 
 
-def make_scorer(checkpoint: Path, test: list[dict], labels: list[str], plan: SimulationPlan) -> Callable:
-    """``score(params) -> (accuracy, loss)`` on the test set; ``params`` is a global state (name -> array),
-    or None for the model as initialised (the zero-shot score)."""
-    import torch
+def _zero_shot(checkpoint: Path, test: list[dict], plan: SimulationPlan):
+    """The initial global model's score on the test set, by the coordinator's own evaluator."""
+    from coordinator.evaluation import Evaluator
 
-    from export.evaluate import label_accuracy
-    from export.global_state import load_trainable_model, apply_state
-
-    torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
-    model = load_trainable_model(checkpoint, trainable_mode=plan.trainable_mode, lora_rank=plan.lora_rank,
-                              lora_alpha=16.0, seed=plan.seed)
-
-    def score(params: dict | None) -> tuple[float, float]:
-        if params is not None:
-            apply_state(model, params)
-        result = label_accuracy(model, checkpoint / "tokenizer.json", test, labels, seq_len=plan.preset.seq_len)
-        return result.accuracy, result.loss
-
-    return score
+    evaluator = Evaluator(checkpoint, test, trainable_mode=plan.trainable_mode, lora_rank=plan.lora_rank,
+                          seed=plan.seed, seq_len=plan.preset.seq_len)
+    return evaluator.score(None)
 
 
 def simulate(plan: SimulationPlan, on_event: Callable[[str, object], None]) -> dict:
@@ -136,22 +124,22 @@ def simulate(plan: SimulationPlan, on_event: Callable[[str, object], None]) -> d
     checkpoint = ensure_checkpoint(plan.preset)
     files, test, labels, histogram = prepare_data(plan)
     on_event("stage", "zero-shot evaluation of the initial global model")
-    score = make_scorer(checkpoint, test, labels, plan)
+    zero = _zero_shot(checkpoint, test, plan)
     from export.calibration import default_texts
 
-    zero_acc, zero_loss = score(None)
     records: list[RoundRecord] = []
     peaks: dict[str, dict] = {}
     for strategy in plan.strategies:
         on_event("stage", f"{strategy}: starting the coordinator and {len(plan.devices)} devices")
-        zero = RoundRecord(strategy, 0, zero_acc, zero_loss, 0.0, 0, 0)
-        records.append(zero)
-        on_event("round", zero)
+        start = RoundRecord(strategy, 0, zero.accuracy, zero.loss, 0.0, 0, 0)
+        records.append(start)
+        on_event("round", start)
         fed = Federation(strategy=strategy, rounds=plan.preset.rounds, checkpoint=checkpoint, devices=plan.devices,
-                         data_files=tuple(files), fit=_fit(plan.preset), trainable_mode=plan.trainable_mode,
+                         data_files=tuple(files), fit=_fit(plan.preset), eval_data=plan.out / "data" / "test.jsonl",
+                         trainable_mode=plan.trainable_mode,
                          lora_rank=plan.lora_rank, calibration_texts=tuple(default_texts()), seed=plan.seed,
                          slots=plan.slots)
-        done, peaks[strategy] = run_federation(fed, plan.out / strategy, score, lambda r: on_event("round", r))
+        done, peaks[strategy] = run_federation(fed, plan.out / strategy, lambda r: on_event("round", r))
         records += done
     write_metrics(records, plan.out)
     plot = plot_accuracy(records, plan.out / "accuracy.png")
