@@ -3,6 +3,7 @@ websocket clients speaking the protocol, a tiny random Mixtral checkpoint, a rea
 
 from __future__ import annotations
 
+import json
 import os
 import urllib.request
 from dataclasses import replace
@@ -20,7 +21,7 @@ from device_runtime.protocol import (PROTOCOL_VERSION, Ack, Assignment, Auth, Au
                                      encode)
 
 pytest.importorskip("torch")
-from helpers import ServerThread, fake_update, initialised_coordinator, two_expert_memory  # noqa: E402
+from helpers import RECORDS, ServerThread, fake_update, initialised_coordinator, two_expert_memory  # noqa: E402
 
 MAX_MIB = 4.0
 
@@ -30,7 +31,9 @@ def initialised(tmp_path_factory):
     """``(config, memory_mib)`` of an initialised coordinator state (global state v0, calibration)."""
     root = tmp_path_factory.mktemp("coord")
     os.environ.setdefault("FEDMOE_CACHE", str(root / "cache"))
-    cfg = initialised_coordinator(root, root / "state", max_message_mib=MAX_MIB)
+    eval_data = root / "eval.jsonl"
+    eval_data.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
+    cfg = initialised_coordinator(root, root / "state", max_message_mib=MAX_MIB, eval_data=str(eval_data))
     return cfg, two_expert_memory(root / "checkpoint")
 
 
@@ -193,8 +196,22 @@ def test_round_with_bundle_transfer_and_replayed_update(server, initialised):
         assert rounds[assignment.round_id].status == "finished"
         assert rounds[assignment.round_id].metrics["num_clients"] == 1
         check_only_trained_rows_changed(cfg, registry, version, assignment)
+        check_the_new_version_was_evaluated(cfg, registry, version)
     finally:
         registry.close()
+
+
+def check_the_new_version_was_evaluated(cfg, registry, version):
+    """The coordinator logged the held-out score of the new version: the evaluator's score of its state."""
+    from coordinator.evaluation import Evaluator
+    from coordinator.federation import tensor_store
+
+    scores = wait_for(lambda: {m.name: m.value for m in registry.metrics(round_id=version.round_id)
+                               if m.name.startswith("eval_")} or None)
+    expected = Evaluator.from_config(cfg).score(tensor_store(cfg).load(version.tensor_sha256))
+    assert scores == pytest.approx({"eval_accuracy": expected.accuracy, "eval_loss": expected.loss}, rel=1e-6)
+    initial = Evaluator.from_config(cfg).score(None)
+    assert initial.loss != pytest.approx(expected.loss, rel=1e-6)  # the +1 / +0.5 shifts changed the model
 
 
 def _version_after(registry, version):
