@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import re
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -199,20 +198,10 @@ def model():
 @click.pass_context
 def export_model(ctx, out_dir):
     """Merge the latest global state into a Hugging Face checkpoint directory OUT_DIR."""
-    from coordinator.federation import tensor_store
-    from export.global_state import export_checkpoint
+    from coordinator.federation import export_latest
 
-    cfg = _config(ctx)
-    registry = Registry(cfg.registry_url)
-    latest = registry.latest_model_version()
-    registry.close()
-    if latest is None:
-        raise ConfigError("no global model yet; run `fedmoe-coord init` first")
-    with tempfile.TemporaryDirectory() as tmp:
-        state = Path(tmp) / "state.safetensors"
-        state.write_bytes(tensor_store(cfg).get(latest.tensor_sha256))
-        export_checkpoint(cfg.checkpoint, state, out_dir)
-    console.print(f"exported model version {latest.version} to {out_dir}")
+    version = export_latest(_config(ctx), out_dir)
+    console.print(f"exported model version {version} to {out_dir}")
 
 
 def _simulate_command():

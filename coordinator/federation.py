@@ -143,3 +143,26 @@ def _mean_loss(rows: Sequence[Update]) -> float | None:
     total = sum(n for n, _ in pairs)
     return sum(n * l for n, l in pairs) / total if total else None
 
+
+
+def export_latest(cfg: CoordinatorConfig, out_dir: str | Path) -> int:
+    """Write the latest global version merged into the checkpoint as a Hugging Face checkpoint directory
+    ``out_dir`` (needs torch); returns the version number.
+
+    Raises:
+        ConfigError: there is no global model yet (run ``fedmoe-coord init``).
+    """
+    from export.global_state import export_checkpoint
+
+    registry = Registry(cfg.registry_url)
+    try:
+        latest = registry.latest_model_version()
+    finally:
+        registry.close()
+    if latest is None:
+        raise ConfigError("no global model yet; run `fedmoe-coord init` first")
+    with tempfile.TemporaryDirectory() as tmp:
+        state = Path(tmp) / "state.safetensors"
+        state.write_bytes(tensor_store(cfg).get(latest.tensor_sha256))
+        export_checkpoint(cfg.checkpoint, state, out_dir)
+    return latest.version

@@ -32,6 +32,8 @@ def test_smoke_simulation_writes_every_output(smoke_run):
     assert all(int(r["device_bytes_up"]) > 0 and r["device_loss"] for r in trained)
     assert (out / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
     assert "zero-shot" in stdout and "accuracy.png" in stdout
+    final_model = {p.name for p in (out / "hfedmoe" / "model").iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= final_model
 
 
 def test_smoke_devices_stay_within_their_budgets(smoke_run):

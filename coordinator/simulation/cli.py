@@ -84,9 +84,14 @@ def simulate_command(preset, strategy, compare, devices_file, num_devices, round
                           data_file=None if data_file is None else Path(data_file), text_field=text_field,
                           label_field=label_field, slots=slots)
     console = Console()
+    summary = _run_live(plan, console) if console.is_terminal else simulate(plan, _printer(console))
+    _final(console, summary)
+
+
+def _run_live(plan: SimulationPlan, console: Console) -> dict:
+    """Run with a live view: a spinner on the current stage above the growing round table."""
     records: list[RoundRecord] = []
     status = Spinner("dots", text="starting")
-
     with Live(Group(status, _round_table(records)), console=console, refresh_per_second=4) as live:
         def on_event(kind: str, payload) -> None:
             if kind == "stage":
@@ -97,7 +102,20 @@ def simulate_command(preset, strategy, compare, devices_file, num_devices, round
 
         summary = simulate(plan, on_event)
         status.update(text="done")
-    _final(console, summary)
+    return summary
+
+
+def _printer(console: Console):
+    """Progress as plain lines, for logs and CI (no terminal to redraw a live view in)."""
+    def on_event(kind: str, payload) -> None:
+        if kind == "stage":
+            console.print(f"[{time.strftime('%H:%M:%S')}] {payload}")
+        else:
+            r = payload
+            console.print(f"[{time.strftime('%H:%M:%S')}] {r.strategy} round {r.round}: accuracy "
+                          f"{100 * r.accuracy:.1f}%, loss {r.loss:.3f}, {r.wall_s:.0f} s, "
+                          f"{r.bytes_up / MIB:.1f} MiB up, {r.bytes_down / MIB:.1f} MiB down")
+    return on_event
 
 
 def _final(console: Console, summary: dict) -> None:
@@ -111,4 +129,5 @@ def _final(console: Console, summary: dict) -> None:
                       f"{sum(s['bytes_up_per_round']) / MIB:.1f}", f"{sum(s['bytes_down_per_round']) / MIB:.1f}", rss)
     console.print(table)
     console.print(f"plot: {summary['plot']}\nmetrics: {summary['out']}/metrics.csv, metrics.json, summary.json; "
-                  f"registries and final states under {summary['out']}/<strategy>/state")
+                  f"final models (Hugging Face checkpoints) in {summary['out']}/<strategy>/model, "
+                  f"registries in {summary['out']}/<strategy>/state")

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from coordinator.config import CoordinatorConfig, save_config
-from coordinator.federation import initialize
+from coordinator.federation import export_latest, initialize
 from coordinator.registry import Registry
 from coordinator.simulation.processes import (MIB, Child, enrol_device, free_port, start_coordinator, start_device,
                                               wait_healthy)
@@ -140,6 +140,7 @@ def _check_alive(children: Sequence[Child]) -> None:
 def run_federation(fed: Federation, out: Path, on_round: Callable[[RoundRecord], None], *,
                    poll_s: float = 1.0) -> tuple[list[RoundRecord], dict]:
     """Run ``fed`` to completion in ``out``; returns its round records and each device's peak RSS (MiB).
+    The final global model is written to ``out / "model"`` (a Hugging Face checkpoint directory).
 
     ``on_round`` sees each record once the coordinator has scored the round's model version.
 
@@ -166,6 +167,7 @@ def run_federation(fed: Federation, out: Path, on_round: Callable[[RoundRecord],
         coordinator.stop()
     for child in children:  # the OS's view: the device process's whole-life peak RSS
         peak[child.name] = max(peak.get(child.name, 0.0), child.peak_rss_mib or 0.0)
+    export_latest(cfg, out / "model")  # the final global model as a Hugging Face checkpoint directory
     return records, peak
 
 
