@@ -68,9 +68,12 @@ def main(ctx, config_path):
 @click.option("--lora-rank", default=8, show_default=True, help="LoRA rank (with --trainable lora).")
 @click.option("--calibration-texts", type=click.Path(dir_okay=False, exists=True), default=None,
               help="JSONL file with a 'text' per line for the calibration pass. [default: 20 BBC News articles]")
+@click.option("--eval-data", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="Held-out JSONL ('text', 'label'): every new global version is scored on it (label "
+                   "log-likelihood accuracy, shown by `rounds`).")
 @click.pass_context
 def init(ctx, checkpoint, state_dir, strategy, min_fit_clients, max_fit_clients, num_rounds, round_deadline, host,
-         port, trainable, lora_rank, calibration_texts):
+         port, trainable, lora_rank, calibration_texts, eval_data):
     """Write the config, create the registry, global state version 0 and calibration statistics."""
     path: Path = ctx.obj["config"]
     if path.exists():
@@ -78,7 +81,8 @@ def init(ctx, checkpoint, state_dir, strategy, min_fit_clients, max_fit_clients,
     cfg = CoordinatorConfig(checkpoint=str(Path(checkpoint).resolve()), state_dir=str(Path(state_dir).resolve()),
                             strategy=strategy, min_fit_clients=min_fit_clients, max_fit_clients=max_fit_clients,
                             num_rounds=num_rounds, round_deadline_s=parse_duration(round_deadline), host=host,
-                            port=port, trainable_mode=trainable, lora_rank=lora_rank if trainable == "lora" else 0)
+                            port=port, trainable_mode=trainable, lora_rank=lora_rank if trainable == "lora" else 0,
+                            eval_data=str(Path(eval_data).resolve()) if eval_data else "")
     from coordinator.federation import initialize
 
     version = initialize(cfg, _calibration_texts(calibration_texts))
@@ -161,12 +165,16 @@ def revoke(ctx, device_id):
 def rounds(ctx, limit):
     """Recent rounds with their status and metrics."""
     registry = _registry(ctx)
-    table = Table("round", "strategy", "status", "clients", "examples", "train loss", "model version", "started")
+    table = Table("round", "strategy", "status", "clients", "examples", "train loss", "eval accuracy",
+                  "model version", "started")
     for r in registry.list_rounds(limit=limit):
         m = r.metrics or {}
         loss = m.get("train_loss")
+        scores = {x.name: x.value for x in registry.metrics(round_id=r.id) if x.name == "eval_accuracy"}
+        accuracy = scores.get("eval_accuracy")
         table.add_row(str(r.id), r.strategy, r.status, str(m.get("num_clients", "")), str(m.get("num_examples", "")),
-                      "" if loss is None else f"{loss:.4f}", str(m.get("model_version", "")), _time(r.started_at))
+                      "" if loss is None else f"{loss:.4f}", "" if accuracy is None else f"{100 * accuracy:.1f}%",
+                      str(m.get("model_version", "")), _time(r.started_at))
     registry.close()
     Console().print(table)
 
