@@ -81,6 +81,9 @@ def fit_assignment(bundle: Bundle, assignment: Assignment, data_file: str | Path
                    extra_metrics: dict | None = None) -> Update:
     """Train ``assignment`` on ``data_file`` and build its ``Update``.
 
+    Consumes the assignment's weights: ``assignment.tensors`` is emptied once they are loaded into the
+    trainer, so that the decoded wire copy does not stay resident through training.
+
     Args:
         bundle: the verified cached bundle of ``assignment.shape_key``.
         assignment: the round's assignment (weights in ``tensors``, settings in ``config``).
@@ -105,6 +108,8 @@ def fit_assignment(bundle: Bundle, assignment: Assignment, data_file: str | Path
     steps = cfg.local_steps or math.ceil(len(dataset.train) / cfg.batch_size)
     trainer = OrtTrainer(bundle, threads=threads, progress=False)
     trainer.set_parameters(tensors)
+    del tensors
+    assignment.tensors.clear()  # now copied into ORT: free the wire copy (100s of MiB) before training
     start = time.perf_counter()
     result = trainer.fit(until_stopped(dataset.train_batches(cfg.batch_size), stop), steps=steps,
                          learning_rate=cfg.learning_rate, aux_loss_coef=cfg.aux_loss_coef, routing_prior=prior,
