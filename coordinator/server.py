@@ -8,7 +8,8 @@ Per connection (see the protocol module docstring)::
 
 A Heartbeat refreshes the device's ``last_seen`` at most every ``LAST_SEEN_EVERY_S``; a bundle transfer is
 counted as one ``bytes_down`` metric (registry writes are commits on the event loop). A malformed message
-gets ``Error(code)`` and the connection stays open (at most ``MAX_BAD_BEFORE_AUTH`` before authentication). Authentication failures get ``Error("auth")`` and the connection is closed.
+gets ``Error(code)`` and the connection stays open (at most ``MAX_BAD_BEFORE_AUTH`` before authentication).
+Authentication failures get ``Error("auth")`` and the connection is closed.
 A frame above ``max_message_mib`` is refused by websockets itself (close code 1009). ``GET /healthz``
 answers 200 ``ok``. SIGTERM / SIGINT stop the server cleanly (:func:`run`).
 """
