@@ -1,0 +1,450 @@
+"""How many concurrent device connections one coordinator holds on loopback: a load generator for the coordinator.
+
+The coordinator is real: ``fedmoe-coord serve`` as its own process (``coordinator.simulation.processes``), over a
+tiny seeded Mixtral (``tests/helpers.py``: 2 layers, 4 experts, hidden 16) so the run is about connections, not
+tensors. The devices are real ``device_runtime.client.DeviceClient`` objects speaking the real protocol (one-time
+token enrolment, Ed25519 challenge-response, heartbeats, bundle transfer, update upload, reconnect with backoff),
+run as asyncio tasks in this one process. Only their training is a stand-in: :func:`stand_in_fit` replaces
+``device_runtime.client._fit_in_slot`` (DeviceClient has no trainer argument) and returns the assignment's
+trainable tensors shifted, with valid routing statistics (``tests/helpers.fake_update``), without ONNX Runtime.
+
+Phases:
+
+1. idle: the coordinator runs with ``min_fit_clients = idle + 1`` so that no round can start; ``--idle`` devices
+   enrol over the websocket, then connect, authenticate and heartbeat for ``--idle-seconds``.
+2. rounds: the coordinator is stopped (SIGTERM) and restarted with ``min_fit_clients = max_fit_clients =
+   --active`` and ``num_rounds = --rounds``; the devices reconnect on their own backoff; each round selects
+   ``--active`` of them (Assignment, BundleRequest / BundleData on a device's first round, Update, Ack), the
+   others stay connected and idle.
+
+Printed: the file-descriptor limits, connections requested / established (coordinator-side socket table) / still
+established after the idle period, client reconnects, the coordinator's RSS (``/proc/<pid>/status`` VmRSS) with 0
+and with all connections, ``/healthz`` latency (the coordinator's event-loop responsiveness, probed from a thread
+of this process), per-round wall time, assignments, accepted updates and bytes, the registry cost of one round
+engine tick, and every warning or error of either side, grouped.
+
+Run (about 3 minutes on 2 busy cores)::
+
+    python bench/bench_connections.py --idle 1000 --active 50 --rounds 3
+
+Exit status 1 when fewer connections than requested were established or survived the idle period, or fewer
+than ``--rounds`` rounds aggregated ``--active`` accepted updates each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+import re
+import resource
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+from helpers import fake_update, initialised_coordinator  # noqa: E402
+
+import device_runtime.client as device_client  # noqa: E402
+from coordinator.config import CoordinatorConfig, save_config  # noqa: E402
+from coordinator.registry import Registry  # noqa: E402
+from coordinator.simulation.processes import Child, free_port, start_coordinator, wait_healthy  # noqa: E402
+from device_runtime.client import DeviceClient, enroll  # noqa: E402
+from device_runtime.protocol import Update  # noqa: E402
+
+PROFILE = {"memory_total_mib": 4096, "memory_available_mib": 2048, "memory_mib": 2048, "cores": 1,
+           "arch": "x86_64", "os": "Linux", "backends": ["ort-training"], "gflops": 10.0}
+
+
+# ---------------------------------------------------------------- process facts
+
+
+def raise_nofile() -> tuple[int, int]:
+    """Raise this process's RLIMIT_NOFILE soft limit to the hard limit (children inherit it); returns both."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)
+
+
+def nofile_of(pid: int) -> str:
+    """``soft/hard`` open-files limit of process ``pid`` (``/proc/<pid>/limits``)."""
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            soft, hard = line.split()[3:5]
+            return f"{soft}/{hard}"
+    return "?"
+
+
+def rss_mib(pid: int) -> float:
+    """Resident set size of ``pid`` in MiB (``VmRSS`` of ``/proc/<pid>/status``)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def established(port: int) -> int:
+    """Server-side TCP sockets in state ESTABLISHED on local ``port`` (``/proc/net/tcp``): connections held."""
+    rows = Path("/proc/net/tcp").read_text().splitlines()[1:]
+    return sum(1 for row in rows if row.split()[1].endswith(f":{port:04X}") and row.split()[3] == "01")
+
+
+def listen_overflows() -> int:
+    """The kernel's count of connections dropped because a listen queue was full (``ListenOverflows`` in
+    ``/proc/net/netstat``; machine-wide, so take differences)."""
+    header, values = [line.split() for line in Path("/proc/net/netstat").read_text().splitlines()
+                      if line.startswith("TcpExt:")]
+    return int(values[header.index("ListenOverflows")])
+
+
+def open_fds(pid: int) -> int:
+    return len(list(Path(f"/proc/{pid}/fd").iterdir()))
+
+
+class HealthProbe:
+    """GET /healthz every ``period_s`` from a thread; latencies (seconds, inf = failed) per phase label."""
+
+    def __init__(self, port: int, period_s: float = 0.5):
+        self.url, self.period_s = f"http://127.0.0.1:{port}/healthz", period_s
+        self.phase, self.samples = "start", {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period_s):
+            start = time.perf_counter()
+            try:
+                with urllib.request.urlopen(self.url, timeout=10) as response:
+                    response.read()
+                latency = time.perf_counter() - start
+            except OSError:
+                latency = float("inf")
+            self.samples.setdefault(self.phase, []).append(latency)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+# ---------------------------------------------------------------- the load generator's devices
+
+
+def stand_in_fit(bundle, assignment, data_file, **_ignored) -> Update:
+    """The load generator's trainer: ``fake_update`` (trainable tensors shifted, valid routing statistics)
+    plus the metrics ``DeviceClient`` logs. No training happens: this bench loads the coordinator only."""
+    update = fake_update(assignment, bundle.manifest)
+    return dataclasses.replace(update, metrics={**update.metrics, "steps": 1.0, "peak_rss_mb": 0.0})
+
+
+class WarningCounter(logging.Handler):
+    """Counts this process's WARNING+ log records by message shape (ids and numbers blanked) in ``counts``."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.counts: Counter[str] = Counter()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.counts[normalise(record.getMessage())] += 1
+
+
+def normalise(text: str) -> str:
+    """A log message with device / update ids and numbers blanked, cut to 160 characters."""
+    text = re.sub(r"\b(d-[0-9a-f]{16}|r\d+-d-[0-9a-f]{16}-[0-9a-f]{8}|dev-\d+)\b", "<id>", text)
+    return re.sub(r"\d+(\.\d+)?", "N", text)[:160]
+
+
+async def enrol_all(url: str, names: list[str], tokens: list[str], home: Path, concurrency: int):
+    """Enrol every device over the websocket (``enroll``), ``concurrency`` at a time.
+
+    Returns ``(credentials or exception per device, seconds)``."""
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one(name: str, token: str):
+        async with gate:
+            return await enroll(url, token, name, credentials_path=home / name / "credentials.json",
+                                profile=PROFILE)
+
+    start = time.perf_counter()
+    results = await asyncio.gather(*(one(n, t) for n, t in zip(names, tokens)), return_exceptions=True)
+    return results, time.perf_counter() - start
+
+
+class Fleet:
+    """``DeviceClient`` tasks sharing this process's event loop."""
+
+    def __init__(self, url: str, credentials: list, home: Path, heartbeat_s: float):
+        data = home / "unused.jsonl"  # the stand-in trainer reads no data; the client only keeps the path
+        data.write_text("")
+        self.clients = [DeviceClient(url, c, data, cache_dir=home / c.device_id, profile=PROFILE,
+                                     heartbeat_s=heartbeat_s, threads=1) for c in credentials]
+        self.tasks: list[asyncio.Task] = []
+
+    def start(self) -> None:
+        self.tasks = [asyncio.create_task(c.run()) for c in self.clients]
+
+    async def wait_connected(self, count: int, timeout_s: float) -> list[float]:
+        """Seconds until each client had authenticated ``count`` times in total (inf: not within the timeout)."""
+        start, reached = time.perf_counter(), [float("inf")] * len(self.clients)
+        while time.perf_counter() - start < timeout_s:
+            now = time.perf_counter() - start
+            for i, client in enumerate(self.clients):
+                if reached[i] == float("inf") and client.connections >= count:
+                    reached[i] = now
+            if all(r < float("inf") for r in reached):
+                break
+            await asyncio.sleep(0.1)
+        return reached
+
+    def reconnects(self, expected: int) -> int:
+        """Authentications beyond ``expected`` per client, summed (each one a dropped connection)."""
+        return sum(max(0, c.connections - expected) for c in self.clients)
+
+    def ended(self) -> list[BaseException | None]:
+        return [t.exception() if not t.cancelled() else None for t in self.tasks if t.done()]
+
+    async def stop(self) -> None:
+        for client in self.clients:
+            client.stop()
+        await asyncio.wait(self.tasks, timeout=30)
+
+
+# ---------------------------------------------------------------- the coordinator
+
+
+class Coord:
+    """``fedmoe-coord serve`` on a fixed port, restartable with another config."""
+
+    def __init__(self, cfg: CoordinatorConfig, workdir: Path):
+        self.cfg, self.workdir, self.runs, self.child = cfg, workdir, 0, None
+
+    def start(self, **changes) -> Child:
+        self.cfg = dataclasses.replace(self.cfg, **changes)
+        self.runs += 1
+        config = self.workdir / f"coord-{self.runs}.toml"
+        save_config(self.cfg, config)
+        self.child = start_coordinator(config, self.workdir / f"coordinator-{self.runs}.log")
+        wait_healthy(self.cfg.port, self.child)
+        return self.child
+
+    def stop(self) -> float:
+        """SIGTERM and wait; returns the seconds it took."""
+        start = time.perf_counter()
+        self.child.stop(timeout=60)
+        return time.perf_counter() - start
+
+    def log_problems(self) -> Counter[str]:
+        counts: Counter[str] = Counter()
+        for run in range(1, self.runs + 1):
+            for line in (self.workdir / f"coordinator-{run}.log").read_text(errors="replace").splitlines():
+                match = re.search(r" (WARNING|ERROR|CRITICAL) (.*)", line)
+                if match or "Traceback" in line:
+                    counts[normalise(match.group(0) if match else line)] += 1
+        return counts
+
+
+def registry_tick_cost(cfg: CoordinatorConfig, device_ids: list[str]) -> dict:
+    """Seconds of the registry calls the coordinator makes on its event loop: one ``get_device`` per connected
+    device (``Coordinator._available``, every engine tick) and one ``touch_device`` (every Heartbeat)."""
+    registry = Registry(cfg.registry_url)
+    try:
+        start = time.perf_counter()
+        for device_id in device_ids:
+            registry.get_device(device_id)
+        tick = time.perf_counter() - start
+        start = time.perf_counter()
+        for device_id in device_ids[:200]:
+            registry.touch_device(device_id)
+        touch = (time.perf_counter() - start) / max(1, min(200, len(device_ids)))
+    finally:
+        registry.close()
+    return {"available_tick_s": tick, "touch_device_s": touch}
+
+
+def round_rows(cfg: CoordinatorConfig) -> list[dict]:
+    """Per round: status, wall seconds, assignments, accepted updates, bytes down / up (from the registry)."""
+    registry = Registry(cfg.registry_url)
+    try:
+        rows = []
+        for r in sorted(registry.list_rounds(limit=1000), key=lambda r: r.id):
+            moved = Counter()
+            for m in registry.metrics(round_id=r.id):
+                if m.device_id is not None:
+                    moved[m.name] += m.value
+            wall = (r.finished_at - r.started_at).total_seconds() if r.finished_at else float("nan")
+            rows.append({"round": r.id, "status": r.status, "wall_s": wall,
+                         "assigned": len(registry.assignments(r.id)),
+                         "accepted": len(registry.accepted_updates(r.id)),
+                         "mib_down": moved["bytes_down"] / (1 << 20), "mib_up": moved["bytes_up"] / (1 << 20)})
+        return rows
+    finally:
+        registry.close()
+
+
+async def wait_rounds(cfg: CoordinatorConfig, rounds: int, timeout_s: float) -> None:
+    """Until ``rounds`` rounds finished, ``max_round_attempts`` failed, or ``timeout_s`` passed."""
+    start = time.perf_counter()
+    while time.perf_counter() - start < timeout_s:
+        rows = await asyncio.to_thread(round_rows, cfg)
+        finished = sum(r["status"] == "finished" for r in rows)
+        failed = sum(r["status"] == "failed" for r in rows)
+        if finished >= rounds or failed >= cfg.max_round_attempts:
+            return
+        await asyncio.sleep(1.0)
+
+
+# ---------------------------------------------------------------- the run
+
+
+def _seconds(values: list[float]) -> str:
+    done = sorted(v for v in values if v < float("inf"))
+    if not done:
+        return "none"
+    p95 = done[min(len(done) - 1, int(0.95 * len(done)))]
+    return f"median {statistics.median(done):.2f} s, p95 {p95:.2f} s, last {done[-1]:.2f} s"
+
+
+async def idle_phase(opts, coord: Coord, tokens: list[str], out: dict, probe: HealthProbe) -> Fleet:
+    pid, port, url = coord.child.process.pid, coord.cfg.port, f"ws://127.0.0.1:{coord.cfg.port}"
+    out["coordinator_nofile"] = nofile_of(pid)
+    out["rss_0"] = rss_mib(pid)
+    print(f"coordinator pid {pid}, RLIMIT_NOFILE {out['coordinator_nofile']}, RSS {out['rss_0']:.1f} MiB "
+          f"with 0 connections, {open_fds(pid)} fds", flush=True)
+    names = [f"dev-{i:04d}" for i in range(opts.idle)]
+    probe.phase, overflows = "enrol", listen_overflows()
+    results, seconds = await enrol_all(url, names, tokens, opts.workdir / "devices", opts.enrol_concurrency)
+    credentials = [r for r in results if not isinstance(r, BaseException)]
+    out["enrol_errors"] = Counter(normalise(f"{type(r).__name__}: {r}") for r in results
+                                  if isinstance(r, BaseException))
+    print(f"enrolled {len(credentials)} of {len(names)} over the websocket in {seconds:.1f} s "
+          f"({opts.enrol_concurrency} at a time)", flush=True)
+    fleet = Fleet(url, credentials, opts.workdir / "devices", opts.heartbeat_s)
+    probe.phase = "connect"
+    start = time.perf_counter()
+    fleet.start()
+    reached = await fleet.wait_connected(1, opts.connect_timeout)
+    out["established"] = established(port)
+    print(f"connect: {sum(r < float('inf') for r in reached)} of {len(credentials)} authenticated "
+          f"({_seconds(reached)}; {time.perf_counter() - start:.1f} s); coordinator holds {out['established']} "
+          f"established sockets, {open_fds(pid)} fds, RSS {rss_mib(pid):.1f} MiB; listen-queue overflows "
+          f"during enrolment and connect: {listen_overflows() - overflows}", flush=True)
+    probe.phase = "idle"
+    await asyncio.sleep(opts.idle_seconds)
+    out["alive"], out["rss_n"], out["idle_reconnects"] = established(port), rss_mib(pid), fleet.reconnects(1)
+    print(f"after {opts.idle_seconds:.0f} s idle (heartbeat every {opts.heartbeat_s:g} s): {out['alive']} "
+          f"established, {out['idle_reconnects']} client reconnects, RSS {out['rss_n']:.1f} MiB "
+          f"({(out['rss_n'] - out['rss_0']) * 1024 / max(1, out['alive']):.1f} KiB per connection)", flush=True)
+    return fleet
+
+
+async def rounds_phase(opts, coord: Coord, fleet: Fleet, out: dict, probe: HealthProbe) -> None:
+    probe.phase = "restart"
+    stop_s = await asyncio.to_thread(coord.stop)
+    print(f"coordinator stopped with {len(fleet.clients)} connections in {stop_s:.1f} s; restarting with "
+          f"min_fit_clients = max_fit_clients = {opts.active}, num_rounds = {opts.rounds}", flush=True)
+    await asyncio.to_thread(coord.start, min_fit_clients=opts.active, max_fit_clients=opts.active,
+                            num_rounds=opts.rounds)
+    pid, start, overflows = coord.child.process.pid, time.perf_counter(), listen_overflows()
+    probe.phase = "rounds"
+    reached = await fleet.wait_connected(2, opts.connect_timeout)
+    print(f"reconnect after restart: {sum(r < float('inf') for r in reached)} of {len(fleet.clients)} "
+          f"re-authenticated ({_seconds(reached)} after /healthz answered); listen-queue overflows "
+          f"{listen_overflows() - overflows}", flush=True)
+    await wait_rounds(coord.cfg, opts.rounds, opts.round_timeout - (time.perf_counter() - start))
+    out["rounds"] = await asyncio.to_thread(round_rows, coord.cfg)
+    out["rss_rounds"], out["alive_rounds"] = rss_mib(pid), established(coord.cfg.port)
+    print(f"after the rounds: {out['alive_rounds']} established, RSS {out['rss_rounds']:.1f} MiB, "
+          f"{fleet.reconnects(2)} client reconnects", flush=True)
+
+
+def _print_summary(opts, out: dict, probe: HealthProbe, coord: Coord, device_problems: Counter) -> None:
+    print("\nround | status | wall s | assigned | accepted | MiB down | MiB up")
+    for r in out.get("rounds", []):
+        print(f"{r['round']} | {r['status']} | {r['wall_s']:.2f} | {r['assigned']} | {r['accepted']} | "
+              f"{r['mib_down']:.2f} | {r['mib_up']:.2f}")
+    print("\n/healthz latency per phase (ms): " + "; ".join(
+        f"{phase}: n={len(v)} median {1e3 * statistics.median(v):.0f} max {1e3 * max(v):.0f} "
+        f"failed {sum(x == float('inf') for x in v)}" for phase, v in probe.samples.items()))
+    cost = out["registry"]
+    print(f"registry on the coordinator's event loop: {len(out['device_ids'])} x get_device (one engine tick of "
+          f"Coordinator._available) {1e3 * cost['available_tick_s']:.0f} ms; touch_device (one Heartbeat) "
+          f"{1e3 * cost['touch_device_s']:.2f} ms")
+    for title, counts in (("enrolment errors", out["enrol_errors"]), ("device-side warnings", device_problems),
+                          ("coordinator warnings / errors", coord.log_problems())):
+        print(f"\n{title}: {sum(counts.values())}")
+        for text, n in counts.most_common(12):
+            print(f"  {n:5d} x {text}")
+
+
+def _failures(opts, out: dict) -> list[str]:
+    bad = [f"{name}: {out[key]} of {opts.idle}" for name, key in (("established", "established"),
+                                                                   ("alive after idle", "alive"))
+           if out.get(key, 0) < opts.idle]
+    full = [r for r in out.get("rounds", []) if r["status"] == "finished" and r["accepted"] >= opts.active]
+    return bad + ([] if len(full) >= opts.rounds else [f"{len(full)} of {opts.rounds} full rounds"])
+
+
+async def run(opts, cfg: CoordinatorConfig, tokens: list[str], device_problems: Counter) -> int:
+    device_client._fit_in_slot = stand_in_fit  # the load generator does not train (module docstring)
+    coord, out = Coord(cfg, opts.workdir), {}
+    await asyncio.to_thread(coord.start)
+    probe, fleet = HealthProbe(cfg.port), None
+    try:
+        fleet = await idle_phase(opts, coord, tokens, out, probe)
+        await rounds_phase(opts, coord, fleet, out, probe)
+        out["ended_clients"] = fleet.ended()
+    finally:
+        probe.stop()
+        if fleet is not None:
+            await fleet.stop()
+        await asyncio.to_thread(coord.stop)
+    out["device_ids"] = [c.credentials.device_id for c in fleet.clients]
+    out["registry"] = registry_tick_cost(coord.cfg, out["device_ids"])
+    _print_summary(opts, out, probe, coord, device_problems)
+    failures = _failures(opts, out) + [f"client task ended: {e!r}" for e in out["ended_clients"]]
+    for failure in failures:
+        print("FAIL", failure)
+    return 1 if failures else 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--idle", type=int, default=1000, help="devices to enrol and keep connected")
+    parser.add_argument("--active", type=int, default=50, help="devices selected per round (min = max fit clients)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--idle-seconds", type=float, default=30.0, help="how long all devices stay connected idle")
+    parser.add_argument("--heartbeat-s", type=float, default=10.0,
+                        help="device Heartbeat interval and the coordinator's websocket ping interval (seconds)")
+    parser.add_argument("--enrol-concurrency", type=int, default=100)
+    parser.add_argument("--connect-timeout", type=float, default=90.0, help="seconds for all devices to authenticate")
+    parser.add_argument("--round-timeout", type=float, default=120.0, help="seconds for all rounds after restart")
+    parser.add_argument("--workdir", type=Path, help="state, configs, logs, device homes (default: a new temp dir)")
+    opts = parser.parse_args()
+    opts.workdir = (opts.workdir or Path(tempfile.mkdtemp(prefix="fedmoe-conn-"))).resolve()
+    opts.workdir.mkdir(parents=True, exist_ok=True)
+    soft, hard = raise_nofile()
+    print(f"workdir {opts.workdir}; this process RLIMIT_NOFILE {soft}/{hard} (inherited by the coordinator)")
+    cfg = initialised_coordinator(opts.workdir, opts.workdir / "state", port=free_port(), num_rounds=opts.rounds,
+                                  min_fit_clients=opts.idle + 1, max_fit_clients=opts.idle + 1,
+                                  heartbeat_s=opts.heartbeat_s, round_deadline_s=opts.round_timeout)
+    registry = Registry(cfg.registry_url)
+    start = time.perf_counter()
+    tokens = [registry.create_enrol_token(f"dev-{i:04d}", 3600) for i in range(opts.idle)]
+    registry.close()
+    print(f"{len(tokens)} one-time enrolment tokens in {time.perf_counter() - start:.1f} s")
+    counter = WarningCounter()
+    logging.getLogger().addHandler(counter)
+    device_problems = counter.counts
+    return asyncio.run(run(opts, cfg, tokens, device_problems))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
