@@ -16,24 +16,33 @@ the way ``GlobalModel`` does, resets its peak RSS (``/proc/self/clear_refs``), t
   the floor of the streaming path;
 - ``numpy``: the baseline, a plain weighted sum ``acc[ids] += n_c * update_c`` (float64, global layout) over
   the same updates loaded the same way (``TensorStore.load``), then a division by the per-row totals;
-- ``hfedmoe``, ``fedavg``, ``fedalign``: ``strategy.aggregate_fit(round, stored_updates(...), [], global)``,
-  what ``coordinator.federation.aggregate_round`` runs (the commit of the new version is not timed).
+- ``hfedmoe``, ``fedavg``, ``fedalign`` (opt-in):
+  ``strategy.aggregate_fit(round, stored_updates(...), [], global)``, what
+  ``coordinator.federation.aggregate_round`` runs (the commit of the new version is not timed).
 
 GB/s = bytes of the round's update tensors / wall seconds (FedAlign-MoE reads them twice, in two passes, and
-is still charged once). Peak RSS is the aggregation's own high-water mark (``VmHWM`` after the reset) next to
-the RSS before it; ``hfedmoe`` also runs with ``--memory-clients`` clients to show the peak does not grow
-with the number of clients. The ``fedavg`` and ``numpy`` results are compared (sum of every output tensor):
+is still charged once); GB/CPU-s divides by the child's CPU seconds instead (``time.process_time``), which
+moves far less than wall time when other jobs share the CPU. The sha256 throughput of this CPU is printed
+too: ``TensorStore.get`` verifies the hash of every file it reads, in every kind.
+
+Peak RSS is the aggregation's own high-water mark (``VmHWM`` after the reset) next to the RSS before it;
+``hfedmoe`` also runs with ``--memory-clients`` clients to show the peak does not grow with the number of
+clients. The ``fedavg`` and ``numpy`` results are compared (sum of every output tensor):
 they compute the same per-row example-weighted average.
 
-Run (about 2-3 minutes on 2 busy cores; ``--quick`` about 20 s)::
+Run (about 1.5-2.5 minutes on 2 busy cores; ``--quick`` about 20-40 s; ``--kinds ... fedalign`` adds about as
+much again; ``--layers 8``, the default simulation's 8 layers, reads ~20 GB per kind: ~2.5-4 minutes each)::
 
     python bench/bench_aggregation.py
+    python bench/bench_aggregation.py --kinds read numpy hfedmoe fedavg fedalign
+    python bench/bench_aggregation.py --layers 8
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import hashlib
 import json
 import os
 import subprocess
@@ -55,6 +64,7 @@ GB = 1e9
 HIDDEN, INTERMEDIATE = 576, 1536  # SmolLM2-135M
 TOKENS = 256  # tokens per client behind the routing statistics
 KINDS = ("read", "numpy", "hfedmoe", "fedavg", "fedalign")
+DEFAULT_KINDS = ["read", "numpy", "hfedmoe", "fedavg"]  # fedalign reads every update twice: opt-in
 
 
 @dataclass(frozen=True)
@@ -173,7 +183,7 @@ def child(manifest_path: Path, kind: str, clients: int) -> dict:
     gc.collect()
     reset = _reset_peak()
     base = _rss_mib()
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     metrics: dict = {}
     if kind == "read":
         out = {}
@@ -183,10 +193,10 @@ def child(manifest_path: Path, kind: str, clients: int) -> dict:
         out = numpy_weighted_sum(store, rows, global_params)
     else:
         out, metrics = from_name(kind).aggregate_fit(1, stored_updates(store, rows), [], global_params)
-    seconds = time.perf_counter() - start
-    return {"kind": kind, "clients": clients, "seconds": seconds, "base_rss_mib": base, "peak_rss_mib": _hwm_mib(),
-            "peak_reset": reset, "accepted": metrics.get("num_clients", len(rows)),
-            "rejected": metrics.get("rejected", {}),
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+    return {"kind": kind, "clients": clients, "seconds": seconds, "cpu_seconds": cpu_seconds,
+            "base_rss_mib": base, "peak_rss_mib": _hwm_mib(), "peak_reset": reset,
+            "accepted": metrics.get("num_clients", len(rows)), "rejected": metrics.get("rejected", {}),
             "sums": {name: float(t.sum(dtype=np.float64)) for name, t in out.items()}}
 
 
@@ -249,7 +259,17 @@ def sums_agree(rows: list[dict]) -> float | None:
     return max(abs(full["fedavg"][n] - full["numpy"][n]) / max(abs(full["numpy"][n]), 1e-30) for n in full["numpy"])
 
 
-def print_report(opts, manifest: dict, rows: list[dict]) -> None:
+def sha256_gbps(manifest: dict) -> float:
+    """GB/s of ``hashlib.sha256`` over the largest update file (``TensorStore.get`` hashes every read)."""
+    store = TensorStore(manifest["store"])
+    largest = max({r["tensor_sha256"] for r in manifest["rows"]}, key=lambda sha: store.path(sha).stat().st_size)
+    data = store.path(largest).read_bytes()
+    start = time.perf_counter()
+    hashlib.sha256(data).digest()
+    return len(data) / GB / (time.perf_counter() - start)
+
+
+def print_report(opts, manifest: dict, rows: list[dict], sha_gbps: float) -> None:
     model_mib = manifest["model_bytes"] / MIB
     sizes = manifest["file_bytes"]
     print(f"model: {opts.layers} MoE layer(s) x {opts.experts} experts, hidden {HIDDEN}, expert FFN {INTERMEDIATE} "
@@ -258,16 +278,22 @@ def print_report(opts, manifest: dict, rows: list[dict]) -> None:
           f"(mean {np.mean(sizes) / MIB:.1f} MiB, 1..{opts.experts} experts per layer), read by {opts.clients} "
           f"clients cyclically: {round_bytes(manifest, opts.clients) / GB:.2f} GB of update tensors per round")
     numpy_row = next((r for r in rows if r["kind"] == "numpy" and r["clients"] == opts.clients), None)
-    print("kind | clients | update GB | seconds | GB/s | x numpy | RSS before MiB | aggregation peak MiB | "
-          "peak - before MiB | (peak - before) / model | updates / model | child peak MiB (wait4)")
+    print("kind | clients | update GB | wall s | GB/s | x numpy | CPU s | GB/CPU-s | x numpy (CPU) | "
+          "RSS before MiB | aggregation peak MiB | peak - before MiB | (peak - before) / model | updates / model | "
+          "child peak MiB (wait4)")
     for r in rows:
-        gbps = r["bytes"] / GB / r["seconds"]
-        ratio = gbps / (numpy_row["bytes"] / GB / numpy_row["seconds"]) if numpy_row else float("nan")
+        gbps, cpu_gbps = r["bytes"] / GB / r["seconds"], r["bytes"] / GB / r["cpu_seconds"]
+        ratio = ratio_cpu = float("nan")
+        if numpy_row:
+            ratio = gbps / (numpy_row["bytes"] / GB / numpy_row["seconds"])
+            ratio_cpu = cpu_gbps / (numpy_row["bytes"] / GB / numpy_row["cpu_seconds"])
         grown = r["peak_rss_mib"] - r["base_rss_mib"]
         print(" | ".join([
             r["kind"], str(r["clients"]), f"{r['bytes'] / GB:.2f}", f"{r['seconds']:.1f}", f"{gbps:.3f}",
-            f"{ratio:.2f}", f"{r['base_rss_mib']:.0f}", f"{r['peak_rss_mib']:.0f}", f"{grown:.0f}",
-            f"{grown / model_mib:.2f}", f"{r['bytes'] / MIB / model_mib:.0f}", f"{r['wait4_peak_rss_mib']:.0f}"]))
+            f"{ratio:.2f}", f"{r['cpu_seconds']:.1f}", f"{cpu_gbps:.3f}", f"{ratio_cpu:.2f}",
+            f"{r['base_rss_mib']:.0f}", f"{r['peak_rss_mib']:.0f}", f"{grown:.0f}", f"{grown / model_mib:.2f}",
+            f"{r['bytes'] / MIB / model_mib:.0f}", f"{r['wait4_peak_rss_mib']:.0f}"]))
+    print(f"sha256 on this CPU: {sha_gbps:.3f} GB/s (TensorStore.get verifies the hash of every file it reads)")
     agree = sums_agree(rows)
     if agree is not None:
         print(f"fedavg vs numpy: largest relative difference of the output tensor sums {agree:.1e}")
@@ -283,17 +309,17 @@ def _parse(argv: list[str]):
     parser.add_argument("--experts", type=int, default=4, help="global experts per MoE layer")
     parser.add_argument("--files", type=int, default=10, help="distinct update files the rows cycle through")
     parser.add_argument("--memory-clients", type=int, default=10, help="hfedmoe is also run with this many clients")
-    parser.add_argument("--kinds", nargs="*", default=list(KINDS), choices=KINDS)
+    parser.add_argument("--kinds", nargs="*", default=DEFAULT_KINDS, choices=KINDS,
+                        help="what to measure (default: all but fedalign, which doubles the run time)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", type=Path, help="where to write the tensor store (default: a temp dir)")
-    parser.add_argument("--quick", action="store_true", help="20 clients, 5 files, no fedalign: a sanity run")
+    parser.add_argument("--quick", action="store_true", help="20 clients, 5 files: a sanity run")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     parser.add_argument("--child", choices=KINDS, help=argparse.SUPPRESS)
     parser.add_argument("--manifest", type=Path, help=argparse.SUPPRESS)
     opts = parser.parse_args(argv)
     if opts.quick:
         opts.clients, opts.files, opts.memory_clients = 20, 5, 5
-        opts.kinds = [k for k in opts.kinds if k != "fedalign"]
     return opts
 
 
@@ -309,7 +335,8 @@ def main(argv: list[str]) -> int:
         manifest_path.write_text(json.dumps(manifest))
         print(f"wrote the global state and {opts.files} updates in {time.perf_counter() - start:.0f} s", flush=True)
         rows = measure(manifest_path, manifest, opts.kinds, opts.clients, opts.memory_clients)
-    print_report(opts, manifest, rows)
+        sha_gbps = sha256_gbps(manifest)
+    print_report(opts, manifest, rows, sha_gbps)
     if opts.json:
         opts.json.write_text(json.dumps(rows, indent=2))
     return 0
