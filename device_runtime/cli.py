@@ -245,8 +245,10 @@ def run_command(url, data_file, cache_dir, threads, cafile, credentials_path, me
     """
     from device_runtime.auth import load_credentials
     from device_runtime.client import DeviceClient, run_until_signal
+    from device_runtime.memory import limit_heap_growth
 
     _logging(verbose)
+    limit_heap_growth()  # rounds free 100s of MiB each: keep the data segment from creeping up
     try:
         creds = load_credentials(credentials_path or _home_path("credentials.json"))
         client = DeviceClient(url, creds, data_file, cache_dir=cache_dir or _home_path("state"), cafile=cafile,

@@ -42,6 +42,7 @@ from device_runtime.data import DEFAULT_TEMPLATE
 from device_runtime.errors import (AuthError, BundleError, BundleIntegrityError, ConfigError, DataError,
                                    FedmoeError, ProtocolError)
 from device_runtime.fit_round import fit_assignment
+from device_runtime.memory import release_memory
 from device_runtime.protocol import (PROTOCOL_VERSION, Assignment, Auth, AuthOk, Challenge, Enrol, EnrolOk, Error,
                                      Heartbeat, Hello, Message, Update, decode, encode, expect)
 from device_runtime.session import Acked, DeviceSession, InstallBundle, Report, Send, Train
@@ -381,6 +382,8 @@ class DeviceClient:
         log.info("round %d: loss %.4f, %d steps, peak RSS %.0f MiB; sending update %s", assignment.round_id,
                  update.metrics["loss"], int(update.metrics["steps"]), update.metrics["peak_rss_mb"], uid)
         await self._send(update)
+        del update
+        release_memory()  # the round's trainer, assignment and update are garbage now
 
 
 def _fit_in_slot(*args, **kwargs) -> Update:

@@ -54,7 +54,7 @@ class Federation:
     calibration_texts: tuple[str, ...] = ()
     seed: int = 0
     slots: int = 2
-    round_deadline_s: float = 900.0
+    round_deadline_s: float = 600.0
 
 
 def _config(fed: Federation, out: Path, port: int) -> CoordinatorConfig:
@@ -173,7 +173,7 @@ def run_federation(fed: Federation, out: Path, on_round: Callable[[RoundRecord],
 
 def _watch_rounds(fed, cfg, coordinator, children, on_round, peak, poll_s) -> list[RoundRecord]:
     watch = Watch(cfg)
-    records = []
+    records, progress = [], time.monotonic()
     try:
         while len(records) < fed.rounds:
             if coordinator.poll() is not None:
@@ -182,13 +182,24 @@ def _watch_rounds(fed, cfg, coordinator, children, on_round, peak, poll_s) -> li
             record = watch.scored_round(fed.strategy, len(records) + 1, peak)
             if record is None:
                 _check_failed_rounds(watch, fed.strategy)
+                _check_progress(progress, fed, children)
                 time.sleep(poll_s)
                 continue
             records.append(record)
+            progress = time.monotonic()
             on_round(record)
     finally:
         watch.close()
     return records
+
+
+def _check_progress(since: float, fed: Federation, children: Sequence[Child]) -> None:
+    """Raise if no round was scored for 1.5 round deadlines plus a minute (e.g. a device hangs connected
+    but silent, so no round can start or reach its quorum); names every device's last log line."""
+    stalled = time.monotonic() - since
+    if stalled > 1.5 * fed.round_deadline_s + 60:
+        tails = "\n".join(f"  {c.name}: {c.tail(1)}" for c in children)
+        raise FedmoeError(f"{fed.strategy}: no round finished in {stalled:.0f} s; devices' last log lines:\n{tails}")
 
 
 def _check_failed_rounds(watch: Watch, strategy: str, limit: int = 3) -> None:

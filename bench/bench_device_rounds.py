@@ -1,0 +1,104 @@
+"""Device memory over consecutive rounds: does the data segment / peak RSS grow round after round?
+
+A federated device trains one assignment per round in the same long-running process. This bench replays
+that loop in a fresh child process, with the device's own code path (``decode`` the Assignment frame,
+``fit_assignment``, ``encode`` the Update), on the 8-layer upcycled SmolLM2 with 1 expert per layer (the Pi
+bundle of the default simulation), and prints after every round the child's data segment (``VmData``, what
+``RLIMIT_DATA`` limits), peak RSS (``VmHWM``) and RSS: once as the device runs
+(``device_runtime.memory``: fixed mmap threshold, trim between rounds) and once with glibc's defaults.
+
+    python bench/bench_device_rounds.py --workdir /tmp/fedmoe-bench
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import _measure
+
+from export.planner import TrainingShape
+
+
+def _status() -> dict[str, int]:
+    """VmData, VmHWM and VmRSS of this process (MiB)."""
+    values = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        key, _, rest = line.partition(":")
+        if key in ("VmData", "VmHWM", "VmRSS"):
+            values[key] = int(rest.split()[0]) // 1024
+    return values
+
+
+def _child(opts) -> None:
+    from safetensors.numpy import load_file
+
+    from device_runtime.bundle import WEIGHTS_FILE, load_bundle
+    from device_runtime.fit_round import fit_assignment
+    from device_runtime.memory import limit_heap_growth, release_memory
+    from device_runtime.protocol import Assignment, FitConfig, decode, encode
+
+    if opts.memory_care:
+        limit_heap_growth()
+    bundle = load_bundle(opts.bundle)
+    manifest = bundle.manifest
+    weights = load_file(bundle.path(WEIGHTS_FILE))
+    ids = tuple(tuple(layer) for layer in manifest.expert_ids)
+    frame = encode(Assignment(
+        round_id=1, update_id="u-1", model_version=0, shape_key=manifest.shape_key, expert_ids=ids,
+        config=FitConfig(batch_size=opts.batch_size, seq_len=opts.seq_len, learning_rate=2e-4,
+                         local_steps=opts.steps),
+        tensors={t.name: weights[t.name] for t in manifest.tensors}))
+    del weights
+    for number in range(1, opts.rounds + 1):
+        assignment = decode(frame, max_size=len(frame))
+        payload = encode(fit_assignment(bundle, assignment, opts.data, threads=1))
+        del assignment, payload
+        if opts.memory_care:
+            release_memory()
+        print(json.dumps({"round": number, **_status()}), flush=True)
+
+
+def _run(opts, bundle: Path, data: Path, memory_care: bool) -> list[dict]:
+    args = [sys.executable, __file__, "--child", "--bundle", str(bundle), "--data", str(data), "--rounds",
+            str(opts.rounds), "--steps", str(opts.steps), "--batch-size", str(opts.batch_size), "--seq-len",
+            str(opts.seq_len)] + (["--memory-care"] if memory_care else [])
+    out = subprocess.run(args, capture_output=True, text=True, check=True).stdout
+    return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/fedmoe-bench"))
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=8, help="local steps per round")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=96)
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--memory-care", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--bundle", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
+    opts = parser.parse_args()
+    if opts.child:
+        _child(opts)
+        return 0
+    opts.workdir.mkdir(parents=True, exist_ok=True)
+    data = _measure.write_bbc_jsonl(opts.workdir / "bbc_news.jsonl")
+    checkpoint = _measure.upcycled_checkpoint(opts.workdir, 8)
+    bundle = opts.workdir / "bundles" / f"rounds-1-b{opts.batch_size}s{opts.seq_len}"
+    if not bundle.is_dir():
+        _measure.export_bundle(checkpoint, bundle, TrainingShape(opts.batch_size, opts.seq_len),
+                               opts.workdir / "export.log", experts_per_layer=1)
+    print(f"8 layers, 1 expert/layer, batch {opts.batch_size}x{opts.seq_len}, {opts.steps} steps per round (MiB)")
+    print("setting | round | VmData | peak RSS | RSS")
+    for care, label in ((True, "device (memory care)"), (False, "glibc defaults")):
+        for row in _run(opts, bundle, data, care):
+            print(f"{label} | {row['round']} | {row['VmData']} | {row['VmHWM']} | {row['VmRSS']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
