@@ -3,8 +3,8 @@
 Run as a script, this file is the child: ``python bench/_measure.py ort BUNDLE DATA --steps N ...`` trains a
 bundle with ONNX Runtime training and ``python bench/_measure.py torch CHECKPOINT DATA --bundle BUNDLE ...``
 trains the same pruned model with torch eager; each prints one JSON line (per-step seconds, whether torch was
-imported). The parent (:func:`run_child`) reads the child's peak resident set size from ``os.wait4``
-(``ru_maxrss``, KiB on Linux), so the number is that process's own peak and nothing else's.
+imported) and its own peak resident set size, ``VmHWM`` (not ``ru_maxrss``: exec carries over the parent's
+resident size at fork, see ``device_runtime.trainer.peak_rss_bytes``).
 
 Both children read the same JSONL file with the same seed and pad every batch to ``(batch, seq_len)``, so they
 see identical batches of the shape the planner estimates.
@@ -64,29 +64,23 @@ def export_bundle(checkpoint: Path, out: Path, train, log: Path, *, experts_per_
 
 
 def run_child(args: list[str]) -> dict:
-    """Run ``python bench/_measure.py *args``; return its JSON line plus ``wait4_peak_rss_mib``.
-
-    ``wait4_peak_rss_mib`` is the child's ``ru_maxrss`` as its parent sees it when reaping it (``os.wait4``).
+    """Run ``python bench/_measure.py *args``; return its JSON line (with its ``peak_rss_mib``).
 
     Raises:
         RuntimeError: the child failed (the tail of its stderr is in the message).
     """
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen([sys.executable, str(HERE), *args], stdout=out, stderr=err)
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
+        proc = subprocess.run([sys.executable, str(HERE), *args], stdout=out, stderr=err)
         out.seek(0), err.seek(0)
         if proc.returncode != 0:
             raise RuntimeError(f"child {args[:2]} exited {proc.returncode}: {err.read().strip()[-2000:]}")
-        result = json.loads(out.read().strip().splitlines()[-1])
-    result["wait4_peak_rss_mib"] = usage.ru_maxrss / 1024  # KiB on Linux
-    return result
+        return json.loads(out.read().strip().splitlines()[-1])
 
 
 def _peak_rss_mib() -> float:
-    import resource
+    from device_runtime.trainer import peak_rss_bytes
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    return peak_rss_bytes() / MIB
 
 
 def reset_peak_rss() -> bool:

@@ -70,7 +70,7 @@ def measure(case: Case, workdir: Path, data: Path, steps: int, gflops: float) ->
                                 "--batch-size", str(case.train.batch_size), "--seq-len", str(case.train.seq_len)])
     if child["torch_imported"]:
         raise AssertionError(f"{case.name}: the ORT training child imported torch")
-    measured = child["wait4_peak_rss_mib"]
+    measured = child["peak_rss_mib"]
     step_s = child["step_s"]
     return {
         "case": case.name, "budget_mib": case.budget_mib, "layers": case.layers, "shape_key": manifest.shape_key.id,

@@ -41,7 +41,7 @@ def _pair(bundle: Path, checkpoint: Path, data: Path, opts) -> dict:
     row = {}
     for name, result in (("ort", ort), ("torch", torch)):
         row[f"{name}_step_s"] = statistics.median(result["step_s"])
-        row[f"{name}_rss_mib"] = result["wait4_peak_rss_mib"]
+        row[f"{name}_rss_mib"] = result["peak_rss_mib"]
         row[f"{name}_losses"] = result["losses"]
     row["step_ratio"] = row["ort_step_s"] / row["torch_step_s"]
     row["rss_ratio"] = row["ort_rss_mib"] / row["torch_rss_mib"]

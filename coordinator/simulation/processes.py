@@ -4,7 +4,9 @@ Each device process runs under an operating-system memory limit equal to its bud
 address space, not memory: an ORT training process with 650 MB peak RSS died under a 900 MB ``RLIMIT_AS``
 (DESIGN.md §3), so the budget is enforced with ``RLIMIT_DATA`` (heap and private anonymous mappings, which
 is where tensors live). A bundle that does not fit fails visibly: the device process dies with a
-MemoryError / bad_alloc, the simulation reports its exit status. Peak RSS is read from ``wait4``'s rusage.
+MemoryError / bad_alloc, the simulation reports its exit status. Peak RSS is the process's ``VmHWM``
+(``/proc/<pid>/status``), sampled while it runs: ``wait4``'s ``ru_maxrss`` would include the parent's
+resident memory at fork time, which exec carries over.
 """
 
 from __future__ import annotations
@@ -52,17 +54,22 @@ class Child:
     extra: dict = field(default_factory=dict)
 
     def poll(self) -> int | None:
-        """Exit status if it has ended (reaped with wait4 to keep its rusage), else None."""
+        """Exit status if it has ended, else None (then its peak RSS is sampled)."""
         if self.returncode is None:
-            pid, status, usage = os.wait4(self.process.pid, os.WNOHANG)
-            if pid:
-                self._reaped(status, usage)
+            self.sample_peak()
+            if self.process.poll() is not None:
+                self.returncode = self.process.returncode
         return self.returncode
 
-    def _reaped(self, status: int, usage) -> None:
-        self.returncode = os.waitstatus_to_exitcode(status)
-        self.process.returncode = self.returncode
-        self.peak_rss_mib = usage.ru_maxrss / 1024  # Linux: KiB
+    def sample_peak(self) -> None:
+        """Update ``peak_rss_mib`` from the running process's ``VmHWM`` (a high-water mark: monotonic)."""
+        try:
+            status = Path(f"/proc/{self.process.pid}/status").read_text()
+        except OSError:  # exited, or no procfs
+            return
+        for line in status.splitlines():
+            if line.startswith("VmHWM:"):
+                self.peak_rss_mib = max(self.peak_rss_mib or 0.0, int(line.split()[1]) / 1024)
 
     def stop(self, timeout: float = 30.0) -> None:
         """SIGTERM, then SIGKILL after ``timeout`` seconds; reaps the process."""
@@ -74,8 +81,7 @@ class Child:
             time.sleep(0.1)
         if self.returncode is None:
             self.process.kill()
-            _, status, usage = os.wait4(self.process.pid, 0)
-            self._reaped(status, usage)
+            self.returncode = self.process.wait()
 
     def tail(self, lines: int = 5) -> str:
         text = self.log.read_text(errors="replace").strip().splitlines() if self.log.exists() else []
