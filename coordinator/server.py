@@ -67,8 +67,9 @@ class Connection:
         self.last_seen = 0.0  # time.monotonic() of the last ``last_seen`` write
 
     async def send(self, msg: Message, *, count: bool = True) -> int:
-        """Send ``msg``; returns the frame's size (bytes), recorded as ``bytes_down`` if ``count``."""
-        frame = encode(msg)
+        """Send ``msg``; returns the frame's size (bytes), recorded as ``bytes_down`` if ``count``.
+        Messages with tensors are encoded in a worker thread (100s of MiB must not stall the event loop)."""
+        frame = await asyncio.to_thread(encode, msg) if msg.PAYLOAD else encode(msg)
         await self.ws.send(frame)
         if count and self.device_id is not None and isinstance(msg, TRAFFIC):
             self.coord.count_bytes(self.device_id, "bytes_down", len(frame))

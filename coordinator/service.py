@@ -21,8 +21,8 @@ from coordinator.federation import GlobalModel, aggregate_round, load_calibratio
 from coordinator.planning import (BundleCache, check_update, expert_scores, plan_device, slice_assignment,
                                   update_meta)
 from coordinator.registry import Registry
-from coordinator.rounds import (Aggregate, Finished, RetryRound, RoundEngine, RoundPolicy, StartRound, Wait,
-                                resume)
+from coordinator.rounds import (Aggregate, Finished, RetryRound, RoundEngine, RoundPolicy, RoundState, StartRound,
+                                Wait, resume)
 from coordinator.strategy import from_name
 from device_runtime.bundle import Manifest, TrainingDefaults
 from device_runtime.errors import FedmoeError, UpdateRejected
@@ -131,8 +131,10 @@ class Coordinator:
                                  device_id=device_id)
 
     def _available(self) -> list[str]:
-        devices = (self.registry.get_device(d) for d in list(self.sessions) if d not in self.unplannable)
-        return [d.id for d in devices if d is not None and not d.revoked]
+        """Connected, plannable, non-revoked devices; [] while a round runs (the engine does not select then)."""
+        if self.engine.current is not None or self.engine.busy:
+            return []
+        return self.registry.active_device_ids(d for d in self.sessions if d not in self.unplannable)
 
     async def _send(self, session: Session, msg: Message) -> bool:
         try:
@@ -179,15 +181,21 @@ class Coordinator:
         fit = self._fit_for(row.id)
         # Open the round first: a device planned early may send its update while later ones are planned.
         state = self.engine.started(row.id, {}, self.clock())
+        deliveries = []
         for device_id in devices:
             session = self.sessions.get(device_id)
             pending = None if session is None else await self._plan(row.id, session, fit)
-            if pending is None:
-                continue
-            state.assign(pending.update_id, device_id)
-            if not await self._send(session, pending.message(self.model)):
-                state.withdraw(pending.update_id)
+            if pending is not None:
+                state.assign(pending.update_id, device_id)
+                deliveries.append(asyncio.create_task(self._deliver(state, session, pending)))
+        await asyncio.gather(*deliveries)
         log.info("round %d started with %d of %d devices", row.id, len(state.devices), len(devices))
+
+    async def _deliver(self, state: RoundState, session: Session, pending: Pending) -> None:
+        """Send an assignment while the next device is planned; withdraw it from the round if that fails."""
+        message = await asyncio.to_thread(pending.message, self.model)
+        if not await self._send(session, message):
+            state.withdraw(pending.update_id)
 
     async def _plan(self, round_id: int, session: Session, fit: FitConfig) -> Pending | None:
         """Plan, build the bundle if needed, record the assignment; None (logged) if the device cannot take part."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta, timezone
 
 from sqlalchemy import func, select, update
@@ -109,6 +109,15 @@ class Registry:
         with self._session.begin() as s:
             if s.execute(update(Device).where(Device.id == device_id).values(**values)).rowcount != 1:
                 raise ConfigError(f"no device {device_id!r}; list them with `fedmoe-coord devices`")
+
+    def active_device_ids(self, device_ids: Iterable[str]) -> list[str]:
+        """Those of ``device_ids`` that are enrolled and not revoked (one query)."""
+        ids = list(device_ids)
+        if not ids:
+            return []
+        query = select(Device.id).where(Device.id.in_(ids), Device.revoked_at.is_(None))
+        with self._session() as s:
+            return list(s.scalars(query))
 
     def list_devices(self, *, include_revoked: bool = True) -> list[Device]:
         query = select(Device).order_by(Device.created_at, Device.id)
