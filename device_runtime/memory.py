@@ -1,11 +1,11 @@
 """Keep a long-running device's heap from growing round after round (glibc; a no-op elsewhere).
 
 Each round allocates and frees hundreds of MiB (assignment, ORT session, update). With glibc's default
-dynamic mmap threshold those large blocks soon land on the heap, where fragmentation keeps them mapped:
-measured on an 8-layer, 1-expert/layer bundle over 5 rounds in one process, the data segment between
-rounds stayed at 807-894 MiB and peak RSS rose 1097 -> 1158 MiB; a Pi at 1.5 GiB (``RLIMIT_DATA``) died
-in its 4th round. With a fixed 4 MiB mmap threshold and a trim after each round: 615-639 MiB and
-1076-1101 MiB (``python /tmp/memexp/rounds.py``-style loop of ``fit_assignment``, recorded in bench/README.md).
+dynamic mmap threshold those large blocks soon land on the heap, where fragmentation keeps them mapped. A
+Pi at 1.5 GiB (``RLIMIT_DATA``) of the default simulation died in its 4th round that way. Measured by
+``bench/bench_device_rounds.py`` (8 layers, 1 expert/layer, 5 rounds of 8 steps in one process): with glibc's
+defaults the data segment between rounds reached 525-815 MiB and RSS 476-779 MiB; with a fixed 4 MiB mmap
+threshold and a trim after each round, 370-591 MiB and 164-193 MiB; peak RSS 1214-1285 vs 1194-1234 MiB.
 """
 
 from __future__ import annotations
