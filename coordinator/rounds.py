@@ -8,14 +8,16 @@ The server owns every I/O step and reports back; the engine only decides. One ti
       Aggregate(round_id, ids)   -> server aggregates the accepted updates, writes a version, engine.closed()
       RetryRound(round_id, why)  -> server marks the round failed, engine.closed(failed=True)
       Wait(until)                -> nothing to do before ``until`` (or before the next event)
-      Finished()                 -> ``num_rounds`` rounds are done, or a round failed too often
+      Finished(reason)           -> no more rounds in this process: ``num_rounds`` are done, or
+                                    ``max_attempts`` consecutive rounds failed
 
 Stragglers and dropouts are data: an assignment is *pending* until its update arrives (``accepted`` or
 ``rejected``) or its device disconnects (``lost``; a lost device that reconnects and re-sends its update
-before the round closes is still counted). A round aggregates once it has ``min_fit_clients`` accepted
-updates and either nothing is pending or the deadline passed; it is retried (as a new round) when it can
-no longer reach that quorum. Updates are keyed by ``update_id`` so a re-sent update never counts twice,
-and :func:`resume` rebuilds a running round from the registry after a crash.
+before the round closes is still counted). An assignment its device reports it cannot train, or refuses,
+is ``rejected`` too (the server calls ``on_update(update_id, False, reason)``). A round aggregates once it
+has ``min_fit_clients`` accepted updates and either nothing is pending or the deadline passed; it is
+retried (as a new round) when it can no longer reach that quorum. Updates are keyed by ``update_id`` so a
+re-sent update never counts twice, and :func:`resume` rebuilds a running round from the registry after a crash.
 """
 
 from __future__ import annotations
@@ -120,14 +122,14 @@ class RoundState:
         """Register an assignment before it is sent (its update may arrive before the next one is planned)."""
         self.devices[update_id] = device_id
 
-    def withdraw(self, update_id: str) -> None:
-        """Forget an assignment that could not be sent."""
-        self.devices.pop(update_id, None)
-
     def pending(self) -> list[str]:
         """Update ids neither accepted nor rejected (their devices may be lost)."""
         done = set(self.accepted) | set(self.rejected)
         return [u for u in self.devices if u not in done]
+
+    def pending_of(self, device_id: str) -> str | None:
+        """The update id ``device_id`` still owes this round (a device has at most one), or None."""
+        return next((u for u in self.pending() if self.devices[u] == device_id), None)
 
     def record(self, update_id: str, accepted: bool, reason: str = "") -> bool:
         """Count an update once; returns False if ``update_id`` is not of this round or already counted."""
@@ -186,15 +188,22 @@ class RoundEngine:
             action = self.current.decide(now, self.policy.min_fit_clients)
             self.busy = not isinstance(action, Wait)
             return action
-        if self.failed_attempts >= self.policy.max_attempts:
-            return Finished(f"{self.failed_attempts} consecutive rounds failed to reach min_fit_clients")
-        if self.policy.num_rounds and self.rounds_done >= self.policy.num_rounds:
-            return Finished(f"{self.rounds_done} rounds done")
+        if (reason := self.stopped()) is not None:
+            return Finished(reason)
         devices = select_clients(list(available), self.policy, self._rng)
         if not devices:
             return Wait(None)
         self.busy = True
         return StartRound(tuple(devices))
+
+    def stopped(self) -> str | None:
+        """Why no round will start any more (``max_attempts`` consecutive failed rounds, or ``num_rounds``
+        rounds done), or None. Only a new engine (a restarted coordinator) starts rounds again."""
+        if self.failed_attempts >= self.policy.max_attempts:
+            return f"{self.failed_attempts} consecutive rounds failed to reach min_fit_clients"
+        if self.policy.num_rounds and self.rounds_done >= self.policy.num_rounds:
+            return f"{self.rounds_done} rounds done"
+        return None
 
     def started(self, round_id: int, assignments: Mapping[str, str], now: float) -> RoundState:
         """A round opened with ``assignments`` (``update_id -> device_id``, more via :meth:`RoundState.assign`);
@@ -204,7 +213,7 @@ class RoundEngine:
         return self.current
 
     def start_failed(self) -> None:
-        """Planning or sending failed before any assignment went out."""
+        """Starting a round failed before :meth:`started` (counts as a failed attempt)."""
         self.busy, self.failed_attempts = False, self.failed_attempts + 1
 
     def closed(self, *, failed: bool = False) -> None:

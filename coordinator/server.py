@@ -10,8 +10,11 @@ A Heartbeat refreshes the device's ``last_seen`` at most every ``LAST_SEEN_EVERY
 counted as one ``bytes_down`` metric (registry writes are commits on the event loop). A malformed message
 gets ``Error(code)`` and the connection stays open (at most ``MAX_BAD_BEFORE_AUTH`` before authentication).
 Authentication failures get ``Error("auth")`` and the connection is closed.
-A frame above ``max_message_mib`` is refused by websockets itself (close code 1009). ``GET /healthz``
-answers 200 ``ok``. SIGTERM / SIGINT stop the server cleanly (:func:`run`).
+A frame above ``max_message_mib`` is refused by websockets itself (close code 1009). A device that closes
+with 1009 right after an Assignment refused it as too big: the coordinator rejects that assignment instead
+of re-sending it on every reconnect. An ``Error`` from a device ends its part in the current round (see
+``Coordinator.device_error``). ``GET /healthz`` answers 200 ``ok``. SIGTERM / SIGINT stop the server
+cleanly (:func:`run`).
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ LAST_SEEN_EVERY_S = 60.0
 # Pending TCP connections the kernel queues for accept() (asyncio's default is 100; Linux caps it at
 # net.core.somaxconn). Measured: 1000 devices (re)connecting at once overflowed a 100-deep queue.
 LISTEN_BACKLOG = 4096
+CLOSE_TOO_BIG = 1009  # websocket close code: a message exceeded the receiver's max_size
 
 
 TRAFFIC = (Assignment, BundleData, Update)  # the messages whose bytes are counted per device and round
@@ -65,11 +69,15 @@ class Connection:
         self.max_size = coord.cfg.max_message_bytes
         self.device_id: str | None = None  # set once authenticated: bytes moved are counted per device
         self.last_seen = 0.0  # time.monotonic() of the last ``last_seen`` write
+        # (update_id, frame bytes) of the last Assignment sent, unless a BundleData frame followed it
+        self.assignment_frame: tuple[str, int] | None = None
 
     async def send(self, msg: Message, *, count: bool = True) -> int:
         """Send ``msg``; returns the frame's size (bytes), recorded as ``bytes_down`` if ``count``.
         Messages with tensors are encoded in a worker thread (100s of MiB must not stall the event loop)."""
         frame = await asyncio.to_thread(encode, msg) if msg.PAYLOAD else encode(msg)
+        if isinstance(msg, (Assignment, BundleData)):
+            self.assignment_frame = (msg.update_id, len(frame)) if isinstance(msg, Assignment) else None
         await self.ws.send(frame)
         if count and self.device_id is not None and isinstance(msg, TRAFFIC):
             self.coord.count_bytes(self.device_id, "bytes_down", len(frame))
@@ -95,11 +103,17 @@ class Connection:
             if session is not None:
                 await self.coord.attach(session)
                 await self.serve(session)
-        except ConnectionClosed:
-            pass
+        except ConnectionClosed as exc:
+            if session is not None:
+                self.closed_by_peer(session, exc)
         finally:
             if session is not None:
                 self.coord.detach(session)
+
+    def closed_by_peer(self, session: Session, exc: ConnectionClosed) -> None:
+        """Close code 1009 (message too big) from the device after an Assignment: it refused the assignment."""
+        if exc.rcvd is not None and exc.rcvd.code == CLOSE_TOO_BIG and self.assignment_frame is not None:
+            self.coord.assignment_refused(session, *self.assignment_frame)
 
     # ------------------------------------------------------------ handshake
 
@@ -180,7 +194,7 @@ class Connection:
         elif isinstance(msg, EvaluateRes):
             self.coord.registry.log_metric("eval_loss", msg.loss, round_id=msg.round_id, device_id=session.device_id)
         elif isinstance(msg, Error):
-            log.warning("device %s reported %s: %s", session.device_id, msg.code, msg.message)
+            self.coord.device_error(session, msg)
         else:
             raise ProtocolError("unexpected", f"{msg.TYPE} is not expected from an authenticated device")
 

@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from coordinator.config import CoordinatorConfig
+from coordinator.config import MIB, CoordinatorConfig
 from coordinator.evaluation import Evaluator
 from coordinator.federation import GlobalModel, aggregate_round, load_calibration, tensor_store
 from coordinator.planning import (BundleCache, check_update, expert_scores, plan_device, slice_assignment,
@@ -26,7 +26,7 @@ from coordinator.rounds import (Aggregate, Finished, RetryRound, RoundEngine, Ro
 from coordinator.strategy import from_name
 from device_runtime.bundle import Manifest, TrainingDefaults
 from device_runtime.errors import FedmoeError, UpdateRejected
-from device_runtime.protocol import Ack, Assignment, FitConfig, Message, Update
+from device_runtime.protocol import Ack, Assignment, Error, FitConfig, Message, Update
 from device_runtime.stats import RoutingStats
 from export.planner import TrainingShape, model_shape
 
@@ -93,6 +93,8 @@ class Coordinator:
         self.pending: dict[str, Pending] = {}
         self.reported: dict[str, RoutingStats] = {}
         self.unplannable: dict[str, str] = {}  # device_id -> why planning failed (cleared on reconnect)
+        self.oversized: dict[str, dict] = {}  # device_id -> its profile when it refused a too big assignment
+        self._stop_logged: str | None = None  # the RoundEngine.stopped reason last logged
         self.wake = asyncio.Event()
         self.evaluator = Evaluator.from_config(cfg)
         self._evaluations: set[asyncio.Task] = set()
@@ -105,9 +107,12 @@ class Coordinator:
     # ------------------------------------------------------------ sessions
 
     async def attach(self, session: Session) -> None:
-        """A device authenticated: make it available and re-send its pending assignment, if any."""
+        """A device authenticated: make it available and re-send its pending assignment, if any.
+        A device that refused an oversized assignment stays unselected unless its profile changed."""
         self.sessions[session.device_id] = session
         self.unplannable.pop(session.device_id, None)
+        if self.oversized.get(session.device_id, session.profile) != session.profile:
+            del self.oversized[session.device_id]
         current = self.engine.current
         if current is not None:
             current.device_back(session.device_id)
@@ -131,10 +136,12 @@ class Coordinator:
                                  device_id=device_id)
 
     def _available(self) -> list[str]:
-        """Connected, plannable, non-revoked devices; [] while a round runs (the engine does not select then)."""
-        if self.engine.current is not None or self.engine.busy:
+        """Connected, plannable, non-revoked devices; [] while a round runs or once rounds stopped (the engine
+        does not select then)."""
+        if self.engine.current is not None or self.engine.busy or self.engine.stopped() is not None:
             return []
-        return self.registry.active_device_ids(d for d in self.sessions if d not in self.unplannable)
+        return self.registry.active_device_ids(
+            d for d in self.sessions if d not in self.unplannable and d not in self.oversized)
 
     async def _send(self, session: Session, msg: Message) -> bool:
         try:
@@ -147,23 +154,64 @@ class Coordinator:
     # ------------------------------------------------------------ the round loop
 
     async def run_rounds(self, stop: asyncio.Event) -> None:
-        """Drive the engine until ``stop`` is set."""
+        """Drive the engine until ``stop`` is set. Never raises (but CancelledError): a step that fails is
+        logged and its round abandoned (:meth:`_abandon`). Once rounds stop (``Finished``) that is logged
+        once and devices are still served."""
         while not stop.is_set():
-            action = self.engine.step(self.clock(), self._available())
-            if isinstance(action, StartRound):
-                await self._start_round(action.devices)
-            elif isinstance(action, Aggregate):
-                await self._aggregate(action)
-            elif isinstance(action, RetryRound):
-                log.warning("round %d failed: %s", action.round_id, action.reason)
-                self.registry.finish_round(action.round_id, metrics={"reason": action.reason}, status="failed")
-                self.engine.closed(failed=True)
-            else:
-                if isinstance(action, Finished):
-                    log.info("rounds finished: %s", action.reason)
-                timeout = _POLL_S if not isinstance(action, Wait) or action.until is None else \
-                    min(_POLL_S, max(0.0, action.until - self.clock()))
-                await self._idle(timeout)
+            try:
+                await self._tick()
+            except Exception:  # noqa: BLE001 - a bug or a registry error must not end the federation
+                log.exception("a round step failed; abandoning the round")
+                self._abandon()
+                await self._idle(_POLL_S)
+
+    async def _tick(self) -> None:
+        action = self.engine.step(self.clock(), self._available())
+        if isinstance(action, StartRound):
+            await self._start_round(action.devices)
+        elif isinstance(action, Aggregate):
+            await self._aggregate(action)
+        elif isinstance(action, RetryRound):
+            log.warning("round %d failed: %s", action.round_id, action.reason)
+            self.registry.finish_round(action.round_id, metrics={"reason": action.reason}, status="failed")
+            self.engine.closed(failed=True)
+        else:
+            if isinstance(action, Finished):
+                self._rounds_stopped(action.reason)
+            timeout = _POLL_S if not isinstance(action, Wait) or action.until is None else \
+                min(_POLL_S, max(0.0, action.until - self.clock()))
+            await self._idle(timeout)
+
+    def _rounds_stopped(self, reason: str) -> None:
+        """Log once that no more rounds start: an error after failed rounds, info after ``num_rounds``."""
+        if reason == self._stop_logged:
+            return
+        self._stop_logged = reason
+        if self.engine.failed_attempts:
+            log.error("rounds stopped: %s; still serving devices; restart `fedmoe-coord serve` to try again",
+                      reason)
+        else:
+            log.info("rounds stopped: %s (num_rounds); still serving devices", reason)
+
+    def _abandon(self) -> None:
+        """After a failed step: a round being started counts as a failed attempt; a round being closed is
+        finished if its model version was committed, else failed. Registry errors here are logged."""
+        if not self.engine.busy:
+            return
+        current = self.engine.current
+        if current is None:
+            self.engine.start_failed()
+            return
+        try:
+            latest = self.registry.latest_model_version()
+            committed = latest is not None and latest.round_id == current.round_id
+            metrics = latest.metrics if committed else {"reason": "coordinator error (see its log)"}
+            self.registry.finish_round(current.round_id, metrics=metrics,
+                                       status="finished" if committed else "failed")
+        except Exception:  # noqa: BLE001 - the registry is down: the round is closed here and resumed at restart
+            log.exception("closing round %d in the registry failed", current.round_id)
+            committed = False
+        self.engine.closed(failed=not committed)
 
     async def _idle(self, timeout: float) -> None:
         try:
@@ -187,27 +235,44 @@ class Coordinator:
             pending = None if session is None else await self._plan(row.id, session, fit)
             if pending is not None:
                 state.assign(pending.update_id, device_id)
-                deliveries.append(asyncio.create_task(self._deliver(state, session, pending)))
+                deliveries.append(asyncio.create_task(self._deliver(state, pending)))
         await asyncio.gather(*deliveries)
         log.info("round %d started with %d of %d devices", row.id, len(state.devices), len(devices))
 
-    async def _deliver(self, state: RoundState, session: Session, pending: Pending) -> None:
-        """Send an assignment while the next device is planned; withdraw it from the round if that fails."""
-        message = await asyncio.to_thread(pending.message, self.model)
-        if not await self._send(session, message):
-            state.withdraw(pending.update_id)
+    async def _deliver(self, state: RoundState, pending: Pending) -> None:
+        """Send an assignment to its device's connection of the moment, while the next device is planned.
+
+        Never raises. An assignment that cannot be built is rejected. If the device is gone or the send fails,
+        the assignment stays pending with the device lost: :meth:`attach` re-sends it if the device reconnects
+        before the round closes (a connection that came up meanwhile already got it there)."""
+        try:
+            message = await asyncio.to_thread(pending.message, self.model)
+        except Exception as exc:  # noqa: BLE001 - a bug here must not stop the round's other deliveries
+            log.exception("building assignment %s failed", pending.update_id)
+            self._reject(pending, f"assignment could not be built: {type(exc).__name__}: {exc}")
+            return
+        session = self.sessions.get(pending.device_id)
+        if session is not None and await self._send(session, message):
+            return
+        now = self.sessions.get(pending.device_id)
+        if now is None or now is session:
+            state.device_lost(pending.device_id)
+            self.wake.set()
 
     async def _plan(self, round_id: int, session: Session, fit: FitConfig) -> Pending | None:
-        """Plan, build the bundle if needed, record the assignment; None (logged) if the device cannot take part."""
+        """Plan, build the bundle if needed, record the assignment; None (logged, and the device unplannable
+        until it reconnects) if the device cannot take part."""
         try:
             pending = await asyncio.to_thread(self._plan_sync, round_id, session, fit)
-        except FedmoeError as exc:
-            log.warning("device %s skipped in round %d: %s", session.device_id, round_id, exc)
+            self.registry.record_assignment(round_id, session.device_id, update_id=pending.update_id,
+                                            shape_key=pending.manifest.shape_key.id,
+                                            expert_ids=[list(ids) for ids in pending.expert_ids])
+        except Exception as exc:  # noqa: BLE001 - FedmoeError: it does not fit; else a bug or a full disk
+            log.log(logging.WARNING if isinstance(exc, FedmoeError) else logging.ERROR,
+                    "device %s skipped in round %d: %s: %s", session.device_id, round_id, type(exc).__name__, exc,
+                    exc_info=not isinstance(exc, FedmoeError))
             self.unplannable[session.device_id] = str(exc)
             return None
-        self.registry.record_assignment(round_id, session.device_id, update_id=pending.update_id,
-                                        shape_key=pending.manifest.shape_key.id,
-                                        expert_ids=[list(ids) for ids in pending.expert_ids])
         self.pending[pending.update_id] = pending
         return pending
 
@@ -278,6 +343,58 @@ class Coordinator:
             self.reported[session.device_id] = RoutingStats.from_dict(msg.routing)
         self.wake.set()
         return Ack(update_id=msg.update_id, accepted=row.accepted, reason=reason)
+
+    def device_error(self, session: Session, msg: Error) -> None:
+        """A device sent ``Error``. Any code but ``unexpected`` (its reply to a message it did not expect) means
+        it dropped its pending assignment of the current round (training failed, or the bundle or assignment
+        frame was bad): that assignment is rejected now instead of awaited until the deadline. An Error naming
+        another of the device's assignments (``"<update_id>: ..."``, a late one of a past round) rejects nothing."""
+        log.warning("device %s reported %s: %s", session.device_id, msg.code, msg.message)
+        pending = self._pending_of(session.device_id)
+        if msg.code == "unexpected" or pending is None:
+            return
+        if any(msg.message.startswith(f"{u}:") for u, p in self.pending.items()
+               if p.device_id == session.device_id and u != pending.update_id):
+            return
+        self._reject(pending, f"device reported {msg.code}: {msg.message}")
+
+    def assignment_refused(self, session: Session, update_id: str, frame_bytes: int) -> None:
+        """The device closed its connection with code 1009 (message too big) after the Assignment frame of
+        ``update_id`` (``frame_bytes`` bytes): reject that assignment rather than re-send it on every reconnect,
+        and select the device no more until it connects with another profile."""
+        pending = self._pending_of(session.device_id)
+        if pending is None or pending.update_id != update_id:
+            return
+        reason = f"assignment of {frame_bytes / MIB:.2f} MiB exceeds the device's max message size"
+        log.error("device %s: %s (%d bytes); it is not selected again until its profile changes",
+                  session.device_id, reason, frame_bytes)
+        self.oversized[session.device_id] = session.profile
+        self._reject(pending, reason)
+
+    def _pending_of(self, device_id: str) -> Pending | None:
+        """The device's assignment still awaited in the current round, or None."""
+        current = self.engine.current
+        update_id = None if current is None else current.pending_of(device_id)
+        return None if update_id is None else self.pending.get(update_id)
+
+    def _reject(self, pending: Pending, reason: str) -> None:
+        """End ``pending``'s part in its round: recorded once as a rejected update (no tensors) in the registry
+        and counted as rejected by the engine, so the round decides at once. Never raises: a registry error is
+        logged (the engine still counts the rejection)."""
+        reason = reason[:2000]
+        log.warning("round %d: assignment %s of device %s rejected: %s", pending.round_id, pending.update_id,
+                    pending.device_id, reason)
+        try:
+            _, created = self.registry.record_update(
+                update_id=pending.update_id, round_id=pending.round_id, device_id=pending.device_id,
+                num_examples=0, num_tokens=0, tensor_sha256=None, metadata={}, accepted=False, reason=reason)
+        except Exception as exc:  # noqa: BLE001 - UpdateRejected (unknown round / device) or the registry is down
+            log.warning("recording the rejection of %s failed: %s", pending.update_id, exc,
+                        exc_info=not isinstance(exc, UpdateRejected))
+            created = True
+        if created:
+            self.engine.on_update(pending.update_id, False, reason)
+        self.wake.set()
 
     async def _validate_and_store(self, pending: Pending, msg: Update) -> str:
         current = self.engine.current

@@ -147,7 +147,34 @@ def test_an_update_counts_when_it_arrives_while_later_assignments_are_still_plan
     assert e.on_update("u-d0", True)  # d0 trained and reported while d1 was still being planned
     state.assign("u-d1", "d1")
     state.assign("u-d2", "d2")
-    state.withdraw("u-d2")  # its send failed
+    state.device_lost("d2")  # its send failed: pending, re-sent if d2 reconnects, not waited for
     assert e.step(1.0, DEVICES) == Wait(60.0)
     assert e.on_update("u-d1", True)
     assert e.step(2.0, DEVICES) == Aggregate(1, ("u-d0", "u-d1"))
+    assert e.current.failures() == [("d2", "no update (straggler or dropout)")]
+
+
+def test_a_device_error_rejects_its_pending_assignment_and_the_round_decides_at_once():
+    e = engine(min_fit_clients=2)
+    ids = list(start(e, DEVICES[:3]))
+    state = e.current
+    assert [state.pending_of(d) for d in ("d0", "d1", "d2", "d9")] == [*ids, None]
+    e.on_update(ids[0], True)
+    assert state.pending_of("d0") is None  # reported: nothing owed any more
+    assert e.on_update(state.pending_of("d1"), False, "device reported internal: DataError")
+    assert e.step(1.0, DEVICES) == Wait(60.0)  # 1 accepted + 1 pending can still reach 2
+    assert e.on_update(state.pending_of("d2"), False, "assignment of 9.00 MiB exceeds the device's max")
+    action = e.step(2.0, DEVICES)  # long before the deadline (60 s)
+    assert isinstance(action, RetryRound) and "1 of 2" in action.reason and "2 rejected" in action.reason
+
+
+def test_stopped_says_why_no_round_starts():
+    e = engine(max_attempts=1, num_rounds=2)
+    assert e.stopped() is None
+    start(e, DEVICES[:2])
+    assert isinstance(e.step(61.0, DEVICES), RetryRound)
+    e.closed(failed=True)
+    assert e.stopped() == "1 consecutive rounds failed to reach min_fit_clients"
+    assert e.step(62.0, DEVICES) == Finished(e.stopped())
+    done = RoundEngine(e.policy, rounds_done=2)
+    assert done.stopped() == "2 rounds done" and done.step(0.0, DEVICES) == Finished("2 rounds done")

@@ -219,7 +219,7 @@ def _version_after(registry, version):
     return latest if latest.version > version else None
 
 
-def wait_for(probe, timeout=60.0):
+def wait_for(probe, timeout=60.0, every=0.2):
     import time
 
     end = time.monotonic() + timeout
@@ -227,7 +227,7 @@ def wait_for(probe, timeout=60.0):
         value = probe()
         if value:
             return value
-        time.sleep(0.2)
+        time.sleep(every)
     raise AssertionError("timed out")
 
 
@@ -307,3 +307,181 @@ def test_invalid_update_is_rejected_recorded_once_and_the_round_retried(server, 
 def _closed(registry, round_id):
     row = registry.get_round(round_id)
     return row if row.status != "running" else None
+
+
+# ---------------------------------------------------------------- devices that cannot take their assignment
+
+
+@pytest.fixture
+def fresh(request, tmp_path, monkeypatch):
+    """``(server, config, memory_mib)``: a coordinator of its own (round deadline 120 s, 2 attempts per round;
+    an indirect parameter ``{field: value}`` overrides config fields) and an empty export cache (the first
+    round's bundle export takes seconds)."""
+    monkeypatch.setenv("FEDMOE_CACHE", str(tmp_path / "cache"))
+    overrides = {"max_message_mib": MAX_MIB, "max_round_attempts": 2, **getattr(request, "param", {})}
+    cfg = initialised_coordinator(tmp_path, tmp_path / "state", **overrides)
+    srv = ServerThread(cfg)
+    yield srv, cfg, two_expert_memory(tmp_path / "checkpoint")
+    srv.stop()
+
+
+def _update_rows(cfg, round_id):
+    from sqlalchemy import select
+
+    from coordinator.registry.tables import Update
+
+    registry = Registry(cfg.registry_url)
+    try:
+        with registry.engine.connect() as conn:
+            return conn.execute(select(Update).where(Update.round_id == round_id)).all()
+    finally:
+        registry.close()
+
+
+def _wait_closed(cfg, round_id, timeout):
+    registry = Registry(cfg.registry_url)
+    try:
+        return wait_for(lambda: _closed(registry, round_id), timeout=timeout)
+    finally:
+        registry.close()
+
+
+def test_a_training_error_rejects_the_assignment_at_once_and_stopped_rounds_are_logged_once(fresh, caplog):
+    import logging
+    import time
+
+    from device_runtime.bundle import load_bundle
+
+    server, cfg, memory = fresh
+    caplog.set_level(logging.INFO, logger="fedmoe.coord")
+    profile = {"memory_mib": memory, "gflops": 5.0}
+    device_id, private, _ = enrol(server, cfg, "pi-fails", profile)
+    with ws(server) as conn:
+        assert isinstance(login(conn, device_id, private, profile), AuthOk)
+        first = recv(conn, timeout=120)
+        assert isinstance(first, Assignment)
+        sent = time.monotonic()
+        send(conn, Error(code="internal", message=f"{first.update_id}: DataError: no usable records"))
+        row = _wait_closed(cfg, first.round_id, timeout=20)
+        assert time.monotonic() - sent < 20 < cfg.round_deadline_s
+        assert row.status == "failed" and "0 of 1 required updates accepted (1 rejected" in row.metrics["reason"]
+        [update] = _update_rows(cfg, first.round_id)
+        assert (update.update_id, update.accepted, update.tensor_sha256) == (first.update_id, False, None)
+        assert update.reason == f"device reported internal: {first.update_id}: DataError: no usable records"
+
+        second = recv(conn, timeout=60)  # the round is retried with the same device
+        assert isinstance(second, Assignment) and second.round_id > first.round_id
+        # A late Error about the first assignment, and an 'unexpected' one, do not end the device's part:
+        send(conn, Error(code="internal", message=f"{first.update_id}: OSError: disk full"))
+        send(conn, Error(code="unexpected", message="evaluate is not expected by a device"))
+        manifest = load_bundle(os.path.join(cfg.state_dir, "bundles", second.shape_key.id)).manifest
+        send(conn, replace(fake_update(second, manifest), update_id="r999-forged"))
+        assert not recv_ack(conn).accepted  # the Errors before it were handled (one connection, in order)
+        assert _update_rows(cfg, second.round_id) == []
+        send(conn, Error(code="bad_payload", message="bundle experts-2.2 rejected: sha256 differs"))
+        assert _wait_closed(cfg, second.round_id, timeout=20).status == "failed"
+
+        # Two failed rounds = max_round_attempts: rounds stop, logged once, and the device is still served.
+        stopped = "rounds stopped: 2 consecutive rounds failed to reach min_fit_clients"
+        wait_for(lambda: stopped in caplog.text, timeout=20)
+        time.sleep(2.0)  # 4 ticks of the round loop
+        assert caplog.text.count("rounds stopped") == 1
+        with pytest.raises(TimeoutError):
+            recv(conn, timeout=0.5)  # no new round
+        send(conn, Heartbeat())
+    test_healthz(server)
+
+
+def test_an_assignment_too_big_for_the_device_is_rejected_once_not_resent(fresh):
+    import time
+
+    from websockets.exceptions import ConnectionClosedError
+
+    server, cfg, memory = fresh
+    profile = {"memory_mib": memory, "gflops": 5.0}
+    device_id, private, _ = enrol(server, cfg, "pi-small-frames", profile)
+
+    def small(max_size=4096):
+        return connect(server.url, max_size=max_size, compression=None, open_timeout=10)
+
+    with small() as conn:
+        assert isinstance(login(conn, device_id, private, profile), AuthOk)
+        with pytest.raises(ConnectionClosedError) as closed:
+            conn.recv(timeout=120)  # the Assignment frame: refused by websockets (close code 1009)
+        assert closed.value.sent.code == 1009
+    registry = Registry(cfg.registry_url)
+    round_id = registry.list_rounds(limit=1)[0].id
+    registry.close()
+    row = _wait_closed(cfg, round_id, timeout=20)
+    assert row.status == "failed" and "1 rejected" in row.metrics["reason"]
+    [update] = _update_rows(cfg, round_id)
+    assert not update.accepted and update.reason.endswith(" MiB exceeds the device's max message size")
+    assert update.reason.startswith("assignment of 0.")  # a tiny model's assignment: under 1 MiB, over 4 KiB
+
+    with small() as conn:  # reconnected with the same profile: neither re-sent nor selected again
+        assert isinstance(login(conn, device_id, private, profile), AuthOk)
+        with pytest.raises(TimeoutError):
+            conn.recv(timeout=2.0)
+    started = time.monotonic()
+    with ws(server) as conn:  # another profile (e.g. a new runtime with a larger max_size): selected again
+        assert isinstance(login(conn, device_id, private, {**profile, "max_message_mib": MAX_MIB}), AuthOk)
+        assignment = recv(conn, timeout=60)
+        assert isinstance(assignment, Assignment) and assignment.round_id > round_id
+    assert time.monotonic() - started < 60
+
+
+@pytest.mark.parametrize("fresh", [{"min_fit_clients": 2, "max_fit_clients": 2}], indirect=True)
+def test_a_device_gone_while_its_assignment_is_planned_gets_it_when_it_reconnects(fresh):
+    server, cfg, memory = fresh
+    profile = {"memory_mib": memory, "gflops": 5.0}
+    (first, first_key), (second, second_key) = sorted(
+        enrol(server, cfg, name, profile)[:2] for name in ("pi-leaves", "pi-stays"))  # planned in this order
+    registry = Registry(cfg.registry_url)
+    try:
+        with ws(server) as stays:
+            assert isinstance(login(stays, second, second_key, profile), AuthOk)
+            with ws(server) as leaves:
+                assert isinstance(login(leaves, first, first_key, profile), AuthOk)
+                # both are connected: a round opens
+                row = wait_for(lambda: registry.list_rounds(limit=1), timeout=30, every=0.01)[0]
+                assert registry.assignments(row.id) == []  # still planning: the bundle export takes seconds
+            # ``first`` left while its assignment was planned; ``second`` holds the round open.
+            assert isinstance(recv(stays, timeout=120), Assignment)
+            assigned = {a.device_id: a.update_id for a in registry.assignments(row.id)}
+            assert set(assigned) == {first, second}
+            with ws(server) as back:
+                assert isinstance(login(back, first, first_key, profile), AuthOk)
+                resent = recv(back, timeout=30)  # the pending assignment, re-sent on reconnect
+                assert isinstance(resent, Assignment)
+                assert (resent.round_id, resent.update_id) == (row.id, assigned[first])
+            assert registry.get_round(row.id).status == "running"
+    finally:
+        registry.close()
+
+
+def test_a_failing_bundle_export_skips_the_device_and_rounds_go_on(fresh):
+    import shutil
+    from pathlib import Path
+
+    server, cfg, memory = fresh
+    profile = {"memory_mib": memory, "gflops": 5.0}
+    device_id, private, _ = enrol(server, cfg, "pi-unlucky", profile)
+    bundles = Path(cfg.state_dir) / "bundles"
+    shutil.rmtree(bundles)
+    bundles.write_text("not a directory")  # the export fails with NotADirectoryError (an OSError, not a FedmoeError)
+    registry = Registry(cfg.registry_url)
+    try:
+        with ws(server) as conn:
+            assert isinstance(login(conn, device_id, private, profile), AuthOk)
+            row = wait_for(lambda: registry.list_rounds(limit=1), timeout=30)[0]
+            assert _wait_closed(cfg, row.id, timeout=20).status == "failed" and registry.assignments(row.id) == []
+            with pytest.raises(TimeoutError):
+                recv(conn, timeout=1.0)  # skipped until it reconnects
+        bundles.unlink()
+        bundles.mkdir()
+        with ws(server) as conn:  # the round loop survived: the next round assigns the device
+            assert isinstance(login(conn, device_id, private, profile), AuthOk)
+            assignment = recv(conn, timeout=60)
+            assert isinstance(assignment, Assignment) and assignment.round_id > row.id
+    finally:
+        registry.close()
