@@ -120,14 +120,23 @@ def _printer(console: Console):
 
 def _final(console: Console, summary: dict) -> None:
     table = Table(title=f"{summary['name']}: held-out accuracy")
-    for column in ("strategy", "zero-shot", "final", "MiB uploaded", "MiB downloaded", "peak RSS / budget (MiB)"):
+    for column in ("strategy", "zero-shot", "final", "MiB uploaded", "MiB downloaded"):
         table.add_column(column, justify="right")
-    budgets = summary["budgets_mib"]
     for strategy, s in summary["strategies"].items():
-        rss = ", ".join(f"{d} {v:.0f}/{budgets[d]}" for d, v in sorted(s["peak_rss_mib"].items()))
         table.add_row(strategy, f"{100 * s['zero_shot_accuracy']:.1f}%", f"{100 * s['final_accuracy']:.1f}%",
-                      f"{sum(s['bytes_up_per_round']) / MIB:.1f}", f"{sum(s['bytes_down_per_round']) / MIB:.1f}", rss)
+                      f"{sum(s['bytes_up_per_round']) / MIB:.1f}", f"{sum(s['bytes_down_per_round']) / MIB:.1f}")
     console.print(table)
+    console.print(_memory_table(summary))
     console.print(f"plot: {summary['plot']}\nmetrics: {summary['out']}/metrics.csv, metrics.json, summary.json; "
                   f"final models (Hugging Face checkpoints) in {summary['out']}/<strategy>/model, "
                   f"registries in {summary['out']}/<strategy>/state")
+
+
+def _memory_table(summary: dict) -> Table:
+    """Each device's budget and, per strategy, its measured peak RSS (MiB)."""
+    strategies = list(summary["strategies"])
+    table = Table("device", "budget MiB", *(f"peak RSS MiB ({s})" for s in strategies), title="device memory")
+    for device, budget in summary["budgets_mib"].items():
+        peaks = [summary["strategies"][s]["peak_rss_mib"].get(device) for s in strategies]
+        table.add_row(device, str(budget), *("died" if p is None else f"{p:.0f}" for p in peaks))
+    return table
