@@ -185,7 +185,9 @@ def status(ctx):
     """Model version, devices and rounds at a glance."""
     cfg = _config(ctx)
     registry = Registry(cfg.registry_url)
-    latest, devs, recent = registry.latest_model_version(), registry.list_devices(), registry.list_rounds(limit=1)
+    latest, devs = registry.latest_model_version(), registry.list_devices()
+    recent = registry.list_rounds(limit=max(1, cfg.max_round_attempts))
+    finished = sum(r.status == "finished" for r in registry.list_rounds(limit=1_000_000))
     registry.close()
     table = Table("what", "value")
     table.add_row("checkpoint", cfg.checkpoint)
@@ -193,7 +195,19 @@ def status(ctx):
     table.add_row("model version", "none (run init)" if latest is None else str(latest.version))
     table.add_row("devices", f"{sum(not d.revoked for d in devs)} active, {sum(d.revoked for d in devs)} revoked")
     table.add_row("last round", "none" if not recent else f"{recent[0].id} ({recent[0].status})")
+    table.add_row("rounds", _progress(cfg, recent, finished))
     Console().print(table)
+
+
+def _progress(cfg: CoordinatorConfig, recent: list, finished: int) -> str:
+    """Finished rounds of ``num_rounds``, and whether the coordinator stopped running them."""
+    goal = f"{finished} of {cfg.num_rounds} finished" if cfg.num_rounds else f"{finished} finished"
+    if cfg.num_rounds and finished >= cfg.num_rounds:
+        return f"{goal}: done"
+    if len(recent) >= cfg.max_round_attempts and all(r.status == "failed" for r in recent):
+        return (f"{goal}; stopped after {cfg.max_round_attempts} consecutive failed rounds "
+                f"(last: {recent[0].metrics.get('reason', '?')}); restart serve to try again")
+    return goal
 
 
 @main.group()

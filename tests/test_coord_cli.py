@@ -120,6 +120,13 @@ def test_round_survives_a_coordinator_restart(coord):
     assert finished.metrics["num_examples"] == 8 and finished.metrics["model_version"] == 1
     listing = cli(coord, "rounds")
     assert listing.exit_code == 0 and "finished" in listing.output
+    assert "1 finished" in cli(coord, "status").output
+    registry = Registry(load_config(coord["config"]).registry_url)
+    for _ in range(3):  # max_round_attempts consecutive failures: the coordinator stops running rounds
+        registry.finish_round(registry.start_round("hfedmoe", {}).id, metrics={"reason": "0 of 2"}, status="failed")
+    registry.close()
+    status = cli(coord, "status").output
+    assert "stopped after 3 consecutive failed rounds" in status and "0 of 2" in status
 
 
 def test_model_export(coord, tmp_path):

@@ -55,7 +55,10 @@ def _round_table(records: list[RoundRecord]) -> Table:
 @click.option("--rounds", type=int, default=None, help="Rounds per strategy.  [default: from the preset]")
 @click.option("--local-steps", type=int, default=None, help="Local training steps per round.")
 @click.option("--num-layers", type=int, default=None, help="Decoder layers of SmolLM2 to keep.")
-@click.option("--alpha", default=0.5, show_default=True, help="Dirichlet concentration of the non-IID split.")
+@click.option("--learning-rate", type=float, default=None, help="Local AdamW learning rate.")
+@click.option("--seq-len", type=int, default=None, help="Tokens per training example (prompt + label).")
+@click.option("--test-size", type=int, default=None, help="Held-out records the global model is scored on.")
+@click.option("--alpha", default=1.0, show_default=True, help="Dirichlet concentration of the non-IID split.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the split, the router and the selection.")
 @click.option("--data", "data_file", type=click.Path(exists=True, dir_okay=False), default=None,
               help="A JSONL data set instead of BBC News.")
@@ -66,15 +69,17 @@ def _round_table(records: list[RoundRecord]) -> Table:
 @click.option("--slots", default=2, show_default=True, help="Devices training at the same time (machine cores).")
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Output directory.  [default: runs/<name>]")
 @click.option("--name", default=None, help="Run name.  [default: <preset>-<strategies>-<time>]")
-def simulate_command(preset, strategy, compare, devices_file, num_devices, rounds, local_steps, num_layers, alpha,
-                     seed, data_file, text_field, label_field, trainable, lora_rank, slots, out, name):
+def simulate_command(preset, strategy, compare, devices_file, num_devices, rounds, local_steps, num_layers,
+                     learning_rate, seq_len, test_size, alpha, seed, data_file, text_field, label_field, trainable,
+                     lora_rank, slots, out, name):
     """Simulate a federation on this machine: a coordinator and N device runtimes as separate processes
     over real websockets on loopback, on real data, each device under an OS memory limit equal to its budget.
 
     Prints zero-shot and final accuracy, bytes moved, and where the metrics (CSV, JSON), the plot, the
     registries and the final global states are.
     """
-    chosen = with_overrides(PRESETS[preset], rounds=rounds, local_steps=local_steps, num_layers=num_layers)
+    chosen = with_overrides(PRESETS[preset], rounds=rounds, local_steps=local_steps, num_layers=num_layers,
+                            learning_rate=learning_rate, seq_len=seq_len, test_size=test_size)
     strategies = _strategies(strategy, compare)
     name = name or f"{preset}-{'-'.join(strategies)}-{time.strftime('%Y%m%d-%H%M%S')}"
     devices = load_profiles(devices_file, num_devices=num_devices or chosen.num_devices)
