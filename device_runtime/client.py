@@ -334,6 +334,11 @@ class DeviceClient:
         log.info("bundle %s verified and cached", action.shape_key_id)
         return self.session.bundle_installed(action.shape_key_id)
 
+    async def _report_failure(self, update_id: str, exc: BaseException) -> None:
+        """Tell the coordinator that ``update_id`` will get no Update (it rejects the assignment at once)."""
+        code = exc.code if isinstance(exc, ProtocolError) else "internal"
+        await self._send(Error(code=code, message=f"{update_id}: {type(exc).__name__}: {exc}"[:2000]))
+
     def _acked(self, ack: Acked) -> None:
         self.store.acked(ack.update_id)
         if ack.accepted:
@@ -351,10 +356,11 @@ class DeviceClient:
                 return
             try:
                 await self._train(assignment)
-            except Exception:  # a bug or a full disk must not end the device: log it, serve the next round
+            except Exception as exc:  # a bug or a full disk must not end the device: log it, serve the next round
                 self.session.forget(assignment.update_id)
                 log.exception("round %d: handling assignment %s failed", assignment.round_id,
                               assignment.update_id)
+                await self._report_failure(assignment.update_id, exc)  # the round need not wait for us
 
     async def _train(self, assignment: Assignment) -> None:
         uid = assignment.update_id
@@ -375,8 +381,7 @@ class DeviceClient:
                 log.info("training of %s abandoned (stopping)", uid)
                 return
             log.error("training of %s failed: %s: %s", uid, type(exc).__name__, exc)
-            code = exc.code if isinstance(exc, ProtocolError) else "internal"
-            await self._send(Error(code=code, message=f"{uid}: {type(exc).__name__}: {exc}"[:2000]))
+            await self._report_failure(uid, exc)
             return
         self.store.put(update)  # on disk before it is sent: a drop or restart re-sends it
         log.info("round %d: loss %.4f, %d steps, peak RSS %.0f MiB; sending update %s", assignment.round_id,
