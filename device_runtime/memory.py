@@ -17,7 +17,9 @@ import logging
 
 log = logging.getLogger("fedmoe.device")
 _M_MMAP_THRESHOLD = -3  # glibc malloc.h
+_M_ARENA_MAX = -8
 MMAP_THRESHOLD_BYTES = 4 << 20
+ARENA_MAX = 2
 
 
 def _glibc():
@@ -34,11 +36,13 @@ _LIBC = _glibc()
 
 
 def limit_heap_growth() -> bool:
-    """Serve blocks >= 4 MiB with their own mappings, returned to the OS when freed. True if applied."""
+    """Serve blocks >= 4 MiB with their own mappings, returned to the OS when freed, and keep at most 2
+    malloc arenas (each worker thread would otherwise get its own, fragmenting apart). True if applied."""
     if _LIBC is None:
         return False
     applied = bool(_LIBC.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
-    log.debug("mmap threshold %d bytes: %s", MMAP_THRESHOLD_BYTES, applied)
+    applied = bool(_LIBC.mallopt(_M_ARENA_MAX, ARENA_MAX)) and applied
+    log.debug("mmap threshold %d bytes, arena max %d: %s", MMAP_THRESHOLD_BYTES, ARENA_MAX, applied)
     return applied
 
 
