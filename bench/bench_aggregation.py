@@ -52,6 +52,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import _measure
 import numpy as np
 
 from coordinator.federation import stored_updates
@@ -149,12 +150,6 @@ def _rss_mib() -> float:
     return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / MIB
 
 
-def _hwm_mib() -> float:
-    """Peak resident set size since start or the last reset (``VmHWM``), MiB."""
-    line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmHWM:"))
-    return int(line.split()[1]) / 1024
-
-
 def numpy_weighted_sum(store: TensorStore, rows: list[StoredUpdate], global_params: dict) -> dict:
     """Baseline: ``acc[ids] += n_c * update_c`` per tensor (float64), then divide by the per-row totals."""
     acc = {name: np.zeros(t.shape, np.float64) for name, t in global_params.items()}
@@ -181,7 +176,7 @@ def child(manifest_path: Path, kind: str, clients: int) -> dict:
     rows = [StoredUpdate(**r) for r in manifest["rows"][:clients]]
     global_params = {n: np.asarray(t, dtype=np.float32) for n, t in store.load(manifest["global_sha256"]).items()}
     gc.collect()
-    reset = _reset_peak()
+    reset = _measure.reset_peak_rss()
     base = _rss_mib()
     start, cpu_start = time.perf_counter(), time.process_time()
     metrics: dict = {}
@@ -195,17 +190,9 @@ def child(manifest_path: Path, kind: str, clients: int) -> dict:
         out, metrics = from_name(kind).aggregate_fit(1, stored_updates(store, rows), [], global_params)
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     return {"kind": kind, "clients": clients, "seconds": seconds, "cpu_seconds": cpu_seconds,
-            "base_rss_mib": base, "peak_rss_mib": _hwm_mib(), "peak_reset": reset,
+            "base_rss_mib": base, "peak_rss_mib": _measure._peak_rss_mib(), "peak_reset": reset,
             "accepted": metrics.get("num_clients", len(rows)), "rejected": metrics.get("rejected", {}),
             "sums": {name: float(t.sum(dtype=np.float64)) for name, t in out.items()}}
-
-
-def _reset_peak() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
 
 
 def run_child(manifest: Path, kind: str, clients: int) -> dict:

@@ -25,12 +25,9 @@ from export.planner import TrainingShape
 
 def _status() -> dict[str, int]:
     """VmData, VmHWM and VmRSS of this process (MiB)."""
-    values = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
-        key, _, rest = line.partition(":")
-        if key in ("VmData", "VmHWM", "VmRSS"):
-            values[key] = int(rest.split()[0]) // 1024
-    return values
+    from device_runtime.memory import status_kib
+
+    return {key: status_kib(key) // 1024 for key in ("VmData", "VmHWM", "VmRSS")}
 
 
 def _child(opts) -> None:

@@ -14,6 +14,7 @@ import ctypes
 import ctypes.util
 import gc
 import logging
+from pathlib import Path
 
 log = logging.getLogger("fedmoe.device")
 _M_MMAP_THRESHOLD = -3  # glibc malloc.h
@@ -33,6 +34,18 @@ def _glibc():
 
 
 _LIBC = _glibc()
+
+
+def status_kib(field: str, pid: int | str = "self") -> int | None:
+    """A kB field of ``/proc/<pid>/status`` (e.g. ``VmHWM``, ``VmData``), or None without procfs / the process."""
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1])
+    return None
 
 
 def limit_heap_growth() -> bool:

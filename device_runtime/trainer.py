@@ -11,12 +11,12 @@ import resource
 import sys
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterable
 
 import numpy as np
 
 from device_runtime.data import Batch
+from device_runtime.memory import status_kib
 from device_runtime.stats import RoutingStats
 
 
@@ -65,12 +65,9 @@ def peak_rss_bytes() -> int:
     forked pre-exec image, so a process started by a 2 GiB parent reports >= 2 GiB (measured: 2066 MiB
     ``ru_maxrss`` for a 13 MiB ``VmHWM``). Elsewhere ``ru_maxrss`` (KiB on Linux, bytes on macOS).
     """
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024  # kB
-    except OSError:
-        pass
+    hwm = status_kib("VmHWM")
+    if hwm is not None:
+        return hwm * 1024
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from device_runtime.errors import FedmoeError
+from device_runtime.memory import status_kib
 
 MIB = 1 << 20
 
@@ -63,13 +64,9 @@ class Child:
 
     def sample_peak(self) -> None:
         """Update ``peak_rss_mib`` from the running process's ``VmHWM`` (a high-water mark: monotonic)."""
-        try:
-            status = Path(f"/proc/{self.process.pid}/status").read_text()
-        except OSError:  # exited, or no procfs
-            return
-        for line in status.splitlines():
-            if line.startswith("VmHWM:"):
-                self.peak_rss_mib = max(self.peak_rss_mib or 0.0, int(line.split()[1]) / 1024)
+        hwm = status_kib("VmHWM", self.process.pid)
+        if hwm is not None:  # None: exited, or no procfs
+            self.peak_rss_mib = max(self.peak_rss_mib or 0.0, hwm / 1024)
 
     def stop(self, timeout: float = 30.0) -> None:
         """SIGTERM, then SIGKILL after ``timeout`` seconds; reaps the process."""
