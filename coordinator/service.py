@@ -296,7 +296,6 @@ class Coordinator:
             self.registry.finish_round(action.round_id, metrics={"reason": str(exc)}, status="failed")
             self.engine.closed(failed=True)
             return
-        self.registry.finish_round(action.round_id, metrics={**version.metrics, "model_version": version.version})
         log.info("round %d aggregated %d updates -> model version %d", action.round_id, len(rows), version.version)
         self.pending = {u: p for u, p in self.pending.items() if p.round_id >= action.round_id}
         self.engine.closed()
@@ -416,12 +415,7 @@ class Coordinator:
             self.registry.finish_round(stale.id, metrics={"reason": "superseded at restart"}, status="failed")
         if not running:
             return
-        row, latest = running[-1], self.registry.latest_model_version()
-        if latest.round_id == row.id:  # crashed after committing the version, before closing the round
-            self.registry.finish_round(row.id, metrics=latest.metrics)
-            self.engine.rounds_done += 1
-            return
-        self._resume_round(row.id)
+        self._resume_round(running[-1].id)
 
     def _resume_round(self, round_id: int) -> None:
         fit = self._fit_for(round_id)

@@ -168,6 +168,11 @@ def test_model_versions_and_metrics(reg):
     assert (v0.version, v1.version) == (0, 1)
     latest = reg.latest_model_version()
     assert (latest.version, latest.tensor_sha256, latest.round_id) == (1, "11" * 32, rnd.id)
+    closed = reg.get_round(rnd.id)  # the version and the round's end are one transaction
+    assert (closed.status, closed.metrics) == ("finished", {"eval_loss": 3.0, "model_version": 1})
+    with pytest.raises(ConfigError):
+        reg.add_model_version("22" * 32, round_id=42)
+    assert reg.latest_model_version().version == 1  # the failed transaction recorded nothing
     reg.log_metric("eval_loss", 3.0, round_id=rnd.id)
     reg.log_metric("startup_s", 1.5)
     assert [(m.name, m.value) for m in reg.metrics(round_id=rnd.id)] == [("eval_loss", 3.0)]

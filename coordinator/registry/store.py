@@ -230,12 +230,19 @@ class Registry:
 
     def add_model_version(self, tensor_sha256: str, *, round_id: int | None = None,
                           metrics: dict | None = None) -> ModelVersion:
-        """Record a new global checkpoint (a ``TensorStore`` sha256); versions count up from 0."""
+        """Record a new global checkpoint (a ``TensorStore`` sha256); versions count up from 0.
+
+        A version made by round ``round_id`` finishes that round in the same transaction (its metrics plus
+        ``model_version``), so a crash leaves both or neither. Raises ConfigError for an unknown round."""
         with self._session.begin() as s:
+            made_by = None if round_id is None else self._round(s, round_id)
             last = s.scalar(select(func.max(ModelVersion.version)))
             row = ModelVersion(version=0 if last is None else last + 1, round_id=round_id,
                                tensor_sha256=tensor_sha256, metrics=metrics or {}, created_at=self._clock())
             s.add(row)
+            if made_by is not None:
+                made_by.status, made_by.finished_at = "finished", self._clock()
+                made_by.metrics = {**row.metrics, "model_version": row.version}
         return row
 
     def latest_model_version(self) -> ModelVersion | None:
