@@ -17,6 +17,7 @@ Example (``fedmoe-coord init`` writes one)::
     trainable_mode = "experts"              # or "lora" (with lora_rank > 0)
     lora_rank = 0
     update_norm_bound = 1e4                 # L2 norm bound of one update tensor
+    keep_update_tensors = false             # true: keep devices' update files after their round is aggregated
     tls_cert = ""
     tls_key = ""
     eval_data = ""                          # held-out JSONL: every new model version is scored on it
@@ -66,6 +67,8 @@ class CoordinatorConfig:
         round_deadline_s: seconds a round waits for updates. max_round_attempts: tries before giving up a round.
         num_rounds: rounds to run (0: unbounded). trainable_mode, lora_rank: what devices train.
         update_norm_bound: largest L2 norm of one update tensor. fit: local training defaults.
+        keep_update_tensors: keep the devices' update files in the tensor store once their round is aggregated
+            (default: delete them; their registry rows stay).
         tls_cert, tls_key: PEM files; both set = serve ``wss://``. heartbeat_s: keep-alive interval (seconds).
         seed: client-sampling seed.
         eval_data: held-out JSONL set ("" = none); each new global version is scored on it by label
@@ -89,6 +92,7 @@ class CoordinatorConfig:
     trainable_mode: str = "experts"
     lora_rank: int = 0
     update_norm_bound: float = 1e4
+    keep_update_tensors: bool = False
     fit: dict = field(default_factory=dict)
     tls_cert: str = ""
     tls_key: str = ""
@@ -140,6 +144,7 @@ def _check(cfg: CoordinatorConfig) -> None:
         (not (cfg.update_norm_bound > 0 and math.isfinite(cfg.update_norm_bound)), "update_norm_bound must be > 0"),
         (bool(cfg.tls_cert) != bool(cfg.tls_key), "set both tls_cert and tls_key, or neither"),
         (not cfg.heartbeat_s > 0, "heartbeat_s must be > 0"),
+        (not isinstance(cfg.keep_update_tensors, bool), "keep_update_tensors must be true or false"),
     ]
     for bad, message in problems:
         if bad:

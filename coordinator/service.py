@@ -299,10 +299,21 @@ class Coordinator:
         log.info("round %d aggregated %d updates -> model version %d", action.round_id, len(rows), version.version)
         self.pending = {u: p for u, p in self.pending.items() if p.round_id >= action.round_id}
         self.engine.closed()
+        if not self.cfg.keep_update_tensors:
+            await self._discard_updates(action.round_id, [r.tensor_sha256 for r in rows.values()])
         if self.evaluator is not None:  # the next round starts meanwhile
             task = asyncio.create_task(self._evaluate(action.round_id, version.tensor_sha256))
             self._evaluations.add(task)
             task.add_done_callback(self._evaluations.discard)
+
+    async def _discard_updates(self, round_id: int, shas: list[str]) -> None:
+        """Delete an aggregated round's update files (their registry rows stay). A failure is logged."""
+        try:
+            freed = await asyncio.to_thread(self.model.store.discard, shas)
+        except OSError as exc:
+            log.warning("round %d: could not delete its update files: %s", round_id, exc)
+            return
+        log.info("round %d: deleted %d update files (%.1f MiB)", round_id, len(shas), freed / MIB)
 
     async def _evaluate(self, round_id: int, tensor_sha256: str) -> None:
         """Score a new global version on the held-out set in a worker thread; log ``eval_accuracy`` and

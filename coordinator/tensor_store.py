@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -71,6 +71,19 @@ class TensorStore:
             raise ModelError(f"tensor file {path} is corrupted (content does not hash to its name); "
                              "restore it from a backup or re-run the round")
         return data
+
+    def discard(self, shas: Iterable[str]) -> int:
+        """Delete the files of ``shas`` (absent ones are skipped); returns the bytes freed.
+        Raises ModelError for a malformed sha."""
+        freed = 0
+        for path in {self.path(sha) for sha in shas}:
+            try:
+                size = path.stat().st_size
+                path.unlink()
+            except FileNotFoundError:
+                continue
+            freed += size
+        return freed
 
     def load(self, sha: str) -> dict[str, np.ndarray]:
         """The tensors stored under ``sha`` (name -> array, dtype as stored). Raises like :meth:`get`."""

@@ -14,6 +14,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 from coordinator.config import load_config, save_config
+from coordinator.federation import tensor_store
 from coordinator.registry import Registry
 from device_runtime.auth import generate_keypair, sign_challenge
 from device_runtime.protocol import (PROTOCOL_VERSION, Ack, Assignment, Auth, AuthOk, BundleAssembler, BundleData,
@@ -197,6 +198,8 @@ def test_round_with_bundle_transfer_and_replayed_update(server, initialised):
         assert rounds[assignment.round_id].metrics["num_clients"] == 1
         check_only_trained_rows_changed(cfg, registry, version, assignment)
         check_the_new_version_was_evaluated(cfg, registry, version)
+        store = tensor_store(cfg)  # keep_update_tensors is off: the aggregated update's file goes, its row stays
+        assert wait_for(lambda: not store.has(updates[0].tensor_sha256)) and store.has(version.tensor_sha256)
     finally:
         registry.close()
 
@@ -204,7 +207,6 @@ def test_round_with_bundle_transfer_and_replayed_update(server, initialised):
 def check_the_new_version_was_evaluated(cfg, registry, version):
     """The coordinator logged the held-out score of the new version: the evaluator's score of its state."""
     from coordinator.evaluation import Evaluator
-    from coordinator.federation import tensor_store
 
     scores = wait_for(lambda: {m.name: m.value for m in registry.metrics(round_id=version.round_id)
                                if m.name.startswith("eval_")} or None)
@@ -232,7 +234,6 @@ def wait_for(probe, timeout=60.0, every=0.2):
 
 
 def check_only_trained_rows_changed(cfg, registry, version, assignment):
-    from coordinator.federation import tensor_store
 
     store = tensor_store(cfg)
     before = store.load(registry_version(registry, 0).tensor_sha256)
@@ -270,6 +271,9 @@ def test_config_round_trip_and_errors(tmp_path, initialised):
     (tmp_path / "bad.toml").write_text('checkpoint = "m"\nport = 70000\n')
     with pytest.raises(ConfigError, match="port"):
         load_config(tmp_path / "bad.toml")
+    (tmp_path / "flag.toml").write_text('checkpoint = "m"\nkeep_update_tensors = "yes"\n')
+    with pytest.raises(ConfigError, match="keep_update_tensors"):
+        load_config(tmp_path / "flag.toml")
     (tmp_path / "unknown.toml").write_text('checkpoint = "m"\nprot = 1\n')
     with pytest.raises(ConfigError, match="unknown keys"):
         load_config(tmp_path / "unknown.toml")

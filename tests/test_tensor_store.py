@@ -43,6 +43,17 @@ def test_get_verifies_hash(tmp_path):
             store.get(bad)
 
 
+def test_discard_deletes_named_files_only_and_counts_bytes(tmp_path):
+    store = TensorStore(tmp_path)
+    keep, drop = store.put(W), store.put({"x": np.zeros(3, dtype=np.float32)})
+    size = store.path(drop).stat().st_size
+    assert store.discard([drop, drop, "0" * 64]) == size  # a repeat and an absent sha are skipped
+    assert not store.has(drop) and store.has(keep)
+    assert store.discard([drop]) == 0
+    with pytest.raises(ModelError, match="not a sha256"):
+        store.discard(["../x"])
+
+
 def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
     """A crash between writing and renaming (simulated: fsync fails) leaves no file and no temp file."""
     store = TensorStore(tmp_path)
