@@ -44,7 +44,6 @@ import argparse
 import gc
 import hashlib
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -58,6 +57,7 @@ import numpy as np
 from coordinator.federation import stored_updates
 from coordinator.strategy import from_name
 from coordinator.tensor_store import TensorStore
+from device_runtime.memory import status_kib
 from device_runtime.stats import RoutingStats
 
 MIB = 1 << 20
@@ -145,11 +145,6 @@ def prepare(workdir: Path, opts) -> dict:
 # ---------------------------------------------------------------- the child
 
 
-def _rss_mib() -> float:
-    """Current resident set size (``/proc/self/statm``), MiB."""
-    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / MIB
-
-
 def numpy_weighted_sum(store: TensorStore, rows: list[StoredUpdate], global_params: dict) -> dict:
     """Baseline: ``acc[ids] += n_c * update_c`` per tensor (float64), then divide by the per-row totals."""
     acc = {name: np.zeros(t.shape, np.float64) for name, t in global_params.items()}
@@ -177,7 +172,7 @@ def child(manifest_path: Path, kind: str, clients: int) -> dict:
     global_params = {n: np.asarray(t, dtype=np.float32) for n, t in store.load(manifest["global_sha256"]).items()}
     gc.collect()
     reset = _measure.reset_peak_rss()
-    base = _rss_mib()
+    base = status_kib("VmRSS") / 1024
     start, cpu_start = time.perf_counter(), time.process_time()
     metrics: dict = {}
     if kind == "read":
@@ -196,21 +191,16 @@ def child(manifest_path: Path, kind: str, clients: int) -> dict:
 
 
 def run_child(manifest: Path, kind: str, clients: int) -> dict:
-    """Run ``kind`` in a fresh child; its JSON result plus ``wait4_peak_rss_mib`` (whole child, ru_maxrss).
+    """Run ``kind`` in a fresh child; its JSON result (the child reads its own peak RSS, see ``_measure``).
 
     Raises:
         RuntimeError: the child failed (the tail of its stderr is in the message).
     """
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen([sys.executable, __file__, "--child", kind, "--manifest", str(manifest),
-                                 "--clients", str(clients)], stdout=out, stderr=err)
-        _, status, usage = os.wait4(proc.pid, 0)
-        out.seek(0), err.seek(0)
-        if os.waitstatus_to_exitcode(status) != 0:
-            raise RuntimeError(f"child {kind} failed: {err.read().strip()[-2000:]}")
-        result = json.loads(out.read().strip().splitlines()[-1])
-    result["wait4_peak_rss_mib"] = usage.ru_maxrss / 1024  # KiB on Linux
-    return result
+    proc = subprocess.run([sys.executable, __file__, "--child", kind, "--manifest", str(manifest),
+                           "--clients", str(clients)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"child {kind} failed: {proc.stderr.strip()[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 # ---------------------------------------------------------------- the parent
@@ -266,8 +256,7 @@ def print_report(opts, manifest: dict, rows: list[dict], sha_gbps: float) -> Non
           f"clients cyclically: {round_bytes(manifest, opts.clients) / GB:.2f} GB of update tensors per round")
     numpy_row = next((r for r in rows if r["kind"] == "numpy" and r["clients"] == opts.clients), None)
     print("kind | clients | update GB | wall s | GB/s | x numpy | CPU s | GB/CPU-s | x numpy (CPU) | "
-          "RSS before MiB | aggregation peak MiB | peak - before MiB | (peak - before) / model | updates / model | "
-          "child peak MiB (wait4)")
+          "RSS before MiB | aggregation peak MiB | peak - before MiB | (peak - before) / model | updates / model")
     for r in rows:
         gbps, cpu_gbps = r["bytes"] / GB / r["seconds"], r["bytes"] / GB / r["cpu_seconds"]
         ratio = ratio_cpu = float("nan")
@@ -279,7 +268,7 @@ def print_report(opts, manifest: dict, rows: list[dict], sha_gbps: float) -> Non
             r["kind"], str(r["clients"]), f"{r['bytes'] / GB:.2f}", f"{r['seconds']:.1f}", f"{gbps:.3f}",
             f"{ratio:.2f}", f"{r['cpu_seconds']:.1f}", f"{cpu_gbps:.3f}", f"{ratio_cpu:.2f}",
             f"{r['base_rss_mib']:.0f}", f"{r['peak_rss_mib']:.0f}", f"{grown:.0f}", f"{grown / model_mib:.2f}",
-            f"{r['bytes'] / MIB / model_mib:.0f}", f"{r['wait4_peak_rss_mib']:.0f}"]))
+            f"{r['bytes'] / MIB / model_mib:.0f}"]))
     print(f"sha256 on this CPU: {sha_gbps:.3f} GB/s (TensorStore.get verifies the hash of every file it reads)")
     agree = sums_agree(rows)
     if agree is not None:
