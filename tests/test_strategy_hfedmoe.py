@@ -50,6 +50,18 @@ def test_hfedmoe_router_rows_by_hand():
     np.testing.assert_allclose(out["gate.weight"], expected, rtol=1e-6)
 
 
+def test_a_one_expert_router_row_does_not_count():
+    # d held only expert 0: its router row is untrainable (softmax over one logit), so it gets weight 0;
+    # its expert row and unindexed tensor count as usual
+    d = make_update("d", 4, (0,), [[41, 42]], [[100, 100]], [9, 9], usage=[1.0], s_spec=[1.0])
+    out, _ = HFedMoE(tau=0.2, lam=0.5).aggregate_fit(1, _three_clients() + [d], [], tiny_global())
+    np.testing.assert_allclose(out["gate.weight"][0], [(0.17 * 1 + 0.21875 * 4) / 0.38875,
+                                                       (0.17 * 0 + 0.21875 * 4) / 0.38875], rtol=1e-6)
+    np.testing.assert_allclose(out["experts.w"][0], [(1 * 1 + 2 * 9 + 4 * 41) / 7, (1 * 2 + 2 * 10 + 4 * 42) / 7])
+    alone, _ = HFedMoE().aggregate_fit(1, [d], [], tiny_global())
+    np.testing.assert_array_equal(alone["gate.weight"], tiny_global()["gate.weight"])  # no trained row: unchanged
+
+
 def test_hfedmoe_equals_fedavg_when_everyone_holds_and_trains_everything():
     rng = np.random.default_rng(2)
     rows = [rng.normal(size=(4, 2)) for _ in range(3)]

@@ -10,6 +10,10 @@ Router (gate): p_c(e) = u_c(e) * s_c(e), alpha(c) = sum_{e in S_c} p_c(e) / |S_g
 s_c(e) = lambda s_cum(e) + (1 - lambda) s_spec(e) recomputed from the reported statistics. Router row e is
 the alpha-weighted mean over the clients that HELD e only; alpha is normalised per row over those holders
 (the paper leaves it unnormalised). A row whose holders all have alpha = 0 keeps its previous value.
+A client that held a single expert of a layer did not train that layer's router: the softmax over one logit
+is constant, so its router gradient is zero (load-balancing loss included). Its row counts with weight 0,
+instead of alpha = u s / |S_global| = 1 / |S_global|, the largest any client can have, pulling the row back
+to its old value.
 
 Unindexed tensors (OTHER) are |D_c|-weighted averages over all clients. All three are single-pass:
 per-row normalisation happens in ``finish`` from the weight totals.
@@ -52,6 +56,8 @@ class HFedMoE(SinglePassStrategy):
         ids = update.expert_ids[meta.layer]
         stats = update.routing[meta.layer]
         if meta.role is TensorRole.ROUTER:
+            if len(ids) < 2:  # a one-expert router is not trainable (see the module docstring)
+                return np.zeros(len(ids))
             scores = self.lam * np.asarray(stats.s_cum) + (1.0 - self.lam) * np.asarray(stats.s_spec)
             return np.full(len(ids), hfedmoe_alpha(stats.usage, scores, num_experts[meta.layer]))
         trained = update.trained_experts[meta.layer]
