@@ -124,11 +124,15 @@ def aggregate_round(model: GlobalModel, strategy: Strategy, round_id: int, rows:
                     failures: Sequence[tuple[str, str]]) -> ModelVersion:
     """Aggregate the accepted updates ``rows`` of a round and commit the new global version.
 
+    The rows are taken in device id order, not arrival order: float sums in another order can differ in the
+    last bit, and the new version should not depend on which device was faster.
+
     Raises:
         ModelError: a stored update file is missing or corrupted.
     """
     lam = float(getattr(strategy, "lam", 0.5))
     beta = float(getattr(strategy, "beta", 0.1))
+    rows = sorted(rows, key=lambda r: r.device_id)
     results = stored_updates(model.store, rows, lam=lam, beta=beta)
     params, metrics = strategy.aggregate_fit(round_id, results, failures, model.params)
     metrics = json.loads(json.dumps(metrics, default=float))  # JSON-safe (int keys -> strings)
