@@ -192,7 +192,8 @@ class Connection:
                 self.coord.registry.touch_device(session.device_id)
                 self.last_seen = time.monotonic()
         elif isinstance(msg, EvaluateRes):
-            self.coord.registry.log_metric("eval_loss", msg.loss, round_id=msg.round_id, device_id=session.device_id)
+            self.coord.registry.log_metrics({"eval_loss": msg.loss}, round_id=msg.round_id,
+                                            device_id=session.device_id)
         elif isinstance(msg, Error):
             self.coord.device_error(session, msg)
         else:

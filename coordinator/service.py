@@ -132,8 +132,8 @@ class Coordinator:
     def count_bytes(self, device_id: str, direction: str, size: int) -> None:
         """Record ``size`` bytes moved to (``bytes_down``) or from (``bytes_up``) a device in the current round."""
         current = self.engine.current
-        self.registry.log_metric(direction, size, round_id=None if current is None else current.round_id,
-                                 device_id=device_id)
+        self.registry.log_metrics({direction: size}, round_id=None if current is None else current.round_id,
+                                  device_id=device_id)
 
     def _available(self) -> list[str]:
         """Connected, plannable, non-revoked devices; [] while a round runs or once rounds stopped (the engine
@@ -325,8 +325,7 @@ class Coordinator:
             except Exception:  # noqa: BLE001 - evaluation is advisory; the federation must not stop for it
                 log.exception("evaluating round %d failed", round_id)
                 return
-        self.registry.log_metric("eval_accuracy", score.accuracy, round_id=round_id)
-        self.registry.log_metric("eval_loss", score.loss, round_id=round_id)
+        self.registry.log_metrics({"eval_accuracy": score.accuracy, "eval_loss": score.loss}, round_id=round_id)
         log.info("round %d evaluated: accuracy %.4f, label loss %.4f on %d examples", round_id, score.accuracy,
                  score.loss, score.num_examples)
 

@@ -173,10 +173,13 @@ def test_model_versions_and_metrics(reg):
     with pytest.raises(ConfigError):
         reg.add_model_version("22" * 32, round_id=42)
     assert reg.latest_model_version().version == 1  # the failed transaction recorded nothing
-    reg.log_metric("eval_loss", 3.0, round_id=rnd.id)
-    reg.log_metric("startup_s", 1.5)
-    assert [(m.name, m.value) for m in reg.metrics(round_id=rnd.id)] == [("eval_loss", 3.0)]
-    assert len(reg.metrics()) == 2
+    reg.log_metrics({"eval_loss": 3.0, "eval_accuracy": 0.5}, round_id=rnd.id)
+    reg.log_metrics({"startup_s": 1.5})
+    scores = sorted((m.name, m.value) for m in reg.metrics(round_id=rnd.id))
+    assert scores == [("eval_accuracy", 0.5), ("eval_loss", 3.0)]
+    with pytest.raises(ValueError):
+        reg.log_metrics({"a": 1.0, "b": "not a number"}, round_id=rnd.id)
+    assert len(reg.metrics()) == 3  # all or nothing: "a" was not recorded either
 
 
 def test_sqlite_wal_busy_timeout_and_foreign_keys(reg, db):

@@ -253,11 +253,14 @@ class Registry:
         with self._session() as s:
             return s.get(ModelVersion, version)
 
-    def log_metric(self, name: str, value: float, *, round_id: int | None = None,
-                   device_id: str | None = None) -> None:
+    def log_metrics(self, values: dict[str, float], *, round_id: int | None = None,
+                    device_id: str | None = None) -> None:
+        """Record ``values`` (metric name -> number) in one transaction: a reader sees all of them or none.
+        Raises ValueError / TypeError (nothing recorded) for a value that is not a number."""
+        rows = [Metric(name=name, value=float(value), round_id=round_id, device_id=device_id,
+                       created_at=self._clock()) for name, value in values.items()]
         with self._session.begin() as s:
-            s.add(Metric(name=name, value=float(value), round_id=round_id, device_id=device_id,
-                         created_at=self._clock()))
+            s.add_all(rows)
 
     def metrics(self, *, round_id: int | None = None) -> list[Metric]:
         """Logged metrics, oldest first; only those of ``round_id`` when given."""

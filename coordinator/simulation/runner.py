@@ -80,7 +80,7 @@ class Watch:
         if row is None:
             return None
         scores = {m.name: m.value for m in self.registry.metrics(round_id=row.round_id) if m.device_id is None}
-        if "eval_accuracy" not in scores:
+        if not {"eval_accuracy", "eval_loss"} <= scores.keys():
             return None
         devices = self.device_rounds(row.round_id, peak)
         round_row = self.registry.get_round(row.round_id)
