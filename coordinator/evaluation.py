@@ -8,6 +8,8 @@ devices train on. Needs torch, like every workstation role that touches the full
 from __future__ import annotations
 
 import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
 
@@ -16,6 +18,24 @@ from coordinator.strategy.types import Params
 from device_runtime.data import load_records
 from device_runtime.errors import ConfigError
 from export.evaluate import LabelScore
+
+
+BACKGROUND_NICE = 10
+
+
+def background_executor() -> ThreadPoolExecutor:
+    """A one-thread pool whose thread runs at nice >= ``BACKGROUND_NICE``: evaluation then takes the CPU that
+    training and aggregation leave idle instead of slowing them (Linux schedules threads, so nice is per thread;
+    where it cannot be set, the thread runs at normal priority)."""
+    return ThreadPoolExecutor(1, thread_name_prefix="evaluate", initializer=_lower_priority)
+
+
+def _lower_priority() -> None:
+    tid = threading.get_native_id()
+    try:
+        os.setpriority(os.PRIO_PROCESS, tid, max(BACKGROUND_NICE, os.getpriority(os.PRIO_PROCESS, tid)))
+    except (AttributeError, OSError):  # not Linux / not permitted: stay at normal priority
+        pass
 
 
 class Evaluator:

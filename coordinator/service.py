@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from coordinator.config import MIB, CoordinatorConfig
-from coordinator.evaluation import Evaluator
+from coordinator.evaluation import Evaluator, background_executor
 from coordinator.federation import GlobalModel, aggregate_round, load_calibration, tensor_store
 from coordinator.planning import (BundleCache, check_update, expert_scores, plan_device, slice_assignment,
                                   update_meta)
@@ -99,9 +99,12 @@ class Coordinator:
         self.evaluator = Evaluator.from_config(cfg)
         self._evaluations: set[asyncio.Task] = set()
         self._evaluating = asyncio.Lock()  # one evaluation at a time: they share the evaluator's model
+        self._evaluation_pool = background_executor() if self.evaluator is not None else None
         self._resume()
 
     def close(self) -> None:
+        if self._evaluation_pool is not None:
+            self._evaluation_pool.shutdown(wait=False, cancel_futures=True)
         self.registry.close()
 
     # ------------------------------------------------------------ sessions
@@ -316,12 +319,13 @@ class Coordinator:
         log.info("round %d: deleted %d update files (%.1f MiB)", round_id, len(shas), freed / MIB)
 
     async def _evaluate(self, round_id: int, tensor_sha256: str) -> None:
-        """Score a new global version on the held-out set in a worker thread; log ``eval_accuracy`` and
-        ``eval_loss`` (nats per label token) as metrics of ``round_id``. A failure is logged, rounds go on."""
+        """Score a new global version on the held-out set in a low-priority worker thread
+        (``evaluation.background_executor``); log ``eval_accuracy`` and ``eval_loss`` (nats per label token) as
+        metrics of ``round_id``. A failure is logged, rounds go on."""
         async with self._evaluating:
             try:
-                params = await asyncio.to_thread(self.model.store.load, tensor_sha256)
-                score = await asyncio.to_thread(self.evaluator.score, params)
+                score = await asyncio.get_running_loop().run_in_executor(
+                    self._evaluation_pool, lambda: self.evaluator.score(self.model.store.load(tensor_sha256)))
             except Exception:  # noqa: BLE001 - evaluation is advisory; the federation must not stop for it
                 log.exception("evaluating round %d failed", round_id)
                 return

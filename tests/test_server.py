@@ -262,6 +262,23 @@ def registry_version(registry, number):
     return row
 
 
+def test_evaluation_runs_in_a_background_priority_thread():
+    import threading
+
+    from coordinator.evaluation import BACKGROUND_NICE, background_executor
+
+    def nice():
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    before = nice()
+    pool = background_executor()
+    try:
+        worker = pool.submit(nice).result()
+    finally:
+        pool.shutdown()
+    assert worker == max(BACKGROUND_NICE, before) and nice() == before  # the caller's thread is untouched
+
+
 def test_config_round_trip_and_errors(tmp_path, initialised):
     from device_runtime.errors import ConfigError
 
