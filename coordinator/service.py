@@ -427,9 +427,18 @@ class Coordinator:
         running = [r for r in rounds if r.status == "running"]
         for stale in running[:-1]:
             self.registry.finish_round(stale.id, metrics={"reason": "superseded at restart"}, status="failed")
-        if not running:
+        self._sweep_update_files(running[-1].id if running else None)
+        if running:
+            self._resume_round(running[-1].id)
+
+    def _sweep_update_files(self, running: int | None) -> None:
+        """Delete the update files of every round but the ``running`` one, unless ``keep_update_tensors``: those
+        of failed rounds, and those a crash left between a round's commit and its cleanup."""
+        if self.cfg.keep_update_tensors:
             return
-        self._resume_round(running[-1].id)
+        freed = self.model.store.discard(self.registry.update_shas(except_round=running))
+        if freed:
+            log.info("deleted %.1f MiB of update files of past rounds", freed / MIB)
 
     def _resume_round(self, round_id: int) -> None:
         fit = self._fit_for(round_id)

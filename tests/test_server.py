@@ -262,6 +262,30 @@ def registry_version(registry, number):
     return row
 
 
+def test_a_restart_deletes_the_update_files_of_past_rounds_only(tmp_path):
+    from coordinator.service import Coordinator
+    from device_runtime.stats import RoutingStats
+
+    cfg = initialised_coordinator(tmp_path, tmp_path / "state")
+    registry, store = Registry(cfg.registry_url), tensor_store(cfg)
+    try:
+        device = registry.redeem_token(registry.create_enrol_token("pi", 600), "pi", {}, generate_keypair()[1])
+        shas = {}
+        for status in ("failed", "running"):  # a failed round's update was never aggregated, so never deleted
+            round_id = registry.start_round("hfedmoe", {}).id
+            shas[status] = store.put({"x": np.full(3, round_id, np.float32)})
+            registry.record_update(update_id=f"u{round_id}", round_id=round_id, device_id=device.id,
+                                   num_examples=1, num_tokens=1, tensor_sha256=shas[status],
+                                   metadata={"routing": RoutingStats([2]).to_dict()}, accepted=True)
+            if status == "failed":
+                registry.finish_round(round_id, metrics={"reason": "0 of 1"}, status="failed")
+        Coordinator(cfg).close()
+        assert not store.has(shas["failed"]) and store.has(shas["running"])  # the running round resumes with it
+        assert len(registry.update_shas()) == 2  # the rows stay
+    finally:
+        registry.close()
+
+
 def test_evaluation_runs_in_a_background_priority_thread():
     import threading
 

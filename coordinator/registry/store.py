@@ -226,6 +226,14 @@ class Registry:
         with self._session() as s:
             return list(s.scalars(query))
 
+    def update_shas(self, *, except_round: int | None = None) -> list[str]:
+        """The distinct tensor sha256 of every stored (accepted) update, but those of round ``except_round``."""
+        query = select(Update.tensor_sha256).where(Update.tensor_sha256.is_not(None)).distinct()
+        if except_round is not None:
+            query = query.where(Update.round_id != except_round)
+        with self._session() as s:
+            return list(s.scalars(query))
+
     # ------------------------------------------------------------ model versions and metrics
 
     def add_model_version(self, tensor_sha256: str, *, round_id: int | None = None,
