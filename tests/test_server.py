@@ -85,6 +85,14 @@ def login(conn, device_id, private, profile):
     return recv(conn)
 
 
+def first_assignment(conn, device_id, private, profile) -> Assignment:
+    """Log in and wait for the device's assignment (the first round exports its bundle: allow 120 s)."""
+    assert isinstance(login(conn, device_id, private, profile), AuthOk)
+    assignment = recv(conn, timeout=120)
+    assert isinstance(assignment, Assignment), assignment
+    return assignment
+
+
 def test_healthz(server):
     with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/healthz", timeout=10) as response:
         assert response.status == 200 and response.read() == b"ok\n"
@@ -165,9 +173,8 @@ def test_round_with_bundle_transfer_and_replayed_update(server, initialised):
     profile = {"memory_mib": memory, "gflops": 5.0}
     device_id, private, _ = enrol(server, cfg, "pi-1", profile)
     with ws(server) as conn:
-        assert isinstance(login(conn, device_id, private, profile), AuthOk)
-        assignment = recv(conn, timeout=120)  # the first round: bundle export happens now
-        assert isinstance(assignment, Assignment) and assignment.shape_key.experts_per_layer == (2, 2)
+        assignment = first_assignment(conn, device_id, private, profile)
+        assert assignment.shape_key.experts_per_layer == (2, 2)
         send(conn, BundleRequest(shape_key_id=assignment.shape_key.id))
         assembler, files = BundleAssembler(assignment.shape_key.id, max_total_bytes=64 << 20), None
         while files is None:
@@ -325,9 +332,7 @@ def test_invalid_update_is_rejected_recorded_once_and_the_round_retried(server, 
     profile = {"memory_mib": memory, "gflops": 5.0}
     device_id, private, _ = enrol(server, cfg, "pi-2", profile)
     with ws(server) as conn:
-        assert isinstance(login(conn, device_id, private, profile), AuthOk)
-        assignment = recv(conn, timeout=120)
-        assert isinstance(assignment, Assignment)
+        assignment = first_assignment(conn, device_id, private, profile)
         from device_runtime.bundle import load_bundle
 
         manifest = load_bundle(os.path.join(cfg.state_dir, "bundles", assignment.shape_key.id)).manifest
@@ -402,9 +407,7 @@ def test_a_training_error_rejects_the_assignment_at_once_and_stopped_rounds_are_
     profile = {"memory_mib": memory, "gflops": 5.0}
     device_id, private, _ = enrol(server, cfg, "pi-fails", profile)
     with ws(server) as conn:
-        assert isinstance(login(conn, device_id, private, profile), AuthOk)
-        first = recv(conn, timeout=120)
-        assert isinstance(first, Assignment)
+        first = first_assignment(conn, device_id, private, profile)
         sent = time.monotonic()
         send(conn, Error(code="internal", message=f"{first.update_id}: DataError: no usable records"))
         row = _wait_closed(cfg, first.round_id, timeout=20)
