@@ -95,6 +95,71 @@ def sign_challenge(private_key: bytes, nonce: bytes, device_id: str) -> bytes:
     return _private(private_key).sign(challenge_message(nonce, device_id))
 
 
+# Ed25519 (RFC 8032 section 5.1): field prime, curve constant d, prime group order L.
+_P = 2**255 - 19
+_D = -121665 * pow(121666, _P - 2, _P) % _P
+_L = 2**252 + 27742317777372353535851937790883648493
+_IDENTITY = (0, 1)
+
+
+def check_public_key(raw: bytes) -> None:
+    """Refuse an Ed25519 public key that does not identify one private key holder.
+
+    The key must be 32 bytes, a canonical encoding (y < p) of a point on the curve (RFC 8032 section
+    5.1.3), not of small order (for the 8 torsion points, the all-zero key among them, one fixed signature
+    verifies for every challenge: anyone could log in as that device), and in the prime-order subgroup
+    (every key :func:`generate_keypair` makes is; libsodium's ``crypto_core_ed25519_is_valid_point`` rule).
+    About 7 ms of pure-Python arithmetic, done once per enrolment.
+
+    Raises:
+        AuthError: naming which of the rules fails.
+    """
+    if len(raw) != 32:
+        raise AuthError("an Ed25519 public key is 32 raw bytes")
+    point = _decode_point(raw)
+    if _multiply(point, 8) == _IDENTITY:
+        raise AuthError("Ed25519 public key of small order (a signature for it can be forged); "
+                        "generate a new key pair")
+    if _multiply(point, _L) != _IDENTITY:
+        raise AuthError("Ed25519 public key outside the prime-order subgroup; generate a new key pair")
+
+
+def _decode_point(raw: bytes) -> tuple[int, int]:
+    """RFC 8032 section 5.1.3: 32 bytes -> affine (x, y). Raises AuthError if not a curve point."""
+    y, sign = int.from_bytes(raw, "little") & ((1 << 255) - 1), raw[31] >> 7
+    if y >= _P:
+        raise AuthError("Ed25519 public key is not canonically encoded")
+    xx = (y * y - 1) * pow(_D * y * y + 1, _P - 2, _P) % _P
+    x = pow(xx, (_P + 3) // 8, _P)
+    if (x * x - xx) % _P:
+        x = x * pow(2, (_P - 1) // 4, _P) % _P
+    if (x * x - xx) % _P or (x == 0 and sign):
+        raise AuthError("Ed25519 public key is not a point of the curve")
+    return (_P - x if x & 1 != sign else x), y
+
+
+def _add(a: tuple, b: tuple) -> tuple:
+    """RFC 8032 section 5.1.4 addition in extended coordinates (X, Y, Z, T): complete, no inversions."""
+    x1, y1, z1, t1 = a
+    x2, y2, z2, t2 = b
+    e, h = (y1 + x1) * (y2 + x2) - (y1 - x1) * (y2 - x2), (y1 + x1) * (y2 + x2) + (y1 - x1) * (y2 - x2)
+    f, g = 2 * z1 * z2 - 2 * _D * t1 * t2, 2 * z1 * z2 + 2 * _D * t1 * t2
+    return e * f % _P, g * h % _P, f * g % _P, e * h % _P
+
+
+def _multiply(point: tuple[int, int], scalar: int) -> tuple[int, int]:
+    """``scalar * point`` (double and add), back in affine coordinates."""
+    x, y = point
+    base, result = (x, y, 1, x * y % _P), (0, 1, 1, 0)
+    for bit in bin(scalar)[2:]:
+        result = _add(result, result)
+        if bit == "1":
+            result = _add(result, base)
+    rx, ry, rz, _ = result
+    inverse = pow(rz, _P - 2, _P)
+    return rx * inverse % _P, ry * inverse % _P
+
+
 def verify_challenge(public_key: bytes, nonce: bytes, device_id: str, signature: bytes) -> None:
     """Coordinator side: check a device's answer to a challenge.
 

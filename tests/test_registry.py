@@ -1,5 +1,6 @@
 """The SQL registry on a real SQLite file: tokens, devices, rounds, idempotent updates, WAL, schema version."""
 
+import os
 import sqlite3
 import threading
 from datetime import datetime, timedelta, timezone
@@ -7,11 +8,11 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from coordinator.registry import SCHEMA_VERSION, Registry
-from device_runtime.auth import hash_token
+from device_runtime.auth import generate_keypair, hash_token, verify_challenge
 from device_runtime.errors import AuthError, ConfigError, UpdateRejected
 
 T0 = datetime(2026, 1, 1, 12, 0, tzinfo=timezone.utc)
-KEY = bytes(range(32))
+KEY = generate_keypair()[1]
 
 
 class Clock:
@@ -40,7 +41,8 @@ def reg(db, clock):
 
 
 def enrol(reg, name="pi"):
-    return reg.redeem_token(reg.create_enrol_token(name, ttl_s=600), name, {"memory_mb": 1024}, KEY)
+    return reg.redeem_token(reg.create_enrol_token(name, ttl_s=600), name, {"memory_mb": 1024},
+                            generate_keypair()[1])
 
 
 def test_token_is_single_use(reg):
@@ -49,7 +51,7 @@ def test_token_is_single_use(reg):
     assert device.id.startswith("d-") and device.name == "pi-4" and device.public_key == KEY
     assert device.created_at == T0 and not device.revoked
     with pytest.raises(AuthError, match="already used"):
-        reg.redeem_token(token, "pi-4", {}, bytes(32))
+        reg.redeem_token(token, "pi-4", {}, generate_keypair()[1])
     with pytest.raises(AuthError, match="unknown"):
         reg.redeem_token("not-a-token", "x", {}, KEY)
     assert [d.id for d in reg.list_devices()] == [device.id]  # failed redemptions added no device
@@ -66,6 +68,56 @@ def test_token_expiry(reg, clock):
 def test_bad_public_key_rejected(reg):
     with pytest.raises(AuthError, match="32 raw bytes"):
         reg.redeem_token(reg.create_enrol_token("x", ttl_s=60), "x", {}, b"short")
+
+
+# The eight points of small order (RFC 8032 curve, libsodium's blocklist), each with the sign bit set too:
+# for the identity point a fixed signature (R = identity, S = 0) verifies every message.
+SMALL_ORDER_KEYS = [bytes.fromhex(h) for h in (
+    "0000000000000000000000000000000000000000000000000000000000000000",
+    "0100000000000000000000000000000000000000000000000000000000000000",
+    "26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc05",
+    "c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a",
+    "ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+    "26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc85",
+    "c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac03fa",
+    "0000000000000000000000000000000000000000000000000000000000000080",
+)]
+
+
+@pytest.mark.parametrize("key", SMALL_ORDER_KEYS, ids=lambda k: k[:2].hex() + ".." + k[-1:].hex())
+def test_small_order_public_key_refused(reg, key):
+    identity, forged = SMALL_ORDER_KEYS[1], SMALL_ORDER_KEYS[1] + bytes(32)
+    verify_challenge(identity, os.urandom(32), "d-1", forged)  # why: this "signature" verifies any challenge
+    token = reg.create_enrol_token("evil", ttl_s=60)
+    with pytest.raises(AuthError, match="small order|not a point"):
+        reg.redeem_token(token, "evil", {}, key)
+    assert reg.list_devices() == []
+
+
+@pytest.mark.parametrize("key, match", [
+    (bytes(range(32)), "prime-order subgroup"),  # a curve point with a torsion component
+    (bytes.fromhex("ed" + "ff" * 30 + "7f"), "canonical"),  # y = p: a second encoding of y = 0
+], ids=["torsion-component", "non-canonical"])
+def test_malformed_public_key_refused(reg, key, match):
+    with pytest.raises(AuthError, match=match):
+        reg.redeem_token(reg.create_enrol_token("x", ttl_s=60), "x", {}, key)
+
+
+def test_one_key_enrolled_once(reg):
+    reg.redeem_token(reg.create_enrol_token("a", ttl_s=60), "a", {}, KEY)
+    token = reg.create_enrol_token("b", ttl_s=60)
+    with pytest.raises(AuthError, match="enrolled already"):
+        reg.redeem_token(token, "b", {}, KEY)
+    assert [d.name for d in reg.list_devices()] == ["a"]
+    reg.redeem_token(token, "b", {}, generate_keypair()[1])  # the refused attempt did not spend the token
+
+
+def test_token_redeemed_only_under_its_name(reg):
+    token = reg.create_enrol_token("pi-kitchen", ttl_s=60)
+    with pytest.raises(AuthError, match="another device name"):
+        reg.redeem_token(token, "pi-garage", {}, KEY)
+    assert reg.list_devices() == []
+    assert reg.redeem_token(token, "pi-kitchen", {}, KEY).name == "pi-kitchen"
 
 
 def test_token_hashed_at_rest(reg, db):
@@ -208,7 +260,7 @@ def test_reopen_keeps_data_and_foreign_db_refused(db, tmp_path):
     device = enrol(first)
     first.close()
     again = Registry(f"sqlite:///{db}")
-    assert again.get_device(device.id).public_key == KEY
+    assert again.get_device(device.id).public_key == device.public_key
     again.close()
     foreign = tmp_path / "other.db"
     raw = sqlite3.connect(foreign)

@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from coordinator.registry.engine import ensure_schema, make_engine
 from coordinator.registry.tables import Assignment, Device, EnrolToken, Metric, ModelVersion, Round, Update
-from device_runtime.auth import hash_token, new_enrol_token
+from device_runtime.auth import check_public_key, hash_token, new_enrol_token
 from device_runtime.errors import AuthError, ConfigError, UpdateRejected
 
 ROUND_STATUSES = ("running", "finished", "failed")
@@ -59,15 +59,16 @@ class Registry:
         return token
 
     def redeem_token(self, token: str, name: str, profile: dict, public_key: bytes) -> Device:
-        """Spend ``token`` and register a device with this Ed25519 ``public_key`` (32 raw bytes).
+        """Spend ``token`` and register a device called ``name`` with this Ed25519 ``public_key``.
 
-        Atomic: of concurrent redemptions of one token, exactly one succeeds.
+        The token must have been created for ``name`` and not be used or expired; the key must pass
+        :func:`device_runtime.auth.check_public_key` and not belong to an enrolled device already. Atomic:
+        of concurrent redemptions of one token, exactly one succeeds.
 
         Raises:
-            AuthError: the token is unknown, already used or expired, or the public key is not 32 bytes.
+            AuthError: naming the rule that fails (nothing is recorded then).
         """
-        if len(public_key) != 32:
-            raise AuthError("an Ed25519 public key is 32 raw bytes")
+        check_public_key(public_key)
         digest, now = hash_token(token), self._clock()
         with self._session.begin() as s:
             device = Device(id=f"d-{secrets.token_hex(8)}", name=name, profile=profile,
@@ -76,21 +77,26 @@ class Registry:
             s.flush()
             spent = s.execute(
                 update(EnrolToken)
-                .where(EnrolToken.token_sha256 == digest, EnrolToken.used_at.is_(None), EnrolToken.expires_at > now)
+                .where(EnrolToken.token_sha256 == digest, EnrolToken.name == name, EnrolToken.used_at.is_(None),
+                       EnrolToken.expires_at > now)
                 .values(used_at=now, device_id=device.id)
             )
             if spent.rowcount != 1:
-                raise AuthError(self._why_unredeemable(s, digest))  # rolls the device insert back
+                raise AuthError(self._why_unredeemable(s, digest, name))  # rolls the device insert back
+            if s.scalar(select(func.count()).where(Device.public_key == bytes(public_key))) > 1:
+                raise AuthError("this public key is enrolled already; generate a new key pair for a new device")
         return device
 
     @staticmethod
-    def _why_unredeemable(s: Session, digest: str) -> str:
-        row = s.get(EnrolToken, digest)
+    def _why_unredeemable(s: Session, digest: str, name: str) -> str:
+        row, new = s.get(EnrolToken, digest), "create one with `fedmoe-coord enroll --name NAME`"
         if row is None:
-            return "unknown enrolment token; create one with `fedmoe-coord enrol NAME`"
+            return f"unknown enrolment token; {new}"
         if row.used_at is not None:
-            return "enrolment token already used; create a new one with `fedmoe-coord enrol NAME`"
-        return "enrolment token expired; create a new one with `fedmoe-coord enrol NAME`"
+            return f"enrolment token already used; {new}"
+        if row.name != name:
+            return f"this enrolment token was issued for another device name than {name!r}; enrol with that name"
+        return f"enrolment token expired; {new}"
 
     def get_device(self, device_id: str) -> Device | None:
         with self._session() as s:
