@@ -120,21 +120,22 @@ def stored_updates(store: TensorStore, rows: Sequence[Update], *, lam: float = 0
     return open_stream
 
 
-def aggregate_round(model: GlobalModel, strategy: Strategy, round_id: int, rows: Sequence[Update],
-                    failures: Sequence[tuple[str, str]]) -> ModelVersion:
+def aggregate_round(model: GlobalModel, strategy: Strategy, rows: Sequence[Update],
+                    failures: Sequence[tuple[str, str]], *, server_round: int, round_id: int) -> ModelVersion:
     """Aggregate the accepted updates ``rows`` of a round and commit the new global version.
 
     The rows are taken in device id order, not arrival order: float sums in another order can differ in the
     last bit, and the new version should not depend on which device was faster.
 
+    Args:
+        server_round: the strategy's 1-based round number (rounds that produced a model, this one included).
+        round_id: the registry's id of the round (the new version records it).
     Raises:
         ModelError: a stored update file is missing or corrupted.
     """
-    lam = float(getattr(strategy, "lam", 0.5))
-    beta = float(getattr(strategy, "beta", 0.1))
     rows = sorted(rows, key=lambda r: r.device_id)
-    results = stored_updates(model.store, rows, lam=lam, beta=beta)
-    params, metrics = strategy.aggregate_fit(round_id, results, failures, model.params)
+    results = stored_updates(model.store, rows, lam=strategy.lam, beta=strategy.beta)
+    params, metrics = strategy.aggregate_fit(server_round, results, failures, model.params)
     metrics = json.loads(json.dumps(metrics, default=float))  # JSON-safe (int keys -> strings)
     metrics["train_loss"] = _mean_loss(rows)
     return model.commit(params, round_id, metrics)

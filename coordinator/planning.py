@@ -1,12 +1,7 @@
-"""Per-device round planning: profile -> Budget -> experts -> ShapeKey; the bundle cache; slicing the
-global state for an assignment; validating an update against the bundle manifest.
-
-Expert selection is HFedMoE's budgeted importance maximisation (Fang et al., arXiv 2601.00583): the
-planner (``export.planner.plan``) gives the uniform number C of experts per layer the device's budget
-affords, then the top-C experts of each layer by I(e) = s_b(e) - beta KL_e are kept. I(e) comes from the
-calibration statistics (``fedmoe-coord init``) with the device's own last reported statistics laid over
-the experts it held (rescaled to the calibration's mass on those experts, since the device's router
-probabilities are a softmax over its kept experts only).
+"""What the coordinator does with a strategy's FitIns and a device's Update: the bundle cache (a graph per
+ShapeKey), slicing the global state for an assignment, validating an update against the bundle manifest, and
+turning a stored update back into a strategy ``ClientUpdate``. Which experts a device trains is the
+strategy's choice (``coordinator.strategy.selection``).
 """
 
 from __future__ import annotations
@@ -15,69 +10,16 @@ import os
 import tempfile
 import threading
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from coordinator.strategy.types import ClientUpdate, LayerRouting, TensorMeta, TensorRole
 from device_runtime.bundle import MANIFEST, Manifest, ShapeKey, TrainingDefaults, load_bundle
-from device_runtime.errors import BundleError, ConfigError, ProtocolError, UpdateRejected
+from device_runtime.errors import BundleError, ProtocolError, UpdateRejected
 from device_runtime.stats import RoutingStats
-from export.planner import Budget, ModelShape, TrainingShape, plan, select_experts
 
 ROUTER_SUFFIX = "mlp.gate.weight"
-
-
-# ---------------------------------------------------------------- budget and expert selection
-
-
-def budget_of(profile: Mapping) -> Budget:
-    """A device's Budget from its profile: ``memory_mib`` (else ``memory_available_mib``) and ``gflops``.
-
-    Raises:
-        ConfigError: no usable memory figure, or values out of range.
-    """
-    memory = profile.get("memory_mib", profile.get("memory_available_mib"))
-    try:
-        return Budget(memory_mib=float(memory), gflops=float(profile.get("gflops") or 10.0))
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"device profile has no usable memory_mib / gflops: {exc}") from exc
-
-
-def expert_scores(calibration: RoutingStats, reported: RoutingStats | None, *, lam: float = 0.5,
-                  beta: float = 0.1) -> list[np.ndarray]:
-    """I(e) per MoE layer over the global experts, each ``(num_experts,)`` (see the module docstring)."""
-    scores = [layer.information_score(lam, beta) for layer in calibration.layers]
-    if reported is None or reported.expert_ids is None or reported.num_tokens == 0:
-        return scores
-    for layer, ids, local in zip(scores, reported.expert_ids, reported.layers):
-        ids = np.asarray(ids, dtype=np.int64)
-        device = local.information_score(lam, beta)
-        mass, own = np.abs(layer[ids]).sum(), np.abs(device).sum()
-        layer[ids] = device * (mass / own) if own > 0 else layer[ids]
-    return scores
-
-
-@dataclass(frozen=True)
-class DevicePlan:
-    """What a device trains this round: the graph shape and, per MoE layer, its global expert ids."""
-
-    shape_key: ShapeKey
-    expert_ids: tuple[tuple[int, ...], ...]
-
-
-def plan_device(shape: ModelShape, train: TrainingShape, profile: Mapping, scores: list[np.ndarray], *,
-                prox: bool = False) -> DevicePlan:
-    """Size and pick a device's expert subset.
-
-    Raises:
-        ConfigError: the profile has no usable budget. BudgetError: one expert per layer does not fit.
-    """
-    kept = plan(shape, train, budget_of(profile)).experts_per_layer
-    ids = select_experts(scores, kept)
-    key = ShapeKey(tuple(len(layer) for layer in ids), train.trainable_mode, train.lora_rank, prox)
-    return DevicePlan(key, ids)
 
 
 # ---------------------------------------------------------------- bundle cache

@@ -1,23 +1,29 @@
 """The round engine: an I/O-free state machine (select -> plan -> assign -> collect -> aggregate -> version).
 
-The server owns every I/O step and reports back; the engine only decides. One tick::
+The coordinator owns every I/O step; the engine only decides, from the events it is told (sans-I/O, like
+websockets' protocol objects). One tick::
 
     action = engine.step(now, available_devices)
-      StartRound(devices)        -> server calls engine.started(...), then plans, records and sends each
-                                    assignment, registering it with RoundState.assign before sending it
-      Aggregate(round_id, ids)   -> server aggregates the accepted updates, writes a version, engine.closed()
-      RetryRound(round_id, why)  -> server marks the round failed, engine.closed(failed=True)
+      StartRound(devices)        -> the coordinator opens a round (engine.started), then plans, records and
+                                    sends each assignment, telling the engine of it (engine.assign) before
+                                    sending it; or engine.start_failed() if opening the round failed
+      Aggregate(round_id, ids)   -> the coordinator aggregates the accepted updates, writes a version,
+                                    engine.closed()
+      RetryRound(round_id, why)  -> the coordinator marks the round failed, engine.closed(failed=True)
       Wait(until)                -> nothing to do before ``until`` (or before the next event)
       Finished(reason)           -> no more rounds in this process: ``num_rounds`` are done, or
                                     ``max_attempts`` consecutive rounds failed
 
+Events between ticks: ``on_update`` (an update accepted or rejected), ``device_lost`` / ``device_back``
+(a connection closed / came back), and ``resume`` (a restart rebuilt the state from the registry).
+
 Stragglers and dropouts are data: an assignment is *pending* until its update arrives (``accepted`` or
 ``rejected``) or its device disconnects (``lost``; a lost device that reconnects and re-sends its update
 before the round closes is still counted). An assignment its device reports it cannot train, or refuses,
-is ``rejected`` too (the server calls ``on_update(update_id, False, reason)``). A round aggregates once it
-has ``min_fit_clients`` accepted updates and either nothing is pending or the deadline passed; it is
-retried (as a new round) when it can no longer reach that quorum. Updates are keyed by ``update_id`` so a
-re-sent update never counts twice, and :func:`resume` rebuilds a running round from the registry after a crash.
+is ``rejected`` too (``on_update(update_id, False, reason)``). A round aggregates once it has
+``min_fit_clients`` accepted updates and either nothing is pending or the deadline passed; it is retried (as
+a new round) when it can no longer reach that quorum. Updates are keyed by ``update_id`` so a re-sent update
+never counts twice, and :meth:`RoundEngine.resume` rebuilds a running round from the registry after a crash.
 """
 
 from __future__ import annotations
@@ -170,77 +176,159 @@ class RoundState:
 
 
 class RoundEngine:
-    """Drives rounds one at a time (see the module docstring). ``rounds_done`` counts finished rounds."""
+    """Drives rounds one at a time (see the module docstring). State changes only through :meth:`step` and the
+    event methods; ``current``, ``rounds_done``, ``failed_attempts`` and ``busy`` are read-only."""
 
     def __init__(self, policy: RoundPolicy, *, seed: int = 0, rounds_done: int = 0):
         self.policy = policy
-        self.rounds_done = rounds_done
-        self.current: RoundState | None = None
-        self.failed_attempts = 0
-        self.busy = False  # an I/O step (start / aggregate) is in flight
+        self._rounds_done = rounds_done
+        self._current: RoundState | None = None
+        self._failed_attempts = 0
+        self._busy = False  # an I/O step (start / aggregate) is in flight
         self._rng = random.Random(seed)
 
+    @property
+    def current(self) -> RoundState | None:
+        """The round collecting updates, or None."""
+        return self._current
+
+    @property
+    def rounds_done(self) -> int:
+        """Rounds that produced a model version (in this process and, after :meth:`resume`, before it)."""
+        return self._rounds_done
+
+    @property
+    def server_round(self) -> int:
+        """The 1-based number of the round being run or started next: ``rounds_done + 1`` (a strategy's
+        ``server_round``; unlike the registry's round id it does not count failed rounds)."""
+        return self._rounds_done + 1
+
+    @property
+    def failed_attempts(self) -> int:
+        """Consecutive failed rounds since the last one that produced a model."""
+        return self._failed_attempts
+
+    @property
+    def busy(self) -> bool:
+        """An I/O step the engine asked for (StartRound, Aggregate, RetryRound) has not been reported back."""
+        return self._busy
+
+    @property
+    def selecting(self) -> bool:
+        """Whether the next :meth:`step` may select devices (no round running or starting, rounds not stopped):
+        only then does the caller need to gather the available devices."""
+        return self._current is None and not self._busy and self.stopped() is None
+
+    # ------------------------------------------------------------ decisions
+
     def step(self, now: float, available: Iterable[str]) -> Action:
-        """The next thing the server should do."""
-        if self.busy:
+        """The next thing the coordinator should do."""
+        if self._busy:
             return Wait(None)
-        if self.current is not None:
-            action = self.current.decide(now, self.policy.min_fit_clients)
-            self.busy = not isinstance(action, Wait)
+        if self._current is not None:
+            action = self._current.decide(now, self.policy.min_fit_clients)
+            self._busy = not isinstance(action, Wait)
             return action
         if (reason := self.stopped()) is not None:
             return Finished(reason)
         devices = select_clients(list(available), self.policy, self._rng)
         if not devices:
             return Wait(None)
-        self.busy = True
+        self._busy = True
         return StartRound(tuple(devices))
 
     def stopped(self) -> str | None:
         """Why no round will start any more (``max_attempts`` consecutive failed rounds, or ``num_rounds``
         rounds done), or None. Only a new engine (a restarted coordinator) starts rounds again."""
-        if self.failed_attempts >= self.policy.max_attempts:
-            return f"{self.failed_attempts} consecutive rounds failed to reach min_fit_clients"
-        if self.policy.num_rounds and self.rounds_done >= self.policy.num_rounds:
-            return f"{self.rounds_done} rounds done"
+        if self._failed_attempts >= self.policy.max_attempts:
+            return f"{self._failed_attempts} consecutive rounds failed to reach min_fit_clients"
+        if self.policy.num_rounds and self._rounds_done >= self.policy.num_rounds:
+            return f"{self._rounds_done} rounds done"
         return None
 
-    def started(self, round_id: int, assignments: Mapping[str, str], now: float) -> RoundState:
-        """A round opened with ``assignments`` (``update_id -> device_id``, more via :meth:`RoundState.assign`);
+    def pending_of(self, device_id: str) -> str | None:
+        """The update id ``device_id`` still owes the current round, or None."""
+        return None if self._current is None else self._current.pending_of(device_id)
+
+    # ------------------------------------------------------------ events
+
+    def started(self, round_id: int, assignments: Mapping[str, str], now: float) -> None:
+        """A round opened with ``assignments`` (``update_id -> device_id``, more via :meth:`assign`);
         collection begins and the deadline runs from ``now``."""
-        self.current = RoundState(round_id, now + self.policy.deadline_s, dict(assignments))
-        self.busy = False
-        return self.current
+        self._current = RoundState(round_id, now + self.policy.deadline_s, dict(assignments))
+        self._busy = False
+
+    def assign(self, update_id: str, device_id: str) -> None:
+        """An assignment of the current round is about to be sent (its update may arrive before the next one
+        is planned)."""
+        self._require_round().assign(update_id, device_id)
 
     def start_failed(self) -> None:
         """Starting a round failed before :meth:`started` (counts as a failed attempt)."""
-        self.busy, self.failed_attempts = False, self.failed_attempts + 1
-
-    def closed(self, *, failed: bool = False) -> None:
-        """The server finished aggregating (or marked the round failed)."""
-        self.current, self.busy = None, False
-        if failed:
-            self.failed_attempts += 1
-        else:
-            self.rounds_done, self.failed_attempts = self.rounds_done + 1, 0
+        self._busy, self._failed_attempts = False, self._failed_attempts + 1
 
     def on_update(self, update_id: str, accepted: bool, reason: str = "") -> bool:
         """Count an update of the current round; False if it is not part of it or already counted."""
-        return self.current is not None and self.current.record(update_id, accepted, reason)
+        return self._current is not None and self._current.record(update_id, accepted, reason)
+
+    def device_lost(self, device_id: str) -> None:
+        """``device_id``'s connection closed (or a send to it failed): its pending assignment is not waited for."""
+        if self._current is not None:
+            self._current.device_lost(device_id)
+
+    def device_back(self, device_id: str) -> None:
+        """``device_id`` reconnected: its pending assignment is waited for again."""
+        if self._current is not None:
+            self._current.device_back(device_id)
+
+    def closed(self, *, failed: bool = False) -> None:
+        """The coordinator finished aggregating (or marked the round failed)."""
+        self._current, self._busy = None, False
+        if failed:
+            self._failed_attempts += 1
+        else:
+            self._rounds_done, self._failed_attempts = self._rounds_done + 1, 0
+
+    def abandon(self) -> int | None:
+        """A step the engine asked for failed with an error: returns the id of the round being closed, which
+        the caller must close with :meth:`closed`, or None (a round being started counted as a failed
+        attempt; nothing was in flight)."""
+        if not self._busy:
+            return None
+        if self._current is None:
+            self.start_failed()
+            return None
+        return self._current.round_id
+
+    def resume(self, rounds_done: int, running: "RunningRound | None", now: float) -> None:
+        """Rebuild the state after a restart, from registry data: ``rounds_done`` finished rounds and the
+        round that was ``running`` (its deadline restarts from ``now`` so that devices can reconnect and
+        re-send)."""
+        self._rounds_done = rounds_done
+        if running is None:
+            return
+        self.started(running.round_id, running.assignments, now)
+        for update_id in running.accepted:
+            self._current.record(update_id, True)
+        for update_id, reason in running.rejected.items():
+            self._current.record(update_id, False, reason)
+
+    def _require_round(self) -> RoundState:
+        if self._current is None:
+            raise RuntimeError("no round is open: call started() first")
+        return self._current
 
 
-def resume(engine: RoundEngine, round_id: int, assignments: Mapping[str, str], accepted: Sequence[str],
-           rejected: Mapping[str, str], now: float) -> RoundState:
-    """Rebuild a round that was running when the coordinator stopped, from registry data.
+@dataclass(frozen=True)
+class RunningRound:
+    """A round the registry shows running, as :meth:`RoundEngine.resume` needs it.
 
-    Args:
+    Attributes:
         assignments: ``update_id -> device_id`` recorded for the round.
         accepted: recorded accepted update ids (arrival order). rejected: recorded rejections.
-        now: the deadline restarts from here so that devices can reconnect and re-send.
     """
-    state = engine.started(round_id, assignments, now)
-    for update_id in accepted:
-        state.record(update_id, True)
-    for update_id, reason in rejected.items():
-        state.record(update_id, False, reason)
-    return state
+
+    round_id: int
+    assignments: Mapping[str, str]
+    accepted: Sequence[str] = ()
+    rejected: Mapping[str, str] = field(default_factory=dict)

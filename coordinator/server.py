@@ -226,7 +226,7 @@ async def serve_coordinator(cfg: CoordinatorConfig, stop: asyncio.Event, *,
     Raises:
         ConfigError: the state directory is not initialised or the config is invalid.
     """
-    coord, nonces = Coordinator(cfg), NonceBook()
+    coord, nonces = Coordinator.from_config(cfg), NonceBook()
     handler = lambda ws: Connection(coord, ws, nonces).run()  # noqa: E731
     try:
         async with serve(handler, cfg.host, cfg.port, compression=None, max_size=cfg.max_message_bytes,

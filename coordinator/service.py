@@ -1,13 +1,16 @@
 """The coordinator's round orchestration: turns the round engine's decisions into registry writes,
-assignments sent to connected devices, recorded updates and new global versions.
+assignments (a strategy's FitIns) sent to connected devices, recorded updates and new global versions.
 
-Networking stays in ``coordinator.server``: a :class:`Session` carries only an async ``send``.
+A :class:`Coordinator` is assembled from its parts (registry, global model and its tensor store, a bound
+strategy, bundle cache, round engine, evaluator); :meth:`Coordinator.from_config` builds them from a
+``CoordinatorConfig``. :meth:`Coordinator.step` runs one tick of the round loop, :meth:`Coordinator.run_rounds`
+runs them until stopped. Networking stays in ``coordinator.server``: a :class:`Session` carries only an async
+``send``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import secrets
 import time
@@ -18,21 +21,19 @@ from pathlib import Path
 from coordinator.config import MIB, CoordinatorConfig
 from coordinator.evaluation import Evaluator, background_executor
 from coordinator.federation import GlobalModel, aggregate_round, load_calibration, tensor_store
-from coordinator.planning import (BundleCache, check_update, expert_scores, plan_device, slice_assignment,
-                                  update_meta)
+from coordinator.planning import BundleCache, check_update, slice_assignment, update_meta
 from coordinator.registry import Registry
-from coordinator.rounds import (Aggregate, Finished, RetryRound, RoundEngine, RoundPolicy, RoundState, StartRound,
-                                Wait, resume)
-from coordinator.strategy import from_name
+from coordinator.rounds import (Action, Aggregate, Finished, RetryRound, RoundEngine, RoundPolicy, RunningRound,
+                                StartRound, Wait)
+from coordinator.strategy import ClientInfo, FitContext, FitIns, Strategy, from_name
 from device_runtime.bundle import Manifest, TrainingDefaults
 from device_runtime.errors import FedmoeError, UpdateRejected
-from device_runtime.protocol import Ack, Assignment, Error, FitConfig, Message, Update
+from device_runtime.protocol import Ack, Assignment, Error, Message, Update
 from device_runtime.stats import RoutingStats
-from export.planner import TrainingShape, model_shape
+from export.planner import model_shape
 
 log = logging.getLogger("fedmoe.coord")
 _POLL_S = 0.5
-_STRATEGY_FIT_KEYS = {"prox_mu": "prox_mu", "kl_coef": "routing_reg_coef", "routing_prior": "routing_prior"}
 
 
 @dataclass
@@ -52,43 +53,32 @@ class Pending:
     round_id: int
     update_id: str
     manifest: Manifest
-    expert_ids: tuple[tuple[int, ...], ...]
-    fit: FitConfig
+    fit: FitIns
 
     def message(self, model: GlobalModel) -> Assignment:
         return Assignment(round_id=self.round_id, update_id=self.update_id, model_version=model.version,
-                          shape_key=self.manifest.shape_key, expert_ids=self.expert_ids, config=self.fit,
-                          tensors=slice_assignment(model.params, self.manifest, self.expert_ids))
-
-
-def strategy_fit(base: FitConfig, strategy_config: dict) -> FitConfig:
-    """``base`` with the strategy's client settings (FedProx mu, FedAlign-MoE prior and KL coefficient)."""
-    values = {field: strategy_config[key] for key, field in _STRATEGY_FIT_KEYS.items() if key in strategy_config}
-    if "routing_prior" in values:
-        values["routing_prior"] = tuple(tuple(float(p) for p in layer) for layer in values["routing_prior"])
-    return dataclasses.replace(base, **values)
+                          shape_key=self.manifest.shape_key, expert_ids=self.fit.expert_ids, config=self.fit.config,
+                          tensors=slice_assignment(model.params, self.manifest, self.fit.expert_ids))
 
 
 class Coordinator:
-    """Registry, global model, bundle cache, round engine and the authenticated sessions.
+    """Registry, global model, strategy, bundle cache, round engine, evaluator and the authenticated sessions.
 
-    Raises (on construction):
-        ConfigError: the state directory is not initialised (run ``fedmoe-coord init``) or the config is bad.
+    Args:
+        cfg: the settings used here (``update_norm_bound``, ``keep_update_tensors``, ``max_message_bytes``).
+        registry: the SQL registry. model: the global model over its tensor store. strategy: bound to the
+        federation (``Strategy.bind``). bundles: the bundle cache. engine: a fresh round engine (the registry's
+        rounds are resumed into it here). evaluator: scores each new version, or None. clock: seconds, monotonic.
+    Raises:
+        ConfigError: a running round's bundle is missing from the cache.
     """
 
-    def __init__(self, cfg: CoordinatorConfig, *, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, cfg: CoordinatorConfig, *, registry: Registry, model: GlobalModel, strategy: Strategy,
+                 bundles: BundleCache, engine: RoundEngine, evaluator: Evaluator | None = None,
+                 clock: Callable[[], float] = time.monotonic):
         self.cfg, self.clock = cfg, clock
-        self.registry = Registry(cfg.registry_url)
-        self.model = GlobalModel(self.registry, tensor_store(cfg))
-        self.calibration = load_calibration(cfg)
-        self.strategy = from_name(cfg.strategy, **cfg.strategy_params)
-        self.shape = model_shape(cfg.checkpoint)
-        fit = cfg.fit_config
-        self.bundles = BundleCache(Path(cfg.state_dir) / "bundles", cfg.checkpoint, TrainingDefaults(
-            fit.batch_size, fit.seq_len, fit.learning_rate, fit.aux_loss_coef, fit.local_steps))
-        policy = RoundPolicy(cfg.min_fit_clients, cfg.max_fit_clients, cfg.fraction_fit, cfg.round_deadline_s,
-                             cfg.max_round_attempts, cfg.num_rounds)
-        self.engine = RoundEngine(policy, seed=cfg.seed)
+        self.registry, self.model, self.strategy, self.bundles, self.engine = registry, model, strategy, bundles, engine
+        self.evaluator = evaluator
         self.sessions: dict[str, Session] = {}
         self.pending: dict[str, Pending] = {}
         self.reported: dict[str, RoutingStats] = {}
@@ -96,11 +86,35 @@ class Coordinator:
         self.oversized: dict[str, dict] = {}  # device_id -> its profile when it refused a too big assignment
         self._stop_logged: str | None = None  # the RoundEngine.stopped reason last logged
         self.wake = asyncio.Event()
-        self.evaluator = Evaluator.from_config(cfg)
         self._evaluations: set[asyncio.Task] = set()
         self._evaluating = asyncio.Lock()  # one evaluation at a time: they share the evaluator's model
         self._evaluation_pool = background_executor() if self.evaluator is not None else None
         self._resume()
+
+    @classmethod
+    def from_config(cls, cfg: CoordinatorConfig, *, clock: Callable[[], float] = time.monotonic) -> "Coordinator":
+        """Build every part from ``cfg`` and resume the registry's rounds.
+
+        Raises:
+            ConfigError: the state directory is not initialised (run ``fedmoe-coord init``) or the config is bad.
+            ModelError: the checkpoint cannot be read. DataError: ``eval_data`` is unreadable.
+        """
+        registry = Registry(cfg.registry_url)
+        try:
+            model = GlobalModel(registry, tensor_store(cfg))
+            fit = cfg.fit_config
+            context = FitContext(model_shape(cfg.checkpoint), load_calibration(cfg), fit, cfg.trainable_mode,
+                                 cfg.lora_rank, cfg.seed)
+            strategy = from_name(cfg.strategy, **cfg.strategy_params).bind(context)
+            bundles = BundleCache(Path(cfg.state_dir) / "bundles", cfg.checkpoint, TrainingDefaults(
+                fit.batch_size, fit.seq_len, fit.learning_rate, fit.aux_loss_coef, fit.local_steps))
+            policy = RoundPolicy(cfg.min_fit_clients, cfg.max_fit_clients, cfg.fraction_fit, cfg.round_deadline_s,
+                                 cfg.max_round_attempts, cfg.num_rounds)
+            return cls(cfg, registry=registry, model=model, strategy=strategy, bundles=bundles,
+                       engine=RoundEngine(policy, seed=cfg.seed), evaluator=Evaluator.from_config(cfg), clock=clock)
+        except BaseException:
+            registry.close()
+            raise
 
     def close(self) -> None:
         if self._evaluation_pool is not None:
@@ -116,20 +130,16 @@ class Coordinator:
         self.unplannable.pop(session.device_id, None)
         if self.oversized.get(session.device_id, session.profile) != session.profile:
             del self.oversized[session.device_id]
-        current = self.engine.current
-        if current is not None:
-            current.device_back(session.device_id)
-            for update_id in current.pending():
-                pending = self.pending.get(update_id)
-                if pending is not None and pending.device_id == session.device_id:
-                    await self._send(session, pending.message(self.model))
+        self.engine.device_back(session.device_id)
+        pending = self._pending_of(session.device_id)
+        if pending is not None:
+            await self._send(session, pending.message(self.model))
         self.wake.set()
 
     def detach(self, session: Session) -> None:
         if self.sessions.get(session.device_id) is session:
             del self.sessions[session.device_id]
-            if self.engine.current is not None:
-                self.engine.current.device_lost(session.device_id)
+            self.engine.device_lost(session.device_id)
             self.wake.set()
 
     def count_bytes(self, device_id: str, direction: str, size: int) -> None:
@@ -141,7 +151,7 @@ class Coordinator:
     def _available(self) -> list[str]:
         """Connected, plannable, non-revoked devices; [] while a round runs or once rounds stopped (the engine
         does not select then)."""
-        if self.engine.current is not None or self.engine.busy or self.engine.stopped() is not None:
+        if not self.engine.selecting:
             return []
         return self.registry.active_device_ids(
             d for d in self.sessions if d not in self.unplannable and d not in self.oversized)
@@ -157,18 +167,30 @@ class Coordinator:
     # ------------------------------------------------------------ the round loop
 
     async def run_rounds(self, stop: asyncio.Event) -> None:
-        """Drive the engine until ``stop`` is set. Never raises (but CancelledError): a step that fails is
-        logged and its round abandoned (:meth:`_abandon`). Once rounds stop (``Finished``) that is logged
-        once and devices are still served."""
+        """Run :meth:`step` until ``stop`` is set, idling while the engine waits. Never raises (but
+        CancelledError): a step that fails is logged and its round abandoned (:meth:`_abandon`). Once rounds
+        stop (``Finished``) that is logged once and devices are still served."""
         while not stop.is_set():
             try:
-                await self._tick()
+                action = await self.step()
             except Exception:  # noqa: BLE001 - a bug or a registry error must not end the federation
                 log.exception("a round step failed; abandoning the round")
                 self._abandon()
                 await self._idle(_POLL_S)
+                continue
+            if isinstance(action, (Wait, Finished)):
+                until = action.until if isinstance(action, Wait) else None
+                await self._idle(_POLL_S if until is None else min(_POLL_S, max(0.0, until - self.clock())))
 
-    async def _tick(self) -> None:
+    async def step(self) -> Action:
+        """One tick of the round loop: ask the engine what to do now and do it (start a round: the strategy's
+        ``configure_fit``, bundles, assignments; aggregate a round: the strategy's ``aggregate_fit`` and a new
+        model version; mark a round failed). Returns the engine's action; ``Wait`` and ``Finished`` do nothing.
+
+        Raises:
+            Exception: a registry, storage or strategy error; the round stays busy in the engine (``run_rounds``
+            abandons it).
+        """
         action = self.engine.step(self.clock(), self._available())
         if isinstance(action, StartRound):
             await self._start_round(action.devices)
@@ -178,12 +200,9 @@ class Coordinator:
             log.warning("round %d failed: %s", action.round_id, action.reason)
             self.registry.finish_round(action.round_id, metrics={"reason": action.reason}, status="failed")
             self.engine.closed(failed=True)
-        else:
-            if isinstance(action, Finished):
-                self._rounds_stopped(action.reason)
-            timeout = _POLL_S if not isinstance(action, Wait) or action.until is None else \
-                min(_POLL_S, max(0.0, action.until - self.clock()))
-            await self._idle(timeout)
+        elif isinstance(action, Finished):
+            self._rounds_stopped(action.reason)
+        return action
 
     def _rounds_stopped(self, reason: str) -> None:
         """Log once that no more rounds start: an error after failed rounds, info after ``num_rounds``."""
@@ -199,20 +218,16 @@ class Coordinator:
     def _abandon(self) -> None:
         """After a failed step: a round being started counts as a failed attempt; a round being closed is
         finished if its model version was committed, else failed. Registry errors here are logged."""
-        if not self.engine.busy:
-            return
-        current = self.engine.current
-        if current is None:
-            self.engine.start_failed()
+        round_id = self.engine.abandon()
+        if round_id is None:
             return
         try:
             latest = self.registry.latest_model_version()
-            committed = latest is not None and latest.round_id == current.round_id
+            committed = latest is not None and latest.round_id == round_id
             metrics = latest.metrics if committed else {"reason": "coordinator error (see its log)"}
-            self.registry.finish_round(current.round_id, metrics=metrics,
-                                       status="finished" if committed else "failed")
+            self.registry.finish_round(round_id, metrics=metrics, status="finished" if committed else "failed")
         except Exception:  # noqa: BLE001 - the registry is down: the round is closed here and resumed at restart
-            log.exception("closing round %d in the registry failed", current.round_id)
+            log.exception("closing round %d in the registry failed", round_id)
             committed = False
         self.engine.closed(failed=not committed)
 
@@ -223,27 +238,29 @@ class Coordinator:
             pass
         self.wake.clear()
 
-    def _fit_for(self, round_id: int) -> FitConfig:
-        base = dataclasses.replace(self.cfg.fit_config, seed=(self.cfg.seed + round_id) % 2**32)
-        return strategy_fit(base, self.strategy.fit_config(round_id))
-
     async def _start_round(self, devices: tuple[str, ...]) -> None:
+        """Open a round, ask the strategy what each device trains, then per device: bundle, record, send."""
         row = self.registry.start_round(self.strategy.name, {"model_version": self.model.version})
-        fit = self._fit_for(row.id)
-        # Open the round first: a device planned early may send its update while later ones are planned.
-        state = self.engine.started(row.id, {}, self.clock())
+        server_round = self.engine.server_round
+        # Open the round first: a device planned early may send its update while later ones are prepared.
+        self.engine.started(row.id, {}, self.clock())
+        clients = [ClientInfo(d, s.profile, self.reported.get(d)) for d in devices if (s := self.sessions.get(d))]
+        fits = await asyncio.to_thread(self.strategy.configure_fit, server_round, self.model.params, clients)
+        for client in clients:
+            if client.client_id not in fits:
+                self.unplannable[client.client_id] = f"{self.strategy.name} gave it nothing to train"
         deliveries = []
-        for device_id in devices:
-            session = self.sessions.get(device_id)
-            pending = None if session is None else await self._plan(row.id, session, fit)
+        for device_id, fit in fits.items():
+            pending = await self._prepare(row.id, device_id, fit)
             if pending is not None:
-                state.assign(pending.update_id, device_id)
-                deliveries.append(asyncio.create_task(self._deliver(state, pending)))
+                self.engine.assign(pending.update_id, device_id)
+                deliveries.append(asyncio.create_task(self._deliver(pending)))
         await asyncio.gather(*deliveries)
-        log.info("round %d started with %d of %d devices", row.id, len(state.devices), len(devices))
+        log.info("round %d (server round %d) started with %d of %d devices", row.id, server_round,
+                 len(deliveries), len(devices))
 
-    async def _deliver(self, state: RoundState, pending: Pending) -> None:
-        """Send an assignment to its device's connection of the moment, while the next device is planned.
+    async def _deliver(self, pending: Pending) -> None:
+        """Send an assignment to its device's connection of the moment, while the next device is prepared.
 
         Never raises. An assignment that cannot be built is rejected. If the device is gone or the send fails,
         the assignment stays pending with the device lost: :meth:`attach` re-sends it if the device reconnects
@@ -259,41 +276,34 @@ class Coordinator:
             return
         now = self.sessions.get(pending.device_id)
         if now is None or now is session:
-            state.device_lost(pending.device_id)
+            self.engine.device_lost(pending.device_id)
             self.wake.set()
 
-    async def _plan(self, round_id: int, session: Session, fit: FitConfig) -> Pending | None:
-        """Plan, build the bundle if needed, record the assignment; None (logged, and the device unplannable
-        until it reconnects) if the device cannot take part."""
+    async def _prepare(self, round_id: int, device_id: str, fit: FitIns) -> Pending | None:
+        """Build the FitIns's bundle if needed and record the assignment; None (logged, and the device
+        unplannable until it reconnects) if that fails."""
         try:
-            pending = await asyncio.to_thread(self._plan_sync, round_id, session, fit)
-            self.registry.record_assignment(round_id, session.device_id, update_id=pending.update_id,
-                                            shape_key=pending.manifest.shape_key.id,
-                                            expert_ids=[list(ids) for ids in pending.expert_ids])
+            manifest = await asyncio.to_thread(self.bundles.ensure, fit.shape_key)
+            update_id = f"r{round_id}-{device_id}-{secrets.token_hex(4)}"
+            self.registry.record_assignment(round_id, device_id, update_id=update_id, shape_key=manifest.shape_key.id,
+                                            expert_ids=[list(ids) for ids in fit.expert_ids])
         except Exception as exc:  # noqa: BLE001 - FedmoeError: it does not fit; else a bug or a full disk
             log.log(logging.WARNING if isinstance(exc, FedmoeError) else logging.ERROR,
-                    "device %s skipped in round %d: %s: %s", session.device_id, round_id, type(exc).__name__, exc,
+                    "device %s skipped in round %d: %s: %s", device_id, round_id, type(exc).__name__, exc,
                     exc_info=not isinstance(exc, FedmoeError))
-            self.unplannable[session.device_id] = str(exc)
+            self.unplannable[device_id] = str(exc)
             return None
-        self.pending[pending.update_id] = pending
+        pending = Pending(device_id, round_id, update_id, manifest, fit)
+        self.pending[update_id] = pending
         return pending
-
-    def _plan_sync(self, round_id: int, session: Session, fit: FitConfig) -> Pending:
-        lam, beta = float(getattr(self.strategy, "lam", 0.5)), float(getattr(self.strategy, "beta", 0.1))
-        scores = expert_scores(self.calibration, self.reported.get(session.device_id), lam=lam, beta=beta)
-        train = TrainingShape(fit.batch_size, fit.seq_len, self.cfg.trainable_mode, self.cfg.lora_rank)
-        plan = plan_device(self.shape, train, session.profile, scores, prox=fit.prox_mu > 0)
-        manifest = self.bundles.ensure(plan.shape_key)
-        update_id = f"r{round_id}-{session.device_id}-{secrets.token_hex(4)}"
-        return Pending(session.device_id, round_id, update_id, manifest, plan.expert_ids, fit)
 
     async def _aggregate(self, action: Aggregate) -> None:
         current = self.engine.current
         rows = {r.update_id: r for r in self.registry.accepted_updates(action.round_id)}
         try:
-            version = await asyncio.to_thread(aggregate_round, self.model, self.strategy, action.round_id,
-                                              [rows[u] for u in action.update_ids], current.failures())
+            version = await asyncio.to_thread(aggregate_round, self.model, self.strategy,
+                                              [rows[u] for u in action.update_ids], current.failures(),
+                                              server_round=self.engine.server_round, round_id=action.round_id)
         except FedmoeError as exc:
             log.error("round %d aggregation failed: %s", action.round_id, exc)
             self.registry.finish_round(action.round_id, metrics={"reason": str(exc)}, status="failed")
@@ -340,7 +350,7 @@ class Coordinator:
         pending = self.pending.get(msg.update_id)
         if pending is None or (pending.device_id, pending.round_id) != (session.device_id, msg.round_id):
             return Ack(update_id=msg.update_id, accepted=False, reason="no such assignment for this device and round")
-        meta = update_meta(pending.manifest, pending.expert_ids, msg.trained_experts, msg.routing, msg.metrics)
+        meta = update_meta(pending.manifest, pending.fit.expert_ids, msg.trained_experts, msg.routing, msg.metrics)
         reason, sha = "", None
         try:
             sha = await self._validate_and_store(pending, msg)
@@ -386,8 +396,7 @@ class Coordinator:
 
     def _pending_of(self, device_id: str) -> Pending | None:
         """The device's assignment still awaited in the current round, or None."""
-        current = self.engine.current
-        update_id = None if current is None else current.pending_of(device_id)
+        update_id = self.engine.pending_of(device_id)
         return None if update_id is None else self.pending.get(update_id)
 
     def _reject(self, pending: Pending, reason: str) -> None:
@@ -413,7 +422,7 @@ class Coordinator:
         current = self.engine.current
         if current is None or current.round_id != msg.round_id:
             raise UpdateRejected(f"round {msg.round_id} is closed")
-        tensors = check_update(pending.manifest, pending.expert_ids, num_examples=msg.num_examples,
+        tensors = check_update(pending.manifest, pending.fit.expert_ids, num_examples=msg.num_examples,
                                tensors=msg.tensors, trained_experts=msg.trained_experts, routing=msg.routing,
                                norm_bound=self.cfg.update_norm_bound)
         return await asyncio.to_thread(self.model.store.put, tensors)
@@ -423,13 +432,12 @@ class Coordinator:
     def _resume(self) -> None:
         """Rebuild the engine from the registry: finished rounds count, a running round continues."""
         rounds = sorted(self.registry.list_rounds(limit=1_000_000), key=lambda r: r.id)
-        self.engine.rounds_done = sum(r.status == "finished" for r in rounds)
+        done = sum(r.status == "finished" for r in rounds)
         running = [r for r in rounds if r.status == "running"]
         for stale in running[:-1]:
             self.registry.finish_round(stale.id, metrics={"reason": "superseded at restart"}, status="failed")
         self._sweep_update_files(running[-1].id if running else None)
-        if running:
-            self._resume_round(running[-1].id)
+        self.engine.resume(done, self._resume_round(running[-1].id, done + 1) if running else None, self.clock())
 
     def _sweep_update_files(self, running: int | None) -> None:
         """Delete the update files of every round but the ``running`` one, unless ``keep_update_tensors``: those
@@ -440,8 +448,10 @@ class Coordinator:
         if freed:
             log.info("deleted %.1f MiB of update files of past rounds", freed / MIB)
 
-    def _resume_round(self, round_id: int) -> None:
-        fit = self._fit_for(round_id)
+    def _resume_round(self, round_id: int, server_round: int) -> RunningRound:
+        """The running round's assignments back as Pending (with the strategy's FitConfig of the round) and
+        its recorded updates."""
+        config = self.strategy.fit_config(server_round)
         assigned = self.registry.assignments(round_id)
         accepted = self.registry.accepted_updates(round_id)
         accepted_ids = [u.update_id for u in accepted]
@@ -449,10 +459,10 @@ class Coordinator:
                     if a.status == "reported" and a.update_id not in accepted_ids}
         for a in assigned:
             manifest = self.bundles.manifest(a.shape_key)
-            self.pending[a.update_id] = Pending(a.device_id, round_id, a.update_id, manifest,
-                                                tuple(tuple(ids) for ids in a.expert_ids), fit)
+            fit = FitIns(tuple(tuple(ids) for ids in a.expert_ids), config, manifest.shape_key.trainable_mode,
+                         manifest.shape_key.lora_rank)
+            self.pending[a.update_id] = Pending(a.device_id, round_id, a.update_id, manifest, fit)
         for u in accepted:
             self.reported[u.device_id] = RoutingStats.from_dict(u.meta["routing"])
-        resume(self.engine, round_id, {a.update_id: a.device_id for a in assigned}, accepted_ids, rejected,
-               self.clock())
         log.info("resumed round %d: %d assigned, %d accepted", round_id, len(assigned), len(accepted_ids))
+        return RunningRound(round_id, {a.update_id: a.device_id for a in assigned}, accepted_ids, rejected)

@@ -30,6 +30,8 @@ import numpy as np
 from device_runtime.errors import ProtocolError
 
 ROWS = 4  # sum G, max G, sum G log G, tokens routed
+IMPORTANCE_LAMBDA = 0.5  # lambda of s_b (HFedMoE's default weight of s_cum against s_spec)
+IMPORTANCE_BETA = 0.1  # beta of I_b (HFedMoE's default weight of the routing KL)
 
 
 @dataclass(frozen=True)
@@ -47,11 +49,11 @@ class LayerRouting:
     tokens_routed: np.ndarray
     num_tokens: int
 
-    def importance(self, lam: float = 0.5) -> np.ndarray:
+    def importance(self, lam: float = IMPORTANCE_LAMBDA) -> np.ndarray:
         """``s_b(e) = lam * s_cum(e) + (1 - lam) * s_spec(e)``, shape ``(E_l,)``."""
         return lam * self.usage + (1.0 - lam) * self.specific
 
-    def information_score(self, lam: float = 0.5, beta: float = 0.1) -> np.ndarray:
+    def information_score(self, lam: float = IMPORTANCE_LAMBDA, beta: float = IMPORTANCE_BETA) -> np.ndarray:
         """``I_b(e) = s_b(e) - beta * KL_e``, shape ``(E_l,)``."""
         return self.importance(lam) - beta * self.kl
 

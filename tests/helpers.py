@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from coordinator.strategy import ClientUpdate, LayerRouting, TensorMeta, TensorRole
+from coordinator.strategy import ClientUpdate, FitContext, LayerRouting, TensorMeta, TensorRole
 from device_runtime.protocol import Assignment, Update
 from device_runtime.stats import RoutingStats
 
@@ -139,6 +139,23 @@ class ServerThread:
         assert not self._thread.is_alive()
 
 
+class InboxDevice:
+    """An enrolled device for an in-process ``Coordinator``: ``session`` (profile ``profile``) collects what the
+    coordinator sends in ``inbox``."""
+
+    def __init__(self, registry, name, profile):
+        from coordinator.service import Session
+        from device_runtime.auth import generate_keypair
+
+        token = registry.create_enrol_token(name, 60)
+        self.device = registry.redeem_token(token, name, profile, generate_keypair()[1])
+        self.inbox = []
+        self.session = Session(self.device.id, profile, self.send)
+
+    async def send(self, msg):
+        self.inbox.append(msg)
+
+
 def fake_update(assignment: Assignment, manifest, *, trained_local: int = 0) -> Update:
     """What a device would send: trainable tensors shifted by +1 on the trained experts, valid routing."""
     tensors = {}
@@ -195,3 +212,33 @@ def make_update(cid, n, ids, experts, gate, other, *, trained=None, usage=None, 
         trained_experts=(frozenset(ids if trained is None else trained),),
         routing=(routing,),
     )
+
+
+# One MoE layer of 4 experts with usage u and specific score s (KL 0): I(e) = lam u + (1 - lam) s ranks
+# them (0, 1) at lam 0.5 (a tie of 0 and 2 goes to the lower id), (1, 2) at lam 0.3 and (0, 2) at lam 0.9.
+CALIBRATION_USAGE, CALIBRATION_SPECIFIC = (0.4, 0.1, 0.3, 0.2), (0.5, 0.9, 0.6, 0.3)
+
+
+def tiny_context(**fit):
+    """A FitContext of a 1-MoE-layer, 4-expert model with the calibration above; ``fit``: FitConfig fields."""
+    from device_runtime.protocol import FitConfig
+    from export.planner import ModelShape
+
+    shape = ModelShape(hidden=16, intermediate=24, vocab=32, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=8,
+                       moe_layers=1, num_experts=4, experts_per_token=2, shared_params=2000, expert_params=3 * 16 * 24)
+    tokens = 10
+    p = np.asarray(CALIBRATION_USAGE)
+    calibration = RoutingStats([4])
+    calibration.update([np.stack([p * tokens, CALIBRATION_SPECIFIC, tokens * p * np.log(p), np.full(4, 5.0)])],
+                       tokens)
+    return FitContext(shape, calibration, FitConfig(**{"batch_size": 2, "seq_len": 8, **fit}), seed=7)
+
+
+def memory_for(context, kept: int) -> float:
+    """A memory budget (MiB) under which the planner keeps exactly ``kept`` experts per layer of ``context``."""
+    from export.planner import TrainingShape, estimate
+
+    train = TrainingShape(context.fit.batch_size, context.fit.seq_len)
+    low = estimate(context.model, train, kept).peak_mib
+    high = estimate(context.model, train, kept + 1).peak_mib if kept < context.model.num_experts else low + 1000
+    return (low + high) / 2

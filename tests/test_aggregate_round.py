@@ -37,7 +37,7 @@ def test_the_new_version_is_the_same_whatever_the_arrival_order(tmp_path):
         registry.add_model_version(store.put(base))
         model = GlobalModel(registry, store)
         round_id = registry.start_round("fedavg", {}).id
-        version = aggregate_round(model, FedAvg(), round_id, [rows[i] for i in order], [])
+        version = aggregate_round(model, FedAvg(), [rows[i] for i in order], [], server_round=1, round_id=round_id)
         states.append(store.get(version.tensor_sha256))
         registry.close()
     assert states[0] == states[1] == states[2]  # byte-identical safetensors

@@ -13,12 +13,11 @@ from click.testing import CliRunner
 from coordinator.cli import main, parse_duration
 from coordinator.config import load_config
 from coordinator.registry import Registry
-from device_runtime.auth import generate_keypair
 from device_runtime.errors import ConfigError
 from device_runtime.protocol import Assignment
 
 pytest.importorskip("torch")
-from helpers import COORD_MIXTRAL, fake_update, tiny_checkpoint, two_expert_memory  # noqa: E402
+from helpers import COORD_MIXTRAL, InboxDevice, fake_update, tiny_checkpoint, two_expert_memory  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -58,36 +57,23 @@ def test_init_refuses_an_existing_config_and_commands_report(coord):
     assert isinstance(missing.exception, ConfigError)
 
 
-class Device:
-    """A session whose ``send`` collects what the coordinator sends."""
-
-    def __init__(self, registry, name, profile):
-        token = registry.create_enrol_token(name, 60)
-        self.device = registry.redeem_token(token, name, profile, generate_keypair()[1])
-        self.inbox = []
-
-    async def send(self, msg):
-        self.inbox.append(msg)
-
-
 def test_round_survives_a_coordinator_restart(coord):
     from coordinator.rounds import Aggregate, StartRound
-    from coordinator.service import Coordinator, Session
+    from coordinator.service import Coordinator
 
     cfg = replace(load_config(coord["config"]), round_deadline_s=300, fit={"batch_size": 2, "seq_len": 8})
     profile = {"memory_mib": coord["memory"], "gflops": 5.0}
     registry = Registry(cfg.registry_url)
-    a, b = Device(registry, "a", profile), Device(registry, "b", profile)
+    a, b = InboxDevice(registry, "a", profile), InboxDevice(registry, "b", profile)
     registry.close()
 
     async def first_life():
-        c = Coordinator(cfg)
-        sessions = [Session(d.device.id, profile, d.send) for d in (a, b)]
+        c = Coordinator.from_config(cfg)
+        sessions = [a.session, b.session]
         for s in sessions:
             await c.attach(s)
-        action = c.engine.step(0.0, c._available())
+        action = await c.step()
         assert isinstance(action, StartRound) and len(action.devices) == 2
-        await c._start_round(action.devices)
         assignment = a.inbox[-1]
         assert isinstance(assignment, Assignment)
         manifest = c.bundles.manifest(assignment.shape_key.id)
@@ -97,9 +83,9 @@ def test_round_survives_a_coordinator_restart(coord):
         return manifest
 
     async def second_life(manifest):
-        c = Coordinator(cfg)
+        c = Coordinator.from_config(cfg)
         assert c.engine.current.accepted == [a.inbox[-1].update_id] and len(c.engine.current.pending()) == 1
-        sessions = {d: Session(d.device.id, profile, d.send) for d in (a, b)}
+        sessions = {d: d.session for d in (a, b)}
         await c.attach(sessions[b])  # b reconnects and gets its assignment again
         resent = b.inbox[-1]
         assert resent.update_id == b.inbox[0].update_id
@@ -107,9 +93,9 @@ def test_round_survives_a_coordinator_restart(coord):
         replay = await c.handle_update(sessions[a], fake_update(a.inbox[-1], manifest))
         assert replay.accepted and replay.reason == "already recorded"
         assert (await c.handle_update(sessions[b], fake_update(resent, manifest, trained_local=1))).accepted
-        action = c.engine.step(c.clock(), c._available())
-        assert action == Aggregate(c.engine.current.round_id, (a.inbox[-1].update_id, resent.update_id))
-        await c._aggregate(action)
+        round_id = c.engine.current.round_id
+        assert await c.step() == Aggregate(round_id, (a.inbox[-1].update_id, resent.update_id))
+        assert c.engine.current is None and c.engine.server_round == 2
         rounds = c.registry.list_rounds()
         c.close()
         return rounds[0]

@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from coordinator.rounds import (Aggregate, Finished, RetryRound, RoundEngine, RoundPolicy, StartRound, Wait,
-                                resume, select_clients)
+from coordinator.rounds import (Aggregate, Finished, RetryRound, RoundEngine, RoundPolicy, RunningRound, StartRound,
+                                Wait, select_clients)
 from device_runtime.errors import ConfigError
 
 DEVICES = [f"d{i}" for i in range(10)]
@@ -94,10 +94,10 @@ def test_dropout_closes_early_and_a_returning_device_still_counts():
     e = engine()
     ids = list(start(e, DEVICES[:3]))
     e.on_update(ids[0], True)
-    e.current.device_lost(a_dev(ids[1]))
+    e.device_lost(a_dev(ids[1]))
     assert isinstance(e.step(1.0, DEVICES), Wait)  # ids[2] still training
     e.on_update(ids[1], True)  # the lost device reconnected and re-sent: counted
-    e.current.device_lost(a_dev(ids[2]))
+    e.device_lost(a_dev(ids[2]))
     assert e.step(2.0, DEVICES) == Aggregate(1, (ids[0], ids[1]))  # nothing left to wait for
 
 
@@ -131,8 +131,9 @@ def test_success_resets_attempts_and_num_rounds_finishes():
 def test_resume_keeps_recorded_updates_and_counts_them_once():
     e = engine(min_fit_clients=2)
     assignments = {"u1": "d1", "u2": "d2", "u3": "d3"}
-    state = resume(e, 7, assignments, ["u1"], {"u3": "rejected before restart"}, now=100.0)
-    assert state.deadline == 160.0 and state.pending() == ["u2"]
+    e.resume(4, RunningRound(7, assignments, ["u1"], {"u3": "rejected before restart"}), now=100.0)
+    assert e.current.deadline == 160.0 and e.current.pending() == ["u2"]
+    assert (e.rounds_done, e.server_round) == (4, 5)
     assert not e.on_update("u1", True)  # re-sent after the restart: already counted
     assert e.step(101.0, []) == Wait(160.0)
     assert e.on_update("u2", True)
@@ -142,12 +143,12 @@ def test_resume_keeps_recorded_updates_and_counts_them_once():
 def test_an_update_counts_when_it_arrives_while_later_assignments_are_still_planned():
     e = engine(min_fit_clients=2)
     assert isinstance(e.step(0.0, DEVICES[:2]), StartRound)
-    state = e.started(1, {}, 0.0)  # the round opens before the first assignment is sent
-    state.assign("u-d0", "d0")
+    e.started(1, {}, 0.0)  # the round opens before the first assignment is sent
+    e.assign("u-d0", "d0")
     assert e.on_update("u-d0", True)  # d0 trained and reported while d1 was still being planned
-    state.assign("u-d1", "d1")
-    state.assign("u-d2", "d2")
-    state.device_lost("d2")  # its send failed: pending, re-sent if d2 reconnects, not waited for
+    e.assign("u-d1", "d1")
+    e.assign("u-d2", "d2")
+    e.device_lost("d2")  # its send failed: pending, re-sent if d2 reconnects, not waited for
     assert e.step(1.0, DEVICES) == Wait(60.0)
     assert e.on_update("u-d1", True)
     assert e.step(2.0, DEVICES) == Aggregate(1, ("u-d0", "u-d1"))
@@ -157,13 +158,12 @@ def test_an_update_counts_when_it_arrives_while_later_assignments_are_still_plan
 def test_a_device_error_rejects_its_pending_assignment_and_the_round_decides_at_once():
     e = engine(min_fit_clients=2)
     ids = list(start(e, DEVICES[:3]))
-    state = e.current
-    assert [state.pending_of(d) for d in ("d0", "d1", "d2", "d9")] == [*ids, None]
+    assert [e.pending_of(d) for d in ("d0", "d1", "d2", "d9")] == [*ids, None]
     e.on_update(ids[0], True)
-    assert state.pending_of("d0") is None  # reported: nothing owed any more
-    assert e.on_update(state.pending_of("d1"), False, "device reported internal: DataError")
+    assert e.pending_of("d0") is None  # reported: nothing owed any more
+    assert e.on_update(e.pending_of("d1"), False, "device reported internal: DataError")
     assert e.step(1.0, DEVICES) == Wait(60.0)  # 1 accepted + 1 pending can still reach 2
-    assert e.on_update(state.pending_of("d2"), False, "assignment of 9.00 MiB exceeds the device's max")
+    assert e.on_update(e.pending_of("d2"), False, "assignment of 9.00 MiB exceeds the device's max")
     action = e.step(2.0, DEVICES)  # long before the deadline (60 s)
     assert isinstance(action, RetryRound) and "1 of 2" in action.reason and "2 rejected" in action.reason
 
@@ -178,3 +178,36 @@ def test_stopped_says_why_no_round_starts():
     assert e.step(62.0, DEVICES) == Finished(e.stopped())
     done = RoundEngine(e.policy, rounds_done=2)
     assert done.stopped() == "2 rounds done" and done.step(0.0, DEVICES) == Finished("2 rounds done")
+
+
+def test_server_round_counts_rounds_that_produced_a_model_and_state_is_read_only():
+    e = engine(max_attempts=3)
+    assert e.server_round == 1 and e.selecting
+    start(e, DEVICES[:2], round_id=1)
+    assert not e.selecting  # collecting: the caller need not gather available devices
+    assert isinstance(e.step(61.0, []), RetryRound)
+    e.closed(failed=True)
+    ids = list(start(e, DEVICES[:2], round_id=2))
+    assert e.server_round == 1  # registry round 2 is the first that can produce a model
+    for u in ids:
+        e.on_update(u, True)
+    assert isinstance(e.step(62.0, DEVICES), Aggregate)
+    e.closed()
+    assert (e.server_round, e.rounds_done, e.failed_attempts) == (2, 1, 0)
+    for name in ("current", "rounds_done", "failed_attempts", "busy", "server_round"):
+        with pytest.raises(AttributeError):
+            setattr(e, name, None)
+
+
+def test_abandon_counts_a_failed_start_and_names_a_round_being_closed():
+    e = engine(max_attempts=3)
+    assert e.abandon() is None and e.failed_attempts == 0  # nothing in flight
+    assert isinstance(e.step(0.0, DEVICES[:2]), StartRound)
+    assert e.abandon() is None and e.failed_attempts == 1 and not e.busy  # starting it failed
+    ids = list(start(e, DEVICES[:2], round_id=5))
+    for u in ids:
+        e.on_update(u, True)
+    assert isinstance(e.step(1.0, DEVICES), Aggregate)
+    assert e.abandon() == 5  # aggregating it failed: the caller closes it
+    e.closed(failed=True)
+    assert e.failed_attempts == 2 and e.current is None

@@ -286,7 +286,7 @@ def test_a_restart_deletes_the_update_files_of_past_rounds_only(tmp_path):
                                    metadata={"routing": RoutingStats([2]).to_dict()}, accepted=True)
             if status == "failed":
                 registry.finish_round(round_id, metrics={"reason": "0 of 1"}, status="failed")
-        Coordinator(cfg).close()
+        Coordinator.from_config(cfg).close()
         assert not store.has(shas["failed"]) and store.has(shas["running"])  # the running round resumes with it
         assert len(registry.update_shas()) == 2  # the rows stay
     finally:

@@ -4,10 +4,12 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from coordinator.strategy import (STRATEGIES, ClientUpdate, FedAvg, LayerRouting, StreamingAggregation, TensorMeta,
-                                  TensorRole, from_name, validate_update)
+from coordinator.strategy import (STRATEGIES, ClientInfo, ClientUpdate, FedAvg, FitIns, HFedMoE, LayerRouting,
+                                  StreamingAggregation, TensorMeta, TensorRole, from_name, validate_update)
 from device_runtime.errors import ConfigError, UpdateRejected
-from helpers import OTHER, make_update, tiny_global
+from device_runtime.protocol import FitConfig
+from device_runtime.stats import RoutingStats
+from helpers import OTHER, make_update, memory_for, tiny_context, tiny_global
 
 
 def good_update(cid="a"):
@@ -131,11 +133,39 @@ def test_non_leading_expert_axis():
 
 def test_registry():
     assert sorted(STRATEGIES) == ["fedalign", "fedavg", "fedmoe", "fedprox", "hfedmoe"]
-    assert from_name("fedprox", prox_mu=0.1).configure_fit(3, ["a", "b"]) == {"a": {"prox_mu": 0.1},
-                                                                              "b": {"prox_mu": 0.1}}
+    context = tiny_context()
+    clients = [ClientInfo(c, {"memory_mib": memory_for(context, 2)}) for c in ("a", "b")]
+    fits = from_name("fedprox", prox_mu=0.1).bind(context).configure_fit(3, tiny_global(), clients)
+    expected = FitConfig(batch_size=2, seq_len=8, prox_mu=0.1, seed=7 + 3)
+    assert fits == {c: FitIns(((0, 1),), expected) for c in ("a", "b")}
+    assert fits["a"].shape_key.prox and fits["a"].shape_key.experts_per_layer == (2,)
     with pytest.raises(ConfigError, match="unknown strategy"):
         from_name("fedsgd")
     with pytest.raises(ConfigError, match="fedavg"):
         from_name("fedavg", tau=0.3)
     with pytest.raises(ConfigError):
         from_name("fedprox", prox_mu=-1)
+
+
+def test_configure_fit_sizes_by_budget_ranks_by_importance_and_leaves_out_who_cannot_fit(caplog):
+    context = tiny_context()
+    clients = [ClientInfo("two", {"memory_mib": memory_for(context, 2)}),
+               ClientInfo("three", {"memory_mib": memory_for(context, 3), "gflops": 5.0}),
+               ClientInfo("tiny", {"memory_mib": 1.0}), ClientInfo("no-profile", {})]
+    fits = FedAvg().bind(context).configure_fit(1, tiny_global(), clients)
+    # lam 0.5: I = (.45, .5, .45, .25); ties go to the lower id
+    assert {c: f.expert_ids for c, f in fits.items()} == {"two": ((0, 1),), "three": ((0, 1, 2),)}
+    assert "tiny sits out round 1: BudgetError" in caplog.text and "no-profile sits out round 1: ConfigError" in caplog.text
+    assert HFedMoE(lam=0.3).bind(context).configure_fit(1, {}, clients[:1])["two"].expert_ids == ((1, 2),)
+    # the client's own statistics (over experts 2 and 3, all mass on 3) replace the calibration's there
+    own = RoutingStats([2], [[2, 3]])
+    own.update([np.array([[0.0, 10.0], [0.0, 1.0], [0.0, 0.0], [0.0, 10.0]])], 10)
+    fits = FedAvg().bind(context).configure_fit(1, {}, [ClientInfo("two", clients[0].profile, own)])
+    assert fits["two"].expert_ids == ((1, 3),)
+
+
+def test_configure_fit_needs_a_bound_strategy_and_the_seed_follows_the_server_round():
+    with pytest.raises(ConfigError, match="not bound"):
+        FedAvg().configure_fit(1, {}, [ClientInfo("a", {"memory_mib": 1e6})])
+    strategy = FedAvg().bind(tiny_context(learning_rate=0.5))
+    assert strategy.fit_config(2) == FitConfig(batch_size=2, seq_len=8, learning_rate=0.5, seed=9)

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from coordinator.strategy import FedAlign, cosine_similarity, kl_divergence
+from coordinator.strategy import ClientInfo, FedAlign, cosine_similarity, kl_divergence
 from device_runtime.errors import ConfigError
-from helpers import make_update
+from helpers import make_update, tiny_context
 
 
 def _global():
@@ -57,11 +57,13 @@ def test_router_kl_weighting_by_hand():
 
 
 def test_routing_prior_is_state_between_rounds():
-    strategy = FedAlign(kl_coef=0.05, num_experts=(4,))
-    assert strategy.configure_fit(1, ["a"]) == {"a": {"kl_coef": 0.05, "routing_prior": [[0.25] * 4]}}
+    strategy = FedAlign(kl_coef=0.05, num_experts=(4,)).bind(tiny_context())
+    clients = [ClientInfo("a", {"memory_mib": 1e6})]
+    config = strategy.configure_fit(1, _global(), clients)["a"].config
+    assert (config.routing_reg_coef, config.routing_prior) == (0.05, ((0.25,) * 4,))
     strategy.aggregate_fit(1, _clients(), [], _global())
     mean_usage = np.array([(0.75 + 0.5 + 0.9) / 3, (0.25 + 0.5) / 2, 0.1, 0.25])  # expert 3 keeps 0.25
-    prior = strategy.configure_fit(2, ["a"])["a"]["routing_prior"]
+    prior = strategy.configure_fit(2, _global(), clients)["a"].config.routing_prior
     np.testing.assert_allclose(prior, [mean_usage / mean_usage.sum()])
 
 

@@ -3,7 +3,7 @@
 import numpy as np
 
 from coordinator.strategy import FedAvg, FedMoE, FedProx
-from helpers import make_update, tiny_global
+from helpers import make_update, tiny_context, tiny_global
 
 
 def _two_clients():
@@ -36,7 +36,7 @@ def test_fedavg_dense_is_plain_weighted_mean():
 
 def test_fedprox_sends_mu_and_aggregates_like_fedavg():
     strategy = FedProx(prox_mu=0.05)
-    assert strategy.configure_fit(1, ["a"]) == {"a": {"prox_mu": 0.05}}
+    assert strategy.bind(tiny_context()).fit_config(1).prox_mu == 0.05
     prox, _ = strategy.aggregate_fit(1, _two_clients(), [], tiny_global())
     avg, _ = FedAvg().aggregate_fit(1, _two_clients(), [], tiny_global())
     for name in avg:

@@ -1,12 +1,14 @@
 """HFedMoE aggregation and the importance math against hand-computed values."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
-from coordinator.strategy import (FedAvg, HFedMoE, experts_per_layer, hfedmoe_alpha, importance,
+from coordinator.strategy import (ClientInfo, FedAvg, HFedMoE, experts_per_layer, hfedmoe_alpha, importance,
                                   routing_statistics, select_experts, top_c)
 from device_runtime.errors import BudgetError, ConfigError
-from helpers import make_update, tiny_global
+from helpers import make_update, tiny_context, tiny_global
 
 GATE_A = [[1, 0], [0, 1]]
 GATE_B = [[2, 0], [0, 2]]
@@ -83,8 +85,9 @@ def test_hfedmoe_equals_fedavg_when_everyone_holds_and_trains_everything():
 
 
 def test_hfedmoe_config_and_parameter_checks():
-    assert HFedMoE(lam=0.3, beta=0.2).configure_fit(1, ["a"]) == {"a": {"importance_lambda": 0.3,
-                                                                       "importance_beta": 0.2}}
+    context, client = tiny_context(), ClientInfo("a", {"memory_mib": 1e6})
+    fit = HFedMoE(lam=0.3, beta=0.2).bind(context).configure_fit(1, tiny_global(), [client])["a"]
+    assert fit.expert_ids == ((0, 1, 2, 3),) and fit.config == replace(context.fit, seed=8)
     with pytest.raises(ConfigError):
         HFedMoE(tau=1.5)
 

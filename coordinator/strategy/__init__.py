@@ -1,6 +1,7 @@
 """Sparsity-aware aggregation strategies (FedAvg, FedProx, FedMoE, HFedMoE, FedAlign-MoE), pure numpy.
 
-One module per algorithm; the math in ``aggregate.py`` / ``importance.py``; messages in ``types.py``.
+One module per algorithm; the math in ``aggregate.py``; how experts are picked in ``selection.py``; messages
+(ClientUpdate, FitIns ...) in ``types.py``; names -> classes in ``registry.py``.
 """
 
 from coordinator.strategy.aggregate import RowAccumulator, cosine_similarity, hfedmoe_alpha, kl_divergence
@@ -13,12 +14,12 @@ from coordinator.strategy.hfedmoe import HFedMoE
 from coordinator.strategy.importance import (experts_per_layer, importance, routing_statistics, select_experts,
                                              top_c)
 from coordinator.strategy.registry import STRATEGIES, from_name
-from coordinator.strategy.types import (ClientUpdate, Failure, LayerRouting, Params, Results, TensorMeta,
-                                        TensorRole)
+from coordinator.strategy.types import (ClientInfo, ClientUpdate, Failure, FitContext, FitIns, LayerRouting,
+                                        Params, Results, TensorMeta, TensorRole)
 from coordinator.strategy.validate import validate_update
 
 __all__ = [
-    "STRATEGIES", "ClientUpdate", "Failure", "FedAlign", "FedAvg", "FedMoE", "FedProx", "HFedMoE", "LayerRouting",
+    "STRATEGIES", "ClientInfo", "ClientUpdate", "Failure", "FitContext", "FitIns", "FedAlign", "FedAvg", "FedMoE", "FedProx", "HFedMoE", "LayerRouting",
     "Params", "Results", "RowAccumulator", "SinglePassStrategy", "Strategy", "StreamingAggregation", "TensorMeta",
     "TensorRole", "cosine_similarity", "experts_per_layer", "from_name", "hfedmoe_alpha", "importance",
     "kl_divergence", "routing_statistics", "select_experts", "top_c", "validate_update",

@@ -1,5 +1,11 @@
 """The ``Strategy`` interface (Flower style) and the streaming single-pass aggregation every strategy uses.
 
+A strategy owns both ends of a round: ``configure_fit`` tells each selected client what to train (a
+:class:`~coordinator.strategy.types.FitIns`: its experts, from the budget planner and the strategy's expert
+choice, and its FitConfig), ``aggregate_fit`` merges what came back. A strategy that picks experts differently
+overrides :meth:`Strategy.select_experts` (or :meth:`Strategy.fit_ins` to size the subset differently or let a
+client sit a round out) and is registered in ``coordinator.strategy.registry``.
+
 A round's updates arrive as :data:`~coordinator.strategy.types.Results`; client failures are data
 (``(client_id, reason)`` pairs) and so are updates that fail validation: both are counted and reported
 in the metrics, neither stops the round.
@@ -8,15 +14,24 @@ in the metrics, neither stops the round.
 from __future__ import annotations
 
 import collections.abc
+import dataclasses
+import logging
 from abc import ABC, abstractmethod
 from typing import Callable, ClassVar, Iterable, Sequence
 
 import numpy as np
 
 from coordinator.strategy.aggregate import RowAccumulator
-from coordinator.strategy.types import ClientUpdate, Failure, Params, Results, TensorMeta, TensorRole
+from coordinator.strategy.selection import affordable_experts, expert_scores
+from coordinator.strategy.types import (ClientInfo, ClientUpdate, Failure, FitContext, FitIns, Params, Results,
+                                        TensorMeta, TensorRole)
 from coordinator.strategy.validate import validate_update
-from device_runtime.errors import UpdateRejected
+from device_runtime.errors import ConfigError, FedmoeError, UpdateRejected
+from device_runtime.protocol import FitConfig
+from device_runtime.stats import IMPORTANCE_BETA, IMPORTANCE_LAMBDA
+from export.planner import select_experts
+
+log = logging.getLogger("fedmoe.coord")
 
 RowWeights = Callable[[ClientUpdate, str, TensorMeta, tuple[int, ...]], "np.ndarray | float"]
 """``(update, tensor name, meta, global experts per layer) -> weights``: ``(E_local,)`` per kept expert,
@@ -24,18 +39,81 @@ or a scalar for OTHER."""
 
 
 class Strategy(ABC):
-    """An aggregation algorithm: what clients are told to do (``configure_fit``) and how results merge."""
+    """An aggregation algorithm: what clients are told to do (``configure_fit``) and how results merge
+    (``aggregate_fit``). ``configure_fit`` needs the strategy bound to its federation (:meth:`bind`)."""
 
     name: ClassVar[str]
+    context: FitContext | None = None
+    lam: float = IMPORTANCE_LAMBDA  # lambda and beta of the importance I(e) that ranks experts (HFedMoE's)
+    beta: float = IMPORTANCE_BETA
 
-    def fit_config(self, server_round: int) -> dict:
-        """Config every client receives with its round assignment (JSON-serialisable)."""
-        return {}
+    def bind(self, context: FitContext) -> "Strategy":
+        """Give the strategy the federation's model, calibration and training settings; returns ``self``."""
+        self.context = context
+        return self
 
-    def configure_fit(self, server_round: int, clients: Sequence[str]) -> dict[str, dict]:
-        """Per-client fit config: ``client_id -> config dict``."""
+    def fit_config(self, server_round: int) -> FitConfig:
+        """The FitConfig every client gets in round ``server_round`` (1-based): the federation's ``[fit]`` with
+        the round's seed; strategies add their own inputs (``prox_mu``, ``routing_prior`` ...).
+
+        Raises:
+            ConfigError: the strategy is not bound (:meth:`bind`).
+        """
+        context = self._bound()
+        return dataclasses.replace(context.fit, seed=(context.seed + server_round) % 2**32)
+
+    def configure_fit(self, server_round: int, global_params: Params,
+                      clients: Sequence[ClientInfo]) -> dict[str, FitIns]:
+        """What each client trains in round ``server_round`` (1-based): ``client_id -> FitIns``.
+
+        A client left out sits the round out: :meth:`fit_ins` returned None, or it raised a FedmoeError
+        (e.g. BudgetError: one expert per layer does not fit), which is logged.
+
+        Args:
+            global_params: the global model the round starts from (name -> array); not modified.
+        Raises:
+            ConfigError: the strategy is not bound (:meth:`bind`).
+        """
         config = self.fit_config(server_round)
-        return {client: dict(config) for client in clients}
+        out = {}
+        for client in clients:
+            try:
+                ins = self.fit_ins(server_round, client, config)
+            except FedmoeError as exc:
+                log.warning("device %s sits out round %d: %s: %s", client.client_id, server_round,
+                            type(exc).__name__, exc)
+                continue
+            if ins is not None:
+                out[client.client_id] = ins
+        return out
+
+    def fit_ins(self, server_round: int, client: ClientInfo, config: FitConfig) -> FitIns | None:
+        """One client's FitIns: as many experts per layer as its budget affords, chosen by
+        :meth:`select_experts`; None to let it sit the round out.
+
+        Raises:
+            ConfigError: the profile has no usable budget. BudgetError: one expert per layer does not fit.
+        """
+        context = self._bound()
+        kept = affordable_experts(context, config, client.profile)
+        ids = self.select_experts(server_round, client, kept)
+        return FitIns(ids, config, context.trainable_mode, context.lora_rank)
+
+    def select_experts(self, server_round: int, client: ClientInfo, kept: int) -> tuple[tuple[int, ...], ...]:
+        """Per MoE layer, the ``kept`` global expert ids (ascending) ``client`` trains: by default the top
+        ``kept`` by importance (:meth:`expert_scores`; HFedMoE's budgeted selection)."""
+        return select_experts(self.expert_scores(client), kept)
+
+    def expert_scores(self, client: ClientInfo) -> list[np.ndarray]:
+        """I(e) per MoE layer over the global experts, ``(num_experts,)`` each: the calibration statistics
+        with the client's last reported ones laid over (``coordinator.strategy.selection.expert_scores``)."""
+        return expert_scores(self._bound().calibration, client.routing, lam=self.lam, beta=self.beta)
+
+    def _bound(self) -> FitContext:
+        if self.context is None:
+            raise ConfigError(f"strategy {self.name!r} is not bound to a federation: call bind(FitContext(...)) "
+                              "(Coordinator.from_config does)")
+        return self.context
 
     @abstractmethod
     def aggregate_fit(self, server_round: int, results: Results, failures: Sequence[Failure],

@@ -9,7 +9,7 @@ Three parts (DESIGN.md section 2):
    - ``"kl"``: omega_i(e) proportional to 1 / (1 + KL(p_i || p_global)), p_i = client i's usage normalised
      over its kept experts, p_global = the round's prior restricted to those experts and renormalised.
 2. Distribution regularisation: ``configure_fit`` sends ``routing_prior`` (p_global per MoE layer) and
-   ``kl_coef`` (lambda_r) so each client adds lambda_r KL(p_local || p_global) to its loss. The prior is
+   ``kl_coef`` (lambda_r, FitConfig ``routing_reg_coef``) so each client adds lambda_r KL(p_local || p_global) to its loss. The prior is
    state: after each round it becomes the example-weighted mean usage of the holders of each expert
    (unheld experts keep their previous mass), renormalised.
 3. Expert semantic alignment. With Delta_i(e) = E_e(i) - E_e(t) (over all EXPERT tensors of the layer,
@@ -29,6 +29,7 @@ pass-2 sums, the output).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Sequence
 
 import numpy as np
@@ -39,6 +40,7 @@ from coordinator.strategy.base import (Strategy, StreamingAggregation, feed, ope
 from coordinator.strategy.types import ClientUpdate, Failure, Params, Results, TensorMeta, TensorRole
 from coordinator.strategy.validate import validate_update
 from device_runtime.errors import ConfigError, UpdateRejected
+from device_runtime.protocol import FitConfig
 
 ROUTER_WEIGHTINGS = ("usage", "kl")
 
@@ -66,11 +68,10 @@ class FedAlign(Strategy):
         self.prior: dict[int, np.ndarray] = {
             layer: np.full(count, 1.0 / count) for layer, count in enumerate(num_experts or ())}
 
-    def fit_config(self, server_round: int) -> dict:
-        config: dict = {"kl_coef": self.kl_coef}
-        if self.prior:
-            config["routing_prior"] = [self.prior[layer].tolist() for layer in sorted(self.prior)]
-        return config
+    def fit_config(self, server_round: int) -> FitConfig:
+        prior = tuple(tuple(float(p) for p in self.prior[layer]) for layer in sorted(self.prior)) or None
+        return dataclasses.replace(super().fit_config(server_round), routing_reg_coef=self.kl_coef,
+                                   routing_prior=prior)
 
     def aggregate_fit(self, server_round: int, results: Results, failures: Sequence[Failure],
                       global_params: Params) -> tuple[Params, dict]:

@@ -7,8 +7,11 @@ Each client minimises h_k(w; w_t) = F_k(w) + (mu / 2) ||w - w_t||^2; the server 
 
 from __future__ import annotations
 
+import dataclasses
+
 from coordinator.strategy.fedavg import FedAvg
 from device_runtime.errors import ConfigError
+from device_runtime.protocol import FitConfig
 
 
 class FedProx(FedAvg):
@@ -26,5 +29,5 @@ class FedProx(FedAvg):
             raise ConfigError(f"prox_mu must be >= 0, got {prox_mu}")
         self.prox_mu = float(prox_mu)
 
-    def fit_config(self, server_round: int) -> dict:
-        return {"prox_mu": self.prox_mu}
+    def fit_config(self, server_round: int) -> FitConfig:
+        return dataclasses.replace(super().fit_config(server_round), prox_mu=self.prox_mu)

@@ -27,6 +27,7 @@ from coordinator.strategy.aggregate import hfedmoe_alpha
 from coordinator.strategy.base import SinglePassStrategy
 from coordinator.strategy.types import ClientUpdate, TensorMeta, TensorRole
 from device_runtime.errors import ConfigError
+from device_runtime.stats import IMPORTANCE_BETA, IMPORTANCE_LAMBDA
 
 
 class HFedMoE(SinglePassStrategy):
@@ -34,20 +35,17 @@ class HFedMoE(SinglePassStrategy):
 
     name = "hfedmoe"
 
-    def __init__(self, tau: float = 0.01, lam: float = 0.5, beta: float = 0.1):
+    def __init__(self, tau: float = 0.01, lam: float = IMPORTANCE_LAMBDA, beta: float = IMPORTANCE_BETA):
         """Args:
             tau: usage threshold on u_c(e) (a mean router probability, in [0, 1]).
             lam: lambda of s_b = lambda s_cum + (1 - lambda) s_spec, in [0, 1].
-            beta: beta of I_b = s_b - beta KL (sent to clients for their importance scores), >= 0.
+            beta: beta of I_b = s_b - beta KL (the importance that ranks the experts a client keeps), >= 0.
         Raises:
             ConfigError: a parameter is out of range.
         """
         if not 0.0 <= tau <= 1.0 or not 0.0 <= lam <= 1.0 or not beta >= 0.0:
             raise ConfigError(f"need 0 <= tau <= 1, 0 <= lam <= 1, beta >= 0; got tau={tau}, lam={lam}, beta={beta}")
         self.tau, self.lam, self.beta = float(tau), float(lam), float(beta)
-
-    def fit_config(self, server_round: int) -> dict:
-        return {"importance_lambda": self.lam, "importance_beta": self.beta}
 
     def row_weights(self, update: ClientUpdate, name: str, meta: TensorMeta,
                     num_experts: tuple[int, ...]) -> np.ndarray | float:

@@ -12,6 +12,9 @@ layouts), e.g. for ``E`` experts, hidden ``H``, FFN ``I``, LoRA rank ``r``::
 
 A :class:`ClientUpdate` carries a client's *pruned* tensors: on the expert axis they hold only the
 client's kept experts, in local order; ``expert_ids[layer][i]`` is the global id of local expert ``i``.
+
+A round starts with :class:`FitIns` (Flower's ``FitIns``): what one client trains, chosen by the strategy's
+``configure_fit`` from a :class:`ClientInfo` per selected client and the :class:`FitContext` it was bound to.
 """
 
 from __future__ import annotations
@@ -21,6 +24,11 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping, Sequence, Union
 
 import numpy as np
+
+from device_runtime.bundle import ShapeKey
+from device_runtime.protocol import FitConfig
+from device_runtime.stats import RoutingStats
+from export.planner import ModelShape
 
 
 class TensorRole(enum.Enum):
@@ -125,3 +133,64 @@ Failure = tuple[str, str]
 Results = Union[Sequence[ClientUpdate], Callable[[], Iterable[ClientUpdate]]]
 """Client updates: a re-iterable sequence, or a zero-argument callable returning a fresh iterable (e.g.
 one that reads stored update files). A plain iterator is accepted only by single-pass strategies."""
+
+
+@dataclass(frozen=True)
+class ClientInfo:
+    """A client selected for a round, as ``configure_fit`` sees it (Flower's ``ClientProxy``).
+
+    Attributes:
+        client_id: the device's id.
+        profile: the device's profile (``memory_mib`` or ``memory_available_mib`` in MiB, ``gflops`` ...,
+            see ``device_runtime.profile``).
+        routing: the routing statistics of its last accepted update (global expert ids in
+            ``routing.expert_ids``), or None before its first one.
+    """
+
+    client_id: str
+    profile: Mapping
+    routing: RoutingStats | None = None
+
+
+@dataclass(frozen=True)
+class FitContext:
+    """What ``configure_fit`` needs from the federation besides the strategy's own hyper-parameters.
+
+    Attributes:
+        model: the global model's sizes (``export.planner.model_shape``), for the budget planner.
+        calibration: routing statistics of the calibration pass over the global experts (``fedmoe-coord init``).
+        fit: the local training settings every round starts from (the config's ``[fit]``).
+        trainable_mode, lora_rank: what devices train (``"experts"`` or ``"lora"`` with rank > 0).
+        seed: round ``r``'s FitConfig gets seed ``(seed + r) % 2**32``.
+    """
+
+    model: ModelShape
+    calibration: RoutingStats
+    fit: FitConfig = field(default_factory=FitConfig)
+    trainable_mode: str = "experts"
+    lora_rank: int = 0
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class FitIns:
+    """What one client trains in one round (Flower's ``FitIns``); the coordinator carries it to the device
+    as an ``Assignment`` (its bundle is the one of :attr:`shape_key`).
+
+    Attributes:
+        expert_ids: per MoE layer, the global ids of the experts the client holds, ascending.
+        config: the local training settings, with the strategy's own inputs (FedProx ``prox_mu``, FedAlign-MoE
+            ``routing_prior`` and its coefficient).
+        trainable_mode: ``"experts"`` or ``"lora"``. lora_rank: r (LoRA mode only).
+    """
+
+    expert_ids: tuple[tuple[int, ...], ...]
+    config: FitConfig
+    trainable_mode: str = "experts"
+    lora_rank: int = 0
+
+    @property
+    def shape_key(self) -> ShapeKey:
+        """The graph this client trains: experts per layer, trainable mode, and a FedProx anchor if mu > 0."""
+        return ShapeKey(tuple(len(ids) for ids in self.expert_ids), self.trainable_mode, self.lora_rank,
+                        self.config.prox_mu > 0)

@@ -1,0 +1,59 @@
+"""How a strategy picks a client's experts: the budget planner gives how many, importance scores give which.
+
+HFedMoE's budgeted importance maximisation (Fang et al., arXiv 2601.00583): the planner
+(``export.planner.plan``) gives the uniform number C of experts per layer the device's budget affords, then the
+top-C experts of each layer by I(e) = s_b(e) - beta KL_e are kept (``export.planner.select_experts``). I(e)
+comes from the calibration statistics (``fedmoe-coord init``) with the device's own last reported statistics
+laid over the experts it held (rescaled to the calibration's mass on those experts, since the device's router
+probabilities are a softmax over its kept experts only). The importance itself is
+``device_runtime.stats.LayerRouting.information_score``, the one implementation devices use too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+from coordinator.strategy.types import FitContext
+from device_runtime.errors import ConfigError
+from device_runtime.protocol import FitConfig
+from device_runtime.stats import RoutingStats
+from export.planner import Budget, TrainingShape, plan
+
+
+def budget_of(profile: Mapping) -> Budget:
+    """A device's Budget from its profile: ``memory_mib`` (else ``memory_available_mib``) and ``gflops``.
+
+    Raises:
+        ConfigError: no usable memory figure, or values out of range.
+    """
+    memory = profile.get("memory_mib", profile.get("memory_available_mib"))
+    try:
+        return Budget(memory_mib=float(memory), gflops=float(profile.get("gflops") or 10.0))
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"device profile has no usable memory_mib / gflops: {exc}") from exc
+
+
+def affordable_experts(context: FitContext, config: FitConfig, profile: Mapping) -> int:
+    """C: the largest uniform number of experts per MoE layer the device's budget affords (``export.planner``).
+
+    Raises:
+        ConfigError: the profile has no usable budget. BudgetError: one expert per layer does not fit.
+    """
+    train = TrainingShape(config.batch_size, config.seq_len, context.trainable_mode, context.lora_rank)
+    return plan(context.model, train, budget_of(profile)).experts_per_layer
+
+
+def expert_scores(calibration: RoutingStats, reported: RoutingStats | None, *, lam: float,
+                  beta: float) -> list[np.ndarray]:
+    """I(e) per MoE layer over the global experts, each ``(num_experts,)`` (see the module docstring)."""
+    scores = [layer.information_score(lam, beta) for layer in calibration.layers]
+    if reported is None or reported.expert_ids is None or reported.num_tokens == 0:
+        return scores
+    for layer, ids, local in zip(scores, reported.expert_ids, reported.layers):
+        ids = np.asarray(ids, dtype=np.int64)
+        device = local.information_score(lam, beta)
+        mass, own = np.abs(layer[ids]).sum(), np.abs(device).sum()
+        layer[ids] = device * (mass / own) if own > 0 else layer[ids]
+    return scores
