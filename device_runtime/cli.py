@@ -14,12 +14,19 @@ from pathlib import Path
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from device_runtime.data import DEFAULT_TEMPLATE
 from device_runtime.errors import FedmoeError
 
 MIB = 1 << 20
+
+
+_BACKEND = click.option("--backend", envvar="FEDMOE_DEVICE_BACKEND", show_envvar=True,
+                        type=click.Choice(["ort-training", "zo"]),
+                        help="Training backend: ort-training (first-order, needs onnxruntime-training) or zo "
+                             "(zeroth-order, any onnxruntime) [default: the first one installed].")
 
 
 @click.group()
@@ -31,11 +38,16 @@ def main():
 @click.option("--json", "as_json", is_flag=True, help="Print the profile as JSON instead of a table.")
 @click.option("--benchmark-seconds", default=0.3, show_default=True, type=click.FloatRange(min=0.01),
               help="Duration of the float32 matmul benchmark, seconds.")
-def profile(as_json: bool, benchmark_seconds: float):
+@_BACKEND
+def profile(as_json: bool, benchmark_seconds: float, backend: str | None):
     """Measure this device: memory (MiB), cores, platform, training backends, float32 GFLOP/s."""
+    from device_runtime.backends import BACKENDS
     from device_runtime.profile import collect_profile
 
-    measured = collect_profile(benchmark_seconds=benchmark_seconds)
+    try:
+        measured = collect_profile(benchmark_seconds=benchmark_seconds, backend=backend)
+    except FedmoeError as exc:
+        raise click.ClickException(f"{type(exc).__name__}: {exc}") from exc
     if as_json:
         click.echo(json.dumps(measured.to_dict(), indent=2))
         return
@@ -44,7 +56,12 @@ def profile(as_json: bool, benchmark_seconds: float):
     table.add_column("value", justify="right")
     for key, value in measured.to_dict().items():
         table.add_row(key, ", ".join(value) if isinstance(value, list) else str(value))
-    Console().print(table)
+    backends = Table(title="training backends")
+    for column in ("backend", "order", "available", "install"):
+        backends.add_column(column)
+    for name, entry in BACKENDS.items():
+        backends.add_row(name, entry.order, "yes" if name in measured.backends else "no", escape(entry.install))
+    Console().print(table, backends)
 
 
 @main.command("train-local")
@@ -67,14 +84,16 @@ def profile(as_json: bool, benchmark_seconds: float):
               help="Write the trained weights.safetensors and fit.json here.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary instead of tables.")
+@_BACKEND
 def train_local(bundle: Path, data_file: Path, steps, batch_size, seq_len, lr, aux_loss_coef, threads,
-                eval_fraction, seed, template, out_dir, no_progress, as_json):
+                eval_fraction, seed, template, out_dir, no_progress, as_json, backend):
     """Train BUNDLE (a bundle directory) on local data, offline, and report loss, step time, peak RSS
     and per-expert routing importance (HFedMoE, arXiv 2601.00583)."""
     try:
         summary = _train_local(bundle, data_file, steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr,
                                aux_loss_coef=aux_loss_coef, threads=threads, eval_fraction=eval_fraction,
-                               seed=seed, template=template, out_dir=out_dir, progress=not no_progress)
+                               seed=seed, template=template, out_dir=out_dir, progress=not no_progress,
+                               backend=backend)
     except FedmoeError as exc:
         raise click.ClickException(f"{type(exc).__name__}: {exc}") from exc
     if as_json:
@@ -84,11 +103,11 @@ def train_local(bundle: Path, data_file: Path, steps, batch_size, seq_len, lr, a
 
 
 def _train_local(bundle_dir: Path, data_file: Path, *, steps, batch_size, seq_len, lr, aux_loss_coef, threads,
-                 eval_fraction, seed, template, out_dir, progress) -> dict:
+                 eval_fraction, seed, template, out_dir, progress, backend=None) -> dict:
     """Verify the bundle, train, evaluate before/after, optionally write weights; return a JSON-able summary."""
     from device_runtime.bundle import TOKENIZER_FILE, WEIGHTS_FILE, load_bundle
+    from device_runtime.backends import create_trainer
     from device_runtime.data import LocalDataset
-    from device_runtime.ort_trainer import OrtTrainer
 
     bundle = load_bundle(bundle_dir)  # verifies every sha256 before anything runs
     defaults = bundle.manifest.training
@@ -96,13 +115,14 @@ def _train_local(bundle_dir: Path, data_file: Path, *, steps, batch_size, seq_le
     dataset = LocalDataset.from_jsonl(data_file, bundle.path(TOKENIZER_FILE), seq_len=seq_len, template=template,
                                       eval_fraction=eval_fraction, seed=seed)
     steps = steps or defaults.local_steps or math.ceil(len(dataset.train) / batch_size)
-    trainer = OrtTrainer(bundle, threads=threads, progress=progress)
+    trainer = create_trainer(bundle, backend=backend, threads=threads, progress=progress, seed=seed)
     before = trainer.evaluate(dataset.eval_batches(batch_size)) if dataset.eval else None
     fit = trainer.fit(dataset.train_batches(batch_size), steps=steps, learning_rate=lr or defaults.learning_rate,
                       aux_loss_coef=defaults.aux_loss_coef if aux_loss_coef is None else aux_loss_coef)
     after = trainer.evaluate(dataset.eval_batches(batch_size)) if dataset.eval else None
     summary = {
-        "bundle": str(bundle_dir), "shape_key": bundle.manifest.shape_key.id, "steps": steps,
+        "bundle": str(bundle_dir), "shape_key": bundle.manifest.shape_key.id, "backend": trainer.backend,
+        "steps": steps,
         "batch_size": batch_size, "seq_len": seq_len, "num_examples": fit.num_examples,
         "num_tokens": fit.num_tokens, "losses": list(fit.losses), "step_time_s": fit.step_time_s,
         "peak_rss_mib": fit.peak_rss_bytes / MIB,
@@ -193,7 +213,8 @@ _MEMORY = click.option("--memory-mib", type=click.IntRange(min=1),
 @_CAFILE
 @_CREDENTIALS
 @_MEMORY
-def enroll_command(url, token, name, cafile, credentials_path, memory_mib):
+@_BACKEND
+def enroll_command(url, token, name, cafile, credentials_path, memory_mib, backend):
     """Enrol this device at the coordinator URL (ws://host:port or wss://host:port), once.
 
     Generates an Ed25519 key pair (the private key never leaves the device), redeems the token and writes
@@ -207,7 +228,7 @@ def enroll_command(url, token, name, cafile, credentials_path, memory_mib):
     path = credentials_path or _home_path("credentials.json")
     try:
         creds = asyncio.run(enroll(url, token, name, credentials_path=path, cafile=cafile,
-                                   profile=device_profile(memory_mib)))
+                                   profile=device_profile(memory_mib, backend=backend)))
     except (FedmoeError, OSError) as exc:
         raise click.ClickException(f"{type(exc).__name__}: {exc}") from exc
     click.echo(f"enrolled as {creds.device_id}; credentials written to {path}")
@@ -235,8 +256,9 @@ main.add_command(click.Command("enrol", callback=enroll_command.callback, params
 @click.option("--template", default=DEFAULT_TEMPLATE, show_default=True,
               help="Prompt template of classification records ({text} is replaced).")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+@_BACKEND
 def run_command(url, data_file, cache_dir, threads, cafile, credentials_path, memory_mib, max_message_mib,
-                cache_mib, template, verbose):
+                cache_mib, template, verbose, backend):
     """Serve the coordinator at URL: authenticate, train each assignment on local data, upload updates.
 
     Reconnects with exponential backoff after a lost connection and re-sends any update not yet
@@ -253,7 +275,7 @@ def run_command(url, data_file, cache_dir, threads, cafile, credentials_path, me
         creds = load_credentials(credentials_path or _home_path("credentials.json"))
         client = DeviceClient(url, creds, data_file, cache_dir=cache_dir or _home_path("state"), cafile=cafile,
                               max_message_mib=max_message_mib, threads=threads, memory_mib=memory_mib,
-                              cache_mib=cache_mib, template=template)
+                              cache_mib=cache_mib, template=template, backend=backend)
         run_until_signal(client)
     except FedmoeError as exc:
         raise click.ClickException(f"{type(exc).__name__}: {exc}") from exc

@@ -37,6 +37,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from device_runtime.auth import Credentials, generate_keypair, save_credentials, sign_challenge
+from device_runtime.backends import select_backend
 from device_runtime.bundle_cache import BundleCache
 from device_runtime.data import DEFAULT_TEMPLATE
 from device_runtime.errors import (AuthError, BundleError, BundleIntegrityError, ConfigError, DataError,
@@ -103,12 +104,16 @@ def _expect(msg: Message, kind: type) -> Message:
         raise
 
 
-def device_profile(memory_mib: int | None = None, *, benchmark_seconds: float = 0.3) -> dict:
+def device_profile(memory_mib: int | None = None, *, benchmark_seconds: float = 0.3, backend: str | None = None) -> dict:
     """This device's profile for Enrol / Hello; ``memory_mib`` (the budget the coordinator plans with)
-    defaults to the memory available now (MiB)."""
+    defaults to the memory available now (MiB); ``backend`` overrides the training backend's choice.
+
+    Raises:
+        ConfigError: ``backend`` is unknown or not installed here.
+    """
     from device_runtime.profile import collect_profile
 
-    profile = collect_profile(benchmark_seconds=benchmark_seconds).to_dict()
+    profile = collect_profile(benchmark_seconds=benchmark_seconds, backend=backend).to_dict()
     profile["memory_mib"] = int(memory_mib if memory_mib is not None else profile["memory_available_mib"])
     return profile
 
@@ -174,14 +179,16 @@ class DeviceClient:
         heartbeat_s: seconds between Heartbeat messages. backoff: reconnect delays.
         cache_bundles, cache_mib: bundle cache bounds (count, MiB).
         template: prompt template of classification records.
+        backend: training backend (``device_runtime.backends``; None: the first installed).
     """
 
     def __init__(self, url: str, credentials: Credentials, data_file: str | Path, *, cache_dir: str | Path,
                  cafile: str | Path | None = None, max_message_mib: float = 256.0, threads: int | None = None,
                  memory_mib: int | None = None, profile: dict | None = None, heartbeat_s: float = 20.0,
                  backoff: Backoff = Backoff(), cache_bundles: int = 4, cache_mib: float = 4096.0,
-                 template: str = DEFAULT_TEMPLATE):
+                 template: str = DEFAULT_TEMPLATE, backend: str | None = None):
         ssl_context(url, cafile)  # fail fast on a bad URL / CA file
+        self.backend = select_backend(backend).name  # fail fast on a backend not installed here
         self.url, self.credentials, self.data_file, self.cafile = url, credentials, Path(data_file), cafile
         self.max_size, self.threads, self.memory_mib = int(max_message_mib * MIB), threads, memory_mib
         self.profile, self.heartbeat_s, self.backoff, self.template = profile, heartbeat_s, backoff, template
@@ -213,7 +220,7 @@ class DeviceClient:
             ConfigError: bad URL / CA file, or the coordinator speaks another protocol version.
         """
         if self.profile is None:
-            self.profile = await asyncio.to_thread(device_profile, self.memory_mib)
+            self.profile = await asyncio.to_thread(device_profile, self.memory_mib, backend=self.backend)
         worker = asyncio.create_task(self._work())
         attempt = 0
         try:
@@ -374,7 +381,7 @@ class DeviceClient:
         try:
             update = await asyncio.to_thread(_fit_in_slot, bundle, assignment, self.data_file,
                                              threads=self.threads, stop=self._stop_training,
-                                             template=self.template, extra_metrics=extra)
+                                             template=self.template, extra_metrics=extra, backend=self.backend)
         except (FedmoeError, OSError) as exc:
             self.session.forget(uid)
             if self._stop_training.is_set() and isinstance(exc, DataError):

@@ -1,9 +1,10 @@
 """One round of local training: an ``Assignment`` + its cached bundle + local data -> an ``Update``.
 
 Contract round step 5 (``notes/contract.md``): check the assignment's tensors against the bundle manifest
-(names, shapes), load them into a fresh :class:`~device_runtime.ort_trainer.OrtTrainer` (fresh AdamW
-moments each round), train ``local_steps`` (0: one epoch) and report the trainable tensors, the HFedMoE
-routing statistics (Fang et al., arXiv 2601.00583) and the trained experts, both in global expert ids.
+(names, shapes), load them into a fresh trainer of the device's backend (``device_runtime.backends``: fresh
+AdamW moments each round for first-order, fresh step seeds for zeroth-order), train ``local_steps`` (0: one
+epoch) and report the trainable tensors, the HFedMoE routing statistics (Fang et al., arXiv 2601.00583) and
+the trained experts, both in global expert ids.
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ def until_stopped(batches: Iterator[Batch], stop: threading.Event | None) -> Ite
 
 def fit_assignment(bundle: Bundle, assignment: Assignment, data_file: str | Path, *, threads: int | None = None,
                    stop: threading.Event | None = None, template: str = DEFAULT_TEMPLATE,
-                   extra_metrics: dict | None = None) -> Update:
+                   extra_metrics: dict | None = None, backend: str | None = None) -> Update:
     """Train ``assignment`` on ``data_file`` and build its ``Update``.
 
     Consumes the assignment's weights: ``assignment.tensors`` is emptied once they are loaded into the
@@ -90,13 +91,14 @@ def fit_assignment(bundle: Bundle, assignment: Assignment, data_file: str | Path
         data_file: local JSONL data (see ``device_runtime.data``); all of it is training data.
         threads: ORT intra-op threads. stop: set it to abandon after the current step.
         template: prompt template of classification records. extra_metrics: added to the metrics.
+        backend: training backend name (None: ``backends.select_backend``'s choice).
 
     Raises:
         ProtocolError("bad_tensor"): the assignment does not fit the bundle.
         DataError: no usable local data, or ``stop`` was set (then the caller sees ``stop.is_set()``).
-        BundleError / ConfigError: from the trainer.
+        BundleError / ConfigError: from the trainer (ConfigError also: the backend is not installed).
     """
-    from device_runtime.ort_trainer import OrtTrainer
+    from device_runtime.backends import ZEROTH_ORDER, create_trainer
 
     tensors = assignment_tensors(bundle.manifest, assignment)
     cfg = assignment.config
@@ -106,7 +108,7 @@ def fit_assignment(bundle: Bundle, assignment: Assignment, data_file: str | Path
     if not dataset.train:
         raise DataError(f"{data_file} holds no training record")
     steps = cfg.local_steps or math.ceil(len(dataset.train) / cfg.batch_size)
-    trainer = OrtTrainer(bundle, threads=threads, progress=False)
+    trainer = create_trainer(bundle, backend=backend, threads=threads, seed=(cfg.seed, assignment.round_id))
     trainer.set_parameters(tensors)
     del tensors
     assignment.tensors.clear()  # now copied into ORT: free the wire copy (100s of MiB) before training
@@ -118,7 +120,7 @@ def fit_assignment(bundle: Bundle, assignment: Assignment, data_file: str | Path
     trainable = set(bundle.manifest.trainable_names)
     params = {n: a for n, a in trainer.get_parameters().items() if n in trainable}
     metrics = {**_metrics(result, seconds), "model_version": float(assignment.model_version),
-               **(extra_metrics or {})}
+               "zeroth_order": float(trainer.order == ZEROTH_ORDER), **(extra_metrics or {})}
     return build_update(assignment, result, params, metrics)
 
 

@@ -8,7 +8,8 @@ object (pointing at the real directory, so ``.api`` is found) and hides ``ortmod
 ``onnxruntime`` initialises. The result works with and without torch installed and never loads torch.
 
 Exposes ``CheckpointState``, ``Module`` and ``Optimizer`` lazily: ``from device_runtime.ort_api import
-Module`` loads ORT on first use; importing this module alone costs nothing.
+Module`` loads ORT on first use; importing this module alone costs nothing. :func:`import_onnxruntime`
+imports either build (plain ``onnxruntime`` or ``onnxruntime-training-cpu``) for inference the same way.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from pathlib import Path
 
 from device_runtime.errors import ConfigError
 
-__all__ = ["CheckpointState", "Module", "Optimizer", "load_api", "is_available"]
+__all__ = ["CheckpointState", "Module", "Optimizer", "import_onnxruntime", "inference_available", "is_available",
+           "load_api"]
 
 _TRAINING = "onnxruntime.training"
 _ORTMODULE = "onnxruntime.training.ortmodule"
@@ -59,6 +61,32 @@ def _import_onnxruntime_without_ortmodule():
     finally:
         if hidden:
             sys.modules.pop(_ORTMODULE, None)
+
+
+def import_onnxruntime() -> types.ModuleType:
+    """Return ``onnxruntime`` (plain or training build) without ever importing torch.
+
+    Raises:
+        ConfigError: no onnxruntime is installed, or its native module fails to load.
+    """
+    spec = importlib.util.find_spec("onnxruntime")
+    if spec is None or spec.origin is None:
+        raise ConfigError("onnxruntime is not installed; `pip install 'fedmoe[device-lite]'` (any platform) or "
+                          "'fedmoe[device]' (x86-64, with ORT training)")
+    if _TRAINING not in sys.modules and (Path(spec.origin).parent / "training" / "api").is_dir():
+        _register_bare_training_package()
+    try:
+        return _import_onnxruntime_without_ortmodule()
+    except ImportError as exc:
+        raise ConfigError(f"cannot import onnxruntime: {exc}; reinstall it") from exc
+
+
+def inference_available() -> bool:
+    """Whether some onnxruntime build with an ``InferenceSession`` imports here (never raises)."""
+    try:
+        return hasattr(import_onnxruntime(), "InferenceSession")
+    except ConfigError:
+        return False
 
 
 def load_api() -> types.ModuleType:

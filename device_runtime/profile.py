@@ -24,8 +24,10 @@ class DeviceProfile:
     Attributes:
         memory_total_mib: physical memory, MiB. memory_available_mib: memory available now, MiB.
         cores: logical CPU cores usable by this process. arch: machine (``x86_64``, ``aarch64``).
-        os: ``Linux``, ``Darwin``, ``Windows``, ... backends: training backends importable here
-            (``"ort-training"``). gflops: measured float32 matmul throughput, GFLOP/s.
+        os: ``Linux``, ``Darwin``, ``Windows``, ... backends: training backends that run here, in
+            preference order (``"ort-training"``, ``"zo"``; ``device_runtime.backends``).
+        gflops: measured float32 matmul throughput, GFLOP/s.
+        backend: the backend this device trains with ("" if none; profiles of older devices lack it).
     """
 
     memory_total_mib: int
@@ -35,6 +37,7 @@ class DeviceProfile:
     os: str
     backends: tuple[str, ...]
     gflops: float
+    backend: str = ""
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -57,6 +60,7 @@ class DeviceProfile:
                 os=str(data["os"])[:64],
                 backends=tuple(str(b)[:64] for b in data["backends"]),
                 gflops=float(data["gflops"]),
+                backend=str(data.get("backend", ""))[:64],
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ConfigError(f"malformed device profile: {exc!r}") from exc
@@ -89,13 +93,6 @@ def usable_cores() -> int:
     return os.cpu_count() or 1
 
 
-def available_backends() -> tuple[str, ...]:
-    """Training backends importable in this process (imports ORT; does not import torch)."""
-    from device_runtime.ort_api import is_available
-
-    return ("ort-training",) if is_available() else ()
-
-
 def measure_gflops(size: int = 256, seconds: float = 0.3) -> float:
     """Float32 matmul throughput in GFLOP/s: repeat a ``(size, size) @ (size, size)`` product for ~``seconds``.
 
@@ -115,15 +112,24 @@ def measure_gflops(size: int = 256, seconds: float = 0.3) -> float:
     return 2.0 * size**3 * runs / elapsed / 1e9
 
 
-def collect_profile(*, benchmark_seconds: float = 0.3) -> DeviceProfile:
-    """Measure this machine."""
-    total, available = memory_mib()
+def collect_profile(*, benchmark_seconds: float = 0.3, backend: str | None = None) -> DeviceProfile:
+    """Measure this machine; ``backend`` overrides the automatic choice (``backends.select_backend``).
+
+    Raises:
+        ConfigError: ``backend`` is unknown or not installed here.
+    """
+    from device_runtime.backends import available_backends, select_backend
+
+    available = available_backends()
+    chosen = select_backend(backend).name if (backend or available) else ""
+    total, free = memory_mib()
     return DeviceProfile(
         memory_total_mib=total,
-        memory_available_mib=available,
+        memory_available_mib=free,
         cores=usable_cores(),
         arch=platform.machine(),
         os=platform.system(),
-        backends=available_backends(),
+        backends=available,
         gflops=round(measure_gflops(seconds=benchmark_seconds), 2),
+        backend=chosen,
     )

@@ -1,21 +1,28 @@
 """The local-training interface of a device: fit, evaluate, get/set parameters (Flower-style names).
 
-:class:`device_runtime.ort_trainer.OrtTrainer` implements it with ONNX Runtime training; other backends
-(e.g. forward-only zeroth-order training for inference-only devices, DESIGN.md section 2 "Later") would
-implement the same interface.
+:class:`Trainer` is the interface; :class:`BundleTrainer` implements ``fit`` / ``evaluate`` over a bundle's
+graph for a backend that supplies one optimizer step and one forward. The backends
+(``device_runtime.backends``): :class:`~device_runtime.ort_trainer.OrtTrainer` (first-order, ONNX Runtime
+training) and :class:`~device_runtime.zo_trainer.ZoTrainer` (zeroth-order, plain onnxruntime inference).
 """
 
 from __future__ import annotations
 
+import itertools
+import math
 import resource
 import sys
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Iterable
+from typing import ClassVar, Iterable
 
 import numpy as np
 
+from device_runtime.bundle import Manifest
 from device_runtime.data import Batch
+from device_runtime.errors import ConfigError, DataError
+from device_runtime.graph_io import CE_LOSS, LOSS, NUM_TOKENS, batch_feeds, constant_inputs, stats_names, target_tokens
 from device_runtime.memory import status_kib
 from device_runtime.stats import RoutingStats
 
@@ -73,7 +80,15 @@ def peak_rss_bytes() -> int:
 
 
 class Trainer(ABC):
-    """Trains a device's pruned expert subset on local batches."""
+    """Trains a device's pruned expert subset on local batches.
+
+    Attributes:
+        backend: the registry name (``"ort-training"``, ``"zo"``). order: ``"first-order"`` or
+            ``"zeroth-order"``.
+    """
+
+    backend: ClassVar[str]
+    order: ClassVar[str]
 
     @abstractmethod
     def fit(self, batches: Iterable[Batch], *, steps: int, learning_rate: float, aux_loss_coef: float = 0.01,
@@ -85,7 +100,7 @@ class Trainer(ABC):
             batches: an iterable of :class:`Batch` (e.g. ``LocalDataset.train_batches``); must yield at
                 least ``steps`` batches.
             steps: optimizer steps (>= 1).
-            learning_rate: AdamW learning rate.
+            learning_rate: the backend's step size (AdamW for first-order, SGD for zeroth-order).
             aux_loss_coef: load-balancing loss coefficient.
             routing_prior: FedAlign-MoE global routing distribution per MoE layer, each ``(E_l,)``
                 (uniform when None).
@@ -112,3 +127,103 @@ class Trainer(ABC):
         Raises:
             BundleError: an unknown name, or a shape / dtype that differs from the manifest.
         """
+
+
+class BundleTrainer(Trainer):
+    """``fit`` and ``evaluate`` over a bundle's graph; a backend supplies :meth:`_step` and :meth:`_forward`.
+
+    Feeds and outputs are dicts by graph name (``device_runtime.graph_io``); weights are the backend's
+    business (held in ORT state, or fed as graph inputs).
+    """
+
+    manifest: Manifest
+    progress: bool = False
+
+    @abstractmethod
+    def _step(self, feeds: dict[str, np.ndarray], *, learning_rate: float, step: int) -> dict[str, np.ndarray]:
+        """One optimizer step on one batch; the outputs (``loss``, ``num_tokens``, ``routing_stats_{l}``) of
+        the forward at the parameters before the step."""
+
+    @abstractmethod
+    def _forward(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The eval graph's outputs by name at the current parameters (no update)."""
+
+    def _begin_fit(self, *, learning_rate: float, steps: int) -> None:
+        """Called before the first step of ``fit``."""
+
+    def fit(self, batches: Iterable[Batch], *, steps: int, learning_rate: float, aux_loss_coef: float = 0.01,
+            routing_prior: list[np.ndarray] | None = None, routing_kl_coef: float = 0.0,
+            prox_mu: float = 0.0) -> FitResult:
+        """See :meth:`Trainer.fit`. Shapes: ``routing_prior[l]`` is ``(E_l,)``.
+
+        Raises:
+            ConfigError: ``steps < 1``, a non-positive or non-finite learning rate, a bad prior or
+                ``prox_mu > 0`` without a FedProx graph.
+            DataError: ``batches`` ran out before ``steps`` batches.
+        """
+        if steps < 1 or not (math.isfinite(learning_rate) and learning_rate > 0):
+            raise ConfigError(f"need steps >= 1 and a finite learning rate > 0, got {steps}, {learning_rate}")
+        constants = constant_inputs(self.manifest, aux_loss_coef=aux_loss_coef, routing_prior=routing_prior,
+                                    routing_kl_coef=routing_kl_coef, prox_mu=prox_mu, anchors=self.get_parameters)
+        self._begin_fit(learning_rate=learning_rate, steps=steps)
+        routing = RoutingStats(self.manifest.shape_key.experts_per_layer, self.manifest.expert_ids)
+        losses, examples, tokens, elapsed = [], 0, 0, 0.0
+        with ProgressBar(self.progress, steps) as advance:
+            for step, batch in enumerate(itertools.islice(batches, steps)):
+                start = time.perf_counter()
+                outputs = self._step(batch_feeds(self.manifest, batch, constants), learning_rate=learning_rate,
+                                     step=step)
+                elapsed += time.perf_counter() - start
+                losses.append(float(outputs[LOSS]))
+                routing.update([outputs[n] for n in stats_names(self.manifest)], int(outputs[NUM_TOKENS]))
+                examples, tokens = examples + batch.num_examples, tokens + batch.num_tokens
+                advance(losses[-1])
+        if len(losses) < steps:
+            raise DataError(f"local data gave only {len(losses)} batches for {steps} steps")
+        return FitResult(
+            num_examples=examples, num_tokens=tokens, losses=tuple(losses), step_time_s=elapsed / steps,
+            peak_rss_bytes=peak_rss_bytes(), routing=routing,
+            trained_experts=tuple(tuple(t) for t in routing.trained_experts()),
+        )
+
+    def evaluate(self, batches: Iterable[Batch]) -> EvaluateResult:
+        """Mean cross-entropy (``ce_loss``, else ``loss``) weighted by each batch's target tokens.
+
+        Raises:
+            DataError: ``batches`` is empty or holds no target token.
+        """
+        constants = constant_inputs(self.manifest, aux_loss_coef=0.0, routing_prior=None, routing_kl_coef=0.0,
+                                    prox_mu=0.0, anchors=self.get_parameters)
+        key = CE_LOSS if CE_LOSS in self.manifest.outputs else LOSS
+        total, targets, examples, tokens = 0.0, 0, 0, 0
+        for batch in batches:
+            count = target_tokens(batch)
+            if count:
+                total += float(self._forward(batch_feeds(self.manifest, batch, constants))[key]) * count
+            targets, examples, tokens = targets + count, examples + batch.num_examples, tokens + batch.num_tokens
+        if targets == 0:
+            raise DataError("no evaluation batch holds a target (completion) token")
+        return EvaluateResult(loss=total / targets, num_examples=examples, num_tokens=tokens)
+
+
+class ProgressBar:
+    """A rich progress bar over ``steps`` showing the last loss; a no-op when disabled."""
+
+    def __init__(self, enabled: bool, steps: int):
+        self.enabled, self.steps = enabled, steps
+
+    def __enter__(self):
+        if not self.enabled:
+            return lambda loss: None
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self._progress = Progress(TextColumn("local training"), BarColumn(), MofNCompleteColumn(),
+                                  TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn(), transient=True)
+        self._progress.__enter__()
+        task = self._progress.add_task("fit", total=self.steps, loss="-")
+        return lambda loss: self._progress.update(task, advance=1, loss=f"{loss:.4f}")
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self._progress.__exit__(*exc)
+        return False

@@ -71,6 +71,25 @@ def tiny_checkpoint(root: Path, model: TinyMixtral) -> Path:
     return root
 
 
+def tiny_bundle(root: Path, *, keep=((0, 2), (1, 3)), copies: int = 2):
+    """``(Bundle, data_file)``: a verified ``TRAINER_MIXTRAL`` bundle at ``root / "bundle"`` (experts ``keep``
+    per layer, batch 2 x ``SEQ_LEN``) and ``RECORDS`` repeated ``copies`` times as JSONL (``root / "data.jsonl"``)."""
+    import json
+
+    import pytest
+
+    from device_runtime.bundle import TrainingDefaults, load_bundle
+    from export.bundle_writer import BundleRequest, write_bundle
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FEDMOE_CACHE", str(root / "cache"))
+        write_bundle(tiny_checkpoint(root / "checkpoint", TRAINER_MIXTRAL), root / "bundle",
+                     BundleRequest(keep=keep, training=TrainingDefaults(batch_size=2, seq_len=SEQ_LEN)))
+    data = root / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in RECORDS * copies))
+    return load_bundle(root / "bundle"), data
+
+
 def two_expert_memory(checkpoint) -> float:
     """A memory budget (MiB) under which the planner keeps exactly 2 of the 4 experts per layer."""
     from export.planner import TrainingShape, estimate, model_shape

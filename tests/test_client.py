@@ -19,7 +19,7 @@ from websockets.asyncio.server import serve
 from websockets.exceptions import ConnectionClosed
 
 from device_runtime.auth import Credentials, generate_keypair, load_credentials, verify_challenge
-from device_runtime.bundle import MANIFEST, WEIGHTS_FILE, load_bundle
+from device_runtime.bundle import MANIFEST, WEIGHTS_FILE
 from device_runtime.bundle_cache import BundleCache
 from device_runtime.client import Backoff, DeviceClient, enroll
 from device_runtime.errors import AuthError, BundleError, BundleIntegrityError
@@ -31,8 +31,8 @@ from device_runtime.update_store import UpdateStore
 
 pytest.importorskip("onnxruntime.training.api")
 pytest.importorskip("torch")
-from helpers import (RECORDS, SEQ_LEN, TRAINER_MIXTRAL, ServerThread, initialised_coordinator,  # noqa: E402
-                     tiny_checkpoint, two_expert_memory)
+from helpers import (SEQ_LEN, ServerThread, initialised_coordinator, tiny_bundle,  # noqa: E402
+                     two_expert_memory)
 
 MAX_MIB = 2.0
 COORD_MIB = 4.0  # the real coordinator of the end-to-end test
@@ -43,17 +43,7 @@ TIMEOUT_S = 30
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory):
     """A verified tiny bundle (2 MoE layers, experts (0, 2) and (1, 3) of 4) and a JSONL data file."""
-    from device_runtime.bundle import TrainingDefaults
-    from export.bundle_writer import BundleRequest, write_bundle
-
-    root = tmp_path_factory.mktemp("client")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("FEDMOE_CACHE", str(root / "cache"))
-        write_bundle(tiny_checkpoint(root / "checkpoint", TRAINER_MIXTRAL), root / "bundle",
-                     BundleRequest(keep=((0, 2), (1, 3)), training=TrainingDefaults(batch_size=2, seq_len=SEQ_LEN)))
-    data = root / "data.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in RECORDS * 2))
-    return load_bundle(root / "bundle"), data
+    return tiny_bundle(tmp_path_factory.mktemp("client"))
 
 
 def bundle_files(bundle) -> dict[str, bytes]:

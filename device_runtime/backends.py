@@ -1,0 +1,108 @@
+"""The device's training backends, and which one it trains with.
+
+============  =============  ==============================================  ===================================
+name          order          needs (pip extra)                               trainer
+============  =============  ==============================================  ===================================
+ort-training  first-order    onnxruntime-training-cpu: x86-64 Linux,         ``ort_trainer.OrtTrainer``: training
+                             Windows, macOS only (``fedmoe[device]``)        graph, backward, AdamW
+zo            zeroth-order   any onnxruntime, inference builds included      ``zo_trainer.ZoTrainer``: MeZO / SPSA,
+                             (aarch64, Android; ``fedmoe[device-lite]``)     two forwards of eval_model.onnx
+============  =============  ==============================================  ===================================
+
+Choice (:func:`select_backend`): the name asked for (``fedmoe-device --backend``, else
+``$FEDMOE_DEVICE_BACKEND``), else the first available in the table's order (first-order learns more per
+example when it can run). The device's profile lists what is available and which one it chose.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+from device_runtime.bundle import Bundle
+from device_runtime.errors import ConfigError
+from device_runtime.trainer import Trainer
+
+ENV_BACKEND = "FEDMOE_DEVICE_BACKEND"
+FIRST_ORDER, ZEROTH_ORDER = "first-order", "zeroth-order"
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A training backend: its name, order, what installs it, its trainer class and an availability probe."""
+
+    name: str
+    order: str
+    install: str
+    trainer: str  # "module:Class", imported only when used
+    probe: Callable[[], bool]
+
+    def is_available(self) -> bool:
+        return self.probe()
+
+    def trainer_class(self) -> type[Trainer]:
+        module, cls = self.trainer.split(":")
+        return getattr(importlib.import_module(module), cls)
+
+
+def _ort_training() -> bool:
+    from device_runtime.ort_api import is_available
+
+    return is_available()
+
+
+def _ort_inference() -> bool:
+    from device_runtime.ort_api import inference_available
+
+    return inference_available()
+
+
+BACKENDS: dict[str, Backend] = {b.name: b for b in (
+    Backend("ort-training", FIRST_ORDER, "pip install 'fedmoe[device]' (x86-64)",
+            "device_runtime.ort_trainer:OrtTrainer", _ort_training),
+    Backend("zo", ZEROTH_ORDER, "pip install 'fedmoe[device-lite]'", "device_runtime.zo_trainer:ZoTrainer",
+            _ort_inference),
+)}
+
+
+def available_backends() -> tuple[str, ...]:
+    """Names of the backends that can run in this process, in preference order (never imports torch)."""
+    return tuple(name for name, backend in BACKENDS.items() if backend.is_available())
+
+
+def select_backend(name: str | None = None) -> Backend:
+    """The backend to train with: ``name``, else ``$FEDMOE_DEVICE_BACKEND``, else the first available.
+
+    Raises:
+        ConfigError: an unknown name, a backend not installed here, or no backend at all.
+    """
+    name = name or os.environ.get(ENV_BACKEND) or None
+    if name is not None:
+        backend = BACKENDS.get(name)
+        if backend is None:
+            raise ConfigError(f"unknown training backend {name!r}; choose one of {sorted(BACKENDS)}")
+        if not backend.is_available():
+            raise ConfigError(f"training backend {name!r} is not installed here ({backend.install}); available: "
+                              f"{list(available_backends()) or 'none'}")
+        return backend
+    for backend in BACKENDS.values():
+        if backend.is_available():
+            return backend
+    raise ConfigError("no training backend is installed: pip install 'fedmoe[device-lite]' (any platform, "
+                      "zeroth-order) or 'fedmoe[device]' (x86-64, ORT training)")
+
+
+def create_trainer(bundle: Bundle, *, backend: str | None = None, threads: int | None = None,
+                   progress: bool = False, seed: int | tuple[int, ...] = 0) -> Trainer:
+    """A fresh trainer of the selected backend on ``bundle`` (``seed``: the zeroth-order step seeds).
+
+    Raises:
+        ConfigError: see :func:`select_backend`. BundleError: the backend cannot load the bundle.
+    """
+    chosen = select_backend(backend)
+    cls = chosen.trainer_class()
+    if chosen.order == ZEROTH_ORDER:
+        return cls(bundle, threads=threads, progress=progress, seed=seed)
+    return cls(bundle, threads=threads, progress=progress)

@@ -1,0 +1,116 @@
+"""What a bundle's graphs take and give, shared by every training backend.
+
+Feeds in ``manifest.inputs`` order and outputs by name (``export/training_graph.py`` documents both):
+the batch, the loss coefficients, the FedAlign-MoE routing priors ``(E_l,)`` and, for FedProx bundles,
+``prox_mu`` and one ``<param>.anchor`` per trainable tensor. Also the bundle's ``weights.safetensors``
+checked against the manifest, and the target-token count the loss averages over.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from device_runtime.bundle import WEIGHTS_FILE, Bundle, Manifest
+from device_runtime.data import IGNORE_INDEX, Batch
+from device_runtime.errors import BundleError, ConfigError
+
+LOSS, CE_LOSS, NUM_TOKENS = "loss", "ce_loss", "num_tokens"
+ROUTING_STATS, ROUTING_PRIOR = "routing_stats_{}", "routing_prior_{}"
+ANCHOR_SUFFIX = ".anchor"
+DTYPES = {"float32": np.float32, "float16": np.float16}
+
+
+def stats_names(manifest: Manifest) -> list[str]:
+    """``routing_stats_{l}`` for each MoE layer, in layer order."""
+    return [ROUTING_STATS.format(l) for l in range(len(manifest.moe_layers))]
+
+
+def constant_inputs(manifest: Manifest, *, aux_loss_coef: float, routing_prior: list[np.ndarray] | None,
+                    routing_kl_coef: float, prox_mu: float,
+                    anchors: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Every graph input except the batch (and the weights), by name.
+
+    Args:
+        anchors: returns the FedProx anchors (the parameters at the start of ``fit``); called only for
+            FedProx bundles.
+
+    Raises:
+        ConfigError: a bad prior, or ``prox_mu > 0`` for a bundle without FedProx inputs.
+    """
+    scalar = lambda v: np.array(float(v), dtype=np.float32)  # noqa: E731
+    feeds = {"aux_loss_coef": scalar(aux_loss_coef), "routing_kl_coef": scalar(routing_kl_coef)}
+    for l, prior in enumerate(check_priors(routing_prior, manifest.shape_key.experts_per_layer)):
+        feeds[ROUTING_PRIOR.format(l)] = prior
+    if manifest.shape_key.prox:
+        feeds["prox_mu"] = scalar(prox_mu)
+        feeds.update({n + ANCHOR_SUFFIX: v.astype(np.float32) for n, v in anchors().items()})
+    elif prox_mu:
+        raise ConfigError("prox_mu > 0 needs a FedProx bundle (shape key with prox); ask for one")
+    return feeds
+
+
+def batch_feeds(manifest: Manifest, batch: Batch, constants: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The manifest's inputs by name for one batch.
+
+    Raises:
+        BundleError: the graph wants an input this runtime cannot feed.
+    """
+    feeds = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "labels": batch.labels,
+             **constants}
+    missing = [name for name in manifest.inputs if name not in feeds]
+    if missing:
+        raise BundleError(f"the bundle's graph wants inputs {missing[:3]} that this runtime cannot feed; "
+                          "upgrade fedmoe on the device")
+    return {name: feeds[name] for name in manifest.inputs}
+
+
+def target_tokens(batch: Batch) -> int:
+    """Targets the causal-LM loss counts: positions t >= 1 with a label and a real token (labels shift by one)."""
+    valid = (batch.labels[:, 1:] != IGNORE_INDEX) & (batch.attention_mask[:, 1:] == 1)
+    return int(valid.sum())
+
+
+def check_priors(priors: list[np.ndarray] | None, counts: tuple[int, ...]) -> list[np.ndarray]:
+    """Validated ``(E_l,)`` float32 priors (uniform when None).
+
+    Raises:
+        ConfigError: wrong count or shape, negative or non-finite entries.
+    """
+    if priors is None:
+        return [np.full(c, 1.0 / c, dtype=np.float32) for c in counts]
+    priors = [np.asarray(p, dtype=np.float32) for p in priors]
+    if [p.shape for p in priors] != [(c,) for c in counts] or any(
+            not np.all(np.isfinite(p)) or np.any(p < 0) for p in priors):
+        raise ConfigError(f"routing_prior must be finite non-negative arrays of shapes {[(c,) for c in counts]}")
+    return priors
+
+
+def read_weights(bundle: Bundle) -> dict[str, np.ndarray]:
+    """``weights.safetensors`` as numpy arrays, checked against the manifest (names, shapes, dtypes).
+
+    Raises:
+        BundleError: a manifest tensor is missing, an extra tensor is present, or a shape / dtype differs.
+    """
+    from safetensors.numpy import load_file
+
+    try:
+        weights = load_file(str(bundle.path(WEIGHTS_FILE)))
+    except Exception as exc:  # safetensors raises its own SafetensorError
+        raise BundleError(f"cannot read {WEIGHTS_FILE}: {exc}") from exc
+    specs = {t.name: t for t in bundle.manifest.tensors}
+    if set(weights) != set(specs):
+        raise BundleError(f"{WEIGHTS_FILE} tensors differ from the manifest: missing "
+                          f"{sorted(set(specs) - set(weights))[:5]}, extra {sorted(set(weights) - set(specs))[:5]}")
+    for name, value in weights.items():
+        if value.shape != specs[name].shape or value.dtype != DTYPES[specs[name].dtype]:
+            raise BundleError(f"{WEIGHTS_FILE}: {name} is {value.dtype}{value.shape}, manifest says "
+                              f"{specs[name].dtype}{specs[name].shape}")
+    return weights
+
+
+def check_tensor(manifest_shape: tuple[int, ...], name: str, value: np.ndarray) -> None:
+    """Raise BundleError unless ``value`` has the manifest shape and only finite values."""
+    if value.shape != manifest_shape or not np.all(np.isfinite(value)):
+        raise BundleError(f"tensor {name}: shape {value.shape} (manifest {manifest_shape}) or non-finite values")
