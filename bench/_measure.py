@@ -21,7 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
-MIB = 1 << 20
+from device_runtime.units import MIB
+
 HERE = Path(__file__).resolve()
 
 

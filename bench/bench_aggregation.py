@@ -59,8 +59,8 @@ from coordinator.strategy import from_name
 from coordinator.tensor_store import TensorStore
 from device_runtime.memory import status_kib
 from device_runtime.stats import RoutingStats
+from device_runtime.units import MIB
 
-MIB = 1 << 20
 GB = 1e9
 HIDDEN, INTERMEDIATE = 576, 1536  # SmolLM2-135M
 TOKENS = 256  # tokens per client behind the routing statistics

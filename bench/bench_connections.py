@@ -57,7 +57,7 @@ from coordinator.config import CoordinatorConfig, save_config  # noqa: E402
 from coordinator.registry import Registry  # noqa: E402
 from coordinator.simulation.processes import Child, free_port, start_coordinator, wait_healthy  # noqa: E402
 from device_runtime.client import DeviceClient, enroll  # noqa: E402
-from device_runtime.protocol import Update  # noqa: E402
+from device_runtime.wire import Update  # noqa: E402
 
 PROFILE = {"memory_total_mib": 4096, "memory_available_mib": 2048, "memory_mib": 2048, "cores": 1,
            "arch": "x86_64", "os": "Linux", "backends": ["ort-training"], "gflops": 10.0}

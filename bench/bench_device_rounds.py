@@ -36,7 +36,7 @@ def _child(opts) -> None:
     from device_runtime.bundle import WEIGHTS_FILE, load_bundle
     from device_runtime.fit_round import fit_assignment
     from device_runtime.memory import limit_heap_growth, release_memory
-    from device_runtime.protocol import Assignment, FitConfig, decode, encode
+    from device_runtime.wire import Assignment, FitConfig, decode, encode
 
     if opts.memory_care:
         limit_heap_growth()

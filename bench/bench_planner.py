@@ -28,8 +28,7 @@ import _measure  # noqa: E402
 from device_runtime.bundle import load_bundle  # noqa: E402
 from device_runtime.profile import measure_gflops  # noqa: E402
 from export.planner import CALIBRATION, TrainingShape, estimate, model_shape  # noqa: E402
-
-MIB = 1 << 20
+from device_runtime.units import MIB  # noqa: E402
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ Example (``fedmoe-coord init`` writes one)::
     [strategy_params]
     tau = 0.01
 
-    [fit]                                   # device_runtime.protocol.FitConfig fields
+    [fit]                                   # device_runtime.wire.FitConfig fields
     batch_size = 8
     seq_len = 128
     learning_rate = 1e-4
@@ -48,9 +48,9 @@ import tomli_w
 
 from device_runtime.bundle import TRAINABLE_MODES
 from device_runtime.errors import ConfigError
-from device_runtime.protocol import FitConfig
+from device_runtime.units import MIB
+from device_runtime.wire import FitConfig
 
-MIB = 1 << 20
 _PATHS = ("checkpoint", "state_dir", "tls_cert", "tls_key", "eval_data")
 
 

@@ -1,5 +1,5 @@
 """The coordinator's websocket server (websockets 17, asyncio): enrolment, authentication, bundle
-transfer, updates and heartbeats over ``device_runtime.protocol`` frames.
+transfer, updates and heartbeats over ``device_runtime.wire`` frames.
 
 Per connection (see the protocol module docstring)::
 
@@ -34,9 +34,9 @@ from coordinator.config import CoordinatorConfig
 from coordinator.service import Coordinator, Session
 from device_runtime.auth import NonceBook, verify_challenge
 from device_runtime.errors import AuthError, BundleError, FedmoeError, ProtocolError
-from device_runtime.protocol import (PROTOCOL_VERSION, Assignment, Auth, AuthOk, BundleData, BundleRequest,
-                                     Challenge, Enrol, EnrolOk, Error, EvaluateRes, Heartbeat, Hello, Message,
-                                     Update, bundle_chunks, decode, encode)
+from device_runtime.wire import (PROTOCOL_VERSION, Assignment, Auth, AuthOk, BundleData, BundleRequest,
+                                 Challenge, Enrol, EnrolOk, Error, EvaluateRes, Heartbeat, Hello, Message,
+                                 Update, bundle_chunks, decode, encode)
 
 log = logging.getLogger("fedmoe.coord")
 MAX_BAD_BEFORE_AUTH = 3

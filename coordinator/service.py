@@ -28,8 +28,8 @@ from coordinator.rounds import (Action, Aggregate, Finished, RetryRound, RoundEn
 from coordinator.strategy import ClientInfo, FitContext, FitIns, Strategy, from_name
 from device_runtime.bundle import Manifest, TrainingDefaults
 from device_runtime.errors import FedmoeError, UpdateRejected
-from device_runtime.protocol import Ack, Assignment, Error, Message, Update
 from device_runtime.stats import RoutingStats
+from device_runtime.wire import Ack, Assignment, Error, Message, Update
 from export.planner import model_shape
 
 log = logging.getLogger("fedmoe.coord")

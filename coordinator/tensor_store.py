@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from device_runtime.files import atomic_write
 from device_runtime.errors import ModelError
-from device_runtime.protocol import bytes_to_tensors, tensors_to_bytes
+from device_runtime.files import atomic_write
+from device_runtime.wire import bytes_to_tensors, tensors_to_bytes
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 

@@ -19,8 +19,7 @@ from rich.table import Table
 
 from device_runtime.data import DEFAULT_TEMPLATE
 from device_runtime.errors import FedmoeError
-
-MIB = 1 << 20
+from device_runtime.units import MIB
 
 
 _BACKEND = click.option("--backend", envvar="FEDMOE_DEVICE_BACKEND", show_envvar=True,

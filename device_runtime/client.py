@@ -1,7 +1,7 @@
 """The device's connection to the coordinator (asyncio, websockets 17): enrolment, then a long-running
 loop that authenticates, serves assignments and reconnects.
 
-Per connection (protocol in ``device_runtime.protocol``)::
+Per connection (protocol in ``device_runtime.wire``)::
 
     Hello -> Challenge -> Auth -> AuthOk        (Ed25519 challenge-response, ``device_runtime.auth``)
     re-send every pending Update from disk      (same update_id: the coordinator counts it once)
@@ -44,14 +44,14 @@ from device_runtime.errors import (AuthError, BundleError, BundleIntegrityError,
                                    FedmoeError, ProtocolError)
 from device_runtime.fit_round import fit_assignment
 from device_runtime.memory import release_memory
-from device_runtime.protocol import (PROTOCOL_VERSION, Assignment, Auth, AuthOk, Challenge, Enrol, EnrolOk, Error,
-                                     Heartbeat, Hello, Message, Update, decode, encode, expect)
 from device_runtime.session import Acked, DeviceSession, InstallBundle, Report, Send, Train
 from device_runtime.slots import training_slot
+from device_runtime.units import MIB
 from device_runtime.update_store import UpdateStore
+from device_runtime.wire import (PROTOCOL_VERSION, Assignment, Auth, AuthOk, Challenge, Enrol, EnrolOk, Error,
+                                 Heartbeat, Hello, Message, Update, decode, encode, expect)
 
 log = logging.getLogger("fedmoe.device")
-MIB = 1 << 20
 HANDSHAKE_TIMEOUT_S = 30.0
 _JITTER = random.Random()
 

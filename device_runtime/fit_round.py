@@ -20,10 +20,9 @@ import numpy as np
 from device_runtime.bundle import TOKENIZER_FILE, Bundle, Manifest
 from device_runtime.data import DEFAULT_TEMPLATE, Batch, LocalDataset
 from device_runtime.errors import ConfigError, DataError, ProtocolError
-from device_runtime.protocol import Assignment, FitConfig, Update, to_float32
 from device_runtime.trainer import FitResult
-
-MIB = 1 << 20
+from device_runtime.units import MIB
+from device_runtime.wire import Assignment, FitConfig, Update, to_float32
 
 
 def assignment_tensors(manifest: Manifest, assignment: Assignment) -> dict[str, np.ndarray]:

@@ -13,8 +13,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from device_runtime.errors import ConfigError
-
-MIB = 1 << 20
+from device_runtime.units import MIB
 
 
 @dataclass(frozen=True)

@@ -20,9 +20,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from device_runtime.protocol import (Ack, Assignment, BundleAssembler, BundleData, BundleRequest, Error, Evaluate,
-                                     Heartbeat, Message)
 from device_runtime.errors import ProtocolError
+from device_runtime.wire import (Ack, Assignment, BundleAssembler, BundleData, BundleRequest, Error, Evaluate,
+                                 Heartbeat, Message)
 
 
 @dataclass(frozen=True)

@@ -10,15 +10,16 @@ Layout under ``root`` (mode 0700)::
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
 
 import safetensors.numpy
 
-from device_runtime.files import atomic_write
 from device_runtime.errors import ProtocolError
-from device_runtime.protocol import Update, _check_fields
+from device_runtime.files import atomic_write
+from device_runtime.wire import Update, validate
 
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$")
 ACKED_FILE = "acked.json"
@@ -79,9 +80,9 @@ class UpdateStore:
 
     def _load(self, update_id: str) -> Update:
         fields = json.loads((self.root / f"{update_id}.json").read_text())
-        values = _check_fields(Update, fields)  # same validation as a received Update
+        update = validate(Update, fields)  # same validation as a received Update
         tensors = safetensors.numpy.load_file(str(self.root / f"{update_id}.safetensors"))
-        return Update(**values, tensors=tensors)
+        return dataclasses.replace(update, tensors=tensors)
 
     def _read_acked(self) -> list[str]:
         try:

@@ -32,8 +32,8 @@ from pathlib import Path
 import numpy as np
 
 from device_runtime.errors import BudgetError, ConfigError, ModelError
+from device_runtime.units import MIB
 
-MIB = 1 << 20
 # Measured by bench/bench_planner.py (ORT 1.19.2, 2 threads, CPU arena off; bench/README.md has the tables): on 24
 # runs of 4-, 8- and 30-layer upcycled SmolLM2 bundles (1, 2, 4 experts/layer, experts and LoRA r=8, 16 to 1024
 # tokens per step) the estimate was 1.02-1.18x the measured peak RSS with these two memory constants. Efficiency:

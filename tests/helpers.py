@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from coordinator.strategy import ClientUpdate, FitContext, LayerRouting, TensorMeta, TensorRole
-from device_runtime.protocol import Assignment, Update
 from device_runtime.stats import RoutingStats
+from device_runtime.wire import Assignment, Update
 
 # ---------------------------------------------------------------- tiny Mixtral checkpoints
 
@@ -240,7 +240,7 @@ CALIBRATION_USAGE, CALIBRATION_SPECIFIC = (0.4, 0.1, 0.3, 0.2), (0.5, 0.9, 0.6, 
 
 def tiny_context(**fit):
     """A FitContext of a 1-MoE-layer, 4-expert model with the calibration above; ``fit``: FitConfig fields."""
-    from device_runtime.protocol import FitConfig
+    from device_runtime.wire import FitConfig
     from export.planner import ModelShape
 
     shape = ModelShape(hidden=16, intermediate=24, vocab=32, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=8,

@@ -96,7 +96,7 @@ def test_zo_fit_lowers_the_loss_with_forwards_only(tiny):
 
 def test_fit_assignment_with_the_zo_backend_reports_a_zeroth_order_update(tiny):
     from device_runtime.fit_round import fit_assignment
-    from device_runtime.protocol import Assignment, FitConfig
+    from device_runtime.wire import Assignment, FitConfig
     from device_runtime.zo_trainer import ZoTrainer
 
     bundle, _, data = tiny

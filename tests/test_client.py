@@ -23,11 +23,11 @@ from device_runtime.bundle import MANIFEST, WEIGHTS_FILE
 from device_runtime.bundle_cache import BundleCache
 from device_runtime.client import Backoff, DeviceClient, enroll
 from device_runtime.errors import AuthError, BundleError, BundleIntegrityError
-from device_runtime.protocol import (Ack, Assignment, Auth, AuthOk, BundleData, BundleRequest, Challenge, Enrol,
-                                     EnrolOk, Error, FitConfig, Heartbeat, Hello, Update, bundle_chunks, decode,
-                                     encode)
 from device_runtime.session import DeviceSession, Report, Send, Train
 from device_runtime.update_store import UpdateStore
+from device_runtime.wire import (Ack, Assignment, Auth, AuthOk, BundleData, BundleRequest, Challenge, Enrol,
+                                 EnrolOk, Error, FitConfig, Heartbeat, Hello, Update, bundle_chunks, decode,
+                                 encode)
 
 pytest.importorskip("onnxruntime.training.api")
 pytest.importorskip("torch")

@@ -14,7 +14,7 @@ from coordinator.cli import main, parse_duration
 from coordinator.config import load_config
 from coordinator.registry import Registry
 from device_runtime.errors import ConfigError
-from device_runtime.protocol import Assignment
+from device_runtime.wire import Assignment
 
 pytest.importorskip("torch")
 from helpers import COORD_MIXTRAL, InboxDevice, fake_update, tiny_checkpoint, two_expert_memory  # noqa: E402

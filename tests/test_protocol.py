@@ -7,7 +7,7 @@ import struct
 import numpy as np
 import pytest
 
-from device_runtime import protocol as p
+from device_runtime import wire as p
 from device_runtime.bundle import ShapeKey
 from device_runtime.errors import ProtocolError
 

@@ -17,9 +17,9 @@ from coordinator.config import load_config, save_config
 from coordinator.federation import tensor_store
 from coordinator.registry import Registry
 from device_runtime.auth import generate_keypair, sign_challenge
-from device_runtime.protocol import (PROTOCOL_VERSION, Ack, Assignment, Auth, AuthOk, BundleAssembler, BundleData,
-                                     BundleRequest, Challenge, Enrol, EnrolOk, Error, Heartbeat, Hello, decode,
-                                     encode)
+from device_runtime.wire import (PROTOCOL_VERSION, Ack, Assignment, Auth, AuthOk, BundleAssembler, BundleData,
+                                 BundleRequest, Challenge, Enrol, EnrolOk, Error, Heartbeat, Hello, decode,
+                                 encode)
 
 pytest.importorskip("torch")
 from helpers import RECORDS, ServerThread, fake_update, initialised_coordinator, two_expert_memory  # noqa: E402

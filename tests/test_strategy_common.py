@@ -7,8 +7,8 @@ from safetensors.numpy import load_file, save_file
 from coordinator.strategy import (STRATEGIES, ClientInfo, ClientUpdate, FedAvg, FitIns, HFedMoE, LayerRouting,
                                   StreamingAggregation, TensorMeta, TensorRole, from_name, validate_update)
 from device_runtime.errors import ConfigError, UpdateRejected
-from device_runtime.protocol import FitConfig
 from device_runtime.stats import RoutingStats
+from device_runtime.wire import FitConfig
 from helpers import OTHER, make_update, memory_for, tiny_context, tiny_global
 
 

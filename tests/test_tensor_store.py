@@ -8,7 +8,7 @@ import pytest
 
 from coordinator.tensor_store import TensorStore
 from device_runtime.errors import ModelError, ProtocolError
-from device_runtime.protocol import tensors_to_bytes
+from device_runtime.wire import tensors_to_bytes
 
 W = {"experts.0.w": np.arange(6, dtype=np.float32).reshape(2, 3), "gate": np.ones(4, dtype=np.float16)}
 

@@ -16,8 +16,7 @@ from coordinator.simulation.report import RoundRecord
 from coordinator.simulation.simulate import PRESETS, SimulationPlan, simulate, with_overrides
 from coordinator.strategy import STRATEGIES
 from device_runtime.errors import ConfigError
-
-MIB = 1 << 20
+from device_runtime.units import MIB
 
 
 def _strategies(strategy: str, compare: str | None) -> tuple[str, ...]:

@@ -25,8 +25,7 @@ from pathlib import Path
 
 from device_runtime.errors import FedmoeError
 from device_runtime.memory import status_kib
-
-MIB = 1 << 20
+from device_runtime.units import MIB
 
 
 def free_port() -> int:

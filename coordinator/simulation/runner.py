@@ -26,7 +26,7 @@ from coordinator.simulation.profiles import SimulatedDevice
 from coordinator.simulation.report import DeviceRound, RoundRecord
 from coordinator.tensor_store import TensorStore
 from device_runtime.errors import FedmoeError
-from device_runtime.protocol import FitConfig
+from device_runtime.wire import FitConfig
 
 
 @dataclass(frozen=True)

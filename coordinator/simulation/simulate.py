@@ -19,7 +19,7 @@ from coordinator.simulation.report import RoundRecord, plot_accuracy, write_metr
 from coordinator.simulation.runner import Federation, run_federation
 from device_runtime.data import load_records
 from device_runtime.errors import ConfigError
-from device_runtime.protocol import FitConfig
+from device_runtime.wire import FitConfig
 
 
 @dataclass(frozen=True)

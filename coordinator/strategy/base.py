@@ -27,8 +27,8 @@ from coordinator.strategy.types import (ClientInfo, ClientUpdate, Failure, FitCo
                                         TensorMeta, TensorRole)
 from coordinator.strategy.validate import validate_update
 from device_runtime.errors import ConfigError, FedmoeError, UpdateRejected
-from device_runtime.protocol import FitConfig
 from device_runtime.stats import IMPORTANCE_BETA, IMPORTANCE_LAMBDA
+from device_runtime.wire import FitConfig
 from export.planner import select_experts
 
 log = logging.getLogger("fedmoe.coord")

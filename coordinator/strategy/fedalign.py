@@ -40,7 +40,7 @@ from coordinator.strategy.base import (Strategy, StreamingAggregation, feed, ope
 from coordinator.strategy.types import ClientUpdate, Failure, Params, Results, TensorMeta, TensorRole
 from coordinator.strategy.validate import validate_update
 from device_runtime.errors import ConfigError, UpdateRejected
-from device_runtime.protocol import FitConfig
+from device_runtime.wire import FitConfig
 
 ROUTER_WEIGHTINGS = ("usage", "kl")
 

@@ -11,7 +11,7 @@ import dataclasses
 
 from coordinator.strategy.fedavg import FedAvg
 from device_runtime.errors import ConfigError
-from device_runtime.protocol import FitConfig
+from device_runtime.wire import FitConfig
 
 
 class FedProx(FedAvg):

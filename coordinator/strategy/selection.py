@@ -17,8 +17,8 @@ import numpy as np
 
 from coordinator.strategy.types import FitContext
 from device_runtime.errors import ConfigError
-from device_runtime.protocol import FitConfig
 from device_runtime.stats import RoutingStats
+from device_runtime.wire import FitConfig
 from export.planner import Budget, TrainingShape, plan
 
 

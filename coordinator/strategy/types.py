@@ -26,8 +26,8 @@ from typing import Callable, Iterable, Mapping, Sequence, Union
 import numpy as np
 
 from device_runtime.bundle import ShapeKey
-from device_runtime.protocol import FitConfig
 from device_runtime.stats import RoutingStats
+from device_runtime.wire import FitConfig
 from export.planner import ModelShape
 
 

@@ -1,0 +1,52 @@
+"""The fedmoe wire protocol, version 1: message types and their binary framing, free of I/O.
+
+Shared by the device runtime and the coordinator. Every protocol message travels as ONE websocket binary
+message (frame) laid out as::
+
+    +----------------+---------------------------+-----------------------------+
+    | 4 bytes        | header_len bytes          | payload_size bytes          |
+    | header_len     | UTF-8 JSON header         | optional payload            |
+    | (big-endian)   | {"v": 1, "type": ..., ...} | safetensors blob or raw     |
+    +----------------+---------------------------+-----------------------------+
+
+The header holds the message's fields and, when the type carries a payload,
+``"payload": {"size": <bytes>, "sha256": <hex>}``. Tensor payloads (``Assignment``, ``Update``,
+``Evaluate``) are safetensors blobs (never pickle) of float32 or float16 tensors; the ``BundleData``
+payload is one chunk of one bundle file. Bytes fields (nonce, public key, signature) are base64 in JSON.
+
+:func:`decode` checks everything received before use: frame and header lengths, the schema of the type
+(unknown or missing fields are errors), the payload size and sha256, and for tensors every name
+(``[A-Za-z0-9_.-]``), dtype (float32 / float16), shape and byte offset, optionally against an expected
+name -> shape map. Each failure raises :class:`~device_runtime.errors.ProtocolError` with one of the
+stable :data:`ERROR_CODES`, which a peer can send back in an :class:`Error` message.
+
+Conversation (the server and the client own the I/O and the ordering)::
+
+    enrol:   device -> Enrol(token, name, profile, public_key)      coordinator -> EnrolOk(device_id)
+    connect: device -> Hello(device_id, protocol_version, profile)  coordinator -> Challenge(nonce)
+             device -> Auth(device_id, signature)                   coordinator -> AuthOk() | Error
+    round:   coordinator -> Assignment(...)   [device -> BundleRequest  coordinator -> BundleData...]
+             device -> Update(...)             coordinator -> Ack(update_id, accepted, reason)
+    eval:    coordinator -> Evaluate(...)      device -> EvaluateRes(...)
+    any time: Heartbeat(), Error(code, message)
+
+Modules, one job each: ``fields`` (limits, error codes, field types, validation with msgspec),
+``tensors`` (safetensors blobs and their header checks), ``messages`` (the message dataclasses),
+``framing`` (encode / decode / expect), ``transfer`` (bundle files in chunks). This package exports
+their public names.
+"""
+
+from device_runtime.wire.fields import ERROR_CODES, MAX_HEADER_BYTES, PROTOCOL_VERSION, validate
+from device_runtime.wire.framing import decode, encode, expect
+from device_runtime.wire.messages import (MESSAGE_TYPES, Ack, Assignment, Auth, AuthOk, BundleData, BundleRequest,
+                                          Challenge, Enrol, EnrolOk, Error, Evaluate, EvaluateRes, FitConfig,
+                                          Heartbeat, Hello, Message, Update)
+from device_runtime.wire.tensors import MAX_TENSORS, WIRE_DTYPES, bytes_to_tensors, tensors_to_bytes, to_float32
+from device_runtime.wire.transfer import BundleAssembler, bundle_chunks
+
+__all__ = [
+    "ERROR_CODES", "MAX_HEADER_BYTES", "MAX_TENSORS", "MESSAGE_TYPES", "PROTOCOL_VERSION", "WIRE_DTYPES",
+    "Ack", "Assignment", "Auth", "AuthOk", "BundleAssembler", "BundleData", "BundleRequest", "Challenge", "Enrol",
+    "EnrolOk", "Error", "Evaluate", "EvaluateRes", "FitConfig", "Heartbeat", "Hello", "Message", "Update",
+    "bundle_chunks", "bytes_to_tensors", "decode", "encode", "expect", "tensors_to_bytes", "to_float32", "validate",
+]

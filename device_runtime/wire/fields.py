@@ -1,0 +1,144 @@
+"""The protocol's vocabulary: limits, error codes, and the field types every message is validated against.
+
+Field types are ``typing.Annotated`` types with :class:`msgspec.Meta` constraints; :func:`validate`
+turns a decoded JSON object into a message dataclass with them (msgspec checks types, ranges, lengths
+and patterns; this module adds that unknown fields are errors). Patterns are anchored with ``\\A`` and
+``\\Z`` (msgspec searches them), so a trailing newline never passes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import sys
+from typing import Annotated, Any, Literal, TypeVar, Union
+
+import msgspec
+
+from device_runtime.errors import BundleError
+from device_runtime.units import MIB
+
+PROTOCOL_VERSION = 1
+MAX_HEADER_BYTES = MIB  # JSON header bound (bytes); weights travel in the payload
+MAX_EXPERT_ID = 1 << 20
+MAX_NUM_EXAMPLES = 1 << 30  # sequences a device may report per round (about 10**9: no device gets near)
+MAX_NUM_TOKENS = 1 << 40
+MAX_TEXT = 2000  # characters of a free-text field (error messages, ack reasons)
+ERROR_CODES = (
+    "bad_frame",  # frame shorter than its declared lengths, or a payload where none belongs
+    "too_large",  # frame beyond max_size, or header beyond MAX_HEADER_BYTES
+    "bad_header",  # header is not UTF-8 JSON, or a field is missing, unknown or out of range
+    "unknown_type",  # "type" names no message of this protocol version
+    "version",  # "v" is not PROTOCOL_VERSION
+    "bad_payload",  # payload size or sha256 differs from the header
+    "bad_tensor",  # tensor name, dtype, shape or offsets invalid, or not the expected set
+    "unexpected",  # a valid message that is not allowed at this point of the conversation
+    "auth",  # enrolment or authentication failed (sent in Error messages)
+    "internal",  # the peer failed while handling a valid message
+)
+
+_NAME_CHARS = r"[A-Za-z0-9_.\-]"
+NAME = re.compile(_NAME_CHARS + "{1,200}")  # tensor and metric names; use with fullmatch
+_FLOAT_MAX = sys.float_info.max
+
+
+def _pattern(regex: str, max_length: int | None = None) -> Any:
+    return Annotated[str, msgspec.Meta(pattern=rf"\A(?:{regex})\Z", max_length=max_length)]
+
+
+def Text(max_length: int) -> Any:
+    """Free text of at most ``max_length`` characters."""
+    return Annotated[str, msgspec.Meta(max_length=max_length)]
+
+
+def Int(lo: int = 0, hi: int = 2**63 - 1) -> Any:
+    """An integer in ``[lo, hi]`` (JSON booleans and floats are refused)."""
+    return Annotated[int, msgspec.Meta(ge=lo, le=hi)]
+
+
+def Float(lo: float = -_FLOAT_MAX) -> Any:
+    """A finite number ``>= lo`` (a JSON integer is accepted and becomes a float)."""
+    return Annotated[float, msgspec.Meta(ge=lo, le=_FLOAT_MAX)]
+
+
+def Raw(nbytes: int) -> Any:
+    """Exactly ``nbytes`` bytes, base64 in JSON."""
+    return Annotated[bytes, msgspec.Meta(min_length=nbytes, max_length=nbytes)]
+
+
+def Tuples(item: Any, max_length: int = 4096) -> Any:
+    """A JSON list of lists of ``item`` as a tuple of tuples, each at most ``max_length`` long."""
+    inner = Annotated[tuple[item, ...], msgspec.Meta(max_length=max_length)]
+    return Annotated[tuple[inner, ...], msgspec.Meta(max_length=max_length)]
+
+
+Name = _pattern(_NAME_CHARS + "{1,200}")
+Id = _pattern(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}")  # ids never start with "." (safe as file names)
+RelPath = _pattern(rf"{_NAME_CHARS}+(?:/{_NAME_CHARS}+)*", 300)
+Sha256 = _pattern(r"[0-9a-f]{64}")
+Count = Int()
+WireDtype = Literal["float32", "float16"]
+ExpertIds = Tuples(Int(0, MAX_EXPERT_ID))  # per MoE layer, global expert ids
+Metrics = Annotated[dict[Name, Float()], msgspec.Meta(max_length=1024)]
+
+
+def _json(depth: int, max_items: int) -> Any:
+    """Free-form JSON nested at most ``depth`` containers deep, each of at most ``max_items`` entries."""
+    value: Any = Union[Text(10_000), int, Float(), bool, None]
+    for _ in range(depth):
+        value = Union[Text(10_000), int, Float(), bool, None,
+                      Annotated[list[value], msgspec.Meta(max_length=max_items)],
+                      Annotated[dict[Text(200), value], msgspec.Meta(max_length=max_items)]]
+    return value
+
+
+def JsonObject(depth: int = 4, max_items: int = 65_536) -> Any:
+    """A JSON object (never another JSON value) of free-form, bounded JSON values."""
+    return Annotated[dict[Text(200), _json(depth - 1, max_items)], msgspec.Meta(max_length=max_items)]
+
+
+Profile = JsonObject(depth=3, max_items=256)  # a device profile: a small object (see device_runtime.profile)
+
+T = TypeVar("T")
+
+
+def validate(cls: type[T], data: Any) -> T:
+    """Build dataclass ``cls`` from decoded JSON ``data`` (an object of its :func:`json_fields`).
+
+    Returns:
+        the instance; fields absent from ``data`` take their defaults.
+
+    Raises:
+        ValueError: ``data`` is not an object, a field is unknown, missing or invalid (msgspec's
+            ``ValidationError`` is a ValueError; a ``BundleError`` from a nested record is re-raised as one).
+    """
+    if not isinstance(data, dict):
+        raise ValueError(f"{cls.__name__} must be a JSON object")
+    unknown = set(data) - set(json_fields(cls))
+    if unknown:
+        raise ValueError(f"unknown fields {sorted(map(str, unknown))[:5]}")
+    try:
+        return msgspec.convert(data, cls)
+    except BundleError as exc:
+        raise ValueError(str(exc)) from exc
+
+
+def payload_field(**kwargs) -> Any:
+    """A dataclass field that travels in the frame's payload, never in its JSON header."""
+    return dataclasses.field(compare=False, metadata={"payload": True}, **kwargs)
+
+
+def json_fields(cls: type) -> list[str]:
+    """Names of the fields of dataclass ``cls`` that travel in the JSON header, in declaration order."""
+    return [f.name for f in dataclasses.fields(cls) if not f.metadata.get("payload")]
+
+
+def to_json(value: Any) -> Any:
+    """A field value as JSON-ready builtins (dataclasses -> objects, tuples -> lists, bytes -> base64)."""
+    return msgspec.to_builtins(value)
+
+
+def printable(text: str, max_length: int = MAX_TEXT) -> str:
+    """``text`` safe to log: non-printable characters (newlines, escapes, controls) become spaces, and at
+    most ``max_length`` characters are kept."""
+    return "".join(c if c.isprintable() else " " for c in text[:max_length])

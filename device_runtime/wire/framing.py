@@ -1,0 +1,132 @@
+"""Framing: one message <-> one websocket binary message (layout in ``device_runtime.wire``), no I/O."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import struct
+from collections.abc import Mapping
+from typing import Any
+
+import msgspec
+
+from device_runtime.errors import ProtocolError
+from device_runtime.wire.fields import MAX_HEADER_BYTES, PROTOCOL_VERSION, json_fields, printable, to_json, validate
+from device_runtime.wire.messages import MESSAGE_TYPES, Error, Message
+from device_runtime.wire.tensors import bytes_to_tensors, tensors_to_bytes
+
+_LEN = struct.Struct(">I")
+
+
+def encode(msg: Message) -> bytes:
+    """Frame a message as one binary websocket message.
+
+    Raises:
+        ProtocolError("bad_tensor"): a tensor is not serialisable (see :func:`tensors_to_bytes`).
+        ProtocolError("too_large"): the JSON header exceeds ``MAX_HEADER_BYTES``.
+    """
+    header: dict[str, Any] = {"v": PROTOCOL_VERSION, "type": msg.TYPE}
+    for name in json_fields(type(msg)):
+        header[name] = to_json(getattr(msg, name))
+    payload = b""
+    if msg.PAYLOAD == "tensors":
+        payload = tensors_to_bytes(msg.tensors)
+    elif msg.PAYLOAD == "bytes":
+        payload = bytes(msg.data)
+    if msg.PAYLOAD is not None:
+        header["payload"] = {"size": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}
+    raw = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
+    if len(raw) > MAX_HEADER_BYTES:
+        raise ProtocolError("too_large", f"{msg.TYPE} header is {len(raw)} bytes (max {MAX_HEADER_BYTES})")
+    return _LEN.pack(len(raw)) + raw + payload
+
+
+def decode(
+    data: bytes, *, max_size: int, expected_tensors: Mapping[str, tuple[int, ...]] | None = None
+) -> Message:
+    """Parse and validate one frame.
+
+    Args:
+        data: the websocket binary message.
+        max_size: largest frame accepted (bytes); match the websocket's ``max_size``.
+        expected_tensors: for tensor-carrying types, the exact name -> shape map required.
+
+    Raises:
+        ProtocolError: with ``code`` in ``ERROR_CODES``, for any input (never another exception type).
+    """
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise ProtocolError("bad_frame", "protocol frames are binary websocket messages")
+    data = bytes(data)
+    if len(data) > max_size:
+        raise ProtocolError("too_large", f"frame of {len(data)} bytes exceeds max_size {max_size}")
+    if len(data) < _LEN.size:
+        raise ProtocolError("bad_frame", f"frame of {len(data)} bytes has no header length")
+    (hlen,) = _LEN.unpack_from(data)
+    if hlen > MAX_HEADER_BYTES:
+        raise ProtocolError("too_large", f"header length {hlen} exceeds {MAX_HEADER_BYTES}")
+    if _LEN.size + hlen > len(data):
+        raise ProtocolError("bad_frame", f"header length {hlen} runs past the {len(data)}-byte frame")
+    header = _parse_header(data[_LEN.size : _LEN.size + hlen])
+    cls = _message_class(header)
+    payload = _payload(cls, header.pop("payload", None), data[_LEN.size + hlen :])
+    try:
+        msg = validate(cls, header)
+    except ValueError as exc:
+        raise ProtocolError("bad_header", f"{cls.TYPE}: {printable(str(exc), 500)}") from exc
+    if cls.PAYLOAD == "tensors":
+        return dataclasses.replace(msg, tensors=bytes_to_tensors(payload, expected=expected_tensors))
+    if cls.PAYLOAD == "bytes":
+        return dataclasses.replace(msg, data=payload)
+    return msg
+
+
+def expect(msg: Message, *types: type) -> Message:
+    """Return ``msg`` if it is one of ``types``.
+
+    Raises:
+        ProtocolError: with the peer's code if ``msg`` is an :class:`Error`, else ``"unexpected"``.
+    """
+    if isinstance(msg, types):
+        return msg
+    if isinstance(msg, Error):
+        raise ProtocolError(msg.code, f"peer reported: {msg.message}")
+    names = ", ".join(t.TYPE for t in types)
+    raise ProtocolError("unexpected", f"expected {names}, got {msg.TYPE}")
+
+
+def _parse_header(raw: bytes) -> dict:
+    try:
+        header = msgspec.json.decode(raw)
+    except (msgspec.DecodeError, RecursionError) as exc:
+        raise ProtocolError("bad_header", f"header is not UTF-8 JSON: {exc}") from exc
+    if not isinstance(header, dict):
+        raise ProtocolError("bad_header", "header must be a JSON object")
+    version = header.pop("v", None)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise ProtocolError("bad_header", "header lacks an integer protocol version 'v'")
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError("version", f"peer speaks protocol v{version}, this side speaks v{PROTOCOL_VERSION}; "
+                                       "upgrade the older side")
+    return header
+
+
+def _message_class(header: dict) -> type:
+    kind = header.pop("type", None)
+    if not isinstance(kind, str) or kind not in MESSAGE_TYPES:
+        raise ProtocolError("unknown_type", f"unknown message type {str(kind)[:60]!r}")
+    return MESSAGE_TYPES[kind]
+
+
+def _payload(cls: type, declared: Any, payload: bytes) -> bytes:
+    if cls.PAYLOAD is None:
+        if declared is not None or payload:
+            raise ProtocolError("bad_frame", f"{cls.TYPE} carries no payload")
+        return b""
+    if not isinstance(declared, dict) or set(declared) != {"size", "sha256"}:
+        raise ProtocolError("bad_header", f"{cls.TYPE} header needs payload {{size, sha256}}")
+    if declared["size"] != len(payload):
+        raise ProtocolError("bad_payload", f"payload is {len(payload)} bytes, header says {declared['size']}"[:200])
+    if hashlib.sha256(payload).hexdigest() != declared["sha256"]:
+        raise ProtocolError("bad_payload", "payload sha256 differs from the header (corrupted or tampered)")
+    return payload

@@ -1,0 +1,275 @@
+"""The protocol's messages: frozen dataclasses whose annotated field types (``wire.fields``) are their schema.
+
+A message's ``TYPE`` is its wire name. ``PAYLOAD`` says what follows the JSON header: None, ``"tensors"``
+(field ``tensors``: name -> array, a safetensors blob) or ``"bytes"`` (field ``data``, raw bytes).
+"""
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from device_runtime.bundle import ShapeKey
+from device_runtime.errors import ProtocolError
+from device_runtime.wire.fields import (MAX_NUM_EXAMPLES, MAX_NUM_TOKENS, MAX_TEXT, Count, ExpertIds, Float, Id,
+                                        Int, JsonObject, Metrics, Profile, Raw, RelPath, Sha256, Text, Tuples,
+                                        WireDtype, payload_field, printable, validate)
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    """Local training settings of one round (overrides the bundle's ``TrainingDefaults``).
+
+    Attributes:
+        batch_size: sequences per step. seq_len: tokens per sequence.
+        learning_rate: AdamW learning rate. local_steps: optimizer steps (0: one epoch of local data).
+        aux_loss_coef: load-balancing loss coefficient.
+        prox_mu: FedProx proximal coefficient mu (Li et al. 2020, loss + mu/2 * ||w - w_global||^2); 0 = off.
+        routing_prior: FedAlign-MoE global routing distribution p_global, per MoE layer a probability
+            over all ``num_experts`` global experts, or None.
+        routing_reg_coef: lambda_r of FedAlign-MoE's KL(p_local || p_global) regulariser; 0 = off.
+        seed: local shuffling / dropout seed.
+        update_dtype: ``"float32"`` or ``"float16"``: the dtype the device sends its update in.
+    """
+
+    batch_size: Int(1, 1 << 16) = 8
+    seq_len: Int(1, 1 << 20) = 128
+    learning_rate: Float(0.0) = 1e-4
+    local_steps: Int(0, 1 << 30) = 0
+    aux_loss_coef: Float(0.0) = 0.01
+    prox_mu: Float(0.0) = 0.0
+    routing_prior: Tuples(Float(0.0)) | None = None
+    routing_reg_coef: Float(0.0) = 0.0
+    seed: Int(0, 2**32 - 1) = 0
+    update_dtype: WireDtype = "float32"
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "FitConfig":
+        """Raises ValueError naming the first unknown, missing or invalid field."""
+        return validate(cls, data)
+
+
+_REGISTRY: dict[str, type] = {}
+
+
+def _message(cls: type) -> type:
+    """Class decorator: a frozen dataclass registered under its ``TYPE`` name."""
+    cls = dataclass(frozen=True)(cls)
+    _REGISTRY[cls.TYPE] = cls
+    return cls
+
+
+class Message:
+    """Base of every protocol message. ``TYPE`` is its wire name; ``PAYLOAD`` is None, ``"tensors"``
+    (field ``tensors``: name -> array) or ``"bytes"`` (field ``data``)."""
+
+    TYPE: ClassVar[str] = ""
+    PAYLOAD: ClassVar[str | None] = None
+
+
+@_message
+class Enrol(Message):
+    """Device -> coordinator, once: redeem a single-use enrolment token, register the device's Ed25519
+    public key (raw 32 bytes; the private key never leaves the device, see ``device_runtime.auth``)."""
+
+    TYPE: ClassVar[str] = "enrol"
+    token: Text(200)
+    name: Id
+    profile: Profile
+    public_key: Raw(32)
+
+
+@_message
+class EnrolOk(Message):
+    """Coordinator -> device: the id under which the device is now registered."""
+
+    TYPE: ClassVar[str] = "enrol_ok"
+    device_id: Id
+
+
+@_message
+class Hello(Message):
+    """Device -> coordinator: first message of every authenticated connection."""
+
+    TYPE: ClassVar[str] = "hello"
+    device_id: Id
+    protocol_version: Int(0, 1 << 16)
+    profile: Profile
+
+
+@_message
+class Challenge(Message):
+    """Coordinator -> device: a fresh single-use 32-byte nonce to sign."""
+
+    TYPE: ClassVar[str] = "challenge"
+    nonce: Raw(32)
+
+
+@_message
+class Auth(Message):
+    """Device -> coordinator: Ed25519 signature (64 bytes) of ``auth.challenge_message(nonce, device_id)``."""
+
+    TYPE: ClassVar[str] = "auth"
+    device_id: Id
+    signature: Raw(64)
+
+
+@_message
+class AuthOk(Message):
+    """Coordinator -> device: authenticated; the device now waits for work."""
+
+    TYPE: ClassVar[str] = "auth_ok"
+
+
+@_message
+class Assignment(Message):
+    """Coordinator -> device: train this expert subset for one round.
+
+    Attributes:
+        round_id: the round. update_id: id the device must put on its ``Update`` (retries reuse it;
+            the coordinator records each update_id once). model_version: global model version of the weights.
+        shape_key: the graph to train (fetch with ``BundleRequest(shape_key.id)`` if not cached).
+        expert_ids: per MoE layer, local expert index -> global expert id.
+        config: local training settings.
+        tensors: the weights of the kept experts and router rows, name -> array (bundle tensor names).
+
+    Raises:
+        ProtocolError("bad_header"): ``expert_ids`` does not hold ``shape_key.experts_per_layer`` ids per layer.
+    """
+
+    TYPE: ClassVar[str] = "assignment"
+    PAYLOAD: ClassVar[str] = "tensors"
+    round_id: Count
+    update_id: Id
+    model_version: Count
+    shape_key: ShapeKey
+    expert_ids: ExpertIds
+    config: FitConfig
+    tensors: dict = payload_field(default_factory=dict)
+
+    def __post_init__(self):
+        counts = tuple(len(ids) for ids in self.expert_ids)
+        if counts != self.shape_key.experts_per_layer:
+            raise ProtocolError("bad_header", f"expert_ids {counts} disagree with shape key {self.shape_key.id}")
+
+
+@_message
+class BundleRequest(Message):
+    """Device -> coordinator: send the graph files of this ``ShapeKey.id``."""
+
+    TYPE: ClassVar[str] = "bundle_request"
+    shape_key_id: Id
+
+
+@_message
+class BundleData(Message):
+    """Coordinator -> device: one chunk of one bundle file (see ``wire.transfer``).
+
+    Attributes:
+        shape_key_id: the bundle's shape key. name: relative file path inside the bundle.
+        offset: byte offset of this chunk in the file. total_size: file size (bytes).
+        sha256: hex sha256 of the whole file. more: False on the bundle's very last chunk.
+        data: the chunk (payload).
+    """
+
+    TYPE: ClassVar[str] = "bundle_data"
+    PAYLOAD: ClassVar[str] = "bytes"
+    shape_key_id: Id
+    name: RelPath
+    offset: Count
+    total_size: Count
+    sha256: Sha256
+    more: bool
+    data: bytes = payload_field(default=b"")
+
+
+@_message
+class Update(Message):
+    """Device -> coordinator: the result of local training.
+
+    Attributes:
+        update_id: from the assignment (idempotency key). round_id: the round.
+        num_examples: training sequences seen (at most ``MAX_NUM_EXAMPLES``; it weights the aggregate).
+        num_tokens: training tokens seen (at most ``MAX_NUM_TOKENS``).
+        metrics: name -> number (e.g. ``loss``, ``train_seconds``, ``peak_rss_mb``).
+        routing: routing statistics, e.g. ``{"usage": [[...]], "importance": [[...]]}`` per MoE layer over
+            the local experts (HFedMoE u_c(e) and s_c(e)).
+        trained_experts: per MoE layer, the global ids of experts whose weights were actually updated.
+        tensors: the trained tensors, name -> array (float16 if the config asked for it).
+    """
+
+    TYPE: ClassVar[str] = "update"
+    PAYLOAD: ClassVar[str] = "tensors"
+    update_id: Id
+    round_id: Count
+    num_examples: Int(0, MAX_NUM_EXAMPLES)
+    num_tokens: Int(0, MAX_NUM_TOKENS)
+    metrics: Metrics
+    routing: JsonObject()
+    trained_experts: ExpertIds
+    tensors: dict = payload_field(default_factory=dict)
+
+
+@_message
+class Ack(Message):
+    """Coordinator -> device: the update was recorded (accepted or rejected with a reason)."""
+
+    TYPE: ClassVar[str] = "ack"
+    update_id: Id
+    accepted: bool
+    reason: Text(MAX_TEXT) = ""
+
+
+@_message
+class Evaluate(Message):
+    """Coordinator -> device: evaluate these weights on local held-out data.
+
+    Attributes:
+        round_id, shape_key, expert_ids: as in ``Assignment``. batch_size, seq_len: eval batches.
+        max_batches: at most this many batches (0: all local eval data). tensors: the weights.
+    """
+
+    TYPE: ClassVar[str] = "evaluate"
+    PAYLOAD: ClassVar[str] = "tensors"
+    round_id: Count
+    shape_key: ShapeKey
+    expert_ids: ExpertIds
+    batch_size: Int(1, 1 << 16)
+    seq_len: Int(1, 1 << 20)
+    max_batches: Count = 0
+    tensors: dict = payload_field(default_factory=dict)
+
+
+@_message
+class EvaluateRes(Message):
+    """Device -> coordinator: evaluation result (``loss`` is the mean token cross-entropy, nats)."""
+
+    TYPE: ClassVar[str] = "evaluate_res"
+    round_id: Count
+    num_examples: Int(0, MAX_NUM_EXAMPLES)
+    num_tokens: Int(0, MAX_NUM_TOKENS)
+    loss: Float()
+    metrics: Metrics
+
+
+@_message
+class Heartbeat(Message):
+    """Either direction: keep-alive, no fields."""
+
+    TYPE: ClassVar[str] = "heartbeat"
+
+
+@_message
+class Error(Message):
+    """Either direction: the peer rejected something; ``code`` is one of ``ERROR_CODES``.
+
+    ``message`` is made :func:`~device_runtime.wire.fields.printable` on construction, so it is safe to log.
+    """
+
+    TYPE: ClassVar[str] = "error"
+    code: Id
+    message: Text(MAX_TEXT)
+
+    def __post_init__(self):
+        object.__setattr__(self, "message", printable(self.message))
+
+
+MESSAGE_TYPES: dict[str, type] = dict(_REGISTRY)

@@ -1,0 +1,142 @@
+"""Named float tensors <-> safetensors blobs, with the blob's header checked before anything is read.
+
+The safetensors header of a received blob (tensor names, dtypes, shapes and byte offsets) is validated
+here before ``safetensors`` parses the data: names match :data:`~device_runtime.wire.fields.NAME`, dtypes
+are F32 / F16, shapes are at most 8 non-negative integers, and the tensors tile the data exactly (no
+overlap, no gap, nothing past the end).
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from collections.abc import Mapping
+from typing import Any
+
+import msgspec
+import numpy as np
+import safetensors.numpy
+
+from device_runtime.errors import ProtocolError
+from device_runtime.wire.fields import MAX_HEADER_BYTES, NAME
+
+MAX_TENSORS = 100_000
+WIRE_DTYPES = {"float32": "F32", "float16": "F16"}
+_ITEMSIZE = {"F32": 4, "F16": 2}
+
+
+def tensors_to_bytes(tensors: Mapping[str, np.ndarray], *, wire_dtype: str | None = None) -> bytes:
+    """Serialise named float tensors to a safetensors blob.
+
+    Args:
+        tensors: name -> float32 or float16 array (any shape).
+        wire_dtype: ``"float16"`` or ``"float32"`` to cast every tensor for the wire; None keeps dtypes.
+
+    Raises:
+        ProtocolError("bad_tensor"): a name is invalid, a dtype is not float32/float16, or a value
+            overflows float16 (|x| > 65504) when casting.
+    """
+    out = {}
+    for name, array in tensors.items():
+        array = np.asarray(array)
+        if not isinstance(name, str) or not NAME.fullmatch(name):
+            raise ProtocolError("bad_tensor", f"invalid tensor name {name!r}")
+        if array.dtype.name not in WIRE_DTYPES:
+            raise ProtocolError("bad_tensor", f"tensor {name}: dtype {array.dtype} is not float32/float16")
+        if wire_dtype is not None:
+            with np.errstate(over="ignore"):
+                cast = array.astype(wire_dtype)
+            if not np.array_equal(np.isfinite(cast), np.isfinite(array)):
+                raise ProtocolError("bad_tensor", f"tensor {name} overflows {wire_dtype}; send float32")
+            array = cast
+        out[name] = np.ascontiguousarray(array)
+    return safetensors.numpy.save(out)
+
+
+def bytes_to_tensors(
+    data: bytes, *, expected: Mapping[str, tuple[int, ...]] | None = None
+) -> dict[str, np.ndarray]:
+    """Parse a safetensors blob after validating its header.
+
+    Args:
+        data: the blob (its size is bounded by the caller, e.g. by ``decode``'s ``max_size``).
+        expected: if given, the exact name -> shape map the blob must hold.
+
+    Returns:
+        name -> array, float32 or float16 as sent (see :func:`to_float32`).
+
+    Raises:
+        ProtocolError("bad_tensor"): malformed header, bad name / dtype / shape / offsets, or a
+            name set or shape differing from ``expected``.
+    """
+    entries = _safetensors_header(data)
+    if expected is not None:
+        _check_expected(entries, expected)
+    try:
+        return safetensors.numpy.load(data)
+    except Exception as exc:  # safetensors raises its own SafetensorError / ValueError types
+        raise ProtocolError("bad_tensor", f"unreadable safetensors payload: {exc}") from exc
+
+
+def to_float32(tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Upcast every tensor to float32 (float16 on the wire is only a transport format)."""
+    return {name: np.asarray(a, dtype=np.float32) for name, a in tensors.items()}
+
+
+def _safetensors_header(data: bytes) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Validate a safetensors header; returns name -> (dtype code, shape)."""
+    if len(data) < 8:
+        raise ProtocolError("bad_tensor", "safetensors payload shorter than its 8-byte header length")
+    (size,) = struct.unpack("<Q", data[:8])
+    if size > min(MAX_HEADER_BYTES, len(data) - 8):
+        raise ProtocolError("bad_tensor", f"safetensors header length {size} exceeds the payload")
+    try:
+        header = msgspec.json.decode(data[8 : 8 + size])
+    except (msgspec.DecodeError, RecursionError) as exc:
+        raise ProtocolError("bad_tensor", f"safetensors header is not JSON: {exc}") from exc
+    if not isinstance(header, dict) or len(header) > MAX_TENSORS:
+        raise ProtocolError("bad_tensor", "safetensors header must be an object of at most "
+                                          f"{MAX_TENSORS} tensors")
+    header.pop("__metadata__", None)
+    data_len, spans, entries = len(data) - 8 - size, [], {}
+    for name, info in header.items():
+        dtype, shape, span = _safetensors_entry(name, info)
+        spans.append(span)
+        entries[name] = (dtype, shape)
+    covered = 0
+    for begin, end in sorted(spans):
+        if begin != covered:
+            raise ProtocolError("bad_tensor", "safetensors tensors overlap or leave gaps")
+        covered = end
+    if covered != data_len:
+        raise ProtocolError("bad_tensor", f"safetensors data is {data_len} bytes, tensors cover {covered}")
+    return entries
+
+
+def _safetensors_entry(name: str, info: Any) -> tuple[str, tuple[int, ...], tuple[int, int]]:
+    if not NAME.fullmatch(name):
+        raise ProtocolError("bad_tensor", f"invalid tensor name {name[:60]!r}")
+    try:
+        dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
+        if not all(_is_int(d) and d >= 0 for d in [*shape, begin, end]) or len(shape) > 8:
+            raise ValueError("shape and offsets must be at most 8 non-negative integers")
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ProtocolError("bad_tensor", f"tensor {name}: malformed entry ({exc})") from exc
+    if not isinstance(dtype, str) or dtype not in _ITEMSIZE:
+        raise ProtocolError("bad_tensor", f"tensor {name}: dtype {dtype!r} is not F32/F16"[:200])
+    if end - begin != math.prod(shape) * _ITEMSIZE[dtype]:
+        raise ProtocolError("bad_tensor", f"tensor {name}: offsets {begin}..{end} do not fit shape {shape}")
+    return dtype, tuple(shape), (begin, end)
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _check_expected(entries: dict, expected: Mapping[str, tuple[int, ...]]) -> None:
+    missing, extra = sorted(set(expected) - set(entries)), sorted(set(entries) - set(expected))
+    if missing or extra:
+        raise ProtocolError("bad_tensor", f"tensor set differs: missing {missing[:5]}, unexpected {extra[:5]}")
+    for name, shape in expected.items():
+        if entries[name][1] != tuple(shape):
+            raise ProtocolError("bad_tensor", f"tensor {name}: shape {entries[name][1]} != expected {tuple(shape)}")
