@@ -103,3 +103,16 @@ def test_peer_error_text_is_printable_and_bounded_before_anyone_logs_it():
         wire.expect(msg, wire.AuthOk)
     assert str(info.value).isprintable() and info.value.code == "internal"
     assert len(wire.Error(code="internal", message=hostile).message) <= 2000
+
+
+def test_free_form_json_numbers_are_bounded():
+    # old code: any integer (10**30 here) reached the routing statistics, where float() or numpy overflow
+    huge = _update_frame(wire.tensors_to_bytes({}), routing={"usage": [[10**30]]})
+    assert code_of(huge) == "bad_header"
+    ok = wire.decode(_update_frame(wire.tensors_to_bytes({}), routing={"usage": [[2**63 - 1, 0.5]]}), max_size=MAX)
+    assert ok.routing == {"usage": [[2**63 - 1, 0.5]]}
+
+
+def test_a_zero_dimensional_tensor_keeps_its_shape():
+    back = wire.bytes_to_tensors(wire.tensors_to_bytes({"s": np.float32(2.5)}))["s"]
+    assert back.shape == () and back == 2.5  # old code: np.ascontiguousarray made it shape (1,)

@@ -84,11 +84,11 @@ Metrics = Annotated[dict[Name, Float()], msgspec.Meta(max_length=1024)]
 
 def _json(depth: int, max_items: int) -> Any:
     """Free-form JSON nested at most ``depth`` containers deep, each of at most ``max_items`` entries."""
-    value: Any = Union[Text(10_000), int, Float(), bool, None]
+    scalar = (Text(10_000), Int(-(2**63), 2**63 - 1), Float(), bool, None)
+    value: Any = Union[scalar]
     for _ in range(depth):
-        value = Union[Text(10_000), int, Float(), bool, None,
-                      Annotated[list[value], msgspec.Meta(max_length=max_items)],
-                      Annotated[dict[Text(200), value], msgspec.Meta(max_length=max_items)]]
+        value = Union[(*scalar, Annotated[list[value], msgspec.Meta(max_length=max_items)],
+                       Annotated[dict[Text(200), value], msgspec.Meta(max_length=max_items)])]
     return value
 
 

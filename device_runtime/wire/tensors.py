@@ -49,7 +49,7 @@ def tensors_to_bytes(tensors: Mapping[str, np.ndarray], *, wire_dtype: str | Non
             if not np.array_equal(np.isfinite(cast), np.isfinite(array)):
                 raise ProtocolError("bad_tensor", f"tensor {name} overflows {wire_dtype}; send float32")
             array = cast
-        out[name] = np.ascontiguousarray(array)
+        out[name] = np.asarray(array, order="C")  # not ascontiguousarray: it makes a 0-d tensor 1-d
     return safetensors.numpy.save(out)
 
 
