@@ -108,14 +108,13 @@ class GlobalModel:
         return row
 
 
-def stored_updates(store: TensorStore, rows: Sequence[Update], *, lam: float = 0.5,
-                   beta: float = 0.1) -> Callable[[], Iterator[ClientUpdate]]:
+def stored_updates(store: TensorStore, rows: Sequence[Update]) -> Callable[[], Iterator[ClientUpdate]]:
     """A re-openable stream of ClientUpdates read one at a time from the tensor store (memory: one update)."""
 
     def open_stream() -> Iterator[ClientUpdate]:
         for row in rows:
             tensors = store.load(row.tensor_sha256)
-            yield to_client_update(row.device_id, row.num_examples, row.meta, tensors, lam=lam, beta=beta)
+            yield to_client_update(row.device_id, row.num_examples, row.meta, tensors)
 
     return open_stream
 
@@ -134,7 +133,7 @@ def aggregate_round(model: GlobalModel, strategy: Strategy, rows: Sequence[Updat
         ModelError: a stored update file is missing or corrupted.
     """
     rows = sorted(rows, key=lambda r: r.device_id)
-    results = stored_updates(model.store, rows, lam=strategy.lam, beta=strategy.beta)
+    results = stored_updates(model.store, rows)
     params, metrics = strategy.aggregate_fit(server_round, results, failures, model.params)
     metrics = json.loads(json.dumps(metrics, default=float))  # JSON-safe (int keys -> strings)
     metrics["train_loss"] = _mean_loss(rows)

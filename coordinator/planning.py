@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from coordinator.strategy.types import ClientUpdate, LayerRouting, TensorMeta, TensorRole
+from coordinator.strategy.types import ClientUpdate, TensorMeta, TensorRole
 from device_runtime.bundle import MANIFEST, Manifest, ShapeKey, TrainingDefaults, load_bundle
 from device_runtime.errors import BundleError, ProtocolError, UpdateRejected
 from device_runtime.stats import RoutingStats
@@ -164,12 +164,9 @@ def update_meta(manifest: Manifest, expert_ids, trained_experts, routing: dict, 
             "routing": routing, "metrics": metrics, "layers": layers, "shape_key": manifest.shape_key.id}
 
 
-def to_client_update(device_id: str, num_examples: int, meta: dict, tensors: Mapping[str, np.ndarray], *,
-                     lam: float = 0.5, beta: float = 0.1) -> ClientUpdate:
+def to_client_update(device_id: str, num_examples: int, meta: dict, tensors: Mapping[str, np.ndarray]) -> ClientUpdate:
     """Rebuild a strategy ``ClientUpdate`` from a stored update (see :func:`update_meta`)."""
-    stats = RoutingStats.from_dict(meta["routing"])
-    routing = tuple(LayerRouting(usage=l.usage, s_cum=l.usage, s_spec=l.specific, kl=l.kl,
-                                 importance=l.information_score(lam, beta)) for l in stats.layers)
+    routing = tuple(RoutingStats.from_dict(meta["routing"]).layers)
     tensor_meta = {
         name: TensorMeta(TensorRole.ROUTER if name.endswith(ROUTER_SUFFIX) else TensorRole.EXPERT,
                          layer=int(meta["layers"][name]), expert_axis=0)

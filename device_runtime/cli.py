@@ -162,7 +162,8 @@ def _print_summary(summary: dict) -> None:
 
 
 def _importance_table(routing) -> Table:
-    """Per MoE layer and kept expert: usage s_cum, s_spec, KL_e, I_b (lam 0.5, beta 0.1), tokens routed."""
+    """Per MoE layer and kept expert: usage s_cum, s_spec, KL_e, I_b (HFedMoE's default lambda and beta,
+    ``stats.IMPORTANCE_LAMBDA`` / ``IMPORTANCE_BETA``), tokens routed."""
     table = Table(title="routing importance (HFedMoE)")
     for column in ("layer", "expert", "usage", "s_spec", "KL", "I_b", "tokens"):
         table.add_column(column, justify="right")

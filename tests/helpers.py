@@ -216,12 +216,17 @@ def tiny_global():
     }
 
 
-def make_update(cid, n, ids, experts, gate, other, *, trained=None, usage=None, s_spec=None):
-    """An update of ``tiny_global``'s layout holding experts ``ids``."""
-    k = len(ids)
+def routing(k, usage=None, specific=None, *, num_tokens=8) -> LayerRouting:
+    """One layer's routing statistics over ``k`` local experts (default: uniform usage), KL 0, every expert
+    routed ``num_tokens`` tokens."""
     usage = np.full(k, 1.0 / k) if usage is None else np.asarray(usage, np.float64)
-    s_spec = usage if s_spec is None else np.asarray(s_spec, np.float64)
-    routing = LayerRouting(usage=usage, s_cum=usage, s_spec=s_spec, kl=np.zeros(k), importance=usage)
+    specific = usage if specific is None else np.asarray(specific, np.float64)
+    return LayerRouting(usage=usage, specific=specific, kl=np.zeros(k), tokens_routed=np.full(k, num_tokens),
+                        num_tokens=num_tokens)
+
+
+def make_update(cid, n, ids, experts, gate, other, *, trained=None, usage=None, s_spec=None):
+    """An update of ``tiny_global``'s layout holding experts ``ids`` (``s_spec``: the specific scores)."""
     return ClientUpdate(
         client_id=cid, num_examples=n,
         tensors={"experts.w": np.asarray(experts, np.float32), "gate.weight": np.asarray(gate, np.float32),
@@ -229,7 +234,7 @@ def make_update(cid, n, ids, experts, gate, other, *, trained=None, usage=None, 
         tensor_meta={"experts.w": EXPERT, "gate.weight": ROUTER, "attn.w": OTHER},
         expert_ids=(tuple(ids),),
         trained_experts=(frozenset(ids if trained is None else trained),),
-        routing=(routing,),
+        routing=(routing(len(ids), usage, s_spec),),
     )
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from device_runtime.errors import ProtocolError
-from device_runtime.stats import RoutingStats, kl_from_sums
+from device_runtime.stats import IMPORTANCE_BETA, IMPORTANCE_LAMBDA, RoutingStats, kl_from_sums
 
 TOP_K = 2
 
@@ -46,6 +46,19 @@ def test_accumulated_stats_equal_direct_computation_over_all_tokens():
         lam, beta = 0.3, 0.7
         np.testing.assert_allclose(layer.information_score(lam, beta),
                                    lam * p + (1 - lam) * g.max(axis=0) - beta * (g * np.log(g / p)).mean(axis=0))
+
+
+def test_importance_by_hand():
+    # G = [[0.5, 0.5], [1.0, 0.0]]: s_cum (0.75, 0.25), s_spec (1, 0.5),
+    # KL_0 = (1/2)(0.5 ln(0.5/0.75) + 1 ln(1/0.75)), KL_1 = (1/2)(0.5 ln(0.5/0.25) + 0)
+    stats = RoutingStats([2])
+    half = 0.5 * np.log(0.5)
+    stats.update([np.array([[1.5, 0.5], [1.0, 0.5], [half, half], [2, 1]])], 2)
+    layer = stats.layer(0)
+    np.testing.assert_allclose(layer.kl, [0.0424747, 0.1732868], rtol=1e-5)
+    np.testing.assert_allclose(layer.importance(), [0.875, 0.375])  # lam = IMPORTANCE_LAMBDA = 0.5
+    np.testing.assert_allclose(layer.information_score(0.5, 1.0), [0.8325253, 0.2017132], rtol=1e-5)
+    assert (IMPORTANCE_LAMBDA, IMPORTANCE_BETA) == (0.5, 0.1)  # HFedMoE's defaults, defined here only
 
 
 def test_kl_hand_computed_and_zero_usage():

@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from coordinator.strategy import (STRATEGIES, ClientInfo, ClientUpdate, FedAvg, FitIns, HFedMoE, LayerRouting,
+from coordinator.strategy import (STRATEGIES, ClientInfo, ClientUpdate, FedAvg, FitIns, HFedMoE,
                                   StreamingAggregation, TensorMeta, TensorRole, from_name, validate_update)
 from device_runtime.errors import ConfigError, UpdateRejected
 from device_runtime.stats import RoutingStats
 from device_runtime.wire import FitConfig
-from helpers import OTHER, make_update, memory_for, tiny_context, tiny_global
+from helpers import OTHER, make_update, memory_for, routing, tiny_context, tiny_global
 
 
 def good_update(cid="a"):
@@ -32,7 +32,7 @@ def _replace_tensor(update, name, value):
     (lambda u: ClientUpdate(**{**u.__dict__, "expert_ids": ((1, 1),)}), "distinct"),
     (lambda u: ClientUpdate(**{**u.__dict__, "trained_experts": (frozenset({3}),)}), "trained experts"),
     (lambda u: ClientUpdate(**{**u.__dict__, "num_examples": 0}), "num_examples"),
-    (lambda u: ClientUpdate(**{**u.__dict__, "routing": (LayerRouting.uniform(3),)}), "routing usage"),
+    (lambda u: ClientUpdate(**{**u.__dict__, "routing": (routing(3),)}), "routing usage"),
     (lambda u: ClientUpdate(**{**u.__dict__, "routing": ()}), "different numbers of layers"),
 ])
 def test_garbage_is_rejected_with_a_reason(mutate, needle):
@@ -123,7 +123,7 @@ def test_non_leading_expert_axis():
 
     def update(cid, n, ids, w):
         return ClientUpdate(cid, n, {"w": np.asarray(w, np.float32), "g": np.ones((len(ids), 2), np.float32)},
-                            meta, (ids,), (frozenset(ids),), (LayerRouting.uniform(len(ids)),))
+                            meta, (ids,), (frozenset(ids),), (routing(len(ids)),))
 
     out, _ = FedAvg().aggregate_fit(1, [update("a", 1, (0, 2), [[1, 2], [3, 4]]),
                                         update("b", 3, (2,), [[6], [8]])], [], params)

@@ -56,7 +56,7 @@ class HFedMoE(SinglePassStrategy):
         if meta.role is TensorRole.ROUTER:
             if len(ids) < 2:  # a one-expert router is not trainable (see the module docstring)
                 return np.zeros(len(ids))
-            scores = self.lam * np.asarray(stats.s_cum) + (1.0 - self.lam) * np.asarray(stats.s_spec)
+            scores = stats.importance(self.lam)
             return np.full(len(ids), hfedmoe_alpha(stats.usage, scores, num_experts[meta.layer]))
         trained = update.trained_experts[meta.layer]
         keep = (np.asarray(stats.usage) >= self.tau) & np.array([g in trained for g in ids])

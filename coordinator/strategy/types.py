@@ -26,7 +26,7 @@ from typing import Callable, Iterable, Mapping, Sequence, Union
 import numpy as np
 
 from device_runtime.bundle import ShapeKey
-from device_runtime.stats import RoutingStats
+from device_runtime.stats import LayerRouting, RoutingStats
 from device_runtime.wire import FitConfig
 from export.planner import ModelShape
 
@@ -72,33 +72,6 @@ class TensorMeta:
 
 
 @dataclass(frozen=True)
-class LayerRouting:
-    """A client's routing statistics for one MoE layer, over its LOCAL experts (each array ``(E_local,)``).
-
-    With G(x) = Softmax(gate(x)) over the local experts and a client's B tokens (HFedMoE, arXiv 2601.00583):
-
-    Attributes:
-        usage: u(e) = (1/B) sum_i G_e(x_i), the mean router probability (equals ``s_cum``).
-        s_cum: cumulative score (1/B) sum_i G_e(x_i).
-        s_spec: specific score max_i G_e(x_i).
-        kl: KL_e = (1/B) sum_i G_e(x_i) log(G_e(x_i) / p(e)), p(e) = (1/B) sum_j G_e(x_j).
-        importance: I(e) = lambda s_cum + (1 - lambda) s_spec - beta KL_e, as the client computed it.
-    """
-
-    usage: np.ndarray
-    s_cum: np.ndarray
-    s_spec: np.ndarray
-    kl: np.ndarray
-    importance: np.ndarray
-
-    @classmethod
-    def uniform(cls, num_local: int) -> "LayerRouting":
-        """Statistics of a router that sends every token uniformly to its ``num_local`` experts."""
-        p = np.full(num_local, 1.0 / num_local)
-        return cls(usage=p, s_cum=p, s_spec=p, kl=np.zeros(num_local), importance=p)
-
-
-@dataclass(frozen=True)
 class ClientUpdate:
     """One client's fit result (Flower's ``FitRes``), pruned to the experts it held.
 
@@ -110,7 +83,8 @@ class ClientUpdate:
         tensor_meta: name -> :class:`TensorMeta` for every name in ``tensors``.
         expert_ids: per MoE layer, local expert index -> global expert id.
         trained_experts: per MoE layer, the global ids whose weights received gradient steps this round.
-        routing: per MoE layer, routing statistics over the local experts.
+        routing: per MoE layer, routing statistics over the local experts (``device_runtime.stats.LayerRouting``:
+            usage, specific, kl, tokens_routed, num_tokens; HFedMoE's s_cum, s_spec, KL_e).
         metrics: free-form scalars the client reported (loss, seconds, peak RSS ...).
     """
 

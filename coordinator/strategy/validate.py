@@ -91,14 +91,14 @@ def _check_layer(who: str, layer: int, update: ClientUpdate, total: int | None) 
 
 
 def _check_routing(who: str, layer: int, stats: LayerRouting, kept: int) -> None:
-    for field_name in ("usage", "s_cum", "s_spec", "kl", "importance"):
+    for field_name in ("usage", "specific", "kl", "tokens_routed"):
         values = np.asarray(getattr(stats, field_name))
         if values.shape != (kept,) or not np.all(np.isfinite(values)):
             raise UpdateRejected(f"{who}: layer {layer} routing {field_name} must be {kept} finite values, "
                                  f"got shape {values.shape}")
-    for field_name in ("usage", "s_cum", "s_spec"):
+    for field_name in ("usage", "specific"):
         values = np.asarray(getattr(stats, field_name))
         if np.any(values < -_STAT_TOLERANCE) or np.any(values > 1 + _STAT_TOLERANCE):
             raise UpdateRejected(f"{who}: layer {layer} routing {field_name} must be probabilities in [0, 1]")
-    if np.any(np.asarray(stats.kl) < -_STAT_TOLERANCE):
-        raise UpdateRejected(f"{who}: layer {layer} routing kl must be >= 0")
+    if np.any(np.asarray(stats.kl) < -_STAT_TOLERANCE) or np.any(np.asarray(stats.tokens_routed) < 0):
+        raise UpdateRejected(f"{who}: layer {layer} routing kl and tokens_routed must be >= 0")
