@@ -68,12 +68,18 @@ class BundleCache:
         _touch(path)
         return bundle
 
-    def install(self, shape_key_id: str, files: Mapping[str, bytes]) -> Bundle:
+    def staging_dir(self) -> Path:
+        """A new empty directory inside the cache for a bundle being received (``BundleAssembler``); a
+        crash leaves it to the next start's clean-up. The receiver deletes it when done."""
+        return Path(tempfile.mkdtemp(dir=self.root, prefix=_TMP_PREFIX))
+
+    def install(self, shape_key_id: str, files: Mapping[str, bytes | Path]) -> Bundle:
         """Write a received bundle, verify it, make it visible, then evict down to the bounds.
 
         Args:
             shape_key_id: the bundle's shape key id (its manifest must say the same).
-            files: relative path -> bytes, ``manifest.json`` included (from ``BundleAssembler``).
+            files: relative path -> bytes, or -> a file in one of this cache's :meth:`staging_dir` (moved,
+                not copied, as ``BundleAssembler`` leaves them); ``manifest.json`` included.
 
         Raises:
             BundleIntegrityError: a file differs from the manifest's sha256, or a file is not listed in it.
@@ -81,7 +87,7 @@ class BundleCache:
         """
         if not _ID.match(shape_key_id):
             raise BundleError(f"invalid shape key id {shape_key_id!r}")
-        size = sum(len(blob) for blob in files.values())
+        size = sum(len(c) if isinstance(c, bytes) else c.stat().st_size for c in files.values())
         if size > self.max_bytes:
             raise BundleError(f"bundle {shape_key_id} is {size} bytes, above the cache bound {self.max_bytes}; "
                               "raise --cache-mib")
@@ -112,18 +118,21 @@ class BundleCache:
                 del sizes[victim]
 
 
-def _write_files(root: Path, files: Mapping[str, bytes]) -> None:
+def _write_files(root: Path, files: Mapping[str, bytes | Path]) -> None:
     root.mkdir()
     base = root.resolve()
-    for name, blob in files.items():
+    for name, content in files.items():
         path = (root / name).resolve()
         if base not in path.parents:
             raise BundleIntegrityError(f"bundle file {name!r} escapes the bundle directory")
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(blob)
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        else:
+            os.replace(content, path)
 
 
-def _check_contents(shape_key_id: str, bundle: Bundle, files: Mapping[str, bytes]) -> None:
+def _check_contents(shape_key_id: str, bundle: Bundle, files: Mapping[str, bytes | Path]) -> None:
     if bundle.manifest.shape_key.id != shape_key_id:
         raise BundleError(f"received bundle is {bundle.manifest.shape_key.id}, requested {shape_key_id}")
     unlisted = sorted(set(files) - set(bundle.manifest.files) - {MANIFEST})

@@ -27,6 +27,7 @@ import logging
 import os
 import random
 import re
+import shutil
 import signal
 import ssl
 import threading
@@ -196,7 +197,7 @@ class DeviceClient:
         self.cache = BundleCache(root / "bundles", max_bundles=cache_bundles, max_bytes=int(cache_mib * MIB))
         self.store = UpdateStore(root / "updates")
         self.session = DeviceSession(cached=self.cache.ids(), known_updates=self.store.pending_ids(),
-                                     max_bundle_bytes=self.cache.max_bytes)
+                                     max_bundle_bytes=self.cache.max_bytes, staging=self.cache.staging_dir)
         self.connections = 0  # successful authentications so far
         self._ws: ClientConnection | None = None
         self._queue: asyncio.Queue[Assignment] = asyncio.Queue()
@@ -335,6 +336,8 @@ class DeviceClient:
             return self.session.bundle_rejected(action.shape_key_id, "bad_payload", str(exc))
         except BundleError as exc:
             return self.session.bundle_rejected(action.shape_key_id, "bad_header", str(exc))
+        finally:
+            shutil.rmtree(action.directory, ignore_errors=True)
         cached = set(self.cache.ids())
         for evicted in self.session.cached - cached - {action.shape_key_id}:
             self.session.bundle_evicted(evicted)

@@ -1,24 +1,27 @@
-"""How an authenticated device reacts to coordinator messages: a pure "message + state -> actions" layer.
+"""How an authenticated device reacts to coordinator messages: a "message + state -> actions" layer.
 
-No I/O here: :class:`DeviceSession` returns :class:`Send`, :class:`InstallBundle`, :class:`Train`,
+No network I/O here: :class:`DeviceSession` returns :class:`Send`, :class:`InstallBundle`, :class:`Train`,
 :class:`Acked` and :class:`Report` actions that ``device_runtime.client`` carries out (websocket,
 bundle cache, ORT training, update store), and the client tells the session what came of them
 (:meth:`DeviceSession.bundle_installed`, :meth:`DeviceSession.bundle_rejected`, :meth:`DeviceSession.forget`).
+The one disk write is the bundle transfer: ``BundleAssembler`` streams chunks into a staging directory
+that the client's bundle cache provides.
 
 Rules (see ``notes/contract.md``, round steps 4-6):
 
 * An ``Assignment`` whose ``update_id`` the device already holds (queued, training, pending upload or
   acknowledged) is not trained again: a pending update is re-sent by the client on every connection.
 * An ``Assignment`` for a shape key not in the cache waits for the bundle: one ``BundleRequest`` per shape
-  key, chunks assembled by ``BundleAssembler`` (bounded, sha256 per file). A broken transfer drops the
+  key, chunks streamed to disk by ``BundleAssembler`` (bounded, sha256 per file). A broken transfer drops the
   waiting assignments (nothing is trained) and tells the coordinator with an ``Error``.
 * A malformed frame gets an ``Error`` back and aborts any bundle transfer (a chunk may have been lost).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from device_runtime.errors import ProtocolError
 from device_runtime.wire import (Ack, Assignment, BundleAssembler, BundleData, BundleRequest, Error, Evaluate,
@@ -34,10 +37,12 @@ class Send:
 
 @dataclass(frozen=True)
 class InstallBundle:
-    """Verify and cache these bundle files (relative path -> bytes), then report back to the session."""
+    """Verify and cache these received bundle files (relative path -> file in ``directory``), report back
+    to the session, and delete ``directory``."""
 
     shape_key_id: str
     files: dict = field(compare=False)
+    directory: Path = field(compare=False)
 
 
 @dataclass(frozen=True)
@@ -74,11 +79,13 @@ class DeviceSession:
         cached: shape key ids whose bundles are in the device's cache.
         known_updates: update ids the device already holds (pending upload or acknowledged).
         max_bundle_bytes: the largest bundle accepted (bytes).
+        staging: returns a new empty directory for one bundle transfer (``BundleCache.staging_dir``).
     """
 
-    def __init__(self, *, cached: Iterable[str], known_updates: Iterable[str], max_bundle_bytes: int):
+    def __init__(self, *, cached: Iterable[str], known_updates: Iterable[str], max_bundle_bytes: int,
+                 staging: Callable[[], Path]):
         self.cached, self.known = set(cached), set(known_updates)
-        self.max_bundle_bytes = max_bundle_bytes
+        self.max_bundle_bytes, self.staging = max_bundle_bytes, staging
         self._fetching: dict[str, BundleAssembler] = {}
         self._waiting: dict[str, list[Assignment]] = {}
 
@@ -110,7 +117,8 @@ class DeviceSession:
 
     def connection_lost(self) -> None:
         """Transfers cannot resume on a new connection; the coordinator re-sends pending assignments."""
-        for shape_key_id in list(self._fetching):
+        for shape_key_id, assembler in self._fetching.items():
+            assembler.abort()
             for assignment in self._waiting.pop(shape_key_id, []):
                 self.known.discard(assignment.update_id)
         self._fetching.clear()
@@ -147,7 +155,7 @@ class DeviceSession:
         self._waiting.setdefault(key, []).append(msg)
         if key in self._fetching:
             return []
-        self._fetching[key] = BundleAssembler(key, max_total_bytes=self.max_bundle_bytes)
+        self._fetching[key] = BundleAssembler(key, self.staging(), max_total_bytes=self.max_bundle_bytes)
         return [Report("info", f"fetching bundle {key}"), Send(BundleRequest(shape_key_id=key))]
 
     def _chunk(self, chunk: BundleData) -> list[Action]:
@@ -155,17 +163,22 @@ class DeviceSession:
         if assembler is None:
             return [Send(Error(code="unexpected", message=f"bundle {chunk.shape_key_id} was not requested"))]
         try:
-            files = assembler.add(chunk)
+            files = assembler.add(chunk)  # on error it has deleted its directory
         except ProtocolError as exc:
             return [Send(Error(code=exc.code, message=str(exc)[:2000])),
                     *self._drop_transfer(chunk.shape_key_id, str(exc))]
+        except OSError as exc:  # disk full or not writable
+            return [Send(Error(code="internal", message=f"cannot store bundle {chunk.shape_key_id}: {exc}"[:2000])),
+                    *self._drop_transfer(chunk.shape_key_id, f"cannot store it: {exc}")]
         if files is None:
             return []
         del self._fetching[chunk.shape_key_id]
-        return [InstallBundle(chunk.shape_key_id, files)]
+        return [InstallBundle(chunk.shape_key_id, files, assembler.directory)]
 
     def _drop_transfer(self, shape_key_id: str, reason: str) -> list[Action]:
-        self._fetching.pop(shape_key_id, None)
+        assembler = self._fetching.pop(shape_key_id, None)
+        if assembler is not None:
+            assembler.abort()
         return self._drop_waiting(shape_key_id, reason)
 
     def _drop_waiting(self, shape_key_id: str, reason: str) -> list[Action]:

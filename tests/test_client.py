@@ -317,17 +317,19 @@ def test_stop_abandons_training_after_the_current_step_and_keeps_state(tmp_path,
         client = asyncio.run(with_server(server, body))
     assert "abandoned (stopping)" in caplog.text
     assert server.updates_seen == [] and not client.store.pending_ids()
+    assert not list((tmp_path / "state" / "bundles").glob(".tmp-*"))  # the transfer's staging directory is gone
     assert BundleCache(tmp_path / "state" / "bundles").ids() == [verified.manifest.shape_key.id]
 
 
 # ---------------------------------------------------------------- I/O-free parts
 
 
-def test_session_does_not_retrain_a_known_update_and_fetches_each_bundle_once(bundle):
+def test_session_does_not_retrain_a_known_update_and_fetches_each_bundle_once(bundle, tmp_path):
     verified, _ = bundle
     a = assignment_of(verified, "u1")
     b = assignment_of(verified, "u2")
-    session = DeviceSession(cached=[], known_updates=["u0"], max_bundle_bytes=1 << 30)
+    session = DeviceSession(cached=[], known_updates=["u0"], max_bundle_bytes=1 << 30,
+                            staging=BundleCache(tmp_path).staging_dir)
     first = session.on_message(a)
     assert [type(x) for x in first] == [Report, Send] and isinstance(first[1].message, BundleRequest)
     assert session.on_message(b) == []  # same shape: waits for the same transfer

@@ -3,6 +3,8 @@
 import hashlib
 import json
 import struct
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -197,20 +199,23 @@ def test_expect():
     assert info.value.code == "auth"
 
 
-def test_bundle_chunks_reassemble_across_messages():
+def test_bundle_chunks_reassemble_across_messages(tmp_path):
     files = {"training_model.onnx": bytes(range(256)) * 5, "empty.txt": b"", "manifest.json": b"{}"}
     chunks = list(p.bundle_chunks("experts-2.1", files, chunk_bytes=100))
     assert len(chunks) == 13 + 1 + 1 and [c.more for c in chunks].count(False) == 1 and not chunks[-1].more
-    assembler = p.BundleAssembler("experts-2.1", max_total_bytes=2000)
+    assembler = p.BundleAssembler("experts-2.1", tmp_path, max_total_bytes=2000)
     results = [assembler.add(p.decode(p.encode(c), max_size=MAX)) for c in chunks]
-    assert results[:-1] == [None] * (len(chunks) - 1) and results[-1] == files
+    assert results[:-1] == [None] * (len(chunks) - 1)
+    assert {name: path.read_bytes() for name, path in results[-1].items()} == files
 
 
 def _assemble(chunks, max_total_bytes=10_000):
-    assembler = p.BundleAssembler("k", max_total_bytes=max_total_bytes)
+    directory = Path(tempfile.mkdtemp())
+    assembler = p.BundleAssembler("k", directory, max_total_bytes=max_total_bytes)
     with pytest.raises(ProtocolError) as info:
         for chunk in chunks:
             assembler.add(chunk)
+    assert not directory.exists()  # partial files deleted
     return info.value.code
 
 

@@ -166,7 +166,7 @@ def test_malformed_and_oversized_messages(server, initialised):
     test_healthz(server)  # the server survived
 
 
-def test_round_with_bundle_transfer_and_replayed_update(server, initialised):
+def test_round_with_bundle_transfer_and_replayed_update(server, initialised, tmp_path):
     from device_runtime.bundle import Manifest
 
     cfg, memory = initialised
@@ -176,12 +176,12 @@ def test_round_with_bundle_transfer_and_replayed_update(server, initialised):
         assignment = first_assignment(conn, device_id, private, profile)
         assert assignment.shape_key.experts_per_layer == (2, 2)
         send(conn, BundleRequest(shape_key_id=assignment.shape_key.id))
-        assembler, files = BundleAssembler(assignment.shape_key.id, max_total_bytes=64 << 20), None
+        assembler, files = BundleAssembler(assignment.shape_key.id, tmp_path / "rx", max_total_bytes=64 << 20), None
         while files is None:
             chunk = recv(conn)
             assert isinstance(chunk, BundleData)
             files = assembler.add(chunk)
-        manifest = Manifest.from_json(files["manifest.json"].decode())
+        manifest = Manifest.from_json(files["manifest.json"].read_text())
         assert manifest.shape_key == assignment.shape_key
         assert {s.name for s in manifest.tensors} == set(assignment.tensors)
 

@@ -1,9 +1,12 @@
-"""Bundle transfer: bundle files -> ``BundleData`` chunks, and chunks -> verified files (no I/O)."""
+"""Bundle transfer: bundle files -> ``BundleData`` chunks, and chunks -> verified files streamed to disk."""
 
 from __future__ import annotations
 
 import hashlib
+import shutil
 from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import BinaryIO
 
 from device_runtime.errors import ProtocolError
 from device_runtime.units import MIB
@@ -31,60 +34,95 @@ def bundle_chunks(shape_key_id: str, files: Mapping[str, bytes], *, chunk_bytes:
 
 
 class BundleAssembler:
-    """Reassemble and verify the files of one bundle from ``BundleData`` chunks (no I/O).
+    """Receive the files of one bundle from ``BundleData`` chunks, streaming each to disk.
+
+    Each file is written as it arrives to ``directory/<n>.part``, a name this side chooses (the peer's
+    relative path is only returned as a key, for the caller to check against the bundle's manifest), and
+    its sha256 is updated chunk by chunk; memory stays at one chunk whatever the bundle size. Any error
+    deletes ``directory`` with every partial file in it.
 
     Args:
         shape_key_id: the bundle requested; chunks of another bundle are rejected.
+        directory: an empty directory of the receiver's choosing (created if absent), e.g.
+            ``BundleCache.staging_dir()``; the caller deletes it once the files are used.
         max_total_bytes: bound on the sum of all file sizes (bytes).
     """
 
-    def __init__(self, shape_key_id: str, *, max_total_bytes: int):
-        self.shape_key_id = shape_key_id
-        self.max_total_bytes = max_total_bytes
-        self._files: dict[str, bytearray] = {}
+    def __init__(self, shape_key_id: str, directory: str | Path, *, max_total_bytes: int):
+        self.shape_key_id, self.directory, self.max_total_bytes = shape_key_id, Path(directory), max_total_bytes
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._paths: dict[str, Path] = {}
         self._current: BundleData | None = None
+        self._out: BinaryIO | None = None
+        self._hash = hashlib.sha256()
+        self._written = 0
         self._declared = 0
 
-    def add(self, chunk: BundleData) -> dict[str, bytes] | None:
-        """Add the next chunk; returns name -> file bytes once the last chunk arrived, else None.
+    def add(self, chunk: BundleData) -> dict[str, Path] | None:
+        """Write the next chunk; once the last chunk arrived, returns the peer's file name -> local path.
 
         Raises:
             ProtocolError("unexpected"): wrong bundle, chunk out of order, or a file sent twice.
             ProtocolError("too_large"): the files exceed ``max_total_bytes``.
             ProtocolError("bad_payload"): a file's sha256 differs from its declared one.
+            ProtocolError("bad_frame"): chunks beyond a file's declared size, or the bundle ended inside a file.
+            ProtocolError("bad_header"): a file name with a ``.`` or ``..`` part.
+            OSError: the disk is full or not writable.
+            After any of these the directory is deleted and the assembler is unusable.
         """
+        try:
+            return self._add(chunk)
+        except BaseException:
+            self.abort()
+            raise
+
+    def abort(self) -> None:
+        """Stop the transfer and delete the directory with every file received so far."""
+        if self._out is not None:
+            self._out.close()
+            self._out = None
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+    def _add(self, chunk: BundleData) -> dict[str, Path] | None:
         if chunk.shape_key_id != self.shape_key_id:
             raise ProtocolError("unexpected", f"chunk of bundle {chunk.shape_key_id}, expected {self.shape_key_id}")
         if any(part in (".", "..") for part in chunk.name.split("/")):
             raise ProtocolError("bad_header", f"bundle file name {chunk.name!r} escapes the bundle")
-        buf = self._open(chunk) if chunk.offset == 0 else self._continue(chunk)
-        buf += chunk.data
-        if len(buf) > chunk.total_size:
+        if chunk.offset == 0:
+            self._open(chunk)
+        elif self._out is None or chunk.offset != self._written or \
+                (chunk.name, chunk.total_size, chunk.sha256) != \
+                (self._current.name, self._current.total_size, self._current.sha256):
+            raise ProtocolError("unexpected", f"chunk {chunk.name}@{chunk.offset} out of order")
+        if self._written + len(chunk.data) > chunk.total_size:
             raise ProtocolError("bad_frame", f"{chunk.name}: chunks exceed its declared {chunk.total_size} bytes")
-        complete = len(buf) == chunk.total_size
-        if complete and hashlib.sha256(buf).hexdigest() != chunk.sha256:
-            raise ProtocolError("bad_payload", f"bundle file {chunk.name} differs from its sha256")
+        self._out.write(chunk.data)
+        self._hash.update(chunk.data)
+        self._written += len(chunk.data)
+        complete = self._written == chunk.total_size
+        if complete:
+            self._close(chunk)
         if chunk.more:
             return None
         if not complete:
             raise ProtocolError("bad_frame", f"bundle ended inside {chunk.name}")
-        return {name: bytes(b) for name, b in self._files.items()}
+        return dict(self._paths)
 
-    def _open(self, chunk: BundleData) -> bytearray:
-        if self._current is not None and len(self._files[self._current.name]) != self._current.total_size:
+    def _open(self, chunk: BundleData) -> None:
+        if self._out is not None:
             raise ProtocolError("unexpected", f"{chunk.name} started before {self._current.name} was complete")
-        if chunk.name in self._files:
+        if chunk.name in self._paths:
             raise ProtocolError("unexpected", f"bundle file {chunk.name} sent twice")
         self._declared += chunk.total_size
         if self._declared > self.max_total_bytes:
             raise ProtocolError("too_large", f"bundle exceeds {self.max_total_bytes} bytes")
-        self._current = chunk
-        self._files[chunk.name] = bytearray()
-        return self._files[chunk.name]
+        path = self.directory / f"{len(self._paths)}.part"
+        self._current, self._paths[chunk.name], self._written = chunk, path, 0
+        self._hash = hashlib.sha256()
+        self._out = open(path, "xb")
 
-    def _continue(self, chunk: BundleData) -> bytearray:
-        cur = self._current
-        if cur is None or (chunk.name, chunk.total_size, chunk.sha256) != (cur.name, cur.total_size, cur.sha256) \
-                or chunk.offset != len(self._files[cur.name]):
-            raise ProtocolError("unexpected", f"chunk {chunk.name}@{chunk.offset} out of order")
-        return self._files[cur.name]
+    def _close(self, chunk: BundleData) -> None:
+        self._out.close()
+        self._out = None
+        if self._hash.hexdigest() != chunk.sha256:
+            raise ProtocolError("bad_payload", f"bundle file {chunk.name} differs from its sha256")
