@@ -84,11 +84,13 @@ class Evaluator:
         import torch
 
         from export.evaluate import label_accuracy
+        from export.experts_impl import ROUTED
         from export.global_state import apply_state, load_trainable_model
 
         torch.set_num_threads(self._threads)
         if self._model is None:
             self._model = load_trainable_model(self.checkpoint, **self._layout)
+            self._model.set_experts_implementation(ROUTED)  # scoring needs no export: each expert on its tokens
         if params is not None:
             apply_state(self._model, params)
         return label_accuracy(self._model, self.checkpoint / "tokenizer.json", self.records, self.labels,

@@ -26,6 +26,7 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 from device_runtime.errors import ModelError
 
 DENSE_MASKED = "dense_masked"
+ROUTED = "routed"
 LORA_PARAMS = ("gate_up_lora_A", "gate_up_lora_B", "down_lora_A", "down_lora_B")
 
 
@@ -87,6 +88,34 @@ def dense_masked_experts_forward(
 
 
 ALL_EXPERTS_FUNCTIONS.register(DENSE_MASKED, dense_masked_experts_forward)
+
+
+def routed_experts_forward(
+    self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
+    """The same result as :func:`dense_masked_experts_forward`, each expert on only its routed tokens.
+
+    For inference in torch (server-side evaluation): ``top_k / num_experts`` of the dense-masked expert FLOPs.
+    It uses ``index_add``, so it is never exported (DESIGN.md §3). Shapes as in the dense-masked forward.
+    """
+    lora = getattr(self, "gate_up_lora_A", None) is not None
+    scaling = getattr(self, "lora_scaling", 0.0)
+    gates = gate_matrix(top_k_index, top_k_weights, self.gate_up_proj.shape[0])  # (N, E)
+    out = torch.zeros_like(hidden_states, dtype=gates.dtype)  # (N, H)
+    for expert in torch.nonzero(gates.sum(0), as_tuple=True)[0].tolist():
+        tokens = torch.nonzero(gates[:, expert], as_tuple=True)[0]  # (n,)
+        pick = slice(expert, expert + 1)
+        gate_up = _project(hidden_states[tokens], self.gate_up_proj[pick],
+                           self.gate_up_lora_A[pick] if lora else None, self.gate_up_lora_B[pick] if lora else None,
+                           scaling)  # (1, n, 2I)
+        inner = self._apply_gate(gate_up)  # (1, n, I)
+        expert_out = _project(inner, self.down_proj[pick], self.down_lora_A[pick] if lora else None,
+                              self.down_lora_B[pick] if lora else None, scaling)[0]  # (n, H)
+        out.index_add_(0, tokens, expert_out * gates[tokens, expert].unsqueeze(-1))
+    return out.to(hidden_states.dtype)
+
+
+ALL_EXPERTS_FUNCTIONS.register(ROUTED, routed_experts_forward)
 
 
 def experts_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
