@@ -51,6 +51,18 @@ def mixtral_config(dense_config, *, num_experts: int, experts_per_token: int, nu
     )
 
 
+def experts_from_dense(gate_proj, up_proj, down_proj, num_experts: int):
+    """A dense FFN copied into ``num_experts`` fused experts: ``(gate_up (E, 2I, H), down (E, H, I))``.
+
+    Args: the dense ``gate_proj (I, H)``, ``up_proj (I, H)``, ``down_proj (H, I)`` weights (torch tensors).
+    The fused layout is ``[gate; up]`` along dim 1, as transformers' MoE experts keep it.
+    """
+    import torch
+
+    gate_up = torch.cat([gate_proj, up_proj]).unsqueeze(0).repeat(num_experts, 1, 1)  # (E, 2I, H)
+    return gate_up, down_proj.unsqueeze(0).repeat(num_experts, 1, 1)  # (E, H, I)
+
+
 def upcycle(dense, *, num_experts: int = 4, experts_per_token: int = 2, num_layers: int | None = None,
             router_std: float = 0.02, seed: int = 0):
     """Upcycle a dense Llama-family CausalLM into a MixtralForCausalLM.
@@ -79,11 +91,10 @@ def upcycle(dense, *, num_experts: int = 4, experts_per_token: int = 2, num_laye
             new_state[name] = torch.randn(tensor.shape, generator=generator) * router_std
         elif name.endswith("mlp.experts.gate_up_proj"):
             prefix = name[: -len("experts.gate_up_proj")]
-            fused = torch.cat([dense_state[prefix + "gate_proj.weight"], dense_state[prefix + "up_proj.weight"]])
-            new_state[name] = fused.unsqueeze(0).repeat(num_experts, 1, 1)  # (E, 2I, H)
+            new_state[name], new_state[prefix + "experts.down_proj"] = experts_from_dense(
+                *(dense_state[prefix + f"{p}.weight"] for p in ("gate_proj", "up_proj", "down_proj")), num_experts)
         elif name.endswith("mlp.experts.down_proj"):
-            prefix = name[: -len("experts.down_proj")]
-            new_state[name] = dense_state[prefix + "down_proj.weight"].unsqueeze(0).repeat(num_experts, 1, 1)
+            continue  # set with its layer's gate_up_proj
         else:
             new_state[name] = dense_state[name]
     moe.load_state_dict(new_state, strict=True)
