@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -119,7 +120,7 @@ def run_flower(plan: dict, run: Path, model: str, workdir: Path, timeout: float)
     children: list[Child] = [_spawn("superlink", [_flwr_bin("flower-superlink"), "--insecure", "--port", str(port)],
                                     workdir / "superlink.log", env)]
     try:
-        time.sleep(3)
+        _wait_listening(port, children[0])
         for device in plan["devices"]:
             data = run / "data" / f"{device['name']}.jsonl"
             children.append(_spawn(device["name"], [
@@ -143,6 +144,19 @@ def run_flower(plan: dict, run: Path, model: str, workdir: Path, timeout: float)
     finally:
         for child in reversed(children):
             child.stop()
+
+
+def _wait_listening(port: int, child: Child, timeout: float = 120.0) -> None:
+    """Wait until something accepts TCP connections on 127.0.0.1:``port`` (the SuperLink's HTTP API)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and child.poll() is None:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            time.sleep(2)  # the port opens before the app's startup has finished
+            return
+        except OSError:
+            time.sleep(0.5)
+    raise SystemExit(f"the SuperLink did not listen on {port}:\n{child.tail(20)}")
 
 
 def _rows(results: Path, plan: dict) -> list[dict] | None:

@@ -11,6 +11,7 @@ from rich.live import Live
 from rich.spinner import Spinner
 from rich.table import Table
 
+from coordinator.simulation.centralized import NAME as CENTRALIZED
 from coordinator.simulation.profiles import load_profiles
 from coordinator.simulation.report import RoundRecord
 from coordinator.simulation.simulate import PRESETS, SimulationPlan, simulate, with_overrides
@@ -21,9 +22,10 @@ from device_runtime.units import MIB
 
 def _strategies(strategy: str, compare: str | None) -> tuple[str, ...]:
     names = tuple(s.strip() for s in (compare or strategy).split(",") if s.strip())
-    unknown = [n for n in names if n not in STRATEGIES]
+    unknown = [n for n in names if n not in STRATEGIES and n != CENTRALIZED]
     if not names or unknown:
-        raise ConfigError(f"unknown strategy {unknown or names}; choose from {', '.join(sorted(STRATEGIES))}")
+        raise ConfigError(f"unknown strategy {unknown or names}; choose from "
+                          f"{', '.join(sorted([*STRATEGIES, CENTRALIZED]))}")
     return names
 
 
@@ -46,7 +48,8 @@ def _round_table(records: list[RoundRecord]) -> Table:
                    "2 devices, 2 rounds (about a minute).")
 @click.option("--strategy", default="hfedmoe", show_default=True,
               help=f"Aggregation strategy: {', '.join(sorted(STRATEGIES))}.")
-@click.option("--compare", default=None, help="Several strategies on the same split and seed, e.g. hfedmoe,fedavg.")
+@click.option("--compare", default=None, help="Several strategies on the same split and seed, e.g. "
+              "centralized,hfedmoe,fedavg (centralized: the same model and steps on the union of the data, one process).")
 @click.option("--devices", "devices_file", type=click.Path(exists=True, dir_okay=False), default=None,
               help="TOML device profiles ([[device]] kind, memory_mib, gflops, count).  [default: 2 Pis of 1.5 GiB, "
                    "2 phones of 3 GiB, 1 laptop of 8 GiB]")
@@ -138,7 +141,7 @@ def _final(console: Console, summary: dict) -> None:
 
 def _memory_table(summary: dict) -> Table:
     """Each device's budget and, per strategy, its measured peak RSS (MiB)."""
-    strategies = list(summary["strategies"])
+    strategies = [s for s, v in summary["strategies"].items() if v["peak_rss_mib"]]  # centralized has no devices
     table = Table("device", "budget MiB", *(f"peak RSS MiB ({s})" for s in strategies), title="device memory")
     for device, budget in summary["budgets_mib"].items():
         peaks = [summary["strategies"][s]["peak_rss_mib"].get(device) for s in strategies]

@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
+from coordinator.simulation.centralized import NAME as CENTRALIZED
+from coordinator.simulation.centralized import run_centralized
 from coordinator.simulation.data import dirichlet_split, label_histogram, train_test_split, write_jsonl
 from coordinator.simulation.profiles import SimulatedDevice
 from coordinator.simulation.report import RoundRecord, plot_accuracy, write_metrics
@@ -116,6 +118,8 @@ def _zero_shot(checkpoint: Path, test: list[dict], plan: SimulationPlan):
 def simulate(plan: SimulationPlan, on_event: Callable[[str, object], None]) -> dict:
     """Run every strategy of ``plan`` on the same data split and seed; write outputs; return the summary.
 
+    The strategy name ``centralized`` is the reference trained in this process (``centralized.py``).
+
     ``on_event(kind, payload)`` reports progress: ``("stage", text)``, ``("round", RoundRecord)``.
     """
     plan.out.mkdir(parents=True, exist_ok=True)
@@ -130,10 +134,16 @@ def simulate(plan: SimulationPlan, on_event: Callable[[str, object], None]) -> d
     records: list[RoundRecord] = []
     peaks: dict[str, dict] = {}
     for strategy in plan.strategies:
-        on_event("stage", f"{strategy}: starting the coordinator and {len(plan.devices)} devices")
         start = RoundRecord(strategy, 0, zero.accuracy, zero.loss, 0.0, 0, 0)
         records.append(start)
         on_event("round", start)
+        if strategy == CENTRALIZED:
+            on_event("stage", f"{strategy}: training on the union of the device files in this process")
+            records += run_centralized(checkpoint, files, test, rounds=plan.preset.rounds, fit=_fit(plan.preset),
+                                       trainable_mode=plan.trainable_mode, lora_rank=plan.lora_rank, seed=plan.seed,
+                                       on_round=lambda r: on_event("round", r), threads=plan.slots)
+            continue
+        on_event("stage", f"{strategy}: starting the coordinator and {len(plan.devices)} devices")
         fed = Federation(strategy=strategy, rounds=plan.preset.rounds, checkpoint=checkpoint, devices=plan.devices,
                          data_files=tuple(files), fit=_fit(plan.preset), eval_data=plan.out / "data" / "test.jsonl",
                          trainable_mode=plan.trainable_mode,

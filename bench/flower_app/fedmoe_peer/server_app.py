@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 import time
+from collections import OrderedDict
 from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
-from fedmoe_peer.task import as_global_state, load_model, trainable_state
+from fedmoe_peer.task import as_global_state, load_model
 
 app = ServerApp()
 
@@ -44,9 +45,9 @@ def main(grid: Grid, context: Context) -> None:
 
     cfg = context.run_config
     kind, checkpoint = str(cfg["model"]), Path(str(cfg["moe-checkpoint"]))
-    model, names = load_model(kind, checkpoint, int(cfg["num-layers"]), float(cfg["aux-loss-coef"]))
-    initial = trainable_state(model, names)
-    del model
+    model, params = load_model(kind, checkpoint, int(cfg["num-layers"]))
+    initial = ArrayRecord(OrderedDict((n, p.detach().clone()) for n, p in params.items()))
+    del model, params
     evaluator = Evaluator(checkpoint, load_records(str(cfg["test-file"])), seq_len=int(cfg["seq-len"]))
     num_experts = evaluator_experts(checkpoint)
     clients = int(cfg["num-clients"])
@@ -61,7 +62,7 @@ def main(grid: Grid, context: Context) -> None:
             handle.write(json.dumps(row) + "\n")
         return MetricRecord({"accuracy": score.accuracy, "loss": score.loss})
 
-    strategy.start(grid=grid, initial_arrays=ArrayRecord(initial), num_rounds=int(cfg["rounds"]),
+    strategy.start(grid=grid, initial_arrays=initial, num_rounds=int(cfg["rounds"]),
                    train_config=ConfigRecord({}), evaluate_fn=evaluate)
 
 

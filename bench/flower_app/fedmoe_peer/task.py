@@ -12,60 +12,35 @@ from __future__ import annotations
 from collections import OrderedDict
 from pathlib import Path
 
-import torch
-
 FFN = ("gate_proj", "up_proj", "down_proj")
 
 
-def load_model(kind: str, moe_checkpoint: Path, num_layers: int, aux_loss_coef: float):
-    """``(model, trainable names)`` of the ``dense`` or ``moe`` peer model (float32, train mode)."""
+def load_model(kind: str, moe_checkpoint: Path, num_layers: int):
+    """``(model, trainable parameters by name)`` of the ``dense`` or ``moe`` peer model (float32)."""
     from export.global_state import global_tensor_names, load_trainable_model
     from export.loading import load_causal_lm, smollm2_checkpoint
+    from export.torch_train import trainable_only
 
     if kind == "moe":
         model = load_trainable_model(moe_checkpoint)
-        model.config.output_router_logits = True  # the load-balancing loss joins the LM loss, as on devices
-        model.config.router_aux_loss_coef = aux_loss_coef
         names = global_tensor_names(model)
     else:
         model = load_causal_lm(smollm2_checkpoint())
         model.model.layers = model.model.layers[:num_layers]
         model.config.num_hidden_layers = num_layers
         names = [n for n, _ in model.named_parameters() if n.split(".")[-2] in FFN]
-    trainable = set(names)
-    for name, param in model.named_parameters():
-        param.requires_grad_(name in trainable)
-    return model.train(), names
+    return model, OrderedDict(zip(names, trainable_only(model, names)))
 
 
-def trainable_state(model, names) -> OrderedDict:
-    params = dict(model.named_parameters())
-    return OrderedDict((n, params[n].detach().clone()) for n in names)
-
-
-def set_trainable(model, state: dict) -> None:
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, value in state.items():
-            params[name].copy_(value)
-
-
-def fit(model, names, data_file: Path, tokenizer: Path, *, steps: int, batch_size: int, seq_len: int,
-        learning_rate: float, seed: int) -> tuple[int, float]:
-    """``steps`` AdamW steps on ``data_file``; returns (number of training records, mean loss)."""
+def fit(model, params: dict, data_file: Path, tokenizer: Path, *, steps: int, batch_size: int, seq_len: int,
+        learning_rate: float, aux_loss_coef: float, seed: int) -> tuple[int, float]:
+    """``steps`` fresh-AdamW steps on ``data_file``'s batches; returns (training records, mean loss)."""
     from device_runtime.data import LocalDataset
+    from export.torch_train import fit_steps
 
     dataset = LocalDataset.from_jsonl(data_file, tokenizer, seq_len=seq_len, eval_fraction=0.0, seed=seed)
-    params = dict(model.named_parameters())
-    optimizer = torch.optim.AdamW([params[n] for n in names], lr=learning_rate, eps=1e-8, weight_decay=0.01)
-    losses = []
-    for _, batch in zip(range(steps), dataset.train_batches(batch_size)):
-        out = model(input_ids=torch.from_numpy(batch.input_ids), attention_mask=torch.from_numpy(batch.attention_mask),
-                    labels=torch.from_numpy(batch.labels))
-        optimizer.zero_grad()
-        out.loss.backward()
-        optimizer.step()
-        losses.append(float(out.loss))
+    losses, _ = fit_steps(model, list(params.values()), dataset.train_batches(batch_size), steps=steps,
+                          learning_rate=learning_rate, aux_loss_coef=aux_loss_coef)
     return len(dataset.train), sum(losses) / max(1, len(losses))
 
 
