@@ -24,12 +24,24 @@ from coordinator.planning import to_client_update
 from coordinator.registry import Registry
 from coordinator.registry.tables import ModelVersion, Update
 from coordinator.strategy.base import Strategy
-from coordinator.strategy.types import ClientUpdate, Params
+from coordinator.strategy.types import ClientUpdate, FitContext, Params
 from coordinator.tensor_store import TensorStore
 from device_runtime.errors import ConfigError
 from device_runtime.stats import RoutingStats
 
 CALIBRATION_FILE = "calibration.json"
+
+
+def fit_context(cfg: CoordinatorConfig) -> FitContext:
+    """What the strategy's ``configure_fit`` needs from an initialised federation (``bind``).
+
+    Raises:
+        ConfigError: the state directory holds no calibration (run ``fedmoe-coord init``). ModelError: bad checkpoint.
+    """
+    from export.planner import model_shape
+
+    return FitContext(model_shape(cfg.checkpoint), load_calibration(cfg), cfg.fit_config, cfg.trainable_mode,
+                      cfg.lora_rank, cfg.seed)
 
 
 def tensor_store(cfg: CoordinatorConfig) -> TensorStore:

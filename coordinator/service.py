@@ -20,17 +20,16 @@ from pathlib import Path
 
 from coordinator.config import MIB, CoordinatorConfig
 from coordinator.evaluation import Evaluator, background_executor
-from coordinator.federation import GlobalModel, aggregate_round, load_calibration, tensor_store
+from coordinator.federation import GlobalModel, aggregate_round, fit_context, tensor_store
 from coordinator.planning import BundleCache, check_update, slice_assignment, update_meta
 from coordinator.registry import Registry
 from coordinator.rounds import (Action, Aggregate, Finished, RetryRound, RoundEngine, RoundPolicy, RunningRound,
                                 StartRound, Wait)
-from coordinator.strategy import ClientInfo, FitContext, FitIns, Strategy, from_name
+from coordinator.strategy import ClientInfo, FitIns, Strategy, from_name
 from device_runtime.bundle import Manifest, TrainingDefaults
 from device_runtime.errors import FedmoeError, UpdateRejected
 from device_runtime.stats import RoutingStats
 from device_runtime.wire import Ack, Assignment, Error, Message, Update
-from export.planner import model_shape
 
 log = logging.getLogger("fedmoe.coord")
 _POLL_S = 0.5
@@ -103,9 +102,7 @@ class Coordinator:
         try:
             model = GlobalModel(registry, tensor_store(cfg))
             fit = cfg.fit_config
-            context = FitContext(model_shape(cfg.checkpoint), load_calibration(cfg), fit, cfg.trainable_mode,
-                                 cfg.lora_rank, cfg.seed)
-            strategy = from_name(cfg.strategy, **cfg.strategy_params).bind(context)
+            strategy = from_name(cfg.strategy, **cfg.strategy_params).bind(fit_context(cfg))
             bundles = BundleCache(Path(cfg.state_dir) / "bundles", cfg.checkpoint, TrainingDefaults(
                 fit.batch_size, fit.seq_len, fit.learning_rate, fit.aux_loss_coef, fit.local_steps))
             policy = RoundPolicy(cfg.min_fit_clients, cfg.max_fit_clients, cfg.fraction_fit, cfg.round_deadline_s,

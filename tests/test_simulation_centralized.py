@@ -11,7 +11,7 @@ from helpers import RECORDS, SEQ_LEN, TRAINER_MIXTRAL, tiny_checkpoint  # noqa: 
 from coordinator.evaluation import Evaluator  # noqa: E402
 from coordinator.simulation.centralized import run_centralized  # noqa: E402
 from coordinator.simulation.data import write_jsonl  # noqa: E402
-from device_runtime.protocol import FitConfig  # noqa: E402
+from device_runtime.wire import FitConfig  # noqa: E402
 
 
 @pytest.mark.parametrize("mode,rank", [("experts", 0), ("lora", 2)])

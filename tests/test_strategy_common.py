@@ -132,7 +132,7 @@ def test_non_leading_expert_axis():
 
 
 def test_registry():
-    assert sorted(STRATEGIES) == ["fedalign", "fedavg", "fedmoe", "fedprox", "hfedmoe"]
+    assert sorted(STRATEGIES) == ["dense-fedavg", "fedalign", "fedavg", "fedmoe", "fedprox", "hfedmoe"]
     context = tiny_context()
     clients = [ClientInfo(c, {"memory_mib": memory_for(context, 2)}) for c in ("a", "b")]
     fits = from_name("fedprox", prox_mu=0.1).bind(context).configure_fit(3, tiny_global(), clients)
@@ -162,6 +162,15 @@ def test_configure_fit_sizes_by_budget_ranks_by_importance_and_leaves_out_who_ca
     own.update([np.array([[0.0, 10.0], [0.0, 1.0], [0.0, 0.0], [0.0, 10.0]])], 10)
     fits = FedAvg().bind(context).configure_fit(1, {}, [ClientInfo("two", clients[0].profile, own)])
     assert fits["two"].expert_ids == ((1, 3),)
+
+
+def test_dense_fedavg_gives_every_expert_or_lets_the_client_sit_out():
+    context = tiny_context()
+    clients = [ClientInfo("all", {"memory_mib": memory_for(context, 4)}),
+               ClientInfo("three", {"memory_mib": memory_for(context, 3)}), ClientInfo("tiny", {"memory_mib": 1.0})]
+    fits = from_name("dense-fedavg").bind(context).configure_fit(1, tiny_global(), clients)
+    assert {c: f.expert_ids for c, f in fits.items()} == {"all": ((0, 1, 2, 3),)}
+    assert fits["all"].config == FitConfig(batch_size=2, seq_len=8, seed=8)
 
 
 def test_configure_fit_needs_a_bound_strategy_and_the_seed_follows_the_server_round():

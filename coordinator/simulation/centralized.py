@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 
 from coordinator.simulation.report import RoundRecord
 from device_runtime.data import LocalDataset, TextEncoder, read_jsonl
-from device_runtime.protocol import FitConfig
+from device_runtime.wire import FitConfig
 
 NAME = "centralized"
 

@@ -145,5 +145,5 @@ def _memory_table(summary: dict) -> Table:
     table = Table("device", "budget MiB", *(f"peak RSS MiB ({s})" for s in strategies), title="device memory")
     for device, budget in summary["budgets_mib"].items():
         peaks = [summary["strategies"][s]["peak_rss_mib"].get(device) for s in strategies]
-        table.add_row(device, str(budget), *("died" if p is None else f"{p:.0f}" for p in peaks))
+        table.add_row(device, str(budget), *("sat out" if p is None else f"{p:.0f}" for p in peaks))
     return table

@@ -18,12 +18,13 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from coordinator.config import CoordinatorConfig, save_config
-from coordinator.federation import export_latest, initialize
+from coordinator.federation import export_latest, fit_context, initialize
 from coordinator.registry import Registry
 from coordinator.simulation.processes import (MIB, Child, enrol_device, free_port, start_coordinator, start_device,
                                               wait_healthy)
 from coordinator.simulation.profiles import SimulatedDevice
 from coordinator.simulation.report import DeviceRound, RoundRecord
+from coordinator.strategy import ClientInfo, from_name
 from coordinator.tensor_store import TensorStore
 from device_runtime.errors import FedmoeError
 from device_runtime.wire import FitConfig
@@ -113,14 +114,32 @@ class Watch:
         self.registry.close()
 
 
-def _start_devices(fed: Federation, out: Path, cfg: CoordinatorConfig, url: str) -> list[Child]:
+def participants(fed: Federation, cfg: CoordinatorConfig) -> list[tuple[SimulatedDevice, Path]]:
+    """The devices (with their data files) the strategy gives work in round 1. A simulated budget never changes,
+    so any other device would sit out every round (e.g. ``dense-fedavg`` and a device that cannot hold every
+    expert): it is not started, and the round quorum counts only the participants.
+
+    Raises:
+        FedmoeError: no device gets anything to train.
+    """
+    strategy = from_name(fed.strategy, **cfg.strategy_params).bind(fit_context(cfg))
+    planned = strategy.configure_fit(1, {}, [ClientInfo(d.name, {"memory_mib": d.memory_mib}) for d in fed.devices])
+    chosen = [(d, f) for d, f in zip(fed.devices, fed.data_files) if d.name in planned]
+    if not chosen:
+        raise FedmoeError(f"{fed.strategy} gives none of the {len(fed.devices)} devices anything to train "
+                          "(their budgets cannot hold what it trains)")
+    return chosen
+
+
+def _start_devices(fed: Federation, devices: Sequence[tuple[SimulatedDevice, Path]], out: Path,
+                   cfg: CoordinatorConfig, url: str) -> list[Child]:
     registry = Registry(cfg.registry_url)
     try:
-        tokens = [registry.create_enrol_token(d.name, 600) for d in fed.devices]
+        tokens = [registry.create_enrol_token(d.name, 600) for d, _ in devices]
     finally:
         registry.close()
     children, slots = [], f"{out / 'slots'}:{fed.slots}"
-    for device, token, data in zip(fed.devices, tokens, fed.data_files):
+    for (device, data), token in zip(devices, tokens):
         home = out / "devices" / device.name
         enrol_device(url, token, device.name, home, device.memory_mib)
         children.append(start_device(url, device.name, home, data, device.memory_mib, threads=1, slots=slots,
@@ -150,16 +169,18 @@ def run_federation(fed: Federation, out: Path, on_round: Callable[[RoundRecord],
     out.mkdir(parents=True, exist_ok=True)
     cfg = _config(fed, out, free_port())
     version = initialize(cfg, list(fed.calibration_texts), seq_len=fed.fit.seq_len)
+    devices = participants(fed, cfg)
     # The largest message is an assignment of every expert (the global state) plus its header.
     state_mib = TensorStore(Path(cfg.state_dir) / "tensors").path(version.tensor_sha256).stat().st_size / MIB
-    cfg = dataclasses.replace(cfg, max_message_mib=max(cfg.max_message_mib, math.ceil(state_mib * 1.05) + 16))
+    cfg = dataclasses.replace(cfg, max_message_mib=max(cfg.max_message_mib, math.ceil(state_mib * 1.05) + 16),
+                              min_fit_clients=len(devices), max_fit_clients=len(devices))
     save_config(cfg, out / "fedmoe-coord.toml")
     coordinator = start_coordinator(out / "fedmoe-coord.toml", out / "coordinator.log")
     children: list[Child] = []
     peak: dict[str, float] = {}
     try:
         wait_healthy(cfg.port, coordinator)
-        children = _start_devices(fed, out, cfg, f"ws://127.0.0.1:{cfg.port}")
+        children = _start_devices(fed, devices, out, cfg, f"ws://127.0.0.1:{cfg.port}")
         records = _watch_rounds(fed, cfg, coordinator, children, on_round, peak, poll_s)
     finally:
         for child in children:

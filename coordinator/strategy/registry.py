@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from coordinator.strategy.base import Strategy
+from coordinator.strategy.dense_fedavg import DenseFedAvg
 from coordinator.strategy.fedalign import FedAlign
 from coordinator.strategy.fedavg import FedAvg
 from coordinator.strategy.fedmoe import FedMoE
@@ -11,7 +12,7 @@ from coordinator.strategy.hfedmoe import HFedMoE
 from device_runtime.errors import ConfigError
 
 STRATEGIES: dict[str, type[Strategy]] = {
-    cls.name: cls for cls in (FedAvg, FedProx, FedMoE, HFedMoE, FedAlign)
+    cls.name: cls for cls in (FedAvg, DenseFedAvg, FedProx, FedMoE, HFedMoE, FedAlign)
 }
 
 
