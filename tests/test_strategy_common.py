@@ -132,7 +132,8 @@ def test_non_leading_expert_axis():
 
 
 def test_registry():
-    assert sorted(STRATEGIES) == ["dense-fedavg", "fedalign", "fedavg", "fedmoe", "fedprox", "hfedmoe"]
+    assert sorted(STRATEGIES) == ["dense-fedavg", "fedadam", "fedalign", "fedavg", "fedmoe", "fedprox",
+                                  "fedyogi", "hfedmoe"]
     context = tiny_context()
     clients = [ClientInfo(c, {"memory_mib": memory_for(context, 2)}) for c in ("a", "b")]
     fits = from_name("fedprox", prox_mu=0.1).bind(context).configure_fit(3, tiny_global(), clients)

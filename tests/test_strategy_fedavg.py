@@ -1,6 +1,7 @@
 """FedAvg, FedProx and FedMoE against hand-computed values (tiny_global: experts 0..3 rows [10e, 10e])."""
 
 import numpy as np
+import pytest
 
 from coordinator.strategy import FedAvg, FedMoE, FedProx
 from helpers import make_update, tiny_context, tiny_global
@@ -52,3 +53,21 @@ def test_fedmoe_unheld_unchanged_single_copied_shared_averaged():
                                                   [20, 20],  # unheld: unchanged
                                                   [30, 30]])
     np.testing.assert_allclose(out["gate.weight"][1], [4, 4])  # (2*1 + 6*5) / 8
+
+
+def test_fedadam_and_fedyogi_step_on_the_fedavg_delta_by_hand():
+    from coordinator.strategy import from_name
+
+    start = tiny_global()
+    adam, yogi = from_name("fedadam", eta=0.5, beta_1=0.5, beta_2=0.5), from_name("fedyogi", eta=0.5, beta_1=0.5,
+                                                                                   beta_2=0.5)
+    first, _ = adam.aggregate_fit(1, _two_clients(), [], start)
+    # attn.w: delta = [4, 4] - 0; m = 2, v = 8; x = 0 + 0.5 * 2 / sqrt(8)
+    np.testing.assert_allclose(first["attn.w"], [0.5 * 2 / np.sqrt(8)] * 2, rtol=1e-6)
+    # expert 3 nobody holds: delta 0, so it stays
+    np.testing.assert_allclose(first["experts.w"][3], [30, 30])
+    assert yogi.aggregate_fit(1, _two_clients(), [], start)[0]["attn.w"] == pytest.approx(first["attn.w"])
+    # round 2 from the same start: Adam v = 0.5 * 8 + 0.5 * 16 = 12; Yogi v = 8 + 0.5 * 16 = 16 (v < delta^2)
+    m = 0.5 * 2 + 0.5 * 4
+    assert adam.aggregate_fit(2, _two_clients(), [], start)[0]["attn.w"][0] == pytest.approx(0.5 * m / np.sqrt(12))
+    assert yogi.aggregate_fit(2, _two_clients(), [], start)[0]["attn.w"][0] == pytest.approx(0.5 * m / np.sqrt(16))

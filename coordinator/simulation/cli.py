@@ -68,12 +68,14 @@ def _round_table(records: list[RoundRecord]) -> Table:
 @click.option("--label-field", default="label", show_default=True, help="Label field of --data records.")
 @click.option("--trainable", type=click.Choice(["experts", "lora"]), default="experts", show_default=True)
 @click.option("--lora-rank", default=8, show_default=True, help="LoRA rank (with --trainable lora).")
+@click.option("--update-dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
+              help="The dtype devices send their updates in (float16 halves the upload).")
 @click.option("--slots", default=2, show_default=True, help="Devices training at the same time (machine cores).")
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Output directory.  [default: runs/<name>]")
 @click.option("--name", default=None, help="Run name.  [default: <preset>-<strategies>-<time>]")
 def simulate_command(preset, strategy, compare, devices_file, num_devices, rounds, local_steps, num_layers,
                      learning_rate, seq_len, test_size, alpha, seed, data_file, text_field, label_field, trainable,
-                     lora_rank, slots, out, name):
+                     lora_rank, update_dtype, slots, out, name):
     """Simulate a federation on this machine: a coordinator and N device runtimes as separate processes
     over real websockets on loopback, on real data, each device under an OS memory limit equal to its budget.
 
@@ -89,7 +91,7 @@ def simulate_command(preset, strategy, compare, devices_file, num_devices, round
                           preset=chosen, devices=tuple(devices), alpha=alpha, seed=seed, trainable_mode=trainable,
                           lora_rank=lora_rank if trainable == "lora" else 0,
                           data_file=None if data_file is None else Path(data_file), text_field=text_field,
-                          label_field=label_field, slots=slots)
+                          label_field=label_field, slots=slots, update_dtype=update_dtype)
     console = Console()
     summary = _run_live(plan, console) if console.is_terminal else simulate(plan, _printer(console))
     _final(console, summary)

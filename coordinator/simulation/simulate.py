@@ -66,6 +66,7 @@ class SimulationPlan:
     text_field: str
     label_field: str
     slots: int
+    update_dtype: str = "float32"
 
 
 def ensure_checkpoint(preset: Preset) -> Path:
@@ -101,9 +102,10 @@ def prepare_data(plan: SimulationPlan) -> tuple[list[Path], list[dict], list[str
     return files, test, labels, label_histogram(parts, labels)
 
 
-def _fit(preset: Preset) -> FitConfig:
+def _fit(plan: SimulationPlan) -> FitConfig:
+    preset = plan.preset
     return FitConfig(batch_size=preset.batch_size, seq_len=preset.seq_len, learning_rate=preset.learning_rate,
-                     local_steps=preset.local_steps)
+                     local_steps=preset.local_steps, update_dtype=plan.update_dtype)
 
 
 def _zero_shot(checkpoint: Path, test: list[dict], plan: SimulationPlan):
@@ -139,13 +141,13 @@ def simulate(plan: SimulationPlan, on_event: Callable[[str, object], None]) -> d
         on_event("round", start)
         if strategy == CENTRALIZED:
             on_event("stage", f"{strategy}: training on the union of the device files in this process")
-            records += run_centralized(checkpoint, files, test, rounds=plan.preset.rounds, fit=_fit(plan.preset),
+            records += run_centralized(checkpoint, files, test, rounds=plan.preset.rounds, fit=_fit(plan),
                                        trainable_mode=plan.trainable_mode, lora_rank=plan.lora_rank, seed=plan.seed,
                                        on_round=lambda r: on_event("round", r), threads=plan.slots)
             continue
         on_event("stage", f"{strategy}: starting the coordinator and {len(plan.devices)} devices")
         fed = Federation(strategy=strategy, rounds=plan.preset.rounds, checkpoint=checkpoint, devices=plan.devices,
-                         data_files=tuple(files), fit=_fit(plan.preset), eval_data=plan.out / "data" / "test.jsonl",
+                         data_files=tuple(files), fit=_fit(plan), eval_data=plan.out / "data" / "test.jsonl",
                          trainable_mode=plan.trainable_mode,
                          lora_rank=plan.lora_rank, calibration_texts=tuple(default_texts()), seed=plan.seed,
                          slots=plan.slots)

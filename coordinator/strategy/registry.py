@@ -7,12 +7,13 @@ from coordinator.strategy.dense_fedavg import DenseFedAvg
 from coordinator.strategy.fedalign import FedAlign
 from coordinator.strategy.fedavg import FedAvg
 from coordinator.strategy.fedmoe import FedMoE
+from coordinator.strategy.fedopt import FedAdam, FedYogi
 from coordinator.strategy.fedprox import FedProx
 from coordinator.strategy.hfedmoe import HFedMoE
 from device_runtime.errors import ConfigError
 
 STRATEGIES: dict[str, type[Strategy]] = {
-    cls.name: cls for cls in (FedAvg, DenseFedAvg, FedProx, FedMoE, HFedMoE, FedAlign)
+    cls.name: cls for cls in (FedAvg, DenseFedAvg, FedAdam, FedYogi, FedProx, FedMoE, HFedMoE, FedAlign)
 }
 
 
