@@ -8,7 +8,7 @@ Per connection (protocol in ``device_runtime.wire``)::
     Assignment [-> BundleRequest <- BundleData...] -> train -> Update <- Ack     Heartbeat every heartbeat_s
 
 Reactions to messages live in ``device_runtime.session`` (no I/O); this module does the I/O: the
-websocket (``compression=None``: deflate cuts tensor throughput 8x, DESIGN.md section 3; ``max_size``
+websocket (``compression=None``: deflate cuts tensor throughput 8x, ``docs/stack.md``; ``max_size``
 from config), TLS (``wss://`` verified against a CA file), the bundle cache, training in a worker thread
 and the on-disk store of unacknowledged updates (``device_runtime.update_store``).
 

@@ -1,6 +1,6 @@
 """One round of local training: an ``Assignment`` + its cached bundle + local data -> an ``Update``.
 
-Contract round step 5 (``notes/contract.md``): check the assignment's tensors against the bundle manifest
+Round step 5 (``docs/round.md``): check the assignment's tensors against the bundle manifest
 (names, shapes), load them into a fresh trainer of the device's backend (``device_runtime.backends``: fresh
 AdamW moments each round for first-order, fresh step seeds for zeroth-order), train ``local_steps`` (0: one
 epoch) and report the trainable tensors, the HFedMoE routing statistics (Fang et al., arXiv 2601.00583) and

@@ -1,4 +1,4 @@
-"""Import ONNX Runtime's on-device training API without torch (DESIGN.md section 3).
+"""Import ONNX Runtime's on-device training API without torch (``docs/stack.md``).
 
 ``onnxruntime/training/__init__.py`` imports ``amp``, ``artifacts`` and ``optim``, which import torch (and
 fail without it); worse, a plain ``import onnxruntime`` probes ``onnxruntime.training.ortmodule``, which

@@ -2,7 +2,7 @@
 
 Built from a verified bundle (``device_runtime.bundle.load_bundle``): ``CheckpointState.load_checkpoint``,
 ``Module(training_model, state, eval_model)``, ``Optimizer(optimizer_model, module)``, then
-``weights.safetensors`` is written into the state by name. Order matters (DESIGN.md section 3): assigning
+``weights.safetensors`` is written into the state by name. Order matters (``docs/stack.md``): assigning
 ``state.parameters[name]`` before a ``Module`` was built on that state segfaults.
 
 Graph inputs are fed in ``manifest.inputs`` order and outputs read by name (``device_runtime.graph_io``).

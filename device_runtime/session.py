@@ -7,7 +7,7 @@ bundle cache, ORT training, update store), and the client tells the session what
 The one disk write is the bundle transfer: ``BundleAssembler`` streams chunks into a staging directory
 that the client's bundle cache provides.
 
-Rules (see ``notes/contract.md``, round steps 4-6):
+Rules (``docs/round.md``, steps 4-6):
 
 * An ``Assignment`` whose ``update_id`` the device already holds (queued, training, pending upload or
   acknowledged) is not trained again: a pending update is re-sent by the client on every connection.

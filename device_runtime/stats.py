@@ -1,7 +1,7 @@
 """Routing statistics of local training: the HFedMoE expert-importance quantities per MoE layer.
 
 Source: Fang et al., "HFedMoE: Resource-aware Heterogeneous Federated Learning with Mixture-of-Experts",
-arXiv 2601.00583 (DESIGN.md section 2). With router probabilities ``G(x) = Softmax(gate(x))`` over a
+arXiv 2601.00583 (``docs/algorithms.md``). With router probabilities ``G(x) = Softmax(gate(x))`` over a
 layer's E kept experts and B (non-padding) tokens x_1..x_B:
 
 - usage / cumulative importance  ``u(e) = s_cum(e) = (1/B) sum_i G_e(x_i)``

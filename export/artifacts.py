@@ -1,6 +1,6 @@
 """Export a :class:`~export.training_graph.TrainingWrapper` to ONNX Runtime training artifacts.
 
-Recipe (DESIGN.md §3, the one that gives correct gradients in ORT 1.19): TorchScript exporter
+Recipe (``docs/stack.md``, the one that gives correct gradients in ORT 1.19): TorchScript exporter
 (``dynamo=False``), opset 17, no constant folding, ``TrainingMode.TRAINING``, dynamic batch and seq_len
 axes; ONNX initializer names must equal the torch ``state_dict`` names (checked). Then
 ``onnxruntime.training.artifacts.generate_artifacts`` with ``loss=None``: its ``PassThrough`` block keeps
@@ -93,7 +93,7 @@ def _check_names(model: onnx.ModelProto, wrapper: TrainingWrapper, trainable: li
 
 
 def _check_ops(model: onnx.ModelProto) -> None:
-    """Refuse ops whose ORT gradients are silently wrong or missing (DESIGN.md §3).
+    """Refuse ops whose ORT gradients are silently wrong or missing (``docs/stack.md``).
 
     Raises:
         ExportError: naming the op types found.

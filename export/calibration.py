@@ -1,7 +1,7 @@
 """Calibration pass: router statistics of a MoE model on a small text sample (torch, on the workstation).
 
 Before any device has reported routing statistics, HFedMoE's expert importance (Fang et al., arXiv
-2601.00583, DESIGN.md §2) comes from this pass. It accumulates the very sums a device's training graph
+2601.00583, ``docs/algorithms.md``) comes from this pass. It accumulates the very sums a device's training graph
 outputs (``routing_stats_{l}``, see ``export/training_graph.py``) into a ``device_runtime.stats.RoutingStats``,
 so calibration and devices score experts with one formula.
 """

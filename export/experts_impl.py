@@ -1,7 +1,7 @@
 """A dense-masked experts implementation for transformers 5.x MoE layers, and per-expert LoRA adapters.
 
 Why: ONNX Runtime training gives silent wrong gradients for ScatterND/ScatterElements with
-``reduction="add"`` (``index_add``) and Sequence ops, and no gradient for Einsum (DESIGN.md §3). Here every
+``reduction="add"`` (``index_add``) and Sequence ops, and no gradient for Einsum (``docs/stack.md``). Here every
 expert of a (pruned) layer runs on every token with batched MatMul, and the outputs are combined with an
 ``(num_tokens, num_experts)`` gate matrix that is zero outside each token's top-k. The result equals the
 sparse computation (the zero gates drop the unused outputs); the cost is ``num_experts / top_k`` times the

@@ -26,7 +26,7 @@ x_i, with router probabilities G = softmax(router logits):
 0. ``sum_i G_e(x_i)``            1. ``max_i G_e(x_i)``
 2. ``sum_i G_e(x_i) log G_e(x_i)``  3. number of tokens whose top-k contains e
 
-so the device can accumulate HFedMoE importance exactly across batches (DESIGN.md §2: s_cum = row0 / B,
+so the device can accumulate HFedMoE importance exactly across batches (``docs/algorithms.md``: s_cum = row0 / B,
 s_spec = max of row1, KL_e = row2 / B - s_cum * log s_cum).
 
 Objective (averages over MoE layers)::

@@ -1,5 +1,5 @@
 """ORT training graphs vs torch autograd, per MoE family and trainable mode: the guard against silent ORT
-gradient bugs (DESIGN.md §3: Scatter-add, Sequence ops and Einsum give wrong or no gradients without error).
+gradient bugs (``docs/stack.md``: Scatter-add, Sequence ops and Einsum give wrong or no gradients without error).
 
 For tiny random Mixtral, Qwen2-MoE (shared expert), Qwen3-MoE and OLMoE models, in both trainable modes
 (full experts + router; LoRA + router), with padding and non-zero load-balancing and routing-KL

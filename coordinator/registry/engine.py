@@ -12,7 +12,7 @@ SQLITE_BUSY_TIMEOUT_MS = 5000
 
 def make_engine(url: str) -> Engine:
     """A SQLAlchemy engine for ``url``; on SQLite every connection gets WAL mode, a busy timeout of
-    ``SQLITE_BUSY_TIMEOUT_MS`` and foreign-key enforcement (DESIGN.md section 3)."""
+    ``SQLITE_BUSY_TIMEOUT_MS`` and foreign-key enforcement (``docs/stack.md``, SQLite)."""
     engine = create_engine(url)
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
@@ -37,8 +37,9 @@ def ensure_schema(engine: Engine) -> None:
     tables = set(inspect(engine).get_table_names())
     if SchemaVersion.__tablename__ not in tables:
         if tables & set(Base.metadata.tables):
-            raise ConfigError(f"{engine.url} has fedmoe-like tables but no schema_version; "
-                              "point --db at a new file or the original registry")
+            raise ConfigError(f"{engine.url} has fedmoe-like tables but no schema_version; set database_url in "
+                              "the coordinator's config (fedmoe-coord --config FILE) to a new database or the "
+                              "original registry")
         with engine.begin() as conn:
             Base.metadata.create_all(conn)
             conn.execute(SchemaVersion.__table__.insert().values(id=1, version=SCHEMA_VERSION))

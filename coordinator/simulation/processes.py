@@ -2,9 +2,9 @@
 
 Each device process runs under an operating-system memory limit equal to its budget. ``RLIMIT_AS`` counts
 address space, not memory: an ORT training process with 650 MB peak RSS died under a 900 MB ``RLIMIT_AS``
-(DESIGN.md §3), so the budget is enforced with ``RLIMIT_DATA`` (heap and private anonymous mappings, which
-is where tensors live). A bundle that does not fit fails visibly: the device process dies with a
-MemoryError / bad_alloc, the simulation reports its exit status. Peak RSS is the process's ``VmHWM``
+(``docs/stack.md``, memory budgets), so the budget is enforced with ``RLIMIT_DATA`` (heap and private
+anonymous mappings, which is where tensors live). A bundle that does not fit fails visibly: the device
+process dies with a MemoryError / bad_alloc, the simulation reports its exit status. Peak RSS is the process's ``VmHWM``
 (``/proc/<pid>/status``), sampled while it runs: ``wait4``'s ``ru_maxrss`` would include the parent's
 resident memory at fork time, which exec carries over.
 """

@@ -1,7 +1,7 @@
 """FedAlign-MoE (Fang et al., "Aggregation Alignment for Federated Learning with Mixture-of-Experts under
 Data Heterogeneity", arXiv 2603.21276).
 
-Three parts (DESIGN.md section 2):
+Three parts (``docs/algorithms.md``):
 
 1. Routing-consistency weighting of the router. Row e of client i gets weight omega_i(e) among the clients
    that held e, by ``router_weighting``:

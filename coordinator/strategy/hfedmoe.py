@@ -1,5 +1,5 @@
 """HFedMoE (Fang et al., "HFedMoE: Resource-aware Heterogeneous Federated Learning with Mixture-of-Experts",
-arXiv 2601.00583), sparsity-aware aggregation, with the paper's flaws fixed (DESIGN.md section 2).
+arXiv 2601.00583), sparsity-aware aggregation, with the paper's flaws fixed (``docs/algorithms.md``).
 
 Experts: E_e(t+1) = sum_{c in C_e} |D_c| E_e(c) / sum_{c in C_e} |D_c| with
 C_e = {c : e held by c, u_c(e) >= tau and e in trained_experts_c}. The paper's test u_c(e) >= tau alone
