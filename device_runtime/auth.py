@@ -265,7 +265,8 @@ def load_credentials(path: str | Path) -> Credentials:
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
     except OSError as exc:
-        raise AuthError(f"cannot open credentials {path} ({exc.strerror}); run `fedmoe-device enrol` first") from exc
+        raise AuthError(f"cannot open credentials {path} ({exc.strerror}); "
+                        "run `fedmoe-device enroll URL --token TOKEN --name NAME` first") from exc
     with os.fdopen(fd, "rb") as handle:
         _check_private(path, os.fstat(handle.fileno()))
         raw = handle.read(1 << 16)

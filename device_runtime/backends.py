@@ -9,8 +9,8 @@ zo            zeroth-order   any onnxruntime, inference builds included      ``z
                              (aarch64, Android; ``fedmoe[device-lite]``)     two forwards of eval_model.onnx
 ============  =============  ==============================================  ===================================
 
-Choice (:func:`select_backend`): the name asked for (``fedmoe-device --backend``, else
-``$FEDMOE_DEVICE_BACKEND``), else the first available in the table's order (first-order learns more per
+Choice (:func:`select_backend`): the name asked for (``--backend`` of ``fedmoe-device run`` / ``train-local``,
+else ``$FEDMOE_DEVICE_BACKEND``), else the first available in the table's order (first-order learns more per
 example when it can run). The device's profile lists what is available and which one it chose.
 """
 

@@ -49,19 +49,10 @@ class BundleRequest:
         return ShapeKey(tuple(len(ids) for ids in self.keep), self.trainable_mode, self.lora_rank, self.prox)
 
 
-def expert_tensor_names(description: MoeDescription, state_names: Sequence[str]) -> list[tuple[str, int]]:
-    """``(name, moe_layer)`` of every tensor indexed by expert on axis 0: routers, experts and LoRA adapters."""
-    found = []
-    for l, layer in enumerate(description.layers):
-        prefix = f"model.layers.{layer.index}.mlp."
-        found += [(n, l) for n in state_names if n == layer.router or n.startswith(prefix + "experts.")]
-    return found
-
-
 def trainable_names(description: MoeDescription, state_names: Sequence[str], mode: str) -> list[str]:
     """Trainable tensors: routers plus full expert tensors (``experts``) or LoRA adapters (``lora``)."""
     names = []
-    for name, _ in expert_tensor_names(description, state_names):
+    for name, _ in description.expert_tensors(state_names):
         is_lora = "_lora_" in name
         if name.endswith(".mlp.gate.weight") or (is_lora if mode == "lora" else not is_lora):
             names.append(name)
@@ -152,7 +143,7 @@ def write_bundle(checkpoint: str | Path, out: str | Path, request: BundleRequest
     for name in GRAPH_FILES:
         _link(graph / name, out / name)
     shutil.copy2(checkpoint / TOKENIZER_FILE, out / TOKENIZER_FILE)
-    expert_tensors = expert_tensor_names(description, list(state))
+    expert_tensors = description.expert_tensors(list(state))
     save_file({n: state[n].contiguous() for n, _ in expert_tensors}, str(out / WEIGHTS_FILE))
     specs = tuple(
         TensorSpec(name=n, shape=tuple(state[n].shape), layer=l, expert_axis=0, trainable=n in trainable)

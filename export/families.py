@@ -8,6 +8,7 @@ router under ``mlp.gate``; only the config attribute names and a few extras (Qwe
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from device_runtime.errors import UnsupportedArchitectureError
@@ -59,6 +60,15 @@ class MoeDescription:
     @property
     def experts_per_token(self) -> int:
         return max(layer.experts_per_token for layer in self.layers)
+
+    def expert_tensors(self, state_names: Sequence[str]) -> list[tuple[str, int]]:
+        """``(name, moe_layer)`` of every tensor of ``state_names`` indexed by expert on axis 0: routers,
+        experts and LoRA adapters (``moe_layer`` indexes :attr:`layers`)."""
+        found = []
+        for l, layer in enumerate(self.layers):
+            prefix = f"model.layers.{layer.index}.mlp."
+            found += [(n, l) for n in state_names if n == layer.router or n.startswith(prefix + "experts.")]
+        return found
 
 
 def family_of(config) -> str:

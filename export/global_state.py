@@ -33,10 +33,9 @@ def load_trainable_model(checkpoint: str | Path, *, trainable_mode: str = "exper
 
 def global_tensor_names(model) -> list[str]:
     """Names of the federated tensors of a loaded MoE model: routers, experts, LoRA adapters."""
-    from export.bundle_writer import expert_tensor_names
     from export.families import describe
 
-    return [name for name, _ in expert_tensor_names(describe(model), list(model.state_dict()))]
+    return [name for name, _ in describe(model).expert_tensors(list(model.state_dict()))]
 
 
 def init_global_state(checkpoint: str | Path, out_file: str | Path, *, trainable_mode: str = "experts",

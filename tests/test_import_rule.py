@@ -6,9 +6,11 @@ runtime (``device_runtime.client.DeviceClient``, as the Android harness does) ne
 entries of :data:`NAMED_EXCEPTIONS`. The check reads every import statement of every module (lazy ones in
 functions included, and ``importlib.import_module("literal")``), so an import on a rarely taken path
 fails here as well. A second check imports every non-CLI module and looks at what really got loaded.
+A third one forbids import cycles between any of fedmoe's modules (lazy imports included).
 """
 
 import ast
+import graphlib
 import subprocess
 import sys
 from pathlib import Path
@@ -24,20 +26,26 @@ NAMED_EXCEPTIONS = {
 }
 NEVER_LOADED = ("torch", "transformers", "coordinator", "export", "android_harness", "click", "rich")
 ROOT = Path(device_runtime.__file__).resolve().parent.parent
+PACKAGES = ("coordinator", "device_runtime", "export", "android_harness")
 
 
-def imported_packages(source: str) -> set[str]:
-    """Top-level names of every absolute import in ``source`` (relative imports stay inside the package)."""
+def imported_modules(source: str) -> set[str]:
+    """Dotted names of every absolute import in ``source``: ``from a.b import c`` gives ``a.b`` and ``a.b.c``."""
     names = set()
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Import):
             names |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.level == 0:
-            names.add(node.module)
+            names |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
         elif isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", None)) in \
                 ("import_module", "__import__") and node.args and isinstance(node.args[0], ast.Constant):
             names.add(str(node.args[0].value))
-    return {name.split(".")[0] for name in names}
+    return names
+
+
+def imported_packages(source: str) -> set[str]:
+    """Top-level names of every absolute import in ``source`` (relative imports stay inside the package)."""
+    return {name.split(".")[0] for name in imported_modules(source)}
 
 
 def violations(root: Path) -> list[str]:
@@ -80,3 +88,14 @@ def test_non_cli_modules_load_no_cli_no_torch_and_no_other_fedmoe_package():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "", f"device_runtime pulled in: {out.stdout.strip()}"
+
+
+def test_fedmoe_modules_import_each_other_without_cycles():
+    files = {".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): p
+             for package in PACKAGES for p in (ROOT / package).rglob("*.py")}
+    graph = {name: {m for m in imported_modules(path.read_text()) if m in files and m != name}
+             for name, path in files.items()}
+    try:
+        tuple(graphlib.TopologicalSorter(graph).static_order())
+    except graphlib.CycleError as exc:
+        raise AssertionError(f"import cycle: {' -> '.join(exc.args[1])}") from None
