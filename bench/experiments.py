@@ -22,8 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
+from device_runtime.units import MIB
+
 ROOT = Path(__file__).resolve().parents[1]
-MIB = 1 << 20
 
 
 def _parse(argv):

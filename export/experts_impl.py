@@ -96,7 +96,7 @@ def routed_experts_forward(
     """The same result as :func:`dense_masked_experts_forward`, each expert on only its routed tokens.
 
     For inference in torch (server-side evaluation): ``top_k / num_experts`` of the dense-masked expert FLOPs.
-    It uses ``index_add``, so it is never exported (DESIGN.md §3). Shapes as in the dense-masked forward.
+    It uses ``index_add``, so it is never exported (``docs/stack.md``). Shapes as in the dense-masked forward.
     """
     lora = getattr(self, "gate_up_lora_A", None) is not None
     scaling = getattr(self, "lora_scaling", 0.0)

@@ -1,7 +1,7 @@
 """Local training in torch, as a device does it in ONNX Runtime: for references that run beside the federation
 (the simulation's centralized bound, the Flower peer of ``bench/bench_vs_flower.py``).
 
-AdamW with the devices' settings (eps 1e-8, weight decay 0.01, DESIGN.md §3), causal-LM loss on the completion
+AdamW with the devices' settings (eps 1e-8, weight decay 0.01, ``docs/stack.md``), causal-LM loss on the completion
 tokens (labels -100 elsewhere, shifted inside the model), plus ``aux_loss_coef`` times the MoE load-balancing
 loss when the model has routers (Shazeer et al. 2017 / Switch Transformer, as transformers computes it).
 """
