@@ -46,7 +46,7 @@ from pathlib import Path
 
 import tomli_w
 
-from device_runtime.bundle import TRAINABLE_MODES
+from device_runtime.shape_key import TRAINABLE_MODES
 from device_runtime.errors import ConfigError
 from device_runtime.units import MIB
 from device_runtime.wire import FitConfig
@@ -66,7 +66,8 @@ class CoordinatorConfig:
         min_fit_clients, max_fit_clients, fraction_fit: client selection per round.
         round_deadline_s: seconds a round waits for updates. max_round_attempts: tries before giving up a round.
         num_rounds: rounds to run (0: unbounded). trainable_mode, lora_rank: what devices train.
-        update_norm_bound: largest L2 norm of one update tensor. fit: local training defaults.
+        update_norm_bound: largest L2 norm of one update tensor.
+        fit: the local training settings every round starts from (a dict of FitConfig fields is accepted).
         keep_update_tensors: keep the devices' update files in the tensor store once their round is aggregated
             (default: delete them; their registry rows stay).
         tls_cert, tls_key: PEM files; both set = serve ``wss://``. heartbeat_s: keep-alive interval (seconds).
@@ -93,7 +94,7 @@ class CoordinatorConfig:
     lora_rank: int = 0
     update_norm_bound: float = 1e4
     keep_update_tensors: bool = False
-    fit: dict = field(default_factory=dict)
+    fit: FitConfig = field(default_factory=FitConfig)
     tls_cert: str = ""
     tls_key: str = ""
     heartbeat_s: float = 20.0
@@ -103,6 +104,11 @@ class CoordinatorConfig:
     eval_label_field: str = "label"
 
     def __post_init__(self):
+        if isinstance(self.fit, dict):
+            try:
+                object.__setattr__(self, "fit", FitConfig.from_dict(dict(self.fit)))
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(f"config [fit]: {exc}") from exc
         try:
             _check(self)
         except TypeError as exc:  # e.g. a string where TOML should hold a number
@@ -115,11 +121,6 @@ class CoordinatorConfig:
     @property
     def registry_url(self) -> str:
         return self.database_url or f"sqlite:///{Path(self.state_dir) / 'registry.db'}"
-
-    @property
-    def fit_config(self) -> FitConfig:
-        """The local training defaults as a validated FitConfig."""
-        return FitConfig.from_dict(dict(self.fit))
 
     @property
     def tls(self) -> bool:
@@ -149,15 +150,7 @@ def _check(cfg: CoordinatorConfig) -> None:
     for bad, message in problems:
         if bad:
             raise ConfigError(f"config: {message}")
-    _check_fit(cfg.fit)
     _check_strategy(cfg.strategy, cfg.strategy_params)
-
-
-def _check_fit(fit: dict) -> None:
-    try:
-        FitConfig.from_dict(dict(fit))
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"config [fit]: {exc}") from exc
 
 
 def _check_strategy(name: str, params: dict) -> None:
@@ -192,4 +185,6 @@ def load_config(path: str | Path) -> CoordinatorConfig:
 
 def save_config(cfg: CoordinatorConfig, path: str | Path) -> None:
     """Write ``cfg`` as TOML (absolute paths as given)."""
-    Path(path).write_text(tomli_w.dumps(dataclasses.asdict(cfg)))
+    data = dataclasses.asdict(cfg)
+    data["fit"] = {k: v for k, v in data["fit"].items() if v is not None}  # TOML has no null
+    Path(path).write_text(tomli_w.dumps(data))

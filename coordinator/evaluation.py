@@ -76,7 +76,7 @@ class Evaluator:
             return None
         records = load_records(cfg.eval_data, text_field=cfg.eval_text_field, label_field=cfg.eval_label_field)
         return cls(cfg.checkpoint, records, trainable_mode=cfg.trainable_mode, lora_rank=cfg.lora_rank,
-                   seed=cfg.seed, seq_len=cfg.fit_config.seq_len)
+                   seed=cfg.seed, seq_len=cfg.fit.seq_len)
 
     def score(self, params: Params | None) -> LabelScore:
         """Accuracy and label loss (nats per token) of the global state ``params`` (name -> array of its

@@ -40,7 +40,7 @@ def fit_context(cfg: CoordinatorConfig) -> FitContext:
     """
     from export.planner import model_shape
 
-    return FitContext(model_shape(cfg.checkpoint), load_calibration(cfg), cfg.fit_config, cfg.trainable_mode,
+    return FitContext(model_shape(cfg.checkpoint), load_calibration(cfg), cfg.fit, cfg.trainable_mode,
                       cfg.lora_rank, cfg.seed)
 
 

@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 
 from coordinator.strategy.types import ClientUpdate, TensorMeta, TensorRole
-from device_runtime.bundle import MANIFEST, Manifest, ShapeKey, TrainingDefaults, load_bundle
+from device_runtime.bundle import MANIFEST, Manifest, ShapeKey, load_bundle
 from device_runtime.errors import BundleError, ProtocolError, UpdateRejected
+from device_runtime.wire import FitConfig
 from device_runtime.stats import RoutingStats
 
 ROUTER_SUFFIX = "mlp.gate.weight"
@@ -26,14 +27,15 @@ ROUTER_SUFFIX = "mlp.gate.weight"
 
 
 class BundleCache:
-    """Bundle directories by shape key id under ``root`` (graph + tokenizer + placeholder weights).
+    """Bundle directories by shape key id under ``root`` (graph + tokenizer + placeholder weights); their
+    manifests carry ``training`` (the federation's ``[fit]``) as the defaults of ``fedmoe-device train-local``.
 
     Any expert selection of a shape gives the same graph; the weights a device trains arrive with each
     assignment. Writing a bundle runs torch and the ONNX export (seconds): call :meth:`ensure` off the
     event loop.
     """
 
-    def __init__(self, root: str | Path, checkpoint: str | Path, training: TrainingDefaults):
+    def __init__(self, root: str | Path, checkpoint: str | Path, training: FitConfig):
         self.root, self.checkpoint, self.training = Path(root), Path(checkpoint), training
         self.root.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()

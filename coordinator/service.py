@@ -26,7 +26,7 @@ from coordinator.registry import Registry
 from coordinator.rounds import (Action, Aggregate, Finished, RetryRound, RoundEngine, RoundPolicy, RunningRound,
                                 StartRound, Wait)
 from coordinator.strategy import ClientInfo, FitIns, Strategy, from_name
-from device_runtime.bundle import Manifest, TrainingDefaults
+from device_runtime.bundle import Manifest
 from device_runtime.errors import FedmoeError, UpdateRejected
 from device_runtime.stats import RoutingStats
 from device_runtime.wire import Ack, Assignment, Error, Message, Update
@@ -101,10 +101,8 @@ class Coordinator:
         registry = Registry(cfg.registry_url)
         try:
             model = GlobalModel(registry, tensor_store(cfg))
-            fit = cfg.fit_config
             strategy = from_name(cfg.strategy, **cfg.strategy_params).bind(fit_context(cfg))
-            bundles = BundleCache(Path(cfg.state_dir) / "bundles", cfg.checkpoint, TrainingDefaults(
-                fit.batch_size, fit.seq_len, fit.learning_rate, fit.aux_loss_coef, fit.local_steps))
+            bundles = BundleCache(Path(cfg.state_dir) / "bundles", cfg.checkpoint, cfg.fit)
             policy = RoundPolicy(cfg.min_fit_clients, cfg.max_fit_clients, cfg.fraction_fit, cfg.round_deadline_s,
                                  cfg.max_round_attempts, cfg.num_rounds)
             return cls(cfg, registry=registry, model=model, strategy=strategy, bundles=bundles,

@@ -25,13 +25,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from device_runtime.errors import BundleError, BundleIntegrityError
+from device_runtime.shape_key import TRAINABLE_MODES, ShapeKey
+from device_runtime.wire import FitConfig
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 GRAPH_FILES = ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx", "checkpoint")
 WEIGHTS_FILE = "weights.safetensors"
 TOKENIZER_FILE = "tokenizer.json"
-TRAINABLE_MODES = ("experts", "lora")
 DTYPES = ("float32", "float16")
 _NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,200}$")
 
@@ -43,48 +44,6 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
         while block := handle.read(chunk):
             digest.update(block)
     return digest.hexdigest()
-
-
-@dataclass(frozen=True)
-class ShapeKey:
-    """What a training graph depends on: experts kept per MoE layer and the trainable mode.
-
-    Attributes:
-        experts_per_layer: number of experts kept in each MoE layer, in layer order.
-        trainable_mode: ``"experts"`` (full expert weights + router) or ``"lora"`` (rank-r adapters on
-            each kept expert's projections + router).
-        lora_rank: LoRA rank r (0 when ``trainable_mode == "experts"``).
-        prox: whether the graph takes FedProx anchor inputs (``<name>.anchor`` and ``prox_mu``).
-    """
-
-    experts_per_layer: tuple[int, ...]
-    trainable_mode: str = "experts"
-    lora_rank: int = 0
-    prox: bool = False
-
-    def __post_init__(self):
-        if not self.experts_per_layer or any(int(c) < 1 for c in self.experts_per_layer):
-            raise BundleError(f"experts_per_layer must be non-empty and >= 1, got {self.experts_per_layer}")
-        if self.trainable_mode not in TRAINABLE_MODES:
-            raise BundleError(f"trainable_mode must be one of {TRAINABLE_MODES}, got {self.trainable_mode!r}")
-        if (self.trainable_mode == "lora") != (self.lora_rank > 0):
-            raise BundleError("lora_rank must be > 0 exactly when trainable_mode is 'lora'")
-
-    @property
-    def id(self) -> str:
-        """A stable, filesystem-safe identifier, e.g. ``experts-2.2.1.1`` or ``lora8-prox-2.2``."""
-        mode = self.trainable_mode if self.trainable_mode == "experts" else f"lora{self.lora_rank}"
-        prox = "-prox" if self.prox else ""
-        return f"{mode}{prox}-" + ".".join(str(c) for c in self.experts_per_layer)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "ShapeKey":
-        return cls(
-            experts_per_layer=tuple(int(c) for c in data["experts_per_layer"]),
-            trainable_mode=str(data.get("trainable_mode", "experts")),
-            lora_rank=int(data.get("lora_rank", 0)),
-            prox=bool(data.get("prox", False)),
-        )
 
 
 @dataclass(frozen=True)
@@ -127,22 +86,6 @@ class TensorSpec:
 
 
 @dataclass(frozen=True)
-class TrainingDefaults:
-    """Local training defaults; a round's assignment may override them.
-
-    Attributes:
-        batch_size: sequences per step. seq_len: tokens per sequence. learning_rate: AdamW lr.
-        aux_loss_coef: load-balancing loss coefficient. local_steps: optimizer steps per round (0: one epoch).
-    """
-
-    batch_size: int = 8
-    seq_len: int = 128
-    learning_rate: float = 1e-4
-    aux_loss_coef: float = 0.01
-    local_steps: int = 0
-
-
-@dataclass(frozen=True)
 class Manifest:
     """``manifest.json`` of a bundle.
 
@@ -156,7 +99,7 @@ class Manifest:
         expert_ids: per MoE layer, local expert index -> global expert id.
         tensors: every tensor in ``weights.safetensors``.
         inputs: graph input names in feed order. outputs: graph output names (``loss`` first).
-        training: local training defaults.
+        training: local training defaults (``fedmoe-device train-local``; a round's Assignment brings its own).
         files: relative path -> sha256 of every other file in the bundle.
     """
 
@@ -170,7 +113,7 @@ class Manifest:
     tensors: tuple[TensorSpec, ...]
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
-    training: TrainingDefaults = field(default_factory=TrainingDefaults)
+    training: FitConfig = field(default_factory=FitConfig)
     files: dict = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 
@@ -212,7 +155,7 @@ class Manifest:
                 tensors=tuple(TensorSpec.from_dict(t) for t in data["tensors"]),
                 inputs=tuple(str(n) for n in data["inputs"]),
                 outputs=tuple(str(n) for n in data["outputs"]),
-                training=TrainingDefaults(**data.get("training", {})),
+                training=FitConfig.from_dict(data.get("training", {})),
                 files={str(k): str(v) for k, v in data.get("files", {}).items()},
                 format_version=version,
             )

@@ -114,7 +114,7 @@ def fit_assignment(bundle: Bundle, assignment: Assignment, data_file: str | Path
     start = time.perf_counter()
     result = trainer.fit(until_stopped(dataset.train_batches(cfg.batch_size), stop), steps=steps,
                          learning_rate=cfg.learning_rate, aux_loss_coef=cfg.aux_loss_coef, routing_prior=prior,
-                         routing_kl_coef=cfg.routing_reg_coef, prox_mu=cfg.prox_mu)
+                         routing_reg_coef=cfg.routing_reg_coef, prox_mu=cfg.prox_mu)
     seconds = time.perf_counter() - start
     trainable = set(bundle.manifest.trainable_names)
     params = {n: a for n, a in trainer.get_parameters().items() if n in trainable}

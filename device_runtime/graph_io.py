@@ -19,6 +19,7 @@ from device_runtime.errors import BundleError, ConfigError
 LOSS, CE_LOSS, NUM_TOKENS = "loss", "ce_loss", "num_tokens"
 ROUTING_STATS, ROUTING_PRIOR = "routing_stats_{}", "routing_prior_{}"
 ANCHOR_SUFFIX = ".anchor"
+ROUTING_REG_INPUT = "routing_kl_coef"  # the graph input of FitConfig.routing_reg_coef (its name in the bundle format)
 DTYPES = {"float32": np.float32, "float16": np.float16}
 
 
@@ -28,7 +29,7 @@ def stats_names(manifest: Manifest) -> list[str]:
 
 
 def constant_inputs(manifest: Manifest, *, aux_loss_coef: float, routing_prior: list[np.ndarray] | None,
-                    routing_kl_coef: float, prox_mu: float,
+                    routing_reg_coef: float, prox_mu: float,
                     anchors: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     """Every graph input except the batch (and the weights), by name.
 
@@ -40,7 +41,7 @@ def constant_inputs(manifest: Manifest, *, aux_loss_coef: float, routing_prior: 
         ConfigError: a bad prior, or ``prox_mu > 0`` for a bundle without FedProx inputs.
     """
     scalar = lambda v: np.array(float(v), dtype=np.float32)  # noqa: E731
-    feeds = {"aux_loss_coef": scalar(aux_loss_coef), "routing_kl_coef": scalar(routing_kl_coef)}
+    feeds = {"aux_loss_coef": scalar(aux_loss_coef), ROUTING_REG_INPUT: scalar(routing_reg_coef)}
     for l, prior in enumerate(check_priors(routing_prior, manifest.shape_key.experts_per_layer)):
         feeds[ROUTING_PRIOR.format(l)] = prior
     if manifest.shape_key.prox:

@@ -92,7 +92,7 @@ class Trainer(ABC):
 
     @abstractmethod
     def fit(self, batches: Iterable[Batch], *, steps: int, learning_rate: float, aux_loss_coef: float = 0.01,
-            routing_prior: list[np.ndarray] | None = None, routing_kl_coef: float = 0.0,
+            routing_prior: list[np.ndarray] | None = None, routing_reg_coef: float = 0.0,
             prox_mu: float = 0.0) -> FitResult:
         """Run ``steps`` optimizer steps, one per batch taken from ``batches``.
 
@@ -104,7 +104,7 @@ class Trainer(ABC):
             aux_loss_coef: load-balancing loss coefficient.
             routing_prior: FedAlign-MoE global routing distribution per MoE layer, each ``(E_l,)``
                 (uniform when None).
-            routing_kl_coef: lambda_r of the FedAlign-MoE term ``lambda_r * KL(p_local || p_global)``.
+            routing_reg_coef: lambda_r of the FedAlign-MoE term ``lambda_r * KL(p_local || p_global)``.
             prox_mu: FedProx mu (only for bundles whose shape key has ``prox``); the anchor is the
                 parameters at the start of ``fit``.
 
@@ -152,7 +152,7 @@ class BundleTrainer(Trainer):
         """Called before the first step of ``fit``."""
 
     def fit(self, batches: Iterable[Batch], *, steps: int, learning_rate: float, aux_loss_coef: float = 0.01,
-            routing_prior: list[np.ndarray] | None = None, routing_kl_coef: float = 0.0,
+            routing_prior: list[np.ndarray] | None = None, routing_reg_coef: float = 0.0,
             prox_mu: float = 0.0) -> FitResult:
         """See :meth:`Trainer.fit`. Shapes: ``routing_prior[l]`` is ``(E_l,)``.
 
@@ -164,7 +164,7 @@ class BundleTrainer(Trainer):
         if steps < 1 or not (math.isfinite(learning_rate) and learning_rate > 0):
             raise ConfigError(f"need steps >= 1 and a finite learning rate > 0, got {steps}, {learning_rate}")
         constants = constant_inputs(self.manifest, aux_loss_coef=aux_loss_coef, routing_prior=routing_prior,
-                                    routing_kl_coef=routing_kl_coef, prox_mu=prox_mu, anchors=self.get_parameters)
+                                    routing_reg_coef=routing_reg_coef, prox_mu=prox_mu, anchors=self.get_parameters)
         self._begin_fit(learning_rate=learning_rate, steps=steps)
         routing = RoutingStats(self.manifest.shape_key.experts_per_layer, self.manifest.expert_ids)
         losses, examples, tokens, elapsed = [], 0, 0, 0.0
@@ -192,7 +192,7 @@ class BundleTrainer(Trainer):
         Raises:
             DataError: ``batches`` is empty or holds no target token.
         """
-        constants = constant_inputs(self.manifest, aux_loss_coef=0.0, routing_prior=None, routing_kl_coef=0.0,
+        constants = constant_inputs(self.manifest, aux_loss_coef=0.0, routing_prior=None, routing_reg_coef=0.0,
                                     prox_mu=0.0, anchors=self.get_parameters)
         key = CE_LOSS if CE_LOSS in self.manifest.outputs else LOSS
         total, targets, examples, tokens = 0.0, 0, 0, 0

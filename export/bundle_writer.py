@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Sequence
 
 from device_runtime.bundle import (GRAPH_FILES, TOKENIZER_FILE, WEIGHTS_FILE, Manifest, ShapeKey, TensorSpec,
-                                   TrainingDefaults, write_manifest)
+                                   write_manifest)
+from device_runtime.wire import FitConfig
 from device_runtime.errors import BundleError
 from export.families import MoeDescription, describe
 from export.loading import cache_dir, checkpoint_sha256
@@ -41,7 +42,7 @@ class BundleRequest:
     lora_rank: int = 0
     lora_alpha: float = 16.0
     prox: bool = False
-    training: TrainingDefaults = TrainingDefaults()
+    training: FitConfig = FitConfig()
     seed: int = 0
 
     @property

@@ -17,7 +17,8 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from device_runtime.bundle import TrainingDefaults, load_bundle
+from device_runtime.bundle import load_bundle
+from device_runtime.wire import FitConfig
 from device_runtime.cli_errors import run_cli
 from export.planner import MIB, Budget, TrainingShape, estimate, model_shape, plan, select_experts
 
@@ -177,8 +178,7 @@ def bundle(checkpoint, out, memory_mib, gflops, max_step_s, experts_per_layer, k
         with console.status("calibration pass for expert importance"):
             chosen = select_experts(_importance(checkpoint, calibration, seq_len), experts_per_layer)
     request = BundleRequest(keep=chosen, trainable_mode=trainable, lora_rank=train.lora_rank, prox=prox,
-                            training=TrainingDefaults(batch_size=batch_size, seq_len=seq_len,
-                                                      learning_rate=learning_rate))
+                            training=FitConfig(batch_size=batch_size, seq_len=seq_len, learning_rate=learning_rate))
     with console.status(f"exporting the ORT training graph for shape {request.shape_key.id} (cached afterwards)"):
         manifest = write_bundle(checkpoint, Path(out), request)
     console.print(f"[green]wrote[/] {out} (shape {manifest.shape_key.id})")

@@ -78,13 +78,14 @@ def tiny_bundle(root: Path, *, keep=((0, 2), (1, 3)), copies: int = 2):
 
     import pytest
 
-    from device_runtime.bundle import TrainingDefaults, load_bundle
+    from device_runtime.bundle import load_bundle
+    from device_runtime.wire import FitConfig
     from export.bundle_writer import BundleRequest, write_bundle
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("FEDMOE_CACHE", str(root / "cache"))
         write_bundle(tiny_checkpoint(root / "checkpoint", TRAINER_MIXTRAL), root / "bundle",
-                     BundleRequest(keep=keep, training=TrainingDefaults(batch_size=2, seq_len=SEQ_LEN)))
+                     BundleRequest(keep=keep, training=FitConfig(batch_size=2, seq_len=SEQ_LEN)))
     data = root / "data.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in RECORDS * copies))
     return load_bundle(root / "bundle"), data

@@ -30,14 +30,14 @@ KEEP_A, KEEP_B = ((0, 2, 3), (1, 2)), ((3, 1, 0), (0, 3))  # same shape key: B r
 @pytest.fixture(scope="module")
 def bundles(tmp_path_factory):
     """``{"checkpoint", "a", "b", "data"}``: two bundles of one shape (different experts) and a JSONL file."""
-    from device_runtime.bundle import TrainingDefaults
+    from device_runtime.wire import FitConfig
     from export.bundle_writer import BundleRequest, write_bundle
 
     root = tmp_path_factory.mktemp("ort_trainer")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("FEDMOE_CACHE", str(root / "cache"))
         checkpoint = tiny_checkpoint(root / "checkpoint", TRAINER_MIXTRAL)
-        defaults = TrainingDefaults(batch_size=4, seq_len=SEQ_LEN, learning_rate=1e-2, aux_loss_coef=0.01)
+        defaults = FitConfig(batch_size=4, seq_len=SEQ_LEN, learning_rate=1e-2, aux_loss_coef=0.01)
         for name, keep in (("a", KEEP_A), ("b", KEEP_B)):
             write_bundle(checkpoint, root / name, BundleRequest(keep=keep, training=defaults))
     data = root / "data.jsonl"

@@ -322,6 +322,9 @@ def test_config_round_trip_and_errors(tmp_path, initialised):
     (tmp_path / "flag.toml").write_text('checkpoint = "m"\nkeep_update_tensors = "yes"\n')
     with pytest.raises(ConfigError, match="keep_update_tensors"):
         load_config(tmp_path / "flag.toml")
+    (tmp_path / "fit.toml").write_text('checkpoint = "m"\n[fit]\nbatch_size = 0\n')
+    with pytest.raises(ConfigError, match=r"\[fit\]"):
+        load_config(tmp_path / "fit.toml")
     (tmp_path / "unknown.toml").write_text('checkpoint = "m"\nprot = 1\n')
     with pytest.raises(ConfigError, match="unknown keys"):
         load_config(tmp_path / "unknown.toml")

@@ -57,7 +57,7 @@ def test_router_kl_weighting_by_hand():
 
 
 def test_routing_prior_is_state_between_rounds():
-    strategy = FedAlign(kl_coef=0.05, num_experts=(4,)).bind(tiny_context())
+    strategy = FedAlign(routing_reg_coef=0.05, num_experts=(4,)).bind(tiny_context())
     clients = [ClientInfo("a", {"memory_mib": 1e6})]
     config = strategy.configure_fit(1, _global(), clients)["a"].config
     assert (config.routing_reg_coef, config.routing_prior) == (0.05, ((0.25,) * 4,))

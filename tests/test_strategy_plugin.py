@@ -4,6 +4,7 @@ run by a real coordinator (in process: registry, tensor store, bundle export, Fi
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -65,6 +66,8 @@ def test_a_registered_strategy_runs_rounds_in_a_real_coordinator(tmp_path, monke
                 assignment = device.inbox[-1]
                 assert assignment.expert_ids == ((server_round - 1, server_round),) * 2
                 manifest = coordinator.bundles.manifest(assignment.shape_key.id)
+                # one FitConfig: the config's [fit], the bundle's defaults, the round's (with its seed)
+                assert manifest.training == cfg.fit and assignment.config == replace(cfg.fit, seed=server_round)
                 assert (await coordinator.handle_update(session, fake_update(assignment, manifest))).accepted
                 assert isinstance(await coordinator.step(), Aggregate)
             rounds = coordinator.registry.list_rounds()

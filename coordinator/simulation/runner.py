@@ -64,7 +64,7 @@ def _config(fed: Federation, out: Path, port: int) -> CoordinatorConfig:
         strategy=fed.strategy, min_fit_clients=len(fed.devices), max_fit_clients=len(fed.devices),
         num_rounds=fed.rounds, round_deadline_s=fed.round_deadline_s, trainable_mode=fed.trainable_mode,
         lora_rank=fed.lora_rank, seed=fed.seed, eval_data=str(fed.eval_data.resolve()),
-        fit={k: v for k, v in dataclasses.asdict(fed.fit).items() if v is not None})
+        fit=fed.fit)
 
 
 class Watch:

@@ -9,8 +9,8 @@ Three parts (``docs/algorithms.md``):
    - ``"kl"``: omega_i(e) proportional to 1 / (1 + KL(p_i || p_global)), p_i = client i's usage normalised
      over its kept experts, p_global = the round's prior restricted to those experts and renormalised.
 2. Distribution regularisation: ``configure_fit`` sends ``routing_prior`` (p_global per MoE layer) and
-   ``kl_coef`` (lambda_r, FitConfig ``routing_reg_coef``) so each client adds lambda_r KL(p_local || p_global) to its loss. The prior is
-   state: after each round it becomes the example-weighted mean usage of the holders of each expert
+   ``routing_reg_coef`` (lambda_r) so each client adds lambda_r KL(p_local || p_global) to its loss. The
+   prior is state: after each round it becomes the example-weighted mean usage of the holders of each expert
    (unheld experts keep their previous mass), renormalised.
 3. Expert semantic alignment. With Delta_i(e) = E_e(i) - E_e(t) (over all EXPERT tensors of the layer,
    concatenated) and the mean direction m(e) = sum_i n_i Delta_i(e) / sum_i n_i over the holders,
@@ -50,27 +50,29 @@ class FedAlign(Strategy):
 
     name = "fedalign"
 
-    def __init__(self, router_weighting: str = "usage", threshold: float = 0.0, kl_coef: float = 0.01,
+    def __init__(self, router_weighting: str = "usage", threshold: float = 0.0, routing_reg_coef: float = 0.01,
                  num_experts: Sequence[int] | None = None):
         """Args:
             router_weighting: ``"usage"`` or ``"kl"`` (see the module docstring).
             threshold: cosine similarity an update direction needs to count as aligned, in [-1, 1].
-            kl_coef: lambda_r of the clients' KL(p_local || p_global) regulariser, >= 0.
+            routing_reg_coef: lambda_r of the clients' KL(p_local || p_global) regulariser, >= 0.
             num_experts: global experts per MoE layer; when given, round 1 sends a uniform prior.
         Raises:
             ConfigError: a parameter is out of range.
         """
         if router_weighting not in ROUTER_WEIGHTINGS:
             raise ConfigError(f"router_weighting must be one of {ROUTER_WEIGHTINGS}, got {router_weighting!r}")
-        if not -1.0 <= threshold <= 1.0 or not kl_coef >= 0.0:
-            raise ConfigError(f"need -1 <= threshold <= 1 and kl_coef >= 0; got {threshold}, {kl_coef}")
-        self.router_weighting, self.threshold, self.kl_coef = router_weighting, float(threshold), float(kl_coef)
+        if not -1.0 <= threshold <= 1.0 or not routing_reg_coef >= 0.0:
+            raise ConfigError(f"need -1 <= threshold <= 1 and routing_reg_coef >= 0; got {threshold}, "
+                              f"{routing_reg_coef}")
+        self.router_weighting, self.threshold = router_weighting, float(threshold)
+        self.routing_reg_coef = float(routing_reg_coef)
         self.prior: dict[int, np.ndarray] = {
             layer: np.full(count, 1.0 / count) for layer, count in enumerate(num_experts or ())}
 
     def fit_config(self, server_round: int) -> FitConfig:
         prior = tuple(tuple(float(p) for p in self.prior[layer]) for layer in sorted(self.prior)) or None
-        return dataclasses.replace(super().fit_config(server_round), routing_reg_coef=self.kl_coef,
+        return dataclasses.replace(super().fit_config(server_round), routing_reg_coef=self.routing_reg_coef,
                                    routing_prior=prior)
 
     def aggregate_fit(self, server_round: int, results: Results, failures: Sequence[Failure],

@@ -7,7 +7,7 @@ A message's ``TYPE`` is its wire name. ``PAYLOAD`` says what follows the JSON he
 from dataclasses import dataclass
 from typing import ClassVar
 
-from device_runtime.bundle import ShapeKey
+from device_runtime.shape_key import ShapeKey
 from device_runtime.errors import ProtocolError
 from device_runtime.wire.fields import (MAX_NUM_EXAMPLES, MAX_NUM_TOKENS, MAX_TEXT, Count, ExpertIds, Float, Id,
                                         Int, JsonObject, Metrics, Profile, Raw, RelPath, Sha256, Text, Tuples,
@@ -16,7 +16,8 @@ from device_runtime.wire.fields import (MAX_NUM_EXAMPLES, MAX_NUM_TOKENS, MAX_TE
 
 @dataclass(frozen=True)
 class FitConfig:
-    """Local training settings of one round (overrides the bundle's ``TrainingDefaults``).
+    """Local training settings: a round's (in its Assignment), a bundle's defaults (``Manifest.training``) and
+    the coordinator's ``[fit]`` are all this one type.
 
     Attributes:
         batch_size: sequences per step. seq_len: tokens per sequence.
