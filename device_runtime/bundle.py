@@ -34,6 +34,8 @@ GRAPH_FILES = ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx",
 WEIGHTS_FILE = "weights.safetensors"
 TOKENIZER_FILE = "tokenizer.json"
 DTYPES = ("float32", "float16")
+# The FitConfig fields a manifest records (format version 1): a device of any version 1 runtime reads them.
+MANIFEST_TRAINING_FIELDS = ("batch_size", "seq_len", "learning_rate", "aux_loss_coef", "local_steps")
 _NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,200}$")
 
 
@@ -99,7 +101,8 @@ class Manifest:
         expert_ids: per MoE layer, local expert index -> global expert id.
         tensors: every tensor in ``weights.safetensors``.
         inputs: graph input names in feed order. outputs: graph output names (``loss`` first).
-        training: local training defaults (``fedmoe-device train-local``; a round's Assignment brings its own).
+        training: local training defaults (``fedmoe-device train-local``; a round's Assignment brings its own);
+            the manifest records its ``MANIFEST_TRAINING_FIELDS``.
         files: relative path -> sha256 of every other file in the bundle.
     """
 
@@ -133,7 +136,10 @@ class Manifest:
         return tuple(t.name for t in self.tensors if t.trainable)
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=True)
+        """The manifest as JSON; ``training`` holds the ``MANIFEST_TRAINING_FIELDS`` of the FitConfig only."""
+        data = asdict(self)
+        data["training"] = {name: data["training"][name] for name in MANIFEST_TRAINING_FIELDS}
+        return json.dumps(data, indent=2, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> "Manifest":

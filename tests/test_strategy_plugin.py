@@ -4,6 +4,7 @@ run by a real coordinator (in process: registry, tensor store, bundle export, Fi
 from __future__ import annotations
 
 import asyncio
+import json
 from dataclasses import replace
 
 import numpy as np
@@ -12,6 +13,7 @@ import pytest
 from coordinator.rounds import Aggregate, StartRound
 from coordinator.strategy import STRATEGIES, ClientInfo, FedAvg, FitIns
 from coordinator.strategy.selection import affordable_experts
+from device_runtime.bundle import MANIFEST, MANIFEST_TRAINING_FIELDS
 from helpers import memory_for, tiny_context, tiny_global
 
 
@@ -68,6 +70,8 @@ def test_a_registered_strategy_runs_rounds_in_a_real_coordinator(tmp_path, monke
                 manifest = coordinator.bundles.manifest(assignment.shape_key.id)
                 # one FitConfig: the config's [fit], the bundle's defaults, the round's (with its seed)
                 assert manifest.training == cfg.fit and assignment.config == replace(cfg.fit, seed=server_round)
+                written = json.loads((coordinator.bundles.root / manifest.shape_key.id / MANIFEST).read_text())
+                assert sorted(written["training"]) == sorted(MANIFEST_TRAINING_FIELDS)  # the format is unchanged
                 assert (await coordinator.handle_update(session, fake_update(assignment, manifest))).accepted
                 assert isinstance(await coordinator.step(), Aggregate)
             rounds = coordinator.registry.list_rounds()
