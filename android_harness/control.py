@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from android_harness.errors import DeployError
-from android_harness.remote import Layout, unit_name
+from android_harness.remote import Layout, boot_name, unit_name
 from android_harness.targets import Target
 
 q = shlex.quote
@@ -50,13 +50,15 @@ def deployment(target: Target, layout: Layout) -> dict:
 
 @dataclass(frozen=True)
 class Status:
-    """A deployment at a glance. ``last_round`` / ``last_peak_rss_mib``: from the last update the runtime sent
+    """A deployment at a glance. ``backend``: the training backend the runtime chooses (``fedmoe-device profile``),
+    ``backends``: those installed. ``last_round`` / ``last_peak_rss_mib``: from the last update the runtime sent
     (None before its first round); ``pending_updates``: updates not yet acknowledged by the coordinator."""
 
     name: str
     coordinator: str
     version: str
     extra: str
+    backend: str
     backends: tuple[str, ...]
     service: str
     running: bool
@@ -83,11 +85,12 @@ true""", timeout=120).stdout
     state, last, pending, profile = (part.strip() for part in out.split(_SEPARATOR))
     match = _ROUND_LINE.search(last)
     try:
-        backends = tuple(json.loads(profile).get("backends", ()))
-    except ValueError:
-        backends = ()
+        profile = json.loads(profile)
+    except ValueError:  # the venv cannot start the runtime: status still shows the rest
+        profile = {}
     return Status(name=record["name"], coordinator=record["coordinator"], version=record["version"],
-                  extra=record["extra"], backends=backends, service=record["service"], running=state == "running",
+                  extra=record["extra"], backend=profile.get("backend", "?"),
+                  backends=tuple(profile.get("backends", ())), service=record["service"], running=state == "running",
                   last_round=int(match[1]) if match else None, last_loss=float(match[2]) if match else None,
                   last_peak_rss_mib=int(match[4]) if match else None,
                   pending_updates=int(pending) if pending.isdigit() else 0, deployed_at=record["deployed_at"])
@@ -134,7 +137,7 @@ if [ -f "$HOME/.config/systemd/user/"{unit} ]; then
     rm -f "$HOME/.config/systemd/user/"{unit}
     systemctl --user daemon-reload >/dev/null 2>&1
 fi
-rm -f "$HOME/.termux/boot/"{q("fedmoe-device-" + record["name"])}
+rm -f "$HOME/.termux/boot/"{q(boot_name(record["name"]))}
 cd / && rm -rf {r}
 """, timeout=300)
     if result.returncode != 0:

@@ -31,9 +31,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from android_harness.errors import DeployError
+from android_harness import termux
 from android_harness.probe import TargetInfo, check_disk, check_target, probe
 from android_harness.remote import (START_MARKER, Layout, run_script, supervisor_scripts, systemd_scripts,
-                                    systemd_unit, unit_name)
+                                    systemd_unit, unit_name, boot_name)
 from android_harness.targets import Target
 from android_harness.wheelhouse import Platform, build_runtime_wheel, extra_requirements, wheel_metadata, wheelhouse
 
@@ -98,6 +99,8 @@ def deploy(target: Target, opts: DeployOptions, *, say=print) -> DeployReport:
     from export.loading import cache_dir
 
     started = time.monotonic()
+    if target.kind == "adb":
+        termux.prepare(target, say=say)
     info = probe(target, python=opts.python, root=opts.remote_dir, coordinator=opts.coordinator)
     check_target(info, target, coordinator=opts.coordinator, memory_mib=opts.memory_mib or MIN_MEMORY_MIB)
     upgraded = info.deployed is not None
@@ -114,7 +117,11 @@ def deploy(target: Target, opts: DeployOptions, *, say=print) -> DeployReport:
     with tempfile.TemporaryDirectory(prefix="fedmoe-deploy-") as tmp:
         tmp = Path(tmp)
         wheel = build_runtime_wheel(tmp / "dist")
-        extra, house = choose_extra(wheel, info.platform, opts.extra, opts.cache or cache_dir(), say=say)
+        if info.termux:
+            extra, house, reqs = termux.EXTRA, None, termux.requirements(wheel, info.platform)
+        else:
+            extra, house = choose_extra(wheel, info.platform, opts.extra, opts.cache or cache_dir(), say=say)
+            reqs = None
         service = choose_service(info, opts.service)
         version = wheel_metadata(wheel)["version"]
         record = {"name": opts.name, "coordinator": opts.coordinator, "extra": extra, "version": version,
@@ -127,13 +134,13 @@ def deploy(target: Target, opts: DeployOptions, *, say=print) -> DeployReport:
         token = None if info.credentials else (opts.token or enrol_token(opts))
         try:
             _step(seconds, "upload", lambda: upload(target, layout, payload))
-            _step(seconds, "install", lambda: install(target, layout, info, wheel.name, extra))
+            _step(seconds, "install", lambda: install(target, layout, info, wheel.name, extra, reqs))
             if token is not None:
                 _step(seconds, "enrol", lambda: enrol(target, layout, opts, token))
         except BaseException:
             remove_partial(target, layout, fresh=not upgraded, root_existed=info.root_exists)
             raise
-    _step(seconds, "switch", lambda: switch(target, layout, unit_name(opts.name)))
+    _step(seconds, "switch", lambda: switch(target, layout, opts.name))
     say(f"installed fedmoe {version} [{extra}] under {info.root}; service: {service}")
     _step(seconds, "start", lambda: wait_authenticated(target, layout))
     return DeployReport(info, extra, service, version, upgraded, token is not None, size, seconds)
@@ -178,7 +185,8 @@ def choose_extra(wheel: Path, platform: Platform, wanted: str | None, cache: Pat
 
 def choose_service(info: TargetInfo, wanted: str) -> str:
     """``systemd`` (a user unit) where the device has a systemd user session, else ``supervisor`` (a
-    nohup'ed restart loop with a pidfile; on Termux also a Termux:Boot script and a wake lock).
+    nohup'ed restart loop with a pidfile); on Termux ``termux-boot``: the supervisor with a wake lock, started
+    at boot by a Termux:Boot script.
 
     Raises:
         DeployError: ``systemd`` asked for on a device without a systemd user session.
@@ -186,18 +194,20 @@ def choose_service(info: TargetInfo, wanted: str) -> str:
     if wanted == "systemd" and not info.systemd_user:
         raise DeployError("the device has no systemd user session (`systemctl --user` fails); use --service "
                           "supervisor, or log in once and run `sudo loginctl enable-linger USER` there")
+    if info.termux:
+        return "termux-boot"
     if wanted == "auto":
-        return "systemd" if info.systemd_user and not info.termux else "supervisor"
+        return "systemd" if info.systemd_user else "supervisor"
     return wanted
 
 
-def build_payload(out: Path, wheel: Path, house: Path, layout: Layout, opts: DeployOptions, record: dict) -> Path:
-    """One tar: ``wheels/`` (the wheelhouse and fedmoe's wheel), ``files/`` (scripts, deploy.json, a unit),
+def build_payload(out: Path, wheel: Path, house: Path | None, layout: Layout, opts: DeployOptions, record: dict) -> Path:
+    """One tar: ``wheels/`` (the wheelhouse, if any, and fedmoe's wheel), ``files/`` (scripts, deploy.json, a unit),
     ``data.jsonl`` and ``bundles/<shape_key_id>/`` (verified here first)."""
     from device_runtime.bundle import load_bundle
 
     with tarfile.open(out, "w") as tar:
-        for path in [*house.glob("*.whl"), wheel]:
+        for path in [*(house.glob("*.whl") if house else ()), wheel]:
             tar.add(path, f"wheels/{path.name}")
         for name, text in service_files(layout, opts, record).items():
             _add_text(tar, f"files/{name}", text)
@@ -218,7 +228,7 @@ def service_files(layout: Layout, opts: DeployOptions, record: dict) -> dict[str
         files.update(systemd_scripts(unit_name(opts.name), layout.log))
         files["unit"] = systemd_unit(layout, opts.name)
     else:
-        files.update(supervisor_scripts(layout))
+        files.update(supervisor_scripts(layout, boot_script=record["service"] == "termux-boot"))
     return files
 
 
@@ -265,9 +275,15 @@ def upload(target: Target, layout: Layout, payload: Path) -> None:
                     "&& rm -f incoming.tar", "unpacking the upload")
 
 
-def install(target: Target, layout: Layout, info: TargetInfo, wheel_name: str, extra: str) -> None:
+def install(target: Target, layout: Layout, info: TargetInfo, wheel_name: str, extra: str,
+            termux_reqs: list[str] | None = None) -> None:
     """A fresh ``venv.new`` (``--without-pip``; pip runs from its wheel, ignoring the device's pip config) with
-    ``fedmoe[extra]`` from ``incoming/wheels`` only; then import the runtime's CLI once."""
+    ``fedmoe[extra]`` from ``incoming/wheels`` only; then import the runtime's CLI once. On Termux
+    (``termux_reqs`` given) see ``android_harness.termux``."""
+    if termux_reqs is not None:
+        _remote(target, termux.install_script(layout.root, info.python_path, wheel_name, termux_reqs),
+                f"installing fedmoe[{extra}] over Termux's packages (pip needs the phone online)")
+        return
     pip = f"PIP_CONFIG_FILE=/dev/null venv.new/bin/python \"$(ls incoming/wheels/pip-*.whl | head -n 1)\"/pip --isolated"
     _remote(target, f"""set -e
 cd {q(layout.root)}
@@ -302,9 +318,9 @@ def remove_partial(target: Target, layout: Layout, *, fresh: bool, root_existed:
     target.run(script, timeout=120)
 
 
-def switch(target: Target, layout: Layout, unit: str) -> None:
+def switch(target: Target, layout: Layout, name: str) -> None:
     """Stop the running version, swap ``venv.new`` in, install scripts, data, bundles and service; start it."""
-    r = q(layout.root)
+    r, unit, boot = q(layout.root), q(unit_name(name)), q(boot_name(name))
     _remote(target, f"""set -e
 cd {r}
 [ -f stop.sh ] && sh stop.sh
@@ -316,7 +332,11 @@ mkdir -p home models
 chmod 700 home
 if [ -f incoming/files/unit ]; then
     mkdir -p "$HOME/.config/systemd/user"
-    mv incoming/files/unit "$HOME/.config/systemd/user/"{q(unit)}
+    mv incoming/files/unit "$HOME/.config/systemd/user/"{unit}
+fi
+if [ -f incoming/files/boot.sh ]; then
+    mkdir -p "$HOME/.termux/boot"
+    mv incoming/files/boot.sh "$HOME/.termux/boot/"{boot}
 fi
 rm -f supervise.sh
 mv incoming/files/* .

@@ -54,10 +54,11 @@ def run_script(layout: Layout, *, url: str, data: str, memory_mib: int | None, t
             f"export FEDMOE_DEVICE_HOME={q(layout.home)}\nexec {' '.join(q(a) for a in [*args, *extra_args])}\n")
 
 
-def supervisor_scripts(layout: Layout, *, boot_script: str | None = None) -> dict[str, str]:
+def supervisor_scripts(layout: Layout, *, boot_script: bool = False) -> dict[str, str]:
     """``supervise.sh`` (restart ``run.sh`` ``RESTART_DELAY_S`` s after a failure, forward SIGTERM to it) and
     ``start.sh`` / ``stop.sh`` / ``running.sh`` for it, for devices without a systemd user session (Termux,
-    containers). ``boot_script``: where Termux:Boot looks (``~/.termux/boot/NAME``), written by start.sh."""
+    containers). ``boot_script``: also ``boot.sh`` for Termux:Boot (installed as ``~/.termux/boot/<boot_name>``),
+    and start.sh takes a wake lock (Android would otherwise suspend the CPU with the screen off)."""
     r = q(layout.root)
     supervise = f"""#!/bin/sh
 # written by fedmoe-android: keeps the device runtime running (no systemd user session on this device)
@@ -140,4 +141,10 @@ def systemd_scripts(unit: str, log: str) -> dict[str, str]:
 
 
 def unit_name(name: str) -> str:
+    """The systemd user unit of deployment ``name``."""
     return f"fedmoe-device-{name}.service"
+
+
+def boot_name(name: str) -> str:
+    """The Termux:Boot script (in ``~/.termux/boot/``) of deployment ``name``."""
+    return f"fedmoe-device-{name}"

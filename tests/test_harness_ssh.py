@@ -15,18 +15,16 @@ import hashlib
 import json
 import os
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
 import sshd
-from helpers import RECORDS, ServerThread, initialised_coordinator
+from harness_cli import finished_after, harness, ok, refused, running_coordinator
+from helpers import RECORDS
 
 pytestmark = pytest.mark.skipif(sshd.missing() is not None, reason=str(sshd.missing()))
 
-ROUND_TIMEOUT_S = 240.0
 
 
 @pytest.fixture(scope="module")
@@ -42,59 +40,9 @@ def cache(tmp_path_factory):
     return tmp_path_factory.mktemp("fedmoe-cache")
 
 
-def harness(cache: Path, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
-    """``fedmoe-android ARGS`` as a subprocess (its own FEDMOE_CACHE)."""
-    return subprocess.run([sys.executable, "-m", "android_harness.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "FEDMOE_CACHE": str(cache), "COLUMNS": "200"})
-
-
-def ok(result: subprocess.CompletedProcess) -> str:
-    assert result.returncode == 0, result.stdout + result.stderr
-    return result.stdout + result.stderr
-
-
-def refused(result: subprocess.CompletedProcess, *phrases: str) -> str:
-    """A one-line DeployError (no traceback) containing every phrase."""
-    text = result.stdout + result.stderr
-    assert result.returncode == 1, text
-    assert "Traceback" not in text and "error:" in text, text
-    for phrase in phrases:
-        assert phrase in " ".join(text.split()), text
-    return text
-
-
 @pytest.fixture(scope="module")
 def coordinator(tmp_path_factory):
-    pytest.importorskip("torch")
-    pytest.importorskip("onnxruntime.training")
-    from coordinator.config import save_config
-
-    root = tmp_path_factory.mktemp("coordinator")
-    cfg = initialised_coordinator(root, root / "state", num_rounds=0, round_deadline_s=ROUND_TIMEOUT_S)
-    config = root / "fedmoe-coord.toml"
-    save_config(cfg, config)
-    thread = ServerThread(cfg)
-    thread.config = config
-    thread.cfg = cfg
-    yield thread
-    thread.stop()
-
-
-def finished_after(cfg, after: int):
-    """(the first finished round with an id > ``after``, the enrolled devices), waiting for it."""
-    from coordinator.registry import Registry
-
-    registry = Registry(cfg.registry_url)
-    deadline = time.monotonic() + ROUND_TIMEOUT_S
-    try:
-        while time.monotonic() < deadline:
-            rounds = sorted(r.id for r in registry.list_rounds() if r.status == "finished" and r.id > after)
-            if rounds:
-                return rounds[0], registry.list_devices()
-            time.sleep(0.5)
-    finally:
-        registry.close()
-    raise AssertionError(f"no round after {after} finished in {ROUND_TIMEOUT_S:.0f} s")
+    yield from running_coordinator(tmp_path_factory)
 
 
 def test_deploy_round_status_logs_stop_upgrade_undeploy(server, coordinator, cache, tmp_path):
@@ -113,7 +61,7 @@ def test_deploy_round_status_logs_stop_upgrade_undeploy(server, coordinator, cac
     assert [d.name for d in devices] == ["pi-loop"]
     status = json.loads(ok(harness(cache, "status", *common, "--json")))
     assert status["running"] and status["name"] == "pi-loop" and status["extra"] == "device"
-    assert "ort-training" in status["backends"]
+    assert status["backend"] == "ort-training" and "ort-training" in status["backends"]
     assert status["last_round"] >= first and 0 < status["last_peak_rss_mib"] < 1024
     logs = ok(harness(cache, "logs", *common, "-n", "200"))
     assert "authenticated as" in logs and f"round {first}: loss" in logs
