@@ -38,7 +38,6 @@ import asyncio
 import dataclasses
 import logging
 import re
-import resource
 import statistics
 import sys
 import tempfile
@@ -53,6 +52,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from helpers import fake_update, initialised_coordinator  # noqa: E402
 
 import device_runtime.client as device_client  # noqa: E402
+from coordinator.admission import raise_descriptor_limit  # noqa: E402
 from coordinator.config import CoordinatorConfig, save_config  # noqa: E402
 from coordinator.registry import Registry  # noqa: E402
 from coordinator.simulation.processes import Child, free_port, start_coordinator, wait_healthy  # noqa: E402
@@ -64,14 +64,6 @@ PROFILE = {"memory_total_mib": 4096, "memory_available_mib": 2048, "memory_mib":
 
 
 # ---------------------------------------------------------------- process facts
-
-
-def raise_nofile() -> tuple[int, int]:
-    """Raise this process's RLIMIT_NOFILE soft limit to the hard limit (children inherit it); returns both."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    return resource.getrlimit(resource.RLIMIT_NOFILE)
 
 
 def nofile_of(pid: int) -> str:
@@ -430,11 +422,13 @@ def main() -> int:
     opts = parser.parse_args()
     opts.workdir = (opts.workdir or Path(tempfile.mkdtemp(prefix="fedmoe-conn-"))).resolve()
     opts.workdir.mkdir(parents=True, exist_ok=True)
-    soft, hard = raise_nofile()
+    soft, hard = raise_descriptor_limit()
     print(f"workdir {opts.workdir}; this process RLIMIT_NOFILE {soft}/{hard} (inherited by the coordinator)")
     cfg = initialised_coordinator(opts.workdir, opts.workdir / "state", port=free_port(), num_rounds=opts.rounds,
                                   min_fit_clients=opts.idle + 1, max_fit_clients=opts.idle + 1,
-                                  heartbeat_s=opts.heartbeat_s, round_deadline_s=opts.round_timeout)
+                                  heartbeat_s=opts.heartbeat_s, round_deadline_s=opts.round_timeout,
+                                  # every simulated device connects from 127.0.0.1, all at once
+                                  max_unauthenticated_per_address=opts.idle + 1)
     registry = Registry(cfg.registry_url)
     start = time.perf_counter()
     tokens = [registry.create_enrol_token(f"dev-{i:04d}", 3600) for i in range(opts.idle)]

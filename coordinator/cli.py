@@ -113,6 +113,7 @@ def serve(ctx, port):
     cfg = _config(ctx)
     cfg = cfg if port is None else replace(cfg, port=port)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    logging.getLogger("websockets").setLevel(logging.WARNING)  # no line per opened / closed connection
     scheme = "wss" if cfg.tls else "ws"
     run(cfg, ready=lambda p: print(f"listening on {scheme}://{cfg.host}:{p}", flush=True))
 

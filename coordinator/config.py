@@ -8,6 +8,9 @@ Example (``fedmoe-coord init`` writes one)::
     host = "127.0.0.1"
     port = 8765
     max_message_mib = 256
+    max_connections = 4096                  # connections in total (also capped by the descriptor limit)
+    max_unauthenticated_per_address = 32    # connections per address that have not logged in yet
+    login_timeout_s = 30                    # seconds from TCP accept to a completed login
     strategy = "hfedmoe"
     min_fit_clients = 2
     max_fit_clients = 10
@@ -62,6 +65,8 @@ class CoordinatorConfig:
         checkpoint: MoE checkpoint directory. state_dir: coordinator state (tensors, bundles, statistics).
         database_url: SQLAlchemy URL of the registry ("" = SQLite file in ``state_dir``).
         host, port: where to listen (port 0: any free port). max_message_mib: largest websocket message (MiB).
+        max_connections, max_unauthenticated_per_address, login_timeout_s: admission control
+            (``coordinator.admission``; seconds).
         strategy, strategy_params: aggregation strategy name and keyword arguments.
         min_fit_clients, max_fit_clients, fraction_fit: client selection per round.
         round_deadline_s: seconds a round waits for updates. max_round_attempts: tries before giving up a round.
@@ -82,6 +87,9 @@ class CoordinatorConfig:
     host: str = "127.0.0.1"
     port: int = 8765
     max_message_mib: float = 256.0
+    max_connections: int = 4096
+    max_unauthenticated_per_address: int = 32
+    login_timeout_s: float = 30.0
     strategy: str = "hfedmoe"
     strategy_params: dict = field(default_factory=dict)
     min_fit_clients: int = 2
@@ -145,6 +153,9 @@ def _check(cfg: CoordinatorConfig) -> None:
         (not (cfg.update_norm_bound > 0 and math.isfinite(cfg.update_norm_bound)), "update_norm_bound must be > 0"),
         (bool(cfg.tls_cert) != bool(cfg.tls_key), "set both tls_cert and tls_key, or neither"),
         (not cfg.heartbeat_s > 0, "heartbeat_s must be > 0"),
+        (cfg.max_connections < 1 or cfg.max_unauthenticated_per_address < 1,
+         "max_connections and max_unauthenticated_per_address must be >= 1"),
+        (not cfg.login_timeout_s > 0, "login_timeout_s must be > 0"),
         (not isinstance(cfg.keep_update_tensors, bool), "keep_update_tensors must be true or false"),
     ]
     for bad, message in problems:

@@ -10,7 +10,10 @@ A Heartbeat refreshes the device's ``last_seen`` at most every ``LAST_SEEN_EVERY
 counted as one ``bytes_down`` metric (registry writes are commits on the event loop). A malformed message
 gets ``Error(code)`` and the connection stays open (at most ``MAX_BAD_BEFORE_AUTH`` before authentication).
 Authentication failures get ``Error("auth")`` and the connection is closed.
-A frame above ``max_message_mib`` is refused by websockets itself (close code 1009). A device that closes
+A frame above ``max_message_mib`` (above :data:`PRE_LOGIN_MAX_BYTES` before login) is refused by websockets
+itself (close code 1009). Admission control (``coordinator.admission``): connection caps, one session per
+device, a login deadline (``login_timeout_s``), at most :data:`MAX_PRE_LOGIN_MESSAGES` messages before login,
+a per-connection message rate, and at most :data:`MAX_QUEUE` frames buffered per connection. A device that closes
 with 1009 right after an Assignment refused it as too big: the coordinator rejects that assignment instead
 of re-sending it on every reconnect. An ``Error`` from a device ends its part in the current round (see
 ``Coordinator.device_error``). ``GET /healthz`` answers 200 ``ok``. SIGTERM / SIGINT stop the server
@@ -20,6 +23,7 @@ cleanly (:func:`run`).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import signal
 import ssl
@@ -30,6 +34,7 @@ from http import HTTPStatus
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
+from coordinator.admission import Admission, AdmittedConnection, quiet_accept_errors, raise_descriptor_limit
 from coordinator.config import CoordinatorConfig
 from coordinator.service import Coordinator, Session
 from device_runtime.auth import NonceBook, verify_challenge
@@ -40,6 +45,11 @@ from device_runtime.wire import (PROTOCOL_VERSION, Assignment, Auth, AuthOk, Bun
 
 log = logging.getLogger("fedmoe.coord")
 MAX_BAD_BEFORE_AUTH = 3
+MAX_PRE_LOGIN_MESSAGES = 16  # Enrol / Hello / Auth messages one connection may send before it is logged in
+PRE_LOGIN_MAX_BYTES = 64 << 10  # largest frame before login: an Enrol with its profile is ~1 KiB
+MAX_QUEUE = 2  # frames websockets buffers per connection before it stops reading (its default: 16)
+DECODE_IN_THREAD_BYTES = 1 << 20  # frames above this are hashed and parsed in a worker thread
+CLOSE_POLICY = 1008  # websocket close code: policy violation
 CHUNK_BYTES = 4 << 20
 # A Heartbeat refreshes the device's ``last_seen`` at most this often (seconds): each refresh is a registry
 # commit (an fsync) on the event loop. Measured (bench/bench_connections.py, 1000 devices heartbeating every
@@ -64,9 +74,10 @@ def health(connection: ServerConnection, request):
 class Connection:
     """One device connection: framing, the handshake, and message dispatch."""
 
-    def __init__(self, coord: Coordinator, ws: ServerConnection, nonces: NonceBook):
+    def __init__(self, coord: Coordinator, ws: AdmittedConnection, nonces: NonceBook):
         self.coord, self.ws, self.nonces = coord, ws, nonces
         self.max_size = coord.cfg.max_message_bytes
+        ws.protocol.max_message_size = PRE_LOGIN_MAX_BYTES  # raised to max_size once logged in
         self.device_id: str | None = None  # set once authenticated: bytes moved are counted per device
         self.last_seen = 0.0  # time.monotonic() of the last ``last_seen`` write
         # (update_id, frame bytes) of the last Assignment sent, unless a BundleData frame followed it
@@ -91,7 +102,10 @@ class Connection:
         raw = await self.ws.recv()
         if isinstance(raw, str):
             raise ProtocolError("bad_frame", "protocol frames are binary websocket messages")
-        msg = decode(raw, max_size=self.max_size)
+        if len(raw) > DECODE_IN_THREAD_BYTES:
+            msg = await asyncio.to_thread(decode, raw, max_size=self.max_size)
+        else:
+            msg = decode(raw, max_size=self.max_size)
         if self.device_id is not None and isinstance(msg, TRAFFIC):
             self.coord.count_bytes(self.device_id, "bytes_up", len(raw))
         return msg
@@ -99,7 +113,12 @@ class Connection:
     async def run(self) -> None:
         session = None
         try:
-            session = await self.handshake()
+            try:
+                async with asyncio.timeout(self.coord.cfg.login_timeout_s):
+                    session = await self.handshake()
+            except TimeoutError:
+                await self.ws.close(CLOSE_POLICY, "login deadline passed")
+                return
             if session is not None:
                 await self.coord.attach(session)
                 await self.serve(session)
@@ -120,7 +139,9 @@ class Connection:
     async def handshake(self) -> Session | None:
         """Enrolments, then Hello / Challenge / Auth. Returns the session, or None (connection closed)."""
         bad = 0
-        while bad < MAX_BAD_BEFORE_AUTH:
+        for _ in range(MAX_PRE_LOGIN_MESSAGES):
+            if bad >= MAX_BAD_BEFORE_AUTH:
+                break
             try:
                 msg = await self.recv()
                 if isinstance(msg, Enrol):
@@ -134,9 +155,9 @@ class Connection:
                 await self.error(exc.code, str(exc))
             except AuthError as exc:
                 await self.error("auth", str(exc))
-                await self.ws.close(1008, "authentication failed")
+                await self.ws.close(CLOSE_POLICY, "authentication failed")
                 return None
-        await self.ws.close(1008, "too many bad messages")
+        await self.ws.close(CLOSE_POLICY, "too many messages before login")
         return None
 
     async def enrol(self, msg: Enrol) -> None:
@@ -160,6 +181,10 @@ class Connection:
         verify_challenge(device.public_key, nonce, device.id, auth.signature)
         self.coord.registry.touch_device(device.id, hello.profile or None)
         self.last_seen = time.monotonic()
+        older = self.ws.admission.authenticated(self.ws, device.id)
+        if older is not None:  # one session per device: the newest wins
+            await older.close(CLOSE_POLICY, "replaced by a newer connection of this device")
+        self.ws.protocol.max_message_size = self.max_size
         await self.send(AuthOk())
         log.info("device %s authenticated", device.id)
         self.device_id = device.id
@@ -171,6 +196,10 @@ class Connection:
         while True:
             try:
                 msg = await self.recv()
+                if not self.ws.bucket.take():
+                    log.warning("device %s exceeded the message rate; disconnecting it", session.device_id)
+                    await self.ws.close(CLOSE_POLICY, "message rate exceeded")
+                    return
                 await self.dispatch(session, msg)
             except ProtocolError as exc:
                 await self.error(exc.code, str(exc))
@@ -192,8 +221,8 @@ class Connection:
                 self.coord.registry.touch_device(session.device_id)
                 self.last_seen = time.monotonic()
         elif isinstance(msg, EvaluateRes):
-            self.coord.registry.log_metrics({"eval_loss": msg.loss}, round_id=msg.round_id,
-                                            device_id=session.device_id)
+            self.coord.registry.log_device_result("eval_loss", msg.loss, round_id=msg.round_id,
+                                                  device_id=session.device_id)
         elif isinstance(msg, Error):
             self.coord.device_error(session, msg)
         else:
@@ -227,11 +256,14 @@ async def serve_coordinator(cfg: CoordinatorConfig, stop: asyncio.Event, *,
         ConfigError: the state directory is not initialised or the config is invalid.
     """
     coord, nonces = Coordinator.from_config(cfg), NonceBook()
+    admission = Admission(cfg.max_connections, cfg.max_unauthenticated_per_address)
     handler = lambda ws: Connection(coord, ws, nonces).run()  # noqa: E731
+    quiet_accept_errors(asyncio.get_running_loop())
     try:
         async with serve(handler, cfg.host, cfg.port, compression=None, max_size=cfg.max_message_bytes,
-                         process_request=health, ssl=_ssl_context(cfg), ping_interval=cfg.heartbeat_s,
-                         ping_timeout=3 * cfg.heartbeat_s, backlog=LISTEN_BACKLOG) as server:
+                         max_queue=MAX_QUEUE, process_request=health, ssl=_ssl_context(cfg),
+                         ping_interval=cfg.heartbeat_s, ping_timeout=3 * cfg.heartbeat_s, backlog=LISTEN_BACKLOG,
+                         create_connection=functools.partial(AdmittedConnection, admission=admission)) as server:
             if ready is not None:
                 ready(server.sockets[0].getsockname()[1])
             rounds = asyncio.create_task(coord.run_rounds(stop))
@@ -245,7 +277,9 @@ async def serve_coordinator(cfg: CoordinatorConfig, stop: asyncio.Event, *,
 
 
 def run(cfg: CoordinatorConfig, *, ready: Callable[[int], None] | None = None) -> None:
-    """Blocking entry point: serve until SIGTERM or SIGINT, then close connections and the registry."""
+    """Blocking entry point: serve until SIGTERM or SIGINT, then close connections and the registry.
+    The soft file-descriptor limit is raised to the hard limit first (each connection holds one)."""
+    raise_descriptor_limit()
 
     async def main() -> None:
         stop = asyncio.Event()

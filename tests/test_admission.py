@@ -1,0 +1,186 @@
+"""Admission control against a real server (issue 10, defects 8 and 10): login deadline, frame size before
+login, connection caps, one session per device, message rate, unsolicited rows, the descriptor limit."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+from websockets.exceptions import ConnectionClosed, InvalidHandshake
+from websockets.sync.client import connect
+
+from coordinator.config import save_config
+from coordinator.registry import Registry
+from device_runtime.protocol import AuthOk, EvaluateRes, Heartbeat
+
+pytest.importorskip("torch")
+from helpers import ServerThread, initialised_coordinator, two_expert_memory  # noqa: E402
+from test_server import MAX_MIB, enrol, first_assignment, login, send, ws  # noqa: E402
+
+LOGIN_TIMEOUT_S = 2.0
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("admission")
+    cfg = initialised_coordinator(root, root / "state", max_message_mib=MAX_MIB, login_timeout_s=LOGIN_TIMEOUT_S,
+                                  max_connections=6, max_unauthenticated_per_address=3)
+    server = ServerThread(cfg)
+    yield server, cfg, {"memory_mib": two_expert_memory(root / "checkpoint")}
+    server.stop()
+
+
+def from_address(server, address):
+    """A websocket connection to ``server`` from the loopback address ``address`` (127.x.y.z)."""
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=10, source_address=(address, 0))
+    return connect(server.url, sock=sock, max_size=int(MAX_MIB * 2**20), compression=None, open_timeout=10)
+
+
+def closed_code(conn, timeout=10):
+    """The close code the server sent (None: the connection stayed open for ``timeout`` seconds)."""
+    try:
+        while True:
+            conn.recv(timeout=timeout)
+    except ConnectionClosed as exc:
+        return None if exc.rcvd is None else exc.rcvd.code
+    except TimeoutError:
+        return None
+
+
+def refused(server, address):
+    try:
+        with from_address(server, address):
+            pass
+    except (OSError, InvalidHandshake, ConnectionClosed):
+        return True
+    return False
+
+
+def wait_until(probe, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not probe():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_connection_caps_per_address_and_in_total(setup):
+    """Runs first: no other connection is open."""
+    server = setup[0]
+    with contextlib.ExitStack() as stack:
+        first = [stack.enter_context(from_address(server, "127.0.0.2")) for _ in range(3)]
+        assert refused(server, "127.0.0.2")  # a 4th unauthenticated connection from one address
+        for _ in range(3):  # 6 connections: the total cap
+            stack.enter_context(from_address(server, "127.0.0.3"))
+        assert refused(server, "127.0.0.4")
+        first[0].close()
+        wait_until(lambda: not refused(server, "127.0.0.4"))  # a closed connection frees its place
+
+
+def test_a_silent_connection_is_closed_at_the_login_deadline(setup):
+    server = setup[0]
+    started = time.monotonic()
+    with ws(server) as conn:
+        assert closed_code(conn, timeout=3 * LOGIN_TIMEOUT_S) == 1008
+    assert LOGIN_TIMEOUT_S - 0.5 < time.monotonic() - started < 2 * LOGIN_TIMEOUT_S
+
+
+def test_a_large_frame_before_login_is_refused_unread(setup):
+    server = setup[0]
+    with ws(server) as conn:
+        conn.send(b"\x00" * (1 << 20))  # far below max_message_mib, far above what a login needs
+        assert closed_code(conn) == 1009
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/healthz", timeout=10) as response:
+        assert response.status == 200
+
+
+def test_one_session_per_device_the_newest_wins(setup):
+    server, cfg, profile = setup
+    device_id, private, _ = enrol(server, cfg, "twice", profile)
+    with ws(server) as old, ws(server) as new:
+        assert isinstance(login(old, device_id, private, profile), AuthOk)
+        assert isinstance(login(new, device_id, private, profile), AuthOk)
+        assert closed_code(old) == 1008
+        send(new, Heartbeat())
+        new.ping().wait(10)  # the newer session is alive
+
+
+def test_a_message_flood_disconnects_the_device(setup):
+    server, cfg, profile = setup
+    device_id, private, _ = enrol(server, cfg, "flood", profile)
+    with ws(server) as conn:
+        assert isinstance(login(conn, device_id, private, profile), AuthOk)
+        try:
+            for _ in range(2000):
+                send(conn, Heartbeat())
+        except ConnectionClosed:
+            pass
+        assert closed_code(conn) == 1008
+
+
+def test_unsolicited_evaluate_results_store_one_row_per_assigned_round(setup):
+    server, cfg, profile = setup
+    device_id, private, _ = enrol(server, cfg, "evaluator", profile)
+    with ws(server) as conn:
+        assignment = first_assignment(conn, device_id, private, profile)
+        for round_id in (assignment.round_id,) * 20 + (assignment.round_id + 1000,) * 20:
+            send(conn, EvaluateRes(round_id=round_id, num_examples=1, num_tokens=1, loss=1.0, metrics={}))
+        conn.ping().wait(10)
+        time.sleep(0.5)
+    registry = Registry(cfg.registry_url)
+    rows = [m for m in registry.metrics() if m.name == "eval_loss" and m.device_id == device_id]
+    registry.close()
+    assert [m.round_id for m in rows] == [assignment.round_id]
+
+
+def test_at_the_descriptor_limit_no_log_storm_and_service_resumes(tmp_path):
+    """200 idle sockets against ``serve`` under a 128-descriptor limit. Old code: asyncio's accept loop
+    logged a traceback per queued connection (91,509 in 10 s, 33 MB)."""
+    cfg = initialised_coordinator(tmp_path, tmp_path / "state", port=_free_port())
+    save_config(cfg, tmp_path / "coord.toml")
+    log = tmp_path / "serve.log"
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (128, 128))
+
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "coordinator.cli", "--config", str(tmp_path / "coord.toml"),
+                                 "serve"], stdout=out, stderr=subprocess.STDOUT, preexec_fn=limit)
+    try:
+        wait_until(lambda: _healthy(cfg.port), timeout=60)
+        idle = []
+        for _ in range(200):
+            try:
+                idle.append(socket.create_connection(("127.0.0.1", cfg.port), timeout=5))
+            except OSError:
+                break
+        time.sleep(3)
+        assert proc.poll() is None
+        assert os.path.getsize(log) < 20_000, log.read_text()[-3000:]
+        for sock in idle:
+            sock.close()
+        wait_until(lambda: _healthy(cfg.port), timeout=30)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    assert log.read_text().count("Traceback") == 0
+
+
+def _healthy(port) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
