@@ -1,13 +1,23 @@
-"""The SQL registry on a real SQLite file: tokens, devices, rounds, idempotent updates, WAL, schema version."""
+"""The SQL registry on a real SQLite file and on a real PostgreSQL server (a fresh database per test):
+tokens, devices, rounds, idempotent updates, WAL, schema migrations.
+
+PostgreSQL: the server of ``.ci/setup.d/20-postgresql.sh`` (its URL in /etc/fedmoe-test-postgres-url) or
+``$FEDMOE_TEST_POSTGRES_URL``; without either those cases are skipped, with one they must pass.
+"""
 
 import os
+import secrets
 import sqlite3
 import threading
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import pytest
+from alembic import command
+from sqlalchemy import create_engine, inspect, make_url, text
 
-from coordinator.registry import SCHEMA_VERSION, Registry
+from coordinator.registry import SCHEMA_REVISION, Registry
+from coordinator.registry.engine import _alembic_config
 from device_runtime.auth import generate_keypair, hash_token, verify_challenge
 from device_runtime.errors import AuthError, ConfigError, UpdateRejected
 
@@ -33,9 +43,33 @@ def db(tmp_path):
     return tmp_path / "registry.db"
 
 
+def postgres_url() -> str | None:
+    url_file = Path("/etc/fedmoe-test-postgres-url")
+    return os.environ.get("FEDMOE_TEST_POSTGRES_URL") or (url_file.read_text().strip() if url_file.exists() else None)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def url(request, db):
+    """A registry URL of a new, empty database."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{db}"
+        return
+    base = postgres_url()
+    if base is None:
+        pytest.skip("no PostgreSQL: run .ci/setup.d/20-postgresql.sh or set FEDMOE_TEST_POSTGRES_URL")
+    name = f"fedmoe_test_{secrets.token_hex(4)}"
+    admin = create_engine(base, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    yield make_url(base).set(database=name).render_as_string(hide_password=False)
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'DROP DATABASE "{name}" WITH (FORCE)')
+    admin.dispose()
+
+
 @pytest.fixture
-def reg(db, clock):
-    registry = Registry(f"sqlite:///{db}", clock=clock)
+def reg(url, clock):
+    registry = Registry(url, clock=clock)
     yield registry
     registry.close()
 
@@ -120,19 +154,21 @@ def test_token_redeemed_only_under_its_name(reg):
     assert reg.redeem_token(token, "pi-kitchen", {}, KEY).name == "pi-kitchen"
 
 
-def test_token_hashed_at_rest(reg, db):
+def test_token_hashed_at_rest(db):
+    reg = Registry(f"sqlite:///{db}")
     tokens = [reg.create_enrol_token(f"dev{i}", ttl_s=60) for i in range(3)]
     reg.redeem_token(tokens[0], "dev0", {}, KEY)
     stored = b"".join(p.read_bytes() for p in db.parent.glob("registry.db*"))
     for token in tokens:
         assert token.encode() not in stored
         assert hash_token(token).encode() in stored  # the hash really is what is stored
+    reg.close()
 
 
-def test_concurrent_redemption_exactly_one_wins(db, clock):
-    first = Registry(f"sqlite:///{db}", clock=clock)
+def test_concurrent_redemption_exactly_one_wins(url, clock):
+    first = Registry(url, clock=clock)
     token = first.create_enrol_token("race", ttl_s=60)
-    registries = [first] + [Registry(f"sqlite:///{db}", clock=clock) for _ in range(3)]
+    registries = [first] + [Registry(url, clock=clock) for _ in range(3)]
     outcomes, barrier = [], threading.Barrier(len(registries))
 
     def redeem(registry):
@@ -234,7 +270,8 @@ def test_model_versions_and_metrics(reg):
     assert len(reg.metrics()) == 3  # all or nothing: "a" was not recorded either
 
 
-def test_sqlite_wal_busy_timeout_and_foreign_keys(reg, db):
+def test_sqlite_wal_busy_timeout_and_foreign_keys(db):
+    reg = Registry(f"sqlite:///{db}")
     with reg.engine.connect() as conn:
         assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
         assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 5000
@@ -242,24 +279,46 @@ def test_sqlite_wal_busy_timeout_and_foreign_keys(reg, db):
     raw = sqlite3.connect(db)  # WAL is persistent in the file, visible to any client
     assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     raw.close()
+    reg.close()
 
 
-@pytest.mark.parametrize("version, match", [(SCHEMA_VERSION + 1, "newer"), (SCHEMA_VERSION - 1, "no migration")])
-def test_schema_version_check(db, version, match):
-    Registry(f"sqlite:///{db}").close()
-    raw = sqlite3.connect(db)
-    raw.execute("UPDATE schema_version SET version = ?", (version,))
-    raw.commit()
-    raw.close()
-    with pytest.raises(ConfigError, match=match):
-        Registry(f"sqlite:///{db}")
+def test_a_registry_from_before_alembic_is_migrated_in_place(url):
+    """Schema version 1 with its ``schema_version`` table, as fedmoe wrote it before Alembic."""
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        command.upgrade(_alembic_config(conn), "0001")
+        conn.execute(text("INSERT INTO schema_version (id, version) VALUES (1, 1)"))
+        conn.execute(text("INSERT INTO devices (id, name, profile, public_key, created_at) "
+                          "VALUES ('d-old', 'old', '{}', :key, :now)"), {"key": KEY, "now": T0.replace(tzinfo=None)})
+        conn.execute(text("DROP TABLE alembic_version"))
+    engine.dispose()
+    reg = Registry(url)
+    assert reg.get_device("d-old").public_key == KEY
+    tables = set(inspect(reg.engine).get_table_names())
+    assert "schema_version" not in tables and "alembic_version" in tables
+    with reg.engine.connect() as conn:
+        assert conn.scalar(text("SELECT version_num FROM alembic_version")) == SCHEMA_REVISION
+    token = reg.create_enrol_token("again", ttl_s=60)
+    with pytest.raises(AuthError, match="enrolled already"):
+        reg.redeem_token(token, "again", {}, KEY)
+    reg.close()
 
 
-def test_reopen_keeps_data_and_foreign_db_refused(db, tmp_path):
-    first = Registry(f"sqlite:///{db}")
+def test_a_registry_of_a_newer_fedmoe_is_refused(url):
+    Registry(url).close()
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE alembic_version SET version_num = '9999'"))
+    engine.dispose()
+    with pytest.raises(ConfigError, match="newer"):
+        Registry(url)
+
+
+def test_reopen_keeps_data_and_foreign_db_refused(url, tmp_path):
+    first = Registry(url)
     device = enrol(first)
     first.close()
-    again = Registry(f"sqlite:///{db}")
+    again = Registry(url)
     assert again.get_device(device.id).public_key == device.public_key
     again.close()
     foreign = tmp_path / "other.db"
@@ -268,3 +327,16 @@ def test_reopen_keeps_data_and_foreign_db_refused(db, tmp_path):
     raw.close()
     with pytest.raises(ConfigError, match="no schema_version"):
         Registry(f"sqlite:///{foreign}")
+
+
+def test_the_migrations_build_exactly_the_tables_the_code_declares(url):
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+
+    from coordinator.registry.tables import Base
+
+    reg = Registry(url)
+    with reg.engine.connect() as conn:
+        differences = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+    reg.close()
+    assert differences == []

@@ -1,13 +1,13 @@
 """The coordinator's SQL registry (SQLAlchemy 2): devices, enrolment tokens, rounds, assignments,
 updates, model versions, metrics.
 
-``tables`` holds the schema, ``engine`` opens a database (SQLite WAL, busy timeout, schema-version check),
+``tables`` holds the schema, ``engine`` opens a database (SQLite WAL, busy timeout, Alembic migrations),
 ``store`` the :class:`Registry` the server calls.
 """
 
 from coordinator.registry.store import Registry
 from coordinator.registry.tables import (
-    SCHEMA_VERSION,
+    SCHEMA_REVISION,
     Assignment,
     Device,
     EnrolToken,
@@ -17,5 +17,5 @@ from coordinator.registry.tables import (
     Update,
 )
 
-__all__ = ["Registry", "SCHEMA_VERSION", "Assignment", "Device", "EnrolToken", "Metric", "ModelVersion",
+__all__ = ["Registry", "SCHEMA_REVISION", "Assignment", "Device", "EnrolToken", "Metric", "ModelVersion",
            "Round", "Update"]

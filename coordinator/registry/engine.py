@@ -1,13 +1,20 @@
-"""Opening the registry database: engine set-up (SQLite WAL + busy timeout) and the schema-version check."""
+"""Opening the registry database: engine set-up (SQLite WAL + busy timeout) and the schema migrations (Alembic)."""
 
 from __future__ import annotations
 
-from sqlalchemy import Engine, create_engine, event, inspect, select
+from pathlib import Path
 
-from coordinator.registry.tables import SCHEMA_VERSION, Base, SchemaVersion
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Connection, Engine, create_engine, event, inspect
+
+from coordinator.registry.tables import SCHEMA_REVISION, Base
 from device_runtime.errors import ConfigError
 
 SQLITE_BUSY_TIMEOUT_MS = 5000
+_LEGACY_VERSION_TABLE = "schema_version"  # fedmoe's version table before Alembic (schema version 1)
 
 
 def make_engine(url: str) -> Engine:
@@ -28,29 +35,35 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
 
 
 def ensure_schema(engine: Engine) -> None:
-    """Create the tables in an empty database, or check an existing one's schema version.
+    """Bring the database to the schema this code uses (:data:`SCHEMA_REVISION`) with the Alembic migrations
+    in ``migrations/``: an empty database is created, an older one upgraded in place (a registry from before
+    Alembic, with its ``schema_version`` table, counts as revision 0001). Several processes may open one
+    database at once: each upgrade runs in one transaction.
 
     Raises:
-        ConfigError: the database was written by another fedmoe schema version (newer: upgrade fedmoe;
-            older: no migration exists yet), or holds tables but no ``schema_version`` (not a registry).
+        ConfigError: the database was written by a newer fedmoe (upgrade fedmoe), or holds fedmoe-like
+            tables but no version (not a registry).
     """
-    tables = set(inspect(engine).get_table_names())
-    if SchemaVersion.__tablename__ not in tables:
-        if tables & set(Base.metadata.tables):
-            raise ConfigError(f"{engine.url} has fedmoe-like tables but no schema_version; set database_url in "
-                              "the coordinator's config (fedmoe-coord --config FILE) to a new database or the "
-                              "original registry")
-        with engine.begin() as conn:
-            Base.metadata.create_all(conn)
-            conn.execute(SchemaVersion.__table__.insert().values(id=1, version=SCHEMA_VERSION))
-        return
-    with engine.connect() as conn:
-        found = conn.scalar(select(SchemaVersion.version).where(SchemaVersion.id == 1))
-    if found is None:
-        raise ConfigError(f"registry {engine.url} has an empty schema_version table; it is not a usable registry")
-    if found > SCHEMA_VERSION:
-        raise ConfigError(f"registry {engine.url} has schema version {found}, newer than this fedmoe "
-                          f"(schema {SCHEMA_VERSION}); upgrade fedmoe on the coordinator")
-    if found < SCHEMA_VERSION:
-        raise ConfigError(f"registry {engine.url} has schema version {found}; this fedmoe needs "
-                          f"{SCHEMA_VERSION} and has no migration for it: start a new registry file")
+    with engine.begin() as conn:
+        config = _alembic_config(conn)
+        current = MigrationContext.configure(conn).get_current_revision()
+        if current is None:
+            tables = set(inspect(conn).get_table_names())
+            if _LEGACY_VERSION_TABLE in tables:
+                command.stamp(config, "0001")
+            elif tables & set(Base.metadata.tables):
+                raise ConfigError(f"{engine.url} has fedmoe-like tables but no schema_version or alembic_version; "
+                                  "set database_url in the coordinator's config (fedmoe-coord --config FILE) to a "
+                                  "new database or the original registry")
+        elif current not in {rev.revision for rev in ScriptDirectory.from_config(config).walk_revisions()}:
+            raise ConfigError(f"registry {engine.url} has schema revision {current}, newer than this fedmoe "
+                              f"(schema {SCHEMA_REVISION}); upgrade fedmoe on the coordinator")
+        if current != SCHEMA_REVISION:
+            command.upgrade(config, SCHEMA_REVISION)
+
+
+def _alembic_config(connection: Connection) -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
+    config.attributes["connection"] = connection
+    return config

@@ -69,26 +69,31 @@ class Registry:
             AuthError: naming the rule that fails (nothing is recorded then).
         """
         digest, now = hash_token(token), self._clock()
-        with self._session.begin() as s:
-            device = Device(id=f"d-{secrets.token_hex(8)}", name=name, profile=profile,
-                            public_key=bytes(public_key), created_at=now)
-            s.add(device)
-            s.flush()
-            spent = s.execute(
-                update(EnrolToken)
-                .where(EnrolToken.token_sha256 == digest, EnrolToken.name == name, EnrolToken.used_at.is_(None),
-                       EnrolToken.expires_at > now)
-                .values(used_at=now, device_id=device.id)
-            )
-            if spent.rowcount != 1:
-                raise AuthError(self._why_unredeemable(s, digest, name))  # rolls the device insert back
-            check_public_key(public_key)  # ~7 ms of arithmetic: only for a valid token
-            if s.scalar(select(func.count()).where(Device.public_key == bytes(public_key))) > 1:
-                raise AuthError("this public key is enrolled already; generate a new key pair for a new device")
+        try:
+            with self._session.begin() as s:
+                device = Device(id=f"d-{secrets.token_hex(8)}", name=name, profile=profile,
+                                public_key=bytes(public_key), created_at=now)
+                s.add(device)
+                s.flush()  # IntegrityError: the key is enrolled already (unique index)
+                spent = s.execute(
+                    update(EnrolToken)
+                    .where(EnrolToken.token_sha256 == digest, EnrolToken.name == name,
+                           EnrolToken.used_at.is_(None), EnrolToken.expires_at > now)
+                    .values(used_at=now, device_id=device.id)
+                )
+                if spent.rowcount != 1:  # raising rolls the device insert back
+                    raise AuthError(self._token_problem(s, digest, name, now) or "enrolment token used concurrently")
+                check_public_key(public_key)  # ~7 ms of arithmetic: only for a valid token
+        except IntegrityError as exc:
+            with self._session() as s:
+                problem = self._token_problem(s, digest, name, now)
+            raise AuthError(problem or "this public key is enrolled already; generate a new key pair for a new "
+                                       "device") from exc
         return device
 
     @staticmethod
-    def _why_unredeemable(s: Session, digest: str, name: str) -> str:
+    def _token_problem(s: Session, digest: str, name: str, now: datetime) -> str | None:
+        """Why the token cannot be redeemed under ``name`` now, or None if it can."""
         row, new = s.get(EnrolToken, digest), "create one with `fedmoe-coord enroll --name NAME`"
         if row is None:
             return f"unknown enrolment token; {new}"
@@ -96,7 +101,9 @@ class Registry:
             return f"enrolment token already used; {new}"
         if row.name != name:
             return f"this enrolment token was issued for another device name than {name!r}; enrol with that name"
-        return f"enrolment token expired; {new}"
+        if row.expires_at <= now:
+            return f"enrolment token expired; {new}"
+        return None
 
     def get_device(self, device_id: str) -> Device | None:
         with self._session() as s:

@@ -1,6 +1,7 @@
-"""The coordinator's SQL schema (SQLAlchemy 2 typed ORM), version :data:`SCHEMA_VERSION`.
+"""The coordinator's SQL schema (SQLAlchemy 2 typed ORM); its history is the Alembic migrations in
+``coordinator/registry/migrations/versions`` (revision :data:`SCHEMA_REVISION`).
 
-Tables: ``schema_version``, ``devices``, ``enrol_tokens``, ``rounds``, ``assignments``, ``updates``,
+Tables: ``devices``, ``enrol_tokens``, ``rounds``, ``assignments``, ``updates``,
 ``model_versions``, ``metrics``. Plain portable SQL types only (any SQLAlchemy URL works); timestamps
 are stored as naive UTC and read back timezone-aware (:class:`UTCDateTime`). Tensors never live in the
 database: rows hold the sha256 of a file in the ``coordinator.tensor_store``.
@@ -14,7 +15,7 @@ from sqlalchemy import JSON, DateTime, ForeignKey, LargeBinary, String, UniqueCo
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
-SCHEMA_VERSION = 1
+SCHEMA_REVISION = "0002"  # the Alembic head revision this code reads and writes
 
 
 class UTCDateTime(TypeDecorator):
@@ -38,22 +39,14 @@ class Base(DeclarativeBase):
     type_annotation_map = {dict: JSON, list: JSON, datetime: UTCDateTime, bytes: LargeBinary}
 
 
-class SchemaVersion(Base):
-    """One row: the schema version this database was created with."""
-
-    __tablename__ = "schema_version"
-    id: Mapped[int] = mapped_column(primary_key=True)
-    version: Mapped[int]
-
-
 class Device(Base):
-    """An enrolled device. ``public_key``: raw 32-byte Ed25519 key (no secret is stored)."""
+    """An enrolled device. ``public_key``: raw 32-byte Ed25519 key, one device per key (no secret is stored)."""
 
     __tablename__ = "devices"
     id: Mapped[str] = mapped_column(String(100), primary_key=True)
     name: Mapped[str] = mapped_column(String(100))
     profile: Mapped[dict]
-    public_key: Mapped[bytes]
+    public_key: Mapped[bytes] = mapped_column(index=True, unique=True)
     created_at: Mapped[datetime]
     last_seen: Mapped[datetime | None]
     revoked_at: Mapped[datetime | None]
