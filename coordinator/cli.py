@@ -64,6 +64,9 @@ def main(ctx, config_path):
 @click.option("--round-deadline", default="10m", show_default=True, help="How long a round waits for updates.")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8765, show_default=True)
+@click.option("--tls-name", "tls_names", multiple=True,
+              help="A host name or address devices use to reach the coordinator, put in its TLS certificate "
+                   "(repeatable; this machine's name, localhost and --host are always in it).")
 @click.option("--trainable", type=click.Choice(["experts", "lora"]), default="experts", show_default=True)
 @click.option("--lora-rank", default=8, show_default=True, help="LoRA rank (with --trainable lora).")
 @click.option("--calibration-texts", type=click.Path(dir_okay=False, exists=True), default=None,
@@ -73,8 +76,9 @@ def main(ctx, config_path):
                    "log-likelihood accuracy, shown by `rounds`).")
 @click.pass_context
 def init(ctx, checkpoint, state_dir, strategy, min_fit_clients, max_fit_clients, num_rounds, round_deadline, host,
-         port, trainable, lora_rank, calibration_texts, eval_data):
-    """Write the config, create the registry, global state version 0 and calibration statistics."""
+         port, tls_names, trainable, lora_rank, calibration_texts, eval_data):
+    """Write the config, create the registry, global state version 0, calibration statistics, and the TLS
+    certificate authority with the server certificate (``serve`` speaks wss:// with mutual TLS)."""
     path: Path = ctx.obj["config"]
     if path.exists():
         raise ConfigError(f"{path} exists; pick another --config or remove it")
@@ -85,7 +89,10 @@ def init(ctx, checkpoint, state_dir, strategy, min_fit_clients, max_fit_clients,
                             eval_data=str(Path(eval_data).resolve()) if eval_data else "")
     from coordinator.federation import initialize
 
+    from coordinator.tls import with_new_authority
+
     version = initialize(cfg, _calibration_texts(calibration_texts))
+    cfg = with_new_authority(cfg, list(tls_names))
     save_config(cfg, path)
     console.print(f"wrote {path}; registry {cfg.registry_url}; model version {version.version}")
 
@@ -103,15 +110,20 @@ def _calibration_texts(path: str | None) -> list[str]:
 
 @main.command()
 @click.option("--port", type=int, default=None, help="Override the config's port (0: any free port).")
+@click.option("--insecure", is_flag=True,
+              help="Serve plain ws:// without TLS (tokens, weights and updates in the clear): only on a trusted "
+                   "network. Same as insecure = true in the config.")
 @click.pass_context
-def serve(ctx, port):
-    """Serve devices and run rounds until SIGTERM / Ctrl-C."""
+def serve(ctx, port, insecure):
+    """Serve devices and run rounds until SIGTERM / Ctrl-C (wss:// with mutual TLS unless --insecure)."""
     import logging
 
     from coordinator.server import run
 
     cfg = _config(ctx)
-    cfg = cfg if port is None else replace(cfg, port=port)
+    cfg = replace(cfg, port=cfg.port if port is None else port, insecure=cfg.insecure or insecure)
+    if insecure:
+        cfg = replace(cfg, tls_cert="", tls_key="", tls_ca_cert="", tls_ca_key="")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("websockets").setLevel(logging.WARNING)  # no line per opened / closed connection
     scheme = "wss" if cfg.tls else "ws"
@@ -123,10 +135,14 @@ def serve(ctx, port):
 @click.option("--expires", default="1h", show_default=True, help="Token lifetime (e.g. 15m, 1h, 2d).")
 @click.pass_context
 def enroll(ctx, name, expires):
-    """Create a one-time enrolment token (printed once; only its hash is stored)."""
-    registry = _registry(ctx)
+    """Create a one-time enrolment token (printed once; only its hash is stored). With TLS it ends in
+    ``.FINGERPRINT`` of the coordinator's CA, which the device pins on first contact."""
+    from coordinator.tls import pinned_token
+
+    cfg = _config(ctx)
+    registry = Registry(cfg.registry_url)
     try:
-        print(registry.create_enrol_token(name, parse_duration(expires)))
+        print(pinned_token(registry.create_enrol_token(name, parse_duration(expires)), cfg))
     finally:
         registry.close()
 

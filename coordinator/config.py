@@ -21,8 +21,11 @@ Example (``fedmoe-coord init`` writes one)::
     lora_rank = 0
     update_norm_bound = 1e4                 # L2 norm bound of one update tensor
     keep_update_tensors = false             # true: keep devices' update files after their round is aggregated
-    tls_cert = ""
-    tls_key = ""
+    tls_cert = "state/tls/server.pem"      # written by init, with tls_key and the CA: wss:// + mutual TLS
+    tls_key = "state/tls/server.key"
+    tls_ca_cert = "state/tls/ca.pem"        # issues the devices' client certificates ("" = no mutual TLS)
+    tls_ca_key = "state/tls/ca.key"
+    insecure = false                        # true: plain ws:// (no TLS), with a loud warning
     eval_data = ""                          # held-out JSONL: every new model version is scored on it
     eval_text_field = "text"
     eval_label_field = "label"
@@ -54,7 +57,7 @@ from device_runtime.errors import ConfigError
 from device_runtime.units import MIB
 from device_runtime.wire import FitConfig
 
-_PATHS = ("checkpoint", "state_dir", "tls_cert", "tls_key", "eval_data")
+_PATHS = ("checkpoint", "state_dir", "tls_cert", "tls_key", "tls_ca_cert", "tls_ca_key", "eval_data")
 
 
 @dataclass(frozen=True)
@@ -75,7 +78,9 @@ class CoordinatorConfig:
         fit: the local training settings every round starts from (a dict of FitConfig fields is accepted).
         keep_update_tensors: keep the devices' update files in the tensor store once their round is aggregated
             (default: delete them; their registry rows stay).
-        tls_cert, tls_key: PEM files; both set = serve ``wss://``. heartbeat_s: keep-alive interval (seconds).
+        tls_cert, tls_key: PEM files; both set = serve ``wss://``. tls_ca_cert, tls_ca_key: the CA that issues
+            devices' client certificates (``coordinator.tls``); set = login needs mutual TLS. insecure: serve
+            plain ``ws://`` without TLS files (refused otherwise). heartbeat_s: keep-alive interval (seconds).
         seed: client-sampling seed.
         eval_data: held-out JSONL set ("" = none); each new global version is scored on it by label
             log-likelihood (``coordinator.evaluation``). eval_text_field, eval_label_field: its fields.
@@ -105,6 +110,9 @@ class CoordinatorConfig:
     fit: FitConfig = field(default_factory=FitConfig)
     tls_cert: str = ""
     tls_key: str = ""
+    tls_ca_cert: str = ""
+    tls_ca_key: str = ""
+    insecure: bool = False
     heartbeat_s: float = 20.0
     seed: int = 0
     eval_data: str = ""
@@ -134,6 +142,10 @@ class CoordinatorConfig:
     def tls(self) -> bool:
         return bool(self.tls_cert and self.tls_key)
 
+    @property
+    def mutual_tls(self) -> bool:
+        return self.tls and bool(self.tls_ca_cert)
+
 
 def _check(cfg: CoordinatorConfig) -> None:
     """Raise ConfigError naming the first invalid value."""
@@ -152,6 +164,9 @@ def _check(cfg: CoordinatorConfig) -> None:
         ((cfg.trainable_mode == "lora") != (cfg.lora_rank > 0), "lora_rank > 0 exactly when trainable_mode is lora"),
         (not (cfg.update_norm_bound > 0 and math.isfinite(cfg.update_norm_bound)), "update_norm_bound must be > 0"),
         (bool(cfg.tls_cert) != bool(cfg.tls_key), "set both tls_cert and tls_key, or neither"),
+        (bool(cfg.tls_ca_cert) != bool(cfg.tls_ca_key), "set both tls_ca_cert and tls_ca_key, or neither"),
+        (bool(cfg.tls_ca_cert) and not cfg.tls, "tls_ca_cert needs tls_cert and tls_key"),
+        (not isinstance(cfg.insecure, bool), "insecure must be true or false"),
         (not cfg.heartbeat_s > 0, "heartbeat_s must be > 0"),
         (cfg.max_connections < 1 or cfg.max_unauthenticated_per_address < 1,
          "max_connections and max_unauthenticated_per_address must be >= 1"),

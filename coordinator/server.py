@@ -30,6 +30,7 @@ import ssl
 import time
 from collections.abc import Callable
 from http import HTTPStatus
+from pathlib import Path
 
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
@@ -37,11 +38,13 @@ from websockets.exceptions import ConnectionClosed
 from coordinator.admission import Admission, AdmittedConnection, quiet_accept_errors, raise_descriptor_limit
 from coordinator.config import CoordinatorConfig
 from coordinator.service import Coordinator, Session
+from coordinator.tls import issue_device_certificate, peer_public_key, server_context
 from device_runtime.auth import NonceBook, verify_challenge
-from device_runtime.errors import AuthError, BundleError, FedmoeError, ProtocolError
+from device_runtime.errors import AuthError, BundleError, ConfigError, FedmoeError, ProtocolError
 from device_runtime.wire import (PROTOCOL_VERSION, Assignment, Auth, AuthOk, BundleData, BundleRequest,
                                  Challenge, Enrol, EnrolOk, Error, EvaluateRes, Heartbeat, Hello, Message,
                                  Update, bundle_chunks, decode, encode)
+from device_runtime.tls import CA_PATH, CERTIFICATE_PATH
 
 log = logging.getLogger("fedmoe.coord")
 MAX_BAD_BEFORE_AUTH = 3
@@ -64,11 +67,29 @@ CLOSE_TOO_BIG = 1009  # websocket close code: a message exceeded the receiver's 
 TRAFFIC = (Assignment, BundleData, Update)  # the messages whose bytes are counted per device and round
 
 
-def health(connection: ServerConnection, request):
-    """``process_request`` hook: ``GET /healthz`` -> 200 ok; anything else proceeds to the websocket handshake."""
-    if request.path == "/healthz":
-        return connection.respond(HTTPStatus.OK, "ok\n")
-    return None
+def http_routes(coord: Coordinator) -> Callable:
+    """``process_request`` hook: ``GET /healthz`` -> 200 ok; with TLS also ``GET /ca.pem`` (the CA, which a
+    device checks against the fingerprint in its token) and ``GET /certificate/<device_id>`` (the client
+    certificate for that device's enrolled key: public material). Anything else proceeds to the websocket
+    handshake."""
+    cfg = coord.cfg
+
+    def route(connection: ServerConnection, request):
+        if request.path == "/healthz":
+            return connection.respond(HTTPStatus.OK, "ok\n")
+        if not cfg.mutual_tls:
+            return None
+        if request.path == CA_PATH:
+            return connection.respond(HTTPStatus.OK, Path(cfg.tls_ca_cert).read_text())
+        if request.path.startswith(CERTIFICATE_PATH):
+            device = coord.registry.get_device(request.path[len(CERTIFICATE_PATH):])
+            if device is None or device.revoked:
+                return connection.respond(HTTPStatus.NOT_FOUND, "no such device; enrol first\n")
+            pem = issue_device_certificate(Path(cfg.tls_ca_cert), Path(cfg.tls_ca_key), device.id, device.public_key)
+            return connection.respond(HTTPStatus.OK, pem.decode("ascii"))
+        return None
+
+    return route
 
 
 class Connection:
@@ -172,6 +193,10 @@ class Connection:
         device = self.coord.registry.get_device(hello.device_id)
         if device is None or device.revoked:
             raise AuthError(f"device {hello.device_id} is unknown or revoked; enrol again")
+        if self.coord.cfg.mutual_tls and peer_public_key(self.ws.transport.get_extra_info("ssl_object")) != \
+                device.public_key:
+            raise AuthError(f"device {device.id} must log in over mutual TLS with the client certificate issued "
+                            "for its key at enrolment; enrol again with this fedmoe version")
         nonce = self.nonces.issue()
         await self.send(Challenge(nonce=nonce))
         auth = await self.recv()
@@ -241,11 +266,19 @@ class Connection:
 
 
 def _ssl_context(cfg: CoordinatorConfig) -> ssl.SSLContext | None:
-    if not cfg.tls:
-        return None
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(cfg.tls_cert, cfg.tls_key)
-    return context
+    """The server's TLS context; None (plain ``ws://``, with a loud warning) only with ``insecure = true``.
+
+    Raises:
+        ConfigError: no TLS files and ``insecure`` is not set, or unreadable TLS files.
+    """
+    if cfg.tls:
+        return server_context(cfg.tls_cert, cfg.tls_key, cfg.tls_ca_cert or None)
+    if not cfg.insecure:
+        raise ConfigError("no TLS certificate in the config (tls_cert, tls_key): run `fedmoe-coord init`, which "
+                          "creates them, or set insecure = true to serve plain ws:// on a trusted network")
+    log.warning("INSECURE: serving plain ws:// without TLS (insecure = true): enrolment tokens, model weights "
+                "and updates cross the network in the clear and a man in the middle can tamper with them")
+    return None
 
 
 async def serve_coordinator(cfg: CoordinatorConfig, stop: asyncio.Event, *,
@@ -253,15 +286,17 @@ async def serve_coordinator(cfg: CoordinatorConfig, stop: asyncio.Event, *,
     """Serve until ``stop`` is set; ``ready(port)`` is called once listening (port 0 picks a free one).
 
     Raises:
-        ConfigError: the state directory is not initialised or the config is invalid.
+        ConfigError: the state directory is not initialised, the config is invalid, or it names no TLS
+            files and does not set ``insecure``.
     """
+    context = _ssl_context(cfg)
     coord, nonces = Coordinator.from_config(cfg), NonceBook()
     admission = Admission(cfg.max_connections, cfg.max_unauthenticated_per_address)
     handler = lambda ws: Connection(coord, ws, nonces).run()  # noqa: E731
     quiet_accept_errors(asyncio.get_running_loop())
     try:
         async with serve(handler, cfg.host, cfg.port, compression=None, max_size=cfg.max_message_bytes,
-                         max_queue=MAX_QUEUE, process_request=health, ssl=_ssl_context(cfg),
+                         max_queue=MAX_QUEUE, process_request=http_routes(coord), ssl=context,
                          ping_interval=cfg.heartbeat_s, ping_timeout=3 * cfg.heartbeat_s, backlog=LISTEN_BACKLOG,
                          create_connection=functools.partial(AdmittedConnection, admission=admission)) as server:
             if ready is not None:

@@ -228,11 +228,16 @@ class Credentials:
     Attributes:
         device_id: id assigned by the coordinator. private_key: raw 32-byte Ed25519 private key.
         coordinator_url: where the device enrolled (``ws://`` / ``wss://``).
+        ca_cert: the coordinator's CA certificate (PEM) pinned at enrolment ("" = none: ws:// or a --cafile).
+        client_pem: path of the client certificate + key file for mutual TLS ("" = none), see
+            ``device_runtime.tls``.
     """
 
     device_id: str
     private_key: bytes
     coordinator_url: str = ""
+    ca_cert: str = ""
+    client_pem: str = ""
 
     @property
     def public_key(self) -> bytes:
@@ -250,6 +255,8 @@ def save_credentials(path: str | Path, creds: Credentials) -> None:
         "device_id": creds.device_id,
         "private_key": base64.b64encode(creds.private_key).decode("ascii"),
         "coordinator_url": creds.coordinator_url,
+        "ca_cert": creds.ca_cert,
+        "client_pem": creds.client_pem,
     }).encode()
     atomic_write(path, body, mode=0o600)
 
@@ -274,7 +281,8 @@ def load_credentials(path: str | Path) -> Credentials:
         data = json.loads(raw)
         return Credentials(device_id=str(data["device_id"]),
                            private_key=base64.b64decode(data["private_key"], validate=True),
-                           coordinator_url=str(data.get("coordinator_url", "")))
+                           coordinator_url=str(data.get("coordinator_url", "")),
+                           ca_cert=str(data.get("ca_cert", "")), client_pem=str(data.get("client_pem", "")))
     except (ValueError, KeyError, TypeError) as exc:
         raise AuthError(f"credentials file {path} is malformed ({exc!r}); enrol again") from exc
 

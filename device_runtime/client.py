@@ -31,7 +31,7 @@ import shutil
 import signal
 import ssl
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from websockets.asyncio.client import ClientConnection, connect
@@ -47,6 +47,8 @@ from device_runtime.fit_round import fit_assignment
 from device_runtime.memory import release_memory
 from device_runtime.session import Acked, DeviceSession, InstallBundle, Report, Send, Train
 from device_runtime.slots import training_slot
+from device_runtime.tls import (client_context, fetch_client_certificate, fetch_pinned_ca, split_token,
+                                write_client_pem)
 from device_runtime.units import MIB
 from device_runtime.update_store import UpdateStore
 from device_runtime.wire import (PROTOCOL_VERSION, Assignment, Auth, AuthOk, Challenge, Enrol, EnrolOk, Error,
@@ -54,6 +56,7 @@ from device_runtime.wire import (PROTOCOL_VERSION, Assignment, Auth, AuthOk, Cha
 
 log = logging.getLogger("fedmoe.device")
 HANDSHAKE_TIMEOUT_S = 30.0
+CLIENT_PEM = "client.pem"  # beside the credentials file: the client certificate and key (mode 0600)
 _JITTER = random.Random()
 
 
@@ -62,27 +65,8 @@ def default_home() -> Path:
     return Path(os.environ.get("FEDMOE_DEVICE_HOME", "~/.fedmoe-device")).expanduser()
 
 
-def ssl_context(url: str, cafile: str | Path | None) -> ssl.SSLContext | None:
-    """TLS context for ``wss://`` URLs (system CAs, or only ``cafile`` when given); None for ``ws://``.
-
-    Raises:
-        ConfigError: not a ws:// or wss:// URL, a CA file with ws://, or an unreadable CA file.
-    """
-    if url.startswith("ws://"):
-        if cafile is not None:
-            raise ConfigError(f"--cafile needs a wss:// URL, got {url}")
-        return None
-    if not url.startswith("wss://"):
-        raise ConfigError(f"coordinator URL must start with ws:// or wss://, got {url!r}")
-    try:
-        return ssl.create_default_context(cafile=None if cafile is None else str(cafile))
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"cannot load CA file {cafile}: {exc}") from exc
-
-
-def _connect(url: str, cafile, max_size: int, **kwargs):
-    return connect(url, ssl=ssl_context(url, cafile), compression=None, max_size=max_size,
-                   open_timeout=HANDSHAKE_TIMEOUT_S, **kwargs)
+def _connect(url: str, context: ssl.SSLContext | None, max_size: int, **kwargs):
+    return connect(url, ssl=context, compression=None, max_size=max_size, open_timeout=HANDSHAKE_TIMEOUT_S, **kwargs)
 
 
 async def _recv(ws: ClientConnection, max_size: int) -> Message:
@@ -123,31 +107,55 @@ async def enroll(url: str, token: str, name: str, *, credentials_path: str | Pat
                  profile: dict | None = None, max_message_mib: float = 16.0) -> Credentials:
     """Enrol this device once: generate an Ed25519 key pair, redeem ``token``, store the credentials.
 
+    With a token ``SECRET.FINGERPRINT`` (``fedmoe-coord enroll`` on a TLS coordinator) the device first pins
+    the coordinator's CA by that fingerprint, enrols over TLS verified against it, and fetches the client
+    certificate issued for its key: later connections are mutual TLS (``device_runtime.tls``).
+
     Args:
         url: coordinator URL (``ws://`` or ``wss://``). token: single-use enrolment token.
         name: device name (``[A-Za-z0-9][A-Za-z0-9_.-]*``, at most 100 characters).
-        credentials_path: where the credentials JSON is written (mode 0600).
-        cafile: CA certificate (PEM) that signed the coordinator's TLS certificate.
+        credentials_path: where the credentials JSON is written (mode 0600), with ``client.pem`` beside it.
+        cafile: CA certificate (PEM) that signed the coordinator's TLS certificate (instead of a fingerprint).
         profile: device profile (default: measured, see :func:`device_profile`).
 
     Raises:
-        AuthError: the coordinator refused the token. ConfigError: bad URL, name or CA file.
+        AuthError: the coordinator refused the token, or is not the one the token's fingerprint names.
+        ConfigError: bad URL, name or CA file, or a fingerprint with a ws:// URL.
         ProtocolError / OSError / websockets errors: the exchange failed (nothing is written).
     """
     if not _valid_name(name):
         raise ConfigError(f"device name {name!r} must match [A-Za-z0-9][A-Za-z0-9_.-]* (at most 100 characters)")
+    secret, fingerprint = split_token(token)
+    if fingerprint is not None and not url.startswith("wss://"):
+        raise ConfigError(f"this token is for a TLS coordinator (it ends in a CA fingerprint): use wss://, not {url}")
+    ca_pem = None if fingerprint is None else await asyncio.to_thread(fetch_pinned_ca, url, fingerprint)
+    context = client_context(url, cafile=cafile, ca_pem=ca_pem)
     if profile is None:
         profile = await asyncio.to_thread(device_profile)
     private_key, public_key = generate_keypair()
     max_size = int(max_message_mib * MIB)
-    async with _connect(url, cafile, max_size) as ws:
-        await ws.send(encode(Enrol(token=token, name=name, profile=profile, public_key=public_key)))
+    async with _connect(url, context, max_size) as ws:
+        await ws.send(encode(Enrol(token=secret, name=name, profile=profile, public_key=public_key)))
         async with asyncio.timeout(HANDSHAKE_TIMEOUT_S):
             ok = _expect(await _recv(ws, max_size), EnrolOk)
     creds = Credentials(device_id=ok.device_id, private_key=private_key, coordinator_url=url)
+    if ca_pem is not None:
+        certificate = await asyncio.to_thread(fetch_client_certificate, url, context, ok.device_id, public_key)
+        client_pem = Path(credentials_path).resolve().parent / CLIENT_PEM
+        write_client_pem(client_pem, certificate, private_key)
+        creds = replace(creds, ca_cert=ca_pem.decode("ascii"), client_pem=str(client_pem))
     save_credentials(credentials_path, creds)
     log.info("enrolled as %s; credentials in %s", ok.device_id, credentials_path)
     return creds
+
+
+def _client_context(url: str, creds: Credentials, cafile: str | Path | None) -> ssl.SSLContext | None:
+    """TLS for :class:`DeviceClient`: the CA pinned at enrolment (or ``cafile``) and, if issued, the client
+    certificate (mutual TLS). Raises ConfigError (see ``device_runtime.tls.client_context``)."""
+    ca_pem = creds.ca_cert.encode("ascii") if creds.ca_cert and cafile is None else None
+    if ca_pem is not None and not url.startswith("wss://"):
+        raise ConfigError(f"this device enrolled at a TLS coordinator: use wss://, not {url}")
+    return client_context(url, cafile=cafile, ca_pem=ca_pem, client_pem=creds.client_pem or None)
 
 
 def _valid_name(name: str) -> bool:
@@ -188,9 +196,9 @@ class DeviceClient:
                  memory_mib: int | None = None, profile: dict | None = None, heartbeat_s: float = 20.0,
                  backoff: Backoff = Backoff(), cache_bundles: int = 4, cache_mib: float = 4096.0,
                  template: str = DEFAULT_TEMPLATE, backend: str | None = None):
-        ssl_context(url, cafile)  # fail fast on a bad URL / CA file
+        self.context = _client_context(url, credentials, cafile)  # fails fast on a bad URL / TLS file
         self.backend = select_backend(backend).name  # fail fast on a backend not installed here
-        self.url, self.credentials, self.data_file, self.cafile = url, credentials, Path(data_file), cafile
+        self.url, self.credentials, self.data_file = url, credentials, Path(data_file)
         self.max_size, self.threads, self.memory_mib = int(max_message_mib * MIB), threads, memory_mib
         self.profile, self.heartbeat_s, self.backoff, self.template = profile, heartbeat_s, backoff, template
         root = Path(cache_dir)
@@ -251,7 +259,7 @@ class DeviceClient:
 
     async def _connection(self) -> None:
         try:
-            async with _connect(self.url, self.cafile, self.max_size, ping_interval=self.heartbeat_s,
+            async with _connect(self.url, self.context, self.max_size, ping_interval=self.heartbeat_s,
                                 ping_timeout=3 * self.heartbeat_s) as ws:
                 await self._authenticate(ws)
                 self.connections += 1

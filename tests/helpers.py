@@ -107,13 +107,14 @@ def two_expert_memory(checkpoint) -> float:
 def initialised_coordinator(root: Path, state_dir: Path, **overrides):
     """A ``CoordinatorConfig`` (HFedMoE, one client per round, port 0) over a fresh ``COORD_MIXTRAL`` checkpoint
     at ``root / "checkpoint"``, with the global state initialised (model version 0). ``overrides`` replace
-    config fields."""
+    config fields. It serves plain ws:// (``insecure``: its clients speak the protocol by hand); pass it
+    through ``coordinator.tls.with_new_authority`` for wss:// with mutual TLS."""
     from coordinator.config import CoordinatorConfig
     from coordinator.federation import initialize
 
     checkpoint = tiny_checkpoint(root / "checkpoint", COORD_MIXTRAL)
     fields = dict(checkpoint=str(checkpoint), state_dir=str(state_dir), port=0, min_fit_clients=1,
-                  max_fit_clients=1, round_deadline_s=120, strategy="hfedmoe",
+                  max_fit_clients=1, round_deadline_s=120, strategy="hfedmoe", insecure=True,
                   fit={"batch_size": 2, "seq_len": 8, "local_steps": 2})
     cfg = CoordinatorConfig(**{**fields, **overrides})
     assert initialize(cfg, CALIBRATION_TEXTS).version == 0
@@ -126,7 +127,7 @@ class ServerThread:
     def __init__(self, cfg):
         from coordinator.server import serve_coordinator
 
-        self.port, self._ready, self._loop, self._stop = None, threading.Event(), None, None
+        self.cfg, self.port, self._ready, self._loop, self._stop = cfg, None, threading.Event(), None, None
         self.error = None
 
         async def main():
@@ -151,7 +152,9 @@ class ServerThread:
 
     @property
     def url(self):
-        return f"ws://127.0.0.1:{self.port}"
+        from coordinator.tls import local_url
+
+        return local_url(self.cfg, self.port)
 
     def stop(self):
         self._loop.call_soon_threadsafe(self._stop.set)

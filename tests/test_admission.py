@@ -18,7 +18,7 @@ from websockets.sync.client import connect
 
 from coordinator.config import save_config
 from coordinator.registry import Registry
-from device_runtime.protocol import AuthOk, EvaluateRes, Heartbeat
+from device_runtime.wire import AuthOk, EvaluateRes, Heartbeat
 
 pytest.importorskip("torch")
 from helpers import ServerThread, initialised_coordinator, two_expert_memory  # noqa: E402

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from coordinator.config import load_config
 from coordinator.registry import Registry
 from device_runtime.errors import ConfigError
 from device_runtime.wire import Assignment
+from device_runtime.tls import certificate_fingerprint
 
 pytest.importorskip("torch")
 from helpers import COORD_MIXTRAL, InboxDevice, fake_update, tiny_checkpoint, two_expert_memory  # noqa: E402
@@ -49,7 +51,10 @@ def test_init_refuses_an_existing_config_and_commands_report(coord):
     again = cli(coord, "init", str(coord["root"] / "checkpoint"))
     assert again.exit_code != 0 and "exists" in str(again.exception)
     token = cli(coord, "enroll", "--name", "pi-9", "--expires", "1h")
-    assert token.exit_code == 0 and len(token.output.strip()) == 43
+    secret, fingerprint = token.output.strip().split(".")  # init made a CA: the token pins it
+    assert token.exit_code == 0 and len(secret) == 43
+    cfg = load_config(coord["config"])
+    assert cfg.mutual_tls and fingerprint == certificate_fingerprint(Path(cfg.tls_ca_cert).read_bytes())
     status = cli(coord, "status")
     assert status.exit_code == 0 and "model version" in status.output and "0" in status.output
     assert cli(coord, "devices").exit_code == 0

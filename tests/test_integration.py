@@ -90,13 +90,15 @@ class Federation:
 
     @property
     def url(self) -> str:
-        return f"ws://127.0.0.1:{self.cfg.port}"
+        from coordinator.tls import local_url
+
+        return local_url(self.cfg)
 
     def start_coordinator(self, log_name: str) -> None:
         from coordinator.simulation.processes import start_coordinator, wait_healthy
 
         self.coordinator = start_coordinator(self.config, self.root / log_name)
-        wait_healthy(self.cfg.port, self.coordinator, timeout=START_TIMEOUT_S)
+        wait_healthy(self.cfg.port, self.coordinator, timeout=START_TIMEOUT_S, cafile=self.cfg.tls_ca_cert)
 
     def start_device(self, name: str, slots: str | None = None) -> None:
         """Enrol ``name`` with a one-time token printed by ``fedmoe-coord enroll``, then start it; its training
@@ -130,15 +132,18 @@ class Federation:
 
 
 def start_federation(root: Path, checkpoint: Path, *, num_rounds: int) -> Federation:
-    """Initialise a coordinator state (HFedMoE, exactly 3 clients per round) and start the coordinator."""
+    """Initialise a coordinator state (HFedMoE, exactly 3 clients per round, mutual TLS with a new CA as
+    ``fedmoe-coord init`` makes) and start the coordinator."""
     from coordinator.config import CoordinatorConfig, save_config
     from coordinator.federation import initialize
     from coordinator.simulation.processes import free_port
+    from coordinator.tls import with_new_authority
 
     cfg = CoordinatorConfig(checkpoint=str(checkpoint), state_dir=str(root / "state"), port=free_port(),
                             strategy="hfedmoe", min_fit_clients=3, max_fit_clients=3, num_rounds=num_rounds,
                             round_deadline_s=ROUND_TIMEOUT_S, fit=FIT, max_message_mib=64)
     assert initialize(cfg, CALIBRATION_TEXTS, seq_len=FIT["seq_len"]).version == 0
+    cfg = with_new_authority(cfg)
     save_config(cfg, root / "fedmoe-coord.toml")
     fed = Federation(root, root / "fedmoe-coord.toml", cfg, None, {})
     fed.start_coordinator("coordinator.log")

@@ -16,6 +16,7 @@ import resource
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -101,18 +102,21 @@ def start_coordinator(config: Path, log: Path) -> Child:
     return _spawn("coordinator", [*_command("fedmoe-coord"), "--config", str(config), "serve"], log)
 
 
-def wait_healthy(port: int, child: Child, timeout: float = 120.0) -> None:
-    """Poll ``http://127.0.0.1:PORT/healthz`` until it answers.
+def wait_healthy(port: int, child: Child, timeout: float = 120.0, *, cafile: str = "") -> None:
+    """Poll ``http://127.0.0.1:PORT/healthz`` (``https://``, verified against ``cafile``, when given) until it
+    answers.
 
     Raises:
         FedmoeError: the coordinator exited or did not answer in ``timeout`` seconds (with its log tail).
     """
     deadline = time.monotonic() + timeout
+    context = ssl.create_default_context(cafile=cafile) if cafile else None
     while time.monotonic() < deadline:
         if child.poll() is not None:
             raise FedmoeError(f"the coordinator exited ({child.returncode}):\n{child.tail(20)}")
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as response:
+            with urllib.request.urlopen(f"{'https' if cafile else 'http'}://127.0.0.1:{port}/healthz", timeout=2,
+                                        context=context) as response:
                 if response.status == 200:
                     return
         except OSError:

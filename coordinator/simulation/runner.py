@@ -19,6 +19,7 @@ from typing import Callable, Sequence
 
 from coordinator.config import CoordinatorConfig, save_config
 from coordinator.federation import export_latest, fit_context, initialize
+from coordinator.tls import local_url, pinned_token, with_new_authority
 from coordinator.registry import Registry
 from coordinator.simulation.processes import (MIB, Child, enrol_device, free_port, start_coordinator, start_device,
                                               wait_healthy)
@@ -135,7 +136,7 @@ def _start_devices(fed: Federation, devices: Sequence[tuple[SimulatedDevice, Pat
                    cfg: CoordinatorConfig, url: str) -> list[Child]:
     registry = Registry(cfg.registry_url)
     try:
-        tokens = [registry.create_enrol_token(d.name, 600) for d, _ in devices]
+        tokens = [pinned_token(registry.create_enrol_token(d.name, 600), cfg) for d, _ in devices]
     finally:
         registry.close()
     children, slots = [], f"{out / 'slots'}:{fed.slots}"
@@ -169,6 +170,7 @@ def run_federation(fed: Federation, out: Path, on_round: Callable[[RoundRecord],
     out.mkdir(parents=True, exist_ok=True)
     cfg = _config(fed, out, free_port())
     version = initialize(cfg, list(fed.calibration_texts), seq_len=fed.fit.seq_len)
+    cfg = with_new_authority(cfg)  # devices enrol and run over mutual TLS, as in a deployment
     devices = participants(fed, cfg)
     # The largest message is an assignment of every expert (the global state) plus its header.
     state_mib = TensorStore(Path(cfg.state_dir) / "tensors").path(version.tensor_sha256).stat().st_size / MIB
@@ -179,8 +181,8 @@ def run_federation(fed: Federation, out: Path, on_round: Callable[[RoundRecord],
     children: list[Child] = []
     peak: dict[str, float] = {}
     try:
-        wait_healthy(cfg.port, coordinator)
-        children = _start_devices(fed, devices, out, cfg, f"ws://127.0.0.1:{cfg.port}")
+        wait_healthy(cfg.port, coordinator, cafile=cfg.tls_ca_cert)
+        children = _start_devices(fed, devices, out, cfg, local_url(cfg))
         records = _watch_rounds(fed, cfg, coordinator, children, on_round, peak, poll_s)
     finally:
         for child in children:
