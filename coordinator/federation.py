@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -111,6 +111,20 @@ class GlobalModel:
 
     def _load(self, sha: str) -> Params:
         return {name: np.asarray(t, dtype=np.float32) for name, t in self.store.load(sha).items()}
+
+    def discard(self, shas: Iterable[str]) -> int:
+        """Delete the tensor files of ``shas`` but those the registry still references
+        (``Registry.referenced_shas``: a global version byte-identical to an update shares its file); returns
+        the bytes freed. Raises OSError (a file could not be deleted)."""
+        return self.store.discard(set(shas) - self.registry.referenced_shas())
+
+    def check_store(self, *, delete_orphans: bool) -> tuple[list[str], int]:
+        """Startup consistency check of the tensor store against the registry: returns the referenced files
+        that are missing (sha256, for the log) and the bytes freed by deleting orphans (files no registry row
+        names, e.g. left by a crash between a file write and its row) when ``delete_orphans``."""
+        referenced, stored = self.registry.referenced_shas(), self.store.shas()
+        orphans = stored - referenced - set(self.registry.update_shas()) if delete_orphans else set()
+        return sorted(referenced - stored), self.store.discard(orphans)
 
     def commit(self, params: Params, round_id: int, metrics: dict) -> ModelVersion:
         """Store ``params`` (atomic file write first), then record the version."""

@@ -225,6 +225,10 @@ class Connection:
                     log.warning("device %s exceeded the message rate; disconnecting it", session.device_id)
                     await self.ws.close(CLOSE_POLICY, "message rate exceeded")
                     return
+                if self.revoked(session):
+                    await self.error("auth", "this device was revoked; enrol it again to rejoin")
+                    await self.ws.close(CLOSE_POLICY, "device revoked")
+                    return
                 await self.dispatch(session, msg)
             except ProtocolError as exc:
                 await self.error(exc.code, str(exc))
@@ -235,6 +239,12 @@ class Connection:
             except Exception as exc:  # a bug while handling a valid message: report it, keep serving
                 log.exception("handling a message from %s failed", session.device_id)
                 await self.error("internal", f"{type(exc).__name__}: {exc}")
+
+    def revoked(self, session: Session) -> bool:
+        """Whether the device was revoked (``fedmoe-coord devices revoke``) since it logged in: checked before
+        each message it sends, so a revoked device's live session ends and its update is never counted."""
+        device = self.coord.registry.get_device(session.device_id)
+        return device is None or device.revoked
 
     async def dispatch(self, session: Session, msg: Message) -> None:
         if isinstance(msg, Update):

@@ -234,28 +234,29 @@ class Coordinator:
         self.wake.clear()
 
     async def _start_round(self, devices: tuple[str, ...]) -> None:
-        """Open a round, ask the strategy what each device trains, then per device: bundle, record, send."""
+        """Open a round, ask the strategy what each device trains, build the bundles and record every assignment,
+        then send them. Nothing is sent before the whole selection is recorded: a crash in between would
+        leave an update acknowledged in a round that cannot be rebuilt at restart."""
         row = self.registry.start_round(self.strategy.name, {"model_version": self.model.version})
         server_round = self.engine.server_round
-        # Open the round first: a device planned early may send its update while later ones are prepared.
         self.engine.started(row.id, {}, self.clock())
         clients = [ClientInfo(d, s.profile, self.reported.get(d)) for d in devices if (s := self.sessions.get(d))]
         fits = await asyncio.to_thread(self.strategy.configure_fit, server_round, self.model.params, clients)
         for client in clients:
             if client.client_id not in fits:
                 self.unplannable[client.client_id] = f"{self.strategy.name} gave it nothing to train"
-        deliveries = []
+        prepared = []
         for device_id, fit in fits.items():
             pending = await self._prepare(row.id, device_id, fit)
             if pending is not None:
                 self.engine.assign(pending.update_id, device_id)
-                deliveries.append(asyncio.create_task(self._deliver(pending)))
-        await asyncio.gather(*deliveries)
+                prepared.append(pending)
+        await asyncio.gather(*(self._deliver(pending) for pending in prepared))
         log.info("round %d (server round %d) started with %d of %d devices", row.id, server_round,
-                 len(deliveries), len(devices))
+                 len(prepared), len(devices))
 
     async def _deliver(self, pending: Pending) -> None:
-        """Send an assignment to its device's connection of the moment, while the next device is prepared.
+        """Send an assignment to its device's connection of the moment (the round's deliveries run concurrently).
 
         Never raises. An assignment that cannot be built is rejected. If the device is gone or the send fails,
         the assignment stays pending with the device lost: :meth:`attach` re-sends it if the device reconnects
@@ -315,9 +316,10 @@ class Coordinator:
             task.add_done_callback(self._evaluations.discard)
 
     async def _discard_updates(self, round_id: int, shas: list[str]) -> None:
-        """Delete an aggregated round's update files (their registry rows stay). A failure is logged."""
+        """Delete an aggregated round's update files (their registry rows stay) but those the registry still
+        references (``GlobalModel.discard``). A failure is logged."""
         try:
-            freed = await asyncio.to_thread(self.model.store.discard, shas)
+            freed = await asyncio.to_thread(self.model.discard, shas)
         except OSError as exc:
             log.warning("round %d: could not delete its update files: %s", round_id, exc)
             return
@@ -341,26 +343,42 @@ class Coordinator:
     # ------------------------------------------------------------ updates
 
     async def handle_update(self, session: Session, msg: Update) -> Ack:
-        """Validate, store and record an update once per update_id; the Ack says whether it counts."""
+        """Validate, store and record an update once per update_id; the Ack says whether it counts.
+
+        A replayed update_id is answered from the registry before anything is stored. An update that arrives
+        while its round is being aggregated (or after) is rejected: "accepted" always means aggregated."""
         pending = self.pending.get(msg.update_id)
         if pending is None or (pending.device_id, pending.round_id) != (session.device_id, msg.round_id):
             return Ack(update_id=msg.update_id, accepted=False, reason="no such assignment for this device and round")
+        known = self.registry.get_update(msg.update_id)
+        if known is not None:
+            return Ack(update_id=msg.update_id, accepted=known.accepted, reason="already recorded")
         meta = update_meta(pending.manifest, pending.fit.expert_ids, msg.trained_experts, msg.routing, msg.metrics)
         reason, sha = "", None
         try:
             sha = await self._validate_and_store(pending, msg)
         except UpdateRejected as exc:
             reason = exc.reason
+        if sha is not None and not self._collecting(msg.round_id):  # aggregation began while the file was written
+            await asyncio.to_thread(self.model.discard, [sha])
+            reason, sha = f"round {msg.round_id} closed while the update was stored", None
         row, created = self.registry.record_update(
             update_id=msg.update_id, round_id=msg.round_id, device_id=session.device_id,
             num_examples=msg.num_examples, num_tokens=msg.num_tokens, tensor_sha256=sha, metadata=meta,
             accepted=sha is not None, reason=reason)
-        if not created:
+        if not created:  # a concurrent copy of this update_id was recorded first
+            if sha is not None:
+                await asyncio.to_thread(self.model.discard, [sha])
             return Ack(update_id=msg.update_id, accepted=row.accepted, reason="already recorded")
         if self.engine.on_update(msg.update_id, row.accepted, reason) and row.accepted:
             self.reported[session.device_id] = RoutingStats.from_dict(msg.routing)
         self.wake.set()
         return Ack(update_id=msg.update_id, accepted=row.accepted, reason=reason)
+
+    def _collecting(self, round_id: int) -> bool:
+        """Whether round ``round_id`` still takes updates (it is current and no aggregation or retry is under way)."""
+        current = self.engine.current
+        return current is not None and current.round_id == round_id and not self.engine.busy
 
     def device_error(self, session: Session, msg: Error) -> None:
         """A device sent ``Error``. Any code but ``unexpected`` (its reply to a message it did not expect) means
@@ -375,6 +393,8 @@ class Coordinator:
                if p.device_id == session.device_id and u != pending.update_id):
             return
         self._reject(pending, f"device reported {msg.code}: {msg.message}")
+        # Not selected again until it reconnects: a device failing every assignment must not fail every round.
+        self.unplannable[session.device_id] = f"it reported {msg.code} for its last assignment"
 
     def assignment_refused(self, session: Session, update_id: str, frame_bytes: int) -> None:
         """The device closed its connection with code 1009 (message too big) after the Assignment frame of
@@ -414,8 +434,7 @@ class Coordinator:
         self.wake.set()
 
     async def _validate_and_store(self, pending: Pending, msg: Update) -> str:
-        current = self.engine.current
-        if current is None or current.round_id != msg.round_id:
+        if not self._collecting(msg.round_id):
             raise UpdateRejected(f"round {msg.round_id} is closed")
         tensors = check_update(pending.manifest, pending.fit.expert_ids, num_examples=msg.num_examples,
                                tensors=msg.tensors, trained_experts=msg.trained_experts, routing=msg.routing,
@@ -435,13 +454,19 @@ class Coordinator:
         self.engine.resume(done, self._resume_round(running[-1].id, done + 1) if running else None, self.clock())
 
     def _sweep_update_files(self, running: int | None) -> None:
-        """Delete the update files of every round but the ``running`` one, unless ``keep_update_tensors``: those
-        of failed rounds, and those a crash left between a round's commit and its cleanup."""
-        if self.cfg.keep_update_tensors:
-            return
-        freed = self.model.store.discard(self.registry.update_shas(except_round=running))
+        """Check the tensor store against the registry (missing referenced files are logged), then, unless
+        ``keep_update_tensors``, delete the update files of every round but the ``running`` one (those of
+        failed rounds, those a crash left between a round's commit and its cleanup) and orphan files; never a
+        file the registry still references (``GlobalModel.discard``)."""
+        keep = self.cfg.keep_update_tensors
+        missing, freed = self.model.check_store(delete_orphans=not keep)
+        for sha in missing:
+            log.error("tensor file %s... referenced by the registry is missing from %s; restore it from a backup",
+                      sha[:12], self.model.store.root)
+        if not keep:
+            freed += self.model.discard(self.registry.update_shas(except_round=running))
         if freed:
-            log.info("deleted %.1f MiB of update files of past rounds", freed / MIB)
+            log.info("deleted %.1f MiB of update and orphan files of past rounds", freed / MIB)
 
     def _resume_round(self, round_id: int, server_round: int) -> RunningRound:
         """The running round's assignments back as Pending (with the strategy's FitConfig of the round) and

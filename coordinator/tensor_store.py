@@ -85,6 +85,10 @@ class TensorStore:
             freed += size
         return freed
 
+    def shas(self) -> set[str]:
+        """The sha256 of every file in the store."""
+        return {p.stem for p in self.root.glob("??/*.safetensors") if _SHA256.match(p.stem)}
+
     def load(self, sha: str) -> dict[str, np.ndarray]:
         """The tensors stored under ``sha`` (name -> array, dtype as stored). Raises like :meth:`get`."""
         return bytes_to_tensors(self.get(sha))

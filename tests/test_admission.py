@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
@@ -18,11 +19,12 @@ from websockets.sync.client import connect
 
 from coordinator.config import save_config
 from coordinator.registry import Registry
-from device_runtime.wire import AuthOk, EvaluateRes, Heartbeat
+from device_runtime.bundle import Manifest
+from device_runtime.wire import AuthOk, Error, EvaluateRes, Heartbeat
 
 pytest.importorskip("torch")
-from helpers import ServerThread, initialised_coordinator, two_expert_memory  # noqa: E402
-from test_server import MAX_MIB, enrol, first_assignment, login, send, ws  # noqa: E402
+from helpers import ServerThread, fake_update, initialised_coordinator, two_expert_memory  # noqa: E402
+from test_server import MAX_MIB, enrol, first_assignment, login, recv, send, ws  # noqa: E402
 
 LOGIN_TIMEOUT_S = 2.0
 
@@ -137,6 +139,24 @@ def test_unsolicited_evaluate_results_store_one_row_per_assigned_round(setup):
     rows = [m for m in registry.metrics() if m.name == "eval_loss" and m.device_id == device_id]
     registry.close()
     assert [m.round_id for m in rows] == [assignment.round_id]
+
+
+def test_a_revoked_device_s_live_session_ends_and_its_update_is_refused(setup):
+    """Issue 10 defect 6: the old server accepted and aggregated the update of a device revoked mid-session."""
+    server, cfg, profile = setup
+    device_id, private, _ = enrol(server, cfg, "revoked-live", profile)
+    with ws(server) as conn:
+        assignment = first_assignment(conn, device_id, private, profile)
+        manifest = Manifest.from_json((Path(cfg.state_dir) / "bundles" / assignment.shape_key.id /
+                                       "manifest.json").read_text())
+        registry = Registry(cfg.registry_url)
+        registry.revoke_device(device_id)
+        send(conn, fake_update(assignment, manifest))
+        reply = recv(conn)
+        assert isinstance(reply, Error) and reply.code == "auth", reply
+        assert closed_code(conn) == 1008
+    assert assignment.update_id not in {u.update_id for u in registry.accepted_updates(assignment.round_id)}
+    registry.close()
 
 
 def test_at_the_descriptor_limit_no_log_storm_and_service_resumes(tmp_path):

@@ -226,6 +226,10 @@ class Registry:
                 return self._existing_update(s, update_id, round_id, device_id), False
         return row, True
 
+    def get_update(self, update_id: str) -> Update | None:
+        with self._session() as s:
+            return s.scalar(select(Update).where(Update.update_id == update_id))
+
     @staticmethod
     def _existing_update(s: Session, update_id: str, round_id: int, device_id: str) -> Update | None:
         row = s.scalar(select(Update).where(Update.update_id == update_id))
@@ -246,6 +250,15 @@ class Registry:
             query = query.where(Update.round_id != except_round)
         with self._session() as s:
             return list(s.scalars(query))
+
+    def referenced_shas(self) -> set[str]:
+        """The tensor files the federation still needs: every global version's, and every accepted update's of a
+        running round (a version byte-identical to an update shares its file)."""
+        versions = select(ModelVersion.tensor_sha256)
+        live = (select(Update.tensor_sha256).join(Round, Round.id == Update.round_id)
+                .where(Round.status == "running", Update.accepted.is_(True), Update.tensor_sha256.is_not(None)))
+        with self._session() as s:
+            return set(s.scalars(versions)) | set(s.scalars(live))
 
     # ------------------------------------------------------------ model versions and metrics
 
