@@ -14,6 +14,7 @@ import asyncio
 import logging
 import secrets
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,7 @@ from device_runtime.wire import Ack, Assignment, Error, Message, Update
 
 log = logging.getLogger("fedmoe.coord")
 _POLL_S = 0.5
+EXCLUDE_AFTER_ERRORS = 2  # below the default max_round_attempts (3): one device alone cannot stop the rounds
 
 
 @dataclass
@@ -83,6 +85,7 @@ class Coordinator:
         self.reported: dict[str, RoutingStats] = {}
         self.unplannable: dict[str, str] = {}  # device_id -> why planning failed (cleared on reconnect)
         self.oversized: dict[str, dict] = {}  # device_id -> its profile when it refused a too big assignment
+        self.errors: Counter[str] = Counter()  # device_id -> assignments it answered with an Error, in a row
         self._stop_logged: str | None = None  # the RoundEngine.stopped reason last logged
         self.wake = asyncio.Event()
         self._evaluations: set[asyncio.Task] = set()
@@ -372,6 +375,7 @@ class Coordinator:
             return Ack(update_id=msg.update_id, accepted=row.accepted, reason="already recorded")
         if self.engine.on_update(msg.update_id, row.accepted, reason) and row.accepted:
             self.reported[session.device_id] = RoutingStats.from_dict(msg.routing)
+            self.errors.pop(session.device_id, None)
         self.wake.set()
         return Ack(update_id=msg.update_id, accepted=row.accepted, reason=reason)
 
@@ -393,8 +397,13 @@ class Coordinator:
                if p.device_id == session.device_id and u != pending.update_id):
             return
         self._reject(pending, f"device reported {msg.code}: {msg.message}")
-        # Not selected again until it reconnects: a device failing every assignment must not fail every round.
-        self.unplannable[session.device_id] = f"it reported {msg.code} for its last assignment"
+        # A device failing every assignment must not fail every round (and so stop them): after
+        # EXCLUDE_AFTER_ERRORS in a row it is not selected again until it reconnects or an update of it counts.
+        self.errors[session.device_id] += 1
+        if self.errors[session.device_id] >= EXCLUDE_AFTER_ERRORS:
+            log.warning("device %s failed %d assignments in a row; not selected until it reconnects",
+                        session.device_id, self.errors[session.device_id])
+            self.unplannable[session.device_id] = f"it reported {msg.code} for its last assignments"
 
     def assignment_refused(self, session: Session, update_id: str, frame_bytes: int) -> None:
         """The device closed its connection with code 1009 (message too big) after the Assignment frame of

@@ -195,7 +195,7 @@ def _logging(verbose: bool) -> None:
 
 _CAFILE = click.option("--cafile", type=click.Path(exists=True, dir_okay=False, path_type=Path),
                        help="CA certificate (PEM) that signed the coordinator's TLS certificate (wss:// only) "
-                            "[default: the system CAs].")
+                            "[default: the CA pinned at enrolment by the token's fingerprint, else the system CAs].")
 _CREDENTIALS = click.option("--credentials", "credentials_path", type=click.Path(dir_okay=False, path_type=Path),
                             help="Credentials file (JSON, mode 0600) [default: $FEDMOE_DEVICE_HOME/credentials.json, "
                                  "$FEDMOE_DEVICE_HOME defaults to ~/.fedmoe-device].")

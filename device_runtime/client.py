@@ -9,8 +9,9 @@ Per connection (protocol in ``device_runtime.wire``)::
 
 Reactions to messages live in ``device_runtime.session`` (no I/O); this module does the I/O: the
 websocket (``compression=None``: deflate cuts tensor throughput 8x, ``docs/stack.md``; ``max_size``
-from config), TLS (``wss://`` verified against a CA file), the bundle cache, training in a worker thread
-and the on-disk store of unacknowledged updates (``device_runtime.update_store``).
+from config), TLS (``wss://`` verified against the CA pinned at enrolment, then mutual TLS:
+``device_runtime.tls``), the bundle cache, training in a worker thread and the on-disk store of
+unacknowledged updates (``device_runtime.update_store``).
 
 Failures: a lost connection, a refused connection or a malformed frame never ends :meth:`DeviceClient.run`;
 it reconnects after an exponential backoff with jitter (``base_s * 2**attempt`` capped at ``max_s``, times
