@@ -19,7 +19,6 @@ from typing import Callable, Sequence
 
 from coordinator.config import CoordinatorConfig, save_config
 from coordinator.federation import export_latest, fit_context, initialize
-from coordinator.tls import local_url, pinned_token, with_new_authority
 from coordinator.registry import Registry
 from coordinator.simulation.processes import (MIB, Child, enrol_device, free_port, start_coordinator, start_device,
                                               wait_healthy)
@@ -27,6 +26,7 @@ from coordinator.simulation.profiles import SimulatedDevice
 from coordinator.simulation.report import DeviceRound, RoundRecord
 from coordinator.strategy import ClientInfo, from_name
 from coordinator.tensor_store import TensorStore
+from coordinator.tls import local_url, pinned_token, with_new_authority
 from device_runtime.errors import FedmoeError
 from device_runtime.wire import FitConfig
 
