@@ -43,7 +43,7 @@ class Preset:
 
 PRESETS = {
     "default": Preset(num_layers=8, num_experts=4, experts_per_token=2, rounds=5, local_steps=10, batch_size=4,
-                      seq_len=64, learning_rate=5e-4, test_size=444, train_per_device=160, num_devices=None),
+                      seq_len=64, learning_rate=5e-4, test_size=100, train_per_device=160, num_devices=None),
     "smoke": Preset(num_layers=2, num_experts=2, experts_per_token=1, rounds=2, local_steps=3, batch_size=2,
                     seq_len=48, learning_rate=2e-4, test_size=25, train_per_device=24, num_devices=2),
 }
