@@ -7,6 +7,7 @@ Nothing here imports torch at module level: files that need torch skip without i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -177,6 +178,63 @@ class InboxDevice:
 
     async def send(self, msg):
         self.inbox.append(msg)
+
+
+@contextlib.contextmanager
+def one_round_federation(tmp_path: Path, *, max_message_mib: float, **overrides):
+    """A real coordinator for one round (``initialised_coordinator(**overrides)`` in a ``ServerThread``) and
+    what a CLI device needs: yields ``(server, registry, data, memory_mib)`` with a 4-record JSONL file and a
+    budget (whole MiB, a string for ``--memory-mib``) under which the planner keeps 2 experts per layer."""
+    import json
+    import math
+
+    import pytest
+
+    from coordinator.registry import Registry
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FEDMOE_CACHE", str(tmp_path / "cache"))
+        cfg = initialised_coordinator(tmp_path, tmp_path / "coord", max_message_mib=max_message_mib, num_rounds=1,
+                                      **overrides)
+        server = ServerThread(cfg)
+    registry = Registry(cfg.registry_url)
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"text": t, "label": "sport"}) + "\n" for t in ("the match team won",) * 4))
+    try:
+        yield server, registry, data, str(math.ceil(two_expert_memory(tmp_path / "checkpoint")))
+    finally:
+        registry.close()
+        server.stop()
+
+
+def run_cli_device_round(cli: list[str], env: dict, url: str, registry, *, name: str, memory_mib: str,
+                         max_message_mib: float, data: Path, timeout_s: float = 60):
+    """``<cli> enroll`` then ``<cli> run`` (``cli``: the command before the verb, e.g. ``[python, "-m",
+    "device_runtime.cli"]``; ``env`` holds ``FEDMOE_ENROL_TOKEN``) against the coordinator at ``url`` until a
+    round finishes, then SIGTERM (the device must exit 0). Returns ``(round, update, stderr)``: the one
+    round, its one accepted update and the device's log."""
+    import signal
+    import subprocess
+    import time
+
+    enrolled = subprocess.run([*cli, "enroll", url, "--name", name, "--memory-mib", memory_mib], env=env,
+                              capture_output=True, text=True, timeout=timeout_s)
+    assert enrolled.returncode == 0, enrolled.stderr
+    device = subprocess.Popen([*cli, "run", url, "--data", str(data), "--threads", "1", "--memory-mib", memory_mib,
+                               "--max-message-mib", str(max_message_mib)], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while not any(r.status == "finished" for r in registry.list_rounds()):
+            assert time.monotonic() < deadline and device.poll() is None, "no round finished"
+            time.sleep(0.2)
+        (round_,) = registry.list_rounds()
+        (update,) = registry.accepted_updates(round_.id)
+        device.send_signal(signal.SIGTERM)
+        assert device.wait(timeout=timeout_s / 2) == 0
+        return round_, update, device.stderr.read()
+    finally:
+        if device.poll() is None:
+            device.kill()
 
 
 def fake_update(assignment: Assignment, manifest, *, trained_local: int = 0) -> Update:

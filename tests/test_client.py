@@ -31,8 +31,7 @@ from device_runtime.wire import (Ack, Assignment, Auth, AuthOk, BundleData, Bund
 
 pytest.importorskip("onnxruntime.training.api")
 pytest.importorskip("torch")
-from helpers import (SEQ_LEN, ServerThread, initialised_coordinator, tiny_bundle,  # noqa: E402
-                     two_expert_memory)
+from helpers import SEQ_LEN, one_round_federation, run_cli_device_round, tiny_bundle  # noqa: E402
 
 MAX_MIB = 2.0
 COORD_MIB = 4.0  # the real coordinator of the end-to-end test
@@ -387,49 +386,16 @@ def test_backoff_doubles_up_to_the_cap_with_jitter():
 
 def test_cli_device_completes_a_round_with_the_real_coordinator_and_exits_on_sigterm(tmp_path):
     """``fedmoe-device enroll`` + ``run`` in subprocesses against ``coordinator.server``: one HFedMoE round."""
-    import math
-    import signal
-    import subprocess
     import sys
-    import time
 
-    from coordinator.registry import Registry
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("FEDMOE_CACHE", str(tmp_path / "cache"))
-        cfg = initialised_coordinator(tmp_path, tmp_path / "coord", max_message_mib=COORD_MIB, num_rounds=1)
-        server = ServerThread(cfg)
-    registry = Registry(cfg.registry_url)
-    data = tmp_path / "data.jsonl"
-    data.write_text("".join(json.dumps({"text": t, "label": "sport"}) + "\n" for t in ("the match team won",) * 4))
-    env = {**os.environ, "FEDMOE_DEVICE_HOME": str(tmp_path / "device"),
-           "FEDMOE_ENROL_TOKEN": registry.create_enrol_token("pi-cli", 3600)}
-    cli = [sys.executable, "-m", "device_runtime.cli"]
-    memory = str(math.ceil(two_expert_memory(tmp_path / "checkpoint")))  # --memory-mib takes whole MiB
-    device = None
-    try:
-        enrolled_ = subprocess.run([*cli, "enroll", server.url, "--name", "pi-cli", "--memory-mib", memory],
-                                   env=env, capture_output=True, text=True, timeout=60)
-        assert enrolled_.returncode == 0, enrolled_.stderr
+    with one_round_federation(tmp_path, max_message_mib=COORD_MIB) as (server, registry, data, memory):
+        env = {**os.environ, "FEDMOE_DEVICE_HOME": str(tmp_path / "device"),
+               "FEDMOE_ENROL_TOKEN": registry.create_enrol_token("pi-cli", 3600)}
+        round_, update, log = run_cli_device_round([sys.executable, "-m", "device_runtime.cli"], env, server.url,
+                                                   registry, name="pi-cli", memory_mib=memory,
+                                                   max_message_mib=COORD_MIB, data=data)
         assert stat.S_IMODE((tmp_path / "device" / "credentials.json").stat().st_mode) == 0o600
-        device = subprocess.Popen([*cli, "run", server.url, "--data", str(data), "--threads", "1", "--memory-mib",
-                                   memory, "--max-message-mib", str(COORD_MIB)], env=env, stderr=subprocess.PIPE,
-                                  text=True)
-        deadline = time.monotonic() + 60
-        while not any(r.status == "finished" for r in registry.list_rounds()):
-            assert time.monotonic() < deadline and device.poll() is None, "no round finished"
-            time.sleep(0.2)
-        (round_,) = registry.list_rounds()
-        (update,) = registry.accepted_updates(round_.id)
         assert round_.metrics["num_clients"] == 1 and update.num_examples == 4
         assert registry.latest_model_version().version == 1
-        device.send_signal(signal.SIGTERM)
-        assert device.wait(timeout=15) == 0
-        log = device.stderr.read()
         assert f"update {update.update_id} accepted" in log, log
         assert not list((tmp_path / "device" / "state" / "updates").glob("*.safetensors"))
-    finally:
-        if device is not None and device.poll() is None:
-            device.kill()
-        registry.close()
-        server.stop()
