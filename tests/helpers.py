@@ -18,6 +18,17 @@ from coordinator.strategy import ClientUpdate, FitContext, LayerRouting, TensorM
 from device_runtime.stats import RoutingStats
 from device_runtime.wire import Assignment, Update
 
+REPO = Path(__file__).resolve().parents[1]
+
+
+def lite_requirements() -> list[str]:
+    """The base dependencies plus the ``device-lite`` extra (what a Pi or phone installs), from pyproject.toml."""
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    return [*project["dependencies"], *project["optional-dependencies"]["device-lite"]]
+
+
 # ---------------------------------------------------------------- tiny Mixtral checkpoints
 
 

@@ -14,23 +14,15 @@ import json
 import os
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 pytest.importorskip("torch")  # the coordinator exports the bundles
-from helpers import one_round_federation, run_cli_device_round  # noqa: E402
+from helpers import REPO, lite_requirements, one_round_federation, run_cli_device_round  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 COORD_MIB = 4.0
-
-
-def lite_requirements() -> list[str]:
-    """The base dependencies plus the ``device-lite`` extra, from pyproject.toml."""
-    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    return [*project["dependencies"], *project["optional-dependencies"]["device-lite"]]
 
 
 def _pip(python: Path | str, *args: str) -> subprocess.CompletedProcess:
