@@ -29,6 +29,20 @@ def lite_requirements() -> list[str]:
     return [*project["dependencies"], *project["optional-dependencies"]["device-lite"]]
 
 
+@contextlib.contextmanager
+def build_lock(directory: Path):
+    """An exclusive ``flock`` on ``directory / ".lock"``: concurrent test runs sharing a cache build it once."""
+    import fcntl
+
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / ".lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 # ---------------------------------------------------------------- tiny Mixtral checkpoints
 
 
@@ -235,10 +249,11 @@ def run_cli_device_round(cli: list[str], env: dict, url: str, registry, *, name:
                                "--max-message-mib", str(max_message_mib)], env=env, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + timeout_s
-        while not any(r.status == "finished" for r in registry.list_rounds()):
-            assert time.monotonic() < deadline and device.poll() is None, "no round finished"
+        while all(r.status == "running" for r in registry.list_rounds()):
+            assert time.monotonic() < deadline and device.poll() is None, "no round ended"
             time.sleep(0.2)
         (round_,) = registry.list_rounds()
+        assert round_.status == "finished", round_.metrics
         (update,) = registry.accepted_updates(round_.id)
         device.send_signal(signal.SIGTERM)
         assert device.wait(timeout=timeout_s / 2) == 0

@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("torch")  # the coordinator exports the bundle
-from helpers import REPO, lite_requirements, one_round_federation, run_cli_device_round  # noqa: E402
+from helpers import REPO, build_lock, lite_requirements, one_round_federation, run_cli_device_round  # noqa: E402
 
 pytestmark = pytest.mark.slow
 QEMU = Path(os.environ.get("FEDMOE_QEMU_AARCH64", "/opt/qemu-user-10/usr/bin/qemu-aarch64"))
@@ -92,8 +92,9 @@ def arm64_python() -> list[str]:
     if not QEMU.is_file():
         pytest.skip(f"{QEMU} is missing: run .ci/setup.d/30-aarch64.sh (trixie's qemu-user 10)")
     cache = cache_dir() / "aarch64"
-    root = _arm64_root(cache)
-    _site(cache, root)
+    with build_lock(cache):
+        root = _arm64_root(cache)
+        _site(cache, root)
     return [str(QEMU), "-L", str(root), str(root / PYTHON)]
 
 
@@ -114,7 +115,8 @@ def test_emulated_python_is_aarch64_313_with_only_the_zo_backend(arm64_python, t
 
 def test_emulated_aarch64_device_completes_a_zeroth_order_round(arm64_python, tmp_path):
     fit = {"batch_size": 2, "seq_len": 8, "local_steps": 2, "learning_rate": 1e-2}
-    with one_round_federation(tmp_path, max_message_mib=COORD_MIB, fit=fit) as (server, registry, data, memory):
+    with one_round_federation(tmp_path, max_message_mib=COORD_MIB, fit=fit, round_deadline_s=900) as (
+            server, registry, data, memory):
         env = arm64_env(tmp_path, FEDMOE_DEVICE_HOME=str(tmp_path / "device"),
                         FEDMOE_ENROL_TOKEN=registry.create_enrol_token("pi-arm64", 3600))
         round_, update, log = run_cli_device_round([*arm64_python, "-m", "device_runtime.cli"], env, server.url,

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 pytest.importorskip("torch")  # the coordinator exports the bundles
-from helpers import REPO, lite_requirements, one_round_federation, run_cli_device_round  # noqa: E402
+from helpers import REPO, build_lock, lite_requirements, one_round_federation, run_cli_device_round  # noqa: E402
 
 COORD_MIB = 4.0
 
@@ -40,16 +40,22 @@ def lite_python() -> Path:
     key = hashlib.sha256(json.dumps([requirements, sys.version]).encode()).hexdigest()[:12]
     venv, wheels = root / f"venv-{key}", root / "wheels"
     python = venv / "bin" / "python"
-    if not (venv / "complete").exists():
-        subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True, timeout=300)
-        offline = _pip(python, "install", "--no-index", "--find-links", str(wheels), *requirements)
-        if offline.returncode != 0:  # first run: fill the wheel cache
-            fetched = _pip(sys.executable, "download", "--only-binary=:all:", "-d", str(wheels), *requirements)
-            assert fetched.returncode == 0, fetched.stderr
-            installed = _pip(python, "install", "--no-index", "--find-links", str(wheels), *requirements)
-            assert installed.returncode == 0, installed.stderr
-        (venv / "complete").write_text("\n".join(requirements))
+    with build_lock(root):
+        if not (venv / "complete").exists():
+            _build_venv(venv, wheels, requirements)
     return python
+
+
+def _build_venv(venv: Path, wheels: Path, requirements: list[str]) -> None:
+    python = venv / "bin" / "python"
+    subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True, timeout=300)
+    offline = _pip(python, "install", "--no-index", "--find-links", str(wheels), *requirements)
+    if offline.returncode != 0:  # first run: fill the wheel cache
+        fetched = _pip(sys.executable, "download", "--only-binary=:all:", "-d", str(wheels), *requirements)
+        assert fetched.returncode == 0, fetched.stderr
+        installed = _pip(python, "install", "--no-index", "--find-links", str(wheels), *requirements)
+        assert installed.returncode == 0, installed.stderr
+    (venv / "complete").write_text("\n".join(requirements))
 
 
 def lite_env(**extra: str) -> dict[str, str]:
