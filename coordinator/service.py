@@ -27,6 +27,7 @@ from coordinator.registry import Registry
 from coordinator.rounds import (Action, Aggregate, Finished, RetryRound, RoundEngine, RoundPolicy, RunningRound,
                                 StartRound, Wait)
 from coordinator.strategy import ClientInfo, FitIns, Strategy, from_name
+from coordinator.zo_updates import expand_zo_update
 from device_runtime.bundle import Manifest
 from device_runtime.errors import FedmoeError, UpdateRejected
 from device_runtime.stats import RoutingStats
@@ -445,8 +446,12 @@ class Coordinator:
     async def _validate_and_store(self, pending: Pending, msg: Update) -> str:
         if not self._collecting(msg.round_id):
             raise UpdateRejected(f"round {msg.round_id} is closed")
+        tensors = msg.tensors
+        if msg.zo is not None:  # seeds and scalars (FedKSeed): expand against the assignment's weights
+            assigned = slice_assignment(self.model.params, pending.manifest, pending.fit.expert_ids)
+            tensors = await asyncio.to_thread(expand_zo_update, msg, assigned, pending.manifest, pending.fit.config)
         tensors = check_update(pending.manifest, pending.fit.expert_ids, num_examples=msg.num_examples,
-                               tensors=msg.tensors, trained_experts=msg.trained_experts, routing=msg.routing,
+                               tensors=tensors, trained_experts=msg.trained_experts, routing=msg.routing,
                                norm_bound=self.cfg.update_norm_bound)
         return await asyncio.to_thread(self.model.store.put, tensors)
 

@@ -95,14 +95,16 @@ def select_backend(name: str | None = None) -> Backend:
 
 
 def create_trainer(bundle: Bundle, *, backend: str | None = None, threads: int | None = None,
-                   progress: bool = False, seed: int | tuple[int, ...] = 0) -> Trainer:
-    """A fresh trainer of the selected backend on ``bundle`` (``seed``: the zeroth-order step seeds).
+                   progress: bool = False, zeroth_order: dict | None = None) -> Trainer:
+    """A fresh trainer of the selected backend on ``bundle``.
+
+    Args:
+        zeroth_order: keyword arguments only a zeroth-order trainer takes (``ZoTrainer``: ``seed``,
+            ``candidates``, ``eps``, ``distribution``); a first-order backend ignores them.
 
     Raises:
         ConfigError: see :func:`select_backend`. BundleError: the backend cannot load the bundle.
     """
     chosen = select_backend(backend)
-    cls = chosen.trainer_class()
-    if chosen.order == ZEROTH_ORDER:
-        return cls(bundle, threads=threads, progress=progress, seed=seed)
-    return cls(bundle, threads=threads, progress=progress)
+    extra = (zeroth_order or {}) if chosen.order == ZEROTH_ORDER else {}
+    return chosen.trainer_class()(bundle, threads=threads, progress=progress, **extra)

@@ -114,7 +114,8 @@ def _train_local(bundle_dir: Path, data_file: Path, *, steps, batch_size, seq_le
     dataset = LocalDataset.from_jsonl(data_file, bundle.path(TOKENIZER_FILE), seq_len=seq_len, template=template,
                                       eval_fraction=eval_fraction, seed=seed)
     steps = steps or defaults.local_steps or math.ceil(len(dataset.train) / batch_size)
-    trainer = create_trainer(bundle, backend=backend, threads=threads, progress=progress, seed=seed)
+    trainer = create_trainer(bundle, backend=backend, threads=threads, progress=progress,
+                             zeroth_order={"seed": seed})
     before = trainer.evaluate(dataset.eval_batches(batch_size)) if dataset.eval else None
     fit = trainer.fit(dataset.train_batches(batch_size), steps=steps, learning_rate=lr or defaults.learning_rate,
                       aux_loss_coef=defaults.aux_loss_coef if aux_loss_coef is None else aux_loss_coef)

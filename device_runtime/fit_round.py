@@ -22,7 +22,8 @@ from device_runtime.data import DEFAULT_TEMPLATE, Batch, LocalDataset
 from device_runtime.errors import ConfigError, DataError, ProtocolError
 from device_runtime.trainer import FitResult
 from device_runtime.units import MIB
-from device_runtime.wire import Assignment, FitConfig, Update, to_float32
+from device_runtime.wire import Assignment, FitConfig, Update, ZoUpdate, to_float32
+from device_runtime.zo_directions import candidate_seeds
 
 
 def assignment_tensors(manifest: Manifest, assignment: Assignment) -> dict[str, np.ndarray]:
@@ -107,31 +108,40 @@ def fit_assignment(bundle: Bundle, assignment: Assignment, data_file: str | Path
     if not dataset.train:
         raise DataError(f"{data_file} holds no training record")
     steps = cfg.local_steps or math.ceil(len(dataset.train) / cfg.batch_size)
-    trainer = create_trainer(bundle, backend=backend, threads=threads, seed=(cfg.seed, assignment.round_id))
+    zeroth_order = {"seed": (cfg.seed, assignment.round_id),
+                    "candidates": candidate_seeds(cfg.seed, assignment.round_id, cfg.zo_seeds)}
+    trainer = create_trainer(bundle, backend=backend, threads=threads, zeroth_order=zeroth_order)
     trainer.set_parameters(tensors)
     del tensors
-    assignment.tensors.clear()  # now copied into ORT: free the wire copy (100s of MiB) before training
+    assignment.tensors.clear()  # now copied into the trainer: free the wire copy (100s of MiB) before training
+    is_zo = trainer.order == ZEROTH_ORDER
     start = time.perf_counter()
     result = trainer.fit(until_stopped(dataset.train_batches(cfg.batch_size), stop), steps=steps,
-                         learning_rate=cfg.learning_rate, aux_loss_coef=cfg.aux_loss_coef, routing_prior=prior,
-                         routing_reg_coef=cfg.routing_reg_coef, prox_mu=cfg.prox_mu)
+                         learning_rate=(is_zo and cfg.zo_learning_rate) or cfg.learning_rate,
+                         aux_loss_coef=cfg.aux_loss_coef, routing_prior=prior, routing_reg_coef=cfg.routing_reg_coef,
+                         prox_mu=cfg.prox_mu)
     seconds = time.perf_counter() - start
+    metrics = {**_metrics(result, seconds), "model_version": float(assignment.model_version),
+               "zeroth_order": float(is_zo), **(extra_metrics or {})}
+    if is_zo and cfg.zo_seeds:  # seeds and scalars, expanded by the coordinator (coordinator.zo_updates)
+        seeds, scalars = zip(*result.zo_coefficients)
+        return build_update(assignment, result, {}, metrics,
+                            zo=ZoUpdate(seeds=seeds, scalars=scalars, distribution=trainer.distribution))
     trainable = set(bundle.manifest.trainable_names)
     params = {n: a for n, a in trainer.get_parameters().items() if n in trainable}
-    metrics = {**_metrics(result, seconds), "model_version": float(assignment.model_version),
-               "zeroth_order": float(trainer.order == ZEROTH_ORDER), **(extra_metrics or {})}
     return build_update(assignment, result, params, metrics)
 
 
 def build_update(assignment: Assignment, result: FitResult, params: dict[str, np.ndarray],
-                 metrics: dict[str, float]) -> Update:
-    """The ``Update`` of a fit: routing and trained experts in the assignment's global expert ids."""
+                 metrics: dict[str, float], *, zo: ZoUpdate | None = None) -> Update:
+    """The ``Update`` of a fit: routing and trained experts in the assignment's global expert ids; the
+    trained tensors as ``params`` or, for a seed-and-scalar update, as ``zo`` (then ``params`` is empty)."""
     ids = assignment.expert_ids
     routing = result.routing.to_dict()
     routing["expert_ids"] = [list(layer) for layer in ids]
     trained = tuple(tuple(ids[l][i] for i in local) for l, local in enumerate(result.trained_experts))
     return Update(update_id=assignment.update_id, round_id=assignment.round_id, num_examples=result.num_examples,
-                  num_tokens=result.num_tokens, metrics=metrics, routing=routing, trained_experts=trained,
+                  num_tokens=result.num_tokens, metrics=metrics, routing=routing, trained_experts=trained, zo=zo,
                   tensors=wire_tensors(params, assignment.config.update_dtype))
 
 

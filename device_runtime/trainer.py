@@ -40,6 +40,8 @@ class FitResult:
         routing: routing statistics accumulated over the steps.
         trained_experts: per MoE layer, local indices of the experts that received a routed token
             (hence a gradient).
+        zo_coefficients: zeroth-order backends only: ``(seed, c)`` pairs, one per distinct step seed, with
+            ``theta_after = theta_before + sum c * z(seed)`` over the trainable tensors (``zo_directions``).
     """
 
     num_examples: int
@@ -49,6 +51,7 @@ class FitResult:
     peak_rss_bytes: int
     routing: RoutingStats
     trained_experts: tuple[tuple[int, ...], ...]
+    zo_coefficients: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(frozen=True)

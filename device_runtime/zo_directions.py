@@ -67,6 +67,15 @@ def perturb(tensors: Sequence[np.ndarray], seed: int, scale: float, *, distribut
             part += z
 
 
+def candidate_seeds(seed: int, round_id: int, count: int) -> tuple[int, ...]:
+    """The round's ``count`` candidate seeds (FedKSeed's K seeds shared by server and clients), 63-bit.
+
+    Both sides derive them from the round's FitConfig ``seed`` and the round id, so they never travel.
+    """
+    state = np.random.SeedSequence([seed, round_id]).generate_state(count, np.uint64)
+    return tuple(int(s) >> 1 for s in state)
+
+
 def direction(shapes: Sequence[tuple[int, ...]], seed: int, *, distribution: str = "rademacher") -> list[np.ndarray]:
     """``z(seed)`` materialised as new float32 arrays of ``shapes`` (tests and small tensors only)."""
     out = [np.zeros(shape, np.float32) for shape in shapes]

@@ -23,7 +23,9 @@ routed tokens) tells the coordinator which to aggregate.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from typing import Sequence
 
 import numpy as np
 
@@ -32,7 +34,7 @@ from device_runtime.errors import BundleError, ConfigError
 from device_runtime.graph_io import DTYPES, LOSS, NUM_TOKENS, check_tensor, read_weights, stats_names
 from device_runtime.ort_api import import_onnxruntime
 from device_runtime.ort_checkpoint import read_checkpoint
-from device_runtime.trainer import BundleTrainer
+from device_runtime.trainer import BundleTrainer, FitResult
 from device_runtime.zo_directions import DISTRIBUTIONS, perturb
 
 EVAL_MODEL = "eval_model.onnx"
@@ -46,6 +48,7 @@ class ZoTrainer(BundleTrainer):
         threads: ORT intra-op threads (None: one per core). progress: rich progress bar during ``fit``.
         eps: perturbation scale epsilon (MeZO's default 1e-3). seed: seed of the step seeds.
         distribution: of the directions, ``"rademacher"`` or ``"gaussian"`` (``zo_directions``).
+        candidates: FedKSeed's candidate seeds (each step draws one uniformly); empty: any 63-bit seed.
 
     Raises:
         BundleError: the bundle is malformed, or its graph / checkpoint / weights disagree with the manifest.
@@ -55,14 +58,16 @@ class ZoTrainer(BundleTrainer):
     backend, order = "zo", "zeroth-order"
 
     def __init__(self, bundle: Bundle | str, *, threads: int | None = None, progress: bool = True,
-                 eps: float = 1e-3, seed: int | tuple[int, ...] = 0, distribution: str = "rademacher"):
+                 eps: float = 1e-3, seed: int | tuple[int, ...] = 0, distribution: str = "rademacher",
+                 candidates: Sequence[int] = ()):
         if not (math.isfinite(eps) and eps > 0) or distribution not in DISTRIBUTIONS:
             raise ConfigError(f"need a finite eps > 0 and a distribution in {DISTRIBUTIONS}, got {eps}, "
                               f"{distribution!r}")
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
         self.manifest, self.progress = self.bundle.manifest, progress
         self.eps, self.distribution = float(eps), distribution
-        self._seeds = np.random.default_rng(seed)
+        self._seeds, self._candidates = np.random.default_rng(seed), tuple(candidates)
+        self._coefficients: dict[int, float] = {}
         self._specs = {spec.name: spec for spec in self.manifest.tensors}
         self._weights = read_checkpoint(self.bundle.path("checkpoint"))
         self._weights.update(read_weights(self.bundle))
@@ -124,13 +129,24 @@ class ZoTrainer(BundleTrainer):
 
     # -- training ---------------------------------------------------------------------------------------
 
+    def fit(self, *args, **kwargs) -> FitResult:
+        """See :meth:`Trainer.fit`; the result's ``zo_coefficients`` rebuild this fit's change from seeds."""
+        self._coefficients = {}
+        result = super().fit(*args, **kwargs)
+        return dataclasses.replace(result, zo_coefficients=tuple(self._coefficients.items()))
+
+    def _next_seed(self) -> int:
+        if self._candidates:
+            return self._candidates[int(self._seeds.integers(len(self._candidates)))]
+        return int(self._seeds.integers(2**63))
+
     def _step(self, feeds: dict[str, np.ndarray], *, learning_rate: float, step: int) -> dict[str, np.ndarray]:
         """One MeZO step (module docstring); outputs of the L+ forward, ``loss`` = (L+ + L-) / 2.
 
         Raises:
             ConfigError: a non-finite loss (theta is restored first): lower eps or the learning rate.
         """
-        seed, theta = int(self._seeds.integers(2**63)), [self._weights[n] for n in self._trainable]
+        seed, theta = self._next_seed(), [self._weights[n] for n in self._trainable]
         perturb(theta, seed, self.eps, distribution=self.distribution)
         plus = self._forward(feeds)
         perturb(theta, seed, -2.0 * self.eps, distribution=self.distribution)
@@ -142,6 +158,7 @@ class ZoTrainer(BundleTrainer):
             raise ConfigError(f"zeroth-order step {step}: loss {loss_plus} / {minus} is not finite; lower eps "
                               f"({self.eps}) or the learning rate ({learning_rate})")
         perturb(theta, seed, self.eps - learning_rate * projected, distribution=self.distribution)
+        self._coefficients[seed] = self._coefficients.get(seed, 0.0) - learning_rate * projected
         return {**plus, LOSS: np.float32((loss_plus + minus) / 2.0)}
 
     def _forward(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

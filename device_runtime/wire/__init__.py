@@ -27,6 +27,7 @@ Conversation (the server and the client own the I/O and the ordering)::
              device -> Auth(device_id, signature)                   coordinator -> AuthOk() | Error
     round:   coordinator -> Assignment(...)   [device -> BundleRequest  coordinator -> BundleData...]
              device -> Update(...)             coordinator -> Ack(update_id, accepted, reason)
+                       (a zeroth-order device may send Update(zo=ZoUpdate(seeds, scalars)) and no tensors)
     eval:    coordinator -> Evaluate(...)      device -> EvaluateRes(...)
     any time: Heartbeat(), Error(code, message)
 
@@ -40,7 +41,7 @@ from device_runtime.wire.fields import ERROR_CODES, MAX_HEADER_BYTES, PROTOCOL_V
 from device_runtime.wire.framing import decode, encode, expect
 from device_runtime.wire.messages import (MESSAGE_TYPES, Ack, Assignment, Auth, AuthOk, BundleData, BundleRequest,
                                           Challenge, Enrol, EnrolOk, Error, Evaluate, EvaluateRes, FitConfig,
-                                          Heartbeat, Hello, Message, Update)
+                                          Heartbeat, Hello, Message, Update, ZoUpdate)
 from device_runtime.wire.tensors import MAX_TENSORS, WIRE_DTYPES, bytes_to_tensors, tensors_to_bytes, to_float32
 from device_runtime.wire.transfer import BundleAssembler, bundle_chunks
 
@@ -48,5 +49,5 @@ __all__ = [
     "ERROR_CODES", "MAX_HEADER_BYTES", "MAX_TENSORS", "MESSAGE_TYPES", "PROTOCOL_VERSION", "WIRE_DTYPES",
     "Ack", "Assignment", "Auth", "AuthOk", "BundleAssembler", "BundleData", "BundleRequest", "Challenge", "Enrol",
     "EnrolOk", "Error", "Evaluate", "EvaluateRes", "FitConfig", "Heartbeat", "Hello", "Message", "Update",
-    "bundle_chunks", "bytes_to_tensors", "decode", "encode", "expect", "tensors_to_bytes", "to_float32", "validate",
+    "ZoUpdate", "bundle_chunks", "bytes_to_tensors", "decode", "encode", "expect", "tensors_to_bytes", "to_float32", "validate",
 ]

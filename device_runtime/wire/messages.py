@@ -5,11 +5,13 @@ A message's ``TYPE`` is its wire name. ``PAYLOAD`` says what follows the JSON he
 """
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Annotated, ClassVar, Literal
+
+import msgspec
 
 from device_runtime.shape_key import ShapeKey
 from device_runtime.errors import ProtocolError
-from device_runtime.wire.fields import (MAX_NUM_EXAMPLES, MAX_NUM_TOKENS, MAX_TEXT, Count, ExpertIds, Float, Id,
+from device_runtime.wire.fields import (MAX_NUM_EXAMPLES, MAX_NUM_TOKENS, MAX_TEXT, MAX_ZO_SEEDS, Count, ExpertIds, Float, Id,
                                         Int, JsonObject, Metrics, Profile, Raw, RelPath, Sha256, Text, Tuples,
                                         WireDtype, payload_field, printable, validate)
 
@@ -29,6 +31,9 @@ class FitConfig:
         routing_reg_coef: lambda_r of FedAlign-MoE's KL(p_local || p_global) regulariser; 0 = off.
         seed: local shuffling / dropout seed.
         update_dtype: ``"float32"`` or ``"float16"``: the dtype the device sends its update in.
+        zo_learning_rate: SGD step size of zeroth-order devices (MeZO); 0 = ``learning_rate``.
+        zo_seeds: K, FedKSeed's candidate seeds per round (``zo_directions.candidate_seeds(seed, round, K)``);
+            a zeroth-order device then uploads a :class:`ZoUpdate` instead of tensors. 0 = dense tensors.
     """
 
     batch_size: Int(1, 1 << 16) = 8
@@ -41,6 +46,8 @@ class FitConfig:
     routing_reg_coef: Float(0.0) = 0.0
     seed: Int(0, 2**32 - 1) = 0
     update_dtype: WireDtype = "float32"
+    zo_learning_rate: Float(0.0) = 0.0
+    zo_seeds: Int(0, MAX_ZO_SEEDS) = 0
 
     @classmethod
     def from_dict(cls, data: dict) -> "FitConfig":
@@ -182,6 +189,32 @@ class BundleData(Message):
     data: bytes = payload_field(default=b"")
 
 
+@dataclass(frozen=True)
+class ZoUpdate:
+    """A zeroth-order update as seeds and scalars (FedKSeed, Qin et al., ICML 2024): the trained tensors are
+    ``theta_0 + sum_j scalars[j] * z(seeds[j])``, ``theta_0`` the assignment's trainable tensors and ``z`` the
+    seeded direction over them in manifest order (``device_runtime.zo_directions``); the coordinator expands it.
+
+    Attributes:
+        seeds: distinct seeds among the round's candidates, at most ``MAX_ZO_SEEDS``.
+        scalars: one finite coefficient per seed (``-lr * sum of projected gradients`` of its steps).
+        distribution: of ``z``: ``"rademacher"`` or ``"gaussian"``.
+
+    Raises:
+        ProtocolError("bad_header"): no seed, repeated seeds, or a different number of seeds and scalars.
+    """
+
+    seeds: Annotated[tuple[Int(0, 2**63 - 1), ...], msgspec.Meta(max_length=MAX_ZO_SEEDS)]
+    scalars: Annotated[tuple[Float(), ...], msgspec.Meta(max_length=MAX_ZO_SEEDS)]
+    distribution: Literal["rademacher", "gaussian"] = "rademacher"
+
+    def __post_init__(self):
+        if not self.seeds or len(self.seeds) != len(self.scalars) or len(set(self.seeds)) != len(self.seeds):
+            raise ProtocolError("bad_header", f"zo update needs as many distinct seeds as scalars, got "
+                                              f"{len(self.seeds)} seeds ({len(set(self.seeds))} distinct), "
+                                              f"{len(self.scalars)} scalars")
+
+
 @_message
 class Update(Message):
     """Device -> coordinator: the result of local training.
@@ -194,7 +227,8 @@ class Update(Message):
         routing: routing statistics, e.g. ``{"usage": [[...]], "importance": [[...]]}`` per MoE layer over
             the local experts (HFedMoE u_c(e) and s_c(e)).
         trained_experts: per MoE layer, the global ids of experts whose weights were actually updated.
-        tensors: the trained tensors, name -> array (float16 if the config asked for it).
+        tensors: the trained tensors, name -> array (float16 if the config asked for it); empty with ``zo``.
+        zo: the trained tensors as seeds and scalars instead (:class:`ZoUpdate`), or None.
     """
 
     TYPE: ClassVar[str] = "update"
@@ -206,6 +240,7 @@ class Update(Message):
     metrics: Metrics
     routing: JsonObject()
     trained_experts: ExpertIds
+    zo: ZoUpdate | None = None
     tensors: dict = payload_field(default_factory=dict)
 
 
