@@ -1,6 +1,6 @@
 """The device runtime on aarch64, for real: Debian trixie's arm64 Python 3.13 under qemu user-mode
 emulation, the ``device-lite`` wheels for aarch64 installed offline from a wheelhouse, enrols with a real
-coordinator on loopback and completes one zeroth-order round on a tiny bundle.
+coordinator on loopback and completes one zeroth-order round on a tiny bundle, uploading seeds and scalars.
 
 Needs ``.ci/setup.d/30-aarch64.sh`` (debootstrap; trixie's static qemu-user 10 in ``/opt/qemu-user-10``:
 bookworm's qemu 7.2 crashes in ``import onnxruntime``). Built once and cached under ``$FEDMOE_CACHE/aarch64``
@@ -114,7 +114,7 @@ def test_emulated_python_is_aarch64_313_with_only_the_zo_backend(arm64_python, t
 
 
 def test_emulated_aarch64_device_completes_a_zeroth_order_round(arm64_python, tmp_path):
-    fit = {"batch_size": 2, "seq_len": 8, "local_steps": 2, "learning_rate": 1e-2}
+    fit = {"batch_size": 2, "seq_len": 8, "local_steps": 2, "learning_rate": 1e-2, "zo_seeds": 16}  # seeds + scalars
     with one_round_federation(tmp_path, max_message_mib=COORD_MIB, fit=fit, round_deadline_s=900) as (
             server, registry, data, memory):
         env = arm64_env(tmp_path, FEDMOE_DEVICE_HOME=str(tmp_path / "device"),
