@@ -70,11 +70,20 @@ def run_child(args: list[str]) -> dict:
     Raises:
         RuntimeError: the child failed (the tail of its stderr is in the message).
     """
+    return run_json([sys.executable, str(HERE), *args])
+
+
+def run_json(command: list[str]) -> dict:
+    """Run ``command`` (a child printing one JSON line last); return that line parsed.
+
+    Raises:
+        RuntimeError: the child failed (the tail of its stderr is in the message).
+    """
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.run([sys.executable, str(HERE), *args], stdout=out, stderr=err)
+        proc = subprocess.run(command, stdout=out, stderr=err)
         out.seek(0), err.seek(0)
         if proc.returncode != 0:
-            raise RuntimeError(f"child {args[:2]} exited {proc.returncode}: {err.read().strip()[-2000:]}")
+            raise RuntimeError(f"child {command[1:4]} exited {proc.returncode}: {err.read().strip()[-2000:]}")
         return json.loads(out.read().strip().splitlines()[-1])
 
 
