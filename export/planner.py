@@ -12,7 +12,19 @@ Torch-free (the coordinator imports it). The memory model of one ORT training st
                                                               tensors, and the update as numpy, safetensors
                                                               bytes and websocket frame)
 
-and the compute model: ``flops = 3 * (2 * tokens * parameters + attention)`` (every kept expert runs on
+A zeroth-order step (``TrainingShape.order``, the ``zo`` backend: MeZO on the eval graph, no gradients, no
+optimizer state, no activations kept for a backward) needs instead::
+
+    peak = runtime_overhead
+         + 4 * all parameters of the pruned model            (the ORT checkpoint file's bytes, read once)
+         + 4 * bundle tensors                                 (writable copies, perturbed in place)
+         + max(4 * live forward floats,                       (one decoder layer's activations + the logits)
+               4 * (bundle tensors + 3 * trainable))          (the federated round's wire copies, as above)
+
+and two forwards per step (``2 / 3`` of the first-order flops). Not calibrated separately:
+``bench/bench_backends.py`` prints its estimate next to the measured peak RSS.
+
+The compute model: ``flops = 3 * (2 * tokens * parameters + attention)`` (every kept expert runs on
 every token: dense-masked routing; the tied embedding counts once, as the lm_head matmul), step time =
 flops / (device GFLOP/s * efficiency). The constants are calibrated by ``bench/bench_planner.py`` against
 ORT training runs on this machine (see ``CALIBRATION``); the benchmark prints estimated vs measured peak RSS.
@@ -39,6 +51,7 @@ from device_runtime.units import MIB
 # tokens per step) the estimate was 1.02-1.18x the measured peak RSS with these two memory constants. Efficiency:
 # the steps ran at 0.54-0.77 of measure_gflops (105.6 GFLOP/s here); 0.5 keeps the step estimate above them.
 CALIBRATION = {"runtime_overhead_mib": 120.0, "activation_factor": 1.03, "efficiency": 0.5}
+ORDERS = ("first-order", "zeroth-order")
 
 
 @dataclass(frozen=True)
@@ -73,12 +86,18 @@ class TrainingShape:
     Attributes:
         batch_size: sequences per step. seq_len: tokens per sequence.
         trainable_mode: ``"experts"`` or ``"lora"``. lora_rank: r (LoRA mode only).
+        order: ``"first-order"`` (ORT training: backward + AdamW) or ``"zeroth-order"`` (forwards only).
     """
 
     batch_size: int = 8
     seq_len: int = 128
     trainable_mode: str = "experts"
     lora_rank: int = 0
+    order: str = "first-order"
+
+    def __post_init__(self):
+        if self.order not in ORDERS:
+            raise ConfigError(f"order must be one of {ORDERS}, got {self.order!r}")
 
 
 @dataclass(frozen=True)
@@ -154,15 +173,22 @@ def estimate(shape: ModelShape, train: TrainingShape, kept: int, *, gflops: floa
     all_params = shape.shared_params + staged
     q_and_o = 2 * shape.hidden * shape.num_heads * shape.head_dim  # attention matrices: q, o (H x heads*hd), k, v
     matrices = experts + shape.num_layers * (q_and_o + 2 * shape.hidden * shape.num_kv_heads * shape.head_dim)
+    wire = 4 * (staged + 3 * trainable)
+    tokens = train.batch_size * train.seq_len
+    attention_flops = 4 * tokens * train.seq_len * shape.num_heads * shape.head_dim * shape.num_layers
+    if train.order == "zeroth-order":
+        live = _activation_floats(shape, train, kept) // shape.num_layers + 2 * tokens * shape.vocab
+        parts = {"runtime": calibration["runtime_overhead_mib"] * MIB, "weights": 4 * all_params + 4 * staged,
+                 "grad_and_adamw": 0, "activations": max(4 * live, wire)}
+        flops = 2 * (2 * tokens * all_params + attention_flops)
+        return Estimate(experts_per_layer=kept, parts=parts, step_s=flops / (gflops * 1e9 * calibration["efficiency"]))
     activations = calibration["activation_factor"] * 4 * _activation_floats(shape, train, kept)
     parts = {
         "runtime": calibration["runtime_overhead_mib"] * MIB,
         "weights": 4 * all_params + 4 * matrices,
         "grad_and_adamw": 12 * trainable,
-        "activations": max(activations, 4 * staged, 4 * (staged + 3 * trainable)),
+        "activations": max(activations, 4 * staged, wire),
     }
-    tokens = train.batch_size * train.seq_len
-    attention_flops = 4 * tokens * train.seq_len * shape.num_heads * shape.head_dim * shape.num_layers
     flops = 3 * (2 * tokens * all_params + attention_flops)
     step_s = flops / (gflops * 1e9 * calibration["efficiency"])
     return Estimate(experts_per_layer=kept, parts=parts, step_s=step_s)

@@ -124,8 +124,14 @@ def wait_healthy(port: int, child: Child, timeout: float = 120.0, *, cafile: str
     raise FedmoeError(f"the coordinator did not answer /healthz within {timeout:.0f} s:\n{child.tail(20)}")
 
 
-def enrol_device(url: str, token: str, name: str, home: Path, memory_mib: int) -> None:
-    """``fedmoe-device enroll`` (a real websocket enrolment), credentials under ``home``.
+def _backend_env(backend: str) -> dict[str, str]:
+    """``$FEDMOE_DEVICE_BACKEND`` for a device given a training backend ("" = the device's own choice)."""
+    return {"FEDMOE_DEVICE_BACKEND": backend} if backend else {}
+
+
+def enrol_device(url: str, token: str, name: str, home: Path, memory_mib: int, backend: str = "") -> None:
+    """``fedmoe-device enroll`` (a real websocket enrolment), credentials under ``home``; ``backend``: the
+    training backend the device reports and uses ("" = its own choice).
 
     Raises:
         FedmoeError: enrolment failed (with its output).
@@ -133,18 +139,18 @@ def enrol_device(url: str, token: str, name: str, home: Path, memory_mib: int) -
     home.mkdir(parents=True, exist_ok=True)
     result = subprocess.run(
         [*_command("fedmoe-device"), "enroll", url, "--name", name, "--memory-mib", str(memory_mib)],
-        env={**os.environ, "FEDMOE_DEVICE_HOME": str(home), "FEDMOE_ENROL_TOKEN": token},
+        env={**os.environ, "FEDMOE_DEVICE_HOME": str(home), "FEDMOE_ENROL_TOKEN": token, **_backend_env(backend)},
         capture_output=True, text=True, timeout=120)
     if result.returncode != 0:
         raise FedmoeError(f"enrolling {name} failed: {result.stdout}{result.stderr}")
 
 
 def start_device(url: str, name: str, home: Path, data: Path, memory_mib: int, *, threads: int,
-                 slots: str, max_message_mib: float) -> Child:
+                 slots: str, max_message_mib: float, backend: str = "") -> Child:
     """``fedmoe-device run`` under RLIMIT_DATA = ``memory_mib`` MiB; training slots bound the concurrency."""
     args = [*_command("fedmoe-device"), "run", url, "--data", str(data), "--memory-mib", str(memory_mib),
             "--threads", str(threads), "--max-message-mib", str(max_message_mib)]
-    env = {"FEDMOE_DEVICE_HOME": str(home), "FEDMOE_TRAINING_SLOTS": slots}
+    env = {"FEDMOE_DEVICE_HOME": str(home), "FEDMOE_TRAINING_SLOTS": slots, **_backend_env(backend)}
     child = _spawn(name, args, home / "device.log", env, limit_bytes=memory_mib * MIB)
     child.extra["memory_mib"] = memory_mib
     return child

@@ -7,14 +7,17 @@ TOML layout (one table per kind; ``count`` devices of each kind)::
     memory_mib = 1024      # the device's memory budget (MiB): planner budget and OS memory limit
     gflops = 5.0           # compute (GFLOP/s) the planner assumes
     count = 2
+    backend = "zo"         # optional: the device's training backend ("ort-training" or "zo"; default: the
+                           # first installed), e.g. zeroth-order Pis in a federation with first-order laptops
 """
 
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+from device_runtime.backends import BACKENDS
 from device_runtime.errors import ConfigError
 
 DEFAULT_PROFILES = """
@@ -40,12 +43,14 @@ count = 1
 
 @dataclass(frozen=True)
 class SimulatedDevice:
-    """One simulated device: its name, kind and budget (memory in MiB, compute in GFLOP/s)."""
+    """One simulated device: its name, kind, budget (memory in MiB, compute in GFLOP/s) and training backend
+    (``device_runtime.backends`` name; "" = the device's own choice)."""
 
     name: str
     kind: str
     memory_mib: int
     gflops: float
+    backend: str = ""
 
 
 def parse_profiles(text: str, *, source: str = "profiles") -> list[SimulatedDevice]:
@@ -62,12 +67,15 @@ def parse_profiles(text: str, *, source: str = "profiles") -> list[SimulatedDevi
     for table in tables:
         try:
             kind, memory, gflops = str(table["kind"]), int(table["memory_mib"]), float(table.get("gflops", 10.0))
-            count = int(table.get("count", 1))
+            count, backend = int(table.get("count", 1)), str(table.get("backend", ""))
         except (KeyError, TypeError, ValueError) as exc:
             raise ConfigError(f"{source}: a [[device]] needs kind and memory_mib ({exc})") from exc
         if memory <= 0 or gflops <= 0 or count < 1:
             raise ConfigError(f"{source}: device {kind!r} needs memory_mib > 0, gflops > 0 and count >= 1")
-        devices += [SimulatedDevice(f"{kind}-{len(devices) + i}", kind, memory, gflops) for i in range(count)]
+        if backend and backend not in BACKENDS:
+            raise ConfigError(f"{source}: device {kind!r} has backend {backend!r}; choose one of {sorted(BACKENDS)}")
+        devices += [SimulatedDevice(f"{kind}-{len(devices) + i}", kind, memory, gflops, backend)
+                    for i in range(count)]
     if not devices:
         raise ConfigError(f"{source}: no [[device]] table")
     return devices
@@ -85,4 +93,4 @@ def load_profiles(path: str | Path | None, *, num_devices: int | None = None) ->
     if num_devices < 1:
         raise ConfigError(f"--num-devices must be >= 1, got {num_devices}")
     cycled = [devices[i % len(devices)] for i in range(num_devices)]
-    return [SimulatedDevice(f"{d.kind}-{i}", d.kind, d.memory_mib, d.gflops) for i, d in enumerate(cycled)]
+    return [replace(d, name=f"{d.kind}-{i}") for i, d in enumerate(cycled)]

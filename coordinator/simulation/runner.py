@@ -125,7 +125,8 @@ def participants(fed: Federation, cfg: CoordinatorConfig) -> list[tuple[Simulate
         FedmoeError: no device gets anything to train.
     """
     strategy = from_name(fed.strategy, **cfg.strategy_params).bind(fit_context(cfg))
-    planned = strategy.configure_fit(1, {}, [ClientInfo(d.name, {"memory_mib": d.memory_mib}) for d in fed.devices])
+    planned = strategy.configure_fit(1, {}, [ClientInfo(d.name, {"memory_mib": d.memory_mib, "backend": d.backend})
+                                             for d in fed.devices])
     chosen = [(d, f) for d, f in zip(fed.devices, fed.data_files) if d.name in planned]
     if not chosen:
         raise FedmoeError(f"{fed.strategy} gives none of the {len(fed.devices)} devices anything to train "
@@ -143,9 +144,9 @@ def _start_devices(fed: Federation, devices: Sequence[tuple[SimulatedDevice, Pat
     children, slots = [], f"{out / 'slots'}:{fed.slots}"
     for (device, data), token in zip(devices, tokens):
         home = out / "devices" / device.name
-        enrol_device(url, token, device.name, home, device.memory_mib)
+        enrol_device(url, token, device.name, home, device.memory_mib, device.backend)
         children.append(start_device(url, device.name, home, data, device.memory_mib, threads=1, slots=slots,
-                                     max_message_mib=cfg.max_message_mib))
+                                     max_message_mib=cfg.max_message_mib, backend=device.backend))
     return children
 
 

@@ -35,13 +35,20 @@ def budget_of(profile: Mapping) -> Budget:
         raise ConfigError(f"device profile has no usable memory_mib / gflops: {exc}") from exc
 
 
+def training_order(profile: Mapping) -> str:
+    """``"zeroth-order"`` for a device that trains with the ``zo`` backend (its profile's ``backend``), else
+    ``"first-order"``: the planner gives a forward-only device the experts its smaller footprint affords."""
+    return "zeroth-order" if profile.get("backend") == "zo" else "first-order"
+
+
 def affordable_experts(context: FitContext, config: FitConfig, profile: Mapping) -> int:
     """C: the largest uniform number of experts per MoE layer the device's budget affords (``export.planner``).
 
     Raises:
         ConfigError: the profile has no usable budget. BudgetError: one expert per layer does not fit.
     """
-    train = TrainingShape(config.batch_size, config.seq_len, context.trainable_mode, context.lora_rank)
+    train = TrainingShape(config.batch_size, config.seq_len, context.trainable_mode, context.lora_rank,
+                          order=training_order(profile))
     return plan(context.model, train, budget_of(profile)).experts_per_layer
 
 
