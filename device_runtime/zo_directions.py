@@ -18,7 +18,7 @@ SPSA estimate ``g * z`` is unbiased for the smoothed gradient):
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

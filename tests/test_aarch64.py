@@ -4,7 +4,7 @@ coordinator on loopback and completes one zeroth-order round on a tiny bundle, u
 
 Needs ``.ci/setup.d/30-aarch64.sh`` (debootstrap; trixie's static qemu-user 10 in ``/opt/qemu-user-10``:
 bookworm's qemu 7.2 crashes in ``import onnxruntime``). Built once and cached under ``$FEDMOE_CACHE/aarch64``
-(DESIGN.md section 6 recipe: no binfmt_misc, no chroot):
+(no binfmt_misc, no chroot):
 
 - ``root``: ``debootstrap --arch=arm64 --foreign --variant=minbase --include=python3 trixie`` and every
   downloaded .deb unpacked with ``dpkg-deb -x`` (the second stage would need to exec arm64 binaries);

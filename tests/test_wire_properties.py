@@ -67,6 +67,8 @@ def strategy_for(tp) -> st.SearchStrategy:
         return st.dictionaries(strategy_for(args[0]), strategy_for(args[1]), max_size=min(meta.max_length or 4, 4))
     if base is ShapeKey:
         return shape_keys()
+    if base is wire.ZoUpdate:
+        return zo_updates()
     if dataclasses.is_dataclass(base):
         return records(base)
     raise AssertionError(f"no strategy for {tp!r}: extend strategy_for")
@@ -78,6 +80,14 @@ def shape_keys(experts_per_layer=None) -> st.SearchStrategy:
     mode = st.sampled_from(TRAINABLE_MODES)
     return st.builds(lambda c, m, r, p: ShapeKey(c, m, r if m == "lora" else 0, p), counts, mode, st.integers(1, 64),
                      st.booleans())
+
+
+def zo_updates() -> st.SearchStrategy:
+    """Seed-and-scalar updates: 1-4 distinct seeds, one finite scalar each (``ZoUpdate.__post_init__``)."""
+    pairs = st.lists(st.tuples(st.integers(0, 2**63 - 1), strategy_for(wire.fields.Float())), min_size=1,
+                     max_size=4, unique_by=lambda pair: pair[0])
+    return st.builds(lambda p, d: wire.ZoUpdate(seeds=tuple(s for s, _ in p), scalars=tuple(c for _, c in p),
+                                                distribution=d), pairs, st.sampled_from(["rademacher", "gaussian"]))
 
 
 def records(cls, **fixed) -> st.SearchStrategy:
