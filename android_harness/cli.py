@@ -6,6 +6,7 @@ Typical flow (the coordinator runs on this workstation, `fedmoe-coord serve`):
       --config coord.toml --data kitchen.jsonl
   fedmoe-android status ssh:pi@192.168.1.20
   fedmoe-android logs ssh:pi@192.168.1.20 --follow
+  fedmoe-android push-model ssh:pi@192.168.1.20 phone-model/   # from `fedmoe-coord model export --format pte`
   fedmoe-android undeploy ssh:pi@192.168.1.20
 
 \b
@@ -178,6 +179,19 @@ def undeploy_command(target, remote_dir):
     device_id = control.undeploy(target, control.resolve_layout(target, remote_dir))
     console.print(f"removed the deployment from {target.spec}"
                   + (f"; revoke it at the coordinator: fedmoe-coord devices revoke {device_id}" if device_id else ""))
+
+
+@main.command(name="push-model")
+@_target_options
+@click.argument("export_dir", metavar="DIR", type=click.Path(file_okay=False, exists=True, path_type=Path))
+def push_model_command(target, remote_dir, export_dir):
+    """Copy an ExecuTorch export DIR (model.pte, tokenizer.json, pte.json) to TARGET's ROOT/models/<DIR name>/.
+
+    Write DIR on the coordinator's workstation with `fedmoe-coord model export --format pte DIR` (add
+    --experts-per-layer C for the subset a device class holds); an app on the device runs it with ExecuTorch.
+    """
+    paths = control.push_model(target, control.resolve_layout(target, remote_dir), export_dir)
+    console.print(f"copied to {target.spec}: " + ", ".join(paths))
 
 
 def run() -> None:

@@ -145,13 +145,34 @@ cd / && rm -rf {r}
     return device_id or None
 
 
+def push_model(target: Target, layout: Layout, export_dir: Path) -> list[str]:
+    """Copy an ExecuTorch export (``fedmoe-coord model export --format pte``) to ``ROOT/models/<its name>/``.
+
+    Returns:
+        The files' absolute paths on the device.
+
+    Raises:
+        DeployError: ``export_dir`` is not such an export.
+    """
+    from export.executorch import FORMAT, META_FILE, PTE_FILE, TOKENIZER_FILE
+
+    names = (PTE_FILE, TOKENIZER_FILE, META_FILE)
+    try:
+        meta = json.loads((export_dir / META_FILE).read_text())
+    except (OSError, ValueError) as exc:
+        raise DeployError(f"{export_dir} is not an ExecuTorch export ({exc}); write one with `fedmoe-coord model "
+                          "export --format pte DIR`") from exc
+    if meta.get("format") != FORMAT or not all((export_dir / n).is_file() for n in names):
+        raise DeployError(f"{export_dir}: needs {', '.join(names)} of export format {FORMAT}; export it again")
+    return push_files(target, layout, {n: export_dir / n for n in names}, f"models/{export_dir.resolve().name}")
+
+
 def push_files(target: Target, layout: Layout, files: dict[str, Path], subdir: str) -> list[str]:
     """Copy local ``files`` (name on the device -> local path) into ``ROOT/subdir/`` in one tar.
 
     Returns:
         Their absolute paths on the device.
     """
-    deployment(target, layout)
     dest = f"{layout.root}/{subdir}"
     with tempfile.TemporaryDirectory(prefix="fedmoe-push-") as tmp:
         archive = Path(tmp) / "push.tar"
@@ -159,9 +180,16 @@ def push_files(target: Target, layout: Layout, files: dict[str, Path], subdir: s
             for name, path in files.items():
                 tar.add(path, name)
         staged = f"{layout.root}/push.tar"
+        _ensure_dir(target, layout.root)
         target.put(archive, staged)
         result = target.run(f"mkdir -p {q(dest)} && tar -xf {q(staged)} -C {q(dest)}; s=$?; rm -f {q(staged)}; "
                             "exit $s", timeout=300)
     if result.returncode != 0:
         raise DeployError(f"{target.spec}: unpacking into {dest} failed: {result.stderr.strip()}")
     return [f"{dest}/{name}" for name in files]
+
+
+def _ensure_dir(target: Target, path: str) -> None:
+    result = target.run(f"mkdir -p {q(path)}", timeout=60)
+    if result.returncode != 0:
+        raise DeployError(f"{target.spec}: cannot create {path}: {result.stderr.strip()}")

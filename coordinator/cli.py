@@ -7,6 +7,7 @@ Typical flow:
   fedmoe-coord --config coord.toml serve
   fedmoe-coord --config coord.toml rounds
   fedmoe-coord --config coord.toml model export merged/
+  fedmoe-coord --config coord.toml model export --format pte phone-model/   # ExecuTorch .pte + tokenizer
 """
 
 from __future__ import annotations
@@ -234,13 +235,42 @@ def model():
 
 @model.command("export")
 @click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--format", "fmt", type=click.Choice(["hf", "pte"]), default="hf", show_default=True,
+              help="hf: a Hugging Face checkpoint; pte: an ExecuTorch program (XNNPACK) + tokenizer for on-device "
+                   "inference (needs the executorch extra; push it with `fedmoe-android push-model`).")
+@click.option("--experts-per-layer", type=click.IntRange(min=1),
+              help="pte: keep only the C most important experts of each MoE layer (by the calibration importance), "
+                   "the subset a device class with C experts per layer holds [default: all].")
+@click.option("--max-seq-len", default=128, show_default=True, type=click.IntRange(min=1),
+              help="pte: the longest token sequence the program takes.")
 @click.pass_context
-def export_model(ctx, out_dir):
-    """Merge the latest global state into a Hugging Face checkpoint directory OUT_DIR."""
+def export_model(ctx, out_dir, fmt, experts_per_layer, max_seq_len):
+    """Merge the latest global state into OUT_DIR: a Hugging Face checkpoint, or (--format pte) an ExecuTorch .pte."""
     from coordinator.federation import export_latest
 
-    version = export_latest(_config(ctx), out_dir)
+    cfg = _config(ctx)
+    if fmt == "hf":
+        version = export_latest(cfg, out_dir)
+    else:
+        version = _export_pte(cfg, out_dir, experts_per_layer, max_seq_len)
     console.print(f"exported model version {version} to {out_dir}")
+
+
+def _export_pte(cfg: CoordinatorConfig, out_dir: str, experts_per_layer: int | None, max_seq_len: int) -> int:
+    """The latest version as ``export.executorch`` writes it, pruned to the top experts if asked."""
+    import tempfile
+
+    from coordinator.federation import export_latest, load_calibration
+    from export.executorch import export_pte
+    from export.planner import select_experts
+
+    keep = None if experts_per_layer is None else select_experts(
+        [layer.information_score() for layer in load_calibration(cfg).layers], experts_per_layer)
+    with tempfile.TemporaryDirectory() as tmp:
+        version = export_latest(cfg, tmp)
+        info = export_pte(tmp, out_dir, keep=keep, max_seq_len=max_seq_len)
+    console.print(f"{info.path}: {info.size_bytes / 2**20:.2f} MiB, up to {info.max_seq_len} tokens")
+    return version
 
 
 def _simulate_command():

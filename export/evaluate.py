@@ -10,6 +10,7 @@ with the highest score; accuracy is the fraction predicted right, and ``loss`` i
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Sequence
 
@@ -64,7 +65,8 @@ def _label_scores(model, prompts: Sequence[list[int]], label_ids: list[list[int]
 
 
 def label_accuracy(model, tokenizer_file: str | Path, records: Sequence[dict], labels: Sequence[str], *,
-                   template: str = DEFAULT_TEMPLATE, seq_len: int = 128, batch_size: int = 16) -> LabelScore:
+                   template: str = DEFAULT_TEMPLATE, seq_len: int = 128, batch_size: int = 16,
+                   scorer=None) -> LabelScore:
     """Score ``records`` (``{"text", "label"}``) against the candidate ``labels`` with ``model`` (torch).
 
     Args:
@@ -73,6 +75,8 @@ def label_accuracy(model, tokenizer_file: str | Path, records: Sequence[dict], l
         labels: the candidate label words (each record's label must be one of them).
         seq_len: tokens of prompt + label (the prompt is truncated in the middle to fit, as on devices).
         batch_size: prompts scored per forward (sorted by length first, so a batch pads little).
+        scorer: ``(prompts, label_ids) -> (per prompt the summed log p of each label, tokens per label)`` of
+            another runtime (e.g. ``export.executorch.PteModel.label_scores``) [default: ``model``, batched].
     """
     encoder = TextEncoder(tokenizer_file, seq_len=seq_len)
     label_ids = [encoder.tokenizer.encode(format_example({"text": "", "label": lab}, template)[1],
@@ -84,7 +88,7 @@ def label_accuracy(model, tokenizer_file: str | Path, records: Sequence[dict], l
     correct, nll, tokens = 0, 0.0, 0
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
-        scores, counts = _label_scores(model, [prompts[i] for i in chunk], label_ids)
+        scores, counts = (scorer or partial(_label_scores, model))([prompts[i] for i in chunk], label_ids)
         for i, row in zip(chunk, scores):
             truth = labels.index(records[i]["label"])
             correct += int(max(range(len(labels)), key=row.__getitem__) == truth)

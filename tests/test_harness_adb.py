@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -43,13 +44,27 @@ def calls(device) -> list[list[str]]:
     return [json.loads(line) for line in (device / "adb.log").read_text().splitlines()]
 
 
+def coordinator_bundle(cfg, experts_per_layer: tuple[int, ...]):
+    """The coordinator's own bundle of that shape (written now, as its first round would)."""
+    from coordinator.planning import BundleCache
+    from device_runtime.bundle import ShapeKey
+
+    key = ShapeKey(experts_per_layer)
+    BundleCache(Path(cfg.state_dir) / "bundles", cfg.checkpoint, cfg.fit).ensure(key)
+    return Path(cfg.state_dir) / "bundles" / key.id
+
+
 def test_deploy_to_termux_runs_a_round_then_undeploy(phone, coordinator, tmp_path):
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in RECORDS * 2))
     root = phone / HOME.lstrip("/") / ".fedmoe"
+    bundle = coordinator_bundle(coordinator.cfg, (4, 4))  # 1024 MiB holds all 4 experts of both layers
     out = ok(harness(tmp_path / "cache", "deploy", f"adb:{SERIAL}", "--coordinator", coordinator.url, "--name",
-                     "phone-1", "--config", str(coordinator.config), "--data", str(data), "--memory-mib", "1024"))
+                     "phone-1", "--config", str(coordinator.config), "--data", str(data), "--memory-mib", "1024",
+                     "--bundle", str(bundle)))
     assert "deployed phone-1" in out and "[device-lite]" in out and "termux-boot service" in out, out
+    assert (root / "home/state/bundles" / bundle.name / "manifest.json").read_bytes() == (
+        bundle / "manifest.json").read_bytes()
 
     # the command sequence: every call addresses the serial, shell calls run inside Termux, pushes are staged
     log = calls(phone)
@@ -69,6 +84,8 @@ def test_deploy_to_termux_runs_a_round_then_undeploy(phone, coordinator, tmp_pat
 
     first, devices = finished_after(coordinator.cfg, 0)
     assert [d.name for d in devices] == ["phone-1"]
+    log = (root / "device.log").read_text()
+    assert f"training {bundle.name}" in log and "verified and cached" not in log  # pre-staged: never downloaded
     status = json.loads(ok(harness(tmp_path / "cache", "status", f"adb:{SERIAL}", "--json")))
     assert status["running"] and status["extra"] == "device-lite" and status["service"] == "termux-boot"
     assert status["last_round"] >= first
