@@ -57,10 +57,6 @@ class SshServer:
     def target(self) -> str:
         return f"ssh:{self.user}@127.0.0.1:{self.port}"
 
-    def run_as_user(self, *args: str) -> subprocess.CompletedProcess:
-        """Run a local command as the throwaway user (what the device sees)."""
-        return subprocess.run(["runuser", "-u", self.user, "--", *args], capture_output=True, text=True, timeout=60)
-
 
 def start(root: Path) -> SshServer:
     """Create the user and keys under ``root`` and start sshd on a free loopback port."""
