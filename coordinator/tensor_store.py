@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -18,8 +17,8 @@ import numpy as np
 from device_runtime.errors import ModelError
 from device_runtime.files import atomic_write
 from device_runtime.wire import bytes_to_tensors, tensors_to_bytes
+from device_runtime.wire.fields import SHA256
 
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 class TensorStore:
@@ -31,7 +30,7 @@ class TensorStore:
 
     def path(self, sha: str) -> Path:
         """Where the file of ``sha`` lives. Raises ModelError if ``sha`` is not 64 lowercase hex digits."""
-        if not isinstance(sha, str) or not _SHA256.match(sha):
+        if not isinstance(sha, str) or not SHA256.fullmatch(sha):
             raise ModelError(f"not a sha256: {str(sha)[:80]!r}")
         return self.root / sha[:2] / f"{sha}.safetensors"
 

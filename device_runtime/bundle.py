@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from device_runtime.errors import BundleError, BundleIntegrityError
 from device_runtime.shape_key import TRAINABLE_MODES, ShapeKey
 from device_runtime.wire import FitConfig
+from device_runtime.wire.fields import NAME
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -36,7 +36,6 @@ TOKENIZER_FILE = "tokenizer.json"
 DTYPES = ("float32", "float16")
 # The FitConfig fields a manifest records (format version 1): a device of any version 1 runtime reads them.
 MANIFEST_TRAINING_FIELDS = ("batch_size", "seq_len", "learning_rate", "aux_loss_coef", "local_steps")
-_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,200}$")
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -70,7 +69,7 @@ class TensorSpec:
     trainable: bool = True
 
     def __post_init__(self):
-        if not _NAME.match(self.name):
+        if not NAME.fullmatch(self.name):
             raise BundleError(f"invalid tensor name {self.name!r}")
         if self.dtype not in DTYPES or any(int(d) < 0 for d in self.shape):
             raise BundleError(f"tensor {self.name}: invalid dtype {self.dtype!r} or shape {self.shape}")

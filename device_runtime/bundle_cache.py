@@ -10,7 +10,6 @@ recency is the directory's mtime (set on every install and lookup).
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import tempfile
 import time
@@ -19,8 +18,8 @@ from pathlib import Path
 
 from device_runtime.bundle import MANIFEST, Bundle, load_bundle
 from device_runtime.errors import BundleError, BundleIntegrityError
+from device_runtime.wire.fields import ID
 
-_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$")
 _TMP_PREFIX = ".tmp-"
 
 
@@ -46,11 +45,11 @@ class BundleCache:
 
     def ids(self) -> list[str]:
         """Shape key ids of the cached bundles, least recently used first."""
-        dirs = [p for p in self.root.iterdir() if p.is_dir() and _ID.match(p.name) and (p / MANIFEST).is_file()]
+        dirs = [p for p in self.root.iterdir() if p.is_dir() and ID.fullmatch(p.name) and (p / MANIFEST).is_file()]
         return [p.name for p in sorted(dirs, key=lambda p: p.stat().st_mtime_ns)]
 
     def __contains__(self, shape_key_id: str) -> bool:
-        return bool(_ID.match(shape_key_id)) and (self.root / shape_key_id / MANIFEST).is_file()
+        return bool(ID.fullmatch(shape_key_id)) and (self.root / shape_key_id / MANIFEST).is_file()
 
     def get(self, shape_key_id: str, *, verify: bool = True) -> Bundle | None:
         """The cached bundle (marked most recently used), or None if absent.
@@ -85,7 +84,7 @@ class BundleCache:
             BundleIntegrityError: a file differs from the manifest's sha256, or a file is not listed in it.
             BundleError: bad id, no or malformed manifest, another shape key, or larger than ``max_bytes``.
         """
-        if not _ID.match(shape_key_id):
+        if not ID.fullmatch(shape_key_id):
             raise BundleError(f"invalid shape key id {shape_key_id!r}")
         size = sum(len(c) if isinstance(c, bytes) else c.stat().st_size for c in files.values())
         if size > self.max_bytes:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 from pathlib import Path
 
 import safetensors.numpy
@@ -20,8 +19,8 @@ import safetensors.numpy
 from device_runtime.errors import ProtocolError
 from device_runtime.files import atomic_write
 from device_runtime.wire import Update, validate
+from device_runtime.wire.fields import ID
 
-_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$")
 ACKED_FILE = "acked.json"
 
 
@@ -51,7 +50,7 @@ class UpdateStore:
         records = sorted(self.root.glob("*.json"), key=lambda p: p.stat().st_mtime_ns)
         out = []
         for path in records:
-            if path.name == ACKED_FILE or not _ID.match(path.stem):
+            if path.name == ACKED_FILE or not ID.fullmatch(path.stem):
                 continue
             try:
                 out.append(self._load(path.stem))
@@ -60,7 +59,7 @@ class UpdateStore:
         return out
 
     def pending_ids(self) -> set[str]:
-        return {p.stem for p in self.root.glob("*.json") if p.name != ACKED_FILE and _ID.match(p.stem)}
+        return {p.stem for p in self.root.glob("*.json") if p.name != ACKED_FILE and ID.fullmatch(p.stem)}
 
     def acked(self, update_id: str) -> None:
         """The coordinator acknowledged ``update_id``: forget its record, remember the id."""
@@ -101,6 +100,6 @@ def _fields(update: Update) -> dict:
 
 
 def _checked(update_id: str) -> str:
-    if not _ID.match(update_id):
+    if not ID.fullmatch(update_id):
         raise ProtocolError("bad_header", f"invalid update id {update_id!r}")
     return update_id

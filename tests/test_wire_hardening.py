@@ -116,3 +116,21 @@ def test_free_form_json_numbers_are_bounded():
 def test_a_zero_dimensional_tensor_keeps_its_shape():
     back = wire.bytes_to_tensors(wire.tensors_to_bytes({"s": np.float32(2.5)}))["s"]
     assert back.shape == () and back == 2.5  # old code: np.ascontiguousarray made it shape (1,)
+
+
+def test_local_name_checks_refuse_a_trailing_newline(tmp_path):
+    # old code: "^...$" with re.match accepted "name\n" in the bundle manifest, the caches and the tensor store
+    from coordinator.tensor_store import TensorStore
+    from device_runtime.bundle import TensorSpec
+    from device_runtime.bundle_cache import BundleCache
+    from device_runtime.errors import BundleError, ModelError
+    from device_runtime.update_store import UpdateStore
+
+    with pytest.raises(BundleError):
+        TensorSpec(name="layers.0.w\n", shape=(1,))
+    with pytest.raises(BundleError):
+        BundleCache(tmp_path / "bundles").install("experts-1\n", {})
+    with pytest.raises(ProtocolError):
+        UpdateStore(tmp_path / "updates").discard("u-1\n")
+    with pytest.raises(ModelError):
+        TensorStore(tmp_path / "tensors").path("a" * 64 + "\n")

@@ -39,7 +39,9 @@ ERROR_CODES = (
 )
 
 _NAME_CHARS = r"[A-Za-z0-9_.\-]"
-NAME = re.compile(_NAME_CHARS + "{1,200}")  # tensor and metric names; use with fullmatch
+NAME = re.compile(_NAME_CHARS + "{1,200}")  # tensor and metric names
+ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}")  # ids never start with "." (safe as file names)
+SHA256 = re.compile(r"[0-9a-f]{64}")  # these regexes: use with fullmatch
 _FLOAT_MAX = sys.float_info.max
 
 
@@ -73,10 +75,10 @@ def Tuples(item: Any, max_length: int = 4096) -> Any:
     return Annotated[tuple[inner, ...], msgspec.Meta(max_length=max_length)]
 
 
-Name = _pattern(_NAME_CHARS + "{1,200}")
-Id = _pattern(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}")  # ids never start with "." (safe as file names)
+Name = _pattern(NAME.pattern)  # tensor and metric names
+Id = _pattern(ID.pattern)
 RelPath = _pattern(rf"{_NAME_CHARS}+(?:/{_NAME_CHARS}+)*", 300)
-Sha256 = _pattern(r"[0-9a-f]{64}")
+Sha256 = _pattern(SHA256.pattern)
 Count = Int()
 WireDtype = Literal["float32", "float16"]
 ExpertIds = Tuples(Int(0, MAX_EXPERT_ID))  # per MoE layer, global expert ids
