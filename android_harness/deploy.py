@@ -37,9 +37,9 @@ from android_harness.remote import (START_MARKER, Layout, run_script, supervisor
                                     systemd_unit, unit_name, boot_name)
 from android_harness.targets import Target
 from android_harness.wheelhouse import Platform, build_runtime_wheel, extra_requirements, wheel_metadata, wheelhouse
+from device_runtime.units import MIB
 
 q = shlex.quote
-MIB = 1 << 20
 MIN_MEMORY_MIB = 256  # Python + ONNX Runtime + a tiny bundle; a real bundle needs the budget the planner sizes
 EXTRAS = ("device", "device-lite")  # tried in this order: first-order (ORT training) before forward-only
 INSTALL_FACTOR = 3  # peak disk / upload size: tar + its unpacked copy, then wheels + venv (venv 89 MiB from 65.5 MiB)
