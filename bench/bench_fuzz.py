@@ -54,10 +54,10 @@ from coordinator.registry import Registry  # noqa: E402
 from coordinator.simulation.processes import free_port, start_coordinator, wait_healthy  # noqa: E402
 from device_runtime.auth import generate_keypair, sign_challenge  # noqa: E402
 from device_runtime.bundle import Manifest  # noqa: E402
+from device_runtime.units import MIB  # noqa: E402
 from device_runtime.wire import (PROTOCOL_VERSION, Ack, Assignment, Auth, AuthOk, BundleRequest, Challenge,  # noqa: E402
                                  Enrol, Error, EvaluateRes, Heartbeat, Hello, Update, decode, encode)
 
-MIB = 1 << 20
 REPLY_TIMEOUT_S = 2.0
 SILENT_TIMEOUT_S = 0.01  # Heartbeat and EvaluateRes get no reply: do not wait for one
 SMALL_ORDER_KEY = bytes.fromhex("0100000000000000000000000000000000000000000000000000000000000000")

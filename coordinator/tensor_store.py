@@ -86,7 +86,7 @@ class TensorStore:
 
     def shas(self) -> set[str]:
         """The sha256 of every file in the store."""
-        return {p.stem for p in self.root.glob("??/*.safetensors") if _SHA256.match(p.stem)}
+        return {p.stem for p in self.root.glob("??/*.safetensors") if SHA256.fullmatch(p.stem)}
 
     def load(self, sha: str) -> dict[str, np.ndarray]:
         """The tensors stored under ``sha`` (name -> array, dtype as stored). Raises like :meth:`get`."""
