@@ -22,7 +22,8 @@ from pathlib import Path
 
 import _measure
 
-MIB = 1 << 20
+from device_runtime.units import MIB
+
 BACKENDS = ("ort-training", "zo")
 
 
