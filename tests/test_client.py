@@ -295,7 +295,8 @@ def test_malformed_and_oversized_frames_get_errors_and_a_reconnect_not_a_crash(t
 
     async def body(url):
         client = make_client(url, await enrolled(url, tmp_path), bundle[1], tmp_path)
-        await run_until(client, lambda: server.connections >= 2)
+        # both connections' answers, not just the second connection's opening
+        await run_until(client, lambda: server.connections >= 2 and len(server.errors) >= 4)
 
     asyncio.run(with_server(server, body))
     codes = [e.code for e in server.errors]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from alembic import command
@@ -15,6 +16,9 @@ from device_runtime.errors import ConfigError
 
 SQLITE_BUSY_TIMEOUT_MS = 5000
 _LEGACY_VERSION_TABLE = "schema_version"  # fedmoe's version table before Alembic (schema version 1)
+# Alembic logs "Context impl SQLiteImpl" and its plugin set-up at INFO on every registry open: noise in the
+# coordinator's log; its warnings still show.
+logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
 def make_engine(url: str) -> Engine:
