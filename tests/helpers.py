@@ -97,6 +97,26 @@ def tiny_checkpoint(root: Path, model: TinyMixtral) -> Path:
     return root
 
 
+def init_by_cli(root: Path, *init_args: str) -> Path:
+    """``fedmoe-coord init`` of the tiny Mixtral (two calibration texts, port 0) under ``root`` with
+    ``init_args`` added; returns the written config file."""
+    import json
+
+    from click.testing import CliRunner
+
+    from coordinator.cli import main
+
+    checkpoint = tiny_checkpoint(root / "checkpoint", COORD_MIXTRAL)
+    texts = root / "calib.jsonl"
+    texts.write_text("".join(json.dumps({"text": t}) + "\n" for t in ("the match team won", "film star award")))
+    config = root / "coord.toml"
+    result = CliRunner().invoke(main, ["--config", str(config), "init", str(checkpoint), "--state-dir",
+                                       str(root / "state"), "--calibration-texts", str(texts), "--port", "0",
+                                       *init_args])
+    assert result.exit_code == 0, result.output
+    return config
+
+
 def tiny_bundle(root: Path, *, keep=((0, 2), (1, 3)), copies: int = 2):
     """``(Bundle, data_file)``: a verified ``TRAINER_MIXTRAL`` bundle at ``root / "bundle"`` (experts ``keep``
     per layer, batch 2 x ``SEQ_LEN``) and ``RECORDS`` repeated ``copies`` times as JSONL (``root / "data.jsonl"``)."""

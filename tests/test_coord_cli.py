@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,21 +18,14 @@ from device_runtime.wire import Assignment
 from device_runtime.tls import certificate_fingerprint
 
 pytest.importorskip("torch")
-from helpers import COORD_MIXTRAL, InboxDevice, fake_update, tiny_checkpoint, two_expert_memory  # noqa: E402
+from helpers import InboxDevice, fake_update, init_by_cli, two_expert_memory  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def coord(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
-    checkpoint = tiny_checkpoint(root / "checkpoint", COORD_MIXTRAL)
-    texts = root / "calib.jsonl"
-    texts.write_text("".join(json.dumps({"text": t}) + "\n" for t in ("the match team won", "film star award")))
-    config = root / "coord.toml"
-    result = CliRunner().invoke(main, ["--config", str(config), "init", str(checkpoint), "--state-dir",
-                                       str(root / "state"), "--min-fit-clients", "2", "--calibration-texts",
-                                       str(texts), "--port", "0"])
-    assert result.exit_code == 0, result.output
-    return {"config": config, "root": root, "memory": two_expert_memory(checkpoint)}
+    config = init_by_cli(root, "--min-fit-clients", "2")
+    return {"config": config, "root": root, "memory": two_expert_memory(root / "checkpoint")}
 
 
 def cli(coord, *args):

@@ -4,16 +4,13 @@ wss://, the token pins the CA, the device gets a client certificate at enrolment
 from __future__ import annotations
 
 import asyncio
-import json
 import ssl
 from dataclasses import replace
 
 import pytest
-from click.testing import CliRunner
 from websockets.exceptions import InvalidHandshake
 from websockets.sync.client import connect
 
-from coordinator.cli import main
 from coordinator.config import load_config
 from coordinator.registry import Registry
 from coordinator.server import serve_coordinator
@@ -25,7 +22,7 @@ from device_runtime.wire import PROTOCOL_VERSION, Auth, AuthOk, Challenge, Error
 from device_runtime.tls import client_context, split_token
 
 pytest.importorskip("torch")
-from helpers import COORD_MIXTRAL, ServerThread, tiny_checkpoint  # noqa: E402
+from helpers import ServerThread, init_by_cli  # noqa: E402
 from test_server import recv, send  # noqa: E402
 
 MAX_MIB = 4.0
@@ -35,13 +32,7 @@ MAX_MIB = 4.0
 def setup(tmp_path_factory):
     """A coordinator initialised and configured by ``fedmoe-coord init`` alone, serving."""
     root = tmp_path_factory.mktemp("tls")
-    checkpoint = tiny_checkpoint(root / "checkpoint", COORD_MIXTRAL)
-    texts = root / "calib.jsonl"
-    texts.write_text("".join(json.dumps({"text": t}) + "\n" for t in ("the match team won", "film star award")))
-    config = root / "coord.toml"
-    result = CliRunner().invoke(main, ["--config", str(config), "init", str(checkpoint), "--state-dir",
-                                       str(root / "state"), "--calibration-texts", str(texts), "--port", "0"])
-    assert result.exit_code == 0, result.output
+    config = init_by_cli(root)
     cfg = replace(load_config(config), max_message_mib=MAX_MIB, min_fit_clients=1, max_fit_clients=1)
     server = ServerThread(cfg)
     yield root, cfg, server, {"memory_mib": 10}  # too little for any assignment: no round traffic

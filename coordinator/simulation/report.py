@@ -11,6 +11,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from device_runtime.units import MIB
+
 
 @dataclass(frozen=True)
 class DeviceRound:
@@ -77,7 +79,7 @@ def plot_accuracy(records: Sequence[RoundRecord], path: Path) -> Path:
         rows = [r for r in records if r.strategy == strategy]
         accuracy = [100 * r.accuracy for r in rows]
         by_round.plot([r.round for r in rows], accuracy, marker="o", label=strategy)
-        by_bytes.plot([b / (1 << 20) for b in cumulative_bytes_up(rows)], accuracy, marker="o", label=strategy)
+        by_bytes.plot([b / MIB for b in cumulative_bytes_up(rows)], accuracy, marker="o", label=strategy)
     by_round.set(xlabel="round (0 = zero-shot)", ylabel="held-out accuracy (%)", title="accuracy vs round")
     by_bytes.set(xlabel="MiB uploaded by all devices (cumulative)", ylabel="held-out accuracy (%)",
                  title="accuracy vs bytes uploaded")
