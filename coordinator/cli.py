@@ -123,8 +123,8 @@ def serve(ctx, port, insecure):
 
     cfg = _config(ctx)
     cfg = replace(cfg, port=cfg.port if port is None else port, insecure=cfg.insecure or insecure)
-    if insecure:
-        cfg = replace(cfg, tls_cert="", tls_key="", tls_ca_cert="", tls_ca_key="")
+    if insecure:  # the CA stays: it signs bundles and assignments (device_runtime.signing)
+        cfg = replace(cfg, tls_cert="", tls_key="")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("websockets").setLevel(logging.WARNING)  # no line per opened / closed connection
     scheme = "wss" if cfg.tls else "ws"

@@ -24,7 +24,7 @@ Example (``fedmoe-coord init`` writes one)::
     tls_cert = "state/tls/server.pem"      # written by init, with tls_key and the CA: wss:// + mutual TLS
     tls_key = "state/tls/server.key"
     tls_ca_cert = "state/tls/ca.pem"        # issues the devices' client certificates ("" = no mutual TLS)
-    tls_ca_key = "state/tls/ca.key"
+    tls_ca_key = "state/tls/ca.key"         # also signs bundles and assignments (device_runtime.signing)
     insecure = false                        # true: plain ws:// (no TLS), with a loud warning
     eval_data = ""                          # held-out JSONL: every new model version is scored on it
     eval_text_field = "text"
@@ -79,7 +79,8 @@ class CoordinatorConfig:
         keep_update_tensors: keep the devices' update files in the tensor store once their round is aggregated
             (default: delete them; their registry rows stay).
         tls_cert, tls_key: PEM files; both set = serve ``wss://``. tls_ca_cert, tls_ca_key: the CA that issues
-            devices' client certificates (``coordinator.tls``); set = login needs mutual TLS. insecure: serve
+            devices' client certificates (``coordinator.tls``); set = login needs mutual TLS; the CA key also
+            signs bundles and assignments, with or without TLS (``device_runtime.signing``). insecure: serve
             plain ``ws://`` without TLS files (refused otherwise). heartbeat_s: keep-alive interval (seconds).
         seed: client-sampling seed.
         eval_data: held-out JSONL set ("" = none); each new global version is scored on it by label
@@ -165,7 +166,8 @@ def _check(cfg: CoordinatorConfig) -> None:
         (not (cfg.update_norm_bound > 0 and math.isfinite(cfg.update_norm_bound)), "update_norm_bound must be > 0"),
         (bool(cfg.tls_cert) != bool(cfg.tls_key), "set both tls_cert and tls_key, or neither"),
         (bool(cfg.tls_ca_cert) != bool(cfg.tls_ca_key), "set both tls_ca_cert and tls_ca_key, or neither"),
-        (bool(cfg.tls_ca_cert) and not cfg.tls, "tls_ca_cert needs tls_cert and tls_key"),
+        (bool(cfg.tls_ca_cert) and not cfg.tls and not cfg.insecure,
+         "tls_ca_cert needs tls_cert and tls_key (or insecure = true: the CA key then only signs)"),
         (not isinstance(cfg.insecure, bool), "insecure must be true or false"),
         (not cfg.heartbeat_s > 0, "heartbeat_s must be > 0"),
         (cfg.max_connections < 1 or cfg.max_unauthenticated_per_address < 1,

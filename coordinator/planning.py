@@ -17,6 +17,8 @@ import numpy as np
 from coordinator.strategy.types import ClientUpdate, TensorMeta, TensorRole
 from device_runtime.bundle import MANIFEST, Manifest, ShapeKey, load_bundle
 from device_runtime.errors import BundleError, ProtocolError, UpdateRejected
+from device_runtime.files import atomic_write
+from device_runtime.signing import MANIFEST_SIG, Signer
 from device_runtime.wire import FitConfig
 from device_runtime.stats import RoutingStats
 
@@ -32,11 +34,13 @@ class BundleCache:
 
     Any expert selection of a shape gives the same graph; the weights a device trains arrive with each
     assignment. Writing a bundle runs torch and the ONNX export (seconds): call :meth:`ensure` off the
-    event loop.
+    event loop. With a ``signer`` every bundle gets ``manifest.sig`` as it is written (a bundle written
+    before the coordinator had one is signed when first loaded, after its files verified):
+    ``device_runtime.signing``.
     """
 
-    def __init__(self, root: str | Path, checkpoint: str | Path, training: FitConfig):
-        self.root, self.checkpoint, self.training = Path(root), Path(checkpoint), training
+    def __init__(self, root: str | Path, checkpoint: str | Path, training: FitConfig, signer: Signer | None = None):
+        self.root, self.checkpoint, self.training, self.signer = Path(root), Path(checkpoint), training, signer
         self.root.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._manifests: dict[str, Manifest] = {}
@@ -47,7 +51,7 @@ class BundleCache:
             if key.id not in self._manifests:
                 if not (self.root / key.id / MANIFEST).is_file():
                     self._write(key)
-                self._manifests[key.id] = load_bundle(self.root / key.id).manifest
+                self._manifests[key.id] = self._load(self.root / key.id)
             return self._manifests[key.id]
 
     def _write(self, key: ShapeKey) -> None:
@@ -58,7 +62,18 @@ class BundleCache:
                                 prox=key.prox, training=self.training)
         with tempfile.TemporaryDirectory(dir=self.root, prefix=".tmp-") as tmp:
             write_bundle(self.checkpoint, Path(tmp) / "b", request)
+            self._sign(Path(tmp) / "b")
             os.replace(Path(tmp) / "b", self.root / key.id)
+
+    def _load(self, root: Path) -> Manifest:
+        manifest = load_bundle(root).manifest
+        if not (root / MANIFEST_SIG).is_file():
+            self._sign(root)
+        return manifest
+
+    def _sign(self, root: Path) -> None:
+        if self.signer is not None:
+            atomic_write(root / MANIFEST_SIG, self.signer.manifest((root / MANIFEST).read_bytes()))
 
     def manifest(self, shape_key_id: str) -> Manifest:
         """The cached manifest of a bundle already written.
@@ -69,13 +84,16 @@ class BundleCache:
         if shape_key_id not in self._manifests:
             if not (self.root / shape_key_id / MANIFEST).is_file():
                 raise BundleError(f"no bundle {shape_key_id!r} in the coordinator's cache")
-            self._manifests[shape_key_id] = load_bundle(self.root / shape_key_id).manifest
+            self._manifests[shape_key_id] = self._load(self.root / shape_key_id)
         return self._manifests[shape_key_id]
 
     def files(self, shape_key_id: str) -> dict[str, bytes]:
-        """Every file of a cached bundle, relative path -> bytes, the manifest last."""
+        """Every file of a cached bundle, relative path -> bytes, ``manifest.sig`` (if signed) and the manifest
+        last."""
         manifest, root = self.manifest(shape_key_id), self.root / shape_key_id
         files = {name: (root / name).read_bytes() for name in sorted(manifest.files)}
+        if (root / MANIFEST_SIG).is_file():
+            files[MANIFEST_SIG] = (root / MANIFEST_SIG).read_bytes()
         files[MANIFEST] = (root / MANIFEST).read_bytes()
         return files
 

@@ -106,8 +106,11 @@ class Connection:
 
     async def send(self, msg: Message, *, count: bool = True) -> int:
         """Send ``msg``; returns the frame's size (bytes), recorded as ``bytes_down`` if ``count``.
-        Messages with tensors are encoded in a worker thread (100s of MiB must not stall the event loop)."""
-        frame = await asyncio.to_thread(encode, msg) if msg.PAYLOAD else encode(msg)
+        Messages with tensors are encoded in a worker thread (100s of MiB must not stall the event loop);
+        an Assignment is signed for this connection's device (``device_runtime.signing``)."""
+        signer = self.coord.signer
+        sign = signer.assignment(self.device_id) if signer is not None and msg.SIGNED else None
+        frame = await asyncio.to_thread(encode, msg, sign=sign) if msg.PAYLOAD else encode(msg)
         if isinstance(msg, (Assignment, BundleData)):
             self.assignment_frame = (msg.update_id, len(frame)) if isinstance(msg, Assignment) else None
         await self.ws.send(frame)
@@ -287,7 +290,8 @@ def _ssl_context(cfg: CoordinatorConfig) -> ssl.SSLContext | None:
         raise ConfigError("no TLS certificate in the config (tls_cert, tls_key): run `fedmoe-coord init`, which "
                           "creates them, or set insecure = true to serve plain ws:// on a trusted network")
     log.warning("INSECURE: serving plain ws:// without TLS (insecure = true): enrolment tokens, model weights "
-                "and updates cross the network in the clear and a man in the middle can tamper with them")
+                "and updates cross the network in the clear; a man in the middle can tamper with updates, and "
+                "with bundles and assignments for devices that pinned no coordinator key at enrolment")
     return None
 
 

@@ -30,12 +30,23 @@ from coordinator.strategy import ClientInfo, FitIns, Strategy, from_name
 from coordinator.zo_updates import expand_zo_update
 from device_runtime.bundle import Manifest
 from device_runtime.errors import FedmoeError, UpdateRejected
+from device_runtime.signing import Signer
 from device_runtime.stats import RoutingStats
 from device_runtime.wire import Ack, Assignment, Error, Message, Update
 
 log = logging.getLogger("fedmoe.coord")
 _POLL_S = 0.5
 EXCLUDE_AFTER_ERRORS = 2  # below the default max_round_attempts (3): one device alone cannot stop the rounds
+
+
+def _signer(cfg: CoordinatorConfig) -> Signer | None:
+    """The CA key's signer (``device_runtime.signing``), or None with a warning: devices that pinned a key
+    at enrolment refuse what is unsigned. Raises ConfigError (unreadable key)."""
+    if cfg.tls_ca_key:
+        return Signer.load(cfg.tls_ca_key)
+    log.warning("no CA key (tls_ca_key) in the config: bundles and assignments go out UNSIGNED, and devices "
+                "that pinned a coordinator key at enrolment refuse them; `fedmoe-coord init` makes the CA")
+    return None
 
 
 @dataclass
@@ -71,14 +82,15 @@ class Coordinator:
         registry: the SQL registry. model: the global model over its tensor store. strategy: bound to the
         federation (``Strategy.bind``). bundles: the bundle cache. engine: a fresh round engine (the registry's
         rounds are resumed into it here). evaluator: scores each new version, or None. clock: seconds, monotonic.
+        signer: signs assignments (and, in ``bundles``, manifests) with the CA key, or None (unsigned).
     Raises:
         ConfigError: a running round's bundle is missing from the cache.
     """
 
     def __init__(self, cfg: CoordinatorConfig, *, registry: Registry, model: GlobalModel, strategy: Strategy,
                  bundles: BundleCache, engine: RoundEngine, evaluator: Evaluator | None = None,
-                 clock: Callable[[], float] = time.monotonic):
-        self.cfg, self.clock = cfg, clock
+                 clock: Callable[[], float] = time.monotonic, signer: Signer | None = None):
+        self.cfg, self.clock, self.signer = cfg, clock, signer
         self.registry, self.model, self.strategy, self.bundles, self.engine = registry, model, strategy, bundles, engine
         self.evaluator = evaluator
         self.sessions: dict[str, Session] = {}
@@ -102,15 +114,17 @@ class Coordinator:
             ConfigError: the state directory is not initialised (run ``fedmoe-coord init``) or the config is bad.
             ModelError: the checkpoint cannot be read. DataError: ``eval_data`` is unreadable.
         """
+        signer = _signer(cfg)
         registry = Registry(cfg.registry_url)
         try:
             model = GlobalModel(registry, tensor_store(cfg))
             strategy = from_name(cfg.strategy, **cfg.strategy_params).bind(fit_context(cfg))
-            bundles = BundleCache(Path(cfg.state_dir) / "bundles", cfg.checkpoint, cfg.fit)
+            bundles = BundleCache(Path(cfg.state_dir) / "bundles", cfg.checkpoint, cfg.fit, signer)
             policy = RoundPolicy(cfg.min_fit_clients, cfg.max_fit_clients, cfg.fraction_fit, cfg.round_deadline_s,
                                  cfg.max_round_attempts, cfg.num_rounds)
             return cls(cfg, registry=registry, model=model, strategy=strategy, bundles=bundles,
-                       engine=RoundEngine(policy, seed=cfg.seed), evaluator=Evaluator.from_config(cfg), clock=clock)
+                       engine=RoundEngine(policy, seed=cfg.seed), evaluator=Evaluator.from_config(cfg), clock=clock,
+                       signer=signer)
         except BaseException:
             registry.close()
             raise

@@ -21,8 +21,10 @@ Threat model, honestly:
   use). Without TLS it does see enrolment tokens and model weights: a token sniffed before its use can
   be redeemed first. Serve ``wss://`` or enrol on a trusted network.
 * Active man-in-the-middle without TLS: the signature binds neither the coordinator's identity nor the
-  channel, so a relay can authenticate once and then tamper with the session. TLS is required against
-  an active attacker; this scheme authenticates devices, it does not secure the channel.
+  channel, so a relay can authenticate once and then tamper with the session (bundles and assignments
+  excepted for a device that pinned the coordinator's CA: they are signed, ``device_runtime.signing``).
+  TLS is required against an active attacker; this scheme authenticates devices, it does not secure the
+  channel.
 * Stolen device or credentials file: the thief is that device until the operator revokes it.
 * Not covered here: an authenticated device sending poisoned updates (aggregation-side validation).
 """

@@ -2,8 +2,9 @@
 
 A bundle's graph depends only on its shape key (``device_runtime.bundle``), so a device fetches it once
 per shape and reuses it every round it is assigned that shape. Bundles enter the cache only through
-:meth:`BundleCache.install`, which verifies every sha256 (``load_bundle``) before the bundle becomes
-visible. Least recently used bundles are evicted beyond ``max_bundles`` entries or ``max_bytes`` bytes;
+:meth:`BundleCache.install`, which verifies the manifest's signature (with a ``Verifier``, the coordinator key
+pinned at enrolment: ``device_runtime.signing``) and every sha256 (``load_bundle``) before the bundle becomes
+visible; :meth:`BundleCache.get` checks both again. Least recently used bundles are evicted beyond ``max_bundles`` entries or ``max_bytes`` bytes;
 recency is the directory's mtime (set on every install and lookup).
 """
 
@@ -18,6 +19,7 @@ from pathlib import Path
 
 from device_runtime.bundle import MANIFEST, Bundle, load_bundle
 from device_runtime.errors import BundleError, BundleIntegrityError
+from device_runtime.signing import MANIFEST_SIG, Verifier
 from device_runtime.wire.fields import ID
 
 _TMP_PREFIX = ".tmp-"
@@ -30,18 +32,26 @@ class BundleCache:
         root: cache directory (created, mode 0700).
         max_bundles: bundles kept at most (>= 1).
         max_bytes: total size of the kept bundles at most (bytes); also the largest bundle accepted.
+        verifier: checks each manifest's ``manifest.sig`` (None: bundles are not signature-checked).
 
     Raises:
         BundleError: ``max_bundles < 1`` or ``max_bytes < 1``.
     """
 
-    def __init__(self, root: str | Path, *, max_bundles: int = 4, max_bytes: int = 4 << 30):
+    def __init__(self, root: str | Path, *, max_bundles: int = 4, max_bytes: int = 4 << 30,
+                 verifier: Verifier | None = None):
         if max_bundles < 1 or max_bytes < 1:
             raise BundleError(f"bundle cache bounds must be >= 1, got {max_bundles} bundles, {max_bytes} bytes")
         self.root, self.max_bundles, self.max_bytes = Path(root), max_bundles, max_bytes
+        self.verifier = verifier
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         for stale in self.root.glob(_TMP_PREFIX + "*"):  # left by a crash during install
             shutil.rmtree(stale, ignore_errors=True)
+        for shape_key_id in self.ids() if verifier is not None else ():  # e.g. cached before a key was pinned
+            try:
+                self._check_signature(self.root / shape_key_id)
+            except BundleIntegrityError:
+                shutil.rmtree(self.root / shape_key_id, ignore_errors=True)
 
     def ids(self) -> list[str]:
         """Shape key ids of the cached bundles, least recently used first."""
@@ -54,12 +64,14 @@ class BundleCache:
     def get(self, shape_key_id: str, *, verify: bool = True) -> Bundle | None:
         """The cached bundle (marked most recently used), or None if absent.
 
-        A cached bundle that no longer verifies (disk corruption, tampering) is deleted and None returned.
+        A cached bundle that no longer verifies (disk corruption, tampering, or unsigned while the cache has a
+        verifier, e.g. cached before this device pinned a key) is deleted and None returned.
         """
         if shape_key_id not in self:
             return None
         path = self.root / shape_key_id
         try:
+            self._check_signature(path)
             bundle = load_bundle(path, verify=verify)
         except BundleError:
             shutil.rmtree(path, ignore_errors=True)
@@ -81,6 +93,7 @@ class BundleCache:
                 not copied, as ``BundleAssembler`` leaves them); ``manifest.json`` included.
 
         Raises:
+            BundleSignatureError: with a verifier, ``manifest.sig`` is missing or does not verify.
             BundleIntegrityError: a file differs from the manifest's sha256, or a file is not listed in it.
             BundleError: bad id, no or malformed manifest, another shape key, or larger than ``max_bytes``.
         """
@@ -93,6 +106,7 @@ class BundleCache:
         with tempfile.TemporaryDirectory(dir=self.root, prefix=_TMP_PREFIX) as tmp:
             staged = Path(tmp) / "bundle"
             _write_files(staged, files)
+            self._check_signature(staged)  # the manifest is authentic before it is parsed
             bundle = load_bundle(staged)  # sha256 of every file, before anything is visible
             _check_contents(shape_key_id, bundle, files)
             final = self.root / shape_key_id
@@ -101,6 +115,11 @@ class BundleCache:
         _touch(final)
         self._evict(keep=shape_key_id)
         return Bundle(root=final, manifest=bundle.manifest)
+
+    def _check_signature(self, root: Path) -> None:
+        if self.verifier is not None and (root / MANIFEST).is_file():  # no manifest: load_bundle says so
+            sig = root / MANIFEST_SIG
+            self.verifier.manifest((root / MANIFEST).read_bytes(), sig.read_bytes() if sig.is_file() else None)
 
     def total_bytes(self) -> int:
         """Size of every cached bundle, bytes."""
@@ -134,7 +153,7 @@ def _write_files(root: Path, files: Mapping[str, bytes | Path]) -> None:
 def _check_contents(shape_key_id: str, bundle: Bundle, files: Mapping[str, bytes | Path]) -> None:
     if bundle.manifest.shape_key.id != shape_key_id:
         raise BundleError(f"received bundle is {bundle.manifest.shape_key.id}, requested {shape_key_id}")
-    unlisted = sorted(set(files) - set(bundle.manifest.files) - {MANIFEST})
+    unlisted = sorted(set(files) - set(bundle.manifest.files) - {MANIFEST, MANIFEST_SIG})
     if unlisted:
         raise BundleIntegrityError(f"bundle {shape_key_id} holds files its manifest does not list: {unlisted[:5]}")
 

@@ -256,10 +256,13 @@ main.add_command(click.Command("enrol", callback=enroll_command.callback, params
               help="Bound on the bundle cache, MiB (least recently used bundles are evicted).")
 @click.option("--template", default=DEFAULT_TEMPLATE, show_default=True,
               help="Prompt template of classification records ({text} is replaced).")
+@click.option("--insecure", is_flag=True,
+              help="Accept a plain ws:// URL although this device enrolled at a TLS coordinator (one that serves "
+                   "--insecure); bundles and assignments are still verified against the key pinned at enrolment.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 @_BACKEND
 def run_command(url, data_file, cache_dir, threads, cafile, credentials_path, memory_mib, max_message_mib,
-                cache_mib, template, verbose, backend):
+                cache_mib, template, insecure, verbose, backend):
     """Serve the coordinator at URL: authenticate, train each assignment on local data, upload updates.
 
     Reconnects with exponential backoff after a lost connection and re-sends any update not yet
@@ -276,7 +279,7 @@ def run_command(url, data_file, cache_dir, threads, cafile, credentials_path, me
         creds = load_credentials(credentials_path or _home_path("credentials.json"))
         client = DeviceClient(url, creds, data_file, cache_dir=cache_dir or _home_path("state"), cafile=cafile,
                               max_message_mib=max_message_mib, threads=threads, memory_mib=memory_mib,
-                              cache_mib=cache_mib, template=template, backend=backend)
+                              cache_mib=cache_mib, template=template, backend=backend, insecure=insecure)
         run_until_signal(client)
     except FedmoeError as exc:
         raise click.ClickException(f"{type(exc).__name__}: {exc}") from exc

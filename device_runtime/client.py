@@ -42,11 +42,12 @@ from device_runtime.auth import Credentials, generate_keypair, save_credentials,
 from device_runtime.backends import select_backend
 from device_runtime.bundle_cache import BundleCache
 from device_runtime.data import DEFAULT_TEMPLATE
-from device_runtime.errors import (AuthError, BundleError, BundleIntegrityError, ConfigError, DataError,
-                                   FedmoeError, ProtocolError)
+from device_runtime.errors import (AuthError, BundleError, BundleIntegrityError, BundleSignatureError, ConfigError,
+                                   DataError, FedmoeError, ProtocolError)
 from device_runtime.fit_round import fit_assignment
 from device_runtime.memory import release_memory
 from device_runtime.session import Acked, DeviceSession, InstallBundle, Report, Send, Train
+from device_runtime.signing import Verifier
 from device_runtime.slots import training_slot
 from device_runtime.tls import (client_context, fetch_client_certificate, fetch_pinned_ca, split_token,
                                 write_client_pem)
@@ -70,12 +71,13 @@ def _connect(url: str, context: ssl.SSLContext | None, max_size: int, **kwargs):
     return connect(url, ssl=context, compression=None, max_size=max_size, open_timeout=HANDSHAKE_TIMEOUT_S, **kwargs)
 
 
-async def _recv(ws: ClientConnection, max_size: int) -> Message:
-    """The next decoded frame. Raises ProtocolError (malformed) or ConnectionClosed."""
+async def _recv(ws: ClientConnection, max_size: int, verify=None) -> Message:
+    """The next decoded frame (``verify``: see ``wire.decode``). Raises ProtocolError (malformed, or refused by
+    ``verify``) or ConnectionClosed."""
     raw = await ws.recv()
     if isinstance(raw, str):
         raise ProtocolError("bad_frame", "protocol frames are binary websocket messages")
-    return decode(raw, max_size=max_size)
+    return decode(raw, max_size=max_size, verify=verify)
 
 
 def _expect(msg: Message, kind: type) -> Message:
@@ -150,13 +152,29 @@ async def enroll(url: str, token: str, name: str, *, credentials_path: str | Pat
     return creds
 
 
-def _client_context(url: str, creds: Credentials, cafile: str | Path | None) -> ssl.SSLContext | None:
+def _client_context(url: str, creds: Credentials, cafile: str | Path | None,
+                    insecure: bool = False) -> ssl.SSLContext | None:
     """TLS for :class:`DeviceClient`: the CA pinned at enrolment (or ``cafile``) and, if issued, the client
-    certificate (mutual TLS). Raises ConfigError (see ``device_runtime.tls.client_context``)."""
+    certificate (mutual TLS); None for ``ws://``, which a device that enrolled at a TLS coordinator uses
+    only if ``insecure``. Raises ConfigError (see ``device_runtime.tls.client_context``)."""
     ca_pem = creds.ca_cert.encode("ascii") if creds.ca_cert and cafile is None else None
     if ca_pem is not None and not url.startswith("wss://"):
-        raise ConfigError(f"this device enrolled at a TLS coordinator: use wss://, not {url}")
+        if not insecure:
+            raise ConfigError(f"this device enrolled at a TLS coordinator: use wss://, not {url} (or --insecure "
+                              "if it now serves plain ws://: bundles and assignments are still verified)")
+        ca_pem = None
     return client_context(url, cafile=cafile, ca_pem=ca_pem, client_pem=creds.client_pem or None)
+
+
+def _verifier(creds: Credentials) -> Verifier | None:
+    """The coordinator key pinned at enrolment (its CA certificate), or None (logged once: enrolled with a
+    token without a CA fingerprint, so bundles and assignments cannot be verified). Raises ConfigError."""
+    if creds.ca_cert:
+        return Verifier.from_certificate(creds.ca_cert.encode("ascii"))
+    log.warning("this device pinned no coordinator key at enrolment (its token had no CA fingerprint): bundles "
+                "and assignments are NOT signature-checked; enrol with a token of a coordinator made by "
+                "`fedmoe-coord init` to verify them")
+    return None
 
 
 def _valid_name(name: str) -> bool:
@@ -190,20 +208,28 @@ class DeviceClient:
         cache_bundles, cache_mib: bundle cache bounds (count, MiB).
         template: prompt template of classification records.
         backend: training backend (``device_runtime.backends``; None: the first installed).
+        insecure: allow a plain ``ws://`` URL although this device enrolled at a TLS coordinator (its
+            bundles and assignments are still verified against the pinned key, ``device_runtime.signing``).
+
+    Raises:
+        ConfigError: bad URL, TLS files, backend or pinned CA certificate.
     """
 
     def __init__(self, url: str, credentials: Credentials, data_file: str | Path, *, cache_dir: str | Path,
                  cafile: str | Path | None = None, max_message_mib: float = 256.0, threads: int | None = None,
                  memory_mib: int | None = None, profile: dict | None = None, heartbeat_s: float = 20.0,
                  backoff: Backoff = Backoff(), cache_bundles: int = 4, cache_mib: float = 4096.0,
-                 template: str = DEFAULT_TEMPLATE, backend: str | None = None):
-        self.context = _client_context(url, credentials, cafile)  # fails fast on a bad URL / TLS file
+                 template: str = DEFAULT_TEMPLATE, backend: str | None = None, insecure: bool = False):
+        self.context = _client_context(url, credentials, cafile, insecure)  # fails fast on a bad URL / TLS file
+        verifier = _verifier(credentials)
+        self.verify = None if verifier is None else verifier.assignment(credentials.device_id)
         self.backend = select_backend(backend).name  # fail fast on a backend not installed here
         self.url, self.credentials, self.data_file = url, credentials, Path(data_file)
         self.max_size, self.threads, self.memory_mib = int(max_message_mib * MIB), threads, memory_mib
         self.profile, self.heartbeat_s, self.backoff, self.template = profile, heartbeat_s, backoff, template
         root = Path(cache_dir)
-        self.cache = BundleCache(root / "bundles", max_bundles=cache_bundles, max_bytes=int(cache_mib * MIB))
+        self.cache = BundleCache(root / "bundles", max_bundles=cache_bundles, max_bytes=int(cache_mib * MIB),
+                                 verifier=verifier)
         self.store = UpdateStore(root / "updates")
         self.session = DeviceSession(cached=self.cache.ids(), known_updates=self.store.pending_ids(),
                                      max_bundle_bytes=self.cache.max_bytes, staging=self.cache.staging_dir)
@@ -306,9 +332,10 @@ class DeviceClient:
         """Until the connection closes: decode each frame, let the session react, carry out its actions."""
         while True:
             try:
-                msg = await _recv(ws, self.max_size)
+                msg = await _recv(ws, self.max_size, self.verify)
             except ProtocolError as exc:
-                log.warning("malformed frame from the coordinator: %s", exc)
+                log.log(logging.ERROR if exc.code == "bad_signature" else logging.WARNING,
+                        "frame from the coordinator refused: %s: %s", exc.code, exc)
                 await self._apply(self.session.on_frame_error(exc))
                 continue
             await self._apply(self.session.on_message(msg))
@@ -341,6 +368,9 @@ class DeviceClient:
     async def _install(self, action: InstallBundle) -> list:
         try:
             await asyncio.to_thread(self.cache.install, action.shape_key_id, action.files)
+        except BundleSignatureError as exc:
+            log.error("bundle %s refused: %s", action.shape_key_id, exc)
+            return self.session.bundle_rejected(action.shape_key_id, "bad_signature", str(exc))
         except BundleIntegrityError as exc:
             return self.session.bundle_rejected(action.shape_key_id, "bad_payload", str(exc))
         except BundleError as exc:

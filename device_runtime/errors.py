@@ -6,6 +6,7 @@
     +-- ConfigError                  a bad flag, config file value or device profile
     +-- BundleError                  a bundle is missing, malformed or fails verification
     |   +-- BundleIntegrityError     a file's sha256 differs from the manifest (corrupted / tampered)
+    |       +-- BundleSignatureError the manifest is unsigned or its signature does not verify
     +-- ModelError                   a checkpoint cannot be loaded or is not a supported MoE family
     |   +-- UnsupportedArchitectureError
     +-- BudgetError                  no expert subset fits the device's budget
@@ -33,6 +34,11 @@ class BundleError(FedmoeError):
 
 class BundleIntegrityError(BundleError):
     """A bundle file's sha256 does not match its manifest: corrupted in transit or tampered with."""
+
+
+class BundleSignatureError(BundleIntegrityError):
+    """A bundle's manifest is unsigned, or its signature does not verify against the coordinator key the
+    device pinned at enrolment (``device_runtime.signing``)."""
 
 
 class ModelError(FedmoeError):

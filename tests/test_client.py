@@ -25,7 +25,7 @@ from device_runtime.client import Backoff, DeviceClient, enroll
 from device_runtime.errors import AuthError, BundleError, BundleIntegrityError
 from device_runtime.session import DeviceSession, Report, Send, Train
 from device_runtime.update_store import UpdateStore
-from device_runtime.wire import (Ack, Assignment, Auth, AuthOk, BundleData, BundleRequest, Challenge, Enrol,
+from device_runtime.wire import (PROTOCOL_VERSION, Ack, Assignment, Auth, AuthOk, BundleData, BundleRequest, Challenge, Enrol,
                                  EnrolOk, Error, FitConfig, Heartbeat, Hello, Update, bundle_chunks, decode,
                                  encode)
 
@@ -289,7 +289,7 @@ def test_corrupted_bundle_chunk_is_rejected_and_nothing_is_trained(tmp_path, bun
 
 def test_malformed_and_oversized_frames_get_errors_and_a_reconnect_not_a_crash(tmp_path, bundle):
     garbage = b"\x00\x00\x00\x05hello"
-    header = b'{"v":1,"type":"teapot"}'
+    header = b'{"v":%d,"type":"teapot"}' % PROTOCOL_VERSION
     unknown = len(header).to_bytes(4, "big") + header
     server = Server(after_auth=[garbage, unknown], oversize_after_errors=2)
 

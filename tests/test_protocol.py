@@ -14,6 +14,7 @@ from device_runtime.bundle import ShapeKey
 from device_runtime.errors import ProtocolError
 
 MAX = 1 << 20
+V = p.PROTOCOL_VERSION
 SK = ShapeKey((2, 1), prox=True)
 W = {"layers.0.mlp.experts.down_proj": np.arange(12, dtype=np.float32).reshape(2, 3, 2) / 7,
      "layers.0.mlp.gate.weight": np.full((2, 4), -1.5, dtype=np.float16)}
@@ -73,7 +74,7 @@ def test_frame_layout_is_length_prefixed_json_then_payload():
     data = p.encode(MESSAGES[8])  # BundleData
     (hlen,) = struct.unpack(">I", data[:4])
     header = json.loads(data[4 : 4 + hlen])
-    assert header["v"] == 1 and header["type"] == "bundle_data"
+    assert header["v"] == p.PROTOCOL_VERSION and header["type"] == "bundle_data"
     assert data[4 + hlen :] == b"\x00\xffpayload"
     assert header["payload"] == {"size": 9, "sha256": hashlib.sha256(b"\x00\xffpayload").hexdigest()}
 
@@ -108,17 +109,17 @@ def test_float16_on_the_wire_halves_bytes_and_upcasts():
     (struct.pack(">I", 2) + b"\xff\xfe", "bad_header"),  # invalid UTF-8
     (frame([1, 2]), "bad_header"),  # not an object
     (frame({"type": "heartbeat"}), "bad_header"),  # no version
-    (frame({"v": 2, "type": "heartbeat"}), "version"),
-    (frame({"v": 1, "type": "shutdown"}), "unknown_type"),
-    (frame({"v": 1}), "unknown_type"),
-    (frame({"v": 1, "type": "heartbeat", "extra": 1}), "bad_header"),  # unknown field
-    (frame({"v": 1, "type": "ack", "update_id": "u", "accepted": 1}), "bad_header"),  # wrong type
-    (frame({"v": 1, "type": "enrol_ok"}), "bad_header"),  # missing field
-    (frame({"v": 1, "type": "enrol_ok", "device_id": "../etc"}), "bad_header"),
-    (frame({"v": 1, "type": "enrol_ok", "device_id": ".."}), "bad_header"),
-    (frame({"v": 1, "type": "challenge", "nonce": "AAAA"}), "bad_header"),  # nonce not 32 bytes
-    (frame({"v": 1, "type": "heartbeat"}, b"x"), "bad_frame"),  # payload where none belongs
-    (struct.pack(">I", 46) + b'{"v":1,"type":"evaluate_res","loss":NaN,"x":1}', "bad_header"),
+    (frame({"v": p.PROTOCOL_VERSION + 1, "type": "heartbeat"}), "version"),
+    (frame({"v": V, "type": "shutdown"}), "unknown_type"),
+    (frame({"v": V}), "unknown_type"),
+    (frame({"v": V, "type": "heartbeat", "extra": 1}), "bad_header"),  # unknown field
+    (frame({"v": V, "type": "ack", "update_id": "u", "accepted": 1}), "bad_header"),  # wrong type
+    (frame({"v": V, "type": "enrol_ok"}), "bad_header"),  # missing field
+    (frame({"v": V, "type": "enrol_ok", "device_id": "../etc"}), "bad_header"),
+    (frame({"v": V, "type": "enrol_ok", "device_id": ".."}), "bad_header"),
+    (frame({"v": V, "type": "challenge", "nonce": "AAAA"}), "bad_header"),  # nonce not 32 bytes
+    (frame({"v": V, "type": "heartbeat"}, b"x"), "bad_frame"),  # payload where none belongs
+    (struct.pack(">I", 46) + b'{"v":%d,"type":"evaluate_res","loss":NaN,"x":1}' % V, "bad_header"),
 ])
 def test_malformed_frames(data, code):
     assert code_of(data) == code
@@ -144,7 +145,7 @@ def test_oversized_frame():
 
 
 def _with_payload(payload: bytes, *, declared: dict | None = None) -> bytes:
-    header = {"v": 1, "type": "update", "update_id": "u", "round_id": 0, "num_examples": 1, "num_tokens": 1,
+    header = {"v": V, "type": "update", "update_id": "u", "round_id": 0, "num_examples": 1, "num_tokens": 1,
               "metrics": {}, "routing": {}, "trained_experts": [],
               "payload": declared or {"size": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}}
     return frame(header, payload)

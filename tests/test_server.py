@@ -148,7 +148,7 @@ def test_malformed_and_oversized_messages(server, initialised):
     with ws(server) as conn:
         assert isinstance(login(conn, device_id, private, {"memory_mib": 10}), AuthOk)
         for frame, code in ((b"\x00\x00", "bad_frame"), (b"\x00\x00\x00\x02{]", "bad_header"),
-                            (b'\x00\x00\x00\x15{"v":1,"type":"nope"}', "unknown_type"),
+                            (b'\x00\x00\x00\x15{"v":%d,"type":"nope"}' % PROTOCOL_VERSION, "unknown_type"),
                             (b'\x00\x00\x00\x15{"v":9,"type":"ping"}', "version")):
             conn.send(frame)
             reply = recv(conn)

@@ -38,7 +38,7 @@ def _assignment_header(**config) -> tuple[dict, bytes]:
 @pytest.mark.parametrize("literal", ["1" + "0" * 400, "-" + "9" * 400, "1e999"], ids=["1e400", "-1e400", "1e999"])
 def test_huge_number_in_a_float_field_is_bad_header(literal):
     # old code: OverflowError from float(10**400) escaped decode and crashed the connection handler
-    assert code_of(frame('{"v":1,"type":"evaluate_res","round_id":1,"num_examples":1,"num_tokens":1,'
+    assert code_of(frame(f'{{"v":{wire.PROTOCOL_VERSION},"type":"evaluate_res","round_id":1,"num_examples":1,"num_tokens":1,'
                          f'"loss":{literal},"metrics":{{}}}}')) == "bad_header"
     header, payload = _assignment_header()
     raw = json.dumps(header).replace('"learning_rate": 0.0001', f'"learning_rate": {literal}')
@@ -60,16 +60,16 @@ def test_unhashable_safetensors_dtype_is_bad_tensor():
 
 
 def _update_frame(blob: bytes, **fields) -> bytes:
-    header = {"v": 1, "type": "update", "update_id": "u", "round_id": 0, "num_examples": 1, "num_tokens": 1,
+    header = {"v": wire.PROTOCOL_VERSION, "type": "update", "update_id": "u", "round_id": 0, "num_examples": 1, "num_tokens": 1,
               "metrics": {}, "routing": {}, "trained_experts": [],
               "payload": {"size": len(blob), "sha256": hashlib.sha256(blob).hexdigest()}, **fields}
     return frame(header, blob)
 
 
 @pytest.mark.parametrize("header", [
-    {"v": 1, "type": "enrol_ok", "device_id": "d-1\n"},
-    {"v": 1, "type": "bundle_request", "shape_key_id": "experts-1\n"},
-    {"v": 1, "type": "error", "code": "auth\n", "message": "x"},
+    {"v": wire.PROTOCOL_VERSION, "type": "enrol_ok", "device_id": "d-1\n"},
+    {"v": wire.PROTOCOL_VERSION, "type": "bundle_request", "shape_key_id": "experts-1\n"},
+    {"v": wire.PROTOCOL_VERSION, "type": "error", "code": "auth\n", "message": "x"},
 ])
 def test_names_with_a_trailing_newline_are_refused(header):
     assert code_of(frame(header)) == "bad_header"  # old code: "$" matched before the final newline
@@ -84,7 +84,7 @@ def test_tensor_and_metric_names_with_a_trailing_newline_are_refused():
 
 @pytest.mark.parametrize("profile", [[1, 2], "pi", 3, None, {f"k{i}": i for i in range(300)}, {"a": "x" * 20_000}])
 def test_profile_must_be_a_small_json_object(profile):
-    hello = {"v": 1, "type": "hello", "device_id": "d-1", "protocol_version": 1, "profile": profile}
+    hello = {"v": wire.PROTOCOL_VERSION, "type": "hello", "device_id": "d-1", "protocol_version": wire.PROTOCOL_VERSION, "profile": profile}
     assert code_of(frame(hello)) == "bad_header"  # old code: any JSON value (a list crashed `devices`)
 
 
@@ -97,7 +97,7 @@ def test_num_examples_is_bounded():
 
 def test_peer_error_text_is_printable_and_bounded_before_anyone_logs_it():
     hostile = "boom\n2026-12-01 INFO fake line\r\x1b[31mred\u2028" + "x" * 5000
-    msg = wire.decode(frame({"v": 1, "type": "error", "code": "internal", "message": hostile[:2000]}), max_size=MAX)
+    msg = wire.decode(frame({"v": wire.PROTOCOL_VERSION, "type": "error", "code": "internal", "message": hostile[:2000]}), max_size=MAX)
     assert msg.message.isprintable() and msg.message.startswith("boom 2026-12-01 INFO fake line")
     with pytest.raises(ProtocolError) as info:
         wire.expect(msg, wire.AuthOk)

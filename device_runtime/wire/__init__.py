@@ -1,4 +1,4 @@
-"""The fedmoe wire protocol, version 1: message types and their binary framing, free of I/O.
+"""The fedmoe wire protocol, version 2: message types and their binary framing, free of I/O.
 
 Shared by the device runtime and the coordinator. Every protocol message travels as ONE websocket binary
 message (frame) laid out as::
@@ -6,13 +6,15 @@ message (frame) laid out as::
     +----------------+---------------------------+-----------------------------+
     | 4 bytes        | header_len bytes          | payload_size bytes          |
     | header_len     | UTF-8 JSON header         | optional payload            |
-    | (big-endian)   | {"v": 1, "type": ..., ...} | safetensors blob or raw     |
+    | (big-endian)   | {"v": 2, "type": ..., ...} | safetensors blob or raw     |
     +----------------+---------------------------+-----------------------------+
 
 The header holds the message's fields and, when the type carries a payload,
 ``"payload": {"size": <bytes>, "sha256": <hex>}``. Tensor payloads (``Assignment``, ``Update``,
 ``Evaluate``) are safetensors blobs (never pickle) of float32 or float16 tensors; the ``BundleData``
 payload is one chunk of one bundle file. Bytes fields (nonce, public key, signature) are base64 in JSON.
+An ``Assignment`` header also carries the coordinator's ``"signature"`` over its canonical form (version 2's
+one change; ``device_runtime.signing``, ``docs/round.md``).
 
 :func:`decode` checks everything received before use: frame and header lengths, the schema of the type
 (unknown or missing fields are errors), the payload size and sha256, and for tensors every name

@@ -18,7 +18,7 @@ import msgspec
 from device_runtime.errors import BundleError
 from device_runtime.units import MIB
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: assignments carry the coordinator's signature (device_runtime.signing)
 MAX_HEADER_BYTES = MIB  # JSON header bound (bytes); weights travel in the payload
 MAX_EXPERT_ID = 1 << 20
 MAX_NUM_EXAMPLES = 1 << 30  # sequences a device may report per round (about 10**9: no device gets near)
@@ -33,6 +33,7 @@ ERROR_CODES = (
     "version",  # "v" is not PROTOCOL_VERSION
     "bad_payload",  # payload size or sha256 differs from the header
     "bad_tensor",  # tensor name, dtype, shape or offsets invalid, or not the expected set
+    "bad_signature",  # an assignment or bundle is unsigned or its signature does not verify (device side)
     "unexpected",  # a valid message that is not allowed at this point of the conversation
     "auth",  # enrolment or authentication failed (sent in Error messages)
     "internal",  # the peer failed while handling a valid message

@@ -6,12 +6,13 @@ import dataclasses
 import hashlib
 import json
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import msgspec
 
 from device_runtime.errors import ProtocolError
+from device_runtime.signing import canonical_header, decode_signature, encode_signature
 from device_runtime.wire.fields import MAX_HEADER_BYTES, PROTOCOL_VERSION, json_fields, printable, to_json, validate
 from device_runtime.wire.messages import MESSAGE_TYPES, Error, Message
 from device_runtime.wire.tensors import bytes_to_tensors, tensors_to_bytes
@@ -19,8 +20,13 @@ from device_runtime.wire.tensors import bytes_to_tensors, tensors_to_bytes
 _LEN = struct.Struct(">I")
 
 
-def encode(msg: Message) -> bytes:
+def encode(msg: Message, *, sign: Callable[[bytes], bytes] | None = None) -> bytes:
     """Frame a message as one binary websocket message.
+
+    Args:
+        msg: the message.
+        sign: for a ``SIGNED`` type, canonical header bytes -> signature (``signing.Signer.assignment``),
+            put in the header as ``signature``; ignored for other types.
 
     Raises:
         ProtocolError("bad_tensor"): a tensor is not serialisable (see :func:`tensors_to_bytes`).
@@ -36,6 +42,8 @@ def encode(msg: Message) -> bytes:
         payload = bytes(msg.data)
     if msg.PAYLOAD is not None:
         header["payload"] = {"size": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}
+    if sign is not None and msg.SIGNED:
+        header["signature"] = encode_signature(sign(canonical_header(header)))
     raw = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
     if len(raw) > MAX_HEADER_BYTES:
         raise ProtocolError("too_large", f"{msg.TYPE} header is {len(raw)} bytes (max {MAX_HEADER_BYTES})")
@@ -43,7 +51,8 @@ def encode(msg: Message) -> bytes:
 
 
 def decode(
-    data: bytes, *, max_size: int, expected_tensors: Mapping[str, tuple[int, ...]] | None = None
+    data: bytes, *, max_size: int, expected_tensors: Mapping[str, tuple[int, ...]] | None = None,
+    verify: Callable[[bytes, bytes | None], None] | None = None,
 ) -> Message:
     """Parse and validate one frame.
 
@@ -51,6 +60,9 @@ def decode(
         data: the websocket binary message.
         max_size: largest frame accepted (bytes); match the websocket's ``max_size``.
         expected_tensors: for tensor-carrying types, the exact name -> shape map required.
+        verify: for a ``SIGNED`` type, ``(canonical header, signature or None)`` -> None or raises
+            ProtocolError (``signing.Verifier.assignment``); called once the payload matched the header's
+            sha256 and before any field or tensor is parsed. None: a signature is ignored.
 
     Raises:
         ProtocolError: with ``code`` in ``ERROR_CODES``, for any input (never another exception type).
@@ -69,7 +81,11 @@ def decode(
         raise ProtocolError("bad_frame", f"header length {hlen} runs past the {len(data)}-byte frame")
     header = _parse_header(data[_LEN.size : _LEN.size + hlen])
     cls = _message_class(header)
-    payload = _payload(cls, header.pop("payload", None), data[_LEN.size + hlen :])
+    signature = header.pop("signature", None) if cls.SIGNED else None
+    declared = header.pop("payload", None)
+    payload = _payload(cls, declared, data[_LEN.size + hlen :])
+    if verify is not None and cls.SIGNED:
+        _verify(verify, cls, header, declared, signature)
     try:
         msg = validate(cls, header)
     except ValueError as exc:
@@ -93,6 +109,16 @@ def expect(msg: Message, *types: type) -> Message:
         raise ProtocolError(msg.code, f"peer reported: {msg.message}")
     names = ", ".join(t.TYPE for t in types)
     raise ProtocolError("unexpected", f"expected {names}, got {msg.TYPE}")
+
+
+def _verify(verify: Callable, cls: type, fields: dict, declared: dict, signature: Any) -> None:
+    """Run ``verify`` on the canonical form of the header as sent; its error names the message."""
+    signed = canonical_header({"v": PROTOCOL_VERSION, "type": cls.TYPE, **fields, "payload": declared})
+    try:
+        verify(signed, decode_signature(signature))
+    except ProtocolError as exc:
+        what = printable(f"{cls.TYPE} {fields.get('update_id', '?')} of round {fields.get('round_id', '?')}", 200)
+        raise ProtocolError(exc.code, f"{what} refused: {exc}") from exc
 
 
 def _parse_header(raw: bytes) -> dict:

@@ -67,10 +67,12 @@ def _message(cls: type) -> type:
 
 class Message:
     """Base of every protocol message. ``TYPE`` is its wire name; ``PAYLOAD`` is None, ``"tensors"``
-    (field ``tensors``: name -> array) or ``"bytes"`` (field ``data``)."""
+    (field ``tensors``: name -> array) or ``"bytes"`` (field ``data``). ``SIGNED``: its header may carry the
+    coordinator's ``signature`` (``device_runtime.signing``)."""
 
     TYPE: ClassVar[str] = ""
     PAYLOAD: ClassVar[str | None] = None
+    SIGNED: ClassVar[bool] = False
 
 
 @_message
@@ -139,12 +141,16 @@ class Assignment(Message):
         config: local training settings.
         tensors: the weights of the kept experts and router rows, name -> array (bundle tensor names).
 
+    Signed by the coordinator for the receiving device (``SIGNED``: header ``signature``, covering every field
+    and the payload's sha256, see ``device_runtime.signing``).
+
     Raises:
         ProtocolError("bad_header"): ``expert_ids`` does not hold ``shape_key.experts_per_layer`` ids per layer.
     """
 
     TYPE: ClassVar[str] = "assignment"
     PAYLOAD: ClassVar[str] = "tensors"
+    SIGNED: ClassVar[bool] = True
     round_id: Count
     update_id: Id
     model_version: Count
