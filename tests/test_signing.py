@@ -142,7 +142,7 @@ def fed(tmp_path_factory):
     root = tmp_path_factory.mktemp("signing")
     config = init_by_cli(root)
     cfg = replace(load_config(config), max_message_mib=MAX_MIB, min_fit_clients=1, max_fit_clients=1, fit=FIT,
-                  round_deadline_s=60)
+                  round_deadline_s=20, num_rounds=1)  # no second round holds up the attacks on device b
     data = root / "data.jsonl"
     data.write_text("".join(json.dumps({"text": t, "label": "sport"}) + "\n" for t in ("the match team won",) * 4))
     profile = {"memory_mib": two_expert_memory(root / "checkpoint"), "gflops": 5.0}
@@ -155,7 +155,7 @@ def fed(tmp_path_factory):
         registry.close()
         client = DeviceClient(server.url, creds["a"], data, cache_dir=root / "a" / "state", max_message_mib=MAX_MIB,
                               threads=1, profile=profile)
-        asyncio.run(run_until(client, lambda: acked(cfg)))
+        asyncio.run(run_until(client, lambda: acked(cfg), timeout=120))  # it exports the bundle first
         (shape_key_id,) = client.cache.ids()
         assert (root / "a" / "state" / "bundles" / shape_key_id / MANIFEST_SIG).is_file()
     finally:
@@ -179,7 +179,7 @@ def attack(fed, tmp_path, tamper, *, names=("b",), until=rejections, **overrides
     """The coordinator serving plain ws:// (``serve --insecure``: its CA still signs) and the devices ``names``
     connected through a :class:`Proxy` running ``tamper``, until ``until(rows)`` (default: an assignment was
     rejected). Returns ``until(rows)``, ``rows`` the registry's updates of the assignments sent, by update id."""
-    cfg = replace(fed["cfg"], tls_cert="", tls_key="", insecure=True, **overrides)
+    cfg = replace(fed["cfg"], tls_cert="", tls_key="", insecure=True, num_rounds=0, **overrides)
     server = ServerThread(cfg)
     registry = Registry(cfg.registry_url)
     proxy = Proxy(server.url, tamper)
@@ -193,7 +193,7 @@ def attack(fed, tmp_path, tamper, *, names=("b",), until=rejections, **overrides
             clients = [DeviceClient(url, fed["creds"][n], fed["data"], cache_dir=tmp_path / n, insecure=True,
                                     max_message_mib=MAX_MIB, threads=1, profile=fed["profile"], heartbeat_s=1,
                                     backoff=Backoff(base_s=0.05, max_s=0.2)) for n in names]
-            await asyncio.gather(*(run_until(c, outcome) for c in clients))
+            await asyncio.gather(*(run_until(c, outcome, timeout=60) for c in clients))
 
     try:
         asyncio.run(main())
