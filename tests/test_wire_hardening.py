@@ -134,3 +134,13 @@ def test_local_name_checks_refuse_a_trailing_newline(tmp_path):
         UpdateStore(tmp_path / "updates").discard("u-1\n")
     with pytest.raises(ModelError):
         TensorStore(tmp_path / "tensors").path("a" * 64 + "\n")
+
+
+def test_an_ack_reason_cannot_forge_device_log_lines():
+    """The device logs a rejected update's Ack.reason; old code kept its newlines and escapes verbatim, so a
+    coordinator (or a man in the middle on ws://) could write fake lines into the device's log."""
+    reason = "bad\n2026-12-01 10:00:00 INFO fedmoe.device: update u accepted\x1b[2J"
+    msg = wire.decode(frame({"v": wire.PROTOCOL_VERSION, "type": "ack", "update_id": "u", "accepted": False,
+                             "reason": reason}), max_size=MAX)
+    assert msg.reason == "bad 2026-12-01 10:00:00 INFO fedmoe.device: update u accepted [2J"
+    assert wire.Ack(update_id="u", accepted=False, reason="a\rb").reason == "a b"

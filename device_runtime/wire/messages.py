@@ -252,12 +252,18 @@ class Update(Message):
 
 @_message
 class Ack(Message):
-    """Coordinator -> device: the update was recorded (accepted or rejected with a reason)."""
+    """Coordinator -> device: the update was recorded (accepted or rejected with a reason).
+
+    ``reason`` is made :func:`~device_runtime.wire.fields.printable` on construction: the device logs it.
+    """
 
     TYPE: ClassVar[str] = "ack"
     update_id: Id
     accepted: bool
     reason: Text(MAX_TEXT) = ""
+
+    def __post_init__(self):
+        object.__setattr__(self, "reason", printable(self.reason))
 
 
 @_message
