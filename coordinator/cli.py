@@ -19,6 +19,7 @@ from pathlib import Path
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from coordinator.config import CoordinatorConfig, load_config, save_config
@@ -156,10 +157,10 @@ def devices(ctx):
         return
     registry = _registry(ctx)
     table = Table("id", "name", "memory MiB", "GFLOP/s", "last seen", "revoked")
-    for d in registry.list_devices():
+    for d in registry.list_devices():  # profile values come from the device: shown as text, never as markup
         memory = d.profile.get("memory_mib", d.profile.get("memory_available_mib", ""))
-        table.add_row(d.id, d.name, str(memory), str(d.profile.get("gflops", "")), _time(d.last_seen),
-                      _time(d.revoked_at))
+        table.add_row(d.id, d.name, escape(str(memory)), escape(str(d.profile.get("gflops", ""))),
+                      _time(d.last_seen), _time(d.revoked_at))
     registry.close()
     Console().print(table)
 

@@ -13,6 +13,7 @@ from click.testing import CliRunner
 from coordinator.cli import main, parse_duration
 from coordinator.config import load_config
 from coordinator.registry import Registry
+from device_runtime.auth import generate_keypair
 from device_runtime.errors import ConfigError
 from device_runtime.wire import Assignment
 from device_runtime.tls import certificate_fingerprint
@@ -52,6 +53,18 @@ def test_init_refuses_an_existing_config_and_commands_report(coord):
     assert cli(coord, "devices").exit_code == 0
     missing = cli(coord, "devices", "revoke", "d-nope")
     assert isinstance(missing.exception, ConfigError)
+
+
+def test_devices_shows_a_device_supplied_profile_as_text_not_markup(coord):
+    """Old code passed profile strings to rich as markup: "[/x]" crashed `devices` (MarkupError), "[red]..."
+    was rendered (a device could restyle or hide its row)."""
+    registry = Registry(load_config(coord["config"]).registry_url)
+    registry.redeem_token(registry.create_enrol_token("markup", 60), "markup",
+                          {"memory_mib": "[red]64[/red]", "gflops": "[/x]"}, generate_keypair()[1])
+    registry.close()
+    listing = cli(coord, "devices")
+    assert listing.exit_code == 0, listing.output
+    assert "[red]64[/red]" in listing.output and "[/x]" in listing.output
 
 
 def test_round_survives_a_coordinator_restart(coord):
