@@ -11,8 +11,9 @@ Limits (see ``CoordinatorConfig``; measured failures of the unlimited server in 
   authenticated connection no longer counts against its address (many devices may share a NAT).
 * **Sessions per device**: one. A device that authenticates again replaces its older connection (a
   reconnecting device whose previous TCP connection is not yet known dead must not be locked out).
-* **Messages per connection**: a token bucket of :data:`MESSAGE_BURST` messages refilled at
-  :data:`MESSAGES_PER_S`; an authenticated device beyond it is disconnected.
+* **Messages per device**: a token bucket of :data:`MESSAGE_BURST` messages refilled at
+  :data:`MESSAGES_PER_S`, one per device across its connections (reconnecting does not refill it); an
+  authenticated device beyond it is disconnected.
 
 The login deadline, the small pre-login frame limit and websockets' ``max_queue`` are applied by
 ``coordinator.server``, which also uses :class:`AdmittedConnection` for every connection.
@@ -31,8 +32,8 @@ from websockets.asyncio.server import ServerConnection
 
 log = logging.getLogger("fedmoe.coord")
 FD_RESERVE = 64  # descriptors kept free for the registry, tensor files and bundle transfers
-MESSAGE_BURST = 200  # messages a connection may send at once
-MESSAGES_PER_S = 20.0  # sustained messages per second per connection (a device sends one Heartbeat per 20 s)
+MESSAGE_BURST = 200  # messages a device may send at once
+MESSAGES_PER_S = 20.0  # sustained messages per second per device (a device sends one Heartbeat per 20 s)
 REFUSAL_LOG_EVERY_S = 10.0  # at most one log line per this many seconds about refused connections
 
 
@@ -102,6 +103,7 @@ class Admission:
         self.total = 0
         self.unauthenticated: Counter[str] = Counter()
         self.devices: dict[str, AdmittedConnection] = {}
+        self.buckets: dict[str, TokenBucket] = {}  # per authenticated device id (bounded by enrolled devices)
         self.refused = 0  # connections refused since the last log line about them
         self._refusal_logged = 0.0
 
@@ -130,6 +132,10 @@ class Admission:
         self.devices[device_id] = connection
         return older
 
+    def take(self, device_id: str) -> bool:
+        """Spend one of ``device_id``'s message tokens; False when its bucket is empty (disconnect it)."""
+        return self.buckets.setdefault(device_id, TokenBucket()).take()
+
     def _uncount(self, address: str) -> None:
         self.unauthenticated[address] -= 1
         if self.unauthenticated[address] <= 0:
@@ -156,7 +162,6 @@ class AdmittedConnection(ServerConnection):
         super().__init__(*args, **kwargs)
         self.admission = admission
         self.address, self.device_id, self.admitted = "", None, False
-        self.bucket = TokenBucket()
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)

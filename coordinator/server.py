@@ -13,7 +13,7 @@ Authentication failures get ``Error("auth")`` and the connection is closed.
 A frame above ``max_message_mib`` (above :data:`PRE_LOGIN_MAX_BYTES` before login) is refused by websockets
 itself (close code 1009). Admission control (``coordinator.admission``): connection caps, one session per
 device, a login deadline (``login_timeout_s``), at most :data:`MAX_PRE_LOGIN_MESSAGES` messages before login,
-a per-connection message rate, and at most :data:`MAX_QUEUE` frames buffered per connection. A device that closes
+a per-device message rate, and at most :data:`MAX_QUEUE` frames buffered per connection. A device that closes
 with 1009 right after an Assignment refused it as too big: the coordinator rejects that assignment instead
 of re-sending it on every reconnect. An ``Error`` from a device ends its part in the current round (see
 ``Coordinator.device_error``). ``GET /healthz`` answers 200 ``ok``. SIGTERM / SIGINT stop the server
@@ -224,7 +224,7 @@ class Connection:
         while True:
             try:
                 msg = await self.recv()
-                if not self.ws.bucket.take():
+                if not self.ws.admission.take(session.device_id):
                     log.warning("device %s exceeded the message rate; disconnecting it", session.device_id)
                     await self.ws.close(CLOSE_POLICY, "message rate exceeded")
                     return

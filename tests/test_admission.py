@@ -17,6 +17,7 @@ import pytest
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 from websockets.sync.client import connect
 
+from coordinator.admission import MESSAGE_BURST
 from coordinator.config import save_config
 from coordinator.registry import Registry
 from device_runtime.bundle import Manifest
@@ -128,6 +129,29 @@ def test_a_message_flood_disconnects_the_device(setup, caplog):
             pass
         assert closed_code(conn, timeout=30) != "open"  # 1008, or no close frame behind a full receive queue
     assert f"device {device_id} exceeded the message rate" in caplog.text
+
+
+def test_the_message_rate_is_per_device_and_survives_a_reconnect(setup):
+    """Old code gave every connection a full bucket, so reconnecting refilled it: a device could send
+    MESSAGE_BURST messages per connection. Now the bucket is the device's: 3/4 of a burst on one connection,
+    then 3/4 on the next is too many (only MESSAGES_PER_S a second were refilled in between)."""
+    server, cfg, _ = setup
+    profile = {"memory_mib": 10}
+    device_id, private, _ = enrol(server, cfg, "reflood", profile)
+    burst = MESSAGE_BURST * 3 // 4
+    with ws(server) as conn:
+        assert isinstance(login(conn, device_id, private, profile), AuthOk)
+        for _ in range(burst):
+            send(conn, Heartbeat())
+        conn.ping().wait(10)  # read by the server after the heartbeats: all but max_queue of them handled
+        time.sleep(0.2)
+        assert closed_code(conn, timeout=0.5) == "open"  # within the rate
+    with ws(server) as conn:
+        assert isinstance(login(conn, device_id, private, profile), AuthOk)
+        with contextlib.suppress(ConnectionClosed):
+            for _ in range(burst):
+                send(conn, Heartbeat())
+        assert closed_code(conn, timeout=30) != "open"
 
 
 def test_unsolicited_evaluate_results_store_one_row_per_assigned_round(setup):
