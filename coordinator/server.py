@@ -58,6 +58,10 @@ CHUNK_BYTES = 4 << 20
 # commit (an fsync) on the event loop. Measured (bench/bench_connections.py, 1000 devices heartbeating every
 # 10 s): one commit per Heartbeat took 53% of the loop's time.
 LAST_SEEN_EVERY_S = 60.0
+# A Heartbeat re-checks in the registry whether the device was revoked at most this often (seconds); every
+# other message checks it at once. Heartbeats are the one frequent message: a SELECT for each was a registry
+# query per device every heartbeat_s on the event loop, and a heartbeat changes nothing a revoked device could use.
+REVOCATION_CHECK_S = 10.0
 # Pending TCP connections the kernel queues for accept() (asyncio's default is 100; Linux caps it at
 # net.core.somaxconn). Measured: 1000 devices (re)connecting at once overflowed a 100-deep queue.
 LISTEN_BACKLOG = 4096
@@ -101,6 +105,7 @@ class Connection:
         ws.protocol.max_message_size = PRE_LOGIN_MAX_BYTES  # raised to max_size once logged in
         self.device_id: str | None = None  # set once authenticated: bytes moved are counted per device
         self.last_seen = 0.0  # time.monotonic() of the last ``last_seen`` write
+        self.revocation_checked = 0.0  # time.monotonic() of the last revocation check (login is one)
         # (update_id, frame bytes) of the last Assignment sent, unless a BundleData frame followed it
         self.assignment_frame: tuple[str, int] | None = None
 
@@ -208,7 +213,7 @@ class Connection:
         self.nonces.consume(nonce)
         verify_challenge(device.public_key, nonce, device.id, auth.signature)
         self.coord.registry.touch_device(device.id, hello.profile or None)
-        self.last_seen = time.monotonic()
+        self.last_seen = self.revocation_checked = time.monotonic()
         older = self.ws.admission.authenticated(self.ws, device.id)
         if older is not None:  # one session per device: the newest wins
             await older.close(CLOSE_POLICY, "replaced by a newer connection of this device")
@@ -228,7 +233,7 @@ class Connection:
                     log.warning("device %s exceeded the message rate; disconnecting it", session.device_id)
                     await self.ws.close(CLOSE_POLICY, "message rate exceeded")
                     return
-                if self.revoked(session):
+                if self.revoked(session, msg):
                     await self.error("auth", "this device was revoked; enrol it again to rejoin")
                     await self.ws.close(CLOSE_POLICY, "device revoked")
                     return
@@ -243,9 +248,15 @@ class Connection:
                 log.exception("handling a message from %s failed", session.device_id)
                 await self.error("internal", f"{type(exc).__name__}: {exc}")
 
-    def revoked(self, session: Session) -> bool:
-        """Whether the device was revoked (``fedmoe-coord devices revoke``) since it logged in: checked before
-        each message it sends, so a revoked device's live session ends and its update is never counted."""
+    def revoked(self, session: Session, msg: Message) -> bool:
+        """Whether the device was revoked (``fedmoe-coord devices revoke``, another process) since it logged in:
+        checked in the registry before each message it sends but a Heartbeat, which checks at most every
+        :data:`REVOCATION_CHECK_S`. So a revoked device's live session ends at its next message (an idle one
+        within a heartbeat interval plus that), and its update, bundle request or result never counts."""
+        now = time.monotonic()
+        if isinstance(msg, Heartbeat) and now - self.revocation_checked < REVOCATION_CHECK_S:
+            return False
+        self.revocation_checked = now
         device = self.coord.registry.get_device(session.device_id)
         return device is None or device.revoked
 
