@@ -132,7 +132,7 @@ def _torch_child(opts) -> dict:
     import torch
 
     from device_runtime.bundle import load_bundle
-    from export.bundle_writer import BundleRequest, prepare_model, trainable_names
+    from export.bundle_writer import BundleRequest, prepare_model
     from export.training_graph import TrainingWrapper
 
     torch.set_num_threads(opts.threads)
@@ -140,7 +140,7 @@ def _torch_child(opts) -> dict:
     request = BundleRequest(keep=manifest.expert_ids, trainable_mode=manifest.shape_key.trainable_mode,
                             lora_rank=manifest.shape_key.lora_rank)
     pruned, description = prepare_model(Path(opts.target), request)
-    trainable = trainable_names(description, list(pruned.state_dict()), request.trainable_mode)
+    trainable = [n for n, _ in description.trainable_tensors(list(pruned.state_dict()), request.trainable_mode)]
     wrapper = TrainingWrapper(pruned, trainable=trainable).train()
     params = dict(wrapper.named_parameters())
     for name, param in params.items():

@@ -48,6 +48,9 @@ def _parse(argv):
     parser.add_argument("--simulate-args", default="", help="without --fedmoe-run: more `simulate` options")
     parser.add_argument("--strategy", default=None, help="the fedmoe strategy to compare (default: the run's first)")
     parser.add_argument("--model", choices=["dense", "moe"], default="dense", help="what the Flower clients train")
+    parser.add_argument("--flower-learning-rate", type=float, default=5e-4,
+                        help="the Flower clients' AdamW rate: full-weight fine-tuning's (5e-4, issue 11's measured "
+                             "table), not fedmoe's LoRA rate; 0 = the fedmoe run's rate")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/fedmoe-vs-flower"))
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds the Flower run may take")
     return parser.parse_args(argv)
@@ -71,11 +74,11 @@ def _flwr_bin(name: str) -> str:
     return found
 
 
-def _run_config(plan: dict, checkpoint: Path, run: Path, model: str, results: Path) -> dict:
+def _run_config(plan: dict, checkpoint: Path, run: Path, model: str, results: Path, learning_rate: float) -> dict:
     preset = plan["preset"]
     return {"model": model, "moe-checkpoint": str(checkpoint), "num-layers": preset["num_layers"],
             "rounds": preset["rounds"], "local-steps": preset["local_steps"], "batch-size": preset["batch_size"],
-            "seq-len": preset["seq_len"], "learning-rate": preset["learning_rate"], "seed": plan["seed"],
+            "seq-len": preset["seq_len"], "learning-rate": learning_rate or preset["learning_rate"], "seed": plan["seed"],
             "num-clients": len(plan["devices"]), "test-file": str(run / "data" / "test.jsonl"),
             "results-file": str(results), "threads": 1}
 
@@ -99,7 +102,8 @@ class Peaks:
                     self.peak[name] = max(self.peak.get(name, 0.0), hwm / 1024)
 
 
-def run_flower(plan: dict, run: Path, model: str, workdir: Path, timeout: float) -> tuple[list[dict], dict]:
+def run_flower(plan: dict, run: Path, model: str, workdir: Path, timeout: float,
+               learning_rate: float = 0.0) -> tuple[list[dict], dict]:
     """Run the Flower peer; returns its per-round rows (round 0 = initial model) and peak RSS per process."""
     from coordinator.simulation.simulate import Preset, ensure_checkpoint
 
@@ -114,7 +118,7 @@ def run_flower(plan: dict, run: Path, model: str, workdir: Path, timeout: float)
     results.unlink(missing_ok=True)
     overrides = workdir / "run-config.toml"
     overrides.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in
-                                 _run_config(plan, checkpoint, run, model, results).items()))
+                                 _run_config(plan, checkpoint, run, model, results, learning_rate).items()))
     env = {**OFFLINE, "FLWR_HOME": str(home), "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
            "PATH": f"{Path(_flwr_bin('flwr')).parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # flwr spawns its tools
     children: list[Child] = [_spawn("superlink", [_flwr_bin("flower-superlink"), "--insecure", "--port", str(port)],
@@ -201,7 +205,7 @@ def main(argv=None) -> None:
     plan = json.loads((run / "plan.json").read_text())
     summary = json.loads((run / "summary.json").read_text())
     strategy = args.strategy or plan["strategies"][0]
-    flower, peaks = run_flower(plan, run, args.model, args.workdir.resolve(), args.timeout)
+    flower, peaks = run_flower(plan, run, args.model, args.workdir.resolve(), args.timeout, args.flower_learning_rate)
     fedmoe = summary["strategies"][strategy]
     title = f"fedmoe {strategy} vs Flower FedAvg ({args.model}) on {run.name}; ratios are fedmoe / Flower"
     console = Console(width=200)

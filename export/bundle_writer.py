@@ -13,13 +13,12 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 from device_runtime.bundle import (GRAPH_FILES, TOKENIZER_FILE, WEIGHTS_FILE, Manifest, ShapeKey, TensorSpec,
                                    write_manifest)
 from device_runtime.wire import FitConfig
 from device_runtime.errors import BundleError
-from export.families import MoeDescription, describe
+from export.families import describe
 from export.loading import cache_dir, checkpoint_sha256
 
 GRAPH_INFO = "graph.json"
@@ -48,16 +47,6 @@ class BundleRequest:
     @property
     def shape_key(self) -> ShapeKey:
         return ShapeKey(tuple(len(ids) for ids in self.keep), self.trainable_mode, self.lora_rank, self.prox)
-
-
-def trainable_names(description: MoeDescription, state_names: Sequence[str], mode: str) -> list[str]:
-    """Trainable tensors: routers plus full expert tensors (``experts``) or LoRA adapters (``lora``)."""
-    names = []
-    for name, _ in description.expert_tensors(state_names):
-        is_lora = "_lora_" in name
-        if name.endswith(".mlp.gate.weight") or (is_lora if mode == "lora" else not is_lora):
-            names.append(name)
-    return names
 
 
 def prepare_model(checkpoint: Path, request: BundleRequest):
@@ -136,7 +125,8 @@ def write_bundle(checkpoint: str | Path, out: str | Path, request: BundleRequest
     base_sha = checkpoint_sha256(checkpoint)
     pruned, description = prepare_model(checkpoint, request)
     state = pruned.state_dict()
-    trainable = trainable_names(description, list(state), request.trainable_mode)
+    federated = description.trainable_tensors(list(state), request.trainable_mode)
+    trainable = [n for n, _ in federated]
     wrapper = TrainingWrapper(pruned, prox=request.prox, trainable=trainable)
     graph, info = ensure_graph(wrapper, base_sha, request.shape_key, trainable, description.vocab_size,
                                request.training.seq_len)
@@ -144,12 +134,9 @@ def write_bundle(checkpoint: str | Path, out: str | Path, request: BundleRequest
     for name in GRAPH_FILES:
         _link(graph / name, out / name)
     shutil.copy2(checkpoint / TOKENIZER_FILE, out / TOKENIZER_FILE)
-    expert_tensors = description.expert_tensors(list(state))
-    save_file({n: state[n].contiguous() for n, _ in expert_tensors}, str(out / WEIGHTS_FILE))
-    specs = tuple(
-        TensorSpec(name=n, shape=tuple(state[n].shape), layer=l, expert_axis=0, trainable=n in trainable)
-        for n, l in expert_tensors
-    )
+    save_file({n: state[n].contiguous() for n in trainable}, str(out / WEIGHTS_FILE))
+    specs = tuple(TensorSpec(name=n, shape=tuple(state[n].shape), layer=l, expert_axis=0, trainable=True)
+                  for n, l in federated)
     manifest = Manifest(
         base_model={"id": checkpoint.name, "sha256": base_sha},
         family=description.family,

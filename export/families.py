@@ -70,6 +70,13 @@ class MoeDescription:
             found += [(n, l) for n in state_names if n == layer.router or n.startswith(prefix + "experts.")]
         return found
 
+    def trainable_tensors(self, state_names: Sequence[str], mode: str) -> list[tuple[str, int]]:
+        """``(name, moe_layer)`` of what devices train and the coordinator federates: routers plus the full expert
+        tensors (``mode="experts"``) or the experts' LoRA adapters (``"lora"``: the base expert weights stay frozen
+        in the bundle's ORT checkpoint and never travel in a round)."""
+        return [(n, l) for n, l in self.expert_tensors(state_names)
+                if n.endswith(ROUTER) or (("_lora_" in n) == (mode == "lora"))]
+
 
 def family_of(config) -> str:
     """The family name of a transformers config.

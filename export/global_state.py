@@ -32,10 +32,13 @@ def load_trainable_model(checkpoint: str | Path, *, trainable_mode: str = "exper
 
 
 def global_tensor_names(model) -> list[str]:
-    """Names of the federated tensors of a loaded MoE model: routers, experts, LoRA adapters."""
+    """Names of the federated tensors of a loaded MoE model: routers plus experts, or plus LoRA adapters when
+    the model has them (``MoeDescription.trainable_tensors``)."""
     from export.families import describe
 
-    return [name for name, _ in describe(model).expert_tensors(list(model.state_dict()))]
+    names = list(model.state_dict())
+    mode = "lora" if any("_lora_" in n for n in names) else "experts"
+    return [name for name, _ in describe(model).trainable_tensors(names, mode)]
 
 
 def init_global_state(checkpoint: str | Path, out_file: str | Path, *, trainable_mode: str = "experts",

@@ -26,8 +26,15 @@ def cache_dir() -> Path:
 
 
 def _quiet_transformers() -> None:
+    """No progress bars or warnings from transformers, and none of the load-time warnings torchao (pulled in by the
+    ``executorch`` extra) prints whenever transformers imports it: its CUDA kernels that cannot load on a CPU
+    machine, and torch's deprecation note for its Enum registrations."""
+    import logging as stdlib_logging
+
     from transformers.utils import logging
 
+    for name in ("torchao", "torch.utils._pytree"):
+        stdlib_logging.getLogger(name).setLevel(stdlib_logging.ERROR)
     logging.set_verbosity_error()
     logging.disable_progress_bar()
 

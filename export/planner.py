@@ -168,9 +168,9 @@ def estimate(shape: ModelShape, train: TrainingShape, kept: int, *, gflops: floa
     router = kept * shape.hidden
     experts = shape.moe_layers * kept * shape.expert_params
     lora = shape.moe_layers * kept * _lora_params(shape, train.lora_rank) if train.trainable_mode == "lora" else 0
-    staged = experts + shape.moe_layers * router + lora  # the bundle's weights.safetensors
-    trainable = lora + shape.moe_layers * router if train.trainable_mode == "lora" else staged
-    all_params = shape.shared_params + staged
+    trainable = lora + shape.moe_layers * router if train.trainable_mode == "lora" else experts + shape.moe_layers * router
+    staged = trainable  # the bundle's weights.safetensors (frozen experts live in the ORT checkpoint only)
+    all_params = shape.shared_params + experts + shape.moe_layers * router + lora
     q_and_o = 2 * shape.hidden * shape.num_heads * shape.head_dim  # attention matrices: q, o (H x heads*hd), k, v
     matrices = experts + shape.num_layers * (q_and_o + 2 * shape.hidden * shape.num_kv_heads * shape.head_dim)
     wire = 4 * (staged + 3 * trainable)

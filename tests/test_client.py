@@ -400,3 +400,31 @@ def test_cli_device_completes_a_round_with_the_real_coordinator_and_exits_on_sig
         assert registry.latest_model_version().version == 1
         assert f"update {update.update_id} accepted" in log, log
         assert not list((tmp_path / "device" / "state" / "updates").glob("*.safetensors"))
+
+
+def test_a_lora_round_moves_only_routers_and_adapters_and_changes_the_adapters(tmp_path):
+    """LoRA mode end to end (CLI device, real coordinator): the global state, the bundle's weights and the
+    update hold routers and LoRA adapters only (the frozen expert weights stay in the ORT checkpoint), and the
+    round changes the adapters."""
+    import sys
+    from pathlib import Path
+
+    from coordinator.tensor_store import TensorStore
+
+    with one_round_federation(tmp_path, max_message_mib=COORD_MIB, trainable_mode="lora", lora_rank=2) as (
+            server, registry, data, memory):
+        env = {**os.environ, "FEDMOE_DEVICE_HOME": str(tmp_path / "device"),
+               "FEDMOE_ENROL_TOKEN": registry.create_enrol_token("pi-lora", 3600)}
+        round_, update, log = run_cli_device_round([sys.executable, "-m", "device_runtime.cli"], env, server.url,
+                                                   registry, name="pi-lora", memory_mib=memory,
+                                                   max_message_mib=COORD_MIB, data=data)
+        store = TensorStore(Path(server.cfg.state_dir) / "tensors")
+        before, after = (load_file(str(store.path(registry.get_model_version(v).tensor_sha256))) for v in (0, 1))
+    assert f"update {update.update_id} accepted" in log, log
+    assert before.keys() == after.keys() and before
+    assert all(n.endswith("mlp.gate.weight") or "_lora_" in n for n in after), sorted(after)
+    assert any(n.endswith("gate_up_lora_B") for n in after)
+    changed = [n for n in after if "_lora_B" in n and not np.array_equal(before[n], after[n])]
+    assert changed, "the round left every LoRA B unchanged"
+    (weights,) = (tmp_path / "device").rglob(WEIGHTS_FILE)
+    assert not [n for n in load_file(str(weights)) if n.endswith(("gate_up_proj", "down_proj"))]

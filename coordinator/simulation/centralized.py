@@ -1,6 +1,6 @@
 """The centralized reference of a simulation (``--compare centralized,...``): the bound federation aims for.
 
-The same model and trainable set as the devices (``export.bundle_writer.trainable_names``: routers plus experts,
+The same model and trainable set as the devices (``MoeDescription.trainable_tensors``: routers plus experts,
 or LoRA adapters), the union of the devices' data files, the same batch size, sequence length and learning rate,
 and the federation's number of optimizer steps (per round ``local_steps`` times the number of devices), trained
 in one process with torch (``export.torch_train``; one AdamW throughout). After each round's steps the model is
@@ -31,14 +31,13 @@ def run_centralized(checkpoint: Path, data_files: Sequence[Path], test: Sequence
     import torch
 
     from coordinator.evaluation import Evaluator
-    from export.bundle_writer import trainable_names
     from export.families import describe
     from export.global_state import load_trainable_model
     from export.torch_train import fit_steps, trainable_only
 
     torch.manual_seed(seed)
     model = load_trainable_model(checkpoint, trainable_mode=trainable_mode, lora_rank=lora_rank, seed=seed)
-    names = trainable_names(describe(model), list(model.state_dict()), trainable_mode)
+    names = [n for n, _ in describe(model).trainable_tensors(list(model.state_dict()), trainable_mode)]
     params = trainable_only(model, names)
     records = [r for f in data_files for r in read_jsonl(f)]
     encoder = TextEncoder(checkpoint / "tokenizer.json", seq_len=fit.seq_len)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -14,7 +15,7 @@ from rich.table import Table
 from coordinator.simulation.centralized import NAME as CENTRALIZED
 from coordinator.simulation.profiles import load_profiles
 from coordinator.simulation.report import RoundRecord
-from coordinator.simulation.simulate import PRESETS, SimulationPlan, simulate, with_overrides
+from coordinator.simulation.simulate import LEARNING_RATES, PRESETS, SimulationPlan, simulate, with_overrides
 from coordinator.strategy import STRATEGIES
 from device_runtime.errors import ConfigError
 from device_runtime.units import MIB
@@ -27,6 +28,21 @@ def _strategies(strategy: str, compare: str | None) -> tuple[str, ...]:
         raise ConfigError(f"unknown strategy {unknown or names}; choose from "
                           f"{', '.join(sorted([*STRATEGIES, CENTRALIZED]))}")
     return names
+
+
+def _with_trainable(preset, trainable: str | None, lora_rank: int | None, learning_rate: float | None):
+    """The preset with ``--trainable`` / ``--lora-rank`` applied; switching the mode without ``--learning-rate``
+    takes that mode's rate (``LEARNING_RATES``).
+
+    Raises:
+        ConfigError: ``--lora-rank`` without LoRA.
+    """
+    mode = trainable or preset.trainable_mode
+    if mode != "lora" and lora_rank:
+        raise ConfigError("--lora-rank needs --trainable lora")
+    rate = preset.learning_rate if mode == preset.trainable_mode or learning_rate else LEARNING_RATES[mode]
+    return replace(preset, trainable_mode=mode, lora_rank=(lora_rank or preset.lora_rank or 8) if mode == "lora" else 0,
+                   learning_rate=rate)
 
 
 def _round_table(records: list[RoundRecord]) -> Table:
@@ -66,8 +82,10 @@ def _round_table(records: list[RoundRecord]) -> Table:
               help="A JSONL data set instead of BBC News.")
 @click.option("--text-field", default="text", show_default=True, help="Text field of --data records.")
 @click.option("--label-field", default="label", show_default=True, help="Label field of --data records.")
-@click.option("--trainable", type=click.Choice(["experts", "lora"]), default="experts", show_default=True)
-@click.option("--lora-rank", default=8, show_default=True, help="LoRA rank (with --trainable lora).")
+@click.option("--trainable", type=click.Choice(["experts", "lora"]), default=None,
+              help="What devices train: LoRA adapters on every kept expert + routers, or the full experts + routers. "
+                   " [default: from the preset: experts]")
+@click.option("--lora-rank", type=int, default=None, help="LoRA rank r (with --trainable lora).  [default: 8]")
 @click.option("--update-dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
               help="The dtype devices send their updates in (float16 halves the upload).")
 @click.option("--slots", default=2, show_default=True, help="Devices training at the same time (machine cores).")
@@ -84,12 +102,12 @@ def simulate_command(preset, strategy, compare, devices_file, num_devices, round
     """
     chosen = with_overrides(PRESETS[preset], rounds=rounds, local_steps=local_steps, num_layers=num_layers,
                             learning_rate=learning_rate, seq_len=seq_len, test_size=test_size)
+    chosen = _with_trainable(chosen, trainable, lora_rank, learning_rate)
     strategies = _strategies(strategy, compare)
     name = name or f"{preset}-{'-'.join(strategies)}-{time.strftime('%Y%m%d-%H%M%S')}"
     devices = load_profiles(devices_file, num_devices=num_devices or chosen.num_devices)
     plan = SimulationPlan(name=name, out=Path(out or Path("runs") / name).resolve(), strategies=strategies,
-                          preset=chosen, devices=tuple(devices), alpha=alpha, seed=seed, trainable_mode=trainable,
-                          lora_rank=lora_rank if trainable == "lora" else 0,
+                          preset=chosen, devices=tuple(devices), alpha=alpha, seed=seed,
                           data_file=None if data_file is None else Path(data_file), text_field=text_field,
                           label_field=label_field, slots=slots, update_dtype=update_dtype)
     console = Console()

@@ -39,7 +39,13 @@ class Preset:
     test_size: int
     train_per_device: int
     num_devices: int | None
+    trainable_mode: str = "experts"  # what devices train: "experts" (full, + routers) or "lora" (adapters + routers)
+    lora_rank: int = 0               # LoRA r (lora only)
 
+
+# Local AdamW rate by trainable mode, for a preset run with the other mode (``--trainable``): full experts at
+# 5e-4 (issue 11's measured default), LoRA adapters at 2e-3.
+LEARNING_RATES = {"experts": 5e-4, "lora": 2e-3}
 
 PRESETS = {
     "default": Preset(num_layers=8, num_experts=4, experts_per_token=2, rounds=5, local_steps=10, batch_size=4,
@@ -60,8 +66,6 @@ class SimulationPlan:
     devices: tuple[SimulatedDevice, ...]
     alpha: float
     seed: int
-    trainable_mode: str
-    lora_rank: int
     data_file: Path | None
     text_field: str
     label_field: str
@@ -112,7 +116,7 @@ def _zero_shot(checkpoint: Path, test: list[dict], plan: SimulationPlan):
     """The initial global model's score on the test set, by the coordinator's own evaluator."""
     from coordinator.evaluation import Evaluator
 
-    evaluator = Evaluator(checkpoint, test, trainable_mode=plan.trainable_mode, lora_rank=plan.lora_rank,
+    evaluator = Evaluator(checkpoint, test, trainable_mode=plan.preset.trainable_mode, lora_rank=plan.preset.lora_rank,
                           seed=plan.seed, seq_len=plan.preset.seq_len)
     return evaluator.score(None)
 
@@ -142,14 +146,14 @@ def simulate(plan: SimulationPlan, on_event: Callable[[str, object], None]) -> d
         if strategy == CENTRALIZED:
             on_event("stage", f"{strategy}: training on the union of the device files in this process")
             records += run_centralized(checkpoint, files, test, rounds=plan.preset.rounds, fit=_fit(plan),
-                                       trainable_mode=plan.trainable_mode, lora_rank=plan.lora_rank, seed=plan.seed,
+                                       trainable_mode=plan.preset.trainable_mode, lora_rank=plan.preset.lora_rank, seed=plan.seed,
                                        on_round=lambda r: on_event("round", r), threads=plan.slots)
             continue
         on_event("stage", f"{strategy}: starting the coordinator and {len(plan.devices)} devices")
         fed = Federation(strategy=strategy, rounds=plan.preset.rounds, checkpoint=checkpoint, devices=plan.devices,
                          data_files=tuple(files), fit=_fit(plan), eval_data=plan.out / "data" / "test.jsonl",
-                         trainable_mode=plan.trainable_mode,
-                         lora_rank=plan.lora_rank, calibration_texts=tuple(default_texts()), seed=plan.seed,
+                         trainable_mode=plan.preset.trainable_mode,
+                         lora_rank=plan.preset.lora_rank, calibration_texts=tuple(default_texts()), seed=plan.seed,
                          slots=plan.slots)
         done, peaks[strategy] = run_federation(fed, plan.out / strategy, lambda r: on_event("round", r))
         records += done
