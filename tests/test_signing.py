@@ -142,7 +142,7 @@ def fed(tmp_path_factory):
     root = tmp_path_factory.mktemp("signing")
     config = init_by_cli(root)
     cfg = replace(load_config(config), max_message_mib=MAX_MIB, min_fit_clients=1, max_fit_clients=1, fit=FIT,
-                  round_deadline_s=20, num_rounds=1)  # no second round holds up the attacks on device b
+                  round_deadline_s=60, num_rounds=1)  # no second round holds up the attacks on device b
     data = root / "data.jsonl"
     data.write_text("".join(json.dumps({"text": t, "label": "sport"}) + "\n" for t in ("the match team won",) * 4))
     profile = {"memory_mib": two_expert_memory(root / "checkpoint"), "gflops": 5.0}
@@ -179,7 +179,8 @@ def attack(fed, tmp_path, tamper, *, names=("b",), until=rejections, **overrides
     """The coordinator serving plain ws:// (``serve --insecure``: its CA still signs) and the devices ``names``
     connected through a :class:`Proxy` running ``tamper``, until ``until(rows)`` (default: an assignment was
     rejected). Returns ``until(rows)``, ``rows`` the registry's updates of the assignments sent, by update id."""
-    cfg = replace(fed["cfg"], tls_cert="", tls_key="", insecure=True, num_rounds=0, **overrides)
+    # a short deadline: a round resumed from the previous test may wait for a device not connected in this one
+    cfg = replace(fed["cfg"], tls_cert="", tls_key="", insecure=True, num_rounds=0, round_deadline_s=8, **overrides)
     server = ServerThread(cfg)
     registry = Registry(cfg.registry_url)
     proxy = Proxy(server.url, tamper)
