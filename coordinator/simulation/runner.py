@@ -14,12 +14,14 @@ import dataclasses
 import math
 import time
 from dataclasses import dataclass
+from datetime import timezone
 from pathlib import Path
 from typing import Callable, Sequence
 
 from coordinator.config import CoordinatorConfig, save_config
 from coordinator.federation import export_latest, fit_context, initialize
 from coordinator.registry import Registry
+from coordinator.registry.store import utc_now
 from coordinator.simulation.processes import (MIB, Child, enrol_device, free_port, start_coordinator, start_device,
                                               wait_healthy)
 from coordinator.simulation.profiles import SimulatedDevice
@@ -227,7 +229,19 @@ def _check_progress(since: float, fed: Federation, children: Sequence[Child]) ->
         raise FedmoeError(f"{fed.strategy}: no round finished in {stalled:.0f} s; devices' last log lines:\n{tails}")
 
 
-def _check_failed_rounds(watch: Watch, strategy: str, limit: int = 3) -> None:
-    failed = [r for r in watch.registry.list_rounds(limit=limit) if r.status == "failed"]
+def _check_failed_rounds(watch: Watch, strategy: str, limit: int = 3, *, grace_s: float = 120.0) -> None:
+    """Raise after ``limit`` failed rounds in a row, or when the newest round failed over ``grace_s`` seconds ago
+    and none started since: the coordinator excludes a device that failed twice until it reconnects, and the
+    simulation's quorum (every participant) can then never be met again."""
+    rounds = watch.registry.list_rounds(limit=limit)
+    failed = [r for r in rounds if r.status == "failed"]
     if len(failed) >= limit:
         raise FedmoeError(f"{strategy}: {limit} rounds failed ({failed[0].metrics}); see coordinator.log")
+    newest = rounds[0] if rounds else None
+    if newest is not None and newest.status == "failed" and newest.finished_at is not None:
+        finished = newest.finished_at if newest.finished_at.tzinfo else newest.finished_at.replace(tzinfo=timezone.utc)
+        idle = (utc_now() - finished).total_seconds()
+        if idle > grace_s:
+            raise FedmoeError(f"{strategy}: round {newest.id} failed ({newest.metrics}) and no round started in the "
+                              f"{idle:.0f} s since (a device excluded for repeated failures leaves the quorum of "
+                              "every participant unmet); see coordinator.log and the devices' logs")
