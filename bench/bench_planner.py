@@ -42,14 +42,18 @@ class Case:
     budget_mib: float | None = None
 
 
+# Every BBC News topic (" business", " entertainment", " politics", " sport", " tech") is one SmolLM2 token: the
+# lm_head runs on one position per sequence (TrainingShape.targets).
+BBC_TARGETS = 1
 CASES = (
-    Case("size-1", 8, TrainingShape(4, 128), experts_per_layer=1),
-    Case("size-2", 8, TrainingShape(4, 128), experts_per_layer=2),
-    Case("size-4", 8, TrainingShape(4, 128), experts_per_layer=4),
-    Case("budget-512", 4, TrainingShape(1, 64, "lora", 8), budget_mib=512),
-    Case("budget-1024", 8, TrainingShape(2, 64), budget_mib=1024),
-    Case("budget-2048", 8, TrainingShape(4, 128), budget_mib=2048),
-    Case("full-30", 30, TrainingShape(2, 64), experts_per_layer=1),  # all SmolLM2 layers: opt-in, ~2 min more
+    Case("size-1", 8, TrainingShape(4, 128, targets=BBC_TARGETS), experts_per_layer=1),
+    Case("size-2", 8, TrainingShape(4, 128, targets=BBC_TARGETS), experts_per_layer=2),
+    Case("size-4", 8, TrainingShape(4, 128, targets=BBC_TARGETS), experts_per_layer=4),
+    Case("budget-512", 4, TrainingShape(1, 64, "lora", 8, targets=BBC_TARGETS), budget_mib=512),
+    Case("budget-1024", 8, TrainingShape(2, 64, targets=BBC_TARGETS), budget_mib=1024),
+    Case("budget-2048", 8, TrainingShape(4, 128, targets=BBC_TARGETS), budget_mib=2048),
+    # all SmolLM2 layers: opt-in, ~2 min more
+    Case("full-30", 30, TrainingShape(2, 64, targets=BBC_TARGETS), experts_per_layer=1),
 )
 DEFAULT_CASES = [c.name for c in CASES if c.name != "full-30"]
 

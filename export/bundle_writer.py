@@ -22,6 +22,9 @@ from export.families import describe
 from export.loading import cache_dir, checkpoint_sha256
 
 GRAPH_INFO = "graph.json"
+# Bump whenever export.training_graph or export.artifacts changes the exported graph: the cache is keyed by
+# (base model, shape key, GRAPH_VERSION), so an old graph is never reused. 2: lm_head on target positions only.
+GRAPH_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -75,8 +78,8 @@ def _example_batch(wrapper, vocab: int, seq_len: int) -> dict:
 
 
 def graph_dir(base_sha: str, shape_key: ShapeKey) -> Path:
-    """Where the graph of ``shape_key`` for base model ``base_sha`` is cached."""
-    return cache_dir() / "graphs" / base_sha[:16] / shape_key.id
+    """Where the graph of ``shape_key`` for base model ``base_sha`` is cached (per ``GRAPH_VERSION``)."""
+    return cache_dir() / "graphs" / f"v{GRAPH_VERSION}" / base_sha[:16] / shape_key.id
 
 
 def ensure_graph(wrapper, base_sha: str, shape_key: ShapeKey, trainable: list[str], vocab: int, seq_len: int):

@@ -24,8 +24,10 @@ optimizer state, no activations kept for a backward) needs instead::
 and two forwards per step (``2 / 3`` of the first-order flops). Not calibrated separately:
 ``bench/bench_backends.py`` prints its estimate next to the measured peak RSS.
 
-The compute model: ``flops = 3 * (2 * tokens * parameters + attention)`` (every kept expert runs on
-every token: dense-masked routing; the tied embedding counts once, as the lm_head matmul), step time =
+The compute model: ``flops = 3 * (2 * tokens * (parameters - vocab * hidden) + 2 * logit_rows * vocab * hidden
++ attention)`` (every kept expert runs on every token: dense-masked routing; the tied embedding counts once, as
+the lm_head matmul, which runs only on the ``logit_rows = batch * targets`` positions that predict a target),
+step time =
 flops / (device GFLOP/s * efficiency). The constants are calibrated by ``bench/bench_planner.py`` against
 ORT training runs on this machine (see ``CALIBRATION``); the benchmark prints estimated vs measured peak RSS.
 
@@ -87,6 +89,9 @@ class TrainingShape:
         batch_size: sequences per step. seq_len: tokens per sequence.
         trainable_mode: ``"experts"`` or ``"lora"``. lora_rank: r (LoRA mode only).
         order: ``"first-order"`` (ORT training: backward + AdamW) or ``"zeroth-order"`` (forwards only).
+        targets: target (completion) tokens per sequence, the longest in a batch: the graph runs the lm_head on
+            ``batch_size * targets`` rows only (``export.training_graph.select_targets``). None: every position
+            (``seq_len - 1``), the bound that holds for any data.
     """
 
     batch_size: int = 8
@@ -94,10 +99,18 @@ class TrainingShape:
     trainable_mode: str = "experts"
     lora_rank: int = 0
     order: str = "first-order"
+    targets: int | None = None
 
     def __post_init__(self):
         if self.order not in ORDERS:
             raise ConfigError(f"order must be one of {ORDERS}, got {self.order!r}")
+        if self.targets is not None and not 1 <= self.targets < self.seq_len:
+            raise ConfigError(f"targets must be in [1, seq_len - 1 = {self.seq_len - 1}], got {self.targets}")
+
+    @property
+    def logit_rows(self) -> int:
+        """Rows the lm_head runs on in one step: ``batch_size * targets``."""
+        return self.batch_size * (self.seq_len - 1 if self.targets is None else self.targets)
 
 
 @dataclass(frozen=True)
@@ -141,8 +154,8 @@ def _activation_floats(shape: ModelShape, train: TrainingShape, kept: int) -> in
 
     Per token: each decoder layer's attention (q, k, v, o, softmax scores ``heads * seq_len`` twice) plus its two
     RMSNorms and residuals; per MoE layer, every kept expert on every token (dense-masked routing: gate, up,
-    SiLU, product, down) and with LoRA the adapters' ``(2I + H)`` outputs twice; the logits four times (logits,
-    float cast, log-softmax, their gradient).
+    SiLU, product, down) and with LoRA the adapters' ``(2I + H)`` outputs twice. Per target row
+    (:attr:`TrainingShape.logit_rows`): the logits four times (logits, float cast, log-softmax, their gradient).
     """
     tokens = train.batch_size * train.seq_len
     h, i = shape.hidden, shape.intermediate
@@ -150,7 +163,7 @@ def _activation_floats(shape: ModelShape, train: TrainingShape, kept: int) -> in
     attention = 12 * h + 4 * kv + 2 * shape.num_heads * train.seq_len
     expert = 5 * i + 2 * h + (2 * (2 * i + h) if train.trainable_mode == "lora" else 0)
     experts = kept * expert + 4 * shape.num_experts
-    return tokens * (shape.num_layers * attention + shape.moe_layers * experts + 4 * shape.vocab)
+    return tokens * (shape.num_layers * attention + shape.moe_layers * experts) + train.logit_rows * 4 * shape.vocab
 
 
 def estimate(shape: ModelShape, train: TrainingShape, kept: int, *, gflops: float = 10.0,
@@ -176,11 +189,13 @@ def estimate(shape: ModelShape, train: TrainingShape, kept: int, *, gflops: floa
     wire = 4 * (staged + 3 * trainable)
     tokens = train.batch_size * train.seq_len
     attention_flops = 4 * tokens * train.seq_len * shape.num_heads * shape.head_dim * shape.num_layers
+    lm_head = shape.vocab * shape.hidden  # the (tied) embedding, as a matmul on the target rows only
+    matmul_flops = 2 * tokens * (all_params - lm_head) + 2 * train.logit_rows * lm_head
     if train.order == "zeroth-order":
-        live = _activation_floats(shape, train, kept) // shape.num_layers + 2 * tokens * shape.vocab
+        live = _activation_floats(shape, train, kept) // shape.num_layers + 2 * train.logit_rows * shape.vocab
         parts = {"runtime": calibration["runtime_overhead_mib"] * MIB, "weights": 4 * all_params + 4 * staged,
                  "grad_and_adamw": 0, "activations": max(4 * live, wire)}
-        flops = 2 * (2 * tokens * all_params + attention_flops)
+        flops = 2 * (matmul_flops + attention_flops)
         return Estimate(experts_per_layer=kept, parts=parts, step_s=flops / (gflops * 1e9 * calibration["efficiency"]))
     activations = calibration["activation_factor"] * 4 * _activation_floats(shape, train, kept)
     parts = {
@@ -189,7 +204,7 @@ def estimate(shape: ModelShape, train: TrainingShape, kept: int, *, gflops: floa
         "grad_and_adamw": 12 * trainable,
         "activations": max(activations, 4 * staged, wire),
     }
-    flops = 3 * (2 * tokens * all_params + attention_flops)
+    flops = 3 * (matmul_flops + attention_flops)
     step_s = flops / (gflops * 1e9 * calibration["efficiency"])
     return Estimate(experts_per_layer=kept, parts=parts, step_s=step_s)
 

@@ -5,7 +5,9 @@ For tiny random Mixtral, Qwen2-MoE (shared expert), Qwen3-MoE and OLMoE models, 
 (full experts + router; LoRA + router), with padding and non-zero load-balancing and routing-KL
 coefficients: every trainable tensor's ORT gradient equals torch's, three ORT AdamW steps track three
 torch AdamW steps, and the routing_stats outputs equal a numpy reference built from the model's own
-``output_router_logits``.
+``output_router_logits``. The graph runs the lm_head on target positions only (``select_targets``): its loss
+and gradients are checked against Hugging Face's own full-logits ``ForCausalLMLoss``, on batches whose rows
+have different numbers of targets, none, and padding.
 """
 
 from __future__ import annotations
@@ -19,13 +21,14 @@ from transformers import (
     LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM, OlmoeConfig, OlmoeForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM,
     Qwen3MoeConfig, Qwen3MoeForCausalLM,
 )
+from transformers.loss.loss_utils import ForCausalLMLoss
 
 from device_runtime.errors import ExportError
 from export.artifacts import ADAMW_EPS, ADAMW_WEIGHT_DECAY, export_training_artifacts
 from export.experts_impl import LORA_PARAMS, add_lora
 from export.prune import prune
 from export.upcycle import upcycle
-from export.training_graph import TrainingWrapper
+from export.training_graph import TrainingWrapper, select_targets
 
 ort_api = pytest.importorskip("onnxruntime.training.api")
 import onnxruntime  # noqa: E402  (after the api, which needs the training package)
@@ -308,3 +311,82 @@ def test_export_errors_name_the_problem(tmp_path):
     del inputs["routing_prior_1"]
     with pytest.raises(ExportError, match="routing_prior_1"):
         export_training_artifacts(wrapper, tmp_path, trainable=trainable, example_batch=inputs)
+
+
+def target_batch(seed: int) -> dict[str, torch.Tensor]:
+    """4 rows of 10 tokens with 3, 1, 0 and 2 targets; the last row padded, its padding carrying labels.
+
+    Row 0 also labels position 0, which nothing predicts (the shift drops it); row 1's target is the last token.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(3, VOCAB, (4, 10), generator=gen)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[3, 7:] = 0
+    labels = torch.full_like(input_ids, -100)
+    labels[0, 0] = input_ids[0, 0]
+    labels[0, 5:8] = input_ids[0, 5:8]
+    labels[1, 9] = input_ids[1, 9]
+    labels[3, [2, 6]] = input_ids[3, [2, 6]]
+    labels[3, 7:] = 7  # padding with real-looking labels: ignored
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def full_logits_ce(wrapper: TrainingWrapper, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The reference: Hugging Face's causal-LM loss on the logits of every position (padding labels dropped)."""
+    labels = torch.where(inputs["attention_mask"] == 0, -100, inputs["labels"])
+    hidden = wrapper.model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                           use_cache=False).last_hidden_state
+    return ForCausalLMLoss(wrapper.lm_head(hidden), labels, VOCAB)
+
+
+def test_select_targets_packs_each_rows_targets_in_order():
+    batch = target_batch(0)
+    labels = torch.where(batch["attention_mask"] == 0, -100, batch["labels"])
+    hidden = torch.arange(4 * 10 * 2, dtype=torch.float32).view(4, 10, 2)
+    picked, picked_labels = select_targets(hidden, labels)
+    positions = [[4, 5, 6], [8], [], [1, 5]]  # t predicts labels[t + 1]
+    assert picked.shape == (4, 3, 2)
+    for row, ts in enumerate(positions):
+        want_labels = [int(labels[row, t + 1]) for t in ts] + [-100] * (3 - len(ts))
+        assert picked_labels[row].tolist() == want_labels
+        want = torch.zeros(3, 2)
+        want[: len(ts)] = hidden[row, ts]
+        torch.testing.assert_close(picked[row], want)
+    no_target = torch.full_like(labels, -100)
+    picked, picked_labels = select_targets(hidden, no_target)
+    assert picked.shape == (4, 1, 2) and picked_labels.eq(-100).all() and picked.eq(0).all()
+
+
+def test_target_only_lm_head_loss_and_gradients_match_full_logits(exported):
+    """ORT training on target-only logits == torch autograd of the full-logits loss, over three AdamW steps."""
+    wrapper, arts, initial = exported
+    state, module = ort_module(arts)
+    optimizer = ort_api.Optimizer(str(arts.directory / "optimizer_model.onnx"), module)
+    optimizer.set_learning_rate(LR)
+    module.train()
+    wrapper.train()
+    params = dict(wrapper.named_parameters())
+    torch_opt = torch.optim.AdamW([params[n] for n in wrapper.trainable], lr=LR, eps=ADAMW_EPS,
+                                  weight_decay=ADAMW_WEIGHT_DECAY)
+    try:
+        for seed in (6, 7, 8):
+            batch = target_batch(seed)
+            module.lazy_reset_grad()
+            loss, ce = module(*feed(wrapper.make_inputs(**batch)))[:2]  # no regularisers: loss = ce
+            torch_opt.zero_grad()
+            want = full_logits_ce(wrapper, batch)
+            want.backward()
+            np.testing.assert_allclose([loss, ce], [float(want.detach())] * 2, rtol=1e-5, err_msg=f"seed {seed}")
+            for name in wrapper.trainable:
+                grad = params[name].grad.numpy()
+                scale = np.abs(grad).max()
+                assert scale > 1e-6, f"{name}: torch gradient is zero: the test would prove nothing"
+                np.testing.assert_allclose(state.parameters[name].grad, grad, rtol=1e-3, atol=1e-5 * scale,
+                                           err_msg=f"{name}, seed {seed}")
+            optimizer.step()
+            torch_opt.step()
+        module.eval()
+        no_target = {**batch, "labels": torch.full_like(batch["labels"], -100)}
+        assert float(module(*feed(wrapper.make_inputs(**no_target)))[1]) == 0.0
+    finally:
+        wrapper.load_state_dict(initial)
