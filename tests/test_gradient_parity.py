@@ -357,6 +357,8 @@ def test_select_targets_packs_each_rows_targets_in_order():
     assert picked.shape == (4, 1, 2) and picked_labels.eq(-100).all() and picked.eq(0).all()
 
 
+@pytest.mark.parametrize("exported", [("mixtral", "experts"), ("upcycled-llama", "lora")], indirect=True,
+                         ids=["mixtral-experts", "upcycled-llama-lora"])  # the selection is family-independent
 def test_target_only_lm_head_loss_and_gradients_match_full_logits(exported):
     """ORT training on target-only logits == torch autograd of the full-logits loss, over three AdamW steps."""
     wrapper, arts, initial = exported
