@@ -34,13 +34,16 @@ BATCH = ["--seq-len", "64", "--batch-size", "4"]
 
 
 def _run(tree: Path, cache: Path, args: list[str]) -> str:
-    """``python -m args`` with ``tree`` first on the path and ``cache`` as FEDMOE_CACHE; returns stdout.
+    """``python -m args`` in ``tree`` (``-m`` puts the cwd first on the path) with ``cache`` as FEDMOE_CACHE.
+
+    Returns:
+        its stdout.
 
     Raises:
         RuntimeError: the command failed (the tail of its stderr is in the message).
     """
     env = {**os.environ, "PYTHONPATH": str(tree), "FEDMOE_CACHE": str(cache)}
-    done = subprocess.run([sys.executable, "-m", *args], env=env, capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-m", *args], env=env, cwd=tree, capture_output=True, text=True)
     if done.returncode:
         raise RuntimeError(f"{' '.join(args[:3])} failed under {tree}: {done.stderr[-2000:]}")
     return done.stdout
@@ -71,6 +74,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
     opts = parser.parse_args()
+    opts.workdir, opts.data, opts.checkpoint = (p.resolve() for p in (opts.workdir, opts.data, opts.checkpoint))
     opts.workdir.mkdir(parents=True, exist_ok=True)
     trees = [t.split("=", 1) for t in opts.tree] or [["this", str(Path(__file__).resolve().parents[1])]]
     rows = [measure(label, Path(path).resolve(), shape, opts) for shape in opts.shapes for label, path in trees]

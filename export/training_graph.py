@@ -32,8 +32,8 @@ s_spec = max of row1, KL_e = row2 / B - s_cum * log s_cum).
 ``ce`` is the mean next-token cross-entropy over the target positions, and the lm_head runs on those positions
 only (:func:`select_targets`: ``batch * K`` rows, K = most targets in a row, instead of ``batch * seq_len``); the
 value equals the full-logits loss. Measured on the default bundle shapes (8-layer SmolLM2 e4k2, batch 4 x 64,
-one-token BBC News labels): step time -33% (LoRA, 4 experts) and -47% (1 expert), peak RSS -73 and -148 MiB
-(``bench/bench_train_local.py``).
+one-token BBC News labels, two runs on a shared machine): step time -33 to -44% (LoRA, 4 experts) and -35 to
+-47% (full experts, 1 per layer), peak RSS -64 to -73 and -118 to -148 MiB (``bench/bench_train_local.py``).
 
 Objective (averages over MoE layers)::
 
