@@ -56,7 +56,7 @@ from device_runtime.auth import generate_keypair, sign_challenge  # noqa: E402
 from device_runtime.bundle import Manifest  # noqa: E402
 from device_runtime.units import MIB  # noqa: E402
 from device_runtime.wire import (PROTOCOL_VERSION, Ack, Assignment, Auth, AuthOk, BundleRequest, Challenge,  # noqa: E402
-                                 Enrol, Error, EvaluateRes, Heartbeat, Hello, Update, decode, encode)
+                                 Enrol, Error, EvaluateRes, Heartbeat, Hello, decode, encode)
 
 REPLY_TIMEOUT_S = 2.0
 SILENT_TIMEOUT_S = 0.01  # Heartbeat and EvaluateRes get no reply: do not wait for one
@@ -195,33 +195,32 @@ def enrol_device(cfg, name):
     return device.id, private
 
 
+async def _log_in_and_await_assignment(ws, creds, profile, timeout: float) -> Assignment:
+    """Hello, answer the challenge, then the first Assignment the server sends on ``ws``."""
+    device_id, private = creds
+    await ws.send(encode(Hello(device_id=device_id, protocol_version=PROTOCOL_VERSION, profile=profile)))
+    challenge = decode(await ws.recv(), max_size=64 * MIB)
+    await ws.send(encode(Auth(device_id=device_id, signature=sign_challenge(private, challenge.nonce, device_id))))
+    assert isinstance(decode(await ws.recv(), max_size=64 * MIB), AuthOk)
+    async with asyncio.timeout(timeout):
+        while not isinstance(msg := decode(await ws.recv(), max_size=64 * MIB), Assignment):
+            pass
+    return msg
+
+
 async def first_assignment(url, creds, profile, timeout=180) -> Assignment:
     async with connect(url, max_size=64 * MIB, compression=None) as ws:
-        device_id, private = creds
-        await ws.send(encode(Hello(device_id=device_id, protocol_version=PROTOCOL_VERSION, profile=profile)))
-        challenge = decode(await ws.recv(), max_size=64 * MIB)
-        await ws.send(encode(Auth(device_id=device_id, signature=sign_challenge(private, challenge.nonce, device_id))))
-        assert isinstance(decode(await ws.recv(), max_size=64 * MIB), AuthOk)
-        async with asyncio.timeout(timeout):
-            while not isinstance(msg := decode(await ws.recv(), max_size=64 * MIB), Assignment):
-                pass
-        return msg
+        return await _log_in_and_await_assignment(ws, creds, profile, timeout)
 
 
 async def final_check(url, creds, cfg) -> str:
     """A real device logs in after the campaign, gets an assignment and its update is acked: the server serves."""
     async with connect(url, max_size=64 * MIB, compression=None) as ws:
-        device_id, private = creds
-        await ws.send(encode(Hello(device_id=device_id, protocol_version=PROTOCOL_VERSION, profile=PROFILE)))
-        challenge = decode(await ws.recv(), max_size=64 * MIB)
-        await ws.send(encode(Auth(device_id=device_id, signature=sign_challenge(private, challenge.nonce, device_id))))
-        assert isinstance(decode(await ws.recv(), max_size=64 * MIB), AuthOk)
+        assignment = await _log_in_and_await_assignment(ws, creds, PROFILE, 180)
+        manifest = Manifest.from_json((Path(cfg.state_dir) / "bundles" / assignment.shape_key.id /
+                                       "manifest.json").read_text())
+        await ws.send(encode(fake_update(assignment, manifest)))
         async with asyncio.timeout(180):
-            while not isinstance(assignment := decode(await ws.recv(), max_size=64 * MIB), Assignment):
-                pass
-            manifest = Manifest.from_json((Path(cfg.state_dir) / "bundles" / assignment.shape_key.id /
-                                           "manifest.json").read_text())
-            await ws.send(encode(fake_update(assignment, manifest)))
             while not isinstance(msg := decode(await ws.recv(), max_size=64 * MIB), Ack):
                 pass
         return f"accepted={msg.accepted} {msg.reason}".strip()
