@@ -4,8 +4,10 @@ A federated device trains one assignment per round in the same long-running proc
 that loop in a fresh child process, with the device's own code path (``decode`` the Assignment frame,
 ``fit_assignment``, ``encode`` the Update), on the 8-layer upcycled SmolLM2 with 1 expert per layer (the Pi
 bundle of the default simulation), and prints after every round the child's data segment (``VmData``, what
-``RLIMIT_DATA`` limits), peak RSS (``VmHWM``) and RSS: once as the device runs
-(``device_runtime.memory``: fixed mmap threshold, trim between rounds) and once with glibc's defaults.
+``RLIMIT_DATA`` limits), peak RSS (``VmHWM``), RSS and the round's seconds: as the device runs
+(``device_runtime.memory``: fixed mmap threshold, trim between rounds; ``device_runtime.trainer_cache``: the
+trainer kept across rounds), with a fresh trainer every round (``fedmoe-device run --fresh-trainer``), and
+with a fresh trainer and glibc's defaults.
 
     python bench/bench_device_rounds.py --workdir /tmp/fedmoe-bench
 """
@@ -16,6 +18,7 @@ import argparse
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import _measure
@@ -36,6 +39,7 @@ def _child(opts) -> None:
     from device_runtime.bundle import WEIGHTS_FILE, load_bundle
     from device_runtime.fit_round import fit_assignment
     from device_runtime.memory import limit_heap_growth, release_memory
+    from device_runtime.trainer_cache import TrainerCache
     from device_runtime.wire import Assignment, FitConfig, decode, encode
 
     if opts.memory_care:
@@ -50,19 +54,21 @@ def _child(opts) -> None:
                          local_steps=opts.steps),
         tensors={t.name: weights[t.name] for t in manifest.tensors}))
     del weights
+    trainers = TrainerCache(reuse=opts.keep_trainer)
     for number in range(1, opts.rounds + 1):
+        start = time.perf_counter()
         assignment = decode(frame, max_size=len(frame))
-        payload = encode(fit_assignment(bundle, assignment, opts.data, threads=1))
+        payload = encode(fit_assignment(bundle, assignment, opts.data, threads=1, trainers=trainers))
         del assignment, payload
         if opts.memory_care:
             release_memory()
-        print(json.dumps({"round": number, **_status()}), flush=True)
+        print(json.dumps({"round": number, **_status(), "seconds": time.perf_counter() - start}), flush=True)
 
 
-def _run(opts, bundle: Path, data: Path, memory_care: bool) -> list[dict]:
+def _run(opts, bundle: Path, data: Path, memory_care: bool, keep_trainer: bool) -> list[dict]:
     args = [sys.executable, __file__, "--child", "--bundle", str(bundle), "--data", str(data), "--rounds",
             str(opts.rounds), "--steps", str(opts.steps), "--batch-size", str(opts.batch_size), "--seq-len",
-            str(opts.seq_len)] + (["--memory-care"] if memory_care else [])
+            str(opts.seq_len)] + (["--memory-care"] if memory_care else []) + (["--keep-trainer"] if keep_trainer else [])
     out = subprocess.run(args, capture_output=True, text=True, check=True).stdout
     return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
 
@@ -76,6 +82,7 @@ def main() -> int:
     parser.add_argument("--seq-len", type=int, default=96)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--memory-care", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--keep-trainer", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--bundle", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
     opts = parser.parse_args()
@@ -90,10 +97,13 @@ def main() -> int:
         _measure.export_bundle(checkpoint, bundle, TrainingShape(opts.batch_size, opts.seq_len),
                                opts.workdir / "export.log", experts_per_layer=1)
     print(f"8 layers, 1 expert/layer, batch {opts.batch_size}x{opts.seq_len}, {opts.steps} steps per round (MiB)")
-    print("setting | round | VmData | peak RSS | RSS")
-    for care, label in ((True, "device (memory care)"), (False, "glibc defaults")):
-        for row in _run(opts, bundle, data, care):
-            print(f"{label} | {row['round']} | {row['VmData']} | {row['VmHWM']} | {row['VmRSS']}")
+    print("setting | round | VmData | peak RSS | RSS | seconds")
+    settings = ((True, True, "device (memory care, kept trainer)"), (True, False, "memory care, fresh trainer"),
+                (False, False, "glibc defaults, fresh trainer"))
+    for care, keep, label in settings:
+        for row in _run(opts, bundle, data, care, keep):
+            print(f"{label} | {row['round']} | {row['VmData']} | {row['VmHWM']} | {row['VmRSS']} | "
+                  f"{row['seconds']:.1f}")
     return 0
 
 

@@ -46,6 +46,7 @@ from device_runtime.errors import (AuthError, BundleError, BundleIntegrityError,
                                    DataError, FedmoeError, ProtocolError)
 from device_runtime.fit_round import fit_assignment
 from device_runtime.memory import release_memory
+from device_runtime.trainer_cache import TrainerCache
 from device_runtime.session import Acked, DeviceSession, InstallBundle, Report, Send, Train
 from device_runtime.signing import Verifier
 from device_runtime.slots import training_slot
@@ -210,6 +211,8 @@ class DeviceClient:
         backend: training backend (``device_runtime.backends``; None: the first installed).
         insecure: allow a plain ``ws://`` URL although this device enrolled at a TLS coordinator (its
             bundles and assignments are still verified against the pinned key, ``device_runtime.signing``).
+        reuse_trainer: keep the training session from round to round while the bundle stays the same
+            (``device_runtime.trainer_cache``); False: a fresh one (fresh AdamW moments) every round.
 
     Raises:
         ConfigError: bad URL, TLS files, backend or pinned CA certificate.
@@ -219,7 +222,8 @@ class DeviceClient:
                  cafile: str | Path | None = None, max_message_mib: float = 256.0, threads: int | None = None,
                  memory_mib: int | None = None, profile: dict | None = None, heartbeat_s: float = 20.0,
                  backoff: Backoff = Backoff(), cache_bundles: int = 4, cache_mib: float = 4096.0,
-                 template: str = DEFAULT_TEMPLATE, backend: str | None = None, insecure: bool = False):
+                 template: str = DEFAULT_TEMPLATE, backend: str | None = None, insecure: bool = False,
+                 reuse_trainer: bool = True):
         self.context = _client_context(url, credentials, cafile, insecure)  # fails fast on a bad URL / TLS file
         verifier = _verifier(credentials)
         self.verify = None if verifier is None else verifier.assignment(credentials.device_id)
@@ -233,6 +237,7 @@ class DeviceClient:
         self.store = UpdateStore(root / "updates")
         self.session = DeviceSession(cached=self.cache.ids(), known_updates=self.store.pending_ids(),
                                      max_bundle_bytes=self.cache.max_bytes, staging=self.cache.staging_dir)
+        self.trainers = TrainerCache(reuse=reuse_trainer)
         self.connections = 0  # successful authentications so far
         self._ws: ClientConnection | None = None
         self._queue: asyncio.Queue[Assignment] = asyncio.Queue()
@@ -423,7 +428,8 @@ class DeviceClient:
         try:
             update = await asyncio.to_thread(_fit_in_slot, bundle, assignment, self.data_file,
                                              threads=self.threads, stop=self._stop_training,
-                                             template=self.template, extra_metrics=extra, backend=self.backend)
+                                             template=self.template, extra_metrics=extra, backend=self.backend,
+                                             trainers=self.trainers)
         except (FedmoeError, OSError) as exc:
             self.session.forget(uid)
             if self._stop_training.is_set() and isinstance(exc, DataError):
@@ -437,7 +443,7 @@ class DeviceClient:
                  update.metrics["loss"], int(update.metrics["steps"]), update.metrics["peak_rss_mb"], uid)
         await self._send(update)
         del update
-        release_memory()  # the round's trainer, assignment and update are garbage now
+        release_memory()  # the round's assignment and update (and a trainer not kept) are garbage now
 
 
 def _fit_in_slot(*args, **kwargs) -> Update:

@@ -1,8 +1,8 @@
 """One round of local training: an ``Assignment`` + its cached bundle + local data -> an ``Update``.
 
 Round step 5 (``docs/round.md``): check the assignment's tensors against the bundle manifest
-(names, shapes), load them into a fresh trainer of the device's backend (``device_runtime.backends``: fresh
-AdamW moments each round for first-order, fresh step seeds for zeroth-order), train ``local_steps`` (0: one
+(names, shapes), load them into the device's trainer (``device_runtime.trainer_cache``: kept from the last round
+on the same bundle, with its AdamW moments, or built afresh; fresh step seeds for zeroth-order), train ``local_steps`` (0: one
 epoch) and report the trainable tensors, the HFedMoE routing statistics (Fang et al., arXiv 2601.00583) and
 the trained experts, both in global expert ids.
 """
@@ -21,6 +21,7 @@ from device_runtime.bundle import TOKENIZER_FILE, Bundle, Manifest
 from device_runtime.data import DEFAULT_TEMPLATE, Batch, LocalDataset
 from device_runtime.errors import ConfigError, DataError, ProtocolError
 from device_runtime.trainer import FitResult
+from device_runtime.trainer_cache import TrainerCache
 from device_runtime.units import MIB
 from device_runtime.wire import Assignment, FitConfig, Update, ZoUpdate, to_float32
 from device_runtime.zo_directions import candidate_seeds
@@ -79,7 +80,8 @@ def until_stopped(batches: Iterator[Batch], stop: threading.Event | None) -> Ite
 
 def fit_assignment(bundle: Bundle, assignment: Assignment, data_file: str | Path, *, threads: int | None = None,
                    stop: threading.Event | None = None, template: str = DEFAULT_TEMPLATE,
-                   extra_metrics: dict | None = None, backend: str | None = None) -> Update:
+                   extra_metrics: dict | None = None, backend: str | None = None,
+                   trainers: TrainerCache | None = None) -> Update:
     """Train ``assignment`` on ``data_file`` and build its ``Update``.
 
     Consumes the assignment's weights: ``assignment.tensors`` is emptied once they are loaded into the
@@ -92,13 +94,27 @@ def fit_assignment(bundle: Bundle, assignment: Assignment, data_file: str | Path
         threads: ORT intra-op threads. stop: set it to abandon after the current step.
         template: prompt template of classification records. extra_metrics: added to the metrics.
         backend: training backend name (None: ``backends.select_backend``'s choice).
+        trainers: the device's kept trainer (``device_runtime.trainer_cache``); None: a fresh trainer.
 
     Raises:
         ProtocolError("bad_tensor"): the assignment does not fit the bundle.
         DataError: no usable local data, or ``stop`` was set (then the caller sees ``stop.is_set()``).
         BundleError / ConfigError: from the trainer (ConfigError also: the backend is not installed).
     """
-    from device_runtime.backends import ZEROTH_ORDER, create_trainer
+    trainers = trainers or TrainerCache(reuse=False)
+    try:
+        update = _fit(bundle, assignment, data_file, threads=threads, stop=stop, template=template,
+                      extra_metrics=extra_metrics, backend=backend, trainers=trainers)
+    except BaseException:
+        trainers.done(failed=True)
+        raise
+    trainers.done()
+    return update
+
+
+def _fit(bundle: Bundle, assignment: Assignment, data_file: str | Path, *, threads, stop, template, extra_metrics,
+         backend, trainers: TrainerCache) -> Update:
+    from device_runtime.backends import ZEROTH_ORDER
 
     tensors = assignment_tensors(bundle.manifest, assignment)
     cfg = assignment.config
@@ -110,7 +126,7 @@ def fit_assignment(bundle: Bundle, assignment: Assignment, data_file: str | Path
     steps = cfg.local_steps or math.ceil(len(dataset.train) / cfg.batch_size)
     zeroth_order = {"seed": (cfg.seed, assignment.round_id),
                     "candidates": candidate_seeds(cfg.seed, assignment.round_id, cfg.zo_seeds)}
-    trainer = create_trainer(bundle, backend=backend, threads=threads, zeroth_order=zeroth_order)
+    trainer = trainers.trainer(bundle, backend=backend, threads=threads, zeroth_order=zeroth_order)
     trainer.set_parameters(tensors)
     del tensors
     assignment.tensors.clear()  # now copied into the trainer: free the wire copy (100s of MiB) before training

@@ -115,6 +115,14 @@ class Trainer(ABC):
             ConfigError: invalid argument. DataError: fewer batches than ``steps``.
         """
 
+    def start_round(self, zeroth_order: dict) -> None:
+        """Prepare a kept trainer for another round (``device_runtime.trainer_cache``); the round's tensors are
+        loaded next with :meth:`set_parameters`. First-order: nothing to do, AdamW's moments carry over.
+
+        Args:
+            zeroth_order: the round's zeroth-order settings (``seed``, ``candidates``), as at construction.
+        """
+
     @abstractmethod
     def evaluate(self, batches: Iterable[Batch]) -> EvaluateResult:
         """Loss of the current parameters on ``batches`` (no update)."""

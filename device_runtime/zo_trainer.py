@@ -66,7 +66,7 @@ class ZoTrainer(BundleTrainer):
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
         self.manifest, self.progress = self.bundle.manifest, progress
         self.eps, self.distribution = float(eps), distribution
-        self._seeds, self._candidates = np.random.default_rng(seed), tuple(candidates)
+        self.start_round({"seed": seed, "candidates": candidates})
         self._coefficients: dict[int, float] = {}
         self._specs = {spec.name: spec for spec in self.manifest.tensors}
         self._weights = read_checkpoint(self.bundle.path("checkpoint"))
@@ -102,6 +102,11 @@ class ZoTrainer(BundleTrainer):
         for name in self._outputs:
             binding.bind_output(name, "cpu")
         return binding
+
+    def start_round(self, zeroth_order: dict) -> None:
+        """Draw this round's step seeds from ``zeroth_order["seed"]`` among ``zeroth_order["candidates"]``."""
+        self._seeds = np.random.default_rng(zeroth_order.get("seed", 0))
+        self._candidates = tuple(zeroth_order.get("candidates", ()))
 
     # -- parameters -------------------------------------------------------------------------------------
 

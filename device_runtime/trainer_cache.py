@@ -1,0 +1,62 @@
+"""The device's trainer, kept from one round to the next while its bundle stays the same.
+
+Building a trainer costs a round 3-4 s on the default 8-layer bundles (ORT training: the checkpoint, the
+training and eval graphs, the optimizer; measured under load, ``docs/algorithms.md``), and a rebuild under a
+tight ``RLIMIT_DATA`` can fail where the first build fit: a 1.5 GiB Pi of the LoRA simulation lost round 5 to a
+failed arena allocation in its fifth session build. A device that trains the same bundle again only loads the
+round's tensors into the trainer it has.
+
+What carries over: first-order, AdamW's moments and step count (ORT's training API cannot reset them short of
+a rebuild; the effect on accuracy is measured in ``docs/algorithms.md``, "Optimizer state across rounds");
+zeroth-order, nothing (:meth:`Trainer.start_round` draws the round's seeds).
+"""
+
+from __future__ import annotations
+
+from device_runtime.bundle import Bundle
+from device_runtime.memory import release_memory
+from device_runtime.trainer import Trainer
+
+
+class TrainerCache:
+    """At most one trainer, for the bundle it was built on.
+
+    Args:
+        reuse: keep the trainer for the next round (False: a fresh trainer every round, fresh AdamW moments).
+    """
+
+    def __init__(self, *, reuse: bool = True):
+        self.reuse = reuse
+        self.builds = 0  # trainers built so far
+        self._key: tuple | None = None
+        self._trainer: Trainer | None = None
+
+    def trainer(self, bundle: Bundle, *, backend: str | None, threads: int | None,
+                zeroth_order: dict) -> Trainer:
+        """The trainer for this round on ``bundle``: the kept one if it was built on the same bundle files with
+        the same backend and threads, else a new one (the old one is dropped first, so both never coexist).
+
+        Raises:
+            ConfigError / BundleError: as ``backends.create_trainer``.
+        """
+        from device_runtime.backends import create_trainer
+
+        key = (bundle.root, tuple(sorted(bundle.manifest.files.items())), backend, threads)
+        if self._trainer is not None and self.reuse and key == self._key:
+            self._trainer.start_round(zeroth_order)
+            return self._trainer
+        self.clear()
+        self._trainer = create_trainer(bundle, backend=backend, threads=threads, zeroth_order=zeroth_order)
+        self._key, self.builds = key, self.builds + 1
+        return self._trainer
+
+    def done(self, *, failed: bool = False) -> None:
+        """The round is over: drop the trainer unless it is kept (a failed round's trainer never is)."""
+        if failed or not self.reuse:
+            self.clear()
+
+    def clear(self) -> None:
+        """Drop the trainer and hand its memory back to the OS."""
+        if self._trainer is not None:
+            self._trainer = self._key = None
+            release_memory()
