@@ -237,7 +237,8 @@ class DeviceClient:
         self.store = UpdateStore(root / "updates")
         self.session = DeviceSession(cached=self.cache.ids(), known_updates=self.store.pending_ids(),
                                      max_bundle_bytes=self.cache.max_bytes, staging=self.cache.staging_dir)
-        self.trainers = TrainerCache(reuse=reuse_trainer)
+        self.trainers = TrainerCache(reuse=reuse_trainer,
+                                     memory_limit_bytes=None if memory_mib is None else int(memory_mib * MIB))
         self.connections = 0  # successful authentications so far
         self._ws: ClientConnection | None = None
         self._queue: asyncio.Queue[Assignment] = asyncio.Queue()

@@ -108,7 +108,7 @@ def fit_assignment(bundle: Bundle, assignment: Assignment, data_file: str | Path
     except BaseException:
         trainers.done(failed=True)
         raise
-    trainers.done()
+    trainers.done(upload_bytes=sum(a.nbytes for a in update.tensors.values()))
     return update
 
 

@@ -6,6 +6,11 @@ tight ``RLIMIT_DATA`` can fail where the first build fit: a 1.5 GiB Pi of the Lo
 failed arena allocation in its fifth session build. A device that trains the same bundle again only loads the
 round's tensors into the trainer it has.
 
+A kept trainer stays resident while the round's update is serialised and sent (the safetensors bytes, the
+websocket frame and the TLS buffers: about ``WIRE_COPIES`` copies of it). Under a memory limit the trainer is
+kept only if the data segment (``VmData``, what ``RLIMIT_DATA`` limits) plus those copies fits: with full
+experts trainable a 3 GiB phone's 243 MB update did not fit next to its session (MemoryError while sending).
+
 What carries over: first-order, AdamW's moments and step count (ORT's training API cannot reset them short of
 a rebuild; the effect on accuracy is measured in ``docs/algorithms.md``, "Optimizer state across rounds");
 zeroth-order, nothing (:meth:`Trainer.start_round` draws the round's seeds).
@@ -13,9 +18,15 @@ zeroth-order, nothing (:meth:`Trainer.start_round` draws the round's seeds).
 
 from __future__ import annotations
 
+import logging
+
 from device_runtime.bundle import Bundle
-from device_runtime.memory import release_memory
+from device_runtime.memory import release_memory, status_kib
 from device_runtime.trainer import Trainer
+from device_runtime.units import MIB
+
+log = logging.getLogger("fedmoe.device")
+WIRE_COPIES = 4  # of the update while it is sent: numpy, safetensors bytes, websocket frame, TLS / socket buffers
 
 
 class TrainerCache:
@@ -23,10 +34,11 @@ class TrainerCache:
 
     Args:
         reuse: keep the trainer for the next round (False: a fresh trainer every round, fresh AdamW moments).
+        memory_limit_bytes: the device's memory budget (bytes; None: no limit), see :meth:`done`.
     """
 
-    def __init__(self, *, reuse: bool = True):
-        self.reuse = reuse
+    def __init__(self, *, reuse: bool = True, memory_limit_bytes: int | None = None):
+        self.reuse, self.memory_limit_bytes = reuse, memory_limit_bytes
         self.builds = 0  # trainers built so far
         self._key: tuple | None = None
         self._trainer: Trainer | None = None
@@ -50,9 +62,22 @@ class TrainerCache:
         self._key, self.builds = key, self.builds + 1
         return self._trainer
 
-    def done(self, *, failed: bool = False) -> None:
-        """The round is over: drop the trainer unless it is kept (a failed round's trainer never is)."""
+    def done(self, *, failed: bool = False, upload_bytes: int = 0) -> None:
+        """The round's fit is over: keep the trainer, or drop it before the update (``upload_bytes``) is sent.
+
+        Dropped: after a failed round, with ``reuse`` off, or when the data segment plus ``WIRE_COPIES`` copies
+        of the update would exceed ``memory_limit_bytes``.
+        """
         if failed or not self.reuse:
+            self.clear()
+            return
+        data_kib = status_kib("VmData")
+        if self.memory_limit_bytes is None or data_kib is None:
+            return
+        needed = data_kib * 1024 + WIRE_COPIES * upload_bytes
+        if needed > self.memory_limit_bytes:
+            log.info("not keeping the trainer: data segment %.0f MiB + %d x %.0f MiB update > budget %.0f MiB",
+                     data_kib / 1024, WIRE_COPIES, upload_bytes / MIB, self.memory_limit_bytes / MIB)
             self.clear()
 
     def clear(self) -> None:

@@ -76,3 +76,14 @@ def test_a_kept_zeroth_order_trainer_gives_exactly_a_fresh_trainers_update(tiny)
     assert kept.builds == 1
     for kept_update, fresh_update in ((kept_first, fresh_first), (kept_second, fresh_second)):
         assert all(np.array_equal(kept_update.tensors[n], fresh_update.tensors[n]) for n in fresh_update.tensors)
+
+
+def test_a_trainer_is_kept_only_if_its_data_segment_and_the_updates_wire_copies_fit_the_budget(tiny):
+    from device_runtime.memory import status_kib
+
+    bundle, data = tiny
+    data_bytes = status_kib("VmData") * 1024
+    roomy, tight = TrainerCache(memory_limit_bytes=4 * data_bytes), TrainerCache(memory_limit_bytes=data_bytes // 2)
+    for trainers in (roomy, tight):
+        two_rounds(bundle, data, trainers)
+    assert (roomy.builds, tight.builds) == (1, 2)
