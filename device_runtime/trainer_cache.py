@@ -6,10 +6,13 @@ tight ``RLIMIT_DATA`` can fail where the first build fit: a 1.5 GiB Pi of the Lo
 failed arena allocation in its fifth session build. A device that trains the same bundle again only loads the
 round's tensors into the trainer it has.
 
-A kept trainer stays resident while the round's update is serialised and sent (the safetensors bytes, the
-websocket frame and the TLS buffers: about ``WIRE_COPIES`` copies of it). Under a memory limit the trainer is
-kept only if the data segment (``VmData``, what ``RLIMIT_DATA`` limits) plus those copies fits: with full
-experts trainable a 3 GiB phone's 243 MB update did not fit next to its session (MemoryError while sending).
+A kept trainer stays resident while the round's update is stored, serialised and sent. Under a memory limit
+it is kept only if the data segment (``VmData``, what ``RLIMIT_DATA`` limits) plus ``WIRE_COPIES`` copies of
+the update fits. The copies are the numpy tensors, the safetensors bytes, the websocket frame, and asyncio's
+TLS and socket buffers, each over-allocated as it grows. With full experts trainable, a 3 GiB phone's 243 MB
+update did not fit next to its session at 4 copies (MemoryError in the TLS write buffer). So in the default
+mix only the laptop keeps its trainer, while LoRA and zeroth-order updates (a few MB) leave every device
+room to keep one.
 
 What carries over: first-order, AdamW's moments and step count (ORT's training API cannot reset them short of
 a rebuild; the effect on accuracy is measured in ``docs/algorithms.md``, "Optimizer state across rounds");
@@ -26,7 +29,7 @@ from device_runtime.trainer import Trainer
 from device_runtime.units import MIB
 
 log = logging.getLogger("fedmoe.device")
-WIRE_COPIES = 4  # of the update while it is sent: numpy, safetensors bytes, websocket frame, TLS / socket buffers
+WIRE_COPIES = 8  # of the update while it is sent (module docstring); 4 was measured too few
 
 
 class TrainerCache:
