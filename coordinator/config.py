@@ -174,6 +174,8 @@ def _check(cfg: CoordinatorConfig) -> None:
          "max_connections and max_unauthenticated_per_address must be >= 1"),
         (not cfg.login_timeout_s > 0, "login_timeout_s must be > 0"),
         (not isinstance(cfg.keep_update_tensors, bool), "keep_update_tensors must be true or false"),
+        (cfg.fit.logit_adjustment > 0 and len(set(cfg.fit.labels or ())) < 2,
+         "[fit] logit_adjustment needs labels = [...], the candidate labels (at least two)"),
     ]
     for bad, message in problems:
         if bad:

@@ -230,6 +230,7 @@ class LocalDataset:
             except DataError as exc:
                 raise DataError(f"record {number}: {exc}") from exc
         self.train, self.eval = split_train_eval(encoded, eval_fraction=eval_fraction, seed=seed)
+        self.encoder = encoder
         self.pad_id = encoder.pad_id
         self.pad_to = encoder.seq_len if pad_to_seq_len else None
         self.seed = seed

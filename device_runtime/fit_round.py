@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from device_runtime.answer_prior import local_answer_shift
 from device_runtime.bundle import TOKENIZER_FILE, Bundle, Manifest
 from device_runtime.data import DEFAULT_TEMPLATE, Batch, LocalDataset
 from device_runtime.errors import ConfigError, DataError, ProtocolError
@@ -124,6 +125,7 @@ def _fit(bundle: Bundle, assignment: Assignment, data_file: str | Path, *, threa
     if not dataset.train:
         raise DataError(f"{data_file} holds no training record")
     steps = cfg.local_steps or math.ceil(len(dataset.train) / cfg.batch_size)
+    answer = local_answer_shift(dataset, cfg.labels, cfg.logit_adjustment)
     zeroth_order = {"seed": (cfg.seed, assignment.round_id),
                     "candidates": candidate_seeds(cfg.seed, assignment.round_id, cfg.zo_seeds)}
     trainer = trainers.trainer(bundle, backend=backend, threads=threads, zeroth_order=zeroth_order)
@@ -135,7 +137,7 @@ def _fit(bundle: Bundle, assignment: Assignment, data_file: str | Path, *, threa
     result = trainer.fit(until_stopped(dataset.train_batches(cfg.batch_size), stop), steps=steps,
                          learning_rate=(is_zo and cfg.zo_learning_rate) or cfg.learning_rate,
                          aux_loss_coef=cfg.aux_loss_coef, routing_prior=prior, routing_reg_coef=cfg.routing_reg_coef,
-                         prox_mu=cfg.prox_mu)
+                         prox_mu=cfg.prox_mu, answer_shift=answer)
     seconds = time.perf_counter() - start
     metrics = {**_metrics(result, seconds), "model_version": float(assignment.model_version),
                "zeroth_order": float(is_zo), **(extra_metrics or {})}

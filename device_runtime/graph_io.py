@@ -1,7 +1,8 @@
 """What a bundle's graphs take and give, shared by every training backend.
 
 Feeds in ``manifest.inputs`` order and outputs by name (``export/training_graph.py`` documents both):
-the batch, the loss coefficients, the FedAlign-MoE routing priors ``(E_l,)`` and, for FedProx bundles,
+the batch, the loss coefficients, the FedAlign-MoE routing priors ``(E_l,)``, the logit adjustment of the answer
+tokens (``answer_ids`` / ``answer_bias``, ``device_runtime.answer_prior``) and, for FedProx bundles,
 ``prox_mu`` and one ``<param>.anchor`` per trainable tensor. Also the bundle's ``weights.safetensors``
 checked against the manifest, and the target-token count the loss averages over.
 """
@@ -19,6 +20,8 @@ from device_runtime.errors import BundleError, ConfigError
 LOSS, CE_LOSS, NUM_TOKENS = "loss", "ce_loss", "num_tokens"
 ROUTING_STATS, ROUTING_PRIOR = "routing_stats_{}", "routing_prior_{}"
 ANCHOR_SUFFIX = ".anchor"
+ANSWER_IDS, ANSWER_BIAS = "answer_ids", "answer_bias"
+NO_ANSWER_SHIFT = (np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.float32))  # token 0 shifted by 0: none
 ROUTING_REG_INPUT = "routing_kl_coef"  # the graph input of FitConfig.routing_reg_coef (its name in the bundle format)
 DTYPES = {"float32": np.float32, "float16": np.float16}
 
@@ -30,18 +33,23 @@ def stats_names(manifest: Manifest) -> list[str]:
 
 def constant_inputs(manifest: Manifest, *, aux_loss_coef: float, routing_prior: list[np.ndarray] | None,
                     routing_reg_coef: float, prox_mu: float,
-                    anchors: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+                    anchors: Callable[[], dict[str, np.ndarray]],
+                    answer_shift: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """Every graph input except the batch (and the weights), by name.
 
     Args:
         anchors: returns the FedProx anchors (the parameters at the start of ``fit``); called only for
             FedProx bundles.
+        answer_shift: ``(answer_ids (A,) int64, answer_bias (A,) float32)`` (``answer_prior.answer_shift``);
+            None: no shift. A graph without these inputs (exported before them) is not fed them.
 
     Raises:
-        ConfigError: a bad prior, or ``prox_mu > 0`` for a bundle without FedProx inputs.
+        ConfigError: a bad prior or answer shift, or ``prox_mu > 0`` for a bundle without FedProx inputs.
     """
     scalar = lambda v: np.array(float(v), dtype=np.float32)  # noqa: E731
     feeds = {"aux_loss_coef": scalar(aux_loss_coef), ROUTING_REG_INPUT: scalar(routing_reg_coef)}
+    if ANSWER_IDS in manifest.inputs:
+        feeds[ANSWER_IDS], feeds[ANSWER_BIAS] = check_answer_shift(answer_shift or NO_ANSWER_SHIFT)
     for l, prior in enumerate(check_priors(routing_prior, manifest.shape_key.experts_per_layer)):
         feeds[ROUTING_PRIOR.format(l)] = prior
     if manifest.shape_key.prox:
@@ -86,6 +94,18 @@ def check_priors(priors: list[np.ndarray] | None, counts: tuple[int, ...]) -> li
             not np.all(np.isfinite(p)) or np.any(p < 0) for p in priors):
         raise ConfigError(f"routing_prior must be finite non-negative arrays of shapes {[(c,) for c in counts]}")
     return priors
+
+
+def check_answer_shift(shift: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Validated ``(answer_ids (A,) int64, answer_bias (A,) float32)``, A >= 1.
+
+    Raises:
+        ConfigError: other shapes, a negative id or a non-finite bias.
+    """
+    ids, bias = np.asarray(shift[0], dtype=np.int64), np.asarray(shift[1], dtype=np.float32)
+    if ids.ndim != 1 or ids.shape != bias.shape or not ids.size or np.any(ids < 0) or not np.all(np.isfinite(bias)):
+        raise ConfigError("answer_shift must be two equal-length 1-D arrays: token ids >= 0 and finite biases")
+    return ids, bias
 
 
 def read_weights(bundle: Bundle) -> dict[str, np.ndarray]:

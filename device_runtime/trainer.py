@@ -96,7 +96,7 @@ class Trainer(ABC):
     @abstractmethod
     def fit(self, batches: Iterable[Batch], *, steps: int, learning_rate: float, aux_loss_coef: float = 0.01,
             routing_prior: list[np.ndarray] | None = None, routing_reg_coef: float = 0.0,
-            prox_mu: float = 0.0) -> FitResult:
+            prox_mu: float = 0.0, answer_shift: tuple[np.ndarray, np.ndarray] | None = None) -> FitResult:
         """Run ``steps`` optimizer steps, one per batch taken from ``batches``.
 
         Args:
@@ -110,6 +110,8 @@ class Trainer(ABC):
             routing_reg_coef: lambda_r of the FedAlign-MoE term ``lambda_r * KL(p_local || p_global)``.
             prox_mu: FedProx mu (only for bundles whose shape key has ``prox``); the anchor is the
                 parameters at the start of ``fit``.
+            answer_shift: the logit adjustment ``(answer_ids (A,), answer_bias (A,))`` of the first answer token
+                (``device_runtime.answer_prior``); None: none.
 
         Raises:
             ConfigError: invalid argument. DataError: fewer batches than ``steps``.
@@ -164,7 +166,7 @@ class BundleTrainer(Trainer):
 
     def fit(self, batches: Iterable[Batch], *, steps: int, learning_rate: float, aux_loss_coef: float = 0.01,
             routing_prior: list[np.ndarray] | None = None, routing_reg_coef: float = 0.0,
-            prox_mu: float = 0.0) -> FitResult:
+            prox_mu: float = 0.0, answer_shift: tuple[np.ndarray, np.ndarray] | None = None) -> FitResult:
         """See :meth:`Trainer.fit`. Shapes: ``routing_prior[l]`` is ``(E_l,)``.
 
         Raises:
@@ -175,7 +177,8 @@ class BundleTrainer(Trainer):
         if steps < 1 or not (math.isfinite(learning_rate) and learning_rate > 0):
             raise ConfigError(f"need steps >= 1 and a finite learning rate > 0, got {steps}, {learning_rate}")
         constants = constant_inputs(self.manifest, aux_loss_coef=aux_loss_coef, routing_prior=routing_prior,
-                                    routing_reg_coef=routing_reg_coef, prox_mu=prox_mu, anchors=self.get_parameters)
+                                    routing_reg_coef=routing_reg_coef, prox_mu=prox_mu, anchors=self.get_parameters,
+                                    answer_shift=answer_shift)
         self._begin_fit(learning_rate=learning_rate, steps=steps)
         routing = RoutingStats(self.manifest.shape_key.experts_per_layer, self.manifest.expert_ids)
         losses, examples, tokens, elapsed = [], 0, 0, 0.0

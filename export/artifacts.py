@@ -28,7 +28,7 @@ import torch
 
 from device_runtime.bundle import GRAPH_FILES
 from device_runtime.errors import ExportError
-from export.training_graph import DYNAMIC_INPUTS, TrainingWrapper
+from export.training_graph import ANSWER_INPUTS, DYNAMIC_INPUTS, TrainingWrapper
 
 OPSET = 17
 ADAMW_EPS = 1e-8
@@ -62,6 +62,7 @@ def _onnx_export(wrapper: TrainingWrapper, path: Path, example_batch: dict[str, 
     """TorchScript export of ``wrapper`` to ``path`` with the recipe above."""
     args = tuple(example_batch[name] for name in wrapper.input_names)
     dynamic = {name: {0: "batch", 1: "seq_len"} for name in DYNAMIC_INPUTS}
+    dynamic.update({name: {0: "num_answers"} for name in ANSWER_INPUTS})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings about Python control flow on shapes
         torch.onnx.export(

@@ -24,7 +24,8 @@ from export.loading import cache_dir, checkpoint_sha256
 GRAPH_INFO = "graph.json"
 # Bump whenever export.training_graph or export.artifacts changes the exported graph: the cache is keyed by
 # (base model, shape key, GRAPH_VERSION), so an old graph is never reused. 2: lm_head on target positions only.
-GRAPH_VERSION = 2
+# 3: the answer_ids / answer_bias inputs (logit adjustment).
+GRAPH_VERSION = 3
 
 
 @dataclass(frozen=True)

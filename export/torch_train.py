@@ -2,8 +2,10 @@
 (the simulation's centralized bound, the Flower peer of ``bench/bench_vs_flower.py``).
 
 AdamW with the devices' settings (eps 1e-8, weight decay 0.01, ``docs/stack.md``), causal-LM loss on the completion
-tokens (labels -100 elsewhere, shifted inside the model), plus ``aux_loss_coef`` times the MoE load-balancing
-loss when the model has routers (Shazeer et al. 2017 / Switch Transformer, as transformers computes it).
+tokens (labels -100 elsewhere, shifted as the device's graph shifts them), with the device's logit adjustment of
+the first answer token (``export/training_graph.py``: the same :func:`select_targets` and
+:func:`adjust_first_target`), plus ``aux_loss_coef`` times the MoE load-balancing loss when the model has routers
+(Shazeer et al. 2017 / Switch Transformer, as transformers computes it).
 """
 
 from __future__ import annotations
@@ -21,11 +23,12 @@ def trainable_only(model, names: Sequence[str]) -> list:
 
 
 def fit_steps(model, params: list, batches: Iterable, *, steps: int, learning_rate: float,
-              aux_loss_coef: float = 0.01, optimizer=None) -> tuple[list[float], object]:
+              aux_loss_coef: float = 0.01, optimizer=None, answer_shift=None) -> tuple[list[float], object]:
     """``steps`` AdamW steps of ``params``, one per ``device_runtime.data.Batch`` from ``batches``.
 
     Args:
         optimizer: an optimizer to continue (its moments carry over), or None for a fresh AdamW.
+        answer_shift: ``(answer_ids (A,), answer_bias (A,))`` of ``device_runtime.answer_prior``, or None.
     Returns:
         (the loss of each step (nats per completion token), the optimizer).
     """
@@ -37,11 +40,28 @@ def fit_steps(model, params: list, batches: Iterable, *, steps: int, learning_ra
     model.train()
     losses = []
     for _, batch in zip(range(steps), batches):
-        out = model(input_ids=torch.from_numpy(batch.input_ids), attention_mask=torch.from_numpy(batch.attention_mask),
-                    labels=torch.from_numpy(batch.labels))
+        loss = batch_loss(model, batch, aux_loss_coef=aux_loss_coef, answer_shift=answer_shift)
         optimizer.zero_grad()
-        out.loss.backward()
+        loss.backward()
         optimizer.step()
-        losses.append(float(out.loss.detach()))
+        losses.append(float(loss.detach()))
     model.eval()
     return losses, optimizer
+
+
+def batch_loss(model, batch, *, aux_loss_coef: float, answer_shift=None):
+    """The device graph's training loss of one ``Batch`` (``()`` tensor): mean completion-token cross-entropy with
+    the answer shift at each row's first target, plus ``aux_loss_coef`` times the load-balancing loss."""
+    import torch
+
+    from device_runtime.graph_io import NO_ANSWER_SHIFT
+    from export.training_graph import IGNORE_INDEX, adjust_first_target, causal_lm_loss, select_targets
+
+    mask = torch.from_numpy(batch.attention_mask)
+    out = model(input_ids=torch.from_numpy(batch.input_ids), attention_mask=mask)
+    labels = torch.from_numpy(batch.labels).masked_fill(mask == 0, IGNORE_INDEX)
+    logits, targets = select_targets(out.logits, labels)  # (batch, K, vocab), (batch, K)
+    ids, bias = (torch.as_tensor(a) for a in (answer_shift or NO_ANSWER_SHIFT))
+    loss = causal_lm_loss(adjust_first_target(logits, ids, bias), targets)
+    aux = getattr(out, "aux_loss", None)
+    return loss if aux is None or not aux_loss_coef else loss + aux_loss_coef * aux

@@ -14,6 +14,10 @@ name                        shape                   dtype    meaning
 ``aux_loss_coef``           ()                      float32  load-balancing loss coefficient
 ``routing_kl_coef``         ()                      float32  FedAlign-MoE lambda_r (0 disables)
 ``routing_prior_{l}``       (E_l,)                  float32  p_global for layer l (FedAlign-MoE)
+``answer_ids``              (num_answers,)          int64    token ids whose logit is shifted at each row's
+                                                             first target (the answer tokens of a label set)
+``answer_bias``             (num_answers,)          float32  the shift of each: logit adjustment (below);
+                                                             zeros leave the loss unchanged
 ``prox_mu``                 ()                      float32  FedProx mu (only with ``prox=True``)
 ``<param>.anchor``          shape of ``<param>``    float32  FedProx anchor w_global, one per trainable
                                                              tensor, in ``trainable`` order (``prox=True``)
@@ -34,6 +38,13 @@ only (:func:`select_targets`: ``batch * K`` rows, K = most targets in a row, ins
 value equals the full-logits loss. Measured on the default bundle shapes (8-layer SmolLM2 e4k2, batch 4 x 64,
 one-token BBC News labels, two runs on a shared machine): step time -33 to -44% (LoRA, 4 experts) and -35 to
 -47% (full experts, 1 per layer), peak RSS -64 to -73 and -118 to -148 MiB (``bench/bench_train_local.py``).
+
+Logit adjustment (balanced softmax: Menon et al., "Long-tail learning via logit adjustment", ICLR 2021, eq. 10;
+Ren et al., "Balanced Meta-Softmax", NeurIPS 2020): at each row's first target, ``z[answer_ids[a]] +=
+answer_bias[a]`` before the cross-entropy, with ``answer_bias = tau * log(pi)`` of the device's own label prior
+``pi`` (``device_runtime/answer_prior.py``). A device then learns ``p(y | x) / pi(y)`` instead of its skewed
+``p(y | x)``, so the average of the devices' models does not inherit their label priors. The shift exists only
+in the training loss: evaluation feeds zeros, and the exported global model has no such input.
 
 Objective (averages over MoE layers)::
 
@@ -60,6 +71,8 @@ LABELS = "labels"
 AUX_LOSS_COEF = "aux_loss_coef"
 ROUTING_KL_COEF = "routing_kl_coef"
 ROUTING_PRIOR = "routing_prior_{}"
+ANSWER_IDS = "answer_ids"
+ANSWER_BIAS = "answer_bias"
 PROX_MU = "prox_mu"
 ANCHOR_SUFFIX = ".anchor"
 
@@ -70,6 +83,7 @@ NUM_TOKENS = "num_tokens"
 
 IGNORE_INDEX = -100
 DYNAMIC_INPUTS = (INPUT_IDS, ATTENTION_MASK, LABELS)
+ANSWER_INPUTS = (ANSWER_IDS, ANSWER_BIAS)  # dynamic axis 0: num_answers
 _EPS = 1e-12
 
 
@@ -151,6 +165,26 @@ def select_targets(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     return hidden_sel, labels_sel
 
 
+def adjust_first_target(logits: torch.Tensor, answer_ids: torch.Tensor, answer_bias: torch.Tensor) -> torch.Tensor:
+    """Add ``answer_bias[a]`` to the logit of token ``answer_ids[a]`` at slot 0 (each row's first target).
+
+    Built from Equal, MatMul and Mul: the ``(num_answers, vocab)`` one-hot of the ids times the biases gives the
+    ``(vocab,)`` shift, with no Scatter (``docs/stack.md``). Repeated ids add up.
+
+    Args:
+        logits: ``(batch, K, vocab)`` from :func:`select_targets`' hidden states. answer_ids: ``(num_answers,)``
+            int64. answer_bias: ``(num_answers,)`` float32, finite.
+
+    Returns:
+        ``(batch, K, vocab)``: ``logits`` with the shift on slot 0.
+    """
+    vocab = torch.arange(logits.shape[-1], device=logits.device)
+    one_hot = (answer_ids.unsqueeze(1) == vocab).to(logits.dtype)  # (num_answers, vocab)
+    shift = torch.matmul(answer_bias.to(logits.dtype).unsqueeze(0), one_hot)  # (1, vocab)
+    first = (torch.arange(logits.shape[1], device=logits.device) == 0).to(logits.dtype)  # (K,)
+    return logits + first.view(1, -1, 1) * shift.unsqueeze(0)
+
+
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy over target positions of already aligned logits and labels.
 
@@ -220,6 +254,7 @@ class TrainingWrapper(nn.Module):
         """Graph input names in feed order."""
         names = [INPUT_IDS, ATTENTION_MASK, LABELS, AUX_LOSS_COEF, ROUTING_KL_COEF]
         names += [ROUTING_PRIOR.format(l) for l in range(len(self.routers))]
+        names += list(ANSWER_INPUTS)
         if self.prox:
             names += [PROX_MU] + [n + ANCHOR_SUFFIX for n in self.trainable]
         return tuple(names)
@@ -239,16 +274,21 @@ class TrainingWrapper(nn.Module):
         aux_loss_coef: float = 0.0,
         routing_kl_coef: float = 0.0,
         routing_priors: list | None = None,
+        answer_ids=(0,),
+        answer_bias=(0.0,),
         prox_mu: float = 0.0,
         anchors: dict | None = None,
     ) -> dict[str, torch.Tensor]:
-        """All graph inputs by name, in feed order. Priors default to uniform, anchors to the current weights."""
+        """All graph inputs by name, in feed order. Priors default to uniform, anchors to the current weights,
+        the answer shift to none (one id with bias 0)."""
         scalar = lambda v: torch.tensor(float(v), dtype=torch.float32)  # noqa: E731
         inputs = {INPUT_IDS: input_ids, ATTENTION_MASK: attention_mask, LABELS: labels,
                   AUX_LOSS_COEF: scalar(aux_loss_coef), ROUTING_KL_COEF: scalar(routing_kl_coef)}
         for l, count in enumerate(self.num_experts):
             prior = torch.full((count,), 1.0 / count) if routing_priors is None else routing_priors[l]
             inputs[ROUTING_PRIOR.format(l)] = torch.as_tensor(prior, dtype=torch.float32)
+        inputs[ANSWER_IDS] = torch.as_tensor(answer_ids, dtype=torch.int64)
+        inputs[ANSWER_BIAS] = torch.as_tensor(answer_bias, dtype=torch.float32)
         if self.prox:
             inputs[PROX_MU] = scalar(prox_mu)
             params = dict(self.named_parameters())
@@ -260,12 +300,14 @@ class TrainingWrapper(nn.Module):
     def forward(self, input_ids, attention_mask, labels, aux_loss_coef, routing_kl_coef, *rest):
         """Graph inputs positionally in :attr:`input_names` order; returns the :attr:`output_names` tuple."""
         num_layers = len(self.routers)
-        priors, prox_inputs = rest[:num_layers], rest[num_layers:]
+        priors, (answer_ids, answer_bias), prox_inputs = rest[:num_layers], rest[num_layers:num_layers + 2], \
+            rest[num_layers + 2:]
         self._captured = []
         hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
         labels = torch.where(attention_mask == 0, torch.full_like(labels, IGNORE_INDEX), labels)
         hidden_sel, labels_sel = select_targets(hidden, labels)  # the lm_head runs on targets only
-        ce = causal_lm_loss(self.lm_head(hidden_sel), labels_sel)
+        logits = adjust_first_target(self.lm_head(hidden_sel), answer_ids, answer_bias)  # (batch, K, vocab)
+        ce = causal_lm_loss(logits, labels_sel)
         valid = attention_mask.reshape(-1, 1).to(torch.float32)  # (N, 1)
         num_valid = valid.sum().clamp_min(1.0)
         captured, self._captured = self._captured, []

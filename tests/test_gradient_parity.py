@@ -7,7 +7,7 @@ coefficients: every trainable tensor's ORT gradient equals torch's, three ORT Ad
 torch AdamW steps, and the routing_stats outputs equal a numpy reference built from the model's own
 ``output_router_logits``. The graph runs the lm_head on target positions only (``select_targets``): its loss
 and gradients are checked against Hugging Face's own full-logits ``ForCausalLMLoss``, on batches whose rows
-have different numbers of targets, none, and padding.
+have different numbers of targets, none, and padding. The parity batches carry a logit adjustment of the first target (``answer_ids`` / ``answer_bias``).
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ FAMILIES = {
 }
 MODES = ("experts", "lora")
 AUX, KL_COEF, LR = 0.05, 0.3, 1e-2
+ANSWER_IDS, ANSWER_BIAS = (5, 40, 77, 3), (-0.7, -20.0, 1.3, -2.2)  # a logit adjustment, one absent label (floor)
 
 
 def tiny_model(family: str, mode: str) -> tuple[torch.nn.Module, list[str]]:
@@ -97,7 +98,7 @@ def graph_inputs(wrapper: TrainingWrapper, seed: int = 1) -> dict[str, torch.Ten
         params = dict(wrapper.named_parameters())
         anchors = {n: params[n].detach() + 0.05 * torch.randn_like(params[n]) for n in wrapper.trainable}
     return wrapper.make_inputs(**batch(seed), aux_loss_coef=AUX, routing_kl_coef=KL_COEF, routing_priors=priors,
-                               prox_mu=0.7, anchors=anchors)
+                               answer_ids=ANSWER_IDS, answer_bias=ANSWER_BIAS, prox_mu=0.7, anchors=anchors)
 
 
 def _export(tmp_path_factory, family, mode, prox=False):
@@ -392,3 +393,22 @@ def test_target_only_lm_head_loss_and_gradients_match_full_logits(exported):
         assert float(module(*feed(wrapper.make_inputs(**no_target)))[1]) == 0.0
     finally:
         wrapper.load_state_dict(initial)
+
+
+def test_answer_shift_moves_each_rows_first_target_only():
+    """The logit adjustment == the full-logits loss with ``answer_bias`` added by hand at each row's first target
+    position (row 0's first counted target is position 4: position 0's label has no predictor)."""
+    model, _ = tiny_model("mixtral", "experts")
+    wrapper = TrainingWrapper(model)
+    batch = target_batch(3)
+    labels = torch.where(batch["attention_mask"] == 0, -100, batch["labels"])
+    hidden = wrapper.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           use_cache=False).last_hidden_state
+    logits = wrapper.lm_head(hidden).detach()
+    for row, t in ((0, 4), (1, 8), (3, 1)):  # t predicts labels[t + 1]
+        logits[row, t, list(ANSWER_IDS)] += torch.tensor(ANSWER_BIAS)
+    want = ForCausalLMLoss(logits, labels, VOCAB)
+    got = wrapper(*wrapper.make_inputs(**batch, answer_ids=ANSWER_IDS, answer_bias=ANSWER_BIAS).values())[1]
+    torch.testing.assert_close(got.detach(), want, rtol=1e-5, atol=1e-6)
+    plain = wrapper(*wrapper.make_inputs(**batch).values())[1]
+    assert abs(float(plain.detach()) - float(got.detach())) > 1e-3  # the shift changed the loss: the test can fail

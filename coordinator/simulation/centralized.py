@@ -2,7 +2,8 @@
 
 The same model and trainable set as the devices (``MoeDescription.trainable_tensors``: routers plus experts,
 or LoRA adapters), the union of the devices' data files, the same batch size, sequence length and learning rate,
-and the federation's number of optimizer steps (per round ``local_steps`` times the number of devices), trained
+the federation's number of optimizer steps (per round ``local_steps`` times the number of devices) and its logit
+adjustment (with the union's label prior), trained
 in one process with torch (``export.torch_train``; one AdamW throughout). After each round's steps the model is
 scored by the coordinator's :class:`~coordinator.evaluation.Evaluator` on the same held-out set.
 """
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from coordinator.simulation.report import RoundRecord
+from device_runtime.answer_prior import local_answer_shift
 from device_runtime.data import LocalDataset, TextEncoder, read_jsonl
 from device_runtime.wire import FitConfig
 
@@ -41,7 +43,9 @@ def run_centralized(checkpoint: Path, data_files: Sequence[Path], test: Sequence
     params = trainable_only(model, names)
     records = [r for f in data_files for r in read_jsonl(f)]
     encoder = TextEncoder(checkpoint / "tokenizer.json", seq_len=fit.seq_len)
-    batches = LocalDataset(records, encoder, eval_fraction=0.0, seed=seed).train_batches(fit.batch_size)
+    dataset = LocalDataset(records, encoder, eval_fraction=0.0, seed=seed)
+    batches, answer = dataset.train_batches(fit.batch_size), local_answer_shift(dataset, fit.labels,
+                                                                               fit.logit_adjustment)
     evaluator = Evaluator(checkpoint, test, trainable_mode=trainable_mode, lora_rank=lora_rank, seed=seed,
                           seq_len=fit.seq_len)
     out, optimizer = [], None
@@ -49,7 +53,8 @@ def run_centralized(checkpoint: Path, data_files: Sequence[Path], test: Sequence
         torch.set_num_threads(threads)  # the evaluator sets its own count
         start = time.monotonic()
         _, optimizer = fit_steps(model, params, batches, steps=fit.local_steps * len(data_files),
-                                 learning_rate=fit.learning_rate, aux_loss_coef=fit.aux_loss_coef, optimizer=optimizer)
+                                 learning_rate=fit.learning_rate, aux_loss_coef=fit.aux_loss_coef, optimizer=optimizer,
+                                 answer_shift=answer)
         wall = time.monotonic() - start
         score = evaluator.score({n: p.detach().numpy() for n, p in zip(names, params)})
         out.append(RoundRecord(NAME, server_round, score.accuracy, score.loss, wall, 0, 0))

@@ -86,6 +86,9 @@ def _round_table(records: list[RoundRecord]) -> Table:
               help="What devices train: LoRA adapters on every kept expert + routers, or the full experts + routers. "
                    " [default: from the preset: experts]")
 @click.option("--lora-rank", type=int, default=None, help="LoRA rank r (with --trainable lora).  [default: 8]")
+@click.option("--logit-adjustment", type=float, default=None,
+              help="tau of the balanced softmax each device trains with: the logits of the labels' first answer token "
+                   "shifted by tau * log(its own label prior), in training only (0: off).  [default: from the preset: 1]")
 @click.option("--update-dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
               help="The dtype devices send their updates in (float16 halves the upload).")
 @click.option("--slots", default=2, show_default=True, help="Devices training at the same time (machine cores).")
@@ -93,7 +96,7 @@ def _round_table(records: list[RoundRecord]) -> Table:
 @click.option("--name", default=None, help="Run name.  [default: <preset>-<strategies>-<time>]")
 def simulate_command(preset, strategy, compare, devices_file, num_devices, rounds, local_steps, num_layers,
                      learning_rate, seq_len, test_size, alpha, seed, data_file, text_field, label_field, trainable,
-                     lora_rank, update_dtype, slots, out, name):
+                     lora_rank, logit_adjustment, update_dtype, slots, out, name):
     """Simulate a federation on this machine: a coordinator and N device runtimes as separate processes
     over real websockets on loopback, on real data, each device under an OS memory limit equal to its budget.
 
@@ -101,7 +104,8 @@ def simulate_command(preset, strategy, compare, devices_file, num_devices, round
     registries and the final global states are.
     """
     chosen = with_overrides(PRESETS[preset], rounds=rounds, local_steps=local_steps, num_layers=num_layers,
-                            learning_rate=learning_rate, seq_len=seq_len, test_size=test_size)
+                            learning_rate=learning_rate, seq_len=seq_len, test_size=test_size,
+                            logit_adjustment=logit_adjustment)
     chosen = _with_trainable(chosen, trainable, lora_rank, learning_rate)
     strategies = _strategies(strategy, compare)
     name = name or f"{preset}-{'-'.join(strategies)}-{time.strftime('%Y%m%d-%H%M%S')}"

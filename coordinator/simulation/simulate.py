@@ -41,6 +41,7 @@ class Preset:
     num_devices: int | None
     trainable_mode: str = "experts"  # what devices train: "experts" (full, + routers) or "lora" (adapters + routers)
     lora_rank: int = 0               # LoRA r (lora only)
+    logit_adjustment: float = 1.0    # tau of the devices' balanced softmax on the answer token (0: off)
 
 
 # Local AdamW rate by trainable mode, for a preset run with the other mode (``--trainable``): full experts at
@@ -106,10 +107,11 @@ def prepare_data(plan: SimulationPlan) -> tuple[list[Path], list[dict], list[str
     return files, test, labels, label_histogram(parts, labels)
 
 
-def _fit(plan: SimulationPlan) -> FitConfig:
+def _fit(plan: SimulationPlan, labels: list[str]) -> FitConfig:
     preset = plan.preset
     return FitConfig(batch_size=preset.batch_size, seq_len=preset.seq_len, learning_rate=preset.learning_rate,
-                     local_steps=preset.local_steps, update_dtype=plan.update_dtype)
+                     local_steps=preset.local_steps, update_dtype=plan.update_dtype, labels=tuple(labels),
+                     logit_adjustment=preset.logit_adjustment)
 
 
 def _zero_shot(checkpoint: Path, test: list[dict], plan: SimulationPlan):
@@ -145,13 +147,13 @@ def simulate(plan: SimulationPlan, on_event: Callable[[str, object], None]) -> d
         on_event("round", start)
         if strategy == CENTRALIZED:
             on_event("stage", f"{strategy}: training on the union of the device files in this process")
-            records += run_centralized(checkpoint, files, test, rounds=plan.preset.rounds, fit=_fit(plan),
+            records += run_centralized(checkpoint, files, test, rounds=plan.preset.rounds, fit=_fit(plan, labels),
                                        trainable_mode=plan.preset.trainable_mode, lora_rank=plan.preset.lora_rank, seed=plan.seed,
                                        on_round=lambda r: on_event("round", r), threads=plan.slots)
             continue
         on_event("stage", f"{strategy}: starting the coordinator and {len(plan.devices)} devices")
         fed = Federation(strategy=strategy, rounds=plan.preset.rounds, checkpoint=checkpoint, devices=plan.devices,
-                         data_files=tuple(files), fit=_fit(plan), eval_data=plan.out / "data" / "test.jsonl",
+                         data_files=tuple(files), fit=_fit(plan, labels), eval_data=plan.out / "data" / "test.jsonl",
                          trainable_mode=plan.preset.trainable_mode,
                          lora_rank=plan.preset.lora_rank, calibration_texts=tuple(default_texts()), seed=plan.seed,
                          slots=plan.slots)

@@ -24,6 +24,7 @@ MAX_EXPERT_ID = 1 << 20
 MAX_NUM_EXAMPLES = 1 << 30  # sequences a device may report per round (about 10**9: no device gets near)
 MAX_NUM_TOKENS = 1 << 40
 MAX_TEXT = 2000  # characters of a free-text field (error messages, ack reasons)
+MAX_LABELS = 1024  # candidate labels of FitConfig.labels (logit adjustment)
 MAX_ZO_SEEDS = 4096  # seeds of a zeroth-order ZoUpdate (FedKSeed's K; ~100 KB of header at most)
 ERROR_CODES = (
     "bad_frame",  # frame shorter than its declared lengths, or a payload where none belongs

@@ -11,7 +11,7 @@ import msgspec
 
 from device_runtime.shape_key import ShapeKey
 from device_runtime.errors import ProtocolError
-from device_runtime.wire.fields import (MAX_NUM_EXAMPLES, MAX_NUM_TOKENS, MAX_TEXT, MAX_ZO_SEEDS, Count, ExpertIds, Float, Id,
+from device_runtime.wire.fields import (MAX_LABELS, MAX_NUM_EXAMPLES, MAX_NUM_TOKENS, MAX_TEXT, MAX_ZO_SEEDS, Count, ExpertIds, Float, Id,
                                         Int, JsonObject, Metrics, Profile, Raw, RelPath, Sha256, Text, Tuples,
                                         WireDtype, payload_field, printable, validate)
 
@@ -34,6 +34,9 @@ class FitConfig:
         zo_learning_rate: SGD step size of zeroth-order devices (MeZO); 0 = ``learning_rate``.
         zo_seeds: K, FedKSeed's candidate seeds per round (``zo_directions.candidate_seeds(seed, round, K)``);
             a zeroth-order device then uploads a :class:`ZoUpdate` instead of tensors. 0 = dense tensors.
+        labels: the federation's candidate labels (classification records' ``label`` values), or None.
+        logit_adjustment: tau of the balanced-softmax shift ``tau * log pi`` of each label's first answer token by
+            the device's own label prior pi (``device_runtime.answer_prior``); 0 = off; needs ``labels``.
     """
 
     batch_size: Int(1, 1 << 16) = 8
@@ -48,6 +51,8 @@ class FitConfig:
     update_dtype: WireDtype = "float32"
     zo_learning_rate: Float(0.0) = 0.0
     zo_seeds: Int(0, MAX_ZO_SEEDS) = 0
+    labels: Annotated[tuple[Text(200), ...], msgspec.Meta(max_length=MAX_LABELS)] | None = None
+    logit_adjustment: Float(0.0) = 0.0
 
     @classmethod
     def from_dict(cls, data: dict) -> "FitConfig":
