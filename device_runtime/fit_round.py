@@ -47,7 +47,7 @@ def assignment_tensors(manifest: Manifest, assignment: Assignment) -> dict[str, 
     return to_float32(assignment.tensors)
 
 
-def local_prior(config: FitConfig, manifest: Manifest, expert_ids) -> list[np.ndarray] | None:
+def local_prior(config: FitConfig, num_experts: int, expert_ids) -> list[np.ndarray] | None:
     """FedAlign-MoE's p_global restricted to the kept experts and renormalised, ``(E_l,)`` per layer.
 
     The device's router is a softmax over its kept experts only, so the global distribution over all
@@ -59,8 +59,8 @@ def local_prior(config: FitConfig, manifest: Manifest, expert_ids) -> list[np.nd
     if config.routing_prior is None:
         return None
     prior = config.routing_prior
-    if len(prior) != len(expert_ids) or any(len(p) != manifest.num_experts for p in prior):
-        raise ConfigError(f"routing_prior must give {manifest.num_experts} probabilities for each of "
+    if len(prior) != len(expert_ids) or any(len(p) != num_experts for p in prior):
+        raise ConfigError(f"routing_prior must give {num_experts} probabilities for each of "
                           f"{len(expert_ids)} MoE layers")
     out = []
     for layer, ids in zip(prior, expert_ids):
@@ -119,7 +119,7 @@ def _fit(bundle: Bundle, assignment: Assignment, data_file: str | Path, *, threa
 
     tensors = assignment_tensors(bundle.manifest, assignment)
     cfg = assignment.config
-    prior = local_prior(cfg, bundle.manifest, assignment.expert_ids)
+    prior = local_prior(cfg, bundle.manifest.num_experts, assignment.expert_ids)
     dataset = LocalDataset.from_jsonl(data_file, bundle.path(TOKENIZER_FILE), seq_len=cfg.seq_len,
                                       template=template, eval_fraction=0.0, seed=cfg.seed)
     if not dataset.train:

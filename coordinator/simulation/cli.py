@@ -14,6 +14,7 @@ from rich.table import Table
 
 from coordinator.simulation.centralized import NAME as CENTRALIZED
 from coordinator.simulation.profiles import load_profiles
+from coordinator.simulation.reference import PREFIX as REFERENCE_PREFIX
 from coordinator.simulation.report import RoundRecord
 from coordinator.simulation.simulate import LEARNING_RATES, PRESETS, SimulationPlan, simulate, with_overrides
 from coordinator.strategy import STRATEGIES
@@ -23,10 +24,10 @@ from device_runtime.units import MIB
 
 def _strategies(strategy: str, compare: str | None) -> tuple[str, ...]:
     names = tuple(s.strip() for s in (compare or strategy).split(",") if s.strip())
-    unknown = [n for n in names if n not in STRATEGIES and n != CENTRALIZED]
+    unknown = [n for n in names if n.removeprefix(REFERENCE_PREFIX) not in STRATEGIES and n != CENTRALIZED]
     if not names or unknown:
         raise ConfigError(f"unknown strategy {unknown or names}; choose from "
-                          f"{', '.join(sorted([*STRATEGIES, CENTRALIZED]))}")
+                          f"{', '.join(sorted([*STRATEGIES, CENTRALIZED]))}, or torch-<strategy>")
     return names
 
 
@@ -65,7 +66,8 @@ def _round_table(records: list[RoundRecord]) -> Table:
 @click.option("--strategy", default="hfedmoe", show_default=True,
               help=f"Aggregation strategy: {', '.join(sorted(STRATEGIES))}.")
 @click.option("--compare", default=None, help="Several strategies on the same split and seed, e.g. "
-              "centralized,hfedmoe,fedavg (centralized: the same model and steps on the union of the data, one process).")
+              "centralized,hfedmoe,torch-hfedmoe (centralized: the same model and steps on the union of the data; "
+              "torch-<strategy>: that strategy's rounds in torch, the reference of the system; both in this process).")
 @click.option("--devices", "devices_file", type=click.Path(exists=True, dir_okay=False), default=None,
               help="TOML device profiles ([[device]] kind, memory_mib, gflops, count).  [default: 2 Pis of 1.5 GiB, "
                    "2 phones of 3 GiB, 1 laptop of 8 GiB]")

@@ -17,6 +17,8 @@ from coordinator.simulation.centralized import NAME as CENTRALIZED
 from coordinator.simulation.centralized import run_centralized
 from coordinator.simulation.data import dirichlet_split, label_histogram, train_test_split, write_jsonl
 from coordinator.simulation.profiles import SimulatedDevice
+from coordinator.simulation.reference import PREFIX as REFERENCE_PREFIX
+from coordinator.simulation.reference import is_reference, run_reference
 from coordinator.simulation.report import RoundRecord, plot_accuracy, write_metrics
 from coordinator.simulation.runner import Federation, run_federation
 from device_runtime.data import load_records
@@ -126,7 +128,8 @@ def _zero_shot(checkpoint: Path, test: list[dict], plan: SimulationPlan):
 def simulate(plan: SimulationPlan, on_event: Callable[[str, object], None]) -> dict:
     """Run every strategy of ``plan`` on the same data split and seed; write outputs; return the summary.
 
-    The strategy name ``centralized`` is the reference trained in this process (``centralized.py``).
+    The strategy name ``centralized`` is the bound trained in this process (``centralized.py``); ``torch-<strategy>``
+    is that strategy's federation run in torch in this process (``reference.py``).
 
     ``on_event(kind, payload)`` reports progress: ``("stage", text)``, ``("round", RoundRecord)``.
     """
@@ -151,12 +154,17 @@ def simulate(plan: SimulationPlan, on_event: Callable[[str, object], None]) -> d
                                        trainable_mode=plan.preset.trainable_mode, lora_rank=plan.preset.lora_rank, seed=plan.seed,
                                        on_round=lambda r: on_event("round", r), threads=plan.slots)
             continue
-        on_event("stage", f"{strategy}: starting the coordinator and {len(plan.devices)} devices")
-        fed = Federation(strategy=strategy, rounds=plan.preset.rounds, checkpoint=checkpoint, devices=plan.devices,
-                         data_files=tuple(files), fit=_fit(plan, labels), eval_data=plan.out / "data" / "test.jsonl",
-                         trainable_mode=plan.preset.trainable_mode,
+        fed = Federation(strategy=strategy.removeprefix(REFERENCE_PREFIX), rounds=plan.preset.rounds,
+                         checkpoint=checkpoint, devices=plan.devices, data_files=tuple(files), fit=_fit(plan, labels),
+                         eval_data=plan.out / "data" / "test.jsonl", trainable_mode=plan.preset.trainable_mode,
                          lora_rank=plan.preset.lora_rank, calibration_texts=tuple(default_texts()), seed=plan.seed,
                          slots=plan.slots)
+        if is_reference(strategy):
+            on_event("stage", f"{strategy}: the same rounds in torch in this process")
+            records += run_reference(fed, plan.out / strategy, test, lambda r: on_event("round", r),
+                                     threads=plan.slots)
+            continue
+        on_event("stage", f"{strategy}: starting the coordinator and {len(plan.devices)} devices")
         done, peaks[strategy] = run_federation(fed, plan.out / strategy, lambda r: on_event("round", r))
         records += done
     write_metrics(records, plan.out)

@@ -1,0 +1,181 @@
+"""The torch reference of a federation (``--compare torch-hfedmoe``): the system's own algorithm in one process.
+
+Each round does what the coordinator and the devices do, built from the same parts, with ONNX Runtime replaced by
+torch autograd on the module the device graph is exported from:
+
+- selection: the strategy's own ``configure_fit``, each device seen as the coordinator sees it (its simulated
+  profile and the routing statistics of its last update);
+- the device's model: ``export.prune`` of the global model to its assigned experts (what its bundle holds);
+- local training: :class:`~export.training_graph.TrainingWrapper` (the exported objective: cross-entropy with the
+  answer shift, load balancing, FedAlign-MoE's routing KL, FedProx) and torch AdamW with ORT's settings (eps 1e-8,
+  weight decay 0.01, ``docs/stack.md``), on the batches the device draws (``LocalDataset`` seeded with the round's
+  ``FitConfig.seed``), fresh moments every round (``carry_optimizer`` keeps each device's, as a device that keeps
+  its trainer does);
+- the update: the trainable tensors, the routing statistics (``RoutingStats``) and the trained experts, turned into
+  a strategy ``ClientUpdate`` by the coordinator's own ``to_client_update``;
+- aggregation: the strategy's own ``aggregate_fit``, updates in device order; scoring: the coordinator's
+  ``Evaluator``.
+
+So a gap between this and the system is an implementation defect, and a gap between this and ``centralized`` is
+the algorithm's (``tests/test_reference_parity.py`` checks one round of both against each other).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from coordinator.simulation.report import DeviceRound, RoundRecord
+from coordinator.strategy.types import ClientInfo, ClientUpdate, FitIns, Params
+from device_runtime.answer_prior import local_answer_shift
+from device_runtime.data import LocalDataset
+from device_runtime.fit_round import local_prior
+from device_runtime.stats import RoutingStats
+
+PREFIX = "torch-"
+
+
+def is_reference(name: str) -> bool:
+    """Whether a ``--compare`` name asks for the torch reference of a strategy (``torch-<strategy>``)."""
+    return name.startswith(PREFIX)
+
+
+@dataclass
+class ReferenceDevice:
+    """One simulated device as the reference holds it: its data, its last routing statistics, its optimizer."""
+
+    name: str
+    profile: dict
+    data_file: Path
+    routing: RoutingStats | None = None
+    optimizer_state: dict | None = field(default=None, repr=False)
+
+
+def fit_device(model, global_params: Params, ins: FitIns, device: ReferenceDevice, tokenizer: Path, *,
+               carry_optimizer: bool = False) -> ClientUpdate:
+    """One device's round in torch: prune, train ``ins.config.local_steps`` steps, report (see the module docstring).
+
+    Args:
+        model: the full global torch model of the federation's layout (``load_trainable_model``); its trainable
+            tensors are overwritten with ``global_params``.
+    Raises:
+        DataError: the device's data file holds no training record.
+    """
+    import torch
+
+    from coordinator.planning import to_client_update
+    from export.families import describe
+    from export.prune import prune
+    from export.training_graph import TrainingWrapper
+
+    cfg = ins.config
+    load_params(model, global_params)
+    pruned, ids = prune(model, ins.expert_ids)
+    federated = describe(pruned).trainable_tensors(list(pruned.state_dict()), ins.trainable_mode)
+    names = [n for n, _ in federated]
+    wrapper = TrainingWrapper(pruned, prox=cfg.prox_mu > 0, trainable=names)
+    params = dict(wrapper.named_parameters())
+    for name, param in params.items():
+        param.requires_grad_(name in set(names))
+    trained = [params[n] for n in names]
+    optimizer = torch.optim.AdamW(trained, lr=cfg.learning_rate, eps=1e-8, weight_decay=0.01)
+    if carry_optimizer and device.optimizer_state is not None:
+        optimizer.load_state_dict(device.optimizer_state)
+    dataset = LocalDataset.from_jsonl(device.data_file, tokenizer, seq_len=cfg.seq_len, eval_fraction=0.0,
+                                      seed=cfg.seed)
+    constants = dict(aux_loss_coef=cfg.aux_loss_coef, routing_kl_coef=cfg.routing_reg_coef,
+                     routing_priors=local_prior(cfg, describe(model).num_experts, ids), prox_mu=cfg.prox_mu)
+    answer = local_answer_shift(dataset, cfg.labels, cfg.logit_adjustment)
+    if answer is not None:
+        constants.update(answer_ids=answer[0], answer_bias=answer[1])
+    routing = RoutingStats(tuple(len(layer) for layer in ids), ids)
+    examples, losses = 0, []
+    wrapper.train()
+    for _, batch in zip(range(cfg.local_steps), dataset.train_batches(cfg.batch_size)):
+        inputs = wrapper.make_inputs(*(torch.from_numpy(a) for a in (batch.input_ids, batch.attention_mask,
+                                                                     batch.labels)), **constants)
+        outputs = wrapper(*inputs.values())
+        optimizer.zero_grad()
+        outputs[0].backward()
+        optimizer.step()
+        losses.append(float(outputs[0].detach()))
+        routing.update([o.detach().numpy() for o in outputs[2:-1]], int(outputs[-1]))
+        examples += batch.num_examples
+    device.optimizer_state = optimizer.state_dict() if carry_optimizer else None
+    device.routing = routing
+    trained_ids = [[layer[i] for i in local] for layer, local in zip(ids, routing.trained_experts())]
+    meta = {"expert_ids": [list(layer) for layer in ids], "trained_experts": trained_ids,
+            "routing": routing.to_dict(), "metrics": {"loss": float(np.mean(losses))}, "layers": dict(federated)}
+    tensors = {n: params[n].detach().numpy().copy() for n in names}
+    return to_client_update(device.name, examples, meta, tensors)
+
+
+def load_params(model, params: Params) -> None:
+    """Copy the global state's tensors (name -> array) into ``model``'s parameters of the same names."""
+    import torch
+
+    own = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in params.items():
+            own[name].copy_(torch.from_numpy(np.asarray(value, dtype=np.float32)))
+
+
+def run_reference(fed, out: Path, test: list[dict], on_round: Callable[[RoundRecord], None], *,
+                  carry_optimizer: bool = False, threads: int = 2) -> list[RoundRecord]:
+    """Run ``fed`` (a ``runner.Federation`` whose strategy is the one to reproduce) as the torch reference.
+
+    The coordinator's state is made as ``fedmoe-coord init`` makes it (global version 0, calibration), in ``out``.
+
+    Raises:
+        FedmoeError: no device gets anything to train. ModelError / DataError: as the parts raise.
+    """
+    import torch
+
+    from coordinator.evaluation import Evaluator
+    from coordinator.federation import fit_context, initialize, tensor_store
+    from coordinator.registry import Registry
+    from coordinator.simulation.runner import _config, participants
+    from coordinator.strategy import from_name
+    from export.global_state import load_trainable_model
+
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = _config(fed, out, port=0)
+    initialize(cfg, list(fed.calibration_texts))
+    registry = Registry(cfg.registry_url)
+    try:
+        params = tensor_store(cfg).load(registry.latest_model_version().tensor_sha256)
+    finally:
+        registry.close()
+    context = fit_context(cfg)
+    strategy = from_name(fed.strategy, **cfg.strategy_params).bind(context)
+    devices = [ReferenceDevice(d.name, {"memory_mib": d.memory_mib, "backend": d.backend}, f)
+               for d, f in participants(fed, cfg)]
+    torch.manual_seed(fed.seed)
+    model = load_trainable_model(fed.checkpoint, trainable_mode=fed.trainable_mode, lora_rank=fed.lora_rank,
+                                 seed=fed.seed)
+    evaluator = Evaluator(fed.checkpoint, test, trainable_mode=fed.trainable_mode, lora_rank=fed.lora_rank,
+                          seed=fed.seed, seq_len=fed.fit.seq_len)
+    tokenizer = Path(fed.checkpoint) / "tokenizer.json"
+    name, records = PREFIX + fed.strategy, []
+    for server_round in range(1, fed.rounds + 1):
+        torch.set_num_threads(threads)  # the evaluator sets its own count
+        start = time.monotonic()
+        plan = strategy.configure_fit(server_round, params,
+                                      [ClientInfo(d.name, d.profile, d.routing) for d in devices])
+        updates = []
+        for device in sorted(devices, key=lambda d: d.name):
+            if device.name in plan:
+                updates.append(fit_device(model, params, plan[device.name], device, tokenizer,
+                                          carry_optimizer=carry_optimizer))
+        params, _ = strategy.aggregate_fit(server_round, updates, [], params)
+        wall = time.monotonic() - start
+        score = evaluator.score(params)
+        rows = tuple(DeviceRound(device=u.client_id, loss=u.metrics.get("loss"), bytes_up=0, bytes_down=0,
+                                 peak_rss_mib=None, experts_kept=max(map(len, u.expert_ids))) for u in updates)
+        records.append(RoundRecord(name, server_round, score.accuracy, score.loss, wall, 0, 0, rows))
+        on_round(records[-1])
+    return records
