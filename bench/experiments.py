@@ -6,8 +6,12 @@ of mean and standard deviation over the seeds and plots (accuracy vs round, vs M
 
 Each (alpha, seed) run lands in ``<workdir>/alpha<a>-seed<s>`` (a finished one, with its ``summary.json``, is
 reused, so an interrupted grid resumes). Writes ``results.csv``, ``results.md`` and ``experiments.png`` to
-``--workdir`` and prints the table. The standard deviation is over seeds (n - 1 in the denominator); one seed
-gives none.
+``--workdir`` and prints two tables: per (alpha, strategy) the final and best accuracy, the mean of the last two
+rounds, the first round that reaches ``--target`` % (its mean over the seeds that reach it, and how many did), the
+upload and the round time; then the accuracy of every round. Each number is mean +- std over the seeds (n - 1 in
+the denominator; one seed gives none).
+
+    python bench/experiments.py --strategies hfedmoe,torch-hfedmoe --alphas 1.0 --seeds 0,1,2 -- --test-size 444
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ def _parse(argv):
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--preset", default="default")
     parser.add_argument("--workdir", type=Path, default=Path("runs/experiments"))
+    parser.add_argument("--target", type=float, default=80.0, help="accuracy (%%) whose first round is reported")
     parser.add_argument("simulate_args", nargs="*", help="more `fedmoe-coord simulate` options (after --)")
     return parser.parse_args(argv)
 
@@ -59,38 +64,56 @@ def _mean_std(values) -> tuple[float, float]:
     return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else float("nan")
 
 
-def table(summaries: dict[tuple[float, int], dict]) -> list[dict]:
-    """One row per (alpha, strategy): final accuracy, best accuracy, MiB uploaded per round and round wall time,
-    each as mean and std over the seeds."""
+def first_round_at(accuracy_per_round: list[float], target: float) -> int | None:
+    """The first round (1-based) whose accuracy (a fraction) reaches ``target`` %, or None."""
+    return next((r for r, a in enumerate(accuracy_per_round) if r and 100 * a >= target), None)
+
+
+def table(summaries: dict[tuple[float, int], dict], target: float = 80.0) -> list[dict]:
+    """One row per (alpha, strategy): final, best and last-two-rounds accuracy, the first round at ``target`` %,
+    MiB uploaded per round and round wall time, each as mean and std over the seeds; ``round_<r>`` per round."""
     rows = []
     for alpha in sorted({a for a, _ in summaries}):
         runs = [s for (a, _), s in sorted(summaries.items()) if a == alpha]
         for strategy in runs[0]["strategies"]:
             per = [run["strategies"][strategy] for run in runs]
+            reached = [r for s in per if (r := first_round_at(s["accuracy_per_round"], target)) is not None]
             metrics = {
                 "final_accuracy": [100 * s["final_accuracy"] for s in per],
                 "best_accuracy": [100 * max(s["accuracy_per_round"][1:]) for s in per],
+                "last_two_accuracy": [100 * np.mean(s["accuracy_per_round"][-2:]) for s in per],
+                "round_at_target": reached or [float("nan")],
                 "mib_up_per_round": [np.mean(s["bytes_up_per_round"][1:]) / MIB for s in per],
                 "round_wall_s": [np.mean(s["round_wall_s"][1:]) for s in per],
             }
-            row = {"alpha": alpha, "strategy": strategy, "seeds": len(per)}
+            metrics.update({f"round_{r}": [100 * s["accuracy_per_round"][r] for s in per]
+                            for r in range(len(per[0]["accuracy_per_round"]))})
+            row = {"alpha": alpha, "strategy": strategy, "seeds": len(per), "seeds_at_target": len(reached)}
             for name, values in metrics.items():
                 row[name], row[name + "_std"] = _mean_std(values)
             rows.append(row)
     return rows
 
 
-def markdown(rows: list[dict]) -> str:
-    head = ("| alpha | strategy | seeds | final accuracy % | best accuracy % | MiB up / round | round wall s |\n"
-            "|---|---|---|---|---|---|---|\n")
+def _cell(row, name, digits):
+    return f"{row[name]:.{digits}f} +- {row[name + '_std']:.{digits}f}"
 
-    def cell(row, name, digits):
-        return f"{row[name]:.{digits}f} +- {row[name + '_std']:.{digits}f}"
 
-    return head + "".join(
-        f"| {r['alpha']:g} | {r['strategy']} | {r['seeds']} | {cell(r, 'final_accuracy', 1)} | "
-        f"{cell(r, 'best_accuracy', 1)} | {cell(r, 'mib_up_per_round', 0)} | {cell(r, 'round_wall_s', 0)} |\n"
-        for r in rows)
+def markdown(rows: list[dict], target: float = 80.0) -> str:
+    """The summary table, then the per-round table."""
+    head = (f"| alpha | strategy | seeds | final accuracy % | best accuracy % | mean of last 2 rounds % | "
+            f"first round at {target:g}% (seeds) | MiB up / round | round wall s |\n|---|---|---|---|---|---|---|---|---|\n")
+    summary = "".join(
+        f"| {r['alpha']:g} | {r['strategy']} | {r['seeds']} | {_cell(r, 'final_accuracy', 1)} | "
+        f"{_cell(r, 'best_accuracy', 1)} | {_cell(r, 'last_two_accuracy', 1)} | "
+        f"{_cell(r, 'round_at_target', 1)} ({r['seeds_at_target']}) | {_cell(r, 'mib_up_per_round', 0)} | "
+        f"{_cell(r, 'round_wall_s', 0)} |\n" for r in rows)
+    rounds = sorted(int(k.split("_")[1]) for k in rows[0] if k.startswith("round_") and k.split("_")[1].isdigit()
+                    and not k.endswith("_std"))
+    per_round = ("\n| alpha | strategy | " + " | ".join(f"r{r}" for r in rounds) + " |\n|---|---|" + "---|" * len(rounds)
+                 + "\n" + "".join(f"| {r['alpha']:g} | {r['strategy']} | "
+                                  + " | ".join(_cell(r, f"round_{k}", 1) for k in rounds) + " |\n" for r in rows))
+    return head + summary + per_round
 
 
 def plot(summaries: dict[tuple[float, int], dict], path: Path) -> Path:
@@ -128,12 +151,12 @@ def main(argv=None) -> None:
     args = _parse(argv)
     args.workdir.mkdir(parents=True, exist_ok=True)
     summaries = run_grid(args)
-    rows = table(summaries)
+    rows = table(summaries, args.target)
     with open(args.workdir / "results.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    text = markdown(rows)
+    text = markdown(rows, args.target)
     (args.workdir / "results.md").write_text(text)
     print(text)
     print("plot:", plot(summaries, args.workdir / "experiments.png"))
