@@ -9,8 +9,10 @@ torch autograd on the module the device graph is exported from:
 - local training: :class:`~export.training_graph.TrainingWrapper` (the exported objective: cross-entropy with the
   answer shift, load balancing, FedAlign-MoE's routing KL, FedProx) and torch AdamW with ORT's settings (eps 1e-8,
   weight decay 0.01, ``docs/stack.md``), on the batches the device draws (``LocalDataset`` seeded with the round's
-  ``FitConfig.seed``), fresh moments every round (``carry_optimizer`` keeps each device's, as a device that keeps
-  its trainer does);
+  ``FitConfig.seed``), AdamW's moments carried from the device's previous round where the system's device keeps
+  its trainer (``device_runtime.trainer_cache``), fresh otherwise. The device's rule is about its memory at run
+  time (``VmData`` + 8 copies of the update within the budget); :func:`keeps_trainer` is its outcome measured in the
+  default mix: in LoRA mode every device keeps its trainer, with full experts only a device holding every expert;
 - the update: the trainable tensors, the routing statistics (``RoutingStats``) and the trained experts, turned into
   a strategy ``ClientUpdate`` by the coordinator's own ``to_client_update``;
 - aggregation: the strategy's own ``aggregate_fit``, updates in device order; scoring: the coordinator's
@@ -52,7 +54,13 @@ class ReferenceDevice:
     profile: dict
     data_file: Path
     routing: RoutingStats | None = None
-    optimizer_state: dict | None = field(default=None, repr=False)
+    optimizer_state: tuple | None = field(default=None, repr=False)  # (shape key, torch optimizer state)
+
+
+def keeps_trainer(ins: FitIns, num_experts: int) -> bool:
+    """Whether the system's device would keep its trainer (and AdamW's moments) for ``ins``: see the module
+    docstring."""
+    return ins.trainable_mode == "lora" or all(len(ids) == num_experts for ids in ins.expert_ids)
 
 
 def fit_device(model, global_params: Params, ins: FitIns, device: ReferenceDevice, tokenizer: Path, *,
@@ -83,8 +91,8 @@ def fit_device(model, global_params: Params, ins: FitIns, device: ReferenceDevic
         param.requires_grad_(name in set(names))
     trained = [params[n] for n in names]
     optimizer = torch.optim.AdamW(trained, lr=cfg.learning_rate, eps=1e-8, weight_decay=0.01)
-    if carry_optimizer and device.optimizer_state is not None:
-        optimizer.load_state_dict(device.optimizer_state)
+    if carry_optimizer and device.optimizer_state is not None and device.optimizer_state[0] == ins.shape_key:
+        optimizer.load_state_dict(device.optimizer_state[1])
     dataset = LocalDataset.from_jsonl(device.data_file, tokenizer, seq_len=cfg.seq_len, eval_fraction=0.0,
                                       seed=cfg.seed)
     constants = dict(aux_loss_coef=cfg.aux_loss_coef, routing_kl_coef=cfg.routing_reg_coef,
@@ -105,7 +113,7 @@ def fit_device(model, global_params: Params, ins: FitIns, device: ReferenceDevic
         losses.append(float(outputs[0].detach()))
         routing.update([o.detach().numpy() for o in outputs[2:-1]], int(outputs[-1]))
         examples += batch.num_examples
-    device.optimizer_state = optimizer.state_dict() if carry_optimizer else None
+    device.optimizer_state = (ins.shape_key, optimizer.state_dict()) if carry_optimizer else None
     device.routing = routing
     trained_ids = [[layer[i] for i in local] for layer, local in zip(ids, routing.trained_experts())]
     meta = {"expert_ids": [list(layer) for layer in ids], "trained_experts": trained_ids,
@@ -125,7 +133,7 @@ def load_params(model, params: Params) -> None:
 
 
 def run_reference(fed, out: Path, test: list[dict], on_round: Callable[[RoundRecord], None], *,
-                  carry_optimizer: bool = False, threads: int = 2) -> list[RoundRecord]:
+                  threads: int = 2) -> list[RoundRecord]:
     """Run ``fed`` (a ``runner.Federation`` whose strategy is the one to reproduce) as the torch reference.
 
     The coordinator's state is made as ``fedmoe-coord init`` makes it (global version 0, calibration), in ``out``.
@@ -169,8 +177,9 @@ def run_reference(fed, out: Path, test: list[dict], on_round: Callable[[RoundRec
         updates = []
         for device in sorted(devices, key=lambda d: d.name):
             if device.name in plan:
-                updates.append(fit_device(model, params, plan[device.name], device, tokenizer,
-                                          carry_optimizer=carry_optimizer))
+                ins = plan[device.name]
+                updates.append(fit_device(model, params, ins, device, tokenizer,
+                                          carry_optimizer=keeps_trainer(ins, context.model.num_experts)))
         params, _ = strategy.aggregate_fit(server_round, updates, [], params)
         wall = time.monotonic() - start
         score = evaluator.score(params)
