@@ -38,6 +38,8 @@ Example (``fedmoe-coord init`` writes one)::
     seq_len = 128
     learning_rate = 1e-4
     local_steps = 10
+    labels = ["business", "sport", "tech"]  # the candidate labels of classification data, and
+    logit_adjustment = 1.0                  # tau of each device's balanced softmax over them (0 = off)
 
 Relative paths are resolved against the config file's directory.
 """
