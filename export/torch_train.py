@@ -34,9 +34,12 @@ def fit_steps(model, params: list, batches: Iterable, *, steps: int, learning_ra
     """
     import torch
 
+    from export.artifacts import ADAMW_EPS, ADAMW_WEIGHT_DECAY
+
     if getattr(model.config, "num_local_experts", None):
         model.config.output_router_logits, model.config.router_aux_loss_coef = aux_loss_coef > 0, aux_loss_coef
-    optimizer = optimizer or torch.optim.AdamW(params, lr=learning_rate, eps=1e-8, weight_decay=0.01)
+    optimizer = optimizer or torch.optim.AdamW(params, lr=learning_rate, eps=ADAMW_EPS,
+                                                       weight_decay=ADAMW_WEIGHT_DECAY)
     model.train()
     losses = []
     for _, batch in zip(range(steps), batches):

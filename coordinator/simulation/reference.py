@@ -76,6 +76,7 @@ def fit_device(model, global_params: Params, ins: FitIns, device: ReferenceDevic
     import torch
 
     from coordinator.planning import to_client_update
+    from export.artifacts import ADAMW_EPS, ADAMW_WEIGHT_DECAY
     from export.families import describe
     from export.prune import prune
     from export.training_graph import TrainingWrapper
@@ -90,7 +91,8 @@ def fit_device(model, global_params: Params, ins: FitIns, device: ReferenceDevic
     for name, param in params.items():
         param.requires_grad_(name in set(names))
     trained = [params[n] for n in names]
-    optimizer = torch.optim.AdamW(trained, lr=cfg.learning_rate, eps=1e-8, weight_decay=0.01)
+    optimizer = torch.optim.AdamW(trained, lr=cfg.learning_rate, eps=ADAMW_EPS,
+                                  weight_decay=ADAMW_WEIGHT_DECAY)
     if carry_optimizer and device.optimizer_state is not None and device.optimizer_state[0] == ins.shape_key:
         optimizer.load_state_dict(device.optimizer_state[1])
     dataset = LocalDataset.from_jsonl(device.data_file, tokenizer, seq_len=cfg.seq_len, eval_fraction=0.0,
