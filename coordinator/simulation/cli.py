@@ -160,9 +160,24 @@ def _final(console: Console, summary: dict) -> None:
                       f"{sum(s['bytes_up_per_round']) / MIB:.1f}", f"{sum(s['bytes_down_per_round']) / MIB:.1f}")
     console.print(table)
     console.print(_memory_table(summary))
+    console.print(_devices_table(summary))
     console.print(f"plot: {summary['plot']}\nmetrics: {summary['out']}/metrics.csv, metrics.json, summary.json; "
                   f"final models (Hugging Face checkpoints) in {summary['out']}/<strategy>/model, "
                   f"registries in {summary['out']}/<strategy>/state")
+
+
+def _devices_table(summary: dict) -> Table:
+    """Per strategy, round and device: the experts it trained (global ids per MoE layer) and its peak RSS
+    against its budget (MiB)."""
+    table = Table("strategy", "round", "device", "experts trained (ids per layer)", "peak RSS / budget MiB",
+                  title="devices by round")
+    for strategy, s in summary["strategies"].items():
+        for record in s.get("devices_per_round", []):
+            for d in record["devices"]:
+                rss = "-" if d["peak_rss_mib"] is None else f"{d['peak_rss_mib']:.0f}"
+                table.add_row(strategy, str(record["round"]), d["device"], d["experts"],
+                              f"{rss} / {summary['budgets_mib'].get(d['device'], '-')}")
+    return table
 
 
 def _memory_table(summary: dict) -> Table:

@@ -31,7 +31,7 @@ from typing import Callable
 
 import numpy as np
 
-from coordinator.simulation.report import DeviceRound, RoundRecord
+from coordinator.simulation.report import DeviceRound, RoundRecord, experts_label
 from coordinator.strategy.types import ClientInfo, ClientUpdate, FitIns, Params
 from device_runtime.answer_prior import local_answer_shift
 from device_runtime.data import LocalDataset
@@ -186,7 +186,8 @@ def run_reference(fed, out: Path, test: list[dict], on_round: Callable[[RoundRec
         wall = time.monotonic() - start
         score = evaluator.score(params)
         rows = tuple(DeviceRound(device=u.client_id, loss=u.metrics.get("loss"), bytes_up=0, bytes_down=0,
-                                 peak_rss_mib=None, experts_kept=max(map(len, u.expert_ids))) for u in updates)
+                                 peak_rss_mib=None, experts_kept=max(map(len, u.expert_ids)),
+                                 experts=experts_label(u.expert_ids)) for u in updates)
         records.append(RoundRecord(name, server_round, score.accuracy, score.loss, wall, 0, 0, rows))
         on_round(records[-1])
     return records

@@ -16,7 +16,8 @@ from device_runtime.units import MIB
 
 @dataclass(frozen=True)
 class DeviceRound:
-    """One device in one round: training loss, bytes moved, peak RSS (MiB) and experts kept per layer."""
+    """One device in one round: training loss, bytes moved, peak RSS (MiB), experts kept per layer (the most in
+    any layer) and which: the global ids per MoE layer, layers separated by ``|`` (``experts_label``)."""
 
     device: str
     loss: float | None
@@ -24,6 +25,12 @@ class DeviceRound:
     bytes_down: int
     peak_rss_mib: float | None
     experts_kept: int
+    experts: str = ""
+
+
+def experts_label(expert_ids) -> str:
+    """Per MoE layer the global expert ids, ``"0,2|1,3"`` for ``((0, 2), (1, 3))``."""
+    return "|".join(",".join(str(g) for g in layer) for layer in expert_ids)
 
 
 @dataclass(frozen=True)
@@ -53,7 +60,7 @@ def write_metrics(records: Sequence[RoundRecord], out: Path) -> None:
     """``metrics.json`` (everything, nested) and ``metrics.csv`` (one row per strategy, round and device)."""
     (out / "metrics.json").write_text(json.dumps([asdict(r) for r in records], indent=2))
     columns = ["strategy", "round", "accuracy", "loss", "wall_s", "bytes_up", "bytes_down", "device",
-               "device_loss", "device_bytes_up", "device_bytes_down", "device_peak_rss_mib", "experts_kept"]
+               "device_loss", "device_bytes_up", "device_bytes_down", "device_peak_rss_mib", "experts_kept", "experts"]
     with open(out / "metrics.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(columns)
@@ -61,9 +68,9 @@ def write_metrics(records: Sequence[RoundRecord], out: Path) -> None:
             head = [r.strategy, r.round, f"{r.accuracy:.4f}", f"{r.loss:.4f}", f"{r.wall_s:.1f}", r.bytes_up,
                     r.bytes_down]
             for d in r.devices or (None,):
-                tail = ["", "", "", "", "", ""] if d is None else [
+                tail = [""] * 7 if d is None else [
                     d.device, "" if d.loss is None else f"{d.loss:.4f}", d.bytes_up, d.bytes_down,
-                    "" if d.peak_rss_mib is None else f"{d.peak_rss_mib:.0f}", d.experts_kept]
+                    "" if d.peak_rss_mib is None else f"{d.peak_rss_mib:.0f}", d.experts_kept, d.experts]
                 writer.writerow(head + tail)
 
 

@@ -25,7 +25,7 @@ from coordinator.registry.store import utc_now
 from coordinator.simulation.processes import (MIB, Child, enrol_device, free_port, start_coordinator, start_device,
                                               wait_healthy)
 from coordinator.simulation.profiles import SimulatedDevice
-from coordinator.simulation.report import DeviceRound, RoundRecord
+from coordinator.simulation.report import DeviceRound, RoundRecord, experts_label
 from coordinator.strategy import ClientInfo, from_name
 from coordinator.tensor_store import TensorStore
 from coordinator.tls import local_url, pinned_token, with_new_authority
@@ -109,7 +109,8 @@ class Watch:
             rows.append(DeviceRound(
                 device=self.names.get(device, device), loss=metrics.get("loss"),
                 bytes_up=moved.get((device, "bytes_up"), 0), bytes_down=moved.get((device, "bytes_down"), 0),
-                peak_rss_mib=rss, experts_kept=max(len(ids) for ids in assignment.expert_ids)))
+                peak_rss_mib=rss, experts_kept=max(len(ids) for ids in assignment.expert_ids),
+                experts=experts_label(assignment.expert_ids)))
             if rss is not None:
                 peak[rows[-1].device] = max(peak.get(rows[-1].device, 0.0), float(rss))
         return tuple(rows)

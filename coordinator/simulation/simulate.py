@@ -184,6 +184,7 @@ def _summary(plan, records, peaks, histogram, labels, plot) -> dict:
             "bytes_up_per_round": [r.bytes_up for r in rows], "bytes_down_per_round": [r.bytes_down for r in rows],
             "round_wall_s": [r.wall_s for r in rows],
             "peak_rss_mib": peaks.get(strategy, {}),
+            "devices_per_round": [{"round": r.round, "devices": [asdict(d) for d in r.devices]} for r in rows[1:]],
         }
     return {"name": plan.name, "out": str(plan.out), "plot": str(plot), "labels": labels,
             "label_histogram": {d.name: h for d, h in zip(plan.devices, histogram)},
