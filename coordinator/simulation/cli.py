@@ -91,6 +91,10 @@ def _round_table(records: list[RoundRecord]) -> Table:
 @click.option("--logit-adjustment", type=float, default=None,
               help="tau of the balanced softmax each device trains with: the logits of the labels' first answer token "
                    "shifted by tau * log(its own label prior), in training only (0: off).  [default: from the preset: 1]")
+@click.option("--reference-scores", type=click.Choice(["held", "all"]), default="held", show_default=True,
+              help="torch-<strategy> only: the routing statistics a device's expert selection uses: its last update's, "
+                   "over the experts it held (as the system), or over every expert under the current global model on "
+                   "the batches it is about to train on (HFedMoE's data-driven selection; a lever to measure).")
 @click.option("--update-dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
               help="The dtype devices send their updates in (float16 halves the upload).")
 @click.option("--slots", default=2, show_default=True, help="Devices training at the same time (machine cores).")
@@ -98,7 +102,7 @@ def _round_table(records: list[RoundRecord]) -> Table:
 @click.option("--name", default=None, help="Run name.  [default: <preset>-<strategies>-<time>]")
 def simulate_command(preset, strategy, compare, devices_file, num_devices, rounds, local_steps, num_layers,
                      learning_rate, seq_len, test_size, alpha, seed, data_file, text_field, label_field, trainable,
-                     lora_rank, logit_adjustment, update_dtype, slots, out, name):
+                     lora_rank, logit_adjustment, reference_scores, update_dtype, slots, out, name):
     """Simulate a federation on this machine: a coordinator and N device runtimes as separate processes
     over real websockets on loopback, on real data, each device under an OS memory limit equal to its budget.
 
@@ -115,7 +119,8 @@ def simulate_command(preset, strategy, compare, devices_file, num_devices, round
     plan = SimulationPlan(name=name, out=Path(out or Path("runs") / name).resolve(), strategies=strategies,
                           preset=chosen, devices=tuple(devices), alpha=alpha, seed=seed,
                           data_file=None if data_file is None else Path(data_file), text_field=text_field,
-                          label_field=label_field, slots=slots, update_dtype=update_dtype)
+                          label_field=label_field, slots=slots, update_dtype=update_dtype,
+                          reference_scores=reference_scores)
     console = Console()
     summary = _run_live(plan, console) if console.is_terminal else simulate(plan, _printer(console))
     _final(console, summary)

@@ -134,11 +134,43 @@ def load_params(model, params: Params) -> None:
             own[name].copy_(torch.from_numpy(np.asarray(value, dtype=np.float32)))
 
 
+def global_routing(model, global_params: Params, cfg, device: ReferenceDevice, tokenizer: Path) -> RoutingStats:
+    """The device's routing statistics over EVERY expert under the current global model, on the batches it is
+    about to train on (HFedMoE's data-driven selection, arXiv 2601.00583 Eq. 15: what a device holding all experts
+    resident would report). The same sums as the training graph's ``routing_stats`` outputs.
+    """
+    import torch
+
+    from export.families import describe
+    from export.training_graph import routing_stats, routing_sums
+
+    load_params(model, global_params)
+    layers = describe(model).layers
+    stats = RoutingStats(tuple(layer.num_experts for layer in layers),
+                         tuple(tuple(range(layer.num_experts)) for layer in layers))
+    dataset = LocalDataset.from_jsonl(device.data_file, tokenizer, seq_len=cfg.seq_len, eval_fraction=0.0,
+                                      seed=cfg.seed)
+    model.eval()
+    with torch.no_grad():
+        for _, batch in zip(range(cfg.local_steps), dataset.train_batches(cfg.batch_size)):
+            mask = torch.from_numpy(batch.attention_mask)
+            out = model(input_ids=torch.from_numpy(batch.input_ids), attention_mask=mask, output_router_logits=True)
+            valid = mask.reshape(-1, 1).to(torch.float32)
+            sums = []
+            for layer, logits in zip(layers, out.router_logits):
+                top = torch.topk(torch.softmax(logits.float(), -1), layer.experts_per_token, dim=-1).indices
+                sums.append(routing_stats(*routing_sums(logits, top, valid)).numpy())
+            stats.update(sums, int(mask.sum()))
+    return stats
+
+
 def run_reference(fed, out: Path, test: list[dict], on_round: Callable[[RoundRecord], None], *,
-                  threads: int = 2) -> list[RoundRecord]:
+                  threads: int = 2, scores: str = "held") -> list[RoundRecord]:
     """Run ``fed`` (a ``runner.Federation`` whose strategy is the one to reproduce) as the torch reference.
 
     The coordinator's state is made as ``fedmoe-coord init`` makes it (global version 0, calibration), in ``out``.
+    ``scores``: the routing statistics each device's selection uses: ``"held"``, those of its last update over the
+    experts it held (the system); ``"all"``, :func:`global_routing` over every expert (a lever, not the system).
 
     Raises:
         FedmoeError: no device gets anything to train. ModelError / DataError: as the parts raise.
@@ -174,6 +206,9 @@ def run_reference(fed, out: Path, test: list[dict], on_round: Callable[[RoundRec
     for server_round in range(1, fed.rounds + 1):
         torch.set_num_threads(threads)  # the evaluator sets its own count
         start = time.monotonic()
+        if scores == "all":
+            for device in devices:
+                device.routing = global_routing(model, params, strategy.fit_config(server_round), device, tokenizer)
         plan = strategy.configure_fit(server_round, params,
                                       [ClientInfo(d.name, d.profile, d.routing) for d in devices])
         updates = []

@@ -74,6 +74,7 @@ class SimulationPlan:
     label_field: str
     slots: int
     update_dtype: str = "float32"
+    reference_scores: str = "held"  # torch-<strategy> only: "all" = selection from routing over every expert
 
 
 def ensure_checkpoint(preset: Preset) -> Path:
@@ -162,7 +163,7 @@ def simulate(plan: SimulationPlan, on_event: Callable[[str, object], None]) -> d
         if is_reference(strategy):
             on_event("stage", f"{strategy}: the same rounds in torch in this process")
             records += run_reference(fed, plan.out / strategy, test, lambda r: on_event("round", r),
-                                     threads=plan.slots)
+                                     threads=plan.slots, scores=plan.reference_scores)
             continue
         on_event("stage", f"{strategy}: starting the coordinator and {len(plan.devices)} devices")
         done, peaks[strategy] = run_federation(fed, plan.out / strategy, lambda r: on_event("round", r))
