@@ -27,3 +27,20 @@ def test_switching_the_mode_takes_that_modes_rate_unless_one_is_given():
 def test_a_lora_rank_without_lora_is_refused():
     with pytest.raises(ConfigError, match="--lora-rank needs --trainable lora"):
         _with_trainable(PRESETS["smoke"], None, 4, None)
+
+
+def test_torch_reference_names_are_strategies_with_the_prefix():
+    from coordinator.simulation.cli import _strategies
+
+    assert _strategies("hfedmoe", "centralized,hfedmoe,torch-hfedmoe") == ("centralized", "hfedmoe", "torch-hfedmoe")
+    with pytest.raises(ConfigError, match="torch-<strategy>"):
+        _strategies("hfedmoe", "torch-nosuch")
+
+
+def test_presets_train_with_the_answer_shift_and_give_the_devices_the_labels(tmp_path):
+    from coordinator.simulation.simulate import SimulationPlan, _fit
+
+    plan = SimulationPlan(name="x", out=tmp_path, strategies=("hfedmoe",), preset=PRESETS["default"], devices=(),
+                          alpha=1.0, seed=0, data_file=None, text_field="text", label_field="label", slots=2)
+    fit = _fit(plan, ["business", "sport"])
+    assert (fit.labels, fit.logit_adjustment) == (("business", "sport"), 1.0)
