@@ -65,36 +65,27 @@ def keeps_trainer(ins: FitIns, num_experts: int) -> bool:
 
 def fit_device(model, global_params: Params, ins: FitIns, device: ReferenceDevice, tokenizer: Path, *,
                carry_optimizer: bool = False) -> ClientUpdate:
-    """One device's round in torch: prune, train ``ins.config.local_steps`` steps, report (see the module docstring).
+    """One device's round in torch: prune, train ``ins.config.local_steps`` steps (0: one epoch), report (see the
+    module docstring).
 
     Args:
         model: the full global torch model of the federation's layout (``load_trainable_model``); its trainable
             tensors are overwritten with ``global_params``.
+        carry_optimizer: start from the AdamW state of the device's previous round on the same shape key.
     Raises:
         DataError: the device's data file holds no training record.
     """
-    import torch
+    import math
 
     from coordinator.planning import to_client_update
-    from export.artifacts import ADAMW_EPS, ADAMW_WEIGHT_DECAY
     from export.families import describe
-    from export.prune import prune
-    from export.training_graph import TrainingWrapper
 
     cfg = ins.config
     load_params(model, global_params)
-    pruned, ids = prune(model, ins.expert_ids)
-    federated = describe(pruned).trainable_tensors(list(pruned.state_dict()), ins.trainable_mode)
-    names = [n for n, _ in federated]
-    wrapper = TrainingWrapper(pruned, prox=cfg.prox_mu > 0, trainable=names)
-    params = dict(wrapper.named_parameters())
-    for name, param in params.items():
-        param.requires_grad_(name in set(names))
-    trained = [params[n] for n in names]
-    optimizer = torch.optim.AdamW(trained, lr=cfg.learning_rate, eps=ADAMW_EPS,
-                                  weight_decay=ADAMW_WEIGHT_DECAY)
-    if carry_optimizer and device.optimizer_state is not None and device.optimizer_state[0] == ins.shape_key:
-        optimizer.load_state_dict(device.optimizer_state[1])
+    wrapper, federated, ids = _device_model(model, ins)
+    optimizer = _optimizer(wrapper, [n for n, _ in federated], cfg.learning_rate,
+                           device.optimizer_state[1] if carry_optimizer and device.optimizer_state is not None
+                           and device.optimizer_state[0] == ins.shape_key else None)
     dataset = LocalDataset.from_jsonl(device.data_file, tokenizer, seq_len=cfg.seq_len, eval_fraction=0.0,
                                       seed=cfg.seed)
     constants = dict(aux_loss_coef=cfg.aux_loss_coef, routing_kl_coef=cfg.routing_reg_coef,
@@ -102,26 +93,70 @@ def fit_device(model, global_params: Params, ins: FitIns, device: ReferenceDevic
     answer = local_answer_shift(dataset, cfg.labels, cfg.logit_adjustment)
     if answer is not None:
         constants.update(answer_ids=answer[0], answer_bias=answer[1])
-    routing = RoutingStats(tuple(len(layer) for layer in ids), ids)
-    examples, losses = 0, []
+    steps = cfg.local_steps or math.ceil(len(dataset.train) / cfg.batch_size)
+    routing, losses, examples = _train(wrapper, optimizer, dataset.train_batches(cfg.batch_size), steps, constants,
+                                       RoutingStats(tuple(map(len, ids)), ids))
+    device.optimizer_state = (ins.shape_key, optimizer.state_dict()) if carry_optimizer else None
+    device.routing = routing
+    trained = [[layer[i] for i in local] for layer, local in zip(ids, routing.trained_experts())]
+    meta = {"expert_ids": [list(layer) for layer in ids], "trained_experts": trained, "routing": routing.to_dict(),
+            "metrics": {"loss": float(np.mean(losses))}, "layers": dict(federated)}
+    params = dict(wrapper.named_parameters())
+    return to_client_update(device.name, examples, meta,
+                            {n: params[n].detach().numpy().copy() for n, _ in federated})
+
+
+def _device_model(model, ins: FitIns):
+    """``(TrainingWrapper of the pruned model, [(trainable name, MoE layer)], expert ids)``: what the device's
+    bundle holds for ``ins``, with only the federated tensors requiring gradients."""
+    from export.families import describe
+    from export.prune import prune
+    from export.training_graph import TrainingWrapper
+
+    pruned, ids = prune(model, ins.expert_ids)
+    federated = describe(pruned).trainable_tensors(list(pruned.state_dict()), ins.trainable_mode)
+    names = {n for n, _ in federated}
+    wrapper = TrainingWrapper(pruned, prox=ins.config.prox_mu > 0, trainable=[n for n, _ in federated])
+    for name, param in wrapper.named_parameters():
+        param.requires_grad_(name in names)
+    return wrapper, federated, ids
+
+
+def _optimizer(wrapper, names: list[str], learning_rate: float, state: dict | None):
+    """torch AdamW over ``names`` with the device graph's eps and weight decay, continuing ``state`` if given."""
+    import torch
+
+    from export.artifacts import ADAMW_EPS, ADAMW_WEIGHT_DECAY
+
+    params = dict(wrapper.named_parameters())
+    optimizer = torch.optim.AdamW([params[n] for n in names], lr=learning_rate, eps=ADAMW_EPS,
+                                  weight_decay=ADAMW_WEIGHT_DECAY)
+    if state is not None:
+        optimizer.load_state_dict(state)
+    return optimizer
+
+
+def _train(wrapper, optimizer, batches, steps: int, constants: dict, routing: RoutingStats):
+    """``steps`` optimizer steps, the routing statistics of each step's forward added to ``routing``.
+
+    Returns:
+        ``(routing, loss of each step, examples seen)``.
+    """
+    import torch
+
+    losses, examples = [], 0
     wrapper.train()
-    for _, batch in zip(range(cfg.local_steps), dataset.train_batches(cfg.batch_size)):
+    for _, batch in zip(range(steps), batches):
         inputs = wrapper.make_inputs(*(torch.from_numpy(a) for a in (batch.input_ids, batch.attention_mask,
                                                                      batch.labels)), **constants)
-        outputs = wrapper(*inputs.values())
+        outputs = wrapper(*inputs.values())  # (loss, ce, routing_stats_0..L-1, num_tokens)
         optimizer.zero_grad()
         outputs[0].backward()
         optimizer.step()
         losses.append(float(outputs[0].detach()))
         routing.update([o.detach().numpy() for o in outputs[2:-1]], int(outputs[-1]))
         examples += batch.num_examples
-    device.optimizer_state = (ins.shape_key, optimizer.state_dict()) if carry_optimizer else None
-    device.routing = routing
-    trained_ids = [[layer[i] for i in local] for layer, local in zip(ids, routing.trained_experts())]
-    meta = {"expert_ids": [list(layer) for layer in ids], "trained_experts": trained_ids,
-            "routing": routing.to_dict(), "metrics": {"loss": float(np.mean(losses))}, "layers": dict(federated)}
-    tensors = {n: params[n].detach().numpy().copy() for n in names}
-    return to_client_update(device.name, examples, meta, tensors)
+    return routing, losses, examples
 
 
 def load_params(model, params: Params) -> None:
