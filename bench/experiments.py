@@ -88,7 +88,8 @@ def table(summaries: dict[tuple[float, int], dict], target: float = 80.0) -> lis
             }
             metrics.update({f"round_{r}": [100 * s["accuracy_per_round"][r] for s in per]
                             for r in range(len(per[0]["accuracy_per_round"]))})
-            row = {"alpha": alpha, "strategy": strategy, "seeds": len(per), "seeds_at_target": len(reached)}
+            row = {"alpha": alpha, "strategy": strategy, "seeds": len(per), "seeds_at_target": len(reached),
+                   "rounds": len(per[0]["accuracy_per_round"])}
             for name, values in metrics.items():
                 row[name], row[name + "_std"] = _mean_std(values)
             rows.append(row)
@@ -108,8 +109,7 @@ def markdown(rows: list[dict], target: float = 80.0) -> str:
         f"{_cell(r, 'best_accuracy', 1)} | {_cell(r, 'last_two_accuracy', 1)} | "
         f"{_cell(r, 'round_at_target', 1)} ({r['seeds_at_target']}) | {_cell(r, 'mib_up_per_round', 0)} | "
         f"{_cell(r, 'round_wall_s', 0)} |\n" for r in rows)
-    rounds = sorted(int(k.split("_")[1]) for k in rows[0] if k.startswith("round_") and k.split("_")[1].isdigit()
-                    and not k.endswith("_std"))
+    rounds = range(rows[0]["rounds"])
     per_round = ("\n| alpha | strategy | " + " | ".join(f"r{r}" for r in rounds) + " |\n|---|---|" + "---|" * len(rounds)
                  + "\n" + "".join(f"| {r['alpha']:g} | {r['strategy']} | "
                                   + " | ".join(_cell(r, f"round_{k}", 1) for k in rounds) + " |\n" for r in rows))

@@ -67,7 +67,8 @@ def answer_shift(answer_ids: Sequence[int], firsts: Sequence[int], tau: float) -
     """
     if not (math.isfinite(tau) and tau >= 0) or not answer_ids:
         raise ConfigError(f"logit adjustment needs answer ids and a finite tau >= 0, got {list(answer_ids)}, {tau}")
-    counts = collections.Counter(t for t in firsts if t in set(answer_ids))
+    wanted = set(answer_ids)
+    counts = collections.Counter(t for t in firsts if t in wanted)
     total = sum(counts.values())
     log_prior = [math.log(counts[t] / total) if counts[t] else LOG_PRIOR_FLOOR for t in answer_ids] if total else \
         [0.0] * len(answer_ids)

@@ -63,6 +63,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from device_runtime.errors import ModelError
+from device_runtime.graph_io import NO_ANSWER_SHIFT
 from export.experts_impl import use_dense_masked
 
 INPUT_IDS = "input_ids"
@@ -274,8 +275,8 @@ class TrainingWrapper(nn.Module):
         aux_loss_coef: float = 0.0,
         routing_kl_coef: float = 0.0,
         routing_priors: list | None = None,
-        answer_ids=(0,),
-        answer_bias=(0.0,),
+        answer_ids=NO_ANSWER_SHIFT[0],
+        answer_bias=NO_ANSWER_SHIFT[1],
         prox_mu: float = 0.0,
         anchors: dict | None = None,
     ) -> dict[str, torch.Tensor]:

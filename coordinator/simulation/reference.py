@@ -213,18 +213,18 @@ def run_reference(fed, out: Path, test: list[dict], on_round: Callable[[RoundRec
     import torch
 
     from coordinator.evaluation import Evaluator
-    from coordinator.federation import fit_context, initialize, tensor_store
+    from coordinator.federation import GlobalModel, fit_context, initialize, tensor_store
     from coordinator.registry import Registry
-    from coordinator.simulation.runner import _config, participants
+    from coordinator.simulation.runner import coordinator_config, participants
     from coordinator.strategy import from_name
     from export.global_state import load_trainable_model
 
     out.mkdir(parents=True, exist_ok=True)
-    cfg = _config(fed, out, port=0)
+    cfg = coordinator_config(fed, out, port=0)
     initialize(cfg, list(fed.calibration_texts))
     registry = Registry(cfg.registry_url)
     try:
-        params = tensor_store(cfg).load(registry.latest_model_version().tensor_sha256)
+        params = GlobalModel(registry, tensor_store(cfg)).params
     finally:
         registry.close()
     context = fit_context(cfg)

@@ -62,7 +62,8 @@ class Federation:
     # took 6.5 min to export the default's three graphs and 2 slots x 5 devices ~8 min to train one round
 
 
-def _config(fed: Federation, out: Path, port: int) -> CoordinatorConfig:
+def coordinator_config(fed: Federation, out: Path, port: int) -> CoordinatorConfig:
+    """The coordinator config of ``fed`` with its state under ``out``, listening on ``port``."""
     return CoordinatorConfig(
         checkpoint=str(fed.checkpoint.resolve()), state_dir=str((out / "state").resolve()), port=port,
         strategy=fed.strategy, min_fit_clients=len(fed.devices), max_fit_clients=len(fed.devices),
@@ -173,7 +174,7 @@ def run_federation(fed: Federation, out: Path, on_round: Callable[[RoundRecord],
         FedmoeError: the coordinator or a device process died, or a round failed for good.
     """
     out.mkdir(parents=True, exist_ok=True)
-    cfg = _config(fed, out, free_port())
+    cfg = coordinator_config(fed, out, free_port())
     version = initialize(cfg, list(fed.calibration_texts), seq_len=fed.fit.seq_len)
     cfg = with_new_authority(cfg)  # devices enrol and run over mutual TLS, as in a deployment
     devices = participants(fed, cfg)
