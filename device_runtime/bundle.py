@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from device_runtime.errors import BundleError, BundleIntegrityError
-from device_runtime.shape_key import TRAINABLE_MODES, ShapeKey
+from device_runtime.shape_key import TRAINABLE_MODES, ShapeKey, held_experts
 from device_runtime.wire import FitConfig
 from device_runtime.wire.fields import NAME
 
@@ -34,6 +34,7 @@ GRAPH_FILES = ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx",
 WEIGHTS_FILE = "weights.safetensors"
 TOKENIZER_FILE = "tokenizer.json"
 DTYPES = ("float32", "float16")
+TRAINED, FROZEN, HELD = "trained", "frozen", "held"  # TensorSpec.rows: which experts an expert-indexed tensor covers
 # The FitConfig fields a manifest records (format version 1): a device of any version 1 runtime reads them.
 MANIFEST_TRAINING_FIELDS = ("batch_size", "seq_len", "learning_rate", "aux_loss_coef", "local_steps")
 
@@ -56,9 +57,12 @@ class TensorSpec:
         shape: its shape in the pruned model.
         dtype: ``"float32"`` or ``"float16"``.
         layer: the MoE layer index (into ``Manifest.moe_layers``) it belongs to, or None.
-        expert_axis: the axis that indexes the layer's kept experts (local index i is global expert
-            ``Manifest.expert_ids[layer][i]``), or None for tensors not indexed by expert.
+        expert_axis: the axis that indexes the layer's experts, or None for tensors not indexed by expert.
         trainable: whether the device's optimizer updates it.
+        rows: the experts on ``expert_axis`` (``Manifest.rows``): ``"trained"``, the layer's trained experts
+            (``Manifest.expert_ids[layer]``); ``"frozen"``, those it holds frozen; ``"held"``, both, in that order
+            (a resident bundle's router).
+        source: the global model's tensor the rows are cut from, when it is not ``name`` (frozen experts).
     """
 
     name: str
@@ -67,10 +71,14 @@ class TensorSpec:
     layer: int | None = None
     expert_axis: int | None = None
     trainable: bool = True
+    rows: str = TRAINED
+    source: str | None = None
 
     def __post_init__(self):
-        if not NAME.fullmatch(self.name):
-            raise BundleError(f"invalid tensor name {self.name!r}")
+        if not NAME.fullmatch(self.name) or (self.source is not None and not NAME.fullmatch(self.source)):
+            raise BundleError(f"invalid tensor name {self.name!r} or source {self.source!r}")
+        if self.rows not in (TRAINED, FROZEN, HELD):
+            raise BundleError(f"tensor {self.name}: rows must be {TRAINED!r}, {FROZEN!r} or {HELD!r}, got {self.rows!r}")
         if self.dtype not in DTYPES or any(int(d) < 0 for d in self.shape):
             raise BundleError(f"tensor {self.name}: invalid dtype {self.dtype!r} or shape {self.shape}")
 
@@ -83,6 +91,8 @@ class TensorSpec:
             layer=None if data.get("layer") is None else int(data["layer"]),
             expert_axis=None if data.get("expert_axis") is None else int(data["expert_axis"]),
             trainable=bool(data.get("trainable", True)),
+            rows=str(data.get("rows", TRAINED)),
+            source=None if data.get("source") is None else str(data["source"]),
         )
 
 
@@ -133,6 +143,19 @@ class Manifest:
     @property
     def trainable_names(self) -> tuple[str, ...]:
         return tuple(t.name for t in self.tensors if t.trainable)
+
+    def held_ids(self, expert_ids: tuple[tuple[int, ...], ...] | None = None) -> tuple[tuple[int, ...], ...]:
+        """Per MoE layer, every expert the graph holds in local order (``shape_key.held_experts``) for the trained
+        ``expert_ids`` (default: the manifest's own): the experts its router and routing statistics cover."""
+        return held_experts(self.expert_ids if expert_ids is None else expert_ids, self.num_experts,
+                            self.shape_key.frozen_dtype is not None)
+
+    def rows(self, spec: TensorSpec, expert_ids: tuple[tuple[int, ...], ...] | None = None) -> tuple[int, ...]:
+        """The global expert ids on ``spec``'s expert axis, for the trained ``expert_ids`` (default: the manifest's)."""
+        trained = self.expert_ids if expert_ids is None else expert_ids
+        held = self.held_ids(trained)[spec.layer]
+        count = len(trained[spec.layer])
+        return {TRAINED: held[:count], FROZEN: held[count:], HELD: held}[spec.rows]
 
     def to_json(self) -> str:
         """The manifest as JSON; ``training`` holds the ``MANIFEST_TRAINING_FIELDS`` of the FitConfig only."""

@@ -22,6 +22,7 @@ ROUTING_STATS, ROUTING_PRIOR = "routing_stats_{}", "routing_prior_{}"
 ANCHOR_SUFFIX = ".anchor"
 ANSWER_IDS, ANSWER_BIAS = "answer_ids", "answer_bias"
 NO_ANSWER_SHIFT = (np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.float32))  # token 0 shifted by 0: none
+FROZEN_INPUTS = ("frozen_gate_up_{}", "frozen_down_{}")  # per MoE layer l of a resident bundle (export.prune)
 ROUTING_REG_INPUT = "routing_kl_coef"  # the graph input of FitConfig.routing_reg_coef (its name in the bundle format)
 DTYPES = {"float32": np.float32, "float16": np.float16}
 

@@ -7,6 +7,16 @@ from dataclasses import dataclass
 from device_runtime.errors import BundleError
 
 TRAINABLE_MODES = ("experts", "lora")
+FROZEN_DTYPES = ("float16",)  # the precision of resident frozen experts (graph inputs, cast up in the graph)
+
+
+def held_experts(trained: tuple[tuple[int, ...], ...], num_experts: int,
+                 frozen: bool) -> tuple[tuple[int, ...], ...]:
+    """Per MoE layer, the global ids of every expert a device holds, in its local order: the ``trained`` ones
+    (in their order), then, when ``frozen``, every other expert of the ``num_experts`` ascending (held frozen)."""
+    if not frozen:
+        return tuple(tuple(ids) for ids in trained)
+    return tuple(tuple(ids) + tuple(g for g in range(num_experts) if g not in ids) for ids in trained)
 
 
 @dataclass(frozen=True)
@@ -19,12 +29,17 @@ class ShapeKey:
             each kept expert's projections + router).
         lora_rank: LoRA rank r (0 when ``trainable_mode == "experts"``).
         prox: whether the graph takes FedProx anchor inputs (``<name>.anchor`` and ``prox_mu``).
+        frozen_dtype: None: the graph holds only the trained experts (pruned, top-k = min(k, kept)). A dtype of
+            :data:`FROZEN_DTYPES`: it holds every expert of the global model, the others frozen in that dtype
+            (graph inputs ``frozen_gate_up_{l}`` / ``frozen_down_{l}``), and routes over all of them with the
+            global top-k (``export.prune``); experts mode only.
     """
 
     experts_per_layer: tuple[int, ...]
     trainable_mode: str = "experts"
     lora_rank: int = 0
     prox: bool = False
+    frozen_dtype: str | None = None
 
     def __post_init__(self):
         if not self.experts_per_layer or any(int(c) < 1 for c in self.experts_per_layer):
@@ -33,13 +48,18 @@ class ShapeKey:
             raise BundleError(f"trainable_mode must be one of {TRAINABLE_MODES}, got {self.trainable_mode!r}")
         if (self.trainable_mode == "lora") != (self.lora_rank > 0):
             raise BundleError("lora_rank must be > 0 exactly when trainable_mode is 'lora'")
+        if self.frozen_dtype is not None and (self.frozen_dtype not in FROZEN_DTYPES or self.trainable_mode != "experts"):
+            raise BundleError(f"frozen_dtype must be None or one of {FROZEN_DTYPES} (experts mode only), "
+                              f"got {self.frozen_dtype!r} with {self.trainable_mode!r}")
 
     @property
     def id(self) -> str:
-        """A stable, filesystem-safe identifier, e.g. ``experts-2.2.1.1`` or ``lora8-prox-2.2``."""
+        """A stable, filesystem-safe identifier, e.g. ``experts-2.2.1.1``, ``lora8-prox-2.2`` or
+        ``experts-float16-1.1`` (frozen experts resident in float16)."""
         mode = self.trainable_mode if self.trainable_mode == "experts" else f"lora{self.lora_rank}"
         prox = "-prox" if self.prox else ""
-        return f"{mode}{prox}-" + ".".join(str(c) for c in self.experts_per_layer)
+        frozen = f"-{self.frozen_dtype}" if self.frozen_dtype else ""
+        return f"{mode}{prox}{frozen}-" + ".".join(str(c) for c in self.experts_per_layer)
 
     @classmethod
     def from_dict(cls, data: dict) -> "ShapeKey":
@@ -48,4 +68,5 @@ class ShapeKey:
             trainable_mode=str(data.get("trainable_mode", "experts")),
             lora_rank=int(data.get("lora_rank", 0)),
             prox=bool(data.get("prox", False)),
+            frozen_dtype=None if data.get("frozen_dtype") is None else str(data["frozen_dtype"]),
         )

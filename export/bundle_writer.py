@@ -14,11 +14,12 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from device_runtime.bundle import (GRAPH_FILES, TOKENIZER_FILE, WEIGHTS_FILE, Manifest, ShapeKey, TensorSpec,
-                                   write_manifest)
+from device_runtime.bundle import (FROZEN, GRAPH_FILES, HELD, TOKENIZER_FILE, TRAINED, WEIGHTS_FILE, Manifest,
+                                   ShapeKey, TensorSpec, write_manifest)
 from device_runtime.wire import FitConfig
 from device_runtime.errors import BundleError
-from export.families import describe
+from export.families import ROUTER, describe
+from device_runtime.graph_io import FROZEN_INPUTS
 from export.loading import cache_dir, checkpoint_sha256
 
 GRAPH_INFO = "graph.json"
@@ -38,6 +39,7 @@ class BundleRequest:
         prox: add the FedProx anchor inputs to the graph.
         training: local training defaults written to the manifest.
         seed: seed of the LoRA initialisation (the same seed gives the same global adapters).
+        frozen_dtype: hold every other expert frozen in this dtype (``export.prune``); None: pruned.
     """
 
     keep: tuple[tuple[int, ...], ...]
@@ -47,10 +49,12 @@ class BundleRequest:
     prox: bool = False
     training: FitConfig = FitConfig()
     seed: int = 0
+    frozen_dtype: str | None = None
 
     @property
     def shape_key(self) -> ShapeKey:
-        return ShapeKey(tuple(len(ids) for ids in self.keep), self.trainable_mode, self.lora_rank, self.prox)
+        return ShapeKey(tuple(len(ids) for ids in self.keep), self.trainable_mode, self.lora_rank, self.prox,
+                        self.frozen_dtype)
 
 
 def prepare_model(checkpoint: Path, request: BundleRequest):
@@ -64,7 +68,7 @@ def prepare_model(checkpoint: Path, request: BundleRequest):
     model = load_trainable_model(checkpoint, trainable_mode=request.trainable_mode, lora_rank=request.lora_rank,
                                  lora_alpha=request.lora_alpha, seed=request.seed)
     description = describe(model)
-    pruned, _ = prune(model, request.keep)
+    pruned, _ = prune(model, request.keep, request.frozen_dtype)
     return pruned, description
 
 
@@ -110,6 +114,24 @@ def _link(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
+def frozen_tensors(wrapper) -> dict:
+    """The frozen-expert graph inputs of a resident model, by input name (``TrainingWrapper.frozen_names``)."""
+    return {name.format(l): value.contiguous() for l in wrapper.frozen_layers
+            for name, value in zip(FROZEN_INPUTS, wrapper.experts[l].frozen_experts)}
+
+
+def _frozen_specs(wrapper, description, frozen: dict) -> tuple[TensorSpec, ...]:
+    """TensorSpecs of the frozen-expert inputs: rows of the held-frozen experts of their ``source`` tensor."""
+    specs = []
+    for l in wrapper.frozen_layers:
+        sources = description.layers[l].experts
+        for name, source in zip(FROZEN_INPUTS, sources):  # (gate_up, down) both
+            value = frozen[name.format(l)]
+            specs.append(TensorSpec(name=name.format(l), shape=tuple(value.shape), dtype=str(value.dtype).split(".")[-1],
+                                    layer=l, expert_axis=0, trainable=False, rows=FROZEN, source=source))
+    return tuple(specs)
+
+
 def write_bundle(checkpoint: str | Path, out: str | Path, request: BundleRequest) -> Manifest:
     """Cut ``request.keep`` out of the MoE ``checkpoint`` directory and write a bundle to ``out``.
 
@@ -138,9 +160,11 @@ def write_bundle(checkpoint: str | Path, out: str | Path, request: BundleRequest
     for name in GRAPH_FILES:
         _link(graph / name, out / name)
     shutil.copy2(checkpoint / TOKENIZER_FILE, out / TOKENIZER_FILE)
-    save_file({n: state[n].contiguous() for n in trainable}, str(out / WEIGHTS_FILE))
-    specs = tuple(TensorSpec(name=n, shape=tuple(state[n].shape), layer=l, expert_axis=0, trainable=True)
-                  for n, l in federated)
+    frozen = frozen_tensors(wrapper)
+    save_file({**{n: state[n].contiguous() for n in trainable}, **frozen}, str(out / WEIGHTS_FILE))
+    specs = tuple(TensorSpec(name=n, shape=tuple(state[n].shape), layer=l, expert_axis=0, trainable=True,
+                             rows=HELD if n.endswith(ROUTER) else TRAINED)
+                  for n, l in federated) + _frozen_specs(wrapper, description, frozen)
     manifest = Manifest(
         base_model={"id": checkpoint.name, "sha256": base_sha},
         family=description.family,

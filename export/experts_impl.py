@@ -56,6 +56,21 @@ def _project(x: torch.Tensor, weight: torch.Tensor, lora_a, lora_b, scaling: flo
     return out
 
 
+def expert_weights(self: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every expert's ``(gate_up (E, 2I, H), down (E, H, I))`` in local order: the module's own (trained) rows,
+    then the rows of ``self.frozen_experts`` (held frozen in reduced precision, cast up here) if it is set.
+
+    ``frozen_experts`` is a plain attribute, ``(gate_up (F, 2I, H), down (F, H, I))`` or None: not a parameter,
+    so the exported graph takes it as an input (``export.training_graph``) and it is never trained.
+    """
+    frozen = getattr(self, "frozen_experts", None)
+    if frozen is None:
+        return self.gate_up_proj, self.down_proj
+    gate_up, down = frozen
+    return (torch.cat([self.gate_up_proj, gate_up.to(self.gate_up_proj.dtype)]),
+            torch.cat([self.down_proj, down.to(self.down_proj.dtype)]))
+
+
 def dense_masked_experts_forward(
     self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
 ) -> torch.Tensor:
@@ -63,7 +78,7 @@ def dense_masked_experts_forward(
 
     Args:
         self: the fused experts module (``gate_up_proj (E, 2I, H)``, ``down_proj (E, H, I)``, optional LoRA
-            parameters from :func:`add_lora`).
+            parameters from :func:`add_lora`, optional frozen experts: :func:`expert_weights`).
         hidden_states: ``(num_tokens, hidden)``.
         top_k_index: ``(num_tokens, top_k)`` int64.
         top_k_weights: ``(num_tokens, top_k)``.
@@ -73,15 +88,15 @@ def dense_masked_experts_forward(
     """
     lora = getattr(self, "gate_up_lora_A", None) is not None
     scaling = getattr(self, "lora_scaling", 0.0)
-    num_experts = self.gate_up_proj.shape[0]
-    gates = gate_matrix(top_k_index, top_k_weights, num_experts)  # (N, E)
+    gate_up_proj, down_proj = expert_weights(self)
+    gates = gate_matrix(top_k_index, top_k_weights, gate_up_proj.shape[0])  # (N, E)
     gate_up = _project(
-        hidden_states, self.gate_up_proj,
+        hidden_states, gate_up_proj,
         self.gate_up_lora_A if lora else None, self.gate_up_lora_B if lora else None, scaling,
     )  # (E, N, 2I)
     inner = self._apply_gate(gate_up)  # (E, N, I)
     out = _project(
-        inner, self.down_proj, self.down_lora_A if lora else None, self.down_lora_B if lora else None, scaling
+        inner, down_proj, self.down_lora_A if lora else None, self.down_lora_B if lora else None, scaling
     )  # (E, N, H)
     combined = (out * gates.transpose(0, 1).unsqueeze(-1)).sum(dim=0)  # (N, H)
     return combined.to(hidden_states.dtype)
@@ -100,16 +115,17 @@ def routed_experts_forward(
     """
     lora = getattr(self, "gate_up_lora_A", None) is not None
     scaling = getattr(self, "lora_scaling", 0.0)
-    gates = gate_matrix(top_k_index, top_k_weights, self.gate_up_proj.shape[0])  # (N, E)
+    gate_up_proj, down_proj = expert_weights(self)
+    gates = gate_matrix(top_k_index, top_k_weights, gate_up_proj.shape[0])  # (N, E)
     out = torch.zeros_like(hidden_states, dtype=gates.dtype)  # (N, H)
     for expert in torch.nonzero(gates.sum(0), as_tuple=True)[0].tolist():
         tokens = torch.nonzero(gates[:, expert], as_tuple=True)[0]  # (n,)
         pick = slice(expert, expert + 1)
-        gate_up = _project(hidden_states[tokens], self.gate_up_proj[pick],
+        gate_up = _project(hidden_states[tokens], gate_up_proj[pick],
                            self.gate_up_lora_A[pick] if lora else None, self.gate_up_lora_B[pick] if lora else None,
                            scaling)  # (1, n, 2I)
         inner = self._apply_gate(gate_up)  # (1, n, I)
-        expert_out = _project(inner, self.down_proj[pick], self.down_lora_A[pick] if lora else None,
+        expert_out = _project(inner, down_proj[pick], self.down_lora_A[pick] if lora else None,
                               self.down_lora_B[pick] if lora else None, scaling)[0]  # (n, H)
         out.index_add_(0, tokens, expert_out * gates[tokens, expert].unsqueeze(-1))
     return out.to(hidden_states.dtype)

@@ -18,6 +18,9 @@ name                        shape                   dtype    meaning
                                                              first target (the answer tokens of a label set)
 ``answer_bias``             (num_answers,)          float32  the shift of each: logit adjustment (below);
                                                              zeros leave the loss unchanged
+``frozen_gate_up_{l}``      (F_l, 2I, H)            float16  the experts layer l holds frozen (resident bundles
+``frozen_down_{l}``         (F_l, H, I)             float16  only: ``export.prune`` with a ``frozen_dtype``),
+                                                             after its E_l trained ones in local order
 ``prox_mu``                 ()                      float32  FedProx mu (only with ``prox=True``)
 ``<param>.anchor``          shape of ``<param>``    float32  FedProx anchor w_global, one per trainable
                                                              tensor, in ``trainable`` order (``prox=True``)
@@ -63,8 +66,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from device_runtime.errors import ModelError
-from device_runtime.graph_io import NO_ANSWER_SHIFT
-from export.experts_impl import use_dense_masked
+from device_runtime.graph_io import FROZEN_INPUTS, NO_ANSWER_SHIFT
+from export.experts_impl import experts_modules, use_dense_masked
 
 INPUT_IDS = "input_ids"
 ATTENTION_MASK = "attention_mask"
@@ -237,6 +240,8 @@ class TrainingWrapper(nn.Module):
             raise ModelError("FedProx (prox=True) needs the trainable names: one anchor input per trainable tensor")
         self.prox = prox
         self.trainable = tuple(trainable)
+        self.experts = [module for _, module in experts_modules(causal_lm)]
+        self.frozen_layers = tuple(l for l, m in enumerate(self.experts) if getattr(m, "frozen_experts", None) is not None)
         self._captured: list[tuple[torch.Tensor, torch.Tensor]] = []
         for router in self.routers:
             router.register_forward_hook(self._capture)
@@ -247,8 +252,13 @@ class TrainingWrapper(nn.Module):
 
     @property
     def num_experts(self) -> tuple[int, ...]:
-        """Experts per MoE layer, E_l."""
+        """Experts per MoE layer the router scores (trained and frozen)."""
         return tuple(int(r.weight.shape[0]) for r in self.routers)
+
+    @property
+    def frozen_names(self) -> tuple[str, ...]:
+        """The frozen-expert graph inputs, ``frozen_gate_up_{l}``, ``frozen_down_{l}`` per resident layer."""
+        return tuple(name.format(l) for l in self.frozen_layers for name in FROZEN_INPUTS)
 
     @property
     def input_names(self) -> tuple[str, ...]:
@@ -256,6 +266,7 @@ class TrainingWrapper(nn.Module):
         names = [INPUT_IDS, ATTENTION_MASK, LABELS, AUX_LOSS_COEF, ROUTING_KL_COEF]
         names += [ROUTING_PRIOR.format(l) for l in range(len(self.routers))]
         names += list(ANSWER_INPUTS)
+        names += list(self.frozen_names)
         if self.prox:
             names += [PROX_MU] + [n + ANCHOR_SUFFIX for n in self.trainable]
         return tuple(names)
@@ -281,7 +292,7 @@ class TrainingWrapper(nn.Module):
         anchors: dict | None = None,
     ) -> dict[str, torch.Tensor]:
         """All graph inputs by name, in feed order. Priors default to uniform, anchors to the current weights,
-        the answer shift to none (one id with bias 0)."""
+        the answer shift to none (one id with bias 0), the frozen experts to those the model holds."""
         scalar = lambda v: torch.tensor(float(v), dtype=torch.float32)  # noqa: E731
         inputs = {INPUT_IDS: input_ids, ATTENTION_MASK: attention_mask, LABELS: labels,
                   AUX_LOSS_COEF: scalar(aux_loss_coef), ROUTING_KL_COEF: scalar(routing_kl_coef)}
@@ -290,6 +301,9 @@ class TrainingWrapper(nn.Module):
             inputs[ROUTING_PRIOR.format(l)] = torch.as_tensor(prior, dtype=torch.float32)
         inputs[ANSWER_IDS] = torch.as_tensor(answer_ids, dtype=torch.int64)
         inputs[ANSWER_BIAS] = torch.as_tensor(answer_bias, dtype=torch.float32)
+        for l in self.frozen_layers:
+            for name, value in zip(FROZEN_INPUTS, self.experts[l].frozen_experts):
+                inputs[name.format(l)] = value
         if self.prox:
             inputs[PROX_MU] = scalar(prox_mu)
             params = dict(self.named_parameters())
@@ -300,9 +314,11 @@ class TrainingWrapper(nn.Module):
 
     def forward(self, input_ids, attention_mask, labels, aux_loss_coef, routing_kl_coef, *rest):
         """Graph inputs positionally in :attr:`input_names` order; returns the :attr:`output_names` tuple."""
-        num_layers = len(self.routers)
-        priors, (answer_ids, answer_bias), prox_inputs = rest[:num_layers], rest[num_layers:num_layers + 2], \
-            rest[num_layers + 2:]
+        num_layers, num_frozen = len(self.routers), len(self.frozen_names)
+        priors, (answer_ids, answer_bias) = rest[:num_layers], rest[num_layers:num_layers + 2]
+        frozen, prox_inputs = rest[num_layers + 2:num_layers + 2 + num_frozen], rest[num_layers + 2 + num_frozen:]
+        for i, l in enumerate(self.frozen_layers):
+            self.experts[l].frozen_experts = (frozen[2 * i], frozen[2 * i + 1])
         self._captured = []
         hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
         labels = torch.where(attention_mask == 0, torch.full_like(labels, IGNORE_INDEX), labels)

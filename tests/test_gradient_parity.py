@@ -25,7 +25,7 @@ from transformers.loss.loss_utils import ForCausalLMLoss
 
 from device_runtime.errors import ExportError
 from export.artifacts import ADAMW_EPS, ADAMW_WEIGHT_DECAY, export_training_artifacts
-from export.experts_impl import LORA_PARAMS, add_lora
+from export.experts_impl import LORA_PARAMS, add_lora, use_dense_masked
 from export.prune import prune
 from export.upcycle import upcycle
 from export.training_graph import TrainingWrapper, select_targets
@@ -412,3 +412,31 @@ def test_answer_shift_moves_each_rows_first_target_only():
     torch.testing.assert_close(got.detach(), want, rtol=1e-5, atol=1e-6)
     plain = wrapper(*wrapper.make_inputs(**batch).values())[1]
     assert abs(float(plain.detach()) - float(got.detach())) > 1e-3  # the shift changed the loss: the test can fail
+
+
+def test_resident_frozen_experts_route_like_the_global_model_and_match_torch(tmp_path):
+    """A resident bundle (``prune`` with ``frozen_dtype``): one trained expert in layer 0, two in layer 1, the
+    others frozen in float16 and fed as graph inputs. Its forward equals the global model's with those experts
+    rounded to float16; every router row gets a gradient (a pruned 1-expert layer's router gets none), and ORT's
+    gradients equal torch's."""
+    model, _ = tiny_model("mixtral", "experts")
+    resident, ids = prune(model, [[2], [1, 3]], "float16")
+    trainable = [n for n, _ in resident.named_parameters() if ".mlp." in n]
+    wrapper = TrainingWrapper(resident, trainable=trainable)
+    assert wrapper.num_experts == (4, 4) and wrapper.frozen_names == (
+        "frozen_gate_up_0", "frozen_down_0", "frozen_gate_up_1", "frozen_down_1")
+    assert resident.model.layers[0].mlp.experts.gate_up_proj.shape[0] == 1
+    rounded = copy.deepcopy(model)
+    with torch.no_grad():
+        for layer, keep in zip(rounded.model.layers, ids):
+            rest = [e for e in range(NUM_EXPERTS) if e not in keep]
+            for param in (layer.mlp.experts.gate_up_proj, layer.mlp.experts.down_proj):
+                param[rest] = param[rest].half().float()
+    inputs = batch()
+    forward = {k: inputs[k] for k in ("input_ids", "attention_mask")}
+    use_dense_masked(rounded)
+    with torch.no_grad():
+        torch.testing.assert_close(resident(**forward).logits, rounded(**forward).logits, rtol=1e-5, atol=1e-5)
+    arts = export_training_artifacts(wrapper, tmp_path, trainable=trainable, example_batch=graph_inputs(wrapper))
+    assert arts.inputs[-4:] == wrapper.frozen_names
+    assert_gradients_match(wrapper, arts, graph_inputs(wrapper))

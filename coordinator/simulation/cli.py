@@ -91,10 +91,11 @@ def _round_table(records: list[RoundRecord]) -> Table:
 @click.option("--logit-adjustment", type=float, default=None,
               help="tau of the balanced softmax each device trains with: the logits of the labels' first answer token "
                    "shifted by tau * log(its own label prior), in training only (0: off).  [default: from the preset: 1]")
-@click.option("--reference-scores", type=click.Choice(["held", "all"]), default="held", show_default=True,
+@click.option("--reference-scores", type=click.Choice(["held", "all", "resident"]), default="held", show_default=True,
               help="torch-<strategy> only: the routing statistics a device's expert selection uses: its last update's, "
                    "over the experts it held (as the system), or over every expert under the current global model on "
-                   "the batches it is about to train on (HFedMoE's data-driven selection; a lever to measure).")
+                   "the batches it is about to train on (HFedMoE's data-driven selection; a lever to measure), or every "
+                   "expert resident on the device (frozen at float16 outside its budget) and statistics over all.")
 @click.option("--update-dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
               help="The dtype devices send their updates in (float16 halves the upload).")
 @click.option("--slots", default=2, show_default=True, help="Devices training at the same time (machine cores).")

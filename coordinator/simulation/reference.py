@@ -64,7 +64,7 @@ def keeps_trainer(ins: FitIns, num_experts: int) -> bool:
 
 
 def fit_device(model, global_params: Params, ins: FitIns, device: ReferenceDevice, tokenizer: Path, *,
-               carry_optimizer: bool = False) -> ClientUpdate:
+               carry_optimizer: bool = False, resident: bool = False) -> ClientUpdate:
     """One device's round in torch: prune, train ``ins.config.local_steps`` steps (0: one epoch), report (see the
     module docstring).
 
@@ -82,7 +82,7 @@ def fit_device(model, global_params: Params, ins: FitIns, device: ReferenceDevic
 
     cfg = ins.config
     load_params(model, global_params)
-    wrapper, federated, ids = _device_model(model, ins)
+    wrapper, federated, ids = (_resident_model if resident else _device_model)(model, ins)
     optimizer = _optimizer(wrapper, [n for n, _ in federated], cfg.learning_rate,
                            device.optimizer_state[1] if carry_optimizer and device.optimizer_state is not None
                            and device.optimizer_state[0] == ins.shape_key else None)
@@ -95,10 +95,12 @@ def fit_device(model, global_params: Params, ins: FitIns, device: ReferenceDevic
         constants.update(answer_ids=answer[0], answer_bias=answer[1])
     steps = cfg.local_steps or math.ceil(len(dataset.train) / cfg.batch_size)
     routing, losses, examples = _train(wrapper, optimizer, dataset.train_batches(cfg.batch_size), steps, constants,
-                                       RoutingStats(tuple(map(len, ids)), ids))
+                                       RoutingStats(tuple(map(len, ids)), ids),
+                                       _frozen_rows(wrapper, ins) if resident else None)
     device.optimizer_state = (ins.shape_key, optimizer.state_dict()) if carry_optimizer else None
     device.routing = routing
-    trained = [[layer[i] for i in local] for layer, local in zip(ids, routing.trained_experts())]
+    trained = [[layer[i] for i in local if layer[i] in keep] for layer, local, keep
+               in zip(ids, routing.trained_experts(), ins.expert_ids)]
     meta = {"expert_ids": [list(layer) for layer in ids], "trained_experts": trained, "routing": routing.to_dict(),
             "metrics": {"loss": float(np.mean(losses))}, "layers": dict(federated)}
     params = dict(wrapper.named_parameters())
@@ -122,6 +124,48 @@ def _device_model(model, ins: FitIns):
     return wrapper, federated, ids
 
 
+def _resident_model(model, ins: FitIns):
+    """Like :func:`_device_model` with every expert resident: the global model whole, all router rows and the
+    experts' tensors requiring gradients (rows of experts outside ``ins.expert_ids`` are restored after each step
+    by :func:`_frozen_rows`, at float16 precision)."""
+    import copy
+
+    from export.families import describe
+    from export.training_graph import TrainingWrapper
+
+    full = copy.deepcopy(model)
+    federated = describe(full).trainable_tensors(list(full.state_dict()), ins.trainable_mode)
+    names = {n for n, _ in federated}
+    wrapper = TrainingWrapper(full, prox=ins.config.prox_mu > 0, trainable=[n for n, _ in federated])
+    for name, param in wrapper.named_parameters():
+        param.requires_grad_(name in names)
+    ids = tuple(tuple(range(layer.num_experts)) for layer in describe(full).layers)
+    return wrapper, federated, ids
+
+
+def _frozen_rows(wrapper, ins: FitIns):
+    """A callable restoring, after each optimizer step, the rows of the experts the device holds frozen to their
+    float16-rounded starting values."""
+    import torch
+
+    from export.families import describe
+    from export.experts_impl import experts_modules
+
+    frozen = []
+    for (_, module), keep in zip(experts_modules(wrapper), ins.expert_ids):
+        rows = [e for e in range(module.gate_up_proj.shape[0]) if e not in keep]
+        for param in (module.gate_up_proj, module.down_proj):
+            with torch.no_grad():
+                param[rows] = param[rows].half().float()
+            frozen.append((param, rows, param.detach()[rows].clone()))
+
+    def restore():
+        with torch.no_grad():
+            for param, rows, value in frozen:
+                param[rows] = value
+    return restore
+
+
 def _optimizer(wrapper, names: list[str], learning_rate: float, state: dict | None):
     """torch AdamW over ``names`` with the device graph's eps and weight decay, continuing ``state`` if given."""
     import torch
@@ -136,7 +180,7 @@ def _optimizer(wrapper, names: list[str], learning_rate: float, state: dict | No
     return optimizer
 
 
-def _train(wrapper, optimizer, batches, steps: int, constants: dict, routing: RoutingStats):
+def _train(wrapper, optimizer, batches, steps: int, constants: dict, routing: RoutingStats, after_step=None):
     """``steps`` optimizer steps, the routing statistics of each step's forward added to ``routing``.
 
     Returns:
@@ -153,6 +197,8 @@ def _train(wrapper, optimizer, batches, steps: int, constants: dict, routing: Ro
         optimizer.zero_grad()
         outputs[0].backward()
         optimizer.step()
+        if after_step is not None:
+            after_step()
         losses.append(float(outputs[0].detach()))
         routing.update([o.detach().numpy() for o in outputs[2:-1]], int(outputs[-1]))
         examples += batch.num_examples
@@ -251,7 +297,8 @@ def run_reference(fed, out: Path, test: list[dict], on_round: Callable[[RoundRec
             if device.name in plan:
                 ins = plan[device.name]
                 updates.append(fit_device(model, params, ins, device, tokenizer,
-                                          carry_optimizer=keeps_trainer(ins, context.model.num_experts)))
+                                          carry_optimizer=keeps_trainer(ins, context.model.num_experts),
+                                          resident=scores == "resident"))
         params, _ = strategy.aggregate_fit(server_round, updates, [], params)
         wall = time.monotonic() - start
         score = evaluator.score(params)
