@@ -19,6 +19,7 @@ Example (``fedmoe-coord init`` writes one)::
     num_rounds = 0                          # 0: keep running rounds
     trainable_mode = "experts"              # or "lora" (with lora_rank > 0)
     lora_rank = 0
+    frozen_experts = "float16"              # experts a device does not train: resident, frozen ("pruned": dropped)
     update_norm_bound = 1e4                 # L2 norm bound of one update tensor
     keep_update_tensors = false             # true: keep devices' update files after their round is aggregated
     tls_cert = "state/tls/server.pem"      # written by init, with tls_key and the CA: wss:// + mutual TLS
@@ -54,10 +55,13 @@ from pathlib import Path
 
 import tomli_w
 
-from device_runtime.shape_key import TRAINABLE_MODES
+from device_runtime.shape_key import FROZEN_DTYPES, TRAINABLE_MODES
 from device_runtime.errors import ConfigError
 from device_runtime.units import MIB
 from device_runtime.wire import FitConfig
+
+PRUNED = "pruned"
+FROZEN_EXPERTS = (*FROZEN_DTYPES, PRUNED)
 
 _PATHS = ("checkpoint", "state_dir", "tls_cert", "tls_key", "tls_ca_cert", "tls_ca_key", "eval_data")
 
@@ -76,6 +80,10 @@ class CoordinatorConfig:
         min_fit_clients, max_fit_clients, fraction_fit: client selection per round.
         round_deadline_s: seconds a round waits for updates. max_round_attempts: tries before giving up a round.
         num_rounds: rounds to run (0: unbounded). trainable_mode, lora_rank: what devices train.
+        frozen_experts: what a device holds of the experts it does not train: ``"float16"``, every one, frozen in
+            float16, so its forward pass routes over the whole global model (HFedMoE's design; experts mode,
+            first-order devices whose budget affords it, ``export.planner``); ``"pruned"``, none (the router
+            and top-k shrink to the trained experts: ``export.prune``).
         update_norm_bound: largest L2 norm of one update tensor.
         fit: the local training settings every round starts from (a dict of FitConfig fields is accepted).
         keep_update_tensors: keep the devices' update files in the tensor store once their round is aggregated
@@ -108,6 +116,7 @@ class CoordinatorConfig:
     num_rounds: int = 0
     trainable_mode: str = "experts"
     lora_rank: int = 0
+    frozen_experts: str = "float16"
     update_norm_bound: float = 1e4
     keep_update_tensors: bool = False
     fit: FitConfig = field(default_factory=FitConfig)
@@ -165,6 +174,7 @@ def _check(cfg: CoordinatorConfig) -> None:
         (cfg.num_rounds < 0, "num_rounds must be >= 0 (0 = unbounded)"),
         (cfg.trainable_mode not in TRAINABLE_MODES, f"trainable_mode must be one of {TRAINABLE_MODES}"),
         ((cfg.trainable_mode == "lora") != (cfg.lora_rank > 0), "lora_rank > 0 exactly when trainable_mode is lora"),
+        (cfg.frozen_experts not in FROZEN_EXPERTS, f"frozen_experts must be one of {FROZEN_EXPERTS}"),
         (not (cfg.update_norm_bound > 0 and math.isfinite(cfg.update_norm_bound)), "update_norm_bound must be > 0"),
         (bool(cfg.tls_cert) != bool(cfg.tls_key), "set both tls_cert and tls_key, or neither"),
         (bool(cfg.tls_ca_cert) != bool(cfg.tls_ca_key), "set both tls_ca_cert and tls_ca_key, or neither"),

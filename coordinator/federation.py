@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import load_file
 
-from coordinator.config import CoordinatorConfig
+from coordinator.config import PRUNED, CoordinatorConfig
 from coordinator.planning import to_client_update
 from coordinator.registry import Registry
 from coordinator.registry.tables import ModelVersion, Update
@@ -41,7 +41,7 @@ def fit_context(cfg: CoordinatorConfig) -> FitContext:
     from export.planner import model_shape
 
     return FitContext(model_shape(cfg.checkpoint), load_calibration(cfg), cfg.fit, cfg.trainable_mode,
-                      cfg.lora_rank, cfg.seed)
+                      cfg.lora_rank, cfg.seed, None if cfg.frozen_experts == PRUNED else cfg.frozen_experts)
 
 
 def tensor_store(cfg: CoordinatorConfig) -> TensorStore:

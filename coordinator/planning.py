@@ -59,7 +59,7 @@ class BundleCache:
 
         keep = tuple(tuple(range(c)) for c in key.experts_per_layer)
         request = BundleRequest(keep=keep, trainable_mode=key.trainable_mode, lora_rank=key.lora_rank,
-                                prox=key.prox, training=self.training)
+                                prox=key.prox, training=self.training, frozen_dtype=key.frozen_dtype)
         with tempfile.TemporaryDirectory(dir=self.root, prefix=".tmp-") as tmp:
             write_bundle(self.checkpoint, Path(tmp) / "b", request)
             self._sign(Path(tmp) / "b")
@@ -103,19 +103,23 @@ class BundleCache:
 
 def slice_assignment(global_state: Mapping[str, np.ndarray], manifest: Manifest,
                      expert_ids: tuple[tuple[int, ...], ...]) -> dict[str, np.ndarray]:
-    """``global[name][expert_ids[layer]]`` (expert axis 0) for every TensorSpec of the bundle.
+    """``global[source][rows]`` (expert axis 0) for every TensorSpec of the bundle, in the spec's dtype: the rows
+    are ``Manifest.rows(spec, expert_ids)`` (the trained experts, the frozen ones or both), the source the spec's
+    ``source`` or its own name, axes 1 and 2 swapped for a ``transposed`` spec.
 
     Raises:
         BundleError: a spec names a tensor missing from the global state or of another shape.
     """
     out = {}
     for spec in manifest.tensors:
-        if spec.name not in global_state:
-            raise BundleError(f"bundle tensor {spec.name} is not in the global state; re-run `fedmoe-coord init`")
-        rows = np.ascontiguousarray(global_state[spec.name][list(expert_ids[spec.layer])])
+        source = spec.source or spec.name
+        if source not in global_state:
+            raise BundleError(f"bundle tensor {source} is not in the global state; re-run `fedmoe-coord init`")
+        rows = global_state[source][list(manifest.rows(spec, expert_ids))]
+        rows = np.ascontiguousarray(np.swapaxes(rows, 1, 2) if spec.transposed else rows, dtype=spec.dtype)
         if rows.shape != tuple(spec.shape):
             raise BundleError(f"{spec.name}: global slice {rows.shape} != bundle spec {tuple(spec.shape)}")
-        out[spec.name] = rows.astype(np.float32)
+        out[spec.name] = rows
     return out
 
 
@@ -151,7 +155,7 @@ def check_update(manifest: Manifest, expert_ids: tuple[tuple[int, ...], ...], *,
             raise UpdateRejected(f"tensor {name}: L2 norm above the bound {norm_bound:g}")
         out[name] = array
     _check_trained(expert_ids, trained_experts)
-    _check_routing(expert_ids, routing)
+    _check_routing(manifest.held_ids(expert_ids), routing)
     return out
 
 
@@ -180,8 +184,11 @@ def _check_routing(expert_ids, routing: dict) -> RoutingStats:
 def update_meta(manifest: Manifest, expert_ids, trained_experts, routing: dict, metrics: dict) -> dict:
     """The JSON a stored update needs to become a ClientUpdate again (registry ``updates.metadata``)."""
     layers = {s.name: s.layer for s in manifest.tensors if s.trainable}
+    held = manifest.held_ids(expert_ids)
+    frozen = [list(h[len(ids):]) for h, ids in zip(held, expert_ids)]
     return {"expert_ids": [list(ids) for ids in expert_ids], "trained_experts": [list(t) for t in trained_experts],
-            "routing": routing, "metrics": metrics, "layers": layers, "shape_key": manifest.shape_key.id}
+            "routing": routing, "metrics": metrics, "layers": layers, "shape_key": manifest.shape_key.id,
+            "frozen_ids": frozen}
 
 
 def to_client_update(device_id: str, num_examples: int, meta: dict, tensors: Mapping[str, np.ndarray]) -> ClientUpdate:
@@ -192,10 +199,12 @@ def to_client_update(device_id: str, num_examples: int, meta: dict, tensors: Map
                          layer=int(meta["layers"][name]), expert_axis=0)
         for name in tensors
     }
+    expert_ids = tuple(tuple(ids) for ids in meta["expert_ids"])
     return ClientUpdate(
         client_id=device_id, num_examples=int(num_examples),
         tensors={n: np.asarray(t, dtype=np.float32) for n, t in tensors.items()}, tensor_meta=tensor_meta,
-        expert_ids=tuple(tuple(ids) for ids in meta["expert_ids"]),
+        expert_ids=expert_ids,
+        frozen_ids=tuple(tuple(ids) for ids in meta.get("frozen_ids") or [()] * len(expert_ids)),
         trained_experts=tuple(frozenset(t) for t in meta["trained_experts"]),
         routing=routing, metrics=dict(meta.get("metrics", {})),
     )

@@ -508,7 +508,7 @@ class Coordinator:
         for a in assigned:
             manifest = self.bundles.manifest(a.shape_key)
             fit = FitIns(tuple(tuple(ids) for ids in a.expert_ids), config, manifest.shape_key.trainable_mode,
-                         manifest.shape_key.lora_rank)
+                         manifest.shape_key.lora_rank, manifest.shape_key.frozen_dtype)
             self.pending[a.update_id] = Pending(a.device_id, round_id, a.update_id, manifest, fit)
         for u in accepted:
             self.reported[u.device_id] = RoutingStats.from_dict(u.meta["routing"])

@@ -63,6 +63,7 @@ class TensorSpec:
             (``Manifest.expert_ids[layer]``); ``"frozen"``, those it holds frozen; ``"held"``, both, in that order
             (a resident bundle's router).
         source: the global model's tensor the rows are cut from, when it is not ``name`` (frozen experts).
+        transposed: axes 1 and 2 are swapped against ``source`` (frozen experts: the layout the graph reads).
     """
 
     name: str
@@ -73,6 +74,7 @@ class TensorSpec:
     trainable: bool = True
     rows: str = TRAINED
     source: str | None = None
+    transposed: bool = False
 
     def __post_init__(self):
         if not NAME.fullmatch(self.name) or (self.source is not None and not NAME.fullmatch(self.source)):
@@ -93,6 +95,7 @@ class TensorSpec:
             trainable=bool(data.get("trainable", True)),
             rows=str(data.get("rows", TRAINED)),
             source=None if data.get("source") is None else str(data["source"]),
+            transposed=bool(data.get("transposed", False)),
         )
 
 

@@ -29,7 +29,8 @@ from device_runtime.zo_directions import candidate_seeds
 
 
 def assignment_tensors(manifest: Manifest, assignment: Assignment) -> dict[str, np.ndarray]:
-    """The assignment's weights as float32, after checking them against the bundle manifest.
+    """The assignment's weights as float32 (frozen experts in their manifest dtype), after checking them against
+    the bundle manifest.
 
     Raises:
         ProtocolError("bad_tensor"): another shape key, or a tensor set / shape differing from the manifest.
@@ -44,14 +45,18 @@ def assignment_tensors(manifest: Manifest, assignment: Assignment) -> dict[str, 
         wrong = sorted(n for n in set(got) & set(expected) if got[n] != expected[n])
         raise ProtocolError("bad_tensor", f"assignment tensors differ from bundle {manifest.shape_key.id}: "
                                           f"missing {missing[:3]}, unexpected {extra[:3]}, wrong shape {wrong[:3]}")
-    return to_float32(assignment.tensors)
+    frozen = {t.name for t in manifest.tensors if t.dtype == "float16"}
+    return {**to_float32({n: a for n, a in assignment.tensors.items() if n not in frozen}),
+            **{n: np.asarray(a, dtype=np.float16) for n, a in assignment.tensors.items() if n in frozen}}
 
 
 def local_prior(config: FitConfig, num_experts: int, expert_ids) -> list[np.ndarray] | None:
-    """FedAlign-MoE's p_global restricted to the kept experts and renormalised, ``(E_l,)`` per layer.
+    """FedAlign-MoE's p_global restricted to the held experts ``expert_ids`` (local order) and renormalised,
+    ``(E_l,)`` per layer.
 
-    The device's router is a softmax over its kept experts only, so the global distribution over all
-    ``num_experts`` is conditioned on the kept set. None when the config carries no prior.
+    A pruned device's router is a softmax over its kept experts only, so the global distribution over all
+    ``num_experts`` is conditioned on the kept set (a resident device holds them all: no change). None when the
+    config carries no prior.
 
     Raises:
         ConfigError: the prior does not have one entry per global expert in every MoE layer.
@@ -119,7 +124,7 @@ def _fit(bundle: Bundle, assignment: Assignment, data_file: str | Path, *, threa
 
     tensors = assignment_tensors(bundle.manifest, assignment)
     cfg = assignment.config
-    prior = local_prior(cfg, bundle.manifest.num_experts, assignment.expert_ids)
+    prior = local_prior(cfg, bundle.manifest.num_experts, bundle.manifest.held_ids(assignment.expert_ids))
     dataset = LocalDataset.from_jsonl(data_file, bundle.path(TOKENIZER_FILE), seq_len=cfg.seq_len,
                                       template=template, eval_fraction=0.0, seed=cfg.seed)
     if not dataset.train:
@@ -144,17 +149,20 @@ def _fit(bundle: Bundle, assignment: Assignment, data_file: str | Path, *, threa
     if is_zo and cfg.zo_seeds:  # seeds and scalars, expanded by the coordinator (coordinator.zo_updates)
         seeds, scalars = zip(*result.zo_coefficients)
         return build_update(assignment, result, {}, metrics,
-                            zo=ZoUpdate(seeds=seeds, scalars=scalars, distribution=trainer.distribution))
+                            zo=ZoUpdate(seeds=seeds, scalars=scalars, distribution=trainer.distribution),
+                            held=bundle.manifest.held_ids(assignment.expert_ids))
     trainable = set(bundle.manifest.trainable_names)
     params = {n: a for n, a in trainer.get_parameters().items() if n in trainable}
-    return build_update(assignment, result, params, metrics)
+    return build_update(assignment, result, params, metrics, held=bundle.manifest.held_ids(assignment.expert_ids))
 
 
 def build_update(assignment: Assignment, result: FitResult, params: dict[str, np.ndarray],
-                 metrics: dict[str, float], *, zo: ZoUpdate | None = None) -> Update:
-    """The ``Update`` of a fit: routing and trained experts in the assignment's global expert ids; the
+                 metrics: dict[str, float], *, zo: ZoUpdate | None = None,
+                 held: tuple[tuple[int, ...], ...] | None = None) -> Update:
+    """The ``Update`` of a fit: routing and trained experts in the assignment's global expert ids (the routing over
+    ``held``, every expert the bundle holds in local order: ``Manifest.held_ids``; default the assignment's); the
     trained tensors as ``params`` or, for a seed-and-scalar update, as ``zo`` (then ``params`` is empty)."""
-    ids = assignment.expert_ids
+    ids = assignment.expert_ids if held is None else held
     routing = result.routing.to_dict()
     routing["expert_ids"] = [list(layer) for layer in ids]
     trained = tuple(tuple(ids[l][i] for i in local) for l, local in enumerate(result.trained_experts))

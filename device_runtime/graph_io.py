@@ -51,7 +51,7 @@ def constant_inputs(manifest: Manifest, *, aux_loss_coef: float, routing_prior: 
     feeds = {"aux_loss_coef": scalar(aux_loss_coef), ROUTING_REG_INPUT: scalar(routing_reg_coef)}
     if ANSWER_IDS in manifest.inputs:
         feeds[ANSWER_IDS], feeds[ANSWER_BIAS] = check_answer_shift(answer_shift or NO_ANSWER_SHIFT)
-    for l, prior in enumerate(check_priors(routing_prior, manifest.shape_key.experts_per_layer)):
+    for l, prior in enumerate(check_priors(routing_prior, tuple(map(len, manifest.held_ids())))):
         feeds[ROUTING_PRIOR.format(l)] = prior
     if manifest.shape_key.prox:
         feeds["prox_mu"] = scalar(prox_mu)
@@ -59,6 +59,11 @@ def constant_inputs(manifest: Manifest, *, aux_loss_coef: float, routing_prior: 
     elif prox_mu:
         raise ConfigError("prox_mu > 0 needs a FedProx bundle (shape key with prox); ask for one")
     return feeds
+
+
+def weight_inputs(manifest: Manifest) -> tuple[str, ...]:
+    """The bundle tensors the graph takes as inputs rather than parameters (a resident bundle's frozen experts)."""
+    return tuple(t.name for t in manifest.tensors if not t.trainable and t.name in manifest.inputs)
 
 
 def batch_feeds(manifest: Manifest, batch: Batch, constants: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -16,7 +16,7 @@ import numpy as np
 
 from device_runtime.bundle import Bundle, load_bundle
 from device_runtime.errors import BundleError, ConfigError
-from device_runtime.graph_io import DTYPES, LOSS, NUM_TOKENS, check_tensor, read_weights, stats_names
+from device_runtime.graph_io import DTYPES, LOSS, NUM_TOKENS, check_tensor, read_weights, stats_names, weight_inputs
 from device_runtime.trainer import BundleTrainer
 
 
@@ -41,6 +41,7 @@ class OrtTrainer(BundleTrainer):
         self.manifest = self.bundle.manifest
         self.progress = progress
         self._specs = {spec.name: spec for spec in self.manifest.tensors}
+        self._inputs: dict[str, np.ndarray] = {}  # bundle tensors the graph takes as inputs (frozen experts)
         self._state, self._module, self._optimizer = _build_session(self.bundle, threads)
         self._outputs = self._check_graph_names()
         self.set_parameters(read_weights(self.bundle))
@@ -52,7 +53,8 @@ class OrtTrainer(BundleTrainer):
             raise BundleError(f"training graph inputs {inputs[:6]}... differ from the manifest's "
                               f"{self.manifest.inputs[:6]}...; re-export the bundle")
         missing = [n for n in (LOSS, NUM_TOKENS, *stats_names(self.manifest)) if n not in outputs]
-        unknown = [n for n in self._specs if n not in self._state.parameters]
+        fed = weight_inputs(self.manifest)
+        unknown = [n for n in self._specs if n not in fed and n not in self._state.parameters]
         if missing or unknown:
             raise BundleError(f"bundle graph lacks outputs {missing} or parameters {unknown[:5]}")
         return outputs
@@ -61,8 +63,11 @@ class OrtTrainer(BundleTrainer):
 
     def get_parameters(self) -> dict[str, np.ndarray]:
         """Copies of the manifest's tensors, by name, each of its manifest shape and dtype."""
-        return {name: np.array(self._state.parameters[name].data, dtype=DTYPES[spec.dtype])
-                for name, spec in self._specs.items()}
+        return {name: np.array(self._inputs[name] if name in self._inputs else self._state.parameters[name].data,
+                               dtype=DTYPES[spec.dtype]) for name, spec in self._specs.items()}
+
+    def weight_feeds(self) -> dict[str, np.ndarray]:
+        return self._inputs
 
     def set_parameters(self, parameters: dict[str, np.ndarray]) -> None:
         """Write tensors into the ORT state (cast to the graph's dtype).
@@ -76,6 +81,9 @@ class OrtTrainer(BundleTrainer):
                 raise BundleError(f"tensor {name!r} is not in the bundle manifest")
             value = np.asarray(value)
             check_tensor(spec.shape, name, value)
+            if name in self.manifest.inputs:
+                self._inputs[name] = np.ascontiguousarray(value, dtype=DTYPES[spec.dtype])
+                continue
             current = self._state.parameters[name].data
             self._state.parameters[name] = np.ascontiguousarray(value, dtype=current.dtype)
 

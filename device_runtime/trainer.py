@@ -37,9 +37,10 @@ class FitResult:
         losses: training loss of each optimizer step, in order.
         step_time_s: mean wall-clock seconds per step (forward + backward + optimizer).
         peak_rss_bytes: peak resident set size of this process so far (``resource.getrusage``), bytes.
-        routing: routing statistics accumulated over the steps.
-        trained_experts: per MoE layer, local indices of the experts that received a routed token
-            (hence a gradient).
+        routing: routing statistics accumulated over the steps, over every expert the bundle holds
+            (``Manifest.held_ids``).
+        trained_experts: per MoE layer, local indices of the trained experts that received a routed token
+            (hence a gradient); experts held frozen never count.
         zo_coefficients: zeroth-order backends only: ``(seed, c)`` pairs, one per distinct step seed, with
             ``theta_after = theta_before + sum c * z(seed)`` over the trainable tensors (``zo_directions``).
     """
@@ -164,6 +165,11 @@ class BundleTrainer(Trainer):
     def _begin_fit(self, *, learning_rate: float, steps: int) -> None:
         """Called before the first step of ``fit``."""
 
+    def weight_feeds(self) -> dict[str, np.ndarray]:
+        """Bundle tensors fed as graph inputs (``graph_io.weight_inputs``: frozen experts), by name; none by
+        default (a backend that binds them itself)."""
+        return {}
+
     def fit(self, batches: Iterable[Batch], *, steps: int, learning_rate: float, aux_loss_coef: float = 0.01,
             routing_prior: list[np.ndarray] | None = None, routing_reg_coef: float = 0.0,
             prox_mu: float = 0.0, answer_shift: tuple[np.ndarray, np.ndarray] | None = None) -> FitResult:
@@ -180,7 +186,9 @@ class BundleTrainer(Trainer):
                                     routing_reg_coef=routing_reg_coef, prox_mu=prox_mu, anchors=self.get_parameters,
                                     answer_shift=answer_shift)
         self._begin_fit(learning_rate=learning_rate, steps=steps)
-        routing = RoutingStats(self.manifest.shape_key.experts_per_layer, self.manifest.expert_ids)
+        constants.update(self.weight_feeds())
+        held = self.manifest.held_ids()
+        routing = RoutingStats(tuple(map(len, held)), held)
         losses, examples, tokens, elapsed = [], 0, 0, 0.0
         with ProgressBar(self.progress, steps) as advance:
             for step, batch in enumerate(itertools.islice(batches, steps)):
@@ -197,7 +205,8 @@ class BundleTrainer(Trainer):
         return FitResult(
             num_examples=examples, num_tokens=tokens, losses=tuple(losses), step_time_s=elapsed / steps,
             peak_rss_bytes=peak_rss_bytes(), routing=routing,
-            trained_experts=tuple(tuple(t) for t in routing.trained_experts()),
+            trained_experts=tuple(tuple(i for i in local if i < count) for local, count
+                                  in zip(routing.trained_experts(), self.manifest.shape_key.experts_per_layer)),
         )
 
     def evaluate(self, batches: Iterable[Batch]) -> EvaluateResult:
@@ -208,6 +217,7 @@ class BundleTrainer(Trainer):
         """
         constants = constant_inputs(self.manifest, aux_loss_coef=0.0, routing_prior=None, routing_reg_coef=0.0,
                                     prox_mu=0.0, anchors=self.get_parameters)
+        constants.update(self.weight_feeds())
         key = CE_LOSS if CE_LOSS in self.manifest.outputs else LOSS
         total, targets, examples, tokens = 0.0, 0, 0, 0
         for batch in batches:

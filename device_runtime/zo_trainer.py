@@ -65,6 +65,9 @@ class ZoTrainer(BundleTrainer):
                               f"{distribution!r}")
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
         self.manifest, self.progress = self.bundle.manifest, progress
+        if self.manifest.shape_key.frozen_dtype is not None:
+            raise BundleError(f"bundle {self.manifest.shape_key.id} holds frozen experts, which the zeroth-order "
+                              "backend does not feed; train it with the ort-training backend")
         self.eps, self.distribution = float(eps), distribution
         self.start_round({"seed": seed, "candidates": candidates})
         self._coefficients: dict[int, float] = {}

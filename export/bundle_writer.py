@@ -128,7 +128,8 @@ def _frozen_specs(wrapper, description, frozen: dict) -> tuple[TensorSpec, ...]:
         for name, source in zip(FROZEN_INPUTS, sources):  # (gate_up, down) both
             value = frozen[name.format(l)]
             specs.append(TensorSpec(name=name.format(l), shape=tuple(value.shape), dtype=str(value.dtype).split(".")[-1],
-                                    layer=l, expert_axis=0, trainable=False, rows=FROZEN, source=source))
+                                    layer=l, expert_axis=0, trainable=False, rows=FROZEN, source=source,
+                                    transposed=True))
     return tuple(specs)
 
 

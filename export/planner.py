@@ -12,6 +12,12 @@ Torch-free (the coordinator imports it). The memory model of one ORT training st
                                                               tensors, and the update as numpy, safetensors
                                                               bytes and websocket frame)
 
+With resident frozen experts (``TrainingShape.frozen_dtype``, ``export.prune``) the graph holds the other
+``E - C`` experts of each MoE layer frozen, routes over all E (the router's E rows train) and runs every one of them
+on every token (dense-masked), so the activations and flops are those of E experts, and each frozen parameter costs
+``2`` bytes (float16, held by the trainer and fed as a graph input) ``+ 4`` (its float32 cast, kept for the
+backward) ``+ 4`` (the transposed copy the backward matmul reads, as for trained matrices).
+
 A zeroth-order step (``TrainingShape.order``, the ``zo`` backend: MeZO on the eval graph, no gradients, no
 optimizer state, no activations kept for a backward) needs instead::
 
@@ -95,6 +101,8 @@ class TrainingShape:
         targets: target (completion) tokens per sequence, the longest in a batch: the graph runs the lm_head on
             ``batch_size * targets`` rows only (``export.training_graph.select_targets``). None: every position
             (``seq_len - 1``), the bound that holds for any data.
+        frozen_dtype: None (pruned: the device holds only the experts it trains) or ``"float16"`` (the others
+            resident, frozen: first-order, experts mode).
     """
 
     batch_size: int = 8
@@ -103,10 +111,14 @@ class TrainingShape:
     lora_rank: int = 0
     order: str = "first-order"
     targets: int | None = None
+    frozen_dtype: str | None = None
 
     def __post_init__(self):
         if self.order not in ORDERS:
             raise ConfigError(f"order must be one of {ORDERS}, got {self.order!r}")
+        if self.frozen_dtype is not None and (self.frozen_dtype != "float16" or self.order != "first-order"
+                                              or self.trainable_mode != "experts"):
+            raise ConfigError(f"frozen_dtype {self.frozen_dtype!r}: only 'float16', first-order, experts mode")
         if self.targets is not None and not 1 <= self.targets < self.seq_len:
             raise ConfigError(f"targets must be in [1, seq_len - 1 = {self.seq_len - 1}], got {self.targets}")
 
@@ -181,11 +193,13 @@ def estimate(shape: ModelShape, train: TrainingShape, kept: int, *, gflops: floa
     measured in ``fedmoe-coord simulate``: a 4-expert 8-layer device peaked at 2928 MiB RSS in round 2 and
     ran out of a 3072 MiB RLIMIT_DATA while framing its 340 MB update.
     """
-    router = kept * shape.hidden
+    routed = shape.num_experts if train.frozen_dtype is not None else kept  # experts the forward runs
+    frozen = shape.moe_layers * (routed - kept) * shape.expert_params
+    router = routed * shape.hidden
     experts = shape.moe_layers * kept * shape.expert_params
     lora = shape.moe_layers * kept * _lora_params(shape, train.lora_rank) if train.trainable_mode == "lora" else 0
     trainable = lora + shape.moe_layers * router if train.trainable_mode == "lora" else experts + shape.moe_layers * router
-    staged = trainable  # the bundle's weights.safetensors (frozen experts live in the ORT checkpoint only)
+    staged = trainable + frozen // 2  # weights.safetensors, in float32 units (frozen experts in float16)
     all_params = shape.shared_params + experts + shape.moe_layers * router + lora
     q_and_o = 2 * shape.hidden * shape.num_heads * shape.head_dim  # attention matrices: q, o (H x heads*hd), k, v
     matrices = experts + shape.num_layers * (q_and_o + 2 * shape.hidden * shape.num_kv_heads * shape.head_dim)
@@ -193,17 +207,17 @@ def estimate(shape: ModelShape, train: TrainingShape, kept: int, *, gflops: floa
     tokens = train.batch_size * train.seq_len
     attention_flops = 4 * tokens * train.seq_len * shape.num_heads * shape.head_dim * shape.num_layers
     lm_head = shape.vocab * shape.hidden  # the (tied) embedding, as a matmul on the target rows only
-    matmul_flops = 2 * tokens * (all_params - lm_head) + 2 * train.logit_rows * lm_head
+    matmul_flops = 2 * tokens * (all_params + frozen - lm_head) + 2 * train.logit_rows * lm_head
     if train.order == "zeroth-order":
         live = _activation_floats(shape, train, kept) // shape.num_layers + 2 * train.logit_rows * shape.vocab
         parts = {"runtime": calibration["runtime_overhead_mib"] * MIB, "weights": 4 * all_params + 4 * staged,
                  "grad_and_adamw": 0, "activations": max(4 * live, wire)}
         flops = 2 * (matmul_flops + attention_flops)
         return Estimate(experts_per_layer=kept, parts=parts, step_s=flops / (gflops * 1e9 * calibration["efficiency"]))
-    activations = calibration["activation_factor"] * 4 * _activation_floats(shape, train, kept)
+    activations = calibration["activation_factor"] * 4 * _activation_floats(shape, train, routed)
     parts = {
         "runtime": calibration["runtime_overhead_mib"] * MIB,
-        "weights": 4 * all_params + 4 * matrices,
+        "weights": 4 * all_params + 4 * matrices + 10 * frozen,
         "grad_and_adamw": 12 * trainable,
         "activations": max(activations, 4 * staged, wire),
     }

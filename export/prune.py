@@ -60,8 +60,8 @@ def prune(model, keep: Sequence[Sequence[int]], frozen_dtype: str | None = None)
         if len(held) > len(ids):
             rest = torch.tensor(held[len(ids):], dtype=torch.long)
             dtype = getattr(torch, frozen_dtype)
-            mlp.experts.frozen_experts = (mlp.experts.gate_up_proj.detach()[rest].to(dtype),
-                                          mlp.experts.down_proj.detach()[rest].to(dtype))
+            mlp.experts.frozen_experts = tuple(param.detach()[rest].transpose(1, 2).contiguous().to(dtype)
+                                               for param in (mlp.experts.gate_up_proj, mlp.experts.down_proj))
         _slice_parameters(mlp.gate, torch.tensor(held, dtype=torch.long))
         _slice_parameters(mlp.experts, torch.tensor(ids, dtype=torch.long))
         mlp.gate.num_experts = mlp.experts.num_experts = len(held)

@@ -18,9 +18,10 @@ name                        shape                   dtype    meaning
                                                              first target (the answer tokens of a label set)
 ``answer_bias``             (num_answers,)          float32  the shift of each: logit adjustment (below);
                                                              zeros leave the loss unchanged
-``frozen_gate_up_{l}``      (F_l, 2I, H)            float16  the experts layer l holds frozen (resident bundles
-``frozen_down_{l}``         (F_l, H, I)             float16  only: ``export.prune`` with a ``frozen_dtype``),
-                                                             after its E_l trained ones in local order
+``frozen_gate_up_{l}``      (F_l, H, 2I)            float16  the experts layer l holds frozen, transposed
+``frozen_down_{l}``         (F_l, I, H)             float16  (resident bundles only: ``export.prune`` with a
+                                                             ``frozen_dtype``), after its trained ones in local
+                                                             order
 ``prox_mu``                 ()                      float32  FedProx mu (only with ``prox=True``)
 ``<param>.anchor``          shape of ``<param>``    float32  FedProx anchor w_global, one per trainable
                                                              tensor, in ``trainable`` order (``prox=True``)

@@ -367,10 +367,11 @@ def tiny_context(**fit):
 
 
 def memory_for(context, kept: int) -> float:
-    """A memory budget (MiB) under which the planner keeps exactly ``kept`` experts per layer of ``context``."""
+    """A memory budget (MiB) under which the planner keeps exactly ``kept`` experts per layer of ``context`` (the
+    others frozen when ``context.frozen_dtype`` is set: ``coordinator.strategy.selection.affordable_fit``)."""
     from export.planner import TrainingShape, estimate
 
-    train = TrainingShape(context.fit.batch_size, context.fit.seq_len)
+    train = TrainingShape(context.fit.batch_size, context.fit.seq_len, frozen_dtype=context.frozen_dtype)
     low = estimate(context.model, train, kept).peak_mib
     high = estimate(context.model, train, kept + 1).peak_mib if kept < context.model.num_experts else low + 1000
     return (low + high) / 2

@@ -128,7 +128,8 @@ def _rel_gap(a: dict, b: dict) -> float:
                for n in b)
 
 
-def test_one_round_of_the_system_equals_one_round_of_the_reference(tmp_path, monkeypatch):
+@pytest.mark.parametrize("frozen_experts", ["float16", "pruned"])
+def test_one_round_of_the_system_equals_one_round_of_the_reference(tmp_path, monkeypatch, frozen_experts):
     from coordinator.federation import fit_context, tensor_store
     from coordinator.planning import to_client_update
     from coordinator.registry import Registry
@@ -137,7 +138,8 @@ def test_one_round_of_the_system_equals_one_round_of_the_reference(tmp_path, mon
     started = time.monotonic()
     monkeypatch.setenv("FEDMOE_CACHE", str(tmp_path / "cache"))
     cfg = initialised_coordinator(tmp_path, tmp_path / "coord", min_fit_clients=2, max_fit_clients=2, num_rounds=1,
-                                  seed=SEED, fit=FIT, max_message_mib=8, keep_update_tensors=True)
+                                  seed=SEED, fit=FIT, max_message_mib=8, keep_update_tensors=True,
+                                  frozen_experts=frozen_experts)
     strategy = from_name(cfg.strategy, **cfg.strategy_params).bind(fit_context(cfg))
     profiles = {name: {"memory_mib": memory_for(strategy.context, kept), "gflops": 5.0}
                 for name, (kept, _) in DEVICES.items()}
@@ -164,8 +166,11 @@ def test_one_round_of_the_system_equals_one_round_of_the_reference(tmp_path, mon
     # coordinator's own strategy is bound to the same state, so its configure_fit must agree with the registry).
     config = strategy.fit_config(1)
     assert config.seed == SEED + 1 and config.logit_adjustment == 1.0 and config.labels == LABELS
-    fits = {d: FitIns(tuple(tuple(ids) for ids in a.expert_ids), config, cfg.trainable_mode, cfg.lora_rank)
-            for d, a in assignments.items()}
+    frozen_dtype = None if frozen_experts == "pruned" else frozen_experts
+    fits = {d: FitIns(tuple(tuple(ids) for ids in a.expert_ids), config, cfg.trainable_mode, cfg.lora_rank,
+                      frozen_dtype) for d, a in assignments.items()}
+    assert all(a.shape_key.startswith(f"experts-{frozen_dtype}-" if frozen_dtype else "experts-")
+               for a in assignments.values())
     planned = strategy.configure_fit(1, params0, [ClientInfo(d, profiles[name], None) for d, (name, _) in data.items()])
     assert planned == fits
     for d, (name, _) in data.items():
@@ -177,8 +182,10 @@ def test_one_round_of_the_system_equals_one_round_of_the_reference(tmp_path, mon
     # Each device's update first (a failure here names the device), then the aggregate.
     for ref in updates:
         got = sent[ref.client_id]
-        assert (got.num_examples, got.expert_ids, got.trained_experts) == \
-            (ref.num_examples, ref.expert_ids, ref.trained_experts), ref.client_id
+        assert (got.num_examples, got.expert_ids, got.trained_experts, got.frozen_ids) == \
+            (ref.num_examples, ref.expert_ids, ref.trained_experts, ref.frozen_ids), ref.client_id
+        assert all(len(got.held_ids(layer)) == (4 if frozen_dtype else len(got.expert_ids[layer]))
+                   for layer in range(len(got.expert_ids)))
         for layer, (g, r) in enumerate(zip(got.routing, ref.routing)):
             assert g.num_tokens == r.num_tokens and np.array_equal(g.tokens_routed, r.tokens_routed), layer
             np.testing.assert_allclose(g.usage, r.usage, rtol=RTOL, atol=ATOL)

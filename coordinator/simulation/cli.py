@@ -91,11 +91,15 @@ def _round_table(records: list[RoundRecord]) -> Table:
 @click.option("--logit-adjustment", type=float, default=None,
               help="tau of the balanced softmax each device trains with: the logits of the labels' first answer token "
                    "shifted by tau * log(its own label prior), in training only (0: off).  [default: from the preset: 1]")
-@click.option("--reference-scores", type=click.Choice(["held", "all", "resident"]), default="held", show_default=True,
+@click.option("--frozen-experts", type=click.Choice(["float16", "pruned"]), default=None,
+              help="What a device holds of the experts its budget does not let it train: every one, frozen in "
+                   "float16, so its forward pass routes over the whole global model (HFedMoE's design, where the "
+                   "budget affords it), or none (pruned: router and top-k shrink to its experts).  "
+                   "[default: from the preset: float16]")
+@click.option("--reference-scores", type=click.Choice(["held", "all"]), default="held", show_default=True,
               help="torch-<strategy> only: the routing statistics a device's expert selection uses: its last update's, "
                    "over the experts it held (as the system), or over every expert under the current global model on "
-                   "the batches it is about to train on (HFedMoE's data-driven selection; a lever to measure), or every "
-                   "expert resident on the device (frozen at float16 outside its budget) and statistics over all.")
+                   "the batches it is about to train on (HFedMoE's data-driven selection; a lever to measure).")
 @click.option("--update-dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
               help="The dtype devices send their updates in (float16 halves the upload).")
 @click.option("--slots", default=2, show_default=True, help="Devices training at the same time (machine cores).")
@@ -103,7 +107,7 @@ def _round_table(records: list[RoundRecord]) -> Table:
 @click.option("--name", default=None, help="Run name.  [default: <preset>-<strategies>-<time>]")
 def simulate_command(preset, strategy, compare, devices_file, num_devices, rounds, local_steps, num_layers,
                      learning_rate, seq_len, test_size, alpha, seed, data_file, text_field, label_field, trainable,
-                     lora_rank, logit_adjustment, reference_scores, update_dtype, slots, out, name):
+                     lora_rank, logit_adjustment, frozen_experts, reference_scores, update_dtype, slots, out, name):
     """Simulate a federation on this machine: a coordinator and N device runtimes as separate processes
     over real websockets on loopback, on real data, each device under an OS memory limit equal to its budget.
 
@@ -112,7 +116,7 @@ def simulate_command(preset, strategy, compare, devices_file, num_devices, round
     """
     chosen = with_overrides(PRESETS[preset], rounds=rounds, local_steps=local_steps, num_layers=num_layers,
                             learning_rate=learning_rate, seq_len=seq_len, test_size=test_size,
-                            logit_adjustment=logit_adjustment)
+                            logit_adjustment=logit_adjustment, frozen_experts=frozen_experts)
     chosen = _with_trainable(chosen, trainable, lora_rank, learning_rate)
     strategies = _strategies(strategy, compare)
     name = name or f"{preset}-{'-'.join(strategies)}-{time.strftime('%Y%m%d-%H%M%S')}"

@@ -5,7 +5,8 @@ torch autograd on the module the device graph is exported from:
 
 - selection: the strategy's own ``configure_fit``, each device seen as the coordinator sees it (its simulated
   profile and the routing statistics of its last update);
-- the device's model: ``export.prune`` of the global model to its assigned experts (what its bundle holds);
+- the device's model: ``export.prune`` of the global model to its assigned experts, the others frozen if the
+  assignment says so (what its bundle holds);
 - local training: :class:`~export.training_graph.TrainingWrapper` (the exported objective: cross-entropy with the
   answer shift, load balancing, FedAlign-MoE's routing KL, FedProx) and torch AdamW with ORT's settings (eps 1e-8,
   weight decay 0.01, ``docs/stack.md``), on the batches the device draws (``LocalDataset`` seeded with the round's
@@ -36,6 +37,7 @@ from coordinator.strategy.types import ClientInfo, ClientUpdate, FitIns, Params
 from device_runtime.answer_prior import local_answer_shift
 from device_runtime.data import LocalDataset
 from device_runtime.fit_round import local_prior
+from device_runtime.shape_key import held_experts
 from device_runtime.stats import RoutingStats
 
 PREFIX = "torch-"
@@ -64,7 +66,7 @@ def keeps_trainer(ins: FitIns, num_experts: int) -> bool:
 
 
 def fit_device(model, global_params: Params, ins: FitIns, device: ReferenceDevice, tokenizer: Path, *,
-               carry_optimizer: bool = False, resident: bool = False) -> ClientUpdate:
+               carry_optimizer: bool = False) -> ClientUpdate:
     """One device's round in torch: prune, train ``ins.config.local_steps`` steps (0: one epoch), report (see the
     module docstring).
 
@@ -82,88 +84,48 @@ def fit_device(model, global_params: Params, ins: FitIns, device: ReferenceDevic
 
     cfg = ins.config
     load_params(model, global_params)
-    wrapper, federated, ids = (_resident_model if resident else _device_model)(model, ins)
+    wrapper, federated, ids = _device_model(model, ins)
+    held = held_experts(ids, describe(model).num_experts, ins.frozen_dtype is not None)
     optimizer = _optimizer(wrapper, [n for n, _ in federated], cfg.learning_rate,
                            device.optimizer_state[1] if carry_optimizer and device.optimizer_state is not None
                            and device.optimizer_state[0] == ins.shape_key else None)
     dataset = LocalDataset.from_jsonl(device.data_file, tokenizer, seq_len=cfg.seq_len, eval_fraction=0.0,
                                       seed=cfg.seed)
     constants = dict(aux_loss_coef=cfg.aux_loss_coef, routing_kl_coef=cfg.routing_reg_coef,
-                     routing_priors=local_prior(cfg, describe(model).num_experts, ids), prox_mu=cfg.prox_mu)
+                     routing_priors=local_prior(cfg, describe(model).num_experts, held), prox_mu=cfg.prox_mu)
     answer = local_answer_shift(dataset, cfg.labels, cfg.logit_adjustment)
     if answer is not None:
         constants.update(answer_ids=answer[0], answer_bias=answer[1])
     steps = cfg.local_steps or math.ceil(len(dataset.train) / cfg.batch_size)
     routing, losses, examples = _train(wrapper, optimizer, dataset.train_batches(cfg.batch_size), steps, constants,
-                                       RoutingStats(tuple(map(len, ids)), ids),
-                                       _frozen_rows(wrapper, ins) if resident else None)
+                                       RoutingStats(tuple(map(len, held)), held))
     device.optimizer_state = (ins.shape_key, optimizer.state_dict()) if carry_optimizer else None
     device.routing = routing
-    trained = [[layer[i] for i in local if layer[i] in keep] for layer, local, keep
-               in zip(ids, routing.trained_experts(), ins.expert_ids)]
+    trained = [[layer[i] for i in local if i < len(keep)] for layer, local, keep
+               in zip(held, routing.trained_experts(), ids)]
     meta = {"expert_ids": [list(layer) for layer in ids], "trained_experts": trained, "routing": routing.to_dict(),
-            "metrics": {"loss": float(np.mean(losses))}, "layers": dict(federated)}
+            "metrics": {"loss": float(np.mean(losses))}, "layers": dict(federated),
+            "frozen_ids": [list(h[len(keep):]) for h, keep in zip(held, ids)]}
     params = dict(wrapper.named_parameters())
     return to_client_update(device.name, examples, meta,
                             {n: params[n].detach().numpy().copy() for n, _ in federated})
 
 
 def _device_model(model, ins: FitIns):
-    """``(TrainingWrapper of the pruned model, [(trainable name, MoE layer)], expert ids)``: what the device's
-    bundle holds for ``ins``, with only the federated tensors requiring gradients."""
+    """``(TrainingWrapper of the pruned model, [(trainable name, MoE layer)], trained expert ids)``: what the
+    device's bundle holds for ``ins`` (the experts it does not train frozen, if ``ins.frozen_dtype``), with only the
+    federated tensors requiring gradients."""
     from export.families import describe
     from export.prune import prune
     from export.training_graph import TrainingWrapper
 
-    pruned, ids = prune(model, ins.expert_ids)
+    pruned, ids = prune(model, ins.expert_ids, ins.frozen_dtype)
     federated = describe(pruned).trainable_tensors(list(pruned.state_dict()), ins.trainable_mode)
     names = {n for n, _ in federated}
     wrapper = TrainingWrapper(pruned, prox=ins.config.prox_mu > 0, trainable=[n for n, _ in federated])
     for name, param in wrapper.named_parameters():
         param.requires_grad_(name in names)
     return wrapper, federated, ids
-
-
-def _resident_model(model, ins: FitIns):
-    """Like :func:`_device_model` with every expert resident: the global model whole, all router rows and the
-    experts' tensors requiring gradients (rows of experts outside ``ins.expert_ids`` are restored after each step
-    by :func:`_frozen_rows`, at float16 precision)."""
-    import copy
-
-    from export.families import describe
-    from export.training_graph import TrainingWrapper
-
-    full = copy.deepcopy(model)
-    federated = describe(full).trainable_tensors(list(full.state_dict()), ins.trainable_mode)
-    names = {n for n, _ in federated}
-    wrapper = TrainingWrapper(full, prox=ins.config.prox_mu > 0, trainable=[n for n, _ in federated])
-    for name, param in wrapper.named_parameters():
-        param.requires_grad_(name in names)
-    ids = tuple(tuple(range(layer.num_experts)) for layer in describe(full).layers)
-    return wrapper, federated, ids
-
-
-def _frozen_rows(wrapper, ins: FitIns):
-    """A callable restoring, after each optimizer step, the rows of the experts the device holds frozen to their
-    float16-rounded starting values."""
-    import torch
-
-    from export.families import describe
-    from export.experts_impl import experts_modules
-
-    frozen = []
-    for (_, module), keep in zip(experts_modules(wrapper), ins.expert_ids):
-        rows = [e for e in range(module.gate_up_proj.shape[0]) if e not in keep]
-        for param in (module.gate_up_proj, module.down_proj):
-            with torch.no_grad():
-                param[rows] = param[rows].half().float()
-            frozen.append((param, rows, param.detach()[rows].clone()))
-
-    def restore():
-        with torch.no_grad():
-            for param, rows, value in frozen:
-                param[rows] = value
-    return restore
 
 
 def _optimizer(wrapper, names: list[str], learning_rate: float, state: dict | None):
@@ -180,7 +142,7 @@ def _optimizer(wrapper, names: list[str], learning_rate: float, state: dict | No
     return optimizer
 
 
-def _train(wrapper, optimizer, batches, steps: int, constants: dict, routing: RoutingStats, after_step=None):
+def _train(wrapper, optimizer, batches, steps: int, constants: dict, routing: RoutingStats):
     """``steps`` optimizer steps, the routing statistics of each step's forward added to ``routing``.
 
     Returns:
@@ -197,8 +159,6 @@ def _train(wrapper, optimizer, batches, steps: int, constants: dict, routing: Ro
         optimizer.zero_grad()
         outputs[0].backward()
         optimizer.step()
-        if after_step is not None:
-            after_step()
         losses.append(float(outputs[0].detach()))
         routing.update([o.detach().numpy() for o in outputs[2:-1]], int(outputs[-1]))
         examples += batch.num_examples
@@ -297,8 +257,7 @@ def run_reference(fed, out: Path, test: list[dict], on_round: Callable[[RoundRec
             if device.name in plan:
                 ins = plan[device.name]
                 updates.append(fit_device(model, params, ins, device, tokenizer,
-                                          carry_optimizer=keeps_trainer(ins, context.model.num_experts),
-                                          resident=scores == "resident"))
+                                          carry_optimizer=keeps_trainer(ins, context.model.num_experts)))
         params, _ = strategy.aggregate_fit(server_round, updates, [], params)
         wall = time.monotonic() - start
         score = evaluator.score(params)

@@ -40,7 +40,8 @@ class Federation:
     Attributes:
         strategy: strategy name (``coordinator.strategy.STRATEGIES``). rounds: rounds to run.
         checkpoint: the MoE checkpoint. devices / data_files: the simulated devices and their JSONL data.
-        fit: local training settings. trainable_mode / lora_rank: what devices train.
+        fit: local training settings. trainable_mode / lora_rank: what devices train. frozen_experts: what they hold
+            of the experts they do not train (``CoordinatorConfig.frozen_experts``).
         calibration_texts: text sample for the initial expert importance. seed: selection / data seed.
         slots: concurrent trainings allowed on this machine. round_deadline_s: per-round deadline.
         eval_data: the held-out JSONL set the coordinator scores every version on.
@@ -55,6 +56,7 @@ class Federation:
     eval_data: Path
     trainable_mode: str = "experts"
     lora_rank: int = 0
+    frozen_experts: str = "float16"
     calibration_texts: tuple[str, ...] = ()
     seed: int = 0
     slots: int = 2
@@ -68,8 +70,8 @@ def coordinator_config(fed: Federation, out: Path, port: int) -> CoordinatorConf
         checkpoint=str(fed.checkpoint.resolve()), state_dir=str((out / "state").resolve()), port=port,
         strategy=fed.strategy, min_fit_clients=len(fed.devices), max_fit_clients=len(fed.devices),
         num_rounds=fed.rounds, round_deadline_s=fed.round_deadline_s, trainable_mode=fed.trainable_mode,
-        lora_rank=fed.lora_rank, seed=fed.seed, eval_data=str(fed.eval_data.resolve()),
-        fit=fed.fit)
+        lora_rank=fed.lora_rank, frozen_experts=fed.frozen_experts, seed=fed.seed,
+        eval_data=str(fed.eval_data.resolve()), fit=fed.fit)
 
 
 class Watch:

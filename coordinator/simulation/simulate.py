@@ -44,6 +44,7 @@ class Preset:
     trainable_mode: str = "experts"  # what devices train: "experts" (full, + routers) or "lora" (adapters + routers)
     lora_rank: int = 0               # LoRA r (lora only)
     logit_adjustment: float = 1.0    # tau of the devices' balanced softmax on the answer token (0: off)
+    frozen_experts: str = "float16"  # the experts a device does not train: resident in float16, or "pruned"
 
 
 # Local AdamW rate by trainable mode, for a preset run with the other mode (``--trainable``): full experts at
@@ -158,7 +159,8 @@ def simulate(plan: SimulationPlan, on_event: Callable[[str, object], None]) -> d
         fed = Federation(strategy=strategy.removeprefix(REFERENCE_PREFIX), rounds=plan.preset.rounds,
                          checkpoint=checkpoint, devices=plan.devices, data_files=tuple(files), fit=_fit(plan, labels),
                          eval_data=plan.out / "data" / "test.jsonl", trainable_mode=plan.preset.trainable_mode,
-                         lora_rank=plan.preset.lora_rank, calibration_texts=tuple(default_texts()), seed=plan.seed,
+                         lora_rank=plan.preset.lora_rank, frozen_experts=plan.preset.frozen_experts,
+                         calibration_texts=tuple(default_texts()), seed=plan.seed,
                          slots=plan.slots)
         if is_reference(strategy):
             on_event("stage", f"{strategy}: the same rounds in torch in this process")

@@ -22,7 +22,7 @@ from typing import Callable, ClassVar, Iterable, Sequence
 import numpy as np
 
 from coordinator.strategy.aggregate import RowAccumulator
-from coordinator.strategy.selection import affordable_experts, expert_scores
+from coordinator.strategy.selection import affordable_fit, expert_scores
 from coordinator.strategy.types import (ClientInfo, ClientUpdate, Failure, FitContext, FitIns, Params, Results,
                                         TensorMeta, TensorRole)
 from coordinator.strategy.validate import validate_update
@@ -34,8 +34,8 @@ from export.planner import select_experts
 log = logging.getLogger("fedmoe.coord")
 
 RowWeights = Callable[[ClientUpdate, str, TensorMeta, tuple[int, ...]], "np.ndarray | float"]
-"""``(update, tensor name, meta, global experts per layer) -> weights``: ``(E_local,)`` per kept expert,
-or a scalar for OTHER."""
+"""``(update, tensor name, meta, global experts per layer) -> weights``: one per row of the tensor's expert axis
+(``ClientUpdate.rows``), or a scalar for OTHER."""
 
 
 class Strategy(ABC):
@@ -89,15 +89,16 @@ class Strategy(ABC):
 
     def fit_ins(self, server_round: int, client: ClientInfo, config: FitConfig) -> FitIns | None:
         """One client's FitIns: as many experts per layer as its budget affords, chosen by
-        :meth:`select_experts`; None to let it sit the round out.
+        :meth:`select_experts`, the others held frozen where the budget affords that
+        (``selection.affordable_fit``); None to let it sit the round out.
 
         Raises:
             ConfigError: the profile has no usable budget. BudgetError: one expert per layer does not fit.
         """
         context = self._bound()
-        kept = affordable_experts(context, config, client.profile)
+        kept, frozen_dtype = affordable_fit(context, config, client.profile)
         ids = self.select_experts(server_round, client, kept)
-        return FitIns(ids, config, context.trainable_mode, context.lora_rank)
+        return FitIns(ids, config, context.trainable_mode, context.lora_rank, frozen_dtype)
 
     def select_experts(self, server_round: int, client: ClientInfo, kept: int) -> tuple[tuple[int, ...], ...]:
         """Per MoE layer, the ``kept`` global expert ids (ascending) ``client`` trains: by default the top
@@ -187,7 +188,7 @@ class StreamingAggregation:
             meta = update.tensor_meta[name]
             if self._roles is not None and meta.role not in self._roles:
                 continue
-            ids = update.expert_ids[meta.layer] if meta.indexed else ()
+            ids = update.rows(meta) if meta.indexed else ()
             self.accumulator.add(name, tensor, meta, ids, self._weigh(update, name, meta, num_experts))
             if meta.role is TensorRole.EXPERT:
                 self._expert_layer[name] = meta.layer
@@ -250,7 +251,8 @@ class SinglePassStrategy(Strategy):
     @abstractmethod
     def row_weights(self, update: ClientUpdate, name: str, meta: TensorMeta,
                     num_experts: tuple[int, ...]) -> np.ndarray | float:
-        """Weight of each kept expert row of ``update.tensors[name]`` (``(E_local,)``), or a scalar for OTHER.
+        """Weight of each expert row of ``update.tensors[name]`` (``(len(update.rows(meta)),)``), or a scalar for
+        OTHER.
 
         ``num_experts[layer]`` is the global expert count of each MoE layer of the update.
         """

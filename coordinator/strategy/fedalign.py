@@ -99,7 +99,7 @@ class FedAlign(Strategy):
         n = float(update.num_examples)
         if meta.role is TensorRole.OTHER:
             return n
-        kept = update.expert_ids[meta.layer]
+        kept = update.rows(meta)
         if meta.role is TensorRole.EXPERT:
             return np.full(len(kept), n)
         usage = np.asarray(update.routing[meta.layer].usage, np.float64)
@@ -180,7 +180,8 @@ class _UsageAccumulator:
         self.totals: dict[int, np.ndarray] = {}
 
     def add(self, update: ClientUpdate, num_experts: tuple[int, ...]) -> None:
-        for layer, ids in enumerate(update.expert_ids):
+        for layer in range(len(update.expert_ids)):
+            ids = update.held_ids(layer)
             sums = self.sums.setdefault(layer, np.zeros(num_experts[layer]))
             totals = self.totals.setdefault(layer, np.zeros(num_experts[layer]))
             sums[list(ids)] += update.num_examples * np.asarray(update.routing[layer].usage, np.float64)

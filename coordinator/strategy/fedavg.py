@@ -23,4 +23,4 @@ class FedAvg(SinglePassStrategy):
                     num_experts: tuple[int, ...]) -> np.ndarray | float:
         if not meta.indexed:
             return float(update.num_examples)
-        return np.full(len(update.expert_ids[meta.layer]), float(update.num_examples))
+        return np.full(len(update.rows(meta)), float(update.num_examples))

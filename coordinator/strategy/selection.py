@@ -12,11 +12,12 @@ probabilities are a softmax over its kept experts only). The importance itself i
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 
 import numpy as np
 
 from coordinator.strategy.types import FitContext
-from device_runtime.errors import ConfigError
+from device_runtime.errors import BudgetError, ConfigError
 from device_runtime.stats import RoutingStats
 from device_runtime.wire import FitConfig
 from export.planner import Budget, TrainingShape, plan
@@ -42,14 +43,36 @@ def training_order(profile: Mapping) -> str:
 
 
 def affordable_experts(context: FitContext, config: FitConfig, profile: Mapping) -> int:
-    """C: the largest uniform number of experts per MoE layer the device's budget affords (``export.planner``).
+    """C: the largest uniform number of experts per MoE layer the device's budget affords to train
+    (:func:`affordable_fit`'s count).
 
     Raises:
         ConfigError: the profile has no usable budget. BudgetError: one expert per layer does not fit.
     """
-    train = TrainingShape(config.batch_size, config.seq_len, context.trainable_mode, context.lora_rank,
-                          order=training_order(profile))
-    return plan(context.model, train, budget_of(profile)).experts_per_layer
+    return affordable_fit(context, config, profile)[0]
+
+
+def affordable_fit(context: FitContext, config: FitConfig, profile: Mapping) -> tuple[int, str | None]:
+    """``(C, frozen_dtype)``: the largest uniform number of experts per MoE layer the device's budget affords
+    (``export.planner``), and the dtype it holds the others frozen in (None: pruned, or nothing left to hold).
+
+    The ladder (HFedMoE's device design first): with ``context.frozen_dtype`` set, a first-order device in experts
+    mode gets C trained experts with every other one resident and frozen, if one trained expert per layer fits
+    that way; otherwise it is pruned to the C its budget affords.
+
+    Raises:
+        ConfigError: the profile has no usable budget. BudgetError: one expert per layer does not fit.
+    """
+    budget, order = budget_of(profile), training_order(profile)
+    shape = TrainingShape(config.batch_size, config.seq_len, context.trainable_mode, context.lora_rank, order=order)
+    if context.frozen_dtype is not None and order == "first-order" and context.trainable_mode == "experts":
+        try:
+            kept = plan(context.model, replace(shape, frozen_dtype=context.frozen_dtype), budget).experts_per_layer
+        except BudgetError:
+            pass
+        else:
+            return kept, (context.frozen_dtype if kept < context.model.num_experts else None)
+    return plan(context.model, shape, budget).experts_per_layer, None
 
 
 def expert_scores(calibration: RoutingStats, reported: RoutingStats | None, *, lam: float,

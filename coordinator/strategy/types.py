@@ -10,8 +10,11 @@ layouts), e.g. for ``E`` experts, hidden ``H``, FFN ``I``, LoRA rank ``r``::
     model.layers.3.mlp.gate.weight              (E, H)       role ROUTER, expert_axis 0
     model.layers.3.self_attn.q_proj.weight      (H, H)       role OTHER (not indexed by expert)
 
-A :class:`ClientUpdate` carries a client's *pruned* tensors: on the expert axis they hold only the
-client's kept experts, in local order; ``expert_ids[layer][i]`` is the global id of local expert ``i``.
+A :class:`ClientUpdate` carries a client's *pruned* tensors: on the expert axis EXPERT tensors hold only the
+client's trained experts, in local order (``expert_ids[layer][i]`` is the global id of local expert ``i``); ROUTER
+tensors and the routing statistics hold every expert the client's forward pass routed over,
+``held_ids(layer)``: the same, plus, for a device that held the others frozen (a resident bundle,
+``export.prune``), ``frozen_ids[layer]`` after them.
 
 A round starts with :class:`FitIns` (Flower's ``FitIns``): what one client trains, chosen by the strategy's
 ``configure_fit`` from a :class:`ClientInfo` per selected client and the :class:`FitContext` it was bound to.
@@ -78,14 +81,16 @@ class ClientUpdate:
     Attributes:
         client_id: the device's id.
         num_examples: |D_c|, training examples (sequences) the client used this round, > 0.
-        tensors: name -> pruned tensor; EXPERT / ROUTER tensors have ``len(expert_ids[layer])`` entries on
-            their expert axis, every other axis as in the global model.
+        tensors: name -> pruned tensor; on their expert axis EXPERT tensors have ``len(expert_ids[layer])``
+            entries and ROUTER tensors ``len(held_ids(layer))``, every other axis as in the global model.
         tensor_meta: name -> :class:`TensorMeta` for every name in ``tensors``.
         expert_ids: per MoE layer, local expert index -> global expert id.
         trained_experts: per MoE layer, the global ids whose weights received gradient steps this round.
-        routing: per MoE layer, routing statistics over the local experts (``device_runtime.stats.LayerRouting``:
+        routing: per MoE layer, routing statistics over ``held_ids(layer)`` (``device_runtime.stats.LayerRouting``:
             usage, specific, kl, tokens_routed, num_tokens; HFedMoE's s_cum, s_spec, KL_e).
         metrics: free-form scalars the client reported (loss, seconds, peak RSS ...).
+        frozen_ids: per MoE layer, the global ids of the experts the client held frozen (not trained, not sent),
+            or ``()``: it held only ``expert_ids``.
     """
 
     client_id: str
@@ -96,6 +101,16 @@ class ClientUpdate:
     trained_experts: tuple[frozenset[int], ...]
     routing: tuple[LayerRouting, ...]
     metrics: dict = field(default_factory=dict)
+    frozen_ids: tuple[tuple[int, ...], ...] = ()
+
+    def held_ids(self, layer: int) -> tuple[int, ...]:
+        """Every expert of MoE layer ``layer`` the client's router scored, in local order: trained, then frozen."""
+        return tuple(self.expert_ids[layer]) + (tuple(self.frozen_ids[layer]) if self.frozen_ids else ())
+
+    def rows(self, meta: TensorMeta) -> tuple[int, ...]:
+        """The global expert ids on an indexed tensor's expert axis: ``held_ids`` for ROUTER, ``expert_ids``
+        for EXPERT tensors."""
+        return self.held_ids(meta.layer) if meta.role is TensorRole.ROUTER else tuple(self.expert_ids[meta.layer])
 
 
 Params = dict[str, np.ndarray]
@@ -136,6 +151,8 @@ class FitContext:
         fit: the local training settings every round starts from (the config's ``[fit]``).
         trainable_mode, lora_rank: what devices train (``"experts"`` or ``"lora"`` with rank > 0).
         seed: round ``r``'s FitConfig gets seed ``(seed + r) % 2**32``.
+        frozen_dtype: devices hold the experts they do not train frozen in this dtype (``export.prune``), where
+            their budget affords it; None: pruned.
     """
 
     model: ModelShape
@@ -144,6 +161,7 @@ class FitContext:
     trainable_mode: str = "experts"
     lora_rank: int = 0
     seed: int = 0
+    frozen_dtype: str | None = None
 
 
 @dataclass(frozen=True)
@@ -156,15 +174,18 @@ class FitIns:
         config: the local training settings, with the strategy's own inputs (FedProx ``prox_mu``, FedAlign-MoE
             ``routing_prior`` and its coefficient).
         trainable_mode: ``"experts"`` or ``"lora"``. lora_rank: r (LoRA mode only).
+        frozen_dtype: the client holds every other expert frozen in this dtype; None: only ``expert_ids``.
     """
 
     expert_ids: tuple[tuple[int, ...], ...]
     config: FitConfig
     trainable_mode: str = "experts"
     lora_rank: int = 0
+    frozen_dtype: str | None = None
 
     @property
     def shape_key(self) -> ShapeKey:
-        """The graph this client trains: experts per layer, trainable mode, and a FedProx anchor if mu > 0."""
+        """The graph this client trains: experts per layer, trainable mode, a FedProx anchor if mu > 0, and the
+        dtype of the experts it holds frozen."""
         return ShapeKey(tuple(len(ids) for ids in self.expert_ids), self.trainable_mode, self.lora_rank,
-                        self.config.prox_mu > 0)
+                        self.config.prox_mu > 0, self.frozen_dtype)

@@ -27,7 +27,8 @@ def validate_update(update: ClientUpdate, global_params: Params) -> tuple[int, .
             or update.num_examples <= 0:
         raise UpdateRejected(f"{who}: num_examples must be a positive integer, got {update.num_examples!r}")
     num_layers = len(update.expert_ids)
-    if len(update.trained_experts) != num_layers or len(update.routing) != num_layers:
+    if len(update.trained_experts) != num_layers or len(update.routing) != num_layers or \
+            len(update.frozen_ids) not in (0, num_layers):
         raise UpdateRejected(f"{who}: expert_ids, trained_experts and routing cover different numbers of layers "
                              f"({num_layers}, {len(update.trained_experts)}, {len(update.routing)})")
     if set(update.tensors) != set(update.tensor_meta):
@@ -66,11 +67,11 @@ def _check_indexed_shape(who: str, name: str, shape: tuple, meta: TensorMeta, up
     if not 0 <= axis < len(global_shape) or len(shape) != len(global_shape):
         raise UpdateRejected(f"{who}: tensor {name!r} has shape {shape}, incompatible with the global "
                              f"{global_shape} on expert axis {axis}")
-    kept = len(update.expert_ids[meta.layer])
+    kept = len(update.rows(meta))
     expected = global_shape[:axis] + (kept,) + global_shape[axis + 1:]
     if tuple(shape) != expected:
         raise UpdateRejected(f"{who}: tensor {name!r} has shape {tuple(shape)}, expected {expected} "
-                             f"({kept} kept experts of the global {global_shape})")
+                             f"({kept} experts of the global {global_shape})")
     total = num_experts.setdefault(meta.layer, global_shape[axis])
     if total != global_shape[axis]:
         raise UpdateRejected(f"{who}: tensor {name!r} has {global_shape[axis]} global experts, "
@@ -78,16 +79,16 @@ def _check_indexed_shape(who: str, name: str, shape: tuple, meta: TensorMeta, up
 
 
 def _check_layer(who: str, layer: int, update: ClientUpdate, total: int | None) -> None:
-    ids = update.expert_ids[layer]
+    ids, held = update.expert_ids[layer], update.held_ids(layer)
     if total is None:
         raise UpdateRejected(f"{who}: MoE layer {layer} has no expert-indexed tensor; its expert ids "
                              "cannot be mapped onto the global model")
-    if len(ids) == 0 or len(set(ids)) != len(ids) or any(not 0 <= int(g) < total for g in ids):
-        raise UpdateRejected(f"{who}: layer {layer} expert ids {ids} must be distinct, non-empty and in [0, {total})")
+    if len(ids) == 0 or len(set(held)) != len(held) or any(not 0 <= int(g) < total for g in held):
+        raise UpdateRejected(f"{who}: layer {layer} expert ids {held} must be distinct, non-empty and in [0, {total})")
     if not set(update.trained_experts[layer]) <= set(ids):
         raise UpdateRejected(f"{who}: layer {layer} trained experts {sorted(update.trained_experts[layer])} "
                              f"are not all among its kept experts {ids}")
-    _check_routing(who, layer, update.routing[layer], len(ids))
+    _check_routing(who, layer, update.routing[layer], len(held))
 
 
 def _check_routing(who: str, layer: int, stats: LayerRouting, kept: int) -> None:
