@@ -136,7 +136,7 @@ def test_defect_4_a_replayed_update_id_stores_nothing(tmp_path):
 def test_defect_9_a_device_failing_every_assignment_does_not_stop_the_rounds(tmp_path):
     """The only connected device answers each assignment with an Error. The old coordinator selected it again
     until ``max_round_attempts`` rounds failed, then started no round for the good device that came next; now it
-    is left out after ``EXCLUDE_AFTER_ERRORS`` (2) in a row."""
+    is excluded (with back-off) after ``participation.EXCLUDE_AFTER_FAILURES`` (2) in a row."""
     cfg, memory = coordinator_with(tmp_path, min_fit_clients=1, max_fit_clients=1, max_round_attempts=3)
     bad, good = devices(cfg, ("bad", memory), ("good", memory))
 
