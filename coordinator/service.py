@@ -267,7 +267,8 @@ class Coordinator:
         fits = await asyncio.to_thread(self.strategy.configure_fit, server_round, self.model.params, clients)
         for client in clients:
             if client.client_id not in fits:
-                self.engine.participation.unplannable(client.client_id, f"{self.strategy.name} gave it nothing to train")
+                self.engine.participation.unplannable(client.client_id,
+                                                      f"{self.strategy.name} gave it nothing to train")
         prepared = []
         for device_id, fit in fits.items():
             pending = await self._prepare(row.id, device_id, fit)
