@@ -368,14 +368,16 @@ class Coordinator:
     async def handle_update(self, session: Session, msg: Update) -> Ack:
         """Validate, store and record an update once per update_id; the Ack says whether it counts.
 
-        A replayed update_id is answered from the registry before anything is stored. An update that arrives
+        A replayed update_id is answered from the registry before anything is stored, also once its round is
+        closed and its assignment forgotten (after the next aggregation or a restart). An update that arrives
         while its round is being aggregated (or after) is rejected: "accepted" always means aggregated."""
-        pending = self.pending.get(msg.update_id)
-        if pending is None or (pending.device_id, pending.round_id) != (session.device_id, msg.round_id):
-            return Ack(update_id=msg.update_id, accepted=False, reason="no such assignment for this device and round")
         known = self.registry.get_update(msg.update_id)
-        if known is not None:
+        if known is not None and (known.device_id, known.round_id) == (session.device_id, msg.round_id):
             return Ack(update_id=msg.update_id, accepted=known.accepted, reason="already recorded")
+        pending = self.pending.get(msg.update_id)
+        if known is not None or pending is None or \
+                (pending.device_id, pending.round_id) != (session.device_id, msg.round_id):
+            return Ack(update_id=msg.update_id, accepted=False, reason="no such assignment for this device and round")
         meta = update_meta(pending.manifest, pending.fit.expert_ids, msg.trained_experts, msg.routing, msg.metrics)
         reason, sha = "", None
         try:

@@ -225,3 +225,30 @@ def test_defect_2_a_crash_while_a_round_starts_loses_no_acknowledged_update(tmp_
     aggregated = asyncio.run(second_life())
     assert aggregated, "no round finished after the restart"
     assert set(acked) <= aggregated, "an acknowledged update was never aggregated"
+
+
+def test_an_update_re_sent_after_its_round_is_forgotten_is_answered_from_its_record(tmp_path):
+    """Issue 19, item 4: once the next round aggregated (or after a restart) the coordinator forgets a round's
+    assignments. The old coordinator answered a re-sent update of such a round "no such assignment", while the
+    registry held it accepted: a misleading reason. It is now answered from its record."""
+    cfg, memory = coordinator_with(tmp_path, min_fit_clients=1, max_fit_clients=1)
+    [device] = devices(cfg, ("resender", memory))
+
+    async def life():
+        c = Coordinator.from_config(cfg)
+        await c.attach(device.session)
+        sent = []
+        for _ in range(2):
+            assert isinstance(await c.step(), StartRound)
+            sent.append(update_for(c, device))
+            assert (await c.handle_update(device.session, sent[-1])).accepted
+            assert isinstance(await c.step(), Aggregate)
+        late = await c.handle_update(device.session, sent[0])  # round 1's update, after round 2 closed
+        c.close()
+        restarted = Coordinator.from_config(cfg)
+        after_restart = await restarted.handle_update(device.session, sent[1])
+        restarted.close()
+        return late, after_restart
+
+    for ack in asyncio.run(life()):
+        assert (ack.accepted, ack.reason) == (True, "already recorded")
