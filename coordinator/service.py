@@ -31,7 +31,8 @@ from device_runtime.bundle import Manifest
 from device_runtime.errors import FedmoeError, UpdateRejected
 from device_runtime.signing import Signer
 from device_runtime.stats import RoutingStats
-from device_runtime.wire import Ack, Assignment, Error, Message, Update
+from device_runtime.wire import Ack, Assignment, Error, FitConfig, Message, Update
+from device_runtime.wire.fields import to_json
 
 log = logging.getLogger("fedmoe.coord")
 _POLL_S = 0.5
@@ -114,6 +115,7 @@ class Coordinator:
         try:
             model = GlobalModel(registry, tensor_store(cfg))
             strategy = from_name(cfg.strategy, **cfg.strategy_params).bind(fit_context(cfg))
+            model.restore(strategy)
             bundles = BundleCache(Path(cfg.state_dir) / "bundles", cfg.checkpoint, cfg.fit, signer)
             policy = RoundPolicy(cfg.min_fit_clients, cfg.max_fit_clients, cfg.fraction_fit, cfg.round_deadline_s,
                                  cfg.max_round_attempts, cfg.num_rounds, cfg.retry_backoff_s, cfg.max_retry_backoff_s)
@@ -305,7 +307,8 @@ class Coordinator:
             manifest = await asyncio.to_thread(self.bundles.ensure, fit.shape_key)
             update_id = f"r{round_id}-{device_id}-{secrets.token_hex(4)}"
             self.registry.record_assignment(round_id, device_id, update_id=update_id, shape_key=manifest.shape_key.id,
-                                            expert_ids=[list(ids) for ids in fit.expert_ids])
+                                            expert_ids=[list(ids) for ids in fit.expert_ids],
+                                            config=to_json(fit.config))
         except Exception as exc:  # noqa: BLE001 - FedmoeError: it does not fit; else a bug or a full disk
             log.log(logging.WARNING if isinstance(exc, FedmoeError) else logging.ERROR,
                     "device %s skipped in round %d: %s: %s", device_id, round_id, type(exc).__name__, exc,
@@ -498,9 +501,9 @@ class Coordinator:
             log.info("deleted %.1f MiB of update and orphan files of past rounds", freed / MIB)
 
     def _resume_round(self, round_id: int, server_round: int) -> RunningRound:
-        """The running round's assignments back as Pending (with the strategy's FitConfig of the round) and
-        its recorded updates."""
-        config = self.strategy.fit_config(server_round)
+        """The running round's assignments back as Pending, each with the FitConfig recorded with it (so the
+        re-sent assignment is the one signed before; the strategy's FitConfig of the round for a row of an older
+        fedmoe), and its recorded updates."""
         assigned = self.registry.assignments(round_id)
         accepted = self.registry.accepted_updates(round_id)
         accepted_ids = [u.update_id for u in accepted]
@@ -508,6 +511,7 @@ class Coordinator:
                     if a.status == "reported" and a.update_id not in accepted_ids}
         for a in assigned:
             manifest = self.bundles.manifest(a.shape_key)
+            config = self.strategy.fit_config(server_round) if a.config is None else FitConfig.from_dict(a.config)
             fit = FitIns(tuple(tuple(ids) for ids in a.expert_ids), config, manifest.shape_key.trainable_mode,
                          manifest.shape_key.lora_rank)
             self.pending[a.update_id] = Pending(a.device_id, round_id, a.update_id, manifest, fit)

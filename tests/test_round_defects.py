@@ -252,3 +252,37 @@ def test_an_update_re_sent_after_its_round_is_forgotten_is_answered_from_its_rec
 
     for ack in asyncio.run(life()):
         assert (ack.accepted, ack.reason) == (True, "already recorded")
+
+
+def test_a_resumed_round_re_sends_exactly_the_assignment_it_sent_before_the_crash(tmp_path):
+    """Issue 19, item 3: FedAlign-MoE's round 2 carries the routing prior round 1 produced. After a crash the
+    old coordinator rebuilt the round's config from a fresh strategy: ``routing_prior = None``, a message (and a
+    signature) that differs from the one sent before. Now the assignment's config is recorded with it and the
+    strategy's state restored: the re-sent assignment is byte for byte the one sent before."""
+    from device_runtime.wire import encode
+
+    cfg, memory = coordinator_with(tmp_path, strategy="fedalign", min_fit_clients=1, max_fit_clients=1)
+    [device] = devices(cfg, ("resumer", memory))
+
+    async def first_life():
+        c = Coordinator.from_config(cfg)
+        await c.attach(device.session)
+        assert isinstance(await c.step(), StartRound)
+        assert (await c.handle_update(device.session, update_for(c, device))).accepted
+        assert isinstance(await c.step(), Aggregate)
+        assert isinstance(await c.step(), StartRound)
+        c.close()  # crash while round 2 runs
+        return device.inbox[-1]
+
+    async def second_life():
+        c = Coordinator.from_config(cfg)
+        await c.attach(device.session)
+        prior = c.strategy.prior
+        c.close()
+        return device.inbox[-1], prior
+
+    sent = asyncio.run(first_life())
+    resent, prior = asyncio.run(second_life())
+    assert sent.config.routing_prior is not None and resent.update_id == sent.update_id
+    assert encode(resent) == encode(sent)
+    assert sent.config.routing_prior == tuple(tuple(prior[layer]) for layer in sorted(prior))  # the state is back
