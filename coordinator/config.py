@@ -16,6 +16,9 @@ Example (``fedmoe-coord init`` writes one)::
     max_fit_clients = 10
     fraction_fit = 1.0
     round_deadline_s = 600
+    max_round_attempts = 3                  # consecutive failed rounds before rounds back off (and an alert)
+    retry_backoff_s = 10                    # first back-off of rounds, and exclusion of a failing device
+    max_retry_backoff_s = 600               # (both double per failure up to this)
     num_rounds = 0                          # 0: keep running rounds
     trainable_mode = "experts"              # or "lora" (with lora_rank > 0)
     lora_rank = 0

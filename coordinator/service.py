@@ -157,13 +157,14 @@ class Coordinator:
     def _lost(self, device_id: str) -> None:
         """``device_id``'s connection closed or a send to it failed: tell the engine (holding an assignment
         counts as a failure) and log an exclusion."""
-        self._log_exclusion(device_id, self.engine.device_lost(device_id, self.clock()), "dropped")
+        self._log_exclusion(device_id, self.engine.device_lost(device_id, self.clock()), "it disconnected")
         self.wake.set()
 
-    def _log_exclusion(self, device_id: str, until: float | None, how: str) -> None:
+    def _log_exclusion(self, device_id: str, until: float | None, why: str) -> None:
+        """Log that ``device_id`` is excluded until ``until`` (None: it is not) after a failure (``why``)."""
         if until is not None:
-            log.warning("device %s %s %d assignments in a row; not selected for %.0f s", device_id, how,
-                        self.engine.participation.failures(device_id), until - self.clock())
+            log.warning("device %s failed %d assignments in a row (last: %s); not selected for %.0f s", device_id,
+                        self.engine.participation.failures(device_id), why, until - self.clock())
 
     def _available(self) -> list[str]:
         """Connected, non-revoked devices; [] while a round runs or once rounds stopped (the engine does not
@@ -422,7 +423,7 @@ class Coordinator:
             return
         self._reject(pending, f"device reported {msg.code}: {msg.message}")
         self._log_exclusion(session.device_id, self.engine.device_failed(pending.update_id, self.clock()),
-                            f"reported {msg.code} for")
+                            f"it reported {msg.code}")
 
     def assignment_refused(self, session: Session, update_id: str, frame_bytes: int) -> None:
         """The device closed its connection with code 1009 (message too big) after the Assignment frame of

@@ -435,7 +435,8 @@ def test_a_training_error_rejects_the_assignment_at_once_and_failed_rounds_back_
         # Two failed rounds = max_round_attempts: an alert, rounds back off; the device failed both assignments
         # and is excluded for retry_backoff_s (10 s), and still served.
         wait_for(lambda: "ALERT: 2 consecutive rounds failed" in caplog.text, timeout=20)
-        assert f"device {device_id} reported bad_payload for 2 assignments in a row; not selected for" in caplog.text
+        assert f"device {device_id} failed 2 assignments in a row (last: it reported bad_payload); not selected for" \
+        in caplog.text
         assert "rounds stopped" not in caplog.text
         with pytest.raises(TimeoutError):
             recv(conn, timeout=0.5)  # no new round
@@ -466,7 +467,8 @@ def test_a_device_that_takes_its_assignment_and_drops_cannot_halt_the_federation
         assert _wait_closed(cfg, dropped[-1], timeout=20).status == "failed"  # at once, not at the deadline
     assert len(set(dropped)) == 3
     wait_for(lambda: "ALERT: 3 consecutive rounds failed" in caplog.text, timeout=20)
-    assert f"device {dropper} dropped 2 assignments in a row; not selected for 1 s" in caplog.text
+    assert f"device {dropper} failed 2 assignments in a row (last: it disconnected); not selected for 1 s" \
+        in caplog.text
     assert "rounds stopped" not in caplog.text
     with ws(server) as conn:
         assignment = first_assignment(conn, honest, honest_key, profile)
