@@ -260,7 +260,8 @@ class RoundEngine:
     # ------------------------------------------------------------ decisions
 
     def step(self, now: float, available: Iterable[str]) -> Action:
-        """The next thing the coordinator should do."""
+        """The next thing the coordinator should do at ``now`` (seconds, the clock of every event);
+        ``available``: the connected, non-revoked devices (the participation rules filter them)."""
         if self._busy:
             return Wait(None)
         if self._current is not None:
