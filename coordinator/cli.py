@@ -205,27 +205,29 @@ def status(ctx):
     cfg = _config(ctx)
     registry = Registry(cfg.registry_url)
     latest, devs = registry.latest_model_version(), registry.list_devices()
-    recent = registry.list_rounds(limit=max(1, cfg.max_round_attempts))
-    finished = sum(r.status == "finished" for r in registry.list_rounds(limit=1_000_000))
+    rounds = registry.list_rounds(limit=1_000_000)
     registry.close()
+    finished = sum(r.status == "finished" for r in rounds)
     table = Table("what", "value")
     table.add_row("checkpoint", cfg.checkpoint)
     table.add_row("strategy", cfg.strategy)
     table.add_row("model version", "none (run init)" if latest is None else str(latest.version))
     table.add_row("devices", f"{sum(not d.revoked for d in devs)} active, {sum(d.revoked for d in devs)} revoked")
-    table.add_row("last round", "none" if not recent else f"{recent[0].id} ({recent[0].status})")
-    table.add_row("rounds", _progress(cfg, recent, finished))
+    table.add_row("last round", "none" if not rounds else f"{rounds[0].id} ({rounds[0].status})")
+    table.add_row("rounds", _progress(cfg, rounds, finished))
     Console().print(table)
 
 
-def _progress(cfg: CoordinatorConfig, recent: list, finished: int) -> str:
-    """Finished rounds of ``num_rounds``, and whether the coordinator stopped running them."""
+def _progress(cfg: CoordinatorConfig, rounds: list, finished: int) -> str:
+    """Finished rounds of ``num_rounds`` (``rounds``: newest first), and an alert once ``max_round_attempts``
+    or more consecutive rounds failed (the coordinator then backs off)."""
     goal = f"{finished} of {cfg.num_rounds} finished" if cfg.num_rounds else f"{finished} finished"
     if cfg.num_rounds and finished >= cfg.num_rounds:
         return f"{goal}: done"
-    if len(recent) >= cfg.max_round_attempts and all(r.status == "failed" for r in recent):
-        return (f"{goal}; stopped after {cfg.max_round_attempts} consecutive failed rounds "
-                f"(last: {recent[0].metrics.get('reason', '?')}); restart serve to try again")
+    failed = next((i for i, r in enumerate(rounds) if r.status != "failed"), len(rounds))
+    if failed >= cfg.max_round_attempts:
+        return (f"{goal}; ALERT: {failed} consecutive rounds failed (last: {rounds[0].metrics.get('reason', '?')}); "
+                "rounds back off and resume when eligible devices connect (`fedmoe-coord devices`)")
     return goal
 
 

@@ -16,6 +16,9 @@ Example (``fedmoe-coord init`` writes one)::
     max_fit_clients = 10
     fraction_fit = 1.0
     round_deadline_s = 600
+    max_round_attempts = 3                  # consecutive failed rounds before rounds back off (and an alert)
+    retry_backoff_s = 10                    # first back-off of rounds, and exclusion of a failing device
+    max_retry_backoff_s = 600               # (both double per failure up to this)
     num_rounds = 0                          # 0: keep running rounds
     trainable_mode = "experts"              # or "lora" (with lora_rank > 0)
     lora_rank = 0
@@ -78,7 +81,10 @@ class CoordinatorConfig:
             (``coordinator.admission``; seconds).
         strategy, strategy_params: aggregation strategy name and keyword arguments.
         min_fit_clients, max_fit_clients, fraction_fit: client selection per round.
-        round_deadline_s: seconds a round waits for updates. max_round_attempts: tries before giving up a round.
+        round_deadline_s: seconds a round waits for updates. max_round_attempts: consecutive failed rounds
+            before rounds back off and the coordinator alerts. retry_backoff_s, max_retry_backoff_s: first and
+            longest back-off (seconds) of rounds after that, and of the exclusion of a device that keeps failing
+            its assignments (``coordinator.participation``).
         num_rounds: rounds to run (0: unbounded). trainable_mode, lora_rank: what devices train.
         frozen_experts: what a device holds of the experts it does not train: ``"float16"``, every one, frozen in
             float16, so its forward pass routes over the whole global model (HFedMoE's design; experts mode,
@@ -113,6 +119,8 @@ class CoordinatorConfig:
     fraction_fit: float = 1.0
     round_deadline_s: float = 600.0
     max_round_attempts: int = 3
+    retry_backoff_s: float = 10.0
+    max_retry_backoff_s: float = 600.0
     num_rounds: int = 0
     trainable_mode: str = "experts"
     lora_rank: int = 0
@@ -171,6 +179,9 @@ def _check(cfg: CoordinatorConfig) -> None:
         (not 0 < cfg.fraction_fit <= 1, f"fraction_fit must be in (0, 1], got {cfg.fraction_fit}"),
         (not cfg.round_deadline_s > 0, f"round_deadline_s must be > 0, got {cfg.round_deadline_s}"),
         (cfg.max_round_attempts < 1, "max_round_attempts must be >= 1"),
+        (not 0 < cfg.retry_backoff_s <= cfg.max_retry_backoff_s,
+         f"retry_backoff_s must be > 0 and <= max_retry_backoff_s, got {cfg.retry_backoff_s}, "
+         f"{cfg.max_retry_backoff_s}"),
         (cfg.num_rounds < 0, "num_rounds must be >= 0 (0 = unbounded)"),
         (cfg.trainable_mode not in TRAINABLE_MODES, f"trainable_mode must be one of {TRAINABLE_MODES}"),
         ((cfg.trainable_mode == "lora") != (cfg.lora_rank > 0), "lora_rank > 0 exactly when trainable_mode is lora"),

@@ -3,7 +3,8 @@ calibration statistics, and one round's aggregation streamed over the stored upd
 
 State directory layout::
 
-    <state_dir>/tensors/           content-addressed safetensors (global versions, device updates)
+    <state_dir>/tensors/           content-addressed safetensors (global versions, their strategy states,
+                                   device updates)
     <state_dir>/bundles/<shape>/   bundle cache by shape key id
     <state_dir>/calibration.json   RoutingStats.to_dict() of the calibration pass
     <state_dir>/registry.db        the SQL registry (unless database_url points elsewhere)
@@ -12,23 +13,25 @@ State directory layout::
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
-from safetensors.numpy import load_file
+from safetensors.numpy import load, load_file, save
 
 from coordinator.config import PRUNED, CoordinatorConfig
 from coordinator.planning import to_client_update
 from coordinator.registry import Registry
 from coordinator.registry.tables import ModelVersion, Update
 from coordinator.strategy.base import Strategy
-from coordinator.strategy.types import ClientUpdate, FitContext, Params
+from coordinator.strategy.types import ClientUpdate, FitContext, Params, StrategyState
 from coordinator.tensor_store import TensorStore
 from device_runtime.errors import ConfigError
 from device_runtime.stats import RoutingStats
 
+log = logging.getLogger("fedmoe.coord")
 CALIBRATION_FILE = "calibration.json"
 
 
@@ -126,12 +129,35 @@ class GlobalModel:
         orphans = stored - referenced - set(self.registry.update_shas()) if delete_orphans else set()
         return sorted(referenced - stored), self.store.discard(orphans)
 
-    def commit(self, params: Params, round_id: int, metrics: dict) -> ModelVersion:
-        """Store ``params`` (atomic file write first), then record the version."""
+    def commit(self, params: Params, round_id: int, metrics: dict, state: StrategyState) -> ModelVersion:
+        """Store ``params`` and the strategy ``state`` that produced them (atomic file writes first; the state in
+        its own dtypes), then record the version naming both in one transaction."""
         sha = self.store.put({n: np.ascontiguousarray(a, dtype=np.float32) for n, a in params.items()})
-        row = self.registry.add_model_version(sha, round_id=round_id, metrics=metrics)
+        state_sha = self.store.put(save({k: np.ascontiguousarray(a) for k, a in state.items()}))
+        row = self.registry.add_model_version(sha, round_id=round_id, metrics=metrics, strategy_state_sha256=state_sha)
         self.version, self.params = row.version, params
         return row
+
+    def restore(self, strategy: Strategy) -> None:
+        """Give ``strategy`` the state committed with the latest version, so that it goes on as if the coordinator
+        had not stopped; logged. A version of another strategy, or of a fedmoe before durable strategy state,
+        leaves ``strategy`` in its initial state (a warning).
+
+        Raises:
+            ConfigError: the stored state does not fit ``strategy``. ModelError: its file is missing or corrupted.
+        """
+        latest = self.registry.latest_model_version()
+        if latest.round_id is None:
+            return  # version 0: no round made it
+        made_by = self.registry.get_round(latest.round_id).strategy
+        if latest.strategy_state_sha256 is None or made_by != strategy.name:
+            log.warning("model version %d carries no %s state (made by %s%s): %s starts from its initial state",
+                        latest.version, strategy.name, made_by,
+                        "" if latest.strategy_state_sha256 else " before durable strategy state", strategy.name)
+            return
+        state = load(self.store.get(latest.strategy_state_sha256))
+        strategy.load_state_dict(state)
+        log.info("restored the %s state of model version %d (%d arrays)", strategy.name, latest.version, len(state))
 
 
 def stored_updates(store: TensorStore, rows: Sequence[Update]) -> Callable[[], Iterator[ClientUpdate]]:
@@ -155,15 +181,22 @@ def aggregate_round(model: GlobalModel, strategy: Strategy, rows: Sequence[Updat
     Args:
         server_round: the strategy's 1-based round number (rounds that produced a model, this one included).
         round_id: the registry's id of the round (the new version records it).
+    The strategy's state advances only with a committed version (``GlobalModel.commit``).
+
     Raises:
         ModelError: a stored update file is missing or corrupted.
     """
     rows = sorted(rows, key=lambda r: r.device_id)
     results = stored_updates(model.store, rows)
-    params, metrics = strategy.aggregate_fit(server_round, results, failures, model.params)
-    metrics = json.loads(json.dumps(metrics, default=float))  # JSON-safe (int keys -> strings)
-    metrics["train_loss"] = _mean_loss(rows)
-    return model.commit(params, round_id, metrics)
+    before = strategy.state_dict()
+    try:
+        params, metrics = strategy.aggregate_fit(server_round, results, failures, model.params)
+        metrics = json.loads(json.dumps(metrics, default=float))  # JSON-safe (int keys -> strings)
+        metrics["train_loss"] = _mean_loss(rows)
+        return model.commit(params, round_id, metrics, strategy.state_dict())
+    except BaseException:  # no version: the strategy's state goes back to the one of the latest version
+        strategy.load_state_dict(before)
+        raise
 
 
 def _mean_loss(rows: Sequence[Update]) -> float | None:

@@ -11,11 +11,18 @@ websockets' protocol objects). One tick::
                                     engine.closed()
       RetryRound(round_id, why)  -> the coordinator marks the round failed, engine.closed(failed=True)
       Wait(until)                -> nothing to do before ``until`` (or before the next event)
-      Finished(reason)           -> no more rounds in this process: ``num_rounds`` are done, or
-                                    ``max_attempts`` consecutive rounds failed
+      Finished(reason)           -> no more rounds in this process: ``num_rounds`` are done
 
-Events between ticks: ``on_update`` (an update accepted or rejected), ``device_lost`` / ``device_back``
-(a connection closed / came back), and ``resume`` (a restart rebuilt the state from the registry).
+Events between ticks: ``on_update`` (an update accepted or rejected), ``device_failed`` (a device reported
+an Error for its assignment), ``device_lost`` / ``device_back`` (a connection closed / came back), and
+``resume`` (a restart rebuilt the state from the registry).
+
+Which available devices a round may select is the engine's :class:`~coordinator.participation.Participation`
+(devices that keep failing their assignments are excluded for a back-off). No device can stop the rounds:
+after ``max_attempts`` consecutive failed rounds the engine backs off (``backoff_s``, doubling to
+``max_backoff_s``; :attr:`RoundEngine.backing_off` is the operator's alert) and starts the next round when
+the back-off ends, or at once when an eligible device that no round of the failing streak selected is
+available.
 
 Stragglers and dropouts are data: an assignment is *pending* until its update arrives (``accepted`` or
 ``rejected``) or its device disconnects (``lost``; a lost device that reconnects and re-sends its update
@@ -33,6 +40,7 @@ import random
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from coordinator.participation import Participation
 from device_runtime.errors import ConfigError
 
 
@@ -43,8 +51,12 @@ class RoundPolicy:
     Attributes:
         min_fit_clients: quorum of accepted updates (and fewest devices to start a round).
         max_fit_clients: most devices selected per round. fraction_fit: share of available devices selected.
-        deadline_s: seconds a round collects updates. max_attempts: consecutive failed tries before giving up.
+        deadline_s: seconds a round collects updates. max_attempts: consecutive failed rounds before the engine
+        backs off. backoff_s: first back-off (seconds) of rounds after ``max_attempts`` failures, and first
+        exclusion of a failing device; both double per further failure, up to max_backoff_s (seconds).
         num_rounds: rounds to finish (0: unbounded).
+    Raises:
+        ConfigError: naming the field out of range.
     """
 
     min_fit_clients: int = 2
@@ -53,10 +65,19 @@ class RoundPolicy:
     deadline_s: float = 600.0
     max_attempts: int = 3
     num_rounds: int = 0
+    backoff_s: float = 10.0
+    max_backoff_s: float = 600.0
 
     def __post_init__(self):
         if not 1 <= self.min_fit_clients <= self.max_fit_clients or not 0 < self.fraction_fit <= 1:
             raise ConfigError(f"need 1 <= min_fit_clients <= max_fit_clients and 0 < fraction_fit <= 1: {self}")
+        if not 0 < self.backoff_s <= self.max_backoff_s:
+            raise ConfigError(f"need 0 < backoff_s <= max_backoff_s: {self}")
+
+    def backoff(self, failures: int) -> float:
+        """Seconds to wait after the ``failures``-th failure beyond a threshold (0: the first): ``backoff_s``
+        doubled per failure, at most ``max_backoff_s``."""
+        return min(self.max_backoff_s, self.backoff_s * 2.0 ** min(failures, 60))
 
 
 def select_clients(available: Sequence[str], policy: RoundPolicy, rng: random.Random) -> list[str]:
@@ -115,6 +136,7 @@ class RoundState:
         round_id: registry id. deadline: time (same clock as ``now``) after which nothing more is awaited.
         devices: update_id -> device_id of every assignment. accepted: accepted update ids, arrival order.
         rejected: update_id -> reason. lost: device ids that disconnected while pending.
+        faulted: update ids whose device failed them (counted once by the engine's participation rules).
     """
 
     round_id: int
@@ -123,6 +145,7 @@ class RoundState:
     accepted: list[str] = field(default_factory=list)
     rejected: dict[str, str] = field(default_factory=dict)
     lost: set[str] = field(default_factory=set)
+    faulted: set[str] = field(default_factory=set)
 
     def assign(self, update_id: str, device_id: str) -> None:
         """Register an assignment before it is sent (its update may arrive before the next one is planned)."""
@@ -177,13 +200,17 @@ class RoundState:
 
 class RoundEngine:
     """Drives rounds one at a time (see the module docstring). State changes only through :meth:`step` and the
-    event methods; ``current``, ``rounds_done``, ``failed_attempts`` and ``busy`` are read-only."""
+    event methods; ``current``, ``rounds_done``, ``failed_attempts`` and ``busy`` are read-only.
+    ``participation`` takes the events that concern a device only (``unplannable``, ``refused``)."""
 
     def __init__(self, policy: RoundPolicy, *, seed: int = 0, rounds_done: int = 0):
         self.policy = policy
+        self.participation = Participation(policy.backoff)
         self._rounds_done = rounds_done
         self._current: RoundState | None = None
         self._failed_attempts = 0
+        self._retry_at: float | None = None  # while backing off: when the next round may start (set by step)
+        self._tried: set[str] = set()  # devices selected by the rounds of the failing streak
         self._busy = False  # an I/O step (start / aggregate) is in flight
         self._rng = random.Random(seed)
 
@@ -209,6 +236,17 @@ class RoundEngine:
         return self._failed_attempts
 
     @property
+    def backing_off(self) -> bool:
+        """``max_attempts`` or more consecutive rounds failed: rounds start only after a back-off, or when an
+        eligible device no round of the streak selected is available (the operator's alert)."""
+        return self._failed_attempts >= self.policy.max_attempts
+
+    @property
+    def retry_at(self) -> float | None:
+        """While :attr:`backing_off`: the time (the clock of ``step``) the back-off ends, once a step set it."""
+        return self._retry_at if self.backing_off else None
+
+    @property
     def busy(self) -> bool:
         """An I/O step the engine asked for (StartRound, Aggregate, RetryRound) has not been reported back."""
         return self._busy
@@ -222,7 +260,8 @@ class RoundEngine:
     # ------------------------------------------------------------ decisions
 
     def step(self, now: float, available: Iterable[str]) -> Action:
-        """The next thing the coordinator should do."""
+        """The next thing the coordinator should do at ``now`` (seconds, the clock of every event);
+        ``available``: the connected, non-revoked devices (the participation rules filter them)."""
         if self._busy:
             return Wait(None)
         if self._current is not None:
@@ -231,17 +270,24 @@ class RoundEngine:
             return action
         if (reason := self.stopped()) is not None:
             return Finished(reason)
-        devices = select_clients(list(available), self.policy, self._rng)
+        available = list(available)
+        pool = self.participation.eligible(available, now)
+        if self.backing_off:
+            if self._retry_at is None:
+                self._retry_at = now + self.policy.backoff(self._failed_attempts - self.policy.max_attempts)
+            if now < self._retry_at and not set(pool) - self._tried:
+                return Wait(self._retry_at)
+        devices = select_clients(pool, self.policy, self._rng)
         if not devices:
-            return Wait(None)
+            ends = [until for d, until in self.participation.excluded(now).items() if d in available]
+            return Wait(min(ends, default=None))
         self._busy = True
+        self._tried.update(devices)
         return StartRound(tuple(devices))
 
     def stopped(self) -> str | None:
-        """Why no round will start any more (``max_attempts`` consecutive failed rounds, or ``num_rounds``
-        rounds done), or None. Only a new engine (a restarted coordinator) starts rounds again."""
-        if self._failed_attempts >= self.policy.max_attempts:
-            return f"{self._failed_attempts} consecutive rounds failed to reach min_fit_clients"
+        """Why no round will start any more (``num_rounds`` rounds done), or None. Failed rounds never stop
+        them (:attr:`backing_off`)."""
         if self.policy.num_rounds and self._rounds_done >= self.policy.num_rounds:
             return f"{self._rounds_done} rounds done"
         return None
@@ -265,19 +311,39 @@ class RoundEngine:
 
     def start_failed(self) -> None:
         """Starting a round failed before :meth:`started` (counts as a failed attempt)."""
-        self._busy, self._failed_attempts = False, self._failed_attempts + 1
+        self._busy = False
+        self._count_failed_round()
 
     def on_update(self, update_id: str, accepted: bool, reason: str = "") -> bool:
-        """Count an update of the current round; False if it is not part of it or already counted."""
-        return self._current is not None and self._current.record(update_id, accepted, reason)
+        """Count an update of the current round; False if it is not part of it or already counted. An
+        accepted update clears its device's failures (:class:`Participation`)."""
+        counted = self._current is not None and self._current.record(update_id, accepted, reason)
+        if counted and accepted:
+            self.participation.succeeded(self._current.devices[update_id])
+        return counted
 
-    def device_lost(self, device_id: str) -> None:
-        """``device_id``'s connection closed (or a send to it failed): its pending assignment is not waited for."""
-        if self._current is not None:
-            self._current.device_lost(device_id)
+    def device_failed(self, update_id: str, now: float) -> float | None:
+        """The device of ``update_id`` (an assignment of the current round) failed it at ``now``: it reported
+        an Error for it. Counted once per assignment; returns the time its device is excluded until, or None."""
+        current = self._current
+        if current is None or update_id not in current.devices or update_id in current.faulted:
+            return None
+        current.faulted.add(update_id)
+        return self.participation.failed(current.devices[update_id], now)
 
-    def device_back(self, device_id: str) -> None:
-        """``device_id`` reconnected: its pending assignment is waited for again."""
+    def device_lost(self, device_id: str, now: float) -> float | None:
+        """``device_id``'s connection closed (or a send to it failed) at ``now``: its pending assignment is not
+        waited for, and holding it counts as a failure (:meth:`device_failed`, whose result it returns)."""
+        if self._current is None:
+            return None
+        self._current.device_lost(device_id)
+        update_id = self._current.pending_of(device_id)
+        return None if update_id is None else self.device_failed(update_id, now)
+
+    def device_back(self, device_id: str, profile: dict) -> None:
+        """``device_id`` reconnected with ``profile``: its pending assignment is waited for again
+        (:meth:`Participation.connected`)."""
+        self.participation.connected(device_id, profile)
         if self._current is not None:
             self._current.device_back(device_id)
 
@@ -285,9 +351,15 @@ class RoundEngine:
         """The coordinator finished aggregating (or marked the round failed)."""
         self._current, self._busy = None, False
         if failed:
-            self._failed_attempts += 1
+            self._count_failed_round()
         else:
             self._rounds_done, self._failed_attempts = self._rounds_done + 1, 0
+            self._retry_at, self._tried = None, set()
+
+    def _count_failed_round(self) -> None:
+        """One more consecutive failed round; a back-off, if due, runs from the next :meth:`step`."""
+        self._failed_attempts += 1
+        self._retry_at = None
 
     def abandon(self) -> int | None:
         """A step the engine asked for failed with an error: returns the id of the round being closed, which

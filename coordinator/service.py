@@ -14,7 +14,6 @@ import asyncio
 import logging
 import secrets
 import time
-from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,11 +31,11 @@ from device_runtime.bundle import Manifest
 from device_runtime.errors import FedmoeError, UpdateRejected
 from device_runtime.signing import Signer
 from device_runtime.stats import RoutingStats
-from device_runtime.wire import Ack, Assignment, Error, Message, Update
+from device_runtime.wire import Ack, Assignment, Error, FitConfig, Message, Update
+from device_runtime.wire.fields import to_json
 
 log = logging.getLogger("fedmoe.coord")
 _POLL_S = 0.5
-EXCLUDE_AFTER_ERRORS = 2  # below the default max_round_attempts (3): one device alone cannot stop the rounds
 
 
 def _signer(cfg: CoordinatorConfig) -> Signer | None:
@@ -96,9 +95,6 @@ class Coordinator:
         self.sessions: dict[str, Session] = {}
         self.pending: dict[str, Pending] = {}
         self.reported: dict[str, RoutingStats] = {}
-        self.unplannable: dict[str, str] = {}  # device_id -> why planning failed (cleared on reconnect)
-        self.oversized: dict[str, dict] = {}  # device_id -> its profile when it refused a too big assignment
-        self.errors: Counter[str] = Counter()  # device_id -> assignments it answered with an Error, in a row
         self._stop_logged: str | None = None  # the RoundEngine.stopped reason last logged
         self.wake = asyncio.Event()
         self._evaluations: set[asyncio.Task] = set()
@@ -119,9 +115,10 @@ class Coordinator:
         try:
             model = GlobalModel(registry, tensor_store(cfg))
             strategy = from_name(cfg.strategy, **cfg.strategy_params).bind(fit_context(cfg))
+            model.restore(strategy)
             bundles = BundleCache(Path(cfg.state_dir) / "bundles", cfg.checkpoint, cfg.fit, signer)
             policy = RoundPolicy(cfg.min_fit_clients, cfg.max_fit_clients, cfg.fraction_fit, cfg.round_deadline_s,
-                                 cfg.max_round_attempts, cfg.num_rounds)
+                                 cfg.max_round_attempts, cfg.num_rounds, cfg.retry_backoff_s, cfg.max_retry_backoff_s)
             return cls(cfg, registry=registry, model=model, strategy=strategy, bundles=bundles,
                        engine=RoundEngine(policy, seed=cfg.seed), evaluator=Evaluator.from_config(cfg), clock=clock,
                        signer=signer)
@@ -137,13 +134,10 @@ class Coordinator:
     # ------------------------------------------------------------ sessions
 
     async def attach(self, session: Session) -> None:
-        """A device authenticated: make it available and re-send its pending assignment, if any.
-        A device that refused an oversized assignment stays unselected unless its profile changed."""
+        """A device authenticated: make it available (to the engine's participation rules) and re-send its
+        pending assignment, if any."""
         self.sessions[session.device_id] = session
-        self.unplannable.pop(session.device_id, None)
-        if self.oversized.get(session.device_id, session.profile) != session.profile:
-            del self.oversized[session.device_id]
-        self.engine.device_back(session.device_id)
+        self.engine.device_back(session.device_id, session.profile)
         pending = self._pending_of(session.device_id)
         if pending is not None:
             await self._send(session, pending.message(self.model))
@@ -152,8 +146,7 @@ class Coordinator:
     def detach(self, session: Session) -> None:
         if self.sessions.get(session.device_id) is session:
             del self.sessions[session.device_id]
-            self.engine.device_lost(session.device_id)
-            self.wake.set()
+            self._lost(session.device_id)
 
     def count_bytes(self, device_id: str, direction: str, size: int) -> None:
         """Record ``size`` bytes moved to (``bytes_down``) or from (``bytes_up``) a device in the current round."""
@@ -161,13 +154,24 @@ class Coordinator:
         self.registry.log_metrics({direction: size}, round_id=None if current is None else current.round_id,
                                   device_id=device_id)
 
+    def _lost(self, device_id: str) -> None:
+        """``device_id``'s connection closed or a send to it failed: tell the engine (holding an assignment
+        counts as a failure) and log an exclusion."""
+        self._log_exclusion(device_id, self.engine.device_lost(device_id, self.clock()), "it disconnected")
+        self.wake.set()
+
+    def _log_exclusion(self, device_id: str, until: float | None, why: str) -> None:
+        """Log that ``device_id`` is excluded until ``until`` (None: it is not) after a failure (``why``)."""
+        if until is not None:
+            log.warning("device %s failed %d assignments in a row (last: %s); not selected for %.0f s", device_id,
+                        self.engine.participation.failures(device_id), why, until - self.clock())
+
     def _available(self) -> list[str]:
-        """Connected, plannable, non-revoked devices; [] while a round runs or once rounds stopped (the engine
-        does not select then)."""
+        """Connected, non-revoked devices; [] while a round runs or once rounds stopped (the engine does not
+        select then; its participation rules filter these)."""
         if not self.engine.selecting:
             return []
-        return self.registry.active_device_ids(
-            d for d in self.sessions if d not in self.unplannable and d not in self.oversized)
+        return self.registry.active_device_ids(self.sessions)
 
     async def _send(self, session: Session, msg: Message) -> bool:
         try:
@@ -212,21 +216,25 @@ class Coordinator:
         elif isinstance(action, RetryRound):
             log.warning("round %d failed: %s", action.round_id, action.reason)
             self.registry.finish_round(action.round_id, metrics={"reason": action.reason}, status="failed")
-            self.engine.closed(failed=True)
+            self._closed_failed(action.reason)
         elif isinstance(action, Finished):
             self._rounds_stopped(action.reason)
         return action
 
     def _rounds_stopped(self, reason: str) -> None:
-        """Log once that no more rounds start: an error after failed rounds, info after ``num_rounds``."""
-        if reason == self._stop_logged:
-            return
-        self._stop_logged = reason
-        if self.engine.failed_attempts:
-            log.error("rounds stopped: %s; still serving devices; restart `fedmoe-coord serve` to try again",
-                      reason)
-        else:
+        """Log once that no more rounds start (``num_rounds`` are done)."""
+        if reason != self._stop_logged:
+            self._stop_logged = reason
             log.info("rounds stopped: %s (num_rounds); still serving devices", reason)
+
+    def _closed_failed(self, reason: str) -> None:
+        """Close the engine's round as failed; from ``max_round_attempts`` consecutive failures on, alert."""
+        self.engine.closed(failed=True)
+        if self.engine.backing_off:
+            excluded = sorted(self.engine.participation.excluded(self.clock()))
+            log.error("ALERT: %d consecutive rounds failed (last: %s); rounds back off and resume when the back-off "
+                      "ends or an eligible device not tried yet connects; excluded devices: %s",
+                      self.engine.failed_attempts, reason, ", ".join(excluded) or "none")
 
     def _abandon(self) -> None:
         """After a failed step: a round being started counts as a failed attempt; a round being closed is
@@ -262,7 +270,8 @@ class Coordinator:
         fits = await asyncio.to_thread(self.strategy.configure_fit, server_round, self.model.params, clients)
         for client in clients:
             if client.client_id not in fits:
-                self.unplannable[client.client_id] = f"{self.strategy.name} gave it nothing to train"
+                self.engine.participation.unplannable(client.client_id,
+                                                      f"{self.strategy.name} gave it nothing to train")
         prepared = []
         for device_id, fit in fits.items():
             pending = await self._prepare(row.id, device_id, fit)
@@ -290,8 +299,7 @@ class Coordinator:
             return
         now = self.sessions.get(pending.device_id)
         if now is None or now is session:
-            self.engine.device_lost(pending.device_id)
-            self.wake.set()
+            self._lost(pending.device_id)
 
     async def _prepare(self, round_id: int, device_id: str, fit: FitIns) -> Pending | None:
         """Build the FitIns's bundle if needed and record the assignment; None (logged, and the device
@@ -300,12 +308,13 @@ class Coordinator:
             manifest = await asyncio.to_thread(self.bundles.ensure, fit.shape_key)
             update_id = f"r{round_id}-{device_id}-{secrets.token_hex(4)}"
             self.registry.record_assignment(round_id, device_id, update_id=update_id, shape_key=manifest.shape_key.id,
-                                            expert_ids=[list(ids) for ids in fit.expert_ids])
+                                            expert_ids=[list(ids) for ids in fit.expert_ids],
+                                            config=to_json(fit.config))
         except Exception as exc:  # noqa: BLE001 - FedmoeError: it does not fit; else a bug or a full disk
             log.log(logging.WARNING if isinstance(exc, FedmoeError) else logging.ERROR,
                     "device %s skipped in round %d: %s: %s", device_id, round_id, type(exc).__name__, exc,
                     exc_info=not isinstance(exc, FedmoeError))
-            self.unplannable[device_id] = str(exc)
+            self.engine.participation.unplannable(device_id, str(exc))
             return None
         pending = Pending(device_id, round_id, update_id, manifest, fit)
         self.pending[update_id] = pending
@@ -321,7 +330,7 @@ class Coordinator:
         except FedmoeError as exc:
             log.error("round %d aggregation failed: %s", action.round_id, exc)
             self.registry.finish_round(action.round_id, metrics={"reason": str(exc)}, status="failed")
-            self.engine.closed(failed=True)
+            self._closed_failed(str(exc))
             return
         log.info("round %d aggregated %d updates -> model version %d", action.round_id, len(rows), version.version)
         self.pending = {u: p for u, p in self.pending.items() if p.round_id >= action.round_id}
@@ -363,14 +372,16 @@ class Coordinator:
     async def handle_update(self, session: Session, msg: Update) -> Ack:
         """Validate, store and record an update once per update_id; the Ack says whether it counts.
 
-        A replayed update_id is answered from the registry before anything is stored. An update that arrives
+        A replayed update_id is answered from the registry before anything is stored, also once its round is
+        closed and its assignment forgotten (after the next aggregation or a restart). An update that arrives
         while its round is being aggregated (or after) is rejected: "accepted" always means aggregated."""
-        pending = self.pending.get(msg.update_id)
-        if pending is None or (pending.device_id, pending.round_id) != (session.device_id, msg.round_id):
-            return Ack(update_id=msg.update_id, accepted=False, reason="no such assignment for this device and round")
         known = self.registry.get_update(msg.update_id)
-        if known is not None:
+        if known is not None and (known.device_id, known.round_id) == (session.device_id, msg.round_id):
             return Ack(update_id=msg.update_id, accepted=known.accepted, reason="already recorded")
+        pending = self.pending.get(msg.update_id)
+        if known is not None or pending is None or \
+                (pending.device_id, pending.round_id) != (session.device_id, msg.round_id):
+            return Ack(update_id=msg.update_id, accepted=False, reason="no such assignment for this device and round")
         meta = update_meta(pending.manifest, pending.fit.expert_ids, msg.trained_experts, msg.routing, msg.metrics)
         reason, sha = "", None
         try:
@@ -390,7 +401,6 @@ class Coordinator:
             return Ack(update_id=msg.update_id, accepted=row.accepted, reason="already recorded")
         if self.engine.on_update(msg.update_id, row.accepted, reason) and row.accepted:
             self.reported[session.device_id] = RoutingStats.from_dict(msg.routing)
-            self.errors.pop(session.device_id, None)
         self.wake.set()
         return Ack(update_id=msg.update_id, accepted=row.accepted, reason=reason)
 
@@ -412,13 +422,8 @@ class Coordinator:
                if p.device_id == session.device_id and u != pending.update_id):
             return
         self._reject(pending, f"device reported {msg.code}: {msg.message}")
-        # A device failing every assignment must not fail every round (and so stop them): after
-        # EXCLUDE_AFTER_ERRORS in a row it is not selected again until it reconnects or an update of it counts.
-        self.errors[session.device_id] += 1
-        if self.errors[session.device_id] >= EXCLUDE_AFTER_ERRORS:
-            log.warning("device %s failed %d assignments in a row; not selected until it reconnects",
-                        session.device_id, self.errors[session.device_id])
-            self.unplannable[session.device_id] = f"it reported {msg.code} for its last assignments"
+        self._log_exclusion(session.device_id, self.engine.device_failed(pending.update_id, self.clock()),
+                            f"it reported {msg.code}")
 
     def assignment_refused(self, session: Session, update_id: str, frame_bytes: int) -> None:
         """The device closed its connection with code 1009 (message too big) after the Assignment frame of
@@ -430,7 +435,7 @@ class Coordinator:
         reason = f"assignment of {frame_bytes / MIB:.2f} MiB exceeds the device's max message size"
         log.error("device %s: %s (%d bytes); it is not selected again until its profile changes",
                   session.device_id, reason, frame_bytes)
-        self.oversized[session.device_id] = session.profile
+        self.engine.participation.refused(session.device_id, session.profile)
         self._reject(pending, reason)
 
     def _pending_of(self, device_id: str) -> Pending | None:
@@ -497,9 +502,9 @@ class Coordinator:
             log.info("deleted %.1f MiB of update and orphan files of past rounds", freed / MIB)
 
     def _resume_round(self, round_id: int, server_round: int) -> RunningRound:
-        """The running round's assignments back as Pending (with the strategy's FitConfig of the round) and
-        its recorded updates."""
-        config = self.strategy.fit_config(server_round)
+        """The running round's assignments back as Pending, each with the FitConfig recorded with it (so the
+        re-sent assignment is the one signed before; the strategy's FitConfig of the round for a row of an older
+        fedmoe), and its recorded updates."""
         assigned = self.registry.assignments(round_id)
         accepted = self.registry.accepted_updates(round_id)
         accepted_ids = [u.update_id for u in accepted]
@@ -507,6 +512,7 @@ class Coordinator:
                     if a.status == "reported" and a.update_id not in accepted_ids}
         for a in assigned:
             manifest = self.bundles.manifest(a.shape_key)
+            config = self.strategy.fit_config(server_round) if a.config is None else FitConfig.from_dict(a.config)
             fit = FitIns(tuple(tuple(ids) for ids in a.expert_ids), config, manifest.shape_key.trainable_mode,
                          manifest.shape_key.lora_rank, manifest.shape_key.frozen_dtype)
             self.pending[a.update_id] = Pending(a.device_id, round_id, a.update_id, manifest, fit)

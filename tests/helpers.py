@@ -310,6 +310,25 @@ def fake_update(assignment: Assignment, manifest, *, trained_local: int = 0) -> 
 
 # ---------------------------------------------------------------- strategy inputs (no model)
 
+MOE_EXPERTS = "model.layers.0.mlp.experts.down_proj"
+MOE_GATE = "model.layers.0.mlp.gate.weight"
+
+
+def stored_update_row(store, device_id, n, values, usage=(1.0, 1.0)):
+    """A registry-like update row (``device_id``, ``num_examples`` ``n``, ``meta``, ``tensor_sha256``) over a
+    ``TensorStore``: both experts of one MoE layer of 2, every element of expert e's rows (experts and router)
+    ``values[e]``; ``usage``: the experts' routed mass per token of 2 tokens (the default: both, every token)."""
+    from types import SimpleNamespace
+
+    tensors = {MOE_EXPERTS: np.array([[values[0]] * 3, [values[1]] * 3], np.float32),
+               MOE_GATE: np.array([[values[0]] * 3, [values[1]] * 3], np.float32)}
+    stats = RoutingStats([2])
+    stats.update([np.array([usage, [0.6, 0.6], [0.0, 0.0], [1.0, 1.0]])], num_tokens=2)
+    meta = {"expert_ids": [[0, 1]], "trained_experts": [[0, 1]], "routing": stats.to_dict(), "metrics": {},
+            "layers": {MOE_EXPERTS: 0, MOE_GATE: 0}}
+    return SimpleNamespace(device_id=device_id, num_examples=n, meta=meta, tensor_sha256=store.put(tensors))
+
+
 EXPERT = TensorMeta(TensorRole.EXPERT, layer=0, expert_axis=0)
 ROUTER = TensorMeta(TensorRole.ROUTER, layer=0, expert_axis=0)
 OTHER = TensorMeta(TensorRole.OTHER)

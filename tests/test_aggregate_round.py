@@ -1,29 +1,13 @@
 """``coordinator.federation.aggregate_round`` on a real registry and tensor store: the new global version does
 not depend on the order in which the updates arrived."""
 
-from types import SimpleNamespace
-
 import numpy as np
 
 from coordinator.federation import GlobalModel, aggregate_round
 from coordinator.registry import Registry
 from coordinator.strategy import FedAvg
 from coordinator.tensor_store import TensorStore
-from device_runtime.stats import RoutingStats
-
-EXPERTS = "model.layers.0.mlp.experts.down_proj"
-GATE = "model.layers.0.mlp.gate.weight"
-
-
-def _row(store, device_id, n, values):
-    """A stored update holding both experts of the one MoE layer, every element ``values[e]`` for expert e."""
-    tensors = {EXPERTS: np.array([[values[0]] * 3, [values[1]] * 3], np.float32),
-               GATE: np.array([[values[0]] * 3, [values[1]] * 3], np.float32)}
-    stats = RoutingStats([2])
-    stats.update([np.array([[1.0, 1.0], [0.6, 0.6], [0.0, 0.0], [1.0, 1.0]])], num_tokens=2)
-    meta = {"expert_ids": [[0, 1]], "trained_experts": [[0, 1]], "routing": stats.to_dict(), "metrics": {},
-            "layers": {EXPERTS: 0, GATE: 0}}
-    return SimpleNamespace(device_id=device_id, num_examples=n, meta=meta, tensor_sha256=store.put(tensors))
+from helpers import MOE_EXPERTS as EXPERTS, MOE_GATE as GATE, stored_update_row as _row
 
 
 def test_the_new_version_is_the_same_whatever_the_arrival_order(tmp_path):

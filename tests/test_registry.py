@@ -212,11 +212,13 @@ def test_rounds_and_assignments(reg, clock):
     r1 = reg.start_round("hfedmoe", {"clients": 2})
     r2 = reg.start_round("fedavg", {})
     assert (r1.id, r1.status, r1.config) == (1, "running", {"clients": 2})
-    reg.record_assignment(r1.id, device.id, update_id="u-1", shape_key="experts-2.2", expert_ids=[[0, 3], [1, 2]])
+    reg.record_assignment(r1.id, device.id, update_id="u-1", shape_key="experts-2.2", expert_ids=[[0, 3], [1, 2]],
+                          config={})
     with pytest.raises(ConfigError):
-        reg.record_assignment(r1.id, device.id, update_id="u-2", shape_key="experts-2.2", expert_ids=[[0], [1]])
+        reg.record_assignment(r1.id, device.id, update_id="u-2", shape_key="experts-2.2", expert_ids=[[0], [1]],
+                              config={})
     with pytest.raises(ConfigError):
-        reg.record_assignment(99, device.id, update_id="u-3", shape_key="experts-1", expert_ids=[[0]])
+        reg.record_assignment(99, device.id, update_id="u-3", shape_key="experts-1", expert_ids=[[0]], config={})
     [assignment] = reg.assignments(r1.id)
     assert (assignment.expert_ids, assignment.status) == ([[0, 3], [1, 2]], "assigned")
     clock.now = T0 + timedelta(hours=1)
@@ -232,7 +234,7 @@ def test_rounds_and_assignments(reg, clock):
 def test_record_update_is_idempotent(reg):
     a, b = enrol(reg, "a"), enrol(reg, "b")
     rnd = reg.start_round("fedavg", {})
-    reg.record_assignment(rnd.id, a.id, update_id="u-a", shape_key="experts-1", expert_ids=[[0]])
+    reg.record_assignment(rnd.id, a.id, update_id="u-a", shape_key="experts-1", expert_ids=[[0]], config={})
     kwargs = dict(round_id=rnd.id, num_examples=40, num_tokens=5120, tensor_sha256="ab" * 32,
                   metadata={"metrics": {"loss": 2.0}}, accepted=True)
     row, created = reg.record_update(update_id="u-a", device_id=a.id, **kwargs)

@@ -136,7 +136,7 @@ def test_defect_4_a_replayed_update_id_stores_nothing(tmp_path):
 def test_defect_9_a_device_failing_every_assignment_does_not_stop_the_rounds(tmp_path):
     """The only connected device answers each assignment with an Error. The old coordinator selected it again
     until ``max_round_attempts`` rounds failed, then started no round for the good device that came next; now it
-    is left out after ``EXCLUDE_AFTER_ERRORS`` (2) in a row."""
+    is excluded (with back-off) after ``participation.EXCLUDE_AFTER_FAILURES`` (2) in a row."""
     cfg, memory = coordinator_with(tmp_path, min_fit_clients=1, max_fit_clients=1, max_round_attempts=3)
     bad, good = devices(cfg, ("bad", memory), ("good", memory))
 
@@ -225,3 +225,64 @@ def test_defect_2_a_crash_while_a_round_starts_loses_no_acknowledged_update(tmp_
     aggregated = asyncio.run(second_life())
     assert aggregated, "no round finished after the restart"
     assert set(acked) <= aggregated, "an acknowledged update was never aggregated"
+
+
+def test_an_update_re_sent_after_its_round_is_forgotten_is_answered_from_its_record(tmp_path):
+    """Issue 19, item 4: once the next round aggregated (or after a restart) the coordinator forgets a round's
+    assignments. The old coordinator answered a re-sent update of such a round "no such assignment", while the
+    registry held it accepted: a misleading reason. It is now answered from its record."""
+    cfg, memory = coordinator_with(tmp_path, min_fit_clients=1, max_fit_clients=1)
+    [device] = devices(cfg, ("resender", memory))
+
+    async def life():
+        c = Coordinator.from_config(cfg)
+        await c.attach(device.session)
+        sent = []
+        for _ in range(2):
+            assert isinstance(await c.step(), StartRound)
+            sent.append(update_for(c, device))
+            assert (await c.handle_update(device.session, sent[-1])).accepted
+            assert isinstance(await c.step(), Aggregate)
+        late = await c.handle_update(device.session, sent[0])  # round 1's update, after round 2 closed
+        c.close()
+        restarted = Coordinator.from_config(cfg)
+        after_restart = await restarted.handle_update(device.session, sent[1])
+        restarted.close()
+        return late, after_restart
+
+    for ack in asyncio.run(life()):
+        assert (ack.accepted, ack.reason) == (True, "already recorded")
+
+
+def test_a_resumed_round_re_sends_exactly_the_assignment_it_sent_before_the_crash(tmp_path):
+    """Issue 19, item 3: FedAlign-MoE's round 2 carries the routing prior round 1 produced. After a crash the
+    old coordinator rebuilt the round's config from a fresh strategy: ``routing_prior = None``, a message (and a
+    signature) that differs from the one sent before. Now the assignment's config is recorded with it and the
+    strategy's state restored: the re-sent assignment is byte for byte the one sent before."""
+    from device_runtime.wire import encode
+
+    cfg, memory = coordinator_with(tmp_path, strategy="fedalign", min_fit_clients=1, max_fit_clients=1)
+    [device] = devices(cfg, ("resumer", memory))
+
+    async def first_life():
+        c = Coordinator.from_config(cfg)
+        await c.attach(device.session)
+        assert isinstance(await c.step(), StartRound)
+        assert (await c.handle_update(device.session, update_for(c, device))).accepted
+        assert isinstance(await c.step(), Aggregate)
+        assert isinstance(await c.step(), StartRound)
+        c.close()  # crash while round 2 runs
+        return device.inbox[-1]
+
+    async def second_life():
+        c = Coordinator.from_config(cfg)
+        await c.attach(device.session)
+        prior = c.strategy.prior
+        c.close()
+        return device.inbox[-1], prior
+
+    sent = asyncio.run(first_life())
+    resent, prior = asyncio.run(second_life())
+    assert sent.config.routing_prior is not None and resent.update_id == sent.update_id
+    assert encode(resent) == encode(sent)
+    assert sent.config.routing_prior == tuple(tuple(prior[layer]) for layer in sorted(prior))  # the state is back

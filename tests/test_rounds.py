@@ -6,6 +6,7 @@ import random
 
 import pytest
 
+from coordinator.participation import Participation
 from coordinator.rounds import (Aggregate, Finished, RetryRound, RoundEngine, RoundPolicy, RunningRound, StartRound,
                                 Wait, select_clients)
 from device_runtime.errors import ConfigError
@@ -94,15 +95,15 @@ def test_dropout_closes_early_and_a_returning_device_still_counts():
     e = engine()
     ids = list(start(e, DEVICES[:3]))
     e.on_update(ids[0], True)
-    e.device_lost(a_dev(ids[1]))
+    e.device_lost(a_dev(ids[1]), 0.5)
     assert isinstance(e.step(1.0, DEVICES), Wait)  # ids[2] still training
     e.on_update(ids[1], True)  # the lost device reconnected and re-sent: counted
-    e.device_lost(a_dev(ids[2]))
+    e.device_lost(a_dev(ids[2]), 1.5)
     assert e.step(2.0, DEVICES) == Aggregate(1, (ids[0], ids[1]))  # nothing left to wait for
 
 
-def test_retry_when_quorum_unreachable_then_give_up():
-    e = engine(max_attempts=2)
+def test_retry_when_quorum_unreachable_then_back_off():
+    e = engine(max_attempts=2, backoff_s=5.0)
     ids = list(start(e, DEVICES[:2]))
     e.on_update(ids[0], False, "bad shape")
     action = e.step(1.0, DEVICES)  # 0 accepted + 1 pending < 2: no need to wait for the deadline
@@ -111,7 +112,8 @@ def test_retry_when_quorum_unreachable_then_give_up():
     start(e, DEVICES[:2], round_id=2)
     assert isinstance(e.step(61.0, DEVICES), RetryRound)  # nobody reported by the deadline
     e.closed(failed=True)
-    assert isinstance(e.step(62.0, DEVICES), Finished)
+    assert e.backing_off and e.step(62.0, DEVICES[:2]) == Wait(67.0)  # the same devices: after the back-off
+    assert e.retry_at == 67.0 and isinstance(e.step(67.0, DEVICES[:2]), StartRound)
 
 
 def test_success_resets_attempts_and_num_rounds_finishes():
@@ -148,7 +150,7 @@ def test_an_update_counts_when_it_arrives_while_later_assignments_are_still_plan
     assert e.on_update("u-d0", True)  # d0 trained and reported while d1 was still being planned
     e.assign("u-d1", "d1")
     e.assign("u-d2", "d2")
-    e.device_lost("d2")  # its send failed: pending, re-sent if d2 reconnects, not waited for
+    e.device_lost("d2", 0.5)  # its send failed: pending, re-sent if d2 reconnects, not waited for
     assert e.step(1.0, DEVICES) == Wait(60.0)
     assert e.on_update("u-d1", True)
     assert e.step(2.0, DEVICES) == Aggregate(1, ("u-d0", "u-d1"))
@@ -168,14 +170,13 @@ def test_a_device_error_rejects_its_pending_assignment_and_the_round_decides_at_
     assert isinstance(action, RetryRound) and "1 of 2" in action.reason and "2 rejected" in action.reason
 
 
-def test_stopped_says_why_no_round_starts():
+def test_stopped_says_why_no_round_starts_and_failed_rounds_never_stop_them():
     e = engine(max_attempts=1, num_rounds=2)
     assert e.stopped() is None
     start(e, DEVICES[:2])
     assert isinstance(e.step(61.0, DEVICES), RetryRound)
     e.closed(failed=True)
-    assert e.stopped() == "1 consecutive rounds failed to reach min_fit_clients"
-    assert e.step(62.0, DEVICES) == Finished(e.stopped())
+    assert e.stopped() is None and e.backing_off
     done = RoundEngine(e.policy, rounds_done=2)
     assert done.stopped() == "2 rounds done" and done.step(0.0, DEVICES) == Finished("2 rounds done")
 
@@ -211,3 +212,78 @@ def test_abandon_counts_a_failed_start_and_names_a_round_being_closed():
     assert e.abandon() == 5  # aggregating it failed: the caller closes it
     e.closed(failed=True)
     assert e.failed_attempts == 2 and e.current is None
+
+
+# ---------------------------------------------------------------- participation (issue 19, item 2)
+
+
+def test_a_device_that_takes_its_assignment_and_drops_cannot_halt_the_rounds():
+    """The reproduction: the only selectable device (min_fit_clients = 1) takes its assignment and
+    disconnects, three times. Old engine: the drops were not failures of the device and 3 failed rounds
+    stopped all rounds for good, so the honest device that came next got nothing. Now the dropper is
+    excluded with back-off (its count survives reconnects) and the honest device's round starts at once."""
+    e = engine(min_fit_clients=1, max_fit_clients=1, max_attempts=3, backoff_s=10.0)
+    profile = {"memory_mib": 1024}
+    for drop, now in enumerate((0.0, 1.0, 11.0)):
+        e.device_back("d0", profile)  # (re)connects
+        start(e, ["d0"], now=now, round_id=drop + 1)
+        excluded_until = e.device_lost("d0", now)
+        assert isinstance(e.step(now, []), RetryRound)
+        e.closed(failed=True)
+        if drop == 1:  # second failure in a row: excluded for 10 s, even after it reconnects
+            assert excluded_until == 11.0
+            e.device_back("d0", profile)
+            assert e.step(2.0, ["d0"]) == Wait(11.0)
+    assert excluded_until == 31.0 and e.participation.failures("d0") == 3  # the back-off doubled
+    assert e.backing_off and e.stopped() is None
+    assert e.step(12.0, ["d0"]) == Wait(22.0)  # rounds back off; the dropper is excluded anyway
+    assert e.step(13.0, ["d0", "d1"]) == StartRound(("d1",))  # an honest device: its round starts now
+    e.started(4, {"u-d1": "d1"}, 13.0)
+    assert e.on_update("u-d1", True) and isinstance(e.step(14.0, ["d0", "d1"]), Aggregate)
+    e.closed()
+    assert not e.backing_off and e.rounds_done == 1
+
+
+def test_a_failed_assignment_counts_once_and_an_accepted_update_clears_the_count():
+    e = engine(min_fit_clients=1, max_fit_clients=2)
+    ids = start(e, DEVICES[:2])
+    assert e.device_failed("u-d0", 1.0) is None and e.participation.failures("d0") == 1  # reported an Error
+    assert e.device_failed("u-d0", 1.0) is None and e.device_lost("d0", 1.0) is None  # the same assignment
+    assert e.participation.failures("d0") == 1
+    e.device_lost("d1", 1.0)  # a blip: d1 comes back and delivers, its failure is forgotten
+    e.device_back("d1", {})
+    assert e.participation.failures("d1") == 1 and e.on_update("u-d1", True)
+    assert e.participation.failures("d1") == 0 and e.device_lost("d1", 2.0) is None  # nothing held any more
+    assert e.device_failed("u-unknown", 2.0) is None and sorted(ids) == ["u-d0", "u-d1"]
+
+
+def test_participation_backs_off_exponentially_up_to_the_cap():
+    policy = RoundPolicy(min_fit_clients=1, backoff_s=1.0, max_backoff_s=4.0)
+    p = Participation(policy.backoff)
+    assert p.failed("d", 0.0) is None and p.eligible(["d"], 0.0) == ["d"]  # one failure is not enough
+    assert p.failed("d", 0.0) == 1.0 and p.eligible(["d", "e"], 0.5) == ["e"] and p.excluded(0.5) == {"d": 1.0}
+    assert p.eligible(["d"], 1.0) == ["d"]  # re-admitted on probation: the next failure doubles the back-off
+    assert [p.failed("d", t) for t in (1.0, 3.0, 7.0)] == [3.0, 7.0, 11.0]  # 2, 4, then capped at 4 s
+    p.connected("d", {})
+    assert p.eligible(["d"], 8.0) == []  # reconnecting does not clear it
+    p.succeeded("d")
+    assert p.eligible(["d"], 8.0) == ["d"] and p.failures("d") == 0
+
+
+def test_unplannable_and_oversized_devices_wait_for_a_reconnect_or_a_new_profile():
+    p = Participation(RoundPolicy().backoff)
+    p.unplannable("a", "BudgetError: one expert does not fit")
+    p.refused("b", {"max_message_mib": 1})
+    assert p.eligible(["a", "b", "c"], 0.0) == ["c"]
+    p.connected("a", {})
+    p.connected("b", {"max_message_mib": 1})  # the same profile: still refused
+    assert p.eligible(["a", "b"], 0.0) == ["a"]
+    p.connected("b", {"max_message_mib": 64})
+    assert p.eligible(["a", "b"], 0.0) == ["a", "b"]
+
+
+def test_policy_rejects_a_bad_backoff():
+    with pytest.raises(ConfigError, match="backoff_s"):
+        RoundPolicy(backoff_s=0.0)
+    with pytest.raises(ConfigError, match="backoff_s"):
+        RoundPolicy(backoff_s=10.0, max_backoff_s=5.0)

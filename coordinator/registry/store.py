@@ -167,12 +167,12 @@ class Registry:
             return list(s.scalars(select(Round).order_by(Round.id.desc()).limit(limit)))
 
     def record_assignment(self, round_id: int, device_id: str, *, update_id: str, shape_key: str,
-                          expert_ids: list[list[int]]) -> Assignment:
-        """Record the expert subset sent to a device. Raises ConfigError for an unknown round or
-        device, or a second assignment of the device in the round."""
+                          expert_ids: list[list[int]], config: dict) -> Assignment:
+        """Record the expert subset and the FitConfig (``config``, as JSON builtins) sent to a device. Raises
+        ConfigError for an unknown round or device, or a second assignment of the device in the round."""
         with self._session() as s:
             row = Assignment(round_id=round_id, device_id=device_id, update_id=update_id, shape_key=shape_key,
-                             expert_ids=[list(ids) for ids in expert_ids], status="assigned",
+                             expert_ids=[list(ids) for ids in expert_ids], config=config, status="assigned",
                              created_at=self._clock())
             s.add(row)
             try:
@@ -252,19 +252,21 @@ class Registry:
             return list(s.scalars(query))
 
     def referenced_shas(self) -> set[str]:
-        """The tensor files the federation still needs: every global version's, and every accepted update's of a
-        running round (a version byte-identical to an update shares its file)."""
+        """The tensor files the federation still needs: every global version's and its strategy state's, and every
+        accepted update's of a running round (a version byte-identical to an update shares its file)."""
         versions = select(ModelVersion.tensor_sha256)
+        states = select(ModelVersion.strategy_state_sha256).where(ModelVersion.strategy_state_sha256.is_not(None))
         live = (select(Update.tensor_sha256).join(Round, Round.id == Update.round_id)
                 .where(Round.status == "running", Update.accepted.is_(True), Update.tensor_sha256.is_not(None)))
         with self._session() as s:
-            return set(s.scalars(versions)) | set(s.scalars(live))
+            return set(s.scalars(versions)) | set(s.scalars(states)) | set(s.scalars(live))
 
     # ------------------------------------------------------------ model versions and metrics
 
-    def add_model_version(self, tensor_sha256: str, *, round_id: int | None = None,
-                          metrics: dict | None = None) -> ModelVersion:
-        """Record a new global checkpoint (a ``TensorStore`` sha256); versions count up from 0.
+    def add_model_version(self, tensor_sha256: str, *, round_id: int | None = None, metrics: dict | None = None,
+                          strategy_state_sha256: str | None = None) -> ModelVersion:
+        """Record a new global checkpoint (a ``TensorStore`` sha256) and the strategy state that produced it (one
+        too, or None); versions count up from 0.
 
         A version made by round ``round_id`` finishes that round in the same transaction (its metrics plus
         ``model_version``), so a crash leaves both or neither. Raises ConfigError for an unknown round."""
@@ -272,7 +274,8 @@ class Registry:
             made_by = None if round_id is None else self._round(s, round_id)
             last = s.scalar(select(func.max(ModelVersion.version)))
             row = ModelVersion(version=0 if last is None else last + 1, round_id=round_id,
-                               tensor_sha256=tensor_sha256, metrics=metrics or {}, created_at=self._clock())
+                               tensor_sha256=tensor_sha256, strategy_state_sha256=strategy_state_sha256,
+                               metrics=metrics or {}, created_at=self._clock())
             s.add(row)
             if made_by is not None:
                 made_by.status, made_by.finished_at = "finished", self._clock()

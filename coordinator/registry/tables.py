@@ -15,7 +15,7 @@ from sqlalchemy import JSON, DateTime, ForeignKey, LargeBinary, String, UniqueCo
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
-SCHEMA_REVISION = "0002"  # the Alembic head revision this code reads and writes
+SCHEMA_REVISION = "0003"  # the Alembic head revision this code reads and writes
 
 
 class UTCDateTime(TypeDecorator):
@@ -82,7 +82,9 @@ class Round(Base):
 
 
 class Assignment(Base):
-    """The expert subset a device trains in a round. ``status``: ``assigned`` or ``reported``."""
+    """The expert subset a device trains in a round. ``status``: ``assigned`` or ``reported``.
+    ``config``: the FitConfig sent (``FitConfig.from_dict`` reads it back; None for rows of fedmoe before
+    schema 0003)."""
 
     __tablename__ = "assignments"
     __table_args__ = (UniqueConstraint("round_id", "device_id"),)
@@ -92,6 +94,7 @@ class Assignment(Base):
     update_id: Mapped[str] = mapped_column(String(100), unique=True)
     shape_key: Mapped[str] = mapped_column(String(200))
     expert_ids: Mapped[list]
+    config: Mapped[dict | None]
     status: Mapped[str] = mapped_column(String(16))
     created_at: Mapped[datetime]
 
@@ -117,12 +120,15 @@ class Update(Base):
 
 
 class ModelVersion(Base):
-    """A global model checkpoint; version 0 is the initial model, round N's aggregate follows."""
+    """A global model checkpoint; version 0 is the initial model, round N's aggregate follows.
+    ``strategy_state_sha256``: the safetensors file of the state the strategy carried after producing this
+    version (``Strategy.state_dict``), or None (version 0, or made by fedmoe before schema 0003)."""
 
     __tablename__ = "model_versions"
     version: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
     round_id: Mapped[int | None] = mapped_column(ForeignKey("rounds.id"))
     tensor_sha256: Mapped[str] = mapped_column(String(64))
+    strategy_state_sha256: Mapped[str | None] = mapped_column(String(64))
     metrics: Mapped[dict]
     created_at: Mapped[datetime]
 

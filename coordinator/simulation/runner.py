@@ -235,7 +235,7 @@ def _check_progress(since: float, fed: Federation, children: Sequence[Child]) ->
 
 def _check_failed_rounds(watch: Watch, strategy: str, limit: int = 3, *, grace_s: float = 120.0) -> None:
     """Raise after ``limit`` failed rounds in a row, or when the newest round failed over ``grace_s`` seconds ago
-    and none started since: the coordinator excludes a device that failed twice until it reconnects, and the
+    and none started since: the coordinator excludes a device that failed twice for a back-off, and the
     simulation's quorum (every participant) can then never be met again."""
     rounds = watch.registry.list_rounds(limit=limit)
     failed = [r for r in rounds if r.status == "failed"]

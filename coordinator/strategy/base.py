@@ -24,7 +24,7 @@ import numpy as np
 from coordinator.strategy.aggregate import RowAccumulator
 from coordinator.strategy.selection import affordable_fit, expert_scores
 from coordinator.strategy.types import (ClientInfo, ClientUpdate, Failure, FitContext, FitIns, Params, Results,
-                                        TensorMeta, TensorRole)
+                                        StrategyState, TensorMeta, TensorRole)
 from coordinator.strategy.validate import validate_update
 from device_runtime.errors import ConfigError, FedmoeError, UpdateRejected
 from device_runtime.stats import IMPORTANCE_BETA, IMPORTANCE_LAMBDA
@@ -116,10 +116,25 @@ class Strategy(ABC):
                               "(Coordinator.from_config does)")
         return self.context
 
+    def state_dict(self) -> StrategyState:
+        """What ``aggregate_fit`` carries from one round to the next (server-optimizer moments, a routing prior
+        ...) as ``"<kind>/<name>"`` -> array; {} for a stateless strategy. The coordinator commits it with the
+        model version it produced and gives it back to :meth:`load_state_dict` at restart
+        (``coordinator.federation``). ``aggregate_fit`` replaces these arrays, never changes them in place."""
+        return {}
+
+    def load_state_dict(self, state: StrategyState) -> None:
+        """Carry ``state`` (a :meth:`state_dict`) from now on.
+
+        Raises:
+            ConfigError: ``state`` holds an array this strategy does not carry.
+        """
+        split_state(self.name, state, ())
+
     @abstractmethod
     def aggregate_fit(self, server_round: int, results: Results, failures: Sequence[Failure],
                       global_params: Params) -> tuple[Params, dict]:
-        """Merge the round's client updates into a new global model.
+        """Merge the round's client updates into a new global model (and update :meth:`state_dict`).
 
         Args:
             server_round: the round number (1-based).
@@ -129,6 +144,21 @@ class Strategy(ABC):
         Returns:
             ``(new_global_params, metrics)``; unchanged tensors are shared with ``global_params``.
         """
+
+
+def split_state(strategy: str, state: StrategyState, kinds: Sequence[str]) -> dict[str, dict[str, np.ndarray]]:
+    """``state`` by kind: ``kind -> {name: array}`` for each of ``kinds`` (``"<kind>/<name>"`` keys).
+
+    Raises:
+        ConfigError: a key of another kind or without a name (the state of another strategy).
+    """
+    out: dict[str, dict[str, np.ndarray]] = {kind: {} for kind in kinds}
+    for key, array in state.items():
+        kind, _, name = key.partition("/")
+        if kind not in out or not name:
+            raise ConfigError(f"the {strategy} state cannot hold {key!r} (it carries {', '.join(kinds) or 'nothing'})")
+        out[kind][name] = array
+    return out
 
 
 def open_results(results: Results) -> Iterable[ClientUpdate]:

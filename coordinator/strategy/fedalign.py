@@ -10,8 +10,9 @@ Three parts (``docs/algorithms.md``):
      over its kept experts, p_global = the round's prior restricted to those experts and renormalised.
 2. Distribution regularisation: ``configure_fit`` sends ``routing_prior`` (p_global per MoE layer) and
    ``routing_reg_coef`` (lambda_r) so each client adds lambda_r KL(p_local || p_global) to its loss. The
-   prior is state: after each round it becomes the example-weighted mean usage of the holders of each expert
-   (unheld experts keep their previous mass), renormalised.
+   prior is the strategy's state (``state_dict``, durable across restarts): after each round it becomes the
+   example-weighted mean usage of the holders of each expert (unheld experts keep their previous mass),
+   renormalised.
 3. Expert semantic alignment. With Delta_i(e) = E_e(i) - E_e(t) (over all EXPERT tensors of the layer,
    concatenated) and the mean direction m(e) = sum_i n_i Delta_i(e) / sum_i n_i over the holders,
    expert e is the n_i-weighted mean over the clients with cos(Delta_i(e), m(e)) >= ``threshold``; if none
@@ -36,8 +37,8 @@ import numpy as np
 
 from coordinator.strategy.aggregate import cosine_similarity, expert_rows, kl_divergence
 from coordinator.strategy.base import (Strategy, StreamingAggregation, feed, open_results, require_reopenable,
-                                       round_metrics)
-from coordinator.strategy.types import ClientUpdate, Failure, Params, Results, TensorMeta, TensorRole
+                                       round_metrics, split_state)
+from coordinator.strategy.types import ClientUpdate, Failure, Params, Results, StrategyState, TensorMeta, TensorRole
 from coordinator.strategy.validate import validate_update
 from device_runtime.errors import ConfigError, UpdateRejected
 from device_runtime.wire import FitConfig
@@ -74,6 +75,16 @@ class FedAlign(Strategy):
         prior = tuple(tuple(float(p) for p in self.prior[layer]) for layer in sorted(self.prior)) or None
         return dataclasses.replace(super().fit_config(server_round), routing_reg_coef=self.routing_reg_coef,
                                    routing_prior=prior)
+
+    def state_dict(self) -> StrategyState:
+        """The routing prior: ``prior/<layer>`` (float64, a probability per global expert of the MoE layer)."""
+        return {f"prior/{layer}": p for layer, p in self.prior.items()}
+
+    def load_state_dict(self, state: StrategyState) -> None:
+        prior = split_state(self.name, state, ("prior",))["prior"]
+        if not all(layer.isdigit() for layer in prior):
+            raise ConfigError(f"the {self.name} prior is per MoE layer number, got {sorted(prior)[:3]}")
+        self.prior = {int(layer): np.asarray(p, np.float64) for layer, p in prior.items()}
 
     def aggregate_fit(self, server_round: int, results: Results, failures: Sequence[Failure],
                       global_params: Params) -> tuple[Params, dict]:

@@ -7,7 +7,7 @@ v_t = beta_2 v_{t-1} + (1 - beta_2) Delta_t^2 (FedAdam), or
 v_t = v_{t-1} - (1 - beta_2) Delta_t^2 sign(v_{t-1} - Delta_t^2) (FedYogi);
 x_{t+1} = x_t + eta m_t / (sqrt(v_t) + tau).  m and v start at 0, as in Flower's implementation; a tensor no
 client sent this round keeps its value and its moments.
-The moments live in the coordinator's memory: a restart starts them again from 0.
+The moments are the strategy's state (``state_dict``): committed with each version, restored at restart.
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ from typing import Sequence
 
 import numpy as np
 
+from coordinator.strategy.base import split_state
 from coordinator.strategy.fedavg import FedAvg
-from coordinator.strategy.types import Failure, Params, Results
+from coordinator.strategy.types import Failure, Params, Results, StrategyState
 from device_runtime.errors import ConfigError
 
 
@@ -35,6 +36,14 @@ class FedAdam(FedAvg):
 
     def second_moment(self, v: np.ndarray, delta_sq: np.ndarray) -> np.ndarray:
         return self.beta_2 * v + (1 - self.beta_2) * delta_sq
+
+    def state_dict(self) -> StrategyState:
+        """The moments: ``m/<tensor>`` and ``v/<tensor>`` (the tensor's shape and dtype)."""
+        return {f"m/{n}": a for n, a in self.m.items()} | {f"v/{n}": a for n, a in self.v.items()}
+
+    def load_state_dict(self, state: StrategyState) -> None:
+        moments = split_state(self.name, state, ("m", "v"))
+        self.m, self.v = moments["m"], moments["v"]
 
     def aggregate_fit(self, server_round: int, results: Results, failures: Sequence[Failure],
                       global_params: Params) -> tuple[Params, dict]:

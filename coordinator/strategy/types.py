@@ -116,6 +116,9 @@ class ClientUpdate:
 Params = dict[str, np.ndarray]
 """A global model: state_dict name -> array."""
 
+StrategyState = dict[str, np.ndarray]
+"""What a strategy carries from one round to the next (``Strategy.state_dict``): ``"<kind>/<name>"`` -> array."""
+
 Failure = tuple[str, str]
 """A client that did not return a usable update: ``(client_id, reason)``."""
 
