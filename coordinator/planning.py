@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from coordinator.strategy.types import ClientUpdate, TensorMeta, TensorRole
-from device_runtime.bundle import MANIFEST, Manifest, ShapeKey, load_bundle
+from device_runtime.bundle import FROZEN, MANIFEST, Manifest, ShapeKey, load_bundle
+from device_runtime.shape_key import standin_expert
 from device_runtime.errors import BundleError, ProtocolError, UpdateRejected
 from device_runtime.files import atomic_write
 from device_runtime.signing import MANIFEST_SIG, Signer
@@ -59,7 +60,8 @@ class BundleCache:
 
         keep = tuple(tuple(range(c)) for c in key.experts_per_layer)
         request = BundleRequest(keep=keep, trainable_mode=key.trainable_mode, lora_rank=key.lora_rank,
-                                prox=key.prox, training=self.training, frozen_dtype=key.frozen_dtype)
+                                prox=key.prox, training=self.training, frozen_dtype=key.frozen_dtype,
+                                merged=key.merged)
         with tempfile.TemporaryDirectory(dir=self.root, prefix=".tmp-") as tmp:
             write_bundle(self.checkpoint, Path(tmp) / "b", request)
             self._sign(Path(tmp) / "b")
@@ -105,7 +107,8 @@ def slice_assignment(global_state: Mapping[str, np.ndarray], manifest: Manifest,
                      expert_ids: tuple[tuple[int, ...], ...]) -> dict[str, np.ndarray]:
     """``global[source][rows]`` (expert axis 0) for every TensorSpec of the bundle, in the spec's dtype: the rows
     are ``Manifest.rows(spec, expert_ids)`` (the trained experts, the frozen ones or both), the source the spec's
-    ``source`` or its own name, axes 1 and 2 swapped for a ``transposed`` spec.
+    ``source`` or its own name, merged into their stand-in for a merged bundle's frozen experts
+    (``shape_key.standin_expert``), axes 1 and 2 swapped for a ``transposed`` spec.
 
     Raises:
         BundleError: a spec names a tensor missing from the global state or of another shape.
@@ -116,6 +119,7 @@ def slice_assignment(global_state: Mapping[str, np.ndarray], manifest: Manifest,
         if source not in global_state:
             raise BundleError(f"bundle tensor {source} is not in the global state; re-run `fedmoe-coord init`")
         rows = global_state[source][list(manifest.rows(spec, expert_ids))]
+        rows = standin_expert(rows) if spec.rows == FROZEN and manifest.shape_key.merged else rows
         rows = np.ascontiguousarray(np.swapaxes(rows, 1, 2) if spec.transposed else rows, dtype=spec.dtype)
         if rows.shape != tuple(spec.shape):
             raise BundleError(f"{spec.name}: global slice {rows.shape} != bundle spec {tuple(spec.shape)}")

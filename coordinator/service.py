@@ -514,7 +514,7 @@ class Coordinator:
             manifest = self.bundles.manifest(a.shape_key)
             config = self.strategy.fit_config(server_round) if a.config is None else FitConfig.from_dict(a.config)
             fit = FitIns(tuple(tuple(ids) for ids in a.expert_ids), config, manifest.shape_key.trainable_mode,
-                         manifest.shape_key.lora_rank, manifest.shape_key.frozen_dtype)
+                         manifest.shape_key.lora_rank, manifest.shape_key.frozen_dtype, manifest.shape_key.merged)
             self.pending[a.update_id] = Pending(a.device_id, round_id, a.update_id, manifest, fit)
         for u in accepted:
             self.reported[u.device_id] = RoutingStats.from_dict(u.meta["routing"])

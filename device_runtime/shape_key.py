@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from device_runtime.errors import BundleError
 
 TRAINABLE_MODES = ("experts", "lora")
@@ -17,6 +19,12 @@ def held_experts(trained: tuple[tuple[int, ...], ...], num_experts: int,
     if not frozen:
         return tuple(tuple(ids) for ids in trained)
     return tuple(tuple(ids) + tuple(g for g in range(num_experts) if g not in ids) for ids in trained)
+
+
+def standin_expert(rows: np.ndarray) -> np.ndarray:
+    """The stand-in of a layer's frozen experts ``rows (F, ...)`` (a merged bundle, ``ShapeKey.merged``): their mean,
+    ``(1, ...)``, in the dtype of ``rows`` (accumulated in float64)."""
+    return rows.mean(axis=0, keepdims=True, dtype=np.float64).astype(rows.dtype)
 
 
 @dataclass(frozen=True)
@@ -33,6 +41,8 @@ class ShapeKey:
             :data:`FROZEN_DTYPES`: it holds every expert of the global model, the others frozen in that dtype
             (graph inputs ``frozen_gate_up_{l}`` / ``frozen_down_{l}``), and routes over all of them with the
             global top-k (``export.prune``); experts mode only.
+        merged: with ``frozen_dtype``: the frozen experts of each layer are merged into one stand-in expert (their
+            mean), which every router row of a frozen expert points to (FLUX, arXiv 2508.19078; MC-SMoE).
     """
 
     experts_per_layer: tuple[int, ...]
@@ -40,6 +50,7 @@ class ShapeKey:
     lora_rank: int = 0
     prox: bool = False
     frozen_dtype: str | None = None
+    merged: bool = False
 
     def __post_init__(self):
         if not self.experts_per_layer or any(int(c) < 1 for c in self.experts_per_layer):
@@ -51,6 +62,8 @@ class ShapeKey:
         if self.frozen_dtype is not None and (self.frozen_dtype not in FROZEN_DTYPES or self.trainable_mode != "experts"):
             raise BundleError(f"frozen_dtype must be None or one of {FROZEN_DTYPES} (experts mode only), "
                               f"got {self.frozen_dtype!r} with {self.trainable_mode!r}")
+        if self.merged and self.frozen_dtype is None:
+            raise BundleError("merged stand-in experts need a frozen_dtype")
 
     @property
     def id(self) -> str:
@@ -59,7 +72,37 @@ class ShapeKey:
         mode = self.trainable_mode if self.trainable_mode == "experts" else f"lora{self.lora_rank}"
         prox = "-prox" if self.prox else ""
         frozen = f"-{self.frozen_dtype}" if self.frozen_dtype else ""
+        frozen += "-merged" if self.merged else ""
         return f"{mode}{prox}{frozen}-" + ".".join(str(c) for c in self.experts_per_layer)
+
+    def held_label(self, num_experts: int) -> str:
+        """What the graph holds besides its trained experts: ``"3 float16"`` (resident, the most frozen in a
+        layer), ``"stand-in float16"`` (merged), ``"-"`` (pruned, or nothing left to hold)."""
+        if self.frozen_dtype is None:
+            return "-"
+        if self.merged:
+            return f"stand-in {self.frozen_dtype}"
+        return f"{num_experts - min(self.experts_per_layer)} {self.frozen_dtype}"
+
+    @classmethod
+    def from_id(cls, text: str) -> "ShapeKey":
+        """The inverse of :attr:`id`.
+
+        Raises:
+            BundleError: ``text`` is not a shape key id.
+        """
+        *parts, counts = text.split("-")
+        try:
+            mode, rest = parts[0], parts[1:]
+            lora = mode.startswith("lora")
+            key = cls(tuple(int(c) for c in counts.split(".")), "lora" if lora else mode,
+                      int(mode[4:]) if lora else 0, "prox" in rest,
+                      next((p for p in rest if p in FROZEN_DTYPES), None), "merged" in rest)
+        except (IndexError, ValueError) as exc:
+            raise BundleError(f"{text!r} is not a shape key id") from exc
+        if key.id != text:
+            raise BundleError(f"{text!r} is not a shape key id")
+        return key
 
     @classmethod
     def from_dict(cls, data: dict) -> "ShapeKey":
@@ -69,4 +112,5 @@ class ShapeKey:
             lora_rank=int(data.get("lora_rank", 0)),
             prox=bool(data.get("prox", False)),
             frozen_dtype=None if data.get("frozen_dtype") is None else str(data["frozen_dtype"]),
+            merged=bool(data.get("merged", False)),
         )

@@ -40,6 +40,7 @@ class BundleRequest:
         training: local training defaults written to the manifest.
         seed: seed of the LoRA initialisation (the same seed gives the same global adapters).
         frozen_dtype: hold every other expert frozen in this dtype (``export.prune``); None: pruned.
+        merged: hold them as one stand-in per layer (``export.prune``).
     """
 
     keep: tuple[tuple[int, ...], ...]
@@ -50,11 +51,12 @@ class BundleRequest:
     training: FitConfig = FitConfig()
     seed: int = 0
     frozen_dtype: str | None = None
+    merged: bool = False
 
     @property
     def shape_key(self) -> ShapeKey:
         return ShapeKey(tuple(len(ids) for ids in self.keep), self.trainable_mode, self.lora_rank, self.prox,
-                        self.frozen_dtype)
+                        self.frozen_dtype, self.merged)
 
 
 def prepare_model(checkpoint: Path, request: BundleRequest):
@@ -68,7 +70,7 @@ def prepare_model(checkpoint: Path, request: BundleRequest):
     model = load_trainable_model(checkpoint, trainable_mode=request.trainable_mode, lora_rank=request.lora_rank,
                                  lora_alpha=request.lora_alpha, seed=request.seed)
     description = describe(model)
-    pruned, _ = prune(model, request.keep, request.frozen_dtype)
+    pruned, _ = prune(model, request.keep, request.frozen_dtype, request.merged)
     return pruned, description
 
 

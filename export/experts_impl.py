@@ -68,6 +68,8 @@ def expert_weights(self: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     if frozen is None:
         return self.gate_up_proj, self.down_proj
     gate_up, down = frozen
+    if self.gate_up_proj.shape[0] + gate_up.shape[0] != getattr(self, "num_experts", 0):
+        raise ModelError("a merged stand-in expert has no per-expert weights: use the dense-masked forward")
     return (torch.cat([self.gate_up_proj, gate_up.transpose(1, 2).to(self.gate_up_proj.dtype)]),
             torch.cat([self.down_proj, down.transpose(1, 2).to(self.down_proj.dtype)]))
 
@@ -110,7 +112,9 @@ def dense_masked_experts_forward(
     )  # (C, N, H)
     if frozen is not None:
         out = torch.cat([out, torch.matmul(inner[trained:], frozen[1].to(out.dtype))])  # (E, N, H)
-    gates = gate_matrix(top_k_index, top_k_weights, out.shape[0])  # (N, E)
+    gates = gate_matrix(top_k_index, top_k_weights, getattr(self, "num_experts", out.shape[0]))  # (N, E)
+    if gates.shape[1] > out.shape[0]:  # a merged stand-in: every frozen expert's gate goes to it
+        gates = torch.cat([gates[:, :trained], gates[:, trained:].sum(dim=1, keepdim=True)], dim=1)  # (N, C + 1)
     combined = (out * gates.transpose(0, 1).unsqueeze(-1)).sum(dim=0)  # (N, H)
     return combined.to(hidden_states.dtype)
 

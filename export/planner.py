@@ -13,8 +13,9 @@ Torch-free (the coordinator imports it). The memory model of one ORT training st
                                                               bytes and websocket frame)
 
 With resident frozen experts (``TrainingShape.frozen_dtype``, ``export.prune``) the graph holds the other
-``E - C`` experts of each MoE layer frozen, routes over all E (the router's E rows train) and runs every one of them
-on every token (dense-masked), so the activations and flops are those of E experts, and each frozen parameter costs
+``E - C`` experts of each MoE layer frozen (or their one merged stand-in: ``TrainingShape.merged``), routes over
+all E (the router's E rows train) and runs every held expert on every token (dense-masked), so the activations
+and flops are those of E (or C + 1) experts, and each frozen parameter costs
 ``2`` bytes (float16, held by the trainer and fed as a graph input) ``+ 4`` (its float32 cast, kept for the
 backward) ``+ 4`` (the transposed copy the backward matmul reads, as for trained matrices).
 
@@ -102,7 +103,7 @@ class TrainingShape:
             ``batch_size * targets`` rows only (``export.training_graph.select_targets``). None: every position
             (``seq_len - 1``), the bound that holds for any data.
         frozen_dtype: None (pruned: the device holds only the experts it trains) or ``"float16"`` (the others
-            resident, frozen: first-order, experts mode).
+            resident, frozen: first-order, experts mode). merged: the frozen ones merged into one stand-in.
     """
 
     batch_size: int = 8
@@ -112,6 +113,7 @@ class TrainingShape:
     order: str = "first-order"
     targets: int | None = None
     frozen_dtype: str | None = None
+    merged: bool = False
 
     def __post_init__(self):
         if self.order not in ORDERS:
@@ -119,6 +121,8 @@ class TrainingShape:
         if self.frozen_dtype is not None and (self.frozen_dtype != "float16" or self.order != "first-order"
                                               or self.trainable_mode != "experts"):
             raise ConfigError(f"frozen_dtype {self.frozen_dtype!r}: only 'float16', first-order, experts mode")
+        if self.merged and self.frozen_dtype is None:
+            raise ConfigError("merged stand-in experts need a frozen_dtype")
         if self.targets is not None and not 1 <= self.targets < self.seq_len:
             raise ConfigError(f"targets must be in [1, seq_len - 1 = {self.seq_len - 1}], got {self.targets}")
 
@@ -193,9 +197,10 @@ def estimate(shape: ModelShape, train: TrainingShape, kept: int, *, gflops: floa
     measured in ``fedmoe-coord simulate``: a 4-expert 8-layer device peaked at 2928 MiB RSS in round 2 and
     ran out of a 3072 MiB RLIMIT_DATA while framing its 340 MB update.
     """
-    routed = shape.num_experts if train.frozen_dtype is not None else kept  # experts the forward runs
+    held = shape.num_experts if train.frozen_dtype is not None else kept  # router rows
+    routed = min(kept + 1, held) if train.merged else held  # experts the forward runs (a stand-in counts once)
     frozen = shape.moe_layers * (routed - kept) * shape.expert_params
-    router = routed * shape.hidden
+    router = held * shape.hidden
     experts = shape.moe_layers * kept * shape.expert_params
     lora = shape.moe_layers * kept * _lora_params(shape, train.lora_rank) if train.trainable_mode == "lora" else 0
     trainable = lora + shape.moe_layers * router if train.trainable_mode == "lora" else experts + shape.moe_layers * router

@@ -9,6 +9,10 @@ Per MoE layer the fused expert tensors (and LoRA adapters, when present) keep th
   (``experts.frozen_experts``, see ``export.experts_impl.expert_weights``); the router keeps all E rows,
   reordered to the local order ``device_runtime.shape_key.held_experts`` (trained first, then the frozen ones
   ascending), and top-k stays k. The forward pass equals the global model's up to the frozen experts' rounding.
+- Merged (``merged=True`` with a ``frozen_dtype``; FLUX, arXiv 2508.19078, for budgets below the resident set):
+  as resident, but the frozen experts of a layer become ONE stand-in, their mean (MC-SMoE / HC-SMoE merge experts
+  the same way, weighted by usage); the router still scores all E and every frozen expert's gate goes to the
+  stand-in (``export.experts_impl``), so the forward costs C + 1 experts instead of E.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import copy
 from typing import Sequence
 
 from device_runtime.errors import ConfigError
-from device_runtime.shape_key import held_experts
+from device_runtime.shape_key import held_experts, standin_expert
 from export.families import describe
 
 
@@ -29,14 +33,14 @@ def _slice_parameters(module, index) -> None:
         setattr(module, name, torch.nn.Parameter(param.detach()[index].clone(), requires_grad=param.requires_grad))
 
 
-def prune(model, keep: Sequence[Sequence[int]], frozen_dtype: str | None = None):
+def prune(model, keep: Sequence[Sequence[int]], frozen_dtype: str | None = None, merged: bool = False):
     """Return a copy of ``model`` training, in MoE layer l, only the global experts ``keep[l]`` (in that order),
     and holding the others frozen in ``frozen_dtype`` or not at all (None; see the module docstring).
 
     Args:
         model: a transformers MoE CausalLM of a supported family.
         keep: per MoE layer, the global expert ids to keep, distinct, each in ``[0, num_experts)``.
-        frozen_dtype: None, or ``"float16"``.
+        frozen_dtype: None, or ``"float16"``. merged: hold the frozen experts as one stand-in per layer.
 
     Returns:
         ``(pruned_model, expert_ids)``: expert_ids is ``keep`` as a tuple of tuples (local -> global).
@@ -60,8 +64,9 @@ def prune(model, keep: Sequence[Sequence[int]], frozen_dtype: str | None = None)
         if len(held) > len(ids):
             rest = torch.tensor(held[len(ids):], dtype=torch.long)
             dtype = getattr(torch, frozen_dtype)
-            mlp.experts.frozen_experts = tuple(param.detach()[rest].transpose(1, 2).contiguous().to(dtype)
-                                               for param in (mlp.experts.gate_up_proj, mlp.experts.down_proj))
+            mlp.experts.frozen_experts = tuple(
+                _frozen_rows(param.detach()[rest], merged).transpose(1, 2).contiguous().to(dtype)
+                for param in (mlp.experts.gate_up_proj, mlp.experts.down_proj))
         _slice_parameters(mlp.gate, torch.tensor(held, dtype=torch.long))
         _slice_parameters(mlp.experts, torch.tensor(ids, dtype=torch.long))
         mlp.gate.num_experts = mlp.experts.num_experts = len(held)
@@ -72,6 +77,13 @@ def prune(model, keep: Sequence[Sequence[int]], frozen_dtype: str | None = None)
     _sync_config(pruned.config, held_experts(expert_ids, description.num_experts, frozen_dtype is not None),
                  description.experts_per_token)
     return pruned, tuple(expert_ids)
+
+
+def _frozen_rows(rows, merged: bool):
+    """The frozen experts ``rows (F, out, in)`` as held: all of them, or their stand-in (``standin_expert``)."""
+    import torch
+
+    return torch.from_numpy(standin_expert(rows.numpy())) if merged else rows
 
 
 def _sync_config(config, held, top_k: int) -> None:

@@ -414,24 +414,27 @@ def test_answer_shift_moves_each_rows_first_target_only():
     assert abs(float(plain.detach()) - float(got.detach())) > 1e-3  # the shift changed the loss: the test can fail
 
 
-def test_resident_frozen_experts_route_like_the_global_model_and_match_torch(tmp_path):
+@pytest.mark.parametrize("merged", [False, True], ids=["resident", "merged"])
+def test_resident_frozen_experts_route_like_the_global_model_and_match_torch(tmp_path, merged):
     """A resident bundle (``prune`` with ``frozen_dtype``): one trained expert in layer 0, two in layer 1, the
-    others frozen in float16 and fed as graph inputs. Its forward equals the global model's with those experts
-    rounded to float16; every router row gets a gradient (a pruned 1-expert layer's router gets none), and ORT's
-    gradients equal torch's."""
+    others frozen in float16 and fed as graph inputs (or, ``merged``, their mean as one stand-in). Its forward
+    equals the global model's with those experts rounded to float16 (or each replaced by the rounded stand-in);
+    every router row gets a gradient (a pruned 1-expert layer's router gets none), and ORT's gradients equal
+    torch's."""
     model, _ = tiny_model("mixtral", "experts")
-    resident, ids = prune(model, [[2], [1, 3]], "float16")
+    resident, ids = prune(model, [[2], [1, 3]], "float16", merged)
     trainable = [n for n, _ in resident.named_parameters() if ".mlp." in n]
     wrapper = TrainingWrapper(resident, trainable=trainable)
     assert wrapper.num_experts == (4, 4) and wrapper.frozen_names == (
         "frozen_gate_up_0", "frozen_down_0", "frozen_gate_up_1", "frozen_down_1")
-    assert resident.model.layers[0].mlp.experts.gate_up_proj.shape[0] == 1
+    experts = resident.model.layers[0].mlp.experts
+    assert experts.gate_up_proj.shape[0] == 1 and experts.frozen_experts[0].shape[0] == (1 if merged else 3)
     rounded = copy.deepcopy(model)
     with torch.no_grad():
         for layer, keep in zip(rounded.model.layers, ids):
             rest = [e for e in range(NUM_EXPERTS) if e not in keep]
             for param in (layer.mlp.experts.gate_up_proj, layer.mlp.experts.down_proj):
-                param[rest] = param[rest].half().float()
+                param[rest] = (param[rest].mean(0, keepdim=True) if merged else param[rest]).half().float()
     inputs = batch()
     forward = {k: inputs[k] for k in ("input_ids", "attention_mask")}
     use_dense_masked(rounded)

@@ -177,15 +177,15 @@ def _final(console: Console, summary: dict) -> None:
 
 
 def _devices_table(summary: dict) -> Table:
-    """Per strategy, round and device: the experts it trained (global ids per MoE layer) and its peak RSS
-    against its budget (MiB)."""
-    table = Table("strategy", "round", "device", "experts trained (ids per layer)", "peak RSS / budget MiB",
-                  title="devices by round")
+    """Per strategy, round and device: the experts it trained (global ids per MoE layer), what it held frozen
+    besides, and its peak RSS against its budget (MiB)."""
+    table = Table("strategy", "round", "device", "experts trained (ids per layer)", "held frozen",
+                  "peak RSS / budget MiB", title="devices by round")
     for strategy, s in summary["strategies"].items():
         for record in s.get("devices_per_round", []):
             for d in record["devices"]:
                 rss = "-" if d["peak_rss_mib"] is None else f"{d['peak_rss_mib']:.0f}"
-                table.add_row(strategy, str(record["round"]), d["device"], d["experts"],
+                table.add_row(strategy, str(record["round"]), d["device"], d["experts"], d.get("frozen", "-"),
                               f"{rss} / {summary['budgets_mib'].get(d['device'], '-')}")
     return table
 

@@ -119,7 +119,7 @@ def _device_model(model, ins: FitIns):
     from export.prune import prune
     from export.training_graph import TrainingWrapper
 
-    pruned, ids = prune(model, ins.expert_ids, ins.frozen_dtype)
+    pruned, ids = prune(model, ins.expert_ids, ins.frozen_dtype, ins.merged)
     federated = describe(pruned).trainable_tensors(list(pruned.state_dict()), ins.trainable_mode)
     names = {n for n, _ in federated}
     wrapper = TrainingWrapper(pruned, prox=ins.config.prox_mu > 0, trainable=[n for n, _ in federated])
@@ -263,7 +263,9 @@ def run_reference(fed, out: Path, test: list[dict], on_round: Callable[[RoundRec
         score = evaluator.score(params)
         rows = tuple(DeviceRound(device=u.client_id, loss=u.metrics.get("loss"), bytes_up=0, bytes_down=0,
                                  peak_rss_mib=None, experts_kept=max(map(len, u.expert_ids)),
-                                 experts=experts_label(u.expert_ids)) for u in updates)
+                                 experts=experts_label(u.expert_ids),
+                                 frozen=plan[u.client_id].shape_key.held_label(context.model.num_experts))
+                     for u in updates)
         records.append(RoundRecord(name, server_round, score.accuracy, score.loss, wall, 0, 0, rows))
         on_round(records[-1])
     return records

@@ -17,7 +17,8 @@ from device_runtime.units import MIB
 @dataclass(frozen=True)
 class DeviceRound:
     """One device in one round: training loss, bytes moved, peak RSS (MiB), experts kept per layer (the most in
-    any layer) and which: the global ids per MoE layer, layers separated by ``|`` (``experts_label``)."""
+    any layer) and which: the global ids per MoE layer, layers separated by ``|`` (``experts_label``), and what it
+    held frozen besides (``ShapeKey.held_label``)."""
 
     device: str
     loss: float | None
@@ -26,6 +27,7 @@ class DeviceRound:
     peak_rss_mib: float | None
     experts_kept: int
     experts: str = ""
+    frozen: str = "-"
 
 
 def experts_label(expert_ids) -> str:
@@ -60,7 +62,8 @@ def write_metrics(records: Sequence[RoundRecord], out: Path) -> None:
     """``metrics.json`` (everything, nested) and ``metrics.csv`` (one row per strategy, round and device)."""
     (out / "metrics.json").write_text(json.dumps([asdict(r) for r in records], indent=2))
     columns = ["strategy", "round", "accuracy", "loss", "wall_s", "bytes_up", "bytes_down", "device",
-               "device_loss", "device_bytes_up", "device_bytes_down", "device_peak_rss_mib", "experts_kept", "experts"]
+               "device_loss", "device_bytes_up", "device_bytes_down", "device_peak_rss_mib", "experts_kept", "experts",
+               "frozen"]
     with open(out / "metrics.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(columns)
@@ -70,7 +73,7 @@ def write_metrics(records: Sequence[RoundRecord], out: Path) -> None:
             for d in r.devices or (None,):
                 tail = [""] * 7 if d is None else [
                     d.device, "" if d.loss is None else f"{d.loss:.4f}", d.bytes_up, d.bytes_down,
-                    "" if d.peak_rss_mib is None else f"{d.peak_rss_mib:.0f}", d.experts_kept, d.experts]
+                    "" if d.peak_rss_mib is None else f"{d.peak_rss_mib:.0f}", d.experts_kept, d.experts, d.frozen]
                 writer.writerow(head + tail)
 
 

@@ -30,6 +30,8 @@ from coordinator.strategy import ClientInfo, from_name
 from coordinator.tensor_store import TensorStore
 from coordinator.tls import local_url, pinned_token, with_new_authority
 from device_runtime.errors import FedmoeError
+from device_runtime.shape_key import ShapeKey
+from export.planner import model_shape
 from device_runtime.wire import FitConfig
 
 
@@ -81,6 +83,7 @@ class Watch:
         self.registry = Registry(cfg.registry_url)
         self.store = TensorStore(Path(cfg.state_dir) / "tensors")
         self.names = {d.id: d.name for d in self.registry.list_devices()}
+        self.num_experts = model_shape(cfg.checkpoint).num_experts
 
     def scored_round(self, strategy: str, version: int, peak: dict) -> RoundRecord | None:
         """The record of the round that made model ``version``, once the coordinator has scored it."""
@@ -113,7 +116,8 @@ class Watch:
                 device=self.names.get(device, device), loss=metrics.get("loss"),
                 bytes_up=moved.get((device, "bytes_up"), 0), bytes_down=moved.get((device, "bytes_down"), 0),
                 peak_rss_mib=rss, experts_kept=max(len(ids) for ids in assignment.expert_ids),
-                experts=experts_label(assignment.expert_ids)))
+                experts=experts_label(assignment.expert_ids),
+                frozen=ShapeKey.from_id(assignment.shape_key).held_label(self.num_experts)))
             if rss is not None:
                 peak[rows[-1].device] = max(peak.get(rows[-1].device, 0.0), float(rss))
         return tuple(rows)

@@ -96,9 +96,9 @@ class Strategy(ABC):
             ConfigError: the profile has no usable budget. BudgetError: one expert per layer does not fit.
         """
         context = self._bound()
-        kept, frozen_dtype = affordable_fit(context, config, client.profile)
+        kept, frozen_dtype, merged = affordable_fit(context, config, client.profile)
         ids = self.select_experts(server_round, client, kept)
-        return FitIns(ids, config, context.trainable_mode, context.lora_rank, frozen_dtype)
+        return FitIns(ids, config, context.trainable_mode, context.lora_rank, frozen_dtype, merged)
 
     def select_experts(self, server_round: int, client: ClientInfo, kept: int) -> tuple[tuple[int, ...], ...]:
         """Per MoE layer, the ``kept`` global expert ids (ascending) ``client`` trains: by default the top

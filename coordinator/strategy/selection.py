@@ -52,13 +52,15 @@ def affordable_experts(context: FitContext, config: FitConfig, profile: Mapping)
     return affordable_fit(context, config, profile)[0]
 
 
-def affordable_fit(context: FitContext, config: FitConfig, profile: Mapping) -> tuple[int, str | None]:
-    """``(C, frozen_dtype)``: the largest uniform number of experts per MoE layer the device's budget affords
-    (``export.planner``), and the dtype it holds the others frozen in (None: pruned, or nothing left to hold).
+def affordable_fit(context: FitContext, config: FitConfig, profile: Mapping) -> tuple[int, str | None, bool]:
+    """``(C, frozen_dtype, merged)``: the largest uniform number of experts per MoE layer the device's budget affords
+    to train (``export.planner``), the dtype it holds the others frozen in (None: pruned, or none left), and whether
+    they are merged into one stand-in per layer.
 
-    The ladder (HFedMoE's device design first): with ``context.frozen_dtype`` set, a first-order device in experts
-    mode gets C trained experts with every other one resident and frozen, if one trained expert per layer fits
-    that way; otherwise it is pruned to the C its budget affords.
+    The ladder, HFedMoE's device design first: with ``context.frozen_dtype`` set, a first-order device in experts
+    mode gets C trained experts with every other one resident and frozen if one trained expert per layer fits that
+    way; else (``context.merged``) with the others merged into a frozen stand-in (FLUX); else it is pruned to the C
+    its budget affords (the router and top-k shrink to them).
 
     Raises:
         ConfigError: the profile has no usable budget. BudgetError: one expert per layer does not fit.
@@ -66,13 +68,16 @@ def affordable_fit(context: FitContext, config: FitConfig, profile: Mapping) -> 
     budget, order = budget_of(profile), training_order(profile)
     shape = TrainingShape(config.batch_size, config.seq_len, context.trainable_mode, context.lora_rank, order=order)
     if context.frozen_dtype is not None and order == "first-order" and context.trainable_mode == "experts":
-        try:
-            kept = plan(context.model, replace(shape, frozen_dtype=context.frozen_dtype), budget).experts_per_layer
-        except BudgetError:
-            pass
-        else:
-            return kept, (context.frozen_dtype if kept < context.model.num_experts else None)
-    return plan(context.model, shape, budget).experts_per_layer, None
+        for merged in (False, True)[:1 + context.merged]:
+            try:
+                kept = plan(context.model, replace(shape, frozen_dtype=context.frozen_dtype, merged=merged),
+                            budget).experts_per_layer
+            except BudgetError:
+                continue
+            if kept == context.model.num_experts:
+                return kept, None, False
+            return kept, context.frozen_dtype, merged
+    return plan(context.model, shape, budget).experts_per_layer, None, False
 
 
 def expert_scores(calibration: RoutingStats, reported: RoutingStats | None, *, lam: float,

@@ -155,7 +155,8 @@ class FitContext:
         trainable_mode, lora_rank: what devices train (``"experts"`` or ``"lora"`` with rank > 0).
         seed: round ``r``'s FitConfig gets seed ``(seed + r) % 2**32``.
         frozen_dtype: devices hold the experts they do not train frozen in this dtype (``export.prune``), where
-            their budget affords it; None: pruned.
+            their budget affords it; None: pruned. merged: below that budget, merged into one stand-in per layer
+            (the planner's ladder, ``selection.affordable_fit``).
     """
 
     model: ModelShape
@@ -165,6 +166,7 @@ class FitContext:
     lora_rank: int = 0
     seed: int = 0
     frozen_dtype: str | None = None
+    merged: bool = True
 
 
 @dataclass(frozen=True)
@@ -178,6 +180,7 @@ class FitIns:
             ``routing_prior`` and its coefficient).
         trainable_mode: ``"experts"`` or ``"lora"``. lora_rank: r (LoRA mode only).
         frozen_dtype: the client holds every other expert frozen in this dtype; None: only ``expert_ids``.
+        merged: it holds them merged into one stand-in per layer.
     """
 
     expert_ids: tuple[tuple[int, ...], ...]
@@ -185,10 +188,11 @@ class FitIns:
     trainable_mode: str = "experts"
     lora_rank: int = 0
     frozen_dtype: str | None = None
+    merged: bool = False
 
     @property
     def shape_key(self) -> ShapeKey:
         """The graph this client trains: experts per layer, trainable mode, a FedProx anchor if mu > 0, and the
         dtype of the experts it holds frozen."""
         return ShapeKey(tuple(len(ids) for ids in self.expert_ids), self.trainable_mode, self.lora_rank,
-                        self.config.prox_mu > 0, self.frozen_dtype)
+                        self.config.prox_mu > 0, self.frozen_dtype, self.merged)
