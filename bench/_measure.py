@@ -61,6 +61,8 @@ def export_bundle(checkpoint: Path, out: Path, train, log: Path, *, experts_per_
     if train.trainable_mode == "lora":
         args += ["--lora-rank", str(train.lora_rank)]
     args += ["--memory-mib", str(budget_mib)] if budget_mib else ["--experts-per-layer", str(experts_per_layer)]
+    if train.frozen_dtype is not None:
+        args += ["--frozen", "merged" if train.merged else train.frozen_dtype]
     return fedmoe_export(args, log)
 
 

@@ -52,6 +52,10 @@ CASES = (
     Case("budget-512", 4, TrainingShape(1, 64, "lora", 8, targets=BBC_TARGETS), budget_mib=512),
     Case("budget-1024", 8, TrainingShape(2, 64, targets=BBC_TARGETS), budget_mib=1024),
     Case("budget-2048", 8, TrainingShape(4, 128, targets=BBC_TARGETS), budget_mib=2048),
+    # one trained expert per layer, the other three resident in float16, or merged into one stand-in (the Pis)
+    Case("resident-1", 8, TrainingShape(4, 64, targets=BBC_TARGETS, frozen_dtype="float16"), experts_per_layer=1),
+    Case("merged-1", 8, TrainingShape(4, 64, targets=BBC_TARGETS, frozen_dtype="float16", merged=True),
+         experts_per_layer=1),
     # all SmolLM2 layers: opt-in, ~2 min more
     Case("full-30", 30, TrainingShape(2, 64, targets=BBC_TARGETS), experts_per_layer=1),
 )

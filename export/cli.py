@@ -11,6 +11,7 @@ Every option can also come from a TOML file (``--config FILE``) with one table p
 from __future__ import annotations
 
 import tomllib
+from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -153,9 +154,13 @@ def _importance(checkpoint: Path, calibration: str | None, seq_len: int):
 @click.option("--calibration", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Text or JSONL ({'text'}) sample for expert importance.  [default: BBC News articles]")
 @click.option("--prox", is_flag=True, help="Add FedProx anchor inputs to the graph.")
+@click.option("--frozen", type=click.Choice(["pruned", "float16", "merged"]), default="pruned", show_default=True,
+              help="The experts the device does not train: dropped (router and top-k shrink to the kept ones), "
+                   "resident frozen in float16 (the forward routes over every expert), or merged into one float16 "
+                   "stand-in per layer. Experts mode only.")
 @click.option("--lr", "learning_rate", default=1e-4, show_default=True, help="Default local learning rate.")
 @_training_options
-def bundle(checkpoint, out, memory_mib, gflops, max_step_s, experts_per_layer, keep, calibration, prox,
+def bundle(checkpoint, out, memory_mib, gflops, max_step_s, experts_per_layer, keep, calibration, prox, frozen,
            learning_rate, batch_size, seq_len, trainable, lora_rank):
     """Write a training bundle: the most important experts that fit the device budget, as ORT artifacts.
 
@@ -169,6 +174,8 @@ def bundle(checkpoint, out, memory_mib, gflops, max_step_s, experts_per_layer, k
     if sum(x is not None for x in (memory_mib, experts_per_layer, keep)) != 1:
         raise click.UsageError("give exactly one of --memory-mib, --experts-per-layer or --keep")
     train = _training_shape(batch_size, seq_len, trainable, lora_rank)
+    if frozen != "pruned":
+        train = replace(train, frozen_dtype="float16", merged=frozen == "merged")
     if keep is not None:
         chosen = _parse_keep(keep)
     else:
@@ -178,7 +185,8 @@ def bundle(checkpoint, out, memory_mib, gflops, max_step_s, experts_per_layer, k
         with console.status("calibration pass for expert importance"):
             chosen = select_experts(_importance(checkpoint, calibration, seq_len), experts_per_layer)
     request = BundleRequest(keep=chosen, trainable_mode=trainable, lora_rank=train.lora_rank, prox=prox,
-                            training=FitConfig(batch_size=batch_size, seq_len=seq_len, learning_rate=learning_rate))
+                            training=FitConfig(batch_size=batch_size, seq_len=seq_len, learning_rate=learning_rate),
+                            frozen_dtype=train.frozen_dtype, merged=train.merged)
     with console.status(f"exporting the ORT training graph for shape {request.shape_key.id} (cached afterwards)"):
         manifest = write_bundle(checkpoint, Path(out), request)
     console.print(f"[green]wrote[/] {out} (shape {manifest.shape_key.id})")
@@ -200,10 +208,11 @@ def inspect(bundle_dir):
         layers.add_row(str(index), str(k), ", ".join(map(str, ids)))
     out.print(layers)
     tensors = Table(title="weights.safetensors")
-    for column in ("tensor", "shape", "dtype", "trainable"):
+    for column in ("tensor", "shape", "dtype", "trainable", "experts"):
         tensors.add_column(column)
     for spec in m.tensors:
-        tensors.add_row(spec.name, "x".join(map(str, spec.shape)), spec.dtype, "yes" if spec.trainable else "")
+        tensors.add_row(spec.name, "x".join(map(str, spec.shape)), spec.dtype, "yes" if spec.trainable else "",
+                        spec.rows if spec.layer is not None else "")
     out.print(tensors)
     files = Table(title="files")
     for column in ("file", "MiB", "sha256"):
