@@ -138,10 +138,11 @@ def tiny_bundle(root: Path, *, keep=((0, 2), (1, 3)), copies: int = 2):
 
 
 def two_expert_memory(checkpoint) -> float:
-    """A memory budget (MiB) under which the planner keeps exactly 2 of the 4 experts per layer."""
+    """A memory budget (MiB) under which the planner keeps exactly 2 of the 4 experts per layer, the other two
+    resident and frozen (the default ``frozen_experts = "float16"``: ``selection.affordable_fit``)."""
     from export.planner import TrainingShape, estimate, model_shape
 
-    shape, train = model_shape(checkpoint), TrainingShape(batch_size=2, seq_len=8)
+    shape, train = model_shape(checkpoint), TrainingShape(batch_size=2, seq_len=8, frozen_dtype="float16")
     two, three = estimate(shape, train, 2).peak_mib, estimate(shape, train, 3).peak_mib
     assert two < three
     return (two + three) / 2
@@ -284,7 +285,8 @@ def run_cli_device_round(cli: list[str], env: dict, url: str, registry, *, name:
 
 
 def fake_update(assignment: Assignment, manifest, *, trained_local: int = 0) -> Update:
-    """What a device would send: trainable tensors shifted by +1 on the trained experts, valid routing."""
+    """What a device would send: trainable tensors shifted by +1 on the trained experts, valid routing (over every
+    expert the bundle holds)."""
     tensors = {}
     for spec in manifest.tensors:
         if spec.trainable:
@@ -294,8 +296,9 @@ def fake_update(assignment: Assignment, manifest, *, trained_local: int = 0) -> 
             else:
                 value += 0.5
             tensors[spec.name] = value
-    counts = assignment.shape_key.experts_per_layer
-    stats = RoutingStats(counts, assignment.expert_ids)
+    held = manifest.held_ids(assignment.expert_ids)  # a resident bundle's statistics cover its frozen experts too
+    counts = tuple(map(len, held))
+    stats = RoutingStats(counts, held)
     per_layer = []
     for c in counts:
         probs = np.full(c, 1.0 / c)
