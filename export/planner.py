@@ -17,7 +17,11 @@ With resident frozen experts (``TrainingShape.frozen_dtype``, ``export.prune``) 
 all E (the router's E rows train) and runs every held expert on every token (dense-masked), so the activations
 and flops are those of E (or C + 1) experts, and each frozen parameter costs
 ``2`` bytes (float16, held by the trainer and fed as a graph input) ``+ 4`` (its float32 cast, kept for the
-backward) ``+ 4`` (the transposed copy the backward matmul reads, as for trained matrices).
+backward) ``+ 4`` (the transposed copy the backward matmul reads, as for trained matrices). Such a device's heap
+is not back to its pre-training size when its update goes out, so the round's wire copies are added to the
+peak instead of overlapping the activations: measured in the default simulation, a 1.5 GiB Pi with 1 trained
+expert and a merged stand-in per layer (estimate 1334 MiB without that term) had a 1415 MiB data segment after
+training and died of a MemoryError framing its 81 MiB update (``docs/algorithms.md``).
 
 A zeroth-order step (``TrainingShape.order``, the ``zo`` backend: MeZO on the eval graph, no gradients, no
 optimizer state, no activations kept for a backward) needs instead::
@@ -226,6 +230,8 @@ def estimate(shape: ModelShape, train: TrainingShape, kept: int, *, gflops: floa
         "grad_and_adamw": 12 * trainable,
         "activations": max(activations, 4 * staged, wire),
     }
+    if frozen:  # the round's wire copies come on top of a frozen bundle's heap (see the module docstring)
+        parts["wire"] = wire
     flops = 3 * (matmul_flops + attention_flops)
     step_s = flops / (gflops * 1e9 * calibration["efficiency"])
     return Estimate(experts_per_layer=kept, parts=parts, step_s=step_s)

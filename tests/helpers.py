@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -388,12 +388,15 @@ def tiny_context(**fit):
     return FitContext(shape, calibration, FitConfig(**{"batch_size": 2, "seq_len": 8, **fit}), seed=7)
 
 
-def memory_for(context, kept: int) -> float:
-    """A memory budget (MiB) under which the planner keeps exactly ``kept`` experts per layer of ``context`` (the
-    others frozen when ``context.frozen_dtype`` is set: ``coordinator.strategy.selection.affordable_fit``)."""
+def memory_for(context, kept: int, frozen_dtype: str | None = None, merged: bool = False) -> float:
+    """A memory budget (MiB) whose cheapest fitting plan is ``kept`` trained experts per layer of ``context``, the
+    others as ``frozen_dtype`` / ``merged`` say (``export.planner``): halfway between that estimate and the next
+    larger estimate of any rung of the ladder (``coordinator.strategy.selection.affordable_fit``)."""
     from export.planner import TrainingShape, estimate
 
-    train = TrainingShape(context.fit.batch_size, context.fit.seq_len, frozen_dtype=context.frozen_dtype)
-    low = estimate(context.model, train, kept).peak_mib
-    high = estimate(context.model, train, kept + 1).peak_mib if kept < context.model.num_experts else low + 1000
-    return (low + high) / 2
+    base = TrainingShape(context.fit.batch_size, context.fit.seq_len)
+    rungs = [base, replace(base, frozen_dtype="float16"), replace(base, frozen_dtype="float16", merged=True)]
+    low = estimate(context.model, replace(base, frozen_dtype=frozen_dtype, merged=merged), kept).peak_mib
+    above = [e for train in rungs for k in range(1, context.model.num_experts + 1)
+             if (e := estimate(context.model, train, k).peak_mib) > low]
+    return (low + min(above, default=low + 1000)) / 2

@@ -54,11 +54,13 @@ def _budget_between(context, low: TrainingShape, high: TrainingShape, kept_low: 
 
 
 def test_the_ladder_resident_then_merged_then_pruned():
-    context = replace(tiny_context(), frozen_dtype="float16", merged=True)
+    context = replace(tiny_context(), frozen_dtype="float16", merged=True)  # experts large enough to matter:
+    context = replace(context, model=replace(context.model, hidden=256, intermediate=1024, vocab=64,
+                                             expert_params=3 * 256 * 1024))
     base = TrainingShape(2, 8)
     resident, merged = replace(base, frozen_dtype="float16"), replace(base, frozen_dtype="float16", merged=True)
     assert estimate(context.model, merged, 1).peak_mib < estimate(context.model, resident, 1).peak_mib
-    roomy = _budget_between(context, resident, resident, 2, 3)
+    roomy = _budget_between(context, resident, base, 2, 4)  # resident 2 < budget < all 4 trained < resident 3
     assert affordable_fit(context, context.fit, roomy) == (2, "float16", False)
     tight = _budget_between(context, merged, resident, 1, 1)
     assert affordable_fit(context, context.fit, tight) == (1, "float16", True)
