@@ -23,7 +23,6 @@ cleanly (:func:`run`).
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import signal
 import ssl
@@ -35,6 +34,7 @@ from pathlib import Path
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
+from coordinator.accept import FirstBytes, Gatekeeper
 from coordinator.admission import Admission, AdmittedConnection, quiet_accept_errors, raise_descriptor_limit
 from coordinator.config import CoordinatorConfig
 from coordinator.service import Coordinator, Session
@@ -190,7 +190,17 @@ class Connection:
         return None
 
     async def enrol(self, msg: Enrol) -> None:
-        device = self.coord.registry.redeem_token(msg.token, msg.name, msg.profile, msg.public_key)
+        """Redeem the token. Raises AuthError (refused), ProtocolError (too many failed enrolments from this
+        address, ``coordinator.admission``)."""
+        admission, address = self.ws.admission, self.ws.place.address
+        if not admission.may_enrol(address):
+            raise ProtocolError("rate", "too many failed enrolments from this address; wait a minute, then "
+                                        "enrol with a fresh token from `fedmoe-coord enroll`")
+        try:
+            device = self.coord.registry.redeem_token(msg.token, msg.name, msg.profile, msg.public_key)
+        except AuthError:
+            admission.enrol_failed(address)
+            raise
         log.info("enrolled device %s (%s)", device.id, msg.name)
         await self.send(EnrolOk(device_id=device.id))
 
@@ -316,14 +326,18 @@ async def serve_coordinator(cfg: CoordinatorConfig, stop: asyncio.Event, *,
     """
     context = _ssl_context(cfg)
     coord, nonces = Coordinator.from_config(cfg), NonceBook()
-    admission = Admission(cfg.max_connections, cfg.max_unauthenticated_per_address)
+    admission = Admission(cfg.max_connections, cfg.max_unauthenticated_per_address,
+                          cfg.certified_share if cfg.mutual_tls else 0.0)
+    loop = asyncio.get_running_loop()
+    gatekeeper = Gatekeeper(admission, context, cfg.handshake_timeout_s, FirstBytes(loop))
     handler = lambda ws: Connection(coord, ws, nonces).run()  # noqa: E731
-    quiet_accept_errors(asyncio.get_running_loop())
+    quiet_accept_errors(loop)
     try:
+        # no ssl= here: the gatekeeper starts TLS on admitted connections (coordinator.accept)
         async with serve(handler, cfg.host, cfg.port, compression=None, max_size=cfg.max_message_bytes,
-                         max_queue=MAX_QUEUE, process_request=http_routes(coord), ssl=context,
+                         max_queue=MAX_QUEUE, process_request=http_routes(coord),
                          ping_interval=cfg.heartbeat_s, ping_timeout=3 * cfg.heartbeat_s, backlog=LISTEN_BACKLOG,
-                         create_connection=functools.partial(AdmittedConnection, admission=admission)) as server:
+                         create_connection=gatekeeper.create_connection) as server:
             if ready is not None:
                 ready(server.sockets[0].getsockname()[1])
             rounds = asyncio.create_task(coord.run_rounds(stop))
@@ -333,6 +347,7 @@ async def serve_coordinator(cfg: CoordinatorConfig, stop: asyncio.Event, *,
                 rounds.cancel()
                 await asyncio.gather(rounds, return_exceptions=True)
     finally:
+        gatekeeper.close()
         coord.close()
 
 

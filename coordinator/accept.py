@@ -1,0 +1,179 @@
+"""Admission at TCP accept (issue 19): a connection is counted and capped (``coordinator.admission``) before any
+TLS state exists, costs no TLS buffers until its first bytes arrive, and must finish its TLS handshake within
+``handshake_timeout_s`` of accept; only then does websockets see it.
+
+asyncio's ``create_server(ssl=...)`` gives every accepted socket ~256 KiB of SSL buffers at once and calls the
+protocol only after the handshake (measured: 5,000 connections that never sent a ClientHello, 92 -> 1,598 MiB,
+not returned). So websockets' ``serve`` runs without ``ssl``, and its ``create_connection`` hook returns a
+:class:`Gate` per accepted socket. The gate pauses reading and waits in a shared :class:`FirstBytes` selector
+(a silent connection costs a socket and a few small objects), then runs ``loop.start_tls`` with itself as the
+application protocol, settles the connection's class (client certificate or not) with the admission, builds the
+websockets connection and hands it the TLS transport.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import selectors
+import ssl
+from collections.abc import Callable
+
+from coordinator.admission import Admission, AdmittedConnection, Place
+
+log = logging.getLogger("fedmoe.coord")
+MAX_EARLY_BYTES = 64 << 10  # application bytes a gate holds between the handshake and the hand-over
+
+
+class FirstBytes:
+    """Calls back once a socket is readable (first bytes arrived, or the peer closed) without reading it: one
+    ``selectors`` instance whose own descriptor the event loop watches (a transport owns the socket's)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self._loop, self._selector = loop, selectors.DefaultSelector()
+        loop.add_reader(self._selector.fileno(), self._ready)
+
+    def watch(self, fd: int, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` once ``fd`` is readable; :meth:`forget` it before closing ``fd``."""
+        self._selector.register(fd, selectors.EVENT_READ, callback)
+
+    def forget(self, fd: int) -> None:
+        with contextlib.suppress(KeyError, ValueError):
+            self._selector.unregister(fd)
+
+    def close(self) -> None:
+        self._loop.remove_reader(self._selector.fileno())
+        self._selector.close()
+
+    def _ready(self) -> None:
+        for key, _ in self._selector.select(0):
+            self._selector.unregister(key.fd)
+            key.data()
+
+
+class Gatekeeper:
+    """What every :class:`Gate` of one server shares.
+
+    Args:
+        admission: the server's connection counts.
+        context: the server's TLS context; None serves plain TCP (``insecure``).
+        handshake_timeout_s: seconds from TCP accept to a completed TLS handshake.
+        first_bytes: the selector gates wait in (on the running loop).
+    """
+
+    def __init__(self, admission: Admission, context: ssl.SSLContext | None, handshake_timeout_s: float,
+                 first_bytes: FirstBytes):
+        self.admission, self.context, self.timeout_s, self.first_bytes = (admission, context,
+                                                                          handshake_timeout_s, first_bytes)
+        self.pending: set[Gate] = set()  # gates not yet handed over or released
+
+    def close(self) -> None:
+        """Abort the connections still in their handshake (the server stops)."""
+        for gate in list(self.pending):
+            gate.transport.abort()
+            gate.release()
+        self.first_bytes.close()
+
+    def create_connection(self, *args, **kwargs) -> Gate:
+        """websockets' ``serve(create_connection=...)`` hook: ``args``/``kwargs`` go to
+        :class:`AdmittedConnection` once the connection is admitted and its TLS handshake done."""
+        return Gate(self, lambda place: AdmittedConnection(*args, admission=self.admission, place=place, **kwargs))
+
+
+class Gate(asyncio.Protocol):
+    """The asyncio protocol of one accepted TCP connection until websockets takes over (module docstring)."""
+
+    def __init__(self, keeper: Gatekeeper, build: Callable[[Place], AdmittedConnection]):
+        self.keeper, self.build = keeper, build
+        self.place: Place | None = None  # counted in the admission until released or handed over
+        self.transport: asyncio.Transport | None = None
+        self.fd, self.deadline, self.tls_task = -1, None, None
+        self.early: list[bytes] = []  # application data read by the TLS layer before the hand-over
+        self.early_eof = False
+
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        peer = transport.get_extra_info("peername")
+        self.place = self.keeper.admission.admit(str(peer[0]) if peer else "?")
+        if self.place is None:
+            transport.abort()
+            return
+        self.transport = transport
+        self.keeper.pending.add(self)
+        if self.keeper.context is None:
+            self.hand_over(transport, certified=False)
+            return
+        loop = asyncio.get_running_loop()
+        self.deadline = loop.call_later(self.keeper.timeout_s, self.expire)
+        transport.pause_reading()
+        self.fd = transport.get_extra_info("socket").fileno()
+        self.keeper.first_bytes.watch(self.fd, self.start_tls)
+
+    def start_tls(self) -> None:
+        self.fd = -1
+        self.tls_task = asyncio.get_running_loop().create_task(self.handshake())
+
+    async def handshake(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            tls = await loop.start_tls(self.transport, self, self.keeper.context, server_side=True,
+                                       ssl_handshake_timeout=max(0.1, self.deadline.when() - loop.time()))
+        except OSError as exc:  # a failed or late handshake; start_tls closed the socket
+            log.debug("TLS handshake from %s failed: %s", self.place and self.place.address, exc)
+            self.release()
+            return
+        self.hand_over(tls, certified=bool(tls.get_extra_info("peercert")))
+
+    def hand_over(self, transport: asyncio.Transport, certified: bool) -> None:
+        """Settle the connection's class and give ``transport`` to a new websockets connection."""
+        if self.deadline is not None:
+            self.deadline.cancel()
+        self.keeper.pending.discard(self)
+        place, self.place = self.place, None
+        if place is None or transport.is_closing():
+            if place is not None:
+                self.keeper.admission.release(place)
+            return
+        if not self.keeper.admission.settle(place, certified):
+            transport.abort()
+            return
+        connection = self.build(place)
+        transport.set_protocol(connection)
+        connection.connection_made(transport)
+        if self.early:
+            connection.data_received(b"".join(self.early))
+        if self.early_eof:
+            connection.eof_received()
+
+    def expire(self) -> None:
+        """The handshake deadline passed: a socket still silent is closed (a handshake in progress is closed
+        by ``start_tls``'s own timeout)."""
+        if self.fd >= 0:
+            self.keeper.first_bytes.forget(self.fd)
+            self.fd = -1
+            self.transport.abort()
+
+    def release(self) -> None:
+        if self.deadline is not None:
+            self.deadline.cancel()
+        self.keeper.pending.discard(self)
+        if self.fd >= 0:
+            self.keeper.first_bytes.forget(self.fd)
+            self.fd = -1
+        place, self.place = self.place, None
+        if place is not None:
+            self.keeper.admission.release(place)
+
+    # asyncio.Protocol: the plain socket before TLS, then the TLS layer until the hand-over
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.release()
+
+    def data_received(self, data: bytes) -> None:
+        self.early.append(data)
+        if sum(map(len, self.early)) > MAX_EARLY_BYTES:
+            self.transport.abort()
+
+    def eof_received(self) -> bool:
+        self.early_eof = True
+        return True

@@ -1,0 +1,135 @@
+"""Admission at TCP accept (issue 19, defects 1 and 3), against a real wss:// server with mutual TLS: raw
+sockets that never send a ClientHello, idle anonymous TLS connections, failed enrolments."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from websockets.sync.client import connect
+
+from coordinator.admission import ENROL_FAILURE_BURST, raise_descriptor_limit
+from coordinator.config import load_config
+from device_runtime.auth import generate_keypair
+from device_runtime.tls import client_context
+from device_runtime.wire import AuthOk, Enrol, Error
+
+pytest.importorskip("torch")
+from helpers import ServerThread, init_by_cli  # noqa: E402
+from test_server import recv, send  # noqa: E402
+from test_tls import MAX_MIB, enrolled, login, wss  # noqa: E402
+
+PER_ADDRESS = 4
+HANDSHAKE_S = 1.5
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("accept")
+    raise_descriptor_limit()
+    cfg = replace(load_config(init_by_cli(root)), max_message_mib=MAX_MIB, min_fit_clients=1, max_fit_clients=1,
+                  max_connections=8, certified_share=0.5, max_unauthenticated_per_address=PER_ADDRESS,
+                  handshake_timeout_s=HANDSHAKE_S)
+    server = ServerThread(cfg)
+    yield root, cfg, server, {"memory_mib": 10}  # too little for any assignment: no round traffic
+    server.stop()
+
+
+def silent(server, address):
+    """A TCP connection from ``address`` (127.x.y.z) that sends nothing."""
+    return socket.create_connection(("127.0.0.1", server.port), timeout=5, source_address=(address, 0))
+
+
+def is_open(sock, wait_s=0.5):
+    """Whether the server still holds ``sock`` after ``wait_s`` seconds (it sends nothing before a ClientHello)."""
+    sock.settimeout(wait_s)  # 0: non-blocking
+    try:
+        return sock.recv(1) != b""
+    except (TimeoutError, BlockingIOError):
+        return True
+    except ConnectionError:
+        return False
+
+
+def anonymous_tls(server, cfg, address):
+    """A TLS connection from ``address`` with no client certificate, handshake done, nothing sent after it;
+    None if the server closed it at once."""
+    context = client_context(server.url, ca_pem=Path(cfg.tls_ca_cert).read_bytes())
+    sock = context.wrap_socket(silent(server, address), server_hostname="127.0.0.1")
+    return sock if is_open(sock) else sock.close()
+
+
+def test_silent_connections_over_the_per_address_cap_are_closed_at_accept(setup):
+    """Old code counted a connection after its TLS handshake: all 3 * PER_ADDRESS were held."""
+    server = setup[2]
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(silent(server, "127.0.1.1")) for _ in range(3 * PER_ADDRESS)]
+        time.sleep(0.3)  # well within the handshake deadline
+        assert sum(is_open(sock, wait_s=0) for sock in socks) == PER_ADDRESS
+
+
+def test_a_silent_connection_is_closed_at_the_handshake_deadline(setup):
+    """Old code: websockets' 10 s ``open_timeout``."""
+    server = setup[2]
+    started = time.monotonic()
+    with silent(server, "127.0.1.2") as sock:
+        assert not is_open(sock, wait_s=4 * HANDSHAKE_S)
+    assert HANDSHAKE_S - 0.5 < time.monotonic() - started < 2 * HANDSHAKE_S
+
+
+def test_silent_connections_cost_no_tls_buffers(setup, tmp_path):
+    """320 silent connections from 80 addresses, all admitted. Old code: ~256 KiB of asyncio SSL buffers per
+    accepted socket (80 MiB here); now a socket and a few small objects."""
+    server = ServerThread(replace(load_config(init_by_cli(tmp_path)), max_connections=1000))
+    try:
+        before = _rss_mib()
+        with contextlib.ExitStack() as stack:
+            socks = [stack.enter_context(silent(server, f"127.0.2.{i % 80 + 1}")) for i in range(320)]
+            assert is_open(socks[-1])
+            assert _rss_mib() - before < 16
+    finally:
+        server.stop()
+
+
+def test_idle_anonymous_tls_connections_leave_the_certified_share_free(setup):
+    """max_connections 8, certified_share 0.5: at most 4 connections without a client certificate. Old code let
+    8 idle anonymous TLS connections fill the server, and the enrolled device was refused."""
+    root, cfg, server, profile = setup
+    creds = enrolled(root, cfg, server, "reserved", profile)
+    with contextlib.ExitStack() as stack:
+        held = [anonymous_tls(server, cfg, f"127.0.3.{i % 2 + 1}") for i in range(8)]
+        for sock in filter(None, held):
+            stack.enter_context(sock)
+        assert sum(sock is not None for sock in held) == 4
+        mutual = client_context(server.url, ca_pem=creds.ca_cert.encode(), client_pem=creds.client_pem)
+        with wss(server, mutual) as conn:
+            assert isinstance(login(conn, creds.device_id, creds.private_key, profile), AuthOk)
+
+
+def test_failed_enrolments_are_rate_limited_per_address(setup):
+    _, cfg, server, _ = setup
+    replies = [_enrol_with_a_bad_token(server, cfg, "127.0.4.1") for _ in range(ENROL_FAILURE_BURST + 1)]
+    assert [r.code for r in replies] == ["auth"] * ENROL_FAILURE_BURST + ["rate"]
+    assert _enrol_with_a_bad_token(server, cfg, "127.0.4.2").code == "auth"  # another address
+
+
+def _enrol_with_a_bad_token(server, cfg, address) -> Error:
+    context = client_context(server.url, ca_pem=Path(cfg.tls_ca_cert).read_bytes())
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=10, source_address=(address, 0))
+    with connect(server.url, sock=sock, ssl=context, compression=None, open_timeout=10) as conn:
+        send(conn, Enrol(token="A" * 43, name="guess", profile={}, public_key=generate_keypair()[1]))
+        reply = recv(conn)
+    assert isinstance(reply, Error), reply
+    return reply
+
+
+def _rss_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS in /proc/self/status")
+
