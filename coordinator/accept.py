@@ -8,7 +8,8 @@ not returned). So websockets' ``serve`` runs without ``ssl``, and its ``create_c
 :class:`Gate` per accepted socket. The gate pauses reading and waits in a shared :class:`FirstBytes` selector
 (a silent connection costs a socket and a few small objects), then runs ``loop.start_tls`` with itself as the
 application protocol, settles the connection's class (client certificate or not) with the admission, builds the
-websockets connection and hands it the TLS transport.
+websockets connection and hands it the TLS transport. When the total cap is full, a new connection closes the
+oldest one that has not sent a byte yet, so connections that never start a handshake cannot lock devices out.
 """
 
 from __future__ import annotations
@@ -67,6 +68,16 @@ class Gatekeeper:
         self.admission, self.context, self.timeout_s, self.first_bytes = (admission, context,
                                                                           handshake_timeout_s, first_bytes)
         self.pending: set[Gate] = set()  # gates not yet handed over or released
+        self.silent: dict[Gate, None] = {}  # gates waiting for their first bytes, oldest first
+
+    def make_room(self) -> bool:
+        """Close the oldest connection that has sent nothing yet; False if there is none."""
+        if not self.silent:
+            return False
+        oldest = next(iter(self.silent))
+        oldest.transport.abort()
+        oldest.release()
+        return True
 
     def close(self) -> None:
         """Abort the connections still in their handshake (the server stops)."""
@@ -94,7 +105,7 @@ class Gate(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:
         peer = transport.get_extra_info("peername")
-        self.place = self.keeper.admission.admit(str(peer[0]) if peer else "?")
+        self.place = self.keeper.admission.admit(str(peer[0]) if peer else "?", self.keeper.make_room)
         if self.place is None:
             transport.abort()
             return
@@ -108,9 +119,11 @@ class Gate(asyncio.Protocol):
         transport.pause_reading()
         self.fd = transport.get_extra_info("socket").fileno()
         self.keeper.first_bytes.watch(self.fd, self.start_tls)
+        self.keeper.silent[self] = None
 
     def start_tls(self) -> None:
         self.fd = -1
+        self.keeper.silent.pop(self, None)
         self.tls_task = asyncio.get_running_loop().create_task(self.handshake())
 
     async def handshake(self) -> None:
@@ -149,14 +162,14 @@ class Gate(asyncio.Protocol):
         """The handshake deadline passed: a socket still silent is closed (a handshake in progress is closed
         by ``start_tls``'s own timeout)."""
         if self.fd >= 0:
-            self.keeper.first_bytes.forget(self.fd)
-            self.fd = -1
             self.transport.abort()
+            self.release()
 
     def release(self) -> None:
         if self.deadline is not None:
             self.deadline.cancel()
         self.keeper.pending.discard(self)
+        self.keeper.silent.pop(self, None)
         if self.fd >= 0:
             self.keeper.first_bytes.forget(self.fd)
             self.fd = -1

@@ -137,9 +137,11 @@ class Admission:
         self.refused = 0  # connections refused since the last log line about them
         self._refusal_logged = 0.0
 
-    def admit(self, address: str) -> Place | None:
-        """Count a new TCP connection from ``address`` (at accept, before any TLS); None if a limit is reached."""
-        if self.total >= self.max_connections or self.unauthenticated[address] >= self.max_per_address:
+    def admit(self, address: str, make_room: Callable[[], bool] = lambda: False) -> Place | None:
+        """Count a new TCP connection from ``address`` (at accept, before any TLS); None if a limit is reached.
+        When only the total is, ``make_room()`` may first close another connection (True: one was released)."""
+        if self.unauthenticated[address] >= self.max_per_address or (self.total >= self.max_connections
+                                                                      and not make_room()):
             self._refusal(address, "at accept")
             return None
         self.total += 1

@@ -81,6 +81,20 @@ def test_a_silent_connection_is_closed_at_the_handshake_deadline(setup):
     assert HANDSHAKE_S - 0.5 < time.monotonic() - started < 2 * HANDSHAKE_S
 
 
+def test_when_silent_connections_fill_the_server_a_device_closes_the_oldest(setup):
+    """Counting at accept must not let connections that never start a handshake lock devices out: at the total
+    cap a new connection closes the oldest silent one."""
+    root, cfg, server, profile = setup
+    creds = enrolled(root, cfg, server, "evicts", profile)
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(silent(server, f"127.0.6.{i % 2 + 1}")) for i in range(8)]
+        time.sleep(0.2)
+        mutual = client_context(server.url, ca_pem=creds.ca_cert.encode(), client_pem=creds.client_pem)
+        with wss(server, mutual) as conn:
+            assert isinstance(login(conn, creds.device_id, creds.private_key, profile), AuthOk)
+        assert not is_open(socks[0], wait_s=0) and is_open(socks[-1], wait_s=0)
+
+
 def test_silent_connections_cost_no_tls_buffers(setup, tmp_path):
     """320 silent connections from 80 addresses, all admitted. Old code: ~256 KiB of asyncio SSL buffers per
     accepted socket (80 MiB here); now a socket and a few small objects."""
