@@ -138,7 +138,8 @@ class Bench:
 
     async def run(self) -> list[Result]:
         opts, port = self.opts, self.cfg.port
-        await bench_fuzz.final_check(self.url, self.device, self.cfg, context=self.mutual)  # warm-up round
+        for _ in range(opts.warmup_rounds):  # the first rounds grow the server's memory (model versions, caches)
+            await bench_fuzz.final_check(self.url, self.device, self.cfg, context=self.mutual)
         share = self.cfg.max_connections - int(self.cfg.max_connections * self.cfg.certified_share)
         tls_count = share * 3 // 2
         tls_addresses = -(-tls_count // self.cfg.max_unauthenticated_per_address)
@@ -178,6 +179,7 @@ def main() -> int:
     parser.add_argument("--max-connections", type=int, default=1024, help="the server's max_connections")
     parser.add_argument("--hold-s", type=float, default=8.0, help="seconds each attack holds its sockets")
     parser.add_argument("--settle-s", type=float, default=5.0, help="seconds after the attack before 'after'")
+    parser.add_argument("--warmup-rounds", type=int, default=3, help="rounds before the first attack")
     parser.add_argument("--max-peak-mib", type=float, default=300.0)
     parser.add_argument("--workdir", type=Path, default=None)
     opts = parser.parse_args()

@@ -9,7 +9,9 @@ not returned). So websockets' ``serve`` runs without ``ssl``, and its ``create_c
 (a silent connection costs a socket and a few small objects), then runs ``loop.start_tls`` with itself as the
 application protocol, settles the connection's class (client certificate or not) with the admission, builds the
 websockets connection and hands it the TLS transport. When the total cap is full, a new connection closes the
-oldest one that has not sent a byte yet, so connections that never start a handshake cannot lock devices out.
+oldest one that has not sent a byte yet, so connections that never start a handshake cannot lock devices out;
+a peer that closes without sending a byte gets no TLS state at all; at most :data:`MAX_HANDSHAKES` handshakes
+run at once (the oldest beyond it is closed).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 import selectors
+import socket
 import ssl
 from collections.abc import Callable
 
@@ -25,6 +28,9 @@ from coordinator.admission import Admission, AdmittedConnection, Place
 
 log = logging.getLogger("fedmoe.coord")
 MAX_EARLY_BYTES = 64 << 10  # application bytes a gate holds between the handshake and the hand-over
+# TLS handshakes in progress at once (each holds ~256 KiB of asyncio SSL buffers, which glibc keeps after they
+# are freed); beyond it the oldest is closed: an honest handshake takes milliseconds, a stalled one is oldest.
+MAX_HANDSHAKES = 256
 
 
 class FirstBytes:
@@ -53,6 +59,19 @@ class FirstBytes:
             key.data()
 
 
+def peer_closed(fd: int) -> bool:
+    """Whether the peer of the readable socket ``fd`` closed or reset it (peeks; consumes nothing)."""
+    sock = socket.socket(fileno=fd)
+    try:
+        return sock.recv(1, socket.MSG_PEEK) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+    finally:
+        sock.detach()
+
+
 class Gatekeeper:
     """What every :class:`Gate` of one server shares.
 
@@ -69,6 +88,7 @@ class Gatekeeper:
                                                                           handshake_timeout_s, first_bytes)
         self.pending: set[Gate] = set()  # gates not yet handed over or released
         self.silent: dict[Gate, None] = {}  # gates waiting for their first bytes, oldest first
+        self.handshakes: dict[Gate, None] = {}  # gates in their TLS handshake, oldest first
 
     def make_room(self) -> bool:
         """Close the oldest connection that has sent nothing yet; False if there is none."""
@@ -78,6 +98,14 @@ class Gatekeeper:
         oldest.transport.abort()
         oldest.release()
         return True
+
+    def begin_handshake(self, gate: Gate) -> None:
+        """Count ``gate``'s handshake; close the oldest one in progress if :data:`MAX_HANDSHAKES` already are."""
+        if len(self.handshakes) >= MAX_HANDSHAKES:
+            oldest = next(iter(self.handshakes))
+            del self.handshakes[oldest]
+            oldest.transport.abort()  # its start_tls fails and releases it
+        self.handshakes[gate] = None
 
     def close(self) -> None:
         """Abort the connections still in their handshake (the server stops)."""
@@ -122,8 +150,14 @@ class Gate(asyncio.Protocol):
         self.keeper.silent[self] = None
 
     def start_tls(self) -> None:
-        self.fd = -1
+        """The socket became readable: its first bytes arrived, or its peer closed it (no TLS state then)."""
+        fd, self.fd = self.fd, -1
         self.keeper.silent.pop(self, None)
+        if peer_closed(fd):
+            self.transport.abort()
+            self.release()
+            return
+        self.keeper.begin_handshake(self)
         self.tls_task = asyncio.get_running_loop().create_task(self.handshake())
 
     async def handshake(self) -> None:
@@ -142,6 +176,7 @@ class Gate(asyncio.Protocol):
         if self.deadline is not None:
             self.deadline.cancel()
         self.keeper.pending.discard(self)
+        self.keeper.handshakes.pop(self, None)
         place, self.place = self.place, None
         if place is None or transport.is_closing():
             if place is not None:
@@ -170,6 +205,7 @@ class Gate(asyncio.Protocol):
             self.deadline.cancel()
         self.keeper.pending.discard(self)
         self.keeper.silent.pop(self, None)
+        self.keeper.handshakes.pop(self, None)
         if self.fd >= 0:
             self.keeper.first_bytes.forget(self.fd)
             self.fd = -1
