@@ -8,6 +8,8 @@ Classes (each attack opens its sockets from loopback addresses 127.0.x.y, Linux 
 them ``--hold-s`` seconds, or until the device's round is done if that takes longer):
 
 * ``pretls``   ``--pretls`` TCP connections from ``--addresses`` addresses that never send a byte
+* ``stalled``  the same, each sending one byte (a TLS record's first) and then nothing: a handshake stalled
+               at its start
 * ``tlsidle``  TLS connections with no client certificate that send nothing after the handshake: 1.5 times the
                share of ``max_connections`` such connections may hold, from as many addresses as the per-address
                cap needs
@@ -76,13 +78,15 @@ def address(i: int) -> str:
     return f"127.0.{10 + i // 250}.{i % 250 + 1}"
 
 
-def flood_silent(port: int, count: int, addresses: int) -> list[socket.socket]:
-    """``count`` TCP connections spread over ``addresses`` addresses, nothing sent (refused ones are dropped)."""
+def flood_silent(port: int, count: int, addresses: int, first: bytes = b"") -> list[socket.socket]:
+    """``count`` TCP connections spread over ``addresses`` addresses that send ``first`` and then nothing
+    (refused ones are dropped)."""
     socks = []
     for i in range(count):
         try:
-            socks.append(socket.create_connection(("127.0.0.1", port), timeout=5,
-                                                  source_address=(address(i % addresses), 0)))
+            sock = socket.create_connection(("127.0.0.1", port), timeout=5, source_address=(address(i % addresses), 0))
+            sock.sendall(first)
+            socks.append(sock)
         except OSError:
             pass
     return socks
@@ -144,6 +148,8 @@ class Bench:
         tls_count = share * 3 // 2
         tls_addresses = -(-tls_count // self.cfg.max_unauthenticated_per_address)
         return [await self.phase("pretls", opts.pretls, lambda: flood_silent(port, opts.pretls, opts.addresses)),
+                await self.phase("stalled", opts.pretls,
+                                 lambda: flood_silent(port, opts.pretls, opts.addresses, first=b"\x16")),
                 await self.phase("tlsidle", tls_count,
                                  lambda: flood_tls(port, tls_count, tls_addresses, self.anonymous))]
 

@@ -162,11 +162,16 @@ class Gate(asyncio.Protocol):
 
     async def handshake(self) -> None:
         loop = asyncio.get_running_loop()
+        if self.transport.is_closing():  # closed before this task ran (start_tls would then wait forever)
+            self.release()
+            return
         try:
             tls = await loop.start_tls(self.transport, self, self.keeper.context, server_side=True,
                                        ssl_handshake_timeout=max(0.1, self.deadline.when() - loop.time()))
-        except OSError as exc:  # a failed or late handshake; start_tls closed the socket
+        except OSError as exc:
             log.debug("TLS handshake from %s failed: %s", self.place and self.place.address, exc)
+            tls = None
+        if tls is None:  # failed, late, or the peer left right after it; the socket is closed
             self.release()
             return
         self.hand_over(tls, certified=bool(tls.get_extra_info("peercert")))

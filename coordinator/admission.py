@@ -71,7 +71,7 @@ def quiet_accept_errors(loop: asyncio.AbstractEventLoop) -> None:
     def handler(loop: asyncio.AbstractEventLoop, context: dict) -> None:
         nonlocal last, count
         if not str(context.get("message", "")).startswith("socket.accept() out of system resource"):
-            (previous or asyncio.AbstractEventLoop.default_exception_handler)(loop, context)
+            previous(loop, context) if previous else loop.default_exception_handler(context)
             return
         count += 1
         if time.monotonic() - last >= REFUSAL_LOG_EVERY_S:
