@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import socket
 import time
+from asyncio.sslproto import SSLProtocol
 from dataclasses import replace
 from pathlib import Path
 
@@ -96,20 +98,44 @@ def test_when_silent_connections_fill_the_server_a_device_closes_the_oldest(setu
         assert not is_open(socks[0], wait_s=0) and is_open(socks[-1], wait_s=0)
 
 
-def test_silent_connections_cost_no_tls_buffers(setup, tmp_path):
+@pytest.fixture(scope="module")
+def roomy(tmp_path_factory):
+    """A second server, with room for hundreds of connections."""
+    root = tmp_path_factory.mktemp("roomy")
+    server = ServerThread(replace(load_config(init_by_cli(root)), max_connections=1000))
+    yield server
+    server.stop()
+
+
+def test_silent_connections_cost_no_tls_buffers(roomy):
     """320 silent connections from 80 addresses, all admitted, then closed. Old code: ~256 KiB of asyncio SSL
     buffers per accepted socket (80 MiB here); now a socket and a few small objects."""
-    server = ServerThread(replace(load_config(init_by_cli(tmp_path)), max_connections=1000))
-    try:
-        before = _rss_mib()
-        with contextlib.ExitStack() as stack:
-            socks = [stack.enter_context(silent(server, f"127.0.2.{i % 80 + 1}")) for i in range(320)]
-            assert is_open(socks[-1])
-            assert _rss_mib() - before < 16
-        time.sleep(0.5)  # closed without a byte: before, each got TLS buffers on its way out (kept by glibc)
+    before = _rss_mib()
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(silent(roomy, f"127.0.2.{i % 80 + 1}")) for i in range(320)]
+        assert is_open(socks[-1])
         assert _rss_mib() - before < 16
-    finally:
-        server.stop()
+    time.sleep(0.5)  # closed without a byte: before, each got TLS buffers on its way out (kept by glibc)
+    assert _rss_mib() - before < 16
+
+
+def test_stalled_handshakes_are_bounded_and_freed(roomy, monkeypatch):
+    """Connections that send one byte and stall: at most MAX_HANDSHAKES TLS states at once, none left once
+    they close. A version of this code evicted handshakes whose task had not run yet; their start_tls then
+    waited forever, each holding its SSL buffers."""
+    monkeypatch.setattr("coordinator.accept.MAX_HANDSHAKES", 16)
+    with contextlib.ExitStack() as stack:
+        for i in range(200):
+            stack.enter_context(silent(roomy, f"127.0.7.{i % 10 + 1}")).sendall(b"\x16")
+        time.sleep(0.5)
+        assert _tls_states() <= 16
+    time.sleep(0.5)
+    gc.collect()
+    assert _tls_states() == 0
+
+
+def _tls_states() -> int:
+    return sum(type(o) is SSLProtocol for o in gc.get_objects())
 
 
 def test_idle_anonymous_tls_connections_leave_the_certified_share_free(setup):
