@@ -31,7 +31,7 @@ from collections.abc import Callable
 from http import HTTPStatus
 from pathlib import Path
 
-from websockets.asyncio.server import ServerConnection, serve
+from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
 from coordinator.accept import FirstBytes, Gatekeeper
@@ -321,8 +321,8 @@ async def serve_coordinator(cfg: CoordinatorConfig, stop: asyncio.Event, *,
     """Serve until ``stop`` is set; ``ready(port)`` is called once listening (port 0 picks a free one).
 
     Raises:
-        ConfigError: the state directory is not initialised, the config is invalid, or it names no TLS
-            files and does not set ``insecure``.
+        ConfigError: the state directory is not initialised, the config is invalid, it names no TLS
+            files and does not set ``insecure``, the registry is not readable, or the port cannot be bound.
     """
     context = _ssl_context(cfg)
     coord, nonces = Coordinator.from_config(cfg), NonceBook()
@@ -334,10 +334,11 @@ async def serve_coordinator(cfg: CoordinatorConfig, stop: asyncio.Event, *,
     quiet_accept_errors(loop)
     try:
         # no ssl= here: the gatekeeper starts TLS on admitted connections (coordinator.accept)
-        async with serve(handler, cfg.host, cfg.port, compression=None, max_size=cfg.max_message_bytes,
-                         max_queue=MAX_QUEUE, process_request=http_routes(coord),
-                         ping_interval=cfg.heartbeat_s, ping_timeout=3 * cfg.heartbeat_s, backlog=LISTEN_BACKLOG,
-                         create_connection=gatekeeper.create_connection) as server:
+        server = await _listen(cfg, serve(
+            handler, cfg.host, cfg.port, compression=None, max_size=cfg.max_message_bytes, max_queue=MAX_QUEUE,
+            process_request=http_routes(coord), ping_interval=cfg.heartbeat_s, ping_timeout=3 * cfg.heartbeat_s,
+            backlog=LISTEN_BACKLOG, create_connection=gatekeeper.create_connection))
+        try:
             if ready is not None:
                 ready(server.sockets[0].getsockname()[1])
             rounds = asyncio.create_task(coord.run_rounds(stop))
@@ -346,9 +347,21 @@ async def serve_coordinator(cfg: CoordinatorConfig, stop: asyncio.Event, *,
             finally:
                 rounds.cancel()
                 await asyncio.gather(rounds, return_exceptions=True)
+        finally:  # what ``async with serve(...)`` does on exit
+            server.close()
+            await server.wait_closed()
     finally:
         gatekeeper.close()
         coord.close()
+
+
+async def _listen(cfg: CoordinatorConfig, server: Server) -> Server:
+    """``server`` listening. Raises ConfigError: the address cannot be bound (in use, or not this machine's)."""
+    try:
+        return await server
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on {cfg.host}:{cfg.port}: {exc.strerror or exc}; stop the process using "
+                          "that port (`ss -ltnp`) or set another port (config `port`, or `serve --port`)") from exc
 
 
 def run(cfg: CoordinatorConfig, *, ready: Callable[[int], None] | None = None) -> None:

@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from coordinator.registry.engine import ensure_schema, make_engine
 from coordinator.registry.tables import Assignment, Device, EnrolToken, Metric, ModelVersion, Round, Update
-from device_runtime.auth import check_public_key, hash_token, new_enrol_token
+from device_runtime.auth import check_device_name, check_public_key, hash_token, new_enrol_token
 from device_runtime.errors import AuthError, ConfigError, UpdateRejected
 
 ROUND_STATUSES = ("running", "finished", "failed")
@@ -51,7 +51,11 @@ class Registry:
         """A new single-use token for enrolling a device called ``name``, valid ``ttl_s`` seconds.
 
         Only its sha256 is stored; the plaintext is returned once, to hand to the device.
+
+        Raises:
+            ConfigError: no device can enrol under ``name`` (``device_runtime.auth.check_device_name``).
         """
+        check_device_name(name)
         token, now = new_enrol_token(), self._clock()
         with self._session.begin() as s:
             s.add(EnrolToken(token_sha256=hash_token(token), name=name, created_at=now,
