@@ -326,6 +326,7 @@ async def serve_coordinator(cfg: CoordinatorConfig, stop: asyncio.Event, *,
     """
     context = _ssl_context(cfg)
     coord, nonces = Coordinator.from_config(cfg), NonceBook()
+    _report_damaged_files(coord)
     admission = Admission(cfg.max_connections, cfg.max_unauthenticated_per_address,
                           cfg.certified_share if cfg.mutual_tls else 0.0)
     loop = asyncio.get_running_loop()
@@ -353,6 +354,15 @@ async def serve_coordinator(cfg: CoordinatorConfig, stop: asyncio.Event, *,
     finally:
         gatekeeper.close()
         coord.close()
+
+
+def _report_damaged_files(coord: Coordinator) -> None:
+    """Log every tensor file the registry references (every model version's) that is not whole, at start
+    rather than when it is first read."""
+    store = coord.model.store
+    for sha in store.damaged(coord.registry.referenced_shas()):
+        log.error("tensor file %s is truncated or damaged; restore it from a backup (model versions and updates "
+                  "that use it cannot be read)", store.path(sha))
 
 
 async def _listen(cfg: CoordinatorConfig, server: Server) -> Server:
