@@ -10,8 +10,9 @@ A Heartbeat refreshes the device's ``last_seen`` at most every ``LAST_SEEN_EVERY
 counted as one ``bytes_down`` metric (registry writes are commits on the event loop). A malformed message
 gets ``Error(code)`` and the connection stays open (at most ``MAX_BAD_BEFORE_AUTH`` before authentication).
 Authentication failures get ``Error("auth")`` and the connection is closed.
-A frame above ``max_message_mib`` (above :data:`PRE_LOGIN_MAX_BYTES` before login) is refused by websockets
-itself (close code 1009). Admission control (``coordinator.admission``): connection caps, one session per
+A frame above :data:`PRE_LOGIN_MAX_BYTES` before login, and after it above what an update to the device's
+assignments needs (``coordinator.frame_cap``, never above ``max_message_mib``), is refused by websockets itself
+(close code 1009). Admission control (``coordinator.admission``): connection caps, one session per
 device, a login deadline (``login_timeout_s``), at most :data:`MAX_PRE_LOGIN_MESSAGES` messages before login,
 a per-device message rate, and at most :data:`MAX_QUEUE` frames buffered per connection. A device that closes
 with 1009 right after an Assignment refused it as too big: the coordinator rejects that assignment instead
@@ -37,6 +38,7 @@ from websockets.exceptions import ConnectionClosed
 from coordinator.accept import FirstBytes, Gatekeeper
 from coordinator.admission import Admission, AdmittedConnection, quiet_accept_errors, raise_descriptor_limit
 from coordinator.config import CoordinatorConfig
+from coordinator.frame_cap import frame_cap
 from coordinator.service import Coordinator, Session
 from coordinator.tls import issue_device_certificate, peer_public_key, server_context
 from device_runtime.auth import NonceBook, verify_challenge
@@ -102,7 +104,7 @@ class Connection:
     def __init__(self, coord: Coordinator, ws: AdmittedConnection, nonces: NonceBook):
         self.coord, self.ws, self.nonces = coord, ws, nonces
         self.max_size = coord.cfg.max_message_bytes
-        ws.protocol.max_message_size = PRE_LOGIN_MAX_BYTES  # raised to max_size once logged in
+        ws.protocol.max_message_size = PRE_LOGIN_MAX_BYTES  # raised by allow_frames_for once logged in
         self.device_id: str | None = None  # set once authenticated: bytes moved are counted per device
         self.last_seen = 0.0  # time.monotonic() of the last ``last_seen`` write
         self.revocation_checked = 0.0  # time.monotonic() of the last revocation check (login is one)
@@ -118,10 +120,18 @@ class Connection:
         frame = await asyncio.to_thread(encode, msg, sign=sign) if msg.PAYLOAD else encode(msg)
         if isinstance(msg, (Assignment, BundleData)):
             self.assignment_frame = (msg.update_id, len(frame)) if isinstance(msg, Assignment) else None
+        if isinstance(msg, Assignment):
+            self.allow_frames_for([msg.shape_key.id])
         await self.ws.send(frame)
         if count and self.device_id is not None and isinstance(msg, TRAFFIC):
             self.coord.count_bytes(self.device_id, "bytes_down", len(frame))
         return len(frame)
+
+    def allow_frames_for(self, shape_keys) -> None:
+        """Raise this connection's frame limit to what an update to assignments of ``shape_keys`` needs
+        (``coordinator.frame_cap``); it never shrinks within a connection."""
+        cap = frame_cap(self.coord.bundles, shape_keys, self.max_size)
+        self.ws.protocol.max_message_size = max(self.ws.protocol.max_message_size, cap)
 
     async def error(self, code: str, message: str) -> None:
         await self.send(Error(code=code, message=message[:2000]))
@@ -227,7 +237,7 @@ class Connection:
         older = self.ws.admission.authenticated(self.ws, device.id)
         if older is not None:  # one session per device: the newest wins
             await older.close(CLOSE_POLICY, "replaced by a newer connection of this device")
-        self.ws.protocol.max_message_size = self.max_size
+        self.allow_frames_for(self.coord.registry.device_shape_keys(device.id))
         await self.send(AuthOk())
         log.info("device %s authenticated", device.id)
         self.device_id = device.id

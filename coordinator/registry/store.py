@@ -190,6 +190,13 @@ class Registry:
         with self._session() as s:
             return list(s.scalars(select(Assignment).where(Assignment.round_id == round_id).order_by(Assignment.id)))
 
+    def device_shape_keys(self, device_id: str) -> set[str]:
+        """The shape key ids of every assignment ``device_id`` was ever given (an update it sends, or re-sends
+        after a lost Ack, answers one of them)."""
+        query = select(Assignment.shape_key).where(Assignment.device_id == device_id).distinct()
+        with self._session() as s:
+            return set(s.scalars(query))
+
     @staticmethod
     def _round(s: Session, round_id: int) -> Round:
         row = s.get(Round, round_id)
