@@ -9,9 +9,10 @@ not returned). So websockets' ``serve`` runs without ``ssl``, and its ``create_c
 (a silent connection costs a socket and a few small objects), then runs ``loop.start_tls`` with itself as the
 application protocol, settles the connection's class (client certificate or not) with the admission, builds the
 websockets connection and hands it the TLS transport. When the total cap is full, a new connection closes the
-oldest one that has not sent a byte yet, so connections that never start a handshake cannot lock devices out;
-a peer that closes without sending a byte gets no TLS state at all; at most :data:`MAX_HANDSHAKES` handshakes
-run at once (the oldest beyond it is closed).
+oldest one that has not sent a byte yet (after :data:`GRACE_S`), so connections that never start a handshake
+cannot lock devices out; a peer that closes without sending a byte gets no TLS state at all; at most
+:data:`MAX_HANDSHAKES` handshakes run at once (beyond it the oldest, after :data:`GRACE_S`, is closed, else the
+newcomer).
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ MAX_EARLY_BYTES = 64 << 10  # application bytes a gate holds between the handsha
 # TLS handshakes in progress at once (each holds ~256 KiB of asyncio SSL buffers, which glibc keeps after they
 # are freed); beyond it the oldest is closed: an honest handshake takes milliseconds, a stalled one is oldest.
 MAX_HANDSHAKES = 256
+# A connection is closed to make room for another only once it has waited this long (seconds) in its phase: a
+# burst of accepts within one loop iteration must not close an honest peer before its first bytes could arrive.
+GRACE_S = 1.0
 
 
 class FirstBytes:
@@ -72,6 +76,14 @@ def peer_closed(fd: int) -> bool:
         sock.detach()
 
 
+def _oldest(gates: dict[Gate, None]) -> Gate | None:
+    """The first of ``gates`` (oldest first) if it has waited :data:`GRACE_S` in its phase, else None."""
+    oldest = next(iter(gates), None)
+    if oldest is None or asyncio.get_running_loop().time() - oldest.since < GRACE_S:
+        return None
+    return oldest
+
+
 class Gatekeeper:
     """What every :class:`Gate` of one server shares.
 
@@ -91,21 +103,25 @@ class Gatekeeper:
         self.handshakes: dict[Gate, None] = {}  # gates in their TLS handshake, oldest first
 
     def make_room(self) -> bool:
-        """Close the oldest connection that has sent nothing yet; False if there is none."""
-        if not self.silent:
+        """Close the oldest connection that has sent nothing for :data:`GRACE_S`; False if there is none."""
+        oldest = _oldest(self.silent)
+        if oldest is None:
             return False
-        oldest = next(iter(self.silent))
         oldest.transport.abort()
         oldest.release()
         return True
 
-    def begin_handshake(self, gate: Gate) -> None:
-        """Count ``gate``'s handshake; close the oldest one in progress if :data:`MAX_HANDSHAKES` already are."""
+    def begin_handshake(self, gate: Gate) -> bool:
+        """Count ``gate``'s handshake; at :data:`MAX_HANDSHAKES` first close the oldest one in progress for
+        :data:`GRACE_S`. False (nothing counted) if there is none: close ``gate``."""
         if len(self.handshakes) >= MAX_HANDSHAKES:
-            oldest = next(iter(self.handshakes))
+            oldest = _oldest(self.handshakes)
+            if oldest is None:
+                return False
             del self.handshakes[oldest]
             oldest.transport.abort()  # its start_tls fails and releases it
         self.handshakes[gate] = None
+        return True
 
     def close(self) -> None:
         """Abort the connections still in their handshake (the server stops)."""
@@ -128,6 +144,7 @@ class Gate(asyncio.Protocol):
         self.place: Place | None = None  # counted in the admission until released or handed over
         self.transport: asyncio.Transport | None = None
         self.fd, self.deadline, self.tls_task = -1, None, None
+        self.since = 0.0  # loop time this gate began waiting for its first bytes, then for its handshake
         self.early: list[bytes] = []  # application data read by the TLS layer before the hand-over
         self.early_eof = False
 
@@ -143,7 +160,7 @@ class Gate(asyncio.Protocol):
             self.hand_over(transport, certified=False)
             return
         loop = asyncio.get_running_loop()
-        self.deadline = loop.call_later(self.keeper.timeout_s, self.expire)
+        self.since, self.deadline = loop.time(), loop.call_later(self.keeper.timeout_s, self.expire)
         transport.pause_reading()
         self.fd = transport.get_extra_info("socket").fileno()
         self.keeper.first_bytes.watch(self.fd, self.start_tls)
@@ -157,7 +174,11 @@ class Gate(asyncio.Protocol):
             self.transport.abort()
             self.release()
             return
-        self.keeper.begin_handshake(self)
+        if not self.keeper.begin_handshake(self):
+            self.transport.abort()
+            self.release()
+            return
+        self.since = asyncio.get_running_loop().time()
         self.tls_task = asyncio.get_running_loop().create_task(self.handshake())
 
     async def handshake(self) -> None:
