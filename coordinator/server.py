@@ -35,7 +35,7 @@ from pathlib import Path
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
-from coordinator.accept import FirstBytes, Gatekeeper
+from coordinator.accept import FirstBytes, Gatekeeper, deepen_backlog
 from coordinator.admission import Admission, AdmittedConnection, quiet_accept_errors, raise_descriptor_limit
 from coordinator.config import CoordinatorConfig
 from coordinator.frame_cap import frame_cap
@@ -67,6 +67,7 @@ REVOCATION_CHECK_S = 10.0
 # Pending TCP connections the kernel queues for accept() (asyncio's default is 100; Linux caps it at
 # net.core.somaxconn). Measured: 1000 devices (re)connecting at once overflowed a 100-deep queue.
 LISTEN_BACKLOG = 4096
+ACCEPT_BATCH = 64  # connections accepted per event-loop iteration (coordinator.accept.deepen_backlog)
 CLOSE_TOO_BIG = 1009  # websocket close code: a message exceeded the receiver's max_size
 
 
@@ -348,7 +349,8 @@ async def serve_coordinator(cfg: CoordinatorConfig, stop: asyncio.Event, *,
         server = await _listen(cfg, serve(
             handler, cfg.host, cfg.port, compression=None, max_size=cfg.max_message_bytes, max_queue=MAX_QUEUE,
             process_request=http_routes(coord), ping_interval=cfg.heartbeat_s, ping_timeout=3 * cfg.heartbeat_s,
-            backlog=LISTEN_BACKLOG, create_connection=gatekeeper.create_connection))
+            backlog=ACCEPT_BATCH, create_connection=gatekeeper.create_connection))
+        deepen_backlog(server.sockets, LISTEN_BACKLOG)
         try:
             if ready is not None:
                 ready(server.sockets[0].getsockname()[1])
