@@ -10,9 +10,9 @@ not returned). So websockets' ``serve`` runs without ``ssl``, and its ``create_c
 application protocol, settles the connection's class (client certificate or not) with the admission, builds the
 websockets connection and hands it the TLS transport. When the total cap is full, a new connection closes the
 oldest one that has not sent a byte yet (one silent for :data:`GRACE_S`, or any if the newcomer's first bytes
-came with it), so connections that never start a handshake cannot lock devices out; a peer that closes without sending a byte gets no TLS state at all; at most
-:data:`MAX_HANDSHAKES` handshakes run at once (beyond it the oldest, after :data:`GRACE_S`, is closed, else the
-newcomer).
+came with it), so connections that never start a handshake cannot lock devices out; a peer that closes without
+sending a byte gets no TLS state at all; at most :data:`MAX_HANDSHAKES` handshakes run at once (beyond it the
+oldest is closed).
 """
 
 from __future__ import annotations
@@ -33,9 +33,11 @@ MAX_EARLY_BYTES = 64 << 10  # application bytes a gate holds between the handsha
 # TLS handshakes in progress at once (each holds ~256 KiB of asyncio SSL buffers, which glibc keeps after they
 # are freed); beyond it the oldest is closed: an honest handshake takes milliseconds, a stalled one is oldest.
 MAX_HANDSHAKES = 256
-# A connection is closed to make room for another only once it has waited this long (seconds) in its phase: a
-# burst of accepts within one loop iteration must not close an honest peer before its first bytes could arrive.
-GRACE_S = 1.0
+# A silent connection is closed to make room for a newcomer only once it has been silent this long (seconds)
+# since its accept: an honest client sends its ClientHello right behind its TCP handshake, milliseconds later,
+# and a burst of accepts must not close it before that. An attacker then needs max_connections / GRACE_S new
+# connections a second to keep every silent one too young to close.
+GRACE_S = 0.25
 
 
 class FirstBytes:
@@ -91,14 +93,6 @@ def deepen_backlog(listeners: Iterable[socket.socket], backlog: int) -> None:
             sock.detach()
 
 
-def _oldest(gates: dict[Gate, None], grace_s: float = GRACE_S) -> Gate | None:
-    """The first of ``gates`` (oldest first) if it has waited ``grace_s`` in its phase, else None."""
-    oldest = next(iter(gates), None)
-    if oldest is None or asyncio.get_running_loop().time() - oldest.since < grace_s:
-        return None
-    return oldest
-
-
 class Gatekeeper:
     """What every :class:`Gate` of one server shares.
 
@@ -120,24 +114,21 @@ class Gatekeeper:
     def make_room(self, spoke: bool) -> bool:
         """Close the oldest connection that has sent nothing, for :data:`GRACE_S` unless the newcomer ``spoke``
         already (its first bytes came with it: it is no silent connection); False if there is none."""
-        oldest = _oldest(self.silent, 0.0 if spoke else GRACE_S)
-        if oldest is None:
+        oldest = next(iter(self.silent), None)
+        if oldest is None or (not spoke and asyncio.get_running_loop().time() - oldest.accepted < GRACE_S):
             return False
         oldest.transport.abort()
         oldest.release()
         return True
 
-    def begin_handshake(self, gate: Gate) -> bool:
-        """Count ``gate``'s handshake; at :data:`MAX_HANDSHAKES` first close the oldest one in progress for
-        :data:`GRACE_S`. False (nothing counted) if there is none: close ``gate``."""
+    def begin_handshake(self, gate: Gate) -> None:
+        """Count ``gate``'s handshake; at :data:`MAX_HANDSHAKES` first close the oldest one in progress (an
+        honest handshake takes milliseconds: it is closed only if that many began after it meanwhile)."""
         if len(self.handshakes) >= MAX_HANDSHAKES:
-            oldest = _oldest(self.handshakes)
-            if oldest is None:
-                return False
+            oldest = next(iter(self.handshakes))
             del self.handshakes[oldest]
             oldest.transport.abort()  # its start_tls fails and releases it
         self.handshakes[gate] = None
-        return True
 
     def close(self) -> None:
         """Abort the connections still in their handshake (the server stops)."""
@@ -160,7 +151,7 @@ class Gate(asyncio.Protocol):
         self.place: Place | None = None  # counted in the admission until released or handed over
         self.transport: asyncio.Transport | None = None
         self.fd, self.deadline, self.tls_task = -1, None, None
-        self.since = 0.0  # loop time this gate began waiting for its first bytes, then for its handshake
+        self.accepted = 0.0  # loop time of the TCP accept
         self.early: list[bytes] = []  # application data read by the TLS layer before the hand-over
         self.early_eof = False
 
@@ -178,7 +169,7 @@ class Gate(asyncio.Protocol):
             self.hand_over(transport, certified=False)
             return
         loop = asyncio.get_running_loop()
-        self.since, self.deadline = loop.time(), loop.call_later(self.keeper.timeout_s, self.expire)
+        self.accepted, self.deadline = loop.time(), loop.call_later(self.keeper.timeout_s, self.expire)
         transport.pause_reading()
         self.fd = fd
         if first is None:
@@ -195,11 +186,7 @@ class Gate(asyncio.Protocol):
             self.transport.abort()
             self.release()
             return
-        if not self.keeper.begin_handshake(self):
-            self.transport.abort()
-            self.release()
-            return
-        self.since = asyncio.get_running_loop().time()
+        self.keeper.begin_handshake(self)
         self.tls_task = asyncio.get_running_loop().create_task(self.handshake())
 
     async def handshake(self) -> None:
