@@ -11,8 +11,7 @@ application protocol, settles the connection's class (client certificate or not)
 websockets connection and hands it the TLS transport. When the total cap is full, a new connection closes the
 oldest one that has not sent a byte yet (one silent for :data:`GRACE_S`, or any if the newcomer's first bytes
 came with it), so connections that never start a handshake cannot lock devices out; a peer that closes without
-sending a byte gets no TLS state at all; at most :data:`MAX_HANDSHAKES` handshakes run at once (beyond it the
-oldest is closed).
+sending a byte gets no TLS state at all; handshakes take turns (``coordinator.handshake_slots``).
 """
 
 from __future__ import annotations
@@ -27,12 +26,10 @@ import ssl
 from collections.abc import Callable, Iterable
 
 from coordinator.admission import Admission, AdmittedConnection, Place
+from coordinator.handshake_slots import HandshakeSlots
 
 log = logging.getLogger("fedmoe.coord")
 MAX_EARLY_BYTES = 64 << 10  # application bytes a gate holds between the handshake and the hand-over
-# TLS handshakes in progress at once (each holds ~256 KiB of asyncio SSL buffers, which glibc keeps after they
-# are freed); beyond it the oldest is closed: an honest handshake takes milliseconds, a stalled one is oldest.
-MAX_HANDSHAKES = 256
 # A silent connection is closed to make room for a newcomer only once it has been silent this long (seconds)
 # since its accept: an honest client sends its ClientHello right behind its TCP handshake, milliseconds later,
 # and a burst of accepts must not close it before that. An attacker then needs max_connections / GRACE_S new
@@ -109,7 +106,7 @@ class Gatekeeper:
                                                                           handshake_timeout_s, first_bytes)
         self.pending: set[Gate] = set()  # gates not yet handed over or released
         self.silent: dict[Gate, None] = {}  # gates waiting for their first bytes, oldest first
-        self.handshakes: dict[Gate, None] = {}  # gates in their TLS handshake, oldest first
+        self.slots = HandshakeSlots(asyncio.get_running_loop())
 
     def make_room(self, spoke: bool) -> bool:
         """Close the oldest connection that has sent nothing, for :data:`GRACE_S` unless the newcomer ``spoke``
@@ -121,20 +118,12 @@ class Gatekeeper:
         oldest.release()
         return True
 
-    def begin_handshake(self, gate: Gate) -> None:
-        """Count ``gate``'s handshake; at :data:`MAX_HANDSHAKES` first close the oldest one in progress (an
-        honest handshake takes milliseconds: it is closed only if that many began after it meanwhile)."""
-        if len(self.handshakes) >= MAX_HANDSHAKES:
-            oldest = next(iter(self.handshakes))
-            del self.handshakes[oldest]
-            oldest.transport.abort()  # its start_tls fails and releases it
-        self.handshakes[gate] = None
-
     def close(self) -> None:
         """Abort the connections still in their handshake (the server stops)."""
         for gate in list(self.pending):
             gate.transport.abort()
             gate.release()
+        self.slots.close()
         self.first_bytes.close()
 
     def create_connection(self, *args, **kwargs) -> Gate:
@@ -186,13 +175,16 @@ class Gate(asyncio.Protocol):
             self.transport.abort()
             self.release()
             return
-        self.keeper.begin_handshake(self)
+        self.keeper.slots.request(self)
+
+    def launch(self) -> None:
+        """Start the TLS handshake (``coordinator.handshake_slots`` gave it a slot)."""
         self.tls_task = asyncio.get_running_loop().create_task(self.handshake())
 
     async def handshake(self) -> None:
         loop = asyncio.get_running_loop()
-        if self.transport.is_closing():  # closed before this task ran (start_tls would then wait forever)
-            self.release()
+        if self.transport.is_closing() or peek(self.transport.get_extra_info("socket").fileno()) == b"":
+            self.release()  # closed before its turn came (start_tls would then wait forever), or by its peer
             return
         try:
             tls = await loop.start_tls(self.transport, self, self.keeper.context, server_side=True,
@@ -210,7 +202,7 @@ class Gate(asyncio.Protocol):
         if self.deadline is not None:
             self.deadline.cancel()
         self.keeper.pending.discard(self)
-        self.keeper.handshakes.pop(self, None)
+        self.keeper.slots.done(self)
         place, self.place = self.place, None
         if place is None or transport.is_closing():
             if place is not None:
@@ -228,9 +220,9 @@ class Gate(asyncio.Protocol):
             connection.eof_received()
 
     def expire(self) -> None:
-        """The handshake deadline passed: a socket still silent is closed (a handshake in progress is closed
-        by ``start_tls``'s own timeout)."""
-        if self.fd >= 0:
+        """The handshake deadline passed: a socket still silent, or still waiting for a handshake slot, is closed
+        (a handshake in progress is closed by ``start_tls``'s own timeout)."""
+        if self.tls_task is None:
             self.transport.abort()
             self.release()
 
@@ -239,7 +231,7 @@ class Gate(asyncio.Protocol):
             self.deadline.cancel()
         self.keeper.pending.discard(self)
         self.keeper.silent.pop(self, None)
-        self.keeper.handshakes.pop(self, None)
+        self.keeper.slots.done(self)
         if self.fd >= 0:
             self.keeper.first_bytes.forget(self.fd)
             self.fd = -1

@@ -121,7 +121,7 @@ def test_stalled_handshakes_are_bounded_and_freed(roomy, monkeypatch):
     """Connections that send one byte and stall: at most MAX_HANDSHAKES TLS states at once, none left once
     they close. A version of this code evicted handshakes whose task had not run yet; their start_tls then
     waited forever, each holding its SSL buffers."""
-    monkeypatch.setattr("coordinator.accept.MAX_HANDSHAKES", 16)
+    monkeypatch.setattr("coordinator.handshake_slots.MAX_HANDSHAKES", 16)
     with contextlib.ExitStack() as stack:
         for i in range(200):
             stack.enter_context(silent(roomy, f"127.0.7.{i % 10 + 1}")).sendall(b"\x16")
@@ -130,6 +130,25 @@ def test_stalled_handshakes_are_bounded_and_freed(roomy, monkeypatch):
     time.sleep(0.5)
     gc.collect()
     assert _tls_states() == 0
+
+
+def test_a_herd_of_handshakes_waits_its_turn(roomy, monkeypatch):
+    """60 peers handshaking at once with room for 4 handshakes: all get through. A version of this code closed
+    the oldest handshake for each newcomer beyond the bound: 1,000 devices at once, 744 reset."""
+    monkeypatch.setattr("coordinator.handshake_slots.MAX_HANDSHAKES", 4)
+    context = client_context(roomy.url, ca_pem=Path(roomy.cfg.tls_ca_cert).read_bytes())
+
+    async def one(i):
+        sock = socket.create_connection(("127.0.0.1", roomy.port), timeout=10,
+                                        source_address=(f"127.0.8.{i % 10 + 1}", 0))
+        sock.setblocking(False)
+        async with connect(roomy.url, sock=sock, ssl=context, compression=None, open_timeout=30):
+            return True
+
+    async def herd():
+        return await asyncio.gather(*(one(i) for i in range(60)), return_exceptions=True)
+
+    assert asyncio.run(herd()) == [True] * 60
 
 
 def _tls_states() -> int:
