@@ -27,7 +27,9 @@ from rich.table import Table
 from android_harness import control
 from android_harness.deploy import DeployOptions, deploy
 from android_harness.targets import parse_target
+from device_runtime.auth import DEVICE_NAME_RULE, check_device_name
 from device_runtime.cli_errors import run_cli
+from device_runtime.errors import ConfigError
 
 console = Console(stderr=True)
 
@@ -59,12 +61,20 @@ def main():
     """Deploy and control the fedmoe device runtime on a Raspberry Pi / Linux box (ssh) or Android (adb)."""
 
 
+def _device_name(value: str) -> str:
+    try:
+        return check_device_name(value)
+    except ConfigError as exc:
+        raise click.BadParameter(str(exc)) from exc
+
+
 @main.command(name="deploy")
 @_target_options
 @click.option("--coordinator", required=True, metavar="URL",
               help="The coordinator as the DEVICE reaches it, ws://HOST:PORT or wss://HOST:PORT (checked from the "
                    "device before anything is installed).")
-@click.option("--name", required=True, help="The device's name at the coordinator ([A-Za-z0-9][A-Za-z0-9_.-]*).")
+@click.option("--name", required=True, callback=lambda ctx, param, value: _device_name(value),
+              help=f"The device's name at the coordinator ({DEVICE_NAME_RULE}).")
 @click.option("--data", type=click.Path(dir_okay=False, exists=True, path_type=Path),
               help="Local JSONL training data to copy to the device (ROOT/data.jsonl).")
 @click.option("--device-data", metavar="PATH", help="JSONL training data already on the device (instead of --data).")

@@ -20,6 +20,8 @@ from __future__ import annotations
 import shlex
 from dataclasses import dataclass
 
+from android_harness.errors import DeployError
+
 q = shlex.quote
 RESTART_DELAY_S = 10
 STOP_TIMEOUT_S = 30
@@ -108,22 +110,46 @@ exit 0
 
 
 def systemd_unit(layout: Layout, name: str) -> str:
-    """A systemd user unit that runs ``run.sh``, restarts it on failure and appends to ``device.log``."""
+    """A systemd user unit that runs ``run.sh``, restarts it on failure and appends to ``device.log``.
+
+    Raises:
+        DeployError: ``name`` or the layout's paths hold a line break or a control character.
+    """
     return f"""[Unit]
-Description=fedmoe device runtime ({name}), installed by fedmoe-android
+Description=fedmoe device runtime ({unit_text(name)}), installed by fedmoe-android
 After=network-online.target
 
 [Service]
-ExecStart=/bin/sh {layout.root}/run.sh
+ExecStart=/bin/sh {unit_word(layout.root + "/run.sh")}
 Restart=on-failure
 RestartSec={RESTART_DELAY_S}
 TimeoutStopSec={STOP_TIMEOUT_S}
-StandardOutput=append:{layout.log}
-StandardError=append:{layout.log}
+StandardOutput=append:{unit_text(layout.log)}
+StandardError=append:{unit_text(layout.log)}
 
 [Install]
 WantedBy=default.target
 """
+
+
+def unit_text(value: str) -> str:
+    """``value`` as literal text in a systemd unit setting (``%`` starts a specifier: doubled).
+
+    Raises:
+        DeployError: ``value`` holds a line break or another control character (it would end the setting).
+    """
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise DeployError(f"{value!r} holds a control character, which a systemd unit cannot hold; pick another")
+    return value.replace("%", "%%")
+
+
+def unit_word(value: str) -> str:
+    """``value`` as one argument of a systemd ``ExecStart=`` line: double-quoted, ``\\`` and ``"`` escaped.
+
+    Raises:
+        DeployError: as :func:`unit_text`.
+    """
+    return '"' + unit_text(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def systemd_scripts(unit: str, log: str) -> dict[str, str]:

@@ -172,14 +172,16 @@ class Campaign:
             return f"closed {exc.rcvd.code if exc.rcvd else 'abruptly'}"
 
 
-async def sample(pid: int, port: int, stop: asyncio.Event, rss: list, latency: list) -> None:
+async def sample(pid: int, healthz: str, stop: asyncio.Event, rss: list, latency: list, context=None) -> None:
+    """Until ``stop``: the server's RSS (MiB) every 0.5 s into ``rss``, ``GET healthz`` latency (ms, inf when
+    refused; verified with the ssl ``context`` for https) every 0.25 s into ``latency``."""
     proc, tick = psutil.Process(pid), 0
     while not stop.is_set():
         if tick % 2 == 0:
             rss.append(proc.memory_info().rss / MIB)
         start = time.perf_counter()
         try:
-            await asyncio.to_thread(urllib.request.urlopen, f"http://127.0.0.1:{port}/healthz", timeout=10)
+            await asyncio.to_thread(urllib.request.urlopen, healthz, timeout=10, context=context)
             latency.append((time.perf_counter() - start) * 1000)
         except OSError:
             latency.append(float("inf"))
@@ -213,9 +215,10 @@ async def first_assignment(url, creds, profile, timeout=180) -> Assignment:
         return await _log_in_and_await_assignment(ws, creds, profile, timeout)
 
 
-async def final_check(url, creds, cfg) -> str:
-    """A real device logs in after the campaign, gets an assignment and its update is acked: the server serves."""
-    async with connect(url, max_size=64 * MIB, compression=None) as ws:
+async def final_check(url, creds, cfg, context=None) -> str:
+    """A real device logs in (over TLS with the ssl ``context`` for wss://), gets an assignment and its update
+    is acked: the server serves."""
+    async with connect(url, ssl=context, max_size=64 * MIB, compression=None) as ws:
         assignment = await _log_in_and_await_assignment(ws, creds, PROFILE, 180)
         manifest = Manifest.from_json((Path(cfg.state_dir) / "bundles" / assignment.shape_key.id /
                                        "manifest.json").read_text())
@@ -235,7 +238,7 @@ async def run(opts, cfg, pid) -> int:
                                   .read_text())
     campaign = Campaign(url, random.Random(opts.seed), assignment, manifest, fuzzer)
     stop, rss, latency = asyncio.Event(), [], []
-    sampler = asyncio.create_task(sample(pid, cfg.port, stop, rss, latency))
+    sampler = asyncio.create_task(sample(pid, f"http://127.0.0.1:{cfg.port}/healthz", stop, rss, latency))
     start = time.perf_counter()
     post = opts.messages // 5
     workers = [campaign.worker(PRE_LOGIN, opts.messages - post) for _ in range(opts.concurrency)]

@@ -11,6 +11,8 @@ Example (``fedmoe-coord init`` writes one)::
     max_connections = 4096                  # connections in total (also capped by the descriptor limit)
     max_unauthenticated_per_address = 32    # connections per address that have not logged in yet
     login_timeout_s = 30                    # seconds from TCP accept to a completed login
+    handshake_timeout_s = 10                # seconds from TCP accept to a completed TLS handshake
+    certified_share = 0.25                  # share of max_connections only client-certified peers may use
     strategy = "hfedmoe"
     min_fit_clients = 2
     max_fit_clients = 10
@@ -77,8 +79,10 @@ class CoordinatorConfig:
         checkpoint: MoE checkpoint directory. state_dir: coordinator state (tensors, bundles, statistics).
         database_url: SQLAlchemy URL of the registry ("" = SQLite file in ``state_dir``).
         host, port: where to listen (port 0: any free port). max_message_mib: largest websocket message (MiB).
-        max_connections, max_unauthenticated_per_address, login_timeout_s: admission control
-            (``coordinator.admission``; seconds).
+        max_connections, max_unauthenticated_per_address, login_timeout_s, handshake_timeout_s,
+            certified_share: admission control (``coordinator.admission``, ``coordinator.accept``; seconds;
+            certified_share is the fraction of max_connections kept for peers that present a client
+            certificate of this CA, with mutual TLS only).
         strategy, strategy_params: aggregation strategy name and keyword arguments.
         min_fit_clients, max_fit_clients, fraction_fit: client selection per round.
         round_deadline_s: seconds a round waits for updates. max_round_attempts: consecutive failed rounds
@@ -112,6 +116,8 @@ class CoordinatorConfig:
     max_connections: int = 4096
     max_unauthenticated_per_address: int = 32
     login_timeout_s: float = 30.0
+    handshake_timeout_s: float = 10.0
+    certified_share: float = 0.25
     strategy: str = "hfedmoe"
     strategy_params: dict = field(default_factory=dict)
     min_fit_clients: int = 2
@@ -196,6 +202,8 @@ def _check(cfg: CoordinatorConfig) -> None:
         (cfg.max_connections < 1 or cfg.max_unauthenticated_per_address < 1,
          "max_connections and max_unauthenticated_per_address must be >= 1"),
         (not cfg.login_timeout_s > 0, "login_timeout_s must be > 0"),
+        (not cfg.handshake_timeout_s > 0, "handshake_timeout_s must be > 0"),
+        (not 0 <= cfg.certified_share < 1, f"certified_share must be in [0, 1), got {cfg.certified_share}"),
         (not isinstance(cfg.keep_update_tensors, bool), "keep_update_tensors must be true or false"),
         (cfg.fit.logit_adjustment > 0 and len(set(cfg.fit.labels or ())) < 2,
          "[fit] logit_adjustment needs labels = [...], the candidate labels (at least two)"),

@@ -10,8 +10,9 @@ A Heartbeat refreshes the device's ``last_seen`` at most every ``LAST_SEEN_EVERY
 counted as one ``bytes_down`` metric (registry writes are commits on the event loop). A malformed message
 gets ``Error(code)`` and the connection stays open (at most ``MAX_BAD_BEFORE_AUTH`` before authentication).
 Authentication failures get ``Error("auth")`` and the connection is closed.
-A frame above ``max_message_mib`` (above :data:`PRE_LOGIN_MAX_BYTES` before login) is refused by websockets
-itself (close code 1009). Admission control (``coordinator.admission``): connection caps, one session per
+A frame above :data:`PRE_LOGIN_MAX_BYTES` before login, and after it above what an update to the device's
+assignments needs (``coordinator.frame_cap``, never above ``max_message_mib``), is refused by websockets itself
+(close code 1009). Admission control (``coordinator.admission``): connection caps, one session per
 device, a login deadline (``login_timeout_s``), at most :data:`MAX_PRE_LOGIN_MESSAGES` messages before login,
 a per-device message rate, and at most :data:`MAX_QUEUE` frames buffered per connection. A device that closes
 with 1009 right after an Assignment refused it as too big: the coordinator rejects that assignment instead
@@ -23,7 +24,6 @@ cleanly (:func:`run`).
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import signal
 import ssl
@@ -32,11 +32,13 @@ from collections.abc import Callable
 from http import HTTPStatus
 from pathlib import Path
 
-from websockets.asyncio.server import ServerConnection, serve
+from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
+from coordinator.accept import FirstBytes, Gatekeeper, deepen_backlog
 from coordinator.admission import Admission, AdmittedConnection, quiet_accept_errors, raise_descriptor_limit
 from coordinator.config import CoordinatorConfig
+from coordinator.frame_cap import frame_cap
 from coordinator.service import Coordinator, Session
 from coordinator.tls import issue_device_certificate, peer_public_key, server_context
 from device_runtime.auth import NonceBook, verify_challenge
@@ -65,6 +67,7 @@ REVOCATION_CHECK_S = 10.0
 # Pending TCP connections the kernel queues for accept() (asyncio's default is 100; Linux caps it at
 # net.core.somaxconn). Measured: 1000 devices (re)connecting at once overflowed a 100-deep queue.
 LISTEN_BACKLOG = 4096
+ACCEPT_BATCH = 64  # connections accepted per event-loop iteration (coordinator.accept.deepen_backlog)
 CLOSE_TOO_BIG = 1009  # websocket close code: a message exceeded the receiver's max_size
 
 
@@ -102,7 +105,7 @@ class Connection:
     def __init__(self, coord: Coordinator, ws: AdmittedConnection, nonces: NonceBook):
         self.coord, self.ws, self.nonces = coord, ws, nonces
         self.max_size = coord.cfg.max_message_bytes
-        ws.protocol.max_message_size = PRE_LOGIN_MAX_BYTES  # raised to max_size once logged in
+        ws.protocol.max_message_size = PRE_LOGIN_MAX_BYTES  # raised by allow_frames_for once logged in
         self.device_id: str | None = None  # set once authenticated: bytes moved are counted per device
         self.last_seen = 0.0  # time.monotonic() of the last ``last_seen`` write
         self.revocation_checked = 0.0  # time.monotonic() of the last revocation check (login is one)
@@ -118,10 +121,18 @@ class Connection:
         frame = await asyncio.to_thread(encode, msg, sign=sign) if msg.PAYLOAD else encode(msg)
         if isinstance(msg, (Assignment, BundleData)):
             self.assignment_frame = (msg.update_id, len(frame)) if isinstance(msg, Assignment) else None
+        if isinstance(msg, Assignment):
+            self.allow_frames_for([msg.shape_key.id])
         await self.ws.send(frame)
         if count and self.device_id is not None and isinstance(msg, TRAFFIC):
             self.coord.count_bytes(self.device_id, "bytes_down", len(frame))
         return len(frame)
+
+    def allow_frames_for(self, shape_keys) -> None:
+        """Raise this connection's frame limit to what an update to assignments of ``shape_keys`` needs
+        (``coordinator.frame_cap``); it never shrinks within a connection."""
+        cap = frame_cap(self.coord.bundles, shape_keys, self.max_size)
+        self.ws.protocol.max_message_size = max(self.ws.protocol.max_message_size, cap)
 
     async def error(self, code: str, message: str) -> None:
         await self.send(Error(code=code, message=message[:2000]))
@@ -190,7 +201,17 @@ class Connection:
         return None
 
     async def enrol(self, msg: Enrol) -> None:
-        device = self.coord.registry.redeem_token(msg.token, msg.name, msg.profile, msg.public_key)
+        """Redeem the token. Raises AuthError (refused), ProtocolError (too many failed enrolments from this
+        address, ``coordinator.admission``)."""
+        admission, address = self.ws.admission, self.ws.place.address
+        if not admission.may_enrol(address):
+            raise ProtocolError("rate", "too many failed enrolments from this address; wait a minute, then "
+                                        "enrol with a fresh token from `fedmoe-coord enroll`")
+        try:
+            device = self.coord.registry.redeem_token(msg.token, msg.name, msg.profile, msg.public_key)
+        except AuthError:
+            admission.enrol_failed(address)
+            raise
         log.info("enrolled device %s (%s)", device.id, msg.name)
         await self.send(EnrolOk(device_id=device.id))
 
@@ -217,7 +238,7 @@ class Connection:
         older = self.ws.admission.authenticated(self.ws, device.id)
         if older is not None:  # one session per device: the newest wins
             await older.close(CLOSE_POLICY, "replaced by a newer connection of this device")
-        self.ws.protocol.max_message_size = self.max_size
+        self.allow_frames_for(self.coord.registry.device_shape_keys(device.id))
         await self.send(AuthOk())
         log.info("device %s authenticated", device.id)
         self.device_id = device.id
@@ -311,19 +332,26 @@ async def serve_coordinator(cfg: CoordinatorConfig, stop: asyncio.Event, *,
     """Serve until ``stop`` is set; ``ready(port)`` is called once listening (port 0 picks a free one).
 
     Raises:
-        ConfigError: the state directory is not initialised, the config is invalid, or it names no TLS
-            files and does not set ``insecure``.
+        ConfigError: the state directory is not initialised, the config is invalid, it names no TLS
+            files and does not set ``insecure``, the registry is not readable, or the port cannot be bound.
     """
     context = _ssl_context(cfg)
     coord, nonces = Coordinator.from_config(cfg), NonceBook()
-    admission = Admission(cfg.max_connections, cfg.max_unauthenticated_per_address)
+    _report_damaged_files(coord)
+    admission = Admission(cfg.max_connections, cfg.max_unauthenticated_per_address,
+                          cfg.certified_share if cfg.mutual_tls else 0.0)
+    loop = asyncio.get_running_loop()
+    gatekeeper = Gatekeeper(admission, context, cfg.handshake_timeout_s, FirstBytes(loop))
     handler = lambda ws: Connection(coord, ws, nonces).run()  # noqa: E731
-    quiet_accept_errors(asyncio.get_running_loop())
+    quiet_accept_errors(loop)
     try:
-        async with serve(handler, cfg.host, cfg.port, compression=None, max_size=cfg.max_message_bytes,
-                         max_queue=MAX_QUEUE, process_request=http_routes(coord), ssl=context,
-                         ping_interval=cfg.heartbeat_s, ping_timeout=3 * cfg.heartbeat_s, backlog=LISTEN_BACKLOG,
-                         create_connection=functools.partial(AdmittedConnection, admission=admission)) as server:
+        # no ssl= here: the gatekeeper starts TLS on admitted connections (coordinator.accept)
+        server = await _listen(cfg, serve(
+            handler, cfg.host, cfg.port, compression=None, max_size=cfg.max_message_bytes, max_queue=MAX_QUEUE,
+            process_request=http_routes(coord), ping_interval=cfg.heartbeat_s, ping_timeout=3 * cfg.heartbeat_s,
+            backlog=ACCEPT_BATCH, create_connection=gatekeeper.create_connection))
+        deepen_backlog(server.sockets, LISTEN_BACKLOG)
+        try:
             if ready is not None:
                 ready(server.sockets[0].getsockname()[1])
             rounds = asyncio.create_task(coord.run_rounds(stop))
@@ -332,8 +360,30 @@ async def serve_coordinator(cfg: CoordinatorConfig, stop: asyncio.Event, *,
             finally:
                 rounds.cancel()
                 await asyncio.gather(rounds, return_exceptions=True)
+        finally:  # what ``async with serve(...)`` does on exit
+            server.close()
+            await server.wait_closed()
     finally:
+        gatekeeper.close()
         coord.close()
+
+
+def _report_damaged_files(coord: Coordinator) -> None:
+    """Log every tensor file the registry references (every model version's) that is not whole, at start
+    rather than when it is first read."""
+    store = coord.model.store
+    for sha in store.damaged(coord.registry.referenced_shas()):
+        log.error("tensor file %s is truncated or damaged; restore it from a backup (model versions and updates "
+                  "that use it cannot be read)", store.path(sha))
+
+
+async def _listen(cfg: CoordinatorConfig, server: Server) -> Server:
+    """``server`` listening. Raises ConfigError: the address cannot be bound (in use, or not this machine's)."""
+    try:
+        return await server
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on {cfg.host}:{cfg.port}: {exc.strerror or exc}; stop the process using "
+                          "that port (`ss -ltnp`) or set another port (config `port`, or `serve --port`)") from exc
 
 
 def run(cfg: CoordinatorConfig, *, ready: Callable[[int], None] | None = None) -> None:

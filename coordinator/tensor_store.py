@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
+from safetensors import SafetensorError, safe_open
 
 from device_runtime.errors import ModelError
 from device_runtime.files import atomic_write
@@ -83,6 +84,22 @@ class TensorStore:
                 continue
             freed += size
         return freed
+
+    def damaged(self, shas: Iterable[str]) -> list[str]:
+        """Those of ``shas`` whose file is present but not whole: its safetensors header does not cover the file
+        (a truncated copy, say). Reads only each header, so it suits a start-up check of every version; a full
+        sha256 check happens on every :meth:`get`."""
+        bad = []
+        for sha in sorted(set(shas)):
+            path = self.path(sha)
+            if not path.is_file():
+                continue
+            try:
+                with safe_open(str(path), framework="numpy"):
+                    pass
+            except (SafetensorError, OSError):
+                bad.append(sha)
+        return bad
 
     def shas(self) -> set[str]:
         """The sha256 of every file in the store."""

@@ -35,6 +35,7 @@ import base64
 import hashlib
 import json
 import os
+import re
 import secrets
 import stat
 import threading
@@ -48,7 +49,22 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from device_runtime.files import atomic_write
-from device_runtime.errors import AuthError
+from device_runtime.errors import AuthError, ConfigError
+
+DEVICE_NAME_RULE = "[A-Za-z0-9][A-Za-z0-9_.-]*, at most 100 characters"
+
+
+def check_device_name(name: str) -> str:
+    """``name`` if a device may enrol under it (:data:`DEVICE_NAME_RULE`: it is safe in file names, shell
+    words and systemd unit names).
+
+    Raises:
+        ConfigError: it breaks the rule.
+    """
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}", name):
+        raise ConfigError(f"device name {name!r} must match {DEVICE_NAME_RULE}; pick another name")
+    return name
+
 
 TOKEN_BYTES = 32
 NONCE_BYTES = 32

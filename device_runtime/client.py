@@ -27,7 +27,6 @@ import asyncio
 import logging
 import os
 import random
-import re
 import shutil
 import signal
 import ssl
@@ -38,7 +37,7 @@ from pathlib import Path
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
-from device_runtime.auth import Credentials, generate_keypair, save_credentials, sign_challenge
+from device_runtime.auth import Credentials, check_device_name, generate_keypair, save_credentials, sign_challenge
 from device_runtime.backends import select_backend
 from device_runtime.bundle_cache import BundleCache
 from device_runtime.data import DEFAULT_TEMPLATE
@@ -127,8 +126,7 @@ async def enroll(url: str, token: str, name: str, *, credentials_path: str | Pat
         ConfigError: bad URL, name or CA file, or a fingerprint with a ws:// URL.
         ProtocolError / OSError / websockets errors: the exchange failed (nothing is written).
     """
-    if not _valid_name(name):
-        raise ConfigError(f"device name {name!r} must match [A-Za-z0-9][A-Za-z0-9_.-]* (at most 100 characters)")
+    check_device_name(name)
     secret, fingerprint = split_token(token)
     if fingerprint is not None and not url.startswith("wss://"):
         raise ConfigError(f"this token is for a TLS coordinator (it ends in a CA fingerprint): use wss://, not {url}")
@@ -176,10 +174,6 @@ def _verifier(creds: Credentials) -> Verifier | None:
                 "and assignments are NOT signature-checked; enrol with a token of a coordinator made by "
                 "`fedmoe-coord init` to verify them")
     return None
-
-
-def _valid_name(name: str) -> bool:
-    return bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}", name))
 
 
 @dataclass(frozen=True)

@@ -30,11 +30,12 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("torch")  # the coordinator exports the bundle
+from apt_sources import debian_mirror  # noqa: E402
 from helpers import REPO, build_lock, lite_requirements, one_round_federation, run_cli_device_round  # noqa: E402
 
 pytestmark = pytest.mark.slow
 QEMU = Path(os.environ.get("FEDMOE_QEMU_AARCH64", "/opt/qemu-user-10/usr/bin/qemu-aarch64"))
-SUITE, MIRROR = "trixie", "http://deb.debian.org/debian"
+SUITE = "trixie"
 PYTHON = "usr/bin/python3.13"
 SITE = "opt/fedmoe-site"
 PLATFORMS = ("manylinux_2_39_aarch64", "manylinux_2_28_aarch64", "manylinux2014_aarch64")
@@ -57,7 +58,7 @@ def _arm64_root(cache: Path) -> Path:
             pytest.skip("debootstrap is missing: run .ci/setup.d/30-aarch64.sh")
         shutil.rmtree(root, ignore_errors=True)
         _run("debootstrap", "--arch=arm64", "--foreign", "--variant=minbase", "--include=python3", SUITE, root,
-             MIRROR)
+             debian_mirror())
         for deb in sorted((root / "var/cache/apt/archives").glob("*.deb")):
             _run("dpkg-deb", "-x", deb, root)
             deb.unlink()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 from dataclasses import replace
 from pathlib import Path
 
@@ -129,3 +130,18 @@ def test_model_export(coord, tmp_path):
     result = cli(coord, "model", "export", str(tmp_path / "merged"))
     assert result.exit_code == 0, result.output
     assert (tmp_path / "merged" / "config.json").is_file() and (tmp_path / "merged" / "tokenizer.json").is_file()
+
+
+def test_enroll_refuses_a_name_no_device_can_enrol_with(coord):
+    result = cli(coord, "enroll", "--name", "pi kitchen")
+    assert isinstance(result.exception, ConfigError) and "device name 'pi kitchen' must match" in str(result.exception)
+
+
+def test_serve_on_a_busy_port_is_one_clear_error(coord):
+    """Old code: asyncio's OSError traceback."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        result = cli(coord, "serve", "--port", str(busy.getsockname()[1]))
+    assert isinstance(result.exception, ConfigError), result.exception
+    assert "address already in use; stop the process using that port" in str(result.exception)

@@ -74,3 +74,30 @@ def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
 def test_put_rejects_non_wire_tensors(tmp_path):
     with pytest.raises(ProtocolError):
         TensorStore(tmp_path).put({"w": np.zeros(2, dtype=np.float64)})
+
+
+def test_damaged_finds_truncated_files_from_their_header_alone(tmp_path):
+    store = TensorStore(tmp_path / "tensors")
+    whole, cut = store.put(W), store.put({"other": np.zeros(64, dtype=np.float32)})
+    data = store.path(cut).read_bytes()
+    store.path(cut).write_bytes(data[:-10])
+    absent = "0" * 64
+    assert store.damaged([whole, cut, absent]) == [cut]  # an absent file is "missing", not damaged
+
+
+def test_serve_reports_a_truncated_older_version_at_start(tmp_path, caplog):
+    """Old code found it only when the version was read (an export, a comparison)."""
+    pytest.importorskip("torch")
+    from helpers import ServerThread, initialised_coordinator
+
+    from coordinator.federation import tensor_store
+    from coordinator.registry import Registry
+
+    cfg = initialised_coordinator(tmp_path, tmp_path / "state")
+    registry, store = Registry(cfg.registry_url), tensor_store(cfg)
+    old = registry.latest_model_version().tensor_sha256
+    registry.add_model_version(store.put({n: a + 1 for n, a in store.load(old).items()}))  # version 1
+    registry.close()
+    store.path(old).write_bytes(store.path(old).read_bytes()[:1000])
+    ServerThread(cfg).stop()
+    assert f"tensor file {store.path(old)} is truncated or damaged; restore it from a backup" in caplog.text

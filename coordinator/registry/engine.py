@@ -10,6 +10,7 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, Engine, create_engine, event, inspect
+from sqlalchemy.exc import DatabaseError
 
 from coordinator.registry.tables import SCHEMA_REVISION, Base
 from device_runtime.errors import ConfigError
@@ -45,9 +46,17 @@ def ensure_schema(engine: Engine) -> None:
     database at once: each upgrade runs in one transaction.
 
     Raises:
-        ConfigError: the database was written by a newer fedmoe (upgrade fedmoe), or holds fedmoe-like
-            tables but no version (not a registry).
+        ConfigError: the database was written by a newer fedmoe (upgrade fedmoe), holds fedmoe-like tables
+            but no version (not a registry), or cannot be read (corrupted, not a database, no permission).
     """
+    try:
+        _migrate(engine)
+    except DatabaseError as exc:
+        raise ConfigError(f"cannot read the registry {engine.url.render_as_string()}: {exc.orig or exc}; restore it "
+                          "from a backup, or point database_url in the coordinator's config at a good one") from exc
+
+
+def _migrate(engine: Engine) -> None:
     with engine.begin() as conn:
         config = _alembic_config(conn)
         current = MigrationContext.configure(conn).get_current_revision()

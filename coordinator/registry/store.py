@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from coordinator.registry.engine import ensure_schema, make_engine
 from coordinator.registry.tables import Assignment, Device, EnrolToken, Metric, ModelVersion, Round, Update
-from device_runtime.auth import check_public_key, hash_token, new_enrol_token
+from device_runtime.auth import check_device_name, check_public_key, hash_token, new_enrol_token
 from device_runtime.errors import AuthError, ConfigError, UpdateRejected
 
 ROUND_STATUSES = ("running", "finished", "failed")
@@ -51,7 +51,11 @@ class Registry:
         """A new single-use token for enrolling a device called ``name``, valid ``ttl_s`` seconds.
 
         Only its sha256 is stored; the plaintext is returned once, to hand to the device.
+
+        Raises:
+            ConfigError: no device can enrol under ``name`` (``device_runtime.auth.check_device_name``).
         """
+        check_device_name(name)
         token, now = new_enrol_token(), self._clock()
         with self._session.begin() as s:
             s.add(EnrolToken(token_sha256=hash_token(token), name=name, created_at=now,
@@ -185,6 +189,13 @@ class Registry:
     def assignments(self, round_id: int) -> list[Assignment]:
         with self._session() as s:
             return list(s.scalars(select(Assignment).where(Assignment.round_id == round_id).order_by(Assignment.id)))
+
+    def device_shape_keys(self, device_id: str) -> set[str]:
+        """The shape key ids of every assignment ``device_id`` was ever given (an update it sends, or re-sends
+        after a lost Ack, answers one of them)."""
+        query = select(Assignment.shape_key).where(Assignment.device_id == device_id).distinct()
+        with self._session() as s:
+            return set(s.scalars(query))
 
     @staticmethod
     def _round(s: Session, round_id: int) -> Round:
