@@ -284,7 +284,7 @@ def install(target: Target, layout: Layout, info: TargetInfo, wheel_name: str, e
         _remote(target, termux.install_script(layout.root, info.python_path, wheel_name, termux_reqs),
                 f"installing fedmoe[{extra}] over Termux's packages (pip needs the phone online)")
         return
-    pip = f"PIP_CONFIG_FILE=/dev/null venv.new/bin/python \"$(ls incoming/wheels/pip-*.whl | head -n 1)\"/pip --isolated"
+    pip = "PIP_CONFIG_FILE=/dev/null venv.new/bin/python \"$(ls incoming/wheels/pip-*.whl | head -n 1)\"/pip --isolated"
     _remote(target, f"""set -e
 cd {q(layout.root)}
 rm -rf venv.new

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from device_runtime.errors import BundleError, BundleIntegrityError
-from device_runtime.shape_key import TRAINABLE_MODES, ShapeKey, held_experts
+from device_runtime.shape_key import TRAINABLE_MODES, ShapeKey, held_experts  # noqa: F401 (re-exported)
 from device_runtime.wire import FitConfig
 from device_runtime.wire.fields import NAME
 
