@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from coordinator.config import CoordinatorConfig, load_config, save_config
+from coordinator.config import FROZEN_EXPERTS, CoordinatorConfig, load_config, save_config
 from coordinator.registry import Registry
 from device_runtime.cli_errors import run_cli
 from device_runtime.errors import ConfigError
@@ -71,6 +71,10 @@ def main(ctx, config_path):
                    "(repeatable; this machine's name, localhost and --host are always in it).")
 @click.option("--trainable", type=click.Choice(["experts", "lora"]), default="experts", show_default=True)
 @click.option("--lora-rank", default=8, show_default=True, help="LoRA rank (with --trainable lora).")
+@click.option("--frozen-experts", type=click.Choice(list(FROZEN_EXPERTS)), default="float16", show_default=True,
+              help="What a device holds of the experts its budget does not let it train: every one, frozen in "
+                   "float16 (its forward routes over the whole model; merged into one stand-in on smaller budgets), "
+                   "or none (pruned).")
 @click.option("--calibration-texts", type=click.Path(dir_okay=False, exists=True), default=None,
               help="JSONL file with a 'text' per line for the calibration pass. [default: 20 BBC News articles]")
 @click.option("--eval-data", type=click.Path(dir_okay=False, exists=True), default=None,
@@ -78,7 +82,7 @@ def main(ctx, config_path):
                    "log-likelihood accuracy, shown by `rounds`).")
 @click.pass_context
 def init(ctx, checkpoint, state_dir, strategy, min_fit_clients, max_fit_clients, num_rounds, round_deadline, host,
-         port, tls_names, trainable, lora_rank, calibration_texts, eval_data):
+         port, tls_names, trainable, lora_rank, frozen_experts, calibration_texts, eval_data):
     """Write the config, create the registry, global state version 0, calibration statistics, and the TLS
     certificate authority with the server certificate (``serve`` speaks wss:// with mutual TLS)."""
     path: Path = ctx.obj["config"]
@@ -88,6 +92,7 @@ def init(ctx, checkpoint, state_dir, strategy, min_fit_clients, max_fit_clients,
                             strategy=strategy, min_fit_clients=min_fit_clients, max_fit_clients=max_fit_clients,
                             num_rounds=num_rounds, round_deadline_s=parse_duration(round_deadline), host=host,
                             port=port, trainable_mode=trainable, lora_rank=lora_rank if trainable == "lora" else 0,
+                            frozen_experts=frozen_experts,
                             eval_data=str(Path(eval_data).resolve()) if eval_data else "")
     from coordinator.federation import initialize
 

@@ -110,6 +110,8 @@ def init_by_cli(root: Path, *init_args: str) -> Path:
     texts = root / "calib.jsonl"
     texts.write_text("".join(json.dumps({"text": t}) + "\n" for t in ("the match team won", "film star award")))
     config = root / "coord.toml"
+    if "--frozen-experts" not in init_args:  # these coordinators test protocol and rounds: pruned budgets are exact
+        init_args = (*init_args, "--frozen-experts", "pruned")
     result = CliRunner().invoke(main, ["--config", str(config), "init", str(checkpoint), "--state-dir",
                                        str(root / "state"), "--calibration-texts", str(texts), "--port", "0",
                                        *init_args])
@@ -138,11 +140,11 @@ def tiny_bundle(root: Path, *, keep=((0, 2), (1, 3)), copies: int = 2):
 
 
 def two_expert_memory(checkpoint) -> float:
-    """A memory budget (MiB) under which the planner keeps exactly 2 of the 4 experts per layer, the other two
-    resident and frozen (the default ``frozen_experts = "float16"``: ``selection.affordable_fit``)."""
+    """A memory budget (MiB) under which the planner keeps exactly 2 of the 4 experts per layer (pruned:
+    ``init_by_cli`` and ``initialised_coordinator`` set ``frozen_experts = "pruned"`` unless told otherwise)."""
     from export.planner import TrainingShape, estimate, model_shape
 
-    shape, train = model_shape(checkpoint), TrainingShape(batch_size=2, seq_len=8, frozen_dtype="float16")
+    shape, train = model_shape(checkpoint), TrainingShape(batch_size=2, seq_len=8)
     two, three = estimate(shape, train, 2).peak_mib, estimate(shape, train, 3).peak_mib
     assert two < three
     return (two + three) / 2
@@ -153,15 +155,17 @@ def two_expert_memory(checkpoint) -> float:
 
 def initialised_coordinator(root: Path, state_dir: Path, **overrides):
     """A ``CoordinatorConfig`` (HFedMoE, one client per round, port 0) over a fresh ``COORD_MIXTRAL`` checkpoint
-    at ``root / "checkpoint"``, with the global state initialised (model version 0). ``overrides`` replace
-    config fields. It serves plain ws:// (``insecure``: its clients speak the protocol by hand); pass it
+    at ``root / "checkpoint"``, with the global state initialised (model version 0), devices pruned to the experts
+    they train (``frozen_experts``: these coordinators test protocol and rounds, ``tests/test_frozen_experts.py``
+    and ``tests/test_reference_parity.py`` the frozen rungs). ``overrides`` replace config fields. It serves plain
+    ws:// (``insecure``: its clients speak the protocol by hand); pass it
     through ``coordinator.tls.with_new_authority`` for wss:// with mutual TLS."""
     from coordinator.config import CoordinatorConfig
     from coordinator.federation import initialize
 
     checkpoint = tiny_checkpoint(root / "checkpoint", COORD_MIXTRAL)
     fields = dict(checkpoint=str(checkpoint), state_dir=str(state_dir), port=0, min_fit_clients=1,
-                  max_fit_clients=1, round_deadline_s=120, strategy="hfedmoe", insecure=True,
+                  max_fit_clients=1, round_deadline_s=120, strategy="hfedmoe", insecure=True, frozen_experts="pruned",
                   fit={"batch_size": 2, "seq_len": 8, "local_steps": 2})
     cfg = CoordinatorConfig(**{**fields, **overrides})
     assert initialize(cfg, CALIBRATION_TEXTS).version == 0
