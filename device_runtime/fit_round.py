@@ -124,7 +124,8 @@ def _fit(bundle: Bundle, assignment: Assignment, data_file: str | Path, *, threa
 
     tensors = assignment_tensors(bundle.manifest, assignment)
     cfg = assignment.config
-    prior = local_prior(cfg, bundle.manifest.num_experts, bundle.manifest.held_ids(assignment.expert_ids))
+    held = bundle.manifest.held_ids(assignment.expert_ids)
+    prior = local_prior(cfg, bundle.manifest.num_experts, held)
     dataset = LocalDataset.from_jsonl(data_file, bundle.path(TOKENIZER_FILE), seq_len=cfg.seq_len,
                                       template=template, eval_fraction=0.0, seed=cfg.seed)
     if not dataset.train:
@@ -150,10 +151,10 @@ def _fit(bundle: Bundle, assignment: Assignment, data_file: str | Path, *, threa
         seeds, scalars = zip(*result.zo_coefficients)
         return build_update(assignment, result, {}, metrics,
                             zo=ZoUpdate(seeds=seeds, scalars=scalars, distribution=trainer.distribution),
-                            held=bundle.manifest.held_ids(assignment.expert_ids))
+                            held=held)
     trainable = set(bundle.manifest.trainable_names)
     params = {n: a for n, a in trainer.get_parameters().items() if n in trainable}
-    return build_update(assignment, result, params, metrics, held=bundle.manifest.held_ids(assignment.expert_ids))
+    return build_update(assignment, result, params, metrics, held=held)
 
 
 def build_update(assignment: Assignment, result: FitResult, params: dict[str, np.ndarray],

@@ -116,12 +116,6 @@ def _link(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
-def frozen_tensors(wrapper) -> dict:
-    """The frozen-expert graph inputs of a resident model, by input name (``TrainingWrapper.frozen_names``)."""
-    return {name.format(l): value.contiguous() for l in wrapper.frozen_layers
-            for name, value in zip(FROZEN_INPUTS, wrapper.experts[l].frozen_experts)}
-
-
 def _frozen_specs(wrapper, description, frozen: dict) -> tuple[TensorSpec, ...]:
     """TensorSpecs of the frozen-expert inputs: rows of the held-frozen experts of their ``source`` tensor."""
     specs = []
@@ -163,7 +157,7 @@ def write_bundle(checkpoint: str | Path, out: str | Path, request: BundleRequest
     for name in GRAPH_FILES:
         _link(graph / name, out / name)
     shutil.copy2(checkpoint / TOKENIZER_FILE, out / TOKENIZER_FILE)
-    frozen = frozen_tensors(wrapper)
+    frozen = {n: v.contiguous() for n, v in wrapper.frozen_inputs().items()}
     save_file({**{n: state[n].contiguous() for n in trainable}, **frozen}, str(out / WEIGHTS_FILE))
     specs = tuple(TensorSpec(name=n, shape=tuple(state[n].shape), layer=l, expert_axis=0, trainable=True,
                              rows=HELD if n.endswith(ROUTER) else TRAINED)

@@ -256,6 +256,11 @@ class TrainingWrapper(nn.Module):
         """Experts per MoE layer the router scores (trained and frozen)."""
         return tuple(int(r.weight.shape[0]) for r in self.routers)
 
+    def frozen_inputs(self) -> dict[str, torch.Tensor]:
+        """The frozen experts the model holds now, by graph input name (:attr:`frozen_names` order)."""
+        return {name.format(l): value for l in self.frozen_layers
+                for name, value in zip(FROZEN_INPUTS, self.experts[l].frozen_experts)}
+
     @property
     def frozen_names(self) -> tuple[str, ...]:
         """The frozen-expert graph inputs, ``frozen_gate_up_{l}``, ``frozen_down_{l}`` per resident layer."""
@@ -302,9 +307,7 @@ class TrainingWrapper(nn.Module):
             inputs[ROUTING_PRIOR.format(l)] = torch.as_tensor(prior, dtype=torch.float32)
         inputs[ANSWER_IDS] = torch.as_tensor(answer_ids, dtype=torch.int64)
         inputs[ANSWER_BIAS] = torch.as_tensor(answer_bias, dtype=torch.float32)
-        for l in self.frozen_layers:
-            for name, value in zip(FROZEN_INPUTS, self.experts[l].frozen_experts):
-                inputs[name.format(l)] = value
+        inputs.update(self.frozen_inputs())
         if self.prox:
             inputs[PROX_MU] = scalar(prox_mu)
             params = dict(self.named_parameters())
