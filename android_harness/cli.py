@@ -42,12 +42,24 @@ def _target_options(func):
     """TARGET plus the options every verb takes: how to reach it and where the deployment lives."""
 
     @click.argument("target_spec", metavar="TARGET")
-    @click.option("-i", "--identity", type=click.Path(dir_okay=False, exists=True, path_type=Path),
-                  help="ssh: private key file (ssh -i) [default: your ssh config / agent].")
-    @click.option("-F", "--ssh-config", type=click.Path(dir_okay=False, exists=True, path_type=Path),
-                  help="ssh: config file (ssh -F) [default: ~/.ssh/config].")
-    @click.option("--remote-dir", default="~/.fedmoe", show_default=True,
-                  help="The deployment's directory on the device (venv, credentials, cache, log).")
+    @click.option(
+        "-i",
+        "--identity",
+        type=click.Path(dir_okay=False, exists=True, path_type=Path),
+        help="ssh: private key file (ssh -i) [default: your ssh config / agent].",
+    )
+    @click.option(
+        "-F",
+        "--ssh-config",
+        type=click.Path(dir_okay=False, exists=True, path_type=Path),
+        help="ssh: config file (ssh -F) [default: ~/.ssh/config].",
+    )
+    @click.option(
+        "--remote-dir",
+        default="~/.fedmoe",
+        show_default=True,
+        help="The deployment's directory on the device (venv, credentials, cache, log).",
+    )
     @functools.wraps(func)
     def wrapper(target_spec, identity, ssh_config, remote_dir, **kwargs):
         target = parse_target(target_spec, identity=identity, ssh_config=ssh_config)
@@ -70,55 +82,121 @@ def _device_name(value: str) -> str:
 
 @main.command(name="deploy")
 @_target_options
-@click.option("--coordinator", required=True, metavar="URL",
-              help="The coordinator as the DEVICE reaches it, ws://HOST:PORT or wss://HOST:PORT (checked from the "
-                   "device before anything is installed).")
-@click.option("--name", required=True, callback=lambda ctx, param, value: _device_name(value),
-              help=f"The device's name at the coordinator ({DEVICE_NAME_RULE}).")
-@click.option("--data", type=click.Path(dir_okay=False, exists=True, path_type=Path),
-              help="Local JSONL training data to copy to the device (ROOT/data.jsonl).")
+@click.option(
+    "--coordinator",
+    required=True,
+    metavar="URL",
+    help="The coordinator as the DEVICE reaches it, ws://HOST:PORT or wss://HOST:PORT (checked from the "
+    "device before anything is installed).",
+)
+@click.option(
+    "--name",
+    required=True,
+    callback=lambda ctx, param, value: _device_name(value),
+    help=f"The device's name at the coordinator ({DEVICE_NAME_RULE}).",
+)
+@click.option(
+    "--data",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="Local JSONL training data to copy to the device (ROOT/data.jsonl).",
+)
 @click.option("--device-data", metavar="PATH", help="JSONL training data already on the device (instead of --data).")
-@click.option("--memory-mib", type=click.IntRange(min=1),
-              help="Memory budget the device reports (MiB; the coordinator sizes its expert subset from it); "
-                   "checked against the device's available memory [default: available memory at each start].")
-@click.option("--threads", type=click.IntRange(min=1), help="ONNX Runtime threads on the device [default: one per core].")
-@click.option("--config", "coord_config", default="fedmoe-coord.toml", show_default=True,
-              type=click.Path(dir_okay=False, path_type=Path),
-              help="The coordinator's TOML config: its registry makes the one-time enrolment token.")
-@click.option("--token", envvar="FEDMOE_ENROL_TOKEN", show_envvar=True,
-              help="An enrolment token from `fedmoe-coord enroll` instead of --config (coordinator elsewhere).")
-@click.option("--bundle", "bundles", multiple=True, type=click.Path(file_okay=False, exists=True, path_type=Path),
-              help="A graph bundle directory (fedmoe-export bundle) to pre-stage in the device's bundle cache, so "
-                   "a slow link does not download it in the first round. Repeatable.")
-@click.option("--extra", help="fedmoe extra to install [default: `device` (ONNX Runtime training) if its wheels exist "
-                              "for the device, else `device-lite`].")
-@click.option("--service", type=click.Choice(["auto", "systemd", "supervisor"]), default="auto", show_default=True,
-              help="systemd: a user unit; supervisor: a nohup'ed restart loop with a pidfile; auto: systemd where "
-                   "the device has a systemd user session.")
+@click.option(
+    "--memory-mib",
+    type=click.IntRange(min=1),
+    help="Memory budget the device reports (MiB; the coordinator sizes its expert subset from it); "
+    "checked against the device's available memory [default: available memory at each start].",
+)
+@click.option(
+    "--threads", type=click.IntRange(min=1), help="ONNX Runtime threads on the device [default: one per core]."
+)
+@click.option(
+    "--config",
+    "coord_config",
+    default="fedmoe-coord.toml",
+    show_default=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The coordinator's TOML config: its registry makes the one-time enrollment token.",
+)
+@click.option(
+    "--token",
+    envvar="FEDMOE_ENROLL_TOKEN",
+    show_envvar=True,
+    help="An enrollment token from `fedmoe-coord enroll` instead of --config (coordinator elsewhere).",
+)
+@click.option(
+    "--bundle",
+    "bundles",
+    multiple=True,
+    type=click.Path(file_okay=False, exists=True, path_type=Path),
+    help="A graph bundle directory (fedmoe-export bundle) to pre-stage in the device's bundle cache, so "
+    "a slow link does not download it in the first round. Repeatable.",
+)
+@click.option(
+    "--extra",
+    help="fedmoe extra to install [default: `device` (ONNX Runtime training) if its wheels exist "
+    "for the device, else `device-lite`].",
+)
+@click.option(
+    "--service",
+    type=click.Choice(["auto", "systemd", "supervisor"]),
+    default="auto",
+    show_default=True,
+    help="systemd: a user unit; supervisor: a nohup'ed restart loop with a pidfile; auto: systemd where "
+    "the device has a systemd user session.",
+)
 @click.option("--python", default="python3", show_default=True, help="The device's Python (>= 3.11) for the venv.")
-def deploy_command(target, remote_dir, coordinator, name, data, device_data, memory_mib, threads, coord_config, token,
-                   bundles, extra, service, python):
-    """Install (or upgrade in place) the runtime on TARGET, enrol it and start it as a service.
+def deploy_command(
+    target,
+    remote_dir,
+    coordinator,
+    name,
+    data,
+    device_data,
+    memory_mib,
+    threads,
+    coord_config,
+    token,
+    bundles,
+    extra,
+    service,
+    python,
+):
+    """Install (or upgrade in place) the runtime on TARGET, enroll it and start it as a service.
 
     \b
     1. probe: architecture, Python, free memory and disk, service manager, whether the device reaches the
        coordinator (a refused target gets an error naming the fix; nothing is written)
     2. build a wheel of fedmoe and a wheelhouse for the device's platform here (cached in $FEDMOE_CACHE)
-    3. upload, install into a new venv offline (pip --no-index), enrol ON the device (its key never
+    3. upload, install into a new venv offline (pip --no-index), enroll ON the device (its key never
        leaves it), swap the venv in, start the service and wait until it authenticates
 
     Re-running deploy upgrades in place: credentials, cached bundles and pending updates are kept. A failed
     first deploy removes what it wrote; a failed upgrade keeps the running version.
     """
-    opts = DeployOptions(coordinator=coordinator, name=name, python=python, remote_dir=remote_dir, data=data,
-                         device_data=device_data, memory_mib=memory_mib, threads=threads, extra=extra,
-                         service=service, bundles=tuple(bundles), token=token, coord_config=coord_config)
+    opts = DeployOptions(
+        coordinator=coordinator,
+        name=name,
+        python=python,
+        remote_dir=remote_dir,
+        data=data,
+        device_data=device_data,
+        memory_mib=memory_mib,
+        threads=threads,
+        extra=extra,
+        service=service,
+        bundles=tuple(bundles),
+        token=token,
+        coord_config=coord_config,
+    )
     report = deploy(target, opts, say=_say)
     steps = ", ".join(f"{k} {v:.1f} s" for k, v in report.seconds.items())
-    _say(f"{'upgraded' if report.upgraded else 'deployed'} {name} on {target.spec}: fedmoe {report.version} "
-                  f"[{report.extra}], {report.service} service, "
-                  f"{'enrolled now' if report.enrolled else 'credentials kept'}; upload "
-                  f"{report.payload_bytes / 2**20:.1f} MiB; {steps}")
+    _say(
+        f"{'upgraded' if report.upgraded else 'deployed'} {name} on {target.spec}: fedmoe {report.version} "
+        f"[{report.extra}], {report.service} service, "
+        f"{'enrolled now' if report.enrolled else 'credentials kept'}; upload "
+        f"{report.payload_bytes / 2**20:.1f} MiB; {steps}"
+    )
 
 
 @main.command(name="status")
@@ -179,16 +257,20 @@ def start_command(target, remote_dir):
 
 @main.command(name="undeploy")
 @_target_options
-@click.confirmation_option(prompt="Remove the runtime, its credentials, cache and pending updates from the device?",
-                           help="Do not ask for confirmation.")
+@click.confirmation_option(
+    prompt="Remove the runtime, its credentials, cache and pending updates from the device?",
+    help="Do not ask for confirmation.",
+)
 def undeploy_command(target, remote_dir):
     """Stop and remove everything deploy put on TARGET: service, venv, credentials, cache, pending updates, log.
 
     The coordinator still knows the device: revoke it there with `fedmoe-coord devices revoke ID`.
     """
     device_id = control.undeploy(target, control.resolve_layout(target, remote_dir))
-    console.print(f"removed the deployment from {target.spec}"
-                  + (f"; revoke it at the coordinator: fedmoe-coord devices revoke {device_id}" if device_id else ""))
+    console.print(
+        f"removed the deployment from {target.spec}"
+        + (f"; revoke it at the coordinator: fedmoe-coord devices revoke {device_id}" if device_id else "")
+    )
 
 
 @main.command(name="push-model")

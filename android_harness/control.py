@@ -43,8 +43,10 @@ def deployment(target: Target, layout: Layout) -> dict:
     """
     result = target.run(f"cat {q(layout.deploy)}", timeout=60)
     if result.returncode != 0:
-        raise DeployError(f"nothing is deployed under {layout.root} on {target.spec}; run `fedmoe-android deploy "
-                          f"{target.spec} ...` (or pass the --remote-dir it used)")
+        raise DeployError(
+            f"nothing is deployed under {layout.root} on {target.spec}; run `fedmoe-android deploy "
+            f"{target.spec} ...` (or pass the --remote-dir it used)"
+        )
     return json.loads(result.stdout)
 
 
@@ -73,7 +75,8 @@ def status(target: Target, layout: Layout) -> Status:
     """Read the deployment's record, service state, last round from its log, pending updates and backends."""
     record = deployment(target, layout)
     r = q(layout.root)
-    out = target.run(f"""cd {r}
+    out = target.run(
+        f"""cd {r}
 sh running.sh && echo running || echo stopped
 echo {_SEPARATOR}
 grep -E 'round [0-9]+: loss' device.log 2>/dev/null | tail -n 1
@@ -81,19 +84,30 @@ echo {_SEPARATOR}
 ls home/state/updates 2>/dev/null | grep '\\.json$' | grep -vc '^acked\\.json$'
 echo {_SEPARATOR}
 venv/bin/python -m device_runtime.cli profile --json --benchmark-seconds 0.01 2>/dev/null
-true""", timeout=120).stdout
+true""",
+        timeout=120,
+    ).stdout
     state, last, pending, profile = (part.strip() for part in out.split(_SEPARATOR))
     match = _ROUND_LINE.search(last)
     try:
         profile = json.loads(profile)
     except ValueError:  # the venv cannot start the runtime: status still shows the rest
         profile = {}
-    return Status(name=record["name"], coordinator=record["coordinator"], version=record["version"],
-                  extra=record["extra"], backend=profile.get("backend", "?"),
-                  backends=tuple(profile.get("backends", ())), service=record["service"], running=state == "running",
-                  last_round=int(match[1]) if match else None, last_loss=float(match[2]) if match else None,
-                  last_peak_rss_mib=int(match[4]) if match else None,
-                  pending_updates=int(pending) if pending.isdigit() else 0, deployed_at=record["deployed_at"])
+    return Status(
+        name=record["name"],
+        coordinator=record["coordinator"],
+        version=record["version"],
+        extra=record["extra"],
+        backend=profile.get("backend", "?"),
+        backends=tuple(profile.get("backends", ())),
+        service=record["service"],
+        running=state == "running",
+        last_round=int(match[1]) if match else None,
+        last_loss=float(match[2]) if match else None,
+        last_peak_rss_mib=int(match[4]) if match else None,
+        pending_updates=int(pending) if pending.isdigit() else 0,
+        deployed_at=record["deployed_at"],
+    )
 
 
 def logs_command(layout: Layout, lines: int, follow: bool) -> str:
@@ -117,8 +131,10 @@ def stop(target: Target, layout: Layout) -> None:
     deployment(target, layout)
     result = target.run(f"cd {q(layout.root)} && sh stop.sh && ! sh running.sh", timeout=120)
     if result.returncode != 0:
-        raise DeployError(f"{target.spec}: the runtime did not stop: {result.stderr.strip()}; run "
-                          f"`fedmoe-android stop {target.spec}` again")
+        raise DeployError(
+            f"{target.spec}: the runtime did not stop: {result.stderr.strip()}; run "
+            f"`fedmoe-android stop {target.spec}` again"
+        )
 
 
 def undeploy(target: Target, layout: Layout) -> str | None:
@@ -129,9 +145,13 @@ def undeploy(target: Target, layout: Layout) -> str | None:
     """
     record = deployment(target, layout)
     r, unit = q(layout.root), q(unit_name(record["name"]))
-    device_id = target.run(f"cd {r} && venv/bin/python -c \"import json; print(json.load(open("
-                           f"'home/credentials.json'))['device_id'])\" 2>/dev/null", timeout=60).stdout.strip()
-    result = target.run(f"""cd {r} && sh stop.sh
+    device_id = target.run(
+        f'cd {r} && venv/bin/python -c "import json; print(json.load(open('
+        f"'home/credentials.json'))['device_id'])\" 2>/dev/null",
+        timeout=60,
+    ).stdout.strip()
+    result = target.run(
+        f"""cd {r} && sh stop.sh
 if [ -f "$HOME/.config/systemd/user/"{unit} ]; then
     systemctl --user disable {unit} >/dev/null 2>&1
     rm -f "$HOME/.config/systemd/user/"{unit}
@@ -139,7 +159,9 @@ if [ -f "$HOME/.config/systemd/user/"{unit} ]; then
 fi
 rm -f "$HOME/.termux/boot/"{q(boot_name(record["name"]))}
 cd / && rm -rf {r}
-""", timeout=300)
+""",
+        timeout=300,
+    )
     if result.returncode != 0:
         raise DeployError(f"{target.spec}: undeploy failed: {result.stderr.strip()}; run it again")
     return device_id or None
@@ -160,8 +182,10 @@ def push_model(target: Target, layout: Layout, export_dir: Path) -> list[str]:
     try:
         meta = json.loads((export_dir / META_FILE).read_text())
     except (OSError, ValueError) as exc:
-        raise DeployError(f"{export_dir} is not an ExecuTorch export ({exc}); write one with `fedmoe-coord model "
-                          "export --format pte DIR`") from exc
+        raise DeployError(
+            f"{export_dir} is not an ExecuTorch export ({exc}); write one with `fedmoe-coord model "
+            "export --format pte DIR`"
+        ) from exc
     if meta.get("format") != FORMAT or not all((export_dir / n).is_file() for n in names):
         raise DeployError(f"{export_dir}: needs {', '.join(names)} of export format {FORMAT}; export it again")
     return push_files(target, layout, {n: export_dir / n for n in names}, f"models/{export_dir.resolve().name}")
@@ -182,8 +206,9 @@ def push_files(target: Target, layout: Layout, files: dict[str, Path], subdir: s
         staged = f"{layout.root}/push.tar"
         _ensure_dir(target, layout.root)
         target.put(archive, staged)
-        result = target.run(f"mkdir -p {q(dest)} && tar -xf {q(staged)} -C {q(dest)}; s=$?; rm -f {q(staged)}; "
-                            "exit $s", timeout=300)
+        result = target.run(
+            f"mkdir -p {q(dest)} && tar -xf {q(staged)} -C {q(dest)}; s=$?; rm -f {q(staged)}; exit $s", timeout=300
+        )
     if result.returncode != 0:
         raise DeployError(f"{target.spec}: unpacking into {dest} failed: {result.stderr.strip()}")
     return [f"{dest}/{name}" for name in files]

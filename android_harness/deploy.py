@@ -1,4 +1,4 @@
-"""``deploy``: probe, build, push, install offline, enrol on the device, start the service; and the verbs that
+"""``deploy``: probe, build, push, install offline, enroll on the device, start the service; and the verbs that
 act on a deployment afterwards (status, logs, start, stop, undeploy, push of files).
 
 Order of :func:`deploy` (nothing is written to the device before step 4; a failure in 4-6 removes what this
@@ -9,11 +9,11 @@ run wrote, so a fresh target is left as it was and an upgraded one keeps its run
 2. build a wheel of this fedmoe checkout and the wheelhouse of the first extra whose wheels exist for the
    device's platform (``device``: ONNX Runtime training, x86-64 only; then ``device-lite`` where fedmoe has it),
    unless ``--extra`` names one; refuse a device with too little disk for it;
-3. a one-time enrolment token from the coordinator's registry (as ``fedmoe-coord enroll`` makes), unless
+3. a one-time enrollment token from the coordinator's registry (as ``fedmoe-coord enroll`` makes), unless
    the device is enrolled already (re-deploy) or ``--token`` is given;
 4. upload one tar (wheels, generated scripts, data, pre-staged bundles) and install it into ``venv.new``
    with pip from its wheel, ``--no-index`` (no index needed on the device);
-5. enrol with the new runtime on the device: it generates its Ed25519 key there, so the key never leaves it;
+5. enroll with the new runtime on the device: it generates its Ed25519 key there, so the key never leaves it;
 6. stop the running version, swap the venv in, install the scripts and the service, start it, and wait until
    the runtime authenticates with the coordinator.
 """
@@ -27,14 +27,22 @@ import tarfile
 import tempfile
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
-from android_harness.errors import DeployError
 from android_harness import termux
+from android_harness.errors import DeployError
 from android_harness.probe import TargetInfo, check_disk, check_target, probe
-from android_harness.remote import (START_MARKER, Layout, run_script, supervisor_scripts, systemd_scripts,
-                                    systemd_unit, unit_name, boot_name)
+from android_harness.remote import (
+    START_MARKER,
+    Layout,
+    boot_name,
+    run_script,
+    supervisor_scripts,
+    systemd_scripts,
+    systemd_unit,
+    unit_name,
+)
 from android_harness.targets import Target
 from android_harness.wheelhouse import Platform, build_runtime_wheel, extra_requirements, wheel_metadata, wheelhouse
 from device_runtime.units import MIB
@@ -56,7 +64,7 @@ class DeployOptions:
         memory_mib: the budget the device reports (MiB; None: memory available at each start).
         threads: ORT threads (None: one per core). extra: fedmoe extra to install (None: choose).
         service: "auto", "systemd" or "supervisor". bundles: local bundle directories to pre-stage.
-        token: an enrolment token made elsewhere; coord_config: the coordinator's TOML (to make one).
+        token: an enrollment token made elsewhere; coord_config: the coordinator's TOML (to make one).
     """
 
     coordinator: str
@@ -105,13 +113,17 @@ def deploy(target: Target, opts: DeployOptions, *, say=print) -> DeployReport:
     check_target(info, target, coordinator=opts.coordinator, memory_mib=opts.memory_mib or MIN_MEMORY_MIB)
     upgraded = info.deployed is not None
     if not upgraded and info.root_entries:
-        raise DeployError(f"{info.root} on {target.spec} exists and is not a fedmoe deployment; pass an empty or "
-                          "new --remote-dir")
+        raise DeployError(
+            f"{info.root} on {target.spec} exists and is not a fedmoe deployment; pass an empty or new --remote-dir"
+        )
     if not upgraded and opts.data is None and opts.device_data is None:
-        raise DeployError("a first deploy needs training data: --data FILE (pushed) or --device-data PATH (on the "
-                          "device)")
-    say(f"{target.spec}: Python {info.python} on {info.arch}, {info.memory_available_mib} MiB memory available, "
-        f"{info.free_disk_mib} MiB disk free" + (f", upgrading {info.deployed.get('version')}" if upgraded else ""))
+        raise DeployError(
+            "a first deploy needs training data: --data FILE (pushed) or --device-data PATH (on the device)"
+        )
+    say(
+        f"{target.spec}: Python {info.python} on {info.arch}, {info.memory_available_mib} MiB memory available, "
+        f"{info.free_disk_mib} MiB disk free" + (f", upgrading {info.deployed.get('version')}" if upgraded else "")
+    )
     layout = Layout(info.root)
     seconds = {"probe": time.monotonic() - started}
     with tempfile.TemporaryDirectory(prefix="fedmoe-deploy-") as tmp:
@@ -124,19 +136,25 @@ def deploy(target: Target, opts: DeployOptions, *, say=print) -> DeployReport:
             reqs = None
         service = choose_service(info, opts.service)
         version = wheel_metadata(wheel)["version"]
-        record = {"name": opts.name, "coordinator": opts.coordinator, "extra": extra, "version": version,
-                  "service": service, "data": _data_path(layout, opts, info),
-                  "deployed_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        record = {
+            "name": opts.name,
+            "coordinator": opts.coordinator,
+            "extra": extra,
+            "version": version,
+            "service": service,
+            "data": _data_path(layout, opts, info),
+            "deployed_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
         payload = build_payload(tmp / "incoming.tar", wheel, house, layout, opts, record)
         size = payload.stat().st_size
         check_disk(info, target, disk_mib=INSTALL_FACTOR * size // MIB + 64)
         seconds["build"] = time.monotonic() - started - seconds["probe"]
-        token = None if info.credentials else (opts.token or enrol_token(opts))
+        token = None if info.credentials else (opts.token or enroll_token(opts))
         try:
             _step(seconds, "upload", lambda: upload(target, layout, payload))
             _step(seconds, "install", lambda: install(target, layout, info, wheel.name, extra, reqs))
             if token is not None:
-                _step(seconds, "enrol", lambda: enrol(target, layout, opts, token))
+                _step(seconds, "enroll", lambda: enroll(target, layout, opts, token))
         except BaseException:
             remove_partial(target, layout, fresh=not upgraded, root_existed=info.root_exists)
             raise
@@ -178,9 +196,12 @@ def choose_extra(wheel: Path, platform: Platform, wanted: str | None, cache: Pat
             continue
         say(f"backend extra: {extra} (wheelhouse {house})")
         return extra, house
-    raise DeployError(f"no fedmoe extra installs on Python {platform.python} / {platform.arch}: " + "; ".join(reasons)
-                      + ". The ONNX Runtime training wheels exist for x86-64 only; an aarch64 device needs the "
-                        "forward-only `device-lite` extra (fedmoe with the device backend registry)")
+    raise DeployError(
+        f"no fedmoe extra installs on Python {platform.python} / {platform.arch}: "
+        + "; ".join(reasons)
+        + ". The ONNX Runtime training wheels exist for x86-64 only; an aarch64 device needs the "
+        "forward-only `device-lite` extra (fedmoe with the device backend registry)"
+    )
 
 
 def choose_service(info: TargetInfo, wanted: str) -> str:
@@ -192,8 +213,10 @@ def choose_service(info: TargetInfo, wanted: str) -> str:
         DeployError: ``systemd`` asked for on a device without a systemd user session.
     """
     if wanted == "systemd" and not info.systemd_user:
-        raise DeployError("the device has no systemd user session (`systemctl --user` fails); use --service "
-                          "supervisor, or log in once and run `sudo loginctl enable-linger USER` there")
+        raise DeployError(
+            "the device has no systemd user session (`systemctl --user` fails); use --service "
+            "supervisor, or log in once and run `sudo loginctl enable-linger USER` there"
+        )
     if info.termux:
         return "termux-boot"
     if wanted == "auto":
@@ -201,7 +224,9 @@ def choose_service(info: TargetInfo, wanted: str) -> str:
     return wanted
 
 
-def build_payload(out: Path, wheel: Path, house: Path | None, layout: Layout, opts: DeployOptions, record: dict) -> Path:
+def build_payload(
+    out: Path, wheel: Path, house: Path | None, layout: Layout, opts: DeployOptions, record: dict
+) -> Path:
     """One tar: ``wheels/`` (the wheelhouse, if any, and fedmoe's wheel), ``files/`` (scripts, deploy.json, a unit),
     ``data.jsonl`` and ``bundles/<shape_key_id>/`` (verified here first)."""
     from device_runtime.bundle import load_bundle
@@ -221,9 +246,12 @@ def build_payload(out: Path, wheel: Path, house: Path | None, layout: Layout, op
 
 def service_files(layout: Layout, opts: DeployOptions, record: dict) -> dict[str, str]:
     """``run.sh``, ``deploy.json`` and the service's scripts (and its systemd unit) for ``record``."""
-    files = {"run.sh": run_script(layout, url=opts.coordinator, data=record["data"], memory_mib=opts.memory_mib,
-                                  threads=opts.threads),
-             "deploy.json": json.dumps(record, indent=2) + "\n"}
+    files = {
+        "run.sh": run_script(
+            layout, url=opts.coordinator, data=record["data"], memory_mib=opts.memory_mib, threads=opts.threads
+        ),
+        "deploy.json": json.dumps(record, indent=2) + "\n",
+    }
     if record["service"] == "systemd":
         files.update(systemd_scripts(unit_name(opts.name), layout.log))
         files["unit"] = systemd_unit(layout, opts.name)
@@ -239,22 +267,24 @@ def _add_text(tar: tarfile.TarFile, name: str, text: str) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def enrol_token(opts: DeployOptions) -> str:
+def enroll_token(opts: DeployOptions) -> str:
     """A single-use token for ``opts.name`` from the coordinator's registry (``fedmoe-coord enroll``).
 
     Raises:
         DeployError: neither --token nor a readable coordinator config.
     """
     if opts.coord_config is None or not Path(opts.coord_config).is_file():
-        raise DeployError(f"no enrolment token: pass --coord-config with the coordinator's TOML (it was "
-                          f"{opts.coord_config}), or make a token with `fedmoe-coord enroll --name {opts.name}` and "
-                          "pass it in $FEDMOE_ENROL_TOKEN")
+        raise DeployError(
+            f"no enrollment token: pass --coord-config with the coordinator's TOML (it was "
+            f"{opts.coord_config}), or make a token with `fedmoe-coord enroll --name {opts.name}` and "
+            "pass it in $FEDMOE_ENROLL_TOKEN"
+        )
     from coordinator.config import load_config
     from coordinator.registry import Registry
 
     registry = Registry(load_config(opts.coord_config).registry_url)
     try:
-        return registry.create_enrol_token(opts.name, opts.token_ttl_s)
+        return registry.create_enroll_token(opts.name, opts.token_ttl_s)
     finally:
         registry.close()
 
@@ -271,39 +301,56 @@ def upload(target: Target, layout: Layout, payload: Path) -> None:
     """Copy the payload tar to the device and unpack it into ``incoming/``."""
     _remote(target, f"mkdir -p {q(layout.root)} && chmod 700 {q(layout.root)}", "creating the deployment directory")
     target.put(payload, f"{layout.root}/incoming.tar")
-    _remote(target, f"cd {q(layout.root)} && rm -rf incoming && mkdir incoming && tar -xf incoming.tar -C incoming "
-                    "&& rm -f incoming.tar", "unpacking the upload")
+    _remote(
+        target,
+        f"cd {q(layout.root)} && rm -rf incoming && mkdir incoming && tar -xf incoming.tar -C incoming "
+        "&& rm -f incoming.tar",
+        "unpacking the upload",
+    )
 
 
-def install(target: Target, layout: Layout, info: TargetInfo, wheel_name: str, extra: str,
-            termux_reqs: list[str] | None = None) -> None:
+def install(
+    target: Target, layout: Layout, info: TargetInfo, wheel_name: str, extra: str, termux_reqs: list[str] | None = None
+) -> None:
     """A fresh ``venv.new`` (``--without-pip``; pip runs from its wheel, ignoring the device's pip config) with
     ``fedmoe[extra]`` from ``incoming/wheels`` only; then import the runtime's CLI once. On Termux
     (``termux_reqs`` given) see ``android_harness.termux``."""
     if termux_reqs is not None:
-        _remote(target, termux.install_script(layout.root, info.python_path, wheel_name, termux_reqs),
-                f"installing fedmoe[{extra}] over Termux's packages (pip needs the phone online)")
+        _remote(
+            target,
+            termux.install_script(layout.root, info.python_path, wheel_name, termux_reqs),
+            f"installing fedmoe[{extra}] over Termux's packages (pip needs the phone online)",
+        )
         return
-    pip = "PIP_CONFIG_FILE=/dev/null venv.new/bin/python \"$(ls incoming/wheels/pip-*.whl | head -n 1)\"/pip --isolated"
-    _remote(target, f"""set -e
+    pip = 'PIP_CONFIG_FILE=/dev/null venv.new/bin/python "$(ls incoming/wheels/pip-*.whl | head -n 1)"/pip --isolated'
+    _remote(
+        target,
+        f"""set -e
 cd {q(layout.root)}
 rm -rf venv.new
 {q(info.python_path)} -m venv --without-pip venv.new
-{pip} install --quiet --no-compile --no-index --find-links incoming/wheels --no-warn-script-location --disable-pip-version-check \\
-    {q(f"incoming/wheels/{wheel_name}[{extra}]")}
+{pip} install --quiet --no-compile --no-index --find-links incoming/wheels \\
+    --no-warn-script-location --disable-pip-version-check {q(f"incoming/wheels/{wheel_name}[{extra}]")}
 venv.new/bin/python -c 'import device_runtime.cli'
-""", f"installing fedmoe[{extra}] into a venv")
+""",
+        f"installing fedmoe[{extra}] into a venv",
+    )
 
 
-def enrol(target: Target, layout: Layout, opts: DeployOptions, token: str) -> None:
+def enroll(target: Target, layout: Layout, opts: DeployOptions, token: str) -> None:
     """``fedmoe-device enroll`` on the device with the new venv; the token travels on stdin (never in argv)."""
     args = ["enroll", opts.coordinator, "--name", opts.name]
     if opts.memory_mib is not None:
         args += ["--memory-mib", str(opts.memory_mib)]
-    _remote(target, f"IFS= read -r FEDMOE_ENROL_TOKEN; export FEDMOE_ENROL_TOKEN; "
-                    f"FEDMOE_DEVICE_HOME={q(layout.home)} exec {q(layout.venv_new)}/bin/python -m device_runtime.cli "
-                    + " ".join(q(a) for a in args), f"enrolling {opts.name} with the coordinator at {opts.coordinator}",
-            input=(token + "\n").encode(), timeout=180)
+    _remote(
+        target,
+        f"IFS= read -r FEDMOE_ENROLL_TOKEN; export FEDMOE_ENROLL_TOKEN; "
+        f"FEDMOE_DEVICE_HOME={q(layout.home)} exec {q(layout.venv_new)}/bin/python -m device_runtime.cli "
+        + " ".join(q(a) for a in args),
+        f"enrolling {opts.name} with the coordinator at {opts.coordinator}",
+        input=(token + "\n").encode(),
+        timeout=180,
+    )
 
 
 def remove_partial(target: Target, layout: Layout, *, fresh: bool, root_existed: bool) -> None:
@@ -321,7 +368,9 @@ def remove_partial(target: Target, layout: Layout, *, fresh: bool, root_existed:
 def switch(target: Target, layout: Layout, name: str) -> None:
     """Stop the running version, swap ``venv.new`` in, install scripts, data, bundles and service; start it."""
     r, unit, boot = q(layout.root), q(unit_name(name)), q(boot_name(name))
-    _remote(target, f"""set -e
+    _remote(
+        target,
+        f"""set -e
 cd {r}
 [ -f stop.sh ] && sh stop.sh
 rm -rf venv.old
@@ -352,7 +401,9 @@ if [ -d incoming/bundles ]; then
 fi
 rm -rf incoming
 sh start.sh
-""", "switching to the new version")
+""",
+        "switching to the new version",
+    )
 
 
 def wait_authenticated(target: Target, layout: Layout, timeout: float = AUTH_TIMEOUT_S) -> None:
@@ -361,21 +412,26 @@ def wait_authenticated(target: Target, layout: Layout, timeout: float = AUTH_TIM
     Raises:
         DeployError: the service stopped, or no authentication within ``timeout`` seconds (with the log's tail).
     """
-    count = (f"awk '/^{START_MARKER}/ {{n = 0}} /authenticated as/ {{n++}} END {{print n + 0}}' "
-             f"{q(layout.log)} 2>/dev/null")
+    count = (
+        f"awk '/^{START_MARKER}/ {{n = 0}} /authenticated as/ {{n++}} END {{print n + 0}}' {q(layout.log)} 2>/dev/null"
+    )
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        result = target.run(f"cd {q(layout.root)} && {{ sh running.sh && echo running || echo stopped; }}; {count}",
-                            timeout=60)
+        result = target.run(
+            f"cd {q(layout.root)} && {{ sh running.sh && echo running || echo stopped; }}; {count}", timeout=60
+        )
         state, _, authenticated = result.stdout.strip().partition("\n")
         if state != "running":
-            raise DeployError(f"{target.spec}: the runtime is installed but not running:\n{tail(target, layout)}\n"
-                              "fix what the log says, then `fedmoe-android start`")
+            raise DeployError(
+                f"{target.spec}: the runtime is installed but not running:\n{tail(target, layout)}\n"
+                "fix what the log says, then `fedmoe-android start`"
+            )
         if authenticated.strip() not in ("", "0"):
             return
         time.sleep(1.0)
-    raise DeployError(f"{target.spec}: the runtime runs but did not authenticate within {timeout:.0f} s:\n"
-                      f"{tail(target, layout)}")
+    raise DeployError(
+        f"{target.spec}: the runtime runs but did not authenticate within {timeout:.0f} s:\n{tail(target, layout)}"
+    )
 
 
 def tail(target: Target, layout: Layout, lines: int = 15) -> str:

@@ -2,8 +2,8 @@
 disk, service manager, an existing deployment, and whether it can reach the coordinator.
 
 The probe is a small Python program sent on stdin to the device's own interpreter (it runs on Python 3.5+,
-so an old Python is reported, not a syntax error). :func:`check_target` and :func:`check_disk` turn what it found into a clear
-:class:`DeployError` naming the next step.
+so an old Python is reported, not a syntax error). :func:`check_target` and :func:`check_disk` turn what it
+found into a clear :class:`DeployError` naming the next step.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from android_harness.wheelhouse import Platform
 MIN_PYTHON = (3, 11)
 NO_PYTHON = 127  # the shell's "command not found"
 
-_PROBE = r'''
+_PROBE = r"""
 import json, os, platform, socket, subprocess, sys
 root = os.path.abspath(os.path.expanduser(ROOT))
 probe = root
@@ -61,7 +61,7 @@ print(json.dumps({
     "credentials": os.path.isfile(os.path.join(root, "home", "credentials.json")),
     "root_exists": os.path.isdir(root), "root_entries": len(os.listdir(root)) if os.path.isdir(root) else 0,
 }))
-'''
+"""
 
 
 @dataclass(frozen=True)
@@ -96,8 +96,10 @@ def coordinator_address(url: str) -> tuple[str, int]:
     """``ws[s]://HOST:PORT`` -> (host, port). Raises DeployError on another form."""
     parts = urlsplit(url)
     if parts.scheme not in ("ws", "wss") or not parts.hostname:
-        raise DeployError(f"coordinator URL {url!r} must look like ws://HOST:PORT or wss://HOST:PORT (the address "
-                          "the device uses to reach `fedmoe-coord serve`)")
+        raise DeployError(
+            f"coordinator URL {url!r} must look like ws://HOST:PORT or wss://HOST:PORT (the address "
+            "the device uses to reach `fedmoe-coord serve`)"
+        )
     return parts.hostname, parts.port or (443 if parts.scheme == "wss" else 80)
 
 
@@ -114,11 +116,14 @@ def probe(target: Target, *, python: str, root: str, coordinator: str | None) ->
     host, port = coordinator_address(coordinator) if coordinator else ("127.0.0.1", 0)
     program = f"ROOT = {root!r}\nHOST = {host!r}\nPORT = {port!r}\n" + _PROBE
     quoted = shlex.quote(python)
-    result = target.run(f"command -v {quoted} >/dev/null 2>&1 || exit {NO_PYTHON}; exec {quoted} -",
-                        input=program.encode(), timeout=60)
+    result = target.run(
+        f"command -v {quoted} >/dev/null 2>&1 || exit {NO_PYTHON}; exec {quoted} -", input=program.encode(), timeout=60
+    )
     if result.returncode == NO_PYTHON:
-        raise DeployError(f"{target.spec} has no {python!r} on its PATH; install Python >= 3.11 there "
-                          f"({_python_hint(target)}) or pass --python with its path")
+        raise DeployError(
+            f"{target.spec} has no {python!r} on its PATH; install Python >= 3.11 there "
+            f"({_python_hint(target)}) or pass --python with its path"
+        )
     if result.returncode != 0:
         raise DeployError(f"probing {target.spec} with {python} failed: {result.stderr.strip()[-500:]}")
     data = json.loads(result.stdout.strip().splitlines()[-1])
@@ -138,26 +143,37 @@ def check_target(info: TargetInfo, target: Target, *, coordinator: str, memory_m
     """
     version = tuple(int(x) for x in info.python.split("."))
     if version < MIN_PYTHON:
-        raise DeployError(f"{target.spec} runs Python {info.python} ({info.python_path}); fedmoe needs >= 3.11: "
-                          f"install it ({_python_hint(target)}) and pass --python with its path")
+        raise DeployError(
+            f"{target.spec} runs Python {info.python} ({info.python_path}); fedmoe needs >= 3.11: "
+            f"install it ({_python_hint(target)}) and pass --python with its path"
+        )
     if info.coordinator_error:
-        raise DeployError(f"{target.spec} cannot reach the coordinator at {coordinator} ({info.coordinator_error}); "
-                          "give --coordinator the workstation's address as the device sees it (not 127.0.0.1 "
-                          "unless it is the same machine), and check that `fedmoe-coord serve` runs and its port "
-                          "is open")
+        raise DeployError(
+            f"{target.spec} cannot reach the coordinator at {coordinator} ({info.coordinator_error}); "
+            "give --coordinator the workstation's address as the device sees it (not 127.0.0.1 "
+            "unless it is the same machine), and check that `fedmoe-coord serve` runs and its port "
+            "is open"
+        )
     if info.memory_available_mib < memory_mib:
-        raise DeployError(f"{target.spec} has {info.memory_available_mib} MiB of memory available (of "
-                          f"{info.memory_total_mib} MiB) and the runtime needs {memory_mib} MiB; stop other "
-                          "programs there or lower --memory-mib")
+        raise DeployError(
+            f"{target.spec} has {info.memory_available_mib} MiB of memory available (of "
+            f"{info.memory_total_mib} MiB) and the runtime needs {memory_mib} MiB; stop other "
+            "programs there or lower --memory-mib"
+        )
 
 
 def check_disk(info: TargetInfo, target: Target, *, disk_mib: int) -> None:
     """Refuse a target with less than ``disk_mib`` MiB free under the deployment directory (DeployError)."""
     if info.free_disk_mib < disk_mib:
-        raise DeployError(f"{target.spec} has {info.free_disk_mib} MiB free under {info.root} and the install "
-                          f"needs {disk_mib} MiB; free disk space there or pick another --remote-dir")
+        raise DeployError(
+            f"{target.spec} has {info.free_disk_mib} MiB free under {info.root} and the install "
+            f"needs {disk_mib} MiB; free disk space there or pick another --remote-dir"
+        )
 
 
 def _python_hint(target: Target) -> str:
-    return ("in Termux: pkg install python" if target.kind == "adb"
-            else "Debian / Raspberry Pi OS bookworm: sudo apt install python3")
+    return (
+        "in Termux: pkg install python"
+        if target.kind == "adb"
+        else "Debian / Raspberry Pi OS bookworm: sudo apt install python3"
+    )

@@ -35,16 +35,33 @@ class Layout:
     root: str
 
     def __getattr__(self, name: str) -> str:
-        files = {"venv": "venv", "venv_new": "venv.new", "home": "home", "incoming": "incoming",
-                 "log": "device.log", "deploy": "deploy.json", "data": "data.jsonl", "models": "models",
-                 "bundles": "home/state/bundles", "updates": "home/state/updates", "pid": "supervisor.pid"}
+        files = {
+            "venv": "venv",
+            "venv_new": "venv.new",
+            "home": "home",
+            "incoming": "incoming",
+            "log": "device.log",
+            "deploy": "deploy.json",
+            "data": "data.jsonl",
+            "models": "models",
+            "bundles": "home/state/bundles",
+            "updates": "home/state/updates",
+            "pid": "supervisor.pid",
+        }
         if name not in files:
             raise AttributeError(name)
         return f"{self.root}/{files[name]}"
 
 
-def run_script(layout: Layout, *, url: str, data: str, memory_mib: int | None, threads: int | None,
-               extra_args: tuple[str, ...] = ()) -> str:
+def run_script(
+    layout: Layout,
+    *,
+    url: str,
+    data: str,
+    memory_mib: int | None,
+    threads: int | None,
+    extra_args: tuple[str, ...] = (),
+) -> str:
     """``run.sh``: ``fedmoe-device run`` (as ``python -m device_runtime.cli``: the venv was built as venv.new and
     moved, which breaks console scripts' shebangs but not ``bin/python``) with the deployment's home, data, budget."""
     args = [f"{layout.venv}/bin/python", "-m", "device_runtime.cli", "run", url, "--data", data]
@@ -52,8 +69,10 @@ def run_script(layout: Layout, *, url: str, data: str, memory_mib: int | None, t
         args += ["--memory-mib", str(memory_mib)]
     if threads is not None:
         args += ["--threads", str(threads)]
-    return ("#!/bin/sh\n# written by fedmoe-android deploy; re-run deploy to change it\n"
-            f"export FEDMOE_DEVICE_HOME={q(layout.home)}\nexec {' '.join(q(a) for a in [*args, *extra_args])}\n")
+    return (
+        "#!/bin/sh\n# written by fedmoe-android deploy; re-run deploy to change it\n"
+        f"export FEDMOE_DEVICE_HOME={q(layout.home)}\nexec {' '.join(q(a) for a in [*args, *extra_args])}\n"
+    )
 
 
 def supervisor_scripts(layout: Layout, *, boot_script: bool = False) -> dict[str, str]:
@@ -67,7 +86,13 @@ def supervisor_scripts(layout: Layout, *, boot_script: bool = False) -> dict[str
 cd {r}
 echo $$ > supervisor.pid
 child=
-trap '[ -n "$child" ] && kill -TERM "$child" 2>/dev/null; [ -n "$child" ] && wait "$child"; rm -f supervisor.pid; exit 0' TERM INT
+stop_child() {{
+    [ -n "$child" ] && kill -TERM "$child" 2>/dev/null
+    [ -n "$child" ] && wait "$child"
+    rm -f supervisor.pid
+    exit 0
+}}
+trap stop_child TERM INT
 while :; do
     sh run.sh &
     child=$!
@@ -105,7 +130,9 @@ exit 0
 """
     scripts = {"supervise.sh": supervise, "running.sh": running, "start.sh": start, "stop.sh": stop}
     if boot_script:
-        scripts["boot.sh"] = f"#!/data/data/com.termux/files/usr/bin/sh\n# Termux:Boot runs this at boot\nsh {r}/start.sh\n"
+        scripts["boot.sh"] = (
+            f"#!/data/data/com.termux/files/usr/bin/sh\n# Termux:Boot runs this at boot\nsh {r}/start.sh\n"
+        )
     return scripts
 
 
@@ -158,9 +185,9 @@ def systemd_scripts(unit: str, log: str) -> dict[str, str]:
     u = q(unit)
     return {
         "start.sh": f"#!/bin/sh\nsystemctl --user is-active --quiet {u} && exit 0\n"
-                    f"echo \"{START_MARKER} $(date -u +%Y-%m-%dT%H:%M:%SZ)\" >> {q(log)}\n"
-                    f"loginctl enable-linger \"$(id -un)\" >/dev/null 2>&1\n"
-                    f"systemctl --user daemon-reload && systemctl --user enable --now {u}\n",
+        f'echo "{START_MARKER} $(date -u +%Y-%m-%dT%H:%M:%SZ)" >> {q(log)}\n'
+        f'loginctl enable-linger "$(id -un)" >/dev/null 2>&1\n'
+        f"systemctl --user daemon-reload && systemctl --user enable --now {u}\n",
         "stop.sh": f"#!/bin/sh\nsystemctl --user stop {u} 2>/dev/null; exit 0\n",
         "running.sh": f"#!/bin/sh\nsystemctl --user is-active --quiet {u}\n",
     }

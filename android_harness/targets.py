@@ -30,7 +30,9 @@ TERMUX_PACKAGE = "com.termux"
 TERMUX_FILES = f"/data/data/{TERMUX_PACKAGE}/files"
 ADB_STAGING = "/data/local/tmp"
 DEFAULT_TIMEOUT_S = 600.0
-_SSH_TARGET = re.compile(r"ssh:(?P<user>[A-Za-z0-9_.][A-Za-z0-9_.-]*)@(?P<host>[A-Za-z0-9_.:\[\]-]+?)(?::(?P<port>\d+))?")
+_SSH_TARGET = re.compile(
+    r"ssh:(?P<user>[A-Za-z0-9_.][A-Za-z0-9_.-]*)@(?P<host>[A-Za-z0-9_.:\[\]-]+?)(?::(?P<port>\d+))?"
+)
 _ADB_TARGET = re.compile(r"adb:(?P<serial>[A-Za-z0-9_.:-]+)")
 
 
@@ -64,8 +66,10 @@ class Target(ABC):
         except FileNotFoundError as exc:
             raise DeployError(f"{exc.filename} is not installed on this workstation; {self.install_hint}") from exc
         except subprocess.TimeoutExpired as exc:
-            raise DeployError(f"{self.spec}: no answer within {timeout:.0f} s; check the device is on and "
-                              "reachable, then run the command again") from exc
+            raise DeployError(
+                f"{self.spec}: no answer within {timeout:.0f} s; check the device is on and "
+                "reachable, then run the command again"
+            ) from exc
         result = Result(done.returncode, done.stdout.decode(errors="replace"), done.stderr.decode(errors="replace"))
         self.check_transport(result)
         return result
@@ -113,8 +117,10 @@ class SshTarget(Target):
         with open(local, "rb") as handle:
             result = self.run(f"cat > {shlex.quote(remote)}", stdin=handle)
         if result.returncode != 0:
-            raise DeployError(f"{self.spec}: writing {remote} failed: {result.stderr.strip()}; check the free disk "
-                              "space on the device")
+            raise DeployError(
+                f"{self.spec}: writing {remote} failed: {result.stderr.strip()}; check the free disk "
+                "space on the device"
+            )
 
     def check_transport(self, result: Result) -> None:
         if result.returncode != 255:
@@ -122,26 +128,44 @@ class SshTarget(Target):
         err = result.stderr.strip()
         where = f"{self.user}@{self.host} port {self.port}"
         if "Permission denied" in err:
-            raise DeployError(f"{where} refused the ssh key ({err.splitlines()[-1]}); install your public key on "
-                              f"the device (`ssh-copy-id -p {self.port} {self.user}@{self.host}`) or pass "
-                              "--identity with the right private key")
+            raise DeployError(
+                f"{where} refused the ssh key ({err.splitlines()[-1]}); install your public key on "
+                f"the device (`ssh-copy-id -p {self.port} {self.user}@{self.host}`) or pass "
+                "--identity with the right private key"
+            )
         if "Host key verification failed" in err or "REMOTE HOST IDENTIFICATION HAS CHANGED" in err:
-            raise DeployError(f"{where}: its host key is unknown or changed; connect once with `ssh -p {self.port} "
-                              f"{self.user}@{self.host}`, check the fingerprint and accept it")
-        if any(s in err for s in ("Connection refused", "timed out", "No route to host", "Could not resolve",
-                                  "Network is unreachable", "Connection closed", "Connection reset")):
-            raise DeployError(f"cannot reach {where} ({err.splitlines()[-1]}); check the address, that the device "
-                              "is on the network and that its ssh server runs (Raspberry Pi OS: `sudo systemctl "
-                              "enable --now ssh`)")
+            raise DeployError(
+                f"{where}: its host key is unknown or changed; connect once with `ssh -p {self.port} "
+                f"{self.user}@{self.host}`, check the fingerprint and accept it"
+            )
+        if any(
+            s in err
+            for s in (
+                "Connection refused",
+                "timed out",
+                "No route to host",
+                "Could not resolve",
+                "Network is unreachable",
+                "Connection closed",
+                "Connection reset",
+            )
+        ):
+            raise DeployError(
+                f"cannot reach {where} ({err.splitlines()[-1]}); check the address, that the device "
+                "is on the network and that its ssh server runs (Raspberry Pi OS: `sudo systemctl "
+                "enable --now ssh`)"
+            )
         raise DeployError(f"ssh to {where} failed: {err or 'exit status 255'}")
 
 
 def termux_environment() -> str:
     """``export`` lines giving a ``run-as`` shell the environment of a Termux session."""
     prefix = f"{TERMUX_FILES}/usr"
-    return (f"export PREFIX={prefix} HOME={TERMUX_FILES}/home TMPDIR={prefix}/tmp "
-            f"PATH={prefix}/bin:$PATH LANG=en_US.UTF-8; "
-            f"[ -f {prefix}/lib/libtermux-exec.so ] && export LD_PRELOAD={prefix}/lib/libtermux-exec.so; ")
+    return (
+        f"export PREFIX={prefix} HOME={TERMUX_FILES}/home TMPDIR={prefix}/tmp "
+        f"PATH={prefix}/bin:$PATH LANG=en_US.UTF-8; "
+        f"[ -f {prefix}/lib/libtermux-exec.so ] && export LD_PRELOAD={prefix}/lib/libtermux-exec.so; "
+    )
 
 
 @dataclass
@@ -157,7 +181,7 @@ class AdbTarget(Target):
         return [os.environ.get("FEDMOE_ADB", "adb"), "-s", self.serial]
 
     def command(self, script: str) -> list[str]:
-        inner = termux_environment() + "cd \"$HOME\" && " + script
+        inner = termux_environment() + 'cd "$HOME" && ' + script
         return [*self._adb(), "shell", f"run-as {TERMUX_PACKAGE} sh -c {shlex.quote(inner)}"]
 
     def put(self, local: Path, remote: str) -> None:
@@ -166,8 +190,9 @@ class AdbTarget(Target):
             done = subprocess.run([*self._adb(), "push", str(local), staged], capture_output=True, timeout=600)
         except FileNotFoundError as exc:
             raise DeployError(f"{exc.filename} is not installed on this workstation; {self.install_hint}") from exc
-        self.check_transport(Result(done.returncode, done.stdout.decode(errors="replace"),
-                                    done.stderr.decode(errors="replace")))
+        self.check_transport(
+            Result(done.returncode, done.stdout.decode(errors="replace"), done.stderr.decode(errors="replace"))
+        )
         try:
             result = self.run(f"cp {shlex.quote(staged)} {shlex.quote(remote)}")
         finally:
@@ -180,14 +205,18 @@ class AdbTarget(Target):
         if result.returncode == 0:
             return
         if "not found" in text and ("device '" in text or "no devices" in text):
-            raise DeployError(f"adb has no device {self.serial!r} ({text.splitlines()[-1]}); plug it in, enable USB "
-                              "debugging and check `adb devices`")
+            raise DeployError(
+                f"adb has no device {self.serial!r} ({text.splitlines()[-1]}); plug it in, enable USB "
+                "debugging and check `adb devices`"
+            )
         if "unauthorized" in text:
             raise DeployError(f"{self.serial}: adb is not authorised; accept the RSA key prompt on the phone")
         if "run-as:" in text and ("not debuggable" in text or "unknown package" in text):
-            raise DeployError(f"{self.serial}: {text.splitlines()[-1]}; install Termux from its GitHub releases (a "
-                              "debuggable build), or run sshd in Termux (`pkg install openssh && sshd`), `adb "
-                              "forward tcp:8022 tcp:8022` and deploy to ssh:USER@127.0.0.1:8022")
+            raise DeployError(
+                f"{self.serial}: {text.splitlines()[-1]}; install Termux from its GitHub releases (a "
+                "debuggable build), or run sshd in Termux (`pkg install openssh && sshd`), `adb "
+                "forward tcp:8022 tcp:8022` and deploy to ssh:USER@127.0.0.1:8022"
+            )
 
 
 def parse_target(spec: str, *, identity: Path | None = None, ssh_config: Path | None = None) -> Target:
@@ -200,5 +229,7 @@ def parse_target(spec: str, *, identity: Path | None = None, ssh_config: Path | 
         return SshTarget(spec, match["user"], match["host"], int(match["port"] or 22), identity, ssh_config)
     if match := _ADB_TARGET.fullmatch(spec):
         return AdbTarget(spec, match["serial"])
-    raise DeployError(f"bad target {spec!r}: use ssh:USER@HOST[:PORT] (a Pi or Linux box) or adb:SERIAL (an "
-                      "Android phone with Termux; serials from `adb devices`)")
+    raise DeployError(
+        f"bad target {spec!r}: use ssh:USER@HOST[:PORT] (a Pi or Linux box) or adb:SERIAL (an "
+        "Android phone with Termux; serials from `adb devices`)"
+    )

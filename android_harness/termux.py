@@ -37,14 +37,19 @@ def prepare(target: Target, *, say=print) -> None:
     Raises:
         DeployError: no Termux prefix / ``pkg`` (install and open Termux once), or ``pkg`` failed.
     """
-    result = target.run(f'[ -x "$PREFIX/bin/pkg" ] || exit {NO_TERMUX}; pkg install -y {" ".join(PACKAGES)}',
-                        timeout=3600)
+    result = target.run(
+        f'[ -x "$PREFIX/bin/pkg" ] || exit {NO_TERMUX}; pkg install -y {" ".join(PACKAGES)}', timeout=3600
+    )
     if result.returncode == NO_TERMUX:
-        raise DeployError(f"{target.spec}: no Termux found ($PREFIX/bin/pkg); install Termux from its GitHub "
-                          "releases and open it once so it sets up its files")
+        raise DeployError(
+            f"{target.spec}: no Termux found ($PREFIX/bin/pkg); install Termux from its GitHub "
+            "releases and open it once so it sets up its files"
+        )
     if result.returncode != 0:
-        raise DeployError(f"{target.spec}: `pkg install {' '.join(PACKAGES)}` failed in Termux: "
-                          f"{result.stderr.strip()[-400:]}; check the phone is online and run `pkg update` there")
+        raise DeployError(
+            f"{target.spec}: `pkg install {' '.join(PACKAGES)}` failed in Termux: "
+            f"{result.stderr.strip()[-400:]}; check the phone is online and run `pkg update` there"
+        )
     say(f"{target.spec}: Termux packages present: {', '.join(PACKAGES)}")
 
 
@@ -60,7 +65,7 @@ def install_script(root: str, python: str, wheel_name: str, reqs: list[str]) -> 
 cd {q(root)}
 rm -rf venv.new
 {q(python)} -m venv --without-pip --system-site-packages venv.new
-{pip} install --quiet --no-compile {' '.join(q(r) for r in reqs)}
+{pip} install --quiet --no-compile {" ".join(q(r) for r in reqs)}
 {pip} install --quiet --no-compile --no-deps --force-reinstall {q(f"incoming/wheels/{wheel_name}")}
 venv.new/bin/python -c 'import device_runtime.cli'
 """

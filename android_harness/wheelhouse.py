@@ -42,10 +42,13 @@ class Platform:
         """pip ``--platform`` tags, newest first: ``manylinux_2_<m>_<arch>`` down to 2_17, manylinux2014."""
         major, minor = (int(x) for x in self.glibc.split(".")[:2])
         if major != 2 or minor < _OLDEST_GLIBC_MINOR:
-            raise DeployError(f"glibc {self.glibc} is older than 2.17: no current wheels run there; upgrade the "
-                              "device's OS (Raspberry Pi OS bookworm has glibc 2.36)")
+            raise DeployError(
+                f"glibc {self.glibc} is older than 2.17: no current wheels run there; upgrade the "
+                "device's OS (Raspberry Pi OS bookworm has glibc 2.36)"
+            )
         return [f"manylinux_2_{m}_{self.arch}" for m in range(minor, _OLDEST_GLIBC_MINOR - 1, -1)] + [
-            f"manylinux2014_{self.arch}"]
+            f"manylinux2014_{self.arch}"
+        ]
 
 
 def source_root() -> Path:
@@ -56,8 +59,10 @@ def source_root() -> Path:
     """
     root = Path(__file__).resolve().parents[1]
     if not (root / "pyproject.toml").is_file():
-        raise DeployError(f"no pyproject.toml above {Path(__file__).parent}; run fedmoe-android from a fedmoe "
-                          "checkout (pip install -e .)")
+        raise DeployError(
+            f"no pyproject.toml above {Path(__file__).parent}; run fedmoe-android from a fedmoe "
+            "checkout (pip install -e .)"
+        )
     return root
 
 
@@ -76,8 +81,16 @@ def build_runtime_wheel(out_dir: Path) -> Path:
                 shutil.copytree(src, Path(tmp) / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
             elif src.is_file():
                 shutil.copy2(src, Path(tmp) / name)
-        _pip("wheel", "--no-deps", "--no-build-isolation", "--quiet", "-w", str(out_dir), tmp,
-             what="building the fedmoe wheel")
+        _pip(
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "--quiet",
+            "-w",
+            str(out_dir),
+            tmp,
+            what="building the fedmoe wheel",
+        )
     wheels = sorted(out_dir.glob("fedmoe-*.whl"))
     if len(wheels) != 1:
         raise DeployError(f"expected one fedmoe wheel in {out_dir}, found {[w.name for w in wheels]}")
@@ -89,8 +102,11 @@ def wheel_metadata(wheel: Path) -> dict:
     with zipfile.ZipFile(wheel) as archive:
         name = next(n for n in archive.namelist() if n.endswith(".dist-info/METADATA"))
         meta = Parser().parsestr(archive.read(name).decode())
-    return {"version": meta["Version"], "extras": meta.get_all("Provides-Extra") or [],
-            "requires": meta.get_all("Requires-Dist") or []}
+    return {
+        "version": meta["Version"],
+        "extras": meta.get_all("Provides-Extra") or [],
+        "requires": meta.get_all("Requires-Dist") or [],
+    }
 
 
 def extra_requirements(wheel: Path, extra: str, platform: Platform) -> list[str]:
@@ -103,9 +119,15 @@ def extra_requirements(wheel: Path, extra: str, platform: Platform) -> list[str]
     meta = wheel_metadata(wheel)
     if extra not in meta["extras"]:
         raise DeployError(f"fedmoe {meta['version']} has no extra {extra!r} (it has {', '.join(meta['extras'])})")
-    env = {"python_version": platform.python, "python_full_version": platform.python + ".0",
-           "platform_machine": platform.arch, "sys_platform": "linux", "platform_system": "Linux",
-           "os_name": "posix", "implementation_name": "cpython"}
+    env = {
+        "python_version": platform.python,
+        "python_full_version": platform.python + ".0",
+        "platform_machine": platform.arch,
+        "sys_platform": "linux",
+        "platform_system": "Linux",
+        "os_name": "posix",
+        "implementation_name": "cpython",
+    }
     wanted, seen, out = [extra], set(), []
     while wanted:
         current = wanted.pop()
@@ -140,9 +162,19 @@ def wheelhouse(requirements: list[str], platform: Platform, cache: Path) -> Path
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        _pip("download", "--quiet", "--only-binary=:all:", "--dest", str(tmp), *(f"--platform={t}" for t in tags),
-             f"--python-version={platform.python}", "--implementation=cp", "pip", *requirements,
-             what=f"downloading wheels for Python {platform.python} on {platform.arch}")
+        _pip(
+            "download",
+            "--quiet",
+            "--only-binary=:all:",
+            "--dest",
+            str(tmp),
+            *(f"--platform={t}" for t in tags),
+            f"--python-version={platform.python}",
+            "--implementation=cp",
+            "pip",
+            *requirements,
+            what=f"downloading wheels for Python {platform.python} on {platform.arch}",
+        )
         (tmp / "requirements.json").write_text(json.dumps(requirements))
         tmp.rename(final)
     finally:

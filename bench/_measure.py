@@ -48,16 +48,35 @@ def upcycled_checkpoint(workdir: Path, layers: int) -> Path:
     """``workdir/smollm2-e4k2-{layers}l``: SmolLM2 upcycled to 4 experts, top-2, first ``layers`` layers (once)."""
     path = workdir / f"smollm2-e4k2-{layers}l"
     if not (path / "config.json").is_file():
-        fedmoe_export(["upcycle", "smollm2", "--experts", "4", "--top-k", "2", "--num-layers", str(layers),
-                       "--out", str(path)], workdir / "export.log")
+        fedmoe_export(
+            ["upcycle", "smollm2", "--experts", "4", "--top-k", "2", "--num-layers", str(layers), "--out", str(path)],
+            workdir / "export.log",
+        )
     return path
 
 
-def export_bundle(checkpoint: Path, out: Path, train, log: Path, *, experts_per_layer: int | None = None,
-                  budget_mib: float | None = None) -> float:
+def export_bundle(
+    checkpoint: Path,
+    out: Path,
+    train,
+    log: Path,
+    *,
+    experts_per_layer: int | None = None,
+    budget_mib: float | None = None,
+) -> float:
     """``fedmoe-export bundle`` for a fixed experts-per-layer or a memory budget; returns its seconds."""
-    args = ["bundle", str(checkpoint), "--out", str(out), "--batch-size", str(train.batch_size),
-            "--seq-len", str(train.seq_len), "--trainable", train.trainable_mode]
+    args = [
+        "bundle",
+        str(checkpoint),
+        "--out",
+        str(out),
+        "--batch-size",
+        str(train.batch_size),
+        "--seq-len",
+        str(train.seq_len),
+        "--trainable",
+        train.trainable_mode,
+    ]
     if train.trainable_mode == "lora":
         args += ["--lora-rank", str(train.lora_rank)]
     args += ["--memory-mib", str(budget_mib)] if budget_mib else ["--experts-per-layer", str(experts_per_layer)]
@@ -107,8 +126,7 @@ def reset_peak_rss() -> bool:
 def _batches(data: Path, tokenizer: Path, batch_size: int, seq_len: int):
     from device_runtime.data import LocalDataset
 
-    dataset = LocalDataset.from_jsonl(data, tokenizer, seq_len=seq_len, eval_fraction=0.0, seed=0,
-                                      pad_to_seq_len=True)
+    dataset = LocalDataset.from_jsonl(data, tokenizer, seq_len=seq_len, eval_fraction=0.0, seed=0, pad_to_seq_len=True)
     return dataset.train_batches(batch_size)
 
 
@@ -124,7 +142,7 @@ def _ort_child(opts) -> dict:
         fit = trainer.fit(batches, steps=1, learning_rate=1e-4)
         times.append(fit.step_time_s)
         losses.append(fit.losses[0])
-    return {"step_s": times[opts.warmup:], "losses": losses}
+    return {"step_s": times[opts.warmup :], "losses": losses}
 
 
 def _torch_child(opts) -> dict:
@@ -139,8 +157,11 @@ def _torch_child(opts) -> dict:
 
     torch.set_num_threads(opts.threads)
     manifest = load_bundle(opts.bundle).manifest
-    request = BundleRequest(keep=manifest.expert_ids, trainable_mode=manifest.shape_key.trainable_mode,
-                            lora_rank=manifest.shape_key.lora_rank)
+    request = BundleRequest(
+        keep=manifest.expert_ids,
+        trainable_mode=manifest.shape_key.trainable_mode,
+        lora_rank=manifest.shape_key.lora_rank,
+    )
     pruned, description = prepare_model(Path(opts.target), request)
     trainable = [n for n, _ in description.trainable_tensors(list(pruned.state_dict()), request.trainable_mode)]
     wrapper = TrainingWrapper(pruned, trainable=trainable).train()
@@ -154,8 +175,9 @@ def _torch_child(opts) -> dict:
     times, losses = [], []
     for _ in range(opts.warmup + opts.steps):
         batch = next(batches)
-        inputs = wrapper.make_inputs(*(torch.from_numpy(a) for a in (batch.input_ids, batch.attention_mask,
-                                                                     batch.labels)), aux_loss_coef=0.01)
+        inputs = wrapper.make_inputs(
+            *(torch.from_numpy(a) for a in (batch.input_ids, batch.attention_mask, batch.labels)), aux_loss_coef=0.01
+        )
         start = time.perf_counter()
         loss = wrapper(*inputs.values())[0]
         loss.backward()
@@ -163,7 +185,7 @@ def _torch_child(opts) -> dict:
         optimizer.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - start)
         losses.append(float(loss))
-    return {"step_s": times[opts.warmup:], "losses": losses, "peak_reset": reset}
+    return {"step_s": times[opts.warmup :], "losses": losses, "peak_reset": reset}
 
 
 def _parse(argv: list[str]):

@@ -103,7 +103,7 @@ def routing(kept: int, rng: np.random.Generator) -> np.ndarray:
     """``(4, kept)`` raw routing sums (sum G, max G, sum G log G, tokens routed) of a random top-2 router."""
     logits = rng.standard_normal((TOKENS, kept))
     probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
-    top = np.argsort(-probs, 1)[:, :min(2, kept)]
+    top = np.argsort(-probs, 1)[:, : min(2, kept)]
     routed = np.bincount(top.ravel(), minlength=kept)
     return np.stack([probs.sum(0), probs.max(0), (probs * np.log(probs)).sum(0), routed])
 
@@ -122,9 +122,14 @@ def write_update(store: TensorStore, params: dict, experts: int, rng: np.random.
     stats = RoutingStats([len(ids) for ids in expert_ids], expert_ids)
     stats.update(per_layer, TOKENS)
     trained = [[ids[i] for i in local] for ids, local in zip(expert_ids, stats.trained_experts())]
-    meta = {"expert_ids": [list(ids) for ids in expert_ids], "trained_experts": trained,
-            "routing": stats.to_dict(), "metrics": {"loss": 2.5}, "layers": meta_layers,
-            "shape_key": "experts-" + ".".join(str(len(ids)) for ids in expert_ids)}
+    meta = {
+        "expert_ids": [list(ids) for ids in expert_ids],
+        "trained_experts": trained,
+        "routing": stats.to_dict(),
+        "metrics": {"loss": 2.5},
+        "layers": meta_layers,
+        "shape_key": "experts-" + ".".join(str(len(ids)) for ids in expert_ids),
+    }
     return store.put(tensors), {"meta": meta, "bytes": sum(t.nbytes for t in tensors.values())}
 
 
@@ -134,12 +139,19 @@ def prepare(workdir: Path, opts) -> dict:
     store = TensorStore(workdir / "tensors")
     params = global_state(opts.layers, opts.experts, rng)
     files = [write_update(store, params, opts.experts, rng) for _ in range(opts.files)]
-    rows = [StoredUpdate(f"device-{c:04d}", int(rng.integers(8, 65)), files[c % len(files)][0],
-                         files[c % len(files)][1]["meta"]) for c in range(opts.clients)]
-    return {"store": str(store.root), "global_sha256": store.put(params),
-            "model_bytes": sum(t.nbytes for t in params.values()),
-            "file_bytes": [info["bytes"] for _, info in files],
-            "rows": [asdict(r) for r in rows]}
+    rows = [
+        StoredUpdate(
+            f"device-{c:04d}", int(rng.integers(8, 65)), files[c % len(files)][0], files[c % len(files)][1]["meta"]
+        )
+        for c in range(opts.clients)
+    ]
+    return {
+        "store": str(store.root),
+        "global_sha256": store.put(params),
+        "model_bytes": sum(t.nbytes for t in params.values()),
+        "file_bytes": [info["bytes"] for _, info in files],
+        "rows": [asdict(r) for r in rows],
+    }
 
 
 # ---------------------------------------------------------------- the child
@@ -184,10 +196,18 @@ def child(manifest_path: Path, kind: str, clients: int) -> dict:
     else:
         out, metrics = from_name(kind).aggregate_fit(1, stored_updates(store, rows), [], global_params)
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
-    return {"kind": kind, "clients": clients, "seconds": seconds, "cpu_seconds": cpu_seconds,
-            "base_rss_mib": base, "peak_rss_mib": _measure._peak_rss_mib(), "peak_reset": reset,
-            "accepted": metrics.get("num_clients", len(rows)), "rejected": metrics.get("rejected", {}),
-            "sums": {name: float(t.sum(dtype=np.float64)) for name, t in out.items()}}
+    return {
+        "kind": kind,
+        "clients": clients,
+        "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
+        "base_rss_mib": base,
+        "peak_rss_mib": _measure._peak_rss_mib(),
+        "peak_reset": reset,
+        "accepted": metrics.get("num_clients", len(rows)),
+        "rejected": metrics.get("rejected", {}),
+        "sums": {name: float(t.sum(dtype=np.float64)) for name, t in out.items()},
+    }
 
 
 def run_child(manifest: Path, kind: str, clients: int) -> dict:
@@ -196,8 +216,11 @@ def run_child(manifest: Path, kind: str, clients: int) -> dict:
     Raises:
         RuntimeError: the child failed (the tail of its stderr is in the message).
     """
-    proc = subprocess.run([sys.executable, __file__, "--child", kind, "--manifest", str(manifest),
-                           "--clients", str(clients)], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, __file__, "--child", kind, "--manifest", str(manifest), "--clients", str(clients)],
+        capture_output=True,
+        text=True,
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"child {kind} failed: {proc.stderr.strip()[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -249,14 +272,20 @@ def sha256_gbps(manifest: dict) -> float:
 def print_report(opts, manifest: dict, rows: list[dict], sha_gbps: float) -> None:
     model_mib = manifest["model_bytes"] / MIB
     sizes = manifest["file_bytes"]
-    print(f"model: {opts.layers} MoE layer(s) x {opts.experts} experts, hidden {HIDDEN}, expert FFN {INTERMEDIATE} "
-          f"(SmolLM2-135M upcycled), float32: global state {model_mib:.1f} MiB")
-    print(f"updates: {opts.files} distinct files of {min(sizes) / MIB:.1f}-{max(sizes) / MIB:.1f} MiB "
-          f"(mean {np.mean(sizes) / MIB:.1f} MiB, 1..{opts.experts} experts per layer), read by {opts.clients} "
-          f"clients cyclically: {round_bytes(manifest, opts.clients) / GB:.2f} GB of update tensors per round")
+    print(
+        f"model: {opts.layers} MoE layer(s) x {opts.experts} experts, hidden {HIDDEN}, expert FFN {INTERMEDIATE} "
+        f"(SmolLM2-135M upcycled), float32: global state {model_mib:.1f} MiB"
+    )
+    print(
+        f"updates: {opts.files} distinct files of {min(sizes) / MIB:.1f}-{max(sizes) / MIB:.1f} MiB "
+        f"(mean {np.mean(sizes) / MIB:.1f} MiB, 1..{opts.experts} experts per layer), read by {opts.clients} "
+        f"clients cyclically: {round_bytes(manifest, opts.clients) / GB:.2f} GB of update tensors per round"
+    )
     numpy_row = next((r for r in rows if r["kind"] == "numpy" and r["clients"] == opts.clients), None)
-    print("kind | clients | update GB | wall s | GB/s | x numpy | CPU s | GB/CPU-s | x numpy (CPU) | "
-          "RSS before MiB | aggregation peak MiB | peak - before MiB | (peak - before) / model | updates / model")
+    print(
+        "kind | clients | update GB | wall s | GB/s | x numpy | CPU s | GB/CPU-s | x numpy (CPU) | "
+        "RSS before MiB | aggregation peak MiB | peak - before MiB | (peak - before) / model | updates / model"
+    )
     for r in rows:
         gbps, cpu_gbps = r["bytes"] / GB / r["seconds"], r["bytes"] / GB / r["cpu_seconds"]
         ratio = ratio_cpu = float("nan")
@@ -264,11 +293,26 @@ def print_report(opts, manifest: dict, rows: list[dict], sha_gbps: float) -> Non
             ratio = gbps / (numpy_row["bytes"] / GB / numpy_row["seconds"])
             ratio_cpu = cpu_gbps / (numpy_row["bytes"] / GB / numpy_row["cpu_seconds"])
         grown = r["peak_rss_mib"] - r["base_rss_mib"]
-        print(" | ".join([
-            r["kind"], str(r["clients"]), f"{r['bytes'] / GB:.2f}", f"{r['seconds']:.1f}", f"{gbps:.3f}",
-            f"{ratio:.2f}", f"{r['cpu_seconds']:.1f}", f"{cpu_gbps:.3f}", f"{ratio_cpu:.2f}",
-            f"{r['base_rss_mib']:.0f}", f"{r['peak_rss_mib']:.0f}", f"{grown:.0f}", f"{grown / model_mib:.2f}",
-            f"{r['bytes'] / MIB / model_mib:.0f}"]))
+        print(
+            " | ".join(
+                [
+                    r["kind"],
+                    str(r["clients"]),
+                    f"{r['bytes'] / GB:.2f}",
+                    f"{r['seconds']:.1f}",
+                    f"{gbps:.3f}",
+                    f"{ratio:.2f}",
+                    f"{r['cpu_seconds']:.1f}",
+                    f"{cpu_gbps:.3f}",
+                    f"{ratio_cpu:.2f}",
+                    f"{r['base_rss_mib']:.0f}",
+                    f"{r['peak_rss_mib']:.0f}",
+                    f"{grown:.0f}",
+                    f"{grown / model_mib:.2f}",
+                    f"{r['bytes'] / MIB / model_mib:.0f}",
+                ]
+            )
+        )
     print(f"sha256 on this CPU: {sha_gbps:.3f} GB/s (TensorStore.get verifies the hash of every file it reads)")
     agree = sums_agree(rows)
     if agree is not None:
@@ -280,13 +324,22 @@ def print_report(opts, manifest: dict, rows: list[dict], sha_gbps: float) -> Non
 def _parse(argv: list[str]):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, default=100, help="update rows per round")
-    parser.add_argument("--layers", type=int, default=1,
-                        help="MoE layers (8 = the default simulation: ~21 GB of updates per round at 100 clients)")
+    parser.add_argument(
+        "--layers",
+        type=int,
+        default=1,
+        help="MoE layers (8 = the default simulation: ~21 GB of updates per round at 100 clients)",
+    )
     parser.add_argument("--experts", type=int, default=4, help="global experts per MoE layer")
     parser.add_argument("--files", type=int, default=10, help="distinct update files the rows cycle through")
     parser.add_argument("--memory-clients", type=int, default=10, help="hfedmoe is also run with this many clients")
-    parser.add_argument("--kinds", nargs="*", default=DEFAULT_KINDS, choices=KINDS,
-                        help="what to measure (default: all but fedalign, which doubles the run time)")
+    parser.add_argument(
+        "--kinds",
+        nargs="*",
+        default=DEFAULT_KINDS,
+        choices=KINDS,
+        help="what to measure (default: all but fedalign, which doubles the run time)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", type=Path, help="where to write the tensor store (default: a temp dir)")
     parser.add_argument("--quick", action="store_true", help="20 clients, 5 files: a sanity run")

@@ -56,34 +56,57 @@ def _child(opts) -> dict:
     manifest, tokenizer = bundle.manifest, bundle.path(TOKENIZER_FILE)
     test = read_jsonl(opts.test)
     seeds = candidate_seeds(0, 1, opts.zo_seeds)
-    trainer = create_trainer(bundle, backend=opts.child, threads=opts.threads,
-                             zeroth_order={"seed": 0, "candidates": seeds})
+    trainer = create_trainer(
+        bundle, backend=opts.child, threads=opts.threads, zeroth_order={"seed": 0, "candidates": seeds}
+    )
     before = _accuracy(trainer, test, tokenizer, opts.seq_len)
-    dataset = LocalDataset.from_jsonl(opts.train, tokenizer, seq_len=opts.seq_len, eval_fraction=0.0, seed=0,
-                                      pad_to_seq_len=True)
+    dataset = LocalDataset.from_jsonl(
+        opts.train, tokenizer, seq_len=opts.seq_len, eval_fraction=0.0, seed=0, pad_to_seq_len=True
+    )
     lr = opts.zo_lr if opts.child == "zo" else opts.lr
     start = time.perf_counter()
     fit = trainer.fit(dataset.train_batches(opts.batch_size), steps=opts.steps, learning_rate=lr)
     seconds = time.perf_counter() - start
     after = _accuracy(trainer, test, tokenizer, opts.seq_len)
-    assignment = Assignment(round_id=1, update_id="u-1", model_version=0, shape_key=manifest.shape_key,
-                            expert_ids=manifest.expert_ids, config=FitConfig())
+    assignment = Assignment(
+        round_id=1,
+        update_id="u-1",
+        model_version=0,
+        shape_key=manifest.shape_key,
+        expert_ids=manifest.expert_ids,
+        config=FitConfig(),
+    )
     params = {n: v for n, v in trainer.get_parameters().items() if n in set(manifest.trainable_names)}
     dense = len(encode(build_update(assignment, fit, params, {"loss": fit.losses[-1]})))
     compact = None
     if fit.zo_coefficients:
         seeds_used, scalars = zip(*fit.zo_coefficients)
-        compact = len(encode(build_update(assignment, fit, {}, {"loss": fit.losses[-1]},
-                                          zo=ZoUpdate(seeds=seeds_used, scalars=scalars))))
+        compact = len(
+            encode(
+                build_update(
+                    assignment, fit, {}, {"loss": fit.losses[-1]}, zo=ZoUpdate(seeds=seeds_used, scalars=scalars)
+                )
+            )
+        )
     from device_runtime.trainer import peak_rss_bytes
 
-    return {"backend": opts.child, "order": trainer.order, "lr": lr, "examples": fit.num_examples,
-            "step_s": fit.step_time_s, "train_s": seconds, "loss_first": fit.losses[0],
-            "loss_last_10": sum(fit.losses[-10:]) / len(fit.losses[-10:]), "accuracy_before": before,
-            "accuracy_after": after, "peak_rss_mib": peak_rss_bytes() / MIB, "upload_dense_bytes": dense,
-            "upload_zo_bytes": compact, "trainable_params": sum(
-                int(__import__("numpy").prod(s.shape)) for s in manifest.tensors if s.trainable),
-            "torch_imported": "torch" in sys.modules}
+    return {
+        "backend": opts.child,
+        "order": trainer.order,
+        "lr": lr,
+        "examples": fit.num_examples,
+        "step_s": fit.step_time_s,
+        "train_s": seconds,
+        "loss_first": fit.losses[0],
+        "loss_last_10": sum(fit.losses[-10:]) / len(fit.losses[-10:]),
+        "accuracy_before": before,
+        "accuracy_after": after,
+        "peak_rss_mib": peak_rss_bytes() / MIB,
+        "upload_dense_bytes": dense,
+        "upload_zo_bytes": compact,
+        "trainable_params": sum(int(__import__("numpy").prod(s.shape)) for s in manifest.tensors if s.trainable),
+        "torch_imported": "torch" in sys.modules,
+    }
 
 
 def _prepare(opts) -> tuple[Path, Path, Path]:
@@ -96,17 +119,36 @@ def _prepare(opts) -> tuple[Path, Path, Path]:
     checkpoint = _measure.upcycled_checkpoint(opts.workdir, opts.layers)
     bundle = opts.workdir / f"bundle-{opts.layers}l-{opts.experts_per_layer}e"
     if not (bundle / "manifest.json").is_file():
-        _measure.export_bundle(checkpoint, bundle, TrainingShape(batch_size=opts.batch_size, seq_len=opts.seq_len),
-                               opts.workdir / "export.log", experts_per_layer=opts.experts_per_layer)
+        _measure.export_bundle(
+            checkpoint,
+            bundle,
+            TrainingShape(batch_size=opts.batch_size, seq_len=opts.seq_len),
+            opts.workdir / "export.log",
+            experts_per_layer=opts.experts_per_layer,
+        )
     train, test = train_test_split(bbc_news(), opts.test, seed=0)
-    return bundle, write_jsonl(train, opts.workdir / "bbc-train.jsonl"), write_jsonl(test, opts.workdir / "bbc-test.jsonl")
+    return (
+        bundle,
+        write_jsonl(train, opts.workdir / "bbc-train.jsonl"),
+        write_jsonl(test, opts.workdir / "bbc-test.jsonl"),
+    )
 
 
 def _table(rows: list[dict]) -> str:
-    fields = [("backend", "{}"), ("order", "{}"), ("lr", "{:g}"), ("examples", "{}"), ("step_s", "{:.3f}"),
-              ("peak_rss_mib", "{:.0f}"), ("loss_first", "{:.3f}"), ("loss_last_10", "{:.3f}"),
-              ("accuracy_before", "{:.2f}"), ("accuracy_after", "{:.2f}"), ("upload_dense_bytes", "{}"),
-              ("upload_zo_bytes", "{}")]
+    fields = [
+        ("backend", "{}"),
+        ("order", "{}"),
+        ("lr", "{:g}"),
+        ("examples", "{}"),
+        ("step_s", "{:.3f}"),
+        ("peak_rss_mib", "{:.0f}"),
+        ("loss_first", "{:.3f}"),
+        ("loss_last_10", "{:.3f}"),
+        ("accuracy_before", "{:.2f}"),
+        ("accuracy_after", "{:.2f}"),
+        ("upload_dense_bytes", "{}"),
+        ("upload_zo_bytes", "{}"),
+    ]
     lines = ["| " + " | ".join(name for name, _ in fields) + " |", "|" + "---|" * len(fields)]
     for row in rows:
         lines.append("| " + " | ".join("-" if row[n] is None else f.format(row[n]) for n, f in fields) + " |")
@@ -136,10 +178,30 @@ def main() -> int:
         print(json.dumps(_child(opts)))
         return 0
     bundle, train, test = _prepare(opts)
-    common = ["--bundle", str(bundle), "--train", str(train), "--test-file", str(test), "--steps", str(opts.steps),
-              "--batch-size", str(opts.batch_size), "--seq-len", str(opts.seq_len), "--lr", str(opts.lr),
-              "--zo-lr", str(opts.zo_lr), "--zo-seeds", str(opts.zo_seeds), "--threads", str(opts.threads),
-              "--test", str(opts.test)]
+    common = [
+        "--bundle",
+        str(bundle),
+        "--train",
+        str(train),
+        "--test-file",
+        str(test),
+        "--steps",
+        str(opts.steps),
+        "--batch-size",
+        str(opts.batch_size),
+        "--seq-len",
+        str(opts.seq_len),
+        "--lr",
+        str(opts.lr),
+        "--zo-lr",
+        str(opts.zo_lr),
+        "--zo-seeds",
+        str(opts.zo_seeds),
+        "--threads",
+        str(opts.threads),
+        "--test",
+        str(opts.test),
+    ]
     rows = [_measure.run_json([sys.executable, __file__, "--child", backend, *common]) for backend in opts.backends]
     print(json.dumps(rows, indent=2))
     print(_table(rows))

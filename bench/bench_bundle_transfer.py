@@ -36,13 +36,24 @@ def child(source: Path, out_dir: Path, chunk: int) -> dict:
     start, received = time.perf_counter(), None
     with open(source, "rb") as handle:
         for offset in range(0, size, chunk):
-            msg = BundleData(shape_key_id="k", name="weights.safetensors", offset=offset, total_size=size,
-                             sha256=sha, more=offset + chunk < size, data=handle.read(chunk))
+            msg = BundleData(
+                shape_key_id="k",
+                name="weights.safetensors",
+                offset=offset,
+                total_size=size,
+                sha256=sha,
+                more=offset + chunk < size,
+                data=handle.read(chunk),
+            )
             received = assembler.add(decode(encode(msg), max_size=chunk + MIB))
     seconds = time.perf_counter() - start
     assert received["weights.safetensors"].stat().st_size == size
-    return {"size_mib": size / MIB, "peak_before_mib": before, "peak_after_mib": status_kib("VmHWM") / 1024,
-            "mib_per_s": size / MIB / seconds}
+    return {
+        "size_mib": size / MIB,
+        "peak_before_mib": before,
+        "peak_after_mib": status_kib("VmHWM") / 1024,
+        "mib_per_s": size / MIB / seconds,
+    }
 
 
 def main() -> None:
@@ -57,18 +68,27 @@ def main() -> None:
         print(json.dumps(child(Path(opts.child[0]), Path(opts.child[1]), chunk)))
         return
     opts.workdir.mkdir(parents=True, exist_ok=True)
-    print(f"| bundle MiB | peak RSS before MiB | peak RSS after MiB | growth MiB | MiB/s |  (chunks of {opts.chunk_mib} MiB)")
+    print(
+        "| bundle MiB | peak RSS before MiB | peak RSS after MiB | growth MiB | MiB/s |"
+        f"  (chunks of {opts.chunk_mib} MiB)"
+    )
     print("|---|---|---|---|---|")
     for size in opts.sizes_mib:
         source, out_dir = opts.workdir / f"src-{size}", opts.workdir / f"rx-{size}"
         with open(source, "wb") as handle:
             for _ in range(size):
                 handle.write(os.urandom(MIB))
-        out = subprocess.run([sys.executable, __file__, "--chunk-mib", str(opts.chunk_mib), "--child",
-                              str(source), str(out_dir)], check=True, capture_output=True, text=True)
+        out = subprocess.run(
+            [sys.executable, __file__, "--chunk-mib", str(opts.chunk_mib), "--child", str(source), str(out_dir)],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
         r = json.loads(out.stdout)
-        print(f"| {r['size_mib']:.0f} | {r['peak_before_mib']:.0f} | {r['peak_after_mib']:.0f} | "
-              f"{r['peak_after_mib'] - r['peak_before_mib']:.0f} | {r['mib_per_s']:.0f} |")
+        print(
+            f"| {r['size_mib']:.0f} | {r['peak_before_mib']:.0f} | {r['peak_after_mib']:.0f} | "
+            f"{r['peak_after_mib'] - r['peak_before_mib']:.0f} | {r['mib_per_s']:.0f} |"
+        )
         source.unlink()
         for path in out_dir.iterdir():
             path.unlink()

@@ -3,7 +3,7 @@
 The coordinator is real: ``fedmoe-coord serve`` as its own process (``coordinator.simulation.processes``), over a
 tiny seeded Mixtral (``tests/helpers.py``: 2 layers, 4 experts, hidden 16) so the run is about connections, not
 tensors. The devices are real ``device_runtime.client.DeviceClient`` objects speaking the real protocol (one-time
-token enrolment, Ed25519 challenge-response, heartbeats, bundle transfer, update upload, reconnect with backoff),
+token enrollment, Ed25519 challenge-response, heartbeats, bundle transfer, update upload, reconnect with backoff),
 run as asyncio tasks in this one process. Only their training is a stand-in: :func:`stand_in_fit` replaces
 ``device_runtime.client._fit_in_slot`` (DeviceClient has no trainer argument) and returns the assignment's
 trainable tensors shifted, with valid routing statistics (``tests/helpers.fake_update``), without ONNX Runtime.
@@ -11,7 +11,7 @@ trainable tensors shifted, with valid routing statistics (``tests/helpers.fake_u
 Phases:
 
 1. idle: the coordinator runs with ``min_fit_clients = idle + 1`` so that no round can start; ``--idle`` devices
-   enrol over the websocket, then connect, authenticate and heartbeat for ``--idle-seconds``.
+   enroll over the websocket, then connect, authenticate and heartbeat for ``--idle-seconds``.
 2. rounds: the coordinator is stopped (SIGTERM) and restarted with ``min_fit_clients = max_fit_clients =
    --active`` and ``num_rounds = --rounds``; the devices reconnect on their own backoff; each round selects
    ``--active`` of them (Assignment, BundleRequest / BundleData on a device's first round, Update, Ack), the
@@ -59,8 +59,16 @@ from coordinator.simulation.processes import Child, free_port, start_coordinator
 from device_runtime.client import DeviceClient, enroll  # noqa: E402
 from device_runtime.wire import Update  # noqa: E402
 
-PROFILE = {"memory_total_mib": 4096, "memory_available_mib": 2048, "memory_mib": 2048, "cores": 1,
-           "arch": "x86_64", "os": "Linux", "backends": ["ort-training"], "gflops": 10.0}
+PROFILE = {
+    "memory_total_mib": 4096,
+    "memory_available_mib": 2048,
+    "memory_mib": 2048,
+    "cores": 1,
+    "arch": "x86_64",
+    "os": "Linux",
+    "backends": ["ort-training"],
+    "gflops": 10.0,
+}
 
 
 # ---------------------------------------------------------------- process facts
@@ -92,8 +100,9 @@ def established(port: int) -> int:
 def listen_overflows() -> int:
     """The kernel's count of connections dropped because a listen queue was full (``ListenOverflows`` in
     ``/proc/net/netstat``; machine-wide, so take differences)."""
-    header, values = [line.split() for line in Path("/proc/net/netstat").read_text().splitlines()
-                      if line.startswith("TcpExt:")]
+    header, values = [
+        line.split() for line in Path("/proc/net/netstat").read_text().splitlines() if line.startswith("TcpExt:")
+    ]
     return int(values[header.index("ListenOverflows")])
 
 
@@ -154,16 +163,15 @@ def normalise(text: str) -> str:
     return re.sub(r"\d+(\.\d+)?", "N", text)[:160]
 
 
-async def enrol_all(url: str, names: list[str], tokens: list[str], home: Path, concurrency: int):
-    """Enrol every device over the websocket (``enroll``), ``concurrency`` at a time.
+async def enroll_all(url: str, names: list[str], tokens: list[str], home: Path, concurrency: int):
+    """Enroll every device over the websocket (``enroll``), ``concurrency`` at a time.
 
     Returns ``(credentials or exception per device, seconds)``."""
     gate = asyncio.Semaphore(concurrency)
 
     async def one(name: str, token: str):
         async with gate:
-            return await enroll(url, token, name, credentials_path=home / name / "credentials.json",
-                                profile=PROFILE)
+            return await enroll(url, token, name, credentials_path=home / name / "credentials.json", profile=PROFILE)
 
     start = time.perf_counter()
     results = await asyncio.gather(*(one(n, t) for n, t in zip(names, tokens)), return_exceptions=True)
@@ -176,8 +184,12 @@ class Fleet:
     def __init__(self, url: str, credentials: list, home: Path, heartbeat_s: float):
         data = home / "unused.jsonl"  # the stand-in trainer reads no data; the client only keeps the path
         data.write_text("")
-        self.clients = [DeviceClient(url, c, data, cache_dir=home / c.device_id, profile=PROFILE,
-                                     heartbeat_s=heartbeat_s, threads=1) for c in credentials]
+        self.clients = [
+            DeviceClient(
+                url, c, data, cache_dir=home / c.device_id, profile=PROFILE, heartbeat_s=heartbeat_s, threads=1
+            )
+            for c in credentials
+        ]
         self.tasks: list[asyncio.Task] = []
 
     def start(self) -> None:
@@ -272,10 +284,17 @@ def round_rows(cfg: CoordinatorConfig) -> list[dict]:
                 if m.device_id is not None:
                     moved[m.name] += m.value
             wall = (r.finished_at - r.started_at).total_seconds() if r.finished_at else float("nan")
-            rows.append({"round": r.id, "status": r.status, "wall_s": wall,
-                         "assigned": len(registry.assignments(r.id)),
-                         "accepted": len(registry.accepted_updates(r.id)),
-                         "mib_down": moved["bytes_down"] / (1 << 20), "mib_up": moved["bytes_up"] / (1 << 20)})
+            rows.append(
+                {
+                    "round": r.id,
+                    "status": r.status,
+                    "wall_s": wall,
+                    "assigned": len(registry.assignments(r.id)),
+                    "accepted": len(registry.accepted_updates(r.id)),
+                    "mib_down": moved["bytes_down"] / (1 << 20),
+                    "mib_up": moved["bytes_up"] / (1 << 20),
+                }
+            )
         return rows
     finally:
         registry.close()
@@ -308,78 +327,115 @@ async def idle_phase(opts, coord: Coord, tokens: list[str], out: dict, probe: He
     pid, port, url = coord.child.process.pid, coord.cfg.port, f"ws://127.0.0.1:{coord.cfg.port}"
     out["coordinator_nofile"] = nofile_of(pid)
     out["rss_0"] = rss_mib(pid)
-    print(f"coordinator pid {pid}, RLIMIT_NOFILE {out['coordinator_nofile']}, RSS {out['rss_0']:.1f} MiB "
-          f"with 0 connections, {open_fds(pid)} fds", flush=True)
+    print(
+        f"coordinator pid {pid}, RLIMIT_NOFILE {out['coordinator_nofile']}, RSS {out['rss_0']:.1f} MiB "
+        f"with 0 connections, {open_fds(pid)} fds",
+        flush=True,
+    )
     names = [f"dev-{i:04d}" for i in range(opts.idle)]
-    probe.phase, overflows = "enrol", listen_overflows()
-    results, seconds = await enrol_all(url, names, tokens, opts.workdir / "devices", opts.enrol_concurrency)
+    probe.phase, overflows = "enroll", listen_overflows()
+    results, seconds = await enroll_all(url, names, tokens, opts.workdir / "devices", opts.enroll_concurrency)
     credentials = [r for r in results if not isinstance(r, BaseException)]
-    out["enrol_errors"] = Counter(normalise(f"{type(r).__name__}: {r}") for r in results
-                                  if isinstance(r, BaseException))
-    print(f"enrolled {len(credentials)} of {len(names)} over the websocket in {seconds:.1f} s "
-          f"({opts.enrol_concurrency} at a time)", flush=True)
+    out["enroll_errors"] = Counter(
+        normalise(f"{type(r).__name__}: {r}") for r in results if isinstance(r, BaseException)
+    )
+    print(
+        f"enrolled {len(credentials)} of {len(names)} over the websocket in {seconds:.1f} s "
+        f"({opts.enroll_concurrency} at a time)",
+        flush=True,
+    )
     fleet = Fleet(url, credentials, opts.workdir / "devices", opts.heartbeat_s)
     probe.phase = "connect"
     start = time.perf_counter()
     fleet.start()
     reached = await fleet.wait_connected(1, opts.connect_timeout)
     out["established"] = established(port)
-    print(f"connect: {sum(r < float('inf') for r in reached)} of {len(credentials)} authenticated "
-          f"({_seconds(reached)}; {time.perf_counter() - start:.1f} s); coordinator holds {out['established']} "
-          f"established sockets, {open_fds(pid)} fds, RSS {rss_mib(pid):.1f} MiB; listen-queue overflows "
-          f"during enrolment and connect: {listen_overflows() - overflows}", flush=True)
+    print(
+        f"connect: {sum(r < float('inf') for r in reached)} of {len(credentials)} authenticated "
+        f"({_seconds(reached)}; {time.perf_counter() - start:.1f} s); coordinator holds {out['established']} "
+        f"established sockets, {open_fds(pid)} fds, RSS {rss_mib(pid):.1f} MiB; listen-queue overflows "
+        f"during enrollment and connect: {listen_overflows() - overflows}",
+        flush=True,
+    )
     probe.phase = "idle"
     await asyncio.sleep(opts.idle_seconds)
     out["alive"], out["rss_n"], out["idle_reconnects"] = established(port), rss_mib(pid), fleet.reconnects(1)
-    print(f"after {opts.idle_seconds:.0f} s idle (heartbeat every {opts.heartbeat_s:g} s): {out['alive']} "
-          f"established, {out['idle_reconnects']} client reconnects, RSS {out['rss_n']:.1f} MiB "
-          f"({(out['rss_n'] - out['rss_0']) * 1024 / max(1, out['alive']):.1f} KiB per connection)", flush=True)
+    print(
+        f"after {opts.idle_seconds:.0f} s idle (heartbeat every {opts.heartbeat_s:g} s): {out['alive']} "
+        f"established, {out['idle_reconnects']} client reconnects, RSS {out['rss_n']:.1f} MiB "
+        f"({(out['rss_n'] - out['rss_0']) * 1024 / max(1, out['alive']):.1f} KiB per connection)",
+        flush=True,
+    )
     return fleet
 
 
 async def rounds_phase(opts, coord: Coord, fleet: Fleet, out: dict, probe: HealthProbe) -> None:
     probe.phase = "restart"
     stop_s = await asyncio.to_thread(coord.stop)
-    print(f"coordinator stopped with {len(fleet.clients)} connections in {stop_s:.1f} s; restarting with "
-          f"min_fit_clients = max_fit_clients = {opts.active}, num_rounds = {opts.rounds}", flush=True)
-    await asyncio.to_thread(coord.start, min_fit_clients=opts.active, max_fit_clients=opts.active,
-                            num_rounds=opts.rounds)
+    print(
+        f"coordinator stopped with {len(fleet.clients)} connections in {stop_s:.1f} s; restarting with "
+        f"min_fit_clients = max_fit_clients = {opts.active}, num_rounds = {opts.rounds}",
+        flush=True,
+    )
+    await asyncio.to_thread(
+        coord.start, min_fit_clients=opts.active, max_fit_clients=opts.active, num_rounds=opts.rounds
+    )
     pid, start, overflows = coord.child.process.pid, time.perf_counter(), listen_overflows()
     probe.phase = "rounds"
     reached = await fleet.wait_connected(2, opts.connect_timeout)
-    print(f"reconnect after restart: {sum(r < float('inf') for r in reached)} of {len(fleet.clients)} "
-          f"re-authenticated ({_seconds(reached)} after /healthz answered); listen-queue overflows "
-          f"{listen_overflows() - overflows}", flush=True)
+    print(
+        f"reconnect after restart: {sum(r < float('inf') for r in reached)} of {len(fleet.clients)} "
+        f"re-authenticated ({_seconds(reached)} after /healthz answered); listen-queue overflows "
+        f"{listen_overflows() - overflows}",
+        flush=True,
+    )
     await wait_rounds(coord.cfg, opts.rounds, opts.round_timeout - (time.perf_counter() - start))
     out["rounds"] = await asyncio.to_thread(round_rows, coord.cfg)
     out["rss_rounds"], out["alive_rounds"] = rss_mib(pid), established(coord.cfg.port)
-    print(f"after the rounds: {out['alive_rounds']} established, RSS {out['rss_rounds']:.1f} MiB, "
-          f"{fleet.reconnects(2)} client reconnects", flush=True)
+    print(
+        f"after the rounds: {out['alive_rounds']} established, RSS {out['rss_rounds']:.1f} MiB, "
+        f"{fleet.reconnects(2)} client reconnects",
+        flush=True,
+    )
 
 
 def _print_summary(opts, out: dict, probe: HealthProbe, coord: Coord, device_problems: Counter) -> None:
     print("\nround | status | wall s | assigned | accepted | MiB down | MiB up")
     for r in out.get("rounds", []):
-        print(f"{r['round']} | {r['status']} | {r['wall_s']:.2f} | {r['assigned']} | {r['accepted']} | "
-              f"{r['mib_down']:.2f} | {r['mib_up']:.2f}")
-    print("\n/healthz latency per phase (ms): " + "; ".join(
-        f"{phase}: n={len(v)} median {1e3 * statistics.median(v):.0f} max {1e3 * max(v):.0f} "
-        f"failed {sum(x == float('inf') for x in v)}" for phase, v in probe.samples.items()))
+        print(
+            f"{r['round']} | {r['status']} | {r['wall_s']:.2f} | {r['assigned']} | {r['accepted']} | "
+            f"{r['mib_down']:.2f} | {r['mib_up']:.2f}"
+        )
+    print(
+        "\n/healthz latency per phase (ms): "
+        + "; ".join(
+            f"{phase}: n={len(v)} median {1e3 * statistics.median(v):.0f} max {1e3 * max(v):.0f} "
+            f"failed {sum(x == float('inf') for x in v)}"
+            for phase, v in probe.samples.items()
+        )
+    )
     cost = out["registry"]
-    print(f"registry on the coordinator's event loop: {len(out['device_ids'])} x get_device (one engine tick of "
-          f"Coordinator._available) {1e3 * cost['available_tick_s']:.0f} ms; touch_device (one Heartbeat) "
-          f"{1e3 * cost['touch_device_s']:.2f} ms")
-    for title, counts in (("enrolment errors", out["enrol_errors"]), ("device-side warnings", device_problems),
-                          ("coordinator warnings / errors", coord.log_problems())):
+    print(
+        f"registry on the coordinator's event loop: {len(out['device_ids'])} x get_device (one engine tick of "
+        f"Coordinator._available) {1e3 * cost['available_tick_s']:.0f} ms; touch_device (one Heartbeat) "
+        f"{1e3 * cost['touch_device_s']:.2f} ms"
+    )
+    for title, counts in (
+        ("enrollment errors", out["enroll_errors"]),
+        ("device-side warnings", device_problems),
+        ("coordinator warnings / errors", coord.log_problems()),
+    ):
         print(f"\n{title}: {sum(counts.values())}")
         for text, n in counts.most_common(12):
             print(f"  {n:5d} x {text}")
 
 
 def _failures(opts, out: dict) -> list[str]:
-    bad = [f"{name}: {out[key]} of {opts.idle}" for name, key in (("established", "established"),
-                                                                   ("alive after idle", "alive"))
-           if out.get(key, 0) < opts.idle]
+    bad = [
+        f"{name}: {out[key]} of {opts.idle}"
+        for name, key in (("established", "established"), ("alive after idle", "alive"))
+        if out.get(key, 0) < opts.idle
+    ]
     full = [r for r in out.get("rounds", []) if r["status"] == "finished" and r["accepted"] >= opts.active]
     return bad + ([] if len(full) >= opts.rounds else [f"{len(full)} of {opts.rounds} full rounds"])
 
@@ -409,13 +465,17 @@ async def run(opts, cfg: CoordinatorConfig, tokens: list[str], device_problems: 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--idle", type=int, default=1000, help="devices to enrol and keep connected")
+    parser.add_argument("--idle", type=int, default=1000, help="devices to enroll and keep connected")
     parser.add_argument("--active", type=int, default=50, help="devices selected per round (min = max fit clients)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--idle-seconds", type=float, default=30.0, help="how long all devices stay connected idle")
-    parser.add_argument("--heartbeat-s", type=float, default=10.0,
-                        help="device Heartbeat interval and the coordinator's websocket ping interval (seconds)")
-    parser.add_argument("--enrol-concurrency", type=int, default=100)
+    parser.add_argument(
+        "--heartbeat-s",
+        type=float,
+        default=10.0,
+        help="device Heartbeat interval and the coordinator's websocket ping interval (seconds)",
+    )
+    parser.add_argument("--enroll-concurrency", type=int, default=100)
     parser.add_argument("--connect-timeout", type=float, default=90.0, help="seconds for all devices to authenticate")
     parser.add_argument("--round-timeout", type=float, default=120.0, help="seconds for all rounds after restart")
     parser.add_argument("--workdir", type=Path, help="state, configs, logs, device homes (default: a new temp dir)")
@@ -424,16 +484,23 @@ def main() -> int:
     opts.workdir.mkdir(parents=True, exist_ok=True)
     soft, hard = raise_descriptor_limit()
     print(f"workdir {opts.workdir}; this process RLIMIT_NOFILE {soft}/{hard} (inherited by the coordinator)")
-    cfg = initialised_coordinator(opts.workdir, opts.workdir / "state", port=free_port(), num_rounds=opts.rounds,
-                                  min_fit_clients=opts.idle + 1, max_fit_clients=opts.idle + 1,
-                                  heartbeat_s=opts.heartbeat_s, round_deadline_s=opts.round_timeout,
-                                  # every simulated device connects from 127.0.0.1, all at once
-                                  max_unauthenticated_per_address=opts.idle + 1)
+    cfg = initialised_coordinator(
+        opts.workdir,
+        opts.workdir / "state",
+        port=free_port(),
+        num_rounds=opts.rounds,
+        min_fit_clients=opts.idle + 1,
+        max_fit_clients=opts.idle + 1,
+        heartbeat_s=opts.heartbeat_s,
+        round_deadline_s=opts.round_timeout,
+        # every simulated device connects from 127.0.0.1, all at once
+        max_unauthenticated_per_address=opts.idle + 1,
+    )
     registry = Registry(cfg.registry_url)
     start = time.perf_counter()
-    tokens = [registry.create_enrol_token(f"dev-{i:04d}", 3600) for i in range(opts.idle)]
+    tokens = [registry.create_enroll_token(f"dev-{i:04d}", 3600) for i in range(opts.idle)]
     registry.close()
-    print(f"{len(tokens)} one-time enrolment tokens in {time.perf_counter() - start:.1f} s")
+    print(f"{len(tokens)} one-time enrollment tokens in {time.perf_counter() - start:.1f} s")
     counter = WarningCounter()
     logging.getLogger().addHandler(counter)
     device_problems = counter.counts

@@ -34,8 +34,13 @@ from helpers import RECORDS, initialised_coordinator  # noqa: E402
 from coordinator.config import save_config  # noqa: E402
 from coordinator.federation import tensor_store  # noqa: E402
 from coordinator.registry import Registry  # noqa: E402
-from coordinator.simulation.processes import (enrol_device, free_port, start_coordinator, start_device,  # noqa: E402
-                                              wait_healthy)
+from coordinator.simulation.processes import (  # noqa: E402
+    enroll_device,
+    free_port,
+    start_coordinator,
+    start_device,  # noqa: E402
+    wait_healthy,
+)
 from coordinator.tls import local_url, pinned_token, with_new_authority  # noqa: E402
 
 DEVICES = ("soak-a", "soak-b", "soak-c")
@@ -72,9 +77,15 @@ def books(cfg, logs: list[Path]) -> dict:
         statuses = Counter(r.status for r in rounds)
     finally:
         registry.close()
-    return {"rounds": dict(statuses), "model versions": len(versions), "acknowledged updates": len(acked),
-            "acknowledged updates lost": len(acked - aggregated), "counted twice": twice,
-            "versions missing from the store": missing, "orphan tensor files": orphans}
+    return {
+        "rounds": dict(statuses),
+        "model versions": len(versions),
+        "acknowledged updates": len(acked),
+        "acknowledged updates lost": len(acked - aggregated),
+        "counted twice": twice,
+        "versions missing from the store": missing,
+        "orphan tensor files": orphans,
+    }
 
 
 def main() -> int:
@@ -87,8 +98,15 @@ def main() -> int:
     opts = parser.parse_args()
     rng = random.Random(opts.seed)
     work = (opts.workdir or Path(tempfile.mkdtemp(prefix="fedmoe-soak-"))).resolve()
-    cfg = initialised_coordinator(work, work / "state", port=free_port(), min_fit_clients=2, max_fit_clients=3,
-                                  round_deadline_s=60, max_round_attempts=1000)
+    cfg = initialised_coordinator(
+        work,
+        work / "state",
+        port=free_port(),
+        min_fit_clients=2,
+        max_fit_clients=3,
+        round_deadline_s=60,
+        max_round_attempts=1000,
+    )
     cfg = with_new_authority(cfg)
     config = work / "coord.toml"
     save_config(cfg, config)
@@ -97,14 +115,24 @@ def main() -> int:
     coordinator = start_coordinator(config, work / "coordinator.log")
     wait_healthy(cfg.port, coordinator, cafile=cfg.tls_ca_cert)
     registry = Registry(cfg.registry_url)
-    tokens = {name: pinned_token(registry.create_enrol_token(name, 600), cfg) for name in DEVICES}
+    tokens = {name: pinned_token(registry.create_enroll_token(name, 600), cfg) for name in DEVICES}
     registry.close()
     devices = []
     for name in DEVICES:
         home = work / "devices" / name
-        enrol_device(url, tokens[name], name, home, MEMORY_MIB)
-        devices.append(start_device(url, name, home, data, MEMORY_MIB, threads=1, slots=f"{work / 'slots'}:2",
-                                    max_message_mib=cfg.max_message_mib))
+        enroll_device(url, tokens[name], name, home, MEMORY_MIB)
+        devices.append(
+            start_device(
+                url,
+                name,
+                home,
+                data,
+                MEMORY_MIB,
+                threads=1,
+                slots=f"{work / 'slots'}:2",
+                max_message_mib=cfg.max_message_mib,
+            )
+        )
     kills, start = [], time.monotonic()
     try:
         for kill in range(opts.kills):
@@ -131,8 +159,13 @@ def main() -> int:
     for key, value in result.items():
         print(f"| {key} | {value} |")
     print(f"| device processes that died | {len(died)} {died or ''} |")
-    bad = (result["acknowledged updates lost"], result["counted twice"], result["versions missing from the store"],
-           result["orphan tensor files"], len(died))
+    bad = (
+        result["acknowledged updates lost"],
+        result["counted twice"],
+        result["versions missing from the store"],
+        result["orphan tensor files"],
+        len(died),
+    )
     return 1 if any(bad) else 0
 
 

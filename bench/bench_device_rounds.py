@@ -48,11 +48,19 @@ def _child(opts) -> None:
     manifest = bundle.manifest
     weights = load_file(bundle.path(WEIGHTS_FILE))
     ids = tuple(tuple(layer) for layer in manifest.expert_ids)
-    frame = encode(Assignment(
-        round_id=1, update_id="u-1", model_version=0, shape_key=manifest.shape_key, expert_ids=ids,
-        config=FitConfig(batch_size=opts.batch_size, seq_len=opts.seq_len, learning_rate=2e-4,
-                         local_steps=opts.steps),
-        tensors={t.name: weights[t.name] for t in manifest.tensors}))
+    frame = encode(
+        Assignment(
+            round_id=1,
+            update_id="u-1",
+            model_version=0,
+            shape_key=manifest.shape_key,
+            expert_ids=ids,
+            config=FitConfig(
+                batch_size=opts.batch_size, seq_len=opts.seq_len, learning_rate=2e-4, local_steps=opts.steps
+            ),
+            tensors={t.name: weights[t.name] for t in manifest.tensors},
+        )
+    )
     del weights
     trainers = TrainerCache(reuse=opts.keep_trainer)
     for number in range(1, opts.rounds + 1):
@@ -66,9 +74,27 @@ def _child(opts) -> None:
 
 
 def _run(opts, bundle: Path, data: Path, memory_care: bool, keep_trainer: bool) -> list[dict]:
-    args = [sys.executable, __file__, "--child", "--bundle", str(bundle), "--data", str(data), "--rounds",
-            str(opts.rounds), "--steps", str(opts.steps), "--batch-size", str(opts.batch_size), "--seq-len",
-            str(opts.seq_len)] + (["--memory-care"] if memory_care else []) + (["--keep-trainer"] if keep_trainer else [])
+    args = (
+        [
+            sys.executable,
+            __file__,
+            "--child",
+            "--bundle",
+            str(bundle),
+            "--data",
+            str(data),
+            "--rounds",
+            str(opts.rounds),
+            "--steps",
+            str(opts.steps),
+            "--batch-size",
+            str(opts.batch_size),
+            "--seq-len",
+            str(opts.seq_len),
+        ]
+        + (["--memory-care"] if memory_care else [])
+        + (["--keep-trainer"] if keep_trainer else [])
+    )
     out = subprocess.run(args, capture_output=True, text=True, check=True).stdout
     return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
 
@@ -94,16 +120,25 @@ def main() -> int:
     checkpoint = _measure.upcycled_checkpoint(opts.workdir, 8)
     bundle = opts.workdir / "bundles" / f"rounds-1-b{opts.batch_size}s{opts.seq_len}"
     if not bundle.is_dir():
-        _measure.export_bundle(checkpoint, bundle, TrainingShape(opts.batch_size, opts.seq_len),
-                               opts.workdir / "export.log", experts_per_layer=1)
+        _measure.export_bundle(
+            checkpoint,
+            bundle,
+            TrainingShape(opts.batch_size, opts.seq_len),
+            opts.workdir / "export.log",
+            experts_per_layer=1,
+        )
     print(f"8 layers, 1 expert/layer, batch {opts.batch_size}x{opts.seq_len}, {opts.steps} steps per round (MiB)")
     print("setting | round | VmData | peak RSS | RSS | seconds")
-    settings = ((True, True, "device (memory care, kept trainer)"), (True, False, "memory care, fresh trainer"),
-                (False, False, "glibc defaults, fresh trainer"))
+    settings = (
+        (True, True, "device (memory care, kept trainer)"),
+        (True, False, "memory care, fresh trainer"),
+        (False, False, "glibc defaults, fresh trainer"),
+    )
     for care, keep, label in settings:
         for row in _run(opts, bundle, data, care, keep):
-            print(f"{label} | {row['round']} | {row['VmData']} | {row['VmHWM']} | {row['VmRSS']} | "
-                  f"{row['seconds']:.1f}")
+            print(
+                f"{label} | {row['round']} | {row['VmData']} | {row['VmHWM']} | {row['VmRSS']} | {row['seconds']:.1f}"
+            )
     return 0
 
 

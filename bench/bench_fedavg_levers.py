@@ -76,19 +76,25 @@ def main(argv=None) -> None:
     names = [n for n, _ in describe(model).trainable_tensors(list(model.state_dict()), args.trainable)]
     params = trainable_only(model, names)
     encoder = TextEncoder(checkpoint / "tokenizer.json", seq_len=args.seq_len)
-    evaluator = Evaluator(checkpoint, read_jsonl(args.data / "test.jsonl"), seed=args.seed, seq_len=args.seq_len,
-                          **layout)
+    evaluator = Evaluator(
+        checkpoint, read_jsonl(args.data / "test.jsonl"), seed=args.seed, seq_len=args.seq_len, **layout
+    )
     devices = []
     for path in sorted(p for p in args.data.glob("*.jsonl") if p.name != "test.jsonl"):
         records = read_jsonl(path)
         dataset = LocalDataset(records, encoder, eval_fraction=0.0, seed=args.seed)
-        batches = (balanced_batches(dataset, [r["label"] for r in records], args.batch_size, args.balance, args.seed)
-                   if args.balance else dataset.train_batches(args.batch_size))
+        batches = (
+            balanced_batches(dataset, [r["label"] for r in records], args.batch_size, args.balance, args.seed)
+            if args.balance
+            else dataset.train_batches(args.batch_size)
+        )
         devices.append({"name": path.stem, "n": len(records), "batches": batches, "optimizer": None})
     total = sum(d["n"] for d in devices)
     global_params = [p.detach().clone() for p in params]
-    print(f"{len(devices)} devices, {args.trainable}, lr {args.lr}, {args.steps} steps, server lr {args.server_lr}, "
-          f"carry optimizer {args.carry_optimizer}, balance {args.balance}")
+    print(
+        f"{len(devices)} devices, {args.trainable}, lr {args.lr}, {args.steps} steps, server lr {args.server_lr}, "
+        f"carry optimizer {args.carry_optimizer}, balance {args.balance}"
+    )
     print("round | accuracy % | label loss | seconds")
     for server_round in range(1, args.rounds + 1):
         start = time.monotonic()
@@ -97,8 +103,9 @@ def main(argv=None) -> None:
             with torch.no_grad():
                 for p, g in zip(params, global_params):
                     p.copy_(g)
-            _, optimizer = fit_steps(model, params, device["batches"], steps=args.steps, learning_rate=args.lr,
-                                     optimizer=device["optimizer"])
+            _, optimizer = fit_steps(
+                model, params, device["batches"], steps=args.steps, learning_rate=args.lr, optimizer=device["optimizer"]
+            )
             device["optimizer"] = optimizer if args.carry_optimizer else None
             for a, p in zip(average, params):
                 a += p.detach() * (device["n"] / total)
@@ -107,8 +114,10 @@ def main(argv=None) -> None:
             for p, g in zip(params, global_params):
                 p.copy_(g)
         score = evaluator.score({n: p.detach().numpy() for n, p in zip(names, params)})
-        print(f"{server_round} | {100 * score.accuracy:.1f} | {score.loss:.3f} | {time.monotonic() - start:.0f}",
-              flush=True)
+        print(
+            f"{server_round} | {100 * score.accuracy:.1f} | {score.loss:.3f} | {time.monotonic() - start:.0f}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -6,10 +6,10 @@ tampered messages before and after login, on real websockets over loopback, with
 Classes (each message is one websocket frame; a connection is reopened whenever the server closes it):
 
 * ``random``       random bytes (1 B .. 4 KiB), before login
-* ``mutated``      a valid Hello / Enrol frame with bit flips, truncation or inserted bytes, before login
+* ``mutated``      a valid Hello / Enroll frame with bit flips, truncation or inserted bytes, before login
 * ``text``         text frames, before login
 * ``oversized``    a 1 MiB frame before login (the pre-login limit is 64 KiB)
-* ``forged_enrol`` Enrol with an unknown token, a small-order key or an all-zero key
+* ``forged_enroll`` Enroll with an unknown token, a small-order key or an all-zero key
 * ``unexpected``   a well-formed Update / BundleRequest / EvaluateRes before login
 * ``tampered``     after login: an Update with its tensor payload bit-flipped (its sha256 no longer matches),
                    NaN / huge tensors, a forged update_id, an absurd num_examples; a BundleRequest for an
@@ -55,14 +55,28 @@ from coordinator.simulation.processes import free_port, start_coordinator, wait_
 from device_runtime.auth import generate_keypair, sign_challenge  # noqa: E402
 from device_runtime.bundle import Manifest  # noqa: E402
 from device_runtime.units import MIB  # noqa: E402
-from device_runtime.wire import (PROTOCOL_VERSION, Ack, Assignment, Auth, AuthOk, BundleRequest, Challenge,  # noqa: E402
-                                 Enrol, Error, EvaluateRes, Heartbeat, Hello, decode, encode)
+from device_runtime.wire import (  # noqa: E402
+    PROTOCOL_VERSION,
+    Ack,
+    Assignment,
+    Auth,
+    AuthOk,
+    BundleRequest,
+    Challenge,  # noqa: E402
+    Enroll,
+    Error,
+    EvaluateRes,
+    Heartbeat,
+    Hello,
+    decode,
+    encode,
+)
 
 REPLY_TIMEOUT_S = 2.0
 SILENT_TIMEOUT_S = 0.01  # Heartbeat and EvaluateRes get no reply: do not wait for one
 SMALL_ORDER_KEY = bytes.fromhex("0100000000000000000000000000000000000000000000000000000000000000")
 PROFILE: dict = {}  # the good device's: a budget for two experts per layer
-PRE_LOGIN = ("random", "mutated", "text", "oversized", "forged_enrol", "unexpected")
+PRE_LOGIN = ("random", "mutated", "text", "oversized", "forged_enroll", "unexpected")
 POST_LOGIN = ("tampered", "flood")
 
 
@@ -73,7 +87,7 @@ def mutate(frame: bytes, rng: random.Random) -> bytes:
         for _ in range(rng.randint(1, 8)):
             data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
     elif kind == 1:
-        del data[rng.randrange(len(data)):]
+        del data[rng.randrange(len(data)) :]
     else:
         pos = rng.randrange(len(data) + 1)
         data[pos:pos] = rng.randbytes(rng.randint(1, 64))
@@ -92,19 +106,31 @@ class Campaign:
         if cls == "random":
             return rng.randbytes(rng.randint(1, 4096))
         if cls == "mutated":
-            base = encode(Hello(device_id=f"d-{rng.randrange(1 << 32):08x}", protocol_version=PROTOCOL_VERSION,
-                                profile={"memory_mib": 512}))
+            base = encode(
+                Hello(
+                    device_id=f"d-{rng.randrange(1 << 32):08x}",
+                    protocol_version=PROTOCOL_VERSION,
+                    profile={"memory_mib": 512},
+                )
+            )
             return mutate(base, rng)
         if cls == "text":
             return "".join(chr(rng.randrange(32, 0x2FF)) for _ in range(rng.randint(1, 200)))
         if cls == "oversized":
             return b"\x00" * MIB
-        if cls == "forged_enrol":
+        if cls == "forged_enroll":
             key = rng.choice([SMALL_ORDER_KEY, bytes(32), generate_keypair()[1]])
-            return encode(Enrol(token=rng.randbytes(32).hex()[:43], name="fuzz", profile={}, public_key=key))
+            return encode(Enroll(token=rng.randbytes(32).hex()[:43], name="fuzz", profile={}, public_key=key))
         if cls == "unexpected":
-            return encode(rng.choice([BundleRequest(shape_key_id="experts-2.2"), Heartbeat(),
-                                      EvaluateRes(round_id=1, num_examples=1, num_tokens=1, loss=1.0, metrics={})]))
+            return encode(
+                rng.choice(
+                    [
+                        BundleRequest(shape_key_id="experts-2.2"),
+                        Heartbeat(),
+                        EvaluateRes(round_id=1, num_examples=1, num_tokens=1, loss=1.0, metrics={}),
+                    ]
+                )
+            )
         if cls == "tampered":
             update = fake_update(self.assignment, self.manifest)
             choice = rng.randrange(5)
@@ -122,8 +148,14 @@ class Campaign:
             if choice == 3:
                 return encode(replace(update, num_examples=rng.choice([0, -1, 2**62])))
             return encode(BundleRequest(shape_key_id=f"experts-{rng.randrange(9)}.9"))
-        return encode(rng.choice([Heartbeat(), EvaluateRes(round_id=rng.randrange(1 << 30), num_examples=1,
-                                                           num_tokens=1, loss=1.0, metrics={})]))
+        return encode(
+            rng.choice(
+                [
+                    Heartbeat(),
+                    EvaluateRes(round_id=rng.randrange(1 << 30), num_examples=1, num_tokens=1, loss=1.0, metrics={}),
+                ]
+            )
+        )
 
     async def worker(self, classes: tuple[str, ...], budget: int) -> None:
         while self.sent[classes] < budget:
@@ -139,7 +171,9 @@ class Campaign:
                         except Exception as exc:  # noqa: BLE001 - the encoder refused our own garbage
                             self.outcomes[cls][f"not encodable: {type(exc).__name__}"] += 1
                             continue
-                        outcome = await self.exchange(ws, frame, SILENT_TIMEOUT_S if cls == "flood" else REPLY_TIMEOUT_S)
+                        outcome = await self.exchange(
+                            ws, frame, SILENT_TIMEOUT_S if cls == "flood" else REPLY_TIMEOUT_S
+                        )
                         self.outcomes[cls][outcome] += 1
                         if outcome.startswith("closed"):
                             break
@@ -189,10 +223,10 @@ async def sample(pid: int, healthz: str, stop: asyncio.Event, rss: list, latency
         await asyncio.sleep(0.25)
 
 
-def enrol_device(cfg, name):
+def enroll_device(cfg, name):
     registry = Registry(cfg.registry_url)
     private, public = generate_keypair()
-    device = registry.redeem_token(registry.create_enrol_token(name, 3600), name, {}, public)
+    device = registry.redeem_token(registry.create_enroll_token(name, 3600), name, {}, public)
     registry.close()
     return device.id, private
 
@@ -220,8 +254,9 @@ async def final_check(url, creds, cfg, context=None) -> str:
     is acked: the server serves."""
     async with connect(url, ssl=context, max_size=64 * MIB, compression=None) as ws:
         assignment = await _log_in_and_await_assignment(ws, creds, PROFILE, 180)
-        manifest = Manifest.from_json((Path(cfg.state_dir) / "bundles" / assignment.shape_key.id /
-                                       "manifest.json").read_text())
+        manifest = Manifest.from_json(
+            (Path(cfg.state_dir) / "bundles" / assignment.shape_key.id / "manifest.json").read_text()
+        )
         await ws.send(encode(fake_update(assignment, manifest)))
         async with asyncio.timeout(180):
             while not isinstance(msg := decode(await ws.recv(), max_size=64 * MIB), Ack):
@@ -232,10 +267,11 @@ async def final_check(url, creds, cfg, context=None) -> str:
 async def run(opts, cfg, pid) -> int:
     url = f"ws://127.0.0.1:{cfg.port}"
     PROFILE["memory_mib"] = two_expert_memory(opts.workdir / "checkpoint")
-    good, fuzzer = enrol_device(cfg, "good"), enrol_device(cfg, "fuzzer")
+    good, fuzzer = enroll_device(cfg, "good"), enroll_device(cfg, "fuzzer")
     assignment = await first_assignment(url, good, PROFILE)  # a real assignment: the template of tampered updates
-    manifest = Manifest.from_json((Path(cfg.state_dir) / "bundles" / assignment.shape_key.id / "manifest.json")
-                                  .read_text())
+    manifest = Manifest.from_json(
+        (Path(cfg.state_dir) / "bundles" / assignment.shape_key.id / "manifest.json").read_text()
+    )
     campaign = Campaign(url, random.Random(opts.seed), assignment, manifest, fuzzer)
     stop, rss, latency = asyncio.Event(), [], []
     sampler = asyncio.create_task(sample(pid, f"http://127.0.0.1:{cfg.port}/healthz", stop, rss, latency))
@@ -263,8 +299,11 @@ def report(campaign, seconds, rss, latency, verdict) -> None:
             print(f"| {cls} | {sum(counts.values())} | {detail} |")
     finite = sorted(x for x in latency if x != float("inf"))
     print(f"\nserver RSS: start {rss[0]:.0f} MiB, max {max(rss):.0f} MiB, end {rss[-1]:.0f} MiB")
-    print(f"/healthz: {len(latency)} probes, {len(latency) - len(finite)} failed, p50 {statistics.median(finite):.1f} ms, "
-          f"p99 {finite[int(0.99 * (len(finite) - 1))]:.1f} ms, max {finite[-1]:.1f} ms")
+    print(
+        f"/healthz: {len(latency)} probes, {len(latency) - len(finite)} failed, "
+        f"p50 {statistics.median(finite):.1f} ms, "
+        f"p99 {finite[int(0.99 * (len(finite) - 1))]:.1f} ms, max {finite[-1]:.1f} ms"
+    )
     print(f"a real device's update after the campaign: {verdict}")
 
 
@@ -278,9 +317,15 @@ def main() -> int:
     opts = parser.parse_args()
     opts.workdir = (opts.workdir or Path(tempfile.mkdtemp(prefix="fedmoe-fuzz-"))).resolve()
     os.environ.setdefault("FEDMOE_CACHE", str(opts.workdir / "cache"))
-    cfg = initialised_coordinator(opts.workdir, opts.workdir / "state", port=free_port(), max_message_mib=16,
-                                  round_deadline_s=3600, max_unauthenticated_per_address=4 * opts.concurrency,
-                                  max_round_attempts=1_000_000)  # the fuzzer's empty profile fails every round
+    cfg = initialised_coordinator(
+        opts.workdir,
+        opts.workdir / "state",
+        port=free_port(),
+        max_message_mib=16,
+        round_deadline_s=3600,
+        max_unauthenticated_per_address=4 * opts.concurrency,
+        max_round_attempts=1_000_000,
+    )  # the fuzzer's empty profile fails every round
     save_config(cfg, opts.workdir / "coord.toml")
     child = start_coordinator(opts.workdir / "coord.toml", opts.workdir / "coordinator.log")
     try:
@@ -289,8 +334,10 @@ def main() -> int:
     finally:
         child.stop()
     log = (opts.workdir / "coordinator.log").read_text(errors="replace")
-    print(f"coordinator log: {len(log.splitlines())} lines, {log.count('Traceback')} tracebacks "
-          f"({opts.workdir / 'coordinator.log'})")
+    print(
+        f"coordinator log: {len(log.splitlines())} lines, {log.count('Traceback')} tracebacks "
+        f"({opts.workdir / 'coordinator.log'})"
+    )
     return status
 
 

@@ -19,8 +19,9 @@ Printed per class: the server's RSS before (median of 2 s), peak, and after (``-
 closed its sockets); how many attack sockets the server still held at the end of the hold; ``GET /healthz``
 (https, no client certificate, every 0.25 s) p50, p99 and failures during the attack; and whether the
 enrolled device, logging in during the attack with its client certificate (reconnecting 1 s apart, like
-``DeviceClient``, at most 5 times), got an assignment and had its update acked (``accepted=True``). Exit status 1 if any target is missed: peak under ``--max-peak-mib``, after within 10% of
-before, /healthz p99 under 200 ms for ``pretls``, and every round accepted.
+``DeviceClient``, at most 5 times), got an assignment and had its update acked (``accepted=True``).
+Exit status 1 if any target is missed: peak under ``--max-peak-mib``, after within 10% of before, /healthz p99
+under 200 ms for ``pretls``, and every round accepted.
 """
 
 from __future__ import annotations
@@ -40,8 +41,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 import bench_fuzz  # noqa: E402  (puts tests/ on the path)
-from websockets.exceptions import ConnectionClosed, InvalidHandshake  # noqa: E402
 from helpers import initialised_coordinator, two_expert_memory  # noqa: E402
+from websockets.exceptions import ConnectionClosed, InvalidHandshake  # noqa: E402
 
 from coordinator.admission import raise_descriptor_limit  # noqa: E402
 from coordinator.config import save_config  # noqa: E402
@@ -71,10 +72,12 @@ class Result:
 
     def row(self) -> str:
         finite = sorted(x for x in self.healthz if x != float("inf")) or [float("inf")]
-        return (f"| {self.name} | {self.attempted} | {self.held} | {self.before:.0f} | {self.flooded:.0f} | "
-                f"{self.peak:.0f} | {self.after:.0f} ({100 * (self.after / self.before - 1):+.0f}%) | "
-                f"{statistics.median(finite):.0f} / {self.p99():.0f} | {len(self.healthz) - len(finite)} of "
-                f"{len(self.healthz)} | {self.round} in {self.round_s:.1f} s |")
+        return (
+            f"| {self.name} | {self.attempted} | {self.held} | {self.before:.0f} | {self.flooded:.0f} | "
+            f"{self.peak:.0f} | {self.after:.0f} ({100 * (self.after / self.before - 1):+.0f}%) | "
+            f"{statistics.median(finite):.0f} / {self.p99():.0f} | {len(self.healthz) - len(finite)} of "
+            f"{len(self.healthz)} | {self.round} in {self.round_s:.1f} s |"
+        )
 
     def p99(self) -> float:
         """/healthz p99 (ms) during the attack, a refused probe counting as infinite."""
@@ -131,8 +134,11 @@ class Bench:
 
     async def phase(self, name: str, attempted: int, flood) -> Result:
         stop, rss, latency = asyncio.Event(), [], []
-        sampler = asyncio.create_task(bench_fuzz.sample(self.pid, f"https://127.0.0.1:{self.cfg.port}/healthz",
-                                                        stop, rss, latency, context=self.anonymous))
+        sampler = asyncio.create_task(
+            bench_fuzz.sample(
+                self.pid, f"https://127.0.0.1:{self.cfg.port}/healthz", stop, rss, latency, context=self.anonymous
+            )
+        )
         await asyncio.sleep(BASELINE_S)
         before, first_probe, started = statistics.median(rss), len(latency), time.monotonic()
         socks = await asyncio.to_thread(flood)
@@ -169,34 +175,47 @@ class Bench:
         share = self.cfg.max_connections - int(self.cfg.max_connections * self.cfg.certified_share)
         tls_count = share * 3 // 2
         tls_addresses = -(-tls_count // self.cfg.max_unauthenticated_per_address)
-        return [await self.phase("pretls", opts.pretls,
-                                 lambda: flood_silent(port, opts.pretls, opts.addresses, rate=opts.rate)),
-                await self.phase("stalled", opts.pretls,
-                                 lambda: flood_silent(port, opts.pretls, opts.addresses, b"\x16", opts.rate)),
-                await self.phase("tlsidle", tls_count,
-                                 lambda: flood_tls(port, tls_count, tls_addresses, self.anonymous))]
+        return [
+            await self.phase(
+                "pretls", opts.pretls, lambda: flood_silent(port, opts.pretls, opts.addresses, rate=opts.rate)
+            ),
+            await self.phase(
+                "stalled", opts.pretls, lambda: flood_silent(port, opts.pretls, opts.addresses, b"\x16", opts.rate)
+            ),
+            await self.phase("tlsidle", tls_count, lambda: flood_tls(port, tls_count, tls_addresses, self.anonymous)),
+        ]
 
 
 def enrolled_device(opts, cfg) -> tuple[tuple[str, bytes], ssl.SSLContext]:
-    """Enrol a device over wss:// (it pins the CA and gets its client certificate): ``((id, key), context)``."""
+    """Enroll a device over wss:// (it pins the CA and gets its client certificate): ``((id, key), context)``."""
     registry = Registry(cfg.registry_url)
-    token = pinned_token(registry.create_enrol_token("honest", 3600), cfg)
+    token = pinned_token(registry.create_enroll_token("honest", 3600), cfg)
     registry.close()
-    creds = asyncio.run(enroll(f"wss://127.0.0.1:{cfg.port}", token, "honest",
-                               credentials_path=opts.workdir / "honest" / "credentials.json",
-                               profile=bench_fuzz.PROFILE))
+    creds = asyncio.run(
+        enroll(
+            f"wss://127.0.0.1:{cfg.port}",
+            token,
+            "honest",
+            credentials_path=opts.workdir / "honest" / "credentials.json",
+            profile=bench_fuzz.PROFILE,
+        )
+    )
     context = client_context(f"wss://127.0.0.1:{cfg.port}", ca_pem=creds.ca_cert.encode(), client_pem=creds.client_pem)
     return (creds.device_id, creds.private_key), context
 
 
 def report(results: list[Result], opts) -> bool:
-    print("\n| attack | sockets | held at end | RSS before MiB | flooded, before the round | peak | after | "
-          "/healthz p50 / p99 ms | /healthz failed | enrolled device's round |")
+    print(
+        "\n| attack | sockets | held at end | RSS before MiB | flooded, before the round | peak | after | "
+        "/healthz p50 / p99 ms | /healthz failed | enrolled device's round |"
+    )
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
     for result in results:
         print(result.row())
-    ok = all(r.peak <= opts.max_peak_mib and r.after <= 1.1 * r.before and r.round.startswith("accepted=True")
-             for r in results)
+    ok = all(
+        r.peak <= opts.max_peak_mib and r.after <= 1.1 * r.before and r.round.startswith("accepted=True")
+        for r in results
+    )
     return ok and results[0].p99() < HEALTHZ_P99_MS
 
 
@@ -215,9 +234,17 @@ def main() -> int:
     opts.workdir = (opts.workdir or Path(tempfile.mkdtemp(prefix="fedmoe-hostile-"))).resolve()
     os.environ.setdefault("FEDMOE_CACHE", str(opts.workdir / "cache"))
     raise_descriptor_limit()
-    cfg = with_new_authority(initialised_coordinator(
-        opts.workdir, opts.workdir / "state", port=free_port(), max_message_mib=16, round_deadline_s=120,
-        max_connections=opts.max_connections, max_round_attempts=1_000_000))
+    cfg = with_new_authority(
+        initialised_coordinator(
+            opts.workdir,
+            opts.workdir / "state",
+            port=free_port(),
+            max_message_mib=16,
+            round_deadline_s=120,
+            max_connections=opts.max_connections,
+            max_round_attempts=1_000_000,
+        )
+    )
     save_config(cfg, opts.workdir / "coord.toml")
     bench_fuzz.PROFILE["memory_mib"] = two_expert_memory(opts.workdir / "checkpoint")
     child = start_coordinator(opts.workdir / "coord.toml", opts.workdir / "coordinator.log")
@@ -230,8 +257,10 @@ def main() -> int:
         child.stop()
     ok = report(results, opts)
     log = (opts.workdir / "coordinator.log").read_text(errors="replace")
-    print(f"\ncoordinator log: {len(log.splitlines())} lines, {log.count('Traceback')} tracebacks "
-          f"({opts.workdir / 'coordinator.log'}); load average {os.getloadavg()[0]:.2f}")
+    print(
+        f"\ncoordinator log: {len(log.splitlines())} lines, {log.count('Traceback')} tracebacks "
+        f"({opts.workdir / 'coordinator.log'}); load average {os.getloadavg()[0]:.2f}"
+    )
     return 0 if ok else 1
 
 

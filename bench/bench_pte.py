@@ -73,8 +73,10 @@ def main() -> None:
     pte_s = _median_s(lambda: pte.logits(ids), opts.repeats)
     print(f"checkpoint {checkpoint} experts/layer {opts.experts_per_layer or 'all'} seq_len {opts.seq_len}")
     print(f".pte {info.size_bytes / 2**20:.1f} MiB, export {export_s:.0f} s, max |logit diff| {diff:.2e}")
-    print(f"per token: pte {1000 * pte_s / opts.seq_len:.2f} ms, torch eager {1000 * torch_s / opts.seq_len:.2f} ms "
-          f"(ratio {pte_s / torch_s:.2f})")
+    print(
+        f"per token: pte {1000 * pte_s / opts.seq_len:.2f} ms, torch eager {1000 * torch_s / opts.seq_len:.2f} ms "
+        f"(ratio {pte_s / torch_s:.2f})"
+    )
 
 
 if __name__ == "__main__":

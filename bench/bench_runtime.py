@@ -32,8 +32,19 @@ from export.planner import TrainingShape  # noqa: E402
 
 def _pair(bundle: Path, checkpoint: Path, data: Path, opts) -> dict:
     """One back-to-back (ORT, torch) measurement of a bundle."""
-    common = [str(data), "--steps", str(opts.steps), "--warmup", "1", "--batch-size", str(opts.batch_size),
-              "--seq-len", str(opts.seq_len), "--threads", str(opts.threads)]
+    common = [
+        str(data),
+        "--steps",
+        str(opts.steps),
+        "--warmup",
+        "1",
+        "--batch-size",
+        str(opts.batch_size),
+        "--seq-len",
+        str(opts.seq_len),
+        "--threads",
+        str(opts.threads),
+    ]
     ort = _measure.run_child(["ort", str(bundle), *common])
     if ort["torch_imported"]:
         raise AssertionError("the ORT child imported torch")
@@ -68,18 +79,29 @@ def main() -> int:
     for size in opts.sizes:
         bundle = opts.workdir / "bundles" / f"runtime-{size}"
         if not bundle.is_dir():
-            _measure.export_bundle(checkpoint, bundle, TrainingShape(opts.batch_size, opts.seq_len),
-                                   opts.workdir / "export.log", experts_per_layer=size)
+            _measure.export_bundle(
+                checkpoint,
+                bundle,
+                TrainingShape(opts.batch_size, opts.seq_len),
+                opts.workdir / "export.log",
+                experts_per_layer=size,
+            )
         for repeat in range(opts.repeats):
             rows.append({"experts_per_layer": size, "repeat": repeat, **_pair(bundle, checkpoint, data, opts)})
-    print(f"{opts.layers} layers, batch {opts.batch_size}x{opts.seq_len}, {opts.threads} threads, "
-          f"{opts.steps} timed steps (median)")
-    print("experts/layer | repeat | ORT step s | torch step s | step ORT/torch | ORT MiB | torch MiB | "
-          "RSS ORT/torch | max loss diff")
+    print(
+        f"{opts.layers} layers, batch {opts.batch_size}x{opts.seq_len}, {opts.threads} threads, "
+        f"{opts.steps} timed steps (median)"
+    )
+    print(
+        "experts/layer | repeat | ORT step s | torch step s | step ORT/torch | ORT MiB | torch MiB | "
+        "RSS ORT/torch | max loss diff"
+    )
     for r in rows:
-        print(f"{r['experts_per_layer']} | {r['repeat']} | {r['ort_step_s']:.2f} | {r['torch_step_s']:.2f} | "
-              f"{r['step_ratio']:.2f} | {r['ort_rss_mib']:.0f} | {r['torch_rss_mib']:.0f} | {r['rss_ratio']:.2f} | "
-              f"{r['loss_max_abs_diff']:.1e}")
+        print(
+            f"{r['experts_per_layer']} | {r['repeat']} | {r['ort_step_s']:.2f} | {r['torch_step_s']:.2f} | "
+            f"{r['step_ratio']:.2f} | {r['ort_rss_mib']:.0f} | {r['torch_rss_mib']:.0f} | {r['rss_ratio']:.2f} | "
+            f"{r['loss_max_abs_diff']:.1e}"
+        )
     if opts.json:
         opts.json.write_text(json.dumps(rows, indent=2))
     return 0

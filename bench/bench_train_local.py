@@ -55,22 +55,52 @@ def measure(label: str, tree: Path, shape: str, opts) -> dict:
     bundle = opts.workdir / f"{label}-{shape}"
     if not (bundle / "manifest.json").is_file():
         _run(tree, cache, ["export.cli", "bundle", str(opts.checkpoint), *SHAPES[shape], *BATCH, "--out", str(bundle)])
-    out = _run(tree, cache, ["device_runtime.cli", "train-local", str(bundle), "--data", str(opts.data),
-                             "--steps", str(opts.steps), "--threads", "1", "--json", "--no-progress"])
+    out = _run(
+        tree,
+        cache,
+        [
+            "device_runtime.cli",
+            "train-local",
+            str(bundle),
+            "--data",
+            str(opts.data),
+            "--steps",
+            str(opts.steps),
+            "--threads",
+            "1",
+            "--json",
+            "--no-progress",
+        ],
+    )
     summary = json.loads(out)
-    return {"tree": label, "shape": shape, "shape_key": summary["shape_key"], "step_s": summary["step_time_s"],
-            "peak_rss_mib": summary["peak_rss_mib"], "first_loss": summary["losses"][0],
-            "last_loss": summary["losses"][-1]}
+    return {
+        "tree": label,
+        "shape": shape,
+        "shape_key": summary["shape_key"],
+        "step_s": summary["step_time_s"],
+        "peak_rss_mib": summary["peak_rss_mib"],
+        "first_loss": summary["losses"][0],
+        "last_loss": summary["losses"][-1],
+    }
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, required=True, help="bundles and one private cache per tree")
     parser.add_argument("--data", type=Path, required=True, help="a device's JSONL file (a simulation's data/)")
-    parser.add_argument("--checkpoint", type=Path, default=cache_dir() / "models" / "smollm2-e4k2-L8",
-                        help="upcycled MoE checkpoint [default: the simulation's 8-layer e4k2 SmolLM2]")
-    parser.add_argument("--tree", action="append", default=[], metavar="LABEL=PATH",
-                        help="a source tree to measure (repeatable) [default: this one, as 'this']")
+    parser.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=cache_dir() / "models" / "smollm2-e4k2-L8",
+        help="upcycled MoE checkpoint [default: the simulation's 8-layer e4k2 SmolLM2]",
+    )
+    parser.add_argument(
+        "--tree",
+        action="append",
+        default=[],
+        metavar="LABEL=PATH",
+        help="a source tree to measure (repeatable) [default: this one, as 'this']",
+    )
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
     opts = parser.parse_args()
@@ -78,10 +108,12 @@ def main() -> int:
     opts.workdir.mkdir(parents=True, exist_ok=True)
     trees = [t.split("=", 1) for t in opts.tree] or [["this", str(Path(__file__).resolve().parents[1])]]
     rows = [measure(label, Path(path).resolve(), shape, opts) for shape in opts.shapes for label, path in trees]
-    print("tree | shape key | step s (mean of %d, --threads 1) | peak RSS MiB | first loss | last loss" % opts.steps)
+    print(f"tree | shape key | step s (mean of {opts.steps}, --threads 1) | peak RSS MiB | first loss | last loss")
     for r in rows:
-        print(f"{r['tree']} | {r['shape_key']} | {r['step_s']:.3f} | {r['peak_rss_mib']:.0f} | "
-              f"{r['first_loss']:.4f} | {r['last_loss']:.4f}")
+        print(
+            f"{r['tree']} | {r['shape_key']} | {r['step_s']:.3f} | {r['peak_rss_mib']:.0f} | "
+            f"{r['first_loss']:.4f} | {r['last_loss']:.4f}"
+        )
     return 0
 
 

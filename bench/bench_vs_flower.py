@@ -48,9 +48,13 @@ def _parse(argv):
     parser.add_argument("--simulate-args", default="", help="without --fedmoe-run: more `simulate` options")
     parser.add_argument("--strategy", default=None, help="the fedmoe strategy to compare (default: the run's first)")
     parser.add_argument("--model", choices=["dense", "moe"], default="dense", help="what the Flower clients train")
-    parser.add_argument("--flower-learning-rate", type=float, default=5e-4,
-                        help="the Flower clients' AdamW rate: full-weight fine-tuning's (5e-4, issue 11's measured "
-                             "table), not fedmoe's LoRA rate; 0 = the fedmoe run's rate")
+    parser.add_argument(
+        "--flower-learning-rate",
+        type=float,
+        default=5e-4,
+        help="the Flower clients' AdamW rate: full-weight fine-tuning's (5e-4, issue 11's measured "
+        "table), not fedmoe's LoRA rate; 0 = the fedmoe run's rate",
+    )
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/fedmoe-vs-flower"))
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds the Flower run may take")
     return parser.parse_args(argv)
@@ -60,8 +64,17 @@ def _fedmoe_run(args) -> Path:
     if args.fedmoe_run:
         return args.fedmoe_run.resolve()
     out = (args.workdir / "fedmoe").resolve()
-    command = [sys.executable, "-m", "coordinator.cli", "simulate", "--preset", args.preset, "--out", str(out),
-               *args.simulate_args.split()]
+    command = [
+        sys.executable,
+        "-m",
+        "coordinator.cli",
+        "simulate",
+        "--preset",
+        args.preset,
+        "--out",
+        str(out),
+        *args.simulate_args.split(),
+    ]
     print("running", " ".join(command), flush=True)
     subprocess.run(command, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     return out
@@ -70,17 +83,27 @@ def _fedmoe_run(args) -> Path:
 def _flwr_bin(name: str) -> str:
     found = shutil.which(name, path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     if found is None:
-        raise SystemExit(f"{name} not found: install Flower into this Python (`pip install -e \".[peer]\"`)")
+        raise SystemExit(f'{name} not found: install Flower into this Python (`pip install -e ".[peer]"`)')
     return found
 
 
 def _run_config(plan: dict, checkpoint: Path, run: Path, model: str, results: Path, learning_rate: float) -> dict:
     preset = plan["preset"]
-    return {"model": model, "moe-checkpoint": str(checkpoint), "num-layers": preset["num_layers"],
-            "rounds": preset["rounds"], "local-steps": preset["local_steps"], "batch-size": preset["batch_size"],
-            "seq-len": preset["seq_len"], "learning-rate": learning_rate or preset["learning_rate"], "seed": plan["seed"],
-            "num-clients": len(plan["devices"]), "test-file": str(run / "data" / "test.jsonl"),
-            "results-file": str(results), "threads": 1}
+    return {
+        "model": model,
+        "moe-checkpoint": str(checkpoint),
+        "num-layers": preset["num_layers"],
+        "rounds": preset["rounds"],
+        "local-steps": preset["local_steps"],
+        "batch-size": preset["batch_size"],
+        "seq-len": preset["seq_len"],
+        "learning-rate": learning_rate or preset["learning_rate"],
+        "seed": plan["seed"],
+        "num-clients": len(plan["devices"]),
+        "test-file": str(run / "data" / "test.jsonl"),
+        "results-file": str(results),
+        "threads": 1,
+    }
 
 
 class Peaks:
@@ -102,8 +125,9 @@ class Peaks:
                     self.peak[name] = max(self.peak.get(name, 0.0), hwm / 1024)
 
 
-def run_flower(plan: dict, run: Path, model: str, workdir: Path, timeout: float,
-               learning_rate: float = 0.0) -> tuple[list[dict], dict]:
+def run_flower(
+    plan: dict, run: Path, model: str, workdir: Path, timeout: float, learning_rate: float = 0.0
+) -> tuple[list[dict], dict]:
     """Run the Flower peer; returns its per-round rows (round 0 = initial model) and peak RSS per process."""
     from coordinator.simulation.simulate import Preset, ensure_checkpoint
 
@@ -113,27 +137,59 @@ def run_flower(plan: dict, run: Path, model: str, workdir: Path, timeout: float,
     home.mkdir(parents=True)
     port = free_port()
     (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "bench"\n\n[superlink.bench]\naddress = "127.0.0.1:{port}"\ninsecure = true\n')
+        f'[superlink]\ndefault = "bench"\n\n[superlink.bench]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
+    )
     results = workdir / "flower.jsonl"
     results.unlink(missing_ok=True)
     overrides = workdir / "run-config.toml"
-    overrides.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in
-                                 _run_config(plan, checkpoint, run, model, results, learning_rate).items()))
-    env = {**OFFLINE, "FLWR_HOME": str(home), "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-           "PATH": f"{Path(_flwr_bin('flwr')).parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # flwr spawns its tools
-    children: list[Child] = [_spawn("superlink", [_flwr_bin("flower-superlink"), "--insecure", "--port", str(port)],
-                                    workdir / "superlink.log", env)]
+    overrides.write_text(
+        "".join(
+            f"{k} = {json.dumps(v)}\n"
+            for k, v in _run_config(plan, checkpoint, run, model, results, learning_rate).items()
+        )
+    )
+    env = {
+        **OFFLINE,
+        "FLWR_HOME": str(home),
+        "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+        "PATH": f"{Path(_flwr_bin('flwr')).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }  # flwr spawns its tools
+    children: list[Child] = [
+        _spawn(
+            "superlink",
+            [_flwr_bin("flower-superlink"), "--insecure", "--port", str(port)],
+            workdir / "superlink.log",
+            env,
+        )
+    ]
     try:
         _wait_listening(port, children[0])
         for device in plan["devices"]:
             data = run / "data" / f"{device['name']}.jsonl"
-            children.append(_spawn(device["name"], [
-                _flwr_bin("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{port}",
-                "--port", str(free_port()), "--node-config", f'data-file="{data}"'],
-                workdir / f"supernode-{device['name']}.log", env))
+            children.append(
+                _spawn(
+                    device["name"],
+                    [
+                        _flwr_bin("flower-supernode"),
+                        "--insecure",
+                        "--superlink",
+                        f"127.0.0.1:{port}",
+                        "--port",
+                        str(free_port()),
+                        "--node-config",
+                        f'data-file="{data}"',
+                    ],
+                    workdir / f"supernode-{device['name']}.log",
+                    env,
+                )
+            )
         peaks = Peaks({"server" if c.name == "superlink" else c.name: c.process.pid for c in children})
-        runner = _spawn("flwr-run", [_flwr_bin("flwr"), "run", str(APP), "bench", "--run-config", str(overrides),
-                                     "--stream"], workdir / "flwr-run.log", env)
+        runner = _spawn(
+            "flwr-run",
+            [_flwr_bin("flwr"), "run", str(APP), "bench", "--run-config", str(overrides), "--stream"],
+            workdir / "flwr-run.log",
+            env,
+        )
         deadline = time.monotonic() + timeout
         while runner.poll() is None and _rows(results, plan) is None:
             if time.monotonic() > deadline or any(c.poll() is not None for c in children):
@@ -180,16 +236,37 @@ def comparison_table(fedmoe: dict, flower: list[dict], peaks_fedmoe: dict, peaks
     from rich.table import Table
 
     table = Table(title=title)
-    for column in ("round", "acc fedmoe", "acc Flower", "MiB up fedmoe", "MiB up Flower", "up ratio",
-                   "MiB down fedmoe", "MiB down Flower", "down ratio", "wall s fedmoe", "wall s Flower", "wall ratio"):
+    for column in (
+        "round",
+        "acc fedmoe",
+        "acc Flower",
+        "MiB up fedmoe",
+        "MiB up Flower",
+        "up ratio",
+        "MiB down fedmoe",
+        "MiB down Flower",
+        "down ratio",
+        "wall s fedmoe",
+        "wall s Flower",
+        "wall ratio",
+    ):
         table.add_column(column, justify="right")
     for i, row in enumerate(flower):
         up, down, wall = (fedmoe[k][i] for k in ("bytes_up_per_round", "bytes_down_per_round", "round_wall_s"))
-        table.add_row(str(row["round"]), f"{100 * fedmoe['accuracy_per_round'][i]:.1f}%",
-                      f"{100 * row['accuracy']:.1f}%", f"{up / MIB:.0f}", f"{row.get('bytes_up', 0) / MIB:.0f}",
-                      _ratio(up, row.get("bytes_up")), f"{down / MIB:.0f}", f"{row.get('bytes_down', 0) / MIB:.0f}",
-                      _ratio(down, row.get("bytes_down")), f"{wall:.0f}", f"{row.get('wall_s', 0):.0f}",
-                      _ratio(wall, row.get("wall_s")))
+        table.add_row(
+            str(row["round"]),
+            f"{100 * fedmoe['accuracy_per_round'][i]:.1f}%",
+            f"{100 * row['accuracy']:.1f}%",
+            f"{up / MIB:.0f}",
+            f"{row.get('bytes_up', 0) / MIB:.0f}",
+            _ratio(up, row.get("bytes_up")),
+            f"{down / MIB:.0f}",
+            f"{row.get('bytes_down', 0) / MIB:.0f}",
+            _ratio(down, row.get("bytes_down")),
+            f"{wall:.0f}",
+            f"{row.get('wall_s', 0):.0f}",
+            _ratio(wall, row.get("wall_s")),
+        )
     memory = Table("process", "peak RSS MiB fedmoe", "peak RSS MiB Flower", title="peak RSS per client")
     for name in dict.fromkeys([*peaks_fedmoe, *peaks_flower]):
         memory.add_row(name, *(f"{p[name]:.0f}" if name in p else "-" for p in (peaks_fedmoe, peaks_flower)))
@@ -211,9 +288,19 @@ def main(argv=None) -> None:
     console = Console(width=200)
     for table in comparison_table(fedmoe, flower, fedmoe["peak_rss_mib"], peaks, title):
         console.print(table)
-    (args.workdir / "comparison.json").write_text(json.dumps(
-        {"fedmoe_run": str(run), "strategy": strategy, "flower_model": args.model, "fedmoe": fedmoe,
-         "flower": flower, "flower_peak_rss_mib": peaks}, indent=2))
+    (args.workdir / "comparison.json").write_text(
+        json.dumps(
+            {
+                "fedmoe_run": str(run),
+                "strategy": strategy,
+                "flower_model": args.model,
+                "fedmoe": fedmoe,
+                "flower": flower,
+                "flower_peak_rss_mib": peaks,
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

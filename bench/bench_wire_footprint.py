@@ -25,21 +25,23 @@ CANDIDATES = {"msgspec": "msgspec", "pydantic": "pydantic>=2"}
 IMPORT = {"msgspec": "import msgspec, msgspec.json", "pydantic": "from pydantic import TypeAdapter, Field"}
 VALIDATE = {
     "msgspec": "import dataclasses, msgspec\nfrom typing import Annotated\n"
-               "@dataclasses.dataclass(frozen=True)\nclass A:\n    x: Annotated[int, msgspec.Meta(ge=0)]\n"
-               "    y: Annotated[str, msgspec.Meta(pattern='^[a-z]+$')]\n"
-               "msgspec.convert({'x': 1, 'y': 'a'}, A)\n",
+    "@dataclasses.dataclass(frozen=True)\nclass A:\n    x: Annotated[int, msgspec.Meta(ge=0)]\n"
+    "    y: Annotated[str, msgspec.Meta(pattern='^[a-z]+$')]\n"
+    "msgspec.convert({'x': 1, 'y': 'a'}, A)\n",
     "pydantic": "import dataclasses\nfrom typing import Annotated\nfrom pydantic import TypeAdapter, Field\n"
-                "@dataclasses.dataclass(frozen=True)\nclass A:\n    x: Annotated[int, Field(ge=0)]\n"
-                "    y: Annotated[str, Field(pattern='^[a-z]+$')]\n"
-                "TypeAdapter(A).validate_python({'x': 1, 'y': 'a'})\n",
+    "@dataclasses.dataclass(frozen=True)\nclass A:\n    x: Annotated[int, Field(ge=0)]\n"
+    "    y: Annotated[str, Field(pattern='^[a-z]+$')]\n"
+    "TypeAdapter(A).validate_python({'x': 1, 'y': 'a'})\n",
 }
 
 
 def download(requirement: str, dest: Path, *platform: str) -> list[Path]:
     """The wheels pip resolves for ``requirement`` (dependencies included) into ``dest``."""
     dest.mkdir(parents=True, exist_ok=True)
-    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--only-binary=:all:", "-d", str(dest),
-                    *platform, requirement], check=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "download", "-q", "--only-binary=:all:", "-d", str(dest), *platform, requirement],
+        check=True,
+    )
     return sorted(dest.glob("*.whl"))
 
 
@@ -63,8 +65,16 @@ def _tree_bytes(root: Path) -> int:
 
 def measure(name: str, requirement: str, work: Path, runs: int) -> dict:
     here = download(requirement, work / name / "wheels")
-    arm = download(requirement, work / name / "wheels-aarch64", "--platform", "manylinux2014_aarch64",
-                   "--python-version", "3.11", "--implementation", "cp")
+    arm = download(
+        requirement,
+        work / name / "wheels-aarch64",
+        "--platform",
+        "manylinux2014_aarch64",
+        "--python-version",
+        "3.11",
+        "--implementation",
+        "cp",
+    )
     env = work / name / "venv"
     venv.create(env, with_pip=True, clear=True)
     python = str(env / "bin" / "python")
@@ -73,10 +83,15 @@ def measure(name: str, requirement: str, work: Path, runs: int) -> dict:
     subprocess.run([python, "-m", "pip", "install", "-q", "--no-index", *map(str, here)], check=True)
     installed = _tree_bytes(site) - empty
     bare = cpu_ms(python, "pass", runs)
-    return {"name": name, "wheels": len(here), "wheel_mib": sum(p.stat().st_size for p in here) / MIB,
-            "wheel_aarch64_mib": sum(p.stat().st_size for p in arm) / MIB, "installed_mib": installed / MIB,
-            "import_ms": cpu_ms(python, IMPORT[name], runs) - bare,
-            "validate_ms": cpu_ms(python, VALIDATE[name], runs) - bare}
+    return {
+        "name": name,
+        "wheels": len(here),
+        "wheel_mib": sum(p.stat().st_size for p in here) / MIB,
+        "wheel_aarch64_mib": sum(p.stat().st_size for p in arm) / MIB,
+        "installed_mib": installed / MIB,
+        "import_ms": cpu_ms(python, IMPORT[name], runs) - bare,
+        "validate_ms": cpu_ms(python, VALIDATE[name], runs) - bare,
+    }
 
 
 def main() -> None:
@@ -88,8 +103,10 @@ def main() -> None:
     print("| library | wheels | wheels MiB (here / aarch64) | installed MiB | import CPU ms | import + validate ms |")
     print("|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['name']} | {r['wheels']} | {r['wheel_mib']:.2f} / {r['wheel_aarch64_mib']:.2f} | "
-              f"{r['installed_mib']:.2f} | {r['import_ms']:.0f} | {r['validate_ms']:.0f} |")
+        print(
+            f"| {r['name']} | {r['wheels']} | {r['wheel_mib']:.2f} / {r['wheel_aarch64_mib']:.2f} | "
+            f"{r['installed_mib']:.2f} | {r['import_ms']:.0f} | {r['validate_ms']:.0f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -50,9 +50,25 @@ def run_grid(args) -> dict[tuple[float, int], dict]:
         for seed in (int(s) for s in args.seeds.split(",")):
             run = (args.workdir / f"alpha{alpha:g}-seed{seed}").resolve()
             if not (run / "summary.json").is_file():
-                command = [sys.executable, "-m", "coordinator.cli", "simulate", "--preset", args.preset, "--compare",
-                           args.strategies, "--alpha", str(alpha), "--seed", str(seed), "--out", str(run),
-                           "--name", run.name, *args.simulate_args]
+                command = [
+                    sys.executable,
+                    "-m",
+                    "coordinator.cli",
+                    "simulate",
+                    "--preset",
+                    args.preset,
+                    "--compare",
+                    args.strategies,
+                    "--alpha",
+                    str(alpha),
+                    "--seed",
+                    str(seed),
+                    "--out",
+                    str(run),
+                    "--name",
+                    run.name,
+                    *args.simulate_args,
+                ]
                 print("running", " ".join(command), flush=True)
                 subprocess.run(command, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
             out[(alpha, seed)] = json.loads((run / "summary.json").read_text())
@@ -86,10 +102,19 @@ def table(summaries: dict[tuple[float, int], dict], target: float = 80.0) -> lis
                 "mib_up_per_round": [np.mean(s["bytes_up_per_round"][1:]) / MIB for s in per],
                 "round_wall_s": [np.mean(s["round_wall_s"][1:]) for s in per],
             }
-            metrics.update({f"round_{r}": [100 * s["accuracy_per_round"][r] for s in per]
-                            for r in range(len(per[0]["accuracy_per_round"]))})
-            row = {"alpha": alpha, "strategy": strategy, "seeds": len(per), "seeds_at_target": len(reached),
-                   "rounds": len(per[0]["accuracy_per_round"])}
+            metrics.update(
+                {
+                    f"round_{r}": [100 * s["accuracy_per_round"][r] for s in per]
+                    for r in range(len(per[0]["accuracy_per_round"]))
+                }
+            )
+            row = {
+                "alpha": alpha,
+                "strategy": strategy,
+                "seeds": len(per),
+                "seeds_at_target": len(reached),
+                "rounds": len(per[0]["accuracy_per_round"]),
+            }
             for name, values in metrics.items():
                 row[name], row[name + "_std"] = _mean_std(values)
             rows.append(row)
@@ -102,17 +127,29 @@ def _cell(row, name, digits):
 
 def markdown(rows: list[dict], target: float = 80.0) -> str:
     """The summary table, then the per-round table."""
-    head = (f"| alpha | strategy | seeds | final accuracy % | best accuracy % | mean of last 2 rounds % | "
-            f"first round at {target:g}% (seeds) | MiB up / round | round wall s |\n|---|---|---|---|---|---|---|---|---|\n")
+    head = (
+        f"| alpha | strategy | seeds | final accuracy % | best accuracy % | mean of last 2 rounds % | "
+        f"first round at {target:g}% (seeds) | MiB up / round | round wall s |\n|---|---|---|---|---|---|---|---|---|\n"
+    )
     summary = "".join(
         f"| {r['alpha']:g} | {r['strategy']} | {r['seeds']} | {_cell(r, 'final_accuracy', 1)} | "
         f"{_cell(r, 'best_accuracy', 1)} | {_cell(r, 'last_two_accuracy', 1)} | "
         f"{_cell(r, 'round_at_target', 1)} ({r['seeds_at_target']}) | {_cell(r, 'mib_up_per_round', 0)} | "
-        f"{_cell(r, 'round_wall_s', 0)} |\n" for r in rows)
+        f"{_cell(r, 'round_wall_s', 0)} |\n"
+        for r in rows
+    )
     rounds = range(rows[0]["rounds"])
-    per_round = ("\n| alpha | strategy | " + " | ".join(f"r{r}" for r in rounds) + " |\n|---|---|" + "---|" * len(rounds)
-                 + "\n" + "".join(f"| {r['alpha']:g} | {r['strategy']} | "
-                                  + " | ".join(_cell(r, f"round_{k}", 1) for k in rounds) + " |\n" for r in rows))
+    per_round = (
+        "\n| alpha | strategy | "
+        + " | ".join(f"r{r}" for r in rounds)
+        + " |\n|---|---|"
+        + "---|" * len(rounds)
+        + "\n"
+        + "".join(
+            f"| {r['alpha']:g} | {r['strategy']} | " + " | ".join(_cell(r, f"round_{k}", 1) for k in rounds) + " |\n"
+            for r in rows
+        )
+    )
     return head + summary + per_round
 
 
@@ -132,12 +169,17 @@ def plot(summaries: dict[tuple[float, int], dict], path: Path) -> Path:
             per = [run["strategies"][strategy] for run in runs]
             accuracy = 100 * np.array([s["accuracy_per_round"] for s in per])
             mean, std = accuracy.mean(0), accuracy.std(0)
-            xs = (np.arange(len(mean)), np.mean([np.cumsum(s["bytes_up_per_round"]) / MIB for s in per], 0),
-                  np.mean([np.cumsum(s["round_wall_s"]) for s in per], 0))
+            xs = (
+                np.arange(len(mean)),
+                np.mean([np.cumsum(s["bytes_up_per_round"]) / MIB for s in per], 0),
+                np.mean([np.cumsum(s["round_wall_s"]) for s in per], 0),
+            )
             for axis, x in zip(row, xs):
                 axis.plot(x, mean, marker="o", label=strategy)
                 axis.fill_between(x, mean - std, mean + std, alpha=0.2)
-        for axis, label in zip(row, ("round (0 = zero-shot)", "MiB uploaded (cumulative)", "round wall time (s, cumulative)")):
+        for axis, label in zip(
+            row, ("round (0 = zero-shot)", "MiB uploaded (cumulative)", "round wall time (s, cumulative)")
+        ):
             axis.set(xlabel=label, ylabel="held-out accuracy (%)", title=f"alpha {alpha:g}, {len(runs)} seeds")
             axis.grid(alpha=0.3)
             axis.legend()

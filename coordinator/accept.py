@@ -100,10 +100,15 @@ class Gatekeeper:
         first_bytes: the selector gates wait in (on the running loop).
     """
 
-    def __init__(self, admission: Admission, context: ssl.SSLContext | None, handshake_timeout_s: float,
-                 first_bytes: FirstBytes):
-        self.admission, self.context, self.timeout_s, self.first_bytes = (admission, context,
-                                                                          handshake_timeout_s, first_bytes)
+    def __init__(
+        self, admission: Admission, context: ssl.SSLContext | None, handshake_timeout_s: float, first_bytes: FirstBytes
+    ):
+        self.admission, self.context, self.timeout_s, self.first_bytes = (
+            admission,
+            context,
+            handshake_timeout_s,
+            first_bytes,
+        )
         self.pending: set[Gate] = set()  # gates not yet handed over or released
         self.silent: dict[Gate, None] = {}  # gates waiting for their first bytes, oldest first
         self.slots = HandshakeSlots(asyncio.get_running_loop())
@@ -147,8 +152,9 @@ class Gate(asyncio.Protocol):
     def connection_made(self, transport: asyncio.Transport) -> None:
         peer, fd = transport.get_extra_info("peername"), transport.get_extra_info("socket").fileno()
         first = None if self.keeper.context is None else peek(fd)  # nothing is read before this
-        self.place = self.keeper.admission.admit(str(peer[0]) if peer else "?",
-                                                 functools.partial(self.keeper.make_room, bool(first)))
+        self.place = self.keeper.admission.admit(
+            str(peer[0]) if peer else "?", functools.partial(self.keeper.make_room, bool(first))
+        )
         if self.place is None:
             transport.abort()
             return
@@ -187,8 +193,13 @@ class Gate(asyncio.Protocol):
             self.release()  # closed before its turn came (start_tls would then wait forever), or by its peer
             return
         try:
-            tls = await loop.start_tls(self.transport, self, self.keeper.context, server_side=True,
-                                       ssl_handshake_timeout=max(0.1, self.deadline.when() - loop.time()))
+            tls = await loop.start_tls(
+                self.transport,
+                self,
+                self.keeper.context,
+                server_side=True,
+                ssl_handshake_timeout=max(0.1, self.deadline.when() - loop.time()),
+            )
         except OSError as exc:
             log.debug("TLS handshake from %s failed: %s", self.place and self.place.address, exc)
             tls = None

@@ -14,8 +14,8 @@ Limits (see ``CoordinatorConfig``; measured failures of the unlimited server in 
   mutual TLS): idle anonymous TLS connections cannot lock enrolled devices out.
 * **Unauthenticated connections per address**: at most ``max_unauthenticated_per_address``. An
   authenticated connection no longer counts against its address (many devices may share a NAT).
-* **Failed enrolments per address**: :data:`ENROL_FAILURE_BURST`, then one per :data:`ENROL_FAILURE_EVERY_S`
-  (enrolment needs no client certificate; successful enrolments are bounded by the tokens the operator made).
+* **Failed enrollments per address**: :data:`ENROLL_FAILURE_BURST`, then one per :data:`ENROLL_FAILURE_EVERY_S`
+  (enrollment needs no client certificate; successful enrollments are bounded by the tokens the operator made).
 * **Sessions per device**: one. A device that authenticates again replaces its older connection (a
   reconnecting device whose previous TCP connection is not yet known dead must not be locked out).
 * **Messages per device**: a token bucket of :data:`MESSAGE_BURST` messages refilled at
@@ -44,9 +44,9 @@ FD_RESERVE = 64  # descriptors kept free for the registry, tensor files and bund
 MESSAGE_BURST = 200  # messages a device may send at once
 MESSAGES_PER_S = 20.0  # sustained messages per second per device (a device sends one Heartbeat per 20 s)
 REFUSAL_LOG_EVERY_S = 10.0  # at most one log line per this many seconds about refused connections
-ENROL_FAILURE_BURST = 10  # failed enrolments an address may make at once
-ENROL_FAILURE_EVERY_S = 6.0  # then one more per this many seconds
-ENROL_ADDRESSES = 4096  # addresses whose failed enrolments are remembered
+ENROLL_FAILURE_BURST = 10  # failed enrollments an address may make at once
+ENROLL_FAILURE_EVERY_S = 6.0  # then one more per this many seconds
+ENROLL_ADDRESSES = 4096  # addresses whose failed enrollments are remembered
 
 
 def descriptor_limit() -> int:
@@ -75,8 +75,11 @@ def quiet_accept_errors(loop: asyncio.AbstractEventLoop) -> None:
             return
         count += 1
         if time.monotonic() - last >= REFUSAL_LOG_EVERY_S:
-            log.error("accept() failed %d time(s): %s; raise the descriptor limit (ulimit -n) or lower "
-                      "max_connections", count, context.get("exception"))
+            log.error(
+                "accept() failed %d time(s): %s; raise the descriptor limit (ulimit -n) or lower max_connections",
+                count,
+                context.get("exception"),
+            )
             last, count = time.monotonic(), 0
 
     loop.set_exception_handler(handler)
@@ -85,8 +88,9 @@ def quiet_accept_errors(loop: asyncio.AbstractEventLoop) -> None:
 class TokenBucket:
     """``burst`` tokens, refilled at ``rate`` per second (``clock`` in seconds); :meth:`take` spends one."""
 
-    def __init__(self, burst: int = MESSAGE_BURST, rate: float = MESSAGES_PER_S,
-                 clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self, burst: int = MESSAGE_BURST, rate: float = MESSAGES_PER_S, clock: Callable[[], float] = time.monotonic
+    ):
         self.burst, self.rate, self._clock = burst, rate, clock
         self._tokens, self._at = float(burst), clock()
 
@@ -133,15 +137,16 @@ class Admission:
         self.unauthenticated: Counter[str] = Counter()
         self.devices: dict[str, AdmittedConnection] = {}
         self.buckets: dict[str, TokenBucket] = {}  # per authenticated device id (bounded by enrolled devices)
-        self.enrol_failures: OrderedDict[str, TokenBucket] = OrderedDict()  # per address, least recent first
+        self.enroll_failures: OrderedDict[str, TokenBucket] = OrderedDict()  # per address, least recent first
         self.refused = 0  # connections refused since the last log line about them
         self._refusal_logged = 0.0
 
     def admit(self, address: str, make_room: Callable[[], bool] = lambda: False) -> Place | None:
         """Count a new TCP connection from ``address`` (at accept, before any TLS); None if a limit is reached.
         When only the total is, ``make_room()`` may first close another connection (True: one was released)."""
-        if self.unauthenticated[address] >= self.max_per_address or (self.total >= self.max_connections
-                                                                      and not make_room()):
+        if self.unauthenticated[address] >= self.max_per_address or (
+            self.total >= self.max_connections and not make_room()
+        ):
             self._refusal(address, "at accept")
             return None
         self.total += 1
@@ -184,21 +189,22 @@ class Admission:
         """Spend one of ``device_id``'s message tokens; False when its bucket is empty (disconnect it)."""
         return self.buckets.setdefault(device_id, TokenBucket()).take()
 
-    def may_enrol(self, address: str) -> bool:
-        """Whether ``address`` may try an enrolment: False after :data:`ENROL_FAILURE_BURST` failed ones until
-        its bucket refills (one per :data:`ENROL_FAILURE_EVERY_S` seconds)."""
-        bucket = self.enrol_failures.get(address)
+    def may_enroll(self, address: str) -> bool:
+        """Whether ``address`` may try an enrollment: False after :data:`ENROLL_FAILURE_BURST` failed ones until
+        its bucket refills (one per :data:`ENROLL_FAILURE_EVERY_S` seconds)."""
+        bucket = self.enroll_failures.get(address)
         return bucket is None or bucket.peek()
 
-    def enrol_failed(self, address: str) -> None:
-        """An enrolment from ``address`` was refused (bad, used or expired token): spend one of its tries.
-        At most :data:`ENROL_ADDRESSES` addresses are remembered (the least recent is forgotten)."""
-        bucket = self.enrol_failures.pop(address, None) or TokenBucket(ENROL_FAILURE_BURST,
-                                                                        1 / ENROL_FAILURE_EVERY_S)
+    def enroll_failed(self, address: str) -> None:
+        """An enrollment from ``address`` was refused (bad, used or expired token): spend one of its tries.
+        At most :data:`ENROLL_ADDRESSES` addresses are remembered (the least recent is forgotten)."""
+        bucket = self.enroll_failures.pop(address, None) or TokenBucket(
+            ENROLL_FAILURE_BURST, 1 / ENROLL_FAILURE_EVERY_S
+        )
         bucket.take()
-        self.enrol_failures[address] = bucket
-        while len(self.enrol_failures) > ENROL_ADDRESSES:
-            self.enrol_failures.popitem(last=False)
+        self.enroll_failures[address] = bucket
+        while len(self.enroll_failures) > ENROLL_ADDRESSES:
+            self.enroll_failures.popitem(last=False)
 
     def _uncount(self, address: str) -> None:
         self.unauthenticated[address] -= 1
@@ -209,10 +215,19 @@ class Admission:
         self.refused += 1
         now = time.monotonic()
         if now - self._refusal_logged >= REFUSAL_LOG_EVERY_S:
-            log.warning("refused %d connection(s) (last from %s, %s): %d of %d connections open (%d without a "
-                        "client certificate, limit %d), %d unauthenticated from that address (limit %d)",
-                        self.refused, address, where, self.total, self.max_connections, self.uncertified,
-                        self.max_uncertified, self.unauthenticated[address], self.max_per_address)
+            log.warning(
+                "refused %d connection(s) (last from %s, %s): %d of %d connections open (%d without a "
+                "client certificate, limit %d), %d unauthenticated from that address (limit %d)",
+                self.refused,
+                address,
+                where,
+                self.total,
+                self.max_connections,
+                self.uncertified,
+                self.max_uncertified,
+                self.unauthenticated[address],
+                self.max_per_address,
+            )
             self.refused, self._refusal_logged = 0, now
 
 

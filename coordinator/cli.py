@@ -48,8 +48,14 @@ def _registry(ctx: click.Context) -> Registry:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.option("--config", "config_path", default="fedmoe-coord.toml", show_default=True,
-              type=click.Path(dir_okay=False), help="The coordinator's TOML config file.")
+@click.option(
+    "--config",
+    "config_path",
+    default="fedmoe-coord.toml",
+    show_default=True,
+    type=click.Path(dir_okay=False),
+    help="The coordinator's TOML config file.",
+)
 @click.pass_context
 def main(ctx, config_path):
     """Run the federated fine-tuning coordinator (websocket server, registry, rounds)."""
@@ -66,36 +72,77 @@ def main(ctx, config_path):
 @click.option("--round-deadline", default="10m", show_default=True, help="How long a round waits for updates.")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8765, show_default=True)
-@click.option("--tls-name", "tls_names", multiple=True,
-              help="A host name or address devices use to reach the coordinator, put in its TLS certificate "
-                   "(repeatable; this machine's name, localhost and --host are always in it).")
+@click.option(
+    "--tls-name",
+    "tls_names",
+    multiple=True,
+    help="A host name or address devices use to reach the coordinator, put in its TLS certificate "
+    "(repeatable; this machine's name, localhost and --host are always in it).",
+)
 @click.option("--trainable", type=click.Choice(["experts", "lora"]), default="experts", show_default=True)
 @click.option("--lora-rank", default=8, show_default=True, help="LoRA rank (with --trainable lora).")
-@click.option("--frozen-experts", type=click.Choice(list(FROZEN_EXPERTS)), default="float16", show_default=True,
-              help="What a device holds of the experts its budget does not let it train: every one, frozen in "
-                   "float16 (its forward routes over the whole model; merged into one stand-in on smaller budgets), "
-                   "or none (pruned).")
-@click.option("--calibration-texts", type=click.Path(dir_okay=False, exists=True), default=None,
-              help="JSONL file with a 'text' per line for the calibration pass. [default: 20 BBC News articles]")
-@click.option("--eval-data", type=click.Path(dir_okay=False, exists=True), default=None,
-              help="Held-out JSONL ('text', 'label'): every new global version is scored on it (label "
-                   "log-likelihood accuracy, shown by `rounds`).")
+@click.option(
+    "--frozen-experts",
+    type=click.Choice(list(FROZEN_EXPERTS)),
+    default="float16",
+    show_default=True,
+    help="What a device holds of the experts its budget does not let it train: every one, frozen in "
+    "float16 (its forward routes over the whole model; merged into one stand-in on smaller budgets), "
+    "or none (pruned).",
+)
+@click.option(
+    "--calibration-texts",
+    type=click.Path(dir_okay=False, exists=True),
+    default=None,
+    help="JSONL file with a 'text' per line for the calibration pass. [default: 20 BBC News articles]",
+)
+@click.option(
+    "--eval-data",
+    type=click.Path(dir_okay=False, exists=True),
+    default=None,
+    help="Held-out JSONL ('text', 'label'): every new global version is scored on it (label "
+    "log-likelihood accuracy, shown by `rounds`).",
+)
 @click.pass_context
-def init(ctx, checkpoint, state_dir, strategy, min_fit_clients, max_fit_clients, num_rounds, round_deadline, host,
-         port, tls_names, trainable, lora_rank, frozen_experts, calibration_texts, eval_data):
+def init(
+    ctx,
+    checkpoint,
+    state_dir,
+    strategy,
+    min_fit_clients,
+    max_fit_clients,
+    num_rounds,
+    round_deadline,
+    host,
+    port,
+    tls_names,
+    trainable,
+    lora_rank,
+    frozen_experts,
+    calibration_texts,
+    eval_data,
+):
     """Write the config, create the registry, global state version 0, calibration statistics, and the TLS
     certificate authority with the server certificate (``serve`` speaks wss:// with mutual TLS)."""
     path: Path = ctx.obj["config"]
     if path.exists():
         raise ConfigError(f"{path} exists; pick another --config or remove it")
-    cfg = CoordinatorConfig(checkpoint=str(Path(checkpoint).resolve()), state_dir=str(Path(state_dir).resolve()),
-                            strategy=strategy, min_fit_clients=min_fit_clients, max_fit_clients=max_fit_clients,
-                            num_rounds=num_rounds, round_deadline_s=parse_duration(round_deadline), host=host,
-                            port=port, trainable_mode=trainable, lora_rank=lora_rank if trainable == "lora" else 0,
-                            frozen_experts=frozen_experts,
-                            eval_data=str(Path(eval_data).resolve()) if eval_data else "")
+    cfg = CoordinatorConfig(
+        checkpoint=str(Path(checkpoint).resolve()),
+        state_dir=str(Path(state_dir).resolve()),
+        strategy=strategy,
+        min_fit_clients=min_fit_clients,
+        max_fit_clients=max_fit_clients,
+        num_rounds=num_rounds,
+        round_deadline_s=parse_duration(round_deadline),
+        host=host,
+        port=port,
+        trainable_mode=trainable,
+        lora_rank=lora_rank if trainable == "lora" else 0,
+        frozen_experts=frozen_experts,
+        eval_data=str(Path(eval_data).resolve()) if eval_data else "",
+    )
     from coordinator.federation import initialize
-
     from coordinator.tls import with_new_authority
 
     version = initialize(cfg, _calibration_texts(calibration_texts))
@@ -117,9 +164,12 @@ def _calibration_texts(path: str | None) -> list[str]:
 
 @main.command()
 @click.option("--port", type=int, default=None, help="Override the config's port (0: any free port).")
-@click.option("--insecure", is_flag=True,
-              help="Serve plain ws:// without TLS (tokens, weights and updates in the clear): only on a trusted "
-                   "network. Same as insecure = true in the config.")
+@click.option(
+    "--insecure",
+    is_flag=True,
+    help="Serve plain ws:// without TLS (tokens, weights and updates in the clear): only on a trusted "
+    "network. Same as insecure = true in the config.",
+)
 @click.pass_context
 def serve(ctx, port, insecure):
     """Serve devices and run rounds until SIGTERM / Ctrl-C (wss:// with mutual TLS unless --insecure)."""
@@ -138,18 +188,18 @@ def serve(ctx, port, insecure):
 
 
 @main.command()
-@click.option("--name", required=True, help="Name of the device to enrol.")
+@click.option("--name", required=True, help="Name of the device to enroll.")
 @click.option("--expires", default="1h", show_default=True, help="Token lifetime (e.g. 15m, 1h, 2d).")
 @click.pass_context
 def enroll(ctx, name, expires):
-    """Create a one-time enrolment token (printed once; only its hash is stored). With TLS it ends in
+    """Create a one-time enrollment token (printed once; only its hash is stored). With TLS it ends in
     ``.FINGERPRINT`` of the coordinator's CA, which the device pins on first contact."""
     from coordinator.tls import pinned_token
 
     cfg = _config(ctx)
     registry = Registry(cfg.registry_url)
     try:
-        print(pinned_token(registry.create_enrol_token(name, parse_duration(expires)), cfg))
+        print(pinned_token(registry.create_enroll_token(name, parse_duration(expires)), cfg))
     finally:
         registry.close()
 
@@ -164,8 +214,14 @@ def devices(ctx):
     table = Table("id", "name", "memory MiB", "GFLOP/s", "last seen", "revoked")
     for d in registry.list_devices():  # profile values come from the device: shown as text, never as markup
         memory = d.profile.get("memory_mib", d.profile.get("memory_available_mib", ""))
-        table.add_row(d.id, d.name, escape(str(memory)), escape(str(d.profile.get("gflops", ""))),
-                      _time(d.last_seen), _time(d.revoked_at))
+        table.add_row(
+            d.id,
+            d.name,
+            escape(str(memory)),
+            escape(str(d.profile.get("gflops", ""))),
+            _time(d.last_seen),
+            _time(d.revoked_at),
+        )
     registry.close()
     Console().print(table)
 
@@ -189,16 +245,25 @@ def revoke(ctx, device_id):
 def rounds(ctx, limit):
     """Recent rounds with their status and metrics."""
     registry = _registry(ctx)
-    table = Table("round", "strategy", "status", "clients", "examples", "train loss", "eval accuracy",
-                  "model version", "started")
+    table = Table(
+        "round", "strategy", "status", "clients", "examples", "train loss", "eval accuracy", "model version", "started"
+    )
     for r in registry.list_rounds(limit=limit):
         m = r.metrics or {}
         loss = m.get("train_loss")
         scores = {x.name: x.value for x in registry.metrics(round_id=r.id) if x.name == "eval_accuracy"}
         accuracy = scores.get("eval_accuracy")
-        table.add_row(str(r.id), r.strategy, r.status, str(m.get("num_clients", "")), str(m.get("num_examples", "")),
-                      "" if loss is None else f"{loss:.4f}", "" if accuracy is None else f"{100 * accuracy:.1f}%",
-                      str(m.get("model_version", "")), _time(r.started_at))
+        table.add_row(
+            str(r.id),
+            r.strategy,
+            r.status,
+            str(m.get("num_clients", "")),
+            str(m.get("num_examples", "")),
+            "" if loss is None else f"{loss:.4f}",
+            "" if accuracy is None else f"{100 * accuracy:.1f}%",
+            str(m.get("model_version", "")),
+            _time(r.started_at),
+        )
     registry.close()
     Console().print(table)
 
@@ -231,8 +296,10 @@ def _progress(cfg: CoordinatorConfig, rounds: list, finished: int) -> str:
         return f"{goal}: done"
     failed = next((i for i, r in enumerate(rounds) if r.status != "failed"), len(rounds))
     if failed >= cfg.max_round_attempts:
-        return (f"{goal}; ALERT: {failed} consecutive rounds failed (last: {rounds[0].metrics.get('reason', '?')}); "
-                "rounds back off and resume when eligible devices connect (`fedmoe-coord devices`)")
+        return (
+            f"{goal}; ALERT: {failed} consecutive rounds failed (last: {rounds[0].metrics.get('reason', '?')}); "
+            "rounds back off and resume when eligible devices connect (`fedmoe-coord devices`)"
+        )
     return goal
 
 
@@ -243,14 +310,28 @@ def model():
 
 @model.command("export")
 @click.argument("out_dir", type=click.Path(file_okay=False))
-@click.option("--format", "fmt", type=click.Choice(["hf", "pte"]), default="hf", show_default=True,
-              help="hf: a Hugging Face checkpoint; pte: an ExecuTorch program (XNNPACK) + tokenizer for on-device "
-                   "inference (needs the executorch extra; push it with `fedmoe-android push-model`).")
-@click.option("--experts-per-layer", type=click.IntRange(min=1),
-              help="pte: keep only the C most important experts of each MoE layer (by the calibration importance), "
-                   "the subset a device class with C experts per layer holds [default: all].")
-@click.option("--max-seq-len", default=128, show_default=True, type=click.IntRange(min=1),
-              help="pte: the longest token sequence the program takes.")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["hf", "pte"]),
+    default="hf",
+    show_default=True,
+    help="hf: a Hugging Face checkpoint; pte: an ExecuTorch program (XNNPACK) + tokenizer for on-device "
+    "inference (needs the executorch extra; push it with `fedmoe-android push-model`).",
+)
+@click.option(
+    "--experts-per-layer",
+    type=click.IntRange(min=1),
+    help="pte: keep only the C most important experts of each MoE layer (by the calibration importance), "
+    "the subset a device class with C experts per layer holds [default: all].",
+)
+@click.option(
+    "--max-seq-len",
+    default=128,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="pte: the longest token sequence the program takes.",
+)
 @click.pass_context
 def export_model(ctx, out_dir, fmt, experts_per_layer, max_seq_len):
     """Merge the latest global state into OUT_DIR: a Hugging Face checkpoint, or (--format pte) an ExecuTorch .pte."""
@@ -272,8 +353,11 @@ def _export_pte(cfg: CoordinatorConfig, out_dir: str, experts_per_layer: int | N
     from export.executorch import export_pte
     from export.planner import select_experts
 
-    keep = None if experts_per_layer is None else select_experts(
-        [layer.information_score() for layer in load_calibration(cfg).layers], experts_per_layer)
+    keep = (
+        None
+        if experts_per_layer is None
+        else select_experts([layer.information_score() for layer in load_calibration(cfg).layers], experts_per_layer)
+    )
     with tempfile.TemporaryDirectory() as tmp:
         version = export_latest(cfg, tmp)
         info = export_pte(tmp, out_dir, keep=keep, max_seq_len=max_seq_len)

@@ -60,8 +60,8 @@ from pathlib import Path
 
 import tomli_w
 
-from device_runtime.shape_key import FROZEN_DTYPES, TRAINABLE_MODES
 from device_runtime.errors import ConfigError
+from device_runtime.shape_key import FROZEN_DTYPES, TRAINABLE_MODES
 from device_runtime.units import MIB
 from device_runtime.wire import FitConfig
 
@@ -180,14 +180,18 @@ def _check(cfg: CoordinatorConfig) -> None:
         (not 0 <= cfg.port <= 65535, f"port {cfg.port} is not in [0, 65535]"),
         (not 0 < cfg.max_message_mib <= 4096, f"max_message_mib {cfg.max_message_mib} is not in (0, 4096]"),
         (cfg.min_fit_clients < 1, f"min_fit_clients must be >= 1, got {cfg.min_fit_clients}"),
-        (cfg.max_fit_clients < cfg.min_fit_clients,
-         f"max_fit_clients {cfg.max_fit_clients} < min_fit_clients {cfg.min_fit_clients}"),
+        (
+            cfg.max_fit_clients < cfg.min_fit_clients,
+            f"max_fit_clients {cfg.max_fit_clients} < min_fit_clients {cfg.min_fit_clients}",
+        ),
         (not 0 < cfg.fraction_fit <= 1, f"fraction_fit must be in (0, 1], got {cfg.fraction_fit}"),
         (not cfg.round_deadline_s > 0, f"round_deadline_s must be > 0, got {cfg.round_deadline_s}"),
         (cfg.max_round_attempts < 1, "max_round_attempts must be >= 1"),
-        (not 0 < cfg.retry_backoff_s <= cfg.max_retry_backoff_s,
-         f"retry_backoff_s must be > 0 and <= max_retry_backoff_s, got {cfg.retry_backoff_s}, "
-         f"{cfg.max_retry_backoff_s}"),
+        (
+            not 0 < cfg.retry_backoff_s <= cfg.max_retry_backoff_s,
+            f"retry_backoff_s must be > 0 and <= max_retry_backoff_s, got {cfg.retry_backoff_s}, "
+            f"{cfg.max_retry_backoff_s}",
+        ),
         (cfg.num_rounds < 0, "num_rounds must be >= 0 (0 = unbounded)"),
         (cfg.trainable_mode not in TRAINABLE_MODES, f"trainable_mode must be one of {TRAINABLE_MODES}"),
         ((cfg.trainable_mode == "lora") != (cfg.lora_rank > 0), "lora_rank > 0 exactly when trainable_mode is lora"),
@@ -195,18 +199,24 @@ def _check(cfg: CoordinatorConfig) -> None:
         (not (cfg.update_norm_bound > 0 and math.isfinite(cfg.update_norm_bound)), "update_norm_bound must be > 0"),
         (bool(cfg.tls_cert) != bool(cfg.tls_key), "set both tls_cert and tls_key, or neither"),
         (bool(cfg.tls_ca_cert) != bool(cfg.tls_ca_key), "set both tls_ca_cert and tls_ca_key, or neither"),
-        (bool(cfg.tls_ca_cert) and not cfg.tls and not cfg.insecure,
-         "tls_ca_cert needs tls_cert and tls_key (or insecure = true: the CA key then only signs)"),
+        (
+            bool(cfg.tls_ca_cert) and not cfg.tls and not cfg.insecure,
+            "tls_ca_cert needs tls_cert and tls_key (or insecure = true: the CA key then only signs)",
+        ),
         (not isinstance(cfg.insecure, bool), "insecure must be true or false"),
         (not cfg.heartbeat_s > 0, "heartbeat_s must be > 0"),
-        (cfg.max_connections < 1 or cfg.max_unauthenticated_per_address < 1,
-         "max_connections and max_unauthenticated_per_address must be >= 1"),
+        (
+            cfg.max_connections < 1 or cfg.max_unauthenticated_per_address < 1,
+            "max_connections and max_unauthenticated_per_address must be >= 1",
+        ),
         (not cfg.login_timeout_s > 0, "login_timeout_s must be > 0"),
         (not cfg.handshake_timeout_s > 0, "handshake_timeout_s must be > 0"),
         (not 0 <= cfg.certified_share < 1, f"certified_share must be in [0, 1), got {cfg.certified_share}"),
         (not isinstance(cfg.keep_update_tensors, bool), "keep_update_tensors must be true or false"),
-        (cfg.fit.logit_adjustment > 0 and len(set(cfg.fit.labels or ())) < 2,
-         "[fit] logit_adjustment needs labels = [...], the candidate labels (at least two)"),
+        (
+            cfg.fit.logit_adjustment > 0 and len(set(cfg.fit.labels or ())) < 2,
+            "[fit] logit_adjustment needs labels = [...], the candidate labels (at least two)",
+        ),
     ]
     for bad, message in problems:
         if bad:

@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Sequence
 
 from coordinator.config import CoordinatorConfig
 from coordinator.strategy.types import Params
 from device_runtime.data import load_records
 from device_runtime.errors import ConfigError
 from export.evaluate import LabelScore
-
 
 BACKGROUND_NICE = 10
 
@@ -51,9 +50,18 @@ class Evaluator:
         ModelError: the checkpoint cannot be loaded (on first use).
     """
 
-    def __init__(self, checkpoint: str | Path, records: Sequence[dict], labels: Sequence[str] | None = None, *,
-                 trainable_mode: str = "experts", lora_rank: int = 0, seed: int = 0, seq_len: int = 128,
-                 threads: int | None = None):
+    def __init__(
+        self,
+        checkpoint: str | Path,
+        records: Sequence[dict],
+        labels: Sequence[str] | None = None,
+        *,
+        trainable_mode: str = "experts",
+        lora_rank: int = 0,
+        seed: int = 0,
+        seq_len: int = 128,
+        threads: int | None = None,
+    ):
         self.labels = sorted({r["label"] for r in records}) if labels is None else list(labels)
         if not records or len(self.labels) < 2:
             raise ConfigError("evaluation needs held-out records with at least two labels")
@@ -66,7 +74,7 @@ class Evaluator:
         self._model = None
 
     @classmethod
-    def from_config(cls, cfg: CoordinatorConfig) -> "Evaluator | None":
+    def from_config(cls, cfg: CoordinatorConfig) -> Evaluator | None:
         """The evaluator ``cfg.eval_data`` asks for, or None when it is not set.
 
         Raises:
@@ -75,8 +83,14 @@ class Evaluator:
         if not cfg.eval_data:
             return None
         records = load_records(cfg.eval_data, text_field=cfg.eval_text_field, label_field=cfg.eval_label_field)
-        return cls(cfg.checkpoint, records, trainable_mode=cfg.trainable_mode, lora_rank=cfg.lora_rank,
-                   seed=cfg.seed, seq_len=cfg.fit.seq_len)
+        return cls(
+            cfg.checkpoint,
+            records,
+            trainable_mode=cfg.trainable_mode,
+            lora_rank=cfg.lora_rank,
+            seed=cfg.seed,
+            seq_len=cfg.fit.seq_len,
+        )
 
     def score(self, params: Params | None) -> LabelScore:
         """Accuracy and label loss (nats per token) of the global state ``params`` (name -> array of its
@@ -93,5 +107,6 @@ class Evaluator:
             self._model.set_experts_implementation(ROUTED)  # scoring needs no export: each expert on its tokens
         if params is not None:
             apply_state(self._model, params)
-        return label_accuracy(self._model, self.checkpoint / "tokenizer.json", self.records, self.labels,
-                              seq_len=self.seq_len)
+        return label_accuracy(
+            self._model, self.checkpoint / "tokenizer.json", self.records, self.labels, seq_len=self.seq_len
+        )

@@ -43,8 +43,15 @@ def fit_context(cfg: CoordinatorConfig) -> FitContext:
     """
     from export.planner import model_shape
 
-    return FitContext(model_shape(cfg.checkpoint), load_calibration(cfg), cfg.fit, cfg.trainable_mode,
-                      cfg.lora_rank, cfg.seed, None if cfg.frozen_experts == PRUNED else cfg.frozen_experts)
+    return FitContext(
+        model_shape(cfg.checkpoint),
+        load_calibration(cfg),
+        cfg.fit,
+        cfg.trainable_mode,
+        cfg.lora_rank,
+        cfg.seed,
+        None if cfg.frozen_experts == PRUNED else cfg.frozen_experts,
+    )
 
 
 def tensor_store(cfg: CoordinatorConfig) -> TensorStore:
@@ -82,8 +89,9 @@ def initialize(cfg: CoordinatorConfig, texts: Sequence[str], *, seq_len: int = 1
             raise ConfigError(f"{cfg.registry_url} already holds a global model; use a new --state-dir")
         with tempfile.TemporaryDirectory() as tmp:
             state_file = Path(tmp) / "state.safetensors"
-            init_global_state(cfg.checkpoint, state_file, trainable_mode=cfg.trainable_mode,
-                              lora_rank=cfg.lora_rank, seed=cfg.seed)
+            init_global_state(
+                cfg.checkpoint, state_file, trainable_mode=cfg.trainable_mode, lora_rank=cfg.lora_rank, seed=cfg.seed
+            )
             sha = tensor_store(cfg).put(load_file(str(state_file)))
         stats = _calibrate(cfg.checkpoint, texts, seq_len)
         (Path(cfg.state_dir) / CALIBRATION_FILE).write_text(json.dumps(stats.to_dict()))
@@ -151,9 +159,14 @@ class GlobalModel:
             return  # version 0: no round made it
         made_by = self.registry.get_round(latest.round_id).strategy
         if latest.strategy_state_sha256 is None or made_by != strategy.name:
-            log.warning("model version %d carries no %s state (made by %s%s): %s starts from its initial state",
-                        latest.version, strategy.name, made_by,
-                        "" if latest.strategy_state_sha256 else " before durable strategy state", strategy.name)
+            log.warning(
+                "model version %d carries no %s state (made by %s%s): %s starts from its initial state",
+                latest.version,
+                strategy.name,
+                made_by,
+                "" if latest.strategy_state_sha256 else " before durable strategy state",
+                strategy.name,
+            )
             return
         state = load(self.store.get(latest.strategy_state_sha256))
         strategy.load_state_dict(state)
@@ -171,8 +184,15 @@ def stored_updates(store: TensorStore, rows: Sequence[Update]) -> Callable[[], I
     return open_stream
 
 
-def aggregate_round(model: GlobalModel, strategy: Strategy, rows: Sequence[Update],
-                    failures: Sequence[tuple[str, str]], *, server_round: int, round_id: int) -> ModelVersion:
+def aggregate_round(
+    model: GlobalModel,
+    strategy: Strategy,
+    rows: Sequence[Update],
+    failures: Sequence[tuple[str, str]],
+    *,
+    server_round: int,
+    round_id: int,
+) -> ModelVersion:
     """Aggregate the accepted updates ``rows`` of a round and commit the new global version.
 
     The rows are taken in device id order, not arrival order: float sums in another order can differ in the
@@ -205,7 +225,6 @@ def _mean_loss(rows: Sequence[Update]) -> float | None:
     pairs = [(n, float(l)) for n, l in pairs if l is not None]
     total = sum(n for n, _ in pairs)
     return sum(n * l for n, l in pairs) / total if total else None
-
 
 
 def export_latest(cfg: CoordinatorConfig, out_dir: str | Path) -> int:

@@ -75,8 +75,11 @@ class Participation:
 
     def eligible(self, device_ids: Iterable[str], now: float) -> list[str]:
         """Those of ``device_ids`` a round may select at ``now`` (order kept)."""
-        return [d for d in device_ids if d not in self._unplannable and d not in self._oversized
-                and self._excluded_until.get(d, now) <= now]
+        return [
+            d
+            for d in device_ids
+            if d not in self._unplannable and d not in self._oversized and self._excluded_until.get(d, now) <= now
+        ]
 
     def excluded(self, now: float) -> dict[str, float]:
         """``device_id -> time`` its exclusion ends, for the devices excluded at ``now``."""

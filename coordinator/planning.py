@@ -16,12 +16,12 @@ import numpy as np
 
 from coordinator.strategy.types import ClientUpdate, TensorMeta, TensorRole
 from device_runtime.bundle import FROZEN, MANIFEST, Manifest, ShapeKey, load_bundle
-from device_runtime.shape_key import standin_expert
 from device_runtime.errors import BundleError, ProtocolError, UpdateRejected
 from device_runtime.files import atomic_write
+from device_runtime.shape_key import standin_expert
 from device_runtime.signing import MANIFEST_SIG, Signer
-from device_runtime.wire import FitConfig
 from device_runtime.stats import RoutingStats
+from device_runtime.wire import FitConfig
 
 ROUTER_SUFFIX = "mlp.gate.weight"
 
@@ -59,9 +59,15 @@ class BundleCache:
         from export.bundle_writer import BundleRequest, write_bundle
 
         keep = tuple(tuple(range(c)) for c in key.experts_per_layer)
-        request = BundleRequest(keep=keep, trainable_mode=key.trainable_mode, lora_rank=key.lora_rank,
-                                prox=key.prox, training=self.training, frozen_dtype=key.frozen_dtype,
-                                merged=key.merged)
+        request = BundleRequest(
+            keep=keep,
+            trainable_mode=key.trainable_mode,
+            lora_rank=key.lora_rank,
+            prox=key.prox,
+            training=self.training,
+            frozen_dtype=key.frozen_dtype,
+            merged=key.merged,
+        )
         with tempfile.TemporaryDirectory(dir=self.root, prefix=".tmp-") as tmp:
             write_bundle(self.checkpoint, Path(tmp) / "b", request)
             self._sign(Path(tmp) / "b")
@@ -103,8 +109,9 @@ class BundleCache:
 # ---------------------------------------------------------------- assignment tensors
 
 
-def slice_assignment(global_state: Mapping[str, np.ndarray], manifest: Manifest,
-                     expert_ids: tuple[tuple[int, ...], ...]) -> dict[str, np.ndarray]:
+def slice_assignment(
+    global_state: Mapping[str, np.ndarray], manifest: Manifest, expert_ids: tuple[tuple[int, ...], ...]
+) -> dict[str, np.ndarray]:
     """``global[source][rows]`` (expert axis 0) for every TensorSpec of the bundle, in the spec's dtype: the rows
     are ``Manifest.rows(spec, expert_ids)`` (the trained experts, the frozen ones or both), the source the spec's
     ``source`` or its own name, merged into their stand-in for a merged bundle's frozen experts
@@ -130,9 +137,16 @@ def slice_assignment(global_state: Mapping[str, np.ndarray], manifest: Manifest,
 # ---------------------------------------------------------------- update validation
 
 
-def check_update(manifest: Manifest, expert_ids: tuple[tuple[int, ...], ...], *, num_examples: int,
-                 tensors: Mapping[str, np.ndarray], trained_experts, routing: dict,
-                 norm_bound: float) -> dict[str, np.ndarray]:
+def check_update(
+    manifest: Manifest,
+    expert_ids: tuple[tuple[int, ...], ...],
+    *,
+    num_examples: int,
+    tensors: Mapping[str, np.ndarray],
+    trained_experts,
+    routing: dict,
+    norm_bound: float,
+) -> dict[str, np.ndarray]:
     """Validate an Update against its assignment's bundle manifest; returns the tensors as float32.
 
     Checks: the exact trainable name set and shapes of the manifest, finite values, each tensor's L2 norm
@@ -146,8 +160,10 @@ def check_update(manifest: Manifest, expert_ids: tuple[tuple[int, ...], ...], *,
         raise UpdateRejected("num_examples must be > 0")
     expected = {s.name: tuple(s.shape) for s in manifest.tensors if s.trainable}
     if set(tensors) != set(expected):
-        raise UpdateRejected(f"tensor set differs from the bundle: missing {sorted(set(expected) - set(tensors))[:3]}, "
-                             f"unexpected {sorted(set(tensors) - set(expected))[:3]}")
+        raise UpdateRejected(
+            f"tensor set differs from the bundle: missing {sorted(set(expected) - set(tensors))[:3]}, "
+            f"unexpected {sorted(set(tensors) - set(expected))[:3]}"
+        )
     out = {}
     for name, shape in expected.items():
         array = np.asarray(tensors[name], dtype=np.float32)
@@ -176,8 +192,9 @@ def _check_routing(expert_ids, routing: dict) -> RoutingStats:
         stats = RoutingStats.from_dict(routing)
     except ProtocolError as exc:
         raise UpdateRejected(f"routing statistics: {exc}") from exc
-    if stats.experts_per_layer != tuple(map(len, expert_ids)) or \
-            (stats.expert_ids is not None and stats.expert_ids != tuple(map(tuple, expert_ids))):
+    if stats.experts_per_layer != tuple(map(len, expert_ids)) or (
+        stats.expert_ids is not None and stats.expert_ids != tuple(map(tuple, expert_ids))
+    ):
         raise UpdateRejected("routing statistics do not describe the assigned experts")
     return stats
 
@@ -189,26 +206,38 @@ def update_meta(manifest: Manifest, expert_ids, trained_experts, routing: dict, 
     """The JSON a stored update needs to become a ClientUpdate again (registry ``updates.metadata``)."""
     layers = {s.name: s.layer for s in manifest.tensors if s.trainable}
     held = manifest.held_ids(expert_ids)
-    frozen = [list(h[len(ids):]) for h, ids in zip(held, expert_ids)]
-    return {"expert_ids": [list(ids) for ids in expert_ids], "trained_experts": [list(t) for t in trained_experts],
-            "routing": routing, "metrics": metrics, "layers": layers, "shape_key": manifest.shape_key.id,
-            "frozen_ids": frozen}
+    frozen = [list(h[len(ids) :]) for h, ids in zip(held, expert_ids)]
+    return {
+        "expert_ids": [list(ids) for ids in expert_ids],
+        "trained_experts": [list(t) for t in trained_experts],
+        "routing": routing,
+        "metrics": metrics,
+        "layers": layers,
+        "shape_key": manifest.shape_key.id,
+        "frozen_ids": frozen,
+    }
 
 
 def to_client_update(device_id: str, num_examples: int, meta: dict, tensors: Mapping[str, np.ndarray]) -> ClientUpdate:
     """Rebuild a strategy ``ClientUpdate`` from a stored update (see :func:`update_meta`)."""
     routing = tuple(RoutingStats.from_dict(meta["routing"]).layers)
     tensor_meta = {
-        name: TensorMeta(TensorRole.ROUTER if name.endswith(ROUTER_SUFFIX) else TensorRole.EXPERT,
-                         layer=int(meta["layers"][name]), expert_axis=0)
+        name: TensorMeta(
+            TensorRole.ROUTER if name.endswith(ROUTER_SUFFIX) else TensorRole.EXPERT,
+            layer=int(meta["layers"][name]),
+            expert_axis=0,
+        )
         for name in tensors
     }
     expert_ids = tuple(tuple(ids) for ids in meta["expert_ids"])
     return ClientUpdate(
-        client_id=device_id, num_examples=int(num_examples),
-        tensors={n: np.asarray(t, dtype=np.float32) for n, t in tensors.items()}, tensor_meta=tensor_meta,
+        client_id=device_id,
+        num_examples=int(num_examples),
+        tensors={n: np.asarray(t, dtype=np.float32) for n, t in tensors.items()},
+        tensor_meta=tensor_meta,
         expert_ids=expert_ids,
         frozen_ids=tuple(tuple(ids) for ids in meta.get("frozen_ids") or [()] * len(expert_ids)),
         trained_experts=tuple(frozenset(t) for t in meta["trained_experts"]),
-        routing=routing, metrics=dict(meta.get("metrics", {})),
+        routing=routing,
+        metrics=dict(meta.get("metrics", {})),
     )

@@ -88,7 +88,9 @@ def select_clients(available: Sequence[str], policy: RoundPolicy, rng: random.Ra
     pool = sorted(set(available))
     if len(pool) < policy.min_fit_clients:
         return []
-    count = min(len(pool), policy.max_fit_clients, max(policy.min_fit_clients, math.ceil(policy.fraction_fit * len(pool))))
+    count = min(
+        len(pool), policy.max_fit_clients, max(policy.min_fit_clients, math.ceil(policy.fraction_fit * len(pool)))
+    )
     return sorted(rng.sample(pool, count))
 
 
@@ -185,8 +187,11 @@ class RoundState:
         if len(self.accepted) >= quorum and closed:
             return Aggregate(self.round_id, tuple(self.accepted))
         if closed or len(self.accepted) + len(self.pending()) < quorum:
-            return RetryRound(self.round_id, f"{len(self.accepted)} of {quorum} required updates accepted "
-                              f"({len(self.rejected)} rejected, {len(self.pending())} missing)")
+            return RetryRound(
+                self.round_id,
+                f"{len(self.accepted)} of {quorum} required updates accepted "
+                f"({len(self.rejected)} rejected, {len(self.pending())} missing)",
+            )
         return Wait(self.deadline)
 
     def failures(self) -> list[tuple[str, str]]:
@@ -372,7 +377,7 @@ class RoundEngine:
             return None
         return self._current.round_id
 
-    def resume(self, rounds_done: int, running: "RunningRound | None", now: float) -> None:
+    def resume(self, rounds_done: int, running: RunningRound | None, now: float) -> None:
         """Rebuild the state after a restart, from registry data: ``rounds_done`` finished rounds and the
         round that was ``running`` (its deadline restarts from ``now`` so that devices can reconnect and
         re-send)."""

@@ -1,9 +1,9 @@
-"""The coordinator's websocket server (websockets 17, asyncio): enrolment, authentication, bundle
+"""The coordinator's websocket server (websockets 17, asyncio): enrollment, authentication, bundle
 transfer, updates and heartbeats over ``device_runtime.wire`` frames.
 
 Per connection (see the protocol module docstring)::
 
-    [Enrol -> EnrolOk]*  Hello -> Challenge -> Auth -> AuthOk   then any of:
+    [Enroll -> EnrollOk]*  Hello -> Challenge -> Auth -> AuthOk   then any of:
     BundleRequest -> BundleData...   Update -> Ack   Heartbeat   EvaluateRes   Error
 
 A Heartbeat refreshes the device's ``last_seen`` at most every ``LAST_SEEN_EVERY_S``; a bundle transfer is
@@ -43,15 +43,32 @@ from coordinator.service import Coordinator, Session
 from coordinator.tls import issue_device_certificate, peer_public_key, server_context
 from device_runtime.auth import NonceBook, verify_challenge
 from device_runtime.errors import AuthError, BundleError, ConfigError, FedmoeError, ProtocolError
-from device_runtime.wire import (PROTOCOL_VERSION, Assignment, Auth, AuthOk, BundleData, BundleRequest,
-                                 Challenge, Enrol, EnrolOk, Error, EvaluateRes, Heartbeat, Hello, Message,
-                                 Update, bundle_chunks, decode, encode)
 from device_runtime.tls import CA_PATH, CERTIFICATE_PATH
+from device_runtime.wire import (
+    PROTOCOL_VERSION,
+    Assignment,
+    Auth,
+    AuthOk,
+    BundleData,
+    BundleRequest,
+    Challenge,
+    Enroll,
+    EnrollOk,
+    Error,
+    EvaluateRes,
+    Heartbeat,
+    Hello,
+    Message,
+    Update,
+    bundle_chunks,
+    decode,
+    encode,
+)
 
 log = logging.getLogger("fedmoe.coord")
 MAX_BAD_BEFORE_AUTH = 3
-MAX_PRE_LOGIN_MESSAGES = 16  # Enrol / Hello / Auth messages one connection may send before it is logged in
-PRE_LOGIN_MAX_BYTES = 64 << 10  # largest frame before login: an Enrol with its profile is ~1 KiB
+MAX_PRE_LOGIN_MESSAGES = 16  # Enroll / Hello / Auth messages one connection may send before it is logged in
+PRE_LOGIN_MAX_BYTES = 64 << 10  # largest frame before login: an Enroll with its profile is ~1 KiB
 MAX_QUEUE = 2  # frames websockets buffers per connection before it stops reading (its default: 16)
 DECODE_IN_THREAD_BYTES = 1 << 20  # frames above this are hashed and parsed in a worker thread
 CLOSE_POLICY = 1008  # websocket close code: policy violation
@@ -89,9 +106,9 @@ def http_routes(coord: Coordinator) -> Callable:
         if request.path == CA_PATH:
             return connection.respond(HTTPStatus.OK, Path(cfg.tls_ca_cert).read_text())
         if request.path.startswith(CERTIFICATE_PATH):
-            device = coord.registry.get_device(request.path[len(CERTIFICATE_PATH):])
+            device = coord.registry.get_device(request.path[len(CERTIFICATE_PATH) :])
             if device is None or device.revoked:
-                return connection.respond(HTTPStatus.NOT_FOUND, "no such device; enrol first\n")
+                return connection.respond(HTTPStatus.NOT_FOUND, "no such device; enroll first\n")
             pem = issue_device_certificate(Path(cfg.tls_ca_cert), Path(cfg.tls_ca_key), device.id, device.public_key)
             return connection.respond(HTTPStatus.OK, pem.decode("ascii"))
         return None
@@ -177,15 +194,15 @@ class Connection:
     # ------------------------------------------------------------ handshake
 
     async def handshake(self) -> Session | None:
-        """Enrolments, then Hello / Challenge / Auth. Returns the session, or None (connection closed)."""
+        """Enrollments, then Hello / Challenge / Auth. Returns the session, or None (connection closed)."""
         bad = 0
         for _ in range(MAX_PRE_LOGIN_MESSAGES):
             if bad >= MAX_BAD_BEFORE_AUTH:
                 break
             try:
                 msg = await self.recv()
-                if isinstance(msg, Enrol):
-                    await self.enrol(msg)
+                if isinstance(msg, Enroll):
+                    await self.enroll(msg)
                 elif isinstance(msg, Hello):
                     return await self.authenticate(msg)
                 else:
@@ -200,20 +217,23 @@ class Connection:
         await self.ws.close(CLOSE_POLICY, "too many messages before login")
         return None
 
-    async def enrol(self, msg: Enrol) -> None:
-        """Redeem the token. Raises AuthError (refused), ProtocolError (too many failed enrolments from this
+    async def enroll(self, msg: Enroll) -> None:
+        """Redeem the token. Raises AuthError (refused), ProtocolError (too many failed enrollments from this
         address, ``coordinator.admission``)."""
         admission, address = self.ws.admission, self.ws.place.address
-        if not admission.may_enrol(address):
-            raise ProtocolError("rate", "too many failed enrolments from this address; wait a minute, then "
-                                        "enrol with a fresh token from `fedmoe-coord enroll`")
+        if not admission.may_enroll(address):
+            raise ProtocolError(
+                "rate",
+                "too many failed enrollments from this address; wait a minute, then "
+                "enroll with a fresh token from `fedmoe-coord enroll`",
+            )
         try:
             device = self.coord.registry.redeem_token(msg.token, msg.name, msg.profile, msg.public_key)
         except AuthError:
-            admission.enrol_failed(address)
+            admission.enroll_failed(address)
             raise
         log.info("enrolled device %s (%s)", device.id, msg.name)
-        await self.send(EnrolOk(device_id=device.id))
+        await self.send(EnrollOk(device_id=device.id))
 
     async def authenticate(self, hello: Hello) -> Session:
         """Challenge-response with a single-use nonce. Raises AuthError or ProtocolError."""
@@ -221,11 +241,15 @@ class Connection:
             raise ProtocolError("version", f"device speaks v{hello.protocol_version}, coordinator v{PROTOCOL_VERSION}")
         device = self.coord.registry.get_device(hello.device_id)
         if device is None or device.revoked:
-            raise AuthError(f"device {hello.device_id} is unknown or revoked; enrol again")
-        if self.coord.cfg.mutual_tls and peer_public_key(self.ws.transport.get_extra_info("ssl_object")) != \
-                device.public_key:
-            raise AuthError(f"device {device.id} must log in over mutual TLS with the client certificate issued "
-                            "for its key at enrolment; enrol again with this fedmoe version")
+            raise AuthError(f"device {hello.device_id} is unknown or revoked; enroll again")
+        if (
+            self.coord.cfg.mutual_tls
+            and peer_public_key(self.ws.transport.get_extra_info("ssl_object")) != device.public_key
+        ):
+            raise AuthError(
+                f"device {device.id} must log in over mutual TLS with the client certificate issued "
+                "for its key at enrollment; enroll again with this fedmoe version"
+            )
         nonce = self.nonces.issue()
         await self.send(Challenge(nonce=nonce))
         auth = await self.recv()
@@ -255,7 +279,7 @@ class Connection:
                     await self.ws.close(CLOSE_POLICY, "message rate exceeded")
                     return
                 if self.revoked(session, msg):
-                    await self.error("auth", "this device was revoked; enrol it again to rejoin")
+                    await self.error("auth", "this device was revoked; enroll it again to rejoin")
                     await self.ws.close(CLOSE_POLICY, "device revoked")
                     return
                 await self.dispatch(session, msg)
@@ -291,8 +315,9 @@ class Connection:
                 self.coord.registry.touch_device(session.device_id)
                 self.last_seen = time.monotonic()
         elif isinstance(msg, EvaluateRes):
-            self.coord.registry.log_device_result("eval_loss", msg.loss, round_id=msg.round_id,
-                                                  device_id=session.device_id)
+            self.coord.registry.log_device_result(
+                "eval_loss", msg.loss, round_id=msg.round_id, device_id=session.device_id
+            )
         elif isinstance(msg, Error):
             self.coord.device_error(session, msg)
         else:
@@ -319,16 +344,21 @@ def _ssl_context(cfg: CoordinatorConfig) -> ssl.SSLContext | None:
     if cfg.tls:
         return server_context(cfg.tls_cert, cfg.tls_key, cfg.tls_ca_cert or None)
     if not cfg.insecure:
-        raise ConfigError("no TLS certificate in the config (tls_cert, tls_key): run `fedmoe-coord init`, which "
-                          "creates them, or set insecure = true to serve plain ws:// on a trusted network")
-    log.warning("INSECURE: serving plain ws:// without TLS (insecure = true): enrolment tokens, model weights "
-                "and updates cross the network in the clear; a man in the middle can tamper with updates, and "
-                "with bundles and assignments for devices that pinned no coordinator key at enrolment")
+        raise ConfigError(
+            "no TLS certificate in the config (tls_cert, tls_key): run `fedmoe-coord init`, which "
+            "creates them, or set insecure = true to serve plain ws:// on a trusted network"
+        )
+    log.warning(
+        "INSECURE: serving plain ws:// without TLS (insecure = true): enrollment tokens, model weights "
+        "and updates cross the network in the clear; a man in the middle can tamper with updates, and "
+        "with bundles and assignments for devices that pinned no coordinator key at enrollment"
+    )
     return None
 
 
-async def serve_coordinator(cfg: CoordinatorConfig, stop: asyncio.Event, *,
-                            ready: Callable[[int], None] | None = None) -> None:
+async def serve_coordinator(
+    cfg: CoordinatorConfig, stop: asyncio.Event, *, ready: Callable[[int], None] | None = None
+) -> None:
     """Serve until ``stop`` is set; ``ready(port)`` is called once listening (port 0 picks a free one).
 
     Raises:
@@ -338,18 +368,31 @@ async def serve_coordinator(cfg: CoordinatorConfig, stop: asyncio.Event, *,
     context = _ssl_context(cfg)
     coord, nonces = Coordinator.from_config(cfg), NonceBook()
     _report_damaged_files(coord)
-    admission = Admission(cfg.max_connections, cfg.max_unauthenticated_per_address,
-                          cfg.certified_share if cfg.mutual_tls else 0.0)
+    admission = Admission(
+        cfg.max_connections, cfg.max_unauthenticated_per_address, cfg.certified_share if cfg.mutual_tls else 0.0
+    )
     loop = asyncio.get_running_loop()
     gatekeeper = Gatekeeper(admission, context, cfg.handshake_timeout_s, FirstBytes(loop))
     handler = lambda ws: Connection(coord, ws, nonces).run()  # noqa: E731
     quiet_accept_errors(loop)
     try:
         # no ssl= here: the gatekeeper starts TLS on admitted connections (coordinator.accept)
-        server = await _listen(cfg, serve(
-            handler, cfg.host, cfg.port, compression=None, max_size=cfg.max_message_bytes, max_queue=MAX_QUEUE,
-            process_request=http_routes(coord), ping_interval=cfg.heartbeat_s, ping_timeout=3 * cfg.heartbeat_s,
-            backlog=ACCEPT_BATCH, create_connection=gatekeeper.create_connection))
+        server = await _listen(
+            cfg,
+            serve(
+                handler,
+                cfg.host,
+                cfg.port,
+                compression=None,
+                max_size=cfg.max_message_bytes,
+                max_queue=MAX_QUEUE,
+                process_request=http_routes(coord),
+                ping_interval=cfg.heartbeat_s,
+                ping_timeout=3 * cfg.heartbeat_s,
+                backlog=ACCEPT_BATCH,
+                create_connection=gatekeeper.create_connection,
+            ),
+        )
         deepen_backlog(server.sockets, LISTEN_BACKLOG)
         try:
             if ready is not None:
@@ -373,8 +416,11 @@ def _report_damaged_files(coord: Coordinator) -> None:
     rather than when it is first read."""
     store = coord.model.store
     for sha in store.damaged(coord.registry.referenced_shas()):
-        log.error("tensor file %s is truncated or damaged; restore it from a backup (model versions and updates "
-                  "that use it cannot be read)", store.path(sha))
+        log.error(
+            "tensor file %s is truncated or damaged; restore it from a backup (model versions and updates "
+            "that use it cannot be read)",
+            store.path(sha),
+        )
 
 
 async def _listen(cfg: CoordinatorConfig, server: Server) -> Server:
@@ -382,8 +428,10 @@ async def _listen(cfg: CoordinatorConfig, server: Server) -> Server:
     try:
         return await server
     except OSError as exc:
-        raise ConfigError(f"cannot listen on {cfg.host}:{cfg.port}: {exc.strerror or exc}; stop the process using "
-                          "that port (`ss -ltnp`) or set another port (config `port`, or `serve --port`)") from exc
+        raise ConfigError(
+            f"cannot listen on {cfg.host}:{cfg.port}: {exc.strerror or exc}; stop the process using "
+            "that port (`ss -ltnp`) or set another port (config `port`, or `serve --port`)"
+        ) from exc
 
 
 def run(cfg: CoordinatorConfig, *, ready: Callable[[int], None] | None = None) -> None:

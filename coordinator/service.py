@@ -23,8 +23,17 @@ from coordinator.evaluation import Evaluator, background_executor
 from coordinator.federation import GlobalModel, aggregate_round, fit_context, tensor_store
 from coordinator.planning import BundleCache, check_update, slice_assignment, update_meta
 from coordinator.registry import Registry
-from coordinator.rounds import (Action, Aggregate, Finished, RetryRound, RoundEngine, RoundPolicy, RunningRound,
-                                StartRound, Wait)
+from coordinator.rounds import (
+    Action,
+    Aggregate,
+    Finished,
+    RetryRound,
+    RoundEngine,
+    RoundPolicy,
+    RunningRound,
+    StartRound,
+    Wait,
+)
 from coordinator.strategy import ClientInfo, FitIns, Strategy, from_name
 from coordinator.zo_updates import expand_zo_update
 from device_runtime.bundle import Manifest
@@ -40,11 +49,13 @@ _POLL_S = 0.5
 
 def _signer(cfg: CoordinatorConfig) -> Signer | None:
     """The CA key's signer (``device_runtime.signing``), or None with a warning: devices that pinned a key
-    at enrolment refuse what is unsigned. Raises ConfigError (unreadable key)."""
+    at enrollment refuse what is unsigned. Raises ConfigError (unreadable key)."""
     if cfg.tls_ca_key:
         return Signer.load(cfg.tls_ca_key)
-    log.warning("no CA key (tls_ca_key) in the config: bundles and assignments go out UNSIGNED, and devices "
-                "that pinned a coordinator key at enrolment refuse them; `fedmoe-coord init` makes the CA")
+    log.warning(
+        "no CA key (tls_ca_key) in the config: bundles and assignments go out UNSIGNED, and devices "
+        "that pinned a coordinator key at enrollment refuse them; `fedmoe-coord init` makes the CA"
+    )
     return None
 
 
@@ -68,9 +79,15 @@ class Pending:
     fit: FitIns
 
     def message(self, model: GlobalModel) -> Assignment:
-        return Assignment(round_id=self.round_id, update_id=self.update_id, model_version=model.version,
-                          shape_key=self.manifest.shape_key, expert_ids=self.fit.expert_ids, config=self.fit.config,
-                          tensors=slice_assignment(model.params, self.manifest, self.fit.expert_ids))
+        return Assignment(
+            round_id=self.round_id,
+            update_id=self.update_id,
+            model_version=model.version,
+            shape_key=self.manifest.shape_key,
+            expert_ids=self.fit.expert_ids,
+            config=self.fit.config,
+            tensors=slice_assignment(model.params, self.manifest, self.fit.expert_ids),
+        )
 
 
 class Coordinator:
@@ -86,9 +103,19 @@ class Coordinator:
         ConfigError: a running round's bundle is missing from the cache.
     """
 
-    def __init__(self, cfg: CoordinatorConfig, *, registry: Registry, model: GlobalModel, strategy: Strategy,
-                 bundles: BundleCache, engine: RoundEngine, evaluator: Evaluator | None = None,
-                 clock: Callable[[], float] = time.monotonic, signer: Signer | None = None):
+    def __init__(
+        self,
+        cfg: CoordinatorConfig,
+        *,
+        registry: Registry,
+        model: GlobalModel,
+        strategy: Strategy,
+        bundles: BundleCache,
+        engine: RoundEngine,
+        evaluator: Evaluator | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        signer: Signer | None = None,
+    ):
         self.cfg, self.clock, self.signer = cfg, clock, signer
         self.registry, self.model, self.strategy, self.bundles, self.engine = registry, model, strategy, bundles, engine
         self.evaluator = evaluator
@@ -103,7 +130,7 @@ class Coordinator:
         self._resume()
 
     @classmethod
-    def from_config(cls, cfg: CoordinatorConfig, *, clock: Callable[[], float] = time.monotonic) -> "Coordinator":
+    def from_config(cls, cfg: CoordinatorConfig, *, clock: Callable[[], float] = time.monotonic) -> Coordinator:
         """Build every part from ``cfg`` and resume the registry's rounds.
 
         Raises:
@@ -117,11 +144,27 @@ class Coordinator:
             strategy = from_name(cfg.strategy, **cfg.strategy_params).bind(fit_context(cfg))
             model.restore(strategy)
             bundles = BundleCache(Path(cfg.state_dir) / "bundles", cfg.checkpoint, cfg.fit, signer)
-            policy = RoundPolicy(cfg.min_fit_clients, cfg.max_fit_clients, cfg.fraction_fit, cfg.round_deadline_s,
-                                 cfg.max_round_attempts, cfg.num_rounds, cfg.retry_backoff_s, cfg.max_retry_backoff_s)
-            return cls(cfg, registry=registry, model=model, strategy=strategy, bundles=bundles,
-                       engine=RoundEngine(policy, seed=cfg.seed), evaluator=Evaluator.from_config(cfg), clock=clock,
-                       signer=signer)
+            policy = RoundPolicy(
+                cfg.min_fit_clients,
+                cfg.max_fit_clients,
+                cfg.fraction_fit,
+                cfg.round_deadline_s,
+                cfg.max_round_attempts,
+                cfg.num_rounds,
+                cfg.retry_backoff_s,
+                cfg.max_retry_backoff_s,
+            )
+            return cls(
+                cfg,
+                registry=registry,
+                model=model,
+                strategy=strategy,
+                bundles=bundles,
+                engine=RoundEngine(policy, seed=cfg.seed),
+                evaluator=Evaluator.from_config(cfg),
+                clock=clock,
+                signer=signer,
+            )
         except BaseException:
             registry.close()
             raise
@@ -151,8 +194,9 @@ class Coordinator:
     def count_bytes(self, device_id: str, direction: str, size: int) -> None:
         """Record ``size`` bytes moved to (``bytes_down``) or from (``bytes_up``) a device in the current round."""
         current = self.engine.current
-        self.registry.log_metrics({direction: size}, round_id=None if current is None else current.round_id,
-                                  device_id=device_id)
+        self.registry.log_metrics(
+            {direction: size}, round_id=None if current is None else current.round_id, device_id=device_id
+        )
 
     def _lost(self, device_id: str) -> None:
         """``device_id``'s connection closed or a send to it failed: tell the engine (holding an assignment
@@ -163,8 +207,13 @@ class Coordinator:
     def _log_exclusion(self, device_id: str, until: float | None, why: str) -> None:
         """Log that ``device_id`` is excluded until ``until`` (None: it is not) after a failure (``why``)."""
         if until is not None:
-            log.warning("device %s failed %d assignments in a row (last: %s); not selected for %.0f s", device_id,
-                        self.engine.participation.failures(device_id), why, until - self.clock())
+            log.warning(
+                "device %s failed %d assignments in a row (last: %s); not selected for %.0f s",
+                device_id,
+                self.engine.participation.failures(device_id),
+                why,
+                until - self.clock(),
+            )
 
     def _available(self) -> list[str]:
         """Connected, non-revoked devices; [] while a round runs or once rounds stopped (the engine does not
@@ -232,9 +281,13 @@ class Coordinator:
         self.engine.closed(failed=True)
         if self.engine.backing_off:
             excluded = sorted(self.engine.participation.excluded(self.clock()))
-            log.error("ALERT: %d consecutive rounds failed (last: %s); rounds back off and resume when the back-off "
-                      "ends or an eligible device not tried yet connects; excluded devices: %s",
-                      self.engine.failed_attempts, reason, ", ".join(excluded) or "none")
+            log.error(
+                "ALERT: %d consecutive rounds failed (last: %s); rounds back off and resume when the back-off "
+                "ends or an eligible device not tried yet connects; excluded devices: %s",
+                self.engine.failed_attempts,
+                reason,
+                ", ".join(excluded) or "none",
+            )
 
     def _abandon(self) -> None:
         """After a failed step: a round being started counts as a failed attempt; a round being closed is
@@ -255,7 +308,7 @@ class Coordinator:
     async def _idle(self, timeout: float) -> None:
         try:
             await asyncio.wait_for(self.wake.wait(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
         self.wake.clear()
 
@@ -270,8 +323,9 @@ class Coordinator:
         fits = await asyncio.to_thread(self.strategy.configure_fit, server_round, self.model.params, clients)
         for client in clients:
             if client.client_id not in fits:
-                self.engine.participation.unplannable(client.client_id,
-                                                      f"{self.strategy.name} gave it nothing to train")
+                self.engine.participation.unplannable(
+                    client.client_id, f"{self.strategy.name} gave it nothing to train"
+                )
         prepared = []
         for device_id, fit in fits.items():
             pending = await self._prepare(row.id, device_id, fit)
@@ -279,8 +333,13 @@ class Coordinator:
                 self.engine.assign(pending.update_id, device_id)
                 prepared.append(pending)
         await asyncio.gather(*(self._deliver(pending) for pending in prepared))
-        log.info("round %d (server round %d) started with %d of %d devices", row.id, server_round,
-                 len(prepared), len(devices))
+        log.info(
+            "round %d (server round %d) started with %d of %d devices",
+            row.id,
+            server_round,
+            len(prepared),
+            len(devices),
+        )
 
     async def _deliver(self, pending: Pending) -> None:
         """Send an assignment to its device's connection of the moment (the round's deliveries run concurrently).
@@ -307,13 +366,24 @@ class Coordinator:
         try:
             manifest = await asyncio.to_thread(self.bundles.ensure, fit.shape_key)
             update_id = f"r{round_id}-{device_id}-{secrets.token_hex(4)}"
-            self.registry.record_assignment(round_id, device_id, update_id=update_id, shape_key=manifest.shape_key.id,
-                                            expert_ids=[list(ids) for ids in fit.expert_ids],
-                                            config=to_json(fit.config))
+            self.registry.record_assignment(
+                round_id,
+                device_id,
+                update_id=update_id,
+                shape_key=manifest.shape_key.id,
+                expert_ids=[list(ids) for ids in fit.expert_ids],
+                config=to_json(fit.config),
+            )
         except Exception as exc:  # noqa: BLE001 - FedmoeError: it does not fit; else a bug or a full disk
-            log.log(logging.WARNING if isinstance(exc, FedmoeError) else logging.ERROR,
-                    "device %s skipped in round %d: %s: %s", device_id, round_id, type(exc).__name__, exc,
-                    exc_info=not isinstance(exc, FedmoeError))
+            log.log(
+                logging.WARNING if isinstance(exc, FedmoeError) else logging.ERROR,
+                "device %s skipped in round %d: %s: %s",
+                device_id,
+                round_id,
+                type(exc).__name__,
+                exc,
+                exc_info=not isinstance(exc, FedmoeError),
+            )
             self.engine.participation.unplannable(device_id, str(exc))
             return None
         pending = Pending(device_id, round_id, update_id, manifest, fit)
@@ -324,9 +394,15 @@ class Coordinator:
         current = self.engine.current
         rows = {r.update_id: r for r in self.registry.accepted_updates(action.round_id)}
         try:
-            version = await asyncio.to_thread(aggregate_round, self.model, self.strategy,
-                                              [rows[u] for u in action.update_ids], current.failures(),
-                                              server_round=self.engine.server_round, round_id=action.round_id)
+            version = await asyncio.to_thread(
+                aggregate_round,
+                self.model,
+                self.strategy,
+                [rows[u] for u in action.update_ids],
+                current.failures(),
+                server_round=self.engine.server_round,
+                round_id=action.round_id,
+            )
         except FedmoeError as exc:
             log.error("round %d aggregation failed: %s", action.round_id, exc)
             self.registry.finish_round(action.round_id, metrics={"reason": str(exc)}, status="failed")
@@ -359,13 +435,19 @@ class Coordinator:
         async with self._evaluating:
             try:
                 score = await asyncio.get_running_loop().run_in_executor(
-                    self._evaluation_pool, lambda: self.evaluator.score(self.model.store.load(tensor_sha256)))
+                    self._evaluation_pool, lambda: self.evaluator.score(self.model.store.load(tensor_sha256))
+                )
             except Exception:  # noqa: BLE001 - evaluation is advisory; the federation must not stop for it
                 log.exception("evaluating round %d failed", round_id)
                 return
         self.registry.log_metrics({"eval_accuracy": score.accuracy, "eval_loss": score.loss}, round_id=round_id)
-        log.info("round %d evaluated: accuracy %.4f, label loss %.4f on %d examples", round_id, score.accuracy,
-                 score.loss, score.num_examples)
+        log.info(
+            "round %d evaluated: accuracy %.4f, label loss %.4f on %d examples",
+            round_id,
+            score.accuracy,
+            score.loss,
+            score.num_examples,
+        )
 
     # ------------------------------------------------------------ updates
 
@@ -379,8 +461,11 @@ class Coordinator:
         if known is not None and (known.device_id, known.round_id) == (session.device_id, msg.round_id):
             return Ack(update_id=msg.update_id, accepted=known.accepted, reason="already recorded")
         pending = self.pending.get(msg.update_id)
-        if known is not None or pending is None or \
-                (pending.device_id, pending.round_id) != (session.device_id, msg.round_id):
+        if (
+            known is not None
+            or pending is None
+            or (pending.device_id, pending.round_id) != (session.device_id, msg.round_id)
+        ):
             return Ack(update_id=msg.update_id, accepted=False, reason="no such assignment for this device and round")
         meta = update_meta(pending.manifest, pending.fit.expert_ids, msg.trained_experts, msg.routing, msg.metrics)
         reason, sha = "", None
@@ -392,9 +477,16 @@ class Coordinator:
             await asyncio.to_thread(self.model.discard, [sha])
             reason, sha = f"round {msg.round_id} closed while the update was stored", None
         row, created = self.registry.record_update(
-            update_id=msg.update_id, round_id=msg.round_id, device_id=session.device_id,
-            num_examples=msg.num_examples, num_tokens=msg.num_tokens, tensor_sha256=sha, metadata=meta,
-            accepted=sha is not None, reason=reason)
+            update_id=msg.update_id,
+            round_id=msg.round_id,
+            device_id=session.device_id,
+            num_examples=msg.num_examples,
+            num_tokens=msg.num_tokens,
+            tensor_sha256=sha,
+            metadata=meta,
+            accepted=sha is not None,
+            reason=reason,
+        )
         if not created:  # a concurrent copy of this update_id was recorded first
             if sha is not None:
                 await asyncio.to_thread(self.model.discard, [sha])
@@ -418,12 +510,16 @@ class Coordinator:
         pending = self._pending_of(session.device_id)
         if msg.code == "unexpected" or pending is None:
             return
-        if any(msg.message.startswith(f"{u}:") for u, p in self.pending.items()
-               if p.device_id == session.device_id and u != pending.update_id):
+        if any(
+            msg.message.startswith(f"{u}:")
+            for u, p in self.pending.items()
+            if p.device_id == session.device_id and u != pending.update_id
+        ):
             return
         self._reject(pending, f"device reported {msg.code}: {msg.message}")
-        self._log_exclusion(session.device_id, self.engine.device_failed(pending.update_id, self.clock()),
-                            f"it reported {msg.code}")
+        self._log_exclusion(
+            session.device_id, self.engine.device_failed(pending.update_id, self.clock()), f"it reported {msg.code}"
+        )
 
     def assignment_refused(self, session: Session, update_id: str, frame_bytes: int) -> None:
         """The device closed its connection with code 1009 (message too big) after the Assignment frame of
@@ -433,8 +529,12 @@ class Coordinator:
         if pending is None or pending.update_id != update_id:
             return
         reason = f"assignment of {frame_bytes / MIB:.2f} MiB exceeds the device's max message size"
-        log.error("device %s: %s (%d bytes); it is not selected again until its profile changes",
-                  session.device_id, reason, frame_bytes)
+        log.error(
+            "device %s: %s (%d bytes); it is not selected again until its profile changes",
+            session.device_id,
+            reason,
+            frame_bytes,
+        )
         self.engine.participation.refused(session.device_id, session.profile)
         self._reject(pending, reason)
 
@@ -448,15 +548,32 @@ class Coordinator:
         and counted as rejected by the engine, so the round decides at once. Never raises: a registry error is
         logged (the engine still counts the rejection)."""
         reason = reason[:2000]
-        log.warning("round %d: assignment %s of device %s rejected: %s", pending.round_id, pending.update_id,
-                    pending.device_id, reason)
+        log.warning(
+            "round %d: assignment %s of device %s rejected: %s",
+            pending.round_id,
+            pending.update_id,
+            pending.device_id,
+            reason,
+        )
         try:
             _, created = self.registry.record_update(
-                update_id=pending.update_id, round_id=pending.round_id, device_id=pending.device_id,
-                num_examples=0, num_tokens=0, tensor_sha256=None, metadata={}, accepted=False, reason=reason)
+                update_id=pending.update_id,
+                round_id=pending.round_id,
+                device_id=pending.device_id,
+                num_examples=0,
+                num_tokens=0,
+                tensor_sha256=None,
+                metadata={},
+                accepted=False,
+                reason=reason,
+            )
         except Exception as exc:  # noqa: BLE001 - UpdateRejected (unknown round / device) or the registry is down
-            log.warning("recording the rejection of %s failed: %s", pending.update_id, exc,
-                        exc_info=not isinstance(exc, UpdateRejected))
+            log.warning(
+                "recording the rejection of %s failed: %s",
+                pending.update_id,
+                exc,
+                exc_info=not isinstance(exc, UpdateRejected),
+            )
             created = True
         if created:
             self.engine.on_update(pending.update_id, False, reason)
@@ -469,9 +586,15 @@ class Coordinator:
         if msg.zo is not None:  # seeds and scalars (FedKSeed): expand against the assignment's weights
             assigned = slice_assignment(self.model.params, pending.manifest, pending.fit.expert_ids)
             tensors = await asyncio.to_thread(expand_zo_update, msg, assigned, pending.manifest, pending.fit.config)
-        tensors = check_update(pending.manifest, pending.fit.expert_ids, num_examples=msg.num_examples,
-                               tensors=tensors, trained_experts=msg.trained_experts, routing=msg.routing,
-                               norm_bound=self.cfg.update_norm_bound)
+        tensors = check_update(
+            pending.manifest,
+            pending.fit.expert_ids,
+            num_examples=msg.num_examples,
+            tensors=tensors,
+            trained_experts=msg.trained_experts,
+            routing=msg.routing,
+            norm_bound=self.cfg.update_norm_bound,
+        )
         return await asyncio.to_thread(self.model.store.put, tensors)
 
     # ------------------------------------------------------------ crash recovery
@@ -494,8 +617,11 @@ class Coordinator:
         keep = self.cfg.keep_update_tensors
         missing, freed = self.model.check_store(delete_orphans=not keep)
         for sha in missing:
-            log.error("tensor file %s... referenced by the registry is missing from %s; restore it from a backup",
-                      sha[:12], self.model.store.root)
+            log.error(
+                "tensor file %s... referenced by the registry is missing from %s; restore it from a backup",
+                sha[:12],
+                self.model.store.root,
+            )
         if not keep:
             freed += self.model.discard(self.registry.update_shas(except_round=running))
         if freed:
@@ -508,13 +634,22 @@ class Coordinator:
         assigned = self.registry.assignments(round_id)
         accepted = self.registry.accepted_updates(round_id)
         accepted_ids = [u.update_id for u in accepted]
-        rejected = {a.update_id: "rejected before restart" for a in assigned
-                    if a.status == "reported" and a.update_id not in accepted_ids}
+        rejected = {
+            a.update_id: "rejected before restart"
+            for a in assigned
+            if a.status == "reported" and a.update_id not in accepted_ids
+        }
         for a in assigned:
             manifest = self.bundles.manifest(a.shape_key)
             config = self.strategy.fit_config(server_round) if a.config is None else FitConfig.from_dict(a.config)
-            fit = FitIns(tuple(tuple(ids) for ids in a.expert_ids), config, manifest.shape_key.trainable_mode,
-                         manifest.shape_key.lora_rank, manifest.shape_key.frozen_dtype, manifest.shape_key.merged)
+            fit = FitIns(
+                tuple(tuple(ids) for ids in a.expert_ids),
+                config,
+                manifest.shape_key.trainable_mode,
+                manifest.shape_key.lora_rank,
+                manifest.shape_key.frozen_dtype,
+                manifest.shape_key.merged,
+            )
             self.pending[a.update_id] = Pending(a.device_id, round_id, a.update_id, manifest, fit)
         for u in accepted:
             self.reported[u.device_id] = RoutingStats.from_dict(u.meta["routing"])

@@ -21,7 +21,6 @@ from device_runtime.wire import bytes_to_tensors, tensors_to_bytes
 from device_runtime.wire.fields import SHA256
 
 
-
 class TensorStore:
     """Safetensors files addressed by their sha256 under ``root`` (created if missing)."""
 
@@ -68,8 +67,10 @@ class TensorStore:
         except FileNotFoundError as exc:
             raise ModelError(f"tensor file {sha[:12]}... is not in the store {self.root}") from exc
         if hashlib.sha256(data).hexdigest() != sha:
-            raise ModelError(f"tensor file {path} is corrupted (content does not hash to its name); "
-                             "restore it from a backup or re-run the round")
+            raise ModelError(
+                f"tensor file {path} is corrupted (content does not hash to its name); "
+                "restore it from a backup or re-run the round"
+            )
         return data
 
     def discard(self, shas: Iterable[str]) -> int:

@@ -2,7 +2,7 @@
 certificate for each enrolled device's own Ed25519 key (see ``device_runtime.tls`` for the device's side).
 
 ``fedmoe-coord init`` calls :func:`create_authority`; the server loads :func:`server_context` (TLS 1.3,
-client certificates optional at the TLS layer so a device without one can enrol; login requires one,
+client certificates optional at the TLS layer so a device without one can enroll; login requires one,
 checked by ``coordinator.server`` with :func:`peer_public_key`).
 """
 
@@ -58,15 +58,19 @@ def create_authority(files: Authority, hosts: list[str]) -> Authority:
     files.ca_cert.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     ca_key, server_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
     ca_name = _name("fedmoe coordinator CA")
-    ca = (_builder(ca_name, ca_name, ca_key.public_key())
-          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-          .add_extension(_key_usage(cert_sign=True), critical=True)
-          .sign(ca_key, hashes.SHA256()))
-    server = (_builder(_name("fedmoe coordinator"), ca_name, server_key.public_key())
-              .add_extension(x509.SubjectAlternativeName(_alt_names(hosts)), critical=False)
-              .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-              .add_extension(_key_usage(), critical=True)
-              .sign(ca_key, hashes.SHA256()))
+    ca = (
+        _builder(ca_name, ca_name, ca_key.public_key())
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(_key_usage(cert_sign=True), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    server = (
+        _builder(_name("fedmoe coordinator"), ca_name, server_key.public_key())
+        .add_extension(x509.SubjectAlternativeName(_alt_names(hosts)), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(_key_usage(), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
     atomic_write(files.ca_key, _key_pem(ca_key), mode=0o600)
     atomic_write(files.server_key, _key_pem(server_key), mode=0o600)
     atomic_write(files.server_cert, server.public_bytes(serialization.Encoding.PEM), mode=0o644)
@@ -78,8 +82,14 @@ def with_new_authority(cfg: CoordinatorConfig, hosts: list[str] = ()) -> Coordin
     """``cfg`` serving wss:// with mutual TLS: a new CA and server certificate in ``state_dir/tls``
     (see :func:`create_authority`; ``cfg.host`` and ``hosts`` are in the server certificate)."""
     files = create_authority(authority_files(Path(cfg.state_dir) / "tls"), [cfg.host, *hosts])
-    return dataclasses.replace(cfg, tls_cert=str(files.server_cert), tls_key=str(files.server_key),
-                               tls_ca_cert=str(files.ca_cert), tls_ca_key=str(files.ca_key), insecure=False)
+    return dataclasses.replace(
+        cfg,
+        tls_cert=str(files.server_cert),
+        tls_key=str(files.server_key),
+        tls_ca_cert=str(files.ca_cert),
+        tls_ca_key=str(files.ca_key),
+        insecure=False,
+    )
 
 
 def pinned_token(token: str, cfg: CoordinatorConfig) -> str:
@@ -96,10 +106,12 @@ def issue_device_certificate(ca_cert: Path, ca_key: Path, device_id: str, public
     """A client certificate (PEM) for ``device_id``'s raw 32-byte Ed25519 ``public_key``, signed by the CA."""
     ca = x509.load_pem_x509_certificate(Path(ca_cert).read_bytes())
     key = serialization.load_pem_private_key(Path(ca_key).read_bytes(), password=None)
-    cert = (_builder(_name(device_id), ca.subject, Ed25519PublicKey.from_public_bytes(public_key))
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-            .add_extension(_key_usage(), critical=True)
-            .sign(key, hashes.SHA256()))
+    cert = (
+        _builder(_name(device_id), ca.subject, Ed25519PublicKey.from_public_bytes(public_key))
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .add_extension(_key_usage(), critical=True)
+        .sign(key, hashes.SHA256())
+    )
     return cert.public_bytes(serialization.Encoding.PEM)
 
 
@@ -127,16 +139,30 @@ def peer_public_key(ssl_object: ssl.SSLObject | None) -> bytes | None:
 
 
 def _builder(subject: x509.Name, issuer: x509.Name, public_key) -> x509.CertificateBuilder:
-    now = datetime.datetime.now(datetime.timezone.utc)
-    return (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer).public_key(public_key)
-            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=VALID_DAYS)))
+    now = datetime.datetime.now(datetime.UTC)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=VALID_DAYS))
+    )
 
 
 def _key_usage(*, cert_sign: bool = False) -> x509.KeyUsage:
-    return x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
-                         data_encipherment=False, key_agreement=False, key_cert_sign=cert_sign, crl_sign=cert_sign,
-                         encipher_only=False, decipher_only=False)
+    return x509.KeyUsage(
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=cert_sign,
+        crl_sign=cert_sign,
+        encipher_only=False,
+        decipher_only=False,
+    )
 
 
 def _name(common_name: str) -> x509.Name:
@@ -155,5 +181,6 @@ def _alt_names(hosts: list[str]) -> list[x509.GeneralName]:
 
 
 def _key_pem(key) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )

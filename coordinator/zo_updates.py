@@ -23,8 +23,9 @@ from device_runtime.wire import FitConfig, Update
 from device_runtime.zo_directions import candidate_seeds, perturb
 
 
-def expand_zo_update(msg: Update, assigned: Mapping[str, np.ndarray], manifest: Manifest,
-                     config: FitConfig) -> dict[str, np.ndarray]:
+def expand_zo_update(
+    msg: Update, assigned: Mapping[str, np.ndarray], manifest: Manifest, config: FitConfig
+) -> dict[str, np.ndarray]:
     """The trained tensors of a seed-and-scalar update, ``{trainable name: (shape of the manifest)}`` float32.
 
     Args:
@@ -44,8 +45,9 @@ def expand_zo_update(msg: Update, assigned: Mapping[str, np.ndarray], manifest: 
         raise UpdateRejected(f"zo update: {len(zo.seeds)} seeds for {config.local_steps} local steps")
     unknown = set(zo.seeds) - set(candidate_seeds(config.seed, msg.round_id, config.zo_seeds))
     if unknown:
-        raise UpdateRejected(f"zo update: {len(unknown)} seeds are not among round {msg.round_id}'s "
-                             f"{config.zo_seeds} candidates")
+        raise UpdateRejected(
+            f"zo update: {len(unknown)} seeds are not among round {msg.round_id}'s {config.zo_seeds} candidates"
+        )
     names = manifest.trainable_names
     theta = [np.array(assigned[name], dtype=np.float32, order="C") for name in names]
     for seed, scalar in zip(zo.seeds, zo.scalars):

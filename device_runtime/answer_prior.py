@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import collections
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -70,13 +70,17 @@ def answer_shift(answer_ids: Sequence[int], firsts: Sequence[int], tau: float) -
     wanted = set(answer_ids)
     counts = collections.Counter(t for t in firsts if t in wanted)
     total = sum(counts.values())
-    log_prior = [math.log(counts[t] / total) if counts[t] else LOG_PRIOR_FLOOR for t in answer_ids] if total else \
-        [0.0] * len(answer_ids)
+    log_prior = (
+        [math.log(counts[t] / total) if counts[t] else LOG_PRIOR_FLOOR for t in answer_ids]
+        if total
+        else [0.0] * len(answer_ids)
+    )
     return np.asarray(answer_ids, dtype=np.int64), (tau * np.asarray(log_prior)).astype(np.float32)
 
 
-def local_answer_shift(dataset: LocalDataset, labels: Sequence[str] | None,
-                       tau: float) -> tuple[np.ndarray, np.ndarray] | None:
+def local_answer_shift(
+    dataset: LocalDataset, labels: Sequence[str] | None, tau: float
+) -> tuple[np.ndarray, np.ndarray] | None:
     """The answer shift of ``dataset``'s training split (a round's ``FitConfig.labels`` and ``logit_adjustment``);
     None when ``tau`` is 0.
 

@@ -1,11 +1,11 @@
-"""Device authentication: enrolment tokens, Ed25519 challenge-response, the device credentials file.
+"""Device authentication: enrollment tokens, Ed25519 challenge-response, the device credentials file.
 
-Scheme (no secret ever crosses the wire after enrolment, and the coordinator stores no secret):
+Scheme (no secret ever crosses the wire after enrollment, and the coordinator stores no secret):
 
-1. Enrolment. The operator creates a token (:func:`new_enrol_token`, 256 random bits); the coordinator
+1. Enrollment. The operator creates a token (:func:`new_enroll_token`, 256 random bits); the coordinator
    stores only ``sha256(token)`` (:func:`hash_token`) with an expiry, and the token reaches the device
    out of band. The device generates an Ed25519 key pair (:func:`generate_keypair`), sends
-   ``Enrol(token, name, profile, public_key)``; the coordinator redeems the token once and stores the
+   ``Enroll(token, name, profile, public_key)``; the coordinator redeems the token once and stores the
    public key. The device keeps ``device_id`` and its private key in a 0600 credentials file
    (:func:`save_credentials`).
 2. Each connection. ``Hello(device_id)`` -> ``Challenge(nonce)`` with a fresh 32-byte nonce
@@ -18,8 +18,8 @@ Threat model, honestly:
 * Database leak: public keys and token hashes only. They do not let anyone authenticate as a device
   or redeem an outstanding token (tokens carry 256 bits of entropy, so an unsalted sha256 is enough).
 * Passive eavesdropper: sees nonces and signatures, which cannot be replayed (each nonce is single
-  use). Without TLS it does see enrolment tokens and model weights: a token sniffed before its use can
-  be redeemed first. Serve ``wss://`` or enrol on a trusted network.
+  use). Without TLS it does see enrollment tokens and model weights: a token sniffed before its use can
+  be redeemed first. Serve ``wss://`` or enroll on a trusted network.
 * Active man-in-the-middle without TLS: the signature binds neither the coordinator's identity nor the
   channel, so a relay can authenticate once and then tamper with the session (bundles and assignments
   excepted for a device that pinned the coordinator's CA: they are signed, ``device_runtime.signing``).
@@ -48,14 +48,14 @@ from pathlib import Path
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from device_runtime.files import atomic_write
 from device_runtime.errors import AuthError, ConfigError
+from device_runtime.files import atomic_write
 
 DEVICE_NAME_RULE = "[A-Za-z0-9][A-Za-z0-9_.-]*, at most 100 characters"
 
 
 def check_device_name(name: str) -> str:
-    """``name`` if a device may enrol under it (:data:`DEVICE_NAME_RULE`: it is safe in file names, shell
+    """``name`` if a device may enroll under it (:data:`DEVICE_NAME_RULE`: it is safe in file names, shell
     words and systemd unit names).
 
     Raises:
@@ -71,11 +71,11 @@ NONCE_BYTES = 32
 _DOMAIN = b"fedmoe-auth-v1\x00"
 
 
-# ---------------------------------------------------------------- enrolment tokens
+# ---------------------------------------------------------------- enrollment tokens
 
 
-def new_enrol_token() -> str:
-    """A fresh enrolment token: 32 random bytes, URL-safe base64 (43 characters)."""
+def new_enroll_token() -> str:
+    """A fresh enrollment token: 32 random bytes, URL-safe base64 (43 characters)."""
     return secrets.token_urlsafe(TOKEN_BYTES)
 
 
@@ -127,7 +127,7 @@ def check_public_key(raw: bytes) -> None:
     5.1.3), not of small order (for the 8 torsion points, the all-zero key among them, one fixed signature
     verifies for every challenge: anyone could log in as that device), and in the prime-order subgroup
     (every key :func:`generate_keypair` makes is; libsodium's ``crypto_core_ed25519_is_valid_point`` rule).
-    About 7 ms of pure-Python arithmetic, done once per enrolment.
+    About 7 ms of pure-Python arithmetic, done once per enrollment.
 
     Raises:
         AuthError: naming which of the rules fails.
@@ -136,8 +136,7 @@ def check_public_key(raw: bytes) -> None:
         raise AuthError("an Ed25519 public key is 32 raw bytes")
     point = _decode_point(raw)
     if _multiply(point, 8) == _IDENTITY:
-        raise AuthError("Ed25519 public key of small order (a signature for it can be forged); "
-                        "generate a new key pair")
+        raise AuthError("Ed25519 public key of small order (a signature for it can be forged); generate a new key pair")
     if _multiply(point, _L) != _IDENTITY:
         raise AuthError("Ed25519 public key outside the prime-order subgroup; generate a new key pair")
 
@@ -207,8 +206,7 @@ class NonceBook:
         clock: monotonic time source (seconds).
     """
 
-    def __init__(self, *, ttl_s: float = 60.0, max_pending: int = 10_000,
-                 clock: Callable[[], float] = time.monotonic):
+    def __init__(self, *, ttl_s: float = 60.0, max_pending: int = 10_000, clock: Callable[[], float] = time.monotonic):
         self.ttl_s, self.max_pending, self._clock = ttl_s, max_pending, clock
         self._pending: OrderedDict[bytes, float] = OrderedDict()
         self._lock = threading.Lock()
@@ -241,12 +239,12 @@ class NonceBook:
 
 @dataclass(frozen=True)
 class Credentials:
-    """What a device keeps after enrolment.
+    """What a device keeps after enrollment.
 
     Attributes:
         device_id: id assigned by the coordinator. private_key: raw 32-byte Ed25519 private key.
         coordinator_url: where the device enrolled (``ws://`` / ``wss://``).
-        ca_cert: the coordinator's CA certificate (PEM) pinned at enrolment ("" = none: ws:// or a --cafile).
+        ca_cert: the coordinator's CA certificate (PEM) pinned at enrollment ("" = none: ws:// or a --cafile).
         client_pem: path of the client certificate + key file for mutual TLS ("" = none), see
             ``device_runtime.tls``.
     """
@@ -269,13 +267,15 @@ def save_credentials(path: str | Path, creds: Credentials) -> None:
     """
     path = Path(path)
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    body = json.dumps({
-        "device_id": creds.device_id,
-        "private_key": base64.b64encode(creds.private_key).decode("ascii"),
-        "coordinator_url": creds.coordinator_url,
-        "ca_cert": creds.ca_cert,
-        "client_pem": creds.client_pem,
-    }).encode()
+    body = json.dumps(
+        {
+            "device_id": creds.device_id,
+            "private_key": base64.b64encode(creds.private_key).decode("ascii"),
+            "coordinator_url": creds.coordinator_url,
+            "ca_cert": creds.ca_cert,
+            "client_pem": creds.client_pem,
+        }
+    ).encode()
     atomic_write(path, body, mode=0o600)
 
 
@@ -290,26 +290,33 @@ def load_credentials(path: str | Path) -> Credentials:
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
     except OSError as exc:
-        raise AuthError(f"cannot open credentials {path} ({exc.strerror}); "
-                        "run `fedmoe-device enroll URL --token TOKEN --name NAME` first") from exc
+        raise AuthError(
+            f"cannot open credentials {path} ({exc.strerror}); "
+            "run `fedmoe-device enroll URL --token TOKEN --name NAME` first"
+        ) from exc
     with os.fdopen(fd, "rb") as handle:
         _check_private(path, os.fstat(handle.fileno()))
         raw = handle.read(1 << 16)
     try:
         data = json.loads(raw)
-        return Credentials(device_id=str(data["device_id"]),
-                           private_key=base64.b64decode(data["private_key"], validate=True),
-                           coordinator_url=str(data.get("coordinator_url", "")),
-                           ca_cert=str(data.get("ca_cert", "")), client_pem=str(data.get("client_pem", "")))
+        return Credentials(
+            device_id=str(data["device_id"]),
+            private_key=base64.b64decode(data["private_key"], validate=True),
+            coordinator_url=str(data.get("coordinator_url", "")),
+            ca_cert=str(data.get("ca_cert", "")),
+            client_pem=str(data.get("client_pem", "")),
+        )
     except (ValueError, KeyError, TypeError) as exc:
-        raise AuthError(f"credentials file {path} is malformed ({exc!r}); enrol again") from exc
+        raise AuthError(f"credentials file {path} is malformed ({exc!r}); enroll again") from exc
 
 
 def _check_private(path: Path, st: os.stat_result) -> None:
     if os.name != "posix":
         return
     if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise AuthError(f"credentials {path} are accessible by other users "
-                        f"(mode {stat.S_IMODE(st.st_mode):o}); run `chmod 600 {path}`")
+        raise AuthError(
+            f"credentials {path} are accessible by other users "
+            f"(mode {stat.S_IMODE(st.st_mode):o}); run `chmod 600 {path}`"
+        )
     if st.st_uid != os.getuid():
         raise AuthError(f"credentials {path} belong to uid {st.st_uid}, not this user")

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import importlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from device_runtime.bundle import Bundle
 from device_runtime.errors import ConfigError
@@ -59,12 +59,25 @@ def _ort_inference() -> bool:
     return inference_available()
 
 
-BACKENDS: dict[str, Backend] = {b.name: b for b in (
-    Backend("ort-training", FIRST_ORDER, "pip install 'fedmoe[device]' (x86-64)",
-            "device_runtime.ort_trainer:OrtTrainer", _ort_training),
-    Backend("zo", ZEROTH_ORDER, "pip install 'fedmoe[device-lite]'", "device_runtime.zo_trainer:ZoTrainer",
-            _ort_inference),
-)}
+BACKENDS: dict[str, Backend] = {
+    b.name: b
+    for b in (
+        Backend(
+            "ort-training",
+            FIRST_ORDER,
+            "pip install 'fedmoe[device]' (x86-64)",
+            "device_runtime.ort_trainer:OrtTrainer",
+            _ort_training,
+        ),
+        Backend(
+            "zo",
+            ZEROTH_ORDER,
+            "pip install 'fedmoe[device-lite]'",
+            "device_runtime.zo_trainer:ZoTrainer",
+            _ort_inference,
+        ),
+    )
+}
 
 
 def available_backends() -> tuple[str, ...]:
@@ -84,18 +97,28 @@ def select_backend(name: str | None = None) -> Backend:
         if backend is None:
             raise ConfigError(f"unknown training backend {name!r}; choose one of {sorted(BACKENDS)}")
         if not backend.is_available():
-            raise ConfigError(f"training backend {name!r} is not installed here ({backend.install}); available: "
-                              f"{list(available_backends()) or 'none'}")
+            raise ConfigError(
+                f"training backend {name!r} is not installed here ({backend.install}); available: "
+                f"{list(available_backends()) or 'none'}"
+            )
         return backend
     for backend in BACKENDS.values():
         if backend.is_available():
             return backend
-    raise ConfigError("no training backend is installed: pip install 'fedmoe[device-lite]' (any platform, "
-                      "zeroth-order) or 'fedmoe[device]' (x86-64, ORT training)")
+    raise ConfigError(
+        "no training backend is installed: pip install 'fedmoe[device-lite]' (any platform, "
+        "zeroth-order) or 'fedmoe[device]' (x86-64, ORT training)"
+    )
 
 
-def create_trainer(bundle: Bundle, *, backend: str | None = None, threads: int | None = None,
-                   progress: bool = False, zeroth_order: dict | None = None) -> Trainer:
+def create_trainer(
+    bundle: Bundle,
+    *,
+    backend: str | None = None,
+    threads: int | None = None,
+    progress: bool = False,
+    zeroth_order: dict | None = None,
+) -> Trainer:
     """A fresh trainer of the selected backend on ``bundle``.
 
     Args:

@@ -80,12 +80,14 @@ class TensorSpec:
         if not NAME.fullmatch(self.name) or (self.source is not None and not NAME.fullmatch(self.source)):
             raise BundleError(f"invalid tensor name {self.name!r} or source {self.source!r}")
         if self.rows not in (TRAINED, FROZEN, HELD):
-            raise BundleError(f"tensor {self.name}: rows must be {TRAINED!r}, {FROZEN!r} or {HELD!r}, got {self.rows!r}")
+            raise BundleError(
+                f"tensor {self.name}: rows must be {TRAINED!r}, {FROZEN!r} or {HELD!r}, got {self.rows!r}"
+            )
         if self.dtype not in DTYPES or any(int(d) < 0 for d in self.shape):
             raise BundleError(f"tensor {self.name}: invalid dtype {self.dtype!r} or shape {self.shape}")
 
     @classmethod
-    def from_dict(cls, data: dict) -> "TensorSpec":
+    def from_dict(cls, data: dict) -> TensorSpec:
         return cls(
             name=str(data["name"]),
             shape=tuple(int(d) for d in data["shape"]),
@@ -150,8 +152,11 @@ class Manifest:
     def held_ids(self, expert_ids: tuple[tuple[int, ...], ...] | None = None) -> tuple[tuple[int, ...], ...]:
         """Per MoE layer, every expert the graph holds in local order (``shape_key.held_experts``) for the trained
         ``expert_ids`` (default: the manifest's own): the experts its router and routing statistics cover."""
-        return held_experts(self.expert_ids if expert_ids is None else expert_ids, self.num_experts,
-                            self.shape_key.frozen_dtype is not None)
+        return held_experts(
+            self.expert_ids if expert_ids is None else expert_ids,
+            self.num_experts,
+            self.shape_key.frozen_dtype is not None,
+        )
 
     def rows(self, spec: TensorSpec, expert_ids: tuple[tuple[int, ...], ...] | None = None) -> tuple[int, ...]:
         """The global expert ids on ``spec``'s expert axis, for the trained ``expert_ids`` (default: the manifest's)."""
@@ -167,14 +172,16 @@ class Manifest:
         return json.dumps(data, indent=2, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "Manifest":
+    def from_json(cls, text: str) -> Manifest:
         """Parse and validate a manifest. Raises BundleError on any malformed or unknown field."""
         try:
             data = json.loads(text)
             version = int(data["format_version"])
             if version != FORMAT_VERSION:
-                raise BundleError(f"bundle format {version} is not supported (this runtime reads {FORMAT_VERSION}); "
-                                  "upgrade fedmoe on the device or re-export the bundle")
+                raise BundleError(
+                    f"bundle format {version} is not supported (this runtime reads {FORMAT_VERSION}); "
+                    "upgrade fedmoe on the device or re-export the bundle"
+                )
             return cls(
                 base_model=dict(data["base_model"]),
                 family=str(data["family"]),

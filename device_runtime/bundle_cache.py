@@ -3,9 +3,9 @@
 A bundle's graph depends only on its shape key (``device_runtime.bundle``), so a device fetches it once
 per shape and reuses it every round it is assigned that shape. Bundles enter the cache only through
 :meth:`BundleCache.install`, which verifies the manifest's signature (with a ``Verifier``, the coordinator key
-pinned at enrolment: ``device_runtime.signing``) and every sha256 (``load_bundle``) before the bundle becomes
-visible; :meth:`BundleCache.get` checks both again. Least recently used bundles are evicted beyond ``max_bundles`` entries or ``max_bytes`` bytes;
-recency is the directory's mtime (set on every install and lookup).
+pinned at enrollment: ``device_runtime.signing``) and every sha256 (``load_bundle``) before the bundle becomes
+visible; :meth:`BundleCache.get` checks both again. Least recently used bundles are evicted beyond
+``max_bundles`` entries or ``max_bytes`` bytes; recency is the directory's mtime (set on every install and lookup).
 """
 
 from __future__ import annotations
@@ -38,8 +38,9 @@ class BundleCache:
         BundleError: ``max_bundles < 1`` or ``max_bytes < 1``.
     """
 
-    def __init__(self, root: str | Path, *, max_bundles: int = 4, max_bytes: int = 4 << 30,
-                 verifier: Verifier | None = None):
+    def __init__(
+        self, root: str | Path, *, max_bundles: int = 4, max_bytes: int = 4 << 30, verifier: Verifier | None = None
+    ):
         if max_bundles < 1 or max_bytes < 1:
             raise BundleError(f"bundle cache bounds must be >= 1, got {max_bundles} bundles, {max_bytes} bytes")
         self.root, self.max_bundles, self.max_bytes = Path(root), max_bundles, max_bytes
@@ -101,8 +102,9 @@ class BundleCache:
             raise BundleError(f"invalid shape key id {shape_key_id!r}")
         size = sum(len(c) if isinstance(c, bytes) else c.stat().st_size for c in files.values())
         if size > self.max_bytes:
-            raise BundleError(f"bundle {shape_key_id} is {size} bytes, above the cache bound {self.max_bytes}; "
-                              "raise --cache-mib")
+            raise BundleError(
+                f"bundle {shape_key_id} is {size} bytes, above the cache bound {self.max_bytes}; raise --cache-mib"
+            )
         with tempfile.TemporaryDirectory(dir=self.root, prefix=_TMP_PREFIX) as tmp:
             staged = Path(tmp) / "bundle"
             _write_files(staged, files)

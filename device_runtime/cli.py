@@ -21,11 +21,14 @@ from device_runtime.data import DEFAULT_TEMPLATE
 from device_runtime.errors import FedmoeError
 from device_runtime.units import MIB
 
-
-_BACKEND = click.option("--backend", envvar="FEDMOE_DEVICE_BACKEND", show_envvar=True,
-                        type=click.Choice(["ort-training", "zo"]),
-                        help="Training backend: ort-training (first-order, needs onnxruntime-training) or zo "
-                             "(zeroth-order, any onnxruntime) [default: the first one installed].")
+_BACKEND = click.option(
+    "--backend",
+    envvar="FEDMOE_DEVICE_BACKEND",
+    show_envvar=True,
+    type=click.Choice(["ort-training", "zo"]),
+    help="Training backend: ort-training (first-order, needs onnxruntime-training) or zo "
+    "(zeroth-order, any onnxruntime) [default: the first one installed].",
+)
 
 
 @click.group()
@@ -35,8 +38,13 @@ def main():
 
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print the profile as JSON instead of a table.")
-@click.option("--benchmark-seconds", default=0.3, show_default=True, type=click.FloatRange(min=0.01),
-              help="Duration of the float32 matmul benchmark, seconds.")
+@click.option(
+    "--benchmark-seconds",
+    default=0.3,
+    show_default=True,
+    type=click.FloatRange(min=0.01),
+    help="Duration of the float32 matmul benchmark, seconds.",
+)
 @_BACKEND
 def profile(as_json: bool, benchmark_seconds: float, backend: str | None):
     """Measure this device: memory (MiB), cores, platform, training backends, float32 GFLOP/s."""
@@ -65,34 +73,80 @@ def profile(as_json: bool, benchmark_seconds: float, backend: str | None):
 
 @main.command("train-local")
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--data", "data_file", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help='JSONL file: {"text", "label"} or {"prompt", "completion"} per line.')
+@click.option(
+    "--data",
+    "data_file",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help='JSONL file: {"text", "label"} or {"prompt", "completion"} per line.',
+)
 @click.option("--steps", type=click.IntRange(min=1), help="Optimizer steps [default: manifest, else one epoch].")
 @click.option("--batch-size", type=click.IntRange(min=1), help="Sequences per step [default: manifest].")
 @click.option("--seq-len", type=click.IntRange(min=2), help="Tokens per sequence [default: manifest].")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), help="AdamW learning rate [default: manifest].")
-@click.option("--aux-loss-coef", type=click.FloatRange(min=0), help="Load-balancing loss coefficient "
-              "[default: manifest].")
+@click.option(
+    "--aux-loss-coef", type=click.FloatRange(min=0), help="Load-balancing loss coefficient [default: manifest]."
+)
 @click.option("--threads", type=click.IntRange(min=1), help="ORT intra-op threads [default: one per core].")
-@click.option("--eval-fraction", default=0.1, show_default=True, type=click.FloatRange(0, 1, max_open=True),
-              help="Share of the records held out for evaluation.")
+@click.option(
+    "--eval-fraction",
+    default=0.1,
+    show_default=True,
+    type=click.FloatRange(0, 1, max_open=True),
+    help="Share of the records held out for evaluation.",
+)
 @click.option("--seed", default=0, show_default=True, help="Seed of the train/eval split and shuffling.")
-@click.option("--template", default=DEFAULT_TEMPLATE, show_default=True,
-              help="Prompt template of classification records ({text} is replaced).")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
-              help="Write the trained weights.safetensors and fit.json here.")
+@click.option(
+    "--template",
+    default=DEFAULT_TEMPLATE,
+    show_default=True,
+    help="Prompt template of classification records ({text} is replaced).",
+)
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Write the trained weights.safetensors and fit.json here.",
+)
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary instead of tables.")
 @_BACKEND
-def train_local(bundle: Path, data_file: Path, steps, batch_size, seq_len, lr, aux_loss_coef, threads,
-                eval_fraction, seed, template, out_dir, no_progress, as_json, backend):
+def train_local(
+    bundle: Path,
+    data_file: Path,
+    steps,
+    batch_size,
+    seq_len,
+    lr,
+    aux_loss_coef,
+    threads,
+    eval_fraction,
+    seed,
+    template,
+    out_dir,
+    no_progress,
+    as_json,
+    backend,
+):
     """Train BUNDLE (a bundle directory) on local data, offline, and report loss, step time, peak RSS
     and per-expert routing importance (HFedMoE, arXiv 2601.00583)."""
     try:
-        summary = _train_local(bundle, data_file, steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr,
-                               aux_loss_coef=aux_loss_coef, threads=threads, eval_fraction=eval_fraction,
-                               seed=seed, template=template, out_dir=out_dir, progress=not no_progress,
-                               backend=backend)
+        summary = _train_local(
+            bundle,
+            data_file,
+            steps=steps,
+            batch_size=batch_size,
+            seq_len=seq_len,
+            lr=lr,
+            aux_loss_coef=aux_loss_coef,
+            threads=threads,
+            eval_fraction=eval_fraction,
+            seed=seed,
+            template=template,
+            out_dir=out_dir,
+            progress=not no_progress,
+            backend=backend,
+        )
     except FedmoeError as exc:
         raise click.ClickException(f"{type(exc).__name__}: {exc}") from exc
     if as_json:
@@ -101,33 +155,65 @@ def train_local(bundle: Path, data_file: Path, steps, batch_size, seq_len, lr, a
         _print_summary(summary)
 
 
-def _train_local(bundle_dir: Path, data_file: Path, *, steps, batch_size, seq_len, lr, aux_loss_coef, threads,
-                 eval_fraction, seed, template, out_dir, progress, backend=None) -> dict:
+def _train_local(
+    bundle_dir: Path,
+    data_file: Path,
+    *,
+    steps,
+    batch_size,
+    seq_len,
+    lr,
+    aux_loss_coef,
+    threads,
+    eval_fraction,
+    seed,
+    template,
+    out_dir,
+    progress,
+    backend=None,
+) -> dict:
     """Verify the bundle, train, evaluate before/after, optionally write weights; return a JSON-able summary."""
-    from device_runtime.bundle import TOKENIZER_FILE, WEIGHTS_FILE, load_bundle
     from device_runtime.backends import create_trainer
+    from device_runtime.bundle import TOKENIZER_FILE, WEIGHTS_FILE, load_bundle
     from device_runtime.data import LocalDataset
 
     bundle = load_bundle(bundle_dir)  # verifies every sha256 before anything runs
     defaults = bundle.manifest.training
     batch_size, seq_len = batch_size or defaults.batch_size, seq_len or defaults.seq_len
-    dataset = LocalDataset.from_jsonl(data_file, bundle.path(TOKENIZER_FILE), seq_len=seq_len, template=template,
-                                      eval_fraction=eval_fraction, seed=seed)
+    dataset = LocalDataset.from_jsonl(
+        data_file,
+        bundle.path(TOKENIZER_FILE),
+        seq_len=seq_len,
+        template=template,
+        eval_fraction=eval_fraction,
+        seed=seed,
+    )
     steps = steps or defaults.local_steps or math.ceil(len(dataset.train) / batch_size)
-    trainer = create_trainer(bundle, backend=backend, threads=threads, progress=progress,
-                             zeroth_order={"seed": seed})
+    trainer = create_trainer(bundle, backend=backend, threads=threads, progress=progress, zeroth_order={"seed": seed})
     before = trainer.evaluate(dataset.eval_batches(batch_size)) if dataset.eval else None
-    fit = trainer.fit(dataset.train_batches(batch_size), steps=steps, learning_rate=lr or defaults.learning_rate,
-                      aux_loss_coef=defaults.aux_loss_coef if aux_loss_coef is None else aux_loss_coef)
+    fit = trainer.fit(
+        dataset.train_batches(batch_size),
+        steps=steps,
+        learning_rate=lr or defaults.learning_rate,
+        aux_loss_coef=defaults.aux_loss_coef if aux_loss_coef is None else aux_loss_coef,
+    )
     after = trainer.evaluate(dataset.eval_batches(batch_size)) if dataset.eval else None
     summary = {
-        "bundle": str(bundle_dir), "shape_key": bundle.manifest.shape_key.id, "backend": trainer.backend,
+        "bundle": str(bundle_dir),
+        "shape_key": bundle.manifest.shape_key.id,
+        "backend": trainer.backend,
         "steps": steps,
-        "batch_size": batch_size, "seq_len": seq_len, "num_examples": fit.num_examples,
-        "num_tokens": fit.num_tokens, "losses": list(fit.losses), "step_time_s": fit.step_time_s,
+        "batch_size": batch_size,
+        "seq_len": seq_len,
+        "num_examples": fit.num_examples,
+        "num_tokens": fit.num_tokens,
+        "losses": list(fit.losses),
+        "step_time_s": fit.step_time_s,
         "peak_rss_mib": fit.peak_rss_bytes / MIB,
-        "eval_loss_before": before and before.loss, "eval_loss_after": after and after.loss,
-        "trained_experts": [list(t) for t in fit.trained_experts], "routing": fit.routing.to_dict(),
+        "eval_loss_before": before and before.loss,
+        "eval_loss_after": after and after.loss,
+        "trained_experts": [list(t) for t in fit.trained_experts],
+        "routing": fit.routing.to_dict(),
     }
     if out_dir is not None:
         from safetensors.numpy import save_file
@@ -144,16 +230,20 @@ def _print_summary(summary: dict) -> None:
 
     console = Console()
     losses = summary["losses"]
-    curve = Table(title="loss curve", caption=f"{summary['steps']} steps, batch {summary['batch_size']} x "
-                                               f"{summary['seq_len']} tokens")
+    curve = Table(
+        title="loss curve",
+        caption=f"{summary['steps']} steps, batch {summary['batch_size']} x {summary['seq_len']} tokens",
+    )
     curve.add_column("step", justify="right")
     curve.add_column("loss", justify="right")
     stride = max(1, len(losses) // 20)
     for step in sorted({*range(0, len(losses), stride), len(losses) - 1}):
         curve.add_row(str(step + 1), f"{losses[step]:.4f}")
     console.print(curve)
-    console.print(f"step time {summary['step_time_s'] * 1000:.1f} ms (mean), peak RSS "
-                  f"{summary['peak_rss_mib']:.0f} MiB, {summary['num_tokens']} tokens")
+    console.print(
+        f"step time {summary['step_time_s'] * 1000:.1f} ms (mean), peak RSS "
+        f"{summary['peak_rss_mib']:.0f} MiB, {summary['num_tokens']} tokens"
+    )
     if summary["eval_loss_before"] is not None:
         console.print(f"eval loss {summary['eval_loss_before']:.4f} -> {summary['eval_loss_after']:.4f}")
     routing = RoutingStats.from_dict(summary["routing"])
@@ -172,10 +262,16 @@ def _importance_table(routing) -> Table:
         ids = routing.expert_ids[l] if routing.expert_ids else range(len(layer.usage))
         score = layer.information_score()
         for i, expert in enumerate(ids):
-            table.add_row(str(l), str(expert), f"{layer.usage[i]:.3f}", f"{layer.specific[i]:.3f}",
-                          f"{layer.kl[i]:.4f}", f"{score[i]:.3f}", str(layer.tokens_routed[i]))
+            table.add_row(
+                str(l),
+                str(expert),
+                f"{layer.usage[i]:.3f}",
+                f"{layer.specific[i]:.3f}",
+                f"{layer.kl[i]:.4f}",
+                f"{score[i]:.3f}",
+                str(layer.tokens_routed[i]),
+            )
     return table
-
 
 
 # ---------------------------------------------------------------- coordinator connection (device_runtime.client)
@@ -190,33 +286,48 @@ def _home_path(name: str) -> Path:
 def _logging(verbose: bool) -> None:
     import logging
 
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
 
 
-_CAFILE = click.option("--cafile", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-                       help="CA certificate (PEM) that signed the coordinator's TLS certificate (wss:// only) "
-                            "[default: the CA pinned at enrolment by the token's fingerprint, else the system CAs].")
-_CREDENTIALS = click.option("--credentials", "credentials_path", type=click.Path(dir_okay=False, path_type=Path),
-                            help="Credentials file (JSON, mode 0600) [default: $FEDMOE_DEVICE_HOME/credentials.json, "
-                                 "$FEDMOE_DEVICE_HOME defaults to ~/.fedmoe-device].")
-_MEMORY = click.option("--memory-mib", type=click.IntRange(min=1),
-                       help="Memory budget reported to the coordinator, MiB (it sizes the expert subset) "
-                            "[default: memory available now].")
+_CAFILE = click.option(
+    "--cafile",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="CA certificate (PEM) that signed the coordinator's TLS certificate (wss:// only) "
+    "[default: the CA pinned at enrollment by the token's fingerprint, else the system CAs].",
+)
+_CREDENTIALS = click.option(
+    "--credentials",
+    "credentials_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Credentials file (JSON, mode 0600) [default: $FEDMOE_DEVICE_HOME/credentials.json, "
+    "$FEDMOE_DEVICE_HOME defaults to ~/.fedmoe-device].",
+)
+_MEMORY = click.option(
+    "--memory-mib",
+    type=click.IntRange(min=1),
+    help="Memory budget reported to the coordinator, MiB (it sizes the expert subset) [default: memory available now].",
+)
 
 
 @main.command("enroll")
 @click.argument("url")
-@click.option("--token", required=True, envvar="FEDMOE_ENROL_TOKEN", show_envvar=True,
-              help="Single-use enrolment token from `fedmoe-coord enroll` (keep it out of shell history: "
-                   "use the environment variable).")
+@click.option(
+    "--token",
+    required=True,
+    envvar="FEDMOE_ENROLL_TOKEN",
+    show_envvar=True,
+    help="Single-use enrollment token from `fedmoe-coord enroll` (keep it out of shell history: "
+    "use the environment variable).",
+)
 @click.option("--name", required=True, help="Device name, e.g. pi4-kitchen ([A-Za-z0-9][A-Za-z0-9_.-]*).")
 @_CAFILE
 @_CREDENTIALS
 @_MEMORY
 @_BACKEND
 def enroll_command(url, token, name, cafile, credentials_path, memory_mib, backend):
-    """Enrol this device at the coordinator URL (ws://host:port or wss://host:port), once.
+    """Enroll this device at the coordinator URL (ws://host:port or wss://host:port), once.
 
     Generates an Ed25519 key pair (the private key never leaves the device), redeems the token and writes
     the device id and key to the credentials file with mode 0600.
@@ -228,44 +339,96 @@ def enroll_command(url, token, name, cafile, credentials_path, memory_mib, backe
     _logging(False)
     path = credentials_path or _home_path("credentials.json")
     try:
-        creds = asyncio.run(enroll(url, token, name, credentials_path=path, cafile=cafile,
-                                   profile=device_profile(memory_mib, backend=backend)))
+        creds = asyncio.run(
+            enroll(
+                url,
+                token,
+                name,
+                credentials_path=path,
+                cafile=cafile,
+                profile=device_profile(memory_mib, backend=backend),
+            )
+        )
     except (FedmoeError, OSError) as exc:
         raise click.ClickException(f"{type(exc).__name__}: {exc}") from exc
     click.echo(f"enrolled as {creds.device_id}; credentials written to {path}")
 
 
-main.add_command(click.Command("enrol", callback=enroll_command.callback, params=enroll_command.params,
-                               help=enroll_command.help, hidden=True))
+main.add_command(
+    click.Command(
+        "enroll", callback=enroll_command.callback, params=enroll_command.params, help=enroll_command.help, hidden=True
+    )
+)
 
 
 @main.command("run")
 @click.argument("url")
-@click.option("--data", "data_file", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help='Local training data, JSONL: {"text", "label"} or {"prompt", "completion"} per line.')
-@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path),
-              help="State directory: cached bundles and not yet acknowledged updates "
-                   "[default: $FEDMOE_DEVICE_HOME/state].")
+@click.option(
+    "--data",
+    "data_file",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help='Local training data, JSONL: {"text", "label"} or {"prompt", "completion"} per line.',
+)
+@click.option(
+    "--cache-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="State directory: cached bundles and not yet acknowledged updates [default: $FEDMOE_DEVICE_HOME/state].",
+)
 @click.option("--threads", type=click.IntRange(min=1), help="ORT intra-op threads [default: one per core].")
 @_CAFILE
 @_CREDENTIALS
 @_MEMORY
-@click.option("--max-message-mib", default=256.0, show_default=True, type=click.FloatRange(0, 4096, min_open=True),
-              help="Largest websocket message accepted, MiB (match the coordinator's max_message_mib).")
-@click.option("--cache-mib", default=4096.0, show_default=True, type=click.FloatRange(min=1),
-              help="Bound on the bundle cache, MiB (least recently used bundles are evicted).")
-@click.option("--template", default=DEFAULT_TEMPLATE, show_default=True,
-              help="Prompt template of classification records ({text} is replaced).")
-@click.option("--insecure", is_flag=True,
-              help="Accept a plain ws:// URL although this device enrolled at a TLS coordinator (one that serves "
-                   "--insecure); bundles and assignments are still verified against the key pinned at enrolment.")
-@click.option("--fresh-trainer", is_flag=True,
-              help="Build the training session again every round (fresh AdamW moments) instead of keeping it while "
-                   "the bundle stays the same; costs 3-4 s a round on the default bundles.")
+@click.option(
+    "--max-message-mib",
+    default=256.0,
+    show_default=True,
+    type=click.FloatRange(0, 4096, min_open=True),
+    help="Largest websocket message accepted, MiB (match the coordinator's max_message_mib).",
+)
+@click.option(
+    "--cache-mib",
+    default=4096.0,
+    show_default=True,
+    type=click.FloatRange(min=1),
+    help="Bound on the bundle cache, MiB (least recently used bundles are evicted).",
+)
+@click.option(
+    "--template",
+    default=DEFAULT_TEMPLATE,
+    show_default=True,
+    help="Prompt template of classification records ({text} is replaced).",
+)
+@click.option(
+    "--insecure",
+    is_flag=True,
+    help="Accept a plain ws:// URL although this device enrolled at a TLS coordinator (one that serves "
+    "--insecure); bundles and assignments are still verified against the key pinned at enrollment.",
+)
+@click.option(
+    "--fresh-trainer",
+    is_flag=True,
+    help="Build the training session again every round (fresh AdamW moments) instead of keeping it while "
+    "the bundle stays the same; costs 3-4 s a round on the default bundles.",
+)
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 @_BACKEND
-def run_command(url, data_file, cache_dir, threads, cafile, credentials_path, memory_mib, max_message_mib,
-                cache_mib, template, insecure, fresh_trainer, verbose, backend):
+def run_command(
+    url,
+    data_file,
+    cache_dir,
+    threads,
+    cafile,
+    credentials_path,
+    memory_mib,
+    max_message_mib,
+    cache_mib,
+    template,
+    insecure,
+    fresh_trainer,
+    verbose,
+    backend,
+):
     """Serve the coordinator at URL: authenticate, train each assignment on local data, upload updates.
 
     Reconnects with exponential backoff after a lost connection and re-sends any update not yet
@@ -280,10 +443,21 @@ def run_command(url, data_file, cache_dir, threads, cafile, credentials_path, me
     limit_heap_growth()  # rounds free 100s of MiB each: keep the data segment from creeping up
     try:
         creds = load_credentials(credentials_path or _home_path("credentials.json"))
-        client = DeviceClient(url, creds, data_file, cache_dir=cache_dir or _home_path("state"), cafile=cafile,
-                              max_message_mib=max_message_mib, threads=threads, memory_mib=memory_mib,
-                              cache_mib=cache_mib, template=template, backend=backend, insecure=insecure,
-                              reuse_trainer=not fresh_trainer)
+        client = DeviceClient(
+            url,
+            creds,
+            data_file,
+            cache_dir=cache_dir or _home_path("state"),
+            cafile=cafile,
+            max_message_mib=max_message_mib,
+            threads=threads,
+            memory_mib=memory_mib,
+            cache_mib=cache_mib,
+            template=template,
+            backend=backend,
+            insecure=insecure,
+            reuse_trainer=not fresh_trainer,
+        )
         run_until_signal(client)
     except FedmoeError as exc:
         raise click.ClickException(f"{type(exc).__name__}: {exc}") from exc

@@ -1,4 +1,4 @@
-"""The device's connection to the coordinator (asyncio, websockets 17): enrolment, then a long-running
+"""The device's connection to the coordinator (asyncio, websockets 17): enrollment, then a long-running
 loop that authenticates, serves assignments and reconnects.
 
 Per connection (protocol in ``device_runtime.wire``)::
@@ -9,7 +9,7 @@ Per connection (protocol in ``device_runtime.wire``)::
 
 Reactions to messages live in ``device_runtime.session`` (no I/O); this module does the I/O: the
 websocket (``compression=None``: deflate cuts tensor throughput 8x, ``docs/stack.md``; ``max_size``
-from config), TLS (``wss://`` verified against the CA pinned at enrolment, then mutual TLS:
+from config), TLS (``wss://`` verified against the CA pinned at enrollment, then mutual TLS:
 ``device_runtime.tls``), the bundle cache, training in a worker thread and the on-disk store of
 unacknowledged updates (``device_runtime.update_store``).
 
@@ -41,20 +41,42 @@ from device_runtime.auth import Credentials, check_device_name, generate_keypair
 from device_runtime.backends import select_backend
 from device_runtime.bundle_cache import BundleCache
 from device_runtime.data import DEFAULT_TEMPLATE
-from device_runtime.errors import (AuthError, BundleError, BundleIntegrityError, BundleSignatureError, ConfigError,
-                                   DataError, FedmoeError, ProtocolError)
+from device_runtime.errors import (
+    AuthError,
+    BundleError,
+    BundleIntegrityError,
+    BundleSignatureError,
+    ConfigError,
+    DataError,
+    FedmoeError,
+    ProtocolError,
+)
 from device_runtime.fit_round import fit_assignment
 from device_runtime.memory import release_memory
-from device_runtime.trainer_cache import TrainerCache
 from device_runtime.session import Acked, DeviceSession, InstallBundle, Report, Send, Train
 from device_runtime.signing import Verifier
 from device_runtime.slots import training_slot
-from device_runtime.tls import (client_context, fetch_client_certificate, fetch_pinned_ca, split_token,
-                                write_client_pem)
+from device_runtime.tls import client_context, fetch_client_certificate, fetch_pinned_ca, split_token, write_client_pem
+from device_runtime.trainer_cache import TrainerCache
 from device_runtime.units import MIB
 from device_runtime.update_store import UpdateStore
-from device_runtime.wire import (PROTOCOL_VERSION, Assignment, Auth, AuthOk, Challenge, Enrol, EnrolOk, Error,
-                                 Heartbeat, Hello, Message, Update, decode, encode, expect)
+from device_runtime.wire import (
+    PROTOCOL_VERSION,
+    Assignment,
+    Auth,
+    AuthOk,
+    Challenge,
+    Enroll,
+    EnrollOk,
+    Error,
+    Heartbeat,
+    Hello,
+    Message,
+    Update,
+    decode,
+    encode,
+    expect,
+)
 
 log = logging.getLogger("fedmoe.device")
 HANDSHAKE_TIMEOUT_S = 30.0
@@ -92,8 +114,10 @@ def _expect(msg: Message, kind: type) -> Message:
         raise
 
 
-def device_profile(memory_mib: int | None = None, *, benchmark_seconds: float = 0.3, backend: str | None = None) -> dict:
-    """This device's profile for Enrol / Hello; ``memory_mib`` (the budget the coordinator plans with)
+def device_profile(
+    memory_mib: int | None = None, *, benchmark_seconds: float = 0.3, backend: str | None = None
+) -> dict:
+    """This device's profile for Enroll / Hello; ``memory_mib`` (the budget the coordinator plans with)
     defaults to the memory available now (MiB); ``backend`` overrides the training backend's choice.
 
     Raises:
@@ -106,16 +130,24 @@ def device_profile(memory_mib: int | None = None, *, benchmark_seconds: float = 
     return profile
 
 
-async def enroll(url: str, token: str, name: str, *, credentials_path: str | Path, cafile: str | Path | None = None,
-                 profile: dict | None = None, max_message_mib: float = 16.0) -> Credentials:
-    """Enrol this device once: generate an Ed25519 key pair, redeem ``token``, store the credentials.
+async def enroll(
+    url: str,
+    token: str,
+    name: str,
+    *,
+    credentials_path: str | Path,
+    cafile: str | Path | None = None,
+    profile: dict | None = None,
+    max_message_mib: float = 16.0,
+) -> Credentials:
+    """Enroll this device once: generate an Ed25519 key pair, redeem ``token``, store the credentials.
 
     With a token ``SECRET.FINGERPRINT`` (``fedmoe-coord enroll`` on a TLS coordinator) the device first pins
-    the coordinator's CA by that fingerprint, enrols over TLS verified against it, and fetches the client
+    the coordinator's CA by that fingerprint, enrolls over TLS verified against it, and fetches the client
     certificate issued for its key: later connections are mutual TLS (``device_runtime.tls``).
 
     Args:
-        url: coordinator URL (``ws://`` or ``wss://``). token: single-use enrolment token.
+        url: coordinator URL (``ws://`` or ``wss://``). token: single-use enrollment token.
         name: device name (``[A-Za-z0-9][A-Za-z0-9_.-]*``, at most 100 characters).
         credentials_path: where the credentials JSON is written (mode 0600), with ``client.pem`` beside it.
         cafile: CA certificate (PEM) that signed the coordinator's TLS certificate (instead of a fingerprint).
@@ -137,9 +169,9 @@ async def enroll(url: str, token: str, name: str, *, credentials_path: str | Pat
     private_key, public_key = generate_keypair()
     max_size = int(max_message_mib * MIB)
     async with _connect(url, context, max_size) as ws:
-        await ws.send(encode(Enrol(token=secret, name=name, profile=profile, public_key=public_key)))
+        await ws.send(encode(Enroll(token=secret, name=name, profile=profile, public_key=public_key)))
         async with asyncio.timeout(HANDSHAKE_TIMEOUT_S):
-            ok = _expect(await _recv(ws, max_size), EnrolOk)
+            ok = _expect(await _recv(ws, max_size), EnrollOk)
     creds = Credentials(device_id=ok.device_id, private_key=private_key, coordinator_url=url)
     if ca_pem is not None:
         certificate = await asyncio.to_thread(fetch_client_certificate, url, context, ok.device_id, public_key)
@@ -151,28 +183,33 @@ async def enroll(url: str, token: str, name: str, *, credentials_path: str | Pat
     return creds
 
 
-def _client_context(url: str, creds: Credentials, cafile: str | Path | None,
-                    insecure: bool = False) -> ssl.SSLContext | None:
-    """TLS for :class:`DeviceClient`: the CA pinned at enrolment (or ``cafile``) and, if issued, the client
+def _client_context(
+    url: str, creds: Credentials, cafile: str | Path | None, insecure: bool = False
+) -> ssl.SSLContext | None:
+    """TLS for :class:`DeviceClient`: the CA pinned at enrollment (or ``cafile``) and, if issued, the client
     certificate (mutual TLS); None for ``ws://``, which a device that enrolled at a TLS coordinator uses
     only if ``insecure``. Raises ConfigError (see ``device_runtime.tls.client_context``)."""
     ca_pem = creds.ca_cert.encode("ascii") if creds.ca_cert and cafile is None else None
     if ca_pem is not None and not url.startswith("wss://"):
         if not insecure:
-            raise ConfigError(f"this device enrolled at a TLS coordinator: use wss://, not {url} (or --insecure "
-                              "if it now serves plain ws://: bundles and assignments are still verified)")
+            raise ConfigError(
+                f"this device enrolled at a TLS coordinator: use wss://, not {url} (or --insecure "
+                "if it now serves plain ws://: bundles and assignments are still verified)"
+            )
         ca_pem = None
     return client_context(url, cafile=cafile, ca_pem=ca_pem, client_pem=creds.client_pem or None)
 
 
 def _verifier(creds: Credentials) -> Verifier | None:
-    """The coordinator key pinned at enrolment (its CA certificate), or None (logged once: enrolled with a
+    """The coordinator key pinned at enrollment (its CA certificate), or None (logged once: enrolled with a
     token without a CA fingerprint, so bundles and assignments cannot be verified). Raises ConfigError."""
     if creds.ca_cert:
         return Verifier.from_certificate(creds.ca_cert.encode("ascii"))
-    log.warning("this device pinned no coordinator key at enrolment (its token had no CA fingerprint): bundles "
-                "and assignments are NOT signature-checked; enrol with a token of a coordinator made by "
-                "`fedmoe-coord init` to verify them")
+    log.warning(
+        "this device pinned no coordinator key at enrollment (its token had no CA fingerprint): bundles "
+        "and assignments are NOT signature-checked; enroll with a token of a coordinator made by "
+        "`fedmoe-coord init` to verify them"
+    )
     return None
 
 
@@ -212,12 +249,27 @@ class DeviceClient:
         ConfigError: bad URL, TLS files, backend or pinned CA certificate.
     """
 
-    def __init__(self, url: str, credentials: Credentials, data_file: str | Path, *, cache_dir: str | Path,
-                 cafile: str | Path | None = None, max_message_mib: float = 256.0, threads: int | None = None,
-                 memory_mib: int | None = None, profile: dict | None = None, heartbeat_s: float = 20.0,
-                 backoff: Backoff = Backoff(), cache_bundles: int = 4, cache_mib: float = 4096.0,
-                 template: str = DEFAULT_TEMPLATE, backend: str | None = None, insecure: bool = False,
-                 reuse_trainer: bool = True):
+    def __init__(
+        self,
+        url: str,
+        credentials: Credentials,
+        data_file: str | Path,
+        *,
+        cache_dir: str | Path,
+        cafile: str | Path | None = None,
+        max_message_mib: float = 256.0,
+        threads: int | None = None,
+        memory_mib: int | None = None,
+        profile: dict | None = None,
+        heartbeat_s: float = 20.0,
+        backoff: Backoff = Backoff(),
+        cache_bundles: int = 4,
+        cache_mib: float = 4096.0,
+        template: str = DEFAULT_TEMPLATE,
+        backend: str | None = None,
+        insecure: bool = False,
+        reuse_trainer: bool = True,
+    ):
         self.context = _client_context(url, credentials, cafile, insecure)  # fails fast on a bad URL / TLS file
         verifier = _verifier(credentials)
         self.verify = None if verifier is None else verifier.assignment(credentials.device_id)
@@ -226,13 +278,19 @@ class DeviceClient:
         self.max_size, self.threads, self.memory_mib = int(max_message_mib * MIB), threads, memory_mib
         self.profile, self.heartbeat_s, self.backoff, self.template = profile, heartbeat_s, backoff, template
         root = Path(cache_dir)
-        self.cache = BundleCache(root / "bundles", max_bundles=cache_bundles, max_bytes=int(cache_mib * MIB),
-                                 verifier=verifier)
+        self.cache = BundleCache(
+            root / "bundles", max_bundles=cache_bundles, max_bytes=int(cache_mib * MIB), verifier=verifier
+        )
         self.store = UpdateStore(root / "updates")
-        self.session = DeviceSession(cached=self.cache.ids(), known_updates=self.store.pending_ids(),
-                                     max_bundle_bytes=self.cache.max_bytes, staging=self.cache.staging_dir)
-        self.trainers = TrainerCache(reuse=reuse_trainer,
-                                     memory_limit_bytes=None if memory_mib is None else int(memory_mib * MIB))
+        self.session = DeviceSession(
+            cached=self.cache.ids(),
+            known_updates=self.store.pending_ids(),
+            max_bundle_bytes=self.cache.max_bytes,
+            staging=self.cache.staging_dir,
+        )
+        self.trainers = TrainerCache(
+            reuse=reuse_trainer, memory_limit_bytes=None if memory_mib is None else int(memory_mib * MIB)
+        )
         self.connections = 0  # successful authentications so far
         self._ws: ClientConnection | None = None
         self._queue: asyncio.Queue[Assignment] = asyncio.Queue()
@@ -252,7 +310,7 @@ class DeviceClient:
         """Serve until :meth:`stop`.
 
         Raises:
-            AuthError: the coordinator rejected this device's key (enrol again).
+            AuthError: the coordinator rejected this device's key (enroll again).
             ConfigError: bad URL / CA file, or the coordinator speaks another protocol version.
         """
         if self.profile is None:
@@ -286,8 +344,9 @@ class DeviceClient:
 
     async def _connection(self) -> None:
         try:
-            async with _connect(self.url, self.context, self.max_size, ping_interval=self.heartbeat_s,
-                                ping_timeout=3 * self.heartbeat_s) as ws:
+            async with _connect(
+                self.url, self.context, self.max_size, ping_interval=self.heartbeat_s, ping_timeout=3 * self.heartbeat_s
+            ) as ws:
                 await self._authenticate(ws)
                 self.connections += 1
                 if self._stopping.is_set():  # stop() came during the handshake, before there was a _ws to close
@@ -306,8 +365,7 @@ class DeviceClient:
 
     async def _authenticate(self, ws: ClientConnection) -> None:
         creds = self.credentials
-        await ws.send(encode(Hello(device_id=creds.device_id, protocol_version=PROTOCOL_VERSION,
-                                   profile=self.profile)))
+        await ws.send(encode(Hello(device_id=creds.device_id, protocol_version=PROTOCOL_VERSION, profile=self.profile)))
         async with asyncio.timeout(HANDSHAKE_TIMEOUT_S):
             challenge = _expect(await _recv(ws, self.max_size), Challenge)
             signature = sign_challenge(creds.private_key, challenge.nonce, creds.device_id)
@@ -334,8 +392,12 @@ class DeviceClient:
             try:
                 msg = await _recv(ws, self.max_size, self.verify)
             except ProtocolError as exc:
-                log.log(logging.ERROR if exc.code == "bad_signature" else logging.WARNING,
-                        "frame from the coordinator refused: %s: %s", exc.code, exc)
+                log.log(
+                    logging.ERROR if exc.code == "bad_signature" else logging.WARNING,
+                    "frame from the coordinator refused: %s: %s",
+                    exc.code,
+                    exc,
+                )
                 await self._apply(self.session.on_frame_error(exc))
                 continue
             await self._apply(self.session.on_message(msg))
@@ -407,8 +469,7 @@ class DeviceClient:
                 await self._train(assignment)
             except Exception as exc:  # a bug or a full disk must not end the device: log it, serve the next round
                 self.session.forget(assignment.update_id)
-                log.exception("round %d: handling assignment %s failed", assignment.round_id,
-                              assignment.update_id)
+                log.exception("round %d: handling assignment %s failed", assignment.round_id, assignment.update_id)
                 await self._report_failure(assignment.update_id, exc)  # the round need not wait for us
 
     async def _train(self, assignment: Assignment) -> None:
@@ -421,10 +482,18 @@ class DeviceClient:
         log.info("round %d: training %s on %s", assignment.round_id, bundle.manifest.shape_key.id, self.data_file)
         extra = {} if self.memory_mib is None else {"memory_budget_mib": float(self.memory_mib)}
         try:
-            update = await asyncio.to_thread(_fit_in_slot, bundle, assignment, self.data_file,
-                                             threads=self.threads, stop=self._stop_training,
-                                             template=self.template, extra_metrics=extra, backend=self.backend,
-                                             trainers=self.trainers)
+            update = await asyncio.to_thread(
+                _fit_in_slot,
+                bundle,
+                assignment,
+                self.data_file,
+                threads=self.threads,
+                stop=self._stop_training,
+                template=self.template,
+                extra_metrics=extra,
+                backend=self.backend,
+                trainers=self.trainers,
+            )
         except (FedmoeError, OSError) as exc:
             self.session.forget(uid)
             if self._stop_training.is_set() and isinstance(exc, DataError):
@@ -434,8 +503,14 @@ class DeviceClient:
             await self._report_failure(uid, exc)
             return
         self.store.put(update)  # on disk before it is sent: a drop or restart re-sends it
-        log.info("round %d: loss %.4f, %d steps, peak RSS %.0f MiB; sending update %s", assignment.round_id,
-                 update.metrics["loss"], int(update.metrics["steps"]), update.metrics["peak_rss_mb"], uid)
+        log.info(
+            "round %d: loss %.4f, %d steps, peak RSS %.0f MiB; sending update %s",
+            assignment.round_id,
+            update.metrics["loss"],
+            int(update.metrics["steps"]),
+            update.metrics["peak_rss_mb"],
+            uid,
+        )
         await self._send(update)
         del update
         release_memory()  # the round's assignment and update (and a trainer not kept) are garbage now

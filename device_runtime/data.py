@@ -12,9 +12,9 @@ prompt format.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -149,8 +149,7 @@ class TextEncoder:
         DataError: the tokenizer file is missing or unreadable, or ``seq_len < 2``.
     """
 
-    def __init__(self, tokenizer_path: str | Path, *, seq_len: int, keep_tail: int = 8,
-                 eos_token: str | None = None):
+    def __init__(self, tokenizer_path: str | Path, *, seq_len: int, keep_tail: int = 8, eos_token: str | None = None):
         from tokenizers import Tokenizer
 
         if seq_len < 2:
@@ -187,8 +186,7 @@ def truncate_middle(ids: list[int], budget: int, keep_tail: int) -> list[int]:
     return list(ids[: budget - tail]) + (list(ids[-tail:]) if tail else [])
 
 
-def collate(examples: Sequence[tuple[list[int], list[int]]], *, pad_id: int,
-            pad_to: int | None = None) -> Batch:
+def collate(examples: Sequence[tuple[list[int], list[int]]], *, pad_id: int, pad_to: int | None = None) -> Batch:
     """Right-pad encoded examples to the longest one (or to ``pad_to``) into a :class:`Batch`.
 
     Raises:
@@ -221,8 +219,16 @@ class LocalDataset:
         DataError: a record is malformed (names its 1-based index).
     """
 
-    def __init__(self, records: Sequence[dict], encoder: TextEncoder, *, template: str = DEFAULT_TEMPLATE,
-                 eval_fraction: float = 0.1, seed: int = 0, pad_to_seq_len: bool = False):
+    def __init__(
+        self,
+        records: Sequence[dict],
+        encoder: TextEncoder,
+        *,
+        template: str = DEFAULT_TEMPLATE,
+        eval_fraction: float = 0.1,
+        seed: int = 0,
+        pad_to_seq_len: bool = False,
+    ):
         encoded = []
         for number, record in enumerate(records, start=1):
             try:
@@ -236,7 +242,7 @@ class LocalDataset:
         self.seed = seed
 
     @classmethod
-    def from_jsonl(cls, path: str | Path, tokenizer_path: str | Path, *, seq_len: int, **kwargs) -> "LocalDataset":
+    def from_jsonl(cls, path: str | Path, tokenizer_path: str | Path, *, seq_len: int, **kwargs) -> LocalDataset:
         """Read ``path`` and tokenise it.
 
         Raises:

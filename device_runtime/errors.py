@@ -13,7 +13,7 @@
     +-- ExportError                  ONNX export or ORT artifact generation failed
     +-- DataError                    a local data file is malformed or empty
     +-- ProtocolError                a wire message is malformed, oversized or out of order (has ``.code``)
-    +-- AuthError                    enrolment or challenge-response authentication failed
+    +-- AuthError                    enrollment or challenge-response authentication failed
     +-- UpdateRejected               a client update failed validation at the coordinator (has ``.reason``)
 
 Messages say what to do next where there is something to do.
@@ -38,7 +38,7 @@ class BundleIntegrityError(BundleError):
 
 class BundleSignatureError(BundleIntegrityError):
     """A bundle's manifest is unsigned, or its signature does not verify against the coordinator key the
-    device pinned at enrolment (``device_runtime.signing``)."""
+    device pinned at enrollment (``device_runtime.signing``)."""
 
 
 class ModelError(FedmoeError):
@@ -74,7 +74,7 @@ class ProtocolError(FedmoeError):
 
 
 class AuthError(FedmoeError):
-    """Enrolment or challenge-response authentication failed."""
+    """Enrollment or challenge-response authentication failed."""
 
 
 class UpdateRejected(FedmoeError):

@@ -2,9 +2,9 @@
 
 Round step 5 (``docs/round.md``): check the assignment's tensors against the bundle manifest
 (names, shapes), load them into the device's trainer (``device_runtime.trainer_cache``: kept from the last round
-on the same bundle, with its AdamW moments, or built afresh; fresh step seeds for zeroth-order), train ``local_steps`` (0: one
-epoch) and report the trainable tensors, the HFedMoE routing statistics (Fang et al., arXiv 2601.00583) and
-the trained experts, both in global expert ids.
+on the same bundle, with its AdamW moments, or built afresh; fresh step seeds for zeroth-order), train
+``local_steps`` (0: one epoch) and report the trainable tensors, the HFedMoE routing statistics (Fang et al.,
+arXiv 2601.00583) and the trained experts, both in global expert ids.
 """
 
 from __future__ import annotations
@@ -36,18 +36,24 @@ def assignment_tensors(manifest: Manifest, assignment: Assignment) -> dict[str, 
         ProtocolError("bad_tensor"): another shape key, or a tensor set / shape differing from the manifest.
     """
     if manifest.shape_key != assignment.shape_key:
-        raise ProtocolError("bad_tensor", f"assignment shape key {assignment.shape_key.id} != bundle "
-                                          f"{manifest.shape_key.id}")
+        raise ProtocolError(
+            "bad_tensor", f"assignment shape key {assignment.shape_key.id} != bundle {manifest.shape_key.id}"
+        )
     expected = {t.name: tuple(t.shape) for t in manifest.tensors}
     got = {name: tuple(a.shape) for name, a in assignment.tensors.items()}
     if got != expected:
         missing, extra = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
         wrong = sorted(n for n in set(got) & set(expected) if got[n] != expected[n])
-        raise ProtocolError("bad_tensor", f"assignment tensors differ from bundle {manifest.shape_key.id}: "
-                                          f"missing {missing[:3]}, unexpected {extra[:3]}, wrong shape {wrong[:3]}")
+        raise ProtocolError(
+            "bad_tensor",
+            f"assignment tensors differ from bundle {manifest.shape_key.id}: "
+            f"missing {missing[:3]}, unexpected {extra[:3]}, wrong shape {wrong[:3]}",
+        )
     frozen = {t.name for t in manifest.tensors if t.dtype == "float16"}
-    return {**to_float32({n: a for n, a in assignment.tensors.items() if n not in frozen}),
-            **{n: np.asarray(a, dtype=np.float16) for n, a in assignment.tensors.items() if n in frozen}}
+    return {
+        **to_float32({n: a for n, a in assignment.tensors.items() if n not in frozen}),
+        **{n: np.asarray(a, dtype=np.float16) for n, a in assignment.tensors.items() if n in frozen},
+    }
 
 
 def local_prior(config: FitConfig, num_experts: int, expert_ids) -> list[np.ndarray] | None:
@@ -65,8 +71,9 @@ def local_prior(config: FitConfig, num_experts: int, expert_ids) -> list[np.ndar
         return None
     prior = config.routing_prior
     if len(prior) != len(expert_ids) or any(len(p) != num_experts for p in prior):
-        raise ConfigError(f"routing_prior must give {num_experts} probabilities for each of "
-                          f"{len(expert_ids)} MoE layers")
+        raise ConfigError(
+            f"routing_prior must give {num_experts} probabilities for each of {len(expert_ids)} MoE layers"
+        )
     out = []
     for layer, ids in zip(prior, expert_ids):
         kept = np.asarray([layer[g] for g in ids], dtype=np.float64)
@@ -84,10 +91,18 @@ def until_stopped(batches: Iterator[Batch], stop: threading.Event | None) -> Ite
         yield batch
 
 
-def fit_assignment(bundle: Bundle, assignment: Assignment, data_file: str | Path, *, threads: int | None = None,
-                   stop: threading.Event | None = None, template: str = DEFAULT_TEMPLATE,
-                   extra_metrics: dict | None = None, backend: str | None = None,
-                   trainers: TrainerCache | None = None) -> Update:
+def fit_assignment(
+    bundle: Bundle,
+    assignment: Assignment,
+    data_file: str | Path,
+    *,
+    threads: int | None = None,
+    stop: threading.Event | None = None,
+    template: str = DEFAULT_TEMPLATE,
+    extra_metrics: dict | None = None,
+    backend: str | None = None,
+    trainers: TrainerCache | None = None,
+) -> Update:
     """Train ``assignment`` on ``data_file`` and build its ``Update``.
 
     Consumes the assignment's weights: ``assignment.tensors`` is emptied once they are loaded into the
@@ -109,8 +124,17 @@ def fit_assignment(bundle: Bundle, assignment: Assignment, data_file: str | Path
     """
     trainers = trainers or TrainerCache(reuse=False)
     try:
-        update = _fit(bundle, assignment, data_file, threads=threads, stop=stop, template=template,
-                      extra_metrics=extra_metrics, backend=backend, trainers=trainers)
+        update = _fit(
+            bundle,
+            assignment,
+            data_file,
+            threads=threads,
+            stop=stop,
+            template=template,
+            extra_metrics=extra_metrics,
+            backend=backend,
+            trainers=trainers,
+        )
     except BaseException:
         trainers.done(failed=True)
         raise
@@ -118,48 +142,82 @@ def fit_assignment(bundle: Bundle, assignment: Assignment, data_file: str | Path
     return update
 
 
-def _fit(bundle: Bundle, assignment: Assignment, data_file: str | Path, *, threads, stop, template, extra_metrics,
-         backend, trainers: TrainerCache) -> Update:
+def _fit(
+    bundle: Bundle,
+    assignment: Assignment,
+    data_file: str | Path,
+    *,
+    threads,
+    stop,
+    template,
+    extra_metrics,
+    backend,
+    trainers: TrainerCache,
+) -> Update:
     from device_runtime.backends import ZEROTH_ORDER
 
     tensors = assignment_tensors(bundle.manifest, assignment)
     cfg = assignment.config
     held = bundle.manifest.held_ids(assignment.expert_ids)
     prior = local_prior(cfg, bundle.manifest.num_experts, held)
-    dataset = LocalDataset.from_jsonl(data_file, bundle.path(TOKENIZER_FILE), seq_len=cfg.seq_len,
-                                      template=template, eval_fraction=0.0, seed=cfg.seed)
+    dataset = LocalDataset.from_jsonl(
+        data_file, bundle.path(TOKENIZER_FILE), seq_len=cfg.seq_len, template=template, eval_fraction=0.0, seed=cfg.seed
+    )
     if not dataset.train:
         raise DataError(f"{data_file} holds no training record")
     steps = cfg.local_steps or math.ceil(len(dataset.train) / cfg.batch_size)
     answer = local_answer_shift(dataset, cfg.labels, cfg.logit_adjustment)
-    zeroth_order = {"seed": (cfg.seed, assignment.round_id),
-                    "candidates": candidate_seeds(cfg.seed, assignment.round_id, cfg.zo_seeds)}
+    zeroth_order = {
+        "seed": (cfg.seed, assignment.round_id),
+        "candidates": candidate_seeds(cfg.seed, assignment.round_id, cfg.zo_seeds),
+    }
     trainer = trainers.trainer(bundle, backend=backend, threads=threads, zeroth_order=zeroth_order)
     trainer.set_parameters(tensors)
     del tensors
     assignment.tensors.clear()  # now copied into the trainer: free the wire copy (100s of MiB) before training
     is_zo = trainer.order == ZEROTH_ORDER
     start = time.perf_counter()
-    result = trainer.fit(until_stopped(dataset.train_batches(cfg.batch_size), stop), steps=steps,
-                         learning_rate=(is_zo and cfg.zo_learning_rate) or cfg.learning_rate,
-                         aux_loss_coef=cfg.aux_loss_coef, routing_prior=prior, routing_reg_coef=cfg.routing_reg_coef,
-                         prox_mu=cfg.prox_mu, answer_shift=answer)
+    result = trainer.fit(
+        until_stopped(dataset.train_batches(cfg.batch_size), stop),
+        steps=steps,
+        learning_rate=(is_zo and cfg.zo_learning_rate) or cfg.learning_rate,
+        aux_loss_coef=cfg.aux_loss_coef,
+        routing_prior=prior,
+        routing_reg_coef=cfg.routing_reg_coef,
+        prox_mu=cfg.prox_mu,
+        answer_shift=answer,
+    )
     seconds = time.perf_counter() - start
-    metrics = {**_metrics(result, seconds), "model_version": float(assignment.model_version),
-               "zeroth_order": float(is_zo), **(extra_metrics or {})}
+    metrics = {
+        **_metrics(result, seconds),
+        "model_version": float(assignment.model_version),
+        "zeroth_order": float(is_zo),
+        **(extra_metrics or {}),
+    }
     if is_zo and cfg.zo_seeds:  # seeds and scalars, expanded by the coordinator (coordinator.zo_updates)
         seeds, scalars = zip(*result.zo_coefficients)
-        return build_update(assignment, result, {}, metrics,
-                            zo=ZoUpdate(seeds=seeds, scalars=scalars, distribution=trainer.distribution),
-                            held=held)
+        return build_update(
+            assignment,
+            result,
+            {},
+            metrics,
+            zo=ZoUpdate(seeds=seeds, scalars=scalars, distribution=trainer.distribution),
+            held=held,
+        )
     trainable = set(bundle.manifest.trainable_names)
     params = {n: a for n, a in trainer.get_parameters().items() if n in trainable}
     return build_update(assignment, result, params, metrics, held=held)
 
 
-def build_update(assignment: Assignment, result: FitResult, params: dict[str, np.ndarray],
-                 metrics: dict[str, float], *, zo: ZoUpdate | None = None,
-                 held: tuple[tuple[int, ...], ...] | None = None) -> Update:
+def build_update(
+    assignment: Assignment,
+    result: FitResult,
+    params: dict[str, np.ndarray],
+    metrics: dict[str, float],
+    *,
+    zo: ZoUpdate | None = None,
+    held: tuple[tuple[int, ...], ...] | None = None,
+) -> Update:
     """The ``Update`` of a fit: routing and trained experts in the assignment's global expert ids (the routing over
     ``held``, every expert the bundle holds in local order: ``Manifest.held_ids``; default the assignment's); the
     trained tensors as ``params`` or, for a seed-and-scalar update, as ``zo`` (then ``params`` is empty)."""
@@ -167,9 +225,17 @@ def build_update(assignment: Assignment, result: FitResult, params: dict[str, np
     routing = result.routing.to_dict()
     routing["expert_ids"] = [list(layer) for layer in ids]
     trained = tuple(tuple(ids[l][i] for i in local) for l, local in enumerate(result.trained_experts))
-    return Update(update_id=assignment.update_id, round_id=assignment.round_id, num_examples=result.num_examples,
-                  num_tokens=result.num_tokens, metrics=metrics, routing=routing, trained_experts=trained, zo=zo,
-                  tensors=wire_tensors(params, assignment.config.update_dtype))
+    return Update(
+        update_id=assignment.update_id,
+        round_id=assignment.round_id,
+        num_examples=result.num_examples,
+        num_tokens=result.num_tokens,
+        metrics=metrics,
+        routing=routing,
+        trained_experts=trained,
+        zo=zo,
+        tensors=wire_tensors(params, assignment.config.update_dtype),
+    )
 
 
 def wire_tensors(params: dict[str, np.ndarray], dtype: str) -> dict[str, np.ndarray]:
@@ -187,6 +253,12 @@ def wire_tensors(params: dict[str, np.ndarray], dtype: str) -> dict[str, np.ndar
 
 def _metrics(result: FitResult, seconds: float) -> dict[str, float]:
     losses = result.losses
-    return {"loss": float(np.mean(losses)), "loss_first": losses[0], "loss_last": losses[-1],
-            "steps": float(len(losses)), "train_seconds": seconds, "step_time_s": result.step_time_s,
-            "peak_rss_mb": result.peak_rss_bytes / MIB}
+    return {
+        "loss": float(np.mean(losses)),
+        "loss_first": losses[0],
+        "loss_last": losses[-1],
+        "steps": float(len(losses)),
+        "train_seconds": seconds,
+        "step_time_s": result.step_time_s,
+        "peak_rss_mb": result.peak_rss_bytes / MIB,
+    }

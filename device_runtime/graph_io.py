@@ -9,7 +9,7 @@ checked against the manifest, and the target-token count the loss averages over.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -32,10 +32,16 @@ def stats_names(manifest: Manifest) -> list[str]:
     return [ROUTING_STATS.format(l) for l in range(len(manifest.moe_layers))]
 
 
-def constant_inputs(manifest: Manifest, *, aux_loss_coef: float, routing_prior: list[np.ndarray] | None,
-                    routing_reg_coef: float, prox_mu: float,
-                    anchors: Callable[[], dict[str, np.ndarray]],
-                    answer_shift: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+def constant_inputs(
+    manifest: Manifest,
+    *,
+    aux_loss_coef: float,
+    routing_prior: list[np.ndarray] | None,
+    routing_reg_coef: float,
+    prox_mu: float,
+    anchors: Callable[[], dict[str, np.ndarray]],
+    answer_shift: tuple[np.ndarray, np.ndarray] | None = None,
+) -> dict[str, np.ndarray]:
     """Every graph input except the batch (and the weights), by name.
 
     Args:
@@ -72,12 +78,12 @@ def batch_feeds(manifest: Manifest, batch: Batch, constants: dict[str, np.ndarra
     Raises:
         BundleError: the graph wants an input this runtime cannot feed.
     """
-    feeds = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "labels": batch.labels,
-             **constants}
+    feeds = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "labels": batch.labels, **constants}
     missing = [name for name in manifest.inputs if name not in feeds]
     if missing:
-        raise BundleError(f"the bundle's graph wants inputs {missing[:3]} that this runtime cannot feed; "
-                          "upgrade fedmoe on the device")
+        raise BundleError(
+            f"the bundle's graph wants inputs {missing[:3]} that this runtime cannot feed; upgrade fedmoe on the device"
+        )
     return {name: feeds[name] for name in manifest.inputs}
 
 
@@ -97,7 +103,8 @@ def check_priors(priors: list[np.ndarray] | None, counts: tuple[int, ...]) -> li
         return [np.full(c, 1.0 / c, dtype=np.float32) for c in counts]
     priors = [np.asarray(p, dtype=np.float32) for p in priors]
     if [p.shape for p in priors] != [(c,) for c in counts] or any(
-            not np.all(np.isfinite(p)) or np.any(p < 0) for p in priors):
+        not np.all(np.isfinite(p)) or np.any(p < 0) for p in priors
+    ):
         raise ConfigError(f"routing_prior must be finite non-negative arrays of shapes {[(c,) for c in counts]}")
     return priors
 
@@ -128,12 +135,16 @@ def read_weights(bundle: Bundle) -> dict[str, np.ndarray]:
         raise BundleError(f"cannot read {WEIGHTS_FILE}: {exc}") from exc
     specs = {t.name: t for t in bundle.manifest.tensors}
     if set(weights) != set(specs):
-        raise BundleError(f"{WEIGHTS_FILE} tensors differ from the manifest: missing "
-                          f"{sorted(set(specs) - set(weights))[:5]}, extra {sorted(set(weights) - set(specs))[:5]}")
+        raise BundleError(
+            f"{WEIGHTS_FILE} tensors differ from the manifest: missing "
+            f"{sorted(set(specs) - set(weights))[:5]}, extra {sorted(set(weights) - set(specs))[:5]}"
+        )
     for name, value in weights.items():
         if value.shape != specs[name].shape or value.dtype != DTYPES[specs[name].dtype]:
-            raise BundleError(f"{WEIGHTS_FILE}: {name} is {value.dtype}{value.shape}, manifest says "
-                              f"{specs[name].dtype}{specs[name].shape}")
+            raise BundleError(
+                f"{WEIGHTS_FILE}: {name} is {value.dtype}{value.shape}, manifest says "
+                f"{specs[name].dtype}{specs[name].shape}"
+            )
     return weights
 
 

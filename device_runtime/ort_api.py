@@ -22,8 +22,15 @@ from pathlib import Path
 
 from device_runtime.errors import ConfigError
 
-__all__ = ["CheckpointState", "Module", "Optimizer", "import_onnxruntime", "inference_available", "is_available",
-           "load_api"]
+__all__ = [
+    "CheckpointState",
+    "Module",
+    "Optimizer",
+    "import_onnxruntime",
+    "inference_available",
+    "is_available",
+    "load_api",
+]
 
 _TRAINING = "onnxruntime.training"
 _ORTMODULE = "onnxruntime.training.ortmodule"
@@ -71,8 +78,10 @@ def import_onnxruntime() -> types.ModuleType:
     """
     spec = importlib.util.find_spec("onnxruntime")
     if spec is None or spec.origin is None:
-        raise ConfigError("onnxruntime is not installed; `pip install 'fedmoe[device-lite]'` (any platform) or "
-                          "'fedmoe[device]' (x86-64, with ORT training)")
+        raise ConfigError(
+            "onnxruntime is not installed; `pip install 'fedmoe[device-lite]'` (any platform) or "
+            "'fedmoe[device]' (x86-64, with ORT training)"
+        )
     if _TRAINING not in sys.modules and (Path(spec.origin).parent / "training" / "api").is_dir():
         _register_bare_training_package()
     try:
@@ -104,8 +113,10 @@ def load_api() -> types.ModuleType:
         ort = _import_onnxruntime_without_ortmodule()
         api = importlib.import_module(_TRAINING + ".api")
     except ImportError as exc:
-        raise ConfigError(f"cannot import the ONNX Runtime training API: {exc}; install "
-                          "`onnxruntime-training-cpu==1.19.2` (x86_64 Linux, Windows or macOS)") from exc
+        raise ConfigError(
+            f"cannot import the ONNX Runtime training API: {exc}; install "
+            "`onnxruntime-training-cpu==1.19.2` (x86_64 Linux, Windows or macOS)"
+        ) from exc
     if not hasattr(ort, "training"):
         ort.training = sys.modules[_TRAINING]
     return api

@@ -55,8 +55,10 @@ def read_checkpoint(path: str | Path) -> dict[str, np.ndarray]:
     if state.HasExternalData():
         raise BundleError(f"{path} keeps its tensors in an external file, which bundles do not carry")
     params = {}
-    for count, get in ((state.RequiresGradParamsLength(), state.RequiresGradParams),
-                       (state.FrozenParamsLength(), state.FrozenParams)):
+    for count, get in (
+        (state.RequiresGradParamsLength(), state.RequiresGradParams),
+        (state.FrozenParamsLength(), state.FrozenParams),
+    ):
         for i in range(count):
             name, value = _tensor(get(i), path)
             params[name] = value

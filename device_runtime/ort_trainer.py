@@ -50,8 +50,10 @@ class OrtTrainer(BundleTrainer):
         """The output names in order; raise BundleError if the graph and manifest disagree."""
         inputs, outputs = tuple(self._module.input_names()), tuple(self._module.output_names())
         if inputs != self.manifest.inputs:
-            raise BundleError(f"training graph inputs {inputs[:6]}... differ from the manifest's "
-                              f"{self.manifest.inputs[:6]}...; re-export the bundle")
+            raise BundleError(
+                f"training graph inputs {inputs[:6]}... differ from the manifest's "
+                f"{self.manifest.inputs[:6]}...; re-export the bundle"
+            )
         missing = [n for n in (LOSS, NUM_TOKENS, *stats_names(self.manifest)) if n not in outputs]
         fed = weight_inputs(self.manifest)
         unknown = [n for n in self._specs if n not in fed and n not in self._state.parameters]
@@ -63,8 +65,13 @@ class OrtTrainer(BundleTrainer):
 
     def get_parameters(self) -> dict[str, np.ndarray]:
         """Copies of the manifest's tensors, by name, each of its manifest shape and dtype."""
-        return {name: np.array(self._inputs[name] if name in self._inputs else self._state.parameters[name].data,
-                               dtype=DTYPES[spec.dtype]) for name, spec in self._specs.items()}
+        return {
+            name: np.array(
+                self._inputs[name] if name in self._inputs else self._state.parameters[name].data,
+                dtype=DTYPES[spec.dtype],
+            )
+            for name, spec in self._specs.items()
+        }
 
     def weight_feeds(self) -> dict[str, np.ndarray]:
         return self._inputs
@@ -123,8 +130,13 @@ def _build_session(bundle: Bundle, threads: int | None):
         options.intra_op_num_threads = threads
     try:
         state = api.CheckpointState.load_checkpoint(str(bundle.path("checkpoint")))
-        module = api.Module(str(bundle.path("training_model.onnx")), state, str(bundle.path("eval_model.onnx")),
-                            device="cpu", session_options=options)
+        module = api.Module(
+            str(bundle.path("training_model.onnx")),
+            state,
+            str(bundle.path("eval_model.onnx")),
+            device="cpu",
+            session_options=options,
+        )
         optimizer = api.Optimizer(str(bundle.path("optimizer_model.onnx")), module)
     except Exception as exc:  # ORT raises its own Fail / InvalidGraph types
         raise BundleError(f"ONNX Runtime cannot load bundle {bundle.root}: {exc}") from exc

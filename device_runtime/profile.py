@@ -44,7 +44,7 @@ class DeviceProfile:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict) -> "DeviceProfile":
+    def from_dict(cls, data: dict) -> DeviceProfile:
         """Parse and validate.
 
         Raises:

@@ -24,8 +24,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from device_runtime.errors import ProtocolError
-from device_runtime.wire import (Ack, Assignment, BundleAssembler, BundleData, BundleRequest, Error, Evaluate,
-                                 Heartbeat, Message)
+from device_runtime.wire import (
+    Ack,
+    Assignment,
+    BundleAssembler,
+    BundleData,
+    BundleRequest,
+    Error,
+    Evaluate,
+    Heartbeat,
+    Message,
+)
 
 
 @dataclass(frozen=True)
@@ -82,8 +91,9 @@ class DeviceSession:
         staging: returns a new empty directory for one bundle transfer (``BundleCache.staging_dir``).
     """
 
-    def __init__(self, *, cached: Iterable[str], known_updates: Iterable[str], max_bundle_bytes: int,
-                 staging: Callable[[], Path]):
+    def __init__(
+        self, *, cached: Iterable[str], known_updates: Iterable[str], max_bundle_bytes: int, staging: Callable[[], Path]
+    ):
         self.cached, self.known = set(cached), set(known_updates)
         self.max_bundle_bytes, self.staging = max_bundle_bytes, staging
         self._fetching: dict[str, BundleAssembler] = {}
@@ -133,8 +143,10 @@ class DeviceSession:
     def bundle_rejected(self, shape_key_id: str, code: str, reason: str) -> list[Action]:
         """The bundle failed verification: nothing is trained, the coordinator is told."""
         self.cached.discard(shape_key_id)
-        return [Send(Error(code=code, message=f"bundle {shape_key_id} rejected: {reason}"[:2000])),
-                *self._drop_waiting(shape_key_id, reason)]
+        return [
+            Send(Error(code=code, message=f"bundle {shape_key_id} rejected: {reason}"[:2000])),
+            *self._drop_waiting(shape_key_id, reason),
+        ]
 
     def bundle_evicted(self, shape_key_id: str) -> None:
         self.cached.discard(shape_key_id)
@@ -165,11 +177,15 @@ class DeviceSession:
         try:
             files = assembler.add(chunk)  # on error it has deleted its directory
         except ProtocolError as exc:
-            return [Send(Error(code=exc.code, message=str(exc)[:2000])),
-                    *self._drop_transfer(chunk.shape_key_id, str(exc))]
+            return [
+                Send(Error(code=exc.code, message=str(exc)[:2000])),
+                *self._drop_transfer(chunk.shape_key_id, str(exc)),
+            ]
         except OSError as exc:  # disk full or not writable
-            return [Send(Error(code="internal", message=f"cannot store bundle {chunk.shape_key_id}: {exc}"[:2000])),
-                    *self._drop_transfer(chunk.shape_key_id, f"cannot store it: {exc}")]
+            return [
+                Send(Error(code="internal", message=f"cannot store bundle {chunk.shape_key_id}: {exc}"[:2000])),
+                *self._drop_transfer(chunk.shape_key_id, f"cannot store it: {exc}"),
+            ]
         if files is None:
             return []
         del self._fetching[chunk.shape_key_id]

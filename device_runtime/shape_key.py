@@ -12,8 +12,7 @@ TRAINABLE_MODES = ("experts", "lora")
 FROZEN_DTYPES = ("float16",)  # the precision of resident frozen experts (graph inputs, cast up in the graph)
 
 
-def held_experts(trained: tuple[tuple[int, ...], ...], num_experts: int,
-                 frozen: bool) -> tuple[tuple[int, ...], ...]:
+def held_experts(trained: tuple[tuple[int, ...], ...], num_experts: int, frozen: bool) -> tuple[tuple[int, ...], ...]:
     """Per MoE layer, the global ids of every expert a device holds, in its local order: the ``trained`` ones
     (in their order), then, when ``frozen``, every other expert of the ``num_experts`` ascending (held frozen)."""
     if not frozen:
@@ -59,9 +58,13 @@ class ShapeKey:
             raise BundleError(f"trainable_mode must be one of {TRAINABLE_MODES}, got {self.trainable_mode!r}")
         if (self.trainable_mode == "lora") != (self.lora_rank > 0):
             raise BundleError("lora_rank must be > 0 exactly when trainable_mode is 'lora'")
-        if self.frozen_dtype is not None and (self.frozen_dtype not in FROZEN_DTYPES or self.trainable_mode != "experts"):
-            raise BundleError(f"frozen_dtype must be None or one of {FROZEN_DTYPES} (experts mode only), "
-                              f"got {self.frozen_dtype!r} with {self.trainable_mode!r}")
+        if self.frozen_dtype is not None and (
+            self.frozen_dtype not in FROZEN_DTYPES or self.trainable_mode != "experts"
+        ):
+            raise BundleError(
+                f"frozen_dtype must be None or one of {FROZEN_DTYPES} (experts mode only), "
+                f"got {self.frozen_dtype!r} with {self.trainable_mode!r}"
+            )
         if self.merged and self.frozen_dtype is None:
             raise BundleError("merged stand-in experts need a frozen_dtype")
 
@@ -85,7 +88,7 @@ class ShapeKey:
         return f"{num_experts - min(self.experts_per_layer)} {self.frozen_dtype}"
 
     @classmethod
-    def from_id(cls, text: str) -> "ShapeKey":
+    def from_id(cls, text: str) -> ShapeKey:
         """The inverse of :attr:`id`.
 
         Raises:
@@ -95,9 +98,14 @@ class ShapeKey:
         try:
             mode, rest = parts[0], parts[1:]
             lora = mode.startswith("lora")
-            key = cls(tuple(int(c) for c in counts.split(".")), "lora" if lora else mode,
-                      int(mode[4:]) if lora else 0, "prox" in rest,
-                      next((p for p in rest if p in FROZEN_DTYPES), None), "merged" in rest)
+            key = cls(
+                tuple(int(c) for c in counts.split(".")),
+                "lora" if lora else mode,
+                int(mode[4:]) if lora else 0,
+                "prox" in rest,
+                next((p for p in rest if p in FROZEN_DTYPES), None),
+                "merged" in rest,
+            )
         except (IndexError, ValueError) as exc:
             raise BundleError(f"{text!r} is not a shape key id") from exc
         if key.id != text:
@@ -105,7 +113,7 @@ class ShapeKey:
         return key
 
     @classmethod
-    def from_dict(cls, data: dict) -> "ShapeKey":
+    def from_dict(cls, data: dict) -> ShapeKey:
         return cls(
             experts_per_layer=tuple(int(c) for c in data["experts_per_layer"]),
             trainable_mode=str(data.get("trainable_mode", "experts")),

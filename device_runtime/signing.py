@@ -1,7 +1,7 @@
 """The coordinator's signatures on what it pushes to a device: bundle manifests and assignments.
 
 Key: the coordinator's CA key (ECDSA P-256, made by ``fedmoe-coord init``, ``coordinator.tls``) signs, with
-ECDSA over SHA-256; a device verifies with the CA certificate it pinned at enrolment by the fingerprint in
+ECDSA over SHA-256; a device verifies with the CA certificate it pinned at enrollment by the fingerprint in
 its token (``device_runtime.tls``). No further key is delivered or trusted: the pin that authenticates the
 server's TLS certificate also authenticates its bundles and assignments, over ``wss://`` or plain ``ws://``.
 
@@ -37,7 +37,7 @@ MANIFEST_DOMAIN = b"fedmoe-manifest-v1\x00"
 ASSIGNMENT_DOMAIN = b"fedmoe-assignment-v1\x00"
 MAX_SIGNATURE_BYTES = 80  # a DER ECDSA P-256 signature is 70-72 bytes
 _ECDSA = ec.ECDSA(hashes.SHA256())
-REENROL = "enrol this device again with a token from `fedmoe-coord enroll`"
+REENROL = "enroll this device again with a token from `fedmoe-coord enroll`"
 
 
 def canonical_header(header: dict) -> bytes:
@@ -65,7 +65,7 @@ class Signer:
         self.key = key
 
     @classmethod
-    def load(cls, path: str | Path) -> "Signer":
+    def load(cls, path: str | Path) -> Signer:
         """The signer of the CA key file (PEM, unencrypted) ``path``.
 
         Raises:
@@ -95,7 +95,7 @@ class Verifier:
         self.public_key = public_key
 
     @classmethod
-    def from_certificate(cls, pem: bytes) -> "Verifier":
+    def from_certificate(cls, pem: bytes) -> Verifier:
         """The verifier of a pinned CA certificate (PEM).
 
         Raises:
@@ -104,9 +104,9 @@ class Verifier:
         try:
             key = x509.load_pem_x509_certificate(pem).public_key()
         except ValueError as exc:
-            raise ConfigError(f"the CA certificate pinned at enrolment is unreadable ({exc}); {REENROL}") from exc
+            raise ConfigError(f"the CA certificate pinned at enrollment is unreadable ({exc}); {REENROL}") from exc
         if not isinstance(key, ec.EllipticCurvePublicKey):
-            raise ConfigError(f"the CA pinned at enrolment has no ECDSA key to verify signatures with; {REENROL}")
+            raise ConfigError(f"the CA pinned at enrollment has no ECDSA key to verify signatures with; {REENROL}")
         return cls(key)
 
     def manifest(self, manifest: bytes, signature: bytes | None) -> None:
@@ -116,25 +116,37 @@ class Verifier:
             BundleSignatureError: unsigned, or the signature does not verify (manifest or a file tampered).
         """
         if signature is None:
-            raise BundleSignatureError(f"unsigned bundle refused: it has no {MANIFEST_SIG}, and this device verifies "
-                                       "bundles against the coordinator key pinned at enrolment")
+            raise BundleSignatureError(
+                f"unsigned bundle refused: it has no {MANIFEST_SIG}, and this device verifies "
+                "bundles against the coordinator key pinned at enrollment"
+            )
         if not self._valid(signature, MANIFEST_DOMAIN + manifest):
-            raise BundleSignatureError("bundle manifest signature does not verify against the coordinator key "
-                                       "pinned at enrolment: the bundle was tampered with or is not from it")
+            raise BundleSignatureError(
+                "bundle manifest signature does not verify against the coordinator key "
+                "pinned at enrollment: the bundle was tampered with or is not from it"
+            )
 
     def assignment(self, device_id: str) -> Callable[[bytes, bytes | None], None]:
         """The ``verify`` hook of ``wire.decode`` for assignments to ``device_id``.
 
         The hook raises ProtocolError("bad_signature"): unsigned, or signed for another device, round,
         header or payload."""
+
         def verify(header: bytes, signature: bytes | None) -> None:
             if signature is None:
-                raise ProtocolError("bad_signature", "unsigned assignment refused: this device verifies assignments "
-                                                     "against the coordinator key pinned at enrolment")
+                raise ProtocolError(
+                    "bad_signature",
+                    "unsigned assignment refused: this device verifies assignments "
+                    "against the coordinator key pinned at enrollment",
+                )
             if not self._valid(signature, assignment_message(device_id, header)):
-                raise ProtocolError("bad_signature", f"signature does not verify for {device_id} against the "
-                                                     "coordinator key pinned at enrolment: header or tensors "
-                                                     "tampered with, or signed for another device")
+                raise ProtocolError(
+                    "bad_signature",
+                    f"signature does not verify for {device_id} against the "
+                    "coordinator key pinned at enrollment: header or tensors "
+                    "tampered with, or signed for another device",
+                )
+
         return verify
 
     def _valid(self, signature: bytes, data: bytes) -> bool:

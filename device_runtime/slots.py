@@ -12,8 +12,8 @@ import contextlib
 import fcntl
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from device_runtime.errors import ConfigError
 

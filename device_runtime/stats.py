@@ -22,8 +22,8 @@ Each training step's graph outputs ``routing_stats_{l}`` of shape ``(4, E_l)`` =
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
@@ -130,7 +130,7 @@ class RoutingStats:
         }
 
     @classmethod
-    def from_dict(cls, data: dict) -> "RoutingStats":
+    def from_dict(cls, data: dict) -> RoutingStats:
         """Parse and validate (finite, non-negative where it must be, shapes as declared).
 
         Raises:
@@ -155,11 +155,18 @@ def _check_layers(layers: list[np.ndarray], experts_per_layer: tuple[int, ...], 
         raise ProtocolError("bad_routing_stats", "negative num_tokens or wrong number of layers")
     for layer, experts in zip(layers, experts_per_layer):
         if layer.shape != (ROWS, experts) or not np.all(np.isfinite(layer)):
-            raise ProtocolError("bad_routing_stats", f"layer of shape {layer.shape} (need {(ROWS, experts)}) "
-                                "or non-finite values")
+            raise ProtocolError(
+                "bad_routing_stats", f"layer of shape {layer.shape} (need {(ROWS, experts)}) or non-finite values"
+            )
         sum_g, max_g, sum_glogg, routed = layer
         tol = 1e-6 * max(1, num_tokens)
-        if (np.any(sum_g < 0) or np.any(sum_g > num_tokens + tol) or np.any((max_g < 0) | (max_g > 1 + 1e-6))
-                or np.any(sum_glogg > tol) or np.any(sum_glogg < -num_tokens / math.e - tol)
-                or np.any(routed < 0) or np.any(routed > num_tokens + tol)):
+        if (
+            np.any(sum_g < 0)
+            or np.any(sum_g > num_tokens + tol)
+            or np.any((max_g < 0) | (max_g > 1 + 1e-6))
+            or np.any(sum_glogg > tol)
+            or np.any(sum_glogg < -num_tokens / math.e - tol)
+            or np.any(routed < 0)
+            or np.any(routed > num_tokens + tol)
+        ):
             raise ProtocolError("bad_routing_stats", "routing statistics outside their possible range")

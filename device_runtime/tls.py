@@ -1,11 +1,11 @@
-"""The device's side of channel security: the CA pinned by the enrolment token, and mutual TLS.
+"""The device's side of channel security: the CA pinned by the enrollment token, and mutual TLS.
 
 Trust on first contact, without a pre-shared file: ``fedmoe-coord enroll`` prints ``SECRET.FINGERPRINT``
 (:func:`split_token`), where FINGERPRINT is the base64url sha256 of the coordinator CA's DER encoding
 (:func:`certificate_fingerprint`). Before the token's secret is sent, the device fetches the CA from the
 coordinator (``GET /ca.pem`` over a TLS connection that verifies nothing yet) and keeps it only if its
 fingerprint matches (:func:`fetch_pinned_ca`); every later connection verifies the server against that
-CA. After enrolment the device fetches the client certificate the CA issued for its own Ed25519 key
+CA. After enrollment the device fetches the client certificate the CA issued for its own Ed25519 key
 (``GET /certificate/<device_id>``, :func:`fetch_client_certificate`) and presents it on every
 connection (mutual TLS): the coordinator checks that the certificate's key is the device's, which binds
 the Ed25519 login to the TLS channel.
@@ -39,8 +39,11 @@ def certificate_fingerprint(pem: bytes) -> str:
     Raises:
         ConfigError: ``pem`` is not a PEM certificate.
     """
-    return base64.urlsafe_b64encode(hashlib.sha256(_load(pem).public_bytes(serialization.Encoding.DER))
-                                    .digest()).rstrip(b"=").decode("ascii")
+    return (
+        base64.urlsafe_b64encode(hashlib.sha256(_load(pem).public_bytes(serialization.Encoding.DER)).digest())
+        .rstrip(b"=")
+        .decode("ascii")
+    )
 
 
 def split_token(token: str) -> tuple[str, str | None]:
@@ -61,8 +64,10 @@ def fetch_pinned_ca(url: str, fingerprint: str) -> bytes:
     unverified.check_hostname, unverified.verify_mode = False, ssl.CERT_NONE
     pem = _get(url, CA_PATH, unverified)
     if certificate_fingerprint(pem) != fingerprint:
-        raise AuthError(f"the coordinator at {url} presents a CA with fingerprint {certificate_fingerprint(pem)}, "
-                        f"not {fingerprint} from the enrolment token: not the coordinator the token is for")
+        raise AuthError(
+            f"the coordinator at {url} presents a CA with fingerprint {certificate_fingerprint(pem)}, "
+            f"not {fingerprint} from the enrollment token: not the coordinator the token is for"
+        )
     return pem
 
 
@@ -75,7 +80,7 @@ def fetch_client_certificate(url: str, context: ssl.SSLContext, device_id: str, 
     """
     pem = _get(url, CERTIFICATE_PATH + device_id, context)
     if certificate_public_key(_load(pem)) != public_key:
-        raise AuthError(f"the coordinator's certificate for {device_id} is not for this device's key; enrol again")
+        raise AuthError(f"the coordinator's certificate for {device_id} is not for this device's key; enroll again")
     return pem
 
 
@@ -93,13 +98,15 @@ def write_client_pem(path: Path, certificate_pem: bytes, private_key: bytes) -> 
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     key = Ed25519PrivateKey.from_private_bytes(private_key).private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     atomic_write(path, certificate_pem + key, mode=0o600)
 
 
-def client_context(url: str, *, cafile: str | Path | None = None, ca_pem: bytes | None = None,
-                   client_pem: str | Path | None = None) -> ssl.SSLContext | None:
+def client_context(
+    url: str, *, cafile: str | Path | None = None, ca_pem: bytes | None = None, client_pem: str | Path | None = None
+) -> ssl.SSLContext | None:
     """TLS context for ``wss://`` URLs (None for ``ws://``): the server verified against ``ca_pem`` or
     ``cafile`` (else the system CAs), ``client_pem`` (certificate + key) presented for mutual TLS.
 
@@ -113,13 +120,15 @@ def client_context(url: str, *, cafile: str | Path | None = None, ca_pem: bytes 
     if not url.startswith("wss://"):
         raise ConfigError(f"coordinator URL must start with ws:// or wss://, got {url!r}")
     try:
-        context = ssl.create_default_context(cafile=None if cafile is None else str(cafile),
-                                             cadata=None if ca_pem is None else ca_pem.decode("ascii"))
+        context = ssl.create_default_context(
+            cafile=None if cafile is None else str(cafile), cadata=None if ca_pem is None else ca_pem.decode("ascii")
+        )
         if client_pem is not None:
             context.load_cert_chain(str(client_pem))
     except (OSError, ssl.SSLError, ValueError) as exc:
-        raise ConfigError(f"cannot load TLS files (CA {cafile or 'from enrolment'}, client {client_pem}): "
-                          f"{exc}; enrol again") from exc
+        raise ConfigError(
+            f"cannot load TLS files (CA {cafile or 'from enrollment'}, client {client_pem}): {exc}; enroll again"
+        ) from exc
     return context
 
 

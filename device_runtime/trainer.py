@@ -14,8 +14,9 @@ import resource
 import sys
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import ClassVar, Iterable
+from typing import ClassVar
 
 import numpy as np
 
@@ -95,9 +96,18 @@ class Trainer(ABC):
     order: ClassVar[str]
 
     @abstractmethod
-    def fit(self, batches: Iterable[Batch], *, steps: int, learning_rate: float, aux_loss_coef: float = 0.01,
-            routing_prior: list[np.ndarray] | None = None, routing_reg_coef: float = 0.0,
-            prox_mu: float = 0.0, answer_shift: tuple[np.ndarray, np.ndarray] | None = None) -> FitResult:
+    def fit(
+        self,
+        batches: Iterable[Batch],
+        *,
+        steps: int,
+        learning_rate: float,
+        aux_loss_coef: float = 0.01,
+        routing_prior: list[np.ndarray] | None = None,
+        routing_reg_coef: float = 0.0,
+        prox_mu: float = 0.0,
+        answer_shift: tuple[np.ndarray, np.ndarray] | None = None,
+    ) -> FitResult:
         """Run ``steps`` optimizer steps, one per batch taken from ``batches``.
 
         Args:
@@ -118,7 +128,7 @@ class Trainer(ABC):
             ConfigError: invalid argument. DataError: fewer batches than ``steps``.
         """
 
-    def start_round(self, zeroth_order: dict) -> None:
+    def start_round(self, zeroth_order: dict) -> None:  # noqa: B027 (a no-op default; ZoTrainer overrides it)
         """Prepare a kept trainer for another round (``device_runtime.trainer_cache``); the round's tensors are
         loaded next with :meth:`set_parameters`. First-order: nothing to do, AdamW's moments carry over.
 
@@ -170,9 +180,18 @@ class BundleTrainer(Trainer):
         default (a backend that binds them itself)."""
         return {}
 
-    def fit(self, batches: Iterable[Batch], *, steps: int, learning_rate: float, aux_loss_coef: float = 0.01,
-            routing_prior: list[np.ndarray] | None = None, routing_reg_coef: float = 0.0,
-            prox_mu: float = 0.0, answer_shift: tuple[np.ndarray, np.ndarray] | None = None) -> FitResult:
+    def fit(
+        self,
+        batches: Iterable[Batch],
+        *,
+        steps: int,
+        learning_rate: float,
+        aux_loss_coef: float = 0.01,
+        routing_prior: list[np.ndarray] | None = None,
+        routing_reg_coef: float = 0.0,
+        prox_mu: float = 0.0,
+        answer_shift: tuple[np.ndarray, np.ndarray] | None = None,
+    ) -> FitResult:
         """See :meth:`Trainer.fit`. Shapes: ``routing_prior[l]`` is ``(E_l,)``.
 
         Raises:
@@ -182,9 +201,15 @@ class BundleTrainer(Trainer):
         """
         if steps < 1 or not (math.isfinite(learning_rate) and learning_rate > 0):
             raise ConfigError(f"need steps >= 1 and a finite learning rate > 0, got {steps}, {learning_rate}")
-        constants = constant_inputs(self.manifest, aux_loss_coef=aux_loss_coef, routing_prior=routing_prior,
-                                    routing_reg_coef=routing_reg_coef, prox_mu=prox_mu, anchors=self.get_parameters,
-                                    answer_shift=answer_shift)
+        constants = constant_inputs(
+            self.manifest,
+            aux_loss_coef=aux_loss_coef,
+            routing_prior=routing_prior,
+            routing_reg_coef=routing_reg_coef,
+            prox_mu=prox_mu,
+            anchors=self.get_parameters,
+            answer_shift=answer_shift,
+        )
         self._begin_fit(learning_rate=learning_rate, steps=steps)
         constants.update(self.weight_feeds())
         held = self.manifest.held_ids()
@@ -193,8 +218,9 @@ class BundleTrainer(Trainer):
         with ProgressBar(self.progress, steps) as advance:
             for step, batch in enumerate(itertools.islice(batches, steps)):
                 start = time.perf_counter()
-                outputs = self._step(batch_feeds(self.manifest, batch, constants), learning_rate=learning_rate,
-                                     step=step)
+                outputs = self._step(
+                    batch_feeds(self.manifest, batch, constants), learning_rate=learning_rate, step=step
+                )
                 elapsed += time.perf_counter() - start
                 losses.append(float(outputs[LOSS]))
                 routing.update([outputs[n] for n in stats_names(self.manifest)], int(outputs[NUM_TOKENS]))
@@ -203,10 +229,16 @@ class BundleTrainer(Trainer):
         if len(losses) < steps:
             raise DataError(f"local data gave only {len(losses)} batches for {steps} steps")
         return FitResult(
-            num_examples=examples, num_tokens=tokens, losses=tuple(losses), step_time_s=elapsed / steps,
-            peak_rss_bytes=peak_rss_bytes(), routing=routing,
-            trained_experts=tuple(tuple(i for i in local if i < count) for local, count
-                                  in zip(routing.trained_experts(), self.manifest.shape_key.experts_per_layer)),
+            num_examples=examples,
+            num_tokens=tokens,
+            losses=tuple(losses),
+            step_time_s=elapsed / steps,
+            peak_rss_bytes=peak_rss_bytes(),
+            routing=routing,
+            trained_experts=tuple(
+                tuple(i for i in local if i < count)
+                for local, count in zip(routing.trained_experts(), self.manifest.shape_key.experts_per_layer)
+            ),
         )
 
     def evaluate(self, batches: Iterable[Batch]) -> EvaluateResult:
@@ -215,8 +247,14 @@ class BundleTrainer(Trainer):
         Raises:
             DataError: ``batches`` is empty or holds no target token.
         """
-        constants = constant_inputs(self.manifest, aux_loss_coef=0.0, routing_prior=None, routing_reg_coef=0.0,
-                                    prox_mu=0.0, anchors=self.get_parameters)
+        constants = constant_inputs(
+            self.manifest,
+            aux_loss_coef=0.0,
+            routing_prior=None,
+            routing_reg_coef=0.0,
+            prox_mu=0.0,
+            anchors=self.get_parameters,
+        )
         constants.update(self.weight_feeds())
         key = CE_LOSS if CE_LOSS in self.manifest.outputs else LOSS
         total, targets, examples, tokens = 0.0, 0, 0, 0
@@ -241,8 +279,14 @@ class ProgressBar:
             return lambda loss: None
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-        self._progress = Progress(TextColumn("local training"), BarColumn(), MofNCompleteColumn(),
-                                  TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn(), transient=True)
+        self._progress = Progress(
+            TextColumn("local training"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"),
+            TimeRemainingColumn(),
+            transient=True,
+        )
         self._progress.__enter__()
         task = self._progress.add_task("fit", total=self.steps, loss="-")
         return lambda loss: self._progress.update(task, advance=1, loss=f"{loss:.4f}")

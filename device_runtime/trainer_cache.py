@@ -46,8 +46,7 @@ class TrainerCache:
         self._key: tuple | None = None
         self._trainer: Trainer | None = None
 
-    def trainer(self, bundle: Bundle, *, backend: str | None, threads: int | None,
-                zeroth_order: dict) -> Trainer:
+    def trainer(self, bundle: Bundle, *, backend: str | None, threads: int | None, zeroth_order: dict) -> Trainer:
         """The trainer for this round on ``bundle``: the kept one if it was built on the same bundle files with
         the same backend and threads, else a new one (the old one is dropped first, so both never coexist).
 
@@ -79,8 +78,13 @@ class TrainerCache:
             return
         needed = data_kib * 1024 + WIRE_COPIES * upload_bytes
         if needed > self.memory_limit_bytes:
-            log.info("not keeping the trainer: data segment %.0f MiB + %d x %.0f MiB update > budget %.0f MiB",
-                     data_kib / 1024, WIRE_COPIES, upload_bytes / MIB, self.memory_limit_bytes / MIB)
+            log.info(
+                "not keeping the trainer: data segment %.0f MiB + %d x %.0f MiB update > budget %.0f MiB",
+                data_kib / 1024,
+                WIRE_COPIES,
+                upload_bytes / MIB,
+                self.memory_limit_bytes / MIB,
+            )
             self.clear()
 
     def clear(self) -> None:

@@ -65,7 +65,7 @@ class UpdateStore:
         """The coordinator acknowledged ``update_id``: forget its record, remember the id."""
         self.discard(update_id)
         if update_id not in self._acked:
-            self._acked = (self._acked + [update_id])[-self.keep_acked:]
+            self._acked = (self._acked + [update_id])[-self.keep_acked :]
             atomic_write(self.root / ACKED_FILE, json.dumps(self._acked).encode())
 
     def is_acked(self, update_id: str) -> bool:
@@ -88,13 +88,17 @@ class UpdateStore:
             ids = json.loads((self.root / ACKED_FILE).read_text())
         except (OSError, ValueError):
             return []
-        return [i for i in ids if isinstance(i, str)][-self.keep_acked:] if isinstance(ids, list) else []
+        return [i for i in ids if isinstance(i, str)][-self.keep_acked :] if isinstance(ids, list) else []
 
 
 def _fields(update: Update) -> dict:
     return {
-        "update_id": update.update_id, "round_id": update.round_id, "num_examples": update.num_examples,
-        "num_tokens": update.num_tokens, "metrics": dict(update.metrics), "routing": update.routing,
+        "update_id": update.update_id,
+        "round_id": update.round_id,
+        "num_examples": update.num_examples,
+        "num_tokens": update.num_tokens,
+        "metrics": dict(update.metrics),
+        "routing": update.routing,
         "trained_experts": [list(t) for t in update.trained_experts],
     }
 

@@ -55,11 +55,12 @@ def perturb(tensors: Sequence[np.ndarray], seed: int, scale: float, *, distribut
             raise ConfigError(f"tensor {index} must be a writable C-contiguous float32 array")
         rng, flat = _generator(seed, index), tensor.reshape(-1)
         for start in range(0, flat.size, CHUNK):
-            part = flat[start:start + CHUNK]
-            z = scratch[:part.size]
+            part = flat[start : start + CHUNK]
+            z = scratch[: part.size]
             if distribution == "rademacher":
-                bits = np.unpackbits(rng.bit_generator.random_raw(-(-part.size // 64)).view(np.uint8),
-                                     count=part.size, bitorder="little")
+                bits = np.unpackbits(
+                    rng.bit_generator.random_raw(-(-part.size // 64)).view(np.uint8), count=part.size, bitorder="little"
+                )
                 np.take(signs, bits, out=z)
             else:
                 rng.standard_normal(out=z, dtype=np.float32)

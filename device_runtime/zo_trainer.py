@@ -57,17 +57,28 @@ class ZoTrainer(BundleTrainer):
 
     backend, order = "zo", "zeroth-order"
 
-    def __init__(self, bundle: Bundle | str, *, threads: int | None = None, progress: bool = True,
-                 eps: float = 1e-3, seed: int | tuple[int, ...] = 0, distribution: str = "rademacher",
-                 candidates: Sequence[int] = ()):
+    def __init__(
+        self,
+        bundle: Bundle | str,
+        *,
+        threads: int | None = None,
+        progress: bool = True,
+        eps: float = 1e-3,
+        seed: int | tuple[int, ...] = 0,
+        distribution: str = "rademacher",
+        candidates: Sequence[int] = (),
+    ):
         if not (math.isfinite(eps) and eps > 0) or distribution not in DISTRIBUTIONS:
-            raise ConfigError(f"need a finite eps > 0 and a distribution in {DISTRIBUTIONS}, got {eps}, "
-                              f"{distribution!r}")
+            raise ConfigError(
+                f"need a finite eps > 0 and a distribution in {DISTRIBUTIONS}, got {eps}, {distribution!r}"
+            )
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
         self.manifest, self.progress = self.bundle.manifest, progress
         if self.manifest.shape_key.frozen_dtype is not None:
-            raise BundleError(f"bundle {self.manifest.shape_key.id} holds frozen experts, which the zeroth-order "
-                              "backend does not feed; train it with the ort-training backend")
+            raise BundleError(
+                f"bundle {self.manifest.shape_key.id} holds frozen experts, which the zeroth-order "
+                "backend does not feed; train it with the ort-training backend"
+            )
         self.eps, self.distribution = float(eps), distribution
         self.start_round({"seed": seed, "candidates": candidates})
         self._coefficients: dict[int, float] = {}
@@ -90,9 +101,11 @@ class ZoTrainer(BundleTrainer):
         missing = [n for n in (LOSS, NUM_TOKENS, *stats_names(self.manifest)) if n not in outputs]
         unknown = [n for n in self._specs if n not in inputs]
         if data_inputs != self.manifest.inputs or missing or unknown:
-            raise BundleError(f"{EVAL_MODEL} takes {data_inputs[:6]} besides weights (manifest "
-                              f"{self.manifest.inputs[:6]}), lacks outputs {missing} or tensors {unknown[:3]}; "
-                              "re-export the bundle")
+            raise BundleError(
+                f"{EVAL_MODEL} takes {data_inputs[:6]} besides weights (manifest "
+                f"{self.manifest.inputs[:6]}), lacks outputs {missing} or tensors {unknown[:3]}; "
+                "re-export the bundle"
+            )
         return outputs
 
     def _bind_weights(self):
@@ -163,8 +176,10 @@ class ZoTrainer(BundleTrainer):
         projected = (loss_plus - minus) / (2.0 * self.eps)
         if not math.isfinite(projected):
             perturb(theta, seed, self.eps, distribution=self.distribution)
-            raise ConfigError(f"zeroth-order step {step}: loss {loss_plus} / {minus} is not finite; lower eps "
-                              f"({self.eps}) or the learning rate ({learning_rate})")
+            raise ConfigError(
+                f"zeroth-order step {step}: loss {loss_plus} / {minus} is not finite; lower eps "
+                f"({self.eps}) or the learning rate ({learning_rate})"
+            )
         perturb(theta, seed, self.eps - learning_rate * projected, distribution=self.distribution)
         self._coefficients[seed] = self._coefficients.get(seed, 0.0) - learning_rate * projected
         return {**plus, LOSS: np.float32((loss_plus + minus) / 2.0)}

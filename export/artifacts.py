@@ -66,10 +66,16 @@ def _onnx_export(wrapper: TrainingWrapper, path: Path, example_batch: dict[str, 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings about Python control flow on shapes
         torch.onnx.export(
-            wrapper, args, str(path),
-            input_names=list(wrapper.input_names), output_names=list(wrapper.output_names),
-            dynamic_axes=dynamic, opset_version=OPSET, do_constant_folding=False,
-            training=torch.onnx.TrainingMode.TRAINING, dynamo=False,
+            wrapper,
+            args,
+            str(path),
+            input_names=list(wrapper.input_names),
+            output_names=list(wrapper.output_names),
+            dynamic_axes=dynamic,
+            opset_version=OPSET,
+            do_constant_folding=False,
+            training=torch.onnx.TrainingMode.TRAINING,
+            dynamo=False,
         )
 
 
@@ -117,8 +123,12 @@ def _generate(model_path: Path, out_dir: Path, trainable: list[str], frozen: lis
     # A ModelProto, not a path: with a path, ORT's blocks share one temp.onnx(.data) in the cwd and one block's
     # clean-up deletes the external data another still reads (fails for real-size models). Limit: 2 GB.
     artifacts.generate_artifacts(
-        onnx.load(str(model_path)), requires_grad=list(trainable), frozen_params=list(frozen), loss=None,
-        optimizer=optim.AdamW(eps=ADAMW_EPS, weight_decay=ADAMW_WEIGHT_DECAY), artifact_directory=str(out_dir),
+        onnx.load(str(model_path)),
+        requires_grad=list(trainable),
+        frozen_params=list(frozen),
+        loss=None,
+        optimizer=optim.AdamW(eps=ADAMW_EPS, weight_decay=ADAMW_WEIGHT_DECAY),
+        artifact_directory=str(out_dir),
     )
 
 
@@ -129,8 +139,7 @@ def _use_torch_adamw(optimizer_path: Path) -> None:
         ExportError: the optimizer graph has no AdamWOptimizer node with an ``adam_mode`` attribute.
     """
     model = onnx.load(str(optimizer_path))
-    modes = [a for n in model.graph.node if n.op_type == "AdamWOptimizer" for a in n.attribute
-             if a.name == "adam_mode"]
+    modes = [a for n in model.graph.node if n.op_type == "AdamWOptimizer" for a in n.attribute if a.name == "adam_mode"]
     if len(modes) != 1:
         raise ExportError(f"{optimizer_path.name}: expected one AdamWOptimizer adam_mode attribute, found {len(modes)}")
     modes[0].i = 0
@@ -189,6 +198,10 @@ def export_training_artifacts(
     if absent:
         raise ExportError(f"generate_artifacts did not write {absent} in {out_dir}")
     return TrainingArtifacts(
-        directory=out_dir, inputs=wrapper.input_names, outputs=wrapper.output_names,
-        trainable=tuple(trainable), frozen=tuple(frozen), export_seconds=time.perf_counter() - start,
+        directory=out_dir,
+        inputs=wrapper.input_names,
+        outputs=wrapper.output_names,
+        trainable=tuple(trainable),
+        frozen=tuple(frozen),
+        export_seconds=time.perf_counter() - start,
     )

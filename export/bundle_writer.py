@@ -14,12 +14,22 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from device_runtime.bundle import (FROZEN, GRAPH_FILES, HELD, TOKENIZER_FILE, TRAINED, WEIGHTS_FILE, Manifest,
-                                   ShapeKey, TensorSpec, write_manifest)
-from device_runtime.wire import FitConfig
+from device_runtime.bundle import (
+    FROZEN,
+    GRAPH_FILES,
+    HELD,
+    TOKENIZER_FILE,
+    TRAINED,
+    WEIGHTS_FILE,
+    Manifest,
+    ShapeKey,
+    TensorSpec,
+    write_manifest,
+)
 from device_runtime.errors import BundleError
-from export.families import ROUTER, describe
 from device_runtime.graph_io import FROZEN_INPUTS
+from device_runtime.wire import FitConfig
+from export.families import ROUTER, describe
 from export.loading import cache_dir, checkpoint_sha256
 
 GRAPH_INFO = "graph.json"
@@ -55,8 +65,14 @@ class BundleRequest:
 
     @property
     def shape_key(self) -> ShapeKey:
-        return ShapeKey(tuple(len(ids) for ids in self.keep), self.trainable_mode, self.lora_rank, self.prox,
-                        self.frozen_dtype, self.merged)
+        return ShapeKey(
+            tuple(len(ids) for ids in self.keep),
+            self.trainable_mode,
+            self.lora_rank,
+            self.prox,
+            self.frozen_dtype,
+            self.merged,
+        )
 
 
 def prepare_model(checkpoint: Path, request: BundleRequest):
@@ -67,8 +83,13 @@ def prepare_model(checkpoint: Path, request: BundleRequest):
     from export.global_state import load_trainable_model
     from export.prune import prune
 
-    model = load_trainable_model(checkpoint, trainable_mode=request.trainable_mode, lora_rank=request.lora_rank,
-                                 lora_alpha=request.lora_alpha, seed=request.seed)
+    model = load_trainable_model(
+        checkpoint,
+        trainable_mode=request.trainable_mode,
+        lora_rank=request.lora_rank,
+        lora_alpha=request.lora_alpha,
+        seed=request.seed,
+    )
     description = describe(model)
     pruned, _ = prune(model, request.keep, request.frozen_dtype, request.merged)
     return pruned, description
@@ -100,8 +121,9 @@ def ensure_graph(wrapper, base_sha: str, shape_key: ShapeKey, trainable: list[st
     if not all((target / f).is_file() for f in (*GRAPH_FILES, GRAPH_INFO)):
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-            info = export_training_artifacts(wrapper, Path(tmp) / "g", trainable=trainable,
-                                             example_batch=_example_batch(wrapper, vocab, seq_len))
+            info = export_training_artifacts(
+                wrapper, Path(tmp) / "g", trainable=trainable, example_batch=_example_batch(wrapper, vocab, seq_len)
+            )
             names = {"inputs": list(info.inputs), "outputs": list(info.outputs)}
             (Path(tmp) / "g" / GRAPH_INFO).write_text(json.dumps(names))
             shutil.rmtree(target, ignore_errors=True)
@@ -123,9 +145,19 @@ def _frozen_specs(wrapper, description, frozen: dict) -> tuple[TensorSpec, ...]:
         sources = description.layers[l].experts
         for name, source in zip(FROZEN_INPUTS, sources):  # (gate_up, down) both
             value = frozen[name.format(l)]
-            specs.append(TensorSpec(name=name.format(l), shape=tuple(value.shape), dtype=str(value.dtype).split(".")[-1],
-                                    layer=l, expert_axis=0, trainable=False, rows=FROZEN, source=source,
-                                    transposed=True))
+            specs.append(
+                TensorSpec(
+                    name=name.format(l),
+                    shape=tuple(value.shape),
+                    dtype=str(value.dtype).split(".")[-1],
+                    layer=l,
+                    expert_axis=0,
+                    trainable=False,
+                    rows=FROZEN,
+                    source=source,
+                    transposed=True,
+                )
+            )
     return tuple(specs)
 
 
@@ -151,25 +183,35 @@ def write_bundle(checkpoint: str | Path, out: str | Path, request: BundleRequest
     federated = description.trainable_tensors(list(state), request.trainable_mode)
     trainable = [n for n, _ in federated]
     wrapper = TrainingWrapper(pruned, prox=request.prox, trainable=trainable)
-    graph, info = ensure_graph(wrapper, base_sha, request.shape_key, trainable, description.vocab_size,
-                               request.training.seq_len)
+    graph, info = ensure_graph(
+        wrapper, base_sha, request.shape_key, trainable, description.vocab_size, request.training.seq_len
+    )
     out.mkdir(parents=True, exist_ok=True)
     for name in GRAPH_FILES:
         _link(graph / name, out / name)
     shutil.copy2(checkpoint / TOKENIZER_FILE, out / TOKENIZER_FILE)
     frozen = {n: v.contiguous() for n, v in wrapper.frozen_inputs().items()}
     save_file({**{n: state[n].contiguous() for n in trainable}, **frozen}, str(out / WEIGHTS_FILE))
-    specs = tuple(TensorSpec(name=n, shape=tuple(state[n].shape), layer=l, expert_axis=0, trainable=True,
-                             rows=HELD if n.endswith(ROUTER) else TRAINED)
-                  for n, l in federated) + _frozen_specs(wrapper, description, frozen)
+    specs = tuple(
+        TensorSpec(
+            name=n,
+            shape=tuple(state[n].shape),
+            layer=l,
+            expert_axis=0,
+            trainable=True,
+            rows=HELD if n.endswith(ROUTER) else TRAINED,
+        )
+        for n, l in federated
+    ) + _frozen_specs(wrapper, description, frozen)
     manifest = Manifest(
         base_model={"id": checkpoint.name, "sha256": base_sha},
         family=description.family,
         shape_key=request.shape_key,
         moe_layers=tuple(layer.index for layer in description.layers),
         num_experts=description.num_experts,
-        experts_per_token=tuple(min(layer.experts_per_token, len(ids))
-                                for layer, ids in zip(description.layers, request.keep)),
+        experts_per_token=tuple(
+            min(layer.experts_per_token, len(ids)) for layer, ids in zip(description.layers, request.keep)
+        ),
         expert_ids=tuple(tuple(ids) for ids in request.keep),
         tensors=specs,
         inputs=tuple(info["inputs"]),

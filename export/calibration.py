@@ -8,8 +8,8 @@ so calibration and devices score experts with one formula.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from device_runtime.stats import RoutingStats
 from export.families import describe
@@ -32,8 +32,10 @@ def calibrate(model, tokenizer_file: str | Path, texts: Iterable[str], *, seq_le
     tokenizer = Tokenizer.from_file(str(tokenizer_file))
     stats = RoutingStats([layer.num_experts for layer in description.layers])
     captured: list = []
-    hooks = [model.model.layers[layer.index].mlp.gate.register_forward_hook(
-        lambda _module, _args, out: captured.append(out)) for layer in description.layers]
+    hooks = [
+        model.model.layers[layer.index].mlp.gate.register_forward_hook(lambda _module, _args, out: captured.append(out))
+        for layer in description.layers
+    ]
     try:
         for encoding in tokenizer.encode_batch(list(texts)):
             ids = encoding.ids[:seq_len]

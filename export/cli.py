@@ -19,8 +19,8 @@ from rich.console import Console
 from rich.table import Table
 
 from device_runtime.bundle import load_bundle
-from device_runtime.wire import FitConfig
 from device_runtime.cli_errors import run_cli
+from device_runtime.wire import FitConfig
 from export.planner import MIB, Budget, TrainingShape, estimate, model_shape, plan, select_experts
 
 console = Console(stderr=True)
@@ -36,8 +36,14 @@ def _load_config(ctx: click.Context, _param, value):
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.option("--config", type=click.Path(dir_okay=False), callback=_load_config, is_eager=True, expose_value=False,
-              help="TOML file with one table per command ([upcycle], [plan], [bundle]) giving option defaults.")
+@click.option(
+    "--config",
+    type=click.Path(dir_okay=False),
+    callback=_load_config,
+    is_eager=True,
+    expose_value=False,
+    help="TOML file with one table per command ([upcycle], [plan], [bundle]) giving option defaults.",
+)
 def main():
     """Turn a Hugging Face MoE (or a dense model, upcycled into one) into per-device training bundles.
 
@@ -54,8 +60,13 @@ def _training_options(func):
     options = [
         click.option("--batch-size", default=4, show_default=True, help="Sequences per training step."),
         click.option("--seq-len", default=128, show_default=True, help="Tokens per sequence."),
-        click.option("--trainable", type=click.Choice(["experts", "lora"]), default="experts", show_default=True,
-                     help="Train full experts + router, or LoRA adapters on each kept expert + router."),
+        click.option(
+            "--trainable",
+            type=click.Choice(["experts", "lora"]),
+            default="experts",
+            show_default=True,
+            help="Train full experts + router, or LoRA adapters on each kept expert + router.",
+        ),
         click.option("--lora-rank", default=8, show_default=True, help="LoRA rank r (with --trainable lora)."),
     ]
     for option in reversed(options):
@@ -87,8 +98,14 @@ def upcycle(source, num_experts, experts_per_token, num_layers, seed, out):
     with console.status("loading the dense model (the first SmolLM2 run converts its GGUF, ~40 s)"):
         dense_dir = resolve_dense(source)
     with console.status(f"upcycling into {num_experts} experts, top-{experts_per_token}"):
-        path = upcycle_checkpoint(dense_dir, Path(out), num_experts=num_experts,
-                                  experts_per_token=experts_per_token, num_layers=num_layers, seed=seed)
+        path = upcycle_checkpoint(
+            dense_dir,
+            Path(out),
+            num_experts=num_experts,
+            experts_per_token=experts_per_token,
+            num_layers=num_layers,
+            seed=seed,
+        )
     console.print(f"[green]wrote[/] {path}")
 
 
@@ -116,8 +133,10 @@ def plan_cmd(checkpoint, memory_mib, gflops, max_step_s, batch_size, seq_len, tr
     train = _training_shape(batch_size, seq_len, trainable, lora_rank)
     chosen = plan(shape, train, Budget(memory_mib, gflops, max_step_s))
     Console().print(_budget_table(shape, train, gflops, chosen.experts_per_layer))
-    Console().print(f"budget {memory_mib:.0f} MiB -> {chosen.experts_per_layer} experts per layer "
-                    f"(~{chosen.peak_mib:.0f} MiB, ~{chosen.step_s:.2f} s/step)")
+    Console().print(
+        f"budget {memory_mib:.0f} MiB -> {chosen.experts_per_layer} experts per layer "
+        f"(~{chosen.peak_mib:.0f} MiB, ~{chosen.step_s:.2f} s/step)"
+    )
 
 
 def _parse_keep(text: str) -> tuple[tuple[int, ...], ...]:
@@ -151,17 +170,41 @@ def _importance(checkpoint: Path, calibration: str | None, seq_len: int):
 @click.option("--max-step-s", type=float, default=None, help="Optional cap on one step's time (seconds).")
 @click.option("--experts-per-layer", type=int, default=None, help="Keep this many experts per layer (no planner).")
 @click.option("--keep", default=None, help="Explicit global expert ids per layer, e.g. '0,1;2,3'.")
-@click.option("--calibration", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="Text or JSONL ({'text'}) sample for expert importance.  [default: BBC News articles]")
+@click.option(
+    "--calibration",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="Text or JSONL ({'text'}) sample for expert importance.  [default: BBC News articles]",
+)
 @click.option("--prox", is_flag=True, help="Add FedProx anchor inputs to the graph.")
-@click.option("--frozen", type=click.Choice(["pruned", "float16", "merged"]), default="pruned", show_default=True,
-              help="The experts the device does not train: dropped (router and top-k shrink to the kept ones), "
-                   "resident frozen in float16 (the forward routes over every expert), or merged into one float16 "
-                   "stand-in per layer. Experts mode only.")
+@click.option(
+    "--frozen",
+    type=click.Choice(["pruned", "float16", "merged"]),
+    default="pruned",
+    show_default=True,
+    help="The experts the device does not train: dropped (router and top-k shrink to the kept ones), "
+    "resident frozen in float16 (the forward routes over every expert), or merged into one float16 "
+    "stand-in per layer. Experts mode only.",
+)
 @click.option("--lr", "learning_rate", default=1e-4, show_default=True, help="Default local learning rate.")
 @_training_options
-def bundle(checkpoint, out, memory_mib, gflops, max_step_s, experts_per_layer, keep, calibration, prox, frozen,
-           learning_rate, batch_size, seq_len, trainable, lora_rank):
+def bundle(
+    checkpoint,
+    out,
+    memory_mib,
+    gflops,
+    max_step_s,
+    experts_per_layer,
+    keep,
+    calibration,
+    prox,
+    frozen,
+    learning_rate,
+    batch_size,
+    seq_len,
+    trainable,
+    lora_rank,
+):
     """Write a training bundle: the most important experts that fit the device budget, as ORT artifacts.
 
     Give exactly one of --memory-mib (planner), --experts-per-layer or --keep. Experts are ranked by HFedMoE
@@ -180,13 +223,20 @@ def bundle(checkpoint, out, memory_mib, gflops, max_step_s, experts_per_layer, k
         chosen = _parse_keep(keep)
     else:
         if memory_mib is not None:
-            experts_per_layer = plan(model_shape(checkpoint), train, Budget(memory_mib, gflops, max_step_s)) \
-                .experts_per_layer
+            experts_per_layer = plan(
+                model_shape(checkpoint), train, Budget(memory_mib, gflops, max_step_s)
+            ).experts_per_layer
         with console.status("calibration pass for expert importance"):
             chosen = select_experts(_importance(checkpoint, calibration, seq_len), experts_per_layer)
-    request = BundleRequest(keep=chosen, trainable_mode=trainable, lora_rank=train.lora_rank, prox=prox,
-                            training=FitConfig(batch_size=batch_size, seq_len=seq_len, learning_rate=learning_rate),
-                            frozen_dtype=train.frozen_dtype, merged=train.merged)
+    request = BundleRequest(
+        keep=chosen,
+        trainable_mode=trainable,
+        lora_rank=train.lora_rank,
+        prox=prox,
+        training=FitConfig(batch_size=batch_size, seq_len=seq_len, learning_rate=learning_rate),
+        frozen_dtype=train.frozen_dtype,
+        merged=train.merged,
+    )
     with console.status(f"exporting the ORT training graph for shape {request.shape_key.id} (cached afterwards)"):
         manifest = write_bundle(checkpoint, Path(out), request)
     console.print(f"[green]wrote[/] {out} (shape {manifest.shape_key.id})")
@@ -211,8 +261,13 @@ def inspect(bundle_dir):
     for column in ("tensor", "shape", "dtype", "trainable", "experts"):
         tensors.add_column(column)
     for spec in m.tensors:
-        tensors.add_row(spec.name, "x".join(map(str, spec.shape)), spec.dtype, "yes" if spec.trainable else "",
-                        spec.rows if spec.layer is not None else "")
+        tensors.add_row(
+            spec.name,
+            "x".join(map(str, spec.shape)),
+            spec.dtype,
+            "yes" if spec.trainable else "",
+            spec.rows if spec.layer is not None else "",
+        )
     out.print(tensors)
     files = Table(title="files")
     for column in ("file", "MiB", "sha256"):

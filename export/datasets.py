@@ -12,8 +12,13 @@ from pathlib import Path
 from device_runtime.errors import DataError
 
 # Folder name -> the label word a language model scores (one plain English word per topic).
-BBC_LABELS = {"business": "business", "entertainment": "entertainment", "politics": "politics",
-              "sports": "sport", "tech": "technology"}
+BBC_LABELS = {
+    "business": "business",
+    "entertainment": "entertainment",
+    "politics": "politics",
+    "sports": "sport",
+    "tech": "technology",
+}
 
 
 def bbc_news_dir() -> Path:
@@ -40,7 +45,9 @@ def bbc_news() -> list[dict]:
     for folder in sorted(p for p in bbc_news_dir().iterdir() if p.is_dir()):
         label = BBC_LABELS.get(folder.name.lower(), folder.name.lower())
         for file in sorted(folder.glob("*.txt")):
-            paragraphs = [p.strip() for p in file.read_text(encoding="utf-8", errors="replace").split("\n") if p.strip()]
+            paragraphs = [
+                p.strip() for p in file.read_text(encoding="utf-8", errors="replace").split("\n") if p.strip()
+            ]
             records.append({"text": " ".join(paragraphs[:2]), "label": label})
     if not records:
         raise DataError("BBC News folder holds no article")

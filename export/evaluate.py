@@ -9,10 +9,10 @@ with the highest score; accuracy is the fraction predicted right, and ``loss`` i
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Sequence
 
 from device_runtime.data import DEFAULT_TEMPLATE, TextEncoder, format_example, truncate_middle
 
@@ -26,7 +26,9 @@ class LabelScore:
     num_examples: int
 
 
-def _label_scores(model, prompts: Sequence[list[int]], label_ids: list[list[int]]) -> tuple[list[list[float]], list[int]]:
+def _label_scores(
+    model, prompts: Sequence[list[int]], label_ids: list[list[int]]
+) -> tuple[list[list[float]], list[int]]:
     """Summed log p of each label's tokens after each prompt (``(prompts, labels)``), and each label's token count.
 
     The prompts run as one left-padded batch with explicit position ids (a padded prompt sees the positions its
@@ -41,7 +43,7 @@ def _label_scores(model, prompts: Sequence[list[int]], label_ids: list[list[int]
     ids = torch.zeros(len(prompts), length, dtype=torch.long)  # (prompts, length), left-padded
     prompt_mask = torch.zeros(len(prompts), length, dtype=torch.long)
     for row, prompt in enumerate(prompts):
-        ids[row, length - len(prompt):], prompt_mask[row, length - len(prompt):] = torch.tensor(prompt), 1
+        ids[row, length - len(prompt) :], prompt_mask[row, length - len(prompt) :] = torch.tensor(prompt), 1
     positions = (prompt_mask.cumsum(1) - 1).clamp(min=0)
     labels = torch.tensor([ids_ + [0] * (width - len(ids_)) for ids_ in label_ids]).repeat(len(prompts), 1)
     mask = torch.tensor([[1] * len(ids_) + [0] * (width - len(ids_)) for ids_ in label_ids]).repeat(len(prompts), 1)
@@ -54,8 +56,9 @@ def _label_scores(model, prompts: Sequence[list[int]], label_ids: list[list[int]
             cache.batch_repeat_interleave(count)
             full_mask = torch.cat([prompt_mask.repeat_interleave(count, 0), mask], dim=1)
             label_positions = positions[:, -1:].repeat_interleave(count, 0) + 1 + torch.arange(width)
-            hidden = model.model(input_ids=labels, attention_mask=full_mask, position_ids=label_positions,
-                                 cache=cache).last_hidden_state
+            hidden = model.model(
+                input_ids=labels, attention_mask=full_mask, position_ids=label_positions, cache=cache
+            ).last_hidden_state
             before = torch.cat([last, hidden[:, :-1]], dim=1)  # (rows, width, hidden): predicts token j
         rows, cols = torch.nonzero(mask, as_tuple=True)
         log_probs = torch.log_softmax(model.lm_head(before[rows, cols]).float(), dim=-1)
@@ -64,9 +67,17 @@ def _label_scores(model, prompts: Sequence[list[int]], label_ids: list[list[int]
     return sums.view(len(prompts), count).tolist(), mask[:count].sum(1).tolist()
 
 
-def label_accuracy(model, tokenizer_file: str | Path, records: Sequence[dict], labels: Sequence[str], *,
-                   template: str = DEFAULT_TEMPLATE, seq_len: int = 128, batch_size: int = 16,
-                   scorer=None) -> LabelScore:
+def label_accuracy(
+    model,
+    tokenizer_file: str | Path,
+    records: Sequence[dict],
+    labels: Sequence[str],
+    *,
+    template: str = DEFAULT_TEMPLATE,
+    seq_len: int = 128,
+    batch_size: int = 16,
+    scorer=None,
+) -> LabelScore:
     """Score ``records`` (``{"text", "label"}``) against the candidate ``labels`` with ``model`` (torch).
 
     Args:
@@ -79,15 +90,19 @@ def label_accuracy(model, tokenizer_file: str | Path, records: Sequence[dict], l
             another runtime (e.g. ``export.executorch.PteModel.label_scores``) [default: ``model``, batched].
     """
     encoder = TextEncoder(tokenizer_file, seq_len=seq_len)
-    label_ids = [encoder.tokenizer.encode(format_example({"text": "", "label": lab}, template)[1],
-                                          add_special_tokens=False).ids for lab in labels]
+    label_ids = [
+        encoder.tokenizer.encode(format_example({"text": "", "label": lab}, template)[1], add_special_tokens=False).ids
+        for lab in labels
+    ]
     budget = seq_len - max(len(ids) for ids in label_ids)
-    prompts = [truncate_middle(encoder.tokenizer.encode(format_example(r, template)[0]).ids, budget, encoder.keep_tail)
-               for r in records]
+    prompts = [
+        truncate_middle(encoder.tokenizer.encode(format_example(r, template)[0]).ids, budget, encoder.keep_tail)
+        for r in records
+    ]
     order = sorted(range(len(records)), key=lambda i: len(prompts[i]))  # similar lengths batch with little padding
     correct, nll, tokens = 0, 0.0, 0
     for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
+        chunk = order[start : start + batch_size]
         scores, counts = (scorer or partial(_label_scores, model))([prompts[i] for i in chunk], label_ids)
         for i, row in zip(chunk, scores):
             truth = labels.index(records[i]["label"])

@@ -22,9 +22,9 @@ from __future__ import annotations
 import json
 import shutil
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -60,8 +60,9 @@ def _logits_module(model):
     return Logits().eval()
 
 
-def export_pte(checkpoint: str | Path, out_dir: str | Path, *, keep: Sequence[Sequence[int]] | None = None,
-               max_seq_len: int = 128) -> PteExport:
+def export_pte(
+    checkpoint: str | Path, out_dir: str | Path, *, keep: Sequence[Sequence[int]] | None = None, max_seq_len: int = 128
+) -> PteExport:
     """Write ``checkpoint`` (optionally pruned to the experts ``keep[l]`` of each MoE layer) as ``out_dir``.
 
     Raises:
@@ -73,7 +74,7 @@ def export_pte(checkpoint: str | Path, out_dir: str | Path, *, keep: Sequence[Se
         from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
         from executorch.exir import to_edge_transform_and_lower
     except ImportError as exc:
-        raise ExportError(f"ExecuTorch is not installed ({exc}); pip install -e \".[executorch]\"") from exc
+        raise ExportError(f'ExecuTorch is not installed ({exc}); pip install -e ".[executorch]"') from exc
     from export.experts_impl import use_dense_masked
     from export.loading import load_causal_lm
     from export.prune import prune
@@ -91,16 +92,21 @@ def export_pte(checkpoint: str | Path, out_dir: str | Path, *, keep: Sequence[Se
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", (FutureWarning, DeprecationWarning))  # torch.export / exir internals
-            program = torch.export.export(_logits_module(model), (example,), dynamic_shapes={"input_ids": {1: seq}},
-                                          strict=False)
+            program = torch.export.export(
+                _logits_module(model), (example,), dynamic_shapes={"input_ids": {1: seq}}, strict=False
+            )
             buffer = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()]).to_executorch().buffer
     except Exception as exc:  # torch.export / ExecuTorch raise many types; all mean the same here
         raise ExportError(f"ExecuTorch lowering of {checkpoint} failed: {type(exc).__name__}: {exc}") from exc
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / PTE_FILE).write_bytes(buffer)
     shutil.copyfile(checkpoint / TOKENIZER_FILE, out_dir / TOKENIZER_FILE)
-    meta = {"format": FORMAT, "max_seq_len": max_seq_len, "vocab_size": int(model.config.vocab_size),
-            "expert_ids": None if expert_ids is None else [list(ids) for ids in expert_ids]}
+    meta = {
+        "format": FORMAT,
+        "max_seq_len": max_seq_len,
+        "vocab_size": int(model.config.vocab_size),
+        "expert_ids": None if expert_ids is None else [list(ids) for ids in expert_ids],
+    }
     (out_dir / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return PteExport(out_dir / PTE_FILE, len(buffer), max_seq_len, expert_ids)
 
@@ -119,8 +125,10 @@ class PteModel:
         try:
             self.meta = json.loads((out_dir / META_FILE).read_text())
         except (OSError, ValueError) as exc:
-            raise ModelError(f"{out_dir} is not an ExecuTorch export ({exc}); write one with `fedmoe-coord model "
-                             "export --format pte`") from exc
+            raise ModelError(
+                f"{out_dir} is not an ExecuTorch export ({exc}); write one with `fedmoe-coord model "
+                "export --format pte`"
+            ) from exc
         if self.meta.get("format") != FORMAT:
             raise ModelError(f"{out_dir}: unsupported export format {self.meta.get('format')!r}")
         self.tokenizer_file = out_dir / TOKENIZER_FILE
@@ -134,7 +142,9 @@ class PteModel:
             raise ModelError(f"{len(ids)} tokens; the program takes 1 to {self.meta['max_seq_len']}")
         return self._method.execute([torch.tensor([list(ids)], dtype=torch.long)])[0][0].numpy()
 
-    def label_scores(self, prompts: Sequence[list[int]], label_ids: list[list[int]]) -> tuple[list[list[float]], list[int]]:
+    def label_scores(
+        self, prompts: Sequence[list[int]], label_ids: list[list[int]]
+    ) -> tuple[list[list[float]], list[int]]:
         """Per prompt, the summed log p of each label's tokens after it, and each label's token count (one program
         run per prompt and label over prompt + label; ``export.evaluate`` gets the same numbers with a KV cache)."""
         rows = [[self._label_log_p(prompt, ids) for ids in label_ids] for prompt in prompts]
@@ -142,6 +152,6 @@ class PteModel:
 
     def _label_log_p(self, prompt: list[int], label: list[int]) -> float:
         logits = self.logits(prompt + label).astype(np.float64)
-        rows = logits[len(prompt) - 1:len(prompt) - 1 + len(label)]  # row j predicts label token j
+        rows = logits[len(prompt) - 1 : len(prompt) - 1 + len(label)]  # row j predicts label token j
         log_probs = rows - np.logaddexp.reduce(rows, axis=-1, keepdims=True)
         return float(log_probs[np.arange(len(label)), label].sum())

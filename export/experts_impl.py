@@ -70,8 +70,10 @@ def expert_weights(self: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     gate_up, down = frozen
     if self.gate_up_proj.shape[0] + gate_up.shape[0] != getattr(self, "num_experts", 0):
         raise ModelError("a merged stand-in expert has no per-expert weights: use the dense-masked forward")
-    return (torch.cat([self.gate_up_proj, gate_up.transpose(1, 2).to(self.gate_up_proj.dtype)]),
-            torch.cat([self.down_proj, down.transpose(1, 2).to(self.down_proj.dtype)]))
+    return (
+        torch.cat([self.gate_up_proj, gate_up.transpose(1, 2).to(self.gate_up_proj.dtype)]),
+        torch.cat([self.down_proj, down.transpose(1, 2).to(self.down_proj.dtype)]),
+    )
 
 
 def dense_masked_experts_forward(
@@ -99,16 +101,22 @@ def dense_masked_experts_forward(
     scaling = getattr(self, "lora_scaling", 0.0)
     frozen = getattr(self, "frozen_experts", None)
     gate_up = _project(
-        hidden_states, self.gate_up_proj,
-        self.gate_up_lora_A if lora else None, self.gate_up_lora_B if lora else None, scaling,
+        hidden_states,
+        self.gate_up_proj,
+        self.gate_up_lora_A if lora else None,
+        self.gate_up_lora_B if lora else None,
+        scaling,
     )  # (C, N, 2I)
     if frozen is not None:
         gate_up = torch.cat([gate_up, torch.matmul(hidden_states, frozen[0].to(gate_up.dtype))])
     inner = self._apply_gate(gate_up)  # (E, N, I)
     trained = self.gate_up_proj.shape[0]
     out = _project(
-        inner if frozen is None else inner[:trained], self.down_proj,
-        self.down_lora_A if lora else None, self.down_lora_B if lora else None, scaling,
+        inner if frozen is None else inner[:trained],
+        self.down_proj,
+        self.down_lora_A if lora else None,
+        self.down_lora_B if lora else None,
+        scaling,
     )  # (C, N, H)
     if frozen is not None:
         out = torch.cat([out, torch.matmul(inner[trained:], frozen[1].to(out.dtype))])  # (E, N, H)
@@ -138,12 +146,21 @@ def routed_experts_forward(
     for expert in torch.nonzero(gates.sum(0), as_tuple=True)[0].tolist():
         tokens = torch.nonzero(gates[:, expert], as_tuple=True)[0]  # (n,)
         pick = slice(expert, expert + 1)
-        gate_up = _project(hidden_states[tokens], gate_up_proj[pick],
-                           self.gate_up_lora_A[pick] if lora else None, self.gate_up_lora_B[pick] if lora else None,
-                           scaling)  # (1, n, 2I)
+        gate_up = _project(
+            hidden_states[tokens],
+            gate_up_proj[pick],
+            self.gate_up_lora_A[pick] if lora else None,
+            self.gate_up_lora_B[pick] if lora else None,
+            scaling,
+        )  # (1, n, 2I)
         inner = self._apply_gate(gate_up)  # (1, n, I)
-        expert_out = _project(inner, down_proj[pick], self.down_lora_A[pick] if lora else None,
-                              self.down_lora_B[pick] if lora else None, scaling)[0]  # (n, H)
+        expert_out = _project(
+            inner,
+            down_proj[pick],
+            self.down_lora_A[pick] if lora else None,
+            self.down_lora_B[pick] if lora else None,
+            scaling,
+        )[0]  # (n, H)
         out.index_add_(0, tokens, expert_out * gates[tokens, expert].unsqueeze(-1))
     return out.to(hidden_states.dtype)
 

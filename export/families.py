@@ -74,8 +74,11 @@ class MoeDescription:
         """``(name, moe_layer)`` of what devices train and the coordinator federates: routers plus the full expert
         tensors (``mode="experts"``) or the experts' LoRA adapters (``"lora"``: the base expert weights stay frozen
         in the bundle's ORT checkpoint and never travel in a round)."""
-        return [(n, l) for n, l in self.expert_tensors(state_names)
-                if n.endswith(ROUTER) or (("_lora_" in n) == (mode == "lora"))]
+        return [
+            (n, l)
+            for n, l in self.expert_tensors(state_names)
+            if n.endswith(ROUTER) or (("_lora_" in n) == (mode == "lora"))
+        ]
 
 
 def family_of(config) -> str:

@@ -15,8 +15,14 @@ from pathlib import Path
 from device_runtime.errors import ModelError
 
 
-def load_trainable_model(checkpoint: str | Path, *, trainable_mode: str = "experts", lora_rank: int = 0,
-                         lora_alpha: float = 16.0, seed: int = 0):
+def load_trainable_model(
+    checkpoint: str | Path,
+    *,
+    trainable_mode: str = "experts",
+    lora_rank: int = 0,
+    lora_alpha: float = 16.0,
+    seed: int = 0,
+):
     """The checkpoint's model with dense-masked experts and, in LoRA mode, adapters seeded with ``seed``
     (the same seed gives the same adapters: bundles and the global state agree)."""
     import torch
@@ -41,16 +47,24 @@ def global_tensor_names(model) -> list[str]:
     return [name for name, _ in describe(model).trainable_tensors(names, mode)]
 
 
-def init_global_state(checkpoint: str | Path, out_file: str | Path, *, trainable_mode: str = "experts",
-                      lora_rank: int = 0, lora_alpha: float = 16.0, seed: int = 0) -> list[str]:
+def init_global_state(
+    checkpoint: str | Path,
+    out_file: str | Path,
+    *,
+    trainable_mode: str = "experts",
+    lora_rank: int = 0,
+    lora_alpha: float = 16.0,
+    seed: int = 0,
+) -> list[str]:
     """Write the initial global state of ``checkpoint`` to ``out_file`` (safetensors). Returns the tensor names.
 
     In LoRA mode the adapters are initialised with ``seed`` (B = 0, so the model is unchanged).
     """
     from safetensors.torch import save_file
 
-    model = load_trainable_model(Path(checkpoint), trainable_mode=trainable_mode, lora_rank=lora_rank,
-                              lora_alpha=lora_alpha, seed=seed)
+    model = load_trainable_model(
+        Path(checkpoint), trainable_mode=trainable_mode, lora_rank=lora_rank, lora_alpha=lora_alpha, seed=seed
+    )
     state = model.state_dict()
     names = global_tensor_names(model)
     save_file({n: state[n].contiguous() for n in names}, str(out_file))
@@ -63,8 +77,13 @@ def load_with_state(checkpoint: str | Path, state_file: str | Path, *, lora_alph
 
     tensors = load_file(str(state_file))
     lora = [n for n in tensors if n.endswith("gate_up_lora_A")]
-    model = load_trainable_model(Path(checkpoint), trainable_mode="lora" if lora else "experts",
-                              lora_rank=int(tensors[lora[0]].shape[1]) if lora else 0, lora_alpha=lora_alpha, seed=0)
+    model = load_trainable_model(
+        Path(checkpoint),
+        trainable_mode="lora" if lora else "experts",
+        lora_rank=int(tensors[lora[0]].shape[1]) if lora else 0,
+        lora_alpha=lora_alpha,
+        seed=0,
+    )
     return apply_state(model, tensors)
 
 

@@ -122,8 +122,9 @@ class TrainingShape:
     def __post_init__(self):
         if self.order not in ORDERS:
             raise ConfigError(f"order must be one of {ORDERS}, got {self.order!r}")
-        if self.frozen_dtype is not None and (self.frozen_dtype != "float16" or self.order != "first-order"
-                                              or self.trainable_mode != "experts"):
+        if self.frozen_dtype is not None and (
+            self.frozen_dtype != "float16" or self.order != "first-order" or self.trainable_mode != "experts"
+        ):
             raise ConfigError(f"frozen_dtype {self.frozen_dtype!r}: only 'float16', first-order, experts mode")
         if self.merged and self.frozen_dtype is None:
             raise ConfigError("merged stand-in experts need a frozen_dtype")
@@ -189,8 +190,9 @@ def _activation_floats(shape: ModelShape, train: TrainingShape, kept: int) -> in
     return tokens * (shape.num_layers * attention + shape.moe_layers * experts) + train.logit_rows * 4 * shape.vocab
 
 
-def estimate(shape: ModelShape, train: TrainingShape, kept: int, *, gflops: float = 10.0,
-             calibration: dict = CALIBRATION) -> Estimate:
+def estimate(
+    shape: ModelShape, train: TrainingShape, kept: int, *, gflops: float = 10.0, calibration: dict = CALIBRATION
+) -> Estimate:
     """Estimate peak training memory (bytes by part) and step time (seconds) with ``kept`` experts per MoE layer.
 
     Parts: ``runtime`` (interpreter, numpy, ORT), ``weights`` (float32 parameters, plus one more copy of the
@@ -207,7 +209,9 @@ def estimate(shape: ModelShape, train: TrainingShape, kept: int, *, gflops: floa
     router = held * shape.hidden
     experts = shape.moe_layers * kept * shape.expert_params
     lora = shape.moe_layers * kept * _lora_params(shape, train.lora_rank) if train.trainable_mode == "lora" else 0
-    trainable = lora + shape.moe_layers * router if train.trainable_mode == "lora" else experts + shape.moe_layers * router
+    trainable = (
+        lora + shape.moe_layers * router if train.trainable_mode == "lora" else experts + shape.moe_layers * router
+    )
     staged = trainable + frozen // 2  # weights.safetensors, in float32 units (frozen experts in float16)
     all_params = shape.shared_params + experts + shape.moe_layers * router + lora
     q_and_o = 2 * shape.hidden * shape.num_heads * shape.head_dim  # attention matrices: q, o (H x heads*hd), k, v
@@ -219,8 +223,12 @@ def estimate(shape: ModelShape, train: TrainingShape, kept: int, *, gflops: floa
     matmul_flops = 2 * tokens * (all_params + frozen - lm_head) + 2 * train.logit_rows * lm_head
     if train.order == "zeroth-order":
         live = _activation_floats(shape, train, kept) // shape.num_layers + 2 * train.logit_rows * shape.vocab
-        parts = {"runtime": calibration["runtime_overhead_mib"] * MIB, "weights": 4 * all_params + 4 * staged,
-                 "grad_and_adamw": 0, "activations": max(4 * live, wire)}
+        parts = {
+            "runtime": calibration["runtime_overhead_mib"] * MIB,
+            "weights": 4 * all_params + 4 * staged,
+            "grad_and_adamw": 0,
+            "activations": max(4 * live, wire),
+        }
         flops = 2 * (matmul_flops + attention_flops)
         return Estimate(experts_per_layer=kept, parts=parts, step_s=flops / (gflops * 1e9 * calibration["efficiency"]))
     activations = calibration["activation_factor"] * 4 * _activation_floats(shape, train, routed)

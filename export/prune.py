@@ -18,7 +18,7 @@ Per MoE layer the fused expert tensors (and LoRA adapters, when present) keep th
 from __future__ import annotations
 
 import copy
-from typing import Sequence
+from collections.abc import Sequence
 
 from device_runtime.errors import ConfigError
 from device_runtime.shape_key import held_experts, standin_expert
@@ -62,11 +62,12 @@ def prune(model, keep: Sequence[Sequence[int]], frozen_dtype: str | None = None,
         mlp = pruned.model.layers[layer.index].mlp
         held = held_experts((ids,), layer.num_experts, frozen_dtype is not None)[0]
         if len(held) > len(ids):
-            rest = torch.tensor(held[len(ids):], dtype=torch.long)
+            rest = torch.tensor(held[len(ids) :], dtype=torch.long)
             dtype = getattr(torch, frozen_dtype)
             mlp.experts.frozen_experts = tuple(
                 _frozen_rows(param.detach()[rest], merged).transpose(1, 2).contiguous().to(dtype)
-                for param in (mlp.experts.gate_up_proj, mlp.experts.down_proj))
+                for param in (mlp.experts.gate_up_proj, mlp.experts.down_proj)
+            )
         _slice_parameters(mlp.gate, torch.tensor(held, dtype=torch.long))
         _slice_parameters(mlp.experts, torch.tensor(ids, dtype=torch.long))
         mlp.gate.num_experts = mlp.experts.num_experts = len(held)
@@ -74,8 +75,11 @@ def prune(model, keep: Sequence[Sequence[int]], frozen_dtype: str | None = None,
         if hasattr(mlp, "top_k"):
             mlp.top_k = mlp.gate.top_k
         expert_ids.append(ids)
-    _sync_config(pruned.config, held_experts(expert_ids, description.num_experts, frozen_dtype is not None),
-                 description.experts_per_token)
+    _sync_config(
+        pruned.config,
+        held_experts(expert_ids, description.num_experts, frozen_dtype is not None),
+        description.experts_per_token,
+    )
     return pruned, tuple(expert_ids)
 
 

@@ -10,7 +10,7 @@ the first answer token (``export/training_graph.py``: the same :func:`select_tar
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 
 def trainable_only(model, names: Sequence[str]) -> list:
@@ -22,8 +22,17 @@ def trainable_only(model, names: Sequence[str]) -> list:
     return [params[n] for n in names]
 
 
-def fit_steps(model, params: list, batches: Iterable, *, steps: int, learning_rate: float,
-              aux_loss_coef: float = 0.01, optimizer=None, answer_shift=None) -> tuple[list[float], object]:
+def fit_steps(
+    model,
+    params: list,
+    batches: Iterable,
+    *,
+    steps: int,
+    learning_rate: float,
+    aux_loss_coef: float = 0.01,
+    optimizer=None,
+    answer_shift=None,
+) -> tuple[list[float], object]:
     """``steps`` AdamW steps of ``params``, one per ``device_runtime.data.Batch`` from ``batches``.
 
     Args:
@@ -38,8 +47,7 @@ def fit_steps(model, params: list, batches: Iterable, *, steps: int, learning_ra
 
     if getattr(model.config, "num_local_experts", None):
         model.config.output_router_logits, model.config.router_aux_loss_coef = aux_loss_coef > 0, aux_loss_coef
-    optimizer = optimizer or torch.optim.AdamW(params, lr=learning_rate, eps=ADAMW_EPS,
-                                                       weight_decay=ADAMW_WEIGHT_DECAY)
+    optimizer = optimizer or torch.optim.AdamW(params, lr=learning_rate, eps=ADAMW_EPS, weight_decay=ADAMW_WEIGHT_DECAY)
     model.train()
     losses = []
     for _, batch in zip(range(steps), batches):

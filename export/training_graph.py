@@ -95,9 +95,7 @@ _EPS = 1e-12
 def moe_routers(model: nn.Module) -> list[nn.Module]:
     """The router (``mlp.gate``) of each MoE decoder layer of an HF CausalLM, in layer order."""
     return [
-        layer.mlp.gate
-        for layer in model.model.layers
-        if hasattr(layer.mlp, "experts") and hasattr(layer.mlp, "gate")
+        layer.mlp.gate for layer in model.model.layers if hasattr(layer.mlp, "experts") and hasattr(layer.mlp, "gate")
     ]
 
 
@@ -201,8 +199,9 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         ``()``: sum of target losses / max(1, number of targets) (0 when there is no target).
     """
     flat_labels = labels.reshape(-1)
-    total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), flat_labels, ignore_index=IGNORE_INDEX,
-                            reduction="sum")
+    total = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(), flat_labels, ignore_index=IGNORE_INDEX, reduction="sum"
+    )
     targets = (flat_labels != IGNORE_INDEX).sum().clamp_min(1).to(total.dtype)
     return total / targets
 
@@ -242,7 +241,9 @@ class TrainingWrapper(nn.Module):
         self.prox = prox
         self.trainable = tuple(trainable)
         self.experts = [module for _, module in experts_modules(causal_lm)]
-        self.frozen_layers = tuple(l for l, m in enumerate(self.experts) if getattr(m, "frozen_experts", None) is not None)
+        self.frozen_layers = tuple(
+            l for l, m in enumerate(self.experts) if getattr(m, "frozen_experts", None) is not None
+        )
         self._captured: list[tuple[torch.Tensor, torch.Tensor]] = []
         for router in self.routers:
             router.register_forward_hook(self._capture)
@@ -258,8 +259,11 @@ class TrainingWrapper(nn.Module):
 
     def frozen_inputs(self) -> dict[str, torch.Tensor]:
         """The frozen experts the model holds now, by graph input name (:attr:`frozen_names` order)."""
-        return {name.format(l): value for l in self.frozen_layers
-                for name, value in zip(FROZEN_INPUTS, self.experts[l].frozen_experts)}
+        return {
+            name.format(l): value
+            for l in self.frozen_layers
+            for name, value in zip(FROZEN_INPUTS, self.experts[l].frozen_experts)
+        }
 
     @property
     def frozen_names(self) -> tuple[str, ...]:
@@ -300,8 +304,13 @@ class TrainingWrapper(nn.Module):
         """All graph inputs by name, in feed order. Priors default to uniform, anchors to the current weights,
         the answer shift to none (one id with bias 0), the frozen experts to those the model holds."""
         scalar = lambda v: torch.tensor(float(v), dtype=torch.float32)  # noqa: E731
-        inputs = {INPUT_IDS: input_ids, ATTENTION_MASK: attention_mask, LABELS: labels,
-                  AUX_LOSS_COEF: scalar(aux_loss_coef), ROUTING_KL_COEF: scalar(routing_kl_coef)}
+        inputs = {
+            INPUT_IDS: input_ids,
+            ATTENTION_MASK: attention_mask,
+            LABELS: labels,
+            AUX_LOSS_COEF: scalar(aux_loss_coef),
+            ROUTING_KL_COEF: scalar(routing_kl_coef),
+        }
         for l, count in enumerate(self.num_experts):
             prior = torch.full((count,), 1.0 / count) if routing_priors is None else routing_priors[l]
             inputs[ROUTING_PRIOR.format(l)] = torch.as_tensor(prior, dtype=torch.float32)
@@ -319,8 +328,8 @@ class TrainingWrapper(nn.Module):
     def forward(self, input_ids, attention_mask, labels, aux_loss_coef, routing_kl_coef, *rest):
         """Graph inputs positionally in :attr:`input_names` order; returns the :attr:`output_names` tuple."""
         num_layers, num_frozen = len(self.routers), len(self.frozen_names)
-        priors, (answer_ids, answer_bias) = rest[:num_layers], rest[num_layers:num_layers + 2]
-        frozen, prox_inputs = rest[num_layers + 2:num_layers + 2 + num_frozen], rest[num_layers + 2 + num_frozen:]
+        priors, (answer_ids, answer_bias) = rest[:num_layers], rest[num_layers : num_layers + 2]
+        frozen, prox_inputs = rest[num_layers + 2 : num_layers + 2 + num_frozen], rest[num_layers + 2 + num_frozen :]
         for i, l in enumerate(self.frozen_layers):
             self.experts[l].frozen_experts = (frozen[2 * i], frozen[2 * i + 1])
         self._captured = []

@@ -15,9 +15,21 @@ from pathlib import Path
 from device_runtime.errors import ConfigError, ModelError
 
 _COPIED_CONFIG = (
-    "vocab_size", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
-    "hidden_act", "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings", "bos_token_id",
-    "eos_token_id", "pad_token_id", "rope_parameters", "attention_dropout",
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "hidden_act",
+    "max_position_embeddings",
+    "rms_norm_eps",
+    "tie_word_embeddings",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "rope_parameters",
+    "attention_dropout",
 )
 
 
@@ -63,8 +75,15 @@ def experts_from_dense(gate_proj, up_proj, down_proj, num_experts: int):
     return gate_up, down_proj.unsqueeze(0).repeat(num_experts, 1, 1)  # (E, H, I)
 
 
-def upcycle(dense, *, num_experts: int = 4, experts_per_token: int = 2, num_layers: int | None = None,
-            router_std: float = 0.02, seed: int = 0):
+def upcycle(
+    dense,
+    *,
+    num_experts: int = 4,
+    experts_per_token: int = 2,
+    num_layers: int | None = None,
+    router_std: float = 0.02,
+    seed: int = 0,
+):
     """Upcycle a dense Llama-family CausalLM into a MixtralForCausalLM.
 
     Args:
@@ -80,8 +99,9 @@ def upcycle(dense, *, num_experts: int = 4, experts_per_token: int = 2, num_laye
     import torch
     from transformers import MixtralForCausalLM
 
-    config = mixtral_config(dense.config, num_experts=num_experts, experts_per_token=experts_per_token,
-                            num_layers=num_layers)
+    config = mixtral_config(
+        dense.config, num_experts=num_experts, experts_per_token=experts_per_token, num_layers=num_layers
+    )
     moe = MixtralForCausalLM(config).eval()
     dense_state = dense.state_dict()
     generator = torch.Generator().manual_seed(seed)
@@ -92,7 +112,8 @@ def upcycle(dense, *, num_experts: int = 4, experts_per_token: int = 2, num_laye
         elif name.endswith("mlp.experts.gate_up_proj"):
             prefix = name[: -len("experts.gate_up_proj")]
             new_state[name], new_state[prefix + "experts.down_proj"] = experts_from_dense(
-                *(dense_state[prefix + f"{p}.weight"] for p in ("gate_proj", "up_proj", "down_proj")), num_experts)
+                *(dense_state[prefix + f"{p}.weight"] for p in ("gate_proj", "up_proj", "down_proj")), num_experts
+            )
         elif name.endswith("mlp.experts.down_proj"):
             continue  # set with its layer's gate_up_proj
         else:

@@ -36,7 +36,7 @@ def device_path(device: Path, text: str) -> str:
 def shell(device: Path, args: list[str]) -> int:
     command = " ".join(args)
     if command.startswith("run-as "):
-        package, _, command = command[len("run-as "):].partition(" ")
+        package, _, command = command[len("run-as ") :].partition(" ")
         if package != TERMUX or not (device / "data" / "data" / TERMUX).is_dir():
             print(f"run-as: unknown package: {package}", file=sys.stderr)
             return 1
@@ -90,12 +90,13 @@ def make_device(root: Path, serial: str, python: str) -> tuple[Path, Path]:
     """
     device = root / "device"
     prefix = device / "data" / "data" / TERMUX / "files" / "usr"
-    for folder in (device / "data" / "local" / "tmp", prefix / "bin", prefix / "tmp",
-                   prefix.parent / "home"):
+    for folder in (device / "data" / "local" / "tmp", prefix / "bin", prefix / "tmp", prefix.parent / "home"):
         folder.mkdir(parents=True)
-    scripts = {"python3": f'#!/bin/sh\nexec {python} "$@"\n',
-               "pkg": f'#!/bin/sh\necho "$*" >> {device}/pkg.log\n',
-               "termux-wake-lock": f"#!/bin/sh\necho wake-lock >> {device}/wake.log\n"}
+    scripts = {
+        "python3": f'#!/bin/sh\nexec {python} "$@"\n',
+        "pkg": f'#!/bin/sh\necho "$*" >> {device}/pkg.log\n',
+        "termux-wake-lock": f"#!/bin/sh\necho wake-lock >> {device}/wake.log\n",
+    }
     scripts["python"] = scripts["python3"]
     for name, text in scripts.items():
         (prefix / "bin" / name).write_text(text)

@@ -41,7 +41,7 @@ def _one_line_entries(text: str):
             continue
         if len(words) > 1 and words[1].startswith("["):  # [arch=... signed-by=...]
             close = next((i for i, w in enumerate(words) if w.endswith("]")), len(words) - 1)
-            words = [words[0], *words[close + 1:]]
+            words = [words[0], *words[close + 1 :]]
         if len(words) >= 3:
             yield words[1], [words[2]]
 

@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from helpers import ServerThread, initialised_coordinator
 
 ROUND_TIMEOUT_S = 240.0
@@ -17,8 +16,13 @@ ROUND_TIMEOUT_S = 240.0
 
 def harness(cache: Path, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
     """``fedmoe-android ARGS`` as a subprocess (its own FEDMOE_CACHE)."""
-    return subprocess.run([sys.executable, "-m", "android_harness.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "FEDMOE_CACHE": str(cache), "COLUMNS": "200"})
+    return subprocess.run(
+        [sys.executable, "-m", "android_harness.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "FEDMOE_CACHE": str(cache), "COLUMNS": "200"},
+    )
 
 
 def ok(result: subprocess.CompletedProcess) -> str:

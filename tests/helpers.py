@@ -63,16 +63,34 @@ class TinyMixtral:
 
 # Device-side tests (ORT trainer, device client): the vocabulary covers RECORDS.
 TRAINER_MIXTRAL = TinyMixtral(
-    words=tuple(("Article : Topic the match team won lost game market shares profit bank film star award phone "
-                 "software chip sport business tech entertainment").split()),
-    vocab_size=48, hidden_size=32, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2)
+    words=tuple(
+        (
+            "Article : Topic the match team won lost game market shares profit bank film star award phone "
+            "software chip sport business tech entertainment"
+        ).split()
+    ),
+    vocab_size=48,
+    hidden_size=32,
+    intermediate_size=48,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+)
 # Coordinator-side tests (server, CLI, device end to end).
 COORD_MIXTRAL = TinyMixtral(
     words=tuple("the match team won lost market shares profit bank film star award phone chip".split()),
-    vocab_size=32, hidden_size=16, intermediate_size=24, num_attention_heads=2, num_key_value_heads=1)
+    vocab_size=32,
+    hidden_size=16,
+    intermediate_size=24,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+)
 
-RECORDS = [{"text": "the match team won", "label": "sport"}, {"text": "market shares profit bank", "label": "business"},
-           {"text": "film star award", "label": "entertainment"}, {"text": "phone software chip", "label": "tech"}]
+RECORDS = [
+    {"text": "the match team won", "label": "sport"},
+    {"text": "market shares profit bank", "label": "business"},
+    {"text": "film star award", "label": "entertainment"},
+    {"text": "phone software chip", "label": "tech"},
+]
 SEQ_LEN = 16
 CALIBRATION_TEXTS = ["the match team won", "market shares profit bank", "film star award phone"]
 
@@ -85,10 +103,19 @@ def tiny_checkpoint(root: Path, model: TinyMixtral) -> Path:
 
     torch.manual_seed(0)
     config = MixtralConfig(
-        vocab_size=model.vocab_size, hidden_size=model.hidden_size, intermediate_size=model.intermediate_size,
-        num_hidden_layers=2, num_attention_heads=model.num_attention_heads,
-        num_key_value_heads=model.num_key_value_heads, num_local_experts=4, num_experts_per_tok=2,
-        max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+        vocab_size=model.vocab_size,
+        hidden_size=model.hidden_size,
+        intermediate_size=model.intermediate_size,
+        num_hidden_layers=2,
+        num_attention_heads=model.num_attention_heads,
+        num_key_value_heads=model.num_key_value_heads,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     MixtralForCausalLM(config).save_pretrained(root)
     vocab = {"<pad>": 0, "<unk>": 1, **{w: i + 3 for i, w in enumerate(model.words)}}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
@@ -112,9 +139,22 @@ def init_by_cli(root: Path, *init_args: str) -> Path:
     config = root / "coord.toml"
     if "--frozen-experts" not in init_args:  # these coordinators test protocol and rounds: pruned budgets are exact
         init_args = (*init_args, "--frozen-experts", "pruned")
-    result = CliRunner().invoke(main, ["--config", str(config), "init", str(checkpoint), "--state-dir",
-                                       str(root / "state"), "--calibration-texts", str(texts), "--port", "0",
-                                       *init_args])
+    result = CliRunner().invoke(
+        main,
+        [
+            "--config",
+            str(config),
+            "init",
+            str(checkpoint),
+            "--state-dir",
+            str(root / "state"),
+            "--calibration-texts",
+            str(texts),
+            "--port",
+            "0",
+            *init_args,
+        ],
+    )
     assert result.exit_code == 0, result.output
     return config
 
@@ -132,8 +172,11 @@ def tiny_bundle(root: Path, *, keep=((0, 2), (1, 3)), copies: int = 2):
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("FEDMOE_CACHE", str(root / "cache"))
-        write_bundle(tiny_checkpoint(root / "checkpoint", TRAINER_MIXTRAL), root / "bundle",
-                     BundleRequest(keep=keep, training=FitConfig(batch_size=2, seq_len=SEQ_LEN)))
+        write_bundle(
+            tiny_checkpoint(root / "checkpoint", TRAINER_MIXTRAL),
+            root / "bundle",
+            BundleRequest(keep=keep, training=FitConfig(batch_size=2, seq_len=SEQ_LEN)),
+        )
     data = root / "data.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in RECORDS * copies))
     return load_bundle(root / "bundle"), data
@@ -164,9 +207,18 @@ def initialised_coordinator(root: Path, state_dir: Path, **overrides):
     from coordinator.federation import initialize
 
     checkpoint = tiny_checkpoint(root / "checkpoint", COORD_MIXTRAL)
-    fields = dict(checkpoint=str(checkpoint), state_dir=str(state_dir), port=0, min_fit_clients=1,
-                  max_fit_clients=1, round_deadline_s=120, strategy="hfedmoe", insecure=True, frozen_experts="pruned",
-                  fit={"batch_size": 2, "seq_len": 8, "local_steps": 2})
+    fields = dict(
+        checkpoint=str(checkpoint),
+        state_dir=str(state_dir),
+        port=0,
+        min_fit_clients=1,
+        max_fit_clients=1,
+        round_deadline_s=120,
+        strategy="hfedmoe",
+        insecure=True,
+        frozen_experts="pruned",
+        fit={"batch_size": 2, "seq_len": 8, "local_steps": 2},
+    )
     cfg = CoordinatorConfig(**{**fields, **overrides})
     assert initialize(cfg, CALIBRATION_TEXTS).version == 0
     return cfg
@@ -221,7 +273,7 @@ class InboxDevice:
         from coordinator.service import Session
         from device_runtime.auth import generate_keypair
 
-        token = registry.create_enrol_token(name, 60)
+        token = registry.create_enroll_token(name, 60)
         self.device = registry.redeem_token(token, name, profile, generate_keypair()[1])
         self.inbox = []
         self.session = Session(self.device.id, profile, self.send)
@@ -244,8 +296,9 @@ def one_round_federation(tmp_path: Path, *, max_message_mib: float, **overrides)
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("FEDMOE_CACHE", str(tmp_path / "cache"))
-        cfg = initialised_coordinator(tmp_path, tmp_path / "coord", max_message_mib=max_message_mib, num_rounds=1,
-                                      **overrides)
+        cfg = initialised_coordinator(
+            tmp_path, tmp_path / "coord", max_message_mib=max_message_mib, num_rounds=1, **overrides
+        )
         server = ServerThread(cfg)
     registry = Registry(cfg.registry_url)
     data = tmp_path / "data.jsonl"
@@ -257,21 +310,52 @@ def one_round_federation(tmp_path: Path, *, max_message_mib: float, **overrides)
         server.stop()
 
 
-def run_cli_device_round(cli: list[str], env: dict, url: str, registry, *, name: str, memory_mib: str,
-                         max_message_mib: float, data: Path, timeout_s: float = 60):
+def run_cli_device_round(
+    cli: list[str],
+    env: dict,
+    url: str,
+    registry,
+    *,
+    name: str,
+    memory_mib: str,
+    max_message_mib: float,
+    data: Path,
+    timeout_s: float = 60,
+):
     """``<cli> enroll`` then ``<cli> run`` (``cli``: the command before the verb, e.g. ``[python, "-m",
-    "device_runtime.cli"]``; ``env`` holds ``FEDMOE_ENROL_TOKEN``) against the coordinator at ``url`` until a
+    "device_runtime.cli"]``; ``env`` holds ``FEDMOE_ENROLL_TOKEN``) against the coordinator at ``url`` until a
     round finishes, then SIGTERM (the device must exit 0). Returns ``(round, update, stderr)``: the one
     round, its one accepted update and the device's log."""
     import signal
     import subprocess
     import time
 
-    enrolled = subprocess.run([*cli, "enroll", url, "--name", name, "--memory-mib", memory_mib], env=env,
-                              capture_output=True, text=True, timeout=timeout_s)
+    enrolled = subprocess.run(
+        [*cli, "enroll", url, "--name", name, "--memory-mib", memory_mib],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+    )
     assert enrolled.returncode == 0, enrolled.stderr
-    device = subprocess.Popen([*cli, "run", url, "--data", str(data), "--threads", "1", "--memory-mib", memory_mib,
-                               "--max-message-mib", str(max_message_mib)], env=env, stderr=subprocess.PIPE, text=True)
+    device = subprocess.Popen(
+        [
+            *cli,
+            "run",
+            url,
+            "--data",
+            str(data),
+            "--threads",
+            "1",
+            "--memory-mib",
+            memory_mib,
+            "--max-message-mib",
+            str(max_message_mib),
+        ],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + timeout_s
         while all(r.status == "running" for r in registry.list_rounds()):
@@ -311,8 +395,16 @@ def fake_update(assignment: Assignment, manifest, *, trained_local: int = 0) -> 
         per_layer.append(np.stack([probs * 8, probs, 8 * probs * np.log(probs), routed]))
     stats.update(per_layer, 8)
     trained = tuple((ids[trained_local],) for ids in assignment.expert_ids)
-    return Update(update_id=assignment.update_id, round_id=assignment.round_id, num_examples=4, num_tokens=8,
-                  metrics={"loss": 2.5}, routing=stats.to_dict(), trained_experts=trained, tensors=tensors)
+    return Update(
+        update_id=assignment.update_id,
+        round_id=assignment.round_id,
+        num_examples=4,
+        num_tokens=8,
+        metrics={"loss": 2.5},
+        routing=stats.to_dict(),
+        trained_experts=trained,
+        tensors=tensors,
+    )
 
 
 # ---------------------------------------------------------------- strategy inputs (no model)
@@ -327,12 +419,19 @@ def stored_update_row(store, device_id, n, values, usage=(1.0, 1.0)):
     ``values[e]``; ``usage``: the experts' routed mass per token of 2 tokens (the default: both, every token)."""
     from types import SimpleNamespace
 
-    tensors = {MOE_EXPERTS: np.array([[values[0]] * 3, [values[1]] * 3], np.float32),
-               MOE_GATE: np.array([[values[0]] * 3, [values[1]] * 3], np.float32)}
+    tensors = {
+        MOE_EXPERTS: np.array([[values[0]] * 3, [values[1]] * 3], np.float32),
+        MOE_GATE: np.array([[values[0]] * 3, [values[1]] * 3], np.float32),
+    }
     stats = RoutingStats([2])
     stats.update([np.array([usage, [0.6, 0.6], [0.0, 0.0], [1.0, 1.0]])], num_tokens=2)
-    meta = {"expert_ids": [[0, 1]], "trained_experts": [[0, 1]], "routing": stats.to_dict(), "metrics": {},
-            "layers": {MOE_EXPERTS: 0, MOE_GATE: 0}}
+    meta = {
+        "expert_ids": [[0, 1]],
+        "trained_experts": [[0, 1]],
+        "routing": stats.to_dict(),
+        "metrics": {},
+        "layers": {MOE_EXPERTS: 0, MOE_GATE: 0},
+    }
     return SimpleNamespace(device_id=device_id, num_examples=n, meta=meta, tensor_sha256=store.put(tensors))
 
 
@@ -355,16 +454,21 @@ def routing(k, usage=None, specific=None, *, num_tokens=8) -> LayerRouting:
     routed ``num_tokens`` tokens."""
     usage = np.full(k, 1.0 / k) if usage is None else np.asarray(usage, np.float64)
     specific = usage if specific is None else np.asarray(specific, np.float64)
-    return LayerRouting(usage=usage, specific=specific, kl=np.zeros(k), tokens_routed=np.full(k, num_tokens),
-                        num_tokens=num_tokens)
+    return LayerRouting(
+        usage=usage, specific=specific, kl=np.zeros(k), tokens_routed=np.full(k, num_tokens), num_tokens=num_tokens
+    )
 
 
 def make_update(cid, n, ids, experts, gate, other, *, trained=None, usage=None, s_spec=None):
     """An update of ``tiny_global``'s layout holding experts ``ids`` (``s_spec``: the specific scores)."""
     return ClientUpdate(
-        client_id=cid, num_examples=n,
-        tensors={"experts.w": np.asarray(experts, np.float32), "gate.weight": np.asarray(gate, np.float32),
-                 "attn.w": np.asarray(other, np.float32)},
+        client_id=cid,
+        num_examples=n,
+        tensors={
+            "experts.w": np.asarray(experts, np.float32),
+            "gate.weight": np.asarray(gate, np.float32),
+            "attn.w": np.asarray(other, np.float32),
+        },
         tensor_meta={"experts.w": EXPERT, "gate.weight": ROUTER, "attn.w": OTHER},
         expert_ids=(tuple(ids),),
         trained_experts=(frozenset(ids if trained is None else trained),),
@@ -382,13 +486,24 @@ def tiny_context(**fit):
     from device_runtime.wire import FitConfig
     from export.planner import ModelShape
 
-    shape = ModelShape(hidden=16, intermediate=24, vocab=32, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=8,
-                       moe_layers=1, num_experts=4, experts_per_token=2, shared_params=2000, expert_params=3 * 16 * 24)
+    shape = ModelShape(
+        hidden=16,
+        intermediate=24,
+        vocab=32,
+        num_layers=1,
+        num_heads=2,
+        num_kv_heads=1,
+        head_dim=8,
+        moe_layers=1,
+        num_experts=4,
+        experts_per_token=2,
+        shared_params=2000,
+        expert_params=3 * 16 * 24,
+    )
     tokens = 10
     p = np.asarray(CALIBRATION_USAGE)
     calibration = RoutingStats([4])
-    calibration.update([np.stack([p * tokens, CALIBRATION_SPECIFIC, tokens * p * np.log(p), np.full(4, 5.0)])],
-                       tokens)
+    calibration.update([np.stack([p * tokens, CALIBRATION_SPECIFIC, tokens * p * np.log(p), np.full(4, 5.0)])], tokens)
     return FitContext(shape, calibration, FitConfig(**{"batch_size": 2, "seq_len": 8, **fit}), seed=7)
 
 
@@ -401,6 +516,10 @@ def memory_for(context, kept: int, frozen_dtype: str | None = None, merged: bool
     base = TrainingShape(context.fit.batch_size, context.fit.seq_len)
     rungs = [base, replace(base, frozen_dtype="float16"), replace(base, frozen_dtype="float16", merged=True)]
     low = estimate(context.model, replace(base, frozen_dtype=frozen_dtype, merged=merged), kept).peak_mib
-    above = [e for train in rungs for k in range(1, context.model.num_experts + 1)
-             if (e := estimate(context.model, train, k).peak_mib) > low]
+    above = [
+        e
+        for train in rungs
+        for k in range(1, context.model.num_experts + 1)
+        if (e := estimate(context.model, train, k).peak_mib) > low
+    ]
     return (low + min(above, default=low + 1000)) / 2

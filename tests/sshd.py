@@ -80,11 +80,12 @@ PasswordAuthentication no
 KbdInteractiveAuthentication no
 UsePAM no
 StrictModes no
-PidFile {root / 'sshd.pid'}
+PidFile {root / "sshd.pid"}
 """)
     Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege separation directory
-    process = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)], stdout=subprocess.DEVNULL,
-                               stderr=open(root / "sshd.log", "wb"))
+    process = subprocess.Popen(
+        [SSHD, "-D", "-e", "-f", str(config)], stdout=subprocess.DEVNULL, stderr=open(root / "sshd.log", "wb")
+    )
     known = root / "known_hosts"
     known.write_text(f"[127.0.0.1]:{port} {Path(f'{host_key}.pub').read_text()}")
     client = root / "ssh_config"
@@ -101,7 +102,7 @@ PidFile {root / 'sshd.pid'}
             break
         except OSError:
             if process.poll() is not None:
-                raise RuntimeError(f"sshd exited: {(root / 'sshd.log').read_text()}")
+                raise RuntimeError(f"sshd exited: {(root / 'sshd.log').read_text()}") from None
             time.sleep(0.1)
     return SshServer(user, port, home, client, process)
 

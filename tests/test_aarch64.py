@@ -1,5 +1,5 @@
 """The device runtime on aarch64, for real: Debian trixie's arm64 Python 3.13 under qemu user-mode
-emulation, the ``device-lite`` wheels for aarch64 installed offline from a wheelhouse, enrols with a real
+emulation, the ``device-lite`` wheels for aarch64 installed offline from a wheelhouse, enrolls with a real
 coordinator on loopback and completes one zeroth-order round on a tiny bundle, uploading seeds and scalars.
 
 Needs ``.ci/setup.d/30-aarch64.sh`` (debootstrap; trixie's static qemu-user 10 in ``/opt/qemu-user-10``:
@@ -40,8 +40,18 @@ PYTHON = "usr/bin/python3.13"
 SITE = "opt/fedmoe-site"
 PLATFORMS = ("manylinux_2_39_aarch64", "manylinux_2_28_aarch64", "manylinux2014_aarch64")
 TAGS = [arg for p in PLATFORMS for arg in ("--platform", p)] + [
-    "--python-version", "3.13", "--implementation", "cp", "--abi", "cp313", "--abi", "abi3", "--abi", "none",
-    "--only-binary=:all:"]
+    "--python-version",
+    "3.13",
+    "--implementation",
+    "cp",
+    "--abi",
+    "cp313",
+    "--abi",
+    "abi3",
+    "--abi",
+    "none",
+    "--only-binary=:all:",
+]
 COORD_MIB = 4.0
 
 
@@ -57,8 +67,16 @@ def _arm64_root(cache: Path) -> Path:
         if shutil.which("debootstrap") is None:
             pytest.skip("debootstrap is missing: run .ci/setup.d/30-aarch64.sh")
         shutil.rmtree(root, ignore_errors=True)
-        _run("debootstrap", "--arch=arm64", "--foreign", "--variant=minbase", "--include=python3", SUITE, root,
-             debian_mirror())
+        _run(
+            "debootstrap",
+            "--arch=arm64",
+            "--foreign",
+            "--variant=minbase",
+            "--include=python3",
+            SUITE,
+            root,
+            debian_mirror(),
+        )
         for deb in sorted((root / "var/cache/apt/archives").glob("*.deb")):
             _run("dpkg-deb", "-x", deb, root)
             deb.unlink()
@@ -80,8 +98,20 @@ def _site(cache: Path, root: Path) -> None:
         shutil.rmtree(site, ignore_errors=True)
         # exactly the wheels resolved above for 3.13 (so --ignore-requires-python only skips re-checking
         # them against the host's 3.11); tags are still checked against TAGS
-        _run("python", "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--ignore-requires-python", *TAGS,
-             "--target", site, *sorted(wheels.glob("*.whl")))
+        _run(
+            "python",
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-index",
+            "--no-deps",
+            "--ignore-requires-python",
+            *TAGS,
+            "--target",
+            site,
+            *sorted(wheels.glob("*.whl")),
+        )
         marker.write_text(key)
 
 
@@ -101,15 +131,24 @@ def arm64_python() -> list[str]:
 
 def arm64_env(home: Path, **extra: str) -> dict[str, str]:
     """A clean environment: the emulated site + this tree, nothing of the host's Python configuration."""
-    return {"PATH": "/usr/bin:/bin", "HOME": str(home), "LANG": "C.UTF-8",
-            "PYTHONPATH": f"/{SITE}:{REPO}", "PYTHONNOUSERSITE": "1", **extra}
+    return {
+        "PATH": "/usr/bin:/bin",
+        "HOME": str(home),
+        "LANG": "C.UTF-8",
+        "PYTHONPATH": f"/{SITE}:{REPO}",
+        "PYTHONNOUSERSITE": "1",
+        **extra,
+    }
 
 
 def test_emulated_python_is_aarch64_313_with_only_the_zo_backend(arm64_python, tmp_path):
-    code = ("import platform, sys, onnxruntime; from device_runtime.backends import available_backends; "
-            "print(platform.machine(), sys.version_info[:2], onnxruntime.__version__ != '', available_backends())")
-    out = subprocess.run([*arm64_python, "-c", code], env=arm64_env(tmp_path), capture_output=True, text=True,
-                         timeout=600)
+    code = (
+        "import platform, sys, onnxruntime; from device_runtime.backends import available_backends; "
+        "print(platform.machine(), sys.version_info[:2], onnxruntime.__version__ != '', available_backends())"
+    )
+    out = subprocess.run(
+        [*arm64_python, "-c", code], env=arm64_env(tmp_path), capture_output=True, text=True, timeout=600
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.split(" ", 1) == ["aarch64", "(3, 13) True ('zo',)\n"]
 
@@ -117,12 +156,27 @@ def test_emulated_python_is_aarch64_313_with_only_the_zo_backend(arm64_python, t
 def test_emulated_aarch64_device_completes_a_zeroth_order_round(arm64_python, tmp_path):
     fit = {"batch_size": 2, "seq_len": 8, "local_steps": 2, "learning_rate": 1e-2, "zo_seeds": 16}  # seeds + scalars
     with one_round_federation(tmp_path, max_message_mib=COORD_MIB, fit=fit, round_deadline_s=900) as (
-            server, registry, data, memory):
-        env = arm64_env(tmp_path, FEDMOE_DEVICE_HOME=str(tmp_path / "device"),
-                        FEDMOE_ENROL_TOKEN=registry.create_enrol_token("pi-arm64", 3600))
-        round_, update, log = run_cli_device_round([*arm64_python, "-m", "device_runtime.cli"], env, server.url,
-                                                   registry, name="pi-arm64", memory_mib=memory,
-                                                   max_message_mib=COORD_MIB, data=data, timeout_s=600)
+        server,
+        registry,
+        data,
+        memory,
+    ):
+        env = arm64_env(
+            tmp_path,
+            FEDMOE_DEVICE_HOME=str(tmp_path / "device"),
+            FEDMOE_ENROLL_TOKEN=registry.create_enroll_token("pi-arm64", 3600),
+        )
+        round_, update, log = run_cli_device_round(
+            [*arm64_python, "-m", "device_runtime.cli"],
+            env,
+            server.url,
+            registry,
+            name="pi-arm64",
+            memory_mib=memory,
+            max_message_mib=COORD_MIB,
+            data=data,
+            timeout_s=600,
+        )
         (device,) = registry.list_devices()
         assert device.profile["arch"] == "aarch64" and device.profile["backend"] == "zo"
         assert update.meta["metrics"]["zeroth_order"] == 1.0 and update.meta["metrics"]["steps"] == 2.0

@@ -1,5 +1,5 @@
 """Admission at TCP accept (issue 19, defects 1 and 3), against a real wss:// server with mutual TLS: raw
-sockets that never send a ClientHello, idle anonymous TLS connections, failed enrolments."""
+sockets that never send a ClientHello, idle anonymous TLS connections, failed enrollments."""
 
 from __future__ import annotations
 
@@ -16,11 +16,11 @@ import pytest
 from websockets.asyncio.client import connect
 
 from coordinator.accept import GRACE_S
-from coordinator.admission import ENROL_FAILURE_BURST, quiet_accept_errors, raise_descriptor_limit
+from coordinator.admission import ENROLL_FAILURE_BURST, quiet_accept_errors, raise_descriptor_limit
 from coordinator.config import load_config
 from device_runtime.auth import generate_keypair, sign_challenge
 from device_runtime.tls import client_context
-from device_runtime.wire import PROTOCOL_VERSION, Auth, AuthOk, Enrol, Error, Hello, decode, encode
+from device_runtime.wire import PROTOCOL_VERSION, Auth, AuthOk, Enroll, Error, Hello, decode, encode
 
 pytest.importorskip("torch")
 from helpers import ServerThread, init_by_cli  # noqa: E402
@@ -34,9 +34,16 @@ HANDSHAKE_S = 1.5
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("accept")
     raise_descriptor_limit()
-    cfg = replace(load_config(init_by_cli(root)), max_message_mib=MAX_MIB, min_fit_clients=1, max_fit_clients=1,
-                  max_connections=8, certified_share=0.5, max_unauthenticated_per_address=PER_ADDRESS,
-                  handshake_timeout_s=HANDSHAKE_S)
+    cfg = replace(
+        load_config(init_by_cli(root)),
+        max_message_mib=MAX_MIB,
+        min_fit_clients=1,
+        max_fit_clients=1,
+        max_connections=8,
+        certified_share=0.5,
+        max_unauthenticated_per_address=PER_ADDRESS,
+        handshake_timeout_s=HANDSHAKE_S,
+    )
     server = ServerThread(cfg)
     yield root, cfg, server, {"memory_mib": 10}  # too little for any assignment: no round traffic
     server.stop()
@@ -139,8 +146,9 @@ def test_a_herd_of_handshakes_waits_its_turn(roomy, monkeypatch):
     context = client_context(roomy.url, ca_pem=Path(roomy.cfg.tls_ca_cert).read_bytes())
 
     async def one(i):
-        sock = socket.create_connection(("127.0.0.1", roomy.port), timeout=10,
-                                        source_address=(f"127.0.8.{i % 10 + 1}", 0))
+        sock = socket.create_connection(
+            ("127.0.0.1", roomy.port), timeout=10, source_address=(f"127.0.8.{i % 10 + 1}", 0)
+        )
         sock.setblocking(False)
         async with connect(roomy.url, sock=sock, ssl=context, compression=None, open_timeout=30):
             return True
@@ -168,19 +176,23 @@ def test_idle_anonymous_tls_connections_leave_the_certified_share_free(setup):
         assert isinstance(_login(server, creds, profile), AuthOk)
 
 
-def test_failed_enrolments_are_rate_limited_per_address(setup, monkeypatch):
+def test_failed_enrollments_are_rate_limited_per_address(setup, monkeypatch):
     _, cfg, server, _ = setup
-    monkeypatch.setattr("coordinator.admission.ENROL_FAILURE_EVERY_S", 3600.0)  # no refill on a slow machine
-    replies = [_enrol_with_a_bad_token(server, cfg, "127.0.4.1") for _ in range(ENROL_FAILURE_BURST + 1)]
-    assert [r.code for r in replies] == ["auth"] * ENROL_FAILURE_BURST + ["rate"]
-    assert _enrol_with_a_bad_token(server, cfg, "127.0.4.2").code == "auth"  # another address
+    monkeypatch.setattr("coordinator.admission.ENROLL_FAILURE_EVERY_S", 3600.0)  # no refill on a slow machine
+    replies = [_enroll_with_a_bad_token(server, cfg, "127.0.4.1") for _ in range(ENROLL_FAILURE_BURST + 1)]
+    assert [r.code for r in replies] == ["auth"] * ENROLL_FAILURE_BURST + ["rate"]
+    assert _enroll_with_a_bad_token(server, cfg, "127.0.4.2").code == "auth"  # another address
 
 
-def _enrol_with_a_bad_token(server, cfg, address) -> Error:
+def _enroll_with_a_bad_token(server, cfg, address) -> Error:
     context = client_context(server.url, ca_pem=Path(cfg.tls_ca_cert).read_bytes())
     sock = socket.create_connection(("127.0.0.1", server.port), timeout=10, source_address=(address, 0))
-    reply = _exchange(server, context, lambda _: Enrol(token="A" * 43, name="guess", profile={},
-                                                       public_key=generate_keypair()[1]), sock=sock)
+    reply = _exchange(
+        server,
+        context,
+        lambda _: Enroll(token="A" * 43, name="guess", profile={}, public_key=generate_keypair()[1]),
+        sock=sock,
+    )
     assert isinstance(reply, Error), reply
     return reply
 
@@ -188,16 +200,21 @@ def _enrol_with_a_bad_token(server, cfg, address) -> Error:
 def _login(server, creds, profile):
     """The reply to Hello and Auth from ``creds``' device over mutual TLS."""
     context = client_context(server.url, ca_pem=creds.ca_cert.encode(), client_pem=creds.client_pem)
-    return _exchange(server, context,
-                     lambda _: Hello(device_id=creds.device_id, protocol_version=PROTOCOL_VERSION, profile=profile),
-                     lambda challenge: Auth(device_id=creds.device_id, signature=sign_challenge(
-                         creds.private_key, challenge.nonce, creds.device_id)))
+    return _exchange(
+        server,
+        context,
+        lambda _: Hello(device_id=creds.device_id, protocol_version=PROTOCOL_VERSION, profile=profile),
+        lambda challenge: Auth(
+            device_id=creds.device_id, signature=sign_challenge(creds.private_key, challenge.nonce, creds.device_id)
+        ),
+    )
 
 
 def _exchange(server, context, *steps, sock=None):
     """Send ``step(previous reply)`` for each step on one wss:// connection; returns the last reply. Over
     websockets' asyncio client, as devices do: its sync client now and then loses its opening request over
     TLS 1.3 (1 of ~100 connections here, against the old server too; python-websockets/websockets#1648)."""
+
     async def run():
         async with connect(server.url, ssl=context, sock=sock, compression=None, open_timeout=10) as ws:
             reply = None
@@ -214,7 +231,6 @@ def _rss_mib() -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     raise AssertionError("no VmRSS in /proc/self/status")
-
 
 
 def test_other_loop_errors_reach_asyncio_s_default_handler(caplog):

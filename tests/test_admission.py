@@ -25,7 +25,7 @@ from device_runtime.wire import AuthOk, BundleRequest, Error, EvaluateRes, Heart
 
 pytest.importorskip("torch")
 from helpers import ServerThread, fake_update, initialised_coordinator, two_expert_memory  # noqa: E402
-from test_server import MAX_MIB, enrol, first_assignment, login, recv, send, ws  # noqa: E402
+from test_server import MAX_MIB, enroll, first_assignment, login, recv, send, ws  # noqa: E402
 
 LOGIN_TIMEOUT_S = 2.0
 
@@ -33,10 +33,17 @@ LOGIN_TIMEOUT_S = 2.0
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("admission")
-    cfg = initialised_coordinator(root, root / "state", max_message_mib=MAX_MIB, login_timeout_s=LOGIN_TIMEOUT_S,
-                                  max_connections=6, max_unauthenticated_per_address=3,
-                                  # test devices that never answer their assignment must not hold up the next
-                                  round_deadline_s=5, max_round_attempts=1_000_000)
+    cfg = initialised_coordinator(
+        root,
+        root / "state",
+        max_message_mib=MAX_MIB,
+        login_timeout_s=LOGIN_TIMEOUT_S,
+        max_connections=6,
+        max_unauthenticated_per_address=3,
+        # test devices that never answer their assignment must not hold up the next
+        round_deadline_s=5,
+        max_round_attempts=1_000_000,
+    )
     server = ServerThread(cfg)
     yield server, cfg, {"memory_mib": two_expert_memory(root / "checkpoint")}
     server.stop()
@@ -107,7 +114,7 @@ def test_a_large_frame_before_login_is_refused_unread(setup):
 
 def test_one_session_per_device_the_newest_wins(setup):
     server, cfg, profile = setup
-    device_id, private, _ = enrol(server, cfg, "twice", profile)
+    device_id, private, _ = enroll(server, cfg, "twice", profile)
     with ws(server) as old, ws(server) as new:
         assert isinstance(login(old, device_id, private, profile), AuthOk)
         assert isinstance(login(new, device_id, private, profile), AuthOk)
@@ -119,7 +126,7 @@ def test_one_session_per_device_the_newest_wins(setup):
 def test_a_message_flood_disconnects_the_device(setup, caplog):
     server, cfg, _ = setup
     profile = {"memory_mib": 10}  # too little for an assignment: nothing large is in flight when it is closed
-    device_id, private, _ = enrol(server, cfg, "flood", profile)
+    device_id, private, _ = enroll(server, cfg, "flood", profile)
     with ws(server) as conn:
         assert isinstance(login(conn, device_id, private, profile), AuthOk)
         try:
@@ -137,7 +144,7 @@ def test_the_message_rate_is_per_device_and_survives_a_reconnect(setup, caplog):
     then 3/4 on the next is too many (only MESSAGES_PER_S a second were refilled in between)."""
     server, cfg, _ = setup
     profile = {"memory_mib": 10}
-    device_id, private, _ = enrol(server, cfg, "reflood", profile)
+    device_id, private, _ = enroll(server, cfg, "reflood", profile)
     burst = MESSAGE_BURST * 3 // 4
     with ws(server) as conn:
         assert isinstance(login(conn, device_id, private, profile), AuthOk)
@@ -158,7 +165,7 @@ def test_the_message_rate_is_per_device_and_survives_a_reconnect(setup, caplog):
 
 def test_unsolicited_evaluate_results_store_one_row_per_assigned_round(setup):
     server, cfg, profile = setup
-    device_id, private, _ = enrol(server, cfg, "evaluator", profile)
+    device_id, private, _ = enroll(server, cfg, "evaluator", profile)
     with ws(server) as conn:
         assignment = first_assignment(conn, device_id, private, profile)
         for round_id in (assignment.round_id,) * 20 + (assignment.round_id + 1000,) * 20:
@@ -174,11 +181,12 @@ def test_unsolicited_evaluate_results_store_one_row_per_assigned_round(setup):
 def test_a_revoked_device_s_live_session_ends_and_its_update_is_refused(setup):
     """Issue 10 defect 6: the old server accepted and aggregated the update of a device revoked mid-session."""
     server, cfg, profile = setup
-    device_id, private, _ = enrol(server, cfg, "revoked-live", profile)
+    device_id, private, _ = enroll(server, cfg, "revoked-live", profile)
     with ws(server) as conn:
         assignment = first_assignment(conn, device_id, private, profile)
-        manifest = Manifest.from_json((Path(cfg.state_dir) / "bundles" / assignment.shape_key.id /
-                                       "manifest.json").read_text())
+        manifest = Manifest.from_json(
+            (Path(cfg.state_dir) / "bundles" / assignment.shape_key.id / "manifest.json").read_text()
+        )
         registry = Registry(cfg.registry_url)
         registry.revoke_device(device_id)
         send(conn, fake_update(assignment, manifest))
@@ -194,7 +202,7 @@ def test_heartbeats_do_not_query_the_registry_for_revocation_each(setup, monkeyp
     event loop); now a Heartbeat re-checks at most every REVOCATION_CHECK_S and other messages at once."""
     server, cfg, _ = setup
     profile = {"memory_mib": 10}
-    device_id, private, _ = enrol(server, cfg, "heartbeats", profile)
+    device_id, private, _ = enroll(server, cfg, "heartbeats", profile)
     lookups = []
     original = Registry.get_device
     monkeypatch.setattr(Registry, "get_device", lambda self, d: lookups.append(d) or original(self, d))
@@ -212,7 +220,7 @@ def test_heartbeats_do_not_query_the_registry_for_revocation_each(setup, monkeyp
 def test_a_revoked_device_that_only_heartbeats_is_closed(setup, monkeypatch):
     server, cfg, _ = setup
     profile = {"memory_mib": 10}
-    device_id, private, _ = enrol(server, cfg, "idle-revoked", profile)
+    device_id, private, _ = enroll(server, cfg, "idle-revoked", profile)
     monkeypatch.setattr("coordinator.server.REVOCATION_CHECK_S", 0.2)
     with ws(server) as conn:
         assert isinstance(login(conn, device_id, private, profile), AuthOk)
@@ -237,8 +245,12 @@ def test_at_the_descriptor_limit_no_log_storm_and_service_resumes(tmp_path):
         resource.setrlimit(resource.RLIMIT_NOFILE, (128, 128))
 
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "coordinator.cli", "--config", str(tmp_path / "coord.toml"),
-                                 "serve"], stdout=out, stderr=subprocess.STDOUT, preexec_fn=limit)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "coordinator.cli", "--config", str(tmp_path / "coord.toml"), "serve"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            preexec_fn=limit,
+        )
     try:
         wait_until(lambda: _healthy(cfg.port), timeout=60)
         idle = []

@@ -2,12 +2,14 @@
 not depend on the order in which the updates arrived."""
 
 import numpy as np
+from helpers import MOE_EXPERTS as EXPERTS
+from helpers import MOE_GATE as GATE
+from helpers import stored_update_row as _row
 
 from coordinator.federation import GlobalModel, aggregate_round
 from coordinator.registry import Registry
 from coordinator.strategy import FedAvg
 from coordinator.tensor_store import TensorStore
-from helpers import MOE_EXPERTS as EXPERTS, MOE_GATE as GATE, stored_update_row as _row
 
 
 def test_the_new_version_is_the_same_whatever_the_arrival_order(tmp_path):

@@ -8,8 +8,13 @@ import numpy as np
 import pytest
 
 from coordinator.config import CoordinatorConfig
-from device_runtime.answer_prior import (LOG_PRIOR_FLOOR, answer_shift, answer_token_ids, first_targets,
-                                         local_answer_shift)
+from device_runtime.answer_prior import (
+    LOG_PRIOR_FLOOR,
+    answer_shift,
+    answer_token_ids,
+    first_targets,
+    local_answer_shift,
+)
 from device_runtime.data import LocalDataset, TextEncoder
 from device_runtime.errors import ConfigError
 from device_runtime.wire import FitConfig
@@ -38,8 +43,9 @@ def test_no_answer_example_gives_no_shift_and_bad_tau_is_refused():
 
 
 def test_answer_ids_are_the_labels_first_tokens(encoder):
-    assert answer_token_ids(encoder, ["sport", "business", "tech"]) == [WORD_ID[w] for w in ("sport", "business",
-                                                                                               "tech")]
+    assert answer_token_ids(encoder, ["sport", "business", "tech"]) == [
+        WORD_ID[w] for w in ("sport", "business", "tech")
+    ]
     with pytest.raises(ConfigError, match="at least two labels"):
         answer_token_ids(encoder, ["sport", "sport"])
 
@@ -59,4 +65,7 @@ def test_local_shift_counts_the_devices_own_labels(encoder):
 def test_coordinator_config_needs_labels_with_logit_adjustment():
     with pytest.raises(ConfigError, match="labels"):
         CoordinatorConfig(checkpoint="x", fit=FitConfig(logit_adjustment=1.0))
-    assert CoordinatorConfig(checkpoint="x", fit={"logit_adjustment": 1.0, "labels": ["a", "b"]}).fit.labels == ("a", "b")
+    assert CoordinatorConfig(checkpoint="x", fit={"logit_adjustment": 1.0, "labels": ["a", "b"]}).fit.labels == (
+        "a",
+        "b",
+    )

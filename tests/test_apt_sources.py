@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from apt_sources import debian_mirror
 
 DEB822 = """Types: deb
@@ -30,8 +29,10 @@ def test_one_line_sources_with_options_come_first(tmp_path, monkeypatch):
     monkeypatch.delenv("FEDMOE_DEBIAN_MIRROR", raising=False)
     (tmp_path / "sources.list.d").mkdir()
     (tmp_path / "sources.list.d" / "debian.sources").write_text(DEB822)
-    (tmp_path / "sources.list").write_text("# deb http://old.example/debian buster main\n"
-                                           "deb [arch=amd64 signed-by=/k.gpg] http://local.example/debian trixie main\n")
+    (tmp_path / "sources.list").write_text(
+        "# deb http://old.example/debian buster main\n"
+        "deb [arch=amd64 signed-by=/k.gpg] http://local.example/debian trixie main\n"
+    )
     assert debian_mirror(tmp_path) == "http://local.example/debian"
 
 

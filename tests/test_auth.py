@@ -56,8 +56,8 @@ def test_nonce_single_use_and_expiry():
         book.consume(oldest)  # evicted beyond max_pending
 
 
-def test_enrol_tokens_random_and_hashed():
-    tokens = {auth.new_enrol_token() for _ in range(100)}
+def test_enroll_tokens_random_and_hashed():
+    tokens = {auth.new_enroll_token() for _ in range(100)}
     assert len(tokens) == 100 and all(len(t) == 43 for t in tokens)
     assert auth.hash_token("abc") == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
 
@@ -86,5 +86,5 @@ def test_credentials_refused_when_readable_by_others(tmp_path):
     path.write_text("{not json")
     with pytest.raises(AuthError, match="malformed"):
         auth.load_credentials(path)
-    with pytest.raises(AuthError, match="enrol"):
+    with pytest.raises(AuthError, match="enroll"):
         auth.load_credentials(tmp_path / "missing.json")

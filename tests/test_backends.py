@@ -101,10 +101,15 @@ def test_fit_assignment_with_the_zo_backend_reports_a_zeroth_order_update(tiny):
 
     bundle, _, data = tiny
     weights = ZoTrainer(bundle, progress=False).get_parameters()
-    assignment = Assignment(update_id="u-zo", round_id=1, model_version=0, shape_key=bundle.manifest.shape_key,
-                            expert_ids=bundle.manifest.expert_ids,
-                            config=FitConfig(batch_size=2, seq_len=SEQ_LEN, local_steps=3, learning_rate=1e-2),
-                            tensors=dict(weights))
+    assignment = Assignment(
+        update_id="u-zo",
+        round_id=1,
+        model_version=0,
+        shape_key=bundle.manifest.shape_key,
+        expert_ids=bundle.manifest.expert_ids,
+        config=FitConfig(batch_size=2, seq_len=SEQ_LEN, local_steps=3, learning_rate=1e-2),
+        tensors=dict(weights),
+    )
     update = fit_assignment(bundle, assignment, data, threads=1, backend="zo")
     assert update.metrics["zeroth_order"] == 1.0 and update.metrics["steps"] == 3.0
     assert set(update.tensors) == set(bundle.manifest.trainable_names)

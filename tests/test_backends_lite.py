@@ -1,5 +1,5 @@
 """A device with only the ``device-lite`` extra, in its own venv (plain onnxruntime; no onnxruntime-training,
-no torch): it enrols with a real coordinator on loopback, trains forward-only (zeroth-order) and its update
+no torch): it enrolls with a real coordinator on loopback, trains forward-only (zeroth-order) and its update
 is aggregated into the next global model version.
 
 The venv is built once per requirement set from a wheel cache under ``$FEDMOE_CACHE/device-lite``
@@ -26,8 +26,12 @@ COORD_MIB = 4.0
 
 
 def _pip(python: Path | str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([str(python), "-m", "pip", "--disable-pip-version-check", "-q", *args],
-                          capture_output=True, text=True, timeout=900)
+    return subprocess.run(
+        [str(python), "-m", "pip", "--disable-pip-version-check", "-q", *args],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
 
 
 @pytest.fixture(scope="session")
@@ -65,25 +69,37 @@ def lite_env(**extra: str) -> dict[str, str]:
 
 
 def test_lite_venv_has_plain_onnxruntime_and_neither_training_nor_torch(lite_python):
-    code = ("import importlib.util as u, onnxruntime, device_runtime.cli, device_runtime.client; "
-            "from device_runtime.backends import available_backends; "
-            "print(available_backends(), u.find_spec('torch') is None, "
-            "(__import__('pathlib').Path(onnxruntime.__file__).parent / 'training').exists())")
+    code = (
+        "import importlib.util as u, onnxruntime, device_runtime.cli, device_runtime.client; "
+        "from device_runtime.backends import available_backends; "
+        "print(available_backends(), u.find_spec('torch') is None, "
+        "(__import__('pathlib').Path(onnxruntime.__file__).parent / 'training').exists())"
+    )
     out = subprocess.run([str(lite_python), "-c", code], env=lite_env(), capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["('zo',)", "True", "False"]
 
 
-def test_lite_device_enrols_trains_forward_only_and_its_update_is_aggregated(lite_python, tmp_path):
+def test_lite_device_enrolls_trains_forward_only_and_its_update_is_aggregated(lite_python, tmp_path):
     from coordinator.federation import tensor_store
 
     fit = {"batch_size": 2, "seq_len": 8, "local_steps": 4, "learning_rate": 1e-2}
     with one_round_federation(tmp_path, max_message_mib=COORD_MIB, fit=fit) as (server, registry, data, memory):
-        env = lite_env(FEDMOE_DEVICE_HOME=str(tmp_path / "device"),
-                       FEDMOE_ENROL_TOKEN=registry.create_enrol_token("pi-lite", 3600))
-        _, update, _ = run_cli_device_round([str(lite_python), "-m", "device_runtime.cli"], env, server.url, registry,
-                                            name="pi-lite", memory_mib=memory, max_message_mib=COORD_MIB,
-                                            data=data, timeout_s=120)
+        env = lite_env(
+            FEDMOE_DEVICE_HOME=str(tmp_path / "device"),
+            FEDMOE_ENROLL_TOKEN=registry.create_enroll_token("pi-lite", 3600),
+        )
+        _, update, _ = run_cli_device_round(
+            [str(lite_python), "-m", "device_runtime.cli"],
+            env,
+            server.url,
+            registry,
+            name="pi-lite",
+            memory_mib=memory,
+            max_message_mib=COORD_MIB,
+            data=data,
+            timeout_s=120,
+        )
         (registered,) = registry.list_devices()
         assert registered.profile["backends"] == ["zo"] and registered.profile["backend"] == "zo"
         assert update.meta["metrics"]["zeroth_order"] == 1.0 and update.meta["metrics"]["steps"] == 4.0

@@ -59,15 +59,19 @@ def test_other_exceptions_are_not_swallowed(monkeypatch):
         run_cli(group, Console(file=io.StringIO()))
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["coordinator.cli", "--config", "{tmp}/missing.toml", "status"], "cannot read config"),
-    (["export.cli", "inspect", "{tmp}"], "is not a bundle"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["coordinator.cli", "--config", "{tmp}/missing.toml", "status"], "cannot read config"),
+        (["export.cli", "inspect", "{tmp}"], "is not a bundle"),
+    ],
+)
 def test_entry_points_print_one_error_line(tmp_path, argv, message):
     args = [a.format(tmp=tmp_path) for a in argv]
     code = f"import sys; sys.argv = {args!r}; from {args[0]} import run; run()"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
-                         env={**os.environ, "COLUMNS": "400"})
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env={**os.environ, "COLUMNS": "400"}
+    )
     assert out.returncode == 1
     assert out.stderr.startswith("error: ") and message in out.stderr and out.stderr.count("\n") == 1, out.stderr
     assert "Traceback" not in out.stderr

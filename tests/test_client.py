@@ -25,9 +25,26 @@ from device_runtime.client import Backoff, DeviceClient, enroll
 from device_runtime.errors import AuthError, BundleError, BundleIntegrityError
 from device_runtime.session import DeviceSession, Report, Send, Train
 from device_runtime.update_store import UpdateStore
-from device_runtime.wire import (PROTOCOL_VERSION, Ack, Assignment, Auth, AuthOk, BundleData, BundleRequest, Challenge, Enrol,
-                                 EnrolOk, Error, FitConfig, Heartbeat, Hello, Update, bundle_chunks, decode,
-                                 encode)
+from device_runtime.wire import (
+    PROTOCOL_VERSION,
+    Ack,
+    Assignment,
+    Auth,
+    AuthOk,
+    BundleData,
+    BundleRequest,
+    Challenge,
+    Enroll,
+    EnrollOk,
+    Error,
+    FitConfig,
+    Heartbeat,
+    Hello,
+    Update,
+    bundle_chunks,
+    decode,
+    encode,
+)
 
 pytest.importorskip("onnxruntime.training.api")
 pytest.importorskip("torch")
@@ -53,10 +70,15 @@ def bundle_files(bundle) -> dict[str, bytes]:
 
 def assignment_of(bundle, update_id="r1-dev-a", local_steps=2) -> Assignment:
     m = bundle.manifest
-    return Assignment(round_id=1, update_id=update_id, model_version=0, shape_key=m.shape_key,
-                      expert_ids=m.expert_ids, config=FitConfig(batch_size=2, seq_len=SEQ_LEN, learning_rate=1e-2,
-                                                                local_steps=local_steps),
-                      tensors=load_file(str(bundle.path(WEIGHTS_FILE))))
+    return Assignment(
+        round_id=1,
+        update_id=update_id,
+        model_version=0,
+        shape_key=m.shape_key,
+        expert_ids=m.expert_ids,
+        config=FitConfig(batch_size=2, seq_len=SEQ_LEN, learning_rate=1e-2, local_steps=local_steps),
+        tensors=load_file(str(bundle.path(WEIGHTS_FILE))),
+    )
 
 
 # ---------------------------------------------------------------- a protocol-speaking test server
@@ -64,7 +86,7 @@ def assignment_of(bundle, update_id="r1-dev-a", local_steps=2) -> Assignment:
 
 @dataclass
 class Server:
-    """A coordinator stand-in: real enrolment and challenge-response; per-test fault hooks.
+    """A coordinator stand-in: real enrollment and challenge-response; per-test fault hooks.
 
     Attributes:
         assignment: sent after every successful authentication (like the coordinator re-sending a pending one).
@@ -107,13 +129,13 @@ class Server:
     async def handshake(self, ws) -> bool:
         while True:
             msg = decode(await ws.recv(), max_size=1 << 20)
-            if isinstance(msg, Enrol):
+            if isinstance(msg, Enroll):
                 if msg.token not in self.tokens:
                     await ws.send(encode(Error(code="auth", message="unknown token")))
                     continue
                 self.tokens.discard(msg.token)
                 self.keys[f"dev-{msg.name}"] = msg.public_key
-                await ws.send(encode(EnrolOk(device_id=f"dev-{msg.name}")))
+                await ws.send(encode(EnrollOk(device_id=f"dev-{msg.name}")))
                 continue
             assert isinstance(msg, Hello) and msg.profile == PROFILE
             nonce = os.urandom(32)
@@ -165,8 +187,18 @@ async def with_server(server: Server, body):
 
 
 def make_client(url, creds, data, tmp_path, **kwargs) -> DeviceClient:
-    return DeviceClient(url, creds, data, cache_dir=tmp_path / "state", max_message_mib=MAX_MIB, threads=1,
-                        profile=PROFILE, heartbeat_s=0.2, backoff=Backoff(base_s=0.05, max_s=0.2), **kwargs)
+    return DeviceClient(
+        url,
+        creds,
+        data,
+        cache_dir=tmp_path / "state",
+        max_message_mib=MAX_MIB,
+        threads=1,
+        profile=PROFILE,
+        heartbeat_s=0.2,
+        backoff=Backoff(base_s=0.05, max_s=0.2),
+        **kwargs,
+    )
 
 
 async def enrolled(url: str, tmp_path) -> Credentials:
@@ -188,10 +220,10 @@ async def run_until(client: DeviceClient, condition, timeout=TIMEOUT_S, settle_s
         await asyncio.wait_for(task, 10)
 
 
-# ---------------------------------------------------------------- enrolment and authentication
+# ---------------------------------------------------------------- enrollment and authentication
 
 
-def test_enrolment_writes_a_0600_credentials_file_with_the_registered_key(tmp_path):
+def test_enrollment_writes_a_0600_credentials_file_with_the_registered_key(tmp_path):
     server = Server()
 
     async def body(url):
@@ -254,9 +286,16 @@ def test_update_dropped_during_upload_is_resent_with_the_same_id_and_counted_onc
 
 def test_a_restarted_device_resumes_the_upload_from_disk(tmp_path, bundle):
     verified, data = bundle
-    stored = Update(update_id="r7-dev-pi4-x", round_id=7, num_examples=3, num_tokens=30, metrics={"loss": 1.5},
-                    routing={"num_tokens": 0}, trained_experts=((0,), (1,)),
-                    tensors={"w": np.arange(6, dtype=np.float32).reshape(2, 3)})
+    stored = Update(
+        update_id="r7-dev-pi4-x",
+        round_id=7,
+        num_examples=3,
+        num_tokens=30,
+        metrics={"loss": 1.5},
+        routing={"num_tokens": 0},
+        trained_experts=((0,), (1,)),
+        tensors={"w": np.arange(6, dtype=np.float32).reshape(2, 3)},
+    )
     UpdateStore(tmp_path / "state" / "updates").put(stored)  # left by a previous process
     server = Server()
 
@@ -277,8 +316,7 @@ def test_corrupted_bundle_chunk_is_rejected_and_nothing_is_trained(tmp_path, bun
 
     async def body(url):
         client = make_client(url, await enrolled(url, tmp_path), data, tmp_path)
-        await run_until(client, lambda: any(e.code == "bad_payload"
-                                            for e in server.errors))
+        await run_until(client, lambda: any(e.code == "bad_payload" for e in server.errors))
         await asyncio.sleep(0.3)
         return client
 
@@ -328,8 +366,9 @@ def test_session_does_not_retrain_a_known_update_and_fetches_each_bundle_once(bu
     verified, _ = bundle
     a = assignment_of(verified, "u1")
     b = assignment_of(verified, "u2")
-    session = DeviceSession(cached=[], known_updates=["u0"], max_bundle_bytes=1 << 30,
-                            staging=BundleCache(tmp_path).staging_dir)
+    session = DeviceSession(
+        cached=[], known_updates=["u0"], max_bundle_bytes=1 << 30, staging=BundleCache(tmp_path).staging_dir
+    )
     first = session.on_message(a)
     assert [type(x) for x in first] == [Report, Send] and isinstance(first[1].message, BundleRequest)
     assert session.on_message(b) == []  # same shape: waits for the same transfer
@@ -390,11 +429,21 @@ def test_cli_device_completes_a_round_with_the_real_coordinator_and_exits_on_sig
     import sys
 
     with one_round_federation(tmp_path, max_message_mib=COORD_MIB) as (server, registry, data, memory):
-        env = {**os.environ, "FEDMOE_DEVICE_HOME": str(tmp_path / "device"),
-               "FEDMOE_ENROL_TOKEN": registry.create_enrol_token("pi-cli", 3600)}
-        round_, update, log = run_cli_device_round([sys.executable, "-m", "device_runtime.cli"], env, server.url,
-                                                   registry, name="pi-cli", memory_mib=memory,
-                                                   max_message_mib=COORD_MIB, data=data)
+        env = {
+            **os.environ,
+            "FEDMOE_DEVICE_HOME": str(tmp_path / "device"),
+            "FEDMOE_ENROLL_TOKEN": registry.create_enroll_token("pi-cli", 3600),
+        }
+        round_, update, log = run_cli_device_round(
+            [sys.executable, "-m", "device_runtime.cli"],
+            env,
+            server.url,
+            registry,
+            name="pi-cli",
+            memory_mib=memory,
+            max_message_mib=COORD_MIB,
+            data=data,
+        )
         assert stat.S_IMODE((tmp_path / "device" / "credentials.json").stat().st_mode) == 0o600
         assert round_.metrics["num_clients"] == 1 and update.num_examples == 4
         assert registry.latest_model_version().version == 1
@@ -412,12 +461,26 @@ def test_a_lora_round_moves_only_routers_and_adapters_and_changes_the_adapters(t
     from coordinator.tensor_store import TensorStore
 
     with one_round_federation(tmp_path, max_message_mib=COORD_MIB, trainable_mode="lora", lora_rank=2) as (
-            server, registry, data, memory):
-        env = {**os.environ, "FEDMOE_DEVICE_HOME": str(tmp_path / "device"),
-               "FEDMOE_ENROL_TOKEN": registry.create_enrol_token("pi-lora", 3600)}
-        round_, update, log = run_cli_device_round([sys.executable, "-m", "device_runtime.cli"], env, server.url,
-                                                   registry, name="pi-lora", memory_mib=memory,
-                                                   max_message_mib=COORD_MIB, data=data)
+        server,
+        registry,
+        data,
+        memory,
+    ):
+        env = {
+            **os.environ,
+            "FEDMOE_DEVICE_HOME": str(tmp_path / "device"),
+            "FEDMOE_ENROLL_TOKEN": registry.create_enroll_token("pi-lora", 3600),
+        }
+        round_, update, log = run_cli_device_round(
+            [sys.executable, "-m", "device_runtime.cli"],
+            env,
+            server.url,
+            registry,
+            name="pi-lora",
+            memory_mib=memory,
+            max_message_mib=COORD_MIB,
+            data=data,
+        )
         store = TensorStore(Path(server.cfg.state_dir) / "tensors")
         before, after = (load_file(str(store.path(registry.get_model_version(v).tensor_sha256))) for v in (0, 1))
     assert f"update {update.update_id} accepted" in log, log

@@ -16,8 +16,8 @@ from coordinator.config import load_config
 from coordinator.registry import Registry
 from device_runtime.auth import generate_keypair
 from device_runtime.errors import ConfigError
-from device_runtime.wire import Assignment
 from device_runtime.tls import certificate_fingerprint
+from device_runtime.wire import Assignment
 
 pytest.importorskip("torch")
 from helpers import InboxDevice, fake_update, init_by_cli, two_expert_memory  # noqa: E402
@@ -35,8 +35,12 @@ def cli(coord, *args):
 
 
 def test_parse_duration():
-    assert (parse_duration("90s"), parse_duration("15m"), parse_duration("2h"), parse_duration("7")) == \
-        (90, 900, 7200, 7)
+    assert (parse_duration("90s"), parse_duration("15m"), parse_duration("2h"), parse_duration("7")) == (
+        90,
+        900,
+        7200,
+        7,
+    )
     with pytest.raises(ConfigError):
         parse_duration("soon")
 
@@ -60,8 +64,12 @@ def test_devices_shows_a_device_supplied_profile_as_text_not_markup(coord):
     """Old code passed profile strings to rich as markup: "[/x]" crashed `devices` (MarkupError), "[red]..."
     was rendered (a device could restyle or hide its row)."""
     registry = Registry(load_config(coord["config"]).registry_url)
-    registry.redeem_token(registry.create_enrol_token("markup", 60), "markup",
-                          {"memory_mib": "[red]64[/red]", "gflops": "[/x]"}, generate_keypair()[1])
+    registry.redeem_token(
+        registry.create_enroll_token("markup", 60),
+        "markup",
+        {"memory_mib": "[red]64[/red]", "gflops": "[/x]"},
+        generate_keypair()[1],
+    )
     registry.close()
     listing = cli(coord, "devices")
     assert listing.exit_code == 0, listing.output
@@ -132,7 +140,7 @@ def test_model_export(coord, tmp_path):
     assert (tmp_path / "merged" / "config.json").is_file() and (tmp_path / "merged" / "tokenizer.json").is_file()
 
 
-def test_enroll_refuses_a_name_no_device_can_enrol_with(coord):
+def test_enroll_refuses_a_name_no_device_can_enroll_with(coord):
     result = cli(coord, "enroll", "--name", "pi kitchen")
     assert isinstance(result.exception, ConfigError) and "device name 'pi kitchen' must match" in str(result.exception)
 

@@ -9,7 +9,13 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from device_runtime.data import (
-    IGNORE_INDEX, LocalDataset, TextEncoder, collate, format_example, read_jsonl, split_train_eval,
+    IGNORE_INDEX,
+    LocalDataset,
+    TextEncoder,
+    collate,
+    format_example,
+    read_jsonl,
+    split_train_eval,
     truncate_middle,
 )
 from device_runtime.errors import DataError
@@ -108,10 +114,15 @@ def test_malformed_line_names_its_number(tmp_path, tokenizer_file):
 
 
 def test_dataset_batches(tmp_path, tokenizer_file):
-    lines = [json.dumps({"text": "the match team" if i % 2 else "market shares rose", "label":
-                         "sport" if i % 2 else "business"}) for i in range(10)]
-    dataset = LocalDataset.from_jsonl(write_lines(tmp_path / "d.jsonl", lines), tokenizer_file, seq_len=16,
-                                      eval_fraction=0.2, seed=1)
+    lines = [
+        json.dumps(
+            {"text": "the match team" if i % 2 else "market shares rose", "label": "sport" if i % 2 else "business"}
+        )
+        for i in range(10)
+    ]
+    dataset = LocalDataset.from_jsonl(
+        write_lines(tmp_path / "d.jsonl", lines), tokenizer_file, seq_len=16, eval_fraction=0.2, seed=1
+    )
     assert (len(dataset.train), len(dataset.eval)) == (8, 2)
     epoch = list(dataset.train_batches(3, epochs=1))
     assert [b.num_examples for b in epoch] == [3, 3, 2]

@@ -12,8 +12,9 @@ CHILD = "from device_runtime.trainer import peak_rss_bytes; print(peak_rss_bytes
 
 def test_peak_rss_is_the_process_own_not_its_parents():
     ballast = np.ones(400 << 17)  # 400 MiB resident in this (parent) process when the child is forked
-    child = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, check=True,
-                           preexec_fn=lambda: None)
+    child = subprocess.run(
+        [sys.executable, "-c", CHILD], capture_output=True, text=True, check=True, preexec_fn=lambda: None
+    )
     assert ballast[-1] == 1.0
     assert int(child.stdout) < 200  # ru_maxrss would say >= 400: exec keeps the forked image's mark
 

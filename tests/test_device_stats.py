@@ -44,8 +44,10 @@ def test_accumulated_stats_equal_direct_computation_over_all_tokens():
         top = np.argsort(-g, axis=1)[:, :TOP_K]
         np.testing.assert_array_equal(layer.tokens_routed, np.bincount(top.ravel(), minlength=sizes[l]))
         lam, beta = 0.3, 0.7
-        np.testing.assert_allclose(layer.information_score(lam, beta),
-                                   lam * p + (1 - lam) * g.max(axis=0) - beta * (g * np.log(g / p)).mean(axis=0))
+        np.testing.assert_allclose(
+            layer.information_score(lam, beta),
+            lam * p + (1 - lam) * g.max(axis=0) - beta * (g * np.log(g / p)).mean(axis=0),
+        )
 
 
 def test_importance_by_hand():
@@ -65,8 +67,9 @@ def test_kl_hand_computed_and_zero_usage():
     # two tokens, G_0 = (0.5, 0.25): p = 0.375, KL = 0.5*(0.5 ln(0.5/0.375) + 0.25 ln(0.25/0.375))
     expected = 0.5 * (0.5 * np.log(0.5 / 0.375) + 0.25 * np.log(0.25 / 0.375))
     sum_glogg = 0.5 * np.log(0.5) + 0.25 * np.log(0.25)
-    np.testing.assert_allclose(kl_from_sums(np.array([0.75, 0.0]), np.array([sum_glogg, 0.0]), 2),
-                               [expected, 0.0], rtol=1e-12)
+    np.testing.assert_allclose(
+        kl_from_sums(np.array([0.75, 0.0]), np.array([sum_glogg, 0.0]), 2), [expected, 0.0], rtol=1e-12
+    )
     assert kl_from_sums(np.zeros(3), np.zeros(3), 0).tolist() == [0.0, 0.0, 0.0]
 
 
@@ -88,14 +91,17 @@ def test_dict_round_trip_through_json_and_keeps_accumulating():
     assert copy.num_tokens == 9 and copy.expert_ids is None
 
 
-@pytest.mark.parametrize("corrupt", [
-    lambda d: d["layers"][0][0].__setitem__(0, float("nan")),
-    lambda d: d["layers"][0][1].__setitem__(0, 1.5),       # a probability above 1
-    lambda d: d["layers"][0][0].__setitem__(0, 100.0),     # sum G above num_tokens
-    lambda d: d["layers"][0].pop(),                        # wrong shape
-    lambda d: d.pop("num_tokens"),
-    lambda d: d.__setitem__("expert_ids", [[1]]),          # disagrees with experts_per_layer
-])
+@pytest.mark.parametrize(
+    "corrupt",
+    [
+        lambda d: d["layers"][0][0].__setitem__(0, float("nan")),
+        lambda d: d["layers"][0][1].__setitem__(0, 1.5),  # a probability above 1
+        lambda d: d["layers"][0][0].__setitem__(0, 100.0),  # sum G above num_tokens
+        lambda d: d["layers"][0].pop(),  # wrong shape
+        lambda d: d.pop("num_tokens"),
+        lambda d: d.__setitem__("expert_ids", [[1]]),  # disagrees with experts_per_layer
+    ],
+)
 def test_from_dict_rejects_malformed(corrupt):
     rng = np.random.default_rng(2)
     stats = RoutingStats([2])

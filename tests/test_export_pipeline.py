@@ -14,8 +14,15 @@ from export.planner import Budget, TrainingShape, estimate, model_shape, plan, s
 from export.prune import prune  # noqa: E402
 from export.upcycle import upcycle  # noqa: E402
 
-COMMON = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=64)
+COMMON = dict(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+)
 
 
 def tiny_llama():
@@ -25,8 +32,7 @@ def tiny_llama():
 
 def tiny_mixtral(num_experts=4, top_k=2):
     torch.manual_seed(0)
-    return MixtralForCausalLM(MixtralConfig(num_local_experts=num_experts, num_experts_per_tok=top_k,
-                                            **COMMON)).eval()
+    return MixtralForCausalLM(MixtralConfig(num_local_experts=num_experts, num_experts_per_tok=top_k, **COMMON)).eval()
 
 
 def test_upcycled_model_reproduces_dense_logits():
@@ -47,7 +53,9 @@ def test_upcycle_keeps_first_layers_and_validates_arguments():
     dense = tiny_llama()
     moe = upcycle(dense, num_experts=2, experts_per_token=1, num_layers=2)
     assert len(moe.model.layers) == 2
-    torch.testing.assert_close(moe.model.layers[1].self_attn.q_proj.weight, dense.model.layers[1].self_attn.q_proj.weight)
+    torch.testing.assert_close(
+        moe.model.layers[1].self_attn.q_proj.weight, dense.model.layers[1].self_attn.q_proj.weight
+    )
     with pytest.raises(ConfigError, match="experts_per_token"):
         upcycle(dense, num_experts=2, experts_per_token=3)
     with pytest.raises(ConfigError, match="num-layers"):

@@ -13,7 +13,7 @@ from device_runtime.wire import Ack, AuthOk
 
 pytest.importorskip("torch")
 from helpers import ServerThread, fake_update, initialised_coordinator, two_expert_memory  # noqa: E402
-from test_server import MAX_MIB, enrol, first_assignment, login, recv, send, ws  # noqa: E402
+from test_server import MAX_MIB, enroll, first_assignment, login, recv, send, ws  # noqa: E402
 
 OVER_CAP = HEADER_ROOM + (512 << 10)  # above any frame a device of the tiny model may need, below MAX_MIB
 
@@ -39,7 +39,7 @@ def test_a_device_without_an_assignment_cannot_send_a_large_frame(setup):
     """Old code accepted any frame up to max_message_mib (4 MiB here; 256 MiB by default) once logged in."""
     server, cfg, _ = setup
     profile = {"memory_mib": 10}  # too little for any assignment
-    device_id, private, _ = enrol(server, cfg, "idle", profile)
+    device_id, private, _ = enroll(server, cfg, "idle", profile)
     with ws(server) as conn:
         assert isinstance(login(conn, device_id, private, profile), AuthOk)
         assert OVER_CAP < MAX_MIB * 2**20
@@ -49,11 +49,12 @@ def test_a_device_without_an_assignment_cannot_send_a_large_frame(setup):
 
 def test_an_assigned_device_sends_its_update_and_no_more(setup):
     server, cfg, profile = setup
-    device_id, private, _ = enrol(server, cfg, "assigned", profile)
+    device_id, private, _ = enroll(server, cfg, "assigned", profile)
     with ws(server) as conn:
         assignment = first_assignment(conn, device_id, private, profile)
-        manifest = Manifest.from_json((Path(cfg.state_dir) / "bundles" / assignment.shape_key.id /
-                                       "manifest.json").read_text())
+        manifest = Manifest.from_json(
+            (Path(cfg.state_dir) / "bundles" / assignment.shape_key.id / "manifest.json").read_text()
+        )
         send(conn, fake_update(assignment, manifest))
         while not isinstance(reply := recv(conn), Ack):
             pass

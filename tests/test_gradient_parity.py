@@ -7,7 +7,8 @@ coefficients: every trainable tensor's ORT gradient equals torch's, three ORT Ad
 torch AdamW steps, and the routing_stats outputs equal a numpy reference built from the model's own
 ``output_router_logits``. The graph runs the lm_head on target positions only (``select_targets``): its loss
 and gradients are checked against Hugging Face's own full-logits ``ForCausalLMLoss``, on batches whose rows
-have different numbers of targets, none, and padding. The parity batches carry a logit adjustment of the first target (``answer_ids`` / ``answer_bias``).
+have different numbers of targets, none, and padding. The parity batches carry a logit adjustment of the first
+target (``answer_ids`` / ``answer_bias``).
 """
 
 from __future__ import annotations
@@ -18,8 +19,16 @@ import numpy as np
 import pytest
 import torch
 from transformers import (
-    LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM, OlmoeConfig, OlmoeForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM,
-    Qwen3MoeConfig, Qwen3MoeForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
+    OlmoeConfig,
+    OlmoeForCausalLM,
+    Qwen2MoeConfig,
+    Qwen2MoeForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
 )
 from transformers.loss.loss_utils import ForCausalLMLoss
 
@@ -27,28 +36,55 @@ from device_runtime.errors import ExportError
 from export.artifacts import ADAMW_EPS, ADAMW_WEIGHT_DECAY, export_training_artifacts
 from export.experts_impl import LORA_PARAMS, add_lora, use_dense_masked
 from export.prune import prune
-from export.upcycle import upcycle
 from export.training_graph import TrainingWrapper, select_targets
+from export.upcycle import upcycle
 
 ort_api = pytest.importorskip("onnxruntime.training.api")
 import onnxruntime  # noqa: E402  (after the api, which needs the training package)
 
 VOCAB, HIDDEN, NUM_EXPERTS, TOP_K = 100, 32, 4, 2
-COMMON = dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=HIDDEN,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
 FAMILIES = {
-    "mixtral": lambda: MixtralForCausalLM(MixtralConfig(
-        intermediate_size=48, num_local_experts=NUM_EXPERTS, num_experts_per_tok=TOP_K, **COMMON)),
-    "qwen2_moe": lambda: Qwen2MoeForCausalLM(Qwen2MoeConfig(
-        intermediate_size=48, moe_intermediate_size=40, shared_expert_intermediate_size=56,
-        num_experts=NUM_EXPERTS, num_experts_per_tok=TOP_K, **COMMON)),
-    "qwen3_moe": lambda: Qwen3MoeForCausalLM(Qwen3MoeConfig(
-        intermediate_size=48, moe_intermediate_size=40, num_experts=NUM_EXPERTS, num_experts_per_tok=TOP_K,
-        head_dim=8, norm_topk_prob=True, **COMMON)),
-    "olmoe": lambda: OlmoeForCausalLM(OlmoeConfig(
-        intermediate_size=40, num_experts=NUM_EXPERTS, num_experts_per_tok=TOP_K, **COMMON)),
-    "upcycled-llama": lambda: upcycle(LlamaForCausalLM(LlamaConfig(intermediate_size=48, **COMMON)),
-                                      num_experts=NUM_EXPERTS, experts_per_token=TOP_K),
+    "mixtral": lambda: MixtralForCausalLM(
+        MixtralConfig(intermediate_size=48, num_local_experts=NUM_EXPERTS, num_experts_per_tok=TOP_K, **COMMON)
+    ),
+    "qwen2_moe": lambda: Qwen2MoeForCausalLM(
+        Qwen2MoeConfig(
+            intermediate_size=48,
+            moe_intermediate_size=40,
+            shared_expert_intermediate_size=56,
+            num_experts=NUM_EXPERTS,
+            num_experts_per_tok=TOP_K,
+            **COMMON,
+        )
+    ),
+    "qwen3_moe": lambda: Qwen3MoeForCausalLM(
+        Qwen3MoeConfig(
+            intermediate_size=48,
+            moe_intermediate_size=40,
+            num_experts=NUM_EXPERTS,
+            num_experts_per_tok=TOP_K,
+            head_dim=8,
+            norm_topk_prob=True,
+            **COMMON,
+        )
+    ),
+    "olmoe": lambda: OlmoeForCausalLM(
+        OlmoeConfig(intermediate_size=40, num_experts=NUM_EXPERTS, num_experts_per_tok=TOP_K, **COMMON)
+    ),
+    "upcycled-llama": lambda: upcycle(
+        LlamaForCausalLM(LlamaConfig(intermediate_size=48, **COMMON)), num_experts=NUM_EXPERTS, experts_per_token=TOP_K
+    ),
 }
 MODES = ("experts", "lora")
 AUX, KL_COEF, LR = 0.05, 0.3, 1e-2
@@ -71,8 +107,11 @@ def tiny_model(family: str, mode: str) -> tuple[torch.nn.Module, list[str]]:
                     param.normal_(0.0, 0.2)
         trainable = [n for n, _ in model.named_parameters() if n.endswith(".mlp.gate.weight")] + lora
     else:
-        trainable = [n for n, _ in model.named_parameters()
-                     if ".mlp.gate." in n or ".mlp.experts." in n or ".mlp.shared_expert" in n]
+        trainable = [
+            n
+            for n, _ in model.named_parameters()
+            if ".mlp.gate." in n or ".mlp.experts." in n or ".mlp.shared_expert" in n
+        ]
     return model, trainable
 
 
@@ -91,14 +130,24 @@ def batch(seed: int = 1) -> dict[str, torch.Tensor]:
 
 
 def graph_inputs(wrapper: TrainingWrapper, seed: int = 1) -> dict[str, torch.Tensor]:
-    priors = [torch.tensor([0.4, 0.3, 0.2, 0.1])[:e] / torch.tensor([0.4, 0.3, 0.2, 0.1])[:e].sum()
-              for e in wrapper.num_experts]
+    priors = [
+        torch.tensor([0.4, 0.3, 0.2, 0.1])[:e] / torch.tensor([0.4, 0.3, 0.2, 0.1])[:e].sum()
+        for e in wrapper.num_experts
+    ]
     anchors = None
     if wrapper.prox:
         params = dict(wrapper.named_parameters())
         anchors = {n: params[n].detach() + 0.05 * torch.randn_like(params[n]) for n in wrapper.trainable}
-    return wrapper.make_inputs(**batch(seed), aux_loss_coef=AUX, routing_kl_coef=KL_COEF, routing_priors=priors,
-                               answer_ids=ANSWER_IDS, answer_bias=ANSWER_BIAS, prox_mu=0.7, anchors=anchors)
+    return wrapper.make_inputs(
+        **batch(seed),
+        aux_loss_coef=AUX,
+        routing_kl_coef=KL_COEF,
+        routing_priors=priors,
+        answer_ids=ANSWER_IDS,
+        answer_bias=ANSWER_BIAS,
+        prox_mu=0.7,
+        anchors=anchors,
+    )
 
 
 def _export(tmp_path_factory, family, mode, prox=False):
@@ -125,8 +174,12 @@ def ort_module(arts):
     state = ort_api.CheckpointState.load_checkpoint(str(arts.directory / "checkpoint"))
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = 1  # tiny graphs: threads only add contention on the shared 2 cores
-    module = ort_api.Module(str(arts.directory / "training_model.onnx"), state,
-                            str(arts.directory / "eval_model.onnx"), session_options=options)
+    module = ort_api.Module(
+        str(arts.directory / "training_model.onnx"),
+        state,
+        str(arts.directory / "eval_model.onnx"),
+        session_options=options,
+    )
     return state, module
 
 
@@ -222,8 +275,9 @@ def test_adamw_steps_track_torch(exported):
         optimizer.step()
     wrapper.train()
     params = dict(wrapper.named_parameters())
-    torch_opt = torch.optim.AdamW([params[n] for n in wrapper.trainable], lr=LR, eps=ADAMW_EPS,
-                                  weight_decay=ADAMW_WEIGHT_DECAY)
+    torch_opt = torch.optim.AdamW(
+        [params[n] for n in wrapper.trainable], lr=LR, eps=ADAMW_EPS, weight_decay=ADAMW_WEIGHT_DECAY
+    )
     torch_losses = []
     for step_inputs in inputs:
         torch_opt.zero_grad()
@@ -235,8 +289,9 @@ def test_adamw_steps_track_torch(exported):
         assert len(set(np.round(torch_losses, 6))) == 3
         np.testing.assert_allclose(ort_losses, torch_losses, rtol=1e-4)
         for name in wrapper.trainable:
-            np.testing.assert_allclose(state.parameters[name].data, params[name].detach().numpy(),
-                                       rtol=1e-3, atol=1e-5, err_msg=name)
+            np.testing.assert_allclose(
+                state.parameters[name].data, params[name].detach().numpy(), rtol=1e-3, atol=1e-5, err_msg=name
+            )
     finally:
         wrapper.load_state_dict(initial)
 
@@ -285,8 +340,14 @@ def test_pruned_uneven_layers_gradients_and_dynamic_shapes(tmp_path):
     gen = torch.Generator().manual_seed(9)
     input_ids = torch.randint(3, VOCAB, (2, 5), generator=gen)
     mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
-    inputs = wrapper.make_inputs(input_ids, mask, input_ids.clone(), aux_loss_coef=AUX, routing_kl_coef=KL_COEF,
-                                 routing_priors=[torch.tensor([0.5, 0.3, 0.2]), torch.tensor([1.0])])
+    inputs = wrapper.make_inputs(
+        input_ids,
+        mask,
+        input_ids.clone(),
+        aux_loss_coef=AUX,
+        routing_kl_coef=KL_COEF,
+        routing_priors=[torch.tensor([0.5, 0.3, 0.2]), torch.tensor([1.0])],
+    )
     assert_gradients_match(wrapper, arts, inputs, zero_ok=("model.layers.1.mlp.gate.weight",))  # softmax of 1
     _, module = ort_module(arts)
     module.eval()
@@ -335,8 +396,9 @@ def target_batch(seed: int) -> dict[str, torch.Tensor]:
 def full_logits_ce(wrapper: TrainingWrapper, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     """The reference: Hugging Face's causal-LM loss on the logits of every position (padding labels dropped)."""
     labels = torch.where(inputs["attention_mask"] == 0, -100, inputs["labels"])
-    hidden = wrapper.model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                           use_cache=False).last_hidden_state
+    hidden = wrapper.model(
+        input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False
+    ).last_hidden_state
     return ForCausalLMLoss(wrapper.lm_head(hidden), labels, VOCAB)
 
 
@@ -358,8 +420,12 @@ def test_select_targets_packs_each_rows_targets_in_order():
     assert picked.shape == (4, 1, 2) and picked_labels.eq(-100).all() and picked.eq(0).all()
 
 
-@pytest.mark.parametrize("exported", [("mixtral", "experts"), ("upcycled-llama", "lora")], indirect=True,
-                         ids=["mixtral-experts", "upcycled-llama-lora"])  # the selection is family-independent
+@pytest.mark.parametrize(
+    "exported",
+    [("mixtral", "experts"), ("upcycled-llama", "lora")],
+    indirect=True,
+    ids=["mixtral-experts", "upcycled-llama-lora"],
+)  # the selection is family-independent
 def test_target_only_lm_head_loss_and_gradients_match_full_logits(exported):
     """ORT training on target-only logits == torch autograd of the full-logits loss, over three AdamW steps."""
     wrapper, arts, initial = exported
@@ -369,8 +435,9 @@ def test_target_only_lm_head_loss_and_gradients_match_full_logits(exported):
     module.train()
     wrapper.train()
     params = dict(wrapper.named_parameters())
-    torch_opt = torch.optim.AdamW([params[n] for n in wrapper.trainable], lr=LR, eps=ADAMW_EPS,
-                                  weight_decay=ADAMW_WEIGHT_DECAY)
+    torch_opt = torch.optim.AdamW(
+        [params[n] for n in wrapper.trainable], lr=LR, eps=ADAMW_EPS, weight_decay=ADAMW_WEIGHT_DECAY
+    )
     try:
         for seed in (6, 7, 8):
             batch = target_batch(seed)
@@ -384,8 +451,9 @@ def test_target_only_lm_head_loss_and_gradients_match_full_logits(exported):
                 grad = params[name].grad.numpy()
                 scale = np.abs(grad).max()
                 assert scale > 1e-6, f"{name}: torch gradient is zero: the test would prove nothing"
-                np.testing.assert_allclose(state.parameters[name].grad, grad, rtol=1e-3, atol=1e-5 * scale,
-                                           err_msg=f"{name}, seed {seed}")
+                np.testing.assert_allclose(
+                    state.parameters[name].grad, grad, rtol=1e-3, atol=1e-5 * scale, err_msg=f"{name}, seed {seed}"
+                )
             optimizer.step()
             torch_opt.step()
         module.eval()
@@ -402,8 +470,9 @@ def test_answer_shift_moves_each_rows_first_target_only():
     wrapper = TrainingWrapper(model)
     batch = target_batch(3)
     labels = torch.where(batch["attention_mask"] == 0, -100, batch["labels"])
-    hidden = wrapper.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                           use_cache=False).last_hidden_state
+    hidden = wrapper.model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+    ).last_hidden_state
     logits = wrapper.lm_head(hidden).detach()
     for row, t in ((0, 4), (1, 8), (3, 1)):  # t predicts labels[t + 1]
         logits[row, t, list(ANSWER_IDS)] += torch.tensor(ANSWER_BIAS)
@@ -426,7 +495,11 @@ def test_resident_frozen_experts_route_like_the_global_model_and_match_torch(tmp
     trainable = [n for n, _ in resident.named_parameters() if ".mlp." in n]
     wrapper = TrainingWrapper(resident, trainable=trainable)
     assert wrapper.num_experts == (4, 4) and wrapper.frozen_names == (
-        "frozen_gate_up_0", "frozen_down_0", "frozen_gate_up_1", "frozen_down_1")
+        "frozen_gate_up_0",
+        "frozen_down_0",
+        "frozen_gate_up_1",
+        "frozen_down_1",
+    )
     experts = resident.model.layers[0].mlp.experts
     assert experts.gate_up_proj.shape[0] == 1 and experts.frozen_experts[0].shape[0] == (1 if merged else 3)
     rounded = copy.deepcopy(model)

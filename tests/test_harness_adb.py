@@ -3,7 +3,7 @@ codes, the device a local folder laid out like Android + Termux) and a real coor
 
 What runs for real: the harness's command sequence (run-as com.termux with Termux's environment, pushes via
 /data/local/tmp), Termux's package step (recorded: ``pkg`` cannot install Android packages here), the venv over
-"Termux's" site-packages, on-device enrolment, the supervisor with its Termux:Boot script and wake lock, and the
+"Termux's" site-packages, on-device enrollment, the supervisor with its Termux:Boot script and wake lock, and the
 deployed runtime completing a round. What cannot: Android itself (see README).
 """
 
@@ -14,9 +14,8 @@ import os
 import sys
 from pathlib import Path
 
-import pytest
-
 import adb_standin
+import pytest
 from harness_cli import finished_after, harness, ok, refused, running_coordinator
 from helpers import RECORDS
 
@@ -59,12 +58,29 @@ def test_deploy_to_termux_runs_a_round_then_undeploy(phone, coordinator, tmp_pat
     data.write_text("".join(json.dumps(r) + "\n" for r in RECORDS * 2))
     root = phone / HOME.lstrip("/") / ".fedmoe"
     bundle = coordinator_bundle(coordinator.cfg, (4, 4))  # 1024 MiB holds all 4 experts of both layers
-    out = ok(harness(tmp_path / "cache", "deploy", f"adb:{SERIAL}", "--coordinator", coordinator.url, "--name",
-                     "phone-1", "--config", str(coordinator.config), "--data", str(data), "--memory-mib", "1024",
-                     "--bundle", str(bundle)))
+    out = ok(
+        harness(
+            tmp_path / "cache",
+            "deploy",
+            f"adb:{SERIAL}",
+            "--coordinator",
+            coordinator.url,
+            "--name",
+            "phone-1",
+            "--config",
+            str(coordinator.config),
+            "--data",
+            str(data),
+            "--memory-mib",
+            "1024",
+            "--bundle",
+            str(bundle),
+        )
+    )
     assert "deployed phone-1" in out and "[device-lite]" in out and "termux-boot service" in out, out
     assert (root / "home/state/bundles" / bundle.name / "manifest.json").read_bytes() == (
-        bundle / "manifest.json").read_bytes()
+        bundle / "manifest.json"
+    ).read_bytes()
 
     # the command sequence: every call addresses the serial, shell calls run inside Termux, pushes are staged
     log = calls(phone)
@@ -75,8 +91,12 @@ def test_deploy_to_termux_runs_a_round_then_undeploy(phone, coordinator, tmp_pat
     pushes = [c for c in log if c[2] == "push"]
     assert pushes and all(c[4].startswith("/data/local/tmp/fedmoe-") for c in pushes)
     assert list((phone / "data/local/tmp").iterdir()) == []  # staged copies removed
-    assert (phone / "pkg.log").read_text().split("\n")[0].startswith("install -y python python-pip python-numpy "
-                                                                      "python-onnxruntime python-cryptography")
+    assert (
+        (phone / "pkg.log")
+        .read_text()
+        .split("\n")[0]
+        .startswith("install -y python python-pip python-numpy python-onnxruntime python-cryptography")
+    )
     assert (phone / "wake.log").exists()  # start.sh took a wake lock
     boot = phone / HOME.lstrip("/") / ".termux" / "boot" / "fedmoe-device-phone-1"
     assert boot.read_text().startswith("#!/data/data/com.termux/files/usr/bin/sh")
@@ -102,12 +122,19 @@ def test_unknown_serial(phone, tmp_path):
 
 def test_termux_not_debuggable(phone, tmp_path):
     (phone / "not-debuggable").touch()
-    refused(harness(tmp_path, "deploy", f"adb:{SERIAL}", "--coordinator", "ws://127.0.0.1:1", "--name", "p"),
-            "package not debuggable", "GitHub releases", "adb forward tcp:8022 tcp:8022")
+    refused(
+        harness(tmp_path, "deploy", f"adb:{SERIAL}", "--coordinator", "ws://127.0.0.1:1", "--name", "p"),
+        "package not debuggable",
+        "GitHub releases",
+        "adb forward tcp:8022 tcp:8022",
+    )
 
 
 def test_no_termux(phone, tmp_path):
     (phone / "data/data/com.termux/files/usr/bin/pkg").unlink()
-    refused(harness(tmp_path, "deploy", f"adb:{SERIAL}", "--coordinator", "ws://127.0.0.1:1", "--name", "p"),
-            "no Termux found", "open it once")
+    refused(
+        harness(tmp_path, "deploy", f"adb:{SERIAL}", "--coordinator", "ws://127.0.0.1:1", "--name", "p"),
+        "no Termux found",
+        "open it once",
+    )
     assert not (phone / HOME.lstrip("/") / ".fedmoe").exists()

@@ -10,10 +10,9 @@ import os
 import subprocess
 import sys
 
+import adb_standin
 import numpy as np
 import pytest
-
-import adb_standin
 from harness_cli import harness, ok
 from helpers import RECORDS, initialised_coordinator
 
@@ -58,9 +57,27 @@ def test_pruned_pte_matches_the_checkpoint_and_push_model_copies_it(tmp_path, mo
     config = tmp_path / "fedmoe-coord.toml"
     save_config(cfg, config)
     out = tmp_path / "phone-model"
-    result = subprocess.run([sys.executable, "-m", "coordinator.cli", "--config", str(config), "model", "export",
-                             "--format", "pte", "--experts-per-layer", "2", "--max-seq-len", str(SEQ_LEN), str(out)], capture_output=True, text=True,
-                            timeout=1200)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "coordinator.cli",
+            "--config",
+            str(config),
+            "model",
+            "export",
+            "--format",
+            "pte",
+            "--experts-per-layer",
+            "2",
+            "--max-seq-len",
+            str(SEQ_LEN),
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     assert result.returncode == 0, result.stderr
     keep = select_experts([layer.information_score() for layer in load_calibration(cfg).layers], 2)
     pte = PteModel(out)

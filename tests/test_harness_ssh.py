@@ -18,13 +18,11 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 import sshd
 from harness_cli import finished_after, harness, ok, refused, running_coordinator
 from helpers import RECORDS
 
 pytestmark = pytest.mark.skipif(sshd.missing() is not None, reason=str(sshd.missing()))
-
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +48,23 @@ def test_deploy_round_status_logs_stop_upgrade_undeploy(server, coordinator, cac
     data.write_text("".join(json.dumps(r) + "\n" for r in RECORDS * 2))
     common = (server.target, "-F", str(server.ssh_config))
     root = server.home / ".fedmoe"
-    out = ok(harness(cache, "deploy", *common, "--coordinator", coordinator.url, "--name", "pi-loop", "--config",
-                     str(coordinator.config), "--data", str(data), "--memory-mib", "1024"))
+    out = ok(
+        harness(
+            cache,
+            "deploy",
+            *common,
+            "--coordinator",
+            coordinator.url,
+            "--name",
+            "pi-loop",
+            "--config",
+            str(coordinator.config),
+            "--data",
+            str(data),
+            "--memory-mib",
+            "1024",
+        )
+    )
     assert "deployed pi-loop" in out and "supervisor service" in out and "enrolled now" in out, out
     assert (root / "venv" / "bin" / "python").exists() and not (root / "incoming").exists()
     assert (root / "home" / "credentials.json").stat().st_uid == server.home.stat().st_uid
@@ -76,14 +89,27 @@ def test_deploy_round_status_logs_stop_upgrade_undeploy(server, coordinator, cac
     sentinel = root / "home" / "state" / "updates" / "sentinel.txt"
     sentinel.write_text("pending")
 
-    out = ok(harness(cache, "deploy", *common, "--coordinator", coordinator.url, "--name", "pi-loop", "--config",
-                     str(coordinator.config), "--memory-mib", "1024"))
+    out = ok(
+        harness(
+            cache,
+            "deploy",
+            *common,
+            "--coordinator",
+            coordinator.url,
+            "--name",
+            "pi-loop",
+            "--config",
+            str(coordinator.config),
+            "--memory-mib",
+            "1024",
+        )
+    )
     assert "upgraded pi-loop" in out and "credentials kept" in out, out
     assert hashlib.sha256((root / "home" / "credentials.json").read_bytes()).hexdigest() == credentials
     assert sorted(p.name for p in (root / "home" / "state" / "bundles").iterdir()) == bundles
     assert sentinel.read_text() == "pending" and (root / "data.jsonl").exists()
     later, devices = finished_after(coordinator.cfg, stopped["last_round"])  # trained by the upgraded runtime
-    assert [d.name for d in devices] == ["pi-loop"]  # the same device: no second enrolment
+    assert [d.name for d in devices] == ["pi-loop"]  # the same device: no second enrollment
     assert json.loads(ok(harness(cache, "status", *common, "--json")))["last_round"] >= later
 
     ok(harness(cache, "stop", *common))
@@ -99,8 +125,19 @@ def test_deploy_round_status_logs_stop_upgrade_undeploy(server, coordinator, cac
 
 
 def deploy_args(server, coordinator_url: str, *extra: str, ssh_config: Path | None = None) -> tuple[str, ...]:
-    return ("deploy", server.target, "-F", str(ssh_config or server.ssh_config), "--coordinator", coordinator_url,
-            "--name", "pi-bad", "--device-data", "/nonexistent.jsonl", *extra)
+    return (
+        "deploy",
+        server.target,
+        "-F",
+        str(ssh_config or server.ssh_config),
+        "--coordinator",
+        coordinator_url,
+        "--name",
+        "pi-bad",
+        "--device-data",
+        "/nonexistent.jsonl",
+        *extra,
+    )
 
 
 def nothing_left(server) -> None:
@@ -109,8 +146,17 @@ def nothing_left(server) -> None:
 
 def test_unreachable_target(server, cache):
     port = sshd.free_port()
-    result = harness(cache, "deploy", f"ssh:{server.user}@127.0.0.1:{port}", "-F", str(server.ssh_config),
-                     "--coordinator", "ws://127.0.0.1:1", "--name", "pi-bad")
+    result = harness(
+        cache,
+        "deploy",
+        f"ssh:{server.user}@127.0.0.1:{port}",
+        "-F",
+        str(server.ssh_config),
+        "--coordinator",
+        "ws://127.0.0.1:1",
+        "--name",
+        "pi-bad",
+    )
     refused(result, f"cannot reach {server.user}@127.0.0.1 port {port}", "Connection refused", "ssh server runs")
 
 
@@ -118,27 +164,43 @@ def test_wrong_key(server, cache, tmp_path):
     config = tmp_path / "ssh_config"
     other = sshd.keypair(tmp_path / "other_key")
     config.write_text(server.ssh_config.read_text().replace(str(server.ssh_config.parent / "id_ed25519"), str(other)))
-    refused(harness(cache, *deploy_args(server, "ws://127.0.0.1:1", ssh_config=config)),
-            "refused the ssh key", "ssh-copy-id", "--identity")
+    refused(
+        harness(cache, *deploy_args(server, "ws://127.0.0.1:1", ssh_config=config)),
+        "refused the ssh key",
+        "ssh-copy-id",
+        "--identity",
+    )
     nothing_left(server)
 
 
 def test_no_python(server, cache):
-    refused(harness(cache, *deploy_args(server, "ws://127.0.0.1:1", "--python", "python3.99")),
-            "has no 'python3.99' on its PATH", "install Python >= 3.11", "--python")
+    refused(
+        harness(cache, *deploy_args(server, "ws://127.0.0.1:1", "--python", "python3.99")),
+        "has no 'python3.99' on its PATH",
+        "install Python >= 3.11",
+        "--python",
+    )
     nothing_left(server)
 
 
 def test_unreachable_coordinator(server, cache):
     url = f"ws://127.0.0.1:{sshd.free_port()}"
-    refused(harness(cache, *deploy_args(server, url)), f"cannot reach the coordinator at {url}",
-            "ConnectionRefusedError", "`fedmoe-coord serve` runs")
+    refused(
+        harness(cache, *deploy_args(server, url)),
+        f"cannot reach the coordinator at {url}",
+        "ConnectionRefusedError",
+        "`fedmoe-coord serve` runs",
+    )
     nothing_left(server)
 
 
 def test_too_little_memory(server, coordinator, cache):
-    refused(harness(cache, *deploy_args(server, coordinator.url, "--memory-mib", "100000000")),
-            "MiB of memory available", "the runtime needs 100000000 MiB", "lower --memory-mib")
+    refused(
+        harness(cache, *deploy_args(server, coordinator.url, "--memory-mib", "100000000")),
+        "MiB of memory available",
+        "the runtime needs 100000000 MiB",
+        "lower --memory-mib",
+    )
     nothing_left(server)
 
 
@@ -150,8 +212,11 @@ def test_too_little_disk(server, coordinator, cache):
         pytest.skip("cannot mount a tmpfs here (needs CAP_SYS_ADMIN)")
     try:
         os.chown(small, server.home.stat().st_uid, server.home.stat().st_gid)
-        text = refused(harness(cache, *deploy_args(server, coordinator.url, "--remote-dir", f"{small}/fedmoe")),
-                       "MiB free under", "free disk space there or pick another --remote-dir")
+        text = refused(
+            harness(cache, *deploy_args(server, coordinator.url, "--remote-dir", f"{small}/fedmoe")),
+            "MiB free under",
+            "free disk space there or pick another --remote-dir",
+        )
         assert "has 16 MiB free" in text, text
         assert list(small.iterdir()) == []
     finally:
@@ -159,7 +224,7 @@ def test_too_little_disk(server, coordinator, cache):
         small.rmdir()
 
 
-def test_failed_enrolment_removes_the_install(server, coordinator, cache):
+def test_failed_enrollment_removes_the_install(server, coordinator, cache):
     """The token is refused after the venv was installed: the fresh deployment is removed entirely."""
     result = harness(cache, *deploy_args(server, coordinator.url), "--token", "not-a-token")
     refused(result, "enrolling pi-bad with the coordinator", "AuthError")

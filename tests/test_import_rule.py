@@ -37,8 +37,12 @@ def imported_modules(source: str) -> set[str]:
             names |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.level == 0:
             names |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
-        elif isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", None)) in \
-                ("import_module", "__import__") and node.args and isinstance(node.args[0], ast.Constant):
+        elif (
+            isinstance(node, ast.Call)
+            and getattr(node.func, "attr", getattr(node.func, "id", None)) in ("import_module", "__import__")
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+        ):
             names.add(str(node.args[0].value))
     return names
 
@@ -54,8 +58,13 @@ def violations(root: Path) -> list[str]:
     for path in sorted((root / "device_runtime").rglob("*.py")):
         module = path.relative_to(root).as_posix()
         for package in sorted(imported_packages(path.read_text())):
-            ok = (package in sys.stdlib_module_names or package == "device_runtime" or package in ALLOWED
-                  or (package in CLI_ONLY and module in CLI_MODULES) or (module, package) in NAMED_EXCEPTIONS)
+            ok = (
+                package in sys.stdlib_module_names
+                or package == "device_runtime"
+                or package in ALLOWED
+                or (package in CLI_ONLY and module in CLI_MODULES)
+                or (module, package) in NAMED_EXCEPTIONS
+            )
             if not ok:
                 found.append(f"{module}: {package}")
     return found
@@ -73,8 +82,12 @@ def test_the_rule_catches_a_forbidden_import(tmp_path):
     (pkg / "lazy.py").write_text("def f():\n    import requests\n    from torch import nn\n")
     (pkg / "dynamic.py").write_text("import importlib\nimportlib.import_module('transformers.models')\n")
     (pkg / "progress.py").write_text("from rich.progress import Progress\n")
-    assert violations(tmp_path) == ["device_runtime/dynamic.py: transformers", "device_runtime/lazy.py: requests",
-                                    "device_runtime/lazy.py: torch", "device_runtime/progress.py: rich"]
+    assert violations(tmp_path) == [
+        "device_runtime/dynamic.py: transformers",
+        "device_runtime/lazy.py: requests",
+        "device_runtime/lazy.py: torch",
+        "device_runtime/progress.py: rich",
+    ]
 
 
 def test_non_cli_modules_load_no_cli_no_torch_and_no_other_fedmoe_package():
@@ -91,10 +104,15 @@ def test_non_cli_modules_load_no_cli_no_torch_and_no_other_fedmoe_package():
 
 
 def test_fedmoe_modules_import_each_other_without_cycles():
-    files = {".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): p
-             for package in PACKAGES for p in (ROOT / package).rglob("*.py")}
-    graph = {name: {m for m in imported_modules(path.read_text()) if m in files and m != name}
-             for name, path in files.items()}
+    files = {
+        ".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): p
+        for package in PACKAGES
+        for p in (ROOT / package).rglob("*.py")
+    }
+    graph = {
+        name: {m for m in imported_modules(path.read_text()) if m in files and m != name}
+        for name, path in files.items()
+    }
     try:
         tuple(graphlib.TopologicalSorter(graph).static_order())
     except graphlib.CycleError as exc:

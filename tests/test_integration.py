@@ -26,7 +26,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
-
 from helpers import CALIBRATION_TEXTS, COORD_MIXTRAL, RECORDS, TinyMixtral, tiny_checkpoint
 
 if TYPE_CHECKING:
@@ -48,12 +47,21 @@ pytestmark = pytest.mark.slow
 # 2 x 8-token batches (the estimate then has no activation headroom) budgets between two estimates failed:
 # intermediate 4096 gave estimates 174, 228, 282 MiB but peak VmData 257, 323, 394 MiB (~1.25x the estimate's step
 # per expert), and the C = 1 device died with bad_alloc under a 200 MiB RLIMIT_DATA.
-MODEL = TinyMixtral(words=COORD_MIXTRAL.words, vocab_size=32, hidden_size=64, intermediate_size=2048,
-                    num_attention_heads=2, num_key_value_heads=1)
+MODEL = TinyMixtral(
+    words=COORD_MIXTRAL.words,
+    vocab_size=32,
+    hidden_size=64,
+    intermediate_size=2048,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+)
 BUDGETS_MIB = {"pi-one": 300, "pi-two": 400, "pi-three": 500}
 EXPECTED_EXPERTS = {"pi-one": 1, "pi-two": 1, "pi-three": 2}
-EXPECTED_SHAPES = {"pi-one": "experts-1.1", "pi-two": "experts-float16-merged-1.1",
-                   "pi-three": "experts-float16-merged-2.2"}
+EXPECTED_SHAPES = {
+    "pi-one": "experts-1.1",
+    "pi-two": "experts-float16-merged-1.1",
+    "pi-three": "experts-float16-merged-2.2",
+}
 FIT = {"batch_size": 8, "seq_len": 128, "local_steps": 2, "learning_rate": 1e-3}
 START_TIMEOUT_S = 120.0
 ROUND_TIMEOUT_S = 150.0
@@ -78,8 +86,13 @@ def _coord_cli(config: Path, *args: str) -> str:
     """stdout of ``fedmoe-coord --config CONFIG ARGS`` (asserts exit status 0)."""
     command = shutil.which("fedmoe-coord")
     program = [command] if command else [sys.executable, "-m", "coordinator.cli"]
-    result = subprocess.run([*program, "--config", str(config), *args], capture_output=True,
-                            text=True, timeout=120, env={**os.environ, "COLUMNS": "200"})
+    result = subprocess.run(
+        [*program, "--config", str(config), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "COLUMNS": "200"},
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout
 
@@ -107,19 +120,27 @@ class Federation:
         wait_healthy(self.cfg.port, self.coordinator, timeout=START_TIMEOUT_S, cafile=self.cfg.tls_ca_cert)
 
     def start_device(self, name: str, slots: str | None = None) -> None:
-        """Enrol ``name`` with a one-time token printed by ``fedmoe-coord enroll``, then start it; its training
+        """Enroll ``name`` with a one-time token printed by ``fedmoe-coord enroll``, then start it; its training
         slots are ``slots`` (``DIR:K``, default: 3 shared by every device)."""
-        from coordinator.simulation.processes import enrol_device, start_device
+        from coordinator.simulation.processes import enroll_device, start_device
 
         token = _coord_cli(self.config, "enroll", "--name", name, "--expires", "10m").strip().splitlines()[-1]
         home, data = self.root / "devices" / name, self.root / f"{name}.jsonl"
         data.write_text("".join(json.dumps(r) + "\n" for r in RECORDS * 2))
-        enrol_device(self.url, token, name, home, BUDGETS_MIB[name])
-        self.devices[name] = start_device(self.url, name, home, data, BUDGETS_MIB[name], threads=1,
-                                          slots=slots or f"{self.root / 'slots'}:3", max_message_mib=self.cfg.max_message_mib)
+        enroll_device(self.url, token, name, home, BUDGETS_MIB[name])
+        self.devices[name] = start_device(
+            self.url,
+            name,
+            home,
+            data,
+            BUDGETS_MIB[name],
+            threads=1,
+            slots=slots or f"{self.root / 'slots'}:3",
+            max_message_mib=self.cfg.max_message_mib,
+        )
 
     def start_devices(self, slots: dict | None = None) -> None:
-        """Enrol and start every device of ``BUDGETS_MIB`` concurrently (``slots``: name -> ``DIR:K``)."""
+        """Enroll and start every device of ``BUDGETS_MIB`` concurrently (``slots``: name -> ``DIR:K``)."""
         with ThreadPoolExecutor(len(BUDGETS_MIB)) as pool:
             list(pool.map(lambda name: self.start_device(name, (slots or {}).get(name)), BUDGETS_MIB))
 
@@ -145,9 +166,18 @@ def start_federation(root: Path, checkpoint: Path, *, num_rounds: int) -> Federa
     from coordinator.simulation.processes import free_port
     from coordinator.tls import with_new_authority
 
-    cfg = CoordinatorConfig(checkpoint=str(checkpoint), state_dir=str(root / "state"), port=free_port(),
-                            strategy="hfedmoe", min_fit_clients=3, max_fit_clients=3, num_rounds=num_rounds,
-                            round_deadline_s=ROUND_TIMEOUT_S, fit=FIT, max_message_mib=64)
+    cfg = CoordinatorConfig(
+        checkpoint=str(checkpoint),
+        state_dir=str(root / "state"),
+        port=free_port(),
+        strategy="hfedmoe",
+        min_fit_clients=3,
+        max_fit_clients=3,
+        num_rounds=num_rounds,
+        round_deadline_s=ROUND_TIMEOUT_S,
+        fit=FIT,
+        max_message_mib=64,
+    )
     assert initialize(cfg, CALIBRATION_TEXTS, seq_len=FIT["seq_len"]).version == 0
     cfg = with_new_authority(cfg)
     save_config(cfg, root / "fedmoe-coord.toml")
@@ -179,8 +209,9 @@ def wait_until(probe, fed: Federation, timeout: float, what: str, poll_s: float 
             return value
         fed.check_alive()
         time.sleep(poll_s)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}; coordinator log:\n"
-                         f"{fed.coordinator.tail(30)}")
+    raise AssertionError(
+        f"timed out after {timeout:.0f} s waiting for {what}; coordinator log:\n{fed.coordinator.tail(30)}"
+    )
 
 
 def finished_rounds(registry) -> list:
@@ -202,8 +233,7 @@ def _expected_rows(updates, layer: int, tau: float, router: bool) -> tuple[set[i
         usage = RoutingStats.from_dict(update.meta["routing"]).layers[layer].usage  # over ids + frozen_ids
         held.update(rows)
         if len(rows) >= (2 if router else 1):
-            trained.update(e for e, u in zip(ids, usage)
-                           if e in update.meta["trained_experts"][layer] and u >= tau)
+            trained.update(e for e, u in zip(ids, usage) if e in update.meta["trained_experts"][layer] and u >= tau)
     return trained, held
 
 
@@ -243,8 +273,12 @@ def test_two_hfedmoe_rounds_with_real_processes(federation, checkpoint):
     registry = Registry(fed.cfg.registry_url)
     try:
         fed.start_devices()
-        rounds = wait_until(lambda: len(finished_rounds(registry)) == 2 and finished_rounds(registry), fed,
-                            2 * ROUND_TIMEOUT_S, "2 finished rounds")
+        rounds = wait_until(
+            lambda: len(finished_rounds(registry)) == 2 and finished_rounds(registry),
+            fed,
+            2 * ROUND_TIMEOUT_S,
+            "2 finished rounds",
+        )
         devices = {d.id: d.name for d in registry.list_devices()}
         assert sorted(devices.values()) == sorted(BUDGETS_MIB)
         versions = [registry.get_model_version(v) for v in range(3)]
@@ -286,17 +320,24 @@ def test_coordinator_sigkill_mid_round_resumes(federation, checkpoint, tmp_path)
         with training_slot(held):  # pi-three cannot train until this slot is released: the round cannot finish
             fed.start_devices({"pi-three": held})
             round_id = wait_until(lambda: registry.list_rounds(limit=1), fed, START_TIMEOUT_S, "round 1")[0].id
-            before = wait_until(lambda: len(registry.accepted_updates(round_id)) == 2
-                                and registry.accepted_updates(round_id), fed, ROUND_TIMEOUT_S,
-                                "the updates of the two devices that can train")
+            before = wait_until(
+                lambda: len(registry.accepted_updates(round_id)) == 2 and registry.accepted_updates(round_id),
+                fed,
+                ROUND_TIMEOUT_S,
+                "the updates of the two devices that can train",
+            )
             fed.coordinator.process.kill()
             assert fed.coordinator.process.wait(30) == -signal.SIGKILL
             assert registry.get_round(round_id).status == "running"
             held_id = next(d.id for d in registry.list_devices() if d.name == "pi-three")
             assert held_id not in {u.device_id for u in before}
             fed.start_coordinator("coordinator-restarted.log")
-        wait_until(lambda: registry.get_round(round_id).status != "running", fed, ROUND_TIMEOUT_S,
-                   f"round {round_id} to close after the restart")
+        wait_until(
+            lambda: registry.get_round(round_id).status != "running",
+            fed,
+            ROUND_TIMEOUT_S,
+            f"round {round_id} to close after the restart",
+        )
         row = registry.get_round(round_id)
         assert row.status == "finished", row.metrics
         after = registry.accepted_updates(round_id)

@@ -19,20 +19,21 @@ BAD_NAMES = ["pi 1", "pi;reboot", "-rf", "pi%h", "x" * 101, "", "pi\nExecStartPr
 
 
 @pytest.mark.parametrize("name", BAD_NAMES)
-def test_the_registry_makes_no_token_for_a_name_no_device_can_enrol_with(tmp_path, name):
+def test_the_registry_makes_no_token_for_a_name_no_device_can_enroll_with(tmp_path, name):
     """Old code made the token; the device then refused the name (``fedmoe-device enroll``) and it was spent."""
     registry = Registry(f"sqlite:///{tmp_path / 'registry.db'}")
     try:
         with pytest.raises(ConfigError, match="device name"):
-            registry.create_enrol_token(name, 60)
+            registry.create_enroll_token(name, 60)
         assert check_device_name("pi-kitchen.2") == "pi-kitchen.2"
     finally:
         registry.close()
 
 
 def test_the_harness_refuses_a_bad_name_before_touching_the_target():
-    result = CliRunner().invoke(harness, ["deploy", "ssh:pi@192.0.2.1", "--coordinator", "ws://192.0.2.2:8765",
-                                          "--name", "pi;reboot"])
+    result = CliRunner().invoke(
+        harness, ["deploy", "ssh:pi@192.0.2.1", "--coordinator", "ws://192.0.2.2:8765", "--name", "pi;reboot"]
+    )
     assert result.exit_code == 2 and "device name 'pi;reboot' must match" in result.output, result.output
 
 

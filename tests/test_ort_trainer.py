@@ -95,8 +95,7 @@ def torch_ce_loss(checkpoint, keep, batch) -> float:
 
     pruned, _ = prune(load_causal_lm(checkpoint), keep)
     wrapper = TrainingWrapper(pruned)
-    inputs = wrapper.make_inputs(*(torch.from_numpy(a) for a in (batch.input_ids, batch.attention_mask,
-                                                                  batch.labels)))
+    inputs = wrapper.make_inputs(*(torch.from_numpy(a) for a in (batch.input_ids, batch.attention_mask, batch.labels)))
     with torch.no_grad():
         return float(wrapper(*inputs.values())[1])
 
@@ -141,9 +140,28 @@ CLI = [sys.executable, "-m", "device_runtime.cli"]
 
 
 def test_cli_train_local_writes_trained_weights(bundles, tmp_path):
-    out = subprocess.run([*CLI, "train-local", str(bundles["a"]), "--data", str(bundles["data"]), "--steps", "3",
-                          "--threads", "1", "--eval-fraction", "0.25", "--no-progress", "--json",
-                          "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [
+            *CLI,
+            "train-local",
+            str(bundles["a"]),
+            "--data",
+            str(bundles["data"]),
+            "--steps",
+            "3",
+            "--threads",
+            "1",
+            "--eval-fraction",
+            "0.25",
+            "--no-progress",
+            "--json",
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     summary = json.loads(out.stdout)
     assert len(summary["losses"]) == 3 and summary["eval_loss_after"] is not None
@@ -163,8 +181,22 @@ def test_corrupted_bundle_is_rejected_before_training(bundles, tmp_path):
     weights.write_bytes(bytes(raw))
     with pytest.raises(BundleIntegrityError, match="weights.safetensors"):
         OrtTrainer(corrupt, progress=False)
-    out = subprocess.run([*CLI, "train-local", str(corrupt), "--data", str(bundles["data"]), "--steps", "2",
-                          "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [
+            *CLI,
+            "train-local",
+            str(corrupt),
+            "--data",
+            str(bundles["data"]),
+            "--steps",
+            "2",
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode != 0
     assert "BundleIntegrityError" in out.stderr and "weights.safetensors" in out.stderr
     assert not (tmp_path / "out").exists()

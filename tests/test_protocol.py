@@ -16,26 +16,55 @@ from device_runtime.errors import ProtocolError
 MAX = 1 << 20
 V = p.PROTOCOL_VERSION
 SK = ShapeKey((2, 1), prox=True)
-W = {"layers.0.mlp.experts.down_proj": np.arange(12, dtype=np.float32).reshape(2, 3, 2) / 7,
-     "layers.0.mlp.gate.weight": np.full((2, 4), -1.5, dtype=np.float16)}
+W = {
+    "layers.0.mlp.experts.down_proj": np.arange(12, dtype=np.float32).reshape(2, 3, 2) / 7,
+    "layers.0.mlp.gate.weight": np.full((2, 4), -1.5, dtype=np.float16),
+}
 
 MESSAGES = [
-    p.Enrol(token="tok-abc_123", name="pi-4", profile={"memory_mb": 2048, "cpu": {"cores": 4}}, public_key=b"\x01" * 32),
-    p.EnrolOk(device_id="d-1f2e"),
+    p.Enroll(
+        token="tok-abc_123", name="pi-4", profile={"memory_mb": 2048, "cpu": {"cores": 4}}, public_key=b"\x01" * 32
+    ),
+    p.EnrollOk(device_id="d-1f2e"),
     p.Hello(device_id="d-1f2e", protocol_version=1, profile={"os": "linux", "ram": 3.5}),
     p.Challenge(nonce=bytes(range(32))),
     p.Auth(device_id="d-1f2e", signature=bytes(range(64))),
     p.AuthOk(),
-    p.Assignment(round_id=3, update_id="r3-d-1f2e", model_version=2, shape_key=SK, expert_ids=((4, 0), (7,)),
-                 config=p.FitConfig(batch_size=4, learning_rate=3e-4, prox_mu=0.01,
-                                    routing_prior=((0.25, 0.75), (1.0, 0.0)), update_dtype="float16"),
-                 tensors=W),
+    p.Assignment(
+        round_id=3,
+        update_id="r3-d-1f2e",
+        model_version=2,
+        shape_key=SK,
+        expert_ids=((4, 0), (7,)),
+        config=p.FitConfig(
+            batch_size=4,
+            learning_rate=3e-4,
+            prox_mu=0.01,
+            routing_prior=((0.25, 0.75), (1.0, 0.0)),
+            update_dtype="float16",
+        ),
+        tensors=W,
+    ),
     p.BundleRequest(shape_key_id=SK.id),
-    p.BundleData(shape_key_id=SK.id, name="sub/training_model.onnx", offset=8, total_size=20,
-                 sha256="ab" * 32, more=True, data=b"\x00\xffpayload"),
-    p.Update(update_id="r3-d-1f2e", round_id=3, num_examples=40, num_tokens=5120,
-             metrics={"loss": 2.5, "train_seconds": 12}, routing={"usage": [[0.5, 0.5], [1.0]]},
-             trained_experts=((4, 0), (7,)), tensors=W),
+    p.BundleData(
+        shape_key_id=SK.id,
+        name="sub/training_model.onnx",
+        offset=8,
+        total_size=20,
+        sha256="ab" * 32,
+        more=True,
+        data=b"\x00\xffpayload",
+    ),
+    p.Update(
+        update_id="r3-d-1f2e",
+        round_id=3,
+        num_examples=40,
+        num_tokens=5120,
+        metrics={"loss": 2.5, "train_seconds": 12},
+        routing={"usage": [[0.5, 0.5], [1.0]]},
+        trained_experts=((4, 0), (7,)),
+        tensors=W,
+    ),
     p.Ack(update_id="r3-d-1f2e", accepted=False, reason="norm bound"),
     p.Evaluate(round_id=3, shape_key=SK, expert_ids=((4, 0), (7,)), batch_size=2, seq_len=64, tensors=W),
     p.EvaluateRes(round_id=3, num_examples=10, num_tokens=640, loss=3.25, metrics={"accuracy": 0.5}),
@@ -94,33 +123,36 @@ def test_float16_on_the_wire_halves_bytes_and_upcasts():
     full, half = p.tensors_to_bytes(x), p.tensors_to_bytes(x, wire_dtype="float16")
     assert len(full) - len(half) == 2000
     back = p.to_float32(p.bytes_to_tensors(half))["w"]
-    assert back.dtype == np.float32 and np.max(np.abs(back - x["w"])) <= 2 ** -10
+    assert back.dtype == np.float32 and np.max(np.abs(back - x["w"])) <= 2**-10
     with pytest.raises(ProtocolError, match="overflows") as info:
         p.tensors_to_bytes({"w": np.array([7e4], np.float32)}, wire_dtype="float16")
     assert info.value.code == "bad_tensor"
 
 
-@pytest.mark.parametrize("data, code", [
-    (b"", "bad_frame"),
-    (b"\x00\x00", "bad_frame"),  # truncated header length
-    (struct.pack(">I", 50) + b'{"v":1}', "bad_frame"),  # header length beyond the data
-    (struct.pack(">I", p.MAX_HEADER_BYTES + 1) + b"{}", "too_large"),
-    (struct.pack(">I", 5) + b"{nope", "bad_header"),  # invalid JSON
-    (struct.pack(">I", 2) + b"\xff\xfe", "bad_header"),  # invalid UTF-8
-    (frame([1, 2]), "bad_header"),  # not an object
-    (frame({"type": "heartbeat"}), "bad_header"),  # no version
-    (frame({"v": p.PROTOCOL_VERSION + 1, "type": "heartbeat"}), "version"),
-    (frame({"v": V, "type": "shutdown"}), "unknown_type"),
-    (frame({"v": V}), "unknown_type"),
-    (frame({"v": V, "type": "heartbeat", "extra": 1}), "bad_header"),  # unknown field
-    (frame({"v": V, "type": "ack", "update_id": "u", "accepted": 1}), "bad_header"),  # wrong type
-    (frame({"v": V, "type": "enrol_ok"}), "bad_header"),  # missing field
-    (frame({"v": V, "type": "enrol_ok", "device_id": "../etc"}), "bad_header"),
-    (frame({"v": V, "type": "enrol_ok", "device_id": ".."}), "bad_header"),
-    (frame({"v": V, "type": "challenge", "nonce": "AAAA"}), "bad_header"),  # nonce not 32 bytes
-    (frame({"v": V, "type": "heartbeat"}, b"x"), "bad_frame"),  # payload where none belongs
-    (struct.pack(">I", 46) + b'{"v":%d,"type":"evaluate_res","loss":NaN,"x":1}' % V, "bad_header"),
-])
+@pytest.mark.parametrize(
+    "data, code",
+    [
+        (b"", "bad_frame"),
+        (b"\x00\x00", "bad_frame"),  # truncated header length
+        (struct.pack(">I", 50) + b'{"v":1}', "bad_frame"),  # header length beyond the data
+        (struct.pack(">I", p.MAX_HEADER_BYTES + 1) + b"{}", "too_large"),
+        (struct.pack(">I", 5) + b"{nope", "bad_header"),  # invalid JSON
+        (struct.pack(">I", 2) + b"\xff\xfe", "bad_header"),  # invalid UTF-8
+        (frame([1, 2]), "bad_header"),  # not an object
+        (frame({"type": "heartbeat"}), "bad_header"),  # no version
+        (frame({"v": p.PROTOCOL_VERSION + 1, "type": "heartbeat"}), "version"),
+        (frame({"v": V, "type": "shutdown"}), "unknown_type"),
+        (frame({"v": V}), "unknown_type"),
+        (frame({"v": V, "type": "heartbeat", "extra": 1}), "bad_header"),  # unknown field
+        (frame({"v": V, "type": "ack", "update_id": "u", "accepted": 1}), "bad_header"),  # wrong type
+        (frame({"v": V, "type": "enroll_ok"}), "bad_header"),  # missing field
+        (frame({"v": V, "type": "enroll_ok", "device_id": "../etc"}), "bad_header"),
+        (frame({"v": V, "type": "enroll_ok", "device_id": ".."}), "bad_header"),
+        (frame({"v": V, "type": "challenge", "nonce": "AAAA"}), "bad_header"),  # nonce not 32 bytes
+        (frame({"v": V, "type": "heartbeat"}, b"x"), "bad_frame"),  # payload where none belongs
+        (struct.pack(">I", 46) + b'{"v":%d,"type":"evaluate_res","loss":NaN,"x":1}' % V, "bad_header"),
+    ],
+)
 def test_malformed_frames(data, code):
     assert code_of(data) == code
 
@@ -145,9 +177,18 @@ def test_oversized_frame():
 
 
 def _with_payload(payload: bytes, *, declared: dict | None = None) -> bytes:
-    header = {"v": V, "type": "update", "update_id": "u", "round_id": 0, "num_examples": 1, "num_tokens": 1,
-              "metrics": {}, "routing": {}, "trained_experts": [],
-              "payload": declared or {"size": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}}
+    header = {
+        "v": V,
+        "type": "update",
+        "update_id": "u",
+        "round_id": 0,
+        "num_examples": 1,
+        "num_tokens": 1,
+        "metrics": {},
+        "routing": {},
+        "trained_experts": [],
+        "payload": declared or {"size": len(payload), "sha256": hashlib.sha256(payload).hexdigest()},
+    }
     return frame(header, payload)
 
 
@@ -160,25 +201,37 @@ def test_payload_sha_and_size_mismatch():
     good = p.tensors_to_bytes(W)
     assert p.decode(_with_payload(good), max_size=MAX).TYPE == "update"
     tampered = good[:-1] + bytes([good[-1] ^ 1])
-    assert code_of(_with_payload(tampered, declared={"size": len(good),
-                                                     "sha256": hashlib.sha256(good).hexdigest()})) == "bad_payload"
-    assert code_of(_with_payload(good, declared={"size": len(good) + 1,
-                                                 "sha256": hashlib.sha256(good).hexdigest()})) == "bad_payload"
+    assert (
+        code_of(_with_payload(tampered, declared={"size": len(good), "sha256": hashlib.sha256(good).hexdigest()}))
+        == "bad_payload"
+    )
+    assert (
+        code_of(_with_payload(good, declared={"size": len(good) + 1, "sha256": hashlib.sha256(good).hexdigest()}))
+        == "bad_payload"
+    )
     assert code_of(_with_payload(good, declared={"size": len(good)})) == "bad_header"
 
 
-@pytest.mark.parametrize("header, data", [
-    ({"bad name!": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4),
-    ({"w": {"dtype": "F64", "shape": [1], "data_offsets": [0, 8]}}, b"\0" * 8),
-    ({"w": {"dtype": "I64", "shape": [1], "data_offsets": [0, 8]}}, b"\0" * 8),
-    ({"w": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, b"\0" * 4),
-    ({"w": {"dtype": "F32", "shape": [1 << 40], "data_offsets": [0, 4]}}, b"\0" * 4),  # shape beyond bytes
-    ({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 4),  # offsets beyond data
-    ({"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
-      "v": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4),  # overlap
-    ({"w": {"dtype": "F32", "shape": "ab", "data_offsets": [0, 4]}}, b"\0" * 4),
-    ({"w": [1, 2]}, b""),
-])
+@pytest.mark.parametrize(
+    "header, data",
+    [
+        ({"bad name!": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4),
+        ({"w": {"dtype": "F64", "shape": [1], "data_offsets": [0, 8]}}, b"\0" * 8),
+        ({"w": {"dtype": "I64", "shape": [1], "data_offsets": [0, 8]}}, b"\0" * 8),
+        ({"w": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, b"\0" * 4),
+        ({"w": {"dtype": "F32", "shape": [1 << 40], "data_offsets": [0, 4]}}, b"\0" * 4),  # shape beyond bytes
+        ({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 4),  # offsets beyond data
+        (
+            {
+                "w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+                "v": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+            },
+            b"\0" * 4,
+        ),  # overlap
+        ({"w": {"dtype": "F32", "shape": "ab", "data_offsets": [0, 4]}}, b"\0" * 4),
+        ({"w": [1, 2]}, b""),
+    ],
+)
 def test_bad_tensors(header, data):
     assert code_of(_with_payload(_safetensors(header, data))) == "bad_tensor"
 

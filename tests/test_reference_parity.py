@@ -34,18 +34,40 @@ pytestmark = pytest.mark.slow
 
 SEED = 7  # the federation's seed: round 1's FitConfig.seed is 8
 LABELS = ("team", "bank", "film", "phone")  # words of COORD_MIXTRAL's vocabulary: four distinct answer tokens
-FIT = {"batch_size": 2, "seq_len": 16, "local_steps": 3, "learning_rate": 3e-3, "aux_loss_coef": 0.02,
-       "labels": list(LABELS), "logit_adjustment": 1.0}
+FIT = {
+    "batch_size": 2,
+    "seq_len": 16,
+    "local_steps": 3,
+    "learning_rate": 3e-3,
+    "aux_loss_coef": 0.02,
+    "labels": list(LABELS),
+    "logit_adjustment": 1.0,
+}
 # Device name -> (experts per layer its budget affords with frozen_experts = "pruned", its records): label-skewed,
 # so the two label priors differ. With "float16" the budgets put pi-small on the merged stand-in and pi-large on
 # resident frozen experts, both with one trained expert per layer (RUNGS: the tiny model's estimates leave no room
 # for a resident device training 2 or 3).
 RUNGS = {"pi-small": (1, "float16", True), "pi-large": (1, "float16", False)}
 DEVICES = {
-    "pi-small": (2, [("the match team won", "team"), ("match won lost", "team"), ("team lost the match", "team"),
-                     ("market shares profit", "bank"), ("star award film", "film")]),
-    "pi-large": (3, [("market shares profit", "bank"), ("profit bank shares", "bank"), ("phone chip", "phone"),
-                     ("the film star", "film")]),
+    "pi-small": (
+        2,
+        [
+            ("the match team won", "team"),
+            ("match won lost", "team"),
+            ("team lost the match", "team"),
+            ("market shares profit", "bank"),
+            ("star award film", "film"),
+        ],
+    ),
+    "pi-large": (
+        3,
+        [
+            ("market shares profit", "bank"),
+            ("profit bank shares", "bank"),
+            ("phone chip", "phone"),
+            ("the film star", "film"),
+        ],
+    ),
 }
 # ORT and torch run the same float32 graph with differently ordered reductions (~1e-7 relative per op). Three
 # AdamW steps of lr 3e-3 move a weight (~0.02 in scale) by up to ~1e-2; Adam's normalised steps amplify the noise
@@ -57,7 +79,7 @@ RTOL, ATOL = 1e-4, 1e-5
 
 
 async def _run_round(server: ServerThread, registry, root: Path, profiles: dict[str, dict]) -> dict[str, tuple]:
-    """Enrol and run one ``DeviceClient`` per device until the coordinator has finished a round; returns
+    """Enroll and run one ``DeviceClient`` per device until the coordinator has finished a round; returns
     device id -> (device name, data file)."""
     from device_runtime.client import Backoff, DeviceClient, enroll
 
@@ -65,13 +87,28 @@ async def _run_round(server: ServerThread, registry, root: Path, profiles: dict[
     for name, (_, records) in DEVICES.items():
         home = root / name
         home.mkdir(parents=True)
-        creds = await enroll(server.url, registry.create_enrol_token(name, 600), name,
-                             credentials_path=home / "credentials.json", profile=profiles[name])
+        creds = await enroll(
+            server.url,
+            registry.create_enroll_token(name, 600),
+            name,
+            credentials_path=home / "credentials.json",
+            profile=profiles[name],
+        )
         data[creds.device_id] = (name, home / "data.jsonl")
         (home / "data.jsonl").write_text("".join(json.dumps({"text": t, "label": l}) + "\n" for t, l in records))
-        clients.append(DeviceClient(server.url, creds, home / "data.jsonl", cache_dir=home / "state",
-                                    max_message_mib=server.cfg.max_message_mib, threads=1, profile=profiles[name],
-                                    heartbeat_s=1.0, backoff=Backoff(base_s=0.05, max_s=0.2)))
+        clients.append(
+            DeviceClient(
+                server.url,
+                creds,
+                home / "data.jsonl",
+                cache_dir=home / "state",
+                max_message_mib=server.cfg.max_message_mib,
+                threads=1,
+                profile=profiles[name],
+                heartbeat_s=1.0,
+                backoff=Backoff(base_s=0.05, max_s=0.2),
+            )
+        )
     tasks = [asyncio.create_task(c.run()) for c in clients]
     try:
         async with asyncio.timeout(90):
@@ -106,14 +143,14 @@ def _reference(cfg, strategy, params0, fits: dict, data: dict[str, tuple], monke
     monkeypatch.setattr(torch.optim, "AdamW", adamw)
     torch.set_num_threads(1)
     torch.manual_seed(cfg.seed)
-    model = load_trainable_model(cfg.checkpoint, trainable_mode=cfg.trainable_mode, lora_rank=cfg.lora_rank,
-                                 seed=cfg.seed)
+    model = load_trainable_model(
+        cfg.checkpoint, trainable_mode=cfg.trainable_mode, lora_rank=cfg.lora_rank, seed=cfg.seed
+    )
     tokenizer = Path(cfg.checkpoint) / "tokenizer.json"
     updates = []
     for device_id in sorted(fits):
         ins = dataclasses.replace(fits[device_id], config=dataclasses.replace(fits[device_id].config, **fit_changes))
-        updates.append(fit_device(model, params0, ins, ReferenceDevice(device_id, {}, data[device_id][1]),
-                                  tokenizer))
+        updates.append(fit_device(model, params0, ins, ReferenceDevice(device_id, {}, data[device_id][1]), tokenizer))
     monkeypatch.setattr(torch.optim, "AdamW", real)
     params, _ = strategy.aggregate_fit(1, updates, [], params0)
     return params, updates
@@ -128,8 +165,7 @@ def _gap(a: dict, b: dict) -> tuple[float, float]:
 
 def _rel_gap(a: dict, b: dict) -> float:
     """Max elementwise |a - b| / |b| over the entries with |b| >= 1e-3 (the weights are ~0.02 in scale)."""
-    return max(float(np.max((np.abs(a[n] - b[n]) / np.maximum(np.abs(b[n]), 1e-3))[np.abs(b[n]) >= 1e-3]))
-               for n in b)
+    return max(float(np.max((np.abs(a[n] - b[n]) / np.maximum(np.abs(b[n]), 1e-3))[np.abs(b[n]) >= 1e-3])) for n in b)
 
 
 @pytest.mark.parametrize("frozen_experts", ["float16", "pruned"])
@@ -141,12 +177,22 @@ def test_one_round_of_the_system_equals_one_round_of_the_reference(tmp_path, mon
 
     started = time.monotonic()
     monkeypatch.setenv("FEDMOE_CACHE", str(tmp_path / "cache"))
-    cfg = initialised_coordinator(tmp_path, tmp_path / "coord", min_fit_clients=2, max_fit_clients=2, num_rounds=1,
-                                  seed=SEED, fit=FIT, max_message_mib=8, keep_update_tensors=True,
-                                  frozen_experts=frozen_experts)
+    cfg = initialised_coordinator(
+        tmp_path,
+        tmp_path / "coord",
+        min_fit_clients=2,
+        max_fit_clients=2,
+        num_rounds=1,
+        seed=SEED,
+        fit=FIT,
+        max_message_mib=8,
+        keep_update_tensors=True,
+        frozen_experts=frozen_experts,
+    )
     strategy = from_name(cfg.strategy, **cfg.strategy_params).bind(fit_context(cfg))
-    rungs = {name: RUNGS[name] if frozen_experts == "float16" else (kept, None, False)
-             for name, (kept, _) in DEVICES.items()}
+    rungs = {
+        name: RUNGS[name] if frozen_experts == "float16" else (kept, None, False) for name, (kept, _) in DEVICES.items()
+    }
     profiles = {name: {"memory_mib": memory_for(strategy.context, *rungs[name]), "gflops": 5.0} for name in DEVICES}
 
     server = ServerThread(cfg)
@@ -157,10 +203,14 @@ def test_one_round_of_the_system_equals_one_round_of_the_reference(tmp_path, mon
         assert round_.status == "finished", round_.metrics
         assignments = {a.device_id: a for a in registry.assignments(round_.id)}
         store = tensor_store(cfg)
-        sent = {u.device_id: to_client_update(u.device_id, u.num_examples, u.meta, store.load(u.tensor_sha256))
-                for u in registry.accepted_updates(round_.id)}
-        params0, params1 = ({n: np.asarray(t, np.float32) for n, t in
-                             store.load(registry.get_model_version(v).tensor_sha256).items()} for v in (0, 1))
+        sent = {
+            u.device_id: to_client_update(u.device_id, u.num_examples, u.meta, store.load(u.tensor_sha256))
+            for u in registry.accepted_updates(round_.id)
+        }
+        params0, params1 = (
+            {n: np.asarray(t, np.float32) for n, t in store.load(registry.get_model_version(v).tensor_sha256).items()}
+            for v in (0, 1)
+        )
     finally:
         registry.close()
         server.stop()
@@ -171,8 +221,12 @@ def test_one_round_of_the_system_equals_one_round_of_the_reference(tmp_path, mon
     # coordinator's own strategy is bound to the same state, so its configure_fit must agree with the registry).
     config = strategy.fit_config(1)
     assert config.seed == SEED + 1 and config.logit_adjustment == 1.0 and config.labels == LABELS
-    fits = {d: FitIns(tuple(tuple(ids) for ids in a.expert_ids), config, cfg.trainable_mode, cfg.lora_rank,
-                      *rungs[data[d][0]][1:]) for d, a in assignments.items()}
+    fits = {
+        d: FitIns(
+            tuple(tuple(ids) for ids in a.expert_ids), config, cfg.trainable_mode, cfg.lora_rank, *rungs[data[d][0]][1:]
+        )
+        for d, a in assignments.items()
+    }
     planned = strategy.configure_fit(1, params0, [ClientInfo(d, profiles[name], None) for d, (name, _) in data.items()])
     assert planned == fits
     for d, (name, _) in data.items():
@@ -186,16 +240,23 @@ def test_one_round_of_the_system_equals_one_round_of_the_reference(tmp_path, mon
     # Each device's update first (a failure here names the device), then the aggregate.
     for ref in updates:
         got = sent[ref.client_id]
-        assert (got.num_examples, got.expert_ids, got.trained_experts, got.frozen_ids) == \
-            (ref.num_examples, ref.expert_ids, ref.trained_experts, ref.frozen_ids), ref.client_id
-        assert all(len(got.held_ids(layer)) == (4 if frozen_experts == "float16" else len(got.expert_ids[layer]))
-                   for layer in range(len(got.expert_ids)))
+        assert (got.num_examples, got.expert_ids, got.trained_experts, got.frozen_ids) == (
+            ref.num_examples,
+            ref.expert_ids,
+            ref.trained_experts,
+            ref.frozen_ids,
+        ), ref.client_id
+        assert all(
+            len(got.held_ids(layer)) == (4 if frozen_experts == "float16" else len(got.expert_ids[layer]))
+            for layer in range(len(got.expert_ids))
+        )
         for layer, (g, r) in enumerate(zip(got.routing, ref.routing)):
             assert g.num_tokens == r.num_tokens and np.array_equal(g.tokens_routed, r.tokens_routed), layer
             np.testing.assert_allclose(g.usage, r.usage, rtol=RTOL, atol=ATOL)
         for name in ref.tensors:
-            np.testing.assert_allclose(got.tensors[name], ref.tensors[name], rtol=RTOL, atol=ATOL,
-                                       err_msg=f"{ref.client_id}: {name}")
+            np.testing.assert_allclose(
+                got.tensors[name], ref.tensors[name], rtol=RTOL, atol=ATOL, err_msg=f"{ref.client_id}: {name}"
+            )
     assert params1.keys() == reference.keys() == params0.keys()
     for name in params1:
         np.testing.assert_allclose(params1[name], reference[name], rtol=RTOL, atol=ATOL, err_msg=name)
@@ -204,11 +265,13 @@ def test_one_round_of_the_system_equals_one_round_of_the_reference(tmp_path, mon
     moved = {n: float(np.max(np.abs(params1[n] - params0[n]))) for n in params0}
     unadjusted, _ = _reference(cfg, strategy, params0, fits, data, monkeypatch, logit_adjustment=0.0)
     reseeded, _ = _reference(cfg, strategy, params0, fits, data, monkeypatch, seed=config.seed + 1)
-    print(f"system vs reference: max |diff| {abs_gap:.3g}, max rel {_rel_gap(params1, reference):.3g}, "
-          f"tolerance used {ratio:.3g}; the round moved the model by up to {max(moved.values()):.3g}; reference "
-          f"without logit adjustment: max |diff| {_gap(params1, unadjusted)[0]:.3g} (tolerance x "
-          f"{_gap(params1, unadjusted)[1]:.3g}), with other batches (seed + 1): {_gap(params1, reseeded)[0]:.3g}; "
-          f"system {system_s:.1f} s, total {time.monotonic() - started:.1f} s")
+    print(
+        f"system vs reference: max |diff| {abs_gap:.3g}, max rel {_rel_gap(params1, reference):.3g}, "
+        f"tolerance used {ratio:.3g}; the round moved the model by up to {max(moved.values()):.3g}; reference "
+        f"without logit adjustment: max |diff| {_gap(params1, unadjusted)[0]:.3g} (tolerance x "
+        f"{_gap(params1, unadjusted)[1]:.3g}), with other batches (seed + 1): {_gap(params1, reseeded)[0]:.3g}; "
+        f"system {system_s:.1f} s, total {time.monotonic() - started:.1f} s"
+    )
     assert max(moved.values()) > 100 * abs_gap, (moved, abs_gap)  # the round did something the test can see
     assert all(moved[n] > 0 for n in moved if n.endswith("mlp.gate.weight")), moved
     assert _gap(params1, unadjusted)[1] > 100  # the devices trained with the logit adjustment

@@ -9,7 +9,7 @@ import os
 import secrets
 import sqlite3
 import threading
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -21,7 +21,7 @@ from coordinator.registry.engine import _alembic_config
 from device_runtime.auth import generate_keypair, hash_token, verify_challenge
 from device_runtime.errors import AuthError, ConfigError, UpdateRejected
 
-T0 = datetime(2026, 1, 1, 12, 0, tzinfo=timezone.utc)
+T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 KEY = generate_keypair()[1]
 
 
@@ -74,13 +74,12 @@ def reg(url, clock):
     registry.close()
 
 
-def enrol(reg, name="pi"):
-    return reg.redeem_token(reg.create_enrol_token(name, ttl_s=600), name, {"memory_mb": 1024},
-                            generate_keypair()[1])
+def enroll(reg, name="pi"):
+    return reg.redeem_token(reg.create_enroll_token(name, ttl_s=600), name, {"memory_mb": 1024}, generate_keypair()[1])
 
 
 def test_token_is_single_use(reg):
-    token = reg.create_enrol_token("pi-4", ttl_s=60)
+    token = reg.create_enroll_token("pi-4", ttl_s=60)
     device = reg.redeem_token(token, "pi-4", {"memory_mb": 4096}, KEY)
     assert device.id.startswith("d-") and device.name == "pi-4" and device.public_key == KEY
     assert device.created_at == T0 and not device.revoked
@@ -92,7 +91,7 @@ def test_token_is_single_use(reg):
 
 
 def test_token_expiry(reg, clock):
-    token = reg.create_enrol_token("phone", ttl_s=30)
+    token = reg.create_enroll_token("phone", ttl_s=30)
     clock.now = T0 + timedelta(seconds=30)  # expiry is exclusive
     with pytest.raises(AuthError, match="expired"):
         reg.redeem_token(token, "phone", {}, KEY)
@@ -101,45 +100,52 @@ def test_token_expiry(reg, clock):
 
 def test_bad_public_key_rejected(reg):
     with pytest.raises(AuthError, match="32 raw bytes"):
-        reg.redeem_token(reg.create_enrol_token("x", ttl_s=60), "x", {}, b"short")
+        reg.redeem_token(reg.create_enroll_token("x", ttl_s=60), "x", {}, b"short")
 
 
 # The eight points of small order (RFC 8032 curve, libsodium's blocklist), each with the sign bit set too:
 # for the identity point a fixed signature (R = identity, S = 0) verifies every message.
-SMALL_ORDER_KEYS = [bytes.fromhex(h) for h in (
-    "0000000000000000000000000000000000000000000000000000000000000000",
-    "0100000000000000000000000000000000000000000000000000000000000000",
-    "26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc05",
-    "c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a",
-    "ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
-    "26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc85",
-    "c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac03fa",
-    "0000000000000000000000000000000000000000000000000000000000000080",
-)]
+SMALL_ORDER_KEYS = [
+    bytes.fromhex(h)
+    for h in (
+        "0000000000000000000000000000000000000000000000000000000000000000",
+        "0100000000000000000000000000000000000000000000000000000000000000",
+        "26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc05",
+        "c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a",
+        "ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+        "26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc85",
+        "c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac03fa",
+        "0000000000000000000000000000000000000000000000000000000000000080",
+    )
+]
 
 
 @pytest.mark.parametrize("key", SMALL_ORDER_KEYS, ids=lambda k: k[:2].hex() + ".." + k[-1:].hex())
 def test_small_order_public_key_refused(reg, key):
     identity, forged = SMALL_ORDER_KEYS[1], SMALL_ORDER_KEYS[1] + bytes(32)
     verify_challenge(identity, os.urandom(32), "d-1", forged)  # why: this "signature" verifies any challenge
-    token = reg.create_enrol_token("evil", ttl_s=60)
+    token = reg.create_enroll_token("evil", ttl_s=60)
     with pytest.raises(AuthError, match="small order|not a point"):
         reg.redeem_token(token, "evil", {}, key)
     assert reg.list_devices() == []
 
 
-@pytest.mark.parametrize("key, match", [
-    (bytes(range(32)), "prime-order subgroup"),  # a curve point with a torsion component
-    (bytes.fromhex("ed" + "ff" * 30 + "7f"), "canonical"),  # y = p: a second encoding of y = 0
-], ids=["torsion-component", "non-canonical"])
+@pytest.mark.parametrize(
+    "key, match",
+    [
+        (bytes(range(32)), "prime-order subgroup"),  # a curve point with a torsion component
+        (bytes.fromhex("ed" + "ff" * 30 + "7f"), "canonical"),  # y = p: a second encoding of y = 0
+    ],
+    ids=["torsion-component", "non-canonical"],
+)
 def test_malformed_public_key_refused(reg, key, match):
     with pytest.raises(AuthError, match=match):
-        reg.redeem_token(reg.create_enrol_token("x", ttl_s=60), "x", {}, key)
+        reg.redeem_token(reg.create_enroll_token("x", ttl_s=60), "x", {}, key)
 
 
 def test_one_key_enrolled_once(reg):
-    reg.redeem_token(reg.create_enrol_token("a", ttl_s=60), "a", {}, KEY)
-    token = reg.create_enrol_token("b", ttl_s=60)
+    reg.redeem_token(reg.create_enroll_token("a", ttl_s=60), "a", {}, KEY)
+    token = reg.create_enroll_token("b", ttl_s=60)
     with pytest.raises(AuthError, match="enrolled already"):
         reg.redeem_token(token, "b", {}, KEY)
     assert [d.name for d in reg.list_devices()] == ["a"]
@@ -147,7 +153,7 @@ def test_one_key_enrolled_once(reg):
 
 
 def test_token_redeemed_only_under_its_name(reg):
-    token = reg.create_enrol_token("pi-kitchen", ttl_s=60)
+    token = reg.create_enroll_token("pi-kitchen", ttl_s=60)
     with pytest.raises(AuthError, match="another device name"):
         reg.redeem_token(token, "pi-garage", {}, KEY)
     assert reg.list_devices() == []
@@ -156,7 +162,7 @@ def test_token_redeemed_only_under_its_name(reg):
 
 def test_token_hashed_at_rest(db):
     reg = Registry(f"sqlite:///{db}")
-    tokens = [reg.create_enrol_token(f"dev{i}", ttl_s=60) for i in range(3)]
+    tokens = [reg.create_enroll_token(f"dev{i}", ttl_s=60) for i in range(3)]
     reg.redeem_token(tokens[0], "dev0", {}, KEY)
     stored = b"".join(p.read_bytes() for p in db.parent.glob("registry.db*"))
     for token in tokens:
@@ -167,7 +173,7 @@ def test_token_hashed_at_rest(db):
 
 def test_concurrent_redemption_exactly_one_wins(url, clock):
     first = Registry(url, clock=clock)
-    token = first.create_enrol_token("race", ttl_s=60)
+    token = first.create_enroll_token("race", ttl_s=60)
     registries = [first] + [Registry(url, clock=clock) for _ in range(3)]
     outcomes, barrier = [], threading.Barrier(len(registries))
 
@@ -191,7 +197,7 @@ def test_concurrent_redemption_exactly_one_wins(url, clock):
 
 
 def test_touch_revoke_and_list(reg, clock):
-    a, b = enrol(reg, "a"), enrol(reg, "b")
+    a, b = enroll(reg, "a"), enroll(reg, "b")
     clock.now = T0 + timedelta(minutes=5)
     reg.touch_device(a.id, profile={"memory_mb": 512})
     got = reg.get_device(a.id)
@@ -208,15 +214,17 @@ def test_touch_revoke_and_list(reg, clock):
 
 
 def test_rounds_and_assignments(reg, clock):
-    device = enrol(reg)
+    device = enroll(reg)
     r1 = reg.start_round("hfedmoe", {"clients": 2})
     r2 = reg.start_round("fedavg", {})
     assert (r1.id, r1.status, r1.config) == (1, "running", {"clients": 2})
-    reg.record_assignment(r1.id, device.id, update_id="u-1", shape_key="experts-2.2", expert_ids=[[0, 3], [1, 2]],
-                          config={})
+    reg.record_assignment(
+        r1.id, device.id, update_id="u-1", shape_key="experts-2.2", expert_ids=[[0, 3], [1, 2]], config={}
+    )
     with pytest.raises(ConfigError):
-        reg.record_assignment(r1.id, device.id, update_id="u-2", shape_key="experts-2.2", expert_ids=[[0], [1]],
-                              config={})
+        reg.record_assignment(
+            r1.id, device.id, update_id="u-2", shape_key="experts-2.2", expert_ids=[[0], [1]], config={}
+        )
     with pytest.raises(ConfigError):
         reg.record_assignment(99, device.id, update_id="u-3", shape_key="experts-1", expert_ids=[[0]], config={})
     [assignment] = reg.assignments(r1.id)
@@ -232,11 +240,17 @@ def test_rounds_and_assignments(reg, clock):
 
 
 def test_record_update_is_idempotent(reg):
-    a, b = enrol(reg, "a"), enrol(reg, "b")
+    a, b = enroll(reg, "a"), enroll(reg, "b")
     rnd = reg.start_round("fedavg", {})
     reg.record_assignment(rnd.id, a.id, update_id="u-a", shape_key="experts-1", expert_ids=[[0]], config={})
-    kwargs = dict(round_id=rnd.id, num_examples=40, num_tokens=5120, tensor_sha256="ab" * 32,
-                  metadata={"metrics": {"loss": 2.0}}, accepted=True)
+    kwargs = dict(
+        round_id=rnd.id,
+        num_examples=40,
+        num_tokens=5120,
+        tensor_sha256="ab" * 32,
+        metadata={"metrics": {"loss": 2.0}},
+        accepted=True,
+    )
     row, created = reg.record_update(update_id="u-a", device_id=a.id, **kwargs)
     assert created and row.num_examples == 40 and row.meta == {"metrics": {"loss": 2.0}}
     again, created = reg.record_update(update_id="u-a", device_id=a.id, **{**kwargs, "num_examples": 99})
@@ -290,8 +304,13 @@ def test_a_registry_from_before_alembic_is_migrated_in_place(url):
     with engine.begin() as conn:
         command.upgrade(_alembic_config(conn), "0001")
         conn.execute(text("INSERT INTO schema_version (id, version) VALUES (1, 1)"))
-        conn.execute(text("INSERT INTO devices (id, name, profile, public_key, created_at) "
-                          "VALUES ('d-old', 'old', '{}', :key, :now)"), {"key": KEY, "now": T0.replace(tzinfo=None)})
+        conn.execute(
+            text(
+                "INSERT INTO devices (id, name, profile, public_key, created_at) "
+                "VALUES ('d-old', 'old', '{}', :key, :now)"
+            ),
+            {"key": KEY, "now": T0.replace(tzinfo=None)},
+        )
         conn.execute(text("DROP TABLE alembic_version"))
     engine.dispose()
     reg = Registry(url)
@@ -300,7 +319,7 @@ def test_a_registry_from_before_alembic_is_migrated_in_place(url):
     assert "schema_version" not in tables and "alembic_version" in tables
     with reg.engine.connect() as conn:
         assert conn.scalar(text("SELECT version_num FROM alembic_version")) == SCHEMA_REVISION
-    token = reg.create_enrol_token("again", ttl_s=60)
+    token = reg.create_enroll_token("again", ttl_s=60)
     with pytest.raises(AuthError, match="enrolled already"):
         reg.redeem_token(token, "again", {}, KEY)
     reg.close()
@@ -318,7 +337,7 @@ def test_a_registry_of_a_newer_fedmoe_is_refused(url):
 
 def test_reopen_keeps_data_and_foreign_db_refused(url, tmp_path):
     first = Registry(url)
-    device = enrol(first)
+    device = enroll(first)
     first.close()
     again = Registry(url)
     assert again.get_device(device.id).public_key == device.public_key

@@ -211,13 +211,21 @@ def test_defect_2_a_crash_while_a_round_starts_loses_no_acknowledged_update(tmp_
         for _ in range(6):
             action = await c.step()
             for d in (small, large):
-                if d.inbox and isinstance(d.inbox[-1], Assignment) and d.inbox[-1].update_id not in acked \
-                        and c.engine.pending_of(d.device.id) == d.inbox[-1].update_id:
+                if (
+                    d.inbox
+                    and isinstance(d.inbox[-1], Assignment)
+                    and d.inbox[-1].update_id not in acked
+                    and c.engine.pending_of(d.device.id) == d.inbox[-1].update_id
+                ):
                     assert (await c.handle_update(d.session, update_for(c, d))).accepted
             if isinstance(action, Aggregate):
                 break
-        aggregated = {u.update_id for r in c.registry.list_rounds() if r.status == "finished"
-                      for u in c.registry.accepted_updates(r.id)}
+        aggregated = {
+            u.update_id
+            for r in c.registry.list_rounds()
+            if r.status == "finished"
+            for u in c.registry.accepted_updates(r.id)
+        }
         c.close()
         return aggregated
 

@@ -7,8 +7,17 @@ import random
 import pytest
 
 from coordinator.participation import Participation
-from coordinator.rounds import (Aggregate, Finished, RetryRound, RoundEngine, RoundPolicy, RunningRound, StartRound,
-                                Wait, select_clients)
+from coordinator.rounds import (
+    Aggregate,
+    Finished,
+    RetryRound,
+    RoundEngine,
+    RoundPolicy,
+    RunningRound,
+    StartRound,
+    Wait,
+    select_clients,
+)
 from device_runtime.errors import ConfigError
 
 DEVICES = [f"d{i}" for i in range(10)]

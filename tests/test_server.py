@@ -17,9 +17,24 @@ from coordinator.config import load_config, save_config
 from coordinator.federation import tensor_store
 from coordinator.registry import Registry
 from device_runtime.auth import generate_keypair, sign_challenge
-from device_runtime.wire import (PROTOCOL_VERSION, Ack, Assignment, Auth, AuthOk, BundleAssembler, BundleData,
-                                 BundleRequest, Challenge, Enrol, EnrolOk, Error, Heartbeat, Hello, decode,
-                                 encode)
+from device_runtime.wire import (
+    PROTOCOL_VERSION,
+    Ack,
+    Assignment,
+    Auth,
+    AuthOk,
+    BundleAssembler,
+    BundleData,
+    BundleRequest,
+    Challenge,
+    Enroll,
+    EnrollOk,
+    Error,
+    Heartbeat,
+    Hello,
+    decode,
+    encode,
+)
 
 pytest.importorskip("torch")
 from helpers import RECORDS, ServerThread, fake_update, initialised_coordinator, two_expert_memory  # noqa: E402
@@ -64,16 +79,16 @@ def recv_ack(conn):
     return msg
 
 
-def enrol(server, cfg, name, profile):
-    """Create a token, enrol over the wire; returns ``(device_id, private_key)``."""
+def enroll(server, cfg, name, profile):
+    """Create a token, enroll over the wire; returns ``(device_id, private_key)``."""
     registry = Registry(cfg.registry_url)
-    token = registry.create_enrol_token(name, 3600)
+    token = registry.create_enroll_token(name, 3600)
     registry.close()
     private, public = generate_keypair()
     with ws(server) as conn:
-        send(conn, Enrol(token=token, name=name, profile=profile, public_key=public))
+        send(conn, Enroll(token=token, name=name, profile=profile, public_key=public))
         reply = recv(conn)
-    assert isinstance(reply, EnrolOk), reply
+    assert isinstance(reply, EnrollOk), reply
     return reply.device_id, private, token
 
 
@@ -98,12 +113,12 @@ def test_healthz(server):
         assert response.status == 200 and response.read() == b"ok\n"
 
 
-def test_enrol_token_is_single_use(server, initialised):
+def test_enroll_token_is_single_use(server, initialised):
     cfg = initialised[0]
-    device_id, _, token = enrol(server, cfg, "phone-a", {"memory_mib": 10})
+    device_id, _, token = enroll(server, cfg, "phone-a", {"memory_mib": 10})
     assert device_id.startswith("d-")
     with ws(server) as conn:
-        send(conn, Enrol(token=token, name="thief", profile={}, public_key=generate_keypair()[1]))
+        send(conn, Enroll(token=token, name="thief", profile={}, public_key=generate_keypair()[1]))
         reply = recv(conn)
         assert isinstance(reply, Error) and reply.code == "auth" and "already used" in reply.message
         with pytest.raises(ConnectionClosed):
@@ -112,7 +127,7 @@ def test_enrol_token_is_single_use(server, initialised):
 
 def test_wrong_signature_is_refused_and_a_nonce_works_once(server, initialised):
     cfg = initialised[0]
-    device_id, private, _ = enrol(server, cfg, "phone-b", {"memory_mib": 10})
+    device_id, private, _ = enroll(server, cfg, "phone-b", {"memory_mib": 10})
     other_private, _ = generate_keypair()
     with ws(server) as conn:
         reply = login(conn, device_id, other_private, {"memory_mib": 10})
@@ -132,7 +147,7 @@ def test_wrong_signature_is_refused_and_a_nonce_works_once(server, initialised):
 
 def test_revoked_device_cannot_authenticate(server, initialised):
     cfg = initialised[0]
-    device_id, private, _ = enrol(server, cfg, "phone-c", {"memory_mib": 10})
+    device_id, private, _ = enroll(server, cfg, "phone-c", {"memory_mib": 10})
     registry = Registry(cfg.registry_url)
     registry.revoke_device(device_id)
     registry.close()
@@ -144,12 +159,15 @@ def test_revoked_device_cannot_authenticate(server, initialised):
 
 def test_malformed_and_oversized_messages(server, initialised):
     cfg = initialised[0]
-    device_id, private, _ = enrol(server, cfg, "phone-d", {"memory_mib": 10})
+    device_id, private, _ = enroll(server, cfg, "phone-d", {"memory_mib": 10})
     with ws(server) as conn:
         assert isinstance(login(conn, device_id, private, {"memory_mib": 10}), AuthOk)
-        for frame, code in ((b"\x00\x00", "bad_frame"), (b"\x00\x00\x00\x02{]", "bad_header"),
-                            (b'\x00\x00\x00\x15{"v":%d,"type":"nope"}' % PROTOCOL_VERSION, "unknown_type"),
-                            (b'\x00\x00\x00\x15{"v":9,"type":"ping"}', "version")):
+        for frame, code in (
+            (b"\x00\x00", "bad_frame"),
+            (b"\x00\x00\x00\x02{]", "bad_header"),
+            (b'\x00\x00\x00\x15{"v":%d,"type":"nope"}' % PROTOCOL_VERSION, "unknown_type"),
+            (b'\x00\x00\x00\x15{"v":9,"type":"ping"}', "version"),
+        ):
             conn.send(frame)
             reply = recv(conn)
             assert isinstance(reply, Error) and reply.code == code, (frame, reply)
@@ -171,7 +189,7 @@ def test_round_with_bundle_transfer_and_replayed_update(server, initialised, tmp
 
     cfg, memory = initialised
     profile = {"memory_mib": memory, "gflops": 5.0}
-    device_id, private, _ = enrol(server, cfg, "pi-1", profile)
+    device_id, private, _ = enroll(server, cfg, "pi-1", profile)
     with ws(server) as conn:
         assignment = first_assignment(conn, device_id, private, profile)
         assert assignment.shape_key.experts_per_layer == (2, 2)
@@ -215,8 +233,11 @@ def check_the_new_version_was_evaluated(cfg, registry, version):
     """The coordinator logged the held-out score of the new version: the evaluator's score of its state."""
     from coordinator.evaluation import Evaluator
 
-    scores = wait_for(lambda: {m.name: m.value for m in registry.metrics(round_id=version.round_id)
-                               if m.name.startswith("eval_")} or None)
+    scores = wait_for(
+        lambda: (
+            {m.name: m.value for m in registry.metrics(round_id=version.round_id) if m.name.startswith("eval_")} or None
+        )
+    )
     expected = Evaluator.from_config(cfg).score(tensor_store(cfg).load(version.tensor_sha256))
     assert scores == pytest.approx({"eval_accuracy": expected.accuracy, "eval_loss": expected.loss}, rel=1e-6)
     initial = Evaluator.from_config(cfg).score(None)
@@ -276,14 +297,21 @@ def test_a_restart_deletes_the_update_files_of_past_rounds_only(tmp_path):
     cfg = initialised_coordinator(tmp_path, tmp_path / "state")
     registry, store = Registry(cfg.registry_url), tensor_store(cfg)
     try:
-        device = registry.redeem_token(registry.create_enrol_token("pi", 600), "pi", {}, generate_keypair()[1])
+        device = registry.redeem_token(registry.create_enroll_token("pi", 600), "pi", {}, generate_keypair()[1])
         shas = {}
         for status in ("failed", "running"):  # a failed round's update was never aggregated, so never deleted
             round_id = registry.start_round("hfedmoe", {}).id
             shas[status] = store.put({"x": np.full(3, round_id, np.float32)})
-            registry.record_update(update_id=f"u{round_id}", round_id=round_id, device_id=device.id,
-                                   num_examples=1, num_tokens=1, tensor_sha256=shas[status],
-                                   metadata={"routing": RoutingStats([2]).to_dict()}, accepted=True)
+            registry.record_update(
+                update_id=f"u{round_id}",
+                round_id=round_id,
+                device_id=device.id,
+                num_examples=1,
+                num_tokens=1,
+                tensor_sha256=shas[status],
+                metadata={"routing": RoutingStats([2]).to_dict()},
+                accepted=True,
+            )
             if status == "failed":
                 registry.finish_round(round_id, metrics={"reason": "0 of 1"}, status="failed")
         Coordinator.from_config(cfg).close()
@@ -333,7 +361,7 @@ def test_config_round_trip_and_errors(tmp_path, initialised):
 def test_invalid_update_is_rejected_recorded_once_and_the_round_retried(server, initialised):
     cfg, memory = initialised
     profile = {"memory_mib": memory, "gflops": 5.0}
-    device_id, private, _ = enrol(server, cfg, "pi-2", profile)
+    device_id, private, _ = enroll(server, cfg, "pi-2", profile)
     with ws(server) as conn:
         assignment = first_assignment(conn, device_id, private, profile)
         from device_runtime.bundle import load_bundle
@@ -408,7 +436,7 @@ def test_a_training_error_rejects_the_assignment_at_once_and_failed_rounds_back_
     server, cfg, memory = fresh
     caplog.set_level(logging.INFO, logger="fedmoe.coord")
     profile = {"memory_mib": memory, "gflops": 5.0}
-    device_id, private, _ = enrol(server, cfg, "pi-fails", profile)
+    device_id, private, _ = enroll(server, cfg, "pi-fails", profile)
     with ws(server) as conn:
         first = first_assignment(conn, device_id, private, profile)
         sent = time.monotonic()
@@ -435,8 +463,10 @@ def test_a_training_error_rejects_the_assignment_at_once_and_failed_rounds_back_
         # Two failed rounds = max_round_attempts: an alert, rounds back off; the device failed both assignments
         # and is excluded for retry_backoff_s (10 s), and still served.
         wait_for(lambda: "ALERT: 2 consecutive rounds failed" in caplog.text, timeout=20)
-        assert f"device {device_id} failed 2 assignments in a row (last: it reported bad_payload); not selected for" \
-        in caplog.text
+        assert (
+            f"device {device_id} failed 2 assignments in a row (last: it reported bad_payload); not selected for"
+            in caplog.text
+        )
         assert "rounds stopped" not in caplog.text
         with pytest.raises(TimeoutError):
             recv(conn, timeout=0.5)  # no new round
@@ -458,8 +488,8 @@ def test_a_device_that_takes_its_assignment_and_drops_cannot_halt_the_federation
     server, cfg, memory = fresh
     caplog.set_level(logging.INFO, logger="fedmoe.coord")
     profile = {"memory_mib": memory, "gflops": 5.0}
-    dropper, dropper_key, _ = enrol(server, cfg, "dropper", profile)
-    honest, honest_key, _ = enrol(server, cfg, "honest", profile)
+    dropper, dropper_key, _ = enroll(server, cfg, "dropper", profile)
+    honest, honest_key, _ = enroll(server, cfg, "honest", profile)
     dropped = []
     for _ in range(3):
         with ws(server) as conn:
@@ -467,8 +497,9 @@ def test_a_device_that_takes_its_assignment_and_drops_cannot_halt_the_federation
         assert _wait_closed(cfg, dropped[-1], timeout=20).status == "failed"  # at once, not at the deadline
     assert len(set(dropped)) == 3
     wait_for(lambda: "ALERT: 3 consecutive rounds failed" in caplog.text, timeout=20)
-    assert f"device {dropper} failed 2 assignments in a row (last: it disconnected); not selected for 1 s" \
-        in caplog.text
+    assert (
+        f"device {dropper} failed 2 assignments in a row (last: it disconnected); not selected for 1 s" in caplog.text
+    )
     assert "rounds stopped" not in caplog.text
     with ws(server) as conn:
         assignment = first_assignment(conn, honest, honest_key, profile)
@@ -486,7 +517,7 @@ def test_an_assignment_too_big_for_the_device_is_rejected_once_not_resent(fresh)
 
     server, cfg, memory = fresh
     profile = {"memory_mib": memory, "gflops": 5.0}
-    device_id, private, _ = enrol(server, cfg, "pi-small-frames", profile)
+    device_id, private, _ = enroll(server, cfg, "pi-small-frames", profile)
 
     def small(max_size=4096):
         return connect(server.url, max_size=max_size, compression=None, open_timeout=10)
@@ -522,7 +553,8 @@ def test_a_device_gone_while_its_assignment_is_planned_gets_it_when_it_reconnect
     server, cfg, memory = fresh
     profile = {"memory_mib": memory, "gflops": 5.0}
     (first, first_key), (second, second_key) = sorted(
-        enrol(server, cfg, name, profile)[:2] for name in ("pi-leaves", "pi-stays"))  # planned in this order
+        enroll(server, cfg, name, profile)[:2] for name in ("pi-leaves", "pi-stays")
+    )  # planned in this order
     registry = Registry(cfg.registry_url)
     try:
         with ws(server) as stays:
@@ -552,7 +584,7 @@ def test_a_failing_bundle_export_skips_the_device_and_rounds_go_on(fresh):
 
     server, cfg, memory = fresh
     profile = {"memory_mib": memory, "gflops": 5.0}
-    device_id, private, _ = enrol(server, cfg, "pi-unlucky", profile)
+    device_id, private, _ = enroll(server, cfg, "pi-unlucky", profile)
     bundles = Path(cfg.state_dir) / "bundles"
     shutil.rmtree(bundles)
     bundles.write_text("not a directory")  # the export fails with NotADirectoryError (an OSError, not a FedmoeError)

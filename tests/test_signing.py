@@ -60,6 +60,7 @@ class Proxy:
 
     async def handler(self, device):
         async with connect(self.upstream, compression=None, max_size=None) as coordinator:
+
             async def down():
                 async for raw in coordinator:
                     header, payload = split(raw)
@@ -143,20 +144,43 @@ def fed(tmp_path_factory):
     (the happy path: signed bundle and assignment verified); then the coordinator is stopped."""
     root = tmp_path_factory.mktemp("signing")
     config = init_by_cli(root)
-    cfg = replace(load_config(config), max_message_mib=MAX_MIB, min_fit_clients=1, max_fit_clients=1, fit=FIT,
-                  round_deadline_s=60, num_rounds=1)  # no second round holds up the attacks on device b
+    cfg = replace(
+        load_config(config),
+        max_message_mib=MAX_MIB,
+        min_fit_clients=1,
+        max_fit_clients=1,
+        fit=FIT,
+        round_deadline_s=60,
+        num_rounds=1,
+    )  # no second round holds up the attacks on device b
     data = root / "data.jsonl"
     data.write_text("".join(json.dumps({"text": t, "label": "sport"}) + "\n" for t in ("the match team won",) * 4))
     profile = {"memory_mib": two_expert_memory(root / "checkpoint"), "gflops": 5.0}
     server = ServerThread(cfg)
     try:
         registry = Registry(cfg.registry_url)
-        creds = {name: asyncio.run(enroll(server.url, pinned_token(registry.create_enrol_token(name, 600), cfg), name,
-                                          credentials_path=root / name / "credentials.json", profile=profile))
-                 for name in ("a", "b")}
+        creds = {
+            name: asyncio.run(
+                enroll(
+                    server.url,
+                    pinned_token(registry.create_enroll_token(name, 600), cfg),
+                    name,
+                    credentials_path=root / name / "credentials.json",
+                    profile=profile,
+                )
+            )
+            for name in ("a", "b")
+        }
         registry.close()
-        client = DeviceClient(server.url, creds["a"], data, cache_dir=root / "a" / "state", max_message_mib=MAX_MIB,
-                              threads=1, profile=profile)
+        client = DeviceClient(
+            server.url,
+            creds["a"],
+            data,
+            cache_dir=root / "a" / "state",
+            max_message_mib=MAX_MIB,
+            threads=1,
+            profile=profile,
+        )
         asyncio.run(run_until(client, lambda: acked(cfg), timeout=120))  # it exports the bundle first
         (shape_key_id,) = client.cache.ids()
         assert (root / "a" / "state" / "bundles" / shape_key_id / MANIFEST_SIG).is_file()
@@ -193,9 +217,21 @@ def attack(fed, tmp_path, tamper, *, names=("b",), until=rejections, **overrides
     async def main():
         async with serve(proxy.handler, "127.0.0.1", 0, compression=None, max_size=None) as srv:
             url = f"ws://127.0.0.1:{srv.sockets[0].getsockname()[1]}"
-            clients = [DeviceClient(url, fed["creds"][n], fed["data"], cache_dir=tmp_path / n, insecure=True,
-                                    max_message_mib=MAX_MIB, threads=1, profile=fed["profile"], heartbeat_s=1,
-                                    backoff=Backoff(base_s=0.05, max_s=0.2)) for n in names]
+            clients = [
+                DeviceClient(
+                    url,
+                    fed["creds"][n],
+                    fed["data"],
+                    cache_dir=tmp_path / n,
+                    insecure=True,
+                    max_message_mib=MAX_MIB,
+                    threads=1,
+                    profile=fed["profile"],
+                    heartbeat_s=1,
+                    backoff=Backoff(base_s=0.05, max_s=0.2),
+                )
+                for n in names
+            ]
             await asyncio.gather(*(run_until(c, outcome, timeout=60) for c in clients))
 
     try:
@@ -207,9 +243,14 @@ def attack(fed, tmp_path, tamper, *, names=("b",), until=rejections, **overrides
 
 
 def refused_in_log(caplog, what: str) -> list[str]:
-    return [r.getMessage() for r in caplog.records
-            if r.name == "fedmoe.device" and r.levelno == logging.ERROR and "bad_signature" in r.getMessage()
-            and what in r.getMessage()]
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "fedmoe.device"
+        and r.levelno == logging.ERROR
+        and "bad_signature" in r.getMessage()
+        and what in r.getMessage()
+    ]
 
 
 # ---------------------------------------------------------------- the tests
@@ -232,8 +273,11 @@ def test_the_proxy_alone_changes_nothing(fed, tmp_path):
     assert accepted
 
 
-@pytest.mark.parametrize("tamper", [flip_tensor, raise_learning_rate, move_round, strip_signature],
-                         ids=["tensor", "header", "another-round", "unsigned"])
+@pytest.mark.parametrize(
+    "tamper",
+    [flip_tensor, raise_learning_rate, move_round, strip_signature],
+    ids=["tensor", "header", "another-round", "unsigned"],
+)
 def test_a_tampered_or_unsigned_assignment_is_refused(fed, tmp_path, caplog, tamper):
     caplog.set_level(logging.INFO)
     rejected = attack(fed, tmp_path, tamper)
@@ -281,10 +325,12 @@ def test_a_bundle_tampered_on_the_coordinator_after_signing_is_refused(fed, tmp_
     finally:
         for name, content in saved.items():
             (root / name).write_bytes(content)
-    assert rejected and all("bad_signature" in r and "manifest signature does not verify" in r
-                            for r in rejected.values()), rejected
-    assert any("refused" in r.getMessage() and r.levelno == logging.ERROR for r in caplog.records
-               if r.name == "fedmoe.device")
+    assert rejected and all(
+        "bad_signature" in r and "manifest signature does not verify" in r for r in rejected.values()
+    ), rejected
+    assert any(
+        "refused" in r.getMessage() and r.levelno == logging.ERROR for r in caplog.records if r.name == "fedmoe.device"
+    )
     assert BundleCache(tmp_path / "b" / "bundles").ids() == [] and not list((tmp_path / "b" / "bundles").iterdir())
 
 

@@ -17,8 +17,9 @@ def smoke_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("sim") / "run"
     command = shutil.which("fedmoe-coord")
     args = [command] if command else [sys.executable, "-m", "coordinator.cli"]
-    result = subprocess.run([*args, "simulate", "--preset", "smoke", "--out", str(out)], capture_output=True,
-                            text=True, timeout=900)
+    result = subprocess.run(
+        [*args, "simulate", "--preset", "smoke", "--out", str(out)], capture_output=True, text=True, timeout=900
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return out, result.stdout
 

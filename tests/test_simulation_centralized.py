@@ -20,9 +20,18 @@ def test_centralized_learns_the_union_and_reports_each_round(tmp_path, mode, ran
     files = [write_jsonl(RECORDS[:2], tmp_path / "a.jsonl"), write_jsonl(RECORDS[2:], tmp_path / "b.jsonl")]
     before = Evaluator(checkpoint, RECORDS, trainable_mode=mode, lora_rank=rank, seq_len=SEQ_LEN).score(None)
     seen = []
-    records = run_centralized(checkpoint, files, RECORDS, rounds=3, on_round=seen.append, trainable_mode=mode,
-                              lora_rank=rank, seed=0, threads=1,
-                              fit=FitConfig(batch_size=2, seq_len=SEQ_LEN, learning_rate=0.05, local_steps=5))
+    records = run_centralized(
+        checkpoint,
+        files,
+        RECORDS,
+        rounds=3,
+        on_round=seen.append,
+        trainable_mode=mode,
+        lora_rank=rank,
+        seed=0,
+        threads=1,
+        fit=FitConfig(batch_size=2, seq_len=SEQ_LEN, learning_rate=0.05, local_steps=5),
+    )
     assert seen == records and [r.round for r in records] == [1, 2, 3]
     assert {r.strategy for r in records} == {"centralized"} and all(r.bytes_up == 0 for r in records)
     # 3 x 10 steps over the four records of both files: the label loss on them falls round after round

@@ -17,9 +17,15 @@ from device_runtime.wire import FitConfig  # noqa: E402
 
 
 def _federation(cfg, strategy, devices):
-    return Federation(strategy=strategy, rounds=1, checkpoint=Path(cfg.checkpoint), devices=tuple(devices),
-                      data_files=tuple(Path(f"{d.name}.jsonl") for d in devices), fit=FitConfig(batch_size=2, seq_len=8),
-                      eval_data=Path("test.jsonl"))
+    return Federation(
+        strategy=strategy,
+        rounds=1,
+        checkpoint=Path(cfg.checkpoint),
+        devices=tuple(devices),
+        data_files=tuple(Path(f"{d.name}.jsonl") for d in devices),
+        fit=FitConfig(batch_size=2, seq_len=8),
+        eval_data=Path("test.jsonl"),
+    )
 
 
 def test_dense_fedavg_starts_only_the_devices_that_hold_every_expert(tmp_path):

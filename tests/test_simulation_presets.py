@@ -40,7 +40,18 @@ def test_torch_reference_names_are_strategies_with_the_prefix():
 def test_presets_train_with_the_answer_shift_and_give_the_devices_the_labels(tmp_path):
     from coordinator.simulation.simulate import SimulationPlan, _fit
 
-    plan = SimulationPlan(name="x", out=tmp_path, strategies=("hfedmoe",), preset=PRESETS["default"], devices=(),
-                          alpha=1.0, seed=0, data_file=None, text_field="text", label_field="label", slots=2)
+    plan = SimulationPlan(
+        name="x",
+        out=tmp_path,
+        strategies=("hfedmoe",),
+        preset=PRESETS["default"],
+        devices=(),
+        alpha=1.0,
+        seed=0,
+        data_file=None,
+        text_field="text",
+        label_field="label",
+        slots=2,
+    )
     fit = _fit(plan, ["business", "sport"])
     assert (fit.labels, fit.logit_adjustment) == (("business", "sport"), 1.0)

@@ -1,18 +1,20 @@
 import csv
 import json
 
+import pytest
+
 from coordinator.simulation.profiles import load_profiles, parse_profiles
 from coordinator.simulation.report import DeviceRound, RoundRecord, cumulative_bytes_up, plot_accuracy, write_metrics
 from device_runtime.errors import ConfigError
 
-import pytest
-
 
 def _records():
     dev = DeviceRound("pi-0", 1.5, 100, 300, 512.0, 2)
-    return [RoundRecord("hfedmoe", 0, 0.2, 3.0, 0.0, 0, 0),
-            RoundRecord("hfedmoe", 1, 0.5, 1.0, 12.0, 100, 300, (dev,)),
-            RoundRecord("hfedmoe", 2, 0.7, 0.8, 11.0, 150, 300, (dev,))]
+    return [
+        RoundRecord("hfedmoe", 0, 0.2, 3.0, 0.0, 0, 0),
+        RoundRecord("hfedmoe", 1, 0.5, 1.0, 12.0, 100, 300, (dev,)),
+        RoundRecord("hfedmoe", 2, 0.7, 0.8, 11.0, 150, 300, (dev,)),
+    ]
 
 
 def test_cumulative_bytes_and_outputs(tmp_path):

@@ -1,6 +1,6 @@
 """The simulation gives up, with a message, when a failed round leaves the federation unable to start another."""
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 
 import pytest
@@ -11,10 +11,11 @@ from device_runtime.errors import FedmoeError
 
 
 def _registry_with_a_round(tmp_path, *, status: str, minutes_ago: float) -> Registry:
-    when = datetime.now(timezone.utc) - timedelta(minutes=minutes_ago)
+    when = datetime.now(UTC) - timedelta(minutes=minutes_ago)
     registry = Registry(f"sqlite:///{tmp_path / 'registry.db'}", clock=lambda: when)
-    registry.finish_round(registry.start_round("hfedmoe", {}).id, metrics={"rejected": {"d-1": "bad_alloc"}},
-                          status=status)
+    registry.finish_round(
+        registry.start_round("hfedmoe", {}).id, metrics={"rejected": {"d-1": "bad_alloc"}}, status=status
+    )
     return registry
 
 

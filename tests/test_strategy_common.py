@@ -2,14 +2,25 @@
 
 import numpy as np
 import pytest
+from helpers import OTHER, make_update, memory_for, routing, tiny_context, tiny_global
 from safetensors.numpy import load_file, save_file
 
-from coordinator.strategy import (STRATEGIES, ClientInfo, ClientUpdate, FedAvg, FitIns, HFedMoE,
-                                  StreamingAggregation, TensorMeta, TensorRole, from_name, validate_update)
+from coordinator.strategy import (
+    STRATEGIES,
+    ClientInfo,
+    ClientUpdate,
+    FedAvg,
+    FitIns,
+    HFedMoE,
+    StreamingAggregation,
+    TensorMeta,
+    TensorRole,
+    from_name,
+    validate_update,
+)
 from device_runtime.errors import ConfigError, UpdateRejected
 from device_runtime.stats import RoutingStats
 from device_runtime.wire import FitConfig
-from helpers import OTHER, make_update, memory_for, routing, tiny_context, tiny_global
 
 
 def good_update(cid="a"):
@@ -20,21 +31,32 @@ def _replace_tensor(update, name, value):
     return ClientUpdate(**{**update.__dict__, "tensors": {**update.tensors, name: value}})
 
 
-@pytest.mark.parametrize("mutate, needle", [
-    (lambda u: _replace_tensor(u, "experts.w", np.zeros((3, 2), np.float32)), "experts.w"),
-    (lambda u: _replace_tensor(u, "experts.w", np.zeros((2, 3), np.float32)), "expected (2, 2)"),
-    (lambda u: _replace_tensor(u, "attn.w", np.zeros(3, np.float32)), "attn.w"),
-    (lambda u: _replace_tensor(u, "gate.weight", np.array([[np.nan, 0], [0, 0]], np.float32)), "NaN"),
-    (lambda u: _replace_tensor(u, "attn.w", np.array([1, 2], np.int64)), "floating-point"),
-    (lambda u: ClientUpdate(**{**u.__dict__, "tensors": {**u.tensors, "bogus": np.zeros(2, np.float32)},
-                               "tensor_meta": {**u.tensor_meta, "bogus": OTHER}}), "not in the global model"),
-    (lambda u: ClientUpdate(**{**u.__dict__, "expert_ids": ((0, 7),)}), "[0, 4)"),
-    (lambda u: ClientUpdate(**{**u.__dict__, "expert_ids": ((1, 1),)}), "distinct"),
-    (lambda u: ClientUpdate(**{**u.__dict__, "trained_experts": (frozenset({3}),)}), "trained experts"),
-    (lambda u: ClientUpdate(**{**u.__dict__, "num_examples": 0}), "num_examples"),
-    (lambda u: ClientUpdate(**{**u.__dict__, "routing": (routing(3),)}), "routing usage"),
-    (lambda u: ClientUpdate(**{**u.__dict__, "routing": ()}), "different numbers of layers"),
-])
+@pytest.mark.parametrize(
+    "mutate, needle",
+    [
+        (lambda u: _replace_tensor(u, "experts.w", np.zeros((3, 2), np.float32)), "experts.w"),
+        (lambda u: _replace_tensor(u, "experts.w", np.zeros((2, 3), np.float32)), "expected (2, 2)"),
+        (lambda u: _replace_tensor(u, "attn.w", np.zeros(3, np.float32)), "attn.w"),
+        (lambda u: _replace_tensor(u, "gate.weight", np.array([[np.nan, 0], [0, 0]], np.float32)), "NaN"),
+        (lambda u: _replace_tensor(u, "attn.w", np.array([1, 2], np.int64)), "floating-point"),
+        (
+            lambda u: ClientUpdate(
+                **{
+                    **u.__dict__,
+                    "tensors": {**u.tensors, "bogus": np.zeros(2, np.float32)},
+                    "tensor_meta": {**u.tensor_meta, "bogus": OTHER},
+                }
+            ),
+            "not in the global model",
+        ),
+        (lambda u: ClientUpdate(**{**u.__dict__, "expert_ids": ((0, 7),)}), "[0, 4)"),
+        (lambda u: ClientUpdate(**{**u.__dict__, "expert_ids": ((1, 1),)}), "distinct"),
+        (lambda u: ClientUpdate(**{**u.__dict__, "trained_experts": (frozenset({3}),)}), "trained experts"),
+        (lambda u: ClientUpdate(**{**u.__dict__, "num_examples": 0}), "num_examples"),
+        (lambda u: ClientUpdate(**{**u.__dict__, "routing": (routing(3),)}), "routing usage"),
+        (lambda u: ClientUpdate(**{**u.__dict__, "routing": ()}), "different numbers of layers"),
+    ],
+)
 def test_garbage_is_rejected_with_a_reason(mutate, needle):
     with pytest.raises(UpdateRejected) as info:
         validate_update(mutate(good_update()), tiny_global())
@@ -93,8 +115,16 @@ def _random_updates(rng, count):
     for c in range(count):
         ids = tuple(sorted(rng.choice(4, size=int(rng.integers(1, 4)), replace=False).tolist()))
         k = len(ids)
-        updates.append(make_update(f"c{c}", int(rng.integers(1, 50)), ids, rng.normal(size=(k, 2)),
-                                   rng.normal(size=(k, 2)), rng.normal(size=2)))
+        updates.append(
+            make_update(
+                f"c{c}",
+                int(rng.integers(1, 50)),
+                ids,
+                rng.normal(size=(k, 2)),
+                rng.normal(size=(k, 2)),
+                rng.normal(size=2),
+            )
+        )
     return updates
 
 
@@ -122,18 +152,34 @@ def test_non_leading_expert_axis():
     meta = {"w": TensorMeta(TensorRole.EXPERT, 0, 1), "g": TensorMeta(TensorRole.ROUTER, 0, 0)}
 
     def update(cid, n, ids, w):
-        return ClientUpdate(cid, n, {"w": np.asarray(w, np.float32), "g": np.ones((len(ids), 2), np.float32)},
-                            meta, (ids,), (frozenset(ids),), (routing(len(ids)),))
+        return ClientUpdate(
+            cid,
+            n,
+            {"w": np.asarray(w, np.float32), "g": np.ones((len(ids), 2), np.float32)},
+            meta,
+            (ids,),
+            (frozenset(ids),),
+            (routing(len(ids)),),
+        )
 
-    out, _ = FedAvg().aggregate_fit(1, [update("a", 1, (0, 2), [[1, 2], [3, 4]]),
-                                        update("b", 3, (2,), [[6], [8]])], [], params)
+    out, _ = FedAvg().aggregate_fit(
+        1, [update("a", 1, (0, 2), [[1, 2], [3, 4]]), update("b", 3, (2,), [[6], [8]])], [], params
+    )
     # expert 0 from a only; expert 2: (1*2 + 3*6)/4 = 5 and (1*4 + 3*8)/4 = 7; expert 1 unchanged
     np.testing.assert_allclose(out["w"], [[1, 0, 5], [3, 0, 7]])
 
 
 def test_registry():
-    assert sorted(STRATEGIES) == ["dense-fedavg", "fedadam", "fedalign", "fedavg", "fedmoe", "fedprox",
-                                  "fedyogi", "hfedmoe"]
+    assert sorted(STRATEGIES) == [
+        "dense-fedavg",
+        "fedadam",
+        "fedalign",
+        "fedavg",
+        "fedmoe",
+        "fedprox",
+        "fedyogi",
+        "hfedmoe",
+    ]
     context = tiny_context()
     clients = [ClientInfo(c, {"memory_mib": memory_for(context, 2)}) for c in ("a", "b")]
     fits = from_name("fedprox", prox_mu=0.1).bind(context).configure_fit(3, tiny_global(), clients)
@@ -150,13 +196,19 @@ def test_registry():
 
 def test_configure_fit_sizes_by_budget_ranks_by_importance_and_leaves_out_who_cannot_fit(caplog):
     context = tiny_context()
-    clients = [ClientInfo("two", {"memory_mib": memory_for(context, 2)}),
-               ClientInfo("three", {"memory_mib": memory_for(context, 3), "gflops": 5.0}),
-               ClientInfo("tiny", {"memory_mib": 1.0}), ClientInfo("no-profile", {})]
+    clients = [
+        ClientInfo("two", {"memory_mib": memory_for(context, 2)}),
+        ClientInfo("three", {"memory_mib": memory_for(context, 3), "gflops": 5.0}),
+        ClientInfo("tiny", {"memory_mib": 1.0}),
+        ClientInfo("no-profile", {}),
+    ]
     fits = FedAvg().bind(context).configure_fit(1, tiny_global(), clients)
     # lam 0.5: I = (.45, .5, .45, .25); ties go to the lower id
     assert {c: f.expert_ids for c, f in fits.items()} == {"two": ((0, 1),), "three": ((0, 1, 2),)}
-    assert "tiny sits out round 1: BudgetError" in caplog.text and "no-profile sits out round 1: ConfigError" in caplog.text
+    assert (
+        "tiny sits out round 1: BudgetError" in caplog.text
+        and "no-profile sits out round 1: ConfigError" in caplog.text
+    )
     assert HFedMoE(lam=0.3).bind(context).configure_fit(1, {}, clients[:1])["two"].expert_ids == ((1, 2),)
     # the client's own statistics (over experts 2 and 3, all mass on 3) replace the calibration's there
     own = RoutingStats([2], [[2, 3]])
@@ -167,8 +219,11 @@ def test_configure_fit_sizes_by_budget_ranks_by_importance_and_leaves_out_who_ca
 
 def test_dense_fedavg_gives_every_expert_or_lets_the_client_sit_out():
     context = tiny_context()
-    clients = [ClientInfo("all", {"memory_mib": memory_for(context, 4)}),
-               ClientInfo("three", {"memory_mib": memory_for(context, 3)}), ClientInfo("tiny", {"memory_mib": 1.0})]
+    clients = [
+        ClientInfo("all", {"memory_mib": memory_for(context, 4)}),
+        ClientInfo("three", {"memory_mib": memory_for(context, 3)}),
+        ClientInfo("tiny", {"memory_mib": 1.0}),
+    ]
     fits = from_name("dense-fedavg").bind(context).configure_fit(1, tiny_global(), clients)
     assert {c: f.expert_ids for c, f in fits.items()} == {"all": ((0, 1, 2, 3),)}
     assert fits["all"].config == FitConfig(batch_size=2, seq_len=8, seed=8)

@@ -2,10 +2,10 @@
 
 import numpy as np
 import pytest
+from helpers import make_update, tiny_context
 
 from coordinator.strategy import ClientInfo, FedAlign, cosine_similarity, kl_divergence
 from device_runtime.errors import ConfigError
-from helpers import make_update, tiny_context
 
 
 def _global():
@@ -29,11 +29,16 @@ def _clients():
 def test_expert_alignment_by_hand():
     strategy = FedAlign(threshold=0.8, num_experts=(4,))
     out, metrics = strategy.aggregate_fit(1, _clients(), [], _global())
-    np.testing.assert_allclose(out["experts.w"], [[4, 1],      # aligned a, b: ([3,1] + [5,1]) / 2
-                                                  [0.5, 0.5],  # none aligned: all holders
-                                                  [5, 5],      # c alone
-                                                  [7, 7]])     # unheld: unchanged
-    np.testing.assert_allclose(out["attn.w"], [3, 3])          # (1 + 2 + 6) / 3
+    np.testing.assert_allclose(
+        out["experts.w"],
+        [
+            [4, 1],  # aligned a, b: ([3,1] + [5,1]) / 2
+            [0.5, 0.5],  # none aligned: all holders
+            [5, 5],  # c alone
+            [7, 7],
+        ],
+    )  # unheld: unchanged
+    np.testing.assert_allclose(out["attn.w"], [3, 3])  # (1 + 2 + 6) / 3
     assert metrics["aligned_fraction"] == pytest.approx(3 / 6)
     assert metrics["fallback_experts"] == 1
 
@@ -80,8 +85,9 @@ def test_two_passes_over_a_factory_and_one_shot_iterators_refused():
 def test_helpers_and_parameter_checks():
     assert kl_divergence(np.array([0.5, 0.5]), np.array([0.5, 0.5])) == 0.0
     assert kl_divergence(np.array([1.0, 0.0]), np.array([0.25, 0.75])) == pytest.approx(np.log(4))
-    np.testing.assert_allclose(cosine_similarity(np.array([1.0, 0.0]), np.array([2.0, 0.0]),
-                                                 np.array([2.0, 4.0])), [0.5, 0.0])
+    np.testing.assert_allclose(
+        cosine_similarity(np.array([1.0, 0.0]), np.array([2.0, 0.0]), np.array([2.0, 4.0])), [0.5, 0.0]
+    )
     with pytest.raises(ConfigError):
         FedAlign(router_weighting="entropy")
     with pytest.raises(ConfigError):

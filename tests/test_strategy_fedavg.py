@@ -2,9 +2,9 @@
 
 import numpy as np
 import pytest
+from helpers import make_update, tiny_context, tiny_global
 
 from coordinator.strategy import FedAvg, FedMoE, FedProx
-from helpers import make_update, tiny_context, tiny_global
 
 
 def _two_clients():
@@ -15,12 +15,17 @@ def _two_clients():
 
 def test_fedavg_by_hand():
     out, metrics = FedAvg().aggregate_fit(1, _two_clients(), [], tiny_global())
-    np.testing.assert_allclose(out["experts.w"], [[1, 2],          # only a holds expert 0
-                                                  [4.5, 5.5],      # (1*[3,4] + 3*[5,6]) / 4
-                                                  [7, 8],          # only b holds expert 2
-                                                  [30, 30]])       # nobody: unchanged
+    np.testing.assert_allclose(
+        out["experts.w"],
+        [
+            [1, 2],  # only a holds expert 0
+            [4.5, 5.5],  # (1*[3,4] + 3*[5,6]) / 4
+            [7, 8],  # only b holds expert 2
+            [30, 30],
+        ],
+    )  # nobody: unchanged
     np.testing.assert_allclose(out["gate.weight"], [[1, 0], [1.5, 1.75], [4, 4], [9, 9]])
-    np.testing.assert_allclose(out["attn.w"], [4, 4])               # (1*1 + 3*5) / 4
+    np.testing.assert_allclose(out["attn.w"], [4, 4])  # (1*1 + 3*5) / 4
     assert metrics["experts_updated"] == {0: 3} and metrics["num_examples"] == 4
 
 
@@ -48,10 +53,15 @@ def test_fedmoe_unheld_unchanged_single_copied_shared_averaged():
     a = make_update("a", 2, (0, 1), [[1, 1], [2, 2]], [[1, 1], [1, 1]], [0, 0])
     b = make_update("b", 6, (1,), [[6, 6]], [[5, 5]], [0, 0])
     out, _ = FedMoE().aggregate_fit(1, [a, b], [], tiny_global())
-    np.testing.assert_allclose(out["experts.w"], [[1, 1],    # held by a only: copied
-                                                  [5, 5],    # shared: (2*2 + 6*6) / 8
-                                                  [20, 20],  # unheld: unchanged
-                                                  [30, 30]])
+    np.testing.assert_allclose(
+        out["experts.w"],
+        [
+            [1, 1],  # held by a only: copied
+            [5, 5],  # shared: (2*2 + 6*6) / 8
+            [20, 20],  # unheld: unchanged
+            [30, 30],
+        ],
+    )
     np.testing.assert_allclose(out["gate.weight"][1], [4, 4])  # (2*1 + 6*5) / 8
 
 
@@ -59,8 +69,10 @@ def test_fedadam_and_fedyogi_step_on_the_fedavg_delta_by_hand():
     from coordinator.strategy import from_name
 
     start = tiny_global()
-    adam, yogi = from_name("fedadam", eta=0.5, beta_1=0.5, beta_2=0.5), from_name("fedyogi", eta=0.5, beta_1=0.5,
-                                                                                   beta_2=0.5)
+    adam, yogi = (
+        from_name("fedadam", eta=0.5, beta_1=0.5, beta_2=0.5),
+        from_name("fedyogi", eta=0.5, beta_1=0.5, beta_2=0.5),
+    )
     first, _ = adam.aggregate_fit(1, _two_clients(), [], start)
     # attn.w: delta = [4, 4] - 0; m = 2, v = 8; x = 0 + 0.5 * 2 / sqrt(8)
     np.testing.assert_allclose(first["attn.w"], [0.5 * 2 / np.sqrt(8)] * 2, rtol=1e-6)

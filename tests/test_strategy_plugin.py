@@ -9,12 +9,12 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+from helpers import memory_for, tiny_context, tiny_global
 
 from coordinator.rounds import Aggregate, StartRound
 from coordinator.strategy import STRATEGIES, ClientInfo, FedAvg, FitIns
 from coordinator.strategy.selection import affordable_experts
 from device_runtime.bundle import MANIFEST, MANIFEST_TRAINING_FIELDS
-from helpers import memory_for, tiny_context, tiny_global
 
 
 class Rotating(FedAvg):
@@ -41,16 +41,19 @@ class AllOrNothing(FedAvg):
 
 def test_a_strategy_can_train_every_expert_or_sit_a_client_out():
     context = tiny_context()
-    clients = [ClientInfo("big", {"memory_mib": memory_for(context, 4)}),
-               ClientInfo("small", {"memory_mib": memory_for(context, 3)})]
+    clients = [
+        ClientInfo("big", {"memory_mib": memory_for(context, 4)}),
+        ClientInfo("small", {"memory_mib": memory_for(context, 3)}),
+    ]
     fits = AllOrNothing().bind(context).configure_fit(1, tiny_global(), clients)
     assert {c: f.expert_ids for c, f in fits.items()} == {"big": ((0, 1, 2, 3),)}
 
 
 def test_a_registered_strategy_runs_rounds_in_a_real_coordinator(tmp_path, monkeypatch):
     pytest.importorskip("torch")
-    from coordinator.service import Coordinator
     from helpers import InboxDevice, fake_update, initialised_coordinator, two_expert_memory
+
+    from coordinator.service import Coordinator
 
     monkeypatch.setenv("FEDMOE_CACHE", str(tmp_path / "cache"))
     monkeypatch.setitem(STRATEGIES, Rotating.name, Rotating)  # the registry line
@@ -82,7 +85,9 @@ def test_a_registered_strategy_runs_rounds_in_a_real_coordinator(tmp_path, monke
 
     rounds, first, last = asyncio.run(federation())
     assert [(r.strategy, r.status, r.metrics["round"]) for r in reversed(rounds)] == [
-        ("rotating", "finished", 1), ("rotating", "finished", 2)]
+        ("rotating", "finished", 1),
+        ("rotating", "finished", 2),
+    ]
     # fake_update adds 1 to its first local expert: global expert 0 in round 1, expert 1 in round 2
     for name in (n for n in first if "experts." in n):
         delta = (last[name] - first[name]).reshape(4, -1)  # expert axis 0

@@ -9,6 +9,7 @@ import logging
 
 import numpy as np
 import pytest
+from helpers import MOE_EXPERTS, MOE_GATE, stored_update_row
 
 from coordinator.federation import GlobalModel, aggregate_round
 from coordinator.registry import Registry
@@ -16,7 +17,6 @@ from coordinator.strategy import FedAlign, FedAvg
 from coordinator.strategy.fedopt import FedAdam
 from coordinator.tensor_store import TensorStore
 from device_runtime.errors import ConfigError, ModelError
-from helpers import MOE_EXPERTS, MOE_GATE, stored_update_row
 
 BASE = {MOE_EXPERTS: np.zeros((2, 3), np.float32), MOE_GATE: np.zeros((2, 3), np.float32)}
 
@@ -24,10 +24,16 @@ BASE = {MOE_EXPERTS: np.zeros((2, 3), np.float32), MOE_GATE: np.zeros((2, 3), np
 def two_rounds(store: TensorStore) -> list[list]:
     """Round 1 moves every weight by +1; round 2 by about +1 again from FedAdam's version 1 (0.001). The two
     devices route differently, so FedAlign's prior (and its KL router weights) depend on round 1."""
-    return [[stored_update_row(store, "a", 1, (1.0, 1.0), usage=(1.8, 0.2)),
-             stored_update_row(store, "b", 3, (1.0, 1.0), usage=(0.4, 1.6))],
-            [stored_update_row(store, "a", 1, (1.001, 3.0), usage=(1.0, 1.0)),
-             stored_update_row(store, "b", 3, (1.001, 0.5), usage=(0.2, 1.8))]]
+    return [
+        [
+            stored_update_row(store, "a", 1, (1.0, 1.0), usage=(1.8, 0.2)),
+            stored_update_row(store, "b", 3, (1.0, 1.0), usage=(0.4, 1.6)),
+        ],
+        [
+            stored_update_row(store, "a", 1, (1.001, 3.0), usage=(1.0, 1.0)),
+            stored_update_row(store, "b", 3, (1.001, 0.5), usage=(0.2, 1.8)),
+        ],
+    ]
 
 
 def run(tmp_path, name: str, make, *, kill: bool, restore: bool = True) -> list[dict[str, np.ndarray]]:
@@ -66,11 +72,14 @@ def test_a_killed_coordinator_produces_the_same_next_version(tmp_path, make):
 def test_fedadam_takes_its_second_step_after_a_restart_by_hand(tmp_path):
     """eta 1e-3, beta_1 0.9, beta_2 0.99, a pseudo-gradient of 1 twice (expert 0): the first step is eta (m 0.1,
     v 0.01), the second eta 0.19 / sqrt(0.0199) = 0.0013469; the old restart took a first step (eta) again."""
-    killed, reset = run(tmp_path, "killed", FedAdam, kill=True), run(tmp_path, "reset", FedAdam, kill=True,
-                                                                       restore=False)
+    killed, reset = (
+        run(tmp_path, "killed", FedAdam, kill=True),
+        run(tmp_path, "reset", FedAdam, kill=True, restore=False),
+    )
     np.testing.assert_allclose(killed[0][MOE_EXPERTS][0], 0.001, rtol=1e-4)
-    np.testing.assert_allclose(killed[1][MOE_EXPERTS][0] - killed[0][MOE_EXPERTS][0],
-                               0.001 * 0.19 / np.sqrt(0.0199), rtol=1e-3)
+    np.testing.assert_allclose(
+        killed[1][MOE_EXPERTS][0] - killed[0][MOE_EXPERTS][0], 0.001 * 0.19 / np.sqrt(0.0199), rtol=1e-3
+    )
     np.testing.assert_allclose(reset[1][MOE_EXPERTS][0] - reset[0][MOE_EXPERTS][0], 0.001, rtol=1e-3)
 
 
@@ -80,8 +89,9 @@ def test_state_files_are_committed_with_their_version_and_kept_by_the_store_swee
     registry.add_model_version(store.put(BASE))
     model, strategy = GlobalModel(registry, store), FedAlign()
     rows = two_rounds(store)[0]
-    version = aggregate_round(model, strategy, rows, [], server_round=1,
-                              round_id=registry.start_round("fedalign", {}).id)
+    version = aggregate_round(
+        model, strategy, rows, [], server_round=1, round_id=registry.start_round("fedalign", {}).id
+    )
     assert version.strategy_state_sha256 in registry.referenced_shas()
     missing, _ = model.check_store(delete_orphans=True)  # the startup sweep: the state is no orphan
     assert missing == [] and store.has(version.strategy_state_sha256)

@@ -1,5 +1,5 @@
 """Channel security by default (issue 10, item 3), for real: ``fedmoe-coord init`` makes a CA, ``serve`` speaks
-wss://, the token pins the CA, the device gets a client certificate at enrolment, and login needs it."""
+wss://, the token pins the CA, the device gets a client certificate at enrollment, and login needs it."""
 
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ from coordinator.tls import local_url, pinned_token
 from device_runtime.auth import load_credentials, sign_challenge
 from device_runtime.client import enroll
 from device_runtime.errors import AuthError, ConfigError
-from device_runtime.wire import PROTOCOL_VERSION, Auth, AuthOk, Challenge, Error, Hello
 from device_runtime.tls import client_context, split_token
+from device_runtime.wire import PROTOCOL_VERSION, Auth, AuthOk, Challenge, Error, Hello
 
 pytest.importorskip("torch")
 from helpers import ServerThread, init_by_cli  # noqa: E402
@@ -42,14 +42,15 @@ def setup(tmp_path_factory):
 def token(cfg, name):
     registry = Registry(cfg.registry_url)
     try:
-        return pinned_token(registry.create_enrol_token(name, 600), cfg)
+        return pinned_token(registry.create_enroll_token(name, 600), cfg)
     finally:
         registry.close()
 
 
 def enrolled(root, cfg, server, name, profile):
-    return asyncio.run(enroll(server.url, token(cfg, name), name, credentials_path=root / name / "credentials.json",
-                              profile=profile))
+    return asyncio.run(
+        enroll(server.url, token(cfg, name), name, credentials_path=root / name / "credentials.json", profile=profile)
+    )
 
 
 def login(conn, device_id, private_key, profile):
@@ -74,11 +75,13 @@ def test_serve_speaks_wss_and_plain_ws_is_refused(setup):
             pass
 
 
-def test_enrolment_pins_the_ca_and_login_needs_the_client_certificate(setup):
+def test_enrollment_pins_the_ca_and_login_needs_the_client_certificate(setup):
     root, cfg, server, profile = setup
     creds = enrolled(root, cfg, server, "pi-tls", profile)
-    assert creds.ca_cert.startswith("-----BEGIN CERTIFICATE-----") and (root / "pi-tls" / "client.pem").stat().st_mode \
-        & 0o077 == 0
+    assert (
+        creds.ca_cert.startswith("-----BEGIN CERTIFICATE-----")
+        and (root / "pi-tls" / "client.pem").stat().st_mode & 0o077 == 0
+    )
     assert load_credentials(root / "pi-tls" / "credentials.json") == creds
     mutual = client_context(server.url, ca_pem=creds.ca_cert.encode(), client_pem=creds.client_pem)
     with wss(server, mutual) as conn:
@@ -107,8 +110,15 @@ def test_a_token_for_another_coordinator_is_never_sent(setup, tmp_path):
     assert not (tmp_path / "c.json").exists()
     enrolled(root, cfg, server, "pi-mitm", profile)  # the secret was not spent: it never left the device
     with pytest.raises(ConfigError, match="use wss://"):
-        asyncio.run(enroll(server.url.replace("wss://", "ws://"), f"{secret}.{fingerprint}", "pi-mitm",
-                           credentials_path=tmp_path / "c.json", profile=profile))
+        asyncio.run(
+            enroll(
+                server.url.replace("wss://", "ws://"),
+                f"{secret}.{fingerprint}",
+                "pi-mitm",
+                credentials_path=tmp_path / "c.json",
+                profile=profile,
+            )
+        )
 
 
 def test_without_tls_files_serve_refuses_unless_insecure(setup):

@@ -26,8 +26,9 @@ def tiny(tmp_path_factory):
 
 def two_rounds(bundle, data, trainers, *, backend="ort-training"):
     """Round 1 from the bundle's weights, round 2 from round 1's update (as the coordinator would send it)."""
-    first = fit_assignment(bundle, assignment_of(bundle, "r1-a", local_steps=3), data, threads=1,
-                           backend=backend, trainers=trainers)
+    first = fit_assignment(
+        bundle, assignment_of(bundle, "r1-a", local_steps=3), data, threads=1, backend=backend, trainers=trainers
+    )
     second = assignment_of(bundle, "r2-a", local_steps=3)
     second = replace(second, round_id=2, tensors={**second.tensors, **first.tensors})
     return first, fit_assignment(bundle, second, data, threads=1, backend=backend, trainers=trainers)

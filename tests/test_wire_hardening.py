@@ -27,9 +27,15 @@ def code_of(data: bytes) -> str:
 
 
 def _assignment_header(**config) -> tuple[dict, bytes]:
-    msg = wire.Assignment(round_id=1, update_id="u-1", model_version=0,
-                          shape_key=ShapeKey((1,)),
-                          expert_ids=((0,),), config=wire.FitConfig(), tensors={"w": np.zeros(2, np.float32)})
+    msg = wire.Assignment(
+        round_id=1,
+        update_id="u-1",
+        model_version=0,
+        shape_key=ShapeKey((1,)),
+        expert_ids=((0,),),
+        config=wire.FitConfig(),
+        tensors={"w": np.zeros(2, np.float32)},
+    )
     data = wire.encode(msg)
     (hlen,) = struct.unpack(">I", data[:4])
     return json.loads(data[4 : 4 + hlen]), data[4 + hlen :]
@@ -38,8 +44,15 @@ def _assignment_header(**config) -> tuple[dict, bytes]:
 @pytest.mark.parametrize("literal", ["1" + "0" * 400, "-" + "9" * 400, "1e999"], ids=["1e400", "-1e400", "1e999"])
 def test_huge_number_in_a_float_field_is_bad_header(literal):
     # old code: OverflowError from float(10**400) escaped decode and crashed the connection handler
-    assert code_of(frame(f'{{"v":{wire.PROTOCOL_VERSION},"type":"evaluate_res","round_id":1,"num_examples":1,"num_tokens":1,'
-                         f'"loss":{literal},"metrics":{{}}}}')) == "bad_header"
+    assert (
+        code_of(
+            frame(
+                f'{{"v":{wire.PROTOCOL_VERSION},"type":"evaluate_res","round_id":1,"num_examples":1,"num_tokens":1,'
+                f'"loss":{literal},"metrics":{{}}}}'
+            )
+        )
+        == "bad_header"
+    )
     header, payload = _assignment_header()
     raw = json.dumps(header).replace('"learning_rate": 0.0001', f'"learning_rate": {literal}')
     assert literal in raw
@@ -60,17 +73,30 @@ def test_unhashable_safetensors_dtype_is_bad_tensor():
 
 
 def _update_frame(blob: bytes, **fields) -> bytes:
-    header = {"v": wire.PROTOCOL_VERSION, "type": "update", "update_id": "u", "round_id": 0, "num_examples": 1, "num_tokens": 1,
-              "metrics": {}, "routing": {}, "trained_experts": [],
-              "payload": {"size": len(blob), "sha256": hashlib.sha256(blob).hexdigest()}, **fields}
+    header = {
+        "v": wire.PROTOCOL_VERSION,
+        "type": "update",
+        "update_id": "u",
+        "round_id": 0,
+        "num_examples": 1,
+        "num_tokens": 1,
+        "metrics": {},
+        "routing": {},
+        "trained_experts": [],
+        "payload": {"size": len(blob), "sha256": hashlib.sha256(blob).hexdigest()},
+        **fields,
+    }
     return frame(header, blob)
 
 
-@pytest.mark.parametrize("header", [
-    {"v": wire.PROTOCOL_VERSION, "type": "enrol_ok", "device_id": "d-1\n"},
-    {"v": wire.PROTOCOL_VERSION, "type": "bundle_request", "shape_key_id": "experts-1\n"},
-    {"v": wire.PROTOCOL_VERSION, "type": "error", "code": "auth\n", "message": "x"},
-])
+@pytest.mark.parametrize(
+    "header",
+    [
+        {"v": wire.PROTOCOL_VERSION, "type": "enroll_ok", "device_id": "d-1\n"},
+        {"v": wire.PROTOCOL_VERSION, "type": "bundle_request", "shape_key_id": "experts-1\n"},
+        {"v": wire.PROTOCOL_VERSION, "type": "error", "code": "auth\n", "message": "x"},
+    ],
+)
 def test_names_with_a_trailing_newline_are_refused(header):
     assert code_of(frame(header)) == "bad_header"  # old code: "$" matched before the final newline
 
@@ -84,20 +110,31 @@ def test_tensor_and_metric_names_with_a_trailing_newline_are_refused():
 
 @pytest.mark.parametrize("profile", [[1, 2], "pi", 3, None, {f"k{i}": i for i in range(300)}, {"a": "x" * 20_000}])
 def test_profile_must_be_a_small_json_object(profile):
-    hello = {"v": wire.PROTOCOL_VERSION, "type": "hello", "device_id": "d-1", "protocol_version": wire.PROTOCOL_VERSION, "profile": profile}
+    hello = {
+        "v": wire.PROTOCOL_VERSION,
+        "type": "hello",
+        "device_id": "d-1",
+        "protocol_version": wire.PROTOCOL_VERSION,
+        "profile": profile,
+    }
     assert code_of(frame(hello)) == "bad_header"  # old code: any JSON value (a list crashed `devices`)
 
 
 def test_num_examples_is_bounded():
-    assert wire.decode(_update_frame(wire.tensors_to_bytes({}), num_examples=MAX_NUM_EXAMPLES),
-                       max_size=MAX).num_examples == MAX_NUM_EXAMPLES
+    assert (
+        wire.decode(_update_frame(wire.tensors_to_bytes({}), num_examples=MAX_NUM_EXAMPLES), max_size=MAX).num_examples
+        == MAX_NUM_EXAMPLES
+    )
     for bad in (MAX_NUM_EXAMPLES + 1, 2**63 - 1):
         assert code_of(_update_frame(wire.tensors_to_bytes({}), num_examples=bad)) == "bad_header"
 
 
 def test_peer_error_text_is_printable_and_bounded_before_anyone_logs_it():
     hostile = "boom\n2026-12-01 INFO fake line\r\x1b[31mred\u2028" + "x" * 5000
-    msg = wire.decode(frame({"v": wire.PROTOCOL_VERSION, "type": "error", "code": "internal", "message": hostile[:2000]}), max_size=MAX)
+    msg = wire.decode(
+        frame({"v": wire.PROTOCOL_VERSION, "type": "error", "code": "internal", "message": hostile[:2000]}),
+        max_size=MAX,
+    )
     assert msg.message.isprintable() and msg.message.startswith("boom 2026-12-01 INFO fake line")
     with pytest.raises(ProtocolError) as info:
         wire.expect(msg, wire.AuthOk)
@@ -140,7 +177,9 @@ def test_an_ack_reason_cannot_forge_device_log_lines():
     """The device logs a rejected update's Ack.reason; old code kept its newlines and escapes verbatim, so a
     coordinator (or a man in the middle on ws://) could write fake lines into the device's log."""
     reason = "bad\n2026-12-01 10:00:00 INFO fedmoe.device: update u accepted\x1b[2J"
-    msg = wire.decode(frame({"v": wire.PROTOCOL_VERSION, "type": "ack", "update_id": "u", "accepted": False,
-                             "reason": reason}), max_size=MAX)
+    msg = wire.decode(
+        frame({"v": wire.PROTOCOL_VERSION, "type": "ack", "update_id": "u", "accepted": False, "reason": reason}),
+        max_size=MAX,
+    )
     assert msg.reason == "bad 2026-12-01 10:00:00 INFO fedmoe.device: update u accepted [2J"
     assert wire.Ack(update_id="u", accepted=False, reason="a\rb").reason == "a b"

@@ -45,8 +45,12 @@ def strategy_for(tp) -> st.SearchStrategy:
     if base is int:
         return st.integers(meta.ge if meta.ge is not None else -(2**63), meta.le if meta.le is not None else 2**63 - 1)
     if base is float:
-        return st.floats(meta.ge if meta.ge is not None else -FLOAT_MAX, meta.le if meta.le is not None else FLOAT_MAX,
-                         allow_nan=False, allow_infinity=False)
+        return st.floats(
+            meta.ge if meta.ge is not None else -FLOAT_MAX,
+            meta.le if meta.le is not None else FLOAT_MAX,
+            allow_nan=False,
+            allow_infinity=False,
+        )
     if base is str:
         if meta.pattern is not None:
             return st.from_regex(meta.pattern)
@@ -75,33 +79,49 @@ def strategy_for(tp) -> st.SearchStrategy:
 
 
 def shape_keys(experts_per_layer=None) -> st.SearchStrategy:
-    counts = st.lists(st.integers(1, 8), min_size=1, max_size=4).map(tuple) if experts_per_layer is None \
+    counts = (
+        st.lists(st.integers(1, 8), min_size=1, max_size=4).map(tuple)
+        if experts_per_layer is None
         else st.just(experts_per_layer)
+    )
     mode = st.sampled_from(TRAINABLE_MODES)
-    return st.builds(lambda c, m, r, p: ShapeKey(c, m, r if m == "lora" else 0, p), counts, mode, st.integers(1, 64),
-                     st.booleans())
+    return st.builds(
+        lambda c, m, r, p: ShapeKey(c, m, r if m == "lora" else 0, p), counts, mode, st.integers(1, 64), st.booleans()
+    )
 
 
 def zo_updates() -> st.SearchStrategy:
     """Seed-and-scalar updates: 1-4 distinct seeds, one finite scalar each (``ZoUpdate.__post_init__``)."""
-    pairs = st.lists(st.tuples(st.integers(0, 2**63 - 1), strategy_for(wire.fields.Float())), min_size=1,
-                     max_size=4, unique_by=lambda pair: pair[0])
-    return st.builds(lambda p, d: wire.ZoUpdate(seeds=tuple(s for s, _ in p), scalars=tuple(c for _, c in p),
-                                                distribution=d), pairs, st.sampled_from(["rademacher", "gaussian"]))
+    pairs = st.lists(
+        st.tuples(st.integers(0, 2**63 - 1), strategy_for(wire.fields.Float())),
+        min_size=1,
+        max_size=4,
+        unique_by=lambda pair: pair[0],
+    )
+    return st.builds(
+        lambda p, d: wire.ZoUpdate(seeds=tuple(s for s, _ in p), scalars=tuple(c for _, c in p), distribution=d),
+        pairs,
+        st.sampled_from(["rademacher", "gaussian"]),
+    )
 
 
 def records(cls, **fixed) -> st.SearchStrategy:
     hints = typing.get_type_hints(cls, include_extras=True)
-    kwargs = {f.name: fixed.get(f.name, strategy_for(hints[f.name]))
-              for f in dataclasses.fields(cls) if f.name in wire.fields.json_fields(cls)}
+    kwargs = {
+        f.name: fixed.get(f.name, strategy_for(hints[f.name]))
+        for f in dataclasses.fields(cls)
+        if f.name in wire.fields.json_fields(cls)
+    }
     return st.fixed_dictionaries(kwargs).map(lambda kw: cls(**kw))
 
 
 TENSORS = st.dictionaries(
     st.from_regex(wire.fields.NAME.pattern, fullmatch=True),
     st.tuples(st.sampled_from([np.float32, np.float16]), st.lists(st.integers(0, 3), max_size=3)).map(
-        lambda t: np.arange(int(np.prod(t[1])), dtype=t[0]).reshape(t[1]) / 3),
-    max_size=3)
+        lambda t: np.arange(int(np.prod(t[1])), dtype=t[0]).reshape(t[1]) / 3
+    ),
+    max_size=3,
+)
 
 
 @st.composite
@@ -110,8 +130,9 @@ def messages(draw, cls):
     if "shape_key" in wire.fields.json_fields(cls):  # expert_ids must match the shape key's counts
         key = draw(shape_keys())
         fixed["shape_key"] = st.just(key)
-        fixed["expert_ids"] = st.tuples(*[st.lists(st.integers(0, 1 << 20), min_size=n, max_size=n).map(tuple)
-                                          for n in key.experts_per_layer])
+        fixed["expert_ids"] = st.tuples(
+            *[st.lists(st.integers(0, 1 << 20), min_size=n, max_size=n).map(tuple) for n in key.experts_per_layer]
+        )
     msg = draw(records(cls, **fixed))
     if cls.PAYLOAD == "tensors":
         msg = dataclasses.replace(msg, tensors=draw(TENSORS))
@@ -129,8 +150,9 @@ def test_every_message_type_round_trips(cls):
         back = wire.decode(data, max_size=len(data))
         assert type(back) is cls and back == msg and wire.encode(back) == data
         if cls.PAYLOAD == "tensors":
-            assert {n: (a.dtype, a.shape) for n, a in back.tensors.items()} == \
-                   {n: (a.dtype, a.shape) for n, a in msg.tensors.items()}
+            assert {n: (a.dtype, a.shape) for n, a in back.tensors.items()} == {
+                n: (a.dtype, a.shape) for n, a in msg.tensors.items()
+            }
             for name, array in msg.tensors.items():
                 np.testing.assert_array_equal(back.tensors[name], array)
 
@@ -157,10 +179,15 @@ def test_decode_of_any_framed_header_raises_only_protocol_error(header, payload)
 
 
 JSON = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.integers(min_value=10**300, max_value=10**400)
-    | st.floats() | st.text(max_size=20),
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.integers(min_value=10**300, max_value=10**400)
+    | st.floats()
+    | st.text(max_size=20),
     lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4),
-    max_leaves=12)
+    max_leaves=12,
+)
 
 
 @FUZZ

@@ -55,8 +55,7 @@ def test_abort_and_session_drops_delete_partial_files(tmp_path):
     assert not assembler.directory.exists()
 
     session = DeviceSession(cached=[], known_updates=[], max_bundle_bytes=1 << 20, staging=cache.staging_dir)
-    for drop in (session.connection_lost,
-                 lambda: session.on_frame_error(ProtocolError("bad_frame", "truncated"))):
+    for drop in (session.connection_lost, lambda: session.on_frame_error(ProtocolError("bad_frame", "truncated"))):
         session.on_message(_assignment("experts-1"))
         session.on_message(next(iter(bundle_chunks("experts-1", FILES, chunk_bytes=1024))))
         assert _staging(cache)  # a partial file exists
@@ -85,8 +84,9 @@ def _staging(cache: BundleCache) -> list:
 def _assignment(shape_key_id: str) -> Assignment:
     key = ShapeKey((1,))
     assert key.id == shape_key_id
-    return Assignment(round_id=1, update_id="u-1", model_version=0, shape_key=key, expert_ids=((0,),),
-                      config=FitConfig())
+    return Assignment(
+        round_id=1, update_id="u-1", model_version=0, shape_key=key, expert_ids=((0,),), config=FitConfig()
+    )
 
 
 def test_install_bundle_action_carries_the_staging_directory(tmp_path):

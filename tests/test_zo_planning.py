@@ -10,10 +10,20 @@ from device_runtime.errors import ConfigError
 from export.planner import Budget, ModelShape, TrainingShape, estimate, plan
 
 # SmolLM2-135M upcycled to 4 experts (top-2), first 8 layers: the simulation's default model.
-SMOLLM2_8L = ModelShape(hidden=576, intermediate=1536, vocab=49152, num_layers=8, num_heads=9, num_kv_heads=3,
-                        head_dim=64, moe_layers=8, num_experts=4, experts_per_token=2,
-                        shared_params=49152 * 576 + 8 * (2 * 576 * 576 + 2 * 576 * 192 + 2 * 576) + 576,
-                        expert_params=3 * 576 * 1536)
+SMOLLM2_8L = ModelShape(
+    hidden=576,
+    intermediate=1536,
+    vocab=49152,
+    num_layers=8,
+    num_heads=9,
+    num_kv_heads=3,
+    head_dim=64,
+    moe_layers=8,
+    num_experts=4,
+    experts_per_token=2,
+    shared_params=49152 * 576 + 8 * (2 * 576 * 576 + 2 * 576 * 192 + 2 * 576) + 576,
+    expert_params=3 * 576 * 1536,
+)
 
 
 def test_a_zeroth_order_step_needs_no_gradient_state_and_less_memory():
@@ -50,8 +60,11 @@ kind = "laptop"
 memory_mib = 8192
 """
     devices = parse_profiles(text)
-    assert [(d.name, d.backend) for d in devices] == [("raspberry-pi-0", "zo"), ("raspberry-pi-1", "zo"),
-                                                      ("laptop-2", "")]
+    assert [(d.name, d.backend) for d in devices] == [
+        ("raspberry-pi-0", "zo"),
+        ("raspberry-pi-1", "zo"),
+        ("laptop-2", ""),
+    ]
     with pytest.raises(ConfigError, match="backend 'sgd'"):
         parse_profiles(text.replace('"zo"', '"sgd"'))
     assert all(d.backend == "" for d in load_profiles(None, num_devices=3))

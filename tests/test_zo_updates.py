@@ -39,9 +39,16 @@ def trained(tmp_path_factory):
 
 def zo_message(fit, **changes) -> Update:
     seeds, scalars = zip(*fit.zo_coefficients)
-    update = Update(update_id="u-zo", round_id=ROUND, num_examples=fit.num_examples, num_tokens=fit.num_tokens,
-                    metrics={}, routing={}, trained_experts=((0, 2), (1, 3)),
-                    zo=ZoUpdate(seeds=seeds, scalars=scalars))
+    update = Update(
+        update_id="u-zo",
+        round_id=ROUND,
+        num_examples=fit.num_examples,
+        num_tokens=fit.num_tokens,
+        metrics={},
+        routing={},
+        trained_experts=((0, 2), (1, 3)),
+        zo=ZoUpdate(seeds=seeds, scalars=scalars),
+    )
     return replace(update, **changes)
 
 
@@ -71,8 +78,11 @@ def test_seed_and_scalar_updates_the_round_did_not_ask_for_are_rejected_with_a_r
     cases = [
         (replace(config, zo_seeds=0), msg, "takes dense tensors"),
         (config, replace(msg, tensors={"x": np.zeros(1, np.float32)}), "not both"),
-        (replace(config, local_steps=1), replace(msg, zo=ZoUpdate(
-            seeds=candidate_seeds(0, ROUND, K)[:2], scalars=(0.1, 0.1))), "seeds for 1 local steps"),
+        (
+            replace(config, local_steps=1),
+            replace(msg, zo=ZoUpdate(seeds=candidate_seeds(0, ROUND, K)[:2], scalars=(0.1, 0.1))),
+            "seeds for 1 local steps",
+        ),
         (config, replace(msg, zo=ZoUpdate(seeds=(12345,), scalars=(0.1,))), "not among round 3's 32 candidates"),
         (config, replace(msg, round_id=ROUND + 1), "not among round 4's"),
     ]
@@ -81,26 +91,36 @@ def test_seed_and_scalar_updates_the_round_did_not_ask_for_are_rejected_with_a_r
             expand_zo_update(bad, before, bundle.manifest, cfg)
     expanded = expand_zo_update(msg, before, bundle.manifest, config)
     with pytest.raises(UpdateRejected, match="not among assigned"):  # an update for experts never assigned
-        check_update(bundle.manifest, ((0, 2), (1, 3)), num_examples=4, tensors=expanded,
-                     trained_experts=((0, 1), (1,)), routing={}, norm_bound=1e6)
+        check_update(
+            bundle.manifest,
+            ((0, 2), (1, 3)),
+            num_examples=4,
+            tensors=expanded,
+            trained_experts=((0, 1), (1,)),
+            routing={},
+            norm_bound=1e6,
+        )
 
 
 def _reframe(frame: bytes, **header_changes) -> bytes:
     """``frame`` with fields of its JSON header replaced (the payload kept)."""
     size = int.from_bytes(frame[:4], "big")
-    header = {**json.loads(frame[4:4 + size]), **header_changes}
+    header = {**json.loads(frame[4 : 4 + size]), **header_changes}
     raw = json.dumps(header).encode()
-    return len(raw).to_bytes(4, "big") + raw + frame[4 + size:]
+    return len(raw).to_bytes(4, "big") + raw + frame[4 + size :]
 
 
-@pytest.mark.parametrize("zo, message", [
-    ({"seeds": [1, 2], "scalars": [0.5]}, "as many distinct seeds as scalars"),
-    ({"seeds": [1, 1], "scalars": [0.5, 0.5]}, "1 distinct"),
-    ({"seeds": [1], "scalars": [float("nan")]}, "not UTF-8 JSON"),  # JSON has no NaN: the header is refused
-    ({"seeds": [1], "scalars": [1e309]}, "not UTF-8 JSON"),
-    ({"seeds": list(range(4097)), "scalars": [0.0] * 4097}, "length <= 4096"),
-    ({"seeds": [-1], "scalars": [0.5]}, ">= 0"),
-])
+@pytest.mark.parametrize(
+    "zo, message",
+    [
+        ({"seeds": [1, 2], "scalars": [0.5]}, "as many distinct seeds as scalars"),
+        ({"seeds": [1, 1], "scalars": [0.5, 0.5]}, "1 distinct"),
+        ({"seeds": [1], "scalars": [float("nan")]}, "not UTF-8 JSON"),  # JSON has no NaN: the header is refused
+        ({"seeds": [1], "scalars": [1e309]}, "not UTF-8 JSON"),
+        ({"seeds": list(range(4097)), "scalars": [0.0] * 4097}, "length <= 4096"),
+        ({"seeds": [-1], "scalars": [0.5]}, ">= 0"),
+    ],
+)
 def test_malformed_seed_and_scalar_frames_are_bad_headers(trained, zo, message):
     frame = _reframe(encode(zo_message(trained[3])), zo=zo)
     with pytest.raises(ProtocolError, match=message) as raised:
@@ -109,12 +129,12 @@ def test_malformed_seed_and_scalar_frames_are_bad_headers(trained, zo, message):
 
 
 def test_a_real_coordinator_refuses_bad_frames_then_expands_and_aggregates_a_good_zo_update(tmp_path, monkeypatch):
-    from test_server import enrol, first_assignment, recv, recv_ack, wait_for, ws
+    from helpers import ServerThread, two_expert_memory
+    from test_server import enroll, first_assignment, recv, recv_ack, wait_for, ws
 
     from coordinator.federation import tensor_store
     from coordinator.registry import Registry
     from device_runtime.bundle import load_bundle
-    from helpers import ServerThread, two_expert_memory
 
     monkeypatch.setenv("FEDMOE_CACHE", str(tmp_path / "cache"))
     fit = {"batch_size": 2, "seq_len": 8, "local_steps": 2, "zo_seeds": 16}
@@ -123,13 +143,14 @@ def test_a_real_coordinator_refuses_bad_frames_then_expands_and_aggregates_a_goo
     registry = Registry(cfg.registry_url)
     try:
         profile = {"memory_mib": two_expert_memory(tmp_path / "checkpoint"), "gflops": 5.0, "backend": "zo"}
-        device_id, private, _ = enrol(server, cfg, "pi-zo", profile)
+        device_id, private, _ = enroll(server, cfg, "pi-zo", profile)
         with ws(server) as conn:
             assignment = first_assignment(conn, device_id, private, profile)
             manifest = load_bundle(os.path.join(cfg.state_dir, "bundles", assignment.shape_key.id)).manifest
             seeds = candidate_seeds(assignment.config.seed, assignment.round_id, 16)[:2]
-            good = replace(fake_update(assignment, manifest), tensors={},
-                           zo=ZoUpdate(seeds=seeds, scalars=(2e-3, -1e-3)))
+            good = replace(
+                fake_update(assignment, manifest), tensors={}, zo=ZoUpdate(seeds=seeds, scalars=(2e-3, -1e-3))
+            )
             for bad in ({"seeds": list(seeds), "scalars": [0.1]}, {"seeds": [seeds[0]], "scalars": [float("inf")]}):
                 conn.send(_reframe(encode(good), zo=bad))
                 error = recv(conn)

@@ -1,4 +1,4 @@
-"""The coordinator's SQL registry (SQLAlchemy 2): devices, enrolment tokens, rounds, assignments,
+"""The coordinator's SQL registry (SQLAlchemy 2): devices, enrollment tokens, rounds, assignments,
 updates, model versions, metrics.
 
 ``tables`` holds the schema, ``engine`` opens a database (SQLite WAL, busy timeout, Alembic migrations),
@@ -10,12 +10,21 @@ from coordinator.registry.tables import (
     SCHEMA_REVISION,
     Assignment,
     Device,
-    EnrolToken,
+    EnrollToken,
     Metric,
     ModelVersion,
     Round,
     Update,
 )
 
-__all__ = ["Registry", "SCHEMA_REVISION", "Assignment", "Device", "EnrolToken", "Metric", "ModelVersion",
-           "Round", "Update"]
+__all__ = [
+    "Registry",
+    "SCHEMA_REVISION",
+    "Assignment",
+    "Device",
+    "EnrollToken",
+    "Metric",
+    "ModelVersion",
+    "Round",
+    "Update",
+]

@@ -52,8 +52,10 @@ def ensure_schema(engine: Engine) -> None:
     try:
         _migrate(engine)
     except DatabaseError as exc:
-        raise ConfigError(f"cannot read the registry {engine.url.render_as_string()}: {exc.orig or exc}; restore it "
-                          "from a backup, or point database_url in the coordinator's config at a good one") from exc
+        raise ConfigError(
+            f"cannot read the registry {engine.url.render_as_string()}: {exc.orig or exc}; restore it "
+            "from a backup, or point database_url in the coordinator's config at a good one"
+        ) from exc
 
 
 def _migrate(engine: Engine) -> None:
@@ -65,12 +67,16 @@ def _migrate(engine: Engine) -> None:
             if _LEGACY_VERSION_TABLE in tables:
                 command.stamp(config, "0001")
             elif tables & set(Base.metadata.tables):
-                raise ConfigError(f"{engine.url} has fedmoe-like tables but no schema_version or alembic_version; "
-                                  "set database_url in the coordinator's config (fedmoe-coord --config FILE) to a "
-                                  "new database or the original registry")
+                raise ConfigError(
+                    f"{engine.url} has fedmoe-like tables but no schema_version or alembic_version; "
+                    "set database_url in the coordinator's config (fedmoe-coord --config FILE) to a "
+                    "new database or the original registry"
+                )
         elif current not in {rev.revision for rev in ScriptDirectory.from_config(config).walk_revisions()}:
-            raise ConfigError(f"registry {engine.url} has schema revision {current}, newer than this fedmoe "
-                              f"(schema {SCHEMA_REVISION}); upgrade fedmoe on the coordinator")
+            raise ConfigError(
+                f"registry {engine.url} has schema revision {current}, newer than this fedmoe "
+                f"(schema {SCHEMA_REVISION}); upgrade fedmoe on the coordinator"
+            )
         if current != SCHEMA_REVISION:
             command.upgrade(config, SCHEMA_REVISION)
 

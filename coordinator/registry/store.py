@@ -4,26 +4,26 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Callable, Iterable
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from coordinator.registry.engine import ensure_schema, make_engine
-from coordinator.registry.tables import Assignment, Device, EnrolToken, Metric, ModelVersion, Round, Update
-from device_runtime.auth import check_device_name, check_public_key, hash_token, new_enrol_token
+from coordinator.registry.tables import Assignment, Device, EnrollToken, Metric, ModelVersion, Round, Update
+from device_runtime.auth import check_device_name, check_public_key, hash_token, new_enroll_token
 from device_runtime.errors import AuthError, ConfigError, UpdateRejected
 
 ROUND_STATUSES = ("running", "finished", "failed")
 
 
 def utc_now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 class Registry:
-    """Devices, enrolment tokens, rounds, assignments, updates, model versions and metrics in SQL.
+    """Devices, enrollment tokens, rounds, assignments, updates, model versions and metrics in SQL.
 
     Args:
         url: any SQLAlchemy URL, e.g. ``sqlite:////var/lib/fedmoe/registry.db``.
@@ -45,21 +45,24 @@ class Registry:
     def close(self) -> None:
         self.engine.dispose()
 
-    # ------------------------------------------------------------ enrolment and devices
+    # ------------------------------------------------------------ enrollment and devices
 
-    def create_enrol_token(self, name: str, ttl_s: float) -> str:
+    def create_enroll_token(self, name: str, ttl_s: float) -> str:
         """A new single-use token for enrolling a device called ``name``, valid ``ttl_s`` seconds.
 
         Only its sha256 is stored; the plaintext is returned once, to hand to the device.
 
         Raises:
-            ConfigError: no device can enrol under ``name`` (``device_runtime.auth.check_device_name``).
+            ConfigError: no device can enroll under ``name`` (``device_runtime.auth.check_device_name``).
         """
         check_device_name(name)
-        token, now = new_enrol_token(), self._clock()
+        token, now = new_enroll_token(), self._clock()
         with self._session.begin() as s:
-            s.add(EnrolToken(token_sha256=hash_token(token), name=name, created_at=now,
-                             expires_at=now + timedelta(seconds=ttl_s)))
+            s.add(
+                EnrollToken(
+                    token_sha256=hash_token(token), name=name, created_at=now, expires_at=now + timedelta(seconds=ttl_s)
+                )
+            )
         return token
 
     def redeem_token(self, token: str, name: str, profile: dict, public_key: bytes) -> Device:
@@ -75,38 +78,48 @@ class Registry:
         digest, now = hash_token(token), self._clock()
         try:
             with self._session.begin() as s:
-                device = Device(id=f"d-{secrets.token_hex(8)}", name=name, profile=profile,
-                                public_key=bytes(public_key), created_at=now)
+                device = Device(
+                    id=f"d-{secrets.token_hex(8)}",
+                    name=name,
+                    profile=profile,
+                    public_key=bytes(public_key),
+                    created_at=now,
+                )
                 s.add(device)
                 s.flush()  # IntegrityError: the key is enrolled already (unique index)
                 spent = s.execute(
-                    update(EnrolToken)
-                    .where(EnrolToken.token_sha256 == digest, EnrolToken.name == name,
-                           EnrolToken.used_at.is_(None), EnrolToken.expires_at > now)
+                    update(EnrollToken)
+                    .where(
+                        EnrollToken.token_sha256 == digest,
+                        EnrollToken.name == name,
+                        EnrollToken.used_at.is_(None),
+                        EnrollToken.expires_at > now,
+                    )
                     .values(used_at=now, device_id=device.id)
                 )
                 if spent.rowcount != 1:  # raising rolls the device insert back
-                    raise AuthError(self._token_problem(s, digest, name, now) or "enrolment token used concurrently")
+                    raise AuthError(self._token_problem(s, digest, name, now) or "enrollment token used concurrently")
                 check_public_key(public_key)  # ~7 ms of arithmetic: only for a valid token
         except IntegrityError as exc:
             with self._session() as s:
                 problem = self._token_problem(s, digest, name, now)
-            raise AuthError(problem or "this public key is enrolled already; generate a new key pair for a new "
-                                       "device") from exc
+            raise AuthError(
+                problem or "this public key is enrolled already; generate a new key pair for a new device"
+            ) from exc
         return device
 
     @staticmethod
     def _token_problem(s: Session, digest: str, name: str, now: datetime) -> str | None:
         """Why the token cannot be redeemed under ``name`` now, or None if it can."""
-        row, new = s.get(EnrolToken, digest), "create one with `fedmoe-coord enroll --name NAME`"
+        row, new = s.get(EnrollToken, digest), "create one with `fedmoe-coord enroll --name NAME`"
         if row is None:
-            return f"unknown enrolment token; {new}"
+            return f"unknown enrollment token; {new}"
         if row.used_at is not None:
-            return f"enrolment token already used; {new}"
+            return f"enrollment token already used; {new}"
         if row.name != name:
-            return f"this enrolment token was issued for another device name than {name!r}; enrol with that name"
+            return f"this enrollment token was issued for another device name than {name!r}; enroll with that name"
         if row.expires_at <= now:
-            return f"enrolment token expired; {new}"
+            return f"enrollment token expired; {new}"
         return None
 
     def get_device(self, device_id: str) -> Device | None:
@@ -170,20 +183,37 @@ class Registry:
         with self._session() as s:
             return list(s.scalars(select(Round).order_by(Round.id.desc()).limit(limit)))
 
-    def record_assignment(self, round_id: int, device_id: str, *, update_id: str, shape_key: str,
-                          expert_ids: list[list[int]], config: dict) -> Assignment:
+    def record_assignment(
+        self,
+        round_id: int,
+        device_id: str,
+        *,
+        update_id: str,
+        shape_key: str,
+        expert_ids: list[list[int]],
+        config: dict,
+    ) -> Assignment:
         """Record the expert subset and the FitConfig (``config``, as JSON builtins) sent to a device. Raises
         ConfigError for an unknown round or device, or a second assignment of the device in the round."""
         with self._session() as s:
-            row = Assignment(round_id=round_id, device_id=device_id, update_id=update_id, shape_key=shape_key,
-                             expert_ids=[list(ids) for ids in expert_ids], config=config, status="assigned",
-                             created_at=self._clock())
+            row = Assignment(
+                round_id=round_id,
+                device_id=device_id,
+                update_id=update_id,
+                shape_key=shape_key,
+                expert_ids=[list(ids) for ids in expert_ids],
+                config=config,
+                status="assigned",
+                created_at=self._clock(),
+            )
             s.add(row)
             try:
                 s.commit()
             except IntegrityError as exc:
-                raise ConfigError(f"cannot assign device {device_id} in round {round_id} (unknown round or "
-                                  f"device, or already assigned): {exc.orig}") from exc
+                raise ConfigError(
+                    f"cannot assign device {device_id} in round {round_id} (unknown round or "
+                    f"device, or already assigned): {exc.orig}"
+                ) from exc
         return row
 
     def assignments(self, round_id: int) -> list[Assignment]:
@@ -206,9 +236,19 @@ class Registry:
 
     # ------------------------------------------------------------ updates
 
-    def record_update(self, *, update_id: str, round_id: int, device_id: str, num_examples: int,
-                      num_tokens: int, tensor_sha256: str | None, metadata: dict, accepted: bool,
-                      reason: str = "") -> tuple[Update, bool]:
+    def record_update(
+        self,
+        *,
+        update_id: str,
+        round_id: int,
+        device_id: str,
+        num_examples: int,
+        num_tokens: int,
+        tensor_sha256: str | None,
+        metadata: dict,
+        accepted: bool,
+        reason: str = "",
+    ) -> tuple[Update, bool]:
         """Record a device's update once per ``update_id`` and mark its assignment ``reported``.
 
         Returns:
@@ -225,9 +265,18 @@ class Registry:
                 return existing, False
             if s.get(Round, round_id) is None or s.get(Device, device_id) is None:
                 raise UpdateRejected(f"update {update_id}: unknown round {round_id} or device {device_id}")
-            row = Update(update_id=update_id, round_id=round_id, device_id=device_id, num_examples=num_examples,
-                         num_tokens=num_tokens, tensor_sha256=tensor_sha256, meta=metadata, accepted=accepted,
-                         reason=reason, received_at=self._clock())
+            row = Update(
+                update_id=update_id,
+                round_id=round_id,
+                device_id=device_id,
+                num_examples=num_examples,
+                num_tokens=num_tokens,
+                tensor_sha256=tensor_sha256,
+                meta=metadata,
+                accepted=accepted,
+                reason=reason,
+                received_at=self._clock(),
+            )
             s.add(row)
             s.execute(update(Assignment).where(Assignment.update_id == update_id).values(status="reported"))
             try:
@@ -267,15 +316,24 @@ class Registry:
         accepted update's of a running round (a version byte-identical to an update shares its file)."""
         versions = select(ModelVersion.tensor_sha256)
         states = select(ModelVersion.strategy_state_sha256).where(ModelVersion.strategy_state_sha256.is_not(None))
-        live = (select(Update.tensor_sha256).join(Round, Round.id == Update.round_id)
-                .where(Round.status == "running", Update.accepted.is_(True), Update.tensor_sha256.is_not(None)))
+        live = (
+            select(Update.tensor_sha256)
+            .join(Round, Round.id == Update.round_id)
+            .where(Round.status == "running", Update.accepted.is_(True), Update.tensor_sha256.is_not(None))
+        )
         with self._session() as s:
             return set(s.scalars(versions)) | set(s.scalars(states)) | set(s.scalars(live))
 
     # ------------------------------------------------------------ model versions and metrics
 
-    def add_model_version(self, tensor_sha256: str, *, round_id: int | None = None, metrics: dict | None = None,
-                          strategy_state_sha256: str | None = None) -> ModelVersion:
+    def add_model_version(
+        self,
+        tensor_sha256: str,
+        *,
+        round_id: int | None = None,
+        metrics: dict | None = None,
+        strategy_state_sha256: str | None = None,
+    ) -> ModelVersion:
         """Record a new global checkpoint (a ``TensorStore`` sha256) and the strategy state that produced it (one
         too, or None); versions count up from 0.
 
@@ -284,9 +342,14 @@ class Registry:
         with self._session.begin() as s:
             made_by = None if round_id is None else self._round(s, round_id)
             last = s.scalar(select(func.max(ModelVersion.version)))
-            row = ModelVersion(version=0 if last is None else last + 1, round_id=round_id,
-                               tensor_sha256=tensor_sha256, strategy_state_sha256=strategy_state_sha256,
-                               metrics=metrics or {}, created_at=self._clock())
+            row = ModelVersion(
+                version=0 if last is None else last + 1,
+                round_id=round_id,
+                tensor_sha256=tensor_sha256,
+                strategy_state_sha256=strategy_state_sha256,
+                metrics=metrics or {},
+                created_at=self._clock(),
+            )
             s.add(row)
             if made_by is not None:
                 made_by.status, made_by.finished_at = "finished", self._clock()
@@ -301,12 +364,15 @@ class Registry:
         with self._session() as s:
             return s.get(ModelVersion, version)
 
-    def log_metrics(self, values: dict[str, float], *, round_id: int | None = None,
-                    device_id: str | None = None) -> None:
+    def log_metrics(
+        self, values: dict[str, float], *, round_id: int | None = None, device_id: str | None = None
+    ) -> None:
         """Record ``values`` (metric name -> number) in one transaction: a reader sees all of them or none.
         Raises ValueError / TypeError (nothing recorded) for a value that is not a number."""
-        rows = [Metric(name=name, value=float(value), round_id=round_id, device_id=device_id,
-                       created_at=self._clock()) for name, value in values.items()]
+        rows = [
+            Metric(name=name, value=float(value), round_id=round_id, device_id=device_id, created_at=self._clock())
+            for name, value in values.items()
+        ]
         with self._session.begin() as s:
             s.add_all(rows)
 
@@ -316,10 +382,14 @@ class Registry:
         Returns whether it was recorded. Raises ValueError / TypeError for a value that is not a number."""
         row = Metric(name=name, value=float(value), round_id=round_id, device_id=device_id, created_at=self._clock())
         with self._session.begin() as s:
-            assigned = s.scalar(select(Assignment.id).where(Assignment.round_id == round_id,
-                                                            Assignment.device_id == device_id))
-            seen = s.scalar(select(Metric.id).where(Metric.round_id == round_id, Metric.device_id == device_id,
-                                                    Metric.name == name).limit(1))
+            assigned = s.scalar(
+                select(Assignment.id).where(Assignment.round_id == round_id, Assignment.device_id == device_id)
+            )
+            seen = s.scalar(
+                select(Metric.id)
+                .where(Metric.round_id == round_id, Metric.device_id == device_id, Metric.name == name)
+                .limit(1)
+            )
             if assigned is None or seen is not None:
                 return False
             s.add(row)

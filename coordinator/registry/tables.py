@@ -1,7 +1,7 @@
 """The coordinator's SQL schema (SQLAlchemy 2 typed ORM); its history is the Alembic migrations in
 ``coordinator/registry/migrations/versions`` (revision :data:`SCHEMA_REVISION`).
 
-Tables: ``devices``, ``enrol_tokens``, ``rounds``, ``assignments``, ``updates``,
+Tables: ``devices``, ``enroll_tokens``, ``rounds``, ``assignments``, ``updates``,
 ``model_versions``, ``metrics``. Plain portable SQL types only (any SQLAlchemy URL works); timestamps
 are stored as naive UTC and read back timezone-aware (:class:`UTCDateTime`). Tensors never live in the
 database: rows hold the sha256 of a file in the ``coordinator.tensor_store``.
@@ -9,13 +9,13 @@ database: rows hold the sha256 of a file in the ``coordinator.tensor_store``.
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from sqlalchemy import JSON, DateTime, ForeignKey, LargeBinary, String, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
-SCHEMA_REVISION = "0003"  # the Alembic head revision this code reads and writes
+SCHEMA_REVISION = "0004"  # the Alembic head revision this code reads and writes
 
 
 class UTCDateTime(TypeDecorator):
@@ -28,11 +28,11 @@ class UTCDateTime(TypeDecorator):
         if value is not None:
             if value.tzinfo is None:
                 raise ValueError("timestamps must be timezone-aware")
-            value = value.astimezone(timezone.utc).replace(tzinfo=None)
+            value = value.astimezone(UTC).replace(tzinfo=None)
         return value
 
     def process_result_value(self, value, dialect):
-        return None if value is None else value.replace(tzinfo=timezone.utc)
+        return None if value is None else value.replace(tzinfo=UTC)
 
 
 class Base(DeclarativeBase):
@@ -56,10 +56,10 @@ class Device(Base):
         return self.revoked_at is not None
 
 
-class EnrolToken(Base):
-    """A single-use enrolment token, stored only as its sha256."""
+class EnrollToken(Base):
+    """A single-use enrollment token, stored only as its sha256."""
 
-    __tablename__ = "enrol_tokens"
+    __tablename__ = "enroll_tokens"
     token_sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
     name: Mapped[str] = mapped_column(String(100))
     created_at: Mapped[datetime]

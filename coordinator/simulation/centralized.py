@@ -11,8 +11,8 @@ scored by the coordinator's :class:`~coordinator.evaluation.Evaluator` on the sa
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 from coordinator.simulation.report import RoundRecord
 from device_runtime.answer_prior import local_answer_shift
@@ -22,9 +22,19 @@ from device_runtime.wire import FitConfig
 NAME = "centralized"
 
 
-def run_centralized(checkpoint: Path, data_files: Sequence[Path], test: Sequence[dict], *, rounds: int,
-                    fit: FitConfig, trainable_mode: str, lora_rank: int, seed: int,
-                    on_round: Callable[[RoundRecord], None], threads: int = 2) -> list[RoundRecord]:
+def run_centralized(
+    checkpoint: Path,
+    data_files: Sequence[Path],
+    test: Sequence[dict],
+    *,
+    rounds: int,
+    fit: FitConfig,
+    trainable_mode: str,
+    lora_rank: int,
+    seed: int,
+    on_round: Callable[[RoundRecord], None],
+    threads: int = 2,
+) -> list[RoundRecord]:
     """Train centrally for ``rounds`` x ``fit.local_steps * len(data_files)`` steps; one record per round.
 
     Raises:
@@ -44,17 +54,27 @@ def run_centralized(checkpoint: Path, data_files: Sequence[Path], test: Sequence
     records = [r for f in data_files for r in read_jsonl(f)]
     encoder = TextEncoder(checkpoint / "tokenizer.json", seq_len=fit.seq_len)
     dataset = LocalDataset(records, encoder, eval_fraction=0.0, seed=seed)
-    batches, answer = dataset.train_batches(fit.batch_size), local_answer_shift(dataset, fit.labels,
-                                                                               fit.logit_adjustment)
-    evaluator = Evaluator(checkpoint, test, trainable_mode=trainable_mode, lora_rank=lora_rank, seed=seed,
-                          seq_len=fit.seq_len)
+    batches, answer = (
+        dataset.train_batches(fit.batch_size),
+        local_answer_shift(dataset, fit.labels, fit.logit_adjustment),
+    )
+    evaluator = Evaluator(
+        checkpoint, test, trainable_mode=trainable_mode, lora_rank=lora_rank, seed=seed, seq_len=fit.seq_len
+    )
     out, optimizer = [], None
     for server_round in range(1, rounds + 1):
         torch.set_num_threads(threads)  # the evaluator sets its own count
         start = time.monotonic()
-        _, optimizer = fit_steps(model, params, batches, steps=fit.local_steps * len(data_files),
-                                 learning_rate=fit.learning_rate, aux_loss_coef=fit.aux_loss_coef, optimizer=optimizer,
-                                 answer_shift=answer)
+        _, optimizer = fit_steps(
+            model,
+            params,
+            batches,
+            steps=fit.local_steps * len(data_files),
+            learning_rate=fit.learning_rate,
+            aux_loss_coef=fit.aux_loss_coef,
+            optimizer=optimizer,
+            answer_shift=answer,
+        )
         wall = time.monotonic() - start
         score = evaluator.score({n: p.detach().numpy() for n, p in zip(names, params)})
         out.append(RoundRecord(NAME, server_round, score.accuracy, score.loss, wall, 0, 0))

@@ -26,8 +26,10 @@ def _strategies(strategy: str, compare: str | None) -> tuple[str, ...]:
     names = tuple(s.strip() for s in (compare or strategy).split(",") if s.strip())
     unknown = [n for n in names if n.removeprefix(REFERENCE_PREFIX) not in STRATEGIES and n != CENTRALIZED]
     if not names or unknown:
-        raise ConfigError(f"unknown strategy {unknown or names}; choose from "
-                          f"{', '.join(sorted([*STRATEGIES, CENTRALIZED]))}, or torch-<strategy>")
+        raise ConfigError(
+            f"unknown strategy {unknown or names}; choose from "
+            f"{', '.join(sorted([*STRATEGIES, CENTRALIZED]))}, or torch-<strategy>"
+        )
     return names
 
 
@@ -42,35 +44,72 @@ def _with_trainable(preset, trainable: str | None, lora_rank: int | None, learni
     if mode != "lora" and lora_rank:
         raise ConfigError("--lora-rank needs --trainable lora")
     rate = preset.learning_rate if mode == preset.trainable_mode or learning_rate else LEARNING_RATES[mode]
-    return replace(preset, trainable_mode=mode, lora_rank=(lora_rank or preset.lora_rank or 8) if mode == "lora" else 0,
-                   learning_rate=rate)
+    return replace(
+        preset,
+        trainable_mode=mode,
+        lora_rank=(lora_rank or preset.lora_rank or 8) if mode == "lora" else 0,
+        learning_rate=rate,
+    )
 
 
 def _round_table(records: list[RoundRecord]) -> Table:
     table = Table(title="rounds (round 0 = zero-shot)")
-    for column in ("strategy", "round", "accuracy", "loss", "wall s", "MiB up", "MiB down", "device losses",
-                   "peak RSS MiB"):
+    for column in (
+        "strategy",
+        "round",
+        "accuracy",
+        "loss",
+        "wall s",
+        "MiB up",
+        "MiB down",
+        "device losses",
+        "peak RSS MiB",
+    ):
         table.add_column(column, justify="right")
     for r in records:
         losses = " ".join(f"{d.loss:.2f}" for d in r.devices if d.loss is not None)
         rss = " ".join(f"{d.peak_rss_mib:.0f}" for d in r.devices if d.peak_rss_mib is not None)
-        table.add_row(r.strategy, str(r.round), f"{100 * r.accuracy:.1f}%", f"{r.loss:.3f}", f"{r.wall_s:.0f}",
-                      f"{r.bytes_up / MIB:.1f}", f"{r.bytes_down / MIB:.1f}", losses, rss)
+        table.add_row(
+            r.strategy,
+            str(r.round),
+            f"{100 * r.accuracy:.1f}%",
+            f"{r.loss:.3f}",
+            f"{r.wall_s:.0f}",
+            f"{r.bytes_up / MIB:.1f}",
+            f"{r.bytes_down / MIB:.1f}",
+            losses,
+            rss,
+        )
     return table
 
 
 @click.command()
-@click.option("--preset", type=click.Choice(sorted(PRESETS)), default="default", show_default=True,
-              help="default: SmolLM2 upcycled (8 layers, 4 experts, top-2), 5 devices, 5 rounds; smoke: 2 layers, "
-                   "2 devices, 2 rounds (about a minute).")
-@click.option("--strategy", default="hfedmoe", show_default=True,
-              help=f"Aggregation strategy: {', '.join(sorted(STRATEGIES))}.")
-@click.option("--compare", default=None, help="Several strategies on the same split and seed, e.g. "
-              "centralized,hfedmoe,torch-hfedmoe (centralized: the same model and steps on the union of the data; "
-              "torch-<strategy>: that strategy's rounds in torch, the reference of the system; both in this process).")
-@click.option("--devices", "devices_file", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="TOML device profiles ([[device]] kind, memory_mib, gflops, count).  [default: 2 Pis of 1.5 GiB, "
-                   "2 phones of 3 GiB, 1 laptop of 8 GiB]")
+@click.option(
+    "--preset",
+    type=click.Choice(sorted(PRESETS)),
+    default="default",
+    show_default=True,
+    help="default: SmolLM2 upcycled (8 layers, 4 experts, top-2), 5 devices, 5 rounds; smoke: 2 layers, "
+    "2 devices, 2 rounds (about a minute).",
+)
+@click.option(
+    "--strategy", default="hfedmoe", show_default=True, help=f"Aggregation strategy: {', '.join(sorted(STRATEGIES))}."
+)
+@click.option(
+    "--compare",
+    default=None,
+    help="Several strategies on the same split and seed, e.g. "
+    "centralized,hfedmoe,torch-hfedmoe (centralized: the same model and steps on the union of the data; "
+    "torch-<strategy>: that strategy's rounds in torch, the reference of the system; both in this process).",
+)
+@click.option(
+    "--devices",
+    "devices_file",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="TOML device profiles ([[device]] kind, memory_mib, gflops, count).  [default: 2 Pis of 1.5 GiB, "
+    "2 phones of 3 GiB, 1 laptop of 8 GiB]",
+)
 @click.option("--num-devices", type=int, default=None, help="Cycle or cut the profiles to this many devices.")
 @click.option("--rounds", type=int, default=None, help="Rounds per strategy.  [default: from the preset]")
 @click.option("--local-steps", type=int, default=None, help="Local training steps per round.")
@@ -80,52 +119,121 @@ def _round_table(records: list[RoundRecord]) -> Table:
 @click.option("--test-size", type=int, default=None, help="Held-out records the global model is scored on.")
 @click.option("--alpha", default=1.0, show_default=True, help="Dirichlet concentration of the non-IID split.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the split, the router and the selection.")
-@click.option("--data", "data_file", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="A JSONL data set instead of BBC News.")
+@click.option(
+    "--data",
+    "data_file",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="A JSONL data set instead of BBC News.",
+)
 @click.option("--text-field", default="text", show_default=True, help="Text field of --data records.")
 @click.option("--label-field", default="label", show_default=True, help="Label field of --data records.")
-@click.option("--trainable", type=click.Choice(["experts", "lora"]), default=None,
-              help="What devices train: LoRA adapters on every kept expert + routers, or the full experts + routers. "
-                   " [default: from the preset: experts]")
+@click.option(
+    "--trainable",
+    type=click.Choice(["experts", "lora"]),
+    default=None,
+    help="What devices train: LoRA adapters on every kept expert + routers, or the full experts + routers. "
+    " [default: from the preset: experts]",
+)
 @click.option("--lora-rank", type=int, default=None, help="LoRA rank r (with --trainable lora).  [default: 8]")
-@click.option("--logit-adjustment", type=float, default=None,
-              help="tau of the balanced softmax each device trains with: the logits of the labels' first answer token "
-                   "shifted by tau * log(its own label prior), in training only (0: off).  [default: from the preset: 1]")
-@click.option("--frozen-experts", type=click.Choice(["float16", "pruned"]), default=None,
-              help="What a device holds of the experts its budget does not let it train: every one, frozen in "
-                   "float16, so its forward pass routes over the whole global model (HFedMoE's design, where the "
-                   "budget affords it), or none (pruned: router and top-k shrink to its experts).  "
-                   "[default: from the preset: float16]")
-@click.option("--reference-scores", type=click.Choice(["held", "all"]), default="held", show_default=True,
-              help="torch-<strategy> only: the routing statistics a device's expert selection uses: its last update's, "
-                   "over the experts it held (as the system), or over every expert under the current global model on "
-                   "the batches it is about to train on (HFedMoE's data-driven selection; a lever to measure).")
-@click.option("--update-dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
-              help="The dtype devices send their updates in (float16 halves the upload).")
+@click.option(
+    "--logit-adjustment",
+    type=float,
+    default=None,
+    help="tau of the balanced softmax each device trains with: the logits of the labels' first answer token "
+    "shifted by tau * log(its own label prior), in training only (0: off).  [default: from the preset: 1]",
+)
+@click.option(
+    "--frozen-experts",
+    type=click.Choice(["float16", "pruned"]),
+    default=None,
+    help="What a device holds of the experts its budget does not let it train: every one, frozen in "
+    "float16, so its forward pass routes over the whole global model (HFedMoE's design, where the "
+    "budget affords it), or none (pruned: router and top-k shrink to its experts).  "
+    "[default: from the preset: float16]",
+)
+@click.option(
+    "--reference-scores",
+    type=click.Choice(["held", "all"]),
+    default="held",
+    show_default=True,
+    help="torch-<strategy> only: the routing statistics a device's expert selection uses: its last update's, "
+    "over the experts it held (as the system), or over every expert under the current global model on "
+    "the batches it is about to train on (HFedMoE's data-driven selection; a lever to measure).",
+)
+@click.option(
+    "--update-dtype",
+    type=click.Choice(["float32", "float16"]),
+    default="float32",
+    show_default=True,
+    help="The dtype devices send their updates in (float16 halves the upload).",
+)
 @click.option("--slots", default=2, show_default=True, help="Devices training at the same time (machine cores).")
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Output directory.  [default: runs/<name>]")
 @click.option("--name", default=None, help="Run name.  [default: <preset>-<strategies>-<time>]")
-def simulate_command(preset, strategy, compare, devices_file, num_devices, rounds, local_steps, num_layers,
-                     learning_rate, seq_len, test_size, alpha, seed, data_file, text_field, label_field, trainable,
-                     lora_rank, logit_adjustment, frozen_experts, reference_scores, update_dtype, slots, out, name):
+def simulate_command(
+    preset,
+    strategy,
+    compare,
+    devices_file,
+    num_devices,
+    rounds,
+    local_steps,
+    num_layers,
+    learning_rate,
+    seq_len,
+    test_size,
+    alpha,
+    seed,
+    data_file,
+    text_field,
+    label_field,
+    trainable,
+    lora_rank,
+    logit_adjustment,
+    frozen_experts,
+    reference_scores,
+    update_dtype,
+    slots,
+    out,
+    name,
+):
     """Simulate a federation on this machine: a coordinator and N device runtimes as separate processes
     over real websockets on loopback, on real data, each device under an OS memory limit equal to its budget.
 
     Prints zero-shot and final accuracy, bytes moved, and where the metrics (CSV, JSON), the plot, the
     registries and the final global states are.
     """
-    chosen = with_overrides(PRESETS[preset], rounds=rounds, local_steps=local_steps, num_layers=num_layers,
-                            learning_rate=learning_rate, seq_len=seq_len, test_size=test_size,
-                            logit_adjustment=logit_adjustment, frozen_experts=frozen_experts)
+    chosen = with_overrides(
+        PRESETS[preset],
+        rounds=rounds,
+        local_steps=local_steps,
+        num_layers=num_layers,
+        learning_rate=learning_rate,
+        seq_len=seq_len,
+        test_size=test_size,
+        logit_adjustment=logit_adjustment,
+        frozen_experts=frozen_experts,
+    )
     chosen = _with_trainable(chosen, trainable, lora_rank, learning_rate)
     strategies = _strategies(strategy, compare)
     name = name or f"{preset}-{'-'.join(strategies)}-{time.strftime('%Y%m%d-%H%M%S')}"
     devices = load_profiles(devices_file, num_devices=num_devices or chosen.num_devices)
-    plan = SimulationPlan(name=name, out=Path(out or Path("runs") / name).resolve(), strategies=strategies,
-                          preset=chosen, devices=tuple(devices), alpha=alpha, seed=seed,
-                          data_file=None if data_file is None else Path(data_file), text_field=text_field,
-                          label_field=label_field, slots=slots, update_dtype=update_dtype,
-                          reference_scores=reference_scores)
+    plan = SimulationPlan(
+        name=name,
+        out=Path(out or Path("runs") / name).resolve(),
+        strategies=strategies,
+        preset=chosen,
+        devices=tuple(devices),
+        alpha=alpha,
+        seed=seed,
+        data_file=None if data_file is None else Path(data_file),
+        text_field=text_field,
+        label_field=label_field,
+        slots=slots,
+        update_dtype=update_dtype,
+        reference_scores=reference_scores,
+    )
     console = Console()
     summary = _run_live(plan, console) if console.is_terminal else simulate(plan, _printer(console))
     _final(console, summary)
@@ -136,6 +244,7 @@ def _run_live(plan: SimulationPlan, console: Console) -> dict:
     records: list[RoundRecord] = []
     status = Spinner("dots", text="starting")
     with Live(Group(status, _round_table(records)), console=console, refresh_per_second=4) as live:
+
         def on_event(kind: str, payload) -> None:
             if kind == "stage":
                 status.update(text=str(payload))
@@ -150,14 +259,18 @@ def _run_live(plan: SimulationPlan, console: Console) -> dict:
 
 def _printer(console: Console):
     """Progress as plain lines, for logs and CI (no terminal to redraw a live view in)."""
+
     def on_event(kind: str, payload) -> None:
         if kind == "stage":
             console.print(f"[{time.strftime('%H:%M:%S')}] {payload}")
         else:
             r = payload
-            console.print(f"[{time.strftime('%H:%M:%S')}] {r.strategy} round {r.round}: accuracy "
-                          f"{100 * r.accuracy:.1f}%, loss {r.loss:.3f}, {r.wall_s:.0f} s, "
-                          f"{r.bytes_up / MIB:.1f} MiB up, {r.bytes_down / MIB:.1f} MiB down")
+            console.print(
+                f"[{time.strftime('%H:%M:%S')}] {r.strategy} round {r.round}: accuracy "
+                f"{100 * r.accuracy:.1f}%, loss {r.loss:.3f}, {r.wall_s:.0f} s, "
+                f"{r.bytes_up / MIB:.1f} MiB up, {r.bytes_down / MIB:.1f} MiB down"
+            )
+
     return on_event
 
 
@@ -166,27 +279,47 @@ def _final(console: Console, summary: dict) -> None:
     for column in ("strategy", "zero-shot", "final", "MiB uploaded", "MiB downloaded"):
         table.add_column(column, justify="right")
     for strategy, s in summary["strategies"].items():
-        table.add_row(strategy, f"{100 * s['zero_shot_accuracy']:.1f}%", f"{100 * s['final_accuracy']:.1f}%",
-                      f"{sum(s['bytes_up_per_round']) / MIB:.1f}", f"{sum(s['bytes_down_per_round']) / MIB:.1f}")
+        table.add_row(
+            strategy,
+            f"{100 * s['zero_shot_accuracy']:.1f}%",
+            f"{100 * s['final_accuracy']:.1f}%",
+            f"{sum(s['bytes_up_per_round']) / MIB:.1f}",
+            f"{sum(s['bytes_down_per_round']) / MIB:.1f}",
+        )
     console.print(table)
     console.print(_memory_table(summary))
     console.print(_devices_table(summary))
-    console.print(f"plot: {summary['plot']}\nmetrics: {summary['out']}/metrics.csv, metrics.json, summary.json; "
-                  f"final models (Hugging Face checkpoints) in {summary['out']}/<strategy>/model, "
-                  f"registries in {summary['out']}/<strategy>/state")
+    console.print(
+        f"plot: {summary['plot']}\nmetrics: {summary['out']}/metrics.csv, metrics.json, summary.json; "
+        f"final models (Hugging Face checkpoints) in {summary['out']}/<strategy>/model, "
+        f"registries in {summary['out']}/<strategy>/state"
+    )
 
 
 def _devices_table(summary: dict) -> Table:
     """Per strategy, round and device: the experts it trained (global ids per MoE layer), what it held frozen
     besides, and its peak RSS against its budget (MiB)."""
-    table = Table("strategy", "round", "device", "experts trained (ids per layer)", "held frozen",
-                  "peak RSS / budget MiB", title="devices by round")
+    table = Table(
+        "strategy",
+        "round",
+        "device",
+        "experts trained (ids per layer)",
+        "held frozen",
+        "peak RSS / budget MiB",
+        title="devices by round",
+    )
     for strategy, s in summary["strategies"].items():
         for record in s.get("devices_per_round", []):
             for d in record["devices"]:
                 rss = "-" if d["peak_rss_mib"] is None else f"{d['peak_rss_mib']:.0f}"
-                table.add_row(strategy, str(record["round"]), d["device"], d["experts"], d.get("frozen", "-"),
-                              f"{rss} / {summary['budgets_mib'].get(d['device'], '-')}")
+                table.add_row(
+                    strategy,
+                    str(record["round"]),
+                    d["device"],
+                    d["experts"],
+                    d.get("frozen", "-"),
+                    f"{rss} / {summary['budgets_mib'].get(d['device'], '-')}",
+                )
     return table
 
 

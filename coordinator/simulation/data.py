@@ -8,8 +8,8 @@ small alpha gives clients few dominant labels, large alpha approaches IID.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -25,8 +25,9 @@ def train_test_split(records: Sequence[dict], test_size: int, seed: int) -> tupl
     return shuffled[test_size:], shuffled[:test_size]
 
 
-def dirichlet_split(records: Sequence[dict], num_clients: int, *, alpha: float, seed: int,
-                    min_size: int = 8, max_tries: int = 100) -> list[list[dict]]:
+def dirichlet_split(
+    records: Sequence[dict], num_clients: int, *, alpha: float, seed: int, min_size: int = 8, max_tries: int = 100
+) -> list[list[dict]]:
     """Split ``records`` across ``num_clients`` by Dirichlet(``alpha``) over labels (seeded, deterministic).
 
     Draws again until every client holds at least ``min_size`` records.
@@ -48,8 +49,10 @@ def dirichlet_split(records: Sequence[dict], num_clients: int, *, alpha: float, 
                 parts[client].extend(int(i) for i in chunk)
         if min(len(p) for p in parts) >= min_size:
             return [[records[i] for i in sorted(p)] for p in parts]
-    raise ConfigError(f"no Dirichlet(alpha={alpha}) split gave {num_clients} clients >= {min_size} records each; "
-                      "raise alpha or use fewer devices")
+    raise ConfigError(
+        f"no Dirichlet(alpha={alpha}) split gave {num_clients} clients >= {min_size} records each; "
+        "raise alpha or use fewer devices"
+    )
 
 
 def write_jsonl(records: Sequence[dict], path: Path) -> Path:

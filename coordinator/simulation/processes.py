@@ -91,8 +91,14 @@ def _spawn(name: str, args: list[str], log: Path, env: dict | None = None, limit
             resource.setrlimit(resource.RLIMIT_DATA, (limit_bytes, limit_bytes))
 
     handle = open(log, "wb")
-    process = subprocess.Popen(args, stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                               env={**os.environ, **(env or {})}, preexec_fn=limit)
+    process = subprocess.Popen(
+        args,
+        stdout=handle,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        env={**os.environ, **(env or {})},
+        preexec_fn=limit,
+    )
     handle.close()
     return Child(name, process, log)
 
@@ -115,8 +121,9 @@ def wait_healthy(port: int, child: Child, timeout: float = 120.0, *, cafile: str
         if child.poll() is not None:
             raise FedmoeError(f"the coordinator exited ({child.returncode}):\n{child.tail(20)}")
         try:
-            with urllib.request.urlopen(f"{'https' if cafile else 'http'}://127.0.0.1:{port}/healthz", timeout=2,
-                                        context=context) as response:
+            with urllib.request.urlopen(
+                f"{'https' if cafile else 'http'}://127.0.0.1:{port}/healthz", timeout=2, context=context
+            ) as response:
                 if response.status == 200:
                     return
         except OSError:
@@ -129,27 +136,51 @@ def _backend_env(backend: str) -> dict[str, str]:
     return {"FEDMOE_DEVICE_BACKEND": backend} if backend else {}
 
 
-def enrol_device(url: str, token: str, name: str, home: Path, memory_mib: int, backend: str = "") -> None:
-    """``fedmoe-device enroll`` (a real websocket enrolment), credentials under ``home``; ``backend``: the
+def enroll_device(url: str, token: str, name: str, home: Path, memory_mib: int, backend: str = "") -> None:
+    """``fedmoe-device enroll`` (a real websocket enrollment), credentials under ``home``; ``backend``: the
     training backend the device reports and uses ("" = its own choice).
 
     Raises:
-        FedmoeError: enrolment failed (with its output).
+        FedmoeError: enrollment failed (with its output).
     """
     home.mkdir(parents=True, exist_ok=True)
     result = subprocess.run(
         [*_command("fedmoe-device"), "enroll", url, "--name", name, "--memory-mib", str(memory_mib)],
-        env={**os.environ, "FEDMOE_DEVICE_HOME": str(home), "FEDMOE_ENROL_TOKEN": token, **_backend_env(backend)},
-        capture_output=True, text=True, timeout=120)
+        env={**os.environ, "FEDMOE_DEVICE_HOME": str(home), "FEDMOE_ENROLL_TOKEN": token, **_backend_env(backend)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     if result.returncode != 0:
         raise FedmoeError(f"enrolling {name} failed: {result.stdout}{result.stderr}")
 
 
-def start_device(url: str, name: str, home: Path, data: Path, memory_mib: int, *, threads: int,
-                 slots: str, max_message_mib: float, backend: str = "") -> Child:
+def start_device(
+    url: str,
+    name: str,
+    home: Path,
+    data: Path,
+    memory_mib: int,
+    *,
+    threads: int,
+    slots: str,
+    max_message_mib: float,
+    backend: str = "",
+) -> Child:
     """``fedmoe-device run`` under RLIMIT_DATA = ``memory_mib`` MiB; training slots bound the concurrency."""
-    args = [*_command("fedmoe-device"), "run", url, "--data", str(data), "--memory-mib", str(memory_mib),
-            "--threads", str(threads), "--max-message-mib", str(max_message_mib)]
+    args = [
+        *_command("fedmoe-device"),
+        "run",
+        url,
+        "--data",
+        str(data),
+        "--memory-mib",
+        str(memory_mib),
+        "--threads",
+        str(threads),
+        "--max-message-mib",
+        str(max_message_mib),
+    ]
     env = {"FEDMOE_DEVICE_HOME": str(home), "FEDMOE_TRAINING_SLOTS": slots, **_backend_env(backend)}
     child = _spawn(name, args, home / "device.log", env, limit_bytes=memory_mib * MIB)
     child.extra["memory_mib"] = memory_mib

@@ -74,8 +74,7 @@ def parse_profiles(text: str, *, source: str = "profiles") -> list[SimulatedDevi
             raise ConfigError(f"{source}: device {kind!r} needs memory_mib > 0, gflops > 0 and count >= 1")
         if backend and backend not in BACKENDS:
             raise ConfigError(f"{source}: device {kind!r} has backend {backend!r}; choose one of {sorted(BACKENDS)}")
-        devices += [SimulatedDevice(f"{kind}-{len(devices) + i}", kind, memory, gflops, backend)
-                    for i in range(count)]
+        devices += [SimulatedDevice(f"{kind}-{len(devices) + i}", kind, memory, gflops, backend) for i in range(count)]
     if not devices:
         raise ConfigError(f"{source}: no [[device]] table")
     return devices

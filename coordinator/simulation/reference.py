@@ -26,9 +26,9 @@ the algorithm's (``tests/test_reference_parity.py`` checks one round of both aga
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -65,8 +65,15 @@ def keeps_trainer(ins: FitIns, num_experts: int) -> bool:
     return ins.trainable_mode == "lora" or all(len(ids) == num_experts for ids in ins.expert_ids)
 
 
-def fit_device(model, global_params: Params, ins: FitIns, device: ReferenceDevice, tokenizer: Path, *,
-               carry_optimizer: bool = False) -> ClientUpdate:
+def fit_device(
+    model,
+    global_params: Params,
+    ins: FitIns,
+    device: ReferenceDevice,
+    tokenizer: Path,
+    *,
+    carry_optimizer: bool = False,
+) -> ClientUpdate:
     """One device's round in torch: prune, train ``ins.config.local_steps`` steps (0: one epoch), report (see the
     module docstring).
 
@@ -86,29 +93,50 @@ def fit_device(model, global_params: Params, ins: FitIns, device: ReferenceDevic
     load_params(model, global_params)
     wrapper, federated, ids = _device_model(model, ins)
     held = held_experts(ids, describe(model).num_experts, ins.frozen_dtype is not None)
-    optimizer = _optimizer(wrapper, [n for n, _ in federated], cfg.learning_rate,
-                           device.optimizer_state[1] if carry_optimizer and device.optimizer_state is not None
-                           and device.optimizer_state[0] == ins.shape_key else None)
-    dataset = LocalDataset.from_jsonl(device.data_file, tokenizer, seq_len=cfg.seq_len, eval_fraction=0.0,
-                                      seed=cfg.seed)
-    constants = dict(aux_loss_coef=cfg.aux_loss_coef, routing_kl_coef=cfg.routing_reg_coef,
-                     routing_priors=local_prior(cfg, describe(model).num_experts, held), prox_mu=cfg.prox_mu)
+    optimizer = _optimizer(
+        wrapper,
+        [n for n, _ in federated],
+        cfg.learning_rate,
+        device.optimizer_state[1]
+        if carry_optimizer and device.optimizer_state is not None and device.optimizer_state[0] == ins.shape_key
+        else None,
+    )
+    dataset = LocalDataset.from_jsonl(
+        device.data_file, tokenizer, seq_len=cfg.seq_len, eval_fraction=0.0, seed=cfg.seed
+    )
+    constants = dict(
+        aux_loss_coef=cfg.aux_loss_coef,
+        routing_kl_coef=cfg.routing_reg_coef,
+        routing_priors=local_prior(cfg, describe(model).num_experts, held),
+        prox_mu=cfg.prox_mu,
+    )
     answer = local_answer_shift(dataset, cfg.labels, cfg.logit_adjustment)
     if answer is not None:
         constants.update(answer_ids=answer[0], answer_bias=answer[1])
     steps = cfg.local_steps or math.ceil(len(dataset.train) / cfg.batch_size)
-    routing, losses, examples = _train(wrapper, optimizer, dataset.train_batches(cfg.batch_size), steps, constants,
-                                       RoutingStats(tuple(map(len, held)), held))
+    routing, losses, examples = _train(
+        wrapper,
+        optimizer,
+        dataset.train_batches(cfg.batch_size),
+        steps,
+        constants,
+        RoutingStats(tuple(map(len, held)), held),
+    )
     device.optimizer_state = (ins.shape_key, optimizer.state_dict()) if carry_optimizer else None
     device.routing = routing
-    trained = [[layer[i] for i in local if i < len(keep)] for layer, local, keep
-               in zip(held, routing.trained_experts(), ids)]
-    meta = {"expert_ids": [list(layer) for layer in ids], "trained_experts": trained, "routing": routing.to_dict(),
-            "metrics": {"loss": float(np.mean(losses))}, "layers": dict(federated),
-            "frozen_ids": [list(h[len(keep):]) for h, keep in zip(held, ids)]}
+    trained = [
+        [layer[i] for i in local if i < len(keep)] for layer, local, keep in zip(held, routing.trained_experts(), ids)
+    ]
+    meta = {
+        "expert_ids": [list(layer) for layer in ids],
+        "trained_experts": trained,
+        "routing": routing.to_dict(),
+        "metrics": {"loss": float(np.mean(losses))},
+        "layers": dict(federated),
+        "frozen_ids": [list(h[len(keep) :]) for h, keep in zip(held, ids)],
+    }
     params = dict(wrapper.named_parameters())
-    return to_client_update(device.name, examples, meta,
-                            {n: params[n].detach().numpy().copy() for n, _ in federated})
+    return to_client_update(device.name, examples, meta, {n: params[n].detach().numpy().copy() for n, _ in federated})
 
 
 def _device_model(model, ins: FitIns):
@@ -135,8 +163,9 @@ def _optimizer(wrapper, names: list[str], learning_rate: float, state: dict | No
     from export.artifacts import ADAMW_EPS, ADAMW_WEIGHT_DECAY
 
     params = dict(wrapper.named_parameters())
-    optimizer = torch.optim.AdamW([params[n] for n in names], lr=learning_rate, eps=ADAMW_EPS,
-                                  weight_decay=ADAMW_WEIGHT_DECAY)
+    optimizer = torch.optim.AdamW(
+        [params[n] for n in names], lr=learning_rate, eps=ADAMW_EPS, weight_decay=ADAMW_WEIGHT_DECAY
+    )
     if state is not None:
         optimizer.load_state_dict(state)
     return optimizer
@@ -153,8 +182,9 @@ def _train(wrapper, optimizer, batches, steps: int, constants: dict, routing: Ro
     losses, examples = [], 0
     wrapper.train()
     for _, batch in zip(range(steps), batches):
-        inputs = wrapper.make_inputs(*(torch.from_numpy(a) for a in (batch.input_ids, batch.attention_mask,
-                                                                     batch.labels)), **constants)
+        inputs = wrapper.make_inputs(
+            *(torch.from_numpy(a) for a in (batch.input_ids, batch.attention_mask, batch.labels)), **constants
+        )
         outputs = wrapper(*inputs.values())  # (loss, ce, routing_stats_0..L-1, num_tokens)
         optimizer.zero_grad()
         outputs[0].backward()
@@ -187,10 +217,12 @@ def global_routing(model, global_params: Params, cfg, device: ReferenceDevice, t
 
     load_params(model, global_params)
     layers = describe(model).layers
-    stats = RoutingStats(tuple(layer.num_experts for layer in layers),
-                         tuple(tuple(range(layer.num_experts)) for layer in layers))
-    dataset = LocalDataset.from_jsonl(device.data_file, tokenizer, seq_len=cfg.seq_len, eval_fraction=0.0,
-                                      seed=cfg.seed)
+    stats = RoutingStats(
+        tuple(layer.num_experts for layer in layers), tuple(tuple(range(layer.num_experts)) for layer in layers)
+    )
+    dataset = LocalDataset.from_jsonl(
+        device.data_file, tokenizer, seq_len=cfg.seq_len, eval_fraction=0.0, seed=cfg.seed
+    )
     model.eval()
     with torch.no_grad():
         for _, batch in zip(range(cfg.local_steps), dataset.train_batches(cfg.batch_size)):
@@ -205,8 +237,9 @@ def global_routing(model, global_params: Params, cfg, device: ReferenceDevice, t
     return stats
 
 
-def run_reference(fed, out: Path, test: list[dict], on_round: Callable[[RoundRecord], None], *,
-                  threads: int = 2, scores: str = "held") -> list[RoundRecord]:
+def run_reference(
+    fed, out: Path, test: list[dict], on_round: Callable[[RoundRecord], None], *, threads: int = 2, scores: str = "held"
+) -> list[RoundRecord]:
     """Run ``fed`` (a ``runner.Federation`` whose strategy is the one to reproduce) as the torch reference.
 
     The coordinator's state is made as ``fedmoe-coord init`` makes it (global version 0, calibration), in ``out``.
@@ -235,13 +268,22 @@ def run_reference(fed, out: Path, test: list[dict], on_round: Callable[[RoundRec
         registry.close()
     context = fit_context(cfg)
     strategy = from_name(fed.strategy, **cfg.strategy_params).bind(context)
-    devices = [ReferenceDevice(d.name, {"memory_mib": d.memory_mib, "backend": d.backend}, f)
-               for d, f in participants(fed, cfg)]
+    devices = [
+        ReferenceDevice(d.name, {"memory_mib": d.memory_mib, "backend": d.backend}, f)
+        for d, f in participants(fed, cfg)
+    ]
     torch.manual_seed(fed.seed)
-    model = load_trainable_model(fed.checkpoint, trainable_mode=fed.trainable_mode, lora_rank=fed.lora_rank,
-                                 seed=fed.seed)
-    evaluator = Evaluator(fed.checkpoint, test, trainable_mode=fed.trainable_mode, lora_rank=fed.lora_rank,
-                          seed=fed.seed, seq_len=fed.fit.seq_len)
+    model = load_trainable_model(
+        fed.checkpoint, trainable_mode=fed.trainable_mode, lora_rank=fed.lora_rank, seed=fed.seed
+    )
+    evaluator = Evaluator(
+        fed.checkpoint,
+        test,
+        trainable_mode=fed.trainable_mode,
+        lora_rank=fed.lora_rank,
+        seed=fed.seed,
+        seq_len=fed.fit.seq_len,
+    )
     tokenizer = Path(fed.checkpoint) / "tokenizer.json"
     name, records = PREFIX + fed.strategy, []
     for server_round in range(1, fed.rounds + 1):
@@ -250,22 +292,37 @@ def run_reference(fed, out: Path, test: list[dict], on_round: Callable[[RoundRec
         if scores == "all":
             for device in devices:
                 device.routing = global_routing(model, params, strategy.fit_config(server_round), device, tokenizer)
-        plan = strategy.configure_fit(server_round, params,
-                                      [ClientInfo(d.name, d.profile, d.routing) for d in devices])
+        plan = strategy.configure_fit(server_round, params, [ClientInfo(d.name, d.profile, d.routing) for d in devices])
         updates = []
         for device in sorted(devices, key=lambda d: d.name):
             if device.name in plan:
                 ins = plan[device.name]
-                updates.append(fit_device(model, params, ins, device, tokenizer,
-                                          carry_optimizer=keeps_trainer(ins, context.model.num_experts)))
+                updates.append(
+                    fit_device(
+                        model,
+                        params,
+                        ins,
+                        device,
+                        tokenizer,
+                        carry_optimizer=keeps_trainer(ins, context.model.num_experts),
+                    )
+                )
         params, _ = strategy.aggregate_fit(server_round, updates, [], params)
         wall = time.monotonic() - start
         score = evaluator.score(params)
-        rows = tuple(DeviceRound(device=u.client_id, loss=u.metrics.get("loss"), bytes_up=0, bytes_down=0,
-                                 peak_rss_mib=None, experts_kept=max(map(len, u.expert_ids)),
-                                 experts=experts_label(u.expert_ids),
-                                 frozen=plan[u.client_id].shape_key.held_label(context.model.num_experts))
-                     for u in updates)
+        rows = tuple(
+            DeviceRound(
+                device=u.client_id,
+                loss=u.metrics.get("loss"),
+                bytes_up=0,
+                bytes_down=0,
+                peak_rss_mib=None,
+                experts_kept=max(map(len, u.expert_ids)),
+                experts=experts_label(u.expert_ids),
+                frozen=plan[u.client_id].shape_key.held_label(context.model.num_experts),
+            )
+            for u in updates
+        )
         records.append(RoundRecord(name, server_round, score.accuracy, score.loss, wall, 0, 0, rows))
         on_round(records[-1])
     return records

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 from device_runtime.units import MIB
 
@@ -61,19 +61,51 @@ def cumulative_bytes_up(records: Sequence[RoundRecord]) -> list[int]:
 def write_metrics(records: Sequence[RoundRecord], out: Path) -> None:
     """``metrics.json`` (everything, nested) and ``metrics.csv`` (one row per strategy, round and device)."""
     (out / "metrics.json").write_text(json.dumps([asdict(r) for r in records], indent=2))
-    columns = ["strategy", "round", "accuracy", "loss", "wall_s", "bytes_up", "bytes_down", "device",
-               "device_loss", "device_bytes_up", "device_bytes_down", "device_peak_rss_mib", "experts_kept", "experts",
-               "frozen"]
+    columns = [
+        "strategy",
+        "round",
+        "accuracy",
+        "loss",
+        "wall_s",
+        "bytes_up",
+        "bytes_down",
+        "device",
+        "device_loss",
+        "device_bytes_up",
+        "device_bytes_down",
+        "device_peak_rss_mib",
+        "experts_kept",
+        "experts",
+        "frozen",
+    ]
     with open(out / "metrics.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(columns)
         for r in records:
-            head = [r.strategy, r.round, f"{r.accuracy:.4f}", f"{r.loss:.4f}", f"{r.wall_s:.1f}", r.bytes_up,
-                    r.bytes_down]
+            head = [
+                r.strategy,
+                r.round,
+                f"{r.accuracy:.4f}",
+                f"{r.loss:.4f}",
+                f"{r.wall_s:.1f}",
+                r.bytes_up,
+                r.bytes_down,
+            ]
             for d in r.devices or (None,):
-                tail = [""] * 7 if d is None else [
-                    d.device, "" if d.loss is None else f"{d.loss:.4f}", d.bytes_up, d.bytes_down,
-                    "" if d.peak_rss_mib is None else f"{d.peak_rss_mib:.0f}", d.experts_kept, d.experts, d.frozen]
+                tail = (
+                    [""] * 7
+                    if d is None
+                    else [
+                        d.device,
+                        "" if d.loss is None else f"{d.loss:.4f}",
+                        d.bytes_up,
+                        d.bytes_down,
+                        "" if d.peak_rss_mib is None else f"{d.peak_rss_mib:.0f}",
+                        d.experts_kept,
+                        d.experts,
+                        d.frozen,
+                    ]
+                )
                 writer.writerow(head + tail)
 
 
@@ -91,8 +123,11 @@ def plot_accuracy(records: Sequence[RoundRecord], path: Path) -> Path:
         by_round.plot([r.round for r in rows], accuracy, marker="o", label=strategy)
         by_bytes.plot([b / MIB for b in cumulative_bytes_up(rows)], accuracy, marker="o", label=strategy)
     by_round.set(xlabel="round (0 = zero-shot)", ylabel="held-out accuracy (%)", title="accuracy vs round")
-    by_bytes.set(xlabel="MiB uploaded by all devices (cumulative)", ylabel="held-out accuracy (%)",
-                 title="accuracy vs bytes uploaded")
+    by_bytes.set(
+        xlabel="MiB uploaded by all devices (cumulative)",
+        ylabel="held-out accuracy (%)",
+        title="accuracy vs bytes uploaded",
+    )
     for axis in (by_round, by_bytes):
         axis.grid(alpha=0.3)
         axis.legend()

@@ -13,17 +13,24 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import timezone
+from datetime import UTC
 from pathlib import Path
-from typing import Callable, Sequence
 
 from coordinator.config import CoordinatorConfig, save_config
 from coordinator.federation import export_latest, fit_context, initialize
 from coordinator.registry import Registry
 from coordinator.registry.store import utc_now
-from coordinator.simulation.processes import (MIB, Child, enrol_device, free_port, start_coordinator, start_device,
-                                              wait_healthy)
+from coordinator.simulation.processes import (
+    MIB,
+    Child,
+    enroll_device,
+    free_port,
+    start_coordinator,
+    start_device,
+    wait_healthy,
+)
 from coordinator.simulation.profiles import SimulatedDevice
 from coordinator.simulation.report import DeviceRound, RoundRecord, experts_label
 from coordinator.strategy import ClientInfo, from_name
@@ -31,8 +38,8 @@ from coordinator.tensor_store import TensorStore
 from coordinator.tls import local_url, pinned_token, with_new_authority
 from device_runtime.errors import FedmoeError
 from device_runtime.shape_key import ShapeKey
-from export.planner import model_shape
 from device_runtime.wire import FitConfig
+from export.planner import model_shape
 
 
 @dataclass(frozen=True)
@@ -69,11 +76,21 @@ class Federation:
 def coordinator_config(fed: Federation, out: Path, port: int) -> CoordinatorConfig:
     """The coordinator config of ``fed`` with its state under ``out``, listening on ``port``."""
     return CoordinatorConfig(
-        checkpoint=str(fed.checkpoint.resolve()), state_dir=str((out / "state").resolve()), port=port,
-        strategy=fed.strategy, min_fit_clients=len(fed.devices), max_fit_clients=len(fed.devices),
-        num_rounds=fed.rounds, round_deadline_s=fed.round_deadline_s, trainable_mode=fed.trainable_mode,
-        lora_rank=fed.lora_rank, frozen_experts=fed.frozen_experts, seed=fed.seed,
-        eval_data=str(fed.eval_data.resolve()), fit=fed.fit)
+        checkpoint=str(fed.checkpoint.resolve()),
+        state_dir=str((out / "state").resolve()),
+        port=port,
+        strategy=fed.strategy,
+        min_fit_clients=len(fed.devices),
+        max_fit_clients=len(fed.devices),
+        num_rounds=fed.rounds,
+        round_deadline_s=fed.round_deadline_s,
+        trainable_mode=fed.trainable_mode,
+        lora_rank=fed.lora_rank,
+        frozen_experts=fed.frozen_experts,
+        seed=fed.seed,
+        eval_data=str(fed.eval_data.resolve()),
+        fit=fed.fit,
+    )
 
 
 class Watch:
@@ -96,8 +113,16 @@ class Watch:
         devices = self.device_rounds(row.round_id, peak)
         round_row = self.registry.get_round(row.round_id)
         wall = (round_row.finished_at - round_row.started_at).total_seconds() if round_row.finished_at else 0.0
-        return RoundRecord(strategy, version, scores["eval_accuracy"], scores["eval_loss"], wall,
-                           sum(d.bytes_up for d in devices), sum(d.bytes_down for d in devices), devices)
+        return RoundRecord(
+            strategy,
+            version,
+            scores["eval_accuracy"],
+            scores["eval_loss"],
+            wall,
+            sum(d.bytes_up for d in devices),
+            sum(d.bytes_down for d in devices),
+            devices,
+        )
 
     def device_rounds(self, round_id: int, peak: dict) -> tuple[DeviceRound, ...]:
         """Per device of ``round_id``: its training loss, bytes up / down, peak RSS (MiB), experts kept."""
@@ -112,12 +137,18 @@ class Watch:
             device = assignment.device_id
             metrics = (updates[device].meta or {}).get("metrics", {}) if device in updates else {}
             rss = metrics.get("peak_rss_mb")
-            rows.append(DeviceRound(
-                device=self.names.get(device, device), loss=metrics.get("loss"),
-                bytes_up=moved.get((device, "bytes_up"), 0), bytes_down=moved.get((device, "bytes_down"), 0),
-                peak_rss_mib=rss, experts_kept=max(len(ids) for ids in assignment.expert_ids),
-                experts=experts_label(assignment.expert_ids),
-                frozen=ShapeKey.from_id(assignment.shape_key).held_label(self.num_experts)))
+            rows.append(
+                DeviceRound(
+                    device=self.names.get(device, device),
+                    loss=metrics.get("loss"),
+                    bytes_up=moved.get((device, "bytes_up"), 0),
+                    bytes_down=moved.get((device, "bytes_down"), 0),
+                    peak_rss_mib=rss,
+                    experts_kept=max(len(ids) for ids in assignment.expert_ids),
+                    experts=experts_label(assignment.expert_ids),
+                    frozen=ShapeKey.from_id(assignment.shape_key).held_label(self.num_experts),
+                )
+            )
             if rss is not None:
                 peak[rows[-1].device] = max(peak.get(rows[-1].device, 0.0), float(rss))
         return tuple(rows)
@@ -135,28 +166,43 @@ def participants(fed: Federation, cfg: CoordinatorConfig) -> list[tuple[Simulate
         FedmoeError: no device gets anything to train.
     """
     strategy = from_name(fed.strategy, **cfg.strategy_params).bind(fit_context(cfg))
-    planned = strategy.configure_fit(1, {}, [ClientInfo(d.name, {"memory_mib": d.memory_mib, "backend": d.backend})
-                                             for d in fed.devices])
+    planned = strategy.configure_fit(
+        1, {}, [ClientInfo(d.name, {"memory_mib": d.memory_mib, "backend": d.backend}) for d in fed.devices]
+    )
     chosen = [(d, f) for d, f in zip(fed.devices, fed.data_files) if d.name in planned]
     if not chosen:
-        raise FedmoeError(f"{fed.strategy} gives none of the {len(fed.devices)} devices anything to train "
-                          "(their budgets cannot hold what it trains)")
+        raise FedmoeError(
+            f"{fed.strategy} gives none of the {len(fed.devices)} devices anything to train "
+            "(their budgets cannot hold what it trains)"
+        )
     return chosen
 
 
-def _start_devices(fed: Federation, devices: Sequence[tuple[SimulatedDevice, Path]], out: Path,
-                   cfg: CoordinatorConfig, url: str) -> list[Child]:
+def _start_devices(
+    fed: Federation, devices: Sequence[tuple[SimulatedDevice, Path]], out: Path, cfg: CoordinatorConfig, url: str
+) -> list[Child]:
     registry = Registry(cfg.registry_url)
     try:
-        tokens = [pinned_token(registry.create_enrol_token(d.name, 600), cfg) for d, _ in devices]
+        tokens = [pinned_token(registry.create_enroll_token(d.name, 600), cfg) for d, _ in devices]
     finally:
         registry.close()
     children, slots = [], f"{out / 'slots'}:{fed.slots}"
     for (device, data), token in zip(devices, tokens):
         home = out / "devices" / device.name
-        enrol_device(url, token, device.name, home, device.memory_mib, device.backend)
-        children.append(start_device(url, device.name, home, data, device.memory_mib, threads=1, slots=slots,
-                                     max_message_mib=cfg.max_message_mib, backend=device.backend))
+        enroll_device(url, token, device.name, home, device.memory_mib, device.backend)
+        children.append(
+            start_device(
+                url,
+                device.name,
+                home,
+                data,
+                device.memory_mib,
+                threads=1,
+                slots=slots,
+                max_message_mib=cfg.max_message_mib,
+                backend=device.backend,
+            )
+        )
     return children
 
 
@@ -166,11 +212,13 @@ def _check_alive(children: Sequence[Child]) -> None:
         if child.poll() is not None:
             raise FedmoeError(
                 f"device {child.name} (memory limit {child.extra.get('memory_mib')} MiB) exited with status "
-                f"{child.returncode}; its log ends:\n{child.tail(8)}")
+                f"{child.returncode}; its log ends:\n{child.tail(8)}"
+            )
 
 
-def run_federation(fed: Federation, out: Path, on_round: Callable[[RoundRecord], None], *,
-                   poll_s: float = 1.0) -> tuple[list[RoundRecord], dict]:
+def run_federation(
+    fed: Federation, out: Path, on_round: Callable[[RoundRecord], None], *, poll_s: float = 1.0
+) -> tuple[list[RoundRecord], dict]:
     """Run ``fed`` to completion in ``out``; returns its round records and each device's peak RSS (MiB).
     The final global model is written to ``out / "model"`` (a Hugging Face checkpoint directory).
 
@@ -182,12 +230,16 @@ def run_federation(fed: Federation, out: Path, on_round: Callable[[RoundRecord],
     out.mkdir(parents=True, exist_ok=True)
     cfg = coordinator_config(fed, out, free_port())
     version = initialize(cfg, list(fed.calibration_texts), seq_len=fed.fit.seq_len)
-    cfg = with_new_authority(cfg)  # devices enrol and run over mutual TLS, as in a deployment
+    cfg = with_new_authority(cfg)  # devices enroll and run over mutual TLS, as in a deployment
     devices = participants(fed, cfg)
     # The largest message is an assignment of every expert (the global state) plus its header.
     state_mib = TensorStore(Path(cfg.state_dir) / "tensors").path(version.tensor_sha256).stat().st_size / MIB
-    cfg = dataclasses.replace(cfg, max_message_mib=max(cfg.max_message_mib, math.ceil(state_mib * 1.05) + 16),
-                              min_fit_clients=len(devices), max_fit_clients=len(devices))
+    cfg = dataclasses.replace(
+        cfg,
+        max_message_mib=max(cfg.max_message_mib, math.ceil(state_mib * 1.05) + 16),
+        min_fit_clients=len(devices),
+        max_fit_clients=len(devices),
+    )
     save_config(cfg, out / "fedmoe-coord.toml")
     coordinator = start_coordinator(out / "fedmoe-coord.toml", out / "coordinator.log")
     children: list[Child] = []
@@ -247,9 +299,11 @@ def _check_failed_rounds(watch: Watch, strategy: str, limit: int = 3, *, grace_s
         raise FedmoeError(f"{strategy}: {limit} rounds failed ({failed[0].metrics}); see coordinator.log")
     newest = rounds[0] if rounds else None
     if newest is not None and newest.status == "failed" and newest.finished_at is not None:
-        finished = newest.finished_at if newest.finished_at.tzinfo else newest.finished_at.replace(tzinfo=timezone.utc)
+        finished = newest.finished_at if newest.finished_at.tzinfo else newest.finished_at.replace(tzinfo=UTC)
         idle = (utc_now() - finished).total_seconds()
         if idle > grace_s:
-            raise FedmoeError(f"{strategy}: round {newest.id} failed ({newest.metrics}) and no round started in the "
-                              f"{idle:.0f} s since (a device excluded for repeated failures leaves the quorum of "
-                              "every participant unmet); see coordinator.log and the devices' logs")
+            raise FedmoeError(
+                f"{strategy}: round {newest.id} failed ({newest.metrics}) and no round started in the "
+                f"{idle:.0f} s since (a device excluded for repeated failures leaves the quorum of "
+                "every participant unmet); see coordinator.log and the devices' logs"
+            )

@@ -9,9 +9,9 @@ every round.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable
 
 from coordinator.simulation.centralized import NAME as CENTRALIZED
 from coordinator.simulation.centralized import run_centralized
@@ -42,8 +42,8 @@ class Preset:
     train_per_device: int
     num_devices: int | None
     trainable_mode: str = "experts"  # what devices train: "experts" (full, + routers) or "lora" (adapters + routers)
-    lora_rank: int = 0               # LoRA r (lora only)
-    logit_adjustment: float = 1.0    # tau of the devices' balanced softmax on the answer token (0: off)
+    lora_rank: int = 0  # LoRA r (lora only)
+    logit_adjustment: float = 1.0  # tau of the devices' balanced softmax on the answer token (0: off)
     frozen_experts: str = "float16"  # the experts a device does not train: resident in float16, or "pruned"
 
 
@@ -52,10 +52,32 @@ class Preset:
 LEARNING_RATES = {"experts": 5e-4, "lora": 2e-3}
 
 PRESETS = {
-    "default": Preset(num_layers=8, num_experts=4, experts_per_token=2, rounds=5, local_steps=10, batch_size=4,
-                      seq_len=64, learning_rate=5e-4, test_size=100, train_per_device=160, num_devices=None),
-    "smoke": Preset(num_layers=2, num_experts=2, experts_per_token=1, rounds=2, local_steps=3, batch_size=2,
-                    seq_len=48, learning_rate=2e-4, test_size=25, train_per_device=24, num_devices=2),
+    "default": Preset(
+        num_layers=8,
+        num_experts=4,
+        experts_per_token=2,
+        rounds=5,
+        local_steps=10,
+        batch_size=4,
+        seq_len=64,
+        learning_rate=5e-4,
+        test_size=100,
+        train_per_device=160,
+        num_devices=None,
+    ),
+    "smoke": Preset(
+        num_layers=2,
+        num_experts=2,
+        experts_per_token=1,
+        rounds=2,
+        local_steps=3,
+        batch_size=2,
+        seq_len=48,
+        learning_rate=2e-4,
+        test_size=25,
+        train_per_device=24,
+        num_devices=2,
+    ),
 }
 
 
@@ -86,8 +108,13 @@ def ensure_checkpoint(preset: Preset) -> Path:
     out = cache_dir() / "models" / f"smollm2-e{preset.num_experts}k{preset.experts_per_token}-L{preset.num_layers}"
     if not (out / "config.json").is_file():
         tmp = out.with_name(out.name + ".tmp")
-        upcycle_checkpoint(smollm2_checkpoint(), tmp, num_experts=preset.num_experts,
-                           experts_per_token=preset.experts_per_token, num_layers=preset.num_layers)
+        upcycle_checkpoint(
+            smollm2_checkpoint(),
+            tmp,
+            num_experts=preset.num_experts,
+            experts_per_token=preset.experts_per_token,
+            num_layers=preset.num_layers,
+        )
         tmp.replace(out)
     return out
 
@@ -96,8 +123,11 @@ def prepare_data(plan: SimulationPlan) -> tuple[list[Path], list[dict], list[str
     """Per-device JSONL files, the held-out test records, the label set and the per-device label histogram."""
     from export.datasets import bbc_news
 
-    records = bbc_news() if plan.data_file is None else load_records(
-        plan.data_file, text_field=plan.text_field, label_field=plan.label_field)
+    records = (
+        bbc_news()
+        if plan.data_file is None
+        else load_records(plan.data_file, text_field=plan.text_field, label_field=plan.label_field)
+    )
     labels = sorted({r["label"] for r in records})
     if len(labels) < 2:
         raise ConfigError("the data set needs at least two labels")
@@ -113,17 +143,29 @@ def prepare_data(plan: SimulationPlan) -> tuple[list[Path], list[dict], list[str
 
 def _fit(plan: SimulationPlan, labels: list[str]) -> FitConfig:
     preset = plan.preset
-    return FitConfig(batch_size=preset.batch_size, seq_len=preset.seq_len, learning_rate=preset.learning_rate,
-                     local_steps=preset.local_steps, update_dtype=plan.update_dtype, labels=tuple(labels),
-                     logit_adjustment=preset.logit_adjustment)
+    return FitConfig(
+        batch_size=preset.batch_size,
+        seq_len=preset.seq_len,
+        learning_rate=preset.learning_rate,
+        local_steps=preset.local_steps,
+        update_dtype=plan.update_dtype,
+        labels=tuple(labels),
+        logit_adjustment=preset.logit_adjustment,
+    )
 
 
 def _zero_shot(checkpoint: Path, test: list[dict], plan: SimulationPlan):
     """The initial global model's score on the test set, by the coordinator's own evaluator."""
     from coordinator.evaluation import Evaluator
 
-    evaluator = Evaluator(checkpoint, test, trainable_mode=plan.preset.trainable_mode, lora_rank=plan.preset.lora_rank,
-                          seed=plan.seed, seq_len=plan.preset.seq_len)
+    evaluator = Evaluator(
+        checkpoint,
+        test,
+        trainable_mode=plan.preset.trainable_mode,
+        lora_rank=plan.preset.lora_rank,
+        seed=plan.seed,
+        seq_len=plan.preset.seq_len,
+    )
     return evaluator.score(None)
 
 
@@ -152,20 +194,44 @@ def simulate(plan: SimulationPlan, on_event: Callable[[str, object], None]) -> d
         on_event("round", start)
         if strategy == CENTRALIZED:
             on_event("stage", f"{strategy}: training on the union of the device files in this process")
-            records += run_centralized(checkpoint, files, test, rounds=plan.preset.rounds, fit=_fit(plan, labels),
-                                       trainable_mode=plan.preset.trainable_mode, lora_rank=plan.preset.lora_rank, seed=plan.seed,
-                                       on_round=lambda r: on_event("round", r), threads=plan.slots)
+            records += run_centralized(
+                checkpoint,
+                files,
+                test,
+                rounds=plan.preset.rounds,
+                fit=_fit(plan, labels),
+                trainable_mode=plan.preset.trainable_mode,
+                lora_rank=plan.preset.lora_rank,
+                seed=plan.seed,
+                on_round=lambda r: on_event("round", r),
+                threads=plan.slots,
+            )
             continue
-        fed = Federation(strategy=strategy.removeprefix(REFERENCE_PREFIX), rounds=plan.preset.rounds,
-                         checkpoint=checkpoint, devices=plan.devices, data_files=tuple(files), fit=_fit(plan, labels),
-                         eval_data=plan.out / "data" / "test.jsonl", trainable_mode=plan.preset.trainable_mode,
-                         lora_rank=plan.preset.lora_rank, frozen_experts=plan.preset.frozen_experts,
-                         calibration_texts=tuple(default_texts()), seed=plan.seed,
-                         slots=plan.slots)
+        fed = Federation(
+            strategy=strategy.removeprefix(REFERENCE_PREFIX),
+            rounds=plan.preset.rounds,
+            checkpoint=checkpoint,
+            devices=plan.devices,
+            data_files=tuple(files),
+            fit=_fit(plan, labels),
+            eval_data=plan.out / "data" / "test.jsonl",
+            trainable_mode=plan.preset.trainable_mode,
+            lora_rank=plan.preset.lora_rank,
+            frozen_experts=plan.preset.frozen_experts,
+            calibration_texts=tuple(default_texts()),
+            seed=plan.seed,
+            slots=plan.slots,
+        )
         if is_reference(strategy):
             on_event("stage", f"{strategy}: the same rounds in torch in this process")
-            records += run_reference(fed, plan.out / strategy, test, lambda r: on_event("round", r),
-                                     threads=plan.slots, scores=plan.reference_scores)
+            records += run_reference(
+                fed,
+                plan.out / strategy,
+                test,
+                lambda r: on_event("round", r),
+                threads=plan.slots,
+                scores=plan.reference_scores,
+            )
             continue
         on_event("stage", f"{strategy}: starting the coordinator and {len(plan.devices)} devices")
         done, peaks[strategy] = run_federation(fed, plan.out / strategy, lambda r: on_event("round", r))
@@ -182,16 +248,25 @@ def _summary(plan, records, peaks, histogram, labels, plot) -> dict:
     for strategy in plan.strategies:
         rows = [r for r in records if r.strategy == strategy]
         per_strategy[strategy] = {
-            "zero_shot_accuracy": rows[0].accuracy, "final_accuracy": rows[-1].accuracy,
-            "accuracy_per_round": [r.accuracy for r in rows], "loss_per_round": [r.loss for r in rows],
-            "bytes_up_per_round": [r.bytes_up for r in rows], "bytes_down_per_round": [r.bytes_down for r in rows],
+            "zero_shot_accuracy": rows[0].accuracy,
+            "final_accuracy": rows[-1].accuracy,
+            "accuracy_per_round": [r.accuracy for r in rows],
+            "loss_per_round": [r.loss for r in rows],
+            "bytes_up_per_round": [r.bytes_up for r in rows],
+            "bytes_down_per_round": [r.bytes_down for r in rows],
             "round_wall_s": [r.wall_s for r in rows],
             "peak_rss_mib": peaks.get(strategy, {}),
             "devices_per_round": [{"round": r.round, "devices": [asdict(d) for d in r.devices]} for r in rows[1:]],
         }
-    return {"name": plan.name, "out": str(plan.out), "plot": str(plot), "labels": labels,
-            "label_histogram": {d.name: h for d, h in zip(plan.devices, histogram)},
-            "budgets_mib": {d.name: d.memory_mib for d in plan.devices}, "strategies": per_strategy}
+    return {
+        "name": plan.name,
+        "out": str(plan.out),
+        "plot": str(plot),
+        "labels": labels,
+        "label_histogram": {d.name: h for d, h in zip(plan.devices, histogram)},
+        "budgets_mib": {d.name: d.memory_mib for d in plan.devices},
+        "strategies": per_strategy,
+    }
 
 
 def with_overrides(preset: Preset, **overrides) -> Preset:

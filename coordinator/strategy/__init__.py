@@ -12,12 +12,44 @@ from coordinator.strategy.fedmoe import FedMoE
 from coordinator.strategy.fedprox import FedProx
 from coordinator.strategy.hfedmoe import HFedMoE
 from coordinator.strategy.registry import STRATEGIES, from_name
-from coordinator.strategy.types import (ClientInfo, ClientUpdate, Failure, FitContext, FitIns, LayerRouting,
-                                        Params, Results, TensorMeta, TensorRole)
+from coordinator.strategy.types import (
+    ClientInfo,
+    ClientUpdate,
+    Failure,
+    FitContext,
+    FitIns,
+    LayerRouting,
+    Params,
+    Results,
+    TensorMeta,
+    TensorRole,
+)
 from coordinator.strategy.validate import validate_update
 
 __all__ = [
-    "STRATEGIES", "ClientInfo", "ClientUpdate", "Failure", "FedAlign", "FedAvg", "FedMoE", "FedProx", "FitContext",
-    "FitIns", "HFedMoE", "LayerRouting", "Params", "Results", "RowAccumulator", "SinglePassStrategy", "Strategy", "StreamingAggregation", "TensorMeta",
-    "TensorRole", "cosine_similarity", "from_name", "hfedmoe_alpha", "kl_divergence", "validate_update",
+    "STRATEGIES",
+    "ClientInfo",
+    "ClientUpdate",
+    "Failure",
+    "FedAlign",
+    "FedAvg",
+    "FedMoE",
+    "FedProx",
+    "FitContext",
+    "FitIns",
+    "HFedMoE",
+    "LayerRouting",
+    "Params",
+    "Results",
+    "RowAccumulator",
+    "SinglePassStrategy",
+    "Strategy",
+    "StreamingAggregation",
+    "TensorMeta",
+    "TensorRole",
+    "cosine_similarity",
+    "from_name",
+    "hfedmoe_alpha",
+    "kl_divergence",
+    "validate_update",
 ]

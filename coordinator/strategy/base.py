@@ -17,14 +17,25 @@ import collections.abc
 import dataclasses
 import logging
 from abc import ABC, abstractmethod
-from typing import Callable, ClassVar, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import ClassVar
 
 import numpy as np
 
 from coordinator.strategy.aggregate import RowAccumulator
 from coordinator.strategy.selection import affordable_fit, expert_scores
-from coordinator.strategy.types import (ClientInfo, ClientUpdate, Failure, FitContext, FitIns, Params, Results,
-                                        StrategyState, TensorMeta, TensorRole)
+from coordinator.strategy.types import (
+    ClientInfo,
+    ClientUpdate,
+    Failure,
+    FitContext,
+    FitIns,
+    Params,
+    Results,
+    StrategyState,
+    TensorMeta,
+    TensorRole,
+)
 from coordinator.strategy.validate import validate_update
 from device_runtime.errors import ConfigError, FedmoeError, UpdateRejected
 from device_runtime.stats import IMPORTANCE_BETA, IMPORTANCE_LAMBDA
@@ -47,7 +58,7 @@ class Strategy(ABC):
     lam: float = IMPORTANCE_LAMBDA  # lambda and beta of the importance I(e) that ranks experts (HFedMoE's)
     beta: float = IMPORTANCE_BETA
 
-    def bind(self, context: FitContext) -> "Strategy":
+    def bind(self, context: FitContext) -> Strategy:
         """Give the strategy the federation's model, calibration and training settings; returns ``self``."""
         self.context = context
         return self
@@ -62,8 +73,9 @@ class Strategy(ABC):
         context = self._bound()
         return dataclasses.replace(context.fit, seed=(context.seed + server_round) % 2**32)
 
-    def configure_fit(self, server_round: int, global_params: Params,
-                      clients: Sequence[ClientInfo]) -> dict[str, FitIns]:
+    def configure_fit(
+        self, server_round: int, global_params: Params, clients: Sequence[ClientInfo]
+    ) -> dict[str, FitIns]:
         """What each client trains in round ``server_round`` (1-based): ``client_id -> FitIns``.
 
         A client left out sits the round out: :meth:`fit_ins` returned None, or it raised a FedmoeError
@@ -80,8 +92,9 @@ class Strategy(ABC):
             try:
                 ins = self.fit_ins(server_round, client, config)
             except FedmoeError as exc:
-                log.warning("device %s sits out round %d: %s: %s", client.client_id, server_round,
-                            type(exc).__name__, exc)
+                log.warning(
+                    "device %s sits out round %d: %s: %s", client.client_id, server_round, type(exc).__name__, exc
+                )
                 continue
             if ins is not None:
                 out[client.client_id] = ins
@@ -112,8 +125,10 @@ class Strategy(ABC):
 
     def _bound(self) -> FitContext:
         if self.context is None:
-            raise ConfigError(f"strategy {self.name!r} is not bound to a federation: call bind(FitContext(...)) "
-                              "(Coordinator.from_config does)")
+            raise ConfigError(
+                f"strategy {self.name!r} is not bound to a federation: call bind(FitContext(...)) "
+                "(Coordinator.from_config does)"
+            )
         return self.context
 
     def state_dict(self) -> StrategyState:
@@ -132,8 +147,9 @@ class Strategy(ABC):
         split_state(self.name, state, ())
 
     @abstractmethod
-    def aggregate_fit(self, server_round: int, results: Results, failures: Sequence[Failure],
-                      global_params: Params) -> tuple[Params, dict]:
+    def aggregate_fit(
+        self, server_round: int, results: Results, failures: Sequence[Failure], global_params: Params
+    ) -> tuple[Params, dict]:
         """Merge the round's client updates into a new global model (and update :meth:`state_dict`).
 
         Args:
@@ -173,8 +189,10 @@ def require_reopenable(results: Results) -> None:
         TypeError: ``results`` is a one-shot iterator; pass a list or a callable returning a fresh iterable.
     """
     if isinstance(results, collections.abc.Iterator):
-        raise TypeError("this strategy reads the updates twice: pass a list or a zero-argument callable "
-                        "returning a fresh iterable, not a one-shot iterator")
+        raise TypeError(
+            "this strategy reads the updates twice: pass a list or a zero-argument callable "
+            "returning a fresh iterable, not a one-shot iterator"
+        )
 
 
 class StreamingAggregation:
@@ -185,9 +203,9 @@ class StreamingAggregation:
 
     def __init__(self, global_params: Params, weigh: RowWeights, *, roles: frozenset[TensorRole] | None = None):
         """Args:
-            global_params: the round's starting global model.
-            weigh: the strategy's weight per (update, tensor, local expert row).
-            roles: only tensors of these roles are aggregated (default: all).
+        global_params: the round's starting global model.
+        weigh: the strategy's weight per (update, tensor, local expert row).
+        roles: only tensors of these roles are aggregated (default: all).
         """
         self.global_params = global_params
         self.accumulator = RowAccumulator(global_params)
@@ -246,8 +264,11 @@ class StreamingAggregation:
         return self.accumulator.finish(base)
 
 
-def feed(aggregation: StreamingAggregation, updates: Iterable[ClientUpdate],
-         on_accept: Callable[[ClientUpdate, tuple[int, ...]], None] | None = None) -> dict[str, str]:
+def feed(
+    aggregation: StreamingAggregation,
+    updates: Iterable[ClientUpdate],
+    on_accept: Callable[[ClientUpdate, tuple[int, ...]], None] | None = None,
+) -> dict[str, str]:
     """Accumulate every update; returns ``client_id -> reason`` of the rejected ones (they are skipped)."""
     rejected: dict[str, str] = {}
     for update in updates:
@@ -261,8 +282,9 @@ def feed(aggregation: StreamingAggregation, updates: Iterable[ClientUpdate],
     return rejected
 
 
-def round_metrics(server_round: int, aggregation: StreamingAggregation, failures: Sequence[Failure],
-                  rejected: dict[str, str]) -> dict:
+def round_metrics(
+    server_round: int, aggregation: StreamingAggregation, failures: Sequence[Failure], rejected: dict[str, str]
+) -> dict:
     """The metrics every strategy reports for a round."""
     return {
         "round": server_round,
@@ -279,8 +301,9 @@ class SinglePassStrategy(Strategy):
     """A strategy that is a weighted per-row average: subclasses define ``row_weights`` only."""
 
     @abstractmethod
-    def row_weights(self, update: ClientUpdate, name: str, meta: TensorMeta,
-                    num_experts: tuple[int, ...]) -> np.ndarray | float:
+    def row_weights(
+        self, update: ClientUpdate, name: str, meta: TensorMeta, num_experts: tuple[int, ...]
+    ) -> np.ndarray | float:
         """Weight of each expert row of ``update.tensors[name]`` (``(len(update.rows(meta)),)``), or a scalar for
         OTHER.
 
@@ -291,9 +314,9 @@ class SinglePassStrategy(Strategy):
         """A fresh streaming aggregation for one round (``accumulate`` / ``finish``)."""
         return StreamingAggregation(global_params, self.row_weights)
 
-    def aggregate_fit(self, server_round: int, results: Results, failures: Sequence[Failure],
-                      global_params: Params) -> tuple[Params, dict]:
+    def aggregate_fit(
+        self, server_round: int, results: Results, failures: Sequence[Failure], global_params: Params
+    ) -> tuple[Params, dict]:
         aggregation = self.aggregation(global_params)
         rejected = feed(aggregation, open_results(results))
         return aggregation.finish(), round_metrics(server_round, aggregation, failures, rejected)
-

@@ -31,13 +31,20 @@ pass-2 sums, the output).
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
 from coordinator.strategy.aggregate import cosine_similarity, expert_rows, kl_divergence
-from coordinator.strategy.base import (Strategy, StreamingAggregation, feed, open_results, require_reopenable,
-                                       round_metrics, split_state)
+from coordinator.strategy.base import (
+    Strategy,
+    StreamingAggregation,
+    feed,
+    open_results,
+    require_reopenable,
+    round_metrics,
+    split_state,
+)
 from coordinator.strategy.types import ClientUpdate, Failure, Params, Results, StrategyState, TensorMeta, TensorRole
 from coordinator.strategy.validate import validate_update
 from device_runtime.errors import ConfigError, UpdateRejected
@@ -51,8 +58,13 @@ class FedAlign(Strategy):
 
     name = "fedalign"
 
-    def __init__(self, router_weighting: str = "usage", threshold: float = 0.0, routing_reg_coef: float = 0.01,
-                 num_experts: Sequence[int] | None = None):
+    def __init__(
+        self,
+        router_weighting: str = "usage",
+        threshold: float = 0.0,
+        routing_reg_coef: float = 0.01,
+        num_experts: Sequence[int] | None = None,
+    ):
         """Args:
             router_weighting: ``"usage"`` or ``"kl"`` (see the module docstring).
             threshold: cosine similarity an update direction needs to count as aligned, in [-1, 1].
@@ -64,17 +76,20 @@ class FedAlign(Strategy):
         if router_weighting not in ROUTER_WEIGHTINGS:
             raise ConfigError(f"router_weighting must be one of {ROUTER_WEIGHTINGS}, got {router_weighting!r}")
         if not -1.0 <= threshold <= 1.0 or not routing_reg_coef >= 0.0:
-            raise ConfigError(f"need -1 <= threshold <= 1 and routing_reg_coef >= 0; got {threshold}, "
-                              f"{routing_reg_coef}")
+            raise ConfigError(
+                f"need -1 <= threshold <= 1 and routing_reg_coef >= 0; got {threshold}, {routing_reg_coef}"
+            )
         self.router_weighting, self.threshold = router_weighting, float(threshold)
         self.routing_reg_coef = float(routing_reg_coef)
         self.prior: dict[int, np.ndarray] = {
-            layer: np.full(count, 1.0 / count) for layer, count in enumerate(num_experts or ())}
+            layer: np.full(count, 1.0 / count) for layer, count in enumerate(num_experts or ())
+        }
 
     def fit_config(self, server_round: int) -> FitConfig:
         prior = tuple(tuple(float(p) for p in self.prior[layer]) for layer in sorted(self.prior)) or None
-        return dataclasses.replace(super().fit_config(server_round), routing_reg_coef=self.routing_reg_coef,
-                                   routing_prior=prior)
+        return dataclasses.replace(
+            super().fit_config(server_round), routing_reg_coef=self.routing_reg_coef, routing_prior=prior
+        )
 
     def state_dict(self) -> StrategyState:
         """The routing prior: ``prior/<layer>`` (float64, a probability per global expert of the MoE layer)."""
@@ -86,8 +101,9 @@ class FedAlign(Strategy):
             raise ConfigError(f"the {self.name} prior is per MoE layer number, got {sorted(prior)[:3]}")
         self.prior = {int(layer): np.asarray(p, np.float64) for layer, p in prior.items()}
 
-    def aggregate_fit(self, server_round: int, results: Results, failures: Sequence[Failure],
-                      global_params: Params) -> tuple[Params, dict]:
+    def aggregate_fit(
+        self, server_round: int, results: Results, failures: Sequence[Failure], global_params: Params
+    ) -> tuple[Params, dict]:
         require_reopenable(results)
         usage = _UsageAccumulator()
         first = StreamingAggregation(global_params, self._first_pass_weights)
@@ -105,8 +121,9 @@ class FedAlign(Strategy):
         metrics.update(aligned.metrics(first))
         return new_params, metrics
 
-    def _first_pass_weights(self, update: ClientUpdate, name: str, meta: TensorMeta,
-                            num_experts: tuple[int, ...]) -> np.ndarray | float:
+    def _first_pass_weights(
+        self, update: ClientUpdate, name: str, meta: TensorMeta, num_experts: tuple[int, ...]
+    ) -> np.ndarray | float:
         n = float(update.num_examples)
         if meta.role is TensorRole.OTHER:
             return n
@@ -138,8 +155,10 @@ def alignment_cosines(update: ClientUpdate, direction: Params, global_params: Pa
         if meta.role is not TensorRole.EXPERT or name not in direction:
             continue
         ids = list(update.expert_ids[meta.layer])
-        delta = expert_rows(tensor, meta.expert_axis).astype(np.float64) \
+        delta = (
+            expert_rows(tensor, meta.expert_axis).astype(np.float64)
             - expert_rows(global_params[name], meta.expert_axis)[ids]
+        )
         delta = delta.reshape(len(ids), -1)
         mean = expert_rows(direction[name], meta.expert_axis)[ids].reshape(len(ids), -1)
         part = np.stack([np.sum(delta * mean, 1), np.sum(delta * delta, 1), np.sum(mean * mean, 1)])
@@ -179,8 +198,10 @@ class _AlignedPass:
             totals = self.aggregation.accumulator.totals(name)
             held = first.accumulator.totals(name) > 0
             fallback += int(np.sum(held & ~(totals > 0))) if totals is not None else int(held.sum())
-        return {"aligned_fraction": self.aligned_pairs / self.pairs if self.pairs else 0.0,
-                "fallback_experts": fallback}
+        return {
+            "aligned_fraction": self.aligned_pairs / self.pairs if self.pairs else 0.0,
+            "fallback_experts": fallback,
+        }
 
 
 class _UsageAccumulator:

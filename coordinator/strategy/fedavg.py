@@ -19,8 +19,9 @@ class FedAvg(SinglePassStrategy):
 
     name = "fedavg"
 
-    def row_weights(self, update: ClientUpdate, name: str, meta: TensorMeta,
-                    num_experts: tuple[int, ...]) -> np.ndarray | float:
+    def row_weights(
+        self, update: ClientUpdate, name: str, meta: TensorMeta, num_experts: tuple[int, ...]
+    ) -> np.ndarray | float:
         if not meta.indexed:
             return float(update.num_examples)
         return np.full(len(update.rows(meta)), float(update.num_examples))

@@ -12,7 +12,7 @@ The moments are the strategy's state (``state_dict``): committed with each versi
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -45,8 +45,9 @@ class FedAdam(FedAvg):
         moments = split_state(self.name, state, ("m", "v"))
         self.m, self.v = moments["m"], moments["v"]
 
-    def aggregate_fit(self, server_round: int, results: Results, failures: Sequence[Failure],
-                      global_params: Params) -> tuple[Params, dict]:
+    def aggregate_fit(
+        self, server_round: int, results: Results, failures: Sequence[Failure], global_params: Params
+    ) -> tuple[Params, dict]:
         averaged, metrics = super().aggregate_fit(server_round, results, failures, global_params)
         out = dict(averaged)
         for name, x in global_params.items():

@@ -47,8 +47,9 @@ class HFedMoE(SinglePassStrategy):
             raise ConfigError(f"need 0 <= tau <= 1, 0 <= lam <= 1, beta >= 0; got tau={tau}, lam={lam}, beta={beta}")
         self.tau, self.lam, self.beta = float(tau), float(lam), float(beta)
 
-    def row_weights(self, update: ClientUpdate, name: str, meta: TensorMeta,
-                    num_experts: tuple[int, ...]) -> np.ndarray | float:
+    def row_weights(
+        self, update: ClientUpdate, name: str, meta: TensorMeta, num_experts: tuple[int, ...]
+    ) -> np.ndarray | float:
         if meta.role is TensorRole.OTHER:
             return float(update.num_examples)
         ids = update.rows(meta)
@@ -59,5 +60,5 @@ class HFedMoE(SinglePassStrategy):
             scores = stats.importance(self.lam)
             return np.full(len(ids), hfedmoe_alpha(stats.usage, scores, num_experts[meta.layer]))
         trained = update.trained_experts[meta.layer]
-        keep = (np.asarray(stats.usage)[:len(ids)] >= self.tau) & np.array([g in trained for g in ids])
+        keep = (np.asarray(stats.usage)[: len(ids)] >= self.tau) & np.array([g in trained for g in ids])
         return np.where(keep, float(update.num_examples), 0.0)

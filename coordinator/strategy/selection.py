@@ -68,10 +68,11 @@ def affordable_fit(context: FitContext, config: FitConfig, profile: Mapping) -> 
     budget, order = budget_of(profile), training_order(profile)
     shape = TrainingShape(config.batch_size, config.seq_len, context.trainable_mode, context.lora_rank, order=order)
     if context.frozen_dtype is not None and order == "first-order" and context.trainable_mode == "experts":
-        for merged in (False, True)[:1 + context.merged]:
+        for merged in (False, True)[: 1 + context.merged]:
             try:
-                kept = plan(context.model, replace(shape, frozen_dtype=context.frozen_dtype, merged=merged),
-                            budget).experts_per_layer
+                kept = plan(
+                    context.model, replace(shape, frozen_dtype=context.frozen_dtype, merged=merged), budget
+                ).experts_per_layer
             except BudgetError:
                 continue
             if kept == context.model.num_experts:
@@ -80,8 +81,9 @@ def affordable_fit(context: FitContext, config: FitConfig, profile: Mapping) -> 
     return plan(context.model, shape, budget).experts_per_layer, None, False
 
 
-def expert_scores(calibration: RoutingStats, reported: RoutingStats | None, *, lam: float,
-                  beta: float) -> list[np.ndarray]:
+def expert_scores(
+    calibration: RoutingStats, reported: RoutingStats | None, *, lam: float, beta: float
+) -> list[np.ndarray]:
     """I(e) per MoE layer over the global experts, each ``(num_experts,)`` (see the module docstring)."""
     scores = [layer.information_score(lam, beta) for layer in calibration.layers]
     if reported is None or reported.expert_ids is None or reported.num_tokens == 0:

@@ -23,8 +23,8 @@ A round starts with :class:`FitIns` (Flower's ``FitIns``): what one client train
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Mapping, Sequence, Union
 
 import numpy as np
 
@@ -122,7 +122,7 @@ StrategyState = dict[str, np.ndarray]
 Failure = tuple[str, str]
 """A client that did not return a usable update: ``(client_id, reason)``."""
 
-Results = Union[Sequence[ClientUpdate], Callable[[], Iterable[ClientUpdate]]]
+Results = Sequence[ClientUpdate] | Callable[[], Iterable[ClientUpdate]]
 """Client updates: a re-iterable sequence, or a zero-argument callable returning a fresh iterable (e.g.
 one that reads stored update files). A plain iterator is accepted only by single-pass strategies."""
 
@@ -194,5 +194,11 @@ class FitIns:
     def shape_key(self) -> ShapeKey:
         """The graph this client trains: experts per layer, trainable mode, a FedProx anchor if mu > 0, and the
         dtype of the experts it holds frozen."""
-        return ShapeKey(tuple(len(ids) for ids in self.expert_ids), self.trainable_mode, self.lora_rank,
-                        self.config.prox_mu > 0, self.frozen_dtype, self.merged)
+        return ShapeKey(
+            tuple(len(ids) for ids in self.expert_ids),
+            self.trainable_mode,
+            self.lora_rank,
+            self.config.prox_mu > 0,
+            self.frozen_dtype,
+            self.merged,
+        )

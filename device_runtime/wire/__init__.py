@@ -24,7 +24,7 @@ stable :data:`ERROR_CODES`, which a peer can send back in an :class:`Error` mess
 
 Conversation (the server and the client own the I/O and the ordering)::
 
-    enrol:   device -> Enrol(token, name, profile, public_key)      coordinator -> EnrolOk(device_id)
+    enroll:   device -> Enroll(token, name, profile, public_key)      coordinator -> EnrollOk(device_id)
     connect: device -> Hello(device_id, protocol_version, profile)  coordinator -> Challenge(nonce)
              device -> Auth(device_id, signature)                   coordinator -> AuthOk() | Error
     round:   coordinator -> Assignment(...)   [device -> BundleRequest  coordinator -> BundleData...]
@@ -41,15 +41,62 @@ their public names.
 
 from device_runtime.wire.fields import ERROR_CODES, MAX_HEADER_BYTES, PROTOCOL_VERSION, validate
 from device_runtime.wire.framing import decode, encode, expect
-from device_runtime.wire.messages import (MESSAGE_TYPES, Ack, Assignment, Auth, AuthOk, BundleData, BundleRequest,
-                                          Challenge, Enrol, EnrolOk, Error, Evaluate, EvaluateRes, FitConfig,
-                                          Heartbeat, Hello, Message, Update, ZoUpdate)
+from device_runtime.wire.messages import (
+    MESSAGE_TYPES,
+    Ack,
+    Assignment,
+    Auth,
+    AuthOk,
+    BundleData,
+    BundleRequest,
+    Challenge,
+    Enroll,
+    EnrollOk,
+    Error,
+    Evaluate,
+    EvaluateRes,
+    FitConfig,
+    Heartbeat,
+    Hello,
+    Message,
+    Update,
+    ZoUpdate,
+)
 from device_runtime.wire.tensors import MAX_TENSORS, WIRE_DTYPES, bytes_to_tensors, tensors_to_bytes, to_float32
 from device_runtime.wire.transfer import BundleAssembler, bundle_chunks
 
 __all__ = [
-    "ERROR_CODES", "MAX_HEADER_BYTES", "MAX_TENSORS", "MESSAGE_TYPES", "PROTOCOL_VERSION", "WIRE_DTYPES",
-    "Ack", "Assignment", "Auth", "AuthOk", "BundleAssembler", "BundleData", "BundleRequest", "Challenge", "Enrol",
-    "EnrolOk", "Error", "Evaluate", "EvaluateRes", "FitConfig", "Heartbeat", "Hello", "Message", "Update",
-    "ZoUpdate", "bundle_chunks", "bytes_to_tensors", "decode", "encode", "expect", "tensors_to_bytes", "to_float32", "validate",
+    "ERROR_CODES",
+    "MAX_HEADER_BYTES",
+    "MAX_TENSORS",
+    "MESSAGE_TYPES",
+    "PROTOCOL_VERSION",
+    "WIRE_DTYPES",
+    "Ack",
+    "Assignment",
+    "Auth",
+    "AuthOk",
+    "BundleAssembler",
+    "BundleData",
+    "BundleRequest",
+    "Challenge",
+    "Enroll",
+    "EnrollOk",
+    "Error",
+    "Evaluate",
+    "EvaluateRes",
+    "FitConfig",
+    "Heartbeat",
+    "Hello",
+    "Message",
+    "Update",
+    "ZoUpdate",
+    "bundle_chunks",
+    "bytes_to_tensors",
+    "decode",
+    "encode",
+    "expect",
+    "tensors_to_bytes",
+    "to_float32",
+    "validate",
 ]

@@ -18,7 +18,9 @@ import msgspec
 from device_runtime.errors import BundleError
 from device_runtime.units import MIB
 
-PROTOCOL_VERSION = 2  # 2: assignments carry the coordinator's signature (device_runtime.signing)
+# 2: assignments carry the coordinator's signature (device_runtime.signing)
+# 3: the messages "enroll" / "enroll_ok" (were "enrol" / "enrol_ok": one spelling of enroll)
+PROTOCOL_VERSION = 3
 MAX_HEADER_BYTES = MIB  # JSON header bound (bytes); weights travel in the payload
 MAX_EXPERT_ID = 1 << 20
 MAX_NUM_EXAMPLES = 1 << 30  # sequences a device may report per round (about 10**9: no device gets near)
@@ -36,7 +38,7 @@ ERROR_CODES = (
     "bad_tensor",  # tensor name, dtype, shape or offsets invalid, or not the expected set
     "bad_signature",  # an assignment or bundle is unsigned or its signature does not verify (device side)
     "unexpected",  # a valid message that is not allowed at this point of the conversation
-    "auth",  # enrolment or authentication failed (sent in Error messages)
+    "auth",  # enrollment or authentication failed (sent in Error messages)
     "internal",  # the peer failed while handling a valid message
 )
 
@@ -90,10 +92,15 @@ Metrics = Annotated[dict[Name, Float()], msgspec.Meta(max_length=1024)]
 def _json(depth: int, max_items: int) -> Any:
     """Free-form JSON nested at most ``depth`` containers deep, each of at most ``max_items`` entries."""
     scalar = (Text(10_000), Int(-(2**63), 2**63 - 1), Float(), bool, None)
-    value: Any = Union[scalar]
+    value: Any = Union[scalar]  # noqa: UP007 (a union built from a tuple: no `|` spelling)
     for _ in range(depth):
-        value = Union[(*scalar, Annotated[list[value], msgspec.Meta(max_length=max_items)],
-                       Annotated[dict[Text(200), value], msgspec.Meta(max_length=max_items)])]
+        value = Union[
+            (
+                *scalar,
+                Annotated[list[value], msgspec.Meta(max_length=max_items)],
+                Annotated[dict[Text(200), value], msgspec.Meta(max_length=max_items)],
+            )
+        ]
     return value
 
 

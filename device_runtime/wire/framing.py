@@ -51,7 +51,10 @@ def encode(msg: Message, *, sign: Callable[[bytes], bytes] | None = None) -> byt
 
 
 def decode(
-    data: bytes, *, max_size: int, expected_tensors: Mapping[str, tuple[int, ...]] | None = None,
+    data: bytes,
+    *,
+    max_size: int,
+    expected_tensors: Mapping[str, tuple[int, ...]] | None = None,
     verify: Callable[[bytes, bytes | None], None] | None = None,
 ) -> Message:
     """Parse and validate one frame.
@@ -132,8 +135,9 @@ def _parse_header(raw: bytes) -> dict:
     if not isinstance(version, int) or isinstance(version, bool):
         raise ProtocolError("bad_header", "header lacks an integer protocol version 'v'")
     if version != PROTOCOL_VERSION:
-        raise ProtocolError("version", f"peer speaks protocol v{version}, this side speaks v{PROTOCOL_VERSION}; "
-                                       "upgrade the older side")
+        raise ProtocolError(
+            "version", f"peer speaks protocol v{version}, this side speaks v{PROTOCOL_VERSION}; upgrade the older side"
+        )
     return header
 
 

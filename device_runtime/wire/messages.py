@@ -9,11 +9,32 @@ from typing import Annotated, ClassVar, Literal
 
 import msgspec
 
-from device_runtime.shape_key import ShapeKey
 from device_runtime.errors import ProtocolError
-from device_runtime.wire.fields import (MAX_LABELS, MAX_NUM_EXAMPLES, MAX_NUM_TOKENS, MAX_TEXT, MAX_ZO_SEEDS, Count, ExpertIds, Float, Id,
-                                        Int, JsonObject, Metrics, Profile, Raw, RelPath, Sha256, Text, Tuples,
-                                        WireDtype, payload_field, printable, validate)
+from device_runtime.shape_key import ShapeKey
+from device_runtime.wire.fields import (
+    MAX_LABELS,
+    MAX_NUM_EXAMPLES,
+    MAX_NUM_TOKENS,
+    MAX_TEXT,
+    MAX_ZO_SEEDS,
+    Count,
+    ExpertIds,
+    Float,
+    Id,
+    Int,
+    JsonObject,
+    Metrics,
+    Profile,
+    Raw,
+    RelPath,
+    Sha256,
+    Text,
+    Tuples,
+    WireDtype,
+    payload_field,
+    printable,
+    validate,
+)
 
 
 @dataclass(frozen=True)
@@ -81,11 +102,11 @@ class Message:
 
 
 @_message
-class Enrol(Message):
-    """Device -> coordinator, once: redeem a single-use enrolment token, register the device's Ed25519
+class Enroll(Message):
+    """Device -> coordinator, once: redeem a single-use enrollment token, register the device's Ed25519
     public key (raw 32 bytes; the private key never leaves the device, see ``device_runtime.auth``)."""
 
-    TYPE: ClassVar[str] = "enrol"
+    TYPE: ClassVar[str] = "enroll"
     token: Text(200)
     name: Id
     profile: Profile
@@ -93,10 +114,10 @@ class Enrol(Message):
 
 
 @_message
-class EnrolOk(Message):
+class EnrollOk(Message):
     """Coordinator -> device: the id under which the device is now registered."""
 
-    TYPE: ClassVar[str] = "enrol_ok"
+    TYPE: ClassVar[str] = "enroll_ok"
     device_id: Id
 
 
@@ -221,9 +242,12 @@ class ZoUpdate:
 
     def __post_init__(self):
         if not self.seeds or len(self.seeds) != len(self.scalars) or len(set(self.seeds)) != len(self.seeds):
-            raise ProtocolError("bad_header", f"zo update needs as many distinct seeds as scalars, got "
-                                              f"{len(self.seeds)} seeds ({len(set(self.seeds))} distinct), "
-                                              f"{len(self.scalars)} scalars")
+            raise ProtocolError(
+                "bad_header",
+                f"zo update needs as many distinct seeds as scalars, got "
+                f"{len(self.seeds)} seeds ({len(set(self.seeds))} distinct), "
+                f"{len(self.scalars)} scalars",
+            )
 
 
 @_message

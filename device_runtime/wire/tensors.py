@@ -53,9 +53,7 @@ def tensors_to_bytes(tensors: Mapping[str, np.ndarray], *, wire_dtype: str | Non
     return safetensors.numpy.save(out)
 
 
-def bytes_to_tensors(
-    data: bytes, *, expected: Mapping[str, tuple[int, ...]] | None = None
-) -> dict[str, np.ndarray]:
+def bytes_to_tensors(data: bytes, *, expected: Mapping[str, tuple[int, ...]] | None = None) -> dict[str, np.ndarray]:
     """Parse a safetensors blob after validating its header.
 
     Args:
@@ -95,8 +93,7 @@ def _safetensors_header(data: bytes) -> dict[str, tuple[str, tuple[int, ...]]]:
     except (msgspec.DecodeError, RecursionError) as exc:
         raise ProtocolError("bad_tensor", f"safetensors header is not JSON: {exc}") from exc
     if not isinstance(header, dict) or len(header) > MAX_TENSORS:
-        raise ProtocolError("bad_tensor", "safetensors header must be an object of at most "
-                                          f"{MAX_TENSORS} tensors")
+        raise ProtocolError("bad_tensor", f"safetensors header must be an object of at most {MAX_TENSORS} tensors")
     header.pop("__metadata__", None)
     data_len, spans, entries = len(data) - 8 - size, [], {}
     for name, info in header.items():

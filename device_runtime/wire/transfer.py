@@ -29,8 +29,15 @@ def bundle_chunks(shape_key_id: str, files: Mapping[str, bytes], *, chunk_bytes:
         offsets = range(0, max(len(blob), 1), chunk_bytes)
         for offset in offsets:
             last = index == len(names) - 1 and offset == offsets[-1]
-            yield BundleData(shape_key_id=shape_key_id, name=name, offset=offset, total_size=len(blob),
-                             sha256=digest, more=not last, data=blob[offset : offset + chunk_bytes])
+            yield BundleData(
+                shape_key_id=shape_key_id,
+                name=name,
+                offset=offset,
+                total_size=len(blob),
+                sha256=digest,
+                more=not last,
+                data=blob[offset : offset + chunk_bytes],
+            )
 
 
 class BundleAssembler:
@@ -90,9 +97,12 @@ class BundleAssembler:
             raise ProtocolError("bad_header", f"bundle file name {chunk.name!r} escapes the bundle")
         if chunk.offset == 0:
             self._open(chunk)
-        elif self._out is None or chunk.offset != self._written or \
-                (chunk.name, chunk.total_size, chunk.sha256) != \
-                (self._current.name, self._current.total_size, self._current.sha256):
+        elif (
+            self._out is None
+            or chunk.offset != self._written
+            or (chunk.name, chunk.total_size, chunk.sha256)
+            != (self._current.name, self._current.total_size, self._current.sha256)
+        ):
             raise ProtocolError("unexpected", f"chunk {chunk.name}@{chunk.offset} out of order")
         if self._written + len(chunk.data) > chunk.total_size:
             raise ProtocolError("bad_frame", f"{chunk.name}: chunks exceed its declared {chunk.total_size} bytes")

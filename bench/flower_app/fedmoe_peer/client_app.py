@@ -24,10 +24,22 @@ def train(msg: Message, context: Context) -> Message:
         for name, value in msg.content["arrays"].to_torch_state_dict().items():
             params[name].copy_(value)
     server_round = int(msg.content["config"]["server-round"])
-    examples, loss = fit(model, params, Path(str(context.node_config["data-file"])), checkpoint / "tokenizer.json",
-                         steps=int(cfg["local-steps"]), batch_size=int(cfg["batch-size"]), seq_len=int(cfg["seq-len"]),
-                         learning_rate=float(cfg["learning-rate"]), aux_loss_coef=float(cfg["aux-loss-coef"]),
-                         seed=int(cfg["seed"]) + server_round)
-    content = RecordDict({"arrays": ArrayRecord(OrderedDict((n, p.detach()) for n, p in params.items())),
-                          "metrics": MetricRecord({"num-examples": examples, "train-loss": loss})})
+    examples, loss = fit(
+        model,
+        params,
+        Path(str(context.node_config["data-file"])),
+        checkpoint / "tokenizer.json",
+        steps=int(cfg["local-steps"]),
+        batch_size=int(cfg["batch-size"]),
+        seq_len=int(cfg["seq-len"]),
+        learning_rate=float(cfg["learning-rate"]),
+        aux_loss_coef=float(cfg["aux-loss-coef"]),
+        seed=int(cfg["seed"]) + server_round,
+    )
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord(OrderedDict((n, p.detach()) for n, p in params.items())),
+            "metrics": MetricRecord({"num-examples": examples, "train-loss": loss}),
+        }
+    )
     return Message(content=content, reply_to=msg)

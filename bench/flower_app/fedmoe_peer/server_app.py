@@ -56,14 +56,23 @@ def main(grid: Grid, context: Context) -> None:
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         score = evaluator.score(as_global_state(kind, arrays.to_torch_state_dict(), num_experts))
-        row = {"round": server_round, "accuracy": score.accuracy, "loss": score.loss,
-               **strategy.rounds.get(server_round, {})}
+        row = {
+            "round": server_round,
+            "accuracy": score.accuracy,
+            "loss": score.loss,
+            **strategy.rounds.get(server_round, {}),
+        }
         with open(results, "a") as handle:
             handle.write(json.dumps(row) + "\n")
         return MetricRecord({"accuracy": score.accuracy, "loss": score.loss})
 
-    strategy.start(grid=grid, initial_arrays=initial, num_rounds=int(cfg["rounds"]),
-                   train_config=ConfigRecord({}), evaluate_fn=evaluate)
+    strategy.start(
+        grid=grid,
+        initial_arrays=initial,
+        num_rounds=int(cfg["rounds"]),
+        train_config=ConfigRecord({}),
+        evaluate_fn=evaluate,
+    )
 
 
 def evaluator_experts(checkpoint: Path) -> int:

@@ -32,15 +32,32 @@ def load_model(kind: str, moe_checkpoint: Path, num_layers: int):
     return model, OrderedDict(zip(names, trainable_only(model, names)))
 
 
-def fit(model, params: dict, data_file: Path, tokenizer: Path, *, steps: int, batch_size: int, seq_len: int,
-        learning_rate: float, aux_loss_coef: float, seed: int) -> tuple[int, float]:
+def fit(
+    model,
+    params: dict,
+    data_file: Path,
+    tokenizer: Path,
+    *,
+    steps: int,
+    batch_size: int,
+    seq_len: int,
+    learning_rate: float,
+    aux_loss_coef: float,
+    seed: int,
+) -> tuple[int, float]:
     """``steps`` fresh-AdamW steps on ``data_file``'s batches; returns (training records, mean loss)."""
     from device_runtime.data import LocalDataset
     from export.torch_train import fit_steps
 
     dataset = LocalDataset.from_jsonl(data_file, tokenizer, seq_len=seq_len, eval_fraction=0.0, seed=seed)
-    losses, _ = fit_steps(model, list(params.values()), dataset.train_batches(batch_size), steps=steps,
-                          learning_rate=learning_rate, aux_loss_coef=aux_loss_coef)
+    losses, _ = fit_steps(
+        model,
+        list(params.values()),
+        dataset.train_batches(batch_size),
+        steps=steps,
+        learning_rate=learning_rate,
+        aux_loss_coef=aux_loss_coef,
+    )
     return len(dataset.train), sum(losses) / max(1, len(losses))
 
 

@@ -5,7 +5,8 @@ from alembic import context
 
 from coordinator.registry.tables import Base
 
-context.configure(connection=context.config.attributes["connection"], target_metadata=Base.metadata,
-                  render_as_batch=True)
+context.configure(
+    connection=context.config.attributes["connection"], target_metadata=Base.metadata, render_as_batch=True
+)
 with context.begin_transaction():
     context.run_migrations()

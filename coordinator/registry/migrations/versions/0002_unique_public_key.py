@@ -4,6 +4,7 @@
 Revision ID: 0002
 Revises: 0001
 """
+
 import sqlalchemy as sa
 from alembic import op
 
@@ -18,8 +19,12 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    op.create_table("schema_version", sa.Column("id", sa.Integer(), nullable=False),
-                    sa.Column("version", sa.Integer(), nullable=False), sa.PrimaryKeyConstraint("id"))
+    op.create_table(
+        "schema_version",
+        sa.Column("id", sa.Integer(), nullable=False),
+        sa.Column("version", sa.Integer(), nullable=False),
+        sa.PrimaryKeyConstraint("id"),
+    )
     op.execute("INSERT INTO schema_version (id, version) VALUES (1, 1)")
     with op.batch_alter_table("devices") as batch_op:
         batch_op.drop_index("ix_devices_public_key")
