@@ -55,7 +55,6 @@ from device_runtime.wire import (
     Enroll,
     EnrollOk,
     Error,
-    EvaluateRes,
     Heartbeat,
     Hello,
     Message,
@@ -314,10 +313,6 @@ class Connection:
             if time.monotonic() - self.last_seen >= LAST_SEEN_EVERY_S:
                 self.coord.registry.touch_device(session.device_id)
                 self.last_seen = time.monotonic()
-        elif isinstance(msg, EvaluateRes):
-            self.coord.registry.log_device_result(
-                "eval_loss", msg.loss, round_id=msg.round_id, device_id=session.device_id
-            )
         elif isinstance(msg, Error):
             self.coord.device_error(session, msg)
         else:

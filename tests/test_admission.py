@@ -21,7 +21,7 @@ from coordinator.admission import MESSAGE_BURST
 from coordinator.config import save_config
 from coordinator.registry import Registry
 from device_runtime.bundle import Manifest
-from device_runtime.wire import AuthOk, BundleRequest, Error, EvaluateRes, Heartbeat
+from device_runtime.wire import AuthOk, BundleRequest, Error, Heartbeat
 
 pytest.importorskip("torch")
 from helpers import ServerThread, fake_update, initialised_coordinator, two_expert_memory  # noqa: E402
@@ -161,21 +161,6 @@ def test_the_message_rate_is_per_device_and_survives_a_reconnect(setup, caplog):
         # the server's log, not the close: that waits ~10 s behind the server's full receive queue
         wait_until(lambda: f"device {device_id} exceeded the message rate" in caplog.text, timeout=30)
         conn.socket.shutdown(socket.SHUT_RDWR)  # and no waiting for the close handshake either
-
-
-def test_unsolicited_evaluate_results_store_one_row_per_assigned_round(setup):
-    server, cfg, profile = setup
-    device_id, private, _ = enroll(server, cfg, "evaluator", profile)
-    with ws(server) as conn:
-        assignment = first_assignment(conn, device_id, private, profile)
-        for round_id in (assignment.round_id,) * 20 + (assignment.round_id + 1000,) * 20:
-            send(conn, EvaluateRes(round_id=round_id, num_examples=1, num_tokens=1, loss=1.0, metrics={}))
-        conn.ping().wait(10)
-        time.sleep(0.5)
-    registry = Registry(cfg.registry_url)
-    rows = [m for m in registry.metrics() if m.name == "eval_loss" and m.device_id == device_id]
-    registry.close()
-    assert [m.round_id for m in rows] == [assignment.round_id]
 
 
 def test_a_revoked_device_s_live_session_ends_and_its_update_is_refused(setup):
