@@ -26,6 +26,7 @@ from coordinator.config import FROZEN_EXPERTS, CoordinatorConfig, load_config, s
 from coordinator.registry import Registry
 from device_runtime.cli_errors import run_cli
 from device_runtime.errors import ConfigError
+from device_runtime.modes import TrainableMode
 
 console = Console(stderr=True)
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -138,7 +139,7 @@ def init(
         host=host,
         port=port,
         trainable_mode=trainable,
-        lora_rank=lora_rank if trainable == "lora" else 0,
+        lora_rank=lora_rank if trainable == TrainableMode.LORA else 0,
         frozen_experts=frozen_experts,
         eval_data=str(Path(eval_data).resolve()) if eval_data else "",
     )

@@ -61,6 +61,7 @@ from pathlib import Path
 import tomli_w
 
 from device_runtime.errors import ConfigError
+from device_runtime.modes import lora_rank_mismatch
 from device_runtime.shape_key import FROZEN_DTYPES, TRAINABLE_MODES
 from device_runtime.units import MIB
 from device_runtime.wire import FitConfig
@@ -194,7 +195,10 @@ def _check(cfg: CoordinatorConfig) -> None:
         ),
         (cfg.num_rounds < 0, "num_rounds must be >= 0 (0 = unbounded)"),
         (cfg.trainable_mode not in TRAINABLE_MODES, f"trainable_mode must be one of {TRAINABLE_MODES}"),
-        ((cfg.trainable_mode == "lora") != (cfg.lora_rank > 0), "lora_rank > 0 exactly when trainable_mode is lora"),
+        (
+            lora_rank_mismatch(cfg.trainable_mode, cfg.lora_rank) is not None,
+            "lora_rank > 0 exactly when trainable_mode is lora",
+        ),
         (cfg.frozen_experts not in FROZEN_EXPERTS, f"frozen_experts must be one of {FROZEN_EXPERTS}"),
         (not (cfg.update_norm_bound > 0 and math.isfinite(cfg.update_norm_bound)), "update_norm_bound must be > 0"),
         (bool(cfg.tls_cert) != bool(cfg.tls_key), "set both tls_cert and tls_key, or neither"),

@@ -14,17 +14,15 @@ from pathlib import Path
 
 import numpy as np
 
-from coordinator.strategy.types import ClientUpdate, TensorMeta, TensorRole
-from device_runtime.bundle import FROZEN, MANIFEST, Manifest, ShapeKey, load_bundle
+from coordinator.strategy.types import ClientUpdate, Params, TensorMeta, TensorRole
+from coordinator.strategy.validate import validate_update
+from device_runtime.bundle import FROZEN, MANIFEST, ROUTER_WEIGHT, Manifest, ShapeKey, load_bundle
 from device_runtime.errors import BundleError, ProtocolError, UpdateRejected
 from device_runtime.files import atomic_write
 from device_runtime.shape_key import standin_expert
 from device_runtime.signing import MANIFEST_SIG, Signer
 from device_runtime.stats import RoutingStats
 from device_runtime.wire import FitConfig
-
-ROUTER_SUFFIX = "mlp.gate.weight"
-
 
 # ---------------------------------------------------------------- bundle cache
 
@@ -141,62 +139,39 @@ def check_update(
     manifest: Manifest,
     expert_ids: tuple[tuple[int, ...], ...],
     *,
+    device_id: str,
     num_examples: int,
     tensors: Mapping[str, np.ndarray],
     trained_experts,
     routing: dict,
+    metrics: dict,
     norm_bound: float,
+    global_params: Params,
 ) -> dict[str, np.ndarray]:
-    """Validate an Update against its assignment's bundle manifest; returns the tensors as float32.
+    """Validate an Update against its assignment's bundle manifest and the global model; returns the tensors as
+    float32.
 
-    Checks: the exact trainable name set and shapes of the manifest, finite values, each tensor's L2 norm
-    <= ``norm_bound``, num_examples > 0, trained experts among the assigned ones, routing statistics of
-    the assigned shape.
+    The manifest fixes the exact trainable name set, and each tensor's L2 norm must be <= ``norm_bound``; the rest
+    (shapes, finite values, num_examples > 0, trained experts among the assigned ones, routing statistics of the
+    held experts) is the strategy layer's one validation, ``coordinator.strategy.validate.validate_update``, run
+    on the update as the strategy will read it (:func:`to_client_update`).
 
     Raises:
         UpdateRejected: naming the first problem.
     """
-    if num_examples <= 0:
-        raise UpdateRejected("num_examples must be > 0")
-    expected = {s.name: tuple(s.shape) for s in manifest.tensors if s.trainable}
-    if set(tensors) != set(expected):
+    expected = {s.name for s in manifest.tensors if s.trainable}
+    if set(tensors) != expected:
         raise UpdateRejected(
-            f"tensor set differs from the bundle: missing {sorted(set(expected) - set(tensors))[:3]}, "
-            f"unexpected {sorted(set(tensors) - set(expected))[:3]}"
+            f"tensor set differs from the bundle: missing {sorted(expected - set(tensors))[:3]}, "
+            f"unexpected {sorted(set(tensors) - expected)[:3]}"
         )
-    out = {}
-    for name, shape in expected.items():
-        array = np.asarray(tensors[name], dtype=np.float32)
-        if array.shape != shape:
-            raise UpdateRejected(f"tensor {name}: shape {array.shape} != {shape}")
-        if not np.all(np.isfinite(array)):
-            raise UpdateRejected(f"tensor {name} holds NaN or infinite values")
+    meta = update_meta(manifest, expert_ids, trained_experts, routing, metrics)
+    update = to_client_update(device_id, num_examples, meta, tensors)
+    validate_update(update, global_params)
+    for name, array in update.tensors.items():
         if float(np.linalg.norm(array)) > norm_bound:
             raise UpdateRejected(f"tensor {name}: L2 norm above the bound {norm_bound:g}")
-        out[name] = array
-    _check_trained(expert_ids, trained_experts)
-    _check_routing(manifest.held_ids(expert_ids), routing)
-    return out
-
-
-def _check_trained(expert_ids, trained_experts) -> None:
-    if len(trained_experts) != len(expert_ids):
-        raise UpdateRejected(f"trained_experts covers {len(trained_experts)} layers, the assignment {len(expert_ids)}")
-    for layer, (ids, trained) in enumerate(zip(expert_ids, trained_experts)):
-        if not set(trained) <= set(ids):
-            raise UpdateRejected(f"layer {layer}: trained experts {sorted(trained)} not among assigned {list(ids)}")
-
-
-def _check_routing(expert_ids, routing: dict) -> RoutingStats:
-    try:
-        stats = RoutingStats.from_dict(routing)
-    except ProtocolError as exc:
-        raise UpdateRejected(f"routing statistics: {exc}") from exc
-    if stats.experts_per_layer != tuple(map(len, expert_ids)) or (
-        stats.expert_ids is not None and stats.expert_ids != tuple(map(tuple, expert_ids))
-    ):
-        raise UpdateRejected("routing statistics do not describe the assigned experts")
-    return stats
+    return dict(update.tensors)
 
 
 # ---------------------------------------------------------------- stored update -> strategy input
@@ -219,25 +194,36 @@ def update_meta(manifest: Manifest, expert_ids, trained_experts, routing: dict, 
 
 
 def to_client_update(device_id: str, num_examples: int, meta: dict, tensors: Mapping[str, np.ndarray]) -> ClientUpdate:
-    """Rebuild a strategy ``ClientUpdate`` from a stored update (see :func:`update_meta`)."""
-    routing = tuple(RoutingStats.from_dict(meta["routing"]).layers)
+    """Rebuild a strategy ``ClientUpdate`` from an update and its :func:`update_meta`.
+
+    Raises:
+        UpdateRejected: the routing statistics are malformed or describe other experts than the held ones.
+    """
+    expert_ids = tuple(tuple(ids) for ids in meta["expert_ids"])
+    frozen_ids = tuple(tuple(ids) for ids in meta.get("frozen_ids") or [()] * len(expert_ids))
+    try:
+        stats = RoutingStats.from_dict(meta["routing"])
+    except ProtocolError as exc:
+        raise UpdateRejected(f"routing statistics: {exc}") from exc
+    held = tuple(ids + frozen for ids, frozen in zip(expert_ids, frozen_ids))
+    if stats.experts_per_layer != tuple(map(len, held)) or stats.expert_ids not in (None, held):
+        raise UpdateRejected("routing statistics do not describe the assigned experts")
     tensor_meta = {
         name: TensorMeta(
-            TensorRole.ROUTER if name.endswith(ROUTER_SUFFIX) else TensorRole.EXPERT,
+            TensorRole.ROUTER if name.endswith(ROUTER_WEIGHT) else TensorRole.EXPERT,
             layer=int(meta["layers"][name]),
             expert_axis=0,
         )
         for name in tensors
     }
-    expert_ids = tuple(tuple(ids) for ids in meta["expert_ids"])
     return ClientUpdate(
         client_id=device_id,
         num_examples=int(num_examples),
         tensors={n: np.asarray(t, dtype=np.float32) for n, t in tensors.items()},
         tensor_meta=tensor_meta,
         expert_ids=expert_ids,
-        frozen_ids=tuple(tuple(ids) for ids in meta.get("frozen_ids") or [()] * len(expert_ids)),
+        frozen_ids=frozen_ids,
         trained_experts=tuple(frozenset(t) for t in meta["trained_experts"]),
-        routing=routing,
+        routing=tuple(stats.layers),
         metrics=dict(meta.get("metrics", {})),
     )

@@ -589,11 +589,14 @@ class Coordinator:
         tensors = check_update(
             pending.manifest,
             pending.fit.expert_ids,
+            device_id=pending.device_id,
             num_examples=msg.num_examples,
             tensors=tensors,
             trained_experts=msg.trained_experts,
             routing=msg.routing,
+            metrics=msg.metrics,
             norm_bound=self.cfg.update_norm_bound,
+            global_params=self.model.params,
         )
         return await asyncio.to_thread(self.model.store.put, tensors)
 

@@ -30,6 +30,7 @@ from device_runtime.wire.fields import NAME
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+ROUTER_WEIGHT = "mlp.gate.weight"  # the name suffix of a MoE layer's router (num_experts, hidden)
 GRAPH_FILES = ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx", "checkpoint")
 WEIGHTS_FILE = "weights.safetensors"
 TOKENIZER_FILE = "tokenizer.json"

@@ -18,6 +18,7 @@ from device_runtime.bundle import (
     FROZEN,
     GRAPH_FILES,
     HELD,
+    ROUTER_WEIGHT,
     TOKENIZER_FILE,
     TRAINED,
     WEIGHTS_FILE,
@@ -29,7 +30,7 @@ from device_runtime.bundle import (
 from device_runtime.errors import BundleError
 from device_runtime.graph_io import FROZEN_INPUTS
 from device_runtime.wire import FitConfig
-from export.families import ROUTER, describe
+from export.families import describe
 from export.loading import cache_dir, checkpoint_sha256
 
 GRAPH_INFO = "graph.json"
@@ -199,7 +200,7 @@ def write_bundle(checkpoint: str | Path, out: str | Path, request: BundleRequest
             layer=l,
             expert_axis=0,
             trainable=True,
-            rows=HELD if n.endswith(ROUTER) else TRAINED,
+            rows=HELD if n.endswith(ROUTER_WEIGHT) else TRAINED,
         )
         for n, l in federated
     ) + _frozen_specs(wrapper, description, frozen)

@@ -37,6 +37,7 @@ from coordinator.strategy.types import ClientInfo, ClientUpdate, FitIns, Params
 from device_runtime.answer_prior import local_answer_shift
 from device_runtime.data import LocalDataset
 from device_runtime.fit_round import local_prior
+from device_runtime.modes import TrainableMode
 from device_runtime.shape_key import held_experts
 from device_runtime.stats import RoutingStats
 
@@ -62,7 +63,7 @@ class ReferenceDevice:
 def keeps_trainer(ins: FitIns, num_experts: int) -> bool:
     """Whether the system's device would keep its trainer (and AdamW's moments) for ``ins``: see the module
     docstring."""
-    return ins.trainable_mode == "lora" or all(len(ids) == num_experts for ids in ins.expert_ids)
+    return ins.trainable_mode == TrainableMode.LORA or all(len(ids) == num_experts for ids in ins.expert_ids)
 
 
 def fit_device(
