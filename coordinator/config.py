@@ -3,7 +3,7 @@
 Example (``fedmoe-coord init`` writes one)::
 
     checkpoint = "moe"                      # HF MoE checkpoint directory (the frozen model)
-    state_dir = "state"                     # tensor store, bundle cache, calibration statistics
+    state_dir = "state"                     # tensor store, bundle store, calibration statistics
     database_url = ""                       # "" = sqlite:///<state_dir>/registry.db
     host = "127.0.0.1"
     port = 8765

@@ -1,4 +1,4 @@
-"""What the coordinator does with a strategy's FitIns and a device's Update: the bundle cache (a graph per
+"""What the coordinator does with a strategy's FitIns and a device's Update: the bundle store (a graph per
 ShapeKey), slicing the global state for an assignment, validating an update against the bundle manifest, and
 turning a stored update back into a strategy ``ClientUpdate``. Which experts a device trains is the
 strategy's choice (``coordinator.strategy.selection``).
@@ -6,7 +6,9 @@ strategy's choice (``coordinator.strategy.selection``).
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import tempfile
 import threading
 from collections.abc import Mapping
@@ -14,9 +16,19 @@ from pathlib import Path
 
 import numpy as np
 
-from coordinator.strategy.types import ClientUpdate, Params, TensorMeta, TensorRole
+from coordinator.strategy.types import ClientUpdate, Params
 from coordinator.strategy.validate import validate_update
-from device_runtime.bundle import FROZEN, MANIFEST, ROUTER_WEIGHT, Manifest, ShapeKey, load_bundle
+from device_runtime.bundle import (
+    FORMAT_VERSION,
+    FROZEN,
+    MANIFEST,
+    Manifest,
+    ShapeKey,
+    TensorRole,
+    TensorSpec,
+    load_bundle,
+    tensor_role,
+)
 from device_runtime.errors import BundleError, ProtocolError, UpdateRejected
 from device_runtime.files import atomic_write
 from device_runtime.shape_key import standin_expert
@@ -24,10 +36,10 @@ from device_runtime.signing import MANIFEST_SIG, Signer
 from device_runtime.stats import RoutingStats
 from device_runtime.wire import FitConfig
 
-# ---------------------------------------------------------------- bundle cache
+# ---------------------------------------------------------------- bundle store
 
 
-class BundleCache:
+class BundleStore:
     """Bundle directories by shape key id under ``root`` (graph + tokenizer + placeholder weights); their
     manifests carry ``training`` (the federation's ``[fit]``) as the defaults of ``fedmoe-device train-local``.
 
@@ -45,10 +57,12 @@ class BundleCache:
         self._manifests: dict[str, Manifest] = {}
 
     def ensure(self, key: ShapeKey) -> Manifest:
-        """The manifest of ``key``'s bundle, writing the bundle first if it is not cached."""
+        """The manifest of ``key``'s bundle, writing the bundle first if it is not cached (or was written by a
+        fedmoe of another bundle format)."""
         with self._lock:
             if key.id not in self._manifests:
-                if not (self.root / key.id / MANIFEST).is_file():
+                if not _current_format(self.root / key.id):
+                    shutil.rmtree(self.root / key.id, ignore_errors=True)
                     self._write(key)
                 self._manifests[key.id] = self._load(self.root / key.id)
             return self._manifests[key.id]
@@ -105,6 +119,14 @@ class BundleCache:
 
 
 # ---------------------------------------------------------------- assignment tensors
+
+
+def _current_format(root: Path) -> bool:
+    """Whether ``root`` holds a bundle manifest of this fedmoe's ``FORMAT_VERSION``."""
+    try:
+        return json.loads((root / MANIFEST).read_text()).get("format_version") == FORMAT_VERSION
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def slice_assignment(
@@ -179,7 +201,7 @@ def check_update(
 
 def update_meta(manifest: Manifest, expert_ids, trained_experts, routing: dict, metrics: dict) -> dict:
     """The JSON a stored update needs to become a ClientUpdate again (registry ``updates.metadata``)."""
-    layers = {s.name: s.layer for s in manifest.tensors if s.trainable}
+    trainable = [s for s in manifest.tensors if s.trainable]
     held = manifest.held_ids(expert_ids)
     frozen = [list(h[len(ids) :]) for h, ids in zip(held, expert_ids)]
     return {
@@ -187,7 +209,8 @@ def update_meta(manifest: Manifest, expert_ids, trained_experts, routing: dict, 
         "trained_experts": [list(t) for t in trained_experts],
         "routing": routing,
         "metrics": metrics,
-        "layers": layers,
+        "layers": {s.name: s.layer for s in trainable},
+        "roles": {s.name: s.role.value for s in trainable},
         "shape_key": manifest.shape_key.id,
         "frozen_ids": frozen,
     }
@@ -208,13 +231,16 @@ def to_client_update(device_id: str, num_examples: int, meta: dict, tensors: Map
     held = tuple(ids + frozen for ids, frozen in zip(expert_ids, frozen_ids))
     if stats.experts_per_layer != tuple(map(len, held)) or stats.expert_ids not in (None, held):
         raise UpdateRejected("routing statistics do not describe the assigned experts")
+    roles = meta.get("roles") or {}  # absent in updates stored by fedmoe before bundle format 2
     tensor_meta = {
-        name: TensorMeta(
-            TensorRole.ROUTER if name.endswith(ROUTER_WEIGHT) else TensorRole.EXPERT,
+        name: TensorSpec(
+            name,
+            tuple(np.shape(tensor)),
             layer=int(meta["layers"][name]),
             expert_axis=0,
+            role=TensorRole(roles.get(name) or tensor_role(name)),
         )
-        for name in tensors
+        for name, tensor in tensors.items()
     }
     return ClientUpdate(
         client_id=device_id,

@@ -2,7 +2,7 @@
 assignments (a strategy's FitIns) sent to connected devices, recorded updates and new global versions.
 
 A :class:`Coordinator` is assembled from its parts (registry, global model and its tensor store, a bound
-strategy, bundle cache, round engine, evaluator); :meth:`Coordinator.from_config` builds them from a
+strategy, bundle store, round engine, evaluator); :meth:`Coordinator.from_config` builds them from a
 ``CoordinatorConfig``. :meth:`Coordinator.step` runs one tick of the round loop, :meth:`Coordinator.run_rounds`
 runs them until stopped. Networking stays in ``coordinator.server``: a :class:`Session` carries only an async
 ``send``.
@@ -21,7 +21,7 @@ from pathlib import Path
 from coordinator.config import MIB, CoordinatorConfig
 from coordinator.evaluation import Evaluator, background_executor
 from coordinator.federation import GlobalModel, aggregate_round, fit_context, tensor_store
-from coordinator.planning import BundleCache, check_update, slice_assignment, update_meta
+from coordinator.planning import BundleStore, check_update, slice_assignment, update_meta
 from coordinator.registry import Registry
 from coordinator.rounds import (
     Action,
@@ -91,12 +91,12 @@ class Pending:
 
 
 class Coordinator:
-    """Registry, global model, strategy, bundle cache, round engine, evaluator and the authenticated sessions.
+    """Registry, global model, strategy, bundle store, round engine, evaluator and the authenticated sessions.
 
     Args:
         cfg: the settings used here (``update_norm_bound``, ``keep_update_tensors``, ``max_message_bytes``).
         registry: the SQL registry. model: the global model over its tensor store. strategy: bound to the
-        federation (``Strategy.bind``). bundles: the bundle cache. engine: a fresh round engine (the registry's
+        federation (``Strategy.bind``). bundles: the bundle store. engine: a fresh round engine (the registry's
         rounds are resumed into it here). evaluator: scores each new version, or None. clock: seconds, monotonic.
         signer: signs assignments (and, in ``bundles``, manifests) with the CA key, or None (unsigned).
     Raises:
@@ -110,7 +110,7 @@ class Coordinator:
         registry: Registry,
         model: GlobalModel,
         strategy: Strategy,
-        bundles: BundleCache,
+        bundles: BundleStore,
         engine: RoundEngine,
         evaluator: Evaluator | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -143,7 +143,7 @@ class Coordinator:
             model = GlobalModel(registry, tensor_store(cfg))
             strategy = from_name(cfg.strategy, **cfg.strategy_params).bind(fit_context(cfg))
             model.restore(strategy)
-            bundles = BundleCache(Path(cfg.state_dir) / "bundles", cfg.checkpoint, cfg.fit, signer)
+            bundles = BundleStore(Path(cfg.state_dir) / "bundles", cfg.checkpoint, cfg.fit, signer)
             policy = RoundPolicy(
                 cfg.min_fit_clients,
                 cfg.max_fit_clients,
@@ -320,7 +320,9 @@ class Coordinator:
         server_round = self.engine.server_round
         self.engine.started(row.id, {}, self.clock())
         clients = [ClientInfo(d, s.profile, self.reported.get(d)) for d in devices if (s := self.sessions.get(d))]
-        fits = await asyncio.to_thread(self.strategy.configure_fit, server_round, self.model.params, clients)
+        fits = await asyncio.to_thread(
+            self.strategy.configure_fit, server_round, self.model.params, clients, self.model.strategy_state
+        )
         for client in clients:
             if client.client_id not in fits:
                 self.engine.participation.unplannable(

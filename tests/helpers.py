@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from coordinator.strategy import ClientUpdate, FitContext, LayerRouting, TensorMeta, TensorRole
+from coordinator.strategy import ClientUpdate, FitContext, LayerRouting, TensorRole, TensorSpec
 from device_runtime.stats import RoutingStats
 from device_runtime.wire import Assignment, Update
 
@@ -435,9 +435,9 @@ def stored_update_row(store, device_id, n, values, usage=(1.0, 1.0)):
     return SimpleNamespace(device_id=device_id, num_examples=n, meta=meta, tensor_sha256=store.put(tensors))
 
 
-EXPERT = TensorMeta(TensorRole.EXPERT, layer=0, expert_axis=0)
-ROUTER = TensorMeta(TensorRole.ROUTER, layer=0, expert_axis=0)
-OTHER = TensorMeta(TensorRole.OTHER)
+EXPERT = TensorSpec("experts.w", (), layer=0, expert_axis=0, role=TensorRole.EXPERT)
+ROUTER = TensorSpec("gate.weight", (), layer=0, expert_axis=0, role=TensorRole.ROUTER)
+OTHER = TensorSpec("attn.w", ())  # SHARED
 
 
 def tiny_global():

@@ -409,7 +409,7 @@ def fresh(request, tmp_path, monkeypatch):
 def _update_rows(cfg, round_id):
     from sqlalchemy import select
 
-    from coordinator.registry.tables import Update
+    from coordinator.registry.tables import UpdateRecord as Update
 
     registry = Registry(cfg.registry_url)
     try:

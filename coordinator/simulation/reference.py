@@ -107,7 +107,7 @@ def fit_device(
     )
     constants = dict(
         aux_loss_coef=cfg.aux_loss_coef,
-        routing_kl_coef=cfg.routing_reg_coef,
+        routing_reg_coef=cfg.routing_reg_coef,
         routing_priors=local_prior(cfg, describe(model).num_experts, held),
         prox_mu=cfg.prox_mu,
     )
@@ -287,13 +287,17 @@ def run_reference(
     )
     tokenizer = Path(fed.checkpoint) / "tokenizer.json"
     name, records = PREFIX + fed.strategy, []
+    state = strategy.initial_state()
     for server_round in range(1, fed.rounds + 1):
         torch.set_num_threads(threads)  # the evaluator sets its own count
         start = time.monotonic()
         if scores == "all":
             for device in devices:
-                device.routing = global_routing(model, params, strategy.fit_config(server_round), device, tokenizer)
-        plan = strategy.configure_fit(server_round, params, [ClientInfo(d.name, d.profile, d.routing) for d in devices])
+                device.routing = global_routing(
+                    model, params, strategy.fit_config(server_round, state), device, tokenizer
+                )
+        clients = [ClientInfo(d.name, d.profile, d.routing) for d in devices]
+        plan = strategy.configure_fit(server_round, params, clients, state)
         updates = []
         for device in sorted(devices, key=lambda d: d.name):
             if device.name in plan:
@@ -308,7 +312,7 @@ def run_reference(
                         carry_optimizer=keeps_trainer(ins, context.model.num_experts),
                     )
                 )
-        params, _ = strategy.aggregate_fit(server_round, updates, [], params)
+        params, _, state = strategy.aggregate_fit(server_round, updates, [], params, state)
         wall = time.monotonic() - start
         score = evaluator.score(params)
         rows = tuple(

@@ -1,4 +1,5 @@
-"""Sparsity-aware aggregation strategies (FedAvg, FedProx, FedMoE, HFedMoE, FedAlign-MoE), pure numpy.
+"""Aggregation strategies, pure numpy: sparsity-aware (FedAvg, FedProx, FedMoE, HFedMoE, FedAlign-MoE), server
+optimizers (FedAdam, FedYogi) and the dense FedAvg baseline (``dense-fedavg``): every one ``STRATEGIES`` registers.
 
 One module per algorithm; the math in ``aggregate.py``; how experts are picked in ``selection.py``; messages
 (ClientUpdate, FitIns ...) in ``types.py``; names -> classes in ``registry.py``.
@@ -6,9 +7,11 @@ One module per algorithm; the math in ``aggregate.py``; how experts are picked i
 
 from coordinator.strategy.aggregate import RowAccumulator, cosine_similarity, hfedmoe_alpha, kl_divergence
 from coordinator.strategy.base import SinglePassStrategy, Strategy, StreamingAggregation
+from coordinator.strategy.dense_fedavg import DenseFedAvg
 from coordinator.strategy.fedalign import FedAlign
 from coordinator.strategy.fedavg import FedAvg
 from coordinator.strategy.fedmoe import FedMoE
+from coordinator.strategy.fedopt import FedAdam, FedYogi
 from coordinator.strategy.fedprox import FedProx
 from coordinator.strategy.hfedmoe import HFedMoE
 from coordinator.strategy.registry import STRATEGIES, from_name
@@ -21,8 +24,8 @@ from coordinator.strategy.types import (
     LayerRouting,
     Params,
     Results,
-    TensorMeta,
     TensorRole,
+    TensorSpec,
 )
 from coordinator.strategy.validate import validate_update
 
@@ -30,11 +33,14 @@ __all__ = [
     "STRATEGIES",
     "ClientInfo",
     "ClientUpdate",
+    "DenseFedAvg",
     "Failure",
+    "FedAdam",
     "FedAlign",
     "FedAvg",
     "FedMoE",
     "FedProx",
+    "FedYogi",
     "FitContext",
     "FitIns",
     "HFedMoE",
@@ -45,7 +51,7 @@ __all__ = [
     "SinglePassStrategy",
     "Strategy",
     "StreamingAggregation",
-    "TensorMeta",
+    "TensorSpec",
     "TensorRole",
     "cosine_similarity",
     "from_name",
