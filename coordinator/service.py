@@ -29,7 +29,6 @@ from coordinator.rounds import (
     Finished,
     RetryRound,
     RoundEngine,
-    RoundPolicy,
     RunningRound,
     StartRound,
     Wait,
@@ -144,16 +143,7 @@ class Coordinator:
             strategy = from_name(cfg.strategy, **cfg.strategy_params).bind(fit_context(cfg))
             model.restore(strategy)
             bundles = BundleStore(Path(cfg.state_dir) / "bundles", cfg.checkpoint, cfg.fit, signer)
-            policy = RoundPolicy(
-                cfg.min_fit_clients,
-                cfg.max_fit_clients,
-                cfg.fraction_fit,
-                cfg.round_deadline_s,
-                cfg.max_round_attempts,
-                cfg.num_rounds,
-                cfg.retry_backoff_s,
-                cfg.max_retry_backoff_s,
-            )
+            policy = cfg.rounds
             return cls(
                 cfg,
                 registry=registry,
@@ -277,7 +267,7 @@ class Coordinator:
             log.info("rounds stopped: %s (num_rounds); still serving devices", reason)
 
     def _closed_failed(self, reason: str) -> None:
-        """Close the engine's round as failed; from ``max_round_attempts`` consecutive failures on, alert."""
+        """Close the engine's round as failed; from ``[rounds] max_attempts`` consecutive failures on, alert."""
         self.engine.closed(failed=True)
         if self.engine.backing_off:
             excluded = sorted(self.engine.participation.excluded(self.clock()))

@@ -41,8 +41,8 @@ def setup(tmp_path_factory):
         max_connections=6,
         max_unauthenticated_per_address=3,
         # test devices that never answer their assignment must not hold up the next
-        round_deadline_s=5,
-        max_round_attempts=1_000_000,
+        deadline_s=5,
+        max_attempts=1_000_000,
     )
     server = ServerThread(cfg)
     yield server, cfg, {"memory_mib": two_expert_memory(root / "checkpoint")}

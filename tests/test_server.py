@@ -399,7 +399,7 @@ def fresh(request, tmp_path, monkeypatch):
     an indirect parameter ``{field: value}`` overrides config fields) and an empty export cache (the first
     round's bundle export takes seconds)."""
     monkeypatch.setenv("FEDMOE_CACHE", str(tmp_path / "cache"))
-    overrides = {"max_message_mib": MAX_MIB, "max_round_attempts": 2, **getattr(request, "param", {})}
+    overrides = {"max_message_mib": MAX_MIB, "max_attempts": 2, **getattr(request, "param", {})}
     cfg = initialised_coordinator(tmp_path, tmp_path / "state", **overrides)
     srv = ServerThread(cfg)
     yield srv, cfg, two_expert_memory(tmp_path / "checkpoint")
@@ -442,7 +442,7 @@ def test_a_training_error_rejects_the_assignment_at_once_and_failed_rounds_back_
         sent = time.monotonic()
         send(conn, Error(code="internal", message=f"{first.update_id}: DataError: no usable records"))
         row = _wait_closed(cfg, first.round_id, timeout=20)
-        assert time.monotonic() - sent < 20 < cfg.round_deadline_s
+        assert time.monotonic() - sent < 20 < cfg.rounds.deadline_s
         assert row.status == "failed" and "0 of 1 required updates accepted (1 rejected" in row.metrics["reason"]
         [update] = _update_rows(cfg, first.round_id)
         assert (update.update_id, update.accepted, update.tensor_sha256) == (first.update_id, False, None)
@@ -460,8 +460,8 @@ def test_a_training_error_rejects_the_assignment_at_once_and_failed_rounds_back_
         send(conn, Error(code="bad_payload", message="bundle experts-2.2 rejected: sha256 differs"))
         assert _wait_closed(cfg, second.round_id, timeout=20).status == "failed"
 
-        # Two failed rounds = max_round_attempts: an alert, rounds back off; the device failed both assignments
-        # and is excluded for retry_backoff_s (10 s), and still served.
+        # Two failed rounds = [rounds] max_attempts: an alert, rounds back off; the device failed both assignments
+        # and is excluded for backoff_s (10 s), and still served.
         wait_for(lambda: "ALERT: 2 consecutive rounds failed" in caplog.text, timeout=20)
         assert (
             f"device {device_id} failed 2 assignments in a row (last: it reported bad_payload); not selected for"
@@ -474,7 +474,7 @@ def test_a_training_error_rejects_the_assignment_at_once_and_failed_rounds_back_
     test_healthz(server)
 
 
-@pytest.mark.parametrize("fresh", [{"max_round_attempts": 3, "retry_backoff_s": 1.0}], indirect=True)
+@pytest.mark.parametrize("fresh", [{"max_attempts": 3, "backoff_s": 1.0}], indirect=True)
 def test_a_device_that_takes_its_assignment_and_drops_cannot_halt_the_federation(fresh, caplog):
     """Issue 19, item 2: the only selectable device (min_fit_clients = 1) logs in, takes its assignment and
     disconnects, three times. The old coordinator did not count the drops against the device and stopped all
