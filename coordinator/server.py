@@ -173,6 +173,8 @@ class Connection:
         return self.machine.on_message(msg, time.monotonic())
 
     async def run(self) -> None:
+        """Serve the connection: the handshake within ``login_timeout_s`` (seconds), then the device's session
+        until the connection closes."""
         try:
             try:
                 async with asyncio.timeout(self.coord.cfg.login_timeout_s):

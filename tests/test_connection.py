@@ -221,6 +221,15 @@ def test_at_most_16_messages_before_login(directory, nonces):
     assert conn.state is State.CLOSED
 
 
+def test_a_bad_frame_before_login_counts_against_the_budget(directory, nonces):
+    directory.tokens.update(f"t{i}" for i in range(MAX_PRE_LOGIN_MESSAGES))
+    conn = connection(directory, nonces)
+    conn.on_bad_frame(ProtocolError("bad_frame", "too short"))
+    for i in range(MAX_PRE_LOGIN_MESSAGES - 2):
+        assert conn.on_message(enroll_message(f"t{i}", f"p{i}"), T0) == [Send(EnrollOk(device_id=f"d-p{i}"))]
+    assert conn.on_message(enroll_message("t15", "last"), T0) == [Send(EnrollOk(device_id="d-last")), TOO_MANY]
+
+
 def test_a_hello_and_its_auth_count_as_one_message(directory, nonces, device):
     device_id, private = device
     directory.tokens.update(f"t{i}" for i in range(MAX_PRE_LOGIN_MESSAGES))
