@@ -194,6 +194,8 @@ class Challenged:
 
 
 class State(enum.Enum):
+    """Where a connection is in the protocol (the module docstring draws the transitions)."""
+
     OPEN = "open"  # before login: Enroll or Hello expected
     CHALLENGED = "challenged"  # a Challenge was sent: its Auth expected
     LOGGED_IN = "logged_in"
