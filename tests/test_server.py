@@ -1,5 +1,7 @@
 """The coordinator's websocket server, for real: a server on port 0 in a background thread, real
-websocket clients speaking the protocol, a tiny random Mixtral checkpoint, a real bundle export."""
+websocket clients speaking the protocol, a tiny random Mixtral checkpoint, a real bundle export. The protocol
+decisions of a connection (enrollment, authentication, rate, revocation, dispatch) are tested without a server in
+``test_connection.py``; these tests check that the server carries them out."""
 
 from __future__ import annotations
 
@@ -111,38 +113,6 @@ def first_assignment(conn, device_id, private, profile) -> Assignment:
 def test_healthz(server):
     with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/healthz", timeout=10) as response:
         assert response.status == 200 and response.read() == b"ok\n"
-
-
-def test_enroll_token_is_single_use(server, initialised):
-    cfg = initialised[0]
-    device_id, _, token = enroll(server, cfg, "phone-a", {"memory_mib": 10})
-    assert device_id.startswith("d-")
-    with ws(server) as conn:
-        send(conn, Enroll(token=token, name="thief", profile={}, public_key=generate_keypair()[1]))
-        reply = recv(conn)
-        assert isinstance(reply, Error) and reply.code == "auth" and "already used" in reply.message
-        with pytest.raises(ConnectionClosed):
-            conn.recv(timeout=10)
-
-
-def test_wrong_signature_is_refused_and_a_nonce_works_once(server, initialised):
-    cfg = initialised[0]
-    device_id, private, _ = enroll(server, cfg, "phone-b", {"memory_mib": 10})
-    other_private, _ = generate_keypair()
-    with ws(server) as conn:
-        reply = login(conn, device_id, other_private, {"memory_mib": 10})
-        assert isinstance(reply, Error) and reply.code == "auth"
-    with ws(server) as conn:  # replaying an old (nonce, signature) pair fails: each nonce is single use
-        send(conn, Hello(device_id=device_id, protocol_version=PROTOCOL_VERSION, profile={}))
-        stale = recv(conn)
-        send(conn, Auth(device_id=device_id, signature=sign_challenge(private, stale.nonce, device_id)))
-        assert isinstance(recv(conn), AuthOk)
-    with ws(server) as conn:
-        send(conn, Hello(device_id=device_id, protocol_version=PROTOCOL_VERSION, profile={}))
-        recv(conn)  # a fresh challenge; answer with the old nonce's signature
-        send(conn, Auth(device_id=device_id, signature=sign_challenge(private, stale.nonce, device_id)))
-        reply = recv(conn)
-        assert isinstance(reply, Error) and reply.code == "auth"
 
 
 def test_revoked_device_cannot_authenticate(server, initialised):
