@@ -194,7 +194,7 @@ def child(manifest_path: Path, kind: str, clients: int) -> dict:
     elif kind == "numpy":
         out = numpy_weighted_sum(store, rows, global_params)
     else:
-        out, metrics = from_name(kind).aggregate_fit(1, stored_updates(store, rows), [], global_params)
+        out, metrics, _ = from_name(kind).aggregate_fit(1, stored_updates(store, rows), [], global_params)
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     return {
         "kind": kind,

@@ -301,13 +301,13 @@ def round_rows(cfg: CoordinatorConfig) -> list[dict]:
 
 
 async def wait_rounds(cfg: CoordinatorConfig, rounds: int, timeout_s: float) -> None:
-    """Until ``rounds`` rounds finished, ``max_round_attempts`` failed, or ``timeout_s`` passed."""
+    """Until ``rounds`` rounds finished, ``[rounds] max_attempts`` failed, or ``timeout_s`` passed."""
     start = time.perf_counter()
     while time.perf_counter() - start < timeout_s:
         rows = await asyncio.to_thread(round_rows, cfg)
         finished = sum(r["status"] == "finished" for r in rows)
         failed = sum(r["status"] == "failed" for r in rows)
-        if finished >= rounds or failed >= cfg.max_round_attempts:
+        if finished >= rounds or failed >= cfg.rounds.max_attempts:
             return
         await asyncio.sleep(1.0)
 
@@ -492,7 +492,7 @@ def main() -> int:
         min_fit_clients=opts.idle + 1,
         max_fit_clients=opts.idle + 1,
         heartbeat_s=opts.heartbeat_s,
-        round_deadline_s=opts.round_timeout,
+        deadline_s=opts.round_timeout,
         # every simulated device connects from 127.0.0.1, all at once
         max_unauthenticated_per_address=opts.idle + 1,
     )

@@ -104,8 +104,8 @@ def main() -> int:
         port=free_port(),
         min_fit_clients=2,
         max_fit_clients=3,
-        round_deadline_s=60,
-        max_round_attempts=1000,
+        deadline_s=60,
+        max_attempts=1000,
     )
     cfg = with_new_authority(cfg)
     config = work / "coord.toml"

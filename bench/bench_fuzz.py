@@ -313,9 +313,9 @@ def main() -> int:
         opts.workdir / "state",
         port=free_port(),
         max_message_mib=16,
-        round_deadline_s=3600,
+        deadline_s=3600,
         max_unauthenticated_per_address=4 * opts.concurrency,
-        max_round_attempts=1_000_000,
+        max_attempts=1_000_000,
     )  # the fuzzer's empty profile fails every round
     save_config(cfg, opts.workdir / "coord.toml")
     child = start_coordinator(opts.workdir / "coord.toml", opts.workdir / "coordinator.log")

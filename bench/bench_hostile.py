@@ -240,9 +240,9 @@ def main() -> int:
             opts.workdir / "state",
             port=free_port(),
             max_message_mib=16,
-            round_deadline_s=120,
+            deadline_s=120,
             max_connections=opts.max_connections,
-            max_round_attempts=1_000_000,
+            max_attempts=1_000_000,
         )
     )
     save_config(cfg, opts.workdir / "coord.toml")

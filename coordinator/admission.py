@@ -24,7 +24,7 @@ Limits (see ``CoordinatorConfig``; measured failures of the unlimited server in 
 
 The TLS handshake deadline is applied by ``coordinator.accept``; the login deadline, the small pre-login frame
 limit and websockets' ``max_queue`` by ``coordinator.server``, which uses :class:`AdmittedConnection` for
-every connection.
+every connection; the enrollment and message rate checks by ``coordinator.connection`` (its ``Limits`` port).
 """
 
 from __future__ import annotations

@@ -24,8 +24,10 @@ from rich.table import Table
 
 from coordinator.config import FROZEN_EXPERTS, CoordinatorConfig, load_config, save_config
 from coordinator.registry import Registry
+from coordinator.rounds import RoundPolicy
 from device_runtime.cli_errors import run_cli
 from device_runtime.errors import ConfigError
+from device_runtime.modes import TrainableMode
 
 console = Console(stderr=True)
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -131,14 +133,16 @@ def init(
         checkpoint=str(Path(checkpoint).resolve()),
         state_dir=str(Path(state_dir).resolve()),
         strategy=strategy,
-        min_fit_clients=min_fit_clients,
-        max_fit_clients=max_fit_clients,
-        num_rounds=num_rounds,
-        round_deadline_s=parse_duration(round_deadline),
+        rounds=RoundPolicy(
+            min_fit_clients=min_fit_clients,
+            max_fit_clients=max_fit_clients,
+            num_rounds=num_rounds,
+            deadline_s=parse_duration(round_deadline),
+        ),
         host=host,
         port=port,
         trainable_mode=trainable,
-        lora_rank=lora_rank if trainable == "lora" else 0,
+        lora_rank=lora_rank if trainable == TrainableMode.LORA else 0,
         frozen_experts=frozen_experts,
         eval_data=str(Path(eval_data).resolve()) if eval_data else "",
     )
@@ -351,13 +355,14 @@ def _last_central_evaluation(registry: Registry, rounds: list) -> str:
 
 
 def _progress(cfg: CoordinatorConfig, rounds: list, finished: int) -> str:
-    """Finished rounds of ``num_rounds`` (``rounds``: newest first), and an alert once ``max_round_attempts``
+    """Finished rounds of ``num_rounds`` (``rounds``: newest first), and an alert once ``[rounds] max_attempts``
     or more consecutive rounds failed (the coordinator then backs off)."""
-    goal = f"{finished} of {cfg.num_rounds} finished" if cfg.num_rounds else f"{finished} finished"
-    if cfg.num_rounds and finished >= cfg.num_rounds:
+    num_rounds = cfg.rounds.num_rounds
+    goal = f"{finished} of {num_rounds} finished" if num_rounds else f"{finished} finished"
+    if num_rounds and finished >= num_rounds:
         return f"{goal}: done"
     failed = next((i for i, r in enumerate(rounds) if r.status != "failed"), len(rounds))
-    if failed >= cfg.max_round_attempts:
+    if failed >= cfg.rounds.max_attempts:
         return (
             f"{goal}; ALERT: {failed} consecutive rounds failed (last: {rounds[0].metrics.get('reason', '?')}); "
             "rounds back off and resume when eligible devices connect (`fedmoe-coord devices`)"

@@ -3,7 +3,7 @@
 Example (``fedmoe-coord init`` writes one)::
 
     checkpoint = "moe"                      # HF MoE checkpoint directory (the frozen model)
-    state_dir = "state"                     # tensor store, bundle cache, calibration statistics
+    state_dir = "state"                     # tensor store, bundle store, calibration statistics
     database_url = ""                       # "" = sqlite:///<state_dir>/registry.db
     host = "127.0.0.1"
     port = 8765
@@ -14,14 +14,6 @@ Example (``fedmoe-coord init`` writes one)::
     handshake_timeout_s = 10                # seconds from TCP accept to a completed TLS handshake
     certified_share = 0.25                  # share of max_connections only client-certified peers may use
     strategy = "hfedmoe"
-    min_fit_clients = 2
-    max_fit_clients = 10
-    fraction_fit = 1.0
-    round_deadline_s = 600
-    max_round_attempts = 3                  # consecutive failed rounds before rounds back off (and an alert)
-    retry_backoff_s = 10                    # first back-off of rounds, and exclusion of a failing device
-    max_retry_backoff_s = 600               # (both double per failure up to this)
-    num_rounds = 0                          # 0: keep running rounds
     trainable_mode = "experts"              # or "lora" (with lora_rank > 0)
     lora_rank = 0
     frozen_experts = "float16"              # experts a device does not train: resident, frozen ("pruned": dropped)
@@ -38,6 +30,16 @@ Example (``fedmoe-coord init`` writes one)::
 
     [strategy_params]
     tau = 0.01
+
+    [rounds]                                # coordinator.rounds.RoundPolicy fields
+    min_fit_clients = 2
+    max_fit_clients = 10
+    fraction_fit = 1.0
+    deadline_s = 600                        # seconds a round collects updates
+    max_attempts = 3                        # consecutive failed rounds before rounds back off (and an alert)
+    backoff_s = 10                          # first back-off of rounds, and exclusion of a failing device
+    max_backoff_s = 600                     # (both double per failure up to this)
+    num_rounds = 0                          # 0: keep running rounds
 
     [fit]                                   # device_runtime.wire.FitConfig fields
     batch_size = 8
@@ -62,7 +64,9 @@ from pathlib import Path
 
 import tomli_w
 
+from coordinator.rounds import RoundPolicy
 from device_runtime.errors import ConfigError
+from device_runtime.modes import lora_rank_mismatch
 from device_runtime.shape_key import FROZEN_DTYPES, TRAINABLE_MODES
 from device_runtime.units import MIB
 from device_runtime.wire import FitConfig
@@ -71,6 +75,17 @@ PRUNED = "pruned"
 DEFAULT_EVAL_FRACTION = 0.1  # [fit] eval_fraction when the config does not set it (FitConfig's own default is 0)
 FROZEN_EXPERTS = (*FROZEN_DTYPES, PRUNED)
 
+# top-level keys of configs written before the [rounds] table -> their name there
+MOVED_TO_ROUNDS = {
+    "min_fit_clients": "min_fit_clients",
+    "max_fit_clients": "max_fit_clients",
+    "fraction_fit": "fraction_fit",
+    "round_deadline_s": "deadline_s",
+    "max_round_attempts": "max_attempts",
+    "retry_backoff_s": "backoff_s",
+    "max_retry_backoff_s": "max_backoff_s",
+    "num_rounds": "num_rounds",
+}
 _PATHS = ("checkpoint", "state_dir", "tls_cert", "tls_key", "tls_ca_cert", "tls_ca_key", "eval_data")
 
 
@@ -87,12 +102,9 @@ class CoordinatorConfig:
             certified_share is the fraction of max_connections kept for peers that present a client
             certificate of this CA, with mutual TLS only).
         strategy, strategy_params: aggregation strategy name and keyword arguments.
-        min_fit_clients, max_fit_clients, fraction_fit: client selection per round.
-        round_deadline_s: seconds a round waits for updates. max_round_attempts: consecutive failed rounds
-            before rounds back off and the coordinator alerts. retry_backoff_s, max_retry_backoff_s: first and
-            longest back-off (seconds) of rounds after that, and of the exclusion of a device that keeps failing
-            its assignments (``coordinator.participation``).
-        num_rounds: rounds to run (0: unbounded). trainable_mode, lora_rank: what devices train.
+        rounds: how rounds run, the ``[rounds]`` table (``coordinator.rounds.RoundPolicy``: client selection,
+            deadline, back-off of failed rounds and failing devices, rounds to run); a dict of its fields is
+            accepted. trainable_mode, lora_rank: what devices train.
         frozen_experts: what a device holds of the experts it does not train: ``"float16"``, every one, frozen in
             float16, so its forward pass routes over the whole global model (HFedMoE's design; experts mode,
             first-order devices whose budget affords it, ``export.planner``); ``"pruned"``, none (the router
@@ -125,14 +137,7 @@ class CoordinatorConfig:
     certified_share: float = 0.25
     strategy: str = "hfedmoe"
     strategy_params: dict = field(default_factory=dict)
-    min_fit_clients: int = 2
-    max_fit_clients: int = 10
-    fraction_fit: float = 1.0
-    round_deadline_s: float = 600.0
-    max_round_attempts: int = 3
-    retry_backoff_s: float = 10.0
-    max_retry_backoff_s: float = 600.0
-    num_rounds: int = 0
+    rounds: RoundPolicy = field(default_factory=RoundPolicy)
     trainable_mode: str = "experts"
     lora_rank: int = 0
     frozen_experts: str = "float16"
@@ -151,6 +156,11 @@ class CoordinatorConfig:
     eval_label_field: str = "label"
 
     def __post_init__(self):
+        if isinstance(self.rounds, dict):
+            try:
+                object.__setattr__(self, "rounds", RoundPolicy(**self.rounds))
+            except TypeError as exc:
+                raise ConfigError(f"config [rounds]: {exc}") from exc
         if isinstance(self.fit, dict):
             try:
                 fit = {"eval_fraction": DEFAULT_EVAL_FRACTION, **self.fit}
@@ -185,22 +195,11 @@ def _check(cfg: CoordinatorConfig) -> None:
         (not cfg.checkpoint, "checkpoint must name the MoE checkpoint directory"),
         (not 0 <= cfg.port <= 65535, f"port {cfg.port} is not in [0, 65535]"),
         (not 0 < cfg.max_message_mib <= 4096, f"max_message_mib {cfg.max_message_mib} is not in (0, 4096]"),
-        (cfg.min_fit_clients < 1, f"min_fit_clients must be >= 1, got {cfg.min_fit_clients}"),
-        (
-            cfg.max_fit_clients < cfg.min_fit_clients,
-            f"max_fit_clients {cfg.max_fit_clients} < min_fit_clients {cfg.min_fit_clients}",
-        ),
-        (not 0 < cfg.fraction_fit <= 1, f"fraction_fit must be in (0, 1], got {cfg.fraction_fit}"),
-        (not cfg.round_deadline_s > 0, f"round_deadline_s must be > 0, got {cfg.round_deadline_s}"),
-        (cfg.max_round_attempts < 1, "max_round_attempts must be >= 1"),
-        (
-            not 0 < cfg.retry_backoff_s <= cfg.max_retry_backoff_s,
-            f"retry_backoff_s must be > 0 and <= max_retry_backoff_s, got {cfg.retry_backoff_s}, "
-            f"{cfg.max_retry_backoff_s}",
-        ),
-        (cfg.num_rounds < 0, "num_rounds must be >= 0 (0 = unbounded)"),
         (cfg.trainable_mode not in TRAINABLE_MODES, f"trainable_mode must be one of {TRAINABLE_MODES}"),
-        ((cfg.trainable_mode == "lora") != (cfg.lora_rank > 0), "lora_rank > 0 exactly when trainable_mode is lora"),
+        (
+            lora_rank_mismatch(cfg.trainable_mode, cfg.lora_rank) is not None,
+            "lora_rank > 0 exactly when trainable_mode is lora",
+        ),
         (cfg.frozen_experts not in FROZEN_EXPERTS, f"frozen_experts must be one of {FROZEN_EXPERTS}"),
         (not (cfg.update_norm_bound > 0 and math.isfinite(cfg.update_norm_bound)), "update_norm_bound must be > 0"),
         (bool(cfg.tls_cert) != bool(cfg.tls_key), "set both tls_cert and tls_key, or neither"),
@@ -248,6 +247,13 @@ def load_config(path: str | Path) -> CoordinatorConfig:
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"cannot read config {path}: {exc}; create one with `fedmoe-coord init`") from exc
     known = {f.name for f in dataclasses.fields(CoordinatorConfig)}
+    moved = sorted(set(data) & set(MOVED_TO_ROUNDS))
+    if moved:
+        raise ConfigError(
+            f"config {path}: {moved} moved to the [rounds] table: write "
+            + ", ".join(f"{MOVED_TO_ROUNDS[k]} = {data[k]!r}" for k in moved)
+            + " under [rounds]"
+        )
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"config {path}: unknown keys {unknown}")

@@ -5,7 +5,7 @@ State directory layout::
 
     <state_dir>/tensors/           content-addressed safetensors (global versions, their strategy states,
                                    device updates)
-    <state_dir>/bundles/<shape>/   bundle cache by shape key id
+    <state_dir>/bundles/<shape>/   bundle store by shape key id
     <state_dir>/calibration.json   RoutingStats.to_dict() of the calibration pass
     <state_dir>/registry.db        the SQL registry (unless database_url points elsewhere)
 """
@@ -24,7 +24,7 @@ from safetensors.numpy import load, load_file, save
 from coordinator.config import PRUNED, CoordinatorConfig
 from coordinator.planning import to_client_update
 from coordinator.registry import Registry
-from coordinator.registry.tables import ModelVersion, Update
+from coordinator.registry.tables import ModelVersion, UpdateRecord
 from coordinator.strategy.base import Strategy
 from coordinator.strategy.types import ClientEvaluation, ClientUpdate, FitContext, Params, StrategyState
 from coordinator.tensor_store import TensorStore
@@ -111,7 +111,8 @@ def _calibrate(checkpoint: str, texts: Sequence[str], seq_len: int) -> RoutingSt
 
 
 class GlobalModel:
-    """The latest global state in memory (name -> float32 array, expert axis 0) and its version."""
+    """The latest global state in memory (name -> float32 array, expert axis 0), its version, and the strategy
+    state committed with it (``strategy_state``: {} until :meth:`restore`)."""
 
     def __init__(self, registry: Registry, store: TensorStore):
         self.registry, self.store = registry, store
@@ -119,6 +120,7 @@ class GlobalModel:
         if latest is None:
             raise ConfigError("the registry holds no global model; run `fedmoe-coord init` first")
         self.version, self.params = latest.version, self._load(latest.tensor_sha256)
+        self.strategy_state: StrategyState = {}
 
     def _load(self, sha: str) -> Params:
         return {name: np.asarray(t, dtype=np.float32) for name, t in self.store.load(sha).items()}
@@ -143,17 +145,18 @@ class GlobalModel:
         sha = self.store.put({n: np.ascontiguousarray(a, dtype=np.float32) for n, a in params.items()})
         state_sha = self.store.put(save({k: np.ascontiguousarray(a) for k, a in state.items()}))
         row = self.registry.add_model_version(sha, round_id=round_id, metrics=metrics, strategy_state_sha256=state_sha)
-        self.version, self.params = row.version, params
+        self.version, self.params, self.strategy_state = row.version, params, state
         return row
 
     def restore(self, strategy: Strategy) -> None:
-        """Give ``strategy`` the state committed with the latest version, so that it goes on as if the coordinator
-        had not stopped; logged. A version of another strategy, or of a fedmoe before durable strategy state,
-        leaves ``strategy`` in its initial state (a warning).
+        """Set :attr:`strategy_state` to the state committed with the latest version, so that ``strategy`` goes on
+        as if the coordinator had not stopped; logged. A version of another strategy, or of a fedmoe before
+        durable strategy state, gives ``strategy.initial_state()`` (a warning).
 
         Raises:
             ConfigError: the stored state does not fit ``strategy``. ModelError: its file is missing or corrupted.
         """
+        self.strategy_state = strategy.initial_state()
         latest = self.registry.latest_model_version()
         if latest.round_id is None:
             return  # version 0: no round made it
@@ -168,12 +171,11 @@ class GlobalModel:
                 strategy.name,
             )
             return
-        state = load(self.store.get(latest.strategy_state_sha256))
-        strategy.load_state_dict(state)
+        state = self.strategy_state = strategy.check_state(load(self.store.get(latest.strategy_state_sha256)))
         log.info("restored the %s state of model version %d (%d arrays)", strategy.name, latest.version, len(state))
 
 
-def stored_updates(store: TensorStore, rows: Sequence[Update]) -> Callable[[], Iterator[ClientUpdate]]:
+def stored_updates(store: TensorStore, rows: Sequence[UpdateRecord]) -> Callable[[], Iterator[ClientUpdate]]:
     """A re-openable stream of ClientUpdates read one at a time from the tensor store (memory: one update)."""
 
     def open_stream() -> Iterator[ClientUpdate]:
@@ -187,7 +189,7 @@ def stored_updates(store: TensorStore, rows: Sequence[Update]) -> Callable[[], I
 def aggregate_round(
     model: GlobalModel,
     strategy: Strategy,
-    rows: Sequence[Update],
+    rows: Sequence[UpdateRecord],
     failures: Sequence[tuple[str, str]],
     *,
     server_round: int,
@@ -201,23 +203,19 @@ def aggregate_round(
     Args:
         server_round: the strategy's 1-based round number (rounds that produced a model, this one included).
         round_id: the registry's id of the round (the new version records it).
-    The strategy's state advances only with a committed version (``GlobalModel.commit``).
+    The round starts from ``model.strategy_state``; the state the strategy returns becomes it only with a committed
+    version (``GlobalModel.commit``).
 
     Raises:
         ModelError: a stored update file is missing or corrupted.
     """
     rows = sorted(rows, key=lambda r: r.device_id)
     results = stored_updates(model.store, rows)
-    before = strategy.state_dict()
-    try:
-        params, metrics = strategy.aggregate_fit(server_round, results, failures, model.params)
-        metrics = json.loads(json.dumps(metrics, default=float))  # JSON-safe (int keys -> strings)
-        metrics["train_loss"] = _mean_loss(rows)
-        metrics.update(federated_evaluation(strategy, server_round, rows, failures))
-        return model.commit(params, round_id, metrics, strategy.state_dict())
-    except BaseException:  # no version: the strategy's state goes back to the one of the latest version
-        strategy.load_state_dict(before)
-        raise
+    params, metrics, state = strategy.aggregate_fit(server_round, results, failures, model.params, model.strategy_state)
+    metrics = json.loads(json.dumps(metrics, default=float))  # JSON-safe (int keys -> strings)
+    metrics["train_loss"] = _mean_loss(rows)
+    metrics.update(federated_evaluation(strategy, server_round, rows, failures))
+    return model.commit(params, round_id, metrics, state)
 
 
 FED_EVAL = "fed_eval_"
@@ -225,7 +223,7 @@ FED_EVAL = "fed_eval_"
 the coordinator's own held-out score of the new version (``eval_loss``, ``eval_accuracy``)."""
 
 
-def client_evaluations(rows: Sequence[Update]) -> list[ClientEvaluation]:
+def client_evaluations(rows: Sequence[UpdateRecord]) -> list[ClientEvaluation]:
     """The devices' held-out scores in the accepted updates ``rows`` (``planning.check_evaluation`` wrote them in
     ``meta["evaluation"]``), each tagged with its assignment's shape key; rows without one are left out."""
     out = []
@@ -246,7 +244,7 @@ def client_evaluations(rows: Sequence[Update]) -> list[ClientEvaluation]:
 
 
 def federated_evaluation(
-    strategy: Strategy, server_round: int, rows: Sequence[Update], failures: Sequence[tuple[str, str]]
+    strategy: Strategy, server_round: int, rows: Sequence[UpdateRecord], failures: Sequence[tuple[str, str]]
 ) -> dict:
     """The round's federated evaluation as version metrics: the strategy's ``aggregate_evaluate`` of the devices'
     scores of the model the round STARTED from (the previous version), as ``fed_eval_loss`` (nats per completion
@@ -266,7 +264,7 @@ def federated_evaluation(
     return out
 
 
-def _mean_loss(rows: Sequence[Update]) -> float | None:
+def _mean_loss(rows: Sequence[UpdateRecord]) -> float | None:
     """num_examples-weighted mean of the devices' reported ``loss``."""
     pairs = [(r.num_examples, r.meta.get("metrics", {}).get("loss")) for r in rows]
     pairs = [(n, float(l)) for n, l in pairs if l is not None]

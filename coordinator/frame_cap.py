@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 
-from coordinator.planning import BundleCache
+from coordinator.planning import BundleStore
 from device_runtime.bundle import Manifest
 from device_runtime.errors import BundleError
 from device_runtime.wire import MAX_HEADER_BYTES
@@ -23,7 +23,7 @@ def payload_bytes(manifest: Manifest) -> int:
     return sum(4 * math.prod(spec.shape) for spec in manifest.tensors)
 
 
-def frame_cap(bundles: BundleCache, shape_keys: Iterable[str], ceiling: int) -> int:
+def frame_cap(bundles: BundleStore, shape_keys: Iterable[str], ceiling: int) -> int:
     """The largest frame a device given assignments of ``shape_keys`` may send (bytes): :data:`HEADER_ROOM` plus
     the largest of their payloads (bundles no longer in the cache are skipped: their updates cannot be checked
     anyway), at most ``ceiling``."""

@@ -1,4 +1,4 @@
-"""What the coordinator does with a strategy's FitIns and a device's Update: the bundle cache (a graph per
+"""What the coordinator does with a strategy's FitIns and a device's Update: the bundle store (a graph per
 ShapeKey), slicing the global state for an assignment, validating an update against the bundle manifest, and
 turning a stored update back into a strategy ``ClientUpdate``. Which experts a device trains is the
 strategy's choice (``coordinator.strategy.selection``).
@@ -6,7 +6,9 @@ strategy's choice (``coordinator.strategy.selection``).
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import tempfile
 import threading
 from collections.abc import Mapping
@@ -14,8 +16,19 @@ from pathlib import Path
 
 import numpy as np
 
-from coordinator.strategy.types import ClientUpdate, TensorMeta, TensorRole
-from device_runtime.bundle import FROZEN, MANIFEST, Manifest, ShapeKey, load_bundle
+from coordinator.strategy.types import ClientUpdate, Params
+from coordinator.strategy.validate import validate_update
+from device_runtime.bundle import (
+    FORMAT_VERSION,
+    FROZEN,
+    MANIFEST,
+    Manifest,
+    ShapeKey,
+    TensorRole,
+    TensorSpec,
+    load_bundle,
+    tensor_role,
+)
 from device_runtime.errors import BundleError, ProtocolError, UpdateRejected
 from device_runtime.files import atomic_write
 from device_runtime.shape_key import standin_expert
@@ -24,13 +37,10 @@ from device_runtime.stats import RoutingStats
 from device_runtime.wire import EvalResult, FitConfig
 from device_runtime.wire.fields import MAX_EVAL_LOSS
 
-ROUTER_SUFFIX = "mlp.gate.weight"
+# ---------------------------------------------------------------- bundle store
 
 
-# ---------------------------------------------------------------- bundle cache
-
-
-class BundleCache:
+class BundleStore:
     """Bundle directories by shape key id under ``root`` (graph + tokenizer + placeholder weights); their
     manifests carry ``training`` (the federation's ``[fit]``) as the defaults of ``fedmoe-device train-local``.
 
@@ -48,10 +58,12 @@ class BundleCache:
         self._manifests: dict[str, Manifest] = {}
 
     def ensure(self, key: ShapeKey) -> Manifest:
-        """The manifest of ``key``'s bundle, writing the bundle first if it is not cached."""
+        """The manifest of ``key``'s bundle, writing the bundle first if it is not cached (or was written by a
+        fedmoe of another bundle format)."""
         with self._lock:
             if key.id not in self._manifests:
-                if not (self.root / key.id / MANIFEST).is_file():
+                if not _current_format(self.root / key.id):
+                    shutil.rmtree(self.root / key.id, ignore_errors=True)
                     self._write(key)
                 self._manifests[key.id] = self._load(self.root / key.id)
             return self._manifests[key.id]
@@ -110,6 +122,14 @@ class BundleCache:
 # ---------------------------------------------------------------- assignment tensors
 
 
+def _current_format(root: Path) -> bool:
+    """Whether ``root`` holds a bundle manifest of this fedmoe's ``FORMAT_VERSION``."""
+    try:
+        return json.loads((root / MANIFEST).read_text()).get("format_version") == FORMAT_VERSION
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def slice_assignment(
     global_state: Mapping[str, np.ndarray], manifest: Manifest, expert_ids: tuple[tuple[int, ...], ...]
 ) -> dict[str, np.ndarray]:
@@ -142,42 +162,39 @@ def check_update(
     manifest: Manifest,
     expert_ids: tuple[tuple[int, ...], ...],
     *,
+    device_id: str,
     num_examples: int,
     tensors: Mapping[str, np.ndarray],
     trained_experts,
     routing: dict,
+    metrics: dict,
     norm_bound: float,
+    global_params: Params,
 ) -> dict[str, np.ndarray]:
-    """Validate an Update against its assignment's bundle manifest; returns the tensors as float32.
+    """Validate an Update against its assignment's bundle manifest and the global model; returns the tensors as
+    float32.
 
-    Checks: the exact trainable name set and shapes of the manifest, finite values, each tensor's L2 norm
-    <= ``norm_bound``, num_examples > 0, trained experts among the assigned ones, routing statistics of
-    the assigned shape.
+    The manifest fixes the exact trainable name set, and each tensor's L2 norm must be <= ``norm_bound``; the rest
+    (shapes, finite values, num_examples > 0, trained experts among the assigned ones, routing statistics of the
+    held experts) is the strategy layer's one validation, ``coordinator.strategy.validate.validate_update``, run
+    on the update as the strategy will read it (:func:`to_client_update`).
 
     Raises:
         UpdateRejected: naming the first problem.
     """
-    if num_examples <= 0:
-        raise UpdateRejected("num_examples must be > 0")
-    expected = {s.name: tuple(s.shape) for s in manifest.tensors if s.trainable}
-    if set(tensors) != set(expected):
+    expected = {s.name for s in manifest.tensors if s.trainable}
+    if set(tensors) != expected:
         raise UpdateRejected(
-            f"tensor set differs from the bundle: missing {sorted(set(expected) - set(tensors))[:3]}, "
-            f"unexpected {sorted(set(tensors) - set(expected))[:3]}"
+            f"tensor set differs from the bundle: missing {sorted(expected - set(tensors))[:3]}, "
+            f"unexpected {sorted(set(tensors) - expected)[:3]}"
         )
-    out = {}
-    for name, shape in expected.items():
-        array = np.asarray(tensors[name], dtype=np.float32)
-        if array.shape != shape:
-            raise UpdateRejected(f"tensor {name}: shape {array.shape} != {shape}")
-        if not np.all(np.isfinite(array)):
-            raise UpdateRejected(f"tensor {name} holds NaN or infinite values")
+    meta = update_meta(manifest, expert_ids, trained_experts, routing, metrics)
+    update = to_client_update(device_id, num_examples, meta, tensors)
+    validate_update(update, global_params)
+    for name, array in update.tensors.items():
         if float(np.linalg.norm(array)) > norm_bound:
             raise UpdateRejected(f"tensor {name}: L2 norm above the bound {norm_bound:g}")
-        out[name] = array
-    _check_trained(expert_ids, trained_experts)
-    _check_routing(manifest.held_ids(expert_ids), routing)
-    return out
+    return dict(update.tensors)
 
 
 def check_evaluation(evaluation: EvalResult | None, config: FitConfig) -> dict | None:
@@ -215,26 +232,6 @@ def check_evaluation(evaluation: EvalResult | None, config: FitConfig) -> dict |
     return out if accuracy is None else {**out, "accuracy": float(accuracy)}
 
 
-def _check_trained(expert_ids, trained_experts) -> None:
-    if len(trained_experts) != len(expert_ids):
-        raise UpdateRejected(f"trained_experts covers {len(trained_experts)} layers, the assignment {len(expert_ids)}")
-    for layer, (ids, trained) in enumerate(zip(expert_ids, trained_experts)):
-        if not set(trained) <= set(ids):
-            raise UpdateRejected(f"layer {layer}: trained experts {sorted(trained)} not among assigned {list(ids)}")
-
-
-def _check_routing(expert_ids, routing: dict) -> RoutingStats:
-    try:
-        stats = RoutingStats.from_dict(routing)
-    except ProtocolError as exc:
-        raise UpdateRejected(f"routing statistics: {exc}") from exc
-    if stats.experts_per_layer != tuple(map(len, expert_ids)) or (
-        stats.expert_ids is not None and stats.expert_ids != tuple(map(tuple, expert_ids))
-    ):
-        raise UpdateRejected("routing statistics do not describe the assigned experts")
-    return stats
-
-
 # ---------------------------------------------------------------- stored update -> strategy input
 
 
@@ -243,7 +240,7 @@ def update_meta(
 ) -> dict:
     """The JSON a stored update needs to become a ClientUpdate again (registry ``updates.metadata``), and the
     device's federated evaluation (:func:`check_evaluation`) when it sent one."""
-    layers = {s.name: s.layer for s in manifest.tensors if s.trainable}
+    trainable = [s for s in manifest.tensors if s.trainable]
     held = manifest.held_ids(expert_ids)
     frozen = [list(h[len(ids) :]) for h, ids in zip(held, expert_ids)]
     return {
@@ -251,7 +248,8 @@ def update_meta(
         "trained_experts": [list(t) for t in trained_experts],
         "routing": routing,
         "metrics": metrics,
-        "layers": layers,
+        "layers": {s.name: s.layer for s in trainable},
+        "roles": {s.name: s.role.value for s in trainable},
         "shape_key": manifest.shape_key.id,
         "frozen_ids": frozen,
         **({"evaluation": evaluation} if evaluation is not None else {}),
@@ -259,25 +257,39 @@ def update_meta(
 
 
 def to_client_update(device_id: str, num_examples: int, meta: dict, tensors: Mapping[str, np.ndarray]) -> ClientUpdate:
-    """Rebuild a strategy ``ClientUpdate`` from a stored update (see :func:`update_meta`)."""
-    routing = tuple(RoutingStats.from_dict(meta["routing"]).layers)
+    """Rebuild a strategy ``ClientUpdate`` from an update and its :func:`update_meta`.
+
+    Raises:
+        UpdateRejected: the routing statistics are malformed or describe other experts than the held ones.
+    """
+    expert_ids = tuple(tuple(ids) for ids in meta["expert_ids"])
+    frozen_ids = tuple(tuple(ids) for ids in meta.get("frozen_ids") or [()] * len(expert_ids))
+    try:
+        stats = RoutingStats.from_dict(meta["routing"])
+    except ProtocolError as exc:
+        raise UpdateRejected(f"routing statistics: {exc}") from exc
+    held = tuple(ids + frozen for ids, frozen in zip(expert_ids, frozen_ids))
+    if stats.experts_per_layer != tuple(map(len, held)) or stats.expert_ids not in (None, held):
+        raise UpdateRejected("routing statistics do not describe the assigned experts")
+    roles = meta.get("roles") or {}  # absent in updates stored by fedmoe before bundle format 2
     tensor_meta = {
-        name: TensorMeta(
-            TensorRole.ROUTER if name.endswith(ROUTER_SUFFIX) else TensorRole.EXPERT,
+        name: TensorSpec(
+            name,
+            tuple(np.shape(tensor)),
             layer=int(meta["layers"][name]),
             expert_axis=0,
+            role=TensorRole(roles.get(name) or tensor_role(name)),
         )
-        for name in tensors
+        for name, tensor in tensors.items()
     }
-    expert_ids = tuple(tuple(ids) for ids in meta["expert_ids"])
     return ClientUpdate(
         client_id=device_id,
         num_examples=int(num_examples),
         tensors={n: np.asarray(t, dtype=np.float32) for n, t in tensors.items()},
         tensor_meta=tensor_meta,
         expert_ids=expert_ids,
-        frozen_ids=tuple(tuple(ids) for ids in meta.get("frozen_ids") or [()] * len(expert_ids)),
+        frozen_ids=frozen_ids,
         trained_experts=tuple(frozenset(t) for t in meta["trained_experts"]),
-        routing=routing,
+        routing=tuple(stats.layers),
         metrics=dict(meta.get("metrics", {})),
     )

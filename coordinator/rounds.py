@@ -46,7 +46,7 @@ from device_runtime.errors import ConfigError
 
 @dataclass(frozen=True)
 class RoundPolicy:
-    """How rounds run.
+    """How rounds run: the config file's ``[rounds]`` table (``CoordinatorConfig.rounds``).
 
     Attributes:
         min_fit_clients: quorum of accepted updates (and fewest devices to start a round).
@@ -69,10 +69,24 @@ class RoundPolicy:
     max_backoff_s: float = 600.0
 
     def __post_init__(self):
-        if not 1 <= self.min_fit_clients <= self.max_fit_clients or not 0 < self.fraction_fit <= 1:
-            raise ConfigError(f"need 1 <= min_fit_clients <= max_fit_clients and 0 < fraction_fit <= 1: {self}")
-        if not 0 < self.backoff_s <= self.max_backoff_s:
-            raise ConfigError(f"need 0 < backoff_s <= max_backoff_s: {self}")
+        problems = [
+            (self.min_fit_clients < 1, f"min_fit_clients must be >= 1, got {self.min_fit_clients}"),
+            (
+                self.max_fit_clients < self.min_fit_clients,
+                f"max_fit_clients {self.max_fit_clients} < min_fit_clients {self.min_fit_clients}",
+            ),
+            (not 0 < self.fraction_fit <= 1, f"fraction_fit must be in (0, 1], got {self.fraction_fit}"),
+            (not self.deadline_s > 0, f"deadline_s must be > 0, got {self.deadline_s}"),
+            (self.max_attempts < 1, f"max_attempts must be >= 1, got {self.max_attempts}"),
+            (self.num_rounds < 0, "num_rounds must be >= 0 (0 = unbounded)"),
+            (
+                not 0 < self.backoff_s <= self.max_backoff_s,
+                f"backoff_s must be > 0 and <= max_backoff_s, got {self.backoff_s}, {self.max_backoff_s}",
+            ),
+        ]
+        for bad, message in problems:
+            if bad:
+                raise ConfigError(f"config [rounds]: {message}")
 
     def backoff(self, failures: int) -> float:
         """Seconds to wait after the ``failures``-th failure beyond a threshold (0: the first): ``backoff_s``

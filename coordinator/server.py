@@ -1,20 +1,16 @@
-"""The coordinator's websocket server (websockets 17, asyncio): enrollment, authentication, bundle
-transfer, updates and heartbeats over ``device_runtime.wire`` frames.
+"""The coordinator's websocket server (websockets 17, asyncio): the I/O of device connections, whose protocol
+decisions (enrollment, authentication, rate and revocation checks, dispatch) ``coordinator.connection`` makes
+without I/O; this module reads and decodes frames, carries out the actions it returns and awaits the heavy work
+(``Coordinator.handle_update``, bundle reads).
 
-Per connection (see the protocol module docstring)::
-
-    [Enroll -> EnrollOk]*  Hello -> Challenge -> Auth -> AuthOk   then any of:
-    BundleRequest -> BundleData...   Update -> Ack   Heartbeat   EvaluateRes   Error
-
-A Heartbeat refreshes the device's ``last_seen`` at most every ``LAST_SEEN_EVERY_S``; a bundle transfer is
-counted as one ``bytes_down`` metric (registry writes are commits on the event loop). A malformed message
-gets ``Error(code)`` and the connection stays open (at most ``MAX_BAD_BEFORE_AUTH`` before authentication).
-Authentication failures get ``Error("auth")`` and the connection is closed.
+A bundle transfer is counted as one ``bytes_down`` metric; an Assignment, BundleData or Update frame is counted
+per device (registry writes are commits on the event loop). Messages with tensors are encoded in a worker thread,
+frames above :data:`DECODE_IN_THREAD_BYTES` decoded in one; Assignments are signed for their device.
 A frame above :data:`PRE_LOGIN_MAX_BYTES` before login, and after it above what an update to the device's
 assignments needs (``coordinator.frame_cap``, never above ``max_message_mib``), is refused by websockets itself
 (close code 1009). Admission control (``coordinator.admission``): connection caps, one session per
-device, a login deadline (``login_timeout_s``), at most :data:`MAX_PRE_LOGIN_MESSAGES` messages before login,
-a per-device message rate, and at most :data:`MAX_QUEUE` frames buffered per connection. A device that closes
+device, a login deadline (``login_timeout_s``), the pre-login message budget and per-device message rate of
+``coordinator.connection``, and at most :data:`MAX_QUEUE` frames buffered per connection. A device that closes
 with 1009 right after an Assignment refused it as too big: the coordinator rejects that assignment instead
 of re-sending it on every reconnect. An ``Error`` from a device ends its part in the current round (see
 ``Coordinator.device_error``). ``GET /healthz`` answers 200 ``ok``. SIGTERM / SIGINT stop the server
@@ -38,25 +34,28 @@ from websockets.exceptions import ConnectionClosed
 from coordinator.accept import FirstBytes, Gatekeeper, deepen_backlog
 from coordinator.admission import Admission, AdmittedConnection, quiet_accept_errors, raise_descriptor_limit
 from coordinator.config import CoordinatorConfig
+from coordinator.connection import (
+    CLOSE_POLICY,
+    Action,
+    Close,
+    CoordinatorConnection,
+    HandleError,
+    HandleUpdate,
+    Login,
+    Send,
+    SendBundle,
+    State,
+    refusal,
+)
 from coordinator.frame_cap import frame_cap
 from coordinator.service import Coordinator, Session
 from coordinator.tls import issue_device_certificate, peer_public_key, server_context
-from device_runtime.auth import NonceBook, verify_challenge
-from device_runtime.errors import AuthError, BundleError, ConfigError, FedmoeError, ProtocolError
+from device_runtime.auth import NonceBook
+from device_runtime.errors import BundleError, ConfigError, FedmoeError, ProtocolError
 from device_runtime.tls import CA_PATH, CERTIFICATE_PATH
 from device_runtime.wire import (
-    PROTOCOL_VERSION,
     Assignment,
-    Auth,
-    AuthOk,
     BundleData,
-    BundleRequest,
-    Challenge,
-    Enroll,
-    EnrollOk,
-    Error,
-    Heartbeat,
-    Hello,
     Message,
     Update,
     bundle_chunks,
@@ -65,21 +64,10 @@ from device_runtime.wire import (
 )
 
 log = logging.getLogger("fedmoe.coord")
-MAX_BAD_BEFORE_AUTH = 3
-MAX_PRE_LOGIN_MESSAGES = 16  # Enroll / Hello / Auth messages one connection may send before it is logged in
 PRE_LOGIN_MAX_BYTES = 64 << 10  # largest frame before login: an Enroll with its profile is ~1 KiB
 MAX_QUEUE = 2  # frames websockets buffers per connection before it stops reading (its default: 16)
 DECODE_IN_THREAD_BYTES = 1 << 20  # frames above this are hashed and parsed in a worker thread
-CLOSE_POLICY = 1008  # websocket close code: policy violation
-CHUNK_BYTES = 4 << 20
-# A Heartbeat refreshes the device's ``last_seen`` at most this often (seconds): each refresh is a registry
-# commit (an fsync) on the event loop. Measured (bench/bench_connections.py, 1000 devices heartbeating every
-# 10 s): one commit per Heartbeat took 53% of the loop's time.
-LAST_SEEN_EVERY_S = 60.0
-# A Heartbeat re-checks in the registry whether the device was revoked at most this often (seconds); every
-# other message checks it at once. Heartbeats are the one frequent message: a SELECT for each was a registry
-# query per device every heartbeat_s on the event loop, and a heartbeat changes nothing a revoked device could use.
-REVOCATION_CHECK_S = 10.0
+CHUNK_BYTES = 4 << 20  # largest BundleData chunk (bytes; at most half the frame limit)
 # Pending TCP connections the kernel queues for accept() (asyncio's default is 100; Linux caps it at
 # net.core.somaxconn). Measured: 1000 devices (re)connecting at once overflowed a 100-deep queue.
 LISTEN_BACKLOG = 4096
@@ -116,15 +104,28 @@ def http_routes(coord: Coordinator) -> Callable:
 
 
 class Connection:
-    """One device connection: framing, the handshake, and message dispatch."""
+    """One device connection's I/O: frames in and out, and the actions its :class:`CoordinatorConnection` decides.
+
+    Args:
+        coord: the coordinator (registry, bundles, signer, rounds).
+        ws: the admitted websocket connection.
+        nonces: challenge nonces, shared by all connections.
+    """
 
     def __init__(self, coord: Coordinator, ws: AdmittedConnection, nonces: NonceBook):
-        self.coord, self.ws, self.nonces = coord, ws, nonces
+        self.coord, self.ws = coord, ws
         self.max_size = coord.cfg.max_message_bytes
         ws.protocol.max_message_size = PRE_LOGIN_MAX_BYTES  # raised by allow_frames_for once logged in
-        self.device_id: str | None = None  # set once authenticated: bytes moved are counted per device
-        self.last_seen = 0.0  # time.monotonic() of the last ``last_seen`` write
-        self.revocation_checked = 0.0  # time.monotonic() of the last revocation check (login is one)
+        mutual_tls = coord.cfg.mutual_tls
+        self.machine = CoordinatorConnection(
+            coord.registry,
+            ws.admission,
+            nonces,
+            address=ws.place.address,
+            mutual_tls=mutual_tls,
+            peer_key=peer_public_key(ws.transport.get_extra_info("ssl_object")) if mutual_tls else None,
+        )
+        self.session: Session | None = None  # set at login
         # (update_id, frame bytes) of the last Assignment sent, unless a BundleData frame followed it
         self.assignment_frame: tuple[str, int] | None = None
 
@@ -132,16 +133,16 @@ class Connection:
         """Send ``msg``; returns the frame's size (bytes), recorded as ``bytes_down`` if ``count``.
         Messages with tensors are encoded in a worker thread (100s of MiB must not stall the event loop);
         an Assignment is signed for this connection's device (``device_runtime.signing``)."""
-        signer = self.coord.signer
-        sign = signer.assignment(self.device_id) if signer is not None and msg.SIGNED else None
+        device_id, signer = self.machine.device_id, self.coord.signer
+        sign = signer.assignment(device_id) if signer is not None and msg.SIGNED else None
         frame = await asyncio.to_thread(encode, msg, sign=sign) if msg.PAYLOAD else encode(msg)
         if isinstance(msg, (Assignment, BundleData)):
             self.assignment_frame = (msg.update_id, len(frame)) if isinstance(msg, Assignment) else None
         if isinstance(msg, Assignment):
             self.allow_frames_for([msg.shape_key.id])
         await self.ws.send(frame)
-        if count and self.device_id is not None and isinstance(msg, TRAFFIC):
-            self.coord.count_bytes(self.device_id, "bytes_down", len(frame))
+        if count and device_id is not None and isinstance(msg, TRAFFIC):
+            self.coord.count_bytes(device_id, "bytes_down", len(frame))
         return len(frame)
 
     def allow_frames_for(self, shape_keys) -> None:
@@ -149,9 +150,6 @@ class Connection:
         (``coordinator.frame_cap``); it never shrinks within a connection."""
         cap = frame_cap(self.coord.bundles, shape_keys, self.max_size)
         self.ws.protocol.max_message_size = max(self.ws.protocol.max_message_size, cap)
-
-    async def error(self, code: str, message: str) -> None:
-        await self.send(Error(code=code, message=message[:2000]))
 
     async def recv(self) -> Message:
         """The next decoded message. Raises ProtocolError (bad frame) or ConnectionClosed."""
@@ -162,163 +160,94 @@ class Connection:
             msg = await asyncio.to_thread(decode, raw, max_size=self.max_size)
         else:
             msg = decode(raw, max_size=self.max_size)
-        if self.device_id is not None and isinstance(msg, TRAFFIC):
-            self.coord.count_bytes(self.device_id, "bytes_up", len(raw))
+        if self.machine.device_id is not None and isinstance(msg, TRAFFIC):
+            self.coord.count_bytes(self.machine.device_id, "bytes_up", len(raw))
         return msg
 
+    async def next_actions(self) -> list[Action]:
+        """The connection's actions for the next frame. Raises ConnectionClosed."""
+        try:
+            msg = await self.recv()
+        except ProtocolError as exc:
+            return self.machine.on_bad_frame(exc)
+        return self.machine.on_message(msg, time.monotonic())
+
     async def run(self) -> None:
-        session = None
+        """Serve the connection: the handshake within ``login_timeout_s`` (seconds), then the device's session
+        until the connection closes."""
         try:
             try:
                 async with asyncio.timeout(self.coord.cfg.login_timeout_s):
-                    session = await self.handshake()
+                    await self.handshake()
             except TimeoutError:
                 await self.ws.close(CLOSE_POLICY, "login deadline passed")
                 return
-            if session is not None:
-                await self.coord.attach(session)
-                await self.serve(session)
+            if self.session is not None:
+                await self.coord.attach(self.session)
+                await self.serve()
         except ConnectionClosed as exc:
-            if session is not None:
-                self.closed_by_peer(session, exc)
+            if self.session is not None:
+                self.closed_by_peer(exc)
         finally:
-            if session is not None:
-                self.coord.detach(session)
+            if self.session is not None:
+                self.coord.detach(self.session)
 
-    def closed_by_peer(self, session: Session, exc: ConnectionClosed) -> None:
+    def closed_by_peer(self, exc: ConnectionClosed) -> None:
         """Close code 1009 (message too big) from the device after an Assignment: it refused the assignment."""
         if exc.rcvd is not None and exc.rcvd.code == CLOSE_TOO_BIG and self.assignment_frame is not None:
-            self.coord.assignment_refused(session, *self.assignment_frame)
+            self.coord.assignment_refused(self.session, *self.assignment_frame)
 
-    # ------------------------------------------------------------ handshake
+    async def handshake(self) -> None:
+        """Enrollments, then the login: until the device logs in (``session`` is set) or the connection closes."""
+        while self.machine.state in (State.OPEN, State.CHALLENGED):
+            for action in await self.next_actions():
+                await self.execute(action)
 
-    async def handshake(self) -> Session | None:
-        """Enrollments, then Hello / Challenge / Auth. Returns the session, or None (connection closed)."""
-        bad = 0
-        for _ in range(MAX_PRE_LOGIN_MESSAGES):
-            if bad >= MAX_BAD_BEFORE_AUTH:
-                break
+    async def serve(self) -> None:
+        """The logged-in device's messages, until the connection closes. An error while one is handled is sent
+        to the device as ``Error`` (``internal`` unless it is a ProtocolError) and the connection stays open."""
+        while self.machine.state is State.LOGGED_IN:
             try:
-                msg = await self.recv()
-                if isinstance(msg, Enroll):
-                    await self.enroll(msg)
-                elif isinstance(msg, Hello):
-                    return await self.authenticate(msg)
-                else:
-                    raise ProtocolError("unexpected", f"{msg.TYPE} before authentication; send hello first")
+                for action in await self.next_actions():
+                    await self.execute(action)
             except ProtocolError as exc:
-                bad += 1
-                await self.error(exc.code, str(exc))
-            except AuthError as exc:
-                await self.error("auth", str(exc))
-                await self.ws.close(CLOSE_POLICY, "authentication failed")
-                return None
-        await self.ws.close(CLOSE_POLICY, "too many messages before login")
-        return None
-
-    async def enroll(self, msg: Enroll) -> None:
-        """Redeem the token. Raises AuthError (refused), ProtocolError (too many failed enrollments from this
-        address, ``coordinator.admission``)."""
-        admission, address = self.ws.admission, self.ws.place.address
-        if not admission.may_enroll(address):
-            raise ProtocolError(
-                "rate",
-                "too many failed enrollments from this address; wait a minute, then "
-                "enroll with a fresh token from `fedmoe-coord enroll`",
-            )
-        try:
-            device = self.coord.registry.redeem_token(msg.token, msg.name, msg.profile, msg.public_key)
-        except AuthError:
-            admission.enroll_failed(address)
-            raise
-        log.info("enrolled device %s (%s)", device.id, msg.name)
-        await self.send(EnrollOk(device_id=device.id))
-
-    async def authenticate(self, hello: Hello) -> Session:
-        """Challenge-response with a single-use nonce. Raises AuthError or ProtocolError."""
-        if hello.protocol_version != PROTOCOL_VERSION:
-            raise ProtocolError("version", f"device speaks v{hello.protocol_version}, coordinator v{PROTOCOL_VERSION}")
-        device = self.coord.registry.get_device(hello.device_id)
-        if device is None or device.revoked:
-            raise AuthError(f"device {hello.device_id} is unknown or revoked; enroll again")
-        if (
-            self.coord.cfg.mutual_tls
-            and peer_public_key(self.ws.transport.get_extra_info("ssl_object")) != device.public_key
-        ):
-            raise AuthError(
-                f"device {device.id} must log in over mutual TLS with the client certificate issued "
-                "for its key at enrollment; enroll again with this fedmoe version"
-            )
-        nonce = self.nonces.issue()
-        await self.send(Challenge(nonce=nonce))
-        auth = await self.recv()
-        if not isinstance(auth, Auth) or auth.device_id != device.id:
-            raise AuthError("expected auth for the device that said hello")
-        self.nonces.consume(nonce)
-        verify_challenge(device.public_key, nonce, device.id, auth.signature)
-        self.coord.registry.touch_device(device.id, hello.profile or None)
-        self.last_seen = self.revocation_checked = time.monotonic()
-        older = self.ws.admission.authenticated(self.ws, device.id)
-        if older is not None:  # one session per device: the newest wins
-            await older.close(CLOSE_POLICY, "replaced by a newer connection of this device")
-        self.allow_frames_for(self.coord.registry.device_shape_keys(device.id))
-        await self.send(AuthOk())
-        log.info("device %s authenticated", device.id)
-        self.device_id = device.id
-        return Session(device.id, hello.profile or device.profile, self.send)
-
-    # ------------------------------------------------------------ authenticated messages
-
-    async def serve(self, session: Session) -> None:
-        while True:
-            try:
-                msg = await self.recv()
-                if not self.ws.admission.take(session.device_id):
-                    log.warning("device %s exceeded the message rate; disconnecting it", session.device_id)
-                    await self.ws.close(CLOSE_POLICY, "message rate exceeded")
-                    return
-                if self.revoked(session, msg):
-                    await self.error("auth", "this device was revoked; enroll it again to rejoin")
-                    await self.ws.close(CLOSE_POLICY, "device revoked")
-                    return
-                await self.dispatch(session, msg)
-            except ProtocolError as exc:
-                await self.error(exc.code, str(exc))
+                await self.execute(refusal(exc.code, str(exc)))
             except ConnectionClosed:
                 raise
             except FedmoeError as exc:
-                await self.error("internal", f"{type(exc).__name__}: {exc}")
+                await self.execute(refusal("internal", f"{type(exc).__name__}: {exc}"))
             except Exception as exc:  # a bug while handling a valid message: report it, keep serving
-                log.exception("handling a message from %s failed", session.device_id)
-                await self.error("internal", f"{type(exc).__name__}: {exc}")
+                log.exception("handling a message from %s failed", self.machine.device_id)
+                await self.execute(refusal("internal", f"{type(exc).__name__}: {exc}"))
 
-    def revoked(self, session: Session, msg: Message) -> bool:
-        """Whether the device was revoked (``fedmoe-coord devices revoke``, another process) since it logged in:
-        checked in the registry before each message it sends but a Heartbeat, which checks at most every
-        :data:`REVOCATION_CHECK_S`. So a revoked device's live session ends at its next message (an idle one
-        within a heartbeat interval plus that), and its update, bundle request or result never counts."""
-        now = time.monotonic()
-        if isinstance(msg, Heartbeat) and now - self.revocation_checked < REVOCATION_CHECK_S:
-            return False
-        self.revocation_checked = now
-        device = self.coord.registry.get_device(session.device_id)
-        return device is None or device.revoked
+    async def execute(self, action: Action) -> None:
+        """Carry out one action. Raises what the coordinator, the bundle cache or the socket raise."""
+        match action:
+            case Send(message):
+                await self.send(message)
+            case Close(code, reason):
+                await self.ws.close(code, reason)
+            case Login():
+                await self.login(action)
+            case HandleUpdate(update):
+                await self.send(await self.coord.handle_update(self.session, update))
+            case SendBundle(shape_key_id):
+                await self.send_bundle(shape_key_id)
+            case HandleError(error):
+                self.coord.device_error(self.session, error)
 
-    async def dispatch(self, session: Session, msg: Message) -> None:
-        if isinstance(msg, Update):
-            await self.send(await self.coord.handle_update(session, msg))
-        elif isinstance(msg, BundleRequest):
-            await self.send_bundle(msg.shape_key_id)
-        elif isinstance(msg, Heartbeat):
-            if time.monotonic() - self.last_seen >= LAST_SEEN_EVERY_S:
-                self.coord.registry.touch_device(session.device_id)
-                self.last_seen = time.monotonic()
-        elif isinstance(msg, Error):
-            self.coord.device_error(session, msg)
-        else:
-            raise ProtocolError("unexpected", f"{msg.TYPE} is not expected from an authenticated device")
+    async def login(self, login: Login) -> None:
+        """Close the device's older connection (one session per device: the newest wins), allow the frames its
+        updates need, and start its session."""
+        older = self.ws.admission.authenticated(self.ws, login.device_id)
+        if older is not None:
+            await older.close(CLOSE_POLICY, "replaced by a newer connection of this device")
+        self.allow_frames_for(login.shape_keys)
+        self.session = Session(login.device_id, login.profile, self.send)
 
     async def send_bundle(self, shape_key_id: str) -> None:
+        """Send the bundle in BundleData chunks, counted as one ``bytes_down`` metric. Raises ProtocolError
+        (``unexpected``): no such bundle."""
         try:
             files = await asyncio.to_thread(self.coord.bundles.files, shape_key_id)
         except BundleError as exc:
@@ -327,7 +256,7 @@ class Connection:
         sent = 0
         for message in bundle_chunks(shape_key_id, files, chunk_bytes=chunk):
             sent += await self.send(message, count=False)
-        self.coord.count_bytes(self.device_id, "bytes_down", sent)  # one registry write per transfer
+        self.coord.count_bytes(self.machine.device_id, "bytes_down", sent)  # one registry write per transfer
 
 
 def _ssl_context(cfg: CoordinatorConfig) -> ssl.SSLContext | None:

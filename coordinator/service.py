@@ -2,7 +2,7 @@
 assignments (a strategy's FitIns) sent to connected devices, recorded updates and new global versions.
 
 A :class:`Coordinator` is assembled from its parts (registry, global model and its tensor store, a bound
-strategy, bundle cache, round engine, evaluator); :meth:`Coordinator.from_config` builds them from a
+strategy, bundle store, round engine, evaluator); :meth:`Coordinator.from_config` builds them from a
 ``CoordinatorConfig``. :meth:`Coordinator.step` runs one tick of the round loop, :meth:`Coordinator.run_rounds`
 runs them until stopped. Networking stays in ``coordinator.server``: a :class:`Session` carries only an async
 ``send``.
@@ -21,7 +21,7 @@ from pathlib import Path
 from coordinator.config import MIB, CoordinatorConfig
 from coordinator.evaluation import Evaluator, background_executor
 from coordinator.federation import FED_EVAL, GlobalModel, aggregate_round, fit_context, tensor_store
-from coordinator.planning import BundleCache, check_evaluation, check_update, slice_assignment, update_meta
+from coordinator.planning import BundleStore, check_evaluation, check_update, slice_assignment, update_meta
 from coordinator.registry import Registry
 from coordinator.rounds import (
     Action,
@@ -29,7 +29,6 @@ from coordinator.rounds import (
     Finished,
     RetryRound,
     RoundEngine,
-    RoundPolicy,
     RunningRound,
     StartRound,
     Wait,
@@ -91,12 +90,12 @@ class Pending:
 
 
 class Coordinator:
-    """Registry, global model, strategy, bundle cache, round engine, evaluator and the authenticated sessions.
+    """Registry, global model, strategy, bundle store, round engine, evaluator and the authenticated sessions.
 
     Args:
         cfg: the settings used here (``update_norm_bound``, ``keep_update_tensors``, ``max_message_bytes``).
         registry: the SQL registry. model: the global model over its tensor store. strategy: bound to the
-        federation (``Strategy.bind``). bundles: the bundle cache. engine: a fresh round engine (the registry's
+        federation (``Strategy.bind``). bundles: the bundle store. engine: a fresh round engine (the registry's
         rounds are resumed into it here). evaluator: scores each new version, or None. clock: seconds, monotonic.
         signer: signs assignments (and, in ``bundles``, manifests) with the CA key, or None (unsigned).
     Raises:
@@ -110,7 +109,7 @@ class Coordinator:
         registry: Registry,
         model: GlobalModel,
         strategy: Strategy,
-        bundles: BundleCache,
+        bundles: BundleStore,
         engine: RoundEngine,
         evaluator: Evaluator | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -143,17 +142,8 @@ class Coordinator:
             model = GlobalModel(registry, tensor_store(cfg))
             strategy = from_name(cfg.strategy, **cfg.strategy_params).bind(fit_context(cfg))
             model.restore(strategy)
-            bundles = BundleCache(Path(cfg.state_dir) / "bundles", cfg.checkpoint, cfg.fit, signer)
-            policy = RoundPolicy(
-                cfg.min_fit_clients,
-                cfg.max_fit_clients,
-                cfg.fraction_fit,
-                cfg.round_deadline_s,
-                cfg.max_round_attempts,
-                cfg.num_rounds,
-                cfg.retry_backoff_s,
-                cfg.max_retry_backoff_s,
-            )
+            bundles = BundleStore(Path(cfg.state_dir) / "bundles", cfg.checkpoint, cfg.fit, signer)
+            policy = cfg.rounds
             return cls(
                 cfg,
                 registry=registry,
@@ -277,7 +267,7 @@ class Coordinator:
             log.info("rounds stopped: %s (num_rounds); still serving devices", reason)
 
     def _closed_failed(self, reason: str) -> None:
-        """Close the engine's round as failed; from ``max_round_attempts`` consecutive failures on, alert."""
+        """Close the engine's round as failed; from ``[rounds] max_attempts`` consecutive failures on, alert."""
         self.engine.closed(failed=True)
         if self.engine.backing_off:
             excluded = sorted(self.engine.participation.excluded(self.clock()))
@@ -320,7 +310,9 @@ class Coordinator:
         server_round = self.engine.server_round
         self.engine.started(row.id, {}, self.clock())
         clients = [ClientInfo(d, s.profile, self.reported.get(d)) for d in devices if (s := self.sessions.get(d))]
-        fits = await asyncio.to_thread(self.strategy.configure_fit, server_round, self.model.params, clients)
+        fits = await asyncio.to_thread(
+            self.strategy.configure_fit, server_round, self.model.params, clients, self.model.strategy_state
+        )
         for client in clients:
             if client.client_id not in fits:
                 self.engine.participation.unplannable(
@@ -627,11 +619,14 @@ class Coordinator:
         tensors = check_update(
             pending.manifest,
             pending.fit.expert_ids,
+            device_id=pending.device_id,
             num_examples=msg.num_examples,
             tensors=tensors,
             trained_experts=msg.trained_experts,
             routing=msg.routing,
+            metrics=msg.metrics,
             norm_bound=self.cfg.update_norm_bound,
+            global_params=self.model.params,
         )
         return await asyncio.to_thread(self.model.store.put, tensors)
 

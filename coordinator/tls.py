@@ -3,7 +3,7 @@ certificate for each enrolled device's own Ed25519 key (see ``device_runtime.tls
 
 ``fedmoe-coord init`` calls :func:`create_authority`; the server loads :func:`server_context` (TLS 1.3,
 client certificates optional at the TLS layer so a device without one can enroll; login requires one,
-checked by ``coordinator.server`` with :func:`peer_public_key`).
+checked by ``coordinator.connection`` against the key ``coordinator.server`` reads with :func:`peer_public_key`).
 """
 
 from __future__ import annotations

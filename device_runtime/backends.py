@@ -23,10 +23,10 @@ from dataclasses import dataclass
 
 from device_runtime.bundle import Bundle
 from device_runtime.errors import ConfigError
+from device_runtime.modes import ORT_TRAINING_BACKEND, ZO_BACKEND, Order
 from device_runtime.trainer import Trainer
 
 ENV_BACKEND = "FEDMOE_DEVICE_BACKEND"
-FIRST_ORDER, ZEROTH_ORDER = "first-order", "zeroth-order"
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,7 @@ class Backend:
     """A training backend: its name, order, what installs it, its trainer class and an availability probe."""
 
     name: str
-    order: str
+    order: Order
     install: str
     trainer: str  # "module:Class", imported only when used
     probe: Callable[[], bool]
@@ -63,15 +63,15 @@ BACKENDS: dict[str, Backend] = {
     b.name: b
     for b in (
         Backend(
-            "ort-training",
-            FIRST_ORDER,
+            ORT_TRAINING_BACKEND,
+            Order.FIRST,
             "pip install 'fedmoe[device]' (x86-64)",
             "device_runtime.ort_trainer:OrtTrainer",
             _ort_training,
         ),
         Backend(
-            "zo",
-            ZEROTH_ORDER,
+            ZO_BACKEND,
+            Order.ZEROTH,
             "pip install 'fedmoe[device-lite]'",
             "device_runtime.zo_trainer:ZoTrainer",
             _ort_inference,
@@ -129,5 +129,5 @@ def create_trainer(
         ConfigError: see :func:`select_backend`. BundleError: the backend cannot load the bundle.
     """
     chosen = select_backend(backend)
-    extra = (zeroth_order or {}) if chosen.order == ZEROTH_ORDER else {}
+    extra = (zeroth_order or {}) if chosen.order == Order.ZEROTH else {}
     return chosen.trainer_class()(bundle, threads=threads, progress=progress, **extra)

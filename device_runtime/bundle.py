@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
+from enum import StrEnum
 from pathlib import Path
 
 from device_runtime.errors import BundleError, BundleIntegrityError
@@ -28,15 +29,36 @@ from device_runtime.shape_key import TRAINABLE_MODES, ShapeKey, held_experts  # 
 from device_runtime.wire import FitConfig
 from device_runtime.wire.fields import NAME
 
-FORMAT_VERSION = 1
+# 2: every tensor has a role (TensorSpec.role); the graph input routing_kl_coef is routing_reg_coef
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
+ROUTER_WEIGHT = "mlp.gate.weight"  # the name suffix of a MoE layer's router (num_experts, hidden)
 GRAPH_FILES = ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx", "checkpoint")
 WEIGHTS_FILE = "weights.safetensors"
 TOKENIZER_FILE = "tokenizer.json"
 DTYPES = ("float32", "float16")
 TRAINED, FROZEN, HELD = "trained", "frozen", "held"  # TensorSpec.rows: which experts an expert-indexed tensor covers
-# The FitConfig fields a manifest records (format version 1): a device of any version 1 runtime reads them.
+# The FitConfig fields a manifest records: a device runtime that reads the manifest's format version reads them.
 MANIFEST_TRAINING_FIELDS = ("batch_size", "seq_len", "learning_rate", "aux_loss_coef", "local_steps")
+
+
+class TensorRole(StrEnum):
+    """What a tensor is to a federation: how its rows map onto the global model and how they are aggregated."""
+
+    ROUTER = "router"  # a MoE layer's gate rows (E, H): indexed by expert over every held expert (rows HELD)
+    EXPERT = "expert"  # expert weights, e.g. gate_up_proj (E, 2I, H): indexed by expert
+    LORA = "lora"  # per-expert LoRA adapters, e.g. gate_up_lora_A (E, r, H): indexed like EXPERT
+    SHARED = "shared"  # not indexed by expert (attention, norms, a shared expert): averaged whole
+
+
+EXPERT_ROLES = frozenset({TensorRole.EXPERT, TensorRole.LORA})  # the roles whose rows are per trained expert
+
+
+def tensor_role(name: str) -> TensorRole:
+    """The role of a MoE tensor by its torch ``state_dict`` name (routers end in :data:`ROUTER_WEIGHT`)."""
+    if name.endswith(ROUTER_WEIGHT):
+        return TensorRole.ROUTER
+    return TensorRole.LORA if "_lora_" in name else TensorRole.EXPERT
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -50,7 +72,8 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """One named tensor of a bundle.
+    """One named tensor of a bundle: the one tensor description from the manifest to the aggregation (a
+    ``ClientUpdate`` maps each of its tensors to the spec it was trained under).
 
     Attributes:
         name: ONNX initializer name, equal to the torch ``state_dict`` key.
@@ -64,6 +87,8 @@ class TensorSpec:
             (a resident bundle's router).
         source: the global model's tensor the rows are cut from, when it is not ``name`` (frozen experts).
         transposed: axes 1 and 2 are swapped against ``source`` (frozen experts: the layout the graph reads).
+        role: what the tensor is (:class:`TensorRole`); ROUTER, EXPERT and LORA tensors have a ``layer`` and an
+            ``expert_axis``, SHARED ones no ``expert_axis``.
     """
 
     name: str
@@ -75,6 +100,7 @@ class TensorSpec:
     rows: str = TRAINED
     source: str | None = None
     transposed: bool = False
+    role: TensorRole = TensorRole.SHARED
 
     def __post_init__(self):
         if not NAME.fullmatch(self.name) or (self.source is not None and not NAME.fullmatch(self.source)):
@@ -85,6 +111,19 @@ class TensorSpec:
             )
         if self.dtype not in DTYPES or any(int(d) < 0 for d in self.shape):
             raise BundleError(f"tensor {self.name}: invalid dtype {self.dtype!r} or shape {self.shape}")
+        object.__setattr__(self, "role", TensorRole(self.role))
+        if self.indexed != (self.layer is not None and self.expert_axis is not None) or (
+            not self.indexed and self.expert_axis is not None
+        ):
+            raise BundleError(
+                f"tensor {self.name}: a {self.role} tensor needs a layer and an expert_axis exactly when it is "
+                f"indexed by expert (router, expert, lora), got layer {self.layer}, expert_axis {self.expert_axis}"
+            )
+
+    @property
+    def indexed(self) -> bool:
+        """Whether the tensor is indexed by expert (every role but SHARED)."""
+        return self.role is not TensorRole.SHARED
 
     @classmethod
     def from_dict(cls, data: dict) -> TensorSpec:
@@ -98,6 +137,7 @@ class TensorSpec:
             rows=str(data.get("rows", TRAINED)),
             source=None if data.get("source") is None else str(data["source"]),
             transposed=bool(data.get("transposed", False)),
+            role=TensorRole(data["role"]),
         )
 
 

@@ -19,13 +19,14 @@ from rich.table import Table
 
 from device_runtime.data import DEFAULT_TEMPLATE
 from device_runtime.errors import FedmoeError
+from device_runtime.modes import ORT_TRAINING_BACKEND, ZO_BACKEND
 from device_runtime.units import MIB
 
 _BACKEND = click.option(
     "--backend",
     envvar="FEDMOE_DEVICE_BACKEND",
     show_envvar=True,
-    type=click.Choice(["ort-training", "zo"]),
+    type=click.Choice([ORT_TRAINING_BACKEND, ZO_BACKEND]),
     help="Training backend: ort-training (first-order, needs onnxruntime-training) or zo "
     "(zeroth-order, any onnxruntime) [default: the first one installed].",
 )

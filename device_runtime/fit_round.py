@@ -22,6 +22,7 @@ from device_runtime.answer_prior import local_answer_shift
 from device_runtime.bundle import TOKENIZER_FILE, Bundle, Manifest
 from device_runtime.data import DEFAULT_TEMPLATE, EVAL_SPLIT_SEED, Batch, LocalDataset
 from device_runtime.errors import ConfigError, DataError, ProtocolError
+from device_runtime.modes import Order
 from device_runtime.trainer import FitResult, Trainer
 from device_runtime.trainer_cache import TrainerCache
 from device_runtime.units import MIB
@@ -204,7 +205,6 @@ def _fit(
     backend,
     trainers: TrainerCache,
 ) -> Update:
-    from device_runtime.backends import ZEROTH_ORDER
 
     tensors = assignment_tensors(bundle.manifest, assignment)
     cfg = assignment.config
@@ -224,7 +224,7 @@ def _fit(
     del tensors
     assignment.tensors.clear()  # now copied into the trainer: free the wire copy (100s of MiB) before training
     evaluation, eval_seconds = evaluate_received(trainer, dataset, cfg.batch_size, stop)
-    is_zo = trainer.order == ZEROTH_ORDER
+    is_zo = trainer.order == Order.ZEROTH
     start = time.perf_counter()
     result = trainer.fit(
         until_stopped(dataset.train_batches(cfg.batch_size), stop),

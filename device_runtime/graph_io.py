@@ -1,6 +1,7 @@
-"""What a bundle's graphs take and give, shared by every training backend.
+"""What a bundle's graphs take and give: the one graph I/O contract, imported by the exporter
+(``export/training_graph.py``, which documents every input and output with its shape) and every training backend.
 
-Feeds in ``manifest.inputs`` order and outputs by name (``export/training_graph.py`` documents both):
+Feeds in ``manifest.inputs`` order and outputs by name:
 the batch, the loss coefficients, the FedAlign-MoE routing priors ``(E_l,)``, the logit adjustment of the answer
 tokens (``answer_ids`` / ``answer_bias``, ``device_runtime.answer_prior``) and, for FedProx bundles,
 ``prox_mu`` and one ``<param>.anchor`` per trainable tensor. Also the bundle's ``weights.safetensors``
@@ -17,13 +18,17 @@ from device_runtime.bundle import WEIGHTS_FILE, Bundle, Manifest
 from device_runtime.data import IGNORE_INDEX, Batch
 from device_runtime.errors import BundleError, ConfigError
 
-LOSS, CE_LOSS, NUM_TOKENS = "loss", "ce_loss", "num_tokens"
-ROUTING_STATS, ROUTING_PRIOR = "routing_stats_{}", "routing_prior_{}"
-ANCHOR_SUFFIX = ".anchor"
-ANSWER_IDS, ANSWER_BIAS = "answer_ids", "answer_bias"
-NO_ANSWER_SHIFT = (np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.float32))  # token 0 shifted by 0: none
+# inputs
+INPUT_IDS, ATTENTION_MASK, LABELS = "input_ids", "attention_mask", "labels"  # the batch, (batch, seq_len)
+AUX_LOSS_COEF, ROUTING_REG_COEF = "aux_loss_coef", "routing_reg_coef"  # FitConfig's coefficients, scalars
+ROUTING_PRIOR = "routing_prior_{}"  # per MoE layer l: the FedAlign-MoE prior (E_l,)
+ANSWER_IDS, ANSWER_BIAS = "answer_ids", "answer_bias"  # the logit adjustment of the first target, (A,) each
 FROZEN_INPUTS = ("frozen_gate_up_{}", "frozen_down_{}")  # per MoE layer l of a resident bundle (export.prune)
-ROUTING_REG_INPUT = "routing_kl_coef"  # the graph input of FitConfig.routing_reg_coef (its name in the bundle format)
+PROX_MU, ANCHOR_SUFFIX = "prox_mu", ".anchor"  # FedProx bundles: mu, and one anchor per trainable tensor
+# outputs
+LOSS, CE_LOSS, NUM_TOKENS = "loss", "ce_loss", "num_tokens"
+ROUTING_STATS = "routing_stats_{}"  # per MoE layer l: (4, E_l) routing sums
+NO_ANSWER_SHIFT = (np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.float32))  # token 0 shifted by 0: none
 DTYPES = {"float32": np.float32, "float16": np.float16}
 
 
@@ -54,13 +59,13 @@ def constant_inputs(
         ConfigError: a bad prior or answer shift, or ``prox_mu > 0`` for a bundle without FedProx inputs.
     """
     scalar = lambda v: np.array(float(v), dtype=np.float32)  # noqa: E731
-    feeds = {"aux_loss_coef": scalar(aux_loss_coef), ROUTING_REG_INPUT: scalar(routing_reg_coef)}
+    feeds = {AUX_LOSS_COEF: scalar(aux_loss_coef), ROUTING_REG_COEF: scalar(routing_reg_coef)}
     if ANSWER_IDS in manifest.inputs:
         feeds[ANSWER_IDS], feeds[ANSWER_BIAS] = check_answer_shift(answer_shift or NO_ANSWER_SHIFT)
     for l, prior in enumerate(check_priors(routing_prior, tuple(map(len, manifest.held_ids())))):
         feeds[ROUTING_PRIOR.format(l)] = prior
     if manifest.shape_key.prox:
-        feeds["prox_mu"] = scalar(prox_mu)
+        feeds[PROX_MU] = scalar(prox_mu)
         feeds.update({n + ANCHOR_SUFFIX: v.astype(np.float32) for n, v in anchors().items()})
     elif prox_mu:
         raise ConfigError("prox_mu > 0 needs a FedProx bundle (shape key with prox); ask for one")
@@ -78,7 +83,7 @@ def batch_feeds(manifest: Manifest, batch: Batch, constants: dict[str, np.ndarra
     Raises:
         BundleError: the graph wants an input this runtime cannot feed.
     """
-    feeds = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "labels": batch.labels, **constants}
+    feeds = {INPUT_IDS: batch.input_ids, ATTENTION_MASK: batch.attention_mask, LABELS: batch.labels, **constants}
     missing = [name for name in manifest.inputs if name not in feeds]
     if missing:
         raise BundleError(

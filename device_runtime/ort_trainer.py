@@ -17,6 +17,7 @@ import numpy as np
 from device_runtime.bundle import Bundle, load_bundle
 from device_runtime.errors import BundleError, ConfigError
 from device_runtime.graph_io import DTYPES, LOSS, NUM_TOKENS, check_tensor, read_weights, stats_names, weight_inputs
+from device_runtime.modes import ORT_TRAINING_BACKEND, Order
 from device_runtime.trainer import BundleTrainer
 
 
@@ -34,7 +35,7 @@ class OrtTrainer(BundleTrainer):
         ConfigError: ORT training is not installed or ``threads < 1``.
     """
 
-    backend, order = "ort-training", "first-order"
+    backend, order = ORT_TRAINING_BACKEND, Order.FIRST
 
     def __init__(self, bundle: Bundle | str, *, threads: int | None = None, progress: bool = True):
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)

@@ -7,8 +7,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from device_runtime.errors import BundleError
+from device_runtime.modes import TrainableMode, lora_rank_mismatch
 
-TRAINABLE_MODES = ("experts", "lora")
+TRAINABLE_MODES = tuple(TrainableMode)
 FROZEN_DTYPES = ("float16",)  # the precision of resident frozen experts (graph inputs, cast up in the graph)
 
 
@@ -45,7 +46,7 @@ class ShapeKey:
     """
 
     experts_per_layer: tuple[int, ...]
-    trainable_mode: str = "experts"
+    trainable_mode: TrainableMode = TrainableMode.EXPERTS
     lora_rank: int = 0
     prox: bool = False
     frozen_dtype: str | None = None
@@ -56,10 +57,11 @@ class ShapeKey:
             raise BundleError(f"experts_per_layer must be non-empty and >= 1, got {self.experts_per_layer}")
         if self.trainable_mode not in TRAINABLE_MODES:
             raise BundleError(f"trainable_mode must be one of {TRAINABLE_MODES}, got {self.trainable_mode!r}")
-        if (self.trainable_mode == "lora") != (self.lora_rank > 0):
-            raise BundleError("lora_rank must be > 0 exactly when trainable_mode is 'lora'")
+        if (why := lora_rank_mismatch(self.trainable_mode, self.lora_rank)) is not None:
+            raise BundleError(why)
+        object.__setattr__(self, "trainable_mode", TrainableMode(self.trainable_mode))
         if self.frozen_dtype is not None and (
-            self.frozen_dtype not in FROZEN_DTYPES or self.trainable_mode != "experts"
+            self.frozen_dtype not in FROZEN_DTYPES or self.trainable_mode != TrainableMode.EXPERTS
         ):
             raise BundleError(
                 f"frozen_dtype must be None or one of {FROZEN_DTYPES} (experts mode only), "
@@ -72,7 +74,7 @@ class ShapeKey:
     def id(self) -> str:
         """A stable, filesystem-safe identifier, e.g. ``experts-2.2.1.1``, ``lora8-prox-2.2`` or
         ``experts-float16-1.1`` (frozen experts resident in float16)."""
-        mode = self.trainable_mode if self.trainable_mode == "experts" else f"lora{self.lora_rank}"
+        mode = "experts" if self.trainable_mode == TrainableMode.EXPERTS else f"lora{self.lora_rank}"
         prox = "-prox" if self.prox else ""
         frozen = f"-{self.frozen_dtype}" if self.frozen_dtype else ""
         frozen += "-merged" if self.merged else ""

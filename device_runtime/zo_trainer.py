@@ -32,6 +32,7 @@ import numpy as np
 from device_runtime.bundle import Bundle, load_bundle
 from device_runtime.errors import BundleError, ConfigError
 from device_runtime.graph_io import DTYPES, LOSS, NUM_TOKENS, check_tensor, read_weights, stats_names
+from device_runtime.modes import ZO_BACKEND, Order
 from device_runtime.ort_api import import_onnxruntime
 from device_runtime.ort_checkpoint import read_checkpoint
 from device_runtime.trainer import BundleTrainer, FitResult
@@ -55,7 +56,7 @@ class ZoTrainer(BundleTrainer):
         ConfigError: no onnxruntime, ``threads < 1``, ``eps`` not finite and > 0, or an unknown distribution.
     """
 
-    backend, order = "zo", "zeroth-order"
+    backend, order = ZO_BACKEND, Order.ZEROTH
 
     def __init__(
         self,

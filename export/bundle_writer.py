@@ -23,20 +23,22 @@ from device_runtime.bundle import (
     WEIGHTS_FILE,
     Manifest,
     ShapeKey,
+    TensorRole,
     TensorSpec,
+    tensor_role,
     write_manifest,
 )
 from device_runtime.errors import BundleError
 from device_runtime.graph_io import FROZEN_INPUTS
 from device_runtime.wire import FitConfig
-from export.families import ROUTER, describe
+from export.families import describe
 from export.loading import cache_dir, checkpoint_sha256
 
 GRAPH_INFO = "graph.json"
 # Bump whenever export.training_graph or export.artifacts changes the exported graph: the cache is keyed by
 # (base model, shape key, GRAPH_VERSION), so an old graph is never reused. 2: lm_head on target positions only.
-# 3: the answer_ids / answer_bias inputs (logit adjustment).
-GRAPH_VERSION = 3
+# 3: the answer_ids / answer_bias inputs (logit adjustment). 4: routing_kl_coef renamed routing_reg_coef.
+GRAPH_VERSION = 4
 
 
 @dataclass(frozen=True)
@@ -156,6 +158,7 @@ def _frozen_specs(wrapper, description, frozen: dict) -> tuple[TensorSpec, ...]:
                     rows=FROZEN,
                     source=source,
                     transposed=True,
+                    role=TensorRole.EXPERT,
                 )
             )
     return tuple(specs)
@@ -199,7 +202,8 @@ def write_bundle(checkpoint: str | Path, out: str | Path, request: BundleRequest
             layer=l,
             expert_axis=0,
             trainable=True,
-            rows=HELD if n.endswith(ROUTER) else TRAINED,
+            rows=HELD if tensor_role(n) is TensorRole.ROUTER else TRAINED,
+            role=tensor_role(n),
         )
         for n, l in federated
     ) + _frozen_specs(wrapper, description, frozen)

@@ -20,6 +20,7 @@ from rich.table import Table
 
 from device_runtime.bundle import load_bundle
 from device_runtime.cli_errors import run_cli
+from device_runtime.modes import TrainableMode
 from device_runtime.wire import FitConfig
 from export.planner import MIB, Budget, TrainingShape, estimate, model_shape, plan, select_experts
 
@@ -75,7 +76,7 @@ def _training_options(func):
 
 
 def _training_shape(batch_size, seq_len, trainable, lora_rank) -> TrainingShape:
-    return TrainingShape(batch_size, seq_len, trainable, lora_rank if trainable == "lora" else 0)
+    return TrainingShape(batch_size, seq_len, trainable, lora_rank if trainable == TrainableMode.LORA else 0)
 
 
 @main.command()

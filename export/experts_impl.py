@@ -47,6 +47,21 @@ def gate_matrix(top_k_index: torch.Tensor, top_k_weights: torch.Tensor, num_expe
     return (hits * top_k_weights.unsqueeze(-1)).sum(dim=1)  # (N, E)
 
 
+def gated_activation(self: nn.Module, gate_up: torch.Tensor) -> torch.Tensor:
+    """The gated expert activation ``act(gate) * up`` of a ``[gate; up]`` projection (SwiGLU for SiLU experts:
+    Shazeer 2020, "GLU Variants Improve Transformer", eq. 6).
+
+    Args:
+        self: the fused experts module; its ``act_fn`` is the activation.
+        gate_up: ``(..., 2I)``.
+
+    Returns:
+        ``(..., I)``.
+    """
+    gate, up = gate_up.chunk(2, dim=-1)
+    return self.act_fn(gate) * up
+
+
 def _project(x: torch.Tensor, weight: torch.Tensor, lora_a, lora_b, scaling: float) -> torch.Tensor:
     """Every expert's linear map of ``x``: ``(N, in) -> (E, N, out)`` for ``weight (E, out, in)``."""
     out = torch.matmul(x, weight.transpose(1, 2))  # (E, N, out)
@@ -109,7 +124,7 @@ def dense_masked_experts_forward(
     )  # (C, N, 2I)
     if frozen is not None:
         gate_up = torch.cat([gate_up, torch.matmul(hidden_states, frozen[0].to(gate_up.dtype))])
-    inner = self._apply_gate(gate_up)  # (E, N, I)
+    inner = gated_activation(self, gate_up)  # (E, N, I)
     trained = self.gate_up_proj.shape[0]
     out = _project(
         inner if frozen is None else inner[:trained],
@@ -153,7 +168,7 @@ def routed_experts_forward(
             self.gate_up_lora_B[pick] if lora else None,
             scaling,
         )  # (1, n, 2I)
-        inner = self._apply_gate(gate_up)  # (1, n, I)
+        inner = gated_activation(self, gate_up)  # (1, n, I)
         expert_out = _project(
             inner,
             down_proj[pick],
@@ -184,6 +199,11 @@ def _check_layout(name: str, module: nn.Module) -> None:
         raise ModelError(f"{name}: transposed or biased fused experts are not supported by {DENSE_MASKED!r}")
     if not getattr(module, "has_gate", True) or not getattr(module, "is_concatenated", True):
         raise ModelError(f"{name}: only gated experts with concatenated [gate; up] weights are supported")
+    clamped = [a for a in ("limit", "gate_softcap", "swiglu_alpha") if getattr(module, a, None) is not None]
+    if clamped or not callable(getattr(module, "act_fn", None)):
+        raise ModelError(
+            f"{name}: only plain act(gate) * up experts are supported (this one sets {clamped or 'no act_fn'})"
+        )
 
 
 def use_dense_masked(model: nn.Module) -> nn.Module:

@@ -11,7 +11,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from device_runtime.bundle import ROUTER_WEIGHT
 from device_runtime.errors import UnsupportedArchitectureError
+from device_runtime.modes import TrainableMode
 
 # model_type -> config attribute holding the number of experts per MoE layer
 FAMILIES = {
@@ -20,7 +22,6 @@ FAMILIES = {
     "qwen3_moe": "num_experts",
     "olmoe": "num_experts",
 }
-ROUTER = "mlp.gate.weight"  # (num_experts, hidden)
 EXPERT_TENSORS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")  # (E, 2I, H), (E, H, I)
 
 
@@ -77,7 +78,7 @@ class MoeDescription:
         return [
             (n, l)
             for n, l in self.expert_tensors(state_names)
-            if n.endswith(ROUTER) or (("_lora_" in n) == (mode == "lora"))
+            if n.endswith(ROUTER_WEIGHT) or (("_lora_" in n) == (mode == TrainableMode.LORA))
         ]
 
 
@@ -117,7 +118,7 @@ def describe(model) -> MoeDescription:
                 index=index,
                 num_experts=int(mlp.gate.weight.shape[0]),
                 experts_per_token=int(mlp.gate.top_k),
-                router=prefix + ROUTER,
+                router=prefix + ROUTER_WEIGHT,
                 experts=tuple(prefix + name for name in EXPERT_TENSORS),
             )
         )

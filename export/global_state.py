@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 
 from device_runtime.errors import ModelError
+from device_runtime.modes import TrainableMode
 
 
 def load_trainable_model(
@@ -31,7 +32,7 @@ def load_trainable_model(
     from export.loading import load_causal_lm
 
     model = use_dense_masked(load_causal_lm(checkpoint))
-    if trainable_mode == "lora":
+    if trainable_mode == TrainableMode.LORA:
         torch.manual_seed(seed)
         add_lora(model, lora_rank, lora_alpha)
     return model

@@ -57,6 +57,7 @@ from pathlib import Path
 import numpy as np
 
 from device_runtime.errors import BudgetError, ConfigError, ModelError
+from device_runtime.modes import Order, TrainableMode
 from device_runtime.units import MIB
 
 # Measured by bench/bench_planner.py (ORT 1.19.2, 2 threads, CPU arena off; bench/README.md has the tables): on 24
@@ -67,7 +68,7 @@ from device_runtime.units import MIB
 # other activations and ~4 MiB of load-phase overhead): 8-layer experts-1 at 4x128 measured 1008-1012 MiB, 4-layer
 # lora8-1 at 1x64 386 MiB; runtime 120 -> 128 MiB and activation factor 1.03 -> 1.10 put both 1.01x over.
 CALIBRATION = {"runtime_overhead_mib": 128.0, "activation_factor": 1.10, "efficiency": 0.5}
-ORDERS = ("first-order", "zeroth-order")
+ORDERS = tuple(Order)
 
 
 @dataclass(frozen=True)
@@ -114,7 +115,7 @@ class TrainingShape:
     seq_len: int = 128
     trainable_mode: str = "experts"
     lora_rank: int = 0
-    order: str = "first-order"
+    order: Order = Order.FIRST
     targets: int | None = None
     frozen_dtype: str | None = None
     merged: bool = False
@@ -123,7 +124,7 @@ class TrainingShape:
         if self.order not in ORDERS:
             raise ConfigError(f"order must be one of {ORDERS}, got {self.order!r}")
         if self.frozen_dtype is not None and (
-            self.frozen_dtype != "float16" or self.order != "first-order" or self.trainable_mode != "experts"
+            self.frozen_dtype != "float16" or self.order != Order.FIRST or self.trainable_mode != TrainableMode.EXPERTS
         ):
             raise ConfigError(f"frozen_dtype {self.frozen_dtype!r}: only 'float16', first-order, experts mode")
         if self.merged and self.frozen_dtype is None:
@@ -185,7 +186,7 @@ def _activation_floats(shape: ModelShape, train: TrainingShape, kept: int) -> in
     h, i = shape.hidden, shape.intermediate
     kv = shape.num_kv_heads * shape.head_dim
     attention = 12 * h + 4 * kv + 2 * shape.num_heads * train.seq_len
-    expert = 5 * i + 2 * h + (2 * (2 * i + h) if train.trainable_mode == "lora" else 0)
+    expert = 5 * i + 2 * h + (2 * (2 * i + h) if train.trainable_mode == TrainableMode.LORA else 0)
     experts = kept * expert + 4 * shape.num_experts
     return tokens * (shape.num_layers * attention + shape.moe_layers * experts) + train.logit_rows * 4 * shape.vocab
 
@@ -208,9 +209,15 @@ def estimate(
     frozen = shape.moe_layers * (routed - kept) * shape.expert_params
     router = held * shape.hidden
     experts = shape.moe_layers * kept * shape.expert_params
-    lora = shape.moe_layers * kept * _lora_params(shape, train.lora_rank) if train.trainable_mode == "lora" else 0
+    lora = (
+        shape.moe_layers * kept * _lora_params(shape, train.lora_rank)
+        if train.trainable_mode == TrainableMode.LORA
+        else 0
+    )
     trainable = (
-        lora + shape.moe_layers * router if train.trainable_mode == "lora" else experts + shape.moe_layers * router
+        lora + shape.moe_layers * router
+        if train.trainable_mode == TrainableMode.LORA
+        else experts + shape.moe_layers * router
     )
     staged = trainable + frozen // 2  # weights.safetensors, in float32 units (frozen experts in float16)
     all_params = shape.shared_params + experts + shape.moe_layers * router + lora
@@ -221,7 +228,7 @@ def estimate(
     attention_flops = 4 * tokens * train.seq_len * shape.num_heads * shape.head_dim * shape.num_layers
     lm_head = shape.vocab * shape.hidden  # the (tied) embedding, as a matmul on the target rows only
     matmul_flops = 2 * tokens * (all_params + frozen - lm_head) + 2 * train.logit_rows * lm_head
-    if train.order == "zeroth-order":
+    if train.order == Order.ZEROTH:
         live = _activation_floats(shape, train, kept) // shape.num_layers + 2 * train.logit_rows * shape.vocab
         parts = {
             "runtime": calibration["runtime_overhead_mib"] * MIB,

@@ -12,7 +12,7 @@ name                        shape                   dtype    meaning
                                                              (logits at t predict labels at t + 1); padding
                                                              positions are ignored whatever their label
 ``aux_loss_coef``           ()                      float32  load-balancing loss coefficient
-``routing_kl_coef``         ()                      float32  FedAlign-MoE lambda_r (0 disables)
+``routing_reg_coef``         ()                      float32  FedAlign-MoE lambda_r (0 disables)
 ``routing_prior_{l}``       (E_l,)                  float32  p_global for layer l (FedAlign-MoE)
 ``answer_ids``              (num_answers,)          int64    token ids whose logit is shifted at each row's
                                                              first target (the answer tokens of a label set)
@@ -52,7 +52,7 @@ in the training loss: evaluation feeds zeros, and the exported global model has 
 
 Objective (averages over MoE layers)::
 
-    loss = ce + aux_loss_coef * mean_l LB_l + routing_kl_coef * mean_l KL(p_l || prior_l)
+    loss = ce + aux_loss_coef * mean_l LB_l + routing_reg_coef * mean_l KL(p_l || prior_l)
               [+ prox_mu / 2 * sum_w ||w - anchor_w||^2]
 
 with LB_l = E_l * sum_e f_e P_e (Switch Transformer, Fedus et al. 2021 eq. 4, top-k form as in Mixtral:
@@ -66,27 +66,28 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from device_runtime.data import IGNORE_INDEX
 from device_runtime.errors import ModelError
-from device_runtime.graph_io import FROZEN_INPUTS, NO_ANSWER_SHIFT
+from device_runtime.graph_io import (
+    ANCHOR_SUFFIX,
+    ANSWER_BIAS,
+    ANSWER_IDS,
+    ATTENTION_MASK,
+    AUX_LOSS_COEF,
+    CE_LOSS,
+    FROZEN_INPUTS,
+    INPUT_IDS,
+    LABELS,
+    LOSS,
+    NO_ANSWER_SHIFT,
+    NUM_TOKENS,
+    PROX_MU,
+    ROUTING_PRIOR,
+    ROUTING_REG_COEF,
+    ROUTING_STATS,
+)
 from export.experts_impl import experts_modules, use_dense_masked
 
-INPUT_IDS = "input_ids"
-ATTENTION_MASK = "attention_mask"
-LABELS = "labels"
-AUX_LOSS_COEF = "aux_loss_coef"
-ROUTING_KL_COEF = "routing_kl_coef"
-ROUTING_PRIOR = "routing_prior_{}"
-ANSWER_IDS = "answer_ids"
-ANSWER_BIAS = "answer_bias"
-PROX_MU = "prox_mu"
-ANCHOR_SUFFIX = ".anchor"
-
-LOSS = "loss"
-CE_LOSS = "ce_loss"
-ROUTING_STATS = "routing_stats_{}"
-NUM_TOKENS = "num_tokens"
-
-IGNORE_INDEX = -100
 DYNAMIC_INPUTS = (INPUT_IDS, ATTENTION_MASK, LABELS)
 ANSWER_INPUTS = (ANSWER_IDS, ANSWER_BIAS)  # dynamic axis 0: num_answers
 _EPS = 1e-12
@@ -273,7 +274,7 @@ class TrainingWrapper(nn.Module):
     @property
     def input_names(self) -> tuple[str, ...]:
         """Graph input names in feed order."""
-        names = [INPUT_IDS, ATTENTION_MASK, LABELS, AUX_LOSS_COEF, ROUTING_KL_COEF]
+        names = [INPUT_IDS, ATTENTION_MASK, LABELS, AUX_LOSS_COEF, ROUTING_REG_COEF]
         names += [ROUTING_PRIOR.format(l) for l in range(len(self.routers))]
         names += list(ANSWER_INPUTS)
         names += list(self.frozen_names)
@@ -294,7 +295,7 @@ class TrainingWrapper(nn.Module):
         labels: torch.Tensor,
         *,
         aux_loss_coef: float = 0.0,
-        routing_kl_coef: float = 0.0,
+        routing_reg_coef: float = 0.0,
         routing_priors: list | None = None,
         answer_ids=NO_ANSWER_SHIFT[0],
         answer_bias=NO_ANSWER_SHIFT[1],
@@ -309,7 +310,7 @@ class TrainingWrapper(nn.Module):
             ATTENTION_MASK: attention_mask,
             LABELS: labels,
             AUX_LOSS_COEF: scalar(aux_loss_coef),
-            ROUTING_KL_COEF: scalar(routing_kl_coef),
+            ROUTING_REG_COEF: scalar(routing_reg_coef),
         }
         for l, count in enumerate(self.num_experts):
             prior = torch.full((count,), 1.0 / count) if routing_priors is None else routing_priors[l]
@@ -325,7 +326,7 @@ class TrainingWrapper(nn.Module):
                 inputs[name + ANCHOR_SUFFIX] = torch.as_tensor(anchor, dtype=torch.float32).clone()
         return inputs
 
-    def forward(self, input_ids, attention_mask, labels, aux_loss_coef, routing_kl_coef, *rest):
+    def forward(self, input_ids, attention_mask, labels, aux_loss_coef, routing_reg_coef, *rest):
         """Graph inputs positionally in :attr:`input_names` order; returns the :attr:`output_names` tuple."""
         num_layers, num_frozen = len(self.routers), len(self.frozen_names)
         priors, (answer_ids, answer_bias) = rest[:num_layers], rest[num_layers : num_layers + 2]
@@ -347,7 +348,7 @@ class TrainingWrapper(nn.Module):
         balance = torch.stack([load_balancing_loss(s[2], s[3], num_valid) for s in sums]).mean()
         kl = torch.stack([routing_kl(s[2], num_valid, p) for s, p in zip(sums, priors)]).mean()
         stats = [routing_stats(*s) for s in sums]
-        loss = ce + aux_loss_coef * balance + routing_kl_coef * kl
+        loss = ce + aux_loss_coef * balance + routing_reg_coef * kl
         if self.prox:
             loss = loss + self._proximal(prox_inputs[0], prox_inputs[1:])
         return (loss, ce, *stats, attention_mask.sum())

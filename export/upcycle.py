@@ -12,6 +12,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from device_runtime.bundle import ROUTER_WEIGHT
 from device_runtime.errors import ConfigError, ModelError
 
 _COPIED_CONFIG = (
@@ -107,7 +108,7 @@ def upcycle(
     generator = torch.Generator().manual_seed(seed)
     new_state = {}
     for name, tensor in moe.state_dict().items():
-        if ".mlp.gate.weight" in name:
+        if name.endswith(ROUTER_WEIGHT):
             new_state[name] = torch.randn(tensor.shape, generator=generator) * router_std
         elif name.endswith("mlp.experts.gate_up_proj"):
             prefix = name[: -len("experts.gate_up_proj")]

@@ -48,7 +48,7 @@ def running_coordinator(tmp_path_factory):
     from coordinator.config import save_config
 
     root = tmp_path_factory.mktemp("coordinator")
-    cfg = initialised_coordinator(root, root / "state", num_rounds=0, round_deadline_s=ROUND_TIMEOUT_S)
+    cfg = initialised_coordinator(root, root / "state", num_rounds=0, deadline_s=ROUND_TIMEOUT_S)
     config = root / "fedmoe-coord.toml"
     save_config(cfg, config)
     thread = ServerThread(cfg)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from coordinator.strategy import ClientUpdate, FitContext, LayerRouting, TensorMeta, TensorRole
+from coordinator.strategy import ClientUpdate, FitContext, LayerRouting, TensorRole, TensorSpec
 from device_runtime.stats import RoutingStats
 from device_runtime.wire import Assignment, Update
 
@@ -196,11 +196,24 @@ def two_expert_memory(checkpoint) -> float:
 # ---------------------------------------------------------------- a real coordinator
 
 
+def config_with(cfg, **changes):
+    """``dataclasses.replace`` of a ``CoordinatorConfig``, where ``coordinator.rounds.RoundPolicy`` field names
+    (``min_fit_clients``, ``deadline_s``, ``max_attempts`` ...) change its ``[rounds]`` table."""
+    import dataclasses
+
+    from coordinator.rounds import RoundPolicy
+
+    names = {f.name for f in dataclasses.fields(RoundPolicy)}
+    rounds = {k: changes.pop(k) for k in list(changes) if k in names}
+    return dataclasses.replace(cfg, rounds=dataclasses.replace(cfg.rounds, **rounds), **changes)
+
+
 def initialised_coordinator(root: Path, state_dir: Path, **overrides):
     """A ``CoordinatorConfig`` (HFedMoE, one client per round, port 0) over a fresh ``COORD_MIXTRAL`` checkpoint
     at ``root / "checkpoint"``, with the global state initialised (model version 0), devices pruned to the experts
     they train (``frozen_experts``: these coordinators test protocol and rounds, ``tests/test_frozen_experts.py``
-    and ``tests/test_reference_parity.py`` the frozen rungs). ``overrides`` replace config fields. It serves plain
+    and ``tests/test_reference_parity.py`` the frozen rungs). ``overrides`` replace config fields (and
+    ``[rounds]`` fields, :func:`config_with`). It serves plain
     ws:// (``insecure``: its clients speak the protocol by hand); pass it
     through ``coordinator.tls.with_new_authority`` for wss:// with mutual TLS."""
     from coordinator.config import CoordinatorConfig
@@ -211,15 +224,13 @@ def initialised_coordinator(root: Path, state_dir: Path, **overrides):
         checkpoint=str(checkpoint),
         state_dir=str(state_dir),
         port=0,
-        min_fit_clients=1,
-        max_fit_clients=1,
-        round_deadline_s=120,
+        rounds={"min_fit_clients": 1, "max_fit_clients": 1, "deadline_s": 120},
         strategy="hfedmoe",
         insecure=True,
         frozen_experts="pruned",
         fit={"batch_size": 2, "seq_len": 8, "local_steps": 2},
     )
-    cfg = CoordinatorConfig(**{**fields, **overrides})
+    cfg = config_with(CoordinatorConfig(**fields), **overrides)
     assert initialize(cfg, CALIBRATION_TEXTS).version == 0
     return cfg
 
@@ -435,9 +446,9 @@ def stored_update_row(store, device_id, n, values, usage=(1.0, 1.0)):
     return SimpleNamespace(device_id=device_id, num_examples=n, meta=meta, tensor_sha256=store.put(tensors))
 
 
-EXPERT = TensorMeta(TensorRole.EXPERT, layer=0, expert_axis=0)
-ROUTER = TensorMeta(TensorRole.ROUTER, layer=0, expert_axis=0)
-OTHER = TensorMeta(TensorRole.OTHER)
+EXPERT = TensorSpec("experts.w", (), layer=0, expert_axis=0, role=TensorRole.EXPERT)
+ROUTER = TensorSpec("gate.weight", (), layer=0, expert_axis=0, role=TensorRole.ROUTER)
+OTHER = TensorSpec("attn.w", ())  # SHARED
 
 
 def tiny_global():

@@ -155,7 +155,7 @@ def test_emulated_python_is_aarch64_313_with_only_the_zo_backend(arm64_python, t
 
 def test_emulated_aarch64_device_completes_a_zeroth_order_round(arm64_python, tmp_path):
     fit = {"batch_size": 2, "seq_len": 8, "local_steps": 2, "learning_rate": 1e-2, "zo_seeds": 16}  # seeds + scalars
-    with one_round_federation(tmp_path, max_message_mib=COORD_MIB, fit=fit, round_deadline_s=900) as (
+    with one_round_federation(tmp_path, max_message_mib=COORD_MIB, fit=fit, deadline_s=900) as (
         server,
         registry,
         data,

@@ -23,7 +23,7 @@ from device_runtime.tls import client_context
 from device_runtime.wire import PROTOCOL_VERSION, Auth, AuthOk, Enroll, Error, Hello, decode, encode
 
 pytest.importorskip("torch")
-from helpers import ServerThread, init_by_cli  # noqa: E402
+from helpers import ServerThread, config_with, init_by_cli  # noqa: E402
 from test_tls import MAX_MIB, enrolled  # noqa: E402
 
 PER_ADDRESS = 4
@@ -34,7 +34,7 @@ HANDSHAKE_S = 1.5
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("accept")
     raise_descriptor_limit()
-    cfg = replace(
+    cfg = config_with(
         load_config(init_by_cli(root)),
         max_message_mib=MAX_MIB,
         min_fit_clients=1,

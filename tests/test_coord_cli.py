@@ -20,7 +20,7 @@ from device_runtime.tls import certificate_fingerprint
 from device_runtime.wire import Assignment, EvalResult
 
 pytest.importorskip("torch")
-from helpers import InboxDevice, fake_update, init_by_cli, two_expert_memory  # noqa: E402
+from helpers import InboxDevice, config_with, fake_update, init_by_cli, two_expert_memory  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +80,7 @@ def test_round_survives_a_coordinator_restart(coord):
     from coordinator.rounds import Aggregate, StartRound
     from coordinator.service import Coordinator
 
-    cfg = replace(load_config(coord["config"]), round_deadline_s=300, fit={"batch_size": 2, "seq_len": 8})
+    cfg = config_with(load_config(coord["config"]), deadline_s=300, fit={"batch_size": 2, "seq_len": 8})
     profile = {"memory_mib": coord["memory"], "gflops": 5.0}
     registry = Registry(cfg.registry_url)
     a, b = InboxDevice(registry, "a", profile), InboxDevice(registry, "b", profile)
@@ -134,7 +134,7 @@ def test_round_survives_a_coordinator_restart(coord):
     status = cli(coord, "status").output
     assert "1 finished" in status and "federated evaluation" in status and "1.7500" in status, status
     registry = Registry(load_config(coord["config"]).registry_url)
-    for _ in range(3):  # max_round_attempts consecutive failures: the coordinator backs off and alerts
+    for _ in range(3):  # [rounds] max_attempts consecutive failures: the coordinator backs off and alerts
         registry.finish_round(registry.start_round("hfedmoe", {}).id, metrics={"reason": "0 of 2"}, status="failed")
     registry.close()
     status = cli(coord, "status").output

@@ -17,7 +17,7 @@ from helpers import EXPERT, ROUTER, make_update, routing, tiny_context, tiny_glo
 from coordinator.planning import slice_assignment
 from coordinator.strategy import FedAvg, HFedMoE
 from coordinator.strategy.selection import affordable_fit
-from device_runtime.bundle import FROZEN, HELD, Manifest, TensorSpec
+from device_runtime.bundle import FROZEN, HELD, Manifest, TensorRole, TensorSpec
 from device_runtime.errors import BundleError
 from device_runtime.shape_key import ShapeKey, held_experts
 from export.planner import TrainingShape, estimate
@@ -101,9 +101,9 @@ def test_an_assignment_carries_the_frozen_rows_transposed_in_float16(merged):
     key = ShapeKey((1,), frozen_dtype="float16", merged=merged)
     frozen_rows = 1 if merged else 3
     specs = [
-        TensorSpec("e.w", (1, 3, 2), layer=0, expert_axis=0),
-        TensorSpec("g.weight", (4, 2), layer=0, expert_axis=0, rows=HELD),
-        TensorSpec("frozen_gate_up_0", (frozen_rows, 2, 3), "float16", 0, 0, False, FROZEN, "e.w", True),
+        TensorSpec("e.w", (1, 3, 2), layer=0, expert_axis=0, role=TensorRole.EXPERT),
+        TensorSpec("g.weight", (4, 2), layer=0, expert_axis=0, rows=HELD, role=TensorRole.ROUTER),
+        TensorSpec("frozen_gate_up_0", (frozen_rows, 2, 3), "float16", 0, 0, False, FROZEN, "e.w", True, "expert"),
     ]
     out = slice_assignment({"e.w": weights, "g.weight": gate}, _manifest(key, specs), ((2,),))
     np.testing.assert_array_equal(out["e.w"], weights[[2]])
@@ -129,7 +129,7 @@ def test_hfedmoe_router_rows_of_resident_and_pruned_clients_by_hand():
     )
     a = make_update("a", 1, (0, 1), [[1, 2], [3, 4]], [[10, 10], [20, 20]], [1, 1], usage=[0.7, 0.3], s_spec=[0.9, 0.5])
     assert r.held_ids(0) == (2, 0, 1, 3) and r.rows(ROUTER) == (2, 0, 1, 3) and r.rows(EXPERT) == (2,)
-    out, _ = HFedMoE(tau=0.05, lam=0.5).aggregate_fit(1, [r, a], [], tiny_global())
+    out, _, _ = HFedMoE(tau=0.05, lam=0.5).aggregate_fit(1, [r, a], [], tiny_global())
     alpha_r = (0.4 * 0.6 + 0.3 * 0.45 + 0.2 * 0.3 + 0.1 * 0.15) / 4  # sum over all 4 held: u * (u + s) / 2
     alpha_a = (0.7 * 0.8 + 0.3 * 0.4) / 4
     np.testing.assert_allclose(
@@ -147,7 +147,7 @@ def test_hfedmoe_router_rows_of_resident_and_pruned_clients_by_hand():
 
 def test_fedavg_averages_router_rows_over_every_holder_and_expert_rows_over_trainers():
     r = _resident_update("r", 3, 1, [70, 70], [[8, 8], [4, 4], [4, 4], [4, 4]], usage=[0.25] * 4, s_spec=[0.5] * 4)
-    out, _ = FedAvg().aggregate_fit(
+    out, _, _ = FedAvg().aggregate_fit(
         1, [r, make_update("a", 1, (1, 2), [[1, 1], [2, 2]], [[0, 0], [0, 0]], [0, 0])], [], tiny_global()
     )
     np.testing.assert_allclose(out["gate.weight"], [[4, 4], [6, 6], [3, 3], [4, 4]])  # (3 * 8 + 1 * 0) / 4 for 1
@@ -159,5 +159,5 @@ def test_an_update_whose_router_does_not_cover_its_held_experts_is_rejected():
     short = replace(r, tensors={**r.tensors, "gate.weight": r.tensors["gate.weight"][:2]})
     overlapping = replace(r, frozen_ids=((2, 0, 1),))
     for bad, reason in ((short, "gate.weight"), (overlapping, "distinct")):
-        _, metrics = FedAvg().aggregate_fit(1, [bad], [], tiny_global())
+        _, metrics, _ = FedAvg().aggregate_fit(1, [bad], [], tiny_global())
         assert reason in metrics["rejected"]["r"]

@@ -141,7 +141,7 @@ def graph_inputs(wrapper: TrainingWrapper, seed: int = 1) -> dict[str, torch.Ten
     return wrapper.make_inputs(
         **batch(seed),
         aux_loss_coef=AUX,
-        routing_kl_coef=KL_COEF,
+        routing_reg_coef=KL_COEF,
         routing_priors=priors,
         answer_ids=ANSWER_IDS,
         answer_bias=ANSWER_BIAS,
@@ -318,7 +318,7 @@ def test_uniform_router_gives_hand_computed_regularisers():
             if name.endswith(".mlp.gate.weight"):
                 param.zero_()
     wrapper = TrainingWrapper(model)
-    inputs = wrapper.make_inputs(**batch(), aux_loss_coef=0.5, routing_kl_coef=2.0)
+    inputs = wrapper.make_inputs(**batch(), aux_loss_coef=0.5, routing_reg_coef=2.0)
     with torch.no_grad():
         loss, ce, *stats, num_tokens = wrapper(*inputs.values())
     assert float(loss - ce) == pytest.approx(0.5 * TOP_K, rel=1e-5)
@@ -345,7 +345,7 @@ def test_pruned_uneven_layers_gradients_and_dynamic_shapes(tmp_path):
         mask,
         input_ids.clone(),
         aux_loss_coef=AUX,
-        routing_kl_coef=KL_COEF,
+        routing_reg_coef=KL_COEF,
         routing_priors=[torch.tensor([0.5, 0.3, 0.2]), torch.tensor([1.0])],
     )
     assert_gradients_match(wrapper, arts, inputs, zero_ok=("model.layers.1.mlp.gate.weight",))  # softmax of 1

@@ -45,11 +45,11 @@ def calls(device) -> list[list[str]]:
 
 def coordinator_bundle(cfg, experts_per_layer: tuple[int, ...]):
     """The coordinator's own bundle of that shape (written now, as its first round would)."""
-    from coordinator.planning import BundleCache
+    from coordinator.planning import BundleStore
     from device_runtime.bundle import ShapeKey
 
     key = ShapeKey(experts_per_layer)
-    BundleCache(Path(cfg.state_dir) / "bundles", cfg.checkpoint, cfg.fit).ensure(key)
+    BundleStore(Path(cfg.state_dir) / "bundles", cfg.checkpoint, cfg.fit).ensure(key)
     return Path(cfg.state_dir) / "bundles" / key.id
 
 

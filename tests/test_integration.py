@@ -172,10 +172,7 @@ def start_federation(root: Path, checkpoint: Path, *, num_rounds: int) -> Federa
         state_dir=str(root / "state"),
         port=free_port(),
         strategy="hfedmoe",
-        min_fit_clients=3,
-        max_fit_clients=3,
-        num_rounds=num_rounds,
-        round_deadline_s=ROUND_TIMEOUT_S,
+        rounds={"min_fit_clients": 3, "max_fit_clients": 3, "num_rounds": num_rounds, "deadline_s": ROUND_TIMEOUT_S},
         fit=FIT,
         max_message_mib=64,
     )

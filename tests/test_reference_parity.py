@@ -153,7 +153,7 @@ def _reference(cfg, strategy, params0, fits: dict, data: dict[str, tuple], monke
         ins = dataclasses.replace(fits[device_id], config=dataclasses.replace(fits[device_id].config, **fit_changes))
         updates.append(fit_device(model, params0, ins, ReferenceDevice(device_id, {}, data[device_id][1]), tokenizer))
     monkeypatch.setattr(torch.optim, "AdamW", real)
-    params, _ = strategy.aggregate_fit(1, updates, [], params0)
+    params, _, _ = strategy.aggregate_fit(1, updates, [], params0)
     return params, updates
 
 

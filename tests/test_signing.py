@@ -13,7 +13,6 @@ import hashlib
 import json
 import logging
 import struct
-from dataclasses import replace
 
 import pytest
 from websockets.asyncio.client import connect
@@ -30,7 +29,7 @@ from device_runtime.signing import MANIFEST_SIG
 
 pytest.importorskip("onnxruntime.training.api")
 pytest.importorskip("torch")
-from helpers import ServerThread, init_by_cli, two_expert_memory  # noqa: E402
+from helpers import ServerThread, config_with, init_by_cli, two_expert_memory  # noqa: E402
 from test_client import run_until  # noqa: E402
 
 MAX_MIB = 4.0
@@ -144,13 +143,13 @@ def fed(tmp_path_factory):
     (the happy path: signed bundle and assignment verified); then the coordinator is stopped."""
     root = tmp_path_factory.mktemp("signing")
     config = init_by_cli(root)
-    cfg = replace(
+    cfg = config_with(
         load_config(config),
         max_message_mib=MAX_MIB,
         min_fit_clients=1,
         max_fit_clients=1,
         fit=FIT,
-        round_deadline_s=60,
+        deadline_s=60,
         num_rounds=1,
     )  # no second round holds up the attacks on device b
     data = root / "data.jsonl"
@@ -206,7 +205,7 @@ def attack(fed, tmp_path, tamper, *, names=("b",), until=rejections, **overrides
     connected through a :class:`Proxy` running ``tamper``, until ``until(rows)`` (default: an assignment was
     rejected). Returns ``until(rows)``, ``rows`` the registry's updates of the assignments sent, by update id."""
     # a short deadline: a round resumed from the previous test may wait for a device not connected in this one
-    cfg = replace(fed["cfg"], tls_cert="", tls_key="", insecure=True, num_rounds=0, round_deadline_s=8, **overrides)
+    cfg = config_with(fed["cfg"], tls_cert="", tls_key="", insecure=True, num_rounds=0, deadline_s=8, **overrides)
     server = ServerThread(cfg)
     registry = Registry(cfg.registry_url)
     proxy = Proxy(server.url, tamper)

@@ -13,8 +13,8 @@ from coordinator.strategy import (
     FitIns,
     HFedMoE,
     StreamingAggregation,
-    TensorMeta,
     TensorRole,
+    TensorSpec,
     from_name,
     validate_update,
 )
@@ -81,13 +81,13 @@ def test_rejected_update_leaves_the_accumulator_untouched_and_duplicates_are_ref
 def test_failures_and_garbage_do_not_crash_a_round(name):
     params = tiny_global()
     strategy = from_name(name)
-    out, metrics = strategy.aggregate_fit(1, [], [("x", "timeout")], params)
+    out, metrics, _ = strategy.aggregate_fit(1, [], [("x", "timeout")], params)
     assert all(out[k] is params[k] for k in params)
     assert metrics["num_failures"] == 1 and metrics["failures"] == {"x": "timeout"}
 
     garbage = _replace_tensor(good_update("bad"), "experts.w", np.zeros((9, 9), np.float32))
-    with_garbage, metrics = strategy.aggregate_fit(2, [good_update("a"), garbage], [("x", "oom")], params)
-    clean, _ = from_name(name).aggregate_fit(2, [good_update("a")], [], params)
+    with_garbage, metrics, _ = strategy.aggregate_fit(2, [good_update("a"), garbage], [("x", "oom")], params)
+    clean, _, _ = from_name(name).aggregate_fit(2, [good_update("a")], [], params)
     assert set(metrics["rejected"]) == {"bad"} and metrics["num_failures"] == 2 and metrics["num_clients"] == 1
     for key in params:
         np.testing.assert_array_equal(with_garbage[key], clean[key])
@@ -139,7 +139,7 @@ def test_streaming_from_files_equals_direct_computation(tmp_path):
         for u in updates:
             yield ClientUpdate(**{**u.__dict__, "tensors": load_file(str(tmp_path / f"{u.client_id}.safetensors"))})
 
-    streamed, metrics = FedAvg().aggregate_fit(1, reread, [], params)
+    streamed, metrics, _ = FedAvg().aggregate_fit(1, reread, [], params)
     direct = _direct_fedavg(params, updates)
     for name in params:
         np.testing.assert_allclose(streamed[name], direct[name], rtol=1e-6, atol=1e-6)
@@ -149,7 +149,10 @@ def test_streaming_from_files_equals_direct_computation(tmp_path):
 
 def test_non_leading_expert_axis():
     params = {"w": np.zeros((2, 3), np.float32), "g": np.zeros((3, 2), np.float32)}
-    meta = {"w": TensorMeta(TensorRole.EXPERT, 0, 1), "g": TensorMeta(TensorRole.ROUTER, 0, 0)}
+    meta = {
+        "w": TensorSpec("w", (2, 3), layer=0, expert_axis=1, role=TensorRole.EXPERT),
+        "g": TensorSpec("g", (3, 2), layer=0, expert_axis=0, role=TensorRole.ROUTER),
+    }
 
     def update(cid, n, ids, w):
         return ClientUpdate(
@@ -162,7 +165,7 @@ def test_non_leading_expert_axis():
             (routing(len(ids)),),
         )
 
-    out, _ = FedAvg().aggregate_fit(
+    out, _, _ = FedAvg().aggregate_fit(
         1, [update("a", 1, (0, 2), [[1, 2], [3, 4]]), update("b", 3, (2,), [[6], [8]])], [], params
     )
     # expert 0 from a only; expert 2: (1*2 + 3*6)/4 = 5 and (1*4 + 3*8)/4 = 7; expert 1 unchanged
@@ -180,6 +183,9 @@ def test_registry():
         "fedyogi",
         "hfedmoe",
     ]
+    import coordinator.strategy as package
+
+    assert {cls.__name__ for cls in STRATEGIES.values()} <= set(package.__all__)  # each importable by its name
     context = tiny_context()
     clients = [ClientInfo(c, {"memory_mib": memory_for(context, 2)}) for c in ("a", "b")]
     fits = from_name("fedprox", prox_mu=0.1).bind(context).configure_fit(3, tiny_global(), clients)

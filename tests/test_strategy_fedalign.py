@@ -28,7 +28,7 @@ def _clients():
 
 def test_expert_alignment_by_hand():
     strategy = FedAlign(threshold=0.8, num_experts=(4,))
-    out, metrics = strategy.aggregate_fit(1, _clients(), [], _global())
+    out, metrics, _ = strategy.aggregate_fit(1, _clients(), [], _global())
     np.testing.assert_allclose(
         out["experts.w"],
         [
@@ -44,14 +44,14 @@ def test_expert_alignment_by_hand():
 
 
 def test_router_usage_weighting_by_hand():
-    out, _ = FedAlign(router_weighting="usage").aggregate_fit(1, _clients(), [], _global())
+    out, _, _ = FedAlign(router_weighting="usage").aggregate_fit(1, _clients(), [], _global())
     e0 = (0.75 * 1 + 0.5 * 3 + 0.9 * 5) / (0.75 + 0.5 + 0.9)
     e1 = (0.25 * 2 + 0.5 * 4) / (0.25 + 0.5)
     np.testing.assert_allclose(out["gate.weight"], [[e0, e0], [e1, e1], [6, 6], [9, 9]], rtol=1e-6)
 
 
 def test_router_kl_weighting_by_hand():
-    out, _ = FedAlign(router_weighting="kl", num_experts=(4,)).aggregate_fit(1, _clients(), [], _global())
+    out, _, _ = FedAlign(router_weighting="kl", num_experts=(4,)).aggregate_fit(1, _clients(), [], _global())
     # uniform prior restricted to two kept experts is [.5, .5]
     w_a = 1 / (1 + 0.75 * np.log(0.75 / 0.5) + 0.25 * np.log(0.25 / 0.5))
     w_b = 1.0
@@ -66,16 +66,17 @@ def test_routing_prior_is_state_between_rounds():
     clients = [ClientInfo("a", {"memory_mib": 1e6})]
     config = strategy.configure_fit(1, _global(), clients)["a"].config
     assert (config.routing_reg_coef, config.routing_prior) == (0.05, ((0.25,) * 4,))
-    strategy.aggregate_fit(1, _clients(), [], _global())
+    _, _, state = strategy.aggregate_fit(1, _clients(), [], _global())
     mean_usage = np.array([(0.75 + 0.5 + 0.9) / 3, (0.25 + 0.5) / 2, 0.1, 0.25])  # expert 3 keeps 0.25
-    prior = strategy.configure_fit(2, _global(), clients)["a"].config.routing_prior
+    prior = strategy.configure_fit(2, _global(), clients, state)["a"].config.routing_prior
     np.testing.assert_allclose(prior, [mean_usage / mean_usage.sum()])
+    assert strategy.configure_fit(2, _global(), clients)["a"].config.routing_prior == ((0.25,) * 4,)  # no state
 
 
 def test_two_passes_over_a_factory_and_one_shot_iterators_refused():
     clients = _clients()
-    from_list, _ = FedAlign(threshold=0.8).aggregate_fit(1, clients, [], _global())
-    from_factory, _ = FedAlign(threshold=0.8).aggregate_fit(1, lambda: iter(clients), [], _global())
+    from_list, _, _ = FedAlign(threshold=0.8).aggregate_fit(1, clients, [], _global())
+    from_factory, _, _ = FedAlign(threshold=0.8).aggregate_fit(1, lambda: iter(clients), [], _global())
     for name in from_list:
         np.testing.assert_array_equal(from_list[name], from_factory[name])
     with pytest.raises(TypeError, match="twice"):

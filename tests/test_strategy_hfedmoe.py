@@ -28,7 +28,7 @@ def _three_clients():
 
 
 def test_hfedmoe_experts_by_hand():
-    out, metrics = HFedMoE(tau=0.2, lam=0.5).aggregate_fit(1, _three_clients(), [], tiny_global())
+    out, metrics, _ = HFedMoE(tau=0.2, lam=0.5).aggregate_fit(1, _three_clients(), [], tiny_global())
     np.testing.assert_allclose(
         out["experts.w"],
         [
@@ -48,7 +48,7 @@ def test_hfedmoe_router_rows_by_hand():
     alpha_b = (0.6 * 0.7 + 0.4 * 0.5) / 4  # 0.155
     alpha_c = (0.9 * 0.95 + 0.1 * 0.2) / 4  # 0.21875
     assert (alpha_a, alpha_b, alpha_c) == pytest.approx((0.17, 0.155, 0.21875))
-    out, _ = HFedMoE(tau=0.2, lam=0.5).aggregate_fit(1, _three_clients(), [], tiny_global())
+    out, _, _ = HFedMoE(tau=0.2, lam=0.5).aggregate_fit(1, _three_clients(), [], tiny_global())
     # local rows: a e0 [1,0], a e1 [0,1]; b e1 [2,0], b e2 [0,2]; c e0 [4,4], c e2 [8,8]
     expected = [
         [(0.17 * 1 + 0.21875 * 4) / 0.38875, (0.17 * 0 + 0.21875 * 4) / 0.38875],  # expert 0: holders a, c
@@ -63,12 +63,12 @@ def test_a_one_expert_router_row_does_not_count():
     # d held only expert 0: its router row is untrainable (softmax over one logit), so it gets weight 0;
     # its expert row and unindexed tensor count as usual
     d = make_update("d", 4, (0,), [[41, 42]], [[100, 100]], [9, 9], usage=[1.0], s_spec=[1.0])
-    out, _ = HFedMoE(tau=0.2, lam=0.5).aggregate_fit(1, _three_clients() + [d], [], tiny_global())
+    out, _, _ = HFedMoE(tau=0.2, lam=0.5).aggregate_fit(1, _three_clients() + [d], [], tiny_global())
     np.testing.assert_allclose(
         out["gate.weight"][0], [(0.17 * 1 + 0.21875 * 4) / 0.38875, (0.17 * 0 + 0.21875 * 4) / 0.38875], rtol=1e-6
     )
     np.testing.assert_allclose(out["experts.w"][0], [(1 * 1 + 2 * 9 + 4 * 41) / 7, (1 * 2 + 2 * 10 + 4 * 42) / 7])
-    alone, _ = HFedMoE().aggregate_fit(1, [d], [], tiny_global())
+    alone, _, _ = HFedMoE().aggregate_fit(1, [d], [], tiny_global())
     np.testing.assert_array_equal(alone["gate.weight"], tiny_global()["gate.weight"])  # no trained row: unchanged
 
 
@@ -85,13 +85,13 @@ def test_hfedmoe_equals_fedavg_when_everyone_holds_and_trains_everything():
         ]
 
     same_n = [4, 4, 4]
-    h, _ = HFedMoE(tau=0.1).aggregate_fit(1, updates(same_n), [], tiny_global())
-    f, _ = FedAvg().aggregate_fit(1, updates(same_n), [], tiny_global())
+    h, _, _ = HFedMoE(tau=0.1).aggregate_fit(1, updates(same_n), [], tiny_global())
+    f, _, _ = FedAvg().aggregate_fit(1, updates(same_n), [], tiny_global())
     for name in f:
         np.testing.assert_allclose(h[name], f[name], rtol=1e-6)
     # unequal |D_c|: experts still agree (both weight by num_examples); the router uses alpha instead
-    h, _ = HFedMoE(tau=0.1).aggregate_fit(1, updates([1, 2, 7]), [], tiny_global())
-    f, _ = FedAvg().aggregate_fit(1, updates([1, 2, 7]), [], tiny_global())
+    h, _, _ = HFedMoE(tau=0.1).aggregate_fit(1, updates([1, 2, 7]), [], tiny_global())
+    f, _, _ = FedAvg().aggregate_fit(1, updates([1, 2, 7]), [], tiny_global())
     np.testing.assert_allclose(h["experts.w"], f["experts.w"], rtol=1e-6)
     assert not np.allclose(h["gate.weight"], f["gate.weight"])
 

@@ -22,7 +22,7 @@ from device_runtime.tls import client_context, split_token
 from device_runtime.wire import PROTOCOL_VERSION, Auth, AuthOk, Challenge, Error, Hello
 
 pytest.importorskip("torch")
-from helpers import ServerThread, init_by_cli  # noqa: E402
+from helpers import ServerThread, config_with, init_by_cli  # noqa: E402
 from test_server import recv, send  # noqa: E402
 
 MAX_MIB = 4.0
@@ -33,7 +33,7 @@ def setup(tmp_path_factory):
     """A coordinator initialised and configured by ``fedmoe-coord init`` alone, serving."""
     root = tmp_path_factory.mktemp("tls")
     config = init_by_cli(root)
-    cfg = replace(load_config(config), max_message_mib=MAX_MIB, min_fit_clients=1, max_fit_clients=1)
+    cfg = config_with(load_config(config), max_message_mib=MAX_MIB, min_fit_clients=1, max_fit_clients=1)
     server = ServerThread(cfg)
     yield root, cfg, server, {"memory_mib": 10}  # too little for any assignment: no round traffic
     server.stop()

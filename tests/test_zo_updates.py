@@ -15,6 +15,7 @@ import pytest
 from device_runtime.bundle import TOKENIZER_FILE
 from device_runtime.data import LocalDataset
 from device_runtime.errors import ProtocolError, UpdateRejected
+from device_runtime.stats import RoutingStats
 from device_runtime.wire import Ack, Error, FitConfig, Update, ZoUpdate, decode, encode
 from device_runtime.zo_directions import candidate_seeds, direction
 
@@ -90,15 +91,19 @@ def test_seed_and_scalar_updates_the_round_did_not_ask_for_are_rejected_with_a_r
         with pytest.raises(UpdateRejected, match=reason):
             expand_zo_update(bad, before, bundle.manifest, cfg)
     expanded = expand_zo_update(msg, before, bundle.manifest, config)
-    with pytest.raises(UpdateRejected, match="not among assigned"):  # an update for experts never assigned
+    assigned = ((0, 2), (1, 3))
+    with pytest.raises(UpdateRejected, match="not all among"):  # an update for experts never assigned
         check_update(
             bundle.manifest,
-            ((0, 2), (1, 3)),
+            assigned,
+            device_id="d",
             num_examples=4,
             tensors=expanded,
             trained_experts=((0, 1), (1,)),
-            routing={},
+            routing=RoutingStats(tuple(map(len, assigned)), assigned).to_dict(),
+            metrics={},
             norm_bound=1e6,
+            global_params={n: np.zeros((4, *v.shape[1:]), np.float32) for n, v in expanded.items()},  # E = 4
         )
 
 

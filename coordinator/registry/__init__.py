@@ -8,23 +8,23 @@ updates, model versions, metrics.
 from coordinator.registry.store import Registry
 from coordinator.registry.tables import (
     SCHEMA_REVISION,
-    Assignment,
+    AssignmentRecord,
     Device,
     EnrollToken,
     Metric,
     ModelVersion,
     Round,
-    Update,
+    UpdateRecord,
 )
 
 __all__ = [
     "Registry",
     "SCHEMA_REVISION",
-    "Assignment",
+    "AssignmentRecord",
     "Device",
     "EnrollToken",
     "Metric",
     "ModelVersion",
     "Round",
-    "Update",
+    "UpdateRecord",
 ]

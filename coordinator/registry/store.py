@@ -11,7 +11,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from coordinator.registry.engine import ensure_schema, make_engine
-from coordinator.registry.tables import Assignment, Device, EnrollToken, Metric, ModelVersion, Round, Update
+from coordinator.registry.tables import AssignmentRecord, Device, EnrollToken, Metric, ModelVersion, Round, UpdateRecord
 from device_runtime.auth import check_device_name, check_public_key, hash_token, new_enroll_token
 from device_runtime.errors import AuthError, ConfigError, UpdateRejected
 
@@ -192,11 +192,11 @@ class Registry:
         shape_key: str,
         expert_ids: list[list[int]],
         config: dict,
-    ) -> Assignment:
+    ) -> AssignmentRecord:
         """Record the expert subset and the FitConfig (``config``, as JSON builtins) sent to a device. Raises
         ConfigError for an unknown round or device, or a second assignment of the device in the round."""
         with self._session() as s:
-            row = Assignment(
+            row = AssignmentRecord(
                 round_id=round_id,
                 device_id=device_id,
                 update_id=update_id,
@@ -216,14 +216,18 @@ class Registry:
                 ) from exc
         return row
 
-    def assignments(self, round_id: int) -> list[Assignment]:
+    def assignments(self, round_id: int) -> list[AssignmentRecord]:
         with self._session() as s:
-            return list(s.scalars(select(Assignment).where(Assignment.round_id == round_id).order_by(Assignment.id)))
+            return list(
+                s.scalars(
+                    select(AssignmentRecord).where(AssignmentRecord.round_id == round_id).order_by(AssignmentRecord.id)
+                )
+            )
 
     def device_shape_keys(self, device_id: str) -> set[str]:
         """The shape key ids of every assignment ``device_id`` was ever given (an update it sends, or re-sends
         after a lost Ack, answers one of them)."""
-        query = select(Assignment.shape_key).where(Assignment.device_id == device_id).distinct()
+        query = select(AssignmentRecord.shape_key).where(AssignmentRecord.device_id == device_id).distinct()
         with self._session() as s:
             return set(s.scalars(query))
 
@@ -248,7 +252,7 @@ class Registry:
         metadata: dict,
         accepted: bool,
         reason: str = "",
-    ) -> tuple[Update, bool]:
+    ) -> tuple[UpdateRecord, bool]:
         """Record a device's update once per ``update_id`` and mark its assignment ``reported``.
 
         Returns:
@@ -265,7 +269,7 @@ class Registry:
                 return existing, False
             if s.get(Round, round_id) is None or s.get(Device, device_id) is None:
                 raise UpdateRejected(f"update {update_id}: unknown round {round_id} or device {device_id}")
-            row = Update(
+            row = UpdateRecord(
                 update_id=update_id,
                 round_id=round_id,
                 device_id=device_id,
@@ -278,7 +282,7 @@ class Registry:
                 received_at=self._clock(),
             )
             s.add(row)
-            s.execute(update(Assignment).where(Assignment.update_id == update_id).values(status="reported"))
+            s.execute(update(AssignmentRecord).where(AssignmentRecord.update_id == update_id).values(status="reported"))
             try:
                 s.commit()
             except IntegrityError:  # a concurrent writer recorded the same update_id first
@@ -286,28 +290,32 @@ class Registry:
                 return self._existing_update(s, update_id, round_id, device_id), False
         return row, True
 
-    def get_update(self, update_id: str) -> Update | None:
+    def get_update(self, update_id: str) -> UpdateRecord | None:
         with self._session() as s:
-            return s.scalar(select(Update).where(Update.update_id == update_id))
+            return s.scalar(select(UpdateRecord).where(UpdateRecord.update_id == update_id))
 
     @staticmethod
-    def _existing_update(s: Session, update_id: str, round_id: int, device_id: str) -> Update | None:
-        row = s.scalar(select(Update).where(Update.update_id == update_id))
+    def _existing_update(s: Session, update_id: str, round_id: int, device_id: str) -> UpdateRecord | None:
+        row = s.scalar(select(UpdateRecord).where(UpdateRecord.update_id == update_id))
         if row is not None and (row.device_id, row.round_id) != (device_id, round_id):
             raise UpdateRejected(f"update id {update_id} belongs to device {row.device_id}, round {row.round_id}")
         return row
 
-    def accepted_updates(self, round_id: int) -> list[Update]:
+    def accepted_updates(self, round_id: int) -> list[UpdateRecord]:
         """The accepted updates of a round, in arrival order."""
-        query = select(Update).where(Update.round_id == round_id, Update.accepted.is_(True)).order_by(Update.id)
+        query = (
+            select(UpdateRecord)
+            .where(UpdateRecord.round_id == round_id, UpdateRecord.accepted.is_(True))
+            .order_by(UpdateRecord.id)
+        )
         with self._session() as s:
             return list(s.scalars(query))
 
     def update_shas(self, *, except_round: int | None = None) -> list[str]:
         """The distinct tensor sha256 of every stored (accepted) update, but those of round ``except_round``."""
-        query = select(Update.tensor_sha256).where(Update.tensor_sha256.is_not(None)).distinct()
+        query = select(UpdateRecord.tensor_sha256).where(UpdateRecord.tensor_sha256.is_not(None)).distinct()
         if except_round is not None:
-            query = query.where(Update.round_id != except_round)
+            query = query.where(UpdateRecord.round_id != except_round)
         with self._session() as s:
             return list(s.scalars(query))
 
@@ -317,9 +325,9 @@ class Registry:
         versions = select(ModelVersion.tensor_sha256)
         states = select(ModelVersion.strategy_state_sha256).where(ModelVersion.strategy_state_sha256.is_not(None))
         live = (
-            select(Update.tensor_sha256)
-            .join(Round, Round.id == Update.round_id)
-            .where(Round.status == "running", Update.accepted.is_(True), Update.tensor_sha256.is_not(None))
+            select(UpdateRecord.tensor_sha256)
+            .join(Round, Round.id == UpdateRecord.round_id)
+            .where(Round.status == "running", UpdateRecord.accepted.is_(True), UpdateRecord.tensor_sha256.is_not(None))
         )
         with self._session() as s:
             return set(s.scalars(versions)) | set(s.scalars(states)) | set(s.scalars(live))
@@ -383,7 +391,9 @@ class Registry:
         row = Metric(name=name, value=float(value), round_id=round_id, device_id=device_id, created_at=self._clock())
         with self._session.begin() as s:
             assigned = s.scalar(
-                select(Assignment.id).where(Assignment.round_id == round_id, Assignment.device_id == device_id)
+                select(AssignmentRecord.id).where(
+                    AssignmentRecord.round_id == round_id, AssignmentRecord.device_id == device_id
+                )
             )
             seen = s.scalar(
                 select(Metric.id)

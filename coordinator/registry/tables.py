@@ -81,7 +81,7 @@ class Round(Base):
     metrics: Mapped[dict]
 
 
-class Assignment(Base):
+class AssignmentRecord(Base):
     """The expert subset a device trains in a round. ``status``: ``assigned`` or ``reported``.
     ``config``: the FitConfig sent (``FitConfig.from_dict`` reads it back; None for rows of fedmoe before
     schema 0003)."""
@@ -99,7 +99,7 @@ class Assignment(Base):
     created_at: Mapped[datetime]
 
 
-class Update(Base):
+class UpdateRecord(Base):
     """A device's update, recorded once per ``update_id`` (the idempotency key).
 
     ``meta`` (column ``metadata``): metrics, routing statistics, trained experts, as the device sent them.

@@ -19,6 +19,7 @@ from coordinator.simulation.report import RoundRecord
 from coordinator.simulation.simulate import LEARNING_RATES, PRESETS, SimulationPlan, simulate, with_overrides
 from coordinator.strategy import STRATEGIES
 from device_runtime.errors import ConfigError
+from device_runtime.modes import TrainableMode
 from device_runtime.units import MIB
 
 
@@ -41,13 +42,13 @@ def _with_trainable(preset, trainable: str | None, lora_rank: int | None, learni
         ConfigError: ``--lora-rank`` without LoRA.
     """
     mode = trainable or preset.trainable_mode
-    if mode != "lora" and lora_rank:
+    if mode != TrainableMode.LORA and lora_rank:
         raise ConfigError("--lora-rank needs --trainable lora")
     rate = preset.learning_rate if mode == preset.trainable_mode or learning_rate else LEARNING_RATES[mode]
     return replace(
         preset,
         trainable_mode=mode,
-        lora_rank=(lora_rank or preset.lora_rank or 8) if mode == "lora" else 0,
+        lora_rank=(lora_rank or preset.lora_rank or 8) if mode == TrainableMode.LORA else 0,
         learning_rate=rate,
     )
 

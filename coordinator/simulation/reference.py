@@ -37,6 +37,7 @@ from coordinator.simulation.report import DeviceRound, RoundRecord, experts_labe
 from coordinator.strategy.types import ClientInfo, ClientUpdate, FitIns, Params
 from device_runtime.answer_prior import local_answer_shift
 from device_runtime.fit_round import local_prior, round_dataset
+from device_runtime.modes import TrainableMode
 from device_runtime.shape_key import held_experts
 from device_runtime.stats import RoutingStats
 
@@ -62,7 +63,7 @@ class ReferenceDevice:
 def keeps_trainer(ins: FitIns, num_experts: int) -> bool:
     """Whether the system's device would keep its trainer (and AdamW's moments) for ``ins``: see the module
     docstring."""
-    return ins.trainable_mode == "lora" or all(len(ids) == num_experts for ids in ins.expert_ids)
+    return ins.trainable_mode == TrainableMode.LORA or all(len(ids) == num_experts for ids in ins.expert_ids)
 
 
 def fit_device(
@@ -104,7 +105,7 @@ def fit_device(
     dataset = round_dataset(device.data_file, tokenizer, cfg)
     constants = dict(
         aux_loss_coef=cfg.aux_loss_coef,
-        routing_kl_coef=cfg.routing_reg_coef,
+        routing_reg_coef=cfg.routing_reg_coef,
         routing_priors=local_prior(cfg, describe(model).num_experts, held),
         prox_mu=cfg.prox_mu,
     )
@@ -282,13 +283,17 @@ def run_reference(
     )
     tokenizer = Path(fed.checkpoint) / "tokenizer.json"
     name, records = PREFIX + fed.strategy, []
+    state = strategy.initial_state()
     for server_round in range(1, fed.rounds + 1):
         torch.set_num_threads(threads)  # the evaluator sets its own count
         start = time.monotonic()
         if scores == "all":
             for device in devices:
-                device.routing = global_routing(model, params, strategy.fit_config(server_round), device, tokenizer)
-        plan = strategy.configure_fit(server_round, params, [ClientInfo(d.name, d.profile, d.routing) for d in devices])
+                device.routing = global_routing(
+                    model, params, strategy.fit_config(server_round, state), device, tokenizer
+                )
+        clients = [ClientInfo(d.name, d.profile, d.routing) for d in devices]
+        plan = strategy.configure_fit(server_round, params, clients, state)
         updates = []
         for device in sorted(devices, key=lambda d: d.name):
             if device.name in plan:
@@ -303,7 +308,7 @@ def run_reference(
                         carry_optimizer=keeps_trainer(ins, context.model.num_experts),
                     )
                 )
-        params, _ = strategy.aggregate_fit(server_round, updates, [], params)
+        params, _, state = strategy.aggregate_fit(server_round, updates, [], params, state)
         wall = time.monotonic() - start
         score = evaluator.score(params)
         rows = tuple(

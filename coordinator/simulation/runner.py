@@ -23,6 +23,7 @@ from coordinator.config import CoordinatorConfig, save_config
 from coordinator.federation import FED_EVAL, export_latest, fit_context, initialize
 from coordinator.registry import Registry
 from coordinator.registry.store import utc_now
+from coordinator.rounds import RoundPolicy
 from coordinator.simulation.processes import (
     MIB,
     Child,
@@ -81,10 +82,12 @@ def coordinator_config(fed: Federation, out: Path, port: int) -> CoordinatorConf
         state_dir=str((out / "state").resolve()),
         port=port,
         strategy=fed.strategy,
-        min_fit_clients=len(fed.devices),
-        max_fit_clients=len(fed.devices),
-        num_rounds=fed.rounds,
-        round_deadline_s=fed.round_deadline_s,
+        rounds=RoundPolicy(
+            min_fit_clients=len(fed.devices),
+            max_fit_clients=len(fed.devices),
+            num_rounds=fed.rounds,
+            deadline_s=fed.round_deadline_s,
+        ),
         trainable_mode=fed.trainable_mode,
         lora_rank=fed.lora_rank,
         frozen_experts=fed.frozen_experts,
@@ -256,8 +259,7 @@ def run_federation(
     cfg = dataclasses.replace(
         cfg,
         max_message_mib=max(cfg.max_message_mib, math.ceil(state_mib * 1.05) + 16),
-        min_fit_clients=len(devices),
-        max_fit_clients=len(devices),
+        rounds=dataclasses.replace(cfg.rounds, min_fit_clients=len(devices), max_fit_clients=len(devices)),
     )
     save_config(cfg, out / "fedmoe-coord.toml")
     coordinator = start_coordinator(out / "fedmoe-coord.toml", out / "coordinator.log")

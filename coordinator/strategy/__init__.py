@@ -1,4 +1,5 @@
-"""Sparsity-aware aggregation strategies (FedAvg, FedProx, FedMoE, HFedMoE, FedAlign-MoE), pure numpy.
+"""Aggregation strategies, pure numpy: sparsity-aware (FedAvg, FedProx, FedMoE, HFedMoE, FedAlign-MoE), server
+optimizers (FedAdam, FedYogi) and the dense FedAvg baseline (``dense-fedavg``): every one ``STRATEGIES`` registers.
 
 One module per algorithm; the math in ``aggregate.py``; how experts are picked in ``selection.py``; messages
 (ClientUpdate, FitIns ...) in ``types.py``; names -> classes in ``registry.py``.
@@ -13,9 +14,11 @@ from coordinator.strategy.aggregate import (
     weighted_metrics_avg,
 )
 from coordinator.strategy.base import SinglePassStrategy, Strategy, StreamingAggregation
+from coordinator.strategy.dense_fedavg import DenseFedAvg
 from coordinator.strategy.fedalign import FedAlign
 from coordinator.strategy.fedavg import FedAvg
 from coordinator.strategy.fedmoe import FedMoE
+from coordinator.strategy.fedopt import FedAdam, FedYogi
 from coordinator.strategy.fedprox import FedProx
 from coordinator.strategy.hfedmoe import HFedMoE
 from coordinator.strategy.registry import STRATEGIES, from_name
@@ -30,8 +33,8 @@ from coordinator.strategy.types import (
     MetricsAggregationFn,
     Params,
     Results,
-    TensorMeta,
     TensorRole,
+    TensorSpec,
 )
 from coordinator.strategy.validate import validate_update
 
@@ -40,11 +43,14 @@ __all__ = [
     "ClientEvaluation",
     "ClientInfo",
     "ClientUpdate",
+    "DenseFedAvg",
     "Failure",
+    "FedAdam",
     "FedAlign",
     "FedAvg",
     "FedMoE",
     "FedProx",
+    "FedYogi",
     "FitContext",
     "FitIns",
     "HFedMoE",
@@ -56,7 +62,7 @@ __all__ = [
     "SinglePassStrategy",
     "Strategy",
     "StreamingAggregation",
-    "TensorMeta",
+    "TensorSpec",
     "TensorRole",
     "cosine_similarity",
     "from_name",

@@ -12,7 +12,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from coordinator.strategy.types import Params, TensorMeta
+from coordinator.strategy.types import Params
+from device_runtime.bundle import TensorSpec
 
 _EPS = 1e-12
 
@@ -38,7 +39,7 @@ class RowAccumulator:
         self._totals: dict[str, np.ndarray] = {}
         self._axes: dict[str, int | None] = {}
 
-    def add(self, name: str, tensor: np.ndarray, meta: TensorMeta, ids, weights) -> None:
+    def add(self, name: str, tensor: np.ndarray, meta: TensorSpec, ids, weights) -> None:
         """Add ``weights * tensor`` to the sums of the rows ``ids``.
 
         Args:

@@ -30,6 +30,7 @@ import numpy as np
 from coordinator.strategy.aggregate import RowAccumulator, weighted_loss_avg, weighted_metrics_avg
 from coordinator.strategy.selection import affordable_fit, expert_scores
 from coordinator.strategy.types import (
+    Aggregated,
     ClientEvaluation,
     ClientInfo,
     ClientUpdate,
@@ -40,10 +41,9 @@ from coordinator.strategy.types import (
     Params,
     Results,
     StrategyState,
-    TensorMeta,
-    TensorRole,
 )
 from coordinator.strategy.validate import validate_update
+from device_runtime.bundle import EXPERT_ROLES, TensorRole, TensorSpec
 from device_runtime.errors import ConfigError, FedmoeError, UpdateRejected
 from device_runtime.stats import IMPORTANCE_BETA, IMPORTANCE_LAMBDA
 from device_runtime.wire import FitConfig
@@ -51,7 +51,7 @@ from export.planner import select_experts
 
 log = logging.getLogger("fedmoe.coord")
 
-RowWeights = Callable[[ClientUpdate, str, TensorMeta, tuple[int, ...]], "np.ndarray | float"]
+RowWeights = Callable[[ClientUpdate, str, TensorSpec, tuple[int, ...]], "np.ndarray | float"]
 """``(update, tensor name, meta, global experts per layer) -> weights``: one per row of the tensor's expert axis
 (``ClientUpdate.rows``), or a scalar for OTHER."""
 
@@ -78,9 +78,10 @@ class Strategy(ABC):
         self.context = context
         return self
 
-    def fit_config(self, server_round: int) -> FitConfig:
+    def fit_config(self, server_round: int, state: StrategyState | None = None) -> FitConfig:
         """The FitConfig every client gets in round ``server_round`` (1-based): the federation's ``[fit]`` with
-        the round's seed; strategies add their own inputs (``prox_mu``, ``routing_prior`` ...).
+        the round's seed; strategies add their own inputs (``prox_mu``, ``routing_prior`` ...), some from ``state``
+        (the last :meth:`aggregate_fit`'s; None: :meth:`initial_state`).
 
         Raises:
             ConfigError: the strategy is not bound (:meth:`bind`).
@@ -89,7 +90,11 @@ class Strategy(ABC):
         return dataclasses.replace(context.fit, seed=(context.seed + server_round) % 2**32)
 
     def configure_fit(
-        self, server_round: int, global_params: Params, clients: Sequence[ClientInfo]
+        self,
+        server_round: int,
+        global_params: Params,
+        clients: Sequence[ClientInfo],
+        state: StrategyState | None = None,
     ) -> dict[str, FitIns]:
         """What each client trains in round ``server_round`` (1-based): ``client_id -> FitIns``.
 
@@ -98,10 +103,11 @@ class Strategy(ABC):
 
         Args:
             global_params: the global model the round starts from (name -> array); not modified.
+            state: the strategy state the round starts from (None: :meth:`initial_state`).
         Raises:
             ConfigError: the strategy is not bound (:meth:`bind`).
         """
-        config = self.fit_config(server_round)
+        config = self.fit_config(server_round, state)
         out = {}
         for client in clients:
             try:
@@ -146,34 +152,41 @@ class Strategy(ABC):
             )
         return self.context
 
-    def state_dict(self) -> StrategyState:
-        """What ``aggregate_fit`` carries from one round to the next (server-optimizer moments, a routing prior
-        ...) as ``"<kind>/<name>"`` -> array; {} for a stateless strategy. The coordinator commits it with the
-        model version it produced and gives it back to :meth:`load_state_dict` at restart
-        (``coordinator.federation``). ``aggregate_fit`` replaces these arrays, never changes them in place."""
+    state_kinds: ClassVar[tuple[str, ...]] = ()  # the ``"<kind>/"`` prefixes of this strategy's state keys
+
+    def initial_state(self) -> StrategyState:
+        """The state of round 1 (:data:`StrategyState`); {} for a stateless strategy."""
         return {}
 
-    def load_state_dict(self, state: StrategyState) -> None:
-        """Carry ``state`` (a :meth:`state_dict`) from now on.
+    def check_state(self, state: StrategyState) -> StrategyState:
+        """``state`` (e.g. read back from a model version) if this strategy can carry it.
 
         Raises:
             ConfigError: ``state`` holds an array this strategy does not carry.
         """
-        split_state(self.name, state, ())
+        split_state(self.name, state, self.state_kinds)
+        return state
 
     @abstractmethod
     def aggregate_fit(
-        self, server_round: int, results: Results, failures: Sequence[Failure], global_params: Params
-    ) -> tuple[Params, dict]:
-        """Merge the round's client updates into a new global model (and update :meth:`state_dict`).
+        self,
+        server_round: int,
+        results: Results,
+        failures: Sequence[Failure],
+        global_params: Params,
+        state: StrategyState | None = None,
+    ) -> Aggregated:
+        """Merge the round's client updates into a new global model.
 
         Args:
             server_round: the round number (1-based).
             results: the client updates (see ``Results``).
             failures: ``(client_id, reason)`` of the clients that returned nothing usable.
             global_params: the global model the round started from; not modified.
+            state: the strategy state the round started from (None: :meth:`initial_state`); not modified.
         Returns:
-            ``(new_global_params, metrics)``; unchanged tensors are shared with ``global_params``.
+            :class:`Aggregated` ``(params, metrics, state)``: the coordinator commits the state with the version
+            (``coordinator.federation``) and passes it to the next round.
         """
 
     def aggregate_evaluate(
@@ -279,7 +292,7 @@ class StreamingAggregation:
                 continue
             ids = update.rows(meta) if meta.indexed else ()
             self.accumulator.add(name, tensor, meta, ids, self._weigh(update, name, meta, num_experts))
-            if meta.role is TensorRole.EXPERT:
+            if meta.role in EXPERT_ROLES:
                 self._expert_layer[name] = meta.layer
         return num_experts
 
@@ -343,7 +356,7 @@ class SinglePassStrategy(Strategy):
 
     @abstractmethod
     def row_weights(
-        self, update: ClientUpdate, name: str, meta: TensorMeta, num_experts: tuple[int, ...]
+        self, update: ClientUpdate, name: str, meta: TensorSpec, num_experts: tuple[int, ...]
     ) -> np.ndarray | float:
         """Weight of each expert row of ``update.tensors[name]`` (``(len(update.rows(meta)),)``), or a scalar for
         OTHER.
@@ -356,8 +369,14 @@ class SinglePassStrategy(Strategy):
         return StreamingAggregation(global_params, self.row_weights)
 
     def aggregate_fit(
-        self, server_round: int, results: Results, failures: Sequence[Failure], global_params: Params
-    ) -> tuple[Params, dict]:
+        self,
+        server_round: int,
+        results: Results,
+        failures: Sequence[Failure],
+        global_params: Params,
+        state: StrategyState | None = None,
+    ) -> Aggregated:
         aggregation = self.aggregation(global_params)
         rejected = feed(aggregation, open_results(results))
-        return aggregation.finish(), round_metrics(server_round, aggregation, failures, rejected)
+        metrics = round_metrics(server_round, aggregation, failures, rejected)
+        return Aggregated(aggregation.finish(), metrics, self.initial_state() if state is None else state)

@@ -10,9 +10,9 @@ Three parts (``docs/algorithms.md``):
      over its kept experts, p_global = the round's prior restricted to those experts and renormalised.
 2. Distribution regularisation: ``configure_fit`` sends ``routing_prior`` (p_global per MoE layer) and
    ``routing_reg_coef`` (lambda_r) so each client adds lambda_r KL(p_local || p_global) to its loss. The
-   prior is the strategy's state (``state_dict``, durable across restarts): after each round it becomes the
-   example-weighted mean usage of the holders of each expert (unheld experts keep their previous mass),
-   renormalised.
+   prior is the strategy's state (``prior/<layer>``: taken and returned by ``aggregate_fit``, durable across
+   restarts): after each round it becomes the example-weighted mean usage of the holders of each expert (unheld
+   experts keep their previous mass), renormalised.
 3. Expert semantic alignment. With Delta_i(e) = E_e(i) - E_e(t) (over all EXPERT tensors of the layer,
    concatenated) and the mean direction m(e) = sum_i n_i Delta_i(e) / sum_i n_i over the holders,
    expert e is the n_i-weighted mean over the clients with cos(Delta_i(e), m(e)) >= ``threshold``; if none
@@ -31,6 +31,7 @@ pass-2 sums, the output).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 
 import numpy as np
@@ -45,8 +46,9 @@ from coordinator.strategy.base import (
     round_metrics,
     split_state,
 )
-from coordinator.strategy.types import ClientUpdate, Failure, Params, Results, StrategyState, TensorMeta, TensorRole
+from coordinator.strategy.types import Aggregated, ClientUpdate, Failure, Params, Results, StrategyState
 from coordinator.strategy.validate import validate_update
+from device_runtime.bundle import EXPERT_ROLES, TensorRole, TensorSpec
 from device_runtime.errors import ConfigError, UpdateRejected
 from device_runtime.wire import FitConfig
 
@@ -81,32 +83,44 @@ class FedAlign(Strategy):
             )
         self.router_weighting, self.threshold = router_weighting, float(threshold)
         self.routing_reg_coef = float(routing_reg_coef)
-        self.prior: dict[int, np.ndarray] = {
-            layer: np.full(count, 1.0 / count) for layer, count in enumerate(num_experts or ())
-        }
+        self.num_experts = tuple(num_experts or ())
 
-    def fit_config(self, server_round: int) -> FitConfig:
-        prior = tuple(tuple(float(p) for p in self.prior[layer]) for layer in sorted(self.prior)) or None
-        return dataclasses.replace(
-            super().fit_config(server_round), routing_reg_coef=self.routing_reg_coef, routing_prior=prior
-        )
+    state_kinds = ("prior",)  # prior/<layer>: float64, a probability per global expert of the MoE layer
 
-    def state_dict(self) -> StrategyState:
-        """The routing prior: ``prior/<layer>`` (float64, a probability per global expert of the MoE layer)."""
-        return {f"prior/{layer}": p for layer, p in self.prior.items()}
+    def initial_state(self) -> StrategyState:
+        """The uniform routing prior of each MoE layer (none without ``num_experts``)."""
+        return {f"prior/{layer}": np.full(count, 1.0 / count) for layer, count in enumerate(self.num_experts)}
 
-    def load_state_dict(self, state: StrategyState) -> None:
-        prior = split_state(self.name, state, ("prior",))["prior"]
+    def check_state(self, state: StrategyState) -> StrategyState:
+        self._prior(state)
+        return state
+
+    def _prior(self, state: StrategyState | None) -> dict[int, np.ndarray]:
+        """The routing prior by MoE layer. Raises ConfigError: ``state`` is not a FedAlign-MoE state."""
+        prior = split_state(self.name, self.initial_state() if state is None else state, self.state_kinds)["prior"]
         if not all(layer.isdigit() for layer in prior):
             raise ConfigError(f"the {self.name} prior is per MoE layer number, got {sorted(prior)[:3]}")
-        self.prior = {int(layer): np.asarray(p, np.float64) for layer, p in prior.items()}
+        return {int(layer): np.asarray(p, np.float64) for layer, p in prior.items()}
+
+    def fit_config(self, server_round: int, state: StrategyState | None = None) -> FitConfig:
+        prior = self._prior(state)
+        routing_prior = tuple(tuple(float(p) for p in prior[layer]) for layer in sorted(prior)) or None
+        return dataclasses.replace(
+            super().fit_config(server_round), routing_reg_coef=self.routing_reg_coef, routing_prior=routing_prior
+        )
 
     def aggregate_fit(
-        self, server_round: int, results: Results, failures: Sequence[Failure], global_params: Params
-    ) -> tuple[Params, dict]:
+        self,
+        server_round: int,
+        results: Results,
+        failures: Sequence[Failure],
+        global_params: Params,
+        state: StrategyState | None = None,
+    ) -> Aggregated:
         require_reopenable(results)
+        start_prior = self._prior(state)
         usage = _UsageAccumulator()
-        first = StreamingAggregation(global_params, self._first_pass_weights)
+        first = StreamingAggregation(global_params, functools.partial(self._first_pass_weights, start_prior))
         rejected = feed(first, open_results(results), on_accept=usage.add)
         averaged = first.finish()
         direction = {name: averaged[name] - global_params[name] for name in first.expert_names}
@@ -116,24 +130,29 @@ class FedAlign(Strategy):
             if position in accepted:
                 aligned.accumulate(update, rejected)
         new_params = aligned.aggregation.finish(base=averaged)
-        self.prior = usage.prior(self.prior)
+        prior = usage.prior(start_prior)
         metrics = round_metrics(server_round, first, failures, rejected)
         metrics.update(aligned.metrics(first))
-        return new_params, metrics
+        return Aggregated(new_params, metrics, {f"prior/{layer}": p for layer, p in prior.items()})
 
     def _first_pass_weights(
-        self, update: ClientUpdate, name: str, meta: TensorMeta, num_experts: tuple[int, ...]
+        self,
+        start_prior: dict[int, np.ndarray],
+        update: ClientUpdate,
+        name: str,
+        meta: TensorSpec,
+        num_experts: tuple[int, ...],
     ) -> np.ndarray | float:
         n = float(update.num_examples)
-        if meta.role is TensorRole.OTHER:
+        if meta.role is TensorRole.SHARED:
             return n
         kept = update.rows(meta)
-        if meta.role is TensorRole.EXPERT:
+        if meta.role in EXPERT_ROLES:
             return np.full(len(kept), n)
         usage = np.asarray(update.routing[meta.layer].usage, np.float64)
         if self.router_weighting == "usage":
             return usage
-        prior = self.prior.get(meta.layer)
+        prior = start_prior.get(meta.layer)
         if prior is None or len(prior) != num_experts[meta.layer]:
             prior = np.ones(num_experts[meta.layer])
         return np.full(len(kept), 1.0 / (1.0 + kl_divergence(usage, prior[list(kept)])))
@@ -152,7 +171,7 @@ def alignment_cosines(update: ClientUpdate, direction: Params, global_params: Pa
     stats: dict[int, np.ndarray] = {}  # layer -> (3, E_local): dot, |Delta|^2, |m|^2
     for name, tensor in update.tensors.items():
         meta = update.tensor_meta[name]
-        if meta.role is not TensorRole.EXPERT or name not in direction:
+        if meta.role not in EXPERT_ROLES or name not in direction:
             continue
         ids = list(update.expert_ids[meta.layer])
         delta = (
@@ -172,7 +191,7 @@ class _AlignedPass:
     def __init__(self, global_params: Params, direction: Params, threshold: float):
         self.global_params, self.direction, self.threshold = global_params, direction, threshold
         self._aligned: dict[int, np.ndarray] = {}
-        self.aggregation = StreamingAggregation(global_params, self._weights, roles=frozenset({TensorRole.EXPERT}))
+        self.aggregation = StreamingAggregation(global_params, self._weights, roles=EXPERT_ROLES)
         self.pairs = 0
         self.aligned_pairs = 0
 
@@ -188,7 +207,7 @@ class _AlignedPass:
         self.pairs += sum(len(a) for a in self._aligned.values())
         self.aligned_pairs += sum(int(a.sum()) for a in self._aligned.values())
 
-    def _weights(self, update: ClientUpdate, name: str, meta: TensorMeta, num_experts) -> np.ndarray:
+    def _weights(self, update: ClientUpdate, name: str, meta: TensorSpec, num_experts) -> np.ndarray:
         return np.where(self._aligned[meta.layer], float(update.num_examples), 0.0)
 
     def metrics(self, first: StreamingAggregation) -> dict:

@@ -11,7 +11,8 @@ from __future__ import annotations
 import numpy as np
 
 from coordinator.strategy.base import SinglePassStrategy
-from coordinator.strategy.types import ClientUpdate, TensorMeta
+from coordinator.strategy.types import ClientUpdate
+from device_runtime.bundle import TensorSpec
 
 
 class FedAvg(SinglePassStrategy):
@@ -20,7 +21,7 @@ class FedAvg(SinglePassStrategy):
     name = "fedavg"
 
     def row_weights(
-        self, update: ClientUpdate, name: str, meta: TensorMeta, num_experts: tuple[int, ...]
+        self, update: ClientUpdate, name: str, meta: TensorSpec, num_experts: tuple[int, ...]
     ) -> np.ndarray | float:
         if not meta.indexed:
             return float(update.num_examples)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 
 from coordinator.strategy.fedavg import FedAvg
+from coordinator.strategy.types import StrategyState
 from device_runtime.errors import ConfigError
 from device_runtime.wire import FitConfig
 
@@ -29,5 +30,5 @@ class FedProx(FedAvg):
             raise ConfigError(f"prox_mu must be >= 0, got {prox_mu}")
         self.prox_mu = float(prox_mu)
 
-    def fit_config(self, server_round: int) -> FitConfig:
-        return dataclasses.replace(super().fit_config(server_round), prox_mu=self.prox_mu)
+    def fit_config(self, server_round: int, state: StrategyState | None = None) -> FitConfig:
+        return dataclasses.replace(super().fit_config(server_round, state), prox_mu=self.prox_mu)

@@ -25,7 +25,8 @@ import numpy as np
 
 from coordinator.strategy.aggregate import hfedmoe_alpha
 from coordinator.strategy.base import SinglePassStrategy
-from coordinator.strategy.types import ClientUpdate, TensorMeta, TensorRole
+from coordinator.strategy.types import ClientUpdate
+from device_runtime.bundle import TensorRole, TensorSpec
 from device_runtime.errors import ConfigError
 from device_runtime.stats import IMPORTANCE_BETA, IMPORTANCE_LAMBDA
 
@@ -48,9 +49,9 @@ class HFedMoE(SinglePassStrategy):
         self.tau, self.lam, self.beta = float(tau), float(lam), float(beta)
 
     def row_weights(
-        self, update: ClientUpdate, name: str, meta: TensorMeta, num_experts: tuple[int, ...]
+        self, update: ClientUpdate, name: str, meta: TensorSpec, num_experts: tuple[int, ...]
     ) -> np.ndarray | float:
-        if meta.role is TensorRole.OTHER:
+        if meta.role is TensorRole.SHARED:
             return float(update.num_examples)
         ids = update.rows(meta)
         stats = update.routing[meta.layer]  # over held_ids: ids first

@@ -18,6 +18,7 @@ import numpy as np
 
 from coordinator.strategy.types import FitContext
 from device_runtime.errors import BudgetError, ConfigError
+from device_runtime.modes import ZO_BACKEND, Order, TrainableMode
 from device_runtime.stats import RoutingStats
 from device_runtime.wire import FitConfig
 from export.planner import Budget, TrainingShape, plan
@@ -39,7 +40,7 @@ def budget_of(profile: Mapping) -> Budget:
 def training_order(profile: Mapping) -> str:
     """``"zeroth-order"`` for a device that trains with the ``zo`` backend (its profile's ``backend``), else
     ``"first-order"``: the planner gives a forward-only device the experts its smaller footprint affords."""
-    return "zeroth-order" if profile.get("backend") == "zo" else "first-order"
+    return Order.ZEROTH if profile.get("backend") == ZO_BACKEND else Order.FIRST
 
 
 def affordable_experts(context: FitContext, config: FitConfig, profile: Mapping) -> int:
@@ -67,7 +68,7 @@ def affordable_fit(context: FitContext, config: FitConfig, profile: Mapping) -> 
     """
     budget, order = budget_of(profile), training_order(profile)
     shape = TrainingShape(config.batch_size, config.seq_len, context.trainable_mode, context.lora_rank, order=order)
-    if context.frozen_dtype is not None and order == "first-order" and context.trainable_mode == "experts":
+    if context.frozen_dtype is not None and order == Order.FIRST and context.trainable_mode == TrainableMode.EXPERTS:
         for merged in (False, True)[: 1 + context.merged]:
             try:
                 kept = plan(

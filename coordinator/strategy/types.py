@@ -6,9 +6,9 @@ layouts), e.g. for ``E`` experts, hidden ``H``, FFN ``I``, LoRA rank ``r``::
 
     model.layers.3.mlp.experts.gate_up_proj     (E, 2I, H)   role EXPERT, expert_axis 0
     model.layers.3.mlp.experts.down_proj        (E, H, I)    role EXPERT, expert_axis 0
-    model.layers.3.mlp.experts.gate_up_lora_A   (E, r, H)    role EXPERT, expert_axis 0
+    model.layers.3.mlp.experts.gate_up_lora_A   (E, r, H)    role LORA, expert_axis 0
     model.layers.3.mlp.gate.weight              (E, H)       role ROUTER, expert_axis 0
-    model.layers.3.self_attn.q_proj.weight      (H, H)       role OTHER (not indexed by expert)
+    model.layers.3.self_attn.q_proj.weight      (H, H)       role SHARED (not indexed by expert)
 
 A :class:`ClientUpdate` carries a client's *pruned* tensors: on the expert axis EXPERT tensors hold only the
 client's trained experts, in local order (``expert_ids[layer][i]`` is the global id of local expert ``i``); ROUTER
@@ -22,56 +22,16 @@ A round starts with :class:`FitIns` (Flower's ``FitIns``): what one client train
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
-from device_runtime.bundle import ShapeKey
+from device_runtime.bundle import ShapeKey, TensorRole, TensorSpec
 from device_runtime.stats import LayerRouting, RoutingStats
 from device_runtime.wire import FitConfig
 from export.planner import ModelShape
-
-
-class TensorRole(enum.Enum):
-    """What a tensor is to the aggregation.
-
-    EXPERT: weights (or LoRA adapters) of the experts; indexed by expert on ``expert_axis``.
-    ROUTER: the gate's rows (``mlp.gate.weight (E, H)``, a bias ``(E,)``); indexed by expert.
-    OTHER:  anything not indexed by expert (attention, norms, a shared expert): averaged whole.
-    """
-
-    EXPERT = "expert"
-    ROUTER = "router"
-    OTHER = "other"
-
-
-@dataclass(frozen=True)
-class TensorMeta:
-    """How one tensor of an update maps onto the global model.
-
-    Attributes:
-        role: EXPERT, ROUTER or OTHER.
-        layer: index of the MoE layer (into ``ClientUpdate.expert_ids``), required for EXPERT / ROUTER.
-        expert_axis: the axis indexing the layer's experts (0 for every fused layout); None for OTHER.
-    """
-
-    role: TensorRole
-    layer: int | None = None
-    expert_axis: int | None = None
-
-    def __post_init__(self):
-        indexed = self.role is not TensorRole.OTHER
-        if indexed and (self.layer is None or self.expert_axis is None):
-            raise ValueError(f"{self.role.value} tensors need a layer and an expert_axis")
-        if not indexed and self.expert_axis is not None:
-            raise ValueError("OTHER tensors are not indexed by expert: expert_axis must be None")
-
-    @property
-    def indexed(self) -> bool:
-        """Whether the tensor is indexed by expert (EXPERT or ROUTER)."""
-        return self.role is not TensorRole.OTHER
 
 
 @dataclass(frozen=True)
@@ -83,7 +43,8 @@ class ClientUpdate:
         num_examples: |D_c|, training examples (sequences) the client used this round, > 0.
         tensors: name -> pruned tensor; on their expert axis EXPERT tensors have ``len(expert_ids[layer])``
             entries and ROUTER tensors ``len(held_ids(layer))``, every other axis as in the global model.
-        tensor_meta: name -> :class:`TensorMeta` for every name in ``tensors``.
+        tensor_meta: name -> the ``device_runtime.bundle.TensorSpec`` (role, layer, expert axis) of every name in
+            ``tensors``.
         expert_ids: per MoE layer, local expert index -> global expert id.
         trained_experts: per MoE layer, the global ids whose weights received gradient steps this round.
         routing: per MoE layer, routing statistics over ``held_ids(layer)`` (``device_runtime.stats.LayerRouting``:
@@ -96,7 +57,7 @@ class ClientUpdate:
     client_id: str
     num_examples: int
     tensors: Mapping[str, np.ndarray]
-    tensor_meta: Mapping[str, TensorMeta]
+    tensor_meta: Mapping[str, TensorSpec]
     expert_ids: tuple[tuple[int, ...], ...]
     trained_experts: tuple[frozenset[int], ...]
     routing: tuple[LayerRouting, ...]
@@ -107,7 +68,7 @@ class ClientUpdate:
         """Every expert of MoE layer ``layer`` the client's router scored, in local order: trained, then frozen."""
         return tuple(self.expert_ids[layer]) + (tuple(self.frozen_ids[layer]) if self.frozen_ids else ())
 
-    def rows(self, meta: TensorMeta) -> tuple[int, ...]:
+    def rows(self, meta: TensorSpec) -> tuple[int, ...]:
         """The global expert ids on an indexed tensor's expert axis: ``held_ids`` for ROUTER, ``expert_ids``
         for EXPERT tensors."""
         return self.held_ids(meta.layer) if meta.role is TensorRole.ROUTER else tuple(self.expert_ids[meta.layer])
@@ -117,7 +78,19 @@ Params = dict[str, np.ndarray]
 """A global model: state_dict name -> array."""
 
 StrategyState = dict[str, np.ndarray]
-"""What a strategy carries from one round to the next (``Strategy.state_dict``): ``"<kind>/<name>"`` -> array."""
+"""What a strategy carries from one round to the next (server-optimizer moments, a routing prior ...):
+``"<kind>/<name>"`` -> array; {} for a stateless strategy. A value: ``aggregate_fit`` takes one and returns the
+next, never changing the arrays it was given."""
+
+
+class Aggregated(NamedTuple):
+    """What ``Strategy.aggregate_fit`` returns: the new global model (unchanged tensors shared with the old one),
+    the round's metrics, and the strategy state the next round starts from."""
+
+    params: Params
+    metrics: dict
+    state: StrategyState
+
 
 Failure = tuple[str, str]
 """A client that did not return a usable update: ``(client_id, reason)``."""

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from coordinator.strategy.types import ClientUpdate, LayerRouting, Params, TensorMeta
+from coordinator.strategy.types import ClientUpdate, LayerRouting, Params
+from device_runtime.bundle import TensorSpec
 from device_runtime.errors import UpdateRejected
 
 _STAT_TOLERANCE = 1e-6
@@ -53,7 +54,7 @@ def _check_tensor(
     who: str,
     name: str,
     tensor,
-    meta: TensorMeta,
+    meta: TensorSpec,
     update: ClientUpdate,
     global_params: Params,
     num_experts: dict[int, int],
@@ -78,7 +79,7 @@ def _check_indexed_shape(
     who: str,
     name: str,
     shape: tuple,
-    meta: TensorMeta,
+    meta: TensorSpec,
     update: ClientUpdate,
     global_shape: tuple,
     num_experts: dict[int, int],
