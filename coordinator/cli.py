@@ -309,8 +309,9 @@ def status(ctx):
         table.add_row("federated evaluation", "off ([fit] eval_fraction = 0)" if off else "none yet")
     else:
         table.add_row("federated evaluation", f"round {scored.id}: {_federated(scored.metrics, long=True)}")
+        names = {d.id: d.name for d in devs}
         for device, score in sorted(scored.metrics.get("fed_eval_devices", {}).items()):
-            table.add_row(f"  {device}", _device_score(score))
+            table.add_row(f"  {names.get(device, device)}", _device_score(score))
     Console().print(table)
 
 
