@@ -4,7 +4,7 @@ A message's ``TYPE`` is its wire name. ``PAYLOAD`` says what follows the JSON he
 (field ``tensors``: name -> array, a safetensors blob) or ``"bytes"`` (field ``data``, raw bytes).
 """
 
-from dataclasses import dataclass
+from dataclasses import Field, dataclass
 from typing import Annotated, Any, ClassVar, Literal, TypeVar, dataclass_transform
 
 import msgspec
@@ -109,6 +109,7 @@ class Message:
     TYPE: ClassVar[str] = ""
     PAYLOAD: ClassVar[str | None] = None
     SIGNED: ClassVar[bool] = False
+    __dataclass_fields__: ClassVar[dict[str, Field[Any]]]  # every message is a dataclass (``_message``)
 
 
 @_message
