@@ -20,6 +20,7 @@ import importlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from device_runtime.bundle import Bundle
 from device_runtime.errors import ConfigError
@@ -117,7 +118,7 @@ def create_trainer(
     backend: str | None = None,
     threads: int | None = None,
     progress: bool = False,
-    zeroth_order: dict | None = None,
+    zeroth_order: dict[str, Any] | None = None,
 ) -> Trainer:
     """A fresh trainer of the selected backend on ``bundle``.
 

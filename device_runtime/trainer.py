@@ -16,7 +16,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -128,7 +128,7 @@ class Trainer(ABC):
             ConfigError: invalid argument. DataError: fewer batches than ``steps``.
         """
 
-    def start_round(self, zeroth_order: dict) -> None:  # noqa: B027 (a no-op default; ZoTrainer overrides it)
+    def start_round(self, zeroth_order: dict[str, Any]) -> None:  # noqa: B027 (a no-op default; ZoTrainer overrides it)
         """Prepare a kept trainer for another round (``device_runtime.trainer_cache``); the round's tensors are
         loaded next with :meth:`set_parameters`. First-order: nothing to do, AdamW's moments carry over.
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -120,7 +121,7 @@ class ZoTrainer(BundleTrainer):
             binding.bind_output(name, "cpu")
         return binding
 
-    def start_round(self, zeroth_order: dict) -> None:
+    def start_round(self, zeroth_order: dict[str, Any]) -> None:
         """Draw this round's step seeds from ``zeroth_order["seed"]`` among ``zeroth_order["candidates"]``."""
         self._seeds = np.random.default_rng(zeroth_order.get("seed", 0))
         self._candidates = tuple(zeroth_order.get("candidates", ()))
