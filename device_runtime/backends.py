@@ -44,8 +44,11 @@ class Backend:
         return self.probe()
 
     def trainer_class(self) -> type[Trainer]:
-        module, cls = self.trainer.split(":")
-        return getattr(importlib.import_module(module), cls)
+        module, name = self.trainer.split(":")
+        cls = getattr(importlib.import_module(module), name)
+        if not (isinstance(cls, type) and issubclass(cls, Trainer)):
+            raise ConfigError(f"backend {self.name}: {self.trainer} is not a Trainer class")
+        return cls
 
 
 def _ort_training() -> bool:
