@@ -7,7 +7,7 @@ import hashlib
 import json
 import struct
 from collections.abc import Callable, Mapping
-from typing import Any, Protocol, cast
+from typing import Any, Protocol, TypeVar, cast, overload
 
 import msgspec
 import numpy as np
@@ -113,6 +113,13 @@ def decode(
     return msg
 
 
+_M = TypeVar("_M", bound=Message)
+
+
+@overload
+def expect(msg: Message, kind: type[_M], /) -> _M: ...
+@overload
+def expect(msg: Message, *types: type[Message]) -> Message: ...
 def expect(msg: Message, *types: type[Message]) -> Message:
     """Return ``msg`` if it is one of ``types``.
 
