@@ -155,11 +155,31 @@ class ZoTrainer(BundleTrainer):
 
     # -- training ---------------------------------------------------------------------------------------
 
-    def fit(self, batches: Iterable[Batch], **kwargs: Any) -> FitResult:
+    def fit(
+        self,
+        batches: Iterable[Batch],
+        *,
+        steps: int,
+        learning_rate: float,
+        aux_loss_coef: float = 0.01,
+        routing_prior: list[np.ndarray] | None = None,
+        routing_reg_coef: float = 0.0,
+        prox_mu: float = 0.0,
+        answer_shift: tuple[np.ndarray, np.ndarray] | None = None,
+    ) -> FitResult:
         """See :meth:`Trainer.fit`; the result's ``zo_coefficients`` rebuild this fit's change from seeds (drawn from
         ``zo_distribution``)."""
         self._coefficients = {}
-        result = super().fit(batches, **kwargs)
+        result = super().fit(
+            batches,
+            steps=steps,
+            learning_rate=learning_rate,
+            aux_loss_coef=aux_loss_coef,
+            routing_prior=routing_prior,
+            routing_reg_coef=routing_reg_coef,
+            prox_mu=prox_mu,
+            answer_shift=answer_shift,
+        )
         return dataclasses.replace(
             result, zo_coefficients=tuple(self._coefficients.items()), zo_distribution=self.distribution
         )
