@@ -18,7 +18,7 @@ import dataclasses
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -252,7 +252,7 @@ class StreamingAggregation:
             ids = update.rows(meta) if meta.indexed else ()
             self.accumulator.add(name, tensor, meta, ids, self._weigh(update, name, meta, num_experts))
             if meta.role in EXPERT_ROLES:
-                self._expert_layer[name] = meta.layer
+                self._expert_layer[name] = meta.moe_layer
         return num_experts
 
     @property
@@ -268,7 +268,7 @@ class StreamingAggregation:
         """Per MoE layer: how many global experts received a non-zero weight in some EXPERT tensor."""
         per_layer: dict[int, np.ndarray] = {}
         for name, layer in self._expert_layer.items():
-            held = self.accumulator.totals(name) > 0
+            held = self.accumulator.added_totals(name) > 0
             per_layer[layer] = held | per_layer.get(layer, np.zeros_like(held))
         return {layer: int(held.sum()) for layer, held in sorted(per_layer.items())}
 
@@ -297,7 +297,7 @@ def feed(
 
 def round_metrics(
     server_round: int, aggregation: StreamingAggregation, failures: Sequence[Failure], rejected: dict[str, str]
-) -> dict:
+) -> dict[str, Any]:
     """The metrics every strategy reports for a round."""
     return {
         "round": server_round,
