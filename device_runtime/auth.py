@@ -155,7 +155,10 @@ def _decode_point(raw: bytes) -> tuple[int, int]:
     return (_P - x if x & 1 != sign else x), y
 
 
-def _add(a: tuple, b: tuple) -> tuple:
+_Extended = tuple[int, int, int, int]  # a point in extended coordinates (X, Y, Z, T)
+
+
+def _add(a: _Extended, b: _Extended) -> _Extended:
     """RFC 8032 section 5.1.4 addition in extended coordinates (X, Y, Z, T): complete, no inversions."""
     x1, y1, z1, t1 = a
     x2, y2, z2, t2 = b

@@ -20,6 +20,7 @@ import importlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from device_runtime.bundle import Bundle
 from device_runtime.errors import ConfigError
@@ -43,8 +44,11 @@ class Backend:
         return self.probe()
 
     def trainer_class(self) -> type[Trainer]:
-        module, cls = self.trainer.split(":")
-        return getattr(importlib.import_module(module), cls)
+        module, name = self.trainer.split(":")
+        cls = getattr(importlib.import_module(module), name)
+        if not (isinstance(cls, type) and issubclass(cls, Trainer)):
+            raise ConfigError(f"backend {self.name}: {self.trainer} is not a Trainer class")
+        return cls
 
 
 def _ort_training() -> bool:
@@ -117,7 +121,7 @@ def create_trainer(
     backend: str | None = None,
     threads: int | None = None,
     progress: bool = False,
-    zeroth_order: dict | None = None,
+    zeroth_order: dict[str, Any] | None = None,
 ) -> Trainer:
     """A fresh trainer of the selected backend on ``bundle``.
 

@@ -20,12 +20,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from pathlib import Path
+from typing import Any
 
 from device_runtime.errors import BundleError, BundleIntegrityError
-from device_runtime.shape_key import TRAINABLE_MODES, ShapeKey, held_experts  # noqa: F401 (re-exported)
+from device_runtime.shape_key import TRAINABLE_MODES as TRAINABLE_MODES  # re-exported
+from device_runtime.shape_key import ShapeKey as ShapeKey  # re-exported
+from device_runtime.shape_key import held_experts
 from device_runtime.wire import FitConfig
 from device_runtime.wire.fields import NAME
 
@@ -102,7 +106,7 @@ class TensorSpec:
     transposed: bool = False
     role: TensorRole = TensorRole.SHARED
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if not NAME.fullmatch(self.name) or (self.source is not None and not NAME.fullmatch(self.source)):
             raise BundleError(f"invalid tensor name {self.name!r} or source {self.source!r}")
         if self.rows not in (TRAINED, FROZEN, HELD):
@@ -125,8 +129,30 @@ class TensorSpec:
         """Whether the tensor is indexed by expert (every role but SHARED)."""
         return self.role is not TensorRole.SHARED
 
+    @property
+    def moe_layer(self) -> int:
+        """``layer``, for a tensor that has one (every indexed tensor: router, expert, lora).
+
+        Raises:
+            BundleError: the tensor belongs to no MoE layer (a SHARED tensor without ``layer``).
+        """
+        if self.layer is None:
+            raise BundleError(f"tensor {self.name}: a {self.role} tensor of no MoE layer has no layer index")
+        return self.layer
+
+    @property
+    def moe_axis(self) -> int:
+        """``expert_axis``, for a tensor indexed by expert (router, expert, lora), which always has one.
+
+        Raises:
+            BundleError: the tensor is not indexed by expert (SHARED).
+        """
+        if self.expert_axis is None:
+            raise BundleError(f"tensor {self.name}: a {self.role} tensor is not indexed by expert")
+        return self.expert_axis
+
     @classmethod
-    def from_dict(cls, data: dict) -> TensorSpec:
+    def from_dict(cls, data: dict[str, Any]) -> TensorSpec:
         return cls(
             name=str(data["name"]),
             shape=tuple(int(d) for d in data["shape"]),
@@ -160,7 +186,7 @@ class Manifest:
         files: relative path -> sha256 of every other file in the bundle.
     """
 
-    base_model: dict
+    base_model: dict[str, str]
     family: str
     shape_key: ShapeKey
     moe_layers: tuple[int, ...]
@@ -171,10 +197,10 @@ class Manifest:
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
     training: FitConfig = field(default_factory=FitConfig)
-    files: dict = field(default_factory=dict)
+    files: dict[str, str] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         counts = tuple(len(ids) for ids in self.expert_ids)
         if counts != self.shape_key.experts_per_layer or len(self.moe_layers) != len(counts):
             raise BundleError(
@@ -201,8 +227,8 @@ class Manifest:
     def rows(self, spec: TensorSpec, expert_ids: tuple[tuple[int, ...], ...] | None = None) -> tuple[int, ...]:
         """The global expert ids on ``spec``'s expert axis, for the trained ``expert_ids`` (default: the manifest's)."""
         trained = self.expert_ids if expert_ids is None else expert_ids
-        held = self.held_ids(trained)[spec.layer]
-        count = len(trained[spec.layer])
+        held = self.held_ids(trained)[spec.moe_layer]
+        count = len(trained[spec.moe_layer])
         return {TRAINED: held[:count], FROZEN: held[count:], HELD: held}[spec.rows]
 
     def to_json(self) -> str:
@@ -288,7 +314,7 @@ def load_bundle(root: str | Path, *, verify: bool = True) -> Bundle:
     return Bundle(root=root, manifest=manifest)
 
 
-def verify_files(root: Path, files: dict) -> None:
+def verify_files(root: Path, files: Mapping[str, str]) -> None:
     """Check that each ``relpath -> sha256`` of ``files`` matches the file under ``root``.
 
     Raises:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import click
 from rich.console import Console
@@ -21,6 +22,9 @@ from device_runtime.data import DEFAULT_TEMPLATE
 from device_runtime.errors import FedmoeError
 from device_runtime.modes import ORT_TRAINING_BACKEND, ZO_BACKEND
 from device_runtime.units import MIB
+
+if TYPE_CHECKING:
+    from device_runtime.stats import RoutingStats
 
 _BACKEND = click.option(
     "--backend",
@@ -33,7 +37,7 @@ _BACKEND = click.option(
 
 
 @click.group()
-def main():
+def main() -> None:
     """fedmoe device runtime: train pruned MoE expert subsets with ONNX Runtime (no torch)."""
 
 
@@ -47,7 +51,7 @@ def main():
     help="Duration of the float32 matmul benchmark, seconds.",
 )
 @_BACKEND
-def profile(as_json: bool, benchmark_seconds: float, backend: str | None):
+def profile(as_json: bool, benchmark_seconds: float, backend: str | None) -> None:
     """Measure this device: memory (MiB), cores, platform, training backends, float32 GFLOP/s."""
     from device_runtime.backends import BACKENDS
     from device_runtime.profile import collect_profile
@@ -115,20 +119,20 @@ def profile(as_json: bool, benchmark_seconds: float, backend: str | None):
 def train_local(
     bundle: Path,
     data_file: Path,
-    steps,
-    batch_size,
-    seq_len,
-    lr,
-    aux_loss_coef,
-    threads,
-    eval_fraction,
-    seed,
-    template,
-    out_dir,
-    no_progress,
-    as_json,
-    backend,
-):
+    steps: int | None,
+    batch_size: int | None,
+    seq_len: int | None,
+    lr: float | None,
+    aux_loss_coef: float | None,
+    threads: int | None,
+    eval_fraction: float,
+    seed: int,
+    template: str,
+    out_dir: Path | None,
+    no_progress: bool,
+    as_json: bool,
+    backend: str | None,
+) -> None:
     """Train BUNDLE (a bundle directory) on local data, offline, and report loss, step time, peak RSS
     and per-expert routing importance (HFedMoE, arXiv 2601.00583)."""
     try:
@@ -160,19 +164,19 @@ def _train_local(
     bundle_dir: Path,
     data_file: Path,
     *,
-    steps,
-    batch_size,
-    seq_len,
-    lr,
-    aux_loss_coef,
-    threads,
-    eval_fraction,
-    seed,
-    template,
-    out_dir,
-    progress,
-    backend=None,
-) -> dict:
+    steps: int | None,
+    batch_size: int | None,
+    seq_len: int | None,
+    lr: float | None,
+    aux_loss_coef: float | None,
+    threads: int | None,
+    eval_fraction: float,
+    seed: int,
+    template: str,
+    out_dir: Path | None,
+    progress: bool,
+    backend: str | None = None,
+) -> dict[str, Any]:
     """Verify the bundle, train, evaluate before/after, optionally write weights; return a JSON-able summary."""
     from device_runtime.backends import create_trainer
     from device_runtime.bundle import TOKENIZER_FILE, WEIGHTS_FILE, load_bundle
@@ -226,7 +230,7 @@ def _train_local(
     return summary
 
 
-def _print_summary(summary: dict) -> None:
+def _print_summary(summary: dict[str, Any]) -> None:
     from device_runtime.stats import RoutingStats
 
     console = Console()
@@ -253,7 +257,7 @@ def _print_summary(summary: dict) -> None:
         console.print(f"weights written to {summary['out']}")
 
 
-def _importance_table(routing) -> Table:
+def _importance_table(routing: RoutingStats) -> Table:
     """Per MoE layer and kept expert: usage s_cum, s_spec, KL_e, I_b (HFedMoE's default lambda and beta,
     ``stats.IMPORTANCE_LAMBDA`` / ``IMPORTANCE_BETA``), tokens routed."""
     table = Table(title="routing importance (HFedMoE)")
@@ -327,7 +331,15 @@ _MEMORY = click.option(
 @_CREDENTIALS
 @_MEMORY
 @_BACKEND
-def enroll_command(url, token, name, cafile, credentials_path, memory_mib, backend):
+def enroll_command(
+    url: str,
+    token: str,
+    name: str,
+    cafile: Path | None,
+    credentials_path: Path | None,
+    memory_mib: int | None,
+    backend: str | None,
+) -> None:
     """Enroll this device at the coordinator URL (ws://host:port or wss://host:port), once.
 
     Generates an Ed25519 key pair (the private key never leaves the device), redeems the token and writes
@@ -415,21 +427,21 @@ main.add_command(
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 @_BACKEND
 def run_command(
-    url,
-    data_file,
-    cache_dir,
-    threads,
-    cafile,
-    credentials_path,
-    memory_mib,
-    max_message_mib,
-    cache_mib,
-    template,
-    insecure,
-    fresh_trainer,
-    verbose,
-    backend,
-):
+    url: str,
+    data_file: Path,
+    cache_dir: Path | None,
+    threads: int | None,
+    cafile: Path | None,
+    credentials_path: Path | None,
+    memory_mib: int | None,
+    max_message_mib: float,
+    cache_mib: float,
+    template: str,
+    insecure: bool,
+    fresh_trainer: bool,
+    verbose: bool,
+    backend: str | None,
+) -> None:
     """Serve the coordinator at URL: authenticate, train each assignment on local data, upload updates.
 
     Reconnects with exponential backoff after a lost connection and re-sends any update not yet

@@ -31,8 +31,10 @@ import shutil
 import signal
 import ssl
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any, TypeVar
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
@@ -53,7 +55,7 @@ from device_runtime.errors import (
 )
 from device_runtime.fit_round import fit_assignment
 from device_runtime.memory import release_memory
-from device_runtime.session import Acked, DeviceSession, InstallBundle, Report, Send, Train
+from device_runtime.session import Acked, Action, DeviceSession, InstallBundle, Report, Send, Train
 from device_runtime.signing import Verifier
 from device_runtime.slots import training_slot
 from device_runtime.tls import client_context, fetch_client_certificate, fetch_pinned_ca, split_token, write_client_pem
@@ -79,6 +81,7 @@ from device_runtime.wire import (
 )
 
 log = logging.getLogger("fedmoe.device")
+_M = TypeVar("_M", bound=Message)
 HANDSHAKE_TIMEOUT_S = 30.0
 CLIENT_PEM = "client.pem"  # beside the credentials file: the client certificate and key (mode 0600)
 _JITTER = random.Random()
@@ -89,11 +92,13 @@ def default_home() -> Path:
     return Path(os.environ.get("FEDMOE_DEVICE_HOME", "~/.fedmoe-device")).expanduser()
 
 
-def _connect(url: str, context: ssl.SSLContext | None, max_size: int, **kwargs):
+def _connect(url: str, context: ssl.SSLContext | None, max_size: int, **kwargs: Any) -> connect:
     return connect(url, ssl=context, compression=None, max_size=max_size, open_timeout=HANDSHAKE_TIMEOUT_S, **kwargs)
 
 
-async def _recv(ws: ClientConnection, max_size: int, verify=None) -> Message:
+async def _recv(
+    ws: ClientConnection, max_size: int, verify: Callable[[bytes, bytes | None], None] | None = None
+) -> Message:
     """The next decoded frame (``verify``: see ``wire.decode``). Raises ProtocolError (malformed, or refused by
     ``verify``) or ConnectionClosed."""
     raw = await ws.recv()
@@ -102,7 +107,7 @@ async def _recv(ws: ClientConnection, max_size: int, verify=None) -> Message:
     return decode(raw, max_size=max_size, verify=verify)
 
 
-def _expect(msg: Message, kind: type) -> Message:
+def _expect(msg: Message, kind: type[_M]) -> _M:
     """``expect`` for the handshake: a peer ``Error("auth")`` is an AuthError, ``"version"`` a ConfigError."""
     try:
         return expect(msg, kind)
@@ -116,7 +121,7 @@ def _expect(msg: Message, kind: type) -> Message:
 
 def device_profile(
     memory_mib: int | None = None, *, benchmark_seconds: float = 0.3, backend: str | None = None
-) -> dict:
+) -> dict[str, Any]:
     """This device's profile for Enroll / Hello; ``memory_mib`` (the budget the coordinator plans with)
     defaults to the memory available now (MiB); ``backend`` overrides the training backend's choice.
 
@@ -137,7 +142,7 @@ async def enroll(
     *,
     credentials_path: str | Path,
     cafile: str | Path | None = None,
-    profile: dict | None = None,
+    profile: dict[str, Any] | None = None,
     max_message_mib: float = 16.0,
 ) -> Credentials:
     """Enroll this device once: generate an Ed25519 key pair, redeem ``token``, store the credentials.
@@ -173,7 +178,7 @@ async def enroll(
         async with asyncio.timeout(HANDSHAKE_TIMEOUT_S):
             ok = _expect(await _recv(ws, max_size), EnrollOk)
     creds = Credentials(device_id=ok.device_id, private_key=private_key, coordinator_url=url)
-    if ca_pem is not None:
+    if ca_pem is not None and context is not None:  # a pinned CA means wss://: a context
         certificate = await asyncio.to_thread(fetch_client_certificate, url, context, ok.device_id, public_key)
         client_pem = Path(credentials_path).resolve().parent / CLIENT_PEM
         write_client_pem(client_pem, certificate, private_key)
@@ -260,7 +265,7 @@ class DeviceClient:
         max_message_mib: float = 256.0,
         threads: int | None = None,
         memory_mib: int | None = None,
-        profile: dict | None = None,
+        profile: dict[str, Any] | None = None,
         heartbeat_s: float = 20.0,
         backoff: Backoff = Backoff(),
         cache_bundles: int = 4,
@@ -293,7 +298,7 @@ class DeviceClient:
         )
         self.connections = 0  # successful authentications so far
         self._ws: ClientConnection | None = None
-        self._queue: asyncio.Queue[Assignment] = asyncio.Queue()
+        self._queue: asyncio.Queue[Assignment | None] = asyncio.Queue()
         self._stopping = asyncio.Event()
         self._stop_training = threading.Event()
 
@@ -364,8 +369,10 @@ class DeviceClient:
             raise ConfigError(f"invalid coordinator URL {self.url!r}: {exc}") from exc
 
     async def _authenticate(self, ws: ClientConnection) -> None:
-        creds = self.credentials
-        await ws.send(encode(Hello(device_id=creds.device_id, protocol_version=PROTOCOL_VERSION, profile=self.profile)))
+        creds, profile = self.credentials, self.profile
+        if profile is None:
+            raise RuntimeError("the device profile is measured before the first connection")
+        await ws.send(encode(Hello(device_id=creds.device_id, protocol_version=PROTOCOL_VERSION, profile=profile)))
         async with asyncio.timeout(HANDSHAKE_TIMEOUT_S):
             challenge = _expect(await _recv(ws, self.max_size), Challenge)
             signature = sign_challenge(creds.private_key, challenge.nonce, creds.device_id)
@@ -404,7 +411,7 @@ class DeviceClient:
 
     # ------------------------------------------------------------ actions
 
-    async def _apply(self, actions: list) -> None:
+    async def _apply(self, actions: list[Action]) -> None:
         for action in actions:
             if isinstance(action, Send):
                 await self._send(action.message)
@@ -427,7 +434,7 @@ class DeviceClient:
         except ConnectionClosed:
             log.info("connection closed before %s could be sent", msg.TYPE)
 
-    async def _install(self, action: InstallBundle) -> list:
+    async def _install(self, action: InstallBundle) -> list[Action]:
         try:
             await asyncio.to_thread(self.cache.install, action.shape_key_id, action.files)
         except BundleSignatureError as exc:
@@ -516,7 +523,7 @@ class DeviceClient:
         release_memory()  # the round's assignment and update (and a trainer not kept) are garbage now
 
 
-def _fit_in_slot(*args, **kwargs) -> Update:
+def _fit_in_slot(*args: Any, **kwargs: Any) -> Update:
     """``fit_assignment`` while holding a training slot (``$FEDMOE_TRAINING_SLOTS``, see device_runtime.slots)."""
     with training_slot():
         return fit_assignment(*args, **kwargs)

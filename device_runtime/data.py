@@ -15,17 +15,20 @@ import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 
 from device_runtime.errors import DataError
+
+_T = TypeVar("_T")
 
 DEFAULT_TEMPLATE = "Article: {text}\nTopic:"
 IGNORE_INDEX = -100
 PAD_TOKENS = ("<pad>", "[PAD]", "<|endoftext|>", "</s>", "<|im_end|>")
 
 
-def format_example(record: dict, template: str = DEFAULT_TEMPLATE) -> tuple[str, str]:
+def format_example(record: dict[str, Any], template: str = DEFAULT_TEMPLATE) -> tuple[str, str]:
     """Turn one record into ``(prompt, completion)``; a pure function shared with the coordinator.
 
     ``{"text", "label"}`` -> ``(template.format(text=text), " " + label)``;
@@ -50,7 +53,7 @@ def format_example(record: dict, template: str = DEFAULT_TEMPLATE) -> tuple[str,
     return prompt, completion
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     """Read a JSONL file (blank lines are skipped).
 
     Raises:
@@ -59,7 +62,7 @@ def read_jsonl(path: str | Path) -> list[dict]:
     return [record for _, record in _numbered_records(Path(path))]
 
 
-def load_records(path: str | Path, *, text_field: str = "text", label_field: str = "label") -> list[dict]:
+def load_records(path: str | Path, *, text_field: str = "text", label_field: str = "label") -> list[dict[str, Any]]:
     """Read a JSONL file of labelled texts as ``{"text", "label"}`` records (other fields are dropped).
 
     Raises:
@@ -73,7 +76,7 @@ def load_records(path: str | Path, *, text_field: str = "text", label_field: str
     return records
 
 
-def _numbered_records(path: Path) -> list[tuple[int, dict]]:
+def _numbered_records(path: Path) -> list[tuple[int, dict[str, Any]]]:
     """``(line number, record)`` of every non-blank line; raises as :func:`read_jsonl`."""
     if not path.is_file():
         raise DataError(f"data file {path} does not exist")
@@ -100,7 +103,7 @@ EVAL_SPLIT_SEED = 0
 trained on."""
 
 
-def split_train_eval(records: Sequence, *, eval_fraction: float = 0.1, seed: int = 0) -> tuple[list, list]:
+def split_train_eval(records: Sequence[_T], *, eval_fraction: float = 0.1, seed: int = 0) -> tuple[list[_T], list[_T]]:
     """Deterministic shuffled split: the same ``(records, eval_fraction, seed)`` gives the same split.
 
     At least one record stays in train; eval gets ``floor(n * eval_fraction)`` records.
@@ -229,7 +232,7 @@ class LocalDataset:
 
     def __init__(
         self,
-        records: Sequence[dict],
+        records: Sequence[dict[str, Any]],
         encoder: TextEncoder,
         *,
         template: str = DEFAULT_TEMPLATE,
@@ -253,7 +256,7 @@ class LocalDataset:
         self.seed = seed
 
     @classmethod
-    def from_jsonl(cls, path: str | Path, tokenizer_path: str | Path, *, seq_len: int, **kwargs) -> LocalDataset:
+    def from_jsonl(cls, path: str | Path, tokenizer_path: str | Path, *, seq_len: int, **kwargs: Any) -> LocalDataset:
         """Read ``path`` and tokenise it.
 
         Raises:

@@ -59,7 +59,9 @@ def assignment_tensors(manifest: Manifest, assignment: Assignment) -> dict[str, 
     }
 
 
-def local_prior(config: FitConfig, num_experts: int, expert_ids) -> list[np.ndarray] | None:
+def local_prior(
+    config: FitConfig, num_experts: int, expert_ids: tuple[tuple[int, ...], ...]
+) -> list[np.ndarray] | None:
     """FedAlign-MoE's p_global restricted to the held experts ``expert_ids`` (local order) and renormalised,
     ``(E_l,)`` per layer.
 
@@ -149,7 +151,7 @@ def fit_assignment(
     threads: int | None = None,
     stop: threading.Event | None = None,
     template: str = DEFAULT_TEMPLATE,
-    extra_metrics: dict | None = None,
+    extra_metrics: dict[str, float] | None = None,
     backend: str | None = None,
     trainers: TrainerCache | None = None,
 ) -> Update:
@@ -198,11 +200,11 @@ def _fit(
     assignment: Assignment,
     data_file: str | Path,
     *,
-    threads,
-    stop,
-    template,
-    extra_metrics,
-    backend,
+    threads: int | None,
+    stop: threading.Event | None,
+    template: str,
+    extra_metrics: dict[str, float] | None,
+    backend: str | None,
     trainers: TrainerCache,
 ) -> Update:
 
@@ -251,7 +253,7 @@ def _fit(
             result,
             {},
             metrics,
-            zo=ZoUpdate(seeds=seeds, scalars=scalars, distribution=trainer.distribution),
+            zo=ZoUpdate(seeds=seeds, scalars=scalars, distribution=result.zo_distribution),
             held=held,
             evaluation=evaluation,
         )

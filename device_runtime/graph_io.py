@@ -58,7 +58,10 @@ def constant_inputs(
     Raises:
         ConfigError: a bad prior or answer shift, or ``prox_mu > 0`` for a bundle without FedProx inputs.
     """
-    scalar = lambda v: np.array(float(v), dtype=np.float32)  # noqa: E731
+
+    def scalar(v: float) -> np.ndarray:
+        return np.array(float(v), dtype=np.float32)
+
     feeds = {AUX_LOSS_COEF: scalar(aux_loss_coef), ROUTING_REG_COEF: scalar(routing_reg_coef)}
     if ANSWER_IDS in manifest.inputs:
         feeds[ANSWER_IDS], feeds[ANSWER_BIAS] = check_answer_shift(answer_shift or NO_ANSWER_SHIFT)

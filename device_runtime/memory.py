@@ -23,7 +23,7 @@ MMAP_THRESHOLD_BYTES = 4 << 20
 ARENA_MAX = 2
 
 
-def _glibc():
+def _glibc() -> ctypes.CDLL | None:
     """The C library if it is glibc (it has ``malloc_trim``), else None (musl, bionic, macOS)."""
     name = ctypes.util.find_library("c")
     try:

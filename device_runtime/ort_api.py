@@ -19,6 +19,7 @@ import importlib.util
 import sys
 import types
 from pathlib import Path
+from typing import Any
 
 from device_runtime.errors import ConfigError
 
@@ -58,11 +59,12 @@ def _register_bare_training_package() -> None:
     sys.modules[_TRAINING] = package
 
 
-def _import_onnxruntime_without_ortmodule():
+def _import_onnxruntime_without_ortmodule() -> types.ModuleType:
     """Import ``onnxruntime`` while ``ortmodule`` is hidden, so its validation does not import torch."""
     hidden = _ORTMODULE not in sys.modules
     if hidden:
-        sys.modules[_ORTMODULE] = None  # makes the probe raise ImportError, which ORT catches
+        # None makes the probe raise ImportError, which ORT catches (a documented use of sys.modules)
+        sys.modules[_ORTMODULE] = None  # type: ignore[assignment]  # typeshed types sys.modules values as modules only
     try:
         return importlib.import_module("onnxruntime")
     finally:
@@ -118,7 +120,7 @@ def load_api() -> types.ModuleType:
             "`onnxruntime-training-cpu==1.19.2` (x86_64 Linux, Windows or macOS)"
         ) from exc
     if not hasattr(ort, "training"):
-        ort.training = sys.modules[_TRAINING]
+        vars(ort)["training"] = sys.modules[_TRAINING]  # the attribute a normal import of the package sets
     return api
 
 
@@ -131,7 +133,7 @@ def is_available() -> bool:
     return True
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> Any:  # ORT's training classes: onnxruntime ships no type information
     if name in ("CheckpointState", "Module", "Optimizer"):
         return getattr(load_api(), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import importlib
 import sys
+import types
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -24,9 +26,12 @@ _FLOAT, _FLOAT16 = 1, 10  # fbs.TensorDataType
 _NUMPY = {_FLOAT: np.float32, _FLOAT16: np.float16}
 
 
-def _schema():
+def _schema() -> types.ModuleType:
     """ORT's generated ``fbs`` package (imported as ORT's own tools import it: top-level ``ort_flatbuffers_py``)."""
-    tools = Path(import_onnxruntime().__file__).parent / "tools" / "ort_format_model"
+    ort_file = import_onnxruntime().__file__
+    if ort_file is None:
+        raise BundleError("this onnxruntime is not installed from files; reinstall onnxruntime")
+    tools = Path(ort_file).parent / "tools" / "ort_format_model"
     if not (tools / "ort_flatbuffers_py").is_dir():
         raise BundleError(f"this onnxruntime lacks {tools / 'ort_flatbuffers_py'}; reinstall onnxruntime")
     if str(tools) not in sys.path:
@@ -65,7 +70,7 @@ def read_checkpoint(path: str | Path) -> dict[str, np.ndarray]:
     return params
 
 
-def _tensor(tensor, path) -> tuple[str, np.ndarray]:
+def _tensor(tensor: Any, path: str | Path) -> tuple[str, np.ndarray]:  # tensor: an (untyped) generated fbs.Tensor
     name = tensor.Name().decode()
     dtype = _NUMPY.get(tensor.DataType())
     if dtype is None:

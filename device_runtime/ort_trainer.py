@@ -12,6 +12,8 @@ trainer for a round that must start with fresh moments.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from device_runtime.bundle import Bundle, load_bundle
@@ -116,7 +118,7 @@ class OrtTrainer(BundleTrainer):
             self._module.train()
 
 
-def _build_session(bundle: Bundle, threads: int | None):
+def _build_session(bundle: Bundle, threads: int | None) -> tuple[Any, Any, Any]:  # ORT objects: no type information
     """``(CheckpointState, Module, Optimizer)`` of a bundle, in the only safe order."""
     from device_runtime.ort_api import load_api
 

@@ -9,6 +9,7 @@ import os
 import platform
 import time
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 
@@ -38,13 +39,13 @@ class DeviceProfile:
     gflops: float
     backend: str = ""
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["backends"] = list(self.backends)
         return data
 
     @classmethod
-    def from_dict(cls, data: dict) -> DeviceProfile:
+    def from_dict(cls, data: dict[str, Any]) -> DeviceProfile:
         """Parse and validate.
 
         Raises:

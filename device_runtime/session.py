@@ -49,7 +49,7 @@ class InstallBundle:
     to the session, and delete ``directory``."""
 
     shape_key_id: str
-    files: dict = field(compare=False)
+    files: dict[str, Path] = field(compare=False)
     directory: Path = field(compare=False)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -11,6 +12,17 @@ from device_runtime.modes import TrainableMode, lora_rank_mismatch
 
 TRAINABLE_MODES = tuple(TrainableMode)
 FROZEN_DTYPES = ("float16",)  # the precision of resident frozen experts (graph inputs, cast up in the graph)
+
+
+def parse_trainable_mode(value: str) -> TrainableMode:
+    """``value`` (a config's, manifest's or shape key id's string) as a :class:`TrainableMode`.
+
+    Raises:
+        BundleError: ``value`` names no trainable mode (the error :class:`ShapeKey` gives).
+    """
+    if value not in TRAINABLE_MODES:
+        raise BundleError(f"trainable_mode must be one of {TRAINABLE_MODES}, got {value!r}")
+    return TrainableMode(value)
 
 
 def held_experts(trained: tuple[tuple[int, ...], ...], num_experts: int, frozen: bool) -> tuple[tuple[int, ...], ...]:
@@ -24,7 +36,8 @@ def held_experts(trained: tuple[tuple[int, ...], ...], num_experts: int, frozen:
 def standin_expert(rows: np.ndarray) -> np.ndarray:
     """The stand-in of a layer's frozen experts ``rows (F, ...)`` (a merged bundle, ``ShapeKey.merged``): their mean,
     ``(1, ...)``, in the dtype of ``rows`` (accumulated in float64)."""
-    return rows.mean(axis=0, keepdims=True, dtype=np.float64).astype(rows.dtype)
+    mean: np.ndarray = rows.mean(axis=0, keepdims=True, dtype=np.float64)
+    return mean.astype(rows.dtype)
 
 
 @dataclass(frozen=True)
@@ -52,7 +65,7 @@ class ShapeKey:
     frozen_dtype: str | None = None
     merged: bool = False
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if not self.experts_per_layer or any(int(c) < 1 for c in self.experts_per_layer):
             raise BundleError(f"experts_per_layer must be non-empty and >= 1, got {self.experts_per_layer}")
         if self.trainable_mode not in TRAINABLE_MODES:
@@ -102,7 +115,7 @@ class ShapeKey:
             lora = mode.startswith("lora")
             key = cls(
                 tuple(int(c) for c in counts.split(".")),
-                "lora" if lora else mode,
+                parse_trainable_mode("lora" if lora else mode),
                 int(mode[4:]) if lora else 0,
                 "prox" in rest,
                 next((p for p in rest if p in FROZEN_DTYPES), None),
@@ -115,10 +128,10 @@ class ShapeKey:
         return key
 
     @classmethod
-    def from_dict(cls, data: dict) -> ShapeKey:
+    def from_dict(cls, data: dict[str, Any]) -> ShapeKey:
         return cls(
             experts_per_layer=tuple(int(c) for c in data["experts_per_layer"]),
-            trainable_mode=str(data.get("trainable_mode", "experts")),
+            trainable_mode=parse_trainable_mode(str(data.get("trainable_mode", "experts"))),
             lora_rank=int(data.get("lora_rank", 0)),
             prox=bool(data.get("prox", False)),
             frozen_dtype=None if data.get("frozen_dtype") is None else str(data["frozen_dtype"]),

@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -40,7 +41,7 @@ _ECDSA = ec.ECDSA(hashes.SHA256())
 REENROL = "enroll this device again with a token from `fedmoe-coord enroll`"
 
 
-def canonical_header(header: dict) -> bytes:
+def canonical_header(header: Mapping[str, Any]) -> bytes:
     """The signed form of a frame header: JSON with sorted keys, no spaces, ASCII only.
 
     Raises:

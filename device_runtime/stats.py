@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -120,7 +121,7 @@ class RoutingStats:
         """Per layer, the local indices of experts that received at least one routed token (a gradient)."""
         return [np.flatnonzero(np.rint(raw[3]) > 0).tolist() for raw in self._raw]
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         """JSON-able raw sums (exact: a receiver can keep accumulating)."""
         return {
             "num_tokens": self.num_tokens,
@@ -130,7 +131,7 @@ class RoutingStats:
         }
 
     @classmethod
-    def from_dict(cls, data: dict) -> RoutingStats:
+    def from_dict(cls, data: dict[str, Any]) -> RoutingStats:
         """Parse and validate (finite, non-negative where it must be, shapes as declared).
 
         Raises:

@@ -138,7 +138,8 @@ def _get(url: str, path: str, context: ssl.SSLContext) -> bytes:
         raise ConfigError(f"a token with a CA fingerprint needs a wss:// URL, got {url}")
     try:
         with urllib.request.urlopen(f"https://{parts.netloc}{path}", context=context, timeout=TIMEOUT_S) as reply:
-            return reply.read(MAX_PEM_BYTES + 1)[:MAX_PEM_BYTES]
+            data: bytes = reply.read(MAX_PEM_BYTES + 1)
+            return data[:MAX_PEM_BYTES]
     except (OSError, urllib.error.URLError) as exc:
         raise ConfigError(f"cannot fetch {path} from {url}: {exc}") from exc
 

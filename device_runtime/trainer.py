@@ -14,18 +14,20 @@ import resource
 import sys
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import ClassVar
+from types import TracebackType
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 
-from device_runtime.bundle import Manifest
+from device_runtime.bundle import Bundle, Manifest
 from device_runtime.data import Batch
 from device_runtime.errors import ConfigError, DataError
 from device_runtime.graph_io import CE_LOSS, LOSS, NUM_TOKENS, batch_feeds, constant_inputs, stats_names, target_tokens
 from device_runtime.memory import status_kib
 from device_runtime.stats import RoutingStats
+from device_runtime.zo_directions import Distribution
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,7 @@ class FitResult:
             (hence a gradient); experts held frozen never count.
         zo_coefficients: zeroth-order backends only: ``(seed, c)`` pairs, one per distinct step seed, with
             ``theta_after = theta_before + sum c * z(seed)`` over the trainable tensors (``zo_directions``).
+        zo_distribution: the distribution of those directions ``z`` (``"rademacher"`` or ``"gaussian"``).
     """
 
     num_examples: int
@@ -54,6 +57,7 @@ class FitResult:
     routing: RoutingStats
     trained_experts: tuple[tuple[int, ...], ...]
     zo_coefficients: tuple[tuple[int, float], ...] = ()
+    zo_distribution: Distribution = "rademacher"
 
 
 @dataclass(frozen=True)
@@ -96,6 +100,12 @@ class Trainer(ABC):
     order: ClassVar[str]
 
     @abstractmethod
+    def __init__(self, bundle: Bundle | str, *, threads: int | None = None, progress: bool = True) -> None:
+        """Load ``bundle`` (a :class:`Bundle` or its directory) with at most ``threads`` compute threads; ``progress``
+        shows a progress bar while fitting. ``backends.create_trainer`` builds every backend this way (a
+        zeroth-order backend takes more keyword options)."""
+
+    @abstractmethod
     def fit(
         self,
         batches: Iterable[Batch],
@@ -128,7 +138,7 @@ class Trainer(ABC):
             ConfigError: invalid argument. DataError: fewer batches than ``steps``.
         """
 
-    def start_round(self, zeroth_order: dict) -> None:  # noqa: B027 (a no-op default; ZoTrainer overrides it)
+    def start_round(self, zeroth_order: dict[str, Any]) -> None:  # noqa: B027 (a no-op default; ZoTrainer overrides it)
         """Prepare a kept trainer for another round (``device_runtime.trainer_cache``); the round's tensors are
         loaded next with :meth:`set_parameters`. First-order: nothing to do, AdamW's moments carry over.
 
@@ -274,7 +284,7 @@ class ProgressBar:
     def __init__(self, enabled: bool, steps: int):
         self.enabled, self.steps = enabled, steps
 
-    def __enter__(self):
+    def __enter__(self) -> Callable[[float], object]:
         if not self.enabled:
             return lambda loss: None
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -291,7 +301,9 @@ class ProgressBar:
         task = self._progress.add_task("fit", total=self.steps, loss="-")
         return lambda loss: self._progress.update(task, advance=1, loss=f"{loss:.4f}")
 
-    def __exit__(self, *exc):
+    def __exit__(
+        self, kind: type[BaseException] | None, value: BaseException | None, traceback: TracebackType | None
+    ) -> Literal[False]:
         if self.enabled:
-            self._progress.__exit__(*exc)
+            self._progress.__exit__(kind, value, traceback)
         return False

@@ -22,6 +22,8 @@ zeroth-order, nothing (:meth:`Trainer.start_round` draws the round's seeds).
 from __future__ import annotations
 
 import logging
+from pathlib import Path
+from typing import Any
 
 from device_runtime.bundle import Bundle
 from device_runtime.memory import release_memory, status_kib
@@ -43,10 +45,12 @@ class TrainerCache:
     def __init__(self, *, reuse: bool = True, memory_limit_bytes: int | None = None):
         self.reuse, self.memory_limit_bytes = reuse, memory_limit_bytes
         self.builds = 0  # trainers built so far
-        self._key: tuple | None = None
+        self._key: tuple[Path, tuple[tuple[str, str], ...], str | None, int | None] | None = None
         self._trainer: Trainer | None = None
 
-    def trainer(self, bundle: Bundle, *, backend: str | None, threads: int | None, zeroth_order: dict) -> Trainer:
+    def trainer(
+        self, bundle: Bundle, *, backend: str | None, threads: int | None, zeroth_order: dict[str, Any]
+    ) -> Trainer:
         """The trainer for this round on ``bundle``: the kept one if it was built on the same bundle files with
         the same backend and threads, else a new one (the old one is dropped first, so both never coexist).
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from typing import Any
 
 import safetensors.numpy
 
@@ -91,7 +92,7 @@ class UpdateStore:
         return [i for i in ids if isinstance(i, str)][-self.keep_acked :] if isinstance(ids, list) else []
 
 
-def _fields(update: Update) -> dict:
+def _fields(update: Update) -> dict[str, Any]:
     return {
         "update_id": update.update_id,
         "round_id": update.round_id,

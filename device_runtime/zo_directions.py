@@ -19,12 +19,14 @@ SPSA estimate ``g * z`` is unbiased for the smoothed gradient):
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import numpy as np
 
 from device_runtime.errors import ConfigError
 
-DISTRIBUTIONS = ("rademacher", "gaussian")
+Distribution = Literal["rademacher", "gaussian"]
+DISTRIBUTIONS: tuple[Distribution, ...] = ("rademacher", "gaussian")
 CHUNK = 1 << 16  # float32 values per generated block (256 KiB: stays in L2); a multiple of 64
 
 

@@ -25,18 +25,21 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+import types
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
 from device_runtime.bundle import Bundle, load_bundle
+from device_runtime.data import Batch
 from device_runtime.errors import BundleError, ConfigError
 from device_runtime.graph_io import DTYPES, LOSS, NUM_TOKENS, check_tensor, read_weights, stats_names
 from device_runtime.modes import ZO_BACKEND, Order
 from device_runtime.ort_api import import_onnxruntime
 from device_runtime.ort_checkpoint import read_checkpoint
 from device_runtime.trainer import BundleTrainer, FitResult
-from device_runtime.zo_directions import DISTRIBUTIONS, perturb
+from device_runtime.zo_directions import DISTRIBUTIONS, Distribution, perturb
 
 EVAL_MODEL = "eval_model.onnx"
 
@@ -80,7 +83,8 @@ class ZoTrainer(BundleTrainer):
                 f"bundle {self.manifest.shape_key.id} holds frozen experts, which the zeroth-order "
                 "backend does not feed; train it with the ort-training backend"
             )
-        self.eps, self.distribution = float(eps), distribution
+        self.eps = float(eps)
+        self.distribution: Distribution = "gaussian" if distribution == "gaussian" else "rademacher"  # checked above
         self.start_round({"seed": seed, "candidates": candidates})
         self._coefficients: dict[int, float] = {}
         self._specs = {spec.name: spec for spec in self.manifest.tensors}
@@ -109,7 +113,7 @@ class ZoTrainer(BundleTrainer):
             )
         return outputs
 
-    def _bind_weights(self):
+    def _bind_weights(self) -> Any:  # an onnxruntime IOBinding (onnxruntime ships no type information)
         """An IO binding holding every weight as an OrtValue over its numpy buffer (no copy)."""
         binding = self._session.io_binding()
         weight_inputs = [i.name for i in self._session.get_inputs() if i.name in self._weights]
@@ -120,10 +124,10 @@ class ZoTrainer(BundleTrainer):
             binding.bind_output(name, "cpu")
         return binding
 
-    def start_round(self, zeroth_order: dict) -> None:
+    def start_round(self, zeroth_order: dict[str, Any]) -> None:
         """Draw this round's step seeds from ``zeroth_order["seed"]`` among ``zeroth_order["candidates"]``."""
         self._seeds = np.random.default_rng(zeroth_order.get("seed", 0))
-        self._candidates = tuple(zeroth_order.get("candidates", ()))
+        self._candidates: tuple[int, ...] = tuple(zeroth_order.get("candidates", ()))
 
     # -- parameters -------------------------------------------------------------------------------------
 
@@ -151,11 +155,34 @@ class ZoTrainer(BundleTrainer):
 
     # -- training ---------------------------------------------------------------------------------------
 
-    def fit(self, *args, **kwargs) -> FitResult:
-        """See :meth:`Trainer.fit`; the result's ``zo_coefficients`` rebuild this fit's change from seeds."""
+    def fit(
+        self,
+        batches: Iterable[Batch],
+        *,
+        steps: int,
+        learning_rate: float,
+        aux_loss_coef: float = 0.01,
+        routing_prior: list[np.ndarray] | None = None,
+        routing_reg_coef: float = 0.0,
+        prox_mu: float = 0.0,
+        answer_shift: tuple[np.ndarray, np.ndarray] | None = None,
+    ) -> FitResult:
+        """See :meth:`Trainer.fit`; the result's ``zo_coefficients`` rebuild this fit's change from seeds (drawn from
+        ``zo_distribution``)."""
         self._coefficients = {}
-        result = super().fit(*args, **kwargs)
-        return dataclasses.replace(result, zo_coefficients=tuple(self._coefficients.items()))
+        result = super().fit(
+            batches,
+            steps=steps,
+            learning_rate=learning_rate,
+            aux_loss_coef=aux_loss_coef,
+            routing_prior=routing_prior,
+            routing_reg_coef=routing_reg_coef,
+            prox_mu=prox_mu,
+            answer_shift=answer_shift,
+        )
+        return dataclasses.replace(
+            result, zo_coefficients=tuple(self._coefficients.items()), zo_distribution=self.distribution
+        )
 
     def _next_seed(self) -> int:
         if self._candidates:
@@ -183,7 +210,7 @@ class ZoTrainer(BundleTrainer):
             )
         perturb(theta, seed, self.eps - learning_rate * projected, distribution=self.distribution)
         self._coefficients[seed] = self._coefficients.get(seed, 0.0) - learning_rate * projected
-        return {**plus, LOSS: np.float32((loss_plus + minus) / 2.0)}
+        return {**plus, LOSS: np.asarray((loss_plus + minus) / 2.0, dtype=np.float32)}
 
     def _forward(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         for name, value in feeds.items():
@@ -192,7 +219,7 @@ class ZoTrainer(BundleTrainer):
         return dict(zip(self._outputs, self._binding.copy_outputs_to_cpu()))
 
 
-def _inference_session(ort, bundle: Bundle, threads: int | None):
+def _inference_session(ort: types.ModuleType, bundle: Bundle, threads: int | None) -> Any:  # an InferenceSession
     """An ``InferenceSession`` (of the ``onnxruntime`` module ``ort``) on the bundle's eval graph (CPU, no arena)."""
     options = ort.SessionOptions()
     options.enable_cpu_mem_arena = False  # the arena reserves far beyond use: RLIMIT_DATA budgets then fail

@@ -51,6 +51,7 @@ then the top-C experts of each layer by importance". A uniform C keeps the numbe
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -120,7 +121,7 @@ class TrainingShape:
     frozen_dtype: str | None = None
     merged: bool = False
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.order not in ORDERS:
             raise ConfigError(f"order must be one of {ORDERS}, got {self.order!r}")
         if self.frozen_dtype is not None and (
@@ -146,7 +147,7 @@ class Budget:
     gflops: float = 10.0
     max_step_s: float | None = None
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.memory_mib <= 0 or self.gflops <= 0:
             raise ConfigError(f"budget memory_mib and gflops must be > 0, got {self.memory_mib}, {self.gflops}")
 
@@ -156,7 +157,7 @@ class Estimate:
     """Estimated peak memory (bytes, by part) and step time (seconds) for C experts per layer."""
 
     experts_per_layer: int
-    parts: dict = field(default_factory=dict)
+    parts: dict[str, float] = field(default_factory=dict)
     step_s: float = 0.0
 
     @property
@@ -192,7 +193,12 @@ def _activation_floats(shape: ModelShape, train: TrainingShape, kept: int) -> in
 
 
 def estimate(
-    shape: ModelShape, train: TrainingShape, kept: int, *, gflops: float = 10.0, calibration: dict = CALIBRATION
+    shape: ModelShape,
+    train: TrainingShape,
+    kept: int,
+    *,
+    gflops: float = 10.0,
+    calibration: Mapping[str, float] = CALIBRATION,
 ) -> Estimate:
     """Estimate peak training memory (bytes by part) and step time (seconds) with ``kept`` experts per MoE layer.
 
@@ -252,7 +258,9 @@ def estimate(
     return Estimate(experts_per_layer=kept, parts=parts, step_s=step_s)
 
 
-def plan(shape: ModelShape, train: TrainingShape, budget: Budget, *, calibration: dict = CALIBRATION) -> Estimate:
+def plan(
+    shape: ModelShape, train: TrainingShape, budget: Budget, *, calibration: Mapping[str, float] = CALIBRATION
+) -> Estimate:
     """The largest uniform number of experts per layer whose estimate fits the budget.
 
     Raises:

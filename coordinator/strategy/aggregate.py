@@ -39,7 +39,9 @@ class RowAccumulator:
         self._totals: dict[str, np.ndarray] = {}
         self._axes: dict[str, int | None] = {}
 
-    def add(self, name: str, tensor: np.ndarray, meta: TensorSpec, ids, weights) -> None:
+    def add(
+        self, name: str, tensor: np.ndarray, meta: TensorSpec, ids: Sequence[int], weights: np.ndarray | float
+    ) -> None:
         """Add ``weights * tensor`` to the sums of the rows ``ids``.
 
         Args:
@@ -67,6 +69,14 @@ class RowAccumulator:
     def totals(self, name: str) -> np.ndarray | None:
         """Weight total per global row of ``name`` (``(E,)``, or ``(1,)`` unindexed); None if never added."""
         return self._totals.get(name)
+
+    def added_totals(self, name: str) -> np.ndarray:
+        """:meth:`totals` of a tensor known to have been added: ``(E,)``, or ``(1,)`` unindexed.
+
+        Raises:
+            KeyError: ``name`` was never added.
+        """
+        return self._totals[name]
 
     def finish(self, base: Params | None = None) -> Params:
         """Weighted averages; rows with zero total weight take ``base`` (default: the global model).

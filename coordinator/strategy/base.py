@@ -22,8 +22,8 @@ import collections.abc
 import dataclasses
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Sequence
-from typing import ClassVar
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -191,7 +191,7 @@ class Strategy(ABC):
 
     def aggregate_evaluate(
         self, server_round: int, results: Sequence[ClientEvaluation], failures: Sequence[Failure]
-    ) -> tuple[float | None, dict]:
+    ) -> tuple[float | None, dict[str, float]]:
         """Merge the clients' scores of the round's starting global model on their held-out data (Flower's
         ``aggregate_evaluate``).
 
@@ -206,12 +206,12 @@ class Strategy(ABC):
             ``accuracy`` over the clients that computed it).
         """
         usable = [r for r in results if r.num_examples > 0]
-        counts = {"num_clients": len(usable), "num_examples": sum(r.num_examples for r in usable)}
+        counts: dict[str, float] = {"num_clients": len(usable), "num_examples": sum(r.num_examples for r in usable)}
         counts["num_failures"] = len(failures) + len(results) - len(usable)
         if not usable:
             return None, counts
         loss = weighted_loss_avg([(r.num_examples, r.loss) for r in usable])
-        pairs = [(r.num_examples, dict(r.metrics)) for r in usable]
+        pairs: list[tuple[int, Mapping[str, float]]] = [(r.num_examples, dict(r.metrics)) for r in usable]
         aggregate = self.evaluate_metrics_aggregation_fn or weighted_metrics_avg
         return loss, {**aggregate(pairs), **counts}
 
@@ -293,7 +293,7 @@ class StreamingAggregation:
             ids = update.rows(meta) if meta.indexed else ()
             self.accumulator.add(name, tensor, meta, ids, self._weigh(update, name, meta, num_experts))
             if meta.role in EXPERT_ROLES:
-                self._expert_layer[name] = meta.layer
+                self._expert_layer[name] = meta.moe_layer
         return num_experts
 
     @property
@@ -309,7 +309,7 @@ class StreamingAggregation:
         """Per MoE layer: how many global experts received a non-zero weight in some EXPERT tensor."""
         per_layer: dict[int, np.ndarray] = {}
         for name, layer in self._expert_layer.items():
-            held = self.accumulator.totals(name) > 0
+            held = self.accumulator.added_totals(name) > 0
             per_layer[layer] = held | per_layer.get(layer, np.zeros_like(held))
         return {layer: int(held.sum()) for layer, held in sorted(per_layer.items())}
 
@@ -338,7 +338,7 @@ def feed(
 
 def round_metrics(
     server_round: int, aggregation: StreamingAggregation, failures: Sequence[Failure], rejected: dict[str, str]
-) -> dict:
+) -> dict[str, Any]:
     """The metrics every strategy reports for a round."""
     return {
         "round": server_round,

@@ -149,12 +149,13 @@ class FedAlign(Strategy):
         kept = update.rows(meta)
         if meta.role in EXPERT_ROLES:
             return np.full(len(kept), n)
-        usage = np.asarray(update.routing[meta.layer].usage, np.float64)
+        layer = meta.moe_layer
+        usage = np.asarray(update.routing[layer].usage, np.float64)
         if self.router_weighting == "usage":
             return usage
-        prior = start_prior.get(meta.layer)
-        if prior is None or len(prior) != num_experts[meta.layer]:
-            prior = np.ones(num_experts[meta.layer])
+        prior = start_prior.get(layer)
+        if prior is None or len(prior) != num_experts[layer]:
+            prior = np.ones(num_experts[layer])
         return np.full(len(kept), 1.0 / (1.0 + kl_divergence(usage, prior[list(kept)])))
 
 
@@ -173,7 +174,8 @@ def alignment_cosines(update: ClientUpdate, direction: Params, global_params: Pa
         meta = update.tensor_meta[name]
         if meta.role not in EXPERT_ROLES or name not in direction:
             continue
-        ids = list(update.expert_ids[meta.layer])
+        layer = meta.moe_layer
+        ids = list(update.expert_ids[layer])
         delta = (
             expert_rows(tensor, meta.expert_axis).astype(np.float64)
             - expert_rows(global_params[name], meta.expert_axis)[ids]
@@ -181,7 +183,7 @@ def alignment_cosines(update: ClientUpdate, direction: Params, global_params: Pa
         delta = delta.reshape(len(ids), -1)
         mean = expert_rows(direction[name], meta.expert_axis)[ids].reshape(len(ids), -1)
         part = np.stack([np.sum(delta * mean, 1), np.sum(delta * delta, 1), np.sum(mean * mean, 1)])
-        stats[meta.layer] = stats.get(meta.layer, 0.0) + part
+        stats[layer] = stats.get(layer, 0.0) + part
     return {layer: cosine_similarity(*s) for layer, s in stats.items()}
 
 
@@ -207,15 +209,15 @@ class _AlignedPass:
         self.pairs += sum(len(a) for a in self._aligned.values())
         self.aligned_pairs += sum(int(a.sum()) for a in self._aligned.values())
 
-    def _weights(self, update: ClientUpdate, name: str, meta: TensorSpec, num_experts) -> np.ndarray:
-        return np.where(self._aligned[meta.layer], float(update.num_examples), 0.0)
+    def _weights(self, update: ClientUpdate, name: str, meta: TensorSpec, num_experts: tuple[int, ...]) -> np.ndarray:
+        return np.where(self._aligned[meta.moe_layer], float(update.num_examples), 0.0)
 
-    def metrics(self, first: StreamingAggregation) -> dict:
+    def metrics(self, first: StreamingAggregation) -> dict[str, float]:
         """``aligned_fraction`` of (client, expert) pairs and ``fallback_experts`` (held, none aligned)."""
         fallback = 0
         for name in first.expert_names:
             totals = self.aggregation.accumulator.totals(name)
-            held = first.accumulator.totals(name) > 0
+            held = first.accumulator.added_totals(name) > 0
             fallback += int(np.sum(held & ~(totals > 0))) if totals is not None else int(held.sum())
         return {
             "aligned_fraction": self.aligned_pairs / self.pairs if self.pairs else 0.0,
@@ -226,7 +228,7 @@ class _AlignedPass:
 class _UsageAccumulator:
     """Example-weighted mean usage per global expert over its holders, for the next routing prior."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.sums: dict[int, np.ndarray] = {}
         self.totals: dict[int, np.ndarray] = {}
 

@@ -69,4 +69,5 @@ class FedYogi(FedAdam):
     name = "fedyogi"
 
     def second_moment(self, v: np.ndarray, delta_sq: np.ndarray) -> np.ndarray:
-        return v - (1 - self.beta_2) * delta_sq * np.sign(v - delta_sq)
+        moment: np.ndarray = v - (1 - self.beta_2) * delta_sq * np.sign(v - delta_sq)
+        return moment

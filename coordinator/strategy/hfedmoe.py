@@ -54,12 +54,13 @@ class HFedMoE(SinglePassStrategy):
         if meta.role is TensorRole.SHARED:
             return float(update.num_examples)
         ids = update.rows(meta)
-        stats = update.routing[meta.layer]  # over held_ids: ids first
+        layer = meta.moe_layer
+        stats = update.routing[layer]  # over held_ids: ids first
         if meta.role is TensorRole.ROUTER:
             if len(ids) < 2:  # a one-expert router is not trainable (see the module docstring)
                 return np.zeros(len(ids))
             scores = stats.importance(self.lam)
-            return np.full(len(ids), hfedmoe_alpha(stats.usage, scores, num_experts[meta.layer]))
-        trained = update.trained_experts[meta.layer]
+            return np.full(len(ids), hfedmoe_alpha(stats.usage, scores, num_experts[layer]))
+        trained = update.trained_experts[layer]
         keep = (np.asarray(stats.usage)[: len(ids)] >= self.tau) & np.array([g in trained for g in ids])
         return np.where(keep, float(update.num_examples), 0.0)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from coordinator.strategy.base import Strategy
 from coordinator.strategy.dense_fedavg import DenseFedAvg
 from coordinator.strategy.fedalign import FedAlign
@@ -17,7 +19,7 @@ STRATEGIES: dict[str, type[Strategy]] = {
 }
 
 
-def from_name(name: str, **kwargs) -> Strategy:
+def from_name(name: str, **kwargs: Any) -> Strategy:
     """Build the strategy registered as ``name`` with keyword arguments ``kwargs``.
 
     Raises:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import replace
+from typing import Any
 
 import numpy as np
 
@@ -24,7 +25,7 @@ from device_runtime.wire import FitConfig
 from export.planner import Budget, TrainingShape, plan
 
 
-def budget_of(profile: Mapping) -> Budget:
+def budget_of(profile: Mapping[str, Any]) -> Budget:
     """A device's Budget from its profile: ``memory_mib`` (else ``memory_available_mib``) and ``gflops``.
 
     Raises:
@@ -37,13 +38,13 @@ def budget_of(profile: Mapping) -> Budget:
         raise ConfigError(f"device profile has no usable memory_mib / gflops: {exc}") from exc
 
 
-def training_order(profile: Mapping) -> str:
+def training_order(profile: Mapping[str, Any]) -> Order:
     """``"zeroth-order"`` for a device that trains with the ``zo`` backend (its profile's ``backend``), else
     ``"first-order"``: the planner gives a forward-only device the experts its smaller footprint affords."""
     return Order.ZEROTH if profile.get("backend") == ZO_BACKEND else Order.FIRST
 
 
-def affordable_experts(context: FitContext, config: FitConfig, profile: Mapping) -> int:
+def affordable_experts(context: FitContext, config: FitConfig, profile: Mapping[str, Any]) -> int:
     """C: the largest uniform number of experts per MoE layer the device's budget affords to train
     (:func:`affordable_fit`'s count).
 
@@ -53,7 +54,7 @@ def affordable_experts(context: FitContext, config: FitConfig, profile: Mapping)
     return affordable_fit(context, config, profile)[0]
 
 
-def affordable_fit(context: FitContext, config: FitConfig, profile: Mapping) -> tuple[int, str | None, bool]:
+def affordable_fit(context: FitContext, config: FitConfig, profile: Mapping[str, Any]) -> tuple[int, str | None, bool]:
     """``(C, frozen_dtype, merged)``: the largest uniform number of experts per MoE layer the device's budget affords
     to train (``export.planner``), the dtype it holds the others frozen in (None: pruned, or none left), and whether
     they are merged into one stand-in per layer.
@@ -89,8 +90,8 @@ def expert_scores(
     scores = [layer.information_score(lam, beta) for layer in calibration.layers]
     if reported is None or reported.expert_ids is None or reported.num_tokens == 0:
         return scores
-    for layer, ids, local in zip(scores, reported.expert_ids, reported.layers):
-        ids = np.asarray(ids, dtype=np.int64)
+    for layer, layer_ids, local in zip(scores, reported.expert_ids, reported.layers):
+        ids = np.asarray(layer_ids, dtype=np.int64)
         device = local.information_score(lam, beta)
         mass, own = np.abs(layer[ids]).sum(), np.abs(device).sum()
         layer[ids] = device * (mass / own) if own > 0 else layer[ids]

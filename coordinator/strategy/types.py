@@ -24,12 +24,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
-from device_runtime.bundle import ShapeKey, TensorRole, TensorSpec
-from device_runtime.stats import LayerRouting, RoutingStats
+from device_runtime.bundle import TensorRole as TensorRole  # re-exported (coordinator.strategy)
+from device_runtime.bundle import TensorSpec as TensorSpec  # re-exported
+from device_runtime.shape_key import ShapeKey, parse_trainable_mode
+from device_runtime.stats import LayerRouting as LayerRouting  # re-exported
+from device_runtime.stats import RoutingStats
 from device_runtime.wire import FitConfig
 from export.planner import ModelShape
 
@@ -61,7 +64,7 @@ class ClientUpdate:
     expert_ids: tuple[tuple[int, ...], ...]
     trained_experts: tuple[frozenset[int], ...]
     routing: tuple[LayerRouting, ...]
-    metrics: dict = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
     frozen_ids: tuple[tuple[int, ...], ...] = ()
 
     def held_ids(self, layer: int) -> tuple[int, ...]:
@@ -71,7 +74,8 @@ class ClientUpdate:
     def rows(self, meta: TensorSpec) -> tuple[int, ...]:
         """The global expert ids on an indexed tensor's expert axis: ``held_ids`` for ROUTER, ``expert_ids``
         for EXPERT tensors."""
-        return self.held_ids(meta.layer) if meta.role is TensorRole.ROUTER else tuple(self.expert_ids[meta.layer])
+        layer = meta.moe_layer
+        return self.held_ids(layer) if meta.role is TensorRole.ROUTER else tuple(self.expert_ids[layer])
 
 
 Params = dict[str, np.ndarray]
@@ -88,7 +92,7 @@ class Aggregated(NamedTuple):
     the round's metrics, and the strategy state the next round starts from."""
 
     params: Params
-    metrics: dict
+    metrics: dict[str, Any]
     state: StrategyState
 
 
@@ -139,7 +143,7 @@ class ClientInfo:
     """
 
     client_id: str
-    profile: Mapping
+    profile: Mapping[str, Any]
     routing: RoutingStats | None = None
 
 
@@ -195,7 +199,7 @@ class FitIns:
         dtype of the experts it holds frozen."""
         return ShapeKey(
             tuple(len(ids) for ids in self.expert_ids),
-            self.trainable_mode,
+            parse_trainable_mode(self.trainable_mode),
             self.lora_rank,
             self.config.prox_mu > 0,
             self.frozen_dtype,

@@ -53,7 +53,7 @@ def validate_update(update: ClientUpdate, global_params: Params) -> tuple[int, .
 def _check_tensor(
     who: str,
     name: str,
-    tensor,
+    tensor: object,
     meta: TensorSpec,
     update: ClientUpdate,
     global_params: Params,
@@ -78,17 +78,17 @@ def _check_tensor(
 def _check_indexed_shape(
     who: str,
     name: str,
-    shape: tuple,
+    shape: tuple[int, ...],
     meta: TensorSpec,
     update: ClientUpdate,
-    global_shape: tuple,
+    global_shape: tuple[int, ...],
     num_experts: dict[int, int],
 ) -> None:
-    if not 0 <= meta.layer < len(update.expert_ids):
+    layer, axis = meta.moe_layer, meta.moe_axis
+    if not 0 <= layer < len(update.expert_ids):
         raise UpdateRejected(
-            f"{who}: tensor {name!r} names MoE layer {meta.layer}, the update has {len(update.expert_ids)} layers"
+            f"{who}: tensor {name!r} names MoE layer {layer}, the update has {len(update.expert_ids)} layers"
         )
-    axis = meta.expert_axis
     if not 0 <= axis < len(global_shape) or len(shape) != len(global_shape):
         raise UpdateRejected(
             f"{who}: tensor {name!r} has shape {shape}, incompatible with the global "
@@ -101,11 +101,11 @@ def _check_indexed_shape(
             f"{who}: tensor {name!r} has shape {tuple(shape)}, expected {expected} "
             f"({kept} experts of the global {global_shape})"
         )
-    total = num_experts.setdefault(meta.layer, global_shape[axis])
+    total = num_experts.setdefault(layer, global_shape[axis])
     if total != global_shape[axis]:
         raise UpdateRejected(
             f"{who}: tensor {name!r} has {global_shape[axis]} global experts, "
-            f"other tensors of layer {meta.layer} have {total}"
+            f"other tensors of layer {layer} have {total}"
         )
 
 

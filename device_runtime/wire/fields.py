@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import sys
-from typing import Annotated, Any, Literal, TypeVar, Union
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeAlias, TypeVar, Union
 
 import msgspec
 
@@ -51,8 +51,9 @@ SHA256 = re.compile(r"[0-9a-f]{64}")  # these regexes: use with fullmatch
 _FLOAT_MAX = sys.float_info.max
 
 
-def _pattern(regex: str, max_length: int | None = None) -> Any:
-    return Annotated[str, msgspec.Meta(pattern=rf"\A(?:{regex})\Z", max_length=max_length)]
+def _pattern(regex: str, max_length: int | None = None) -> msgspec.Meta:
+    """The constraint of a string that matches ``regex`` whole (anchored: msgspec searches)."""
+    return msgspec.Meta(pattern=rf"\A(?:{regex})\Z", max_length=max_length)
 
 
 def Text(max_length: int) -> Any:
@@ -81,18 +82,45 @@ def Tuples(item: Any, max_length: int = 4096) -> Any:
     return Annotated[tuple[inner, ...], msgspec.Meta(max_length=max_length)]
 
 
-Name = _pattern(NAME.pattern)  # tensor and metric names
-Id = _pattern(ID.pattern)
-RelPath = _pattern(rf"{_NAME_CHARS}+(?:/{_NAME_CHARS}+)*", 300)
-Sha256 = _pattern(SHA256.pattern)
-Count = Int()
+# The field types of the messages. Each is a module-level alias spelled out (not a call of the helpers above,
+# which build the same types at run time) so that type checkers see ``int``, ``str`` ... with msgspec's constraints.
+Name: TypeAlias = Annotated[str, _pattern(NAME.pattern)]  # tensor and metric names
+Id: TypeAlias = Annotated[str, _pattern(ID.pattern)]
+RelPath: TypeAlias = Annotated[str, _pattern(rf"{_NAME_CHARS}+(?:/{_NAME_CHARS}+)*", 300)]
+Sha256: TypeAlias = Annotated[str, _pattern(SHA256.pattern)]
+Count: TypeAlias = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
 WireDtype = Literal["float32", "float16"]
-ExpertIds = Tuples(Int(0, MAX_EXPERT_ID))  # per MoE layer, global expert ids
-Metrics = Annotated[dict[Name, Float()], msgspec.Meta(max_length=1024)]
+ExpertId: TypeAlias = Annotated[int, msgspec.Meta(ge=0, le=MAX_EXPERT_ID)]  # a global expert id
+ExpertIds: TypeAlias = Annotated[  # per MoE layer, global expert ids (Tuples(ExpertId))
+    tuple[Annotated[tuple[ExpertId, ...], msgspec.Meta(max_length=4096)], ...], msgspec.Meta(max_length=4096)
+]
+Finite: TypeAlias = Annotated[float, msgspec.Meta(ge=-_FLOAT_MAX, le=_FLOAT_MAX)]  # Float()
+NonNegative: TypeAlias = Annotated[float, msgspec.Meta(ge=0.0, le=_FLOAT_MAX)]  # Float(0.0)
+Metrics: TypeAlias = Annotated[dict[Name, Finite], msgspec.Meta(max_length=1024)]
+ShortText: TypeAlias = Annotated[str, msgspec.Meta(max_length=200)]  # Text(200): tokens, labels
+LongText: TypeAlias = Annotated[str, msgspec.Meta(max_length=MAX_TEXT)]  # Text(MAX_TEXT): messages, reasons
+NumExamples: TypeAlias = Annotated[int, msgspec.Meta(ge=0, le=MAX_NUM_EXAMPLES)]
+NumTokens: TypeAlias = Annotated[int, msgspec.Meta(ge=0, le=MAX_NUM_TOKENS)]
+EvalExamples: TypeAlias = Annotated[int, msgspec.Meta(ge=1, le=MAX_NUM_EXAMPLES)]  # an EvalResult scores >= 1
+EvalLoss: TypeAlias = Annotated[float, msgspec.Meta(ge=0.0, le=MAX_EVAL_LOSS)]  # nats per token
+Fraction: TypeAlias = Annotated[float, msgspec.Meta(ge=0.0, lt=1.0)]  # a share in [0, 1): FitConfig.eval_fraction
+Probability: TypeAlias = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]  # in [0, 1]: an accuracy
+BatchSize: TypeAlias = Annotated[int, msgspec.Meta(ge=1, le=1 << 16)]  # sequences per step
+SeqLen: TypeAlias = Annotated[int, msgspec.Meta(ge=1, le=1 << 20)]  # tokens per sequence
+LocalSteps: TypeAlias = Annotated[int, msgspec.Meta(ge=0, le=1 << 30)]  # optimizer steps (0: one epoch)
+Seed32: TypeAlias = Annotated[int, msgspec.Meta(ge=0, le=2**32 - 1)]
+ZoSeedCount: TypeAlias = Annotated[int, msgspec.Meta(ge=0, le=MAX_ZO_SEEDS)]
+VersionNumber: TypeAlias = Annotated[int, msgspec.Meta(ge=0, le=1 << 16)]  # a protocol version
+Probabilities: TypeAlias = Annotated[  # per MoE layer, a distribution over experts (Tuples(NonNegative))
+    tuple[Annotated[tuple[NonNegative, ...], msgspec.Meta(max_length=4096)], ...], msgspec.Meta(max_length=4096)
+]
+Bytes32: TypeAlias = Annotated[bytes, msgspec.Meta(min_length=32, max_length=32)]  # Raw(32): keys, nonces
+Bytes64: TypeAlias = Annotated[bytes, msgspec.Meta(min_length=64, max_length=64)]  # Raw(64): signatures
 
 
 def _json(depth: int, max_items: int) -> Any:
     """Free-form JSON nested at most ``depth`` containers deep, each of at most ``max_items`` entries."""
+    key: Any = Text(200)  # types built at run time, for msgspec
     scalar = (Text(10_000), Int(-(2**63), 2**63 - 1), Float(), bool, None)
     value: Any = Union[scalar]  # noqa: UP007 (a union built from a tuple: no `|` spelling)
     for _ in range(depth):
@@ -100,7 +128,7 @@ def _json(depth: int, max_items: int) -> Any:
             (
                 *scalar,
                 Annotated[list[value], msgspec.Meta(max_length=max_items)],
-                Annotated[dict[Text(200), value], msgspec.Meta(max_length=max_items)],
+                Annotated[dict[key, value], msgspec.Meta(max_length=max_items)],
             )
         ]
     return value
@@ -108,10 +136,19 @@ def _json(depth: int, max_items: int) -> Any:
 
 def JsonObject(depth: int = 4, max_items: int = 65_536) -> Any:
     """A JSON object (never another JSON value) of free-form, bounded JSON values."""
-    return Annotated[dict[Text(200), _json(depth - 1, max_items)], msgspec.Meta(max_length=max_items)]
+    key: Any = Text(200)  # types built at run time, for msgspec
+    value: Any = _json(depth - 1, max_items)
+    return Annotated[dict[key, value], msgspec.Meta(max_length=max_items)]
 
 
-Profile = JsonObject(depth=3, max_items=256)  # a device profile: a small object (see device_runtime.profile)
+if TYPE_CHECKING:
+    # Free-form JSON objects: msgspec validates them against a depth- and size-bounded union built in a loop
+    # (:func:`JsonObject`), which no type checker can follow; statically they are what they are, JSON objects.
+    Profile: TypeAlias = dict[str, Any]
+    JsonDict: TypeAlias = dict[str, Any]
+else:
+    Profile = JsonObject(depth=3, max_items=256)  # a device profile: a small object (see device_runtime.profile)
+    JsonDict = JsonObject()  # any JSON object, at most 4 containers deep, each at most 65,536 entries
 
 T = TypeVar("T")
 
@@ -137,12 +174,12 @@ def validate(cls: type[T], data: Any) -> T:
         raise ValueError(str(exc)) from exc
 
 
-def payload_field(**kwargs) -> Any:
+def payload_field(**kwargs: Any) -> Any:
     """A dataclass field that travels in the frame's payload, never in its JSON header."""
     return dataclasses.field(compare=False, metadata={"payload": True}, **kwargs)
 
 
-def json_fields(cls: type) -> list[str]:
+def json_fields(cls: type[Any]) -> list[str]:
     """Names of the fields of dataclass ``cls`` that travel in the JSON header, in declaration order."""
     return [f.name for f in dataclasses.fields(cls) if not f.metadata.get("payload")]
 

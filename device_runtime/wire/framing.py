@@ -7,9 +7,10 @@ import hashlib
 import json
 import struct
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Protocol, TypeVar, cast, overload
 
 import msgspec
+import numpy as np
 
 from device_runtime.errors import ProtocolError
 from device_runtime.signing import canonical_header, decode_signature, encode_signature
@@ -18,6 +19,18 @@ from device_runtime.wire.messages import MESSAGE_TYPES, Error, Message
 from device_runtime.wire.tensors import bytes_to_tensors, tensors_to_bytes
 
 _LEN = struct.Struct(">I")
+
+
+class _TensorsPayload(Protocol):
+    """A message whose ``PAYLOAD`` is ``"tensors"``: its field ``tensors`` is the payload."""
+
+    tensors: dict[str, np.ndarray]
+
+
+class _BytesPayload(Protocol):
+    """A message whose ``PAYLOAD`` is ``"bytes"``: its field ``data`` is the payload."""
+
+    data: bytes
 
 
 def encode(msg: Message, *, sign: Callable[[bytes], bytes] | None = None) -> bytes:
@@ -37,9 +50,9 @@ def encode(msg: Message, *, sign: Callable[[bytes], bytes] | None = None) -> byt
         header[name] = to_json(getattr(msg, name))
     payload = b""
     if msg.PAYLOAD == "tensors":
-        payload = tensors_to_bytes(msg.tensors)
+        payload = tensors_to_bytes(cast(_TensorsPayload, msg).tensors)
     elif msg.PAYLOAD == "bytes":
-        payload = bytes(msg.data)
+        payload = bytes(cast(_BytesPayload, msg).data)
     if msg.PAYLOAD is not None:
         header["payload"] = {"size": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}
     if sign is not None and msg.SIGNED:
@@ -100,7 +113,14 @@ def decode(
     return msg
 
 
-def expect(msg: Message, *types: type) -> Message:
+_M = TypeVar("_M", bound=Message)
+
+
+@overload
+def expect(msg: Message, kind: type[_M], /) -> _M: ...
+@overload
+def expect(msg: Message, *types: type[Message]) -> Message: ...
+def expect(msg: Message, *types: type[Message]) -> Message:
     """Return ``msg`` if it is one of ``types``.
 
     Raises:
@@ -114,7 +134,13 @@ def expect(msg: Message, *types: type) -> Message:
     raise ProtocolError("unexpected", f"expected {names}, got {msg.TYPE}")
 
 
-def _verify(verify: Callable, cls: type, fields: dict, declared: dict, signature: Any) -> None:
+def _verify(
+    verify: Callable[[bytes, bytes | None], None],
+    cls: type[Message],
+    fields: dict[str, Any],
+    declared: Any,
+    signature: Any,
+) -> None:
     """Run ``verify`` on the canonical form of the header as sent; its error names the message."""
     signed = canonical_header({"v": PROTOCOL_VERSION, "type": cls.TYPE, **fields, "payload": declared})
     try:
@@ -124,7 +150,7 @@ def _verify(verify: Callable, cls: type, fields: dict, declared: dict, signature
         raise ProtocolError(exc.code, f"{what} refused: {exc}") from exc
 
 
-def _parse_header(raw: bytes) -> dict:
+def _parse_header(raw: bytes) -> dict[str, Any]:
     try:
         header = msgspec.json.decode(raw)
     except (msgspec.DecodeError, RecursionError) as exc:
@@ -141,14 +167,14 @@ def _parse_header(raw: bytes) -> dict:
     return header
 
 
-def _message_class(header: dict) -> type:
+def _message_class(header: dict[str, Any]) -> type[Message]:
     kind = header.pop("type", None)
     if not isinstance(kind, str) or kind not in MESSAGE_TYPES:
         raise ProtocolError("unknown_type", f"unknown message type {str(kind)[:60]!r}")
     return MESSAGE_TYPES[kind]
 
 
-def _payload(cls: type, declared: Any, payload: bytes) -> bytes:
+def _payload(cls: type[Message], declared: Any, payload: bytes) -> bytes:
     if cls.PAYLOAD is None:
         if declared is not None or payload:
             raise ProtocolError("bad_frame", f"{cls.TYPE} carries no payload")

@@ -4,34 +4,45 @@ A message's ``TYPE`` is its wire name. ``PAYLOAD`` says what follows the JSON he
 (field ``tensors``: name -> array, a safetensors blob) or ``"bytes"`` (field ``data``, raw bytes).
 """
 
-from dataclasses import dataclass
-from typing import Annotated, ClassVar, Literal
+from dataclasses import Field, dataclass
+from typing import Annotated, Any, ClassVar, Literal, TypeVar, dataclass_transform
 
 import msgspec
+import numpy as np
 
 from device_runtime.errors import ProtocolError
 from device_runtime.shape_key import ShapeKey
 from device_runtime.wire.fields import (
-    MAX_EVAL_LOSS,
     MAX_LABELS,
-    MAX_NUM_EXAMPLES,
-    MAX_NUM_TOKENS,
-    MAX_TEXT,
     MAX_ZO_SEEDS,
+    BatchSize,
+    Bytes32,
+    Bytes64,
     Count,
+    EvalExamples,
+    EvalLoss,
     ExpertIds,
-    Float,
+    Finite,
+    Fraction,
     Id,
-    Int,
-    JsonObject,
+    JsonDict,
+    LocalSteps,
+    LongText,
     Metrics,
+    NonNegative,
+    NumExamples,
+    NumTokens,
+    Probabilities,
+    Probability,
     Profile,
-    Raw,
     RelPath,
+    Seed32,
+    SeqLen,
     Sha256,
-    Text,
-    Tuples,
+    ShortText,
+    VersionNumber,
     WireDtype,
+    ZoSeedCount,
     payload_field,
     printable,
     validate,
@@ -65,34 +76,36 @@ class FitConfig:
             :class:`EvalResult` in its Update (federated evaluation). 0 = no held-out split, no evaluation.
     """
 
-    batch_size: Int(1, 1 << 16) = 8
-    seq_len: Int(1, 1 << 20) = 128
-    learning_rate: Float(0.0) = 1e-4
-    local_steps: Int(0, 1 << 30) = 0
-    aux_loss_coef: Float(0.0) = 0.01
-    prox_mu: Float(0.0) = 0.0
-    routing_prior: Tuples(Float(0.0)) | None = None
-    routing_reg_coef: Float(0.0) = 0.0
-    seed: Int(0, 2**32 - 1) = 0
+    batch_size: BatchSize = 8
+    seq_len: SeqLen = 128
+    learning_rate: NonNegative = 1e-4
+    local_steps: LocalSteps = 0
+    aux_loss_coef: NonNegative = 0.01
+    prox_mu: NonNegative = 0.0
+    routing_prior: Probabilities | None = None
+    routing_reg_coef: NonNegative = 0.0
+    seed: Seed32 = 0
     update_dtype: WireDtype = "float32"
-    zo_learning_rate: Float(0.0) = 0.0
-    zo_seeds: Int(0, MAX_ZO_SEEDS) = 0
-    labels: Annotated[tuple[Text(200), ...], msgspec.Meta(max_length=MAX_LABELS)] | None = None
-    logit_adjustment: Float(0.0) = 0.0
-    eval_fraction: Annotated[float, msgspec.Meta(ge=0.0, lt=1.0)] = 0.0
+    zo_learning_rate: NonNegative = 0.0
+    zo_seeds: ZoSeedCount = 0
+    labels: Annotated[tuple[ShortText, ...], msgspec.Meta(max_length=MAX_LABELS)] | None = None
+    logit_adjustment: NonNegative = 0.0
+    eval_fraction: Fraction = 0.0
 
     @classmethod
-    def from_dict(cls, data: dict) -> "FitConfig":
+    def from_dict(cls, data: dict[str, Any]) -> "FitConfig":
         """Raises ValueError naming the first unknown, missing or invalid field."""
         return validate(cls, data)
 
 
-_REGISTRY: dict[str, type] = {}
+_REGISTRY: dict[str, "type[Message]"] = {}
+_M = TypeVar("_M", bound="type[Message]")
 
 
-def _message(cls: type) -> type:
+@dataclass_transform(frozen_default=True)
+def _message(cls: _M) -> _M:
     """Class decorator: a frozen dataclass registered under its ``TYPE`` name."""
-    cls = dataclass(frozen=True)(cls)
+    dataclass(frozen=True)(cls)  # makes ``cls`` itself a dataclass (no slots: the same class object)
     _REGISTRY[cls.TYPE] = cls
     return cls
 
@@ -105,6 +118,7 @@ class Message:
     TYPE: ClassVar[str] = ""
     PAYLOAD: ClassVar[str | None] = None
     SIGNED: ClassVar[bool] = False
+    __dataclass_fields__: ClassVar[dict[str, Field[Any]]]  # every message is a dataclass (``_message``)
 
 
 @_message
@@ -113,10 +127,10 @@ class Enroll(Message):
     public key (raw 32 bytes; the private key never leaves the device, see ``device_runtime.auth``)."""
 
     TYPE: ClassVar[str] = "enroll"
-    token: Text(200)
+    token: ShortText
     name: Id
     profile: Profile
-    public_key: Raw(32)
+    public_key: Bytes32
 
 
 @_message
@@ -133,7 +147,7 @@ class Hello(Message):
 
     TYPE: ClassVar[str] = "hello"
     device_id: Id
-    protocol_version: Int(0, 1 << 16)
+    protocol_version: VersionNumber
     profile: Profile
 
 
@@ -142,7 +156,7 @@ class Challenge(Message):
     """Coordinator -> device: a fresh single-use 32-byte nonce to sign."""
 
     TYPE: ClassVar[str] = "challenge"
-    nonce: Raw(32)
+    nonce: Bytes32
 
 
 @_message
@@ -151,7 +165,7 @@ class Auth(Message):
 
     TYPE: ClassVar[str] = "auth"
     device_id: Id
-    signature: Raw(64)
+    signature: Bytes64
 
 
 @_message
@@ -189,9 +203,9 @@ class Assignment(Message):
     shape_key: ShapeKey
     expert_ids: ExpertIds
     config: FitConfig
-    tensors: dict = payload_field(default_factory=dict)
+    tensors: dict[str, np.ndarray] = payload_field(default_factory=dict)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         counts = tuple(len(ids) for ids in self.expert_ids)
         if counts != self.shape_key.experts_per_layer:
             raise ProtocolError("bad_header", f"expert_ids {counts} disagree with shape key {self.shape_key.id}")
@@ -242,11 +256,11 @@ class ZoUpdate:
         ProtocolError("bad_header"): no seed, repeated seeds, or a different number of seeds and scalars.
     """
 
-    seeds: Annotated[tuple[Int(0, 2**63 - 1), ...], msgspec.Meta(max_length=MAX_ZO_SEEDS)]
-    scalars: Annotated[tuple[Float(), ...], msgspec.Meta(max_length=MAX_ZO_SEEDS)]
+    seeds: Annotated[tuple[Count, ...], msgspec.Meta(max_length=MAX_ZO_SEEDS)]
+    scalars: Annotated[tuple[Finite, ...], msgspec.Meta(max_length=MAX_ZO_SEEDS)]
     distribution: Literal["rademacher", "gaussian"] = "rademacher"
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if not self.seeds or len(self.seeds) != len(self.scalars) or len(set(self.seeds)) != len(self.seeds):
             raise ProtocolError(
                 "bad_header",
@@ -275,10 +289,10 @@ class EvalResult:
             output only scalar losses, so devices send None).
     """
 
-    loss: Annotated[float, msgspec.Meta(ge=0.0, le=MAX_EVAL_LOSS)]
-    num_examples: Int(1, MAX_NUM_EXAMPLES)
-    num_tokens: Int(0, MAX_NUM_TOKENS)
-    accuracy: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] | None = None
+    loss: EvalLoss
+    num_examples: EvalExamples
+    num_tokens: NumTokens
+    accuracy: Probability | None = None
 
 
 @_message
@@ -303,14 +317,14 @@ class Update(Message):
     PAYLOAD: ClassVar[str] = "tensors"
     update_id: Id
     round_id: Count
-    num_examples: Int(0, MAX_NUM_EXAMPLES)
-    num_tokens: Int(0, MAX_NUM_TOKENS)
+    num_examples: NumExamples
+    num_tokens: NumTokens
     metrics: Metrics
-    routing: JsonObject()
+    routing: JsonDict
     trained_experts: ExpertIds
     zo: ZoUpdate | None = None
     evaluation: EvalResult | None = None
-    tensors: dict = payload_field(default_factory=dict)
+    tensors: dict[str, np.ndarray] = payload_field(default_factory=dict)
 
 
 @_message
@@ -323,9 +337,9 @@ class Ack(Message):
     TYPE: ClassVar[str] = "ack"
     update_id: Id
     accepted: bool
-    reason: Text(MAX_TEXT) = ""
+    reason: LongText = ""
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         object.__setattr__(self, "reason", printable(self.reason))
 
 
@@ -345,10 +359,10 @@ class Error(Message):
 
     TYPE: ClassVar[str] = "error"
     code: Id
-    message: Text(MAX_TEXT)
+    message: LongText
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         object.__setattr__(self, "message", printable(self.message))
 
 
-MESSAGE_TYPES: dict[str, type] = dict(_REGISTRY)
+MESSAGE_TYPES: dict[str, type[Message]] = dict(_REGISTRY)

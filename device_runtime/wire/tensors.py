@@ -130,7 +130,9 @@ def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def _check_expected(entries: dict, expected: Mapping[str, tuple[int, ...]]) -> None:
+def _check_expected(
+    entries: Mapping[str, tuple[str, tuple[int, ...]]], expected: Mapping[str, tuple[int, ...]]
+) -> None:
     missing, extra = sorted(set(expected) - set(entries)), sorted(set(entries) - set(expected))
     if missing or extra:
         raise ProtocolError("bad_tensor", f"tensor set differs: missing {missing[:5]}, unexpected {extra[:5]}")

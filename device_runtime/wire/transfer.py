@@ -96,17 +96,20 @@ class BundleAssembler:
         if any(part in (".", "..") for part in chunk.name.split("/")):
             raise ProtocolError("bad_header", f"bundle file name {chunk.name!r} escapes the bundle")
         if chunk.offset == 0:
-            self._open(chunk)
+            out = self._open(chunk)
         elif (
             self._out is None
+            or self._current is None
             or chunk.offset != self._written
             or (chunk.name, chunk.total_size, chunk.sha256)
             != (self._current.name, self._current.total_size, self._current.sha256)
         ):
             raise ProtocolError("unexpected", f"chunk {chunk.name}@{chunk.offset} out of order")
+        else:
+            out = self._out
         if self._written + len(chunk.data) > chunk.total_size:
             raise ProtocolError("bad_frame", f"{chunk.name}: chunks exceed its declared {chunk.total_size} bytes")
-        self._out.write(chunk.data)
+        out.write(chunk.data)
         self._hash.update(chunk.data)
         self._written += len(chunk.data)
         complete = self._written == chunk.total_size
@@ -118,9 +121,11 @@ class BundleAssembler:
             raise ProtocolError("bad_frame", f"bundle ended inside {chunk.name}")
         return dict(self._paths)
 
-    def _open(self, chunk: BundleData) -> None:
+    def _open(self, chunk: BundleData) -> BinaryIO:
+        """Start the file of ``chunk`` (its first); returns the open ``.part`` file."""
         if self._out is not None:
-            raise ProtocolError("unexpected", f"{chunk.name} started before {self._current.name} was complete")
+            started = self._current.name if self._current is not None else "another file"
+            raise ProtocolError("unexpected", f"{chunk.name} started before {started} was complete")
         if chunk.name in self._paths:
             raise ProtocolError("unexpected", f"bundle file {chunk.name} sent twice")
         self._declared += chunk.total_size
@@ -130,9 +135,11 @@ class BundleAssembler:
         self._current, self._paths[chunk.name], self._written = chunk, path, 0
         self._hash = hashlib.sha256()
         self._out = open(path, "xb")
+        return self._out
 
     def _close(self, chunk: BundleData) -> None:
-        self._out.close()
-        self._out = None
+        out, self._out = self._out, None
+        if out is not None:
+            out.close()
         if self._hash.hexdigest() != chunk.sha256:
             raise ProtocolError("bad_payload", f"bundle file {chunk.name} differs from its sha256")
