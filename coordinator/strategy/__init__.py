@@ -1,5 +1,6 @@
 """Aggregation strategies, pure numpy: sparsity-aware (FedAvg, FedProx, FedMoE, HFedMoE, FedAlign-MoE), server
-optimizers (FedAdam, FedYogi) and the dense FedAvg baseline (``dense-fedavg``): every one ``STRATEGIES`` registers.
+optimizers (FedAdam, FedYogi), client-level differential privacy (``dp-fedavg``) and the dense FedAvg baseline
+(``dense-fedavg``): every one ``STRATEGIES`` registers.
 
 One module per algorithm; the math in ``aggregate.py``; how experts are picked in ``selection.py``; messages
 (ClientUpdate, FitIns ...) in ``types.py``; names -> classes in ``registry.py``.
@@ -8,6 +9,7 @@ One module per algorithm; the math in ``aggregate.py``; how experts are picked i
 from coordinator.strategy.aggregate import RowAccumulator, cosine_similarity, hfedmoe_alpha, kl_divergence
 from coordinator.strategy.base import SinglePassStrategy, Strategy, StreamingAggregation
 from coordinator.strategy.dense_fedavg import DenseFedAvg
+from coordinator.strategy.dp_fedavg import DPFedAvg
 from coordinator.strategy.fedalign import FedAlign
 from coordinator.strategy.fedavg import FedAvg
 from coordinator.strategy.fedmoe import FedMoE
@@ -33,6 +35,7 @@ __all__ = [
     "STRATEGIES",
     "ClientInfo",
     "ClientUpdate",
+    "DPFedAvg",
     "DenseFedAvg",
     "Failure",
     "FedAdam",
