@@ -289,6 +289,10 @@ def status(ctx):
     table.add_row("devices", f"{sum(not d.revoked for d in devs)} active, {sum(d.revoked for d in devs)} revoked")
     table.add_row("last round", "none" if not rounds else f"{rounds[0].id} ({rounds[0].status})")
     table.add_row("rounds", _progress(cfg, rounds, finished))
+    if cfg.privacy.enabled:  # the epsilon spent, as the last version recorded it (coordinator.privacy)
+        spent = (latest.metrics or {}).get("dp_epsilon", 0.0) if latest is not None else 0.0
+        budget = f" of {cfg.privacy.epsilon_budget:g}" if cfg.privacy.epsilon_budget else ""
+        table.add_row("privacy", f"epsilon {spent:.4g}{budget} at delta {cfg.privacy.delta:g}")
     Console().print(table)
 
 
