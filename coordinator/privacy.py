@@ -47,6 +47,12 @@ sampling needs the identity of the selected devices to stay hidden from the adve
 coordinator's registry, which the trusted-coordinator model keeps private). With q = 1 no amplification is
 claimed.
 
+**Known gaps.** An update the coordinator rejects (malformed, non-finite, a tensor above ``update_norm_bound``)
+is dropped, so whether a device counts as a holder can depend on its update; DP-FedAvg's clip makes the norm
+bound unnecessary, so keep ``update_norm_bound`` loose (its default 1e4 bounds weights, not deltas). The round
+history the accountant composes is the strategy state committed with each version: switching to another
+strategy and back to ``dp-fedavg`` starts it again from zero (the ``dp_epsilon`` round metrics keep the record).
+
 **Adaptive clipping** (Andrew et al., Algorithm 1, geometric update): with b_i = 1 if ||d_i|| <= S,
 b~ = (sum_i b_i + N(0, sigma_b^2)) / m over the round's m updates, and S <- S exp(-eta (b~ - gamma)) for the
 target quantile gamma. Theorem 1: noising the update sum with multiplier z_v and the count with std sigma_b is

@@ -131,9 +131,9 @@ def test_adaptive_clip_moves_toward_the_target_quantile_by_hand():
     strategy = DPFedAvg(p)
     _, metrics, state = strategy.aggregate_fit(1, _a_and_b(), [], tiny_global())
     assert metrics["dp_clip"] == 1.0 and metrics["dp_unclipped_share"] == pytest.approx(0.5, abs=0.01)
-    assert float(state["dp/clip"]) == pytest.approx(math.exp(0.2 * 0.3), rel=1e-2)
+    assert float(state["dp/clip"][0]) == pytest.approx(math.exp(0.2 * 0.3), rel=1e-2)
     _, metrics, _ = strategy.aggregate_fit(2, _a_and_b(), [], tiny_global(), state)
-    assert metrics["dp_clip"] == float(state["dp/clip"])  # the next round clips with the carried S
+    assert metrics["dp_clip"] == float(state["dp/clip"][0])  # the next round clips with the carried S
 
 
 def test_adaptive_noise_split_follows_andrew_et_al_theorem_1():
@@ -195,3 +195,32 @@ def test_the_state_round_trips_and_a_foreign_one_is_refused():
     assert strategy.check_state(state) is state
     with pytest.raises(ConfigError):
         strategy.check_state({"m/experts.w": np.zeros(2)})
+
+
+def test_aggregate_round_accounts_the_sampling_rate_logs_epsilon_and_restores_the_state(tmp_path):
+    """On a real registry and tensor store: the round's q reaches the accountant, dp_epsilon is a round metric,
+    and a restarted coordinator's strategy goes on from the committed clip and round history."""
+    from helpers import MOE_EXPERTS, MOE_GATE
+    from helpers import stored_update_row as row
+
+    from coordinator.federation import GlobalModel, aggregate_round
+    from coordinator.registry import Registry
+    from coordinator.tensor_store import TensorStore
+
+    store = TensorStore(tmp_path / "tensors")
+    registry = Registry(f"sqlite:///{tmp_path / 'registry.db'}")
+    registry.add_model_version(store.put({n: np.zeros((2, 3), np.float32) for n in (MOE_EXPERTS, MOE_GATE)}))
+    strategy = DPFedAvg(PrivacyConfig(noise_multiplier=1.0, target_quantile=0.5, clipped_count_stddev=1.0, seed=1))
+    model = GlobalModel(registry, store)
+    model.restore(strategy)
+    round_id = registry.start_round(strategy.name, {}).id
+    rows = [row(store, "a", 1, (0.1, 0.2)), row(store, "b", 5, (3.0, 0.0))]
+    version = aggregate_round(model, strategy, rows, [], server_round=1, round_id=round_id, sampling_rate=0.5)
+    expected = epsilon([(1.0, 0.5)], 1e-5)
+    assert version.metrics["dp_epsilon"] == pytest.approx(expected) and version.metrics["dp_sampling_rate"] == 0.5
+    assert [(m.name, m.value) for m in registry.metrics(round_id=round_id)] == [("dp_epsilon", pytest.approx(expected))]
+    restarted = GlobalModel(registry, store)
+    restarted.restore(strategy)
+    assert restarted.strategy_state["dp/rounds"].tolist() == [[1.0, 0.5]]
+    assert restarted.strategy_state["dp/clip"].tolist() == [version.metrics["dp_next_clip"]] != [0.1]
+    registry.close()

@@ -10,7 +10,7 @@ are refused); each held row's sum gets N(0, (z_v S)^2) per coordinate before it 
 and added to the global row. Unheld rows stay unchanged and noiseless. Memory O(model): one update at a time.
 
 State (``"dp/<name>"``, committed with each version, restored at restart):
-``dp/clip`` the clip S of the next round (adaptive; fixed clipping ignores it) and ``dp/rounds``, one
+``dp/clip`` ``(1,)``, the clip S of the next round (adaptive; fixed clipping ignores it) and ``dp/rounds``, one
 ``(z, q)`` row per aggregated round for the accountant. Metrics per round: ``dp_clip``, ``dp_noise_std`` (per
 coordinate of a row sum), ``dp_clipped`` (devices clipped: the coordinator's own number, exact, not released),
 ``dp_epsilon`` (spent so far, at ``dp_delta``), ``dp_sampling_rate``; adaptive: ``dp_next_clip`` and
@@ -84,19 +84,19 @@ class DPFedAvg(Strategy):
 
     def initial_state(self) -> StrategyState:
         p = self.privacy
-        return {"dp/clip": np.array(p.initial_clip if p.adaptive else p.clip), "dp/rounds": np.zeros((0, 2))}
+        return {"dp/clip": np.array([p.initial_clip if p.adaptive else p.clip]), "dp/rounds": np.zeros((0, 2))}
 
     def check_state(self, state: StrategyState) -> StrategyState:
         parts = split_state(self.name, state, self.state_kinds)["dp"]
-        if set(parts) != {"clip", "rounds"} or np.shape(parts["rounds"])[1:] != (2,):
-            raise ConfigError(f"the {self.name} state needs dp/clip and dp/rounds (n, 2); got {sorted(state)}")
+        if set(parts) != {"clip", "rounds"} or np.size(parts["clip"]) != 1 or np.shape(parts["rounds"])[1:] != (2,):
+            raise ConfigError(f"the {self.name} state needs dp/clip (1,) and dp/rounds (n, 2); got {sorted(state)}")
         return state
 
     def clip(self, state: StrategyState | None) -> float:
         """The clip S a round starting from ``state`` uses (the fixed clip, or the adaptive one carried)."""
         if not self.privacy.adaptive:
             return self.privacy.clip
-        return float(self.initial_state()["dp/clip"] if state is None else state["dp/clip"])
+        return float((self.initial_state() if state is None else state)["dp/clip"].reshape(-1)[0])
 
     def spent(self, state: StrategyState | None, *more: tuple[float, float]) -> float:
         """Epsilon at the configured delta after the rounds in ``state`` (and ``more`` ``(z, q)`` rounds)."""
@@ -180,7 +180,7 @@ class DPFedAvg(Strategy):
                 rng=rng,
             )
             metrics |= {"dp_next_clip": next_clip, "dp_unclipped_share": share}
-        return Aggregated(params, metrics, {"dp/clip": np.array(next_clip), "dp/rounds": rounds})
+        return Aggregated(params, metrics, {"dp/clip": np.array([next_clip]), "dp/rounds": rounds})
 
 
 def _one_per_row(update: ClientUpdate, name: str, meta: TensorSpec, num_experts: tuple[int, ...]) -> float:
