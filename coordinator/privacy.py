@@ -38,8 +38,9 @@ deviation z_v S / n_r. So the model reveals which rows were trained this round a
 what any device's update was. The number of accepted updates per round is public in the same way.
 
 **Sampling.** The round's sampling rate q = (devices selected) / (devices eligible when the round started: the
-connected ones the participation rules allow) is recorded by the round engine and passed to the strategy; a
-round resumed after a restart, whose q is unknown, counts with q = 1 (no amplification). Rounds are accounted as
+connected ones the participation rules allow) is recorded by the round engine and passed to the strategy; the
+accountant rounds it up to two significant digits. A round resumed after a restart, whose q is unknown, counts
+with q = 1 (no amplification). Rounds are accounted as
 ``PoissonSampledDpEvent(q, GaussianDpEvent(z))``: our selection draws a fixed-size uniform subset, and
 Poisson accounting for it is the usual approximation (Flower's and TensorFlow Federated's); q over the
 *eligible* devices is no smaller than over all enrolled ones, so it errs on the safe side. Amplification by
@@ -64,6 +65,7 @@ configured total z and noise the sum with z_v = (z^-2 - (2 sigma_b)^-2)^-1/2, wh
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -215,18 +217,40 @@ def adaptive_clip_step(
     return clip * math.exp(-learning_rate * (noised - target_quantile)), noised
 
 
-def epsilon(rounds: Sequence[tuple[float, float]], delta: float) -> float:
-    """Epsilon at ``delta`` after ``rounds``, one ``(noise multiplier z, sampling rate q)`` per round: the RDP
-    accountant of ``dp-accounting`` over ``PoissonSampledDpEvent(q, GaussianDpEvent(z))`` per round, zero-out
-    neighbours (the same numbers as add-or-remove for this event). 0.0 before the first round."""
-    if not len(rounds):
-        return 0.0
+def accounted_rate(q: float) -> float:
+    """``q`` rounded *up* to two significant digits (0.333 -> 0.34, 0.0031 -> 0.0031): epsilon grows with q, so
+    this errs on the safe side, and it bounds how many distinct rounds the accountant must evaluate (each new q
+    costs dp-accounting up to ~0.2 s at its fractional orders)."""
+    if q >= 1:
+        return 1.0
+    step = 10.0 ** (math.floor(math.log10(q)) - 1)
+    return min(1.0, round(math.ceil(q / step - 1e-9) * step, 12))
+
+
+@functools.lru_cache(maxsize=4096)
+def _round_rdp(noise_multiplier: float, q: float) -> np.ndarray:
+    """The RDP (at dp-accounting's default orders) of one round ``PoissonSampledDpEvent(q, GaussianDpEvent(z))``,
+    zero-out neighbours (for this event the same numbers as add-or-remove)."""
     import dp_accounting
     from dp_accounting.rdp import RdpAccountant
 
     accountant = RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_SPECIAL)
-    pairs, counts = np.unique(np.round(np.asarray(rounds, np.float64).reshape(-1, 2), 12), axis=0, return_counts=True)
-    for (z, q), n in zip(pairs.tolist(), counts.tolist()):
-        event = dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(z))
-        accountant.compose(event, int(n))
-    return float(accountant.get_epsilon(delta))
+    accountant.compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(noise_multiplier)))
+    rdp: np.ndarray = np.array(accountant.rdp, np.float64)
+    rdp.setflags(write=False)
+    return rdp
+
+
+def epsilon(rounds: Sequence[tuple[float, float]], delta: float) -> float:
+    """Epsilon at ``delta`` after ``rounds``, one ``(noise multiplier z, sampling rate q)`` per round: Google's
+    ``dp-accounting`` RDP accountant, each round a ``PoissonSampledDpEvent(q, GaussianDpEvent(z))`` (q as
+    :func:`accounted_rate`), composed by adding their RDP, converted with its ``compute_epsilon``. 0.0 before the
+    first round."""
+    if not len(rounds):
+        return 0.0
+    from dp_accounting.rdp import RdpAccountant
+    from dp_accounting.rdp.rdp_privacy_accountant import compute_epsilon
+
+    total = sum(_round_rdp(float(z), accounted_rate(float(q))) for z, q in rounds)
+    eps, _ = compute_epsilon(RdpAccountant().orders, total, delta)
+    return float(eps)

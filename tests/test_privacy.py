@@ -14,6 +14,7 @@ from scipy import stats
 from coordinator.config import CoordinatorConfig, load_config, make_strategy, save_config
 from coordinator.privacy import (
     PrivacyConfig,
+    accounted_rate,
     adaptive_clip_step,
     clip_factor,
     epsilon,
@@ -224,3 +225,8 @@ def test_aggregate_round_accounts_the_sampling_rate_logs_epsilon_and_restores_th
     assert restarted.strategy_state["dp/rounds"].tolist() == [[1.0, 0.5]]
     assert restarted.strategy_state["dp/clip"].tolist() == [version.metrics["dp_next_clip"]] != [0.1]
     registry.close()
+
+
+def test_the_accountant_rounds_q_up_never_down():
+    assert [accounted_rate(q) for q in (0.3, 1 / 3, 0.0031, 7 / 9, 0.999, 1.0)] == [0.3, 0.34, 0.0031, 0.78, 1.0, 1.0]
+    assert epsilon([(1.0, 1 / 3)] * 3, 1e-5) == epsilon([(1.0, 0.34)] * 3, 1e-5) > epsilon([(1.0, 0.33)] * 3, 1e-5)
