@@ -58,7 +58,9 @@ strategy and back to ``dp-fedavg`` starts it again from zero (the ``dp_epsilon``
 b~ = (sum_i b_i + N(0, sigma_b^2)) / m over the round's m updates, and S <- S exp(-eta (b~ - gamma)) for the
 target quantile gamma. Theorem 1: noising the update sum with multiplier z_v and the count with std sigma_b is
 the Gaussian mechanism with multiplier z = (z_v^-2 + (2 sigma_b)^-2)^-1/2 (the count's centred bits b_i - 1/2
-have sensitivity 1/2; the two normalised queries stack into one of sensitivity 1/z). We account with the
+have sensitivity 1/2; the two normalised queries stack into one of sensitivity 1/z). Under zero-out the special
+record contributes (0, 0) to (sum of c_i, sum of (b_i - 1/2)), so a device still moves the pair by at most
+(S, 1/2); sum_i b_i = sum_i (b_i - 1/2) + m/2 with m public. We account with the
 configured total z and noise the sum with z_v = (z^-2 - (2 sigma_b)^-2)^-1/2, which needs z < 2 sigma_b
 (Andrew et al. suggest sigma_b = m / 20). The next S is post-processing of the noised count.
 """
