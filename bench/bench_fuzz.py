@@ -10,11 +10,11 @@ Classes (each message is one websocket frame; a connection is reopened whenever 
 * ``text``         text frames, before login
 * ``oversized``    a 1 MiB frame before login (the pre-login limit is 64 KiB)
 * ``forged_enroll`` Enroll with an unknown token, a small-order key or an all-zero key
-* ``unexpected``   a well-formed Update / BundleRequest / EvaluateRes before login
+* ``unexpected``   a well-formed BundleRequest / Heartbeat before login
 * ``tampered``     after login: an Update with its tensor payload bit-flipped (its sha256 no longer matches),
                    NaN / huge tensors, a forged update_id, an absurd num_examples; a BundleRequest for an
                    unknown bundle
-* ``flood``        after login: Heartbeat / unsolicited EvaluateRes beyond the rate limit (the server
+* ``flood``        after login: Heartbeats beyond the rate limit (the server
                    disconnects)
 
 Outcomes per frame: the server's ``Error(code)`` reply, an ``Ack`` (accepted or rejected), the close code when
@@ -65,7 +65,6 @@ from device_runtime.wire import (  # noqa: E402
     Challenge,  # noqa: E402
     Enroll,
     Error,
-    EvaluateRes,
     Heartbeat,
     Hello,
     decode,
@@ -73,7 +72,7 @@ from device_runtime.wire import (  # noqa: E402
 )
 
 REPLY_TIMEOUT_S = 2.0
-SILENT_TIMEOUT_S = 0.01  # Heartbeat and EvaluateRes get no reply: do not wait for one
+SILENT_TIMEOUT_S = 0.01  # a Heartbeat gets no reply: do not wait for one
 SMALL_ORDER_KEY = bytes.fromhex("0100000000000000000000000000000000000000000000000000000000000000")
 PROFILE: dict = {}  # the good device's: a budget for two experts per layer
 PRE_LOGIN = ("random", "mutated", "text", "oversized", "forged_enroll", "unexpected")
@@ -127,7 +126,6 @@ class Campaign:
                     [
                         BundleRequest(shape_key_id="experts-2.2"),
                         Heartbeat(),
-                        EvaluateRes(round_id=1, num_examples=1, num_tokens=1, loss=1.0, metrics={}),
                     ]
                 )
             )
@@ -148,14 +146,7 @@ class Campaign:
             if choice == 3:
                 return encode(replace(update, num_examples=rng.choice([0, -1, 2**62])))
             return encode(BundleRequest(shape_key_id=f"experts-{rng.randrange(9)}.9"))
-        return encode(
-            rng.choice(
-                [
-                    Heartbeat(),
-                    EvaluateRes(round_id=rng.randrange(1 << 30), num_examples=1, num_tokens=1, loss=1.0, metrics={}),
-                ]
-            )
-        )
+        return encode(Heartbeat())
 
     async def worker(self, classes: tuple[str, ...], budget: int) -> None:
         while self.sent[classes] < budget:

@@ -264,7 +264,18 @@ def rounds(ctx, limit):
     """Recent rounds with their status and metrics."""
     registry = _registry(ctx)
     table = Table(
-        "round", "strategy", "status", "clients", "examples", "train loss", "eval accuracy", "model version", "started"
+        "round",
+        "strategy",
+        "status",
+        "clients",
+        "examples",
+        "train loss",
+        "eval accuracy",
+        "fed eval loss",
+        "model version",
+        "started",
+        caption="eval accuracy: the coordinator's held-out score of the version the round made (eval_data); "
+        "fed eval loss: the devices' held-out loss of the version the round started from (nats per token)",
     )
     for r in registry.list_rounds(limit=limit):
         m = r.metrics or {}
@@ -279,6 +290,7 @@ def rounds(ctx, limit):
             str(m.get("num_examples", "")),
             "" if loss is None else f"{loss:.4f}",
             "" if accuracy is None else f"{100 * accuracy:.1f}%",
+            _federated(m),
             str(m.get("model_version", "")),
             _time(r.started_at),
         )
@@ -294,6 +306,7 @@ def status(ctx):
     registry = Registry(cfg.registry_url)
     latest, devs = registry.latest_model_version(), registry.list_devices()
     rounds = registry.list_rounds(limit=1_000_000)
+    central = _last_central_evaluation(registry, rounds)
     registry.close()
     finished = sum(r.status == "finished" for r in rounds)
     table = Table("what", "value")
@@ -307,7 +320,57 @@ def status(ctx):
         spent = (latest.metrics or {}).get("dp_epsilon", 0.0) if latest is not None else 0.0
         budget = f" of {cfg.privacy.epsilon_budget:g}" if cfg.privacy.epsilon_budget else ""
         table.add_row("privacy", f"epsilon {spent:.4g}{budget} at delta {cfg.privacy.delta:g}")
+    table.add_row("central evaluation", central if cfg.eval_data else "off (no eval_data)")
+    scored = next((r for r in rounds if (r.metrics or {}).get("fed_eval_loss") is not None), None)
+    if scored is None:
+        off = cfg.fit.eval_fraction == 0
+        table.add_row("federated evaluation", "off ([fit] eval_fraction = 0)" if off else "none yet")
+    else:
+        table.add_row("federated evaluation", f"round {scored.id}: {_federated(scored.metrics, long=True)}")
+        names = {d.id: d.name for d in devs}
+        for device, score in sorted(scored.metrics.get("fed_eval_devices", {}).items()):
+            table.add_row(f"  {names.get(device, device)}", _device_score(score))
     Console().print(table)
+
+
+def _federated(metrics: dict, *, long: bool = False) -> str:
+    """A round's federated evaluation (``coordinator.federation.federated_evaluation``): the devices' example-
+    weighted held-out loss (nats per token) of the version the round started from, accuracy if they computed one,
+    and (``long``) how many examples and devices; "" when there is none."""
+    loss = metrics.get("fed_eval_loss")
+    if loss is None:
+        return ""
+    accuracy = metrics.get("fed_eval_accuracy")
+    text = f"{loss:.4f}" + ("" if accuracy is None else f", accuracy {100 * accuracy:.1f}%")
+    if long:
+        text = (
+            f"loss {text} on {int(metrics.get('fed_eval_num_examples', 0))} held-out examples of "
+            f"{int(metrics.get('fed_eval_num_clients', 0))} devices (the model version the round started from)"
+        )
+    return text
+
+
+def _device_score(score: dict) -> str:
+    """One device's federated evaluation: loss, accuracy if any, examples, and the graph it scored with."""
+    accuracy = score.get("accuracy")
+    return (
+        f"loss {score['loss']:.4f}"
+        + ("" if accuracy is None else f", accuracy {100 * accuracy:.1f}%")
+        + f" on {int(score['num_examples'])} examples, shape {score.get('shape_key', '?')}"
+    )
+
+
+def _last_central_evaluation(registry: Registry, rounds: list) -> str:
+    """The coordinator's own held-out score (``coordinator.evaluation``, label log-likelihood) of the newest scored
+    version, or why there is none."""
+    for r in rounds[:50]:
+        scores = {m.name: m.value for m in registry.metrics(round_id=r.id) if m.device_id is None}
+        if "eval_accuracy" in scores:
+            return (
+                f"round {r.id}: accuracy {100 * scores['eval_accuracy']:.1f}%, "
+                f"label loss {scores.get('eval_loss', float('nan')):.4f} (the version it made)"
+            )
+    return "none yet" if rounds else "no round yet"
 
 
 def _progress(cfg: CoordinatorConfig, rounds: list, finished: int) -> str:

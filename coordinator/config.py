@@ -54,6 +54,8 @@ Example (``fedmoe-coord init`` writes one)::
     local_steps = 10
     labels = ["business", "sport", "tech"]  # the candidate labels of classification data, and
     logit_adjustment = 1.0                  # tau of each device's balanced softmax over them (0 = off)
+    eval_fraction = 0.1                     # local records each device holds out and scores the received
+                                            # model on before training (federated evaluation; 0 = off)
 
 Relative paths are resolved against the config file's directory.
 """
@@ -81,6 +83,7 @@ if TYPE_CHECKING:
     from coordinator.strategy import Strategy
 
 PRUNED = "pruned"
+DEFAULT_EVAL_FRACTION = 0.1  # [fit] eval_fraction when the config does not set it (FitConfig's own default is 0)
 FROZEN_EXPERTS = (*FROZEN_DTYPES, PRUNED)
 
 # top-level keys of configs written before the [rounds] table -> their name there
@@ -120,7 +123,9 @@ class CoordinatorConfig:
             first-order devices whose budget affords it, ``export.planner``); ``"pruned"``, none (the router
             and top-k shrink to the trained experts: ``export.prune``).
         update_norm_bound: largest L2 norm of one update tensor.
-        fit: the local training settings every round starts from (a dict of FitConfig fields is accepted).
+        fit: the local training settings every round starts from (a dict of FitConfig fields is accepted; a dict
+            or the default without ``eval_fraction`` gets :data:`DEFAULT_EVAL_FRACTION`: each device holds out that
+            share of its records and scores the model it receives on them, federated evaluation).
         keep_update_tensors: keep the devices' update files in the tensor store once their round is aggregated
             (default: delete them; their registry rows stay).
         tls_cert, tls_key: PEM files; both set = serve ``wss://``. tls_ca_cert, tls_ca_key: the CA that issues
@@ -152,7 +157,7 @@ class CoordinatorConfig:
     frozen_experts: str = "float16"
     update_norm_bound: float = 1e4
     keep_update_tensors: bool = False
-    fit: FitConfig = field(default_factory=FitConfig)
+    fit: FitConfig = field(default_factory=lambda: FitConfig(eval_fraction=DEFAULT_EVAL_FRACTION))
     tls_cert: str = ""
     tls_key: str = ""
     tls_ca_cert: str = ""
@@ -177,7 +182,8 @@ class CoordinatorConfig:
                 raise ConfigError(f"config [privacy]: {exc}") from exc
         if isinstance(self.fit, dict):
             try:
-                object.__setattr__(self, "fit", FitConfig.from_dict(dict(self.fit)))
+                fit = {"eval_fraction": DEFAULT_EVAL_FRACTION, **self.fit}
+                object.__setattr__(self, "fit", FitConfig.from_dict(fit))
             except (TypeError, ValueError) as exc:
                 raise ConfigError(f"config [fit]: {exc}") from exc
         try:

@@ -27,7 +27,7 @@ from coordinator.registry import Registry
 from coordinator.registry.tables import ModelVersion, UpdateRecord
 from coordinator.strategy.base import Strategy
 from coordinator.strategy.dp_fedavg import DPFedAvg
-from coordinator.strategy.types import ClientUpdate, FitContext, Params, StrategyState
+from coordinator.strategy.types import ClientEvaluation, ClientUpdate, FitContext, Params, StrategyState
 from coordinator.tensor_store import TensorStore
 from device_runtime.errors import ConfigError
 from device_runtime.stats import RoutingStats
@@ -226,6 +226,7 @@ def aggregate_round(
         )
     metrics = json.loads(json.dumps(metrics, default=float))  # JSON-safe (int keys -> strings)
     metrics["train_loss"] = _mean_loss(rows)
+    metrics.update(federated_evaluation(strategy, server_round, rows, failures))
     version = model.commit(params, round_id, metrics, state)
     if "dp_epsilon" in metrics:
         model.registry.log_metrics({"dp_epsilon": metrics["dp_epsilon"]}, round_id=round_id)
@@ -238,6 +239,52 @@ def privacy_budget(strategy: Strategy, model: GlobalModel) -> Callable[[float], 
     if not isinstance(strategy, DPFedAvg):
         return None
     return lambda sampling_rate: strategy.budget_exceeded(model.strategy_state, sampling_rate)
+
+
+FED_EVAL = "fed_eval_"
+"""Prefix of the federated-evaluation metrics of a round (``fed_eval_loss``, ``fed_eval_accuracy`` ...), apart from
+the coordinator's own held-out score of the new version (``eval_loss``, ``eval_accuracy``)."""
+
+
+def client_evaluations(rows: Sequence[UpdateRecord]) -> list[ClientEvaluation]:
+    """The devices' held-out scores in the accepted updates ``rows`` (``planning.check_evaluation`` wrote them in
+    ``meta["evaluation"]``), each tagged with its assignment's shape key; rows without one are left out."""
+    out = []
+    for row in rows:
+        scored = (row.meta or {}).get("evaluation")
+        if scored:
+            extra = {k: float(v) for k, v in scored.items() if k not in ("loss", "num_examples")}
+            out.append(
+                ClientEvaluation(
+                    row.device_id,
+                    float(scored["loss"]),
+                    int(scored["num_examples"]),
+                    extra,
+                    str(row.meta.get("shape_key", "")),
+                )
+            )
+    return out
+
+
+def federated_evaluation(
+    strategy: Strategy, server_round: int, rows: Sequence[UpdateRecord], failures: Sequence[tuple[str, str]]
+) -> dict:
+    """The round's federated evaluation as version metrics: the strategy's ``aggregate_evaluate`` of the devices'
+    scores of the model the round STARTED from (the previous version), as ``fed_eval_loss`` (nats per completion
+    token, example-weighted), ``fed_eval_<metric>`` (``num_examples``, ``num_clients``, ``num_failures``,
+    ``accuracy`` where devices computed it ...) and ``fed_eval_devices``: per device its ``loss``,
+    ``num_examples``, other numbers and ``shape_key`` (what it held: a pruned bundle scores only its kept experts).
+    {} when no device sent a score (``eval_fraction`` 0)."""
+    results = client_evaluations(rows)
+    if not results:
+        return {}
+    loss, metrics = strategy.aggregate_evaluate(server_round, results, failures)
+    out = {FED_EVAL + "loss": loss, **{FED_EVAL + k: float(v) for k, v in metrics.items()}}
+    out[FED_EVAL + "devices"] = {
+        r.client_id: {"loss": r.loss, "num_examples": r.num_examples, **r.metrics, "shape_key": r.shape_key}
+        for r in results
+    }
+    return out
 
 
 def _mean_loss(rows: Sequence[UpdateRecord]) -> float | None:

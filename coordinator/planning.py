@@ -34,7 +34,8 @@ from device_runtime.files import atomic_write
 from device_runtime.shape_key import standin_expert
 from device_runtime.signing import MANIFEST_SIG, Signer
 from device_runtime.stats import RoutingStats
-from device_runtime.wire import FitConfig
+from device_runtime.wire import EvalResult, FitConfig
+from device_runtime.wire.fields import MAX_EVAL_LOSS
 
 # ---------------------------------------------------------------- bundle store
 
@@ -196,11 +197,49 @@ def check_update(
     return dict(update.tensors)
 
 
+def check_evaluation(evaluation: EvalResult | None, config: FitConfig) -> dict | None:
+    """Validate a device's federated evaluation (``Update.evaluation``) against its assignment's ``config``;
+    returns it as JSON for the registry (``loss``, ``num_examples``, ``num_tokens`` and ``accuracy`` if sent), or
+    None when there is none.
+
+    The decoder already bounds each field (``wire.EvalResult``); this checks again (an Update built in process
+    skips the decoder) and against the assignment: finite loss in ``[0, MAX_EVAL_LOSS]`` nats per token,
+    ``num_examples >= 1``, at most ``seq_len`` tokens per example, accuracy in [0, 1], and an evaluation only when
+    ``config.eval_fraction > 0`` asked for one.
+
+    Raises:
+        UpdateRejected: naming the first problem.
+    """
+    if evaluation is None:
+        return None
+    if config.eval_fraction <= 0:
+        raise UpdateRejected("evaluation sent, but the assignment asked for none (eval_fraction 0)")
+    loss, accuracy = evaluation.loss, evaluation.accuracy
+    numbers = (loss, evaluation.num_examples, evaluation.num_tokens) + (() if accuracy is None else (accuracy,))
+    if not all(isinstance(x, (int, float)) and not isinstance(x, bool) and np.isfinite(x) for x in numbers):
+        raise UpdateRejected("evaluation numbers must be finite numbers")
+    if not 0.0 <= loss <= MAX_EVAL_LOSS:
+        raise UpdateRejected(f"evaluation loss {loss:g} outside [0, {MAX_EVAL_LOSS:g}] nats per token")
+    if int(evaluation.num_examples) != evaluation.num_examples or evaluation.num_examples < 1:
+        raise UpdateRejected("evaluation num_examples must be an integer >= 1")
+    if not 0 <= evaluation.num_tokens <= evaluation.num_examples * config.seq_len:
+        raise UpdateRejected(
+            f"evaluation num_tokens {evaluation.num_tokens} outside [0, num_examples x seq_len {config.seq_len}]"
+        )
+    if accuracy is not None and not 0.0 <= accuracy <= 1.0:
+        raise UpdateRejected(f"evaluation accuracy {accuracy:g} outside [0, 1]")
+    out = {"loss": float(loss), "num_examples": int(evaluation.num_examples), "num_tokens": int(evaluation.num_tokens)}
+    return out if accuracy is None else {**out, "accuracy": float(accuracy)}
+
+
 # ---------------------------------------------------------------- stored update -> strategy input
 
 
-def update_meta(manifest: Manifest, expert_ids, trained_experts, routing: dict, metrics: dict) -> dict:
-    """The JSON a stored update needs to become a ClientUpdate again (registry ``updates.metadata``)."""
+def update_meta(
+    manifest: Manifest, expert_ids, trained_experts, routing: dict, metrics: dict, evaluation: dict | None = None
+) -> dict:
+    """The JSON a stored update needs to become a ClientUpdate again (registry ``updates.metadata``), and the
+    device's federated evaluation (:func:`check_evaluation`) when it sent one."""
     trainable = [s for s in manifest.tensors if s.trainable]
     held = manifest.held_ids(expert_ids)
     frozen = [list(h[len(ids) :]) for h, ids in zip(held, expert_ids)]
@@ -213,6 +252,7 @@ def update_meta(manifest: Manifest, expert_ids, trained_experts, routing: dict, 
         "roles": {s.name: s.role.value for s in trainable},
         "shape_key": manifest.shape_key.id,
         "frozen_ids": frozen,
+        **({"evaluation": evaluation} if evaluation is not None else {}),
     }
 
 

@@ -20,8 +20,8 @@ from pathlib import Path
 
 from coordinator.config import MIB, CoordinatorConfig, make_strategy
 from coordinator.evaluation import Evaluator, background_executor
-from coordinator.federation import GlobalModel, aggregate_round, fit_context, privacy_budget, tensor_store
-from coordinator.planning import BundleStore, check_update, slice_assignment, update_meta
+from coordinator.federation import FED_EVAL, GlobalModel, aggregate_round, fit_context, privacy_budget, tensor_store
+from coordinator.planning import BundleStore, check_evaluation, check_update, slice_assignment, update_meta
 from coordinator.registry import Registry
 from coordinator.rounds import (
     Action,
@@ -402,6 +402,7 @@ class Coordinator:
             self._closed_failed(str(exc))
             return
         log.info("round %d aggregated %d updates -> model version %d", action.round_id, len(rows), version.version)
+        self._log_federated_evaluation(action.round_id, version.metrics)
         self.pending = {u: p for u, p in self.pending.items() if p.round_id >= action.round_id}
         self.engine.closed()
         if not self.cfg.keep_update_tensors:
@@ -410,6 +411,40 @@ class Coordinator:
             task = asyncio.create_task(self._evaluate(action.round_id, version.tensor_sha256))
             self._evaluations.add(task)
             task.add_done_callback(self._evaluations.discard)
+
+    def _log_federated_evaluation(self, round_id: int, metrics: dict) -> None:
+        """Record the round's federated evaluation (``federation.federated_evaluation``, in the version's
+        ``metrics``) as registry metrics of ``round_id``: the aggregate (``fed_eval_loss``, ``fed_eval_accuracy``
+        if devices computed one, ``fed_eval_num_examples``, ``fed_eval_num_clients``) and each device's own
+        (``Registry.log_device_result``: ``fed_eval_loss``, ``fed_eval_num_examples``, ``fed_eval_accuracy``); and
+        log it. Nothing when no device sent a score. A registry error is logged, the rounds go on."""
+        loss = metrics.get(FED_EVAL + "loss")
+        if loss is None:
+            return
+        keys = ("loss", "accuracy", "num_examples", "num_clients")
+        try:
+            self.registry.log_metrics(
+                {FED_EVAL + k: metrics[FED_EVAL + k] for k in keys if metrics.get(FED_EVAL + k) is not None},
+                round_id=round_id,
+            )
+            for device_id, scored in metrics.get(FED_EVAL + "devices", {}).items():
+                for key in ("loss", "num_examples", "accuracy"):
+                    if scored.get(key) is not None:
+                        self.registry.log_device_result(
+                            FED_EVAL + key, scored[key], round_id=round_id, device_id=device_id
+                        )
+        except Exception:  # noqa: BLE001 - the scores are advisory; the version is committed
+            log.exception("recording round %d's federated evaluation failed", round_id)
+        accuracy = metrics.get(FED_EVAL + "accuracy")
+        log.info(
+            "round %d federated evaluation of the model it started from: loss %.4f%s on %d held-out examples of %d "
+            "devices",
+            round_id,
+            loss,
+            "" if accuracy is None else f", accuracy {accuracy:.4f}",
+            int(metrics.get(FED_EVAL + "num_examples", 0)),
+            int(metrics.get(FED_EVAL + "num_clients", 0)),
+        )
 
     async def _discard_updates(self, round_id: int, shas: list[str]) -> None:
         """Delete an aggregated round's update files (their registry rows stay) but those the registry still
@@ -460,12 +495,15 @@ class Coordinator:
             or (pending.device_id, pending.round_id) != (session.device_id, msg.round_id)
         ):
             return Ack(update_id=msg.update_id, accepted=False, reason="no such assignment for this device and round")
-        meta = update_meta(pending.manifest, pending.fit.expert_ids, msg.trained_experts, msg.routing, msg.metrics)
-        reason, sha = "", None
+        reason, sha, evaluation = "", None, None
         try:
+            evaluation = check_evaluation(msg.evaluation, pending.fit.config)
             sha = await self._validate_and_store(pending, msg)
         except UpdateRejected as exc:
-            reason = exc.reason
+            reason, evaluation = exc.reason, None
+        meta = update_meta(
+            pending.manifest, pending.fit.expert_ids, msg.trained_experts, msg.routing, msg.metrics, evaluation
+        )
         if sha is not None and not self._collecting(msg.round_id):  # aggregation began while the file was written
             await asyncio.to_thread(self.model.discard, [sha])
             reason, sha = f"round {msg.round_id} closed while the update was stored", None

@@ -97,6 +97,12 @@ def _numbered_records(path: Path) -> list[tuple[int, dict[str, Any]]]:
     return records
 
 
+EVAL_SPLIT_SEED = 0
+"""Seed of a device's train / held-out split in rounds (``FitConfig.eval_fraction``): fixed, unlike the round's
+``FitConfig.seed`` (which shuffles the batches), so the held-out records are the same every round and are never
+trained on."""
+
+
 def split_train_eval(records: Sequence[_T], *, eval_fraction: float = 0.1, seed: int = 0) -> tuple[list[_T], list[_T]]:
     """Deterministic shuffled split: the same ``(records, eval_fraction, seed)`` gives the same split.
 
@@ -215,7 +221,9 @@ class LocalDataset:
         records: raw records (see :func:`format_example`).
         encoder: the :class:`TextEncoder`.
         template: prompt template for classification records.
-        eval_fraction, seed: the split (see :func:`split_train_eval`).
+        eval_fraction, seed: the split (see :func:`split_train_eval`); ``seed`` also shuffles the train batches.
+        split_seed: the split's seed instead of ``seed`` (rounds use :data:`EVAL_SPLIT_SEED`: the same held-out
+            records every round, batches shuffled by the round's seed).
         pad_to_seq_len: pad every batch to ``encoder.seq_len`` instead of the batch's longest sequence.
 
     Raises:
@@ -230,6 +238,7 @@ class LocalDataset:
         template: str = DEFAULT_TEMPLATE,
         eval_fraction: float = 0.1,
         seed: int = 0,
+        split_seed: int | None = None,
         pad_to_seq_len: bool = False,
     ):
         encoded = []
@@ -238,7 +247,9 @@ class LocalDataset:
                 encoded.append(encoder.encode(*format_example(record, template)))
             except DataError as exc:
                 raise DataError(f"record {number}: {exc}") from exc
-        self.train, self.eval = split_train_eval(encoded, eval_fraction=eval_fraction, seed=seed)
+        self.train, self.eval = split_train_eval(
+            encoded, eval_fraction=eval_fraction, seed=seed if split_seed is None else split_seed
+        )
         self.encoder = encoder
         self.pad_id = encoder.pad_id
         self.pad_to = encoder.seq_len if pad_to_seq_len else None

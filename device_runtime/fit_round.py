@@ -2,9 +2,10 @@
 
 Round step 5 (``docs/round.md``): check the assignment's tensors against the bundle manifest
 (names, shapes), load them into the device's trainer (``device_runtime.trainer_cache``: kept from the last round
-on the same bundle, with its AdamW moments, or built afresh; fresh step seeds for zeroth-order), train
-``local_steps`` (0: one epoch) and report the trainable tensors, the HFedMoE routing statistics (Fang et al.,
-arXiv 2601.00583) and the trained experts, both in global expert ids.
+on the same bundle, with its AdamW moments, or built afresh; fresh step seeds for zeroth-order), score them on the
+device's held-out split (federated evaluation, ``FitConfig.eval_fraction``: :func:`evaluate_received`), train
+``local_steps`` (0: one epoch) on the rest and report the trainable tensors, the HFedMoE routing statistics (Fang
+et al., arXiv 2601.00583), the trained experts, both in global expert ids, and the evaluation.
 """
 
 from __future__ import annotations
@@ -19,13 +20,14 @@ import numpy as np
 
 from device_runtime.answer_prior import local_answer_shift
 from device_runtime.bundle import TOKENIZER_FILE, Bundle, Manifest
-from device_runtime.data import DEFAULT_TEMPLATE, Batch, LocalDataset
+from device_runtime.data import DEFAULT_TEMPLATE, EVAL_SPLIT_SEED, Batch, LocalDataset
 from device_runtime.errors import ConfigError, DataError, ProtocolError
 from device_runtime.modes import Order
-from device_runtime.trainer import FitResult
+from device_runtime.trainer import FitResult, Trainer
 from device_runtime.trainer_cache import TrainerCache
 from device_runtime.units import MIB
-from device_runtime.wire import Assignment, FitConfig, Update, ZoUpdate, to_float32
+from device_runtime.wire import Assignment, EvalResult, FitConfig, Update, ZoUpdate, to_float32
+from device_runtime.wire.fields import MAX_EVAL_LOSS
 from device_runtime.zo_directions import candidate_seeds
 
 
@@ -86,6 +88,53 @@ def local_prior(
     return out
 
 
+def round_dataset(
+    data_file: str | Path, tokenizer_file: str | Path, config: FitConfig, *, template: str = DEFAULT_TEMPLATE
+) -> LocalDataset:
+    """A device's local data for one round: ``config.eval_fraction`` of the records held out by the fixed
+    :data:`~device_runtime.data.EVAL_SPLIT_SEED` (the same records every round, never trained on), the train
+    batches shuffled by the round's ``config.seed``. The torch reference (``coordinator/simulation/reference.py``)
+    trains on this same split.
+
+    Raises:
+        DataError: the file is unreadable or holds a malformed record.
+    """
+    return LocalDataset.from_jsonl(
+        data_file,
+        tokenizer_file,
+        seq_len=config.seq_len,
+        template=template,
+        eval_fraction=config.eval_fraction,
+        seed=config.seed,
+        split_seed=EVAL_SPLIT_SEED,
+    )
+
+
+def evaluate_received(
+    trainer: Trainer, dataset: LocalDataset, batch_size: int, stop: threading.Event | None = None
+) -> tuple[EvalResult | None, float]:
+    """Federated evaluation: the loss of the trainer's current parameters (the model the assignment carried, as
+    the bundle holds it) on the held-out split, before any local step; and the seconds it took.
+
+    The loss is the eval graph's ``ce_loss`` over completion tokens (nats per token, no answer shift: the
+    trainer's ``evaluate``). No accuracy: the device graphs output scalar losses only, and label accuracy (the
+    coordinator's ``export/evaluate.py``: the argmax over candidate labels) needs per-label scores, one forward per
+    candidate label of every example with these graphs. None when nothing is held out, no held-out batch has a
+    completion token, or the loss is not a finite number within ``[0, MAX_EVAL_LOSS]``.
+    """
+    if not dataset.eval:
+        return None, 0.0
+    start = time.perf_counter()
+    try:
+        scored = trainer.evaluate(until_stopped(dataset.eval_batches(batch_size), stop))
+    except DataError:
+        return None, time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    if not (math.isfinite(scored.loss) and 0.0 <= scored.loss <= MAX_EVAL_LOSS) or scored.num_examples < 1:
+        return None, seconds
+    return EvalResult(loss=scored.loss, num_examples=scored.num_examples, num_tokens=scored.num_tokens), seconds
+
+
 def until_stopped(batches: Iterator[Batch], stop: threading.Event | None) -> Iterator[Batch]:
     """``batches`` until ``stop`` is set (checked between steps: the current step always completes)."""
     for batch in batches:
@@ -114,7 +163,8 @@ def fit_assignment(
     Args:
         bundle: the verified cached bundle of ``assignment.shape_key``.
         assignment: the round's assignment (weights in ``tensors``, settings in ``config``).
-        data_file: local JSONL data (see ``device_runtime.data``); all of it is training data.
+        data_file: local JSONL data (see ``device_runtime.data``): ``config.eval_fraction`` of it held out and
+            scored before training (:func:`round_dataset`), the rest trained on.
         threads: ORT intra-op threads. stop: set it to abandon after the current step.
         template: prompt template of classification records. extra_metrics: added to the metrics.
         backend: training backend name (None: ``backends.select_backend``'s choice).
@@ -162,9 +212,7 @@ def _fit(
     cfg = assignment.config
     held = bundle.manifest.held_ids(assignment.expert_ids)
     prior = local_prior(cfg, bundle.manifest.num_experts, held)
-    dataset = LocalDataset.from_jsonl(
-        data_file, bundle.path(TOKENIZER_FILE), seq_len=cfg.seq_len, template=template, eval_fraction=0.0, seed=cfg.seed
-    )
+    dataset = round_dataset(data_file, bundle.path(TOKENIZER_FILE), cfg, template=template)
     if not dataset.train:
         raise DataError(f"{data_file} holds no training record")
     steps = cfg.local_steps or math.ceil(len(dataset.train) / cfg.batch_size)
@@ -177,6 +225,7 @@ def _fit(
     trainer.set_parameters(tensors)
     del tensors
     assignment.tensors.clear()  # now copied into the trainer: free the wire copy (100s of MiB) before training
+    evaluation, eval_seconds = evaluate_received(trainer, dataset, cfg.batch_size, stop)
     is_zo = trainer.order == Order.ZEROTH
     start = time.perf_counter()
     result = trainer.fit(
@@ -194,6 +243,7 @@ def _fit(
         **_metrics(result, seconds),
         "model_version": float(assignment.model_version),
         "zeroth_order": float(is_zo),
+        **({"eval_seconds": eval_seconds} if evaluation is not None else {}),
         **(extra_metrics or {}),
     }
     if is_zo and cfg.zo_seeds:  # seeds and scalars, expanded by the coordinator (coordinator.zo_updates)
@@ -205,10 +255,11 @@ def _fit(
             metrics,
             zo=ZoUpdate(seeds=seeds, scalars=scalars, distribution=result.zo_distribution),
             held=held,
+            evaluation=evaluation,
         )
     trainable = set(bundle.manifest.trainable_names)
     params = {n: a for n, a in trainer.get_parameters().items() if n in trainable}
-    return build_update(assignment, result, params, metrics, held=held)
+    return build_update(assignment, result, params, metrics, held=held, evaluation=evaluation)
 
 
 def build_update(
@@ -219,10 +270,12 @@ def build_update(
     *,
     zo: ZoUpdate | None = None,
     held: tuple[tuple[int, ...], ...] | None = None,
+    evaluation: EvalResult | None = None,
 ) -> Update:
     """The ``Update`` of a fit: routing and trained experts in the assignment's global expert ids (the routing over
     ``held``, every expert the bundle holds in local order: ``Manifest.held_ids``; default the assignment's); the
-    trained tensors as ``params`` or, for a seed-and-scalar update, as ``zo`` (then ``params`` is empty)."""
+    trained tensors as ``params`` or, for a seed-and-scalar update, as ``zo`` (then ``params`` is empty); the
+    held-out score of the received model (:func:`evaluate_received`) or None."""
     ids = assignment.expert_ids if held is None else held
     routing = result.routing.to_dict()
     routing["expert_ids"] = [list(layer) for layer in ids]
@@ -236,6 +289,7 @@ def build_update(
         routing=routing,
         trained_experts=trained,
         zo=zo,
+        evaluation=evaluation,
         tensors=wire_tensors(params, assignment.config.update_dtype),
     )
 

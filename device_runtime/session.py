@@ -31,7 +31,6 @@ from device_runtime.wire import (
     BundleData,
     BundleRequest,
     Error,
-    Evaluate,
     Heartbeat,
     Message,
 )
@@ -114,8 +113,6 @@ class DeviceSession:
             return []
         if isinstance(msg, Error):
             return [Report("warning", f"coordinator reported {msg.code}: {msg.message}")]
-        if isinstance(msg, Evaluate):
-            return [Send(Error(code="unexpected", message="this device runtime does not evaluate yet"))]
         return [Send(Error(code="unexpected", message=f"{msg.TYPE} is not expected by a device"))]
 
     def on_frame_error(self, exc: ProtocolError) -> list[Action]:

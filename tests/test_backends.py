@@ -4,6 +4,8 @@ bundle's eval graph against ORT training's own forward, its step algebra and the
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -134,3 +136,61 @@ def test_directions_are_seeded_chunk_invariant_and_unit_variance(monkeypatch):
     assert all(np.array_equal(t, np.ones_like(t)) for t in theta)
     with pytest.raises(ConfigError, match="writable C-contiguous float32"):
         perturb([np.ones(4)], 1, 1.0)
+
+
+@pytest.mark.parametrize("backend", ["ort-training", "zo"])
+def test_fit_assignment_scores_the_received_model_on_a_held_out_split_before_training(tiny, tmp_path, backend):
+    """Federated evaluation (issue 20 item 4): ``eval_fraction`` of the records are held out by a fixed seed (the
+    same ones whatever the round's seed), never trained on, and the Update carries the loss of the ASSIGNED
+    weights on them (the value a fresh trainer computes on those weights), for first- and zeroth-order devices."""
+    import itertools
+    import json
+
+    from device_runtime.data import EVAL_SPLIT_SEED, format_example, split_train_eval
+    from device_runtime.fit_round import fit_assignment, round_dataset
+    from device_runtime.ort_trainer import OrtTrainer
+    from device_runtime.wire import Assignment, FitConfig
+
+    bundle, _, _ = tiny
+    records = [
+        {"text": " ".join(words), "label": "sport" if i % 2 else "tech"}
+        for i, words in enumerate(itertools.permutations(["match", "team", "won", "film"]))
+    ]  # 24 records, each a distinct token sequence
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    config = FitConfig(batch_size=2, seq_len=SEQ_LEN, local_steps=0, learning_rate=1e-2, eval_fraction=0.25, seed=5)
+    tokenizer = bundle.path(TOKENIZER_FILE)
+    dataset = round_dataset(data, tokenizer, config)
+    held = {tuple(ids) for ids, _ in dataset.eval}
+    assert len(dataset.eval) == 6 and len(held) == 6 and len(dataset.train) == 18
+    assert held.isdisjoint(tuple(ids) for ids, _ in dataset.train)
+    other_round = round_dataset(data, tokenizer, FitConfig(seq_len=SEQ_LEN, eval_fraction=0.25, seed=6))
+    assert {tuple(ids) for ids, _ in other_round.eval} == held  # the same held-out records every round
+    _, expected = split_train_eval(list(range(24)), eval_fraction=0.25, seed=EVAL_SPLIT_SEED)
+    assert held == {tuple(dataset.encoder.encode(*format_example(records[i]))[0]) for i in expected}
+
+    weights = OrtTrainer(bundle, threads=1, progress=False).get_parameters()
+    before = OrtTrainer(bundle, threads=1, progress=False).evaluate(dataset.eval_batches(2))
+    assignment = Assignment(
+        update_id=f"u-eval-{backend}",
+        round_id=1,
+        model_version=0,
+        shape_key=bundle.manifest.shape_key,
+        expert_ids=bundle.manifest.expert_ids,
+        config=config,
+        tensors=dict(weights),
+    )
+    update = fit_assignment(bundle, assignment, data, threads=1, backend=backend)
+    assert update.evaluation is not None
+    assert update.evaluation.num_examples == 6 and update.evaluation.num_tokens == before.num_tokens
+    assert update.evaluation.loss == pytest.approx(before.loss, rel=1e-4)
+    assert update.evaluation.accuracy is None  # the device graphs output losses only
+    assert update.num_examples == 18 and update.metrics["steps"] == 9.0  # one epoch of the train split only
+    assert update.metrics["eval_seconds"] >= 0
+
+    no_eval = dataclasses.replace(
+        assignment, update_id="u-no-eval", config=dataclasses.replace(config, eval_fraction=0)
+    )
+    no_eval = dataclasses.replace(no_eval, tensors=dict(weights))
+    update = fit_assignment(bundle, no_eval, data, threads=1, backend=backend)
+    assert update.evaluation is None and update.num_examples == 24 and "eval_seconds" not in update.metrics

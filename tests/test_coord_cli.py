@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ from coordinator.registry import Registry
 from device_runtime.auth import generate_keypair
 from device_runtime.errors import ConfigError
 from device_runtime.tls import certificate_fingerprint
-from device_runtime.wire import Assignment
+from device_runtime.wire import Assignment, EvalResult
 
 pytest.importorskip("torch")
 from helpers import InboxDevice, config_with, fake_update, init_by_cli, two_expert_memory  # noqa: E402
@@ -95,7 +96,10 @@ def test_round_survives_a_coordinator_restart(coord):
         assignment = a.inbox[-1]
         assert isinstance(assignment, Assignment)
         manifest = c.bundles.manifest(assignment.shape_key.id)
-        ack = await c.handle_update(sessions[0], fake_update(assignment, manifest))
+        update = replace(
+            fake_update(assignment, manifest), evaluation=EvalResult(loss=2.0, num_examples=3, num_tokens=9)
+        )
+        ack = await c.handle_update(sessions[0], update)
         assert ack.accepted
         c.close()  # crash: nothing else happens in this life
         return manifest
@@ -110,7 +114,9 @@ def test_round_survives_a_coordinator_restart(coord):
         np.testing.assert_array_equal(next(iter(resent.tensors.values())), next(iter(b.inbox[0].tensors.values())))
         replay = await c.handle_update(sessions[a], fake_update(a.inbox[-1], manifest))
         assert replay.accepted and replay.reason == "already recorded"
-        assert (await c.handle_update(sessions[b], fake_update(resent, manifest, trained_local=1))).accepted
+        scored = EvalResult(loss=1.0, num_examples=1, num_tokens=3)
+        update = replace(fake_update(resent, manifest, trained_local=1), evaluation=scored)
+        assert (await c.handle_update(sessions[b], update)).accepted
         round_id = c.engine.current.round_id
         assert await c.step() == Aggregate(round_id, (a.inbox[-1].update_id, resent.update_id))
         assert c.engine.current is None and c.engine.server_round == 2
@@ -122,9 +128,11 @@ def test_round_survives_a_coordinator_restart(coord):
     finished = asyncio.run(second_life(manifest))
     assert finished.status == "finished" and finished.metrics["num_clients"] == 2
     assert finished.metrics["num_examples"] == 8 and finished.metrics["model_version"] == 1
+    assert finished.metrics["fed_eval_loss"] == pytest.approx((3 * 2.0 + 1 * 1.0) / 4)  # federated evaluation
     listing = cli(coord, "rounds")
-    assert listing.exit_code == 0 and "finished" in listing.output
-    assert "1 finished" in cli(coord, "status").output
+    assert listing.exit_code == 0 and "finished" in listing.output and "1.7500" in listing.output
+    status = cli(coord, "status").output
+    assert "1 finished" in status and "federated evaluation" in status and "1.7500" in status, status
     registry = Registry(load_config(coord["config"]).registry_url)
     for _ in range(3):  # [rounds] max_attempts consecutive failures: the coordinator backs off and alerts
         registry.finish_round(registry.start_round("hfedmoe", {}).id, metrics={"reason": "0 of 2"}, status="failed")

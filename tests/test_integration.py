@@ -62,7 +62,8 @@ EXPECTED_SHAPES = {
     "pi-two": "experts-float16-merged-1.1",
     "pi-three": "experts-float16-merged-2.2",
 }
-FIT = {"batch_size": 8, "seq_len": 128, "local_steps": 2, "learning_rate": 1e-3}
+FIT = {"batch_size": 8, "seq_len": 128, "local_steps": 2, "learning_rate": 1e-3, "eval_fraction": 0.25}
+HELD_OUT = 2  # of each device's 8 records (RECORDS * 2): scored before training, never trained on
 START_TIMEOUT_S = 120.0
 ROUND_TIMEOUT_S = 150.0
 
@@ -260,6 +261,31 @@ def tensor_layers(names) -> dict:
 # ---------------------------------------------------------------- the tests
 
 
+def check_federated_evaluation(fed: Federation, row, devices: dict, updates: list) -> None:
+    """Every device scored the model it received on its held-out records before training (issue 20 item 4): the
+    round's aggregate is their example-weighted loss, each device's score is tagged with the graph it held, and the
+    simulation's report reads both from the registry."""
+    import math
+
+    from coordinator.simulation.runner import Watch
+
+    metrics = row.metrics
+    scored = {devices[d]: s for d, s in metrics["fed_eval_devices"].items()}
+    assert {name: s["shape_key"] for name, s in scored.items()} == EXPECTED_SHAPES
+    assert all(s["num_examples"] == HELD_OUT and 0 < s["loss"] < 20 for s in scored.values()), scored
+    assert (metrics["fed_eval_num_clients"], metrics["fed_eval_num_examples"]) == (3, 3 * HELD_OUT)
+    mean = sum(s["loss"] for s in scored.values()) / 3  # equal examples: the weighted mean is the plain mean
+    assert math.isclose(metrics["fed_eval_loss"], mean, rel_tol=1e-9)
+    assert all(u.num_examples == FIT["local_steps"] * 6 for u in updates)  # batches of the 6 records trained on
+    watch = Watch(fed.cfg)
+    try:
+        assert watch.federated(row.id) == (metrics["fed_eval_loss"], None, 3 * HELD_OUT)
+        report = {d.device: (d.eval_loss, d.eval_examples) for d in watch.device_rounds(row.id, {})}
+        assert report == {name: (s["loss"], HELD_OUT) for name, s in scored.items()}
+    finally:
+        watch.close()
+
+
 def test_two_hfedmoe_rounds_with_real_processes(federation, checkpoint):
     from sqlalchemy import text
 
@@ -294,6 +320,7 @@ def test_two_hfedmoe_rounds_with_real_processes(federation, checkpoint):
             shapes = {devices[a.device_id]: a.shape_key for a in registry.assignments(row.id)}
             assert shapes == EXPECTED_SHAPES
             check_rows(states[number - 1], states[number], updates, layer_of, tau=0.01)
+            check_federated_evaluation(fed, row, devices, updates)
         assert len({u.update_id for u in all_updates}) == 6
         with registry.engine.connect() as conn:
             assert conn.execute(text("select count(*) from updates")).scalar() == 6
@@ -303,6 +330,7 @@ def test_two_hfedmoe_rounds_with_real_processes(federation, checkpoint):
     assert all(name in listing for name in BUDGETS_MIB)
     table = _coord_cli(fed.config, "rounds")
     assert sum("hfedmoe" in line and "finished" in line for line in table.splitlines()) == 2, table
+    assert "fed eval loss" in table and "federated evaluation" in _coord_cli(fed.config, "status")
     fed.check_alive()  # every device still alive under its RLIMIT_DATA after two rounds
 
 

@@ -66,11 +66,23 @@ MESSAGES = [
         tensors=W,
     ),
     p.Ack(update_id="r3-d-1f2e", accepted=False, reason="norm bound"),
-    p.Evaluate(round_id=3, shape_key=SK, expert_ids=((4, 0), (7,)), batch_size=2, seq_len=64, tensors=W),
-    p.EvaluateRes(round_id=3, num_examples=10, num_tokens=640, loss=3.25, metrics={"accuracy": 0.5}),
+    p.Update(
+        update_id="r3-d-2f2e",
+        round_id=3,
+        num_examples=36,
+        num_tokens=4608,
+        metrics={"loss": 2.5},
+        routing={"usage": [[0.5, 0.5], [1.0]]},
+        trained_experts=((4,), ()),
+        evaluation=p.EvalResult(loss=3.25, num_examples=4, num_tokens=512, accuracy=0.5),
+        tensors=W,
+    ),
     p.Heartbeat(),
     p.Error(code="bad_tensor", message="tensor x: shape (2,) != expected (3,)"),
 ]
+
+
+EVALUATED = next(i for i, m in enumerate(MESSAGES) if getattr(m, "evaluation", None) is not None)
 
 
 def frame(header: dict, payload: bytes = b"") -> bytes:
@@ -150,7 +162,7 @@ def test_float16_on_the_wire_halves_bytes_and_upcasts():
         (frame({"v": V, "type": "enroll_ok", "device_id": ".."}), "bad_header"),
         (frame({"v": V, "type": "challenge", "nonce": "AAAA"}), "bad_header"),  # nonce not 32 bytes
         (frame({"v": V, "type": "heartbeat"}, b"x"), "bad_frame"),  # payload where none belongs
-        (struct.pack(">I", 46) + b'{"v":%d,"type":"evaluate_res","loss":NaN,"x":1}' % V, "bad_header"),
+        (struct.pack(">I", 37) + b'{"v":%d,"type":"ack","loss":NaN,"x":1}' % V, "bad_header"),
     ],
 )
 def test_malformed_frames(data, code):
@@ -158,9 +170,11 @@ def test_malformed_frames(data, code):
 
 
 def test_non_finite_metric_and_bad_config_rejected():
-    update = json.loads(p.encode(MESSAGES[12])[4:])
-    update["loss"] = 1e999  # parses as inf
-    assert code_of(frame(update)) == "bad_header"
+    update = p.encode(MESSAGES[9])
+    (hlen,) = struct.unpack(">I", update[:4])
+    header, payload = json.loads(update[4 : 4 + hlen]), update[4 + hlen :]
+    header["metrics"]["loss"] = 1e999  # parses as inf
+    assert code_of(frame(header, payload)) == "bad_header"
     assignment = p.encode(MESSAGES[6])
     (hlen,) = struct.unpack(">I", assignment[:4])
     header, payload = json.loads(assignment[4 : 4 + hlen]), assignment[4 + hlen :]
@@ -168,6 +182,22 @@ def test_non_finite_metric_and_bad_config_rejected():
         bad = {**header, "config": {**header["config"], key: value}}
         assert code_of(frame(bad, payload)) == "bad_header", key
     assert code_of(frame({**header, "expert_ids": [[4, 0], [7, 1]]}, payload)) == "bad_header"  # != shape key
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("loss", 1e999), ("loss", -0.5), ("loss", 1e6), ("num_examples", 0), ("num_tokens", -1), ("accuracy", 1.5)],
+)
+def test_an_evaluation_out_of_bounds_is_bad_header(field, value):
+    """Federated evaluation numbers come from the network: finite, loss in [0, MAX_EVAL_LOSS], accuracy in [0, 1],
+    at least one example."""
+    data = p.encode(MESSAGES[EVALUATED])
+    (hlen,) = struct.unpack(">I", data[:4])
+    header, payload = json.loads(data[4 : 4 + hlen]), data[4 + hlen :]
+    assert header["evaluation"]["loss"] == 3.25
+    assert p.decode(frame(header, payload), max_size=MAX).evaluation == MESSAGES[EVALUATED].evaluation
+    bad = {**header, "evaluation": {**header["evaluation"], field: value}}
+    assert code_of(frame(bad, payload)) == "bad_header"
 
 
 def test_oversized_frame():

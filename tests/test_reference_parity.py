@@ -42,6 +42,7 @@ FIT = {
     "aux_loss_coef": 0.02,
     "labels": list(LABELS),
     "logit_adjustment": 1.0,
+    "eval_fraction": 0.2,  # 1 of each device's 5 records held out, the same in the reference: neither trains on it
 }
 # Device name -> (experts per layer its budget affords with frozen_experts = "pruned", its records): label-skewed,
 # so the two label priors differ. With "float16" the budgets put pi-small on the merged stand-in and pi-large on

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import urllib.request
 from dataclasses import replace
 
@@ -32,6 +33,7 @@ from device_runtime.wire import (
     Enroll,
     EnrollOk,
     Error,
+    EvalResult,
     Heartbeat,
     Hello,
     decode,
@@ -173,7 +175,10 @@ def test_round_with_bundle_transfer_and_replayed_update(server, initialised, tmp
         assert manifest.shape_key == assignment.shape_key
         assert {s.name for s in manifest.tensors} == set(assignment.tensors)
 
-        update = fake_update(assignment, manifest)
+        assert assignment.config.eval_fraction == 0.1  # the coordinator's default asks for federated evaluation
+        update = replace(
+            fake_update(assignment, manifest), evaluation=EvalResult(loss=2.25, num_examples=3, num_tokens=12)
+        )
         send(conn, replace(update, update_id="r999-forged"))
         ack = recv_ack(conn)
         assert not ack.accepted and "no such assignment" in ack.reason
@@ -193,10 +198,26 @@ def test_round_with_bundle_transfer_and_replayed_update(server, initialised, tmp
         assert rounds[assignment.round_id].metrics["num_clients"] == 1
         check_only_trained_rows_changed(cfg, registry, version, assignment)
         check_the_new_version_was_evaluated(cfg, registry, version)
+        check_the_federated_evaluation_was_recorded(registry, assignment, device_id)
         store = tensor_store(cfg)  # keep_update_tensors is off: the aggregated update's file goes, its row stays
         assert wait_for(lambda: not store.has(updates[0].tensor_sha256)) and store.has(version.tensor_sha256)
     finally:
         registry.close()
+
+
+def check_the_federated_evaluation_was_recorded(registry, assignment, device_id):
+    """The device's score of the model it received: in the round's metrics (aggregate and per device, with the shape
+    key it scored with) and as registry metrics, the round's and the device's own."""
+    metrics = registry.get_round(assignment.round_id).metrics
+    assert metrics["fed_eval_loss"] == pytest.approx(2.25)
+    assert (metrics["fed_eval_num_examples"], metrics["fed_eval_num_clients"]) == (3, 1)
+    assert metrics["fed_eval_devices"] == {
+        device_id: {"loss": 2.25, "num_examples": 3, "num_tokens": 12.0, "shape_key": assignment.shape_key.id}
+    }
+    logged = {(m.name, m.device_id): m.value for m in registry.metrics(round_id=assignment.round_id)}
+    assert logged[("fed_eval_loss", None)] == pytest.approx(2.25) and logged[("fed_eval_num_examples", None)] == 3
+    assert logged[("fed_eval_loss", device_id)] == pytest.approx(2.25)
+    assert logged[("fed_eval_num_examples", device_id)] == 3
 
 
 def check_the_new_version_was_evaluated(cfg, registry, version):
@@ -353,6 +374,41 @@ def test_invalid_update_is_rejected_recorded_once_and_the_round_retried(server, 
         assert registry.accepted_updates(assignment.round_id) == []
     finally:
         registry.close()
+
+
+def test_an_update_with_bad_evaluation_numbers_is_refused(server, initialised):
+    """Federated evaluation numbers come from the network: out of the field bounds (a loss above MAX_EVAL_LOSS,
+    NaN, an accuracy above 1) the frame is refused (Error bad_header) and nothing is recorded; within them but
+    inconsistent with the assignment (more tokens than examples x seq_len) the update is rejected (Ack)."""
+    cfg, memory = initialised
+    profile = {"memory_mib": memory, "gflops": 5.0}
+    device_id, private, _ = enroll(server, cfg, "pi-eval", profile)
+    with ws(server) as conn:
+        assignment = first_assignment(conn, device_id, private, profile)
+        from device_runtime.bundle import load_bundle
+
+        manifest = load_bundle(os.path.join(cfg.state_dir, "bundles", assignment.shape_key.id)).manifest
+        update = fake_update(assignment, manifest)
+        nan = encode(replace(update, evaluation=EvalResult(loss=1.25, num_examples=2, num_tokens=8)))
+        (hlen,) = struct.unpack(">I", nan[:4])
+        header = nan[4 : 4 + hlen].replace(b'"loss":1.25', b'"loss":NaN')
+        nan = struct.pack(">I", len(header)) + header + nan[4 + hlen :]
+        for bad in (
+            encode(replace(update, evaluation=EvalResult(loss=5e3, num_examples=2, num_tokens=8))),
+            nan,  # a JSON encoder refuses to write NaN: a hostile device writes it anyway
+            encode(replace(update, evaluation=EvalResult(loss=1.0, num_examples=2, num_tokens=8, accuracy=1.5))),
+            encode(replace(update, evaluation=EvalResult(loss=1.0, num_examples=0, num_tokens=0))),
+        ):
+            conn.send(bad)
+            reply = recv(conn)
+            assert isinstance(reply, Error) and reply.code == "bad_header", (bad, reply)
+        registry = Registry(cfg.registry_url)
+        assert registry.get_update(update.update_id) is None
+        registry.close()
+        tokens = 2 * assignment.config.seq_len + 1
+        send(conn, replace(update, evaluation=EvalResult(loss=1.0, num_examples=2, num_tokens=tokens)))
+        ack = recv_ack(conn)
+        assert not ack.accepted and "evaluation num_tokens" in ack.reason
 
 
 def _closed(registry, round_id):

@@ -31,6 +31,9 @@ def test_smoke_simulation_writes_every_output(smoke_run):
     trained = [r for r in rows if r["round"] != "0"]
     assert {r["device"] for r in trained} == {"raspberry-pi-0", "raspberry-pi-1"}
     assert all(int(r["device_bytes_up"]) > 0 and r["device_loss"] for r in trained)
+    # federated evaluation: each device scored the model it received on its held-out records (round 0: none)
+    assert all(float(r["fed_loss"]) > 0 and int(r["device_eval_examples"]) > 0 for r in trained)
+    assert {r["fed_loss"] for r in rows if r["round"] == "0"} == {""} and "fed loss" in stdout
     assert (out / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
     assert "zero-shot" in stdout and "accuracy.png" in stdout
     final_model = {p.name for p in (out / "hfedmoe" / "model").iterdir()}

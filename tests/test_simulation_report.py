@@ -9,11 +9,11 @@ from device_runtime.errors import ConfigError
 
 
 def _records():
-    dev = DeviceRound("pi-0", 1.5, 100, 300, 512.0, 2)
+    dev = DeviceRound("pi-0", 1.5, 100, 300, 512.0, 2, eval_loss=2.25, eval_examples=3)
     return [
         RoundRecord("hfedmoe", 0, 0.2, 3.0, 0.0, 0, 0),
-        RoundRecord("hfedmoe", 1, 0.5, 1.0, 12.0, 100, 300, (dev,)),
-        RoundRecord("hfedmoe", 2, 0.7, 0.8, 11.0, 150, 300, (dev,)),
+        RoundRecord("hfedmoe", 1, 0.5, 1.0, 12.0, 100, 300, (dev,), fed_loss=2.25, fed_examples=3),
+        RoundRecord("hfedmoe", 2, 0.7, 0.8, 11.0, 150, 300, (dev,), fed_loss=1.5, fed_accuracy=0.6, fed_examples=3),
     ]
 
 
@@ -24,7 +24,20 @@ def test_cumulative_bytes_and_outputs(tmp_path):
     rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
     assert [r["round"] for r in rows] == ["0", "1", "2"]
     assert rows[1]["device"] == "pi-0" and rows[1]["device_peak_rss_mib"] == "512"
+    assert rows[0]["fed_loss"] == "" and rows[0]["device"] == "" and rows[0]["frozen"] == ""  # zero-shot: no devices
+    assert (rows[1]["fed_loss"], rows[1]["fed_accuracy"], rows[1]["fed_examples"]) == ("2.2500", "", "3")
+    assert (rows[2]["fed_accuracy"], rows[1]["device_eval_loss"], rows[1]["device_eval_examples"]) == (
+        "0.6000",
+        "2.2500",
+        "3",
+    )
+    assert rows[1]["frozen"] == "-" and rows[1]["experts_kept"] == "2"  # every column lines up with its header
     assert json.loads((tmp_path / "metrics.json").read_text())[2]["accuracy"] == 0.7
+    from coordinator.simulation.cli import _round_table
+
+    table = _round_table(records)
+    assert [c.header for c in table.columns][2:5] == ["accuracy", "loss", "fed loss"]
+    assert list(table.columns[4].cells) == ["-", "2.250", "1.500 (60.0%)"]
     png = plot_accuracy(records, tmp_path / "accuracy.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

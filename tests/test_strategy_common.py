@@ -244,3 +244,38 @@ def test_configure_fit_needs_a_bound_strategy_and_the_seed_follows_the_server_ro
         FedAvg().configure_fit(1, {}, [ClientInfo("a", {"memory_mib": 1e6})])
     strategy = FedAvg().bind(tiny_context(learning_rate=0.5))
     assert strategy.fit_config(2) == FitConfig(batch_size=2, seq_len=8, learning_rate=0.5, seed=9)
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_aggregate_evaluate_weights_by_examples_and_averages_each_metric_over_its_reporters(name):
+    """Flower's aggregate_evaluate: loss = sum n_c loss_c / sum n_c; accuracy only over the clients that computed
+    it; a result without examples counts as a failure (hand-computed values)."""
+    from coordinator.strategy import ClientEvaluation
+
+    strategy = from_name(name, **REQUIRED.get(name, {}))
+    results = [
+        ClientEvaluation("a", loss=2.0, num_examples=3, metrics={"accuracy": 0.5, "num_tokens": 30}),
+        ClientEvaluation("b", loss=1.0, num_examples=1, metrics={"num_tokens": 10}, shape_key="experts-1.1"),
+        ClientEvaluation("c", loss=9.0, num_examples=0),
+    ]
+    loss, metrics = strategy.aggregate_evaluate(2, results, [("d", "timed out")])
+    assert loss == pytest.approx((3 * 2.0 + 1 * 1.0) / 4)  # 1.75
+    assert metrics == pytest.approx(
+        {"accuracy": 0.5, "num_tokens": (3 * 30 + 10) / 4, "num_clients": 2, "num_examples": 4, "num_failures": 2}
+    )
+    assert strategy.aggregate_evaluate(2, [], [("d", "timed out")]) == (
+        None,
+        {"num_clients": 0, "num_examples": 0, "num_failures": 1},
+    )
+
+    seen = []
+
+    def accuracy_only(pairs):
+        seen.extend(pairs)
+        return {"accuracy": sum(n * m.get("accuracy", 0.0) for n, m in pairs) / sum(n for n, _ in pairs)}
+
+    strategy.evaluate_metrics_aggregation_fn = accuracy_only
+    loss, metrics = strategy.aggregate_evaluate(2, results[:2], [])
+    assert loss == pytest.approx(1.75) and metrics["accuracy"] == pytest.approx(3 * 0.5 / 4)
+    assert "num_tokens" not in metrics and seen == [(3, {"accuracy": 0.5, "num_tokens": 30}), (1, {"num_tokens": 10})]
+    assert type(strategy).evaluate_metrics_aggregation_fn is None  # set on the instance only

@@ -15,6 +15,7 @@ from coordinator.rounds import Aggregate, StartRound
 from coordinator.strategy import STRATEGIES, ClientInfo, FedAvg, FitIns
 from coordinator.strategy.selection import affordable_experts
 from device_runtime.bundle import MANIFEST, MANIFEST_TRAINING_FIELDS
+from device_runtime.wire import FitConfig
 
 
 class Rotating(FedAvg):
@@ -71,8 +72,11 @@ def test_a_registered_strategy_runs_rounds_in_a_real_coordinator(tmp_path, monke
                 assignment = device.inbox[-1]
                 assert assignment.expert_ids == ((server_round - 1, server_round),) * 2
                 manifest = coordinator.bundles.manifest(assignment.shape_key.id)
-                # one FitConfig: the config's [fit], the bundle's defaults, the round's (with its seed)
-                assert manifest.training == cfg.fit and assignment.config == replace(cfg.fit, seed=server_round)
+                # one FitConfig: the config's [fit], the bundle's defaults (the fields a manifest records; not
+                # eval_fraction, which [fit] sets to 0.1 by default), the round's (with its seed)
+                recorded = {name: getattr(cfg.fit, name) for name in MANIFEST_TRAINING_FIELDS}
+                assert manifest.training == replace(FitConfig(), **recorded) and cfg.fit.eval_fraction == 0.1
+                assert assignment.config == replace(cfg.fit, seed=server_round)
                 written = json.loads((coordinator.bundles.root / manifest.shape_key.id / MANIFEST).read_text())
                 assert sorted(written["training"]) == sorted(MANIFEST_TRAINING_FIELDS)  # the format is unchanged
                 assert (await coordinator.handle_update(session, fake_update(assignment, manifest))).accepted

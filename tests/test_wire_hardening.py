@@ -44,15 +44,22 @@ def _assignment_header(**config) -> tuple[dict, bytes]:
 @pytest.mark.parametrize("literal", ["1" + "0" * 400, "-" + "9" * 400, "1e999"], ids=["1e400", "-1e400", "1e999"])
 def test_huge_number_in_a_float_field_is_bad_header(literal):
     # old code: OverflowError from float(10**400) escaped decode and crashed the connection handler
-    assert (
-        code_of(
-            frame(
-                f'{{"v":{wire.PROTOCOL_VERSION},"type":"evaluate_res","round_id":1,"num_examples":1,"num_tokens":1,'
-                f'"loss":{literal},"metrics":{{}}}}'
-            )
-        )
-        == "bad_header"
+    update = wire.Update(
+        update_id="u-1",
+        round_id=1,
+        num_examples=1,
+        num_tokens=1,
+        metrics={},
+        routing={},
+        trained_experts=((0,),),
+        evaluation=wire.EvalResult(loss=1.5, num_examples=1, num_tokens=1),
+        tensors={"w": np.zeros(2, np.float32)},
     )
+    data = wire.encode(update)
+    (hlen,) = struct.unpack(">I", data[:4])
+    raw = data[4 : 4 + hlen].decode().replace('"loss":1.5', f'"loss":{literal}')
+    assert literal in raw
+    assert code_of(frame(raw, data[4 + hlen :])) == "bad_header"
     header, payload = _assignment_header()
     raw = json.dumps(header).replace('"learning_rate": 0.0001', f'"learning_rate": {literal}')
     assert literal in raw

@@ -45,11 +45,13 @@ def strategy_for(tp) -> st.SearchStrategy:
     if base is int:
         return st.integers(meta.ge if meta.ge is not None else -(2**63), meta.le if meta.le is not None else 2**63 - 1)
     if base is float:
+        high = meta.le if meta.le is not None else meta.lt if meta.lt is not None else FLOAT_MAX
         return st.floats(
             meta.ge if meta.ge is not None else -FLOAT_MAX,
-            meta.le if meta.le is not None else FLOAT_MAX,
+            high,
             allow_nan=False,
             allow_infinity=False,
+            exclude_max=meta.lt is not None,
         )
     if base is str:
         if meta.pattern is not None:

@@ -54,12 +54,18 @@ def _with_trainable(preset, trainable: str | None, lora_rank: int | None, learni
 
 
 def _round_table(records: list[RoundRecord]) -> Table:
-    table = Table(title="rounds (round 0 = zero-shot)")
+    table = Table(
+        title="rounds (round 0 = zero-shot)",
+        caption="accuracy, loss: the coordinator's score of the round's new model on the test set (label "
+        "log-likelihood); fed loss: the devices' loss (nats per token) of the model the round started from on their "
+        "own held-out records, before training (federated evaluation)",
+    )
     for column in (
         "strategy",
         "round",
         "accuracy",
         "loss",
+        "fed loss",
         "wall s",
         "MiB up",
         "MiB down",
@@ -75,6 +81,7 @@ def _round_table(records: list[RoundRecord]) -> Table:
             str(r.round),
             f"{100 * r.accuracy:.1f}%",
             f"{r.loss:.3f}",
+            _fed(r),
             f"{r.wall_s:.0f}",
             f"{r.bytes_up / MIB:.1f}",
             f"{r.bytes_down / MIB:.1f}",
@@ -82,6 +89,13 @@ def _round_table(records: list[RoundRecord]) -> Table:
             rss,
         )
     return table
+
+
+def _fed(r: RoundRecord) -> str:
+    """The round's federated evaluation: loss (and accuracy where devices computed one), "-" when none."""
+    if r.fed_loss is None:
+        return "-"
+    return f"{r.fed_loss:.3f}" + ("" if r.fed_accuracy is None else f" ({100 * r.fed_accuracy:.1f}%)")
 
 
 @click.command()
@@ -268,7 +282,7 @@ def _printer(console: Console):
             r = payload
             console.print(
                 f"[{time.strftime('%H:%M:%S')}] {r.strategy} round {r.round}: accuracy "
-                f"{100 * r.accuracy:.1f}%, loss {r.loss:.3f}, {r.wall_s:.0f} s, "
+                f"{100 * r.accuracy:.1f}%, loss {r.loss:.3f}, fed loss {_fed(r)}, {r.wall_s:.0f} s, "
                 f"{r.bytes_up / MIB:.1f} MiB up, {r.bytes_down / MIB:.1f} MiB down"
             )
 

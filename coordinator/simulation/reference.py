@@ -9,9 +9,10 @@ torch autograd on the module the device graph is exported from:
   assignment says so (what its bundle holds);
 - local training: :class:`~export.training_graph.TrainingWrapper` (the exported objective: cross-entropy with the
   answer shift, load balancing, FedAlign-MoE's routing KL, FedProx) and torch AdamW with ORT's settings (eps 1e-8,
-  weight decay 0.01, ``docs/stack.md``), on the batches the device draws (``LocalDataset`` seeded with the round's
-  ``FitConfig.seed``), AdamW's moments carried from the device's previous round where the system's device keeps
-  its trainer (``device_runtime.trainer_cache``), fresh otherwise. The device's rule is about its memory at run
+  weight decay 0.01, ``docs/stack.md``), on the batches the device draws (``fit_round.round_dataset``: the same
+  held-out split, ``FitConfig.eval_fraction``, left out, batches seeded with the round's ``FitConfig.seed``),
+  AdamW's moments carried from the device's previous round where the system's device keeps its trainer
+  (``device_runtime.trainer_cache``), fresh otherwise. The device's rule is about its memory at run
   time (``VmData`` + 8 copies of the update within the budget); :func:`keeps_trainer` is its outcome measured in the
   default mix: in LoRA mode every device keeps its trainer, with full experts only a device holding every expert;
 - the update: the trainable tensors, the routing statistics (``RoutingStats``) and the trained experts, turned into
@@ -35,8 +36,7 @@ import numpy as np
 from coordinator.simulation.report import DeviceRound, RoundRecord, experts_label
 from coordinator.strategy.types import ClientInfo, ClientUpdate, FitIns, Params
 from device_runtime.answer_prior import local_answer_shift
-from device_runtime.data import LocalDataset
-from device_runtime.fit_round import local_prior
+from device_runtime.fit_round import local_prior, round_dataset
 from device_runtime.modes import TrainableMode
 from device_runtime.shape_key import held_experts
 from device_runtime.stats import RoutingStats
@@ -102,9 +102,7 @@ def fit_device(
         if carry_optimizer and device.optimizer_state is not None and device.optimizer_state[0] == ins.shape_key
         else None,
     )
-    dataset = LocalDataset.from_jsonl(
-        device.data_file, tokenizer, seq_len=cfg.seq_len, eval_fraction=0.0, seed=cfg.seed
-    )
+    dataset = round_dataset(device.data_file, tokenizer, cfg)
     constants = dict(
         aux_loss_coef=cfg.aux_loss_coef,
         routing_reg_coef=cfg.routing_reg_coef,
@@ -221,9 +219,7 @@ def global_routing(model, global_params: Params, cfg, device: ReferenceDevice, t
     stats = RoutingStats(
         tuple(layer.num_experts for layer in layers), tuple(tuple(range(layer.num_experts)) for layer in layers)
     )
-    dataset = LocalDataset.from_jsonl(
-        device.data_file, tokenizer, seq_len=cfg.seq_len, eval_fraction=0.0, seed=cfg.seed
-    )
+    dataset = round_dataset(device.data_file, tokenizer, cfg)
     model.eval()
     with torch.no_grad():
         for _, batch in zip(range(cfg.local_steps), dataset.train_batches(cfg.batch_size)):

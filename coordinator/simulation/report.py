@@ -1,6 +1,10 @@
 """Simulation outputs: per-round metrics (CSV, JSON), the summary, and plots (PNG, matplotlib).
 
-Round 0 is the zero-shot evaluation of the initial global model.
+Round 0 is the zero-shot evaluation of the initial global model. Two evaluations per round: the coordinator's own
+(``accuracy``, ``loss``: label log-likelihood on the held-out test set, ``coordinator/evaluation.py``, of the version
+the round made) and the federated one (``fed_loss``: the devices' example-weighted loss of the completion tokens
+of their own held-out records, nats per token, of the version the round STARTED from, i.e. the previous row's, as
+each device's bundle holds it; ``fed_accuracy`` where devices computed one; per device ``device_eval_loss``).
 """
 
 from __future__ import annotations
@@ -17,8 +21,10 @@ from device_runtime.units import MIB
 @dataclass(frozen=True)
 class DeviceRound:
     """One device in one round: training loss, bytes moved, peak RSS (MiB), experts kept per layer (the most in
-    any layer) and which: the global ids per MoE layer, layers separated by ``|`` (``experts_label``), and what it
-    held frozen besides (``ShapeKey.held_label``)."""
+    any layer) and which: the global ids per MoE layer, layers separated by ``|`` (``experts_label``), what it
+    held frozen besides (``ShapeKey.held_label``), and its federated evaluation: the loss (nats per completion
+    token) of the model it received, as its bundle holds it, on ``eval_examples`` held-out records before training
+    (None: it sent none)."""
 
     device: str
     loss: float | None
@@ -28,6 +34,8 @@ class DeviceRound:
     experts_kept: int
     experts: str = ""
     frozen: str = "-"
+    eval_loss: float | None = None
+    eval_examples: int = 0
 
 
 def experts_label(expert_ids) -> str:
@@ -37,7 +45,10 @@ def experts_label(expert_ids) -> str:
 
 @dataclass(frozen=True)
 class RoundRecord:
-    """One round of one strategy: global accuracy / loss on the held-out set, wall time, bytes moved."""
+    """One round of one strategy: global accuracy / loss on the held-out set (the version the round made), wall
+    time, bytes moved, and the federated evaluation of the version the round started from (``fed_loss``, nats per
+    completion token; ``fed_accuracy`` where devices computed one; ``fed_examples`` held-out records; None / 0:
+    none, e.g. round 0, ``eval_fraction`` 0, or the torch reference and the centralized bound)."""
 
     strategy: str
     round: int
@@ -47,6 +58,9 @@ class RoundRecord:
     bytes_up: int
     bytes_down: int
     devices: tuple[DeviceRound, ...] = field(default_factory=tuple)
+    fed_loss: float | None = None
+    fed_accuracy: float | None = None
+    fed_examples: int = 0
 
 
 def cumulative_bytes_up(records: Sequence[RoundRecord]) -> list[int]:
@@ -66,11 +80,16 @@ def write_metrics(records: Sequence[RoundRecord], out: Path) -> None:
         "round",
         "accuracy",
         "loss",
+        "fed_loss",
+        "fed_accuracy",
+        "fed_examples",
         "wall_s",
         "bytes_up",
         "bytes_down",
         "device",
         "device_loss",
+        "device_eval_loss",
+        "device_eval_examples",
         "device_bytes_up",
         "device_bytes_down",
         "device_peak_rss_mib",
@@ -87,17 +106,22 @@ def write_metrics(records: Sequence[RoundRecord], out: Path) -> None:
                 r.round,
                 f"{r.accuracy:.4f}",
                 f"{r.loss:.4f}",
+                _number(r.fed_loss),
+                _number(r.fed_accuracy),
+                r.fed_examples,
                 f"{r.wall_s:.1f}",
                 r.bytes_up,
                 r.bytes_down,
             ]
             for d in r.devices or (None,):
                 tail = (
-                    [""] * 7
+                    [""] * 10
                     if d is None
                     else [
                         d.device,
-                        "" if d.loss is None else f"{d.loss:.4f}",
+                        _number(d.loss),
+                        _number(d.eval_loss),
+                        d.eval_examples,
                         d.bytes_up,
                         d.bytes_down,
                         "" if d.peak_rss_mib is None else f"{d.peak_rss_mib:.0f}",
@@ -107,6 +131,10 @@ def write_metrics(records: Sequence[RoundRecord], out: Path) -> None:
                     ]
                 )
                 writer.writerow(head + tail)
+
+
+def _number(value: float | None) -> str:
+    return "" if value is None else f"{value:.4f}"
 
 
 def plot_accuracy(records: Sequence[RoundRecord], path: Path) -> Path:

@@ -5,7 +5,8 @@ checkpoint, ``fedmoe-coord serve`` as a process on a free loopback port, every d
 websocket with a one-time token and started as a ``fedmoe-device run`` process under its memory budget.
 The coordinator scores each new global model version on the held-out set (``eval_data``,
 ``coordinator/evaluation.py``); this process watches the registry and turns each scored round into one
-:class:`RoundRecord`.
+:class:`RoundRecord`, with the round's federated evaluation (the devices' scores of the version the round started
+from on their held-out records, ``fed_eval_*`` metrics of the round) beside it.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from datetime import UTC
 from pathlib import Path
 
 from coordinator.config import CoordinatorConfig, save_config
-from coordinator.federation import export_latest, fit_context, initialize
+from coordinator.federation import FED_EVAL, export_latest, fit_context, initialize
 from coordinator.registry import Registry
 from coordinator.registry.store import utc_now
 from coordinator.rounds import RoundPolicy
@@ -116,6 +117,7 @@ class Watch:
         devices = self.device_rounds(row.round_id, peak)
         round_row = self.registry.get_round(row.round_id)
         wall = (round_row.finished_at - round_row.started_at).total_seconds() if round_row.finished_at else 0.0
+        fed_loss, fed_accuracy, fed_examples = self.federated(row.round_id)
         return RoundRecord(
             strategy,
             version,
@@ -125,10 +127,24 @@ class Watch:
             sum(d.bytes_up for d in devices),
             sum(d.bytes_down for d in devices),
             devices,
+            fed_loss,
+            fed_accuracy,
+            fed_examples,
+        )
+
+    def federated(self, round_id: int) -> tuple[float | None, float | None, int]:
+        """The round's federated evaluation as the coordinator logged it (``Coordinator._log_federated_evaluation``):
+        ``(loss, accuracy, examples)``, None / 0 where there is none."""
+        logged = {m.name: m.value for m in self.registry.metrics(round_id=round_id) if m.device_id is None}
+        return (
+            logged.get(FED_EVAL + "loss"),
+            logged.get(FED_EVAL + "accuracy"),
+            int(logged.get(FED_EVAL + "num_examples", 0)),
         )
 
     def device_rounds(self, round_id: int, peak: dict) -> tuple[DeviceRound, ...]:
-        """Per device of ``round_id``: its training loss, bytes up / down, peak RSS (MiB), experts kept."""
+        """Per device of ``round_id``: its training loss, bytes up / down, peak RSS (MiB), experts kept, and its
+        score of the model it received on its held-out records (``Update.evaluation``, stored with the update)."""
         moved: dict[tuple[str, str], int] = {}
         for metric in self.registry.metrics(round_id=round_id):
             if metric.device_id is not None:
@@ -138,7 +154,8 @@ class Watch:
         rows = []
         for assignment in self.registry.assignments(round_id):
             device = assignment.device_id
-            metrics = (updates[device].meta or {}).get("metrics", {}) if device in updates else {}
+            meta = (updates[device].meta or {}) if device in updates else {}
+            metrics, scored = meta.get("metrics", {}), meta.get("evaluation") or {}
             rss = metrics.get("peak_rss_mb")
             rows.append(
                 DeviceRound(
@@ -150,6 +167,8 @@ class Watch:
                     experts_kept=max(len(ids) for ids in assignment.expert_ids),
                     experts=experts_label(assignment.expert_ids),
                     frozen=ShapeKey.from_id(assignment.shape_key).held_label(self.num_experts),
+                    eval_loss=scored.get("loss"),
+                    eval_examples=int(scored.get("num_examples", 0)),
                 )
             )
             if rss is not None:

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from coordinator.config import DEFAULT_EVAL_FRACTION
 from coordinator.simulation.centralized import NAME as CENTRALIZED
 from coordinator.simulation.centralized import run_centralized
 from coordinator.simulation.data import dirichlet_split, label_histogram, train_test_split, write_jsonl
@@ -151,6 +152,7 @@ def _fit(plan: SimulationPlan, labels: list[str]) -> FitConfig:
         update_dtype=plan.update_dtype,
         labels=tuple(labels),
         logit_adjustment=preset.logit_adjustment,
+        eval_fraction=DEFAULT_EVAL_FRACTION,
     )
 
 
@@ -252,6 +254,8 @@ def _summary(plan, records, peaks, histogram, labels, plot) -> dict:
             "final_accuracy": rows[-1].accuracy,
             "accuracy_per_round": [r.accuracy for r in rows],
             "loss_per_round": [r.loss for r in rows],
+            "fed_loss_per_round": [r.fed_loss for r in rows],
+            "fed_accuracy_per_round": [r.fed_accuracy for r in rows],
             "bytes_up_per_round": [r.bytes_up for r in rows],
             "bytes_down_per_round": [r.bytes_down for r in rows],
             "round_wall_s": [r.wall_s for r in rows],

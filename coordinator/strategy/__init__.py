@@ -6,7 +6,14 @@ One module per algorithm; the math in ``aggregate.py``; how experts are picked i
 (ClientUpdate, FitIns ...) in ``types.py``; names -> classes in ``registry.py``.
 """
 
-from coordinator.strategy.aggregate import RowAccumulator, cosine_similarity, hfedmoe_alpha, kl_divergence
+from coordinator.strategy.aggregate import (
+    RowAccumulator,
+    cosine_similarity,
+    hfedmoe_alpha,
+    kl_divergence,
+    weighted_loss_avg,
+    weighted_metrics_avg,
+)
 from coordinator.strategy.base import SinglePassStrategy, Strategy, StreamingAggregation
 from coordinator.strategy.dense_fedavg import DenseFedAvg
 from coordinator.strategy.dp_fedavg import DPFedAvg
@@ -18,12 +25,14 @@ from coordinator.strategy.fedprox import FedProx
 from coordinator.strategy.hfedmoe import HFedMoE
 from coordinator.strategy.registry import STRATEGIES, from_name
 from coordinator.strategy.types import (
+    ClientEvaluation,
     ClientInfo,
     ClientUpdate,
     Failure,
     FitContext,
     FitIns,
     LayerRouting,
+    MetricsAggregationFn,
     Params,
     Results,
     TensorRole,
@@ -33,6 +42,7 @@ from coordinator.strategy.validate import validate_update
 
 __all__ = [
     "STRATEGIES",
+    "ClientEvaluation",
     "ClientInfo",
     "ClientUpdate",
     "DPFedAvg",
@@ -48,6 +58,7 @@ __all__ = [
     "FitIns",
     "HFedMoE",
     "LayerRouting",
+    "MetricsAggregationFn",
     "Params",
     "Results",
     "RowAccumulator",
@@ -61,4 +72,6 @@ __all__ = [
     "hfedmoe_alpha",
     "kl_divergence",
     "validate_update",
+    "weighted_loss_avg",
+    "weighted_metrics_avg",
 ]

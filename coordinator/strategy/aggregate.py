@@ -8,7 +8,7 @@ contributed it) keeps its base value, which is how every strategy leaves unheld 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -136,3 +136,28 @@ def cosine_similarity(dot: np.ndarray, sq_norm_a: np.ndarray, sq_norm_b: np.ndar
     """Cosine from sufficient statistics: dot / sqrt(|a|^2 |b|^2), elementwise; 0 where a norm is 0."""
     denom = np.sqrt(np.asarray(sq_norm_a, np.float64) * np.asarray(sq_norm_b, np.float64))
     return np.where(denom > _EPS, np.asarray(dot, np.float64) / np.maximum(denom, _EPS), 0.0)
+
+
+def weighted_loss_avg(results: Sequence[tuple[int, float]]) -> float:
+    """Flower's ``weighted_loss_avg``: ``sum_c n_c * loss_c / sum_c n_c`` over ``(num_examples, loss)`` pairs.
+
+    Raises:
+        ValueError: no pair, or the examples sum to 0.
+    """
+    total = sum(int(n) for n, _ in results)
+    if total <= 0:
+        raise ValueError("weighted_loss_avg needs at least one result with num_examples > 0")
+    return float(sum(int(n) * float(loss) for n, loss in results) / total)
+
+
+def weighted_metrics_avg(results: Sequence[tuple[int, Mapping[str, float]]]) -> dict[str, float]:
+    """Each metric's example-weighted mean over the clients that reported it (Flower's ``weighted_average`` of its
+    examples, for every metric name): ``m = sum_c n_c * m_c / sum_c n_c`` with c over the clients whose metrics hold
+    ``m``; a metric reported by no client with examples is absent."""
+    sums: dict[str, float] = {}
+    weights: dict[str, int] = {}
+    for n, metrics in results:
+        for name, value in metrics.items():
+            sums[name] = sums.get(name, 0.0) + int(n) * float(value)
+            weights[name] = weights.get(name, 0) + int(n)
+    return {name: sums[name] / weights[name] for name in sums if weights[name] > 0}

@@ -9,6 +9,11 @@ client sit a round out) and is registered in ``coordinator.strategy.registry``.
 A round's updates arrive as :data:`~coordinator.strategy.types.Results`; client failures are data
 (``(client_id, reason)`` pairs) and so are updates that fail validation: both are counted and reported
 in the metrics, neither stops the round.
+
+Federated evaluation (Flower's ``configure_evaluate`` / ``aggregate_evaluate``) rides on fit: ``FitConfig.
+eval_fraction`` in :meth:`Strategy.fit_config` tells each device to score the model it receives on its held-out
+split before training, and :meth:`Strategy.aggregate_evaluate` merges those scores (example-weighted by default,
+or by ``evaluate_metrics_aggregation_fn``).
 """
 
 from __future__ import annotations
@@ -17,20 +22,22 @@ import collections.abc
 import dataclasses
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
 
-from coordinator.strategy.aggregate import RowAccumulator, RowCombine
+from coordinator.strategy.aggregate import RowAccumulator, RowCombine, weighted_loss_avg, weighted_metrics_avg
 from coordinator.strategy.selection import affordable_fit, expert_scores
 from coordinator.strategy.types import (
     Aggregated,
+    ClientEvaluation,
     ClientInfo,
     ClientUpdate,
     Failure,
     FitContext,
     FitIns,
+    MetricsAggregationFn,
     Params,
     Results,
     StrategyState,
@@ -51,10 +58,18 @@ RowWeights = Callable[[ClientUpdate, str, TensorSpec, tuple[int, ...]], "np.ndar
 
 class Strategy(ABC):
     """An aggregation algorithm: what clients are told to do (``configure_fit``) and how results merge
-    (``aggregate_fit``). ``configure_fit`` needs the strategy bound to its federation (:meth:`bind`)."""
+    (``aggregate_fit``, and their held-out scores: ``aggregate_evaluate``). ``configure_fit`` needs the strategy
+    bound to its federation (:meth:`bind`).
+
+    Attributes:
+        evaluate_metrics_aggregation_fn: Flower's hook: ``[(num_examples, metrics) per client] -> metrics`` merges
+            the clients' evaluation metrics (all but the loss); None: each metric's example-weighted mean over the
+            clients that reported it (``aggregate.weighted_metrics_avg``). Set it on the instance.
+    """
 
     name: ClassVar[str]
     context: FitContext | None = None
+    evaluate_metrics_aggregation_fn: MetricsAggregationFn | None = None
     lam: float = IMPORTANCE_LAMBDA  # lambda and beta of the importance I(e) that ranks experts (HFedMoE's)
     beta: float = IMPORTANCE_BETA
 
@@ -173,6 +188,32 @@ class Strategy(ABC):
             :class:`Aggregated` ``(params, metrics, state)``: the coordinator commits the state with the version
             (``coordinator.federation``) and passes it to the next round.
         """
+
+    def aggregate_evaluate(
+        self, server_round: int, results: Sequence[ClientEvaluation], failures: Sequence[Failure]
+    ) -> tuple[float | None, dict[str, float]]:
+        """Merge the clients' scores of the round's starting global model on their held-out data (Flower's
+        ``aggregate_evaluate``).
+
+        Args:
+            server_round: the round number (1-based); the clients scored the model the round started from.
+            results: one :class:`ClientEvaluation` per client that reported one.
+            failures: ``(client_id, reason)`` of the clients that reported none (counted, nothing else).
+        Returns:
+            ``(loss, metrics)``: the example-weighted mean loss (``aggregate.weighted_loss_avg``; None without
+            results) and ``metrics``: ``num_clients``, ``num_examples``, ``num_failures`` and the clients' other
+            metrics merged by ``evaluate_metrics_aggregation_fn`` (default: example-weighted means, e.g.
+            ``accuracy`` over the clients that computed it).
+        """
+        usable = [r for r in results if r.num_examples > 0]
+        counts: dict[str, float] = {"num_clients": len(usable), "num_examples": sum(r.num_examples for r in usable)}
+        counts["num_failures"] = len(failures) + len(results) - len(usable)
+        if not usable:
+            return None, counts
+        loss = weighted_loss_avg([(r.num_examples, r.loss) for r in usable])
+        pairs: list[tuple[int, Mapping[str, float]]] = [(r.num_examples, dict(r.metrics)) for r in usable]
+        aggregate = self.evaluate_metrics_aggregation_fn or weighted_metrics_avg
+        return loss, {**aggregate(pairs), **counts}
 
 
 def split_state(strategy: str, state: StrategyState, kinds: Sequence[str]) -> dict[str, dict[str, np.ndarray]]:

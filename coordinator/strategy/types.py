@@ -105,6 +105,32 @@ one that reads stored update files). A plain iterator is accepted only by single
 
 
 @dataclass(frozen=True)
+class ClientEvaluation:
+    """One client's score of a global model on its own held-out data (Flower's ``EvaluateRes``).
+
+    In fedmoe a device scores the model its round's assignment carried, before training on it
+    (``device_runtime.wire.EvalResult``), as its bundle holds it: a pruned bundle routes over its kept experts only.
+
+    Attributes:
+        client_id: the device's id.
+        loss: mean cross-entropy of the held-out completion tokens, nats per token.
+        num_examples: held-out sequences scored, > 0 (the weight of the default aggregation).
+        metrics: other numbers, e.g. ``accuracy`` in [0, 1] where the client computed it, ``num_tokens``.
+        shape_key: the id of the graph the client scored with (``ShapeKey.id``; says which experts it held), or "".
+    """
+
+    client_id: str
+    loss: float
+    num_examples: int
+    metrics: Mapping[str, float] = field(default_factory=dict)
+    shape_key: str = ""
+
+
+MetricsAggregationFn = Callable[[list[tuple[int, Mapping[str, float]]]], dict[str, float]]
+"""Flower's ``MetricsAggregationFn``: ``[(num_examples, metrics) per client] -> aggregated metrics``."""
+
+
+@dataclass(frozen=True)
 class ClientInfo:
     """A client selected for a round, as ``configure_fit`` sees it (Flower's ``ClientProxy``).
 

@@ -1,4 +1,4 @@
-"""The fedmoe wire protocol, version 2: message types and their binary framing, free of I/O.
+"""The fedmoe wire protocol, version 3: message types and their binary framing, free of I/O.
 
 Shared by the device runtime and the coordinator. Every protocol message travels as ONE websocket binary
 message (frame) laid out as::
@@ -6,12 +6,12 @@ message (frame) laid out as::
     +----------------+---------------------------+-----------------------------+
     | 4 bytes        | header_len bytes          | payload_size bytes          |
     | header_len     | UTF-8 JSON header         | optional payload            |
-    | (big-endian)   | {"v": 2, "type": ..., ...} | safetensors blob or raw     |
+    | (big-endian)   | {"v": 3, "type": ..., ...} | safetensors blob or raw     |
     +----------------+---------------------------+-----------------------------+
 
 The header holds the message's fields and, when the type carries a payload,
-``"payload": {"size": <bytes>, "sha256": <hex>}``. Tensor payloads (``Assignment``, ``Update``,
-``Evaluate``) are safetensors blobs (never pickle) of float32 or float16 tensors; the ``BundleData``
+``"payload": {"size": <bytes>, "sha256": <hex>}``. Tensor payloads (``Assignment``, ``Update``)
+are safetensors blobs (never pickle) of float32 or float16 tensors; the ``BundleData``
 payload is one chunk of one bundle file. Bytes fields (nonce, public key, signature) are base64 in JSON.
 An ``Assignment`` header also carries the coordinator's ``"signature"`` over its canonical form (version 2's
 one change; ``device_runtime.signing``, ``docs/round.md``).
@@ -30,7 +30,8 @@ Conversation (the server and the client own the I/O and the ordering)::
     round:   coordinator -> Assignment(...)   [device -> BundleRequest  coordinator -> BundleData...]
              device -> Update(...)             coordinator -> Ack(update_id, accepted, reason)
                        (a zeroth-order device may send Update(zo=ZoUpdate(seeds, scalars)) and no tensors)
-    eval:    coordinator -> Evaluate(...)      device -> EvaluateRes(...)
+             (evaluation rides on the round: with FitConfig.eval_fraction > 0 the Update carries
+              evaluation=EvalResult(...), the received model's score on the device's held-out split)
     any time: Heartbeat(), Error(code, message)
 
 Modules, one job each: ``fields`` (limits, error codes, field types, validation with msgspec),
@@ -53,8 +54,7 @@ from device_runtime.wire.messages import (
     Enroll,
     EnrollOk,
     Error,
-    Evaluate,
-    EvaluateRes,
+    EvalResult,
     FitConfig,
     Heartbeat,
     Hello,
@@ -83,8 +83,7 @@ __all__ = [
     "Enroll",
     "EnrollOk",
     "Error",
-    "Evaluate",
-    "EvaluateRes",
+    "EvalResult",
     "FitConfig",
     "Heartbeat",
     "Hello",

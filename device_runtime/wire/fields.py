@@ -19,13 +19,15 @@ from device_runtime.errors import BundleError
 from device_runtime.units import MIB
 
 # 2: assignments carry the coordinator's signature (device_runtime.signing)
-# 3: the messages "enroll" / "enroll_ok" (were "enrol" / "enrol_ok": one spelling of enroll)
+# 3: the messages "enroll" / "enroll_ok" (were "enrol" / "enrol_ok": one spelling of enroll); "evaluate" /
+#    "evaluate_res" removed (federated evaluation rides on fit: FitConfig.eval_fraction, Update.evaluation)
 PROTOCOL_VERSION = 3
 MAX_HEADER_BYTES = MIB  # JSON header bound (bytes); weights travel in the payload
 MAX_EXPERT_ID = 1 << 20
 MAX_NUM_EXAMPLES = 1 << 30  # sequences a device may report per round (about 10**9: no device gets near)
 MAX_NUM_TOKENS = 1 << 40
 MAX_TEXT = 2000  # characters of a free-text field (error messages, ack reasons)
+MAX_EVAL_LOSS = 1e3  # nats per token of an EvalResult (ln of a 10**6-token vocabulary is 14)
 MAX_LABELS = 1024  # candidate labels of FitConfig.labels (logit adjustment)
 MAX_ZO_SEEDS = 4096  # seeds of a zeroth-order ZoUpdate (FedKSeed's K; ~100 KB of header at most)
 ERROR_CODES = (
@@ -99,6 +101,10 @@ ShortText: TypeAlias = Annotated[str, msgspec.Meta(max_length=200)]  # Text(200)
 LongText: TypeAlias = Annotated[str, msgspec.Meta(max_length=MAX_TEXT)]  # Text(MAX_TEXT): messages, reasons
 NumExamples: TypeAlias = Annotated[int, msgspec.Meta(ge=0, le=MAX_NUM_EXAMPLES)]
 NumTokens: TypeAlias = Annotated[int, msgspec.Meta(ge=0, le=MAX_NUM_TOKENS)]
+EvalExamples: TypeAlias = Annotated[int, msgspec.Meta(ge=1, le=MAX_NUM_EXAMPLES)]  # an EvalResult scores >= 1
+EvalLoss: TypeAlias = Annotated[float, msgspec.Meta(ge=0.0, le=MAX_EVAL_LOSS)]  # nats per token
+Fraction: TypeAlias = Annotated[float, msgspec.Meta(ge=0.0, lt=1.0)]  # a share in [0, 1): FitConfig.eval_fraction
+Probability: TypeAlias = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]  # in [0, 1]: an accuracy
 BatchSize: TypeAlias = Annotated[int, msgspec.Meta(ge=1, le=1 << 16)]  # sequences per step
 SeqLen: TypeAlias = Annotated[int, msgspec.Meta(ge=1, le=1 << 20)]  # tokens per sequence
 LocalSteps: TypeAlias = Annotated[int, msgspec.Meta(ge=0, le=1 << 30)]  # optimizer steps (0: one epoch)

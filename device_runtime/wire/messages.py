@@ -19,8 +19,11 @@ from device_runtime.wire.fields import (
     Bytes32,
     Bytes64,
     Count,
+    EvalExamples,
+    EvalLoss,
     ExpertIds,
     Finite,
+    Fraction,
     Id,
     JsonDict,
     LocalSteps,
@@ -30,6 +33,7 @@ from device_runtime.wire.fields import (
     NumExamples,
     NumTokens,
     Probabilities,
+    Probability,
     Profile,
     RelPath,
     Seed32,
@@ -66,6 +70,10 @@ class FitConfig:
         labels: the federation's candidate labels (classification records' ``label`` values), or None.
         logit_adjustment: tau of the balanced-softmax shift ``tau * log pi`` of each label's first answer token by
             the device's own label prior pi (``device_runtime.answer_prior``); 0 = off; needs ``labels``.
+        eval_fraction: share of the device's local records held out of training, in [0, 1)
+            (``device_runtime.data.split_train_eval`` with the fixed ``EVAL_SPLIT_SEED``, so the same records every
+            round); the device scores the model it received on them before training and reports an
+            :class:`EvalResult` in its Update (federated evaluation). 0 = no held-out split, no evaluation.
     """
 
     batch_size: BatchSize = 8
@@ -82,6 +90,7 @@ class FitConfig:
     zo_seeds: ZoSeedCount = 0
     labels: Annotated[tuple[ShortText, ...], msgspec.Meta(max_length=MAX_LABELS)] | None = None
     logit_adjustment: NonNegative = 0.0
+    eval_fraction: Fraction = 0.0
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "FitConfig":
@@ -261,6 +270,31 @@ class ZoUpdate:
             )
 
 
+@dataclass(frozen=True)
+class EvalResult:
+    """A device's score of the global model it received in the Assignment, on its held-out split (``FitConfig.
+    eval_fraction``), computed BEFORE local training (federated evaluation piggybacked on fit: no second download).
+
+    The model scored is the global model as the device's bundle holds it: a pruned bundle (``frozen_dtype`` None)
+    routes over its kept experts only, a resident one over every expert (the untrained ones in float16); the
+    coordinator tags the result with the assignment's shape key.
+
+    Attributes:
+        loss: mean cross-entropy of the completion tokens (the label word and what follows it,
+            ``device_runtime.data.format_example``), nats per token, without the training-time answer shift;
+            finite, in ``[0, MAX_EVAL_LOSS]``.
+        num_examples: held-out sequences scored (>= 1; weights the federation's average).
+        num_tokens: their non-padding tokens.
+        accuracy: label accuracy in [0, 1] where the device can compute it, else None (today's device graphs
+            output only scalar losses, so devices send None).
+    """
+
+    loss: EvalLoss
+    num_examples: EvalExamples
+    num_tokens: NumTokens
+    accuracy: Probability | None = None
+
+
 @_message
 class Update(Message):
     """Device -> coordinator: the result of local training.
@@ -275,6 +309,8 @@ class Update(Message):
         trained_experts: per MoE layer, the global ids of experts whose weights were actually updated.
         tensors: the trained tensors, name -> array (float16 if the config asked for it); empty with ``zo``.
         zo: the trained tensors as seeds and scalars instead (:class:`ZoUpdate`), or None.
+        evaluation: the device's score of the assignment's model on its held-out split before training
+            (:class:`EvalResult`), or None (``eval_fraction`` 0, or too few local records to hold one out).
     """
 
     TYPE: ClassVar[str] = "update"
@@ -287,6 +323,7 @@ class Update(Message):
     routing: JsonDict
     trained_experts: ExpertIds
     zo: ZoUpdate | None = None
+    evaluation: EvalResult | None = None
     tensors: dict[str, np.ndarray] = payload_field(default_factory=dict)
 
 
@@ -304,38 +341,6 @@ class Ack(Message):
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "reason", printable(self.reason))
-
-
-@_message
-class Evaluate(Message):
-    """Coordinator -> device: evaluate these weights on local held-out data.
-
-    Attributes:
-        round_id, shape_key, expert_ids: as in ``Assignment``. batch_size, seq_len: eval batches.
-        max_batches: at most this many batches (0: all local eval data). tensors: the weights.
-    """
-
-    TYPE: ClassVar[str] = "evaluate"
-    PAYLOAD: ClassVar[str] = "tensors"
-    round_id: Count
-    shape_key: ShapeKey
-    expert_ids: ExpertIds
-    batch_size: BatchSize
-    seq_len: SeqLen
-    max_batches: Count = 0
-    tensors: dict[str, np.ndarray] = payload_field(default_factory=dict)
-
-
-@_message
-class EvaluateRes(Message):
-    """Device -> coordinator: evaluation result (``loss`` is the mean token cross-entropy, nats)."""
-
-    TYPE: ClassVar[str] = "evaluate_res"
-    round_id: Count
-    num_examples: NumExamples
-    num_tokens: NumTokens
-    loss: Finite
-    metrics: Metrics
 
 
 @_message
