@@ -105,6 +105,16 @@ def main(ctx, config_path):
     help="Held-out JSONL ('text', 'label'): every new global version is scored on it (label "
     "log-likelihood accuracy, shown by `rounds`).",
 )
+@click.option(
+    "--dp-noise-multiplier",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    help="Client-level DP (needs --strategy dp-fedavg): the [privacy] noise multiplier z. [default: 0, off]",
+)
+@click.option("--dp-clip", type=click.FloatRange(min=0), default=0.0, help="[privacy] clip: L2 clip S of an update.")
+@click.option(
+    "--dp-epsilon", type=click.FloatRange(min=0), default=0.0, help="[privacy] epsilon_budget (0: none). [default: 0]"
+)
 @click.pass_context
 def init(
     ctx,
@@ -123,6 +133,9 @@ def init(
     frozen_experts,
     calibration_texts,
     eval_data,
+    dp_noise_multiplier,
+    dp_clip,
+    dp_epsilon,
 ):
     """Write the config, create the registry, global state version 0, calibration statistics, and the TLS
     certificate authority with the server certificate (``serve`` speaks wss:// with mutual TLS)."""
@@ -145,6 +158,7 @@ def init(
         lora_rank=lora_rank if trainable == TrainableMode.LORA else 0,
         frozen_experts=frozen_experts,
         eval_data=str(Path(eval_data).resolve()) if eval_data else "",
+        privacy={"noise_multiplier": dp_noise_multiplier, "clip": dp_clip, "epsilon_budget": dp_epsilon},
     )
     from coordinator.federation import initialize
     from coordinator.tls import with_new_authority
@@ -302,6 +316,10 @@ def status(ctx):
     table.add_row("devices", f"{sum(not d.revoked for d in devs)} active, {sum(d.revoked for d in devs)} revoked")
     table.add_row("last round", "none" if not rounds else f"{rounds[0].id} ({rounds[0].status})")
     table.add_row("rounds", _progress(cfg, rounds, finished))
+    if cfg.privacy.enabled:  # the epsilon spent, as the last version recorded it (coordinator.privacy)
+        spent = (latest.metrics or {}).get("dp_epsilon", 0.0) if latest is not None else 0.0
+        budget = f" of {cfg.privacy.epsilon_budget:g}" if cfg.privacy.epsilon_budget else ""
+        table.add_row("privacy", f"epsilon {spent:.4g}{budget} at delta {cfg.privacy.delta:g}")
     table.add_row("central evaluation", central if cfg.eval_data else "off (no eval_data)")
     scored = next((r for r in rounds if (r.metrics or {}).get("fed_eval_loss") is not None), None)
     if scored is None:

@@ -41,6 +41,12 @@ Example (``fedmoe-coord init`` writes one)::
     max_backoff_s = 600                     # (both double per failure up to this)
     num_rounds = 0                          # 0: keep running rounds
 
+    [privacy]                               # coordinator.privacy.PrivacyConfig fields (strategy = "dp-fedavg")
+    noise_multiplier = 1.0                  # z; 0 (the default): no differential privacy
+    clip = 0.1                              # S, L2 clip of a device's update delta (or target_quantile: adaptive)
+    delta = 1e-5
+    epsilon_budget = 8.0                    # rounds stop before epsilon would pass it (0: no budget)
+
     [fit]                                   # device_runtime.wire.FitConfig fields
     batch_size = 8
     seq_len = 128
@@ -61,15 +67,20 @@ import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import tomli_w
 
+from coordinator.privacy import PrivacyConfig
 from coordinator.rounds import RoundPolicy
 from device_runtime.errors import ConfigError
 from device_runtime.modes import lora_rank_mismatch
 from device_runtime.shape_key import FROZEN_DTYPES, TRAINABLE_MODES
 from device_runtime.units import MIB
 from device_runtime.wire import FitConfig
+
+if TYPE_CHECKING:
+    from coordinator.strategy import Strategy
 
 PRUNED = "pruned"
 DEFAULT_EVAL_FRACTION = 0.1  # [fit] eval_fraction when the config does not set it (FitConfig's own default is 0)
@@ -105,6 +116,8 @@ class CoordinatorConfig:
         rounds: how rounds run, the ``[rounds]`` table (``coordinator.rounds.RoundPolicy``: client selection,
             deadline, back-off of failed rounds and failing devices, rounds to run); a dict of its fields is
             accepted. trainable_mode, lora_rank: what devices train.
+        privacy: client-level differential privacy, the ``[privacy]`` table (``coordinator.privacy.PrivacyConfig``;
+            a dict of its fields is accepted): noise_multiplier > 0 needs strategy ``"dp-fedavg"``.
         frozen_experts: what a device holds of the experts it does not train: ``"float16"``, every one, frozen in
             float16, so its forward pass routes over the whole global model (HFedMoE's design; experts mode,
             first-order devices whose budget affords it, ``export.planner``); ``"pruned"``, none (the router
@@ -138,6 +151,7 @@ class CoordinatorConfig:
     strategy: str = "hfedmoe"
     strategy_params: dict = field(default_factory=dict)
     rounds: RoundPolicy = field(default_factory=RoundPolicy)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     trainable_mode: str = "experts"
     lora_rank: int = 0
     frozen_experts: str = "float16"
@@ -161,6 +175,11 @@ class CoordinatorConfig:
                 object.__setattr__(self, "rounds", RoundPolicy(**self.rounds))
             except TypeError as exc:
                 raise ConfigError(f"config [rounds]: {exc}") from exc
+        if isinstance(self.privacy, dict):
+            try:
+                object.__setattr__(self, "privacy", PrivacyConfig(**self.privacy))
+            except TypeError as exc:
+                raise ConfigError(f"config [privacy]: {exc}") from exc
         if isinstance(self.fit, dict):
             try:
                 fit = {"eval_fraction": DEFAULT_EVAL_FRACTION, **self.fit}
@@ -226,13 +245,32 @@ def _check(cfg: CoordinatorConfig) -> None:
     for bad, message in problems:
         if bad:
             raise ConfigError(f"config: {message}")
-    _check_strategy(cfg.strategy, cfg.strategy_params)
+    make_strategy(cfg)  # raises ConfigError
 
 
-def _check_strategy(name: str, params: dict) -> None:
+def make_strategy(cfg: CoordinatorConfig) -> Strategy:
+    """The (unbound) strategy of ``cfg``: ``strategy`` with ``strategy_params``, and the ``[privacy]`` table for
+    ``dp-fedavg``.
+
+    Raises:
+        ConfigError: unknown strategy or bad parameters; ``[privacy]`` with a strategy that cannot be private, or
+        ``dp-fedavg`` without it.
+    """
     from coordinator.strategy import from_name
+    from coordinator.strategy.dp_fedavg import NOT_PRIVATE, DPFedAvg
 
-    from_name(name, **params)  # raises ConfigError
+    params = dict(cfg.strategy_params)
+    if cfg.strategy == DPFedAvg.name:
+        if "privacy" in params:
+            raise ConfigError("config: dp-fedavg takes its privacy settings from the [privacy] table only")
+        params["privacy"] = cfg.privacy
+    elif cfg.privacy.enabled:
+        why = NOT_PRIVATE.get(cfg.strategy, "it is not a differentially private strategy")
+        raise ConfigError(
+            f"config: [privacy] noise_multiplier > 0 needs strategy = {DPFedAvg.name!r}; {cfg.strategy!r} cannot be "
+            f"private: {why}"
+        )
+    return from_name(cfg.strategy, **params)
 
 
 def load_config(path: str | Path) -> CoordinatorConfig:

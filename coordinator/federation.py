@@ -26,6 +26,7 @@ from coordinator.planning import to_client_update
 from coordinator.registry import Registry
 from coordinator.registry.tables import ModelVersion, UpdateRecord
 from coordinator.strategy.base import Strategy
+from coordinator.strategy.dp_fedavg import DPFedAvg
 from coordinator.strategy.types import ClientEvaluation, ClientUpdate, FitContext, Params, StrategyState
 from coordinator.tensor_store import TensorStore
 from device_runtime.errors import ConfigError
@@ -194,6 +195,7 @@ def aggregate_round(
     *,
     server_round: int,
     round_id: int,
+    sampling_rate: float = 1.0,
 ) -> ModelVersion:
     """Aggregate the accepted updates ``rows`` of a round and commit the new global version.
 
@@ -203,6 +205,9 @@ def aggregate_round(
     Args:
         server_round: the strategy's 1-based round number (rounds that produced a model, this one included).
         round_id: the registry's id of the round (the new version records it).
+        sampling_rate: the round's share of the eligible devices selected (``RoundEngine.sampling_rate``), for a
+            differentially private strategy's accountant; its epsilon spent is also logged as the round's
+            ``dp_epsilon`` metric.
     The round starts from ``model.strategy_state``; the state the strategy returns becomes it only with a committed
     version (``GlobalModel.commit``).
 
@@ -211,11 +216,29 @@ def aggregate_round(
     """
     rows = sorted(rows, key=lambda r: r.device_id)
     results = stored_updates(model.store, rows)
-    params, metrics, state = strategy.aggregate_fit(server_round, results, failures, model.params, model.strategy_state)
+    if isinstance(strategy, DPFedAvg):
+        params, metrics, state = strategy.aggregate_fit(
+            server_round, results, failures, model.params, model.strategy_state, sampling_rate=sampling_rate
+        )
+    else:
+        params, metrics, state = strategy.aggregate_fit(
+            server_round, results, failures, model.params, model.strategy_state
+        )
     metrics = json.loads(json.dumps(metrics, default=float))  # JSON-safe (int keys -> strings)
     metrics["train_loss"] = _mean_loss(rows)
     metrics.update(federated_evaluation(strategy, server_round, rows, failures))
-    return model.commit(params, round_id, metrics, state)
+    version = model.commit(params, round_id, metrics, state)
+    if "dp_epsilon" in metrics:
+        model.registry.log_metrics({"dp_epsilon": metrics["dp_epsilon"]}, round_id=round_id)
+    return version
+
+
+def privacy_budget(strategy: Strategy, model: GlobalModel) -> Callable[[float], str | None] | None:
+    """The round engine's ``budget`` for ``strategy``: whether a round with a given sampling rate may start from
+    the strategy state ``model`` holds now (``DPFedAvg.budget_exceeded``); None for a strategy without DP."""
+    if not isinstance(strategy, DPFedAvg):
+        return None
+    return lambda sampling_rate: strategy.budget_exceeded(model.strategy_state, sampling_rate)
 
 
 FED_EVAL = "fed_eval_"

@@ -11,7 +11,8 @@ websockets' protocol objects). One tick::
                                     engine.closed()
       RetryRound(round_id, why)  -> the coordinator marks the round failed, engine.closed(failed=True)
       Wait(until)                -> nothing to do before ``until`` (or before the next event)
-      Finished(reason)           -> no more rounds in this process: ``num_rounds`` are done
+      Finished(reason)           -> no more rounds in this process: ``num_rounds`` are done, or the next round
+                                    would exceed the privacy budget (``budget``, ``coordinator.privacy``)
 
 Events between ticks: ``on_update`` (an update accepted or rejected), ``device_failed`` (a device reported
 an Error for its assignment), ``device_lost`` / ``device_back`` (a connection closed / came back), and
@@ -37,7 +38,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from coordinator.participation import Participation
@@ -222,8 +223,23 @@ class RoundEngine:
     event methods; ``current``, ``rounds_done``, ``failed_attempts`` and ``busy`` are read-only.
     ``participation`` takes the events that concern a device only (``unplannable``, ``refused``)."""
 
-    def __init__(self, policy: RoundPolicy, *, seed: int = 0, rounds_done: int = 0):
+    def __init__(
+        self,
+        policy: RoundPolicy,
+        *,
+        seed: int = 0,
+        rounds_done: int = 0,
+        budget: Callable[[float], str | None] | None = None,
+    ):
+        """Args:
+        budget: ``sampling rate -> reason``: why a round selecting that share of the eligible devices must not
+            start (e.g. ``DPFedAvg.budget_exceeded``: it would overspend the privacy budget), or None if it may.
+            Rounds then stop for good in this process (:meth:`stopped`).
+        """
         self.policy = policy
+        self._budget = budget
+        self._budget_stop: str | None = None
+        self._sampling_rate = 1.0
         self.participation = Participation(policy.backoff)
         self._rounds_done = rounds_done
         self._current: RoundState | None = None
@@ -248,6 +264,12 @@ class RoundEngine:
         """The 1-based number of the round being run or started next: ``rounds_done + 1`` (a strategy's
         ``server_round``; unlike the registry's round id it does not count failed rounds)."""
         return self._rounds_done + 1
+
+    @property
+    def sampling_rate(self) -> float:
+        """The share of the eligible devices the last round started selected (the q of privacy accounting);
+        1.0 before any, and for a round rebuilt by :meth:`resume` (unknown: no amplification is claimed)."""
+        return self._sampling_rate
 
     @property
     def failed_attempts(self) -> int:
@@ -300,13 +322,19 @@ class RoundEngine:
         if not devices:
             ends = [until for d, until in self.participation.excluded(now).items() if d in available]
             return Wait(min(ends, default=None))
-        self._busy = True
+        rate = len(devices) / len(pool)
+        if self._budget is not None and (reason := self._budget(rate)) is not None:
+            self._budget_stop = reason
+            return Finished(reason)
+        self._busy, self._sampling_rate = True, rate
         self._tried.update(devices)
         return StartRound(tuple(devices))
 
     def stopped(self) -> str | None:
-        """Why no round will start any more (``num_rounds`` rounds done), or None. Failed rounds never stop
-        them (:attr:`backing_off`)."""
+        """Why no round will start any more (``num_rounds`` rounds done, or the privacy ``budget`` refused the
+        next one), or None. Failed rounds never stop them (:attr:`backing_off`)."""
+        if self._budget_stop is not None:
+            return self._budget_stop
         if self.policy.num_rounds and self._rounds_done >= self.policy.num_rounds:
             return f"{self._rounds_done} rounds done"
         return None
@@ -395,7 +423,7 @@ class RoundEngine:
         """Rebuild the state after a restart, from registry data: ``rounds_done`` finished rounds and the
         round that was ``running`` (its deadline restarts from ``now`` so that devices can reconnect and
         re-send)."""
-        self._rounds_done = rounds_done
+        self._rounds_done, self._sampling_rate = rounds_done, 1.0
         if running is None:
             return
         self.started(running.round_id, running.assignments, now)

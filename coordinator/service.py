@@ -18,9 +18,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from coordinator.config import MIB, CoordinatorConfig
+from coordinator.config import MIB, CoordinatorConfig, make_strategy
 from coordinator.evaluation import Evaluator, background_executor
-from coordinator.federation import FED_EVAL, GlobalModel, aggregate_round, fit_context, tensor_store
+from coordinator.federation import FED_EVAL, GlobalModel, aggregate_round, fit_context, privacy_budget, tensor_store
 from coordinator.planning import BundleStore, check_evaluation, check_update, slice_assignment, update_meta
 from coordinator.registry import Registry
 from coordinator.rounds import (
@@ -33,7 +33,7 @@ from coordinator.rounds import (
     StartRound,
     Wait,
 )
-from coordinator.strategy import ClientInfo, FitIns, Strategy, from_name
+from coordinator.strategy import ClientInfo, FitIns, Strategy
 from coordinator.zo_updates import expand_zo_update
 from device_runtime.bundle import Manifest
 from device_runtime.errors import FedmoeError, UpdateRejected
@@ -140,7 +140,7 @@ class Coordinator:
         registry = Registry(cfg.registry_url)
         try:
             model = GlobalModel(registry, tensor_store(cfg))
-            strategy = from_name(cfg.strategy, **cfg.strategy_params).bind(fit_context(cfg))
+            strategy = make_strategy(cfg).bind(fit_context(cfg))
             model.restore(strategy)
             bundles = BundleStore(Path(cfg.state_dir) / "bundles", cfg.checkpoint, cfg.fit, signer)
             policy = cfg.rounds
@@ -150,7 +150,7 @@ class Coordinator:
                 model=model,
                 strategy=strategy,
                 bundles=bundles,
-                engine=RoundEngine(policy, seed=cfg.seed),
+                engine=RoundEngine(policy, seed=cfg.seed, budget=privacy_budget(strategy, model)),
                 evaluator=Evaluator.from_config(cfg),
                 clock=clock,
                 signer=signer,
@@ -261,10 +261,10 @@ class Coordinator:
         return action
 
     def _rounds_stopped(self, reason: str) -> None:
-        """Log once that no more rounds start (``num_rounds`` are done)."""
+        """Log once that no more rounds start (``num_rounds`` are done, or the privacy budget is spent)."""
         if reason != self._stop_logged:
             self._stop_logged = reason
-            log.info("rounds stopped: %s (num_rounds); still serving devices", reason)
+            log.info("rounds stopped: %s; still serving devices", reason)
 
     def _closed_failed(self, reason: str) -> None:
         """Close the engine's round as failed; from ``[rounds] max_attempts`` consecutive failures on, alert."""
@@ -394,6 +394,7 @@ class Coordinator:
                 current.failures(),
                 server_round=self.engine.server_round,
                 round_id=action.round_id,
+                sampling_rate=self.engine.sampling_rate,
             )
         except FedmoeError as exc:
             log.error("round %d aggregation failed: %s", action.round_id, exc)

@@ -77,17 +77,20 @@ def test_rejected_update_leaves_the_accumulator_untouched_and_duplicates_are_ref
     assert agg.num_clients == 1 and agg.num_examples == 2
 
 
+REQUIRED = {"dp-fedavg": {"privacy": {"noise_multiplier": 1.0, "clip": 1.0, "seed": 0}}}  # seeded: same noise
+
+
 @pytest.mark.parametrize("name", sorted(STRATEGIES))
 def test_failures_and_garbage_do_not_crash_a_round(name):
     params = tiny_global()
-    strategy = from_name(name)
+    strategy = from_name(name, **REQUIRED.get(name, {}))
     out, metrics, _ = strategy.aggregate_fit(1, [], [("x", "timeout")], params)
     assert all(out[k] is params[k] for k in params)
     assert metrics["num_failures"] == 1 and metrics["failures"] == {"x": "timeout"}
 
     garbage = _replace_tensor(good_update("bad"), "experts.w", np.zeros((9, 9), np.float32))
     with_garbage, metrics, _ = strategy.aggregate_fit(2, [good_update("a"), garbage], [("x", "oom")], params)
-    clean, _, _ = from_name(name).aggregate_fit(2, [good_update("a")], [], params)
+    clean, _, _ = from_name(name, **REQUIRED.get(name, {})).aggregate_fit(2, [good_update("a")], [], params)
     assert set(metrics["rejected"]) == {"bad"} and metrics["num_failures"] == 2 and metrics["num_clients"] == 1
     for key in params:
         np.testing.assert_array_equal(with_garbage[key], clean[key])
@@ -175,6 +178,7 @@ def test_non_leading_expert_axis():
 def test_registry():
     assert sorted(STRATEGIES) == [
         "dense-fedavg",
+        "dp-fedavg",
         "fedadam",
         "fedalign",
         "fedavg",
@@ -248,7 +252,7 @@ def test_aggregate_evaluate_weights_by_examples_and_averages_each_metric_over_it
     it; a result without examples counts as a failure (hand-computed values)."""
     from coordinator.strategy import ClientEvaluation
 
-    strategy = from_name(name)
+    strategy = from_name(name, **REQUIRED.get(name, {}))
     results = [
         ClientEvaluation("a", loss=2.0, num_examples=3, metrics={"accuracy": 0.5, "num_tokens": 30}),
         ClientEvaluation("b", loss=1.0, num_examples=1, metrics={"num_tokens": 10}, shape_key="experts-1.1"),

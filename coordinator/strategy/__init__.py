@@ -1,5 +1,6 @@
 """Aggregation strategies, pure numpy: sparsity-aware (FedAvg, FedProx, FedMoE, HFedMoE, FedAlign-MoE), server
-optimizers (FedAdam, FedYogi) and the dense FedAvg baseline (``dense-fedavg``): every one ``STRATEGIES`` registers.
+optimizers (FedAdam, FedYogi), client-level differential privacy (``dp-fedavg``) and the dense FedAvg baseline
+(``dense-fedavg``): every one ``STRATEGIES`` registers.
 
 One module per algorithm; the math in ``aggregate.py``; how experts are picked in ``selection.py``; messages
 (ClientUpdate, FitIns ...) in ``types.py``; names -> classes in ``registry.py``.
@@ -15,6 +16,7 @@ from coordinator.strategy.aggregate import (
 )
 from coordinator.strategy.base import SinglePassStrategy, Strategy, StreamingAggregation
 from coordinator.strategy.dense_fedavg import DenseFedAvg
+from coordinator.strategy.dp_fedavg import DPFedAvg
 from coordinator.strategy.fedalign import FedAlign
 from coordinator.strategy.fedavg import FedAvg
 from coordinator.strategy.fedmoe import FedMoE
@@ -43,6 +45,7 @@ __all__ = [
     "ClientEvaluation",
     "ClientInfo",
     "ClientUpdate",
+    "DPFedAvg",
     "DenseFedAvg",
     "Failure",
     "FedAdam",

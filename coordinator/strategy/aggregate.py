@@ -8,7 +8,7 @@ contributed it) keeps its base value, which is how every strategy leaves unheld 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -16,6 +16,11 @@ from coordinator.strategy.types import Params
 from device_runtime.bundle import TensorSpec
 
 _EPS = 1e-12
+
+
+RowCombine = Callable[[str, np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+"""``(tensor name, base rows (k, ...), sum rows (k, ...), totals (k,)) -> new rows (k, ...)`` of the k rows with a
+positive total (float64); :meth:`RowAccumulator.finish` divides the sums by the totals without one."""
 
 
 def expert_rows(tensor: np.ndarray, axis: int | None) -> np.ndarray:
@@ -78,8 +83,9 @@ class RowAccumulator:
         """
         return self._totals[name]
 
-    def finish(self, base: Params | None = None) -> Params:
-        """Weighted averages; rows with zero total weight take ``base`` (default: the global model).
+    def finish(self, base: Params | None = None, combine: RowCombine | None = None) -> Params:
+        """Weighted averages (or ``combine`` of the held rows); rows with zero total weight take ``base``
+        (default: the global model).
 
         Call once: the running sums are released tensor by tensor as they are averaged (the weight
         totals stay readable).
@@ -94,7 +100,10 @@ class RowAccumulator:
             axis, totals = self._axes[name], self._totals[name]
             merged = expert_rows(base[name], axis).astype(np.float64)  # a copy: (E, ...)
             held = totals > 0
-            merged[held] = expert_rows(sums, axis)[held] / _broadcast(totals[held], merged.ndim)
+            if combine is None:
+                merged[held] = expert_rows(sums, axis)[held] / _broadcast(totals[held], merged.ndim)
+            else:
+                merged[held] = combine(name, merged[held], expert_rows(sums, axis)[held], totals[held])
             restored = merged[0] if axis is None else np.moveaxis(merged, 0, axis)
             out[name] = restored.astype(self._global[name].dtype)
         return out

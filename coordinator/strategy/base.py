@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from coordinator.strategy.aggregate import RowAccumulator, weighted_loss_avg, weighted_metrics_avg
+from coordinator.strategy.aggregate import RowAccumulator, RowCombine, weighted_loss_avg, weighted_metrics_avg
 from coordinator.strategy.selection import affordable_fit, expert_scores
 from coordinator.strategy.types import (
     Aggregated,
@@ -255,16 +255,25 @@ class StreamingAggregation:
     Usage: ``agg.accumulate(update)`` for each update, then ``agg.finish()``.
     """
 
-    def __init__(self, global_params: Params, weigh: RowWeights, *, roles: frozenset[TensorRole] | None = None):
+    def __init__(
+        self,
+        global_params: Params,
+        weigh: RowWeights,
+        *,
+        roles: frozenset[TensorRole] | None = None,
+        prepare: Callable[[ClientUpdate], ClientUpdate] | None = None,
+    ):
         """Args:
         global_params: the round's starting global model.
         weigh: the strategy's weight per (update, tensor, local expert row).
         roles: only tensors of these roles are aggregated (default: all).
+        prepare: maps each validated update to what is summed (e.g. its clipped delta, ``dp_fedavg``).
         """
         self.global_params = global_params
         self.accumulator = RowAccumulator(global_params)
         self._weigh = weigh
         self._roles = roles
+        self._prepare = prepare
         self._seen: set[str] = set()
         self._expert_layer: dict[str, int] = {}
         self._attempts = 0
@@ -286,6 +295,8 @@ class StreamingAggregation:
         self._seen.add(update.client_id)
         self.accepted_positions.append(position)
         self.num_examples += int(update.num_examples)
+        if self._prepare is not None:
+            update = self._prepare(update)
         for name, tensor in update.tensors.items():
             meta = update.tensor_meta[name]
             if self._roles is not None and meta.role not in self._roles:
@@ -313,9 +324,10 @@ class StreamingAggregation:
             per_layer[layer] = held | per_layer.get(layer, np.zeros_like(held))
         return {layer: int(held.sum()) for layer, held in sorted(per_layer.items())}
 
-    def finish(self, base: Params | None = None) -> Params:
-        """The averaged model; rows nobody contributed keep ``base`` (default: the global model)."""
-        return self.accumulator.finish(base)
+    def finish(self, base: Params | None = None, combine: RowCombine | None = None) -> Params:
+        """The averaged model (held rows: ``combine``, see ``RowAccumulator.finish``); rows nobody contributed
+        keep ``base`` (default: the global model)."""
+        return self.accumulator.finish(base, combine)
 
 
 def feed(

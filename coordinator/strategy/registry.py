@@ -6,6 +6,7 @@ from typing import Any
 
 from coordinator.strategy.base import Strategy
 from coordinator.strategy.dense_fedavg import DenseFedAvg
+from coordinator.strategy.dp_fedavg import DPFedAvg
 from coordinator.strategy.fedalign import FedAlign
 from coordinator.strategy.fedavg import FedAvg
 from coordinator.strategy.fedmoe import FedMoE
@@ -15,7 +16,7 @@ from coordinator.strategy.hfedmoe import HFedMoE
 from device_runtime.errors import ConfigError
 
 STRATEGIES: dict[str, type[Strategy]] = {
-    cls.name: cls for cls in (FedAvg, DenseFedAvg, FedAdam, FedYogi, FedProx, FedMoE, HFedMoE, FedAlign)
+    cls.name: cls for cls in (FedAvg, DenseFedAvg, FedAdam, FedYogi, FedProx, FedMoE, HFedMoE, FedAlign, DPFedAvg)
 }
 
 
