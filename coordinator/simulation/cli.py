@@ -168,6 +168,14 @@ def _fed(r: RoundRecord) -> str:
     "[default: from the preset: float16]",
 )
 @click.option(
+    "--eval-fraction",
+    type=click.FloatRange(0.0, 1.0, max_open=True),
+    default=None,
+    help="Share of each device's records it holds out and scores the received model on before training "
+    "(federated evaluation; the same records every round, never trained on; 0: off, every record trains).  "
+    "[default: 0.1]",
+)
+@click.option(
     "--reference-scores",
     type=click.Choice(["held", "all"]),
     default="held",
@@ -207,6 +215,7 @@ def simulate_command(
     lora_rank,
     logit_adjustment,
     frozen_experts,
+    eval_fraction,
     reference_scores,
     update_dtype,
     slots,
@@ -229,6 +238,7 @@ def simulate_command(
         test_size=test_size,
         logit_adjustment=logit_adjustment,
         frozen_experts=frozen_experts,
+        eval_fraction=eval_fraction,
     )
     chosen = _with_trainable(chosen, trainable, lora_rank, learning_rate)
     strategies = _strategies(strategy, compare)

@@ -46,6 +46,7 @@ class Preset:
     lora_rank: int = 0  # LoRA r (lora only)
     logit_adjustment: float = 1.0  # tau of the devices' balanced softmax on the answer token (0: off)
     frozen_experts: str = "float16"  # the experts a device does not train: resident in float16, or "pruned"
+    eval_fraction: float = DEFAULT_EVAL_FRACTION  # share of each device's records held out for federated evaluation
 
 
 # Local AdamW rate by trainable mode, for a preset run with the other mode (``--trainable``): full experts at
@@ -152,7 +153,7 @@ def _fit(plan: SimulationPlan, labels: list[str]) -> FitConfig:
         update_dtype=plan.update_dtype,
         labels=tuple(labels),
         logit_adjustment=preset.logit_adjustment,
-        eval_fraction=DEFAULT_EVAL_FRACTION,
+        eval_fraction=preset.eval_fraction,
     )
 
 
