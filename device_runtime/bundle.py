@@ -5,6 +5,8 @@ A bundle is a directory::
     manifest.json            this module's ``Manifest`` (format version, shape key, expert ids, sha256s)
     training_model.onnx      ORT training graph (loss + gradients), from ``onnxruntime.training.artifacts``
     eval_model.onnx          ORT eval graph (same inputs, no gradients)
+    (a split bottom, ``ShapeKey.cut_layer`` K > 0, has instead of these four one ``bottom_model.onnx``: the
+    forward of the embeddings and decoder layers 0..K-1, weights as inputs, the smashed data as output)
     optimizer_model.onnx     AdamW graph (eps 1e-8, weight decay 0.01: matches torch.optim.AdamW)
     checkpoint               ORT checkpoint: initial values of every parameter, frozen and trainable
     weights.safetensors      every tensor that depends on *which* experts are kept (expert weights,
@@ -38,6 +40,7 @@ FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 ROUTER_WEIGHT = "mlp.gate.weight"  # the name suffix of a MoE layer's router (num_experts, hidden)
 GRAPH_FILES = ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx", "checkpoint")
+BOTTOM_MODEL = "bottom_model.onnx"  # a split bottom's forward-only graph (ShapeKey.cut_layer > 0), alone
 WEIGHTS_FILE = "weights.safetensors"
 TOKENIZER_FILE = "tokenizer.json"
 DTYPES = ("float32", "float16")
@@ -295,6 +298,11 @@ def write_manifest(root: Path, manifest: Manifest) -> Manifest:
     return final
 
 
+def graph_files(key: ShapeKey) -> tuple[str, ...]:
+    """The graph files a bundle of ``key`` holds: the ORT training set, or a split bottom's one graph."""
+    return (BOTTOM_MODEL,) if key.cut_layer else GRAPH_FILES
+
+
 def load_bundle(root: str | Path, *, verify: bool = True) -> Bundle:
     """Read ``root/manifest.json`` and verify every file's sha256.
 
@@ -306,7 +314,7 @@ def load_bundle(root: str | Path, *, verify: bool = True) -> Bundle:
     if not (root / MANIFEST).is_file():
         raise BundleError(f"{root} is not a bundle (no {MANIFEST}); write one with `fedmoe-export bundle`")
     manifest = Manifest.from_json((root / MANIFEST).read_text())
-    missing = [n for n in (*GRAPH_FILES, WEIGHTS_FILE) if n not in manifest.files]
+    missing = [n for n in (*graph_files(manifest.shape_key), WEIGHTS_FILE) if n not in manifest.files]
     if missing:
         raise BundleError(f"bundle {root} lacks {missing}")
     if verify:

@@ -27,6 +27,7 @@ FROZEN_INPUTS = ("frozen_gate_up_{}", "frozen_down_{}")  # per MoE layer l of a 
 PROX_MU, ANCHOR_SUFFIX = "prox_mu", ".anchor"  # FedProx bundles: mu, and one anchor per trainable tensor
 # outputs
 LOSS, CE_LOSS, NUM_TOKENS = "loss", "ce_loss", "num_tokens"
+SMASHED = "smashed"  # a split bottom's output: the hidden states at the cut, (batch, seq_len, hidden)
 ROUTING_STATS = "routing_stats_{}"  # per MoE layer l: (4, E_l) routing sums
 NO_ANSWER_SHIFT = (np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.float32))  # token 0 shifted by 0: none
 DTYPES = {"float32": np.float32, "float16": np.float16}

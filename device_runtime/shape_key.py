@@ -56,6 +56,9 @@ class ShapeKey:
             global top-k (``export.prune``); experts mode only.
         merged: with ``frozen_dtype``: the frozen experts of each layer are merged into one stand-in expert (their
             mean), which every router row of a frozen expert points to (FLUX, arXiv 2508.19078; MC-SMoE).
+        cut_layer: 0: the graph is the whole model (a training or eval graph). K > 0: a split device's bottom
+            (HO-SFL): embeddings and decoder layers 0..K-1, forward-only, whose output is the smashed data at
+            the cut; ``experts_per_layer`` then counts the MoE layers below the cut.
     """
 
     experts_per_layer: tuple[int, ...]
@@ -64,6 +67,7 @@ class ShapeKey:
     prox: bool = False
     frozen_dtype: str | None = None
     merged: bool = False
+    cut_layer: int = 0
 
     def __post_init__(self) -> None:
         if not self.experts_per_layer or any(int(c) < 1 for c in self.experts_per_layer):
@@ -82,15 +86,21 @@ class ShapeKey:
             )
         if self.merged and self.frozen_dtype is None:
             raise BundleError("merged stand-in experts need a frozen_dtype")
+        if self.cut_layer < 0 or (self.cut_layer and (self.frozen_dtype is not None or self.prox)):
+            raise BundleError(
+                f"cut_layer must be >= 0, and a split bottom (cut_layer > 0) holds no frozen experts and no FedProx "
+                f"inputs; got cut_layer {self.cut_layer} with frozen_dtype {self.frozen_dtype!r}, prox {self.prox}"
+            )
 
     @property
     def id(self) -> str:
         """A stable, filesystem-safe identifier, e.g. ``experts-2.2.1.1``, ``lora8-prox-2.2`` or
-        ``experts-float16-1.1`` (frozen experts resident in float16)."""
+        ``experts-float16-1.1`` (frozen experts resident in float16) or ``experts-cut2-1.1`` (a split bottom)."""
         mode = "experts" if self.trainable_mode == TrainableMode.EXPERTS else f"lora{self.lora_rank}"
         prox = "-prox" if self.prox else ""
         frozen = f"-{self.frozen_dtype}" if self.frozen_dtype else ""
         frozen += "-merged" if self.merged else ""
+        frozen += f"-cut{self.cut_layer}" if self.cut_layer else ""
         return f"{mode}{prox}{frozen}-" + ".".join(str(c) for c in self.experts_per_layer)
 
     def held_label(self, num_experts: int) -> str:
@@ -120,6 +130,7 @@ class ShapeKey:
                 "prox" in rest,
                 next((p for p in rest if p in FROZEN_DTYPES), None),
                 "merged" in rest,
+                next((int(p[3:]) for p in rest if p.startswith("cut")), 0),
             )
         except (IndexError, ValueError) as exc:
             raise BundleError(f"{text!r} is not a shape key id") from exc
@@ -136,4 +147,5 @@ class ShapeKey:
             prox=bool(data.get("prox", False)),
             frozen_dtype=None if data.get("frozen_dtype") is None else str(data["frozen_dtype"]),
             merged=bool(data.get("merged", False)),
+            cut_layer=int(data.get("cut_layer", 0)),
         )

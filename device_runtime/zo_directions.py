@@ -18,6 +18,7 @@ SPSA estimate ``g * z`` is unbiased for the smoothed gradient):
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Sequence
 from typing import Literal
 
@@ -30,8 +31,38 @@ DISTRIBUTIONS: tuple[Distribution, ...] = ("rademacher", "gaussian")
 CHUNK = 1 << 16  # float32 values per generated block (256 KiB: stays in L2); a multiple of 64
 
 
-def _generator(seed: int, index: int) -> np.random.Generator:
-    return np.random.Generator(np.random.SFC64(np.random.SeedSequence(seed, spawn_key=(index,))))
+def _generator(seed: int, *key: int) -> np.random.Generator:
+    return np.random.Generator(np.random.SFC64(np.random.SeedSequence(seed, spawn_key=key)))
+
+
+def _check(distribution: str, seed: int) -> None:
+    if distribution not in DISTRIBUTIONS:
+        raise ConfigError(f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}")
+    if seed < 0:
+        raise ConfigError(f"seed must be >= 0, got {seed}")
+
+
+def _add(flat: np.ndarray, rng: np.random.Generator, scale: float, distribution: str, scratch: np.ndarray) -> None:
+    """``flat += scale * z`` with ``z`` drawn from ``rng`` chunk by chunk (``flat``: a writable float32 view)."""
+    signs = np.array([-scale, scale], np.float32)
+    for start in range(0, flat.size, CHUNK):
+        part = flat[start : start + CHUNK]
+        z = scratch[: part.size]
+        if distribution == "rademacher":
+            bits = np.unpackbits(
+                rng.bit_generator.random_raw(-(-part.size // 64)).view(np.uint8), count=part.size, bitorder="little"
+            )
+            np.take(signs, bits, out=z)
+        else:
+            rng.standard_normal(out=z, dtype=np.float32)
+            z *= np.float32(scale)
+        part += z
+
+
+def _writable(tensor: np.ndarray, index: int) -> np.ndarray:
+    if tensor.dtype != np.float32 or not tensor.flags.c_contiguous or not tensor.flags.writeable:
+        raise ConfigError(f"tensor {index} must be a writable C-contiguous float32 array")
+    return tensor.reshape(-1)
 
 
 def perturb(tensors: Sequence[np.ndarray], seed: int, scale: float, *, distribution: str = "rademacher") -> None:
@@ -46,28 +77,49 @@ def perturb(tensors: Sequence[np.ndarray], seed: int, scale: float, *, distribut
         ConfigError: an unknown distribution, a negative seed, or a tensor that is not writable contiguous
             float32.
     """
-    if distribution not in DISTRIBUTIONS:
-        raise ConfigError(f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}")
-    if seed < 0:
-        raise ConfigError(f"seed must be >= 0, got {seed}")
+    _check(distribution, seed)
     scratch = np.empty(CHUNK, np.float32)
-    signs = np.array([-scale, scale], np.float32)
     for index, tensor in enumerate(tensors):
-        if tensor.dtype != np.float32 or not tensor.flags.c_contiguous or not tensor.flags.writeable:
-            raise ConfigError(f"tensor {index} must be a writable C-contiguous float32 array")
-        rng, flat = _generator(seed, index), tensor.reshape(-1)
-        for start in range(0, flat.size, CHUNK):
-            part = flat[start : start + CHUNK]
-            z = scratch[: part.size]
-            if distribution == "rademacher":
-                bits = np.unpackbits(
-                    rng.bit_generator.random_raw(-(-part.size // 64)).view(np.uint8), count=part.size, bitorder="little"
-                )
-                np.take(signs, bits, out=z)
-            else:
-                rng.standard_normal(out=z, dtype=np.float32)
-                z *= np.float32(scale)
-            part += z
+        _add(_writable(tensor, index), _generator(seed, index), scale, distribution, scratch)
+
+
+def row_key(name: str) -> int:
+    """The stable integer key of a tensor name in :func:`perturb_rows` (CRC-32 of its UTF-8 bytes)."""
+    return zlib.crc32(name.encode())
+
+
+def perturb_rows(
+    tensors: Sequence[tuple[str, np.ndarray, Sequence[int]]],
+    seed: int,
+    scale: float,
+    *,
+    distribution: str = "rademacher",
+) -> None:
+    """``tensor[j] += scale * z(seed; name, rows[j])`` in place for each ``(name, tensor, rows)``: a direction
+    over the GLOBAL model's expert rows, of which each holder regenerates only the rows it holds.
+
+    Row ``g`` of the global tensor ``name`` (expert axis 0) draws from ``SeedSequence(seed, spawn_key=(
+    row_key(name), g))``, independent of which other rows or tensors a peer holds: devices holding different
+    experts and the coordinator holding all of them see the same ``z`` on the rows they share (HO-SFL's shared
+    perturbations, Chen et al., ICML 2026, across heterogeneous expert subsets).
+
+    Args:
+        tensors: ``(global tensor name, writable C-contiguous float32 array (R, ...), R global row ids)``.
+        seed: non-negative seed of the direction. scale: the multiplier.
+
+    Raises:
+        ConfigError: as :func:`perturb`, or a row-id list whose length is not the array's first dimension.
+    """
+    _check(distribution, seed)
+    scratch = np.empty(CHUNK, np.float32)
+    for index, (name, tensor, rows) in enumerate(tensors):
+        flat = _writable(tensor, index)
+        if tensor.ndim < 1 or len(rows) != tensor.shape[0]:
+            raise ConfigError(f"{name}: {len(rows)} row ids for an array of shape {tensor.shape}")
+        width = flat.size // max(1, tensor.shape[0])
+        for j, row in enumerate(rows):
+            rng = _generator(seed, row_key(name), int(row))
+            _add(flat[j * width : (j + 1) * width], rng, scale, distribution, scratch)
 
 
 def candidate_seeds(seed: int, round_id: int, count: int) -> tuple[int, ...]:

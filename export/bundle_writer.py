@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from device_runtime.bundle import (
+    BOTTOM_MODEL,
     FROZEN,
-    GRAPH_FILES,
     HELD,
     TOKENIZER_FILE,
     TRAINED,
@@ -25,6 +25,7 @@ from device_runtime.bundle import (
     ShapeKey,
     TensorRole,
     TensorSpec,
+    graph_files,
     tensor_role,
     write_manifest,
 )
@@ -53,6 +54,8 @@ class BundleRequest:
         seed: seed of the LoRA initialisation (the same seed gives the same global adapters).
         frozen_dtype: hold every other expert frozen in this dtype (``export.prune``); None: pruned.
         merged: hold them as one stand-in per layer (``export.prune``).
+        cut_layer: 0, or K > 0 for a split device's bottom (``export.split_graph``): ``keep`` then lists the MoE
+            layers below the cut only.
     """
 
     keep: tuple[tuple[int, ...], ...]
@@ -64,6 +67,7 @@ class BundleRequest:
     seed: int = 0
     frozen_dtype: str | None = None
     merged: bool = False
+    cut_layer: int = 0
 
     @property
     def shape_key(self) -> ShapeKey:
@@ -74,6 +78,7 @@ class BundleRequest:
             self.prox,
             self.frozen_dtype,
             self.merged,
+            self.cut_layer,
         )
 
 
@@ -93,7 +98,9 @@ def prepare_model(checkpoint: Path, request: BundleRequest):
         seed=request.seed,
     )
     description = describe(model)
-    pruned, _ = prune(model, request.keep, request.frozen_dtype, request.merged)
+    rest = tuple(tuple(range(layer.num_experts)) for layer in description.layers[len(request.keep) :])
+    keep = request.keep + rest if request.cut_layer else request.keep  # a bottom's top is cut off afterwards
+    pruned, _ = prune(model, keep, request.frozen_dtype, request.merged)
     return pruned, description
 
 
@@ -112,21 +119,31 @@ def graph_dir(base_sha: str, shape_key: ShapeKey) -> Path:
     return cache_dir() / "graphs" / f"v{GRAPH_VERSION}" / base_sha[:16] / shape_key.id
 
 
+def _export(wrapper, out: Path, trainable: list[str], vocab: int, seq_len: int) -> dict[str, list[str]]:
+    """Export ``wrapper``'s graph files into ``out``: a split bottom's one graph, or the ORT training artifacts."""
+    from export.artifacts import export_training_artifacts
+    from export.split_graph import BottomWrapper, export_bottom
+
+    if isinstance(wrapper, BottomWrapper):
+        out.mkdir(parents=True)
+        export_bottom(wrapper, out / BOTTOM_MODEL, vocab=vocab)
+        return {"inputs": list(wrapper.input_names[:2]), "outputs": list(wrapper.output_names)}
+    info = export_training_artifacts(
+        wrapper, out, trainable=trainable, example_batch=_example_batch(wrapper, vocab, seq_len)
+    )
+    return {"inputs": list(info.inputs), "outputs": list(info.outputs)}
+
+
 def ensure_graph(wrapper, base_sha: str, shape_key: ShapeKey, trainable: list[str], vocab: int, seq_len: int):
-    """Export the ORT training artifacts of ``shape_key`` unless cached.
+    """Export the graph files of ``shape_key`` (``device_runtime.bundle.graph_files``) unless cached.
 
     Returns ``(graph directory, {"inputs": [...], "outputs": [...]})``; the names are kept in ``graph.json``.
     """
-    from export.artifacts import export_training_artifacts
-
     target = graph_dir(base_sha, shape_key)
-    if not all((target / f).is_file() for f in (*GRAPH_FILES, GRAPH_INFO)):
+    if not all((target / f).is_file() for f in (*graph_files(shape_key), GRAPH_INFO)):
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-            info = export_training_artifacts(
-                wrapper, Path(tmp) / "g", trainable=trainable, example_batch=_example_batch(wrapper, vocab, seq_len)
-            )
-            names = {"inputs": list(info.inputs), "outputs": list(info.outputs)}
+            names = _export(wrapper, Path(tmp) / "g", trainable, vocab, seq_len)
             (Path(tmp) / "g" / GRAPH_INFO).write_text(json.dumps(names))
             shutil.rmtree(target, ignore_errors=True)
             os.replace(Path(tmp) / "g", target)
@@ -173,6 +190,7 @@ def write_bundle(checkpoint: str | Path, out: str | Path, request: BundleRequest
     """
     from safetensors.torch import save_file
 
+    from export.split_graph import BottomWrapper
     from export.training_graph import TrainingWrapper
 
     checkpoint, out = Path(checkpoint), Path(out)
@@ -184,16 +202,25 @@ def write_bundle(checkpoint: str | Path, out: str | Path, request: BundleRequest
     pruned, description = prepare_model(checkpoint, request)
     state = pruned.state_dict()
     federated = description.trainable_tensors(list(state), request.trainable_mode)
+    if request.cut_layer:
+        below = [layer for layer in description.layers if layer.index < request.cut_layer]
+        if len(below) != len(request.keep):
+            raise BundleError(f"keep lists {len(request.keep)} layers; {len(below)} MoE layers are below the cut")
+        federated = [(n, l) for n, l in federated if l < len(below)]
     trainable = [n for n, _ in federated]
-    wrapper = TrainingWrapper(pruned, prox=request.prox, trainable=trainable)
+    wrapper = (
+        BottomWrapper(pruned, request.cut_layer, trainable)
+        if request.cut_layer
+        else TrainingWrapper(pruned, prox=request.prox, trainable=trainable)
+    )
     graph, info = ensure_graph(
         wrapper, base_sha, request.shape_key, trainable, description.vocab_size, request.training.seq_len
     )
     out.mkdir(parents=True, exist_ok=True)
-    for name in GRAPH_FILES:
+    for name in graph_files(request.shape_key):
         _link(graph / name, out / name)
     shutil.copy2(checkpoint / TOKENIZER_FILE, out / TOKENIZER_FILE)
-    frozen = {n: v.contiguous() for n, v in wrapper.frozen_inputs().items()}
+    frozen = {} if request.cut_layer else {n: v.contiguous() for n, v in wrapper.frozen_inputs().items()}
     save_file({**{n: state[n].contiguous() for n in trainable}, **frozen}, str(out / WEIGHTS_FILE))
     specs = tuple(
         TensorSpec(
@@ -206,12 +233,12 @@ def write_bundle(checkpoint: str | Path, out: str | Path, request: BundleRequest
             role=tensor_role(n),
         )
         for n, l in federated
-    ) + _frozen_specs(wrapper, description, frozen)
+    ) + (_frozen_specs(wrapper, description, frozen) if frozen else ())
     manifest = Manifest(
         base_model={"id": checkpoint.name, "sha256": base_sha},
         family=description.family,
         shape_key=request.shape_key,
-        moe_layers=tuple(layer.index for layer in description.layers),
+        moe_layers=tuple(layer.index for layer in description.layers[: len(request.keep)]),
         num_experts=description.num_experts,
         experts_per_token=tuple(
             min(layer.experts_per_token, len(ids)) for layer, ids in zip(description.layers, request.keep)

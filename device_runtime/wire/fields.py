@@ -21,7 +21,9 @@ from device_runtime.units import MIB
 # 2: assignments carry the coordinator's signature (device_runtime.signing)
 # 3: the messages "enroll" / "enroll_ok" (were "enrol" / "enrol_ok": one spelling of enroll); "evaluate" /
 #    "evaluate_res" removed (federated evaluation rides on fit: FitConfig.eval_fraction, Update.evaluation)
-PROTOCOL_VERSION = 3
+# 4: split mode (HO-SFL): FitConfig.split and the messages "smashed_data", "cut_gradient", "split_scalars",
+#    "split_step"
+PROTOCOL_VERSION = 4
 MAX_HEADER_BYTES = MIB  # JSON header bound (bytes); weights travel in the payload
 MAX_EXPERT_ID = 1 << 20
 MAX_NUM_EXAMPLES = 1 << 30  # sequences a device may report per round (about 10**9: no device gets near)
@@ -30,6 +32,9 @@ MAX_TEXT = 2000  # characters of a free-text field (error messages, ack reasons)
 MAX_EVAL_LOSS = 1e3  # nats per token of an EvalResult (ln of a 10**6-token vocabulary is 14)
 MAX_LABELS = 1024  # candidate labels of FitConfig.labels (logit adjustment)
 MAX_ZO_SEEDS = 4096  # seeds of a zeroth-order ZoUpdate (FedKSeed's K; ~100 KB of header at most)
+MAX_PERTURBATIONS = 64  # HO-SFL's P: perturbed forwards per split step (the paper uses 2 for language)
+MAX_SPLIT_HISTORY = 4096  # steps of (seed, vbar) history one SplitStep may replay to a device that fell behind
+MAX_HIDDEN = 1 << 16  # hidden size of smashed data (channels)
 ERROR_CODES = (
     "bad_frame",  # frame shorter than its declared lengths, or a payload where none belongs
     "too_large",  # frame beyond max_size, or header beyond MAX_HEADER_BYTES

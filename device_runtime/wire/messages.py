@@ -5,7 +5,7 @@ A message's ``TYPE`` is its wire name. ``PAYLOAD`` says what follows the JSON he
 """
 
 from dataclasses import Field, dataclass
-from typing import Annotated, Any, ClassVar, Literal, TypeVar, dataclass_transform
+from typing import Annotated, Any, ClassVar, Literal, TypeAlias, TypeVar, dataclass_transform
 
 import msgspec
 import numpy as np
@@ -13,7 +13,10 @@ import numpy as np
 from device_runtime.errors import ProtocolError
 from device_runtime.shape_key import ShapeKey
 from device_runtime.wire.fields import (
+    MAX_HIDDEN,
     MAX_LABELS,
+    MAX_PERTURBATIONS,
+    MAX_SPLIT_HISTORY,
     MAX_ZO_SEEDS,
     BatchSize,
     Bytes32,
@@ -50,6 +53,24 @@ from device_runtime.wire.fields import (
 
 
 @dataclass(frozen=True)
+class SplitConfig:
+    """Split mode (HO-SFL, Chen et al., arXiv 2603.14773): how a split device trains its bottom with the coordinator.
+
+    Attributes:
+        cut_layer: K, the first decoder layer the coordinator runs (the bundle's ``ShapeKey.cut_layer``).
+        perturbations: P, perturbed forwards per step (the paper: 2 for language).
+        mu: the perturbation scale of the scalar estimate (the paper: 1e-3).
+        keep_ratio: ACP-SL's uplink budget, the share of hidden channels of the smashed data sent per step
+            (``device_runtime.acp``); 1 = send every channel.
+    """
+
+    cut_layer: Annotated[int, msgspec.Meta(ge=1, le=4096)]
+    perturbations: Annotated[int, msgspec.Meta(ge=1, le=MAX_PERTURBATIONS)] = 2
+    mu: Annotated[float, msgspec.Meta(gt=0.0, le=1.0)] = 1e-3
+    keep_ratio: Annotated[float, msgspec.Meta(gt=0.0, le=1.0)] = 1.0
+
+
+@dataclass(frozen=True)
 class FitConfig:
     """Local training settings: a round's (in its Assignment), a bundle's defaults (``Manifest.training``) and
     the coordinator's ``[fit]`` are all this one type.
@@ -74,6 +95,7 @@ class FitConfig:
             (``device_runtime.data.split_train_eval`` with the fixed ``EVAL_SPLIT_SEED``, so the same records every
             round); the device scores the model it received on them before training and reports an
             :class:`EvalResult` in its Update (federated evaluation). 0 = no held-out split, no evaluation.
+        split: split mode's settings (:class:`SplitConfig`) for a split device's assignment, else None.
     """
 
     batch_size: BatchSize = 8
@@ -91,6 +113,7 @@ class FitConfig:
     labels: Annotated[tuple[ShortText, ...], msgspec.Meta(max_length=MAX_LABELS)] | None = None
     logit_adjustment: NonNegative = 0.0
     eval_fraction: Fraction = 0.0
+    split: SplitConfig | None = None
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "FitConfig":
@@ -325,6 +348,74 @@ class Update(Message):
     zo: ZoUpdate | None = None
     evaluation: EvalResult | None = None
     tensors: dict[str, np.ndarray] = payload_field(default_factory=dict)
+
+
+Scalars: TypeAlias = Annotated[tuple[Finite, ...], msgspec.Meta(min_length=1, max_length=MAX_PERTURBATIONS)]
+
+
+@_message
+class SmashedData(Message):
+    """Split device -> coordinator, one HO-SFL step: the smashed data of one batch at the cut.
+
+    Tensors: ``smashed`` ``(batch, seq_len, C)`` float16 (C = hidden, or ``len(channels)`` with ACP-SL pruning),
+    ``attention_mask`` and ``labels`` ``(batch, seq_len)`` int32 (labels -100 where no target).
+
+    Attributes:
+        update_id: the split assignment. round_id: its round. step: the device's step index (0-based).
+        channels: ACP-SL's kept hidden channels, ascending (``device_runtime.acp``), or None: all of them.
+    """
+
+    TYPE: ClassVar[str] = "smashed_data"
+    PAYLOAD: ClassVar[str] = "tensors"
+    update_id: Id
+    round_id: Count
+    step: Count
+    channels: (
+        Annotated[
+            tuple[Annotated[int, msgspec.Meta(ge=0, lt=MAX_HIDDEN)], ...],
+            msgspec.Meta(min_length=1, max_length=MAX_HIDDEN),
+        ]
+        | None
+    ) = None
+    tensors: dict[str, np.ndarray] = payload_field(default_factory=dict)
+
+
+@_message
+class CutGradient(Message):
+    """Coordinator -> split device: lambda = dL/dz for the device's last SmashedData (tensor ``gradient``,
+    ``(batch, seq_len, hidden)`` float16), and the top's loss on that batch (nats per target token)."""
+
+    TYPE: ClassVar[str] = "cut_gradient"
+    PAYLOAD: ClassVar[str] = "tensors"
+    update_id: Id
+    round_id: Count
+    step: Count
+    loss: Annotated[float, msgspec.Meta(ge=0.0, le=1e6)]
+    tensors: dict[str, np.ndarray] = payload_field(default_factory=dict)
+
+
+@_message
+class SplitScalars(Message):
+    """Split device -> coordinator: the P projected scalars ``v_p`` of one step (``device_runtime.hosfl``)."""
+
+    TYPE: ClassVar[str] = "split_scalars"
+    update_id: Id
+    round_id: Count
+    step: Count
+    scalars: Scalars
+
+
+@_message
+class SplitStep(Message):
+    """Coordinator -> split device: the averaged scalars ``vbar`` of steps ``first_step`` .. ``first_step +
+    len(scalars) - 1``, each to apply with that step's seeds (``hosfl.apply_step``). One step normally; a device
+    that fell behind gets the history it missed (then it smashes its batch again at the current step)."""
+
+    TYPE: ClassVar[str] = "split_step"
+    update_id: Id
+    round_id: Count
+    first_step: Count
+    scalars: Annotated[tuple[Scalars, ...], msgspec.Meta(min_length=1, max_length=MAX_SPLIT_HISTORY)]
 
 
 @_message

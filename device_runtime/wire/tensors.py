@@ -21,8 +21,8 @@ from device_runtime.errors import ProtocolError
 from device_runtime.wire.fields import MAX_HEADER_BYTES, NAME
 
 MAX_TENSORS = 100_000
-WIRE_DTYPES = {"float32": "F32", "float16": "F16"}
-_ITEMSIZE = {"F32": 4, "F16": 2}
+WIRE_DTYPES = {"float32": "F32", "float16": "F16", "int32": "I32"}  # int32: split mode's masks and labels
+_ITEMSIZE = {"F32": 4, "F16": 2, "I32": 4}
 
 
 def tensors_to_bytes(tensors: Mapping[str, np.ndarray], *, wire_dtype: str | None = None) -> bytes:
@@ -33,7 +33,7 @@ def tensors_to_bytes(tensors: Mapping[str, np.ndarray], *, wire_dtype: str | Non
         wire_dtype: ``"float16"`` or ``"float32"`` to cast every tensor for the wire; None keeps dtypes.
 
     Raises:
-        ProtocolError("bad_tensor"): a name is invalid, a dtype is not float32/float16, or a value
+        ProtocolError("bad_tensor"): a name is invalid, a dtype is not float32/float16/int32, or a value
             overflows float16 (|x| > 65504) when casting.
     """
     out = {}
@@ -42,7 +42,7 @@ def tensors_to_bytes(tensors: Mapping[str, np.ndarray], *, wire_dtype: str | Non
         if not isinstance(name, str) or not NAME.fullmatch(name):
             raise ProtocolError("bad_tensor", f"invalid tensor name {name!r}")
         if array.dtype.name not in WIRE_DTYPES:
-            raise ProtocolError("bad_tensor", f"tensor {name}: dtype {array.dtype} is not float32/float16")
+            raise ProtocolError("bad_tensor", f"tensor {name}: dtype {array.dtype} is not float32/float16/int32")
         if wire_dtype is not None:
             with np.errstate(over="ignore"):
                 cast = array.astype(wire_dtype)
@@ -120,7 +120,7 @@ def _safetensors_entry(name: str, info: Any) -> tuple[str, tuple[int, ...], tupl
     except (KeyError, TypeError, ValueError) as exc:
         raise ProtocolError("bad_tensor", f"tensor {name}: malformed entry ({exc})") from exc
     if not isinstance(dtype, str) or dtype not in _ITEMSIZE:
-        raise ProtocolError("bad_tensor", f"tensor {name}: dtype {dtype!r} is not F32/F16"[:200])
+        raise ProtocolError("bad_tensor", f"tensor {name}: dtype {dtype!r} is not F32/F16/I32"[:200])
     if end - begin != math.prod(shape) * _ITEMSIZE[dtype]:
         raise ProtocolError("bad_tensor", f"tensor {name}: offsets {begin}..{end} do not fit shape {shape}")
     return dtype, tuple(shape), (begin, end)
