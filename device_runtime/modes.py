@@ -21,6 +21,7 @@ class Order(StrEnum):
 
     FIRST = "first-order"  # backpropagation + AdamW (ONNX Runtime training)
     ZEROTH = "zeroth-order"  # forward passes only (MeZO-style SPSA, Malladi et al. 2023)
+    HYBRID = "hybrid-order"  # split: zeroth-order bottom on the device, backprop top on the coordinator (HO-SFL)
 
 
 def lora_rank_mismatch(trainable_mode: str, lora_rank: int) -> str | None:
@@ -32,3 +33,4 @@ def lora_rank_mismatch(trainable_mode: str, lora_rank: int) -> str | None:
 
 ORT_TRAINING_BACKEND = "ort-training"  # Order.FIRST on onnxruntime-training (device_runtime.ort_trainer)
 ZO_BACKEND = "zo"  # Order.ZEROTH on plain onnxruntime (device_runtime.zo_trainer)
+SPLIT_BACKEND = "split"  # Order.HYBRID: a split bottom on plain onnxruntime (device_runtime.split_trainer)

@@ -94,7 +94,7 @@ class ZoTrainer(BundleTrainer):
         for name in self._trainable:  # writable float32 buffers, perturbed in place
             self._weights[name] = np.array(self._weights[name], dtype=np.float32, order="C")
         self._ort = import_onnxruntime()
-        self._session = _inference_session(self._ort, self.bundle, threads)
+        self._session = inference_session(self._ort, self.bundle, threads)
         self._outputs = self._check_graph()
         self._binding = self._bind_weights()
 
@@ -219,8 +219,12 @@ class ZoTrainer(BundleTrainer):
         return dict(zip(self._outputs, self._binding.copy_outputs_to_cpu()))
 
 
-def _inference_session(ort: types.ModuleType, bundle: Bundle, threads: int | None) -> Any:  # an InferenceSession
-    """An ``InferenceSession`` (of the ``onnxruntime`` module ``ort``) on the bundle's eval graph (CPU, no arena)."""
+def inference_session(ort: types.ModuleType, bundle: Bundle, threads: int | None, graph: str = EVAL_MODEL) -> Any:
+    """An ``InferenceSession`` (of the ``onnxruntime`` module ``ort``) on the bundle's ``graph`` (CPU, no arena).
+
+    Raises:
+        ConfigError: ``threads < 1``. BundleError: onnxruntime cannot load the graph.
+    """
     options = ort.SessionOptions()
     options.enable_cpu_mem_arena = False  # the arena reserves far beyond use: RLIMIT_DATA budgets then fail
     options.log_severity_level = 3
@@ -229,6 +233,6 @@ def _inference_session(ort: types.ModuleType, bundle: Bundle, threads: int | Non
             raise ConfigError(f"threads must be >= 1, got {threads}")
         options.intra_op_num_threads = threads
     try:
-        return ort.InferenceSession(str(bundle.path(EVAL_MODEL)), options, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(str(bundle.path(graph)), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # ORT raises its own Fail / InvalidGraph types
-        raise BundleError(f"onnxruntime cannot load {bundle.path(EVAL_MODEL)}: {exc}") from exc
+        raise BundleError(f"onnxruntime cannot load {bundle.path(graph)}: {exc}") from exc

@@ -1,4 +1,4 @@
-"""The fedmoe wire protocol, version 3: message types and their binary framing, free of I/O.
+"""The fedmoe wire protocol, version 4: message types and their binary framing, free of I/O.
 
 Shared by the device runtime and the coordinator. Every protocol message travels as ONE websocket binary
 message (frame) laid out as::
@@ -6,7 +6,7 @@ message (frame) laid out as::
     +----------------+---------------------------+-----------------------------+
     | 4 bytes        | header_len bytes          | payload_size bytes          |
     | header_len     | UTF-8 JSON header         | optional payload            |
-    | (big-endian)   | {"v": 3, "type": ..., ...} | safetensors blob or raw     |
+    | (big-endian)   | {"v": 4, "type": ..., ...} | safetensors blob or raw     |
     +----------------+---------------------------+-----------------------------+
 
 The header holds the message's fields and, when the type carries a payload,
@@ -32,6 +32,10 @@ Conversation (the server and the client own the I/O and the ordering)::
                        (a zeroth-order device may send Update(zo=ZoUpdate(seeds, scalars)) and no tensors)
              (evaluation rides on the round: with FitConfig.eval_fraction > 0 the Update carries
               evaluation=EvalResult(...), the received model's score on the device's held-out split)
+    split:   (a split device's assignment, FitConfig.split; per step, ``device_runtime.split_trainer``)
+             device -> SmashedData(step, z)    coordinator -> CutGradient(step, lambda, loss)
+             device -> SplitScalars(step, v)   coordinator -> SplitStep(first_step, vbar...)
+             then the device's Update carries no tensors: the coordinator replayed its steps
     any time: Heartbeat(), Error(code, message)
 
 Modules, one job each: ``fields`` (limits, error codes, field types, validation with msgspec),
@@ -51,6 +55,7 @@ from device_runtime.wire.messages import (
     BundleData,
     BundleRequest,
     Challenge,
+    CutGradient,
     Enroll,
     EnrollOk,
     Error,
@@ -59,6 +64,10 @@ from device_runtime.wire.messages import (
     Heartbeat,
     Hello,
     Message,
+    SmashedData,
+    SplitConfig,
+    SplitScalars,
+    SplitStep,
     Update,
     ZoUpdate,
 )
@@ -80,6 +89,7 @@ __all__ = [
     "BundleData",
     "BundleRequest",
     "Challenge",
+    "CutGradient",
     "Enroll",
     "EnrollOk",
     "Error",
@@ -88,6 +98,10 @@ __all__ = [
     "Heartbeat",
     "Hello",
     "Message",
+    "SmashedData",
+    "SplitConfig",
+    "SplitScalars",
+    "SplitStep",
     "Update",
     "ZoUpdate",
     "bundle_chunks",
