@@ -47,6 +47,11 @@ Example (``fedmoe-coord init`` writes one)::
     delta = 1e-5
     epsilon_budget = 8.0                    # rounds stop before epsilon would pass it (0: no budget)
 
+    [split]                                 # device_runtime.wire.SplitConfig fields: devices with the
+    cut_layer = 1                           # split backend train layers < cut_layer with the coordinator
+    perturbations = 2                       # (HO-SFL); keep_ratio < 1: ACP-SL prunes their smashed data
+    keep_ratio = 1.0
+
     [fit]                                   # device_runtime.wire.FitConfig fields
     batch_size = 8
     seq_len = 128
@@ -77,12 +82,13 @@ from device_runtime.errors import ConfigError
 from device_runtime.modes import lora_rank_mismatch
 from device_runtime.shape_key import FROZEN_DTYPES, TRAINABLE_MODES
 from device_runtime.units import MIB
-from device_runtime.wire import FitConfig
+from device_runtime.wire import FitConfig, SplitConfig, validate
 
 if TYPE_CHECKING:
     from coordinator.strategy import Strategy
 
 PRUNED = "pruned"
+DEFAULT_CUT_LAYER = 1  # [split] cut_layer when the config does not set it: the device runs the embeddings + layer 0
 DEFAULT_EVAL_FRACTION = 0.1  # [fit] eval_fraction when the config does not set it (FitConfig's own default is 0)
 FROZEN_EXPERTS = (*FROZEN_DTYPES, PRUNED)
 
@@ -122,6 +128,8 @@ class CoordinatorConfig:
             float16, so its forward pass routes over the whole global model (HFedMoE's design; experts mode,
             first-order devices whose budget affords it, ``export.planner``); ``"pruned"``, none (the router
             and top-k shrink to the trained experts: ``export.prune``).
+        split: split mode, the ``[split]`` table (``device_runtime.wire.SplitConfig``; a dict of its fields is
+            accepted): where devices with the ``split`` backend are cut and how they step (HO-SFL, ACP-SL).
         update_norm_bound: largest L2 norm of one update tensor.
         fit: the local training settings every round starts from (a dict of FitConfig fields is accepted; a dict
             or the default without ``eval_fraction`` gets :data:`DEFAULT_EVAL_FRACTION`: each device holds out that
@@ -152,6 +160,7 @@ class CoordinatorConfig:
     strategy_params: dict = field(default_factory=dict)
     rounds: RoundPolicy = field(default_factory=RoundPolicy)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    split: SplitConfig = field(default_factory=lambda: SplitConfig(cut_layer=DEFAULT_CUT_LAYER))
     trainable_mode: str = "experts"
     lora_rank: int = 0
     frozen_experts: str = "float16"
@@ -180,6 +189,11 @@ class CoordinatorConfig:
                 object.__setattr__(self, "privacy", PrivacyConfig(**self.privacy))
             except TypeError as exc:
                 raise ConfigError(f"config [privacy]: {exc}") from exc
+        if isinstance(self.split, dict):
+            try:
+                object.__setattr__(self, "split", validate(SplitConfig, {"cut_layer": DEFAULT_CUT_LAYER, **self.split}))
+            except ValueError as exc:
+                raise ConfigError(f"config [split]: {exc}") from exc
         if isinstance(self.fit, dict):
             try:
                 fit = {"eval_fraction": DEFAULT_EVAL_FRACTION, **self.fit}

@@ -17,7 +17,7 @@ States::
     CHALLENGED --Auth--> LOGGED_IN (Login, AuthOk)
     CHALLENGED --bad frame--> OPEN (Error)    OPEN / CHALLENGED --refused--> CLOSED (Error "auth", Close)
     OPEN / CHALLENGED --budget spent--> CLOSED (Close)
-    LOGGED_IN --message--> LOGGED_IN (HandleUpdate, SendBundle, HandleError or Error "unexpected")
+    LOGGED_IN --message--> LOGGED_IN (HandleUpdate, HandleSplit, SendBundle, HandleError or Error "unexpected")
     LOGGED_IN --rate exceeded or revoked--> CLOSED (Close)
 
 Before login, a connection may send at most :data:`MAX_PRE_LOGIN_MESSAGES` messages (a Hello and its Auth count
@@ -63,6 +63,8 @@ from device_runtime.wire import (
     Heartbeat,
     Hello,
     Message,
+    SmashedData,
+    SplitScalars,
     Update,
 )
 
@@ -160,6 +162,14 @@ class HandleUpdate:
 
 
 @dataclass(frozen=True)
+class HandleSplit:
+    """Hand a split device's step message (``SmashedData`` / ``SplitScalars``) to the coordinator, which answers
+    it (and the step's other devices) when the step allows."""
+
+    message: SmashedData | SplitScalars
+
+
+@dataclass(frozen=True)
 class SendBundle:
     """Send the device the bundle of ``shape_key_id`` in BundleData chunks."""
 
@@ -173,7 +183,7 @@ class HandleError:
     error: Error
 
 
-Action = Send | Close | Login | HandleUpdate | SendBundle | HandleError
+Action = Send | Close | Login | HandleUpdate | HandleSplit | SendBundle | HandleError
 
 
 def refusal(code: str, message: str) -> Send:
@@ -376,6 +386,8 @@ class CoordinatorConnection:
     def _dispatch(self, msg: Message, now: float) -> list[Action]:
         if isinstance(msg, Update):
             return [HandleUpdate(msg)]
+        if isinstance(msg, (SmashedData, SplitScalars)):
+            return [HandleSplit(msg)]
         if isinstance(msg, BundleRequest):
             return [SendBundle(msg.shape_key_id)]
         if isinstance(msg, Heartbeat):

@@ -52,6 +52,7 @@ def fit_context(cfg: CoordinatorConfig) -> FitContext:
         cfg.lora_rank,
         cfg.seed,
         None if cfg.frozen_experts == PRUNED else cfg.frozen_experts,
+        split=cfg.split,
     )
 
 

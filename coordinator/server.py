@@ -40,6 +40,7 @@ from coordinator.connection import (
     Close,
     CoordinatorConnection,
     HandleError,
+    HandleSplit,
     HandleUpdate,
     Login,
     Send,
@@ -56,7 +57,11 @@ from device_runtime.tls import CA_PATH, CERTIFICATE_PATH
 from device_runtime.wire import (
     Assignment,
     BundleData,
+    CutGradient,
     Message,
+    SmashedData,
+    SplitScalars,
+    SplitStep,
     Update,
     bundle_chunks,
     decode,
@@ -75,7 +80,8 @@ ACCEPT_BATCH = 64  # connections accepted per event-loop iteration (coordinator.
 CLOSE_TOO_BIG = 1009  # websocket close code: a message exceeded the receiver's max_size
 
 
-TRAFFIC = (Assignment, BundleData, Update)  # the messages whose bytes are counted per device and round
+# the messages whose bytes are counted per device and round
+TRAFFIC = (Assignment, BundleData, Update, SmashedData, CutGradient, SplitScalars, SplitStep)
 
 
 def http_routes(coord: Coordinator) -> Callable:
@@ -231,6 +237,8 @@ class Connection:
                 await self.login(action)
             case HandleUpdate(update):
                 await self.send(await self.coord.handle_update(self.session, update))
+            case HandleSplit(message):
+                await self.coord.handle_split(self.session, message)
             case SendBundle(shape_key_id):
                 await self.send_bundle(shape_key_id)
             case HandleError(error):

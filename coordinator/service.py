@@ -33,13 +33,14 @@ from coordinator.rounds import (
     StartRound,
     Wait,
 )
+from coordinator.split_rounds import SplitMember, SplitRounds
 from coordinator.strategy import ClientInfo, FitIns, Strategy
 from coordinator.zo_updates import expand_zo_update
 from device_runtime.bundle import Manifest
-from device_runtime.errors import FedmoeError, UpdateRejected
+from device_runtime.errors import FedmoeError, ProtocolError, UpdateRejected
 from device_runtime.signing import Signer
 from device_runtime.stats import RoutingStats
-from device_runtime.wire import Ack, Assignment, Error, FitConfig, Message, Update
+from device_runtime.wire import Ack, Assignment, Error, FitConfig, Message, SmashedData, SplitScalars, Update
 from device_runtime.wire.fields import to_json
 
 log = logging.getLogger("fedmoe.coord")
@@ -126,6 +127,8 @@ class Coordinator:
         self._evaluations: set[asyncio.Task] = set()
         self._evaluating = asyncio.Lock()  # one evaluation at a time: they share the evaluator's model
         self._evaluation_pool = background_executor() if self.evaluator is not None else None
+        self.split = SplitRounds(cfg.checkpoint, trainable_mode=cfg.trainable_mode, lora_rank=cfg.lora_rank)
+        self._split_tasks: set[asyncio.Task] = set()
         self._resume()
 
     @classmethod
@@ -190,7 +193,10 @@ class Coordinator:
 
     def _lost(self, device_id: str) -> None:
         """``device_id``'s connection closed or a send to it failed: tell the engine (holding an assignment
-        counts as a failure) and log an exclusion."""
+        counts as a failure) and log an exclusion; its split steps go on without it until it is back."""
+        pending = self._pending_of(device_id)
+        if pending is not None:
+            self._split_left(pending.update_id)
         self._log_exclusion(device_id, self.engine.device_lost(device_id, self.clock()), "it disconnected")
         self.wake.set()
 
@@ -324,6 +330,7 @@ class Coordinator:
             if pending is not None:
                 self.engine.assign(pending.update_id, device_id)
                 prepared.append(pending)
+        await self._start_split(row.id, [p for p in prepared if p.fit.config.split is not None])
         await asyncio.gather(*(self._deliver(pending) for pending in prepared))
         log.info(
             "round %d (server round %d) started with %d of %d devices",
@@ -332,6 +339,48 @@ class Coordinator:
             len(prepared),
             len(devices),
         )
+
+    async def _start_split(self, round_id: int, split: list[Pending]) -> None:
+        """Open the round's split group (HO-SFL) for its split assignments; if the top cannot be built, they are
+        rejected (the round goes on with the others)."""
+        members = [SplitMember(p.update_id, p.device_id, p.fit.expert_ids) for p in split]
+        try:
+            await self.split.start(round_id, split[0].fit.config if split else self.cfg.fit, self.model.params, members)
+        except Exception as exc:  # noqa: BLE001 - a bad cut or an unloadable checkpoint: those devices sit out
+            log.exception("round %d: the split group could not start", round_id)
+            for pending in split:
+                self._reject(pending, f"split mode could not start: {type(exc).__name__}: {exc}")
+
+    async def handle_split(self, session: Session, msg: SmashedData | SplitScalars) -> None:
+        """A split device's step message: hand it to the round's group, send what that releases.
+
+        Raises:
+            ProtocolError("unexpected"): not this device's split assignment, or the group refused the message.
+        """
+        pending = self.pending.get(msg.update_id)
+        if pending is None or pending.device_id != session.device_id or pending.round_id != msg.round_id:
+            raise ProtocolError("unexpected", f"{msg.TYPE}: no split assignment {msg.update_id} of this device")
+        await self._send_split(await self.split.handle(msg.update_id, msg))
+
+    async def _send_split(self, replies: list[tuple[str, Message]]) -> None:
+        for update_id, message in replies:
+            pending = self.pending.get(update_id)
+            session = None if pending is None else self.sessions.get(pending.device_id)
+            if session is not None:
+                await self._send(session, message)
+
+    def _split_left(self, update_id: str) -> None:
+        """A split member left: its group's step goes on without it (in a task: this is called synchronously)."""
+        group = self.split.group
+        if group is None or update_id not in group.members:
+            return
+
+        async def drop() -> None:
+            await self._send_split(await self.split.drop(update_id))
+
+        task = asyncio.get_running_loop().create_task(drop())
+        self._split_tasks.add(task)
+        task.add_done_callback(self._split_tasks.discard)
 
     async def _deliver(self, pending: Pending) -> None:
         """Send an assignment to its device's connection of the moment (the round's deliveries run concurrently).
@@ -402,6 +451,7 @@ class Coordinator:
             self._closed_failed(str(exc))
             return
         log.info("round %d aggregated %d updates -> model version %d", action.round_id, len(rows), version.version)
+        self.split.close()
         self._log_federated_evaluation(action.round_id, version.metrics)
         self.pending = {u: p for u, p in self.pending.items() if p.round_id >= action.round_id}
         self.engine.closed()
@@ -495,13 +545,16 @@ class Coordinator:
             or (pending.device_id, pending.round_id) != (session.device_id, msg.round_id)
         ):
             return Ack(update_id=msg.update_id, accepted=False, reason="no such assignment for this device and round")
-        reason, sha, evaluation = "", None, None
+        reason, sha, evaluation, meta = "", None, None, None
         try:
             evaluation = check_evaluation(msg.evaluation, pending.fit.config)
-            sha = await self._validate_and_store(pending, msg)
+            if pending.fit.config.split is not None:  # its steps are here already: the group's model, its rows
+                sha, meta = await self._store_split(pending, msg)
+            else:
+                sha = await self._validate_and_store(pending, msg)
         except UpdateRejected as exc:
-            reason, evaluation = exc.reason, None
-        meta = update_meta(
+            reason, evaluation, meta = exc.reason, None, None
+        meta = meta or update_meta(
             pending.manifest, pending.fit.expert_ids, msg.trained_experts, msg.routing, msg.metrics, evaluation
         )
         if sha is not None and not self._collecting(msg.round_id):  # aggregation began while the file was written
@@ -630,6 +683,12 @@ class Coordinator:
             global_params=self.model.params,
         )
         return await asyncio.to_thread(self.model.store.put, tensors)
+
+    async def _store_split(self, pending: Pending, msg: Update) -> tuple[str, dict]:
+        if not self._collecting(msg.round_id):
+            raise UpdateRejected(f"round {msg.round_id} is closed")
+        tensors, meta = self.split.update_of(pending.update_id, msg, self.cfg.update_norm_bound, self.model.params)
+        return await asyncio.to_thread(self.model.store.put, tensors), meta
 
     # ------------------------------------------------------------ crash recovery
 

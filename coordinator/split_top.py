@@ -96,7 +96,7 @@ class SplitTop:
         names = {n for n, _ in description.trainable_tensors(list(params), trainable_mode)}
         layer_of = dict(description.trainable_tensors(list(params), trainable_mode))
         self.bottom = {n: np.array(params[n], dtype=np.float32) for n in sorted(names) if layer_of[n] < len(below)}
-        self.bottom_layer = {n: layer_of[n] for n in self.bottom}
+        self.layer_of = {n: layer_of[n] for n in names}  # MoE layer of every trainable tensor
         top_names = sorted(names - set(self.bottom))
         named = dict(model.named_parameters())
         for param in model.parameters():
@@ -158,14 +158,15 @@ class SplitTop:
         views = [
             (name, array[r : r + 1], [r])
             for name, array in self.bottom.items()
-            for r in sorted(rows.get(self.bottom_layer[name], ()))
+            for r in sorted(rows.get(self.layer_of[name], ()))
         ]
         apply_step(views, seeds, scalars, lr)
 
-    def tensors(self) -> dict[str, np.ndarray]:
-        """The split group's model now: the bottom copy and the top's trainable tensors, by global name."""
+    def tensors(self, *, bottom: bool = True) -> dict[str, np.ndarray]:
+        """Copies of the split group's model now, by global name: the top's trainable tensors and, with
+        ``bottom``, the bottom copy's."""
         top = {n: p.detach().numpy().copy() for n, p in self.top_params.items()}
-        return {**{n: a.copy() for n, a in self.bottom.items()}, **top}
+        return {**({n: a.copy() for n, a in self.bottom.items()} if bottom else {}), **top}
 
     def top_routing(self) -> RoutingStats:
         """An empty accumulator of the top's routing statistics (every global expert of each top MoE layer)."""

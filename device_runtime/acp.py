@@ -86,5 +86,5 @@ def select_channels(
 def update_gradient_scale(scale: np.ndarray | None, gradient: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """``g`` after one received ``gradient`` ``(batch, seq_len, hidden)``: running mean of ``|lambda_j|`` over
     real tokens (the first gradient sets it)."""
-    step = np.abs(gradient.astype(np.float32)[mask.astype(bool)]).mean(axis=0)
-    return step if scale is None else DECAY * scale + (1 - DECAY) * step
+    step: np.ndarray = np.abs(gradient.astype(np.float32)[mask.astype(bool)]).mean(axis=0)
+    return step if scale is None else np.float32(DECAY) * scale + np.float32(1 - DECAY) * step

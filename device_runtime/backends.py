@@ -7,10 +7,14 @@ ort-training  first-order    onnxruntime-training-cpu: x86-64 Linux,         ``o
                              Windows, macOS only (``fedmoe[device]``)        graph, backward, AdamW
 zo            zeroth-order   any onnxruntime, inference builds included      ``zo_trainer.ZoTrainer``: MeZO / SPSA,
                              (aarch64, Android; ``fedmoe[device-lite]``)     two forwards of eval_model.onnx
+split         hybrid-order   any onnxruntime (``fedmoe[device-lite]``)       ``split_trainer.SplitTrainer``: HO-SFL,
+                                                                             bottom forward-only, top on the
+                                                                             coordinator (split bundles only)
 ============  =============  ==============================================  ===================================
 
 Choice (:func:`select_backend`): the name asked for (``--backend`` of ``fedmoe-device run`` / ``train-local``,
-else ``$FEDMOE_DEVICE_BACKEND``), else the first available in the table's order (first-order learns more per
+else ``$FEDMOE_DEVICE_BACKEND``), else the first available in the table's order (``split`` only when asked for:
+the coordinator then assigns the device split mode) (first-order learns more per
 example when it can run). The device's profile lists what is available and which one it chose.
 """
 
@@ -24,7 +28,7 @@ from typing import Any
 
 from device_runtime.bundle import Bundle
 from device_runtime.errors import ConfigError
-from device_runtime.modes import ORT_TRAINING_BACKEND, ZO_BACKEND, Order
+from device_runtime.modes import ORT_TRAINING_BACKEND, SPLIT_BACKEND, ZO_BACKEND, Order
 from device_runtime.trainer import Trainer
 
 ENV_BACKEND = "FEDMOE_DEVICE_BACKEND"
@@ -80,6 +84,13 @@ BACKENDS: dict[str, Backend] = {
             "device_runtime.zo_trainer:ZoTrainer",
             _ort_inference,
         ),
+        Backend(
+            SPLIT_BACKEND,
+            Order.HYBRID,
+            "pip install 'fedmoe[device-lite]'",
+            "device_runtime.split_trainer:SplitTrainer",
+            _ort_inference,
+        ),
     )
 }
 
@@ -107,7 +118,7 @@ def select_backend(name: str | None = None) -> Backend:
             )
         return backend
     for backend in BACKENDS.values():
-        if backend.is_available():
+        if backend.name != SPLIT_BACKEND and backend.is_available():
             return backend
     raise ConfigError(
         "no training backend is installed: pip install 'fedmoe[device-lite]' (any platform, "

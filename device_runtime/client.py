@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import queue
 import random
 import shutil
 import signal
@@ -55,7 +56,7 @@ from device_runtime.errors import (
 )
 from device_runtime.fit_round import fit_assignment
 from device_runtime.memory import release_memory
-from device_runtime.session import Acked, Action, DeviceSession, InstallBundle, Report, Send, Train
+from device_runtime.session import Acked, Action, DeviceSession, InstallBundle, Report, Send, SplitReply, Train
 from device_runtime.signing import Verifier
 from device_runtime.slots import training_slot
 from device_runtime.tls import client_context, fetch_client_certificate, fetch_pinned_ca, split_token, write_client_pem
@@ -63,6 +64,7 @@ from device_runtime.trainer_cache import TrainerCache
 from device_runtime.units import MIB
 from device_runtime.update_store import UpdateStore
 from device_runtime.wire import (
+    ERROR_CODES,
     PROTOCOL_VERSION,
     Assignment,
     Auth,
@@ -229,6 +231,49 @@ class Backoff:
         return min(self.max_s, self.base_s * 2.0 ** min(attempt, 30)) * rng.uniform(0.5, 1.0)
 
 
+class ThreadLink:
+    """A split trainer's line to the coordinator (``device_runtime.split_trainer.SplitLink``): the training thread
+    sends through the client's event loop and blocks until the reader task hands it the answer.
+
+    If the connection drops meanwhile, the client re-sends the last message on the next connection (the
+    coordinator answers a step it already moved past with the history the device missed).
+
+    Args:
+        loop: the client's event loop. send: the client's ``_send`` coroutine function.
+        stop: set when the device stops. timeout_s: longest wait for one answer (seconds).
+    """
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        send: Callable[[Message], Any],
+        stop: threading.Event,
+        timeout_s: float = 900.0,
+    ):
+        self.loop, self.send, self.stop, self.timeout_s = loop, send, stop, timeout_s
+        self.replies: queue.Queue[Message] = queue.Queue()
+        self.last: Message | None = None
+
+    def exchange(self, msg: Message) -> Message:
+        """Send ``msg``; the coordinator's answer. Raises DataError: stopping, or no answer in ``timeout_s``."""
+        self.last = msg
+        asyncio.run_coroutine_threadsafe(self.send(msg), self.loop).result()
+        waited = 0.0
+        while waited < self.timeout_s:
+            if self.stop.is_set():
+                raise DataError("split step abandoned: the device is stopping")
+            try:
+                reply = self.replies.get(timeout=1.0)
+            except queue.Empty:
+                waited += 1.0
+                continue
+            self.last = None
+            if isinstance(reply, Error):
+                raise ProtocolError(reply.code if reply.code in ERROR_CODES else "internal", reply.message)
+            return reply
+        raise DataError(f"no answer from the coordinator in a split step for {self.timeout_s:.0f} s")
+
+
 class DeviceClient:
     """A long-running device: connect, authenticate, train assignments, upload updates, reconnect.
 
@@ -301,6 +346,7 @@ class DeviceClient:
         self._queue: asyncio.Queue[Assignment | None] = asyncio.Queue()
         self._stopping = asyncio.Event()
         self._stop_training = threading.Event()
+        self._link: ThreadLink | None = None  # the split trainer's, while a split assignment trains
 
     # ------------------------------------------------------------ lifecycle
 
@@ -360,6 +406,8 @@ class DeviceClient:
                 heartbeat = asyncio.create_task(self._heartbeat(ws))
                 try:
                     await self._resend_pending(ws)
+                    if self._link is not None and self._link.last is not None:  # a split step lost with the connection
+                        await ws.send(encode(self._link.last))
                     await self._serve(ws)
                 finally:
                     self._ws = None
@@ -407,6 +455,8 @@ class DeviceClient:
                 )
                 await self._apply(self.session.on_frame_error(exc))
                 continue
+            if isinstance(msg, Error) and self._link is not None:  # e.g. the coordinator refused our smashed data
+                self._link.replies.put(msg)
             await self._apply(self.session.on_message(msg))
 
     # ------------------------------------------------------------ actions
@@ -421,6 +471,11 @@ class DeviceClient:
                 self._queue.put_nowait(action.assignment)
             elif isinstance(action, Acked):
                 self._acked(action)
+            elif isinstance(action, SplitReply):
+                if self._link is None:
+                    log.warning("%s outside a split step ignored", action.message.TYPE)
+                else:
+                    self._link.replies.put(action.message)
             elif isinstance(action, Report):
                 log.log(logging.WARNING if action.level == "warning" else logging.INFO, "%s", action.text)
 
@@ -488,9 +543,12 @@ class DeviceClient:
             return
         log.info("round %d: training %s on %s", assignment.round_id, bundle.manifest.shape_key.id, self.data_file)
         extra = {} if self.memory_mib is None else {"memory_budget_mib": float(self.memory_mib)}
+        split = assignment.config.split is not None
+        if split:
+            self._link = ThreadLink(asyncio.get_running_loop(), self._send, self._stop_training)
         try:
             update = await asyncio.to_thread(
-                _fit_in_slot,
+                fit_assignment if split else _fit_in_slot,  # split devices step together: no slot to queue for
                 bundle,
                 assignment,
                 self.data_file,
@@ -500,6 +558,7 @@ class DeviceClient:
                 extra_metrics=extra,
                 backend=self.backend,
                 trainers=self.trainers,
+                link=self._link,
             )
         except (FedmoeError, OSError) as exc:
             self.session.forget(uid)
@@ -509,6 +568,8 @@ class DeviceClient:
             log.error("training of %s failed: %s: %s", uid, type(exc).__name__, exc)
             await self._report_failure(uid, exc)
             return
+        finally:
+            self._link = None
         self.store.put(update)  # on disk before it is sent: a drop or restart re-sends it
         log.info(
             "round %d: loss %.4f, %d steps, peak RSS %.0f MiB; sending update %s",

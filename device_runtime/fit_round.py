@@ -23,6 +23,7 @@ from device_runtime.bundle import TOKENIZER_FILE, Bundle, Manifest
 from device_runtime.data import DEFAULT_TEMPLATE, EVAL_SPLIT_SEED, Batch, LocalDataset
 from device_runtime.errors import ConfigError, DataError, ProtocolError
 from device_runtime.modes import Order
+from device_runtime.split_trainer import SplitLink, SplitTrainer
 from device_runtime.trainer import FitResult, Trainer
 from device_runtime.trainer_cache import TrainerCache
 from device_runtime.units import MIB
@@ -154,6 +155,7 @@ def fit_assignment(
     extra_metrics: dict[str, float] | None = None,
     backend: str | None = None,
     trainers: TrainerCache | None = None,
+    link: SplitLink | None = None,
 ) -> Update:
     """Train ``assignment`` on ``data_file`` and build its ``Update``.
 
@@ -169,6 +171,8 @@ def fit_assignment(
         template: prompt template of classification records. extra_metrics: added to the metrics.
         backend: training backend name (None: ``backends.select_backend``'s choice).
         trainers: the device's kept trainer (``device_runtime.trainer_cache``); None: a fresh trainer.
+        link: a split assignment's (``config.split``) line to the coordinator for its steps
+            (``device_runtime.split_trainer``); its Update then carries no tensors.
 
     Raises:
         ProtocolError("bad_tensor"): the assignment does not fit the bundle.
@@ -187,6 +191,7 @@ def fit_assignment(
             extra_metrics=extra_metrics,
             backend=backend,
             trainers=trainers,
+            link=link,
         )
     except BaseException:
         trainers.done(failed=True)
@@ -206,6 +211,7 @@ def _fit(
     extra_metrics: dict[str, float] | None,
     backend: str | None,
     trainers: TrainerCache,
+    link: SplitLink | None,
 ) -> Update:
 
     tensors = assignment_tensors(bundle.manifest, assignment)
@@ -225,8 +231,10 @@ def _fit(
     trainer.set_parameters(tensors)
     del tensors
     assignment.tensors.clear()  # now copied into the trainer: free the wire copy (100s of MiB) before training
+    if cfg.split is not None:
+        _join_split(trainer, assignment, link)
     evaluation, eval_seconds = evaluate_received(trainer, dataset, cfg.batch_size, stop)
-    is_zo = trainer.order == Order.ZEROTH
+    is_zo = trainer.order in (Order.ZEROTH, Order.HYBRID)
     start = time.perf_counter()
     result = trainer.fit(
         until_stopped(dataset.train_batches(cfg.batch_size), stop),
@@ -257,9 +265,27 @@ def _fit(
             held=held,
             evaluation=evaluation,
         )
-    trainable = set(bundle.manifest.trainable_names)
+    trainable = set(bundle.manifest.trainable_names) if cfg.split is None else set()  # split: the coordinator has it
     params = {n: a for n, a in trainer.get_parameters().items() if n in trainable}
     return build_update(assignment, result, params, metrics, held=held, evaluation=evaluation)
+
+
+def _join_split(trainer: Trainer, assignment: Assignment, link: SplitLink | None) -> None:
+    """Give a split trainer its round. Raises ConfigError: not a split trainer, or no link to the coordinator."""
+    cfg = assignment.config
+    if not isinstance(trainer, SplitTrainer) or link is None or cfg.split is None:
+        raise ConfigError(
+            f"assignment {assignment.update_id} is split mode: train it with the split backend, connected "
+            "(fedmoe-device run --backend split)"
+        )
+    trainer.join(
+        link,
+        update_id=assignment.update_id,
+        round_id=assignment.round_id,
+        seed=cfg.seed,
+        config=cfg.split,
+        expert_ids=assignment.expert_ids,
+    )
 
 
 def build_update(

@@ -1,7 +1,7 @@
 """How an authenticated device reacts to coordinator messages: a "message + state -> actions" layer.
 
 No network I/O here: :class:`DeviceSession` returns :class:`Send`, :class:`InstallBundle`, :class:`Train`,
-:class:`Acked` and :class:`Report` actions that ``device_runtime.client`` carries out (websocket,
+:class:`Acked`, :class:`SplitReply` and :class:`Report` actions that ``device_runtime.client`` carries out (websocket,
 bundle cache, ORT training, update store), and the client tells the session what came of them
 (:meth:`DeviceSession.bundle_installed`, :meth:`DeviceSession.bundle_rejected`, :meth:`DeviceSession.forget`).
 The one disk write is the bundle transfer: ``BundleAssembler`` streams chunks into a staging directory
@@ -30,9 +30,11 @@ from device_runtime.wire import (
     BundleAssembler,
     BundleData,
     BundleRequest,
+    CutGradient,
     Error,
     Heartbeat,
     Message,
+    SplitStep,
 )
 
 
@@ -70,6 +72,13 @@ class Acked:
 
 
 @dataclass(frozen=True)
+class SplitReply:
+    """The coordinator's answer in a split step (CutGradient or SplitStep): hand it to the training thread."""
+
+    message: Message
+
+
+@dataclass(frozen=True)
 class Report:
     """Something worth a log line: ``level`` is ``"info"`` or ``"warning"``."""
 
@@ -77,7 +86,7 @@ class Report:
     text: str
 
 
-Action = Send | InstallBundle | Train | Acked | Report
+Action = Send | InstallBundle | Train | Acked | SplitReply | Report
 
 
 class DeviceSession:
@@ -111,6 +120,8 @@ class DeviceSession:
             return [Acked(msg.update_id, msg.accepted, msg.reason)]
         if isinstance(msg, Heartbeat):
             return []
+        if isinstance(msg, (CutGradient, SplitStep)):
+            return [SplitReply(msg)]
         if isinstance(msg, Error):
             return [Report("warning", f"coordinator reported {msg.code}: {msg.message}")]
         return [Send(Error(code="unexpected", message=f"{msg.TYPE} is not expected by a device"))]

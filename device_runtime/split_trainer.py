@@ -111,7 +111,9 @@ class SplitTrainer(BundleTrainer):
             for name, spec in self._specs.items()
             if spec.trainable
         ]
-        self._step_index, self._means, self._scale = 0, None, None
+        self._step_index = 0
+        self._means: acp.ChannelMeans | None = None
+        self._scale: np.ndarray | None = None
 
     def fit(self, batches: Iterable[Batch], **kwargs: Any) -> FitResult:
         """See :meth:`Trainer.fit`; needs :meth:`join` first. Each step is one HO-SFL exchange."""
@@ -135,7 +137,8 @@ class SplitTrainer(BundleTrainer):
             self._replay(reply, learning_rate)
             outputs = self._forward(feeds)
             reply = self._link.exchange(self._smashed(outputs[SMASHED], self._batch))
-        gradient = self._expect(reply, CutGradient).tensors.get("gradient")
+        cut: CutGradient = self._expect(reply, CutGradient)
+        gradient = cut.tensors.get("gradient")
         smashed = outputs[SMASHED]
         if gradient is None or gradient.shape != smashed.shape:
             raise ProtocolError(
@@ -149,18 +152,17 @@ class SplitTrainer(BundleTrainer):
             SplitScalars(update_id=update_id, round_id=round_id, step=self._step_index, scalars=scalars)
         )
         self._replay(self._expect(done, SplitStep), learning_rate)
-        return {**outputs, LOSS: np.asarray(reply.loss, dtype=np.float32)}
+        return {**outputs, LOSS: np.asarray(cut.loss, dtype=np.float32)}
 
     def _smashed(self, smashed: np.ndarray, batch: Batch) -> SmashedData:
         """This step's SmashedData: ACP-SL's kept channels of ``smashed`` in float16, the mask and the labels."""
         update_id, round_id, _ = self._ids
         mask = batch.attention_mask
-        if self._means is None:
-            self._means = acp.ChannelMeans(smashed.shape[-1])
+        means = self._means = self._means or acp.ChannelMeans(smashed.shape[-1])
         scale = np.ones(smashed.shape[-1], np.float32) if self._scale is None else self._scale
-        channels = acp.select_channels(smashed, mask, self._means, scale, self._config.keep_ratio)
+        channels = acp.select_channels(smashed, mask, means, scale, self._config.keep_ratio)
         values = smashed[:, :, channels].astype(np.float16)
-        self._means.update(values, channels, mask)
+        means.update(values, channels, mask)
         labels = np.where(mask == 0, IGNORE_INDEX, batch.labels).astype(np.int32)
         return SmashedData(
             update_id=update_id,

@@ -77,6 +77,22 @@ MESSAGES = [
         evaluation=p.EvalResult(loss=3.25, num_examples=4, num_tokens=512, accuracy=0.5),
         tensors=W,
     ),
+    p.SmashedData(
+        update_id="r3-d-3f2e",
+        round_id=3,
+        step=2,
+        channels=(0, 5, 9),
+        tensors={
+            "smashed": np.ones((2, 4, 3), np.float16),
+            "attention_mask": np.ones((2, 4), np.int32),
+            "labels": np.full((2, 4), -100, np.int32),
+        },
+    ),
+    p.CutGradient(
+        update_id="r3-d-3f2e", round_id=3, step=2, loss=1.5, tensors={"gradient": np.ones((2, 4, 16), np.float16)}
+    ),
+    p.SplitScalars(update_id="r3-d-3f2e", round_id=3, step=2, scalars=(0.5, -1.25)),
+    p.SplitStep(update_id="r3-d-3f2e", round_id=3, first_step=1, scalars=((0.5, -1.25), (2.0, 0.0))),
     p.Heartbeat(),
     p.Error(code="bad_tensor", message="tensor x: shape (2,) != expected (3,)"),
 ]
@@ -105,8 +121,8 @@ def test_round_trip(msg):
     back = p.decode(p.encode(msg), max_size=MAX)
     assert type(back) is type(msg) and back == msg
     if msg.PAYLOAD == "tensors":
-        assert set(back.tensors) == set(W)
-        for name, array in W.items():
+        assert set(back.tensors) == set(msg.tensors)
+        for name, array in msg.tensors.items():
             assert back.tensors[name].dtype == array.dtype
             np.testing.assert_array_equal(back.tensors[name], array)
 
@@ -267,7 +283,7 @@ def test_bad_tensors(header, data):
 
 
 def test_tensors_to_bytes_rejects_bad_names_and_dtypes():
-    for tensors in ({"a/b": np.zeros(1, np.float32)}, {"w": np.zeros(1, np.float64)}, {"w": np.zeros(1, np.int32)}):
+    for tensors in ({"a/b": np.zeros(1, np.float32)}, {"w": np.zeros(1, np.float64)}, {"w": np.zeros(1, np.int64)}):
         with pytest.raises(ProtocolError) as info:
             p.tensors_to_bytes(tensors)
         assert info.value.code == "bad_tensor"

@@ -43,14 +43,17 @@ def strategy_for(tp) -> st.SearchStrategy:
     if base is bool:
         return st.booleans()
     if base is int:
-        return st.integers(meta.ge if meta.ge is not None else -(2**63), meta.le if meta.le is not None else 2**63 - 1)
+        low = meta.ge if meta.ge is not None else meta.gt + 1 if meta.gt is not None else -(2**63)
+        return st.integers(low, meta.le if meta.le is not None else meta.lt - 1 if meta.lt is not None else 2**63 - 1)
     if base is float:
         high = meta.le if meta.le is not None else meta.lt if meta.lt is not None else FLOAT_MAX
+        low = meta.ge if meta.ge is not None else meta.gt if meta.gt is not None else -FLOAT_MAX
         return st.floats(
-            meta.ge if meta.ge is not None else -FLOAT_MAX,
+            low,
             high,
             allow_nan=False,
             allow_infinity=False,
+            exclude_min=meta.gt is not None,
             exclude_max=meta.lt is not None,
         )
     if base is str:
@@ -66,7 +69,9 @@ def strategy_for(tp) -> st.SearchStrategy:
     if origin in (typing.Union, types.UnionType):
         return st.one_of([strategy_for(a) for a in args])
     if origin is tuple:
-        return st.lists(strategy_for(args[0]), max_size=min(meta.max_length or 4, 4)).map(tuple)
+        return st.lists(
+            strategy_for(args[0]), min_size=meta.min_length or 0, max_size=min(meta.max_length or 4, 4)
+        ).map(tuple)
     if origin is list:
         return st.lists(strategy_for(args[0]), max_size=min(meta.max_length or 4, 4))
     if origin is dict:

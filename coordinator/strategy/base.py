@@ -28,7 +28,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from coordinator.strategy.aggregate import RowAccumulator, RowCombine, weighted_loss_avg, weighted_metrics_avg
-from coordinator.strategy.selection import affordable_fit, expert_scores
+from coordinator.strategy.selection import affordable_fit, expert_scores, split_fit, training_order
 from coordinator.strategy.types import (
     Aggregated,
     ClientEvaluation,
@@ -45,6 +45,7 @@ from coordinator.strategy.types import (
 from coordinator.strategy.validate import validate_update
 from device_runtime.bundle import EXPERT_ROLES, TensorRole, TensorSpec
 from device_runtime.errors import ConfigError, FedmoeError, UpdateRejected
+from device_runtime.modes import Order
 from device_runtime.stats import IMPORTANCE_BETA, IMPORTANCE_LAMBDA
 from device_runtime.wire import FitConfig
 from export.planner import select_experts
@@ -132,6 +133,8 @@ class Strategy(ABC):
         context = self._bound()
         kept, frozen_dtype, merged = affordable_fit(context, config, client.profile)
         ids = self.select_experts(server_round, client, kept)
+        if training_order(client.profile) == Order.HYBRID:  # split mode: the bottom's experts, HO-SFL settings
+            ids, config = split_fit(context, config, ids)
         return FitIns(ids, config, context.trainable_mode, context.lora_rank, frozen_dtype, merged)
 
     def select_experts(self, server_round: int, client: ClientInfo, kept: int) -> tuple[tuple[int, ...], ...]:

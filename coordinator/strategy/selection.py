@@ -19,7 +19,7 @@ import numpy as np
 
 from coordinator.strategy.types import FitContext
 from device_runtime.errors import BudgetError, ConfigError
-from device_runtime.modes import ZO_BACKEND, Order, TrainableMode
+from device_runtime.modes import SPLIT_BACKEND, ZO_BACKEND, Order, TrainableMode
 from device_runtime.stats import RoutingStats
 from device_runtime.wire import FitConfig
 from export.planner import Budget, TrainingShape, plan
@@ -39,9 +39,11 @@ def budget_of(profile: Mapping[str, Any]) -> Budget:
 
 
 def training_order(profile: Mapping[str, Any]) -> Order:
-    """``"zeroth-order"`` for a device that trains with the ``zo`` backend (its profile's ``backend``), else
-    ``"first-order"``: the planner gives a forward-only device the experts its smaller footprint affords."""
-    return Order.ZEROTH if profile.get("backend") == ZO_BACKEND else Order.FIRST
+    """``"zeroth-order"`` for a device that trains with the ``zo`` backend (its profile's ``backend``),
+    ``"hybrid-order"`` for the ``split`` backend, else ``"first-order"``: the planner gives a forward-only device
+    the experts its smaller footprint affords."""
+    backend = profile.get("backend")
+    return Order.ZEROTH if backend == ZO_BACKEND else Order.HYBRID if backend == SPLIT_BACKEND else Order.FIRST
 
 
 def affordable_experts(context: FitContext, config: FitConfig, profile: Mapping[str, Any]) -> int:
@@ -68,6 +70,7 @@ def affordable_fit(context: FitContext, config: FitConfig, profile: Mapping[str,
         ConfigError: the profile has no usable budget. BudgetError: one expert per layer does not fit.
     """
     budget, order = budget_of(profile), training_order(profile)
+    order = Order.ZEROTH if order == Order.HYBRID else order  # a split bottom is forward-only (planned as a whole)
     shape = TrainingShape(config.batch_size, config.seq_len, context.trainable_mode, context.lora_rank, order=order)
     if context.frozen_dtype is not None and order == Order.FIRST and context.trainable_mode == TrainableMode.EXPERTS:
         for merged in (False, True)[: 1 + context.merged]:
@@ -81,6 +84,23 @@ def affordable_fit(context: FitContext, config: FitConfig, profile: Mapping[str,
                 return kept, None, False
             return kept, context.frozen_dtype, merged
     return plan(context.model, shape, budget).experts_per_layer, None, False
+
+
+def split_fit(
+    context: FitContext, config: FitConfig, ids: tuple[tuple[int, ...], ...]
+) -> tuple[tuple[tuple[int, ...], ...], FitConfig]:
+    """A split device's ``(expert ids below the cut, FitConfig)`` from its whole-model selection ``ids``: the MoE
+    layers below ``context.split.cut_layer`` (every decoder layer of the supported families is a MoE layer), the
+    round's config with ``split`` set, no held-out evaluation (the bottom has no loss of its own) and no
+    seed-and-scalar upload (its steps travel as scalars already).
+
+    Raises:
+        BudgetError: the federation has no ``[split]`` settings, or the cut is not inside the model.
+    """
+    split = context.split
+    if split is None or not 1 <= split.cut_layer < len(ids):
+        raise BudgetError(f"split mode needs a [split] cut_layer in [1, {len(ids)}), got {split}")
+    return ids[: split.cut_layer], replace(config, split=split, eval_fraction=0.0, zo_seeds=0)
 
 
 def expert_scores(

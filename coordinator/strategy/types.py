@@ -33,7 +33,7 @@ from device_runtime.bundle import TensorSpec as TensorSpec  # re-exported
 from device_runtime.shape_key import ShapeKey, parse_trainable_mode
 from device_runtime.stats import LayerRouting as LayerRouting  # re-exported
 from device_runtime.stats import RoutingStats
-from device_runtime.wire import FitConfig
+from device_runtime.wire import FitConfig, SplitConfig
 from export.planner import ModelShape
 
 
@@ -160,6 +160,7 @@ class FitContext:
         frozen_dtype: devices hold the experts they do not train frozen in this dtype (``export.prune``), where
             their budget affords it; None: pruned. merged: below that budget, merged into one stand-in per layer
             (the planner's ladder, ``selection.affordable_fit``).
+        split: how devices with the split backend train (``[split]``, HO-SFL); None: they sit rounds out.
     """
 
     model: ModelShape
@@ -170,6 +171,7 @@ class FitContext:
     seed: int = 0
     frozen_dtype: str | None = None
     merged: bool = True
+    split: SplitConfig | None = None
 
 
 @dataclass(frozen=True)
@@ -178,7 +180,8 @@ class FitIns:
     as an ``Assignment`` (its bundle is the one of :attr:`shape_key`).
 
     Attributes:
-        expert_ids: per MoE layer, the global ids of the experts the client holds, ascending.
+        expert_ids: per MoE layer, the global ids of the experts the client holds, ascending (a split client:
+            per MoE layer below its cut, ``config.split.cut_layer``).
         config: the local training settings, with the strategy's own inputs (FedProx ``prox_mu``, FedAlign-MoE
             ``routing_prior`` and its coefficient).
         trainable_mode: ``"experts"`` or ``"lora"``. lora_rank: r (LoRA mode only).
@@ -204,4 +207,5 @@ class FitIns:
             self.config.prox_mu > 0,
             self.frozen_dtype,
             self.merged,
+            0 if self.config.split is None else self.config.split.cut_layer,
         )
