@@ -80,6 +80,7 @@ class BundleStore:
             training=self.training,
             frozen_dtype=key.frozen_dtype,
             merged=key.merged,
+            cut_layer=key.cut_layer,
         )
         with tempfile.TemporaryDirectory(dir=self.root, prefix=".tmp-") as tmp:
             write_bundle(self.checkpoint, Path(tmp) / "b", request)

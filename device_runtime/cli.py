@@ -20,7 +20,7 @@ from rich.table import Table
 
 from device_runtime.data import DEFAULT_TEMPLATE
 from device_runtime.errors import FedmoeError
-from device_runtime.modes import ORT_TRAINING_BACKEND, ZO_BACKEND
+from device_runtime.modes import ORT_TRAINING_BACKEND, SPLIT_BACKEND, ZO_BACKEND
 from device_runtime.units import MIB
 
 if TYPE_CHECKING:
@@ -30,9 +30,10 @@ _BACKEND = click.option(
     "--backend",
     envvar="FEDMOE_DEVICE_BACKEND",
     show_envvar=True,
-    type=click.Choice([ORT_TRAINING_BACKEND, ZO_BACKEND]),
-    help="Training backend: ort-training (first-order, needs onnxruntime-training) or zo "
-    "(zeroth-order, any onnxruntime) [default: the first one installed].",
+    type=click.Choice([ORT_TRAINING_BACKEND, ZO_BACKEND, SPLIT_BACKEND]),
+    help="Training backend: ort-training (first-order, needs onnxruntime-training), zo "
+    "(zeroth-order, any onnxruntime) or split (HO-SFL: the bottom of the model forward-only here, the top on the "
+    "coordinator; any onnxruntime; `run` only) [default: the first one installed of the first two].",
 )
 
 
