@@ -82,8 +82,6 @@ class SplitTrainer(BundleTrainer):
         self._binding = self._session.io_binding()
         for name, value in self._weights.items():
             self._binding.bind_ortvalue_input(name, self._ort.OrtValue.ortvalue_from_numpy(value))
-        for name in self._outputs:
-            self._binding.bind_output(name, "cpu")
         self._link: SplitLink | None = None
         self._batch: Batch | None = None
 
@@ -215,6 +213,9 @@ class SplitTrainer(BundleTrainer):
     def _forward(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         for name in (INPUT_IDS, ATTENTION_MASK):
             self._binding.bind_cpu_input(name, feeds[name])
+        self._binding.clear_binding_outputs()  # the smashed data's shape follows the batch: allocate afresh
+        for name in self._outputs:
+            self._binding.bind_output(name, "cpu")
         self._session.run_with_iobinding(self._binding)
         return dict(zip(self._outputs, self._binding.copy_outputs_to_cpu()))
 
