@@ -314,6 +314,8 @@ def _final(console: Console, summary: dict) -> None:
     console.print(table)
     console.print(_memory_table(summary))
     console.print(_devices_table(summary))
+    if any(r.get("backend") for s in summary["strategies"].values() for r in _device_rows(s)):
+        console.print(_backends_table(summary))
     console.print(
         f"plot: {summary['plot']}\nmetrics: {summary['out']}/metrics.csv, metrics.json, summary.json; "
         f"final models (Hugging Face checkpoints) in {summary['out']}/<strategy>/model, "
@@ -346,6 +348,38 @@ def _devices_table(summary: dict) -> Table:
                     f"{rss} / {summary['budgets_mib'].get(d['device'], '-')}",
                 )
     return table
+
+
+def _device_rows(strategy: dict) -> list[dict]:
+    return [d for record in strategy.get("devices_per_round", []) for d in record["devices"]]
+
+
+def _backends_table(summary: dict) -> Table:
+    """Per strategy and training backend, means over its devices and rounds: MiB up and down per round, training
+    seconds and training loss (a split device's is the coordinator's top loss on its batches)."""
+    table = Table(
+        "strategy", "backend", "device-rounds", "MiB up", "MiB down", "train s", "train loss", title="by backend"
+    )
+    for strategy, s in summary["strategies"].items():
+        groups: dict[str, list[dict]] = {}
+        for d in _device_rows(s):
+            groups.setdefault(d.get("backend") or "-", []).append(d)
+        for backend, rows in sorted(groups.items()):
+            table.add_row(
+                strategy,
+                backend,
+                str(len(rows)),
+                f"{sum(d['bytes_up'] for d in rows) / len(rows) / MIB:.1f}",
+                f"{sum(d['bytes_down'] for d in rows) / len(rows) / MIB:.1f}",
+                _mean([d.get("train_s") for d in rows], "{:.1f}"),
+                _mean([d.get("loss") for d in rows], "{:.3f}"),
+            )
+    return table
+
+
+def _mean(values: list, fmt: str) -> str:
+    known = [float(v) for v in values if v is not None]
+    return fmt.format(sum(known) / len(known)) if known else "-"
 
 
 def _memory_table(summary: dict) -> Table:

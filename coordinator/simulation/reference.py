@@ -36,8 +36,9 @@ import numpy as np
 from coordinator.simulation.report import DeviceRound, RoundRecord, experts_label
 from coordinator.strategy.types import ClientInfo, ClientUpdate, FitIns, Params
 from device_runtime.answer_prior import local_answer_shift
+from device_runtime.errors import ConfigError
 from device_runtime.fit_round import local_prior, round_dataset
-from device_runtime.modes import TrainableMode
+from device_runtime.modes import SPLIT_BACKEND, TrainableMode
 from device_runtime.shape_key import held_experts
 from device_runtime.stats import RoutingStats
 
@@ -244,9 +245,18 @@ def run_reference(
     experts it held (the system); ``"all"``, :func:`global_routing` over every expert (a lever, not the system).
 
     Raises:
-        FedmoeError: no device gets anything to train. ModelError / DataError: as the parts raise.
+        FedmoeError: no device gets anything to train. ConfigError: a split device in the fleet (the reference
+            trains every device's whole model in torch; split mode's HO-SFL steps are not modelled here).
+        ModelError / DataError: as the parts raise.
     """
     import torch
+
+    split = [d.name for d in fed.devices if d.backend == SPLIT_BACKEND]
+    if split:
+        raise ConfigError(
+            f"the torch reference does not model split mode (devices {', '.join(split[:3])}): compare a fleet "
+            "without split devices, or drop torch-<strategy> from --compare"
+        )
 
     from coordinator.evaluation import Evaluator
     from coordinator.federation import GlobalModel, fit_context, initialize, tensor_store

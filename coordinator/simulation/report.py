@@ -24,7 +24,7 @@ class DeviceRound:
     any layer) and which: the global ids per MoE layer, layers separated by ``|`` (``experts_label``), what it
     held frozen besides (``ShapeKey.held_label``), and its federated evaluation: the loss (nats per completion
     token) of the model it received, as its bundle holds it, on ``eval_examples`` held-out records before training
-    (None: it sent none)."""
+    (None: it sent none); its training backend and training seconds."""
 
     device: str
     loss: float | None
@@ -36,6 +36,8 @@ class DeviceRound:
     frozen: str = "-"
     eval_loss: float | None = None
     eval_examples: int = 0
+    backend: str = ""
+    train_s: float | None = None
 
 
 def experts_label(expert_ids) -> str:
@@ -96,6 +98,8 @@ def write_metrics(records: Sequence[RoundRecord], out: Path) -> None:
         "experts_kept",
         "experts",
         "frozen",
+        "device_backend",
+        "device_train_s",
     ]
     with open(out / "metrics.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
@@ -115,7 +119,7 @@ def write_metrics(records: Sequence[RoundRecord], out: Path) -> None:
             ]
             for d in r.devices or (None,):
                 tail = (
-                    [""] * 10
+                    [""] * 12
                     if d is None
                     else [
                         d.device,
@@ -128,6 +132,8 @@ def write_metrics(records: Sequence[RoundRecord], out: Path) -> None:
                         d.experts_kept,
                         d.experts,
                         d.frozen,
+                        d.backend,
+                        _number(d.train_s),
                     ]
                 )
                 writer.writerow(head + tail)

@@ -103,7 +103,9 @@ class Watch:
     def __init__(self, cfg: CoordinatorConfig):
         self.registry = Registry(cfg.registry_url)
         self.store = TensorStore(Path(cfg.state_dir) / "tensors")
-        self.names = {d.id: d.name for d in self.registry.list_devices()}
+        devices = self.registry.list_devices()
+        self.names = {d.id: d.name for d in devices}
+        self.backends = {d.id: str((d.profile or {}).get("backend", "")) for d in devices}
         self.num_experts = model_shape(cfg.checkpoint).num_experts
 
     def scored_round(self, strategy: str, version: int, peak: dict) -> RoundRecord | None:
@@ -169,6 +171,8 @@ class Watch:
                     frozen=ShapeKey.from_id(assignment.shape_key).held_label(self.num_experts),
                     eval_loss=scored.get("loss"),
                     eval_examples=int(scored.get("num_examples", 0)),
+                    backend=self.backends.get(device, ""),
+                    train_s=metrics.get("train_seconds"),
                 )
             )
             if rss is not None:
