@@ -31,9 +31,10 @@ def test_registry_prefers_first_order_and_honours_the_override(monkeypatch):
     from device_runtime.backends import ENV_BACKEND, available_backends, select_backend
 
     monkeypatch.delenv(ENV_BACKEND, raising=False)
-    assert available_backends() == ("ort-training", "zo")
+    assert available_backends() == ("ort-training", "zo", "split")
     assert select_backend().name == "ort-training"
     assert select_backend("zo").order == "zeroth-order"
+    assert select_backend("split").order == "hybrid-order"
     monkeypatch.setenv(ENV_BACKEND, "zo")
     assert select_backend().name == "zo"
     with pytest.raises(ConfigError, match="unknown training backend 'sgd'"):
@@ -44,7 +45,7 @@ def test_profile_reports_available_and_chosen_backend_and_reads_old_profiles():
     from device_runtime.profile import DeviceProfile, collect_profile
 
     profile = collect_profile(benchmark_seconds=0.01, backend="zo")
-    assert profile.backends == ("ort-training", "zo") and profile.backend == "zo"
+    assert profile.backends == ("ort-training", "zo", "split") and profile.backend == "zo"
     assert DeviceProfile.from_dict(profile.to_dict()) == profile
     old = {k: v for k, v in profile.to_dict().items() if k != "backend"}
     assert DeviceProfile.from_dict(old).backend == ""
