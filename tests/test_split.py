@@ -256,3 +256,30 @@ def test_a_split_device_and_a_first_order_device_complete_a_round_over_websocket
                 device.send_signal(signal.SIGTERM)
             logs = [d.communicate(timeout=30)[1] for d in devices]
         assert all(d.returncode == 0 for d in devices), logs[0][-3000:]
+
+
+def test_the_strategy_gives_a_split_device_its_bottom_and_split_settings():
+    """A device whose profile names the split backend gets the experts below the cut, FitConfig.split, no held-out
+    evaluation and no seed-and-scalar upload; its shape key names the cut (the bundle is a bottom)."""
+    from test_zo_planning import SMOLLM2_8L
+
+    from coordinator.strategy import ClientInfo, from_name
+    from coordinator.strategy.types import FitContext
+    from device_runtime.stats import RoutingStats
+
+    calibration = RoutingStats([4] * 8)
+    calibration.update([np.stack([np.full(4, 2.5), np.full(4, 0.5), np.full(4, -3.0), np.full(4, 5.0)])] * 8, 10)
+    split = SplitConfig(cut_layer=2, keep_ratio=0.25)
+    fit = FitConfig(batch_size=4, seq_len=64, eval_fraction=0.1, zo_seeds=16)
+    context = FitContext(SMOLLM2_8L, calibration, fit, split=split)
+    strategy = from_name("hfedmoe").bind(context)
+    pi = ClientInfo("pi", {"memory_mib": 1536, "gflops": 5.0, "backend": "split"})
+    laptop = ClientInfo("laptop", {"memory_mib": 8192, "gflops": 40.0})
+    fits = strategy.configure_fit(1, {}, [pi, laptop])
+    assert len(fits["pi"].expert_ids) == 2 and len(fits["laptop"].expert_ids) == 8
+    config = fits["pi"].config
+    assert config.split == split and config.eval_fraction == 0 and config.zo_seeds == 0
+    assert fits["pi"].shape_key.cut_layer == 2 and fits["laptop"].shape_key.cut_layer == 0
+    assert fits["laptop"].config.split is None
+    no_split = from_name("hfedmoe").bind(FitContext(SMOLLM2_8L, calibration, fit))
+    assert "pi" not in no_split.configure_fit(1, {}, [pi, laptop])  # no [split]: the split device sits out
