@@ -160,7 +160,7 @@ def _split_child(opts) -> dict:
     fit = trainer.fit(
         _dataset(opts, bundle.path(TOKENIZER_FILE)).train_batches(opts.batch_size),
         steps=opts.steps,
-        learning_rate=opts.zo_lr,
+        learning_rate=opts.split_lr,
     )
     seconds = time.perf_counter() - start
     conn.close()
@@ -195,7 +195,7 @@ def _serve_split(opts, keep_ratio: float, common: list[str]) -> dict:
         seq_len=opts.seq_len,
         learning_rate=opts.lr,
         local_steps=opts.steps,
-        zo_learning_rate=opts.zo_lr,
+        zo_learning_rate=opts.split_lr,
         aux_loss_coef=0.0,
         split=split,
     )
@@ -333,7 +333,8 @@ def main() -> int:
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--test", type=int, default=100, help="held-out articles scored for accuracy")
     parser.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (ort-training; split's top)")
-    parser.add_argument("--zo-lr", type=float, default=1e-6, help="SGD learning rate (zo; split's bottom)")
+    parser.add_argument("--zo-lr", type=float, default=1e-4, help="SGD learning rate (zo; bench_backends' best)")
+    parser.add_argument("--split-lr", type=float, default=1e-5, help="SGD learning rate of split's bottom")
     parser.add_argument("--cut", type=int, default=1, help="split: decoder layers on the device")
     parser.add_argument("--perturbations", type=int, default=2, help="split: HO-SFL's P")
     parser.add_argument("--keep-ratios", default="0.5,0.25", help="split + ACP-SL rows (comma-separated)")
@@ -365,6 +366,8 @@ def main() -> int:
         str(opts.lr),
         "--zo-lr",
         str(opts.zo_lr),
+        "--split-lr",
+        str(opts.split_lr),
         "--cut",
         str(opts.cut),
         "--perturbations",
