@@ -15,6 +15,7 @@ import numpy as np
 
 from coordinator.planning import to_client_update
 from coordinator.split_group import Member, Replies, SplitGroup
+from coordinator.split_top import SplitTop
 from coordinator.strategy.validate import validate_update
 from device_runtime.bundle import tensor_role
 from device_runtime.errors import ProtocolError, UpdateRejected
@@ -41,35 +42,42 @@ class SplitRounds:
     def __init__(self, checkpoint: str | Path, *, trainable_mode: str, lora_rank: int):
         self.checkpoint, self.trainable_mode, self.lora_rank = checkpoint, trainable_mode, lora_rank
         self.group: SplitGroup | None = None
+        self._top: SplitTop | None = None  # kept across rounds: the checkpoint loads once per cut
         self._lock = asyncio.Lock()
 
     async def start(
         self, round_id: int, config: FitConfig, params: Mapping[str, np.ndarray], members: Sequence[SplitMember]
     ) -> None:
-        """Open round ``round_id``'s group (loads the top in a worker thread); none without members."""
+        """Open round ``round_id``'s group (the top loaded, or reset to ``params``, in a worker thread); none without
+        members."""
         self.group = None
         if not members:
             return
         assert config.split is not None
-        from coordinator.split_top import SplitTop
-
-        top = await asyncio.to_thread(
-            SplitTop,
-            self.checkpoint,
-            params,
-            cut_layer=config.split.cut_layer,
-            learning_rate=config.learning_rate,
-            aux_loss_coef=config.aux_loss_coef,
-            trainable_mode=self.trainable_mode,
-            lora_rank=self.lora_rank,
-        )
+        top = self._top
+        if top is not None and top.cut_layer == config.split.cut_layer:
+            await asyncio.to_thread(
+                top.reset, params, learning_rate=config.learning_rate, aux_loss_coef=config.aux_loss_coef
+            )
+        else:
+            self._top = None  # the old top's memory goes before the new one loads
+            top = self._top = await asyncio.to_thread(
+                SplitTop,
+                self.checkpoint,
+                params,
+                cut_layer=config.split.cut_layer,
+                learning_rate=config.learning_rate,
+                aux_loss_coef=config.aux_loss_coef,
+                trainable_mode=self.trainable_mode,
+                lora_rank=self.lora_rank,
+            )
         vocab = int(top.top.config.vocab_size)
         self.group = SplitGroup(
             round_id, config, top, [Member(m.update_id, m.device_id, m.expert_ids) for m in members], vocab
         )
 
     def close(self) -> None:
-        """The round ended: free the top."""
+        """The round ended: its group goes (the top stays for the next round)."""
         self.group = None
 
     async def handle(self, update_id: str, msg: SmashedData | SplitScalars) -> Replies:

@@ -87,9 +87,8 @@ class SplitTop:
         if threads:
             torch.set_num_threads(threads)
         model = load_trainable_model(checkpoint, trainable_mode=trainable_mode, lora_rank=lora_rank, seed=0)
-        apply_state(model, {n: np.asarray(v, dtype=np.float32) for n, v in params.items()})
         description = describe(model)
-        self.cut_layer, self.aux_loss_coef = cut_layer, aux_loss_coef
+        self.cut_layer, self.model = cut_layer, model  # the whole model: its parameter names are the global ones
         _, self.top = split_model(model, cut_layer)
         self.top.train()
         below = [layer for layer in description.layers if layer.index < cut_layer]
@@ -104,14 +103,26 @@ class SplitTop:
         self.top_params = {n: named[n] for n in top_names}
         for param in self.top_params.values():
             param.requires_grad_(True)
-        self.optimizer = torch.optim.AdamW(
-            list(self.top_params.values()), lr=learning_rate, eps=ADAMW_EPS, weight_decay=ADAMW_WEIGHT_DECAY
-        )
         self.routers = [r for r in moe_routers(model) if any(r is m for m in self.top.modules())]
         self._captured: list[tuple[torch.Tensor, torch.Tensor]] = []
         for router in self.routers:
             router.register_forward_hook(lambda _m, _a, out: self._captured.append((out[0], out[2])))
         self.num_experts = tuple(int(r.weight.shape[0]) for r in self.routers)
+        self.reset(params, learning_rate=learning_rate, aux_loss_coef=aux_loss_coef)
+
+    def reset(self, params: Mapping[str, np.ndarray], *, learning_rate: float, aux_loss_coef: float = 0.0) -> None:
+        """Start a round from the global state ``params``: the top's trainable tensors and the bottom copy take its
+        values and AdamW starts afresh (a coordinator keeps one top across rounds: the checkpoint loads once).
+
+        Raises:
+            ModelError: a tensor of ``params`` does not fit the model.
+        """
+        apply_state(self.model, {n: np.asarray(params[n], dtype=np.float32) for n in self.top_params})
+        self.bottom = {n: np.array(params[n], dtype=np.float32) for n in self.bottom}
+        self.aux_loss_coef = aux_loss_coef
+        self.optimizer = torch.optim.AdamW(
+            list(self.top_params.values()), lr=learning_rate, eps=ADAMW_EPS, weight_decay=ADAMW_WEIGHT_DECAY
+        )
 
     def step(self, batches: Sequence[Smashed]) -> TopResult:
         """One batched forward + backward + AdamW step of the top over every device's smashed data (module

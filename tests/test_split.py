@@ -283,3 +283,13 @@ def test_the_strategy_gives_a_split_device_its_bottom_and_split_settings():
     assert fits["laptop"].config.split is None
     no_split = from_name("hfedmoe").bind(FitContext(SMOLLM2_8L, calibration, fit))
     assert "pi" not in no_split.configure_fit(1, {}, [pi, laptop])  # no [split]: the split device sits out
+
+
+def test_the_top_is_reset_between_rounds_not_reloaded(tiny):
+    root, _, params, *_ = tiny
+    top = SplitTop(root, params, cut_layer=CUT, learning_rate=1e-3)
+    moved = {n: v + 1.0 for n, v in params.items()}
+    top.reset(moved, learning_rate=1e-3)
+    for name, value in top.tensors().items():
+        assert np.array_equal(value, moved[name]), name
+    assert not top.optimizer.state  # a fresh AdamW
