@@ -40,7 +40,9 @@ def _quiet_transformers() -> None:
 
 
 def load_causal_lm(path: str | Path):
-    """Load a local Hugging Face CausalLM checkpoint directory in float32, eval mode.
+    """Load a local CausalLM checkpoint directory in float32, eval mode: a Hugging Face checkpoint (a MoE family's
+    layers mapped into fedmoe's block by ``export.hf_moe.to_fedmoe``; a dense model as it is) or an upcycled model
+    in the fedmoe format (``export.upcycle``).
 
     Raises:
         ModelError: the directory does not exist or holds no loadable checkpoint.
@@ -51,12 +53,17 @@ def load_causal_lm(path: str | Path):
     import torch
     from transformers import AutoModelForCausalLM
 
+    from export.hf_moe import to_fedmoe
+    from export.upcycle import is_upcycled, load_upcycled
+
     _quiet_transformers()
     try:
+        if is_upcycled(path):
+            return load_upcycled(path)
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
     except (OSError, ValueError, KeyError) as exc:
         raise ModelError(f"cannot load the checkpoint in {path}: {exc}") from exc
-    return model.eval()
+    return to_fedmoe(model).eval()
 
 
 def smollm2_gguf() -> Path:

@@ -10,6 +10,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralFo
 
 from device_runtime.errors import BudgetError, ConfigError, ModelError, UnsupportedArchitectureError  # noqa: E402
 from export.families import describe  # noqa: E402
+from export.hf_moe import to_fedmoe  # noqa: E402
 from export.planner import Budget, TrainingShape, estimate, model_shape, plan, select_experts  # noqa: E402
 from export.prune import prune  # noqa: E402
 from export.upcycle import upcycle  # noqa: E402
@@ -32,7 +33,8 @@ def tiny_llama():
 
 def tiny_mixtral(num_experts=4, top_k=2):
     torch.manual_seed(0)
-    return MixtralForCausalLM(MixtralConfig(num_local_experts=num_experts, num_experts_per_tok=top_k, **COMMON)).eval()
+    config = MixtralConfig(num_local_experts=num_experts, num_experts_per_tok=top_k, **COMMON)
+    return to_fedmoe(MixtralForCausalLM(config)).eval()
 
 
 def test_upcycled_model_reproduces_dense_logits():
@@ -45,7 +47,7 @@ def test_upcycled_model_reproduces_dense_logits():
     router = moe.model.layers[0].mlp.gate.weight
     assert router.shape == (4, 32) and router.abs().sum() > 0  # a fresh router, not zeros
     description = describe(moe)
-    assert description.family == "mixtral" and len(description.layers) == 3
+    assert description.family == "llama" and len(description.layers) == 3
     assert (description.num_experts, description.experts_per_token) == (4, 2)
 
 
@@ -60,7 +62,7 @@ def test_upcycle_keeps_first_layers_and_validates_arguments():
         upcycle(dense, num_experts=2, experts_per_token=3)
     with pytest.raises(ConfigError, match="num-layers"):
         upcycle(dense, num_experts=2, experts_per_token=1, num_layers=9)
-    with pytest.raises(ModelError, match="Llama-family"):
+    with pytest.raises(ModelError, match="dense families"):
         upcycle(tiny_mixtral(), num_experts=2, experts_per_token=1)
 
 

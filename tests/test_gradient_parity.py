@@ -34,7 +34,9 @@ from transformers.loss.loss_utils import ForCausalLMLoss
 
 from device_runtime.errors import ExportError
 from export.artifacts import ADAMW_EPS, ADAMW_WEIGHT_DECAY, export_training_artifacts
-from export.experts_impl import LORA_PARAMS, add_lora, use_dense_masked
+from export.experts_impl import LORA_PARAMS, ROUTED, add_lora
+from export.hf_moe import to_fedmoe
+from export.moe_block import routing_outputs, set_experts_forward, use_dense_masked
 from export.prune import prune
 from export.training_graph import TrainingWrapper, select_targets
 from export.upcycle import upcycle
@@ -94,7 +96,7 @@ ANSWER_IDS, ANSWER_BIAS = (5, 40, 77, 3), (-0.7, -20.0, 1.3, -2.2)  # a logit ad
 def tiny_model(family: str, mode: str) -> tuple[torch.nn.Module, list[str]]:
     """A seeded tiny model and its trainable names; LoRA B is made non-zero so A gets real gradients."""
     torch.manual_seed(0)
-    model = FAMILIES[family]()
+    model = to_fedmoe(FAMILIES[family]())
     model.config._attn_implementation = "eager"
     with torch.no_grad():  # HF leaves some weights at zero (e.g. the Qwen2-MoE router): randomise all
         for param in model.parameters():
@@ -246,11 +248,11 @@ def assert_outputs_match(wrapper, arts, module):
 
 
 def reference_stats(wrapper, inputs, layer) -> np.ndarray:
-    """routing_stats from the HF model's own router-logit recorder, in numpy."""
+    """routing_stats from the router logits of a plain forward (``routing_outputs``), in numpy."""
     hf_inputs = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
-    with torch.no_grad():
-        out = wrapper.model(**hf_inputs, output_router_logits=True, use_cache=False)
-    logits = out.router_logits[layer].double().numpy()  # (N, E)
+    with torch.no_grad(), routing_outputs(wrapper) as routed:
+        wrapper.model(**hf_inputs, use_cache=False)
+    logits = routed[layer][0].double().numpy()  # (N, E)
     valid = inputs["attention_mask"].reshape(-1).numpy() == 1
     logits = logits[valid]
     probs = np.exp(logits - logits.max(-1, keepdims=True))
@@ -288,9 +290,11 @@ def test_adamw_steps_track_torch(exported):
     try:
         assert len(set(np.round(torch_losses, 6))) == 3
         np.testing.assert_allclose(ort_losses, torch_losses, rtol=1e-4)
+        # atol 2e-3 of a step (LR): AdamW scales an element whose first gradient is float noise (~1e-9, measured on
+        # the upcycled Llama's draw) to a step of ~LR, so ORT's and torch's rounding move it by ~1e-5
         for name in wrapper.trainable:
             np.testing.assert_allclose(
-                state.parameters[name].data, params[name].detach().numpy(), rtol=1e-3, atol=1e-5, err_msg=name
+                state.parameters[name].data, params[name].detach().numpy(), rtol=1e-3, atol=2e-3 * LR, err_msg=name
             )
     finally:
         wrapper.load_state_dict(initial)
@@ -356,10 +360,10 @@ def test_pruned_uneven_layers_gradients_and_dynamic_shapes(tmp_path):
 
 
 def test_export_refuses_scatter_add_experts(tmp_path):
-    """The HF eager experts loop uses index_add_: the export must refuse it rather than train it wrongly."""
+    """The routed experts forward uses index_add_: the export must refuse it rather than train it wrongly."""
     model, trainable = tiny_model("mixtral", "experts")
     wrapper = TrainingWrapper(model, trainable=trainable)
-    model.set_experts_implementation("eager")
+    set_experts_forward(model, ROUTED)
     with pytest.raises(ExportError, match="ScatterElements|ScatterND|Sequence"):
         export_training_artifacts(wrapper, tmp_path, trainable=trainable, example_batch=graph_inputs(wrapper))
 
