@@ -60,6 +60,7 @@ import numpy as np
 from device_runtime.errors import BudgetError, ConfigError, ModelError
 from device_runtime.modes import Order, TrainableMode
 from device_runtime.units import MIB
+from export.checkpoint_format import FEDMOE_KEY
 
 # Measured by bench/bench_planner.py (ORT 1.19.2, 2 threads, CPU arena off; bench/README.md has the tables): on 24
 # runs of 4-, 8- and 30-layer upcycled SmolLM2 bundles (1, 2, 4 experts/layer, experts and LoRA r=8, 16 to 1024
@@ -299,7 +300,8 @@ def select_experts(importance: list[np.ndarray], kept: int) -> tuple[tuple[int, 
 
 
 def model_shape(checkpoint: str | Path) -> ModelShape:
-    """Read a MoE checkpoint directory's ``config.json`` and safetensors headers (no weights loaded).
+    """Read a MoE checkpoint directory's ``config.json`` (a Hugging Face MoE family's or the fedmoe format's,
+    ``export.upcycle``) and safetensors headers (no weights loaded).
 
     Raises:
         ModelError: no config.json, or the config lacks the MoE fields.
@@ -311,7 +313,8 @@ def model_shape(checkpoint: str | Path) -> ModelShape:
         config = json.loads((checkpoint / "config.json").read_text())
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot read {checkpoint}/config.json: {exc}") from exc
-    num_experts = int(config.get("num_local_experts") or config.get("num_experts") or 0)
+    moe = config.get(FEDMOE_KEY) or config  # an upcycled model in the fedmoe format keeps its MoE sizes apart
+    num_experts = int(moe.get("num_local_experts") or moe.get("num_experts") or 0)
     if not num_experts:
         raise ModelError(f"{checkpoint} is not a MoE checkpoint (no num_local_experts / num_experts)")
     shapes = {}
@@ -337,7 +340,7 @@ def model_shape(checkpoint: str | Path) -> ModelShape:
         head_dim=int(config.get("head_dim") or config["hidden_size"] // heads),
         moe_layers=moe_layers,
         num_experts=num_experts,
-        experts_per_token=int(config["num_experts_per_tok"]),
+        experts_per_token=int(moe["num_experts_per_tok"]),
         shared_params=total - moe_layers * num_experts * (expert_params + hidden),
         expert_params=expert_params,
     )

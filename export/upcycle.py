@@ -16,9 +16,9 @@ Checkpoint format (:func:`save_upcycled`, read back by :func:`load_upcycled` thr
 - Llama / Mistral without biases: a plain **Mixtral** checkpoint (``MixtralForCausalLM.save_pretrained``). Mixtral
   is exactly a Llama decoder with this MoE block, so any transformers loads it without fedmoe, and the default
   SmolLM2 job keeps its checkpoint byte for byte.
-- Every other family (transformers has no MoE class with its decoder): the **fedmoe format**, version
-  :data:`FORMAT`: the dense model's own ``config.json`` (its ``model_type``, so transformers builds its decoder)
-  plus a ``"fedmoe"`` object ``{"format", "num_experts", "num_experts_per_tok", "norm_topk_prob"}``, and
+- Every other family (transformers has no MoE class with its decoder): the **fedmoe format**
+  (``export.checkpoint_format``): the dense model's own ``config.json`` (its ``model_type``, so transformers builds
+  its decoder) plus a ``"fedmoe"`` object ``{"format", "num_experts", "num_experts_per_tok", "norm_topk_prob"}``, and
   ``model.safetensors`` with the state dict, the MoE tensors under the names of ``export.moe_block``. Plain
   ``from_pretrained`` would build the dense model and leave its MLPs freshly initialised (with a missing-keys
   warning): load it with fedmoe (``load_upcycled``), which builds the dense decoder from the config, installs the
@@ -34,10 +34,9 @@ import shutil
 from pathlib import Path
 
 from device_runtime.errors import ConfigError, ModelError
+from export.checkpoint_format import FEDMOE_KEY, FORMAT
 from export.families import DENSE_FAMILIES
 
-FORMAT = 1
-FEDMOE_KEY = "fedmoe"  # the config.json object of the fedmoe format
 _MIXTRAL_FAMILIES = ("llama", "mistral")
 _COPIED_CONFIG = (
     "vocab_size",

@@ -1,11 +1,12 @@
 """ORT training graphs vs torch autograd, per MoE family and trainable mode: the guard against silent ORT
 gradient bugs (``docs/stack.md``: Scatter-add, Sequence ops and Einsum give wrong or no gradients without error).
 
-For tiny random Mixtral, Qwen2-MoE (shared expert), Qwen3-MoE and OLMoE models, in both trainable modes
-(full experts + router; LoRA + router), with padding and non-zero load-balancing and routing-KL
+For tiny random Mixtral, Qwen2-MoE (shared expert), Qwen3-MoE and OLMoE models and upcycled Llama, in both trainable
+modes (full experts + router; LoRA + router), and upcycled Qwen2, Qwen3, Gemma 3 and Phi-3 (``helpers.tiny_dense``) in
+experts mode, all held in fedmoe's block (``export.moe_block``), with padding and non-zero load-balancing and routing-KL
 coefficients: every trainable tensor's ORT gradient equals torch's, three ORT AdamW steps track three
-torch AdamW steps, and the routing_stats outputs equal a numpy reference built from the model's own
-``output_router_logits``. The graph runs the lm_head on target positions only (``select_targets``): its loss
+torch AdamW steps, and the routing_stats outputs equal a numpy reference built from the router logits of a plain
+forward. The graph runs the lm_head on target positions only (``select_targets``): its loss
 and gradients are checked against Hugging Face's own full-logits ``ForCausalLMLoss``, on batches whose rows
 have different numbers of targets, none, and padding. The parity batches carry a logit adjustment of the first
 target (``answer_ids`` / ``answer_bias``).
@@ -18,6 +19,7 @@ import copy
 import numpy as np
 import pytest
 import torch
+from helpers import DENSE_FAMILIES, tiny_dense
 from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
@@ -87,8 +89,22 @@ FAMILIES = {
     "upcycled-llama": lambda: upcycle(
         LlamaForCausalLM(LlamaConfig(intermediate_size=48, **COMMON)), num_experts=NUM_EXPERTS, experts_per_token=TOP_K
     ),
+    **{
+        f"upcycled-{family}": lambda family=family: upcycle(
+            tiny_dense(family, vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=48),
+            num_experts=NUM_EXPERTS,
+            experts_per_token=TOP_K,
+        )
+        for family in DENSE_FAMILIES
+        if family != "llama"
+    },
 }
 MODES = ("experts", "lora")
+# LoRA lives in the experts only (``export.experts_impl``), whatever the decoder around them: the other upcycled
+# families run in experts mode
+CASES = [
+    (f, m) for f in FAMILIES for m in MODES if m == "experts" or not f.startswith("upcycled-") or f.endswith("llama")
+]
 AUX, KL_COEF, LR = 0.05, 0.3, 1e-2
 ANSWER_IDS, ANSWER_BIAS = (5, 40, 77, 3), (-0.7, -20.0, 1.3, -2.2)  # a logit adjustment, one absent label (floor)
 
@@ -162,7 +178,7 @@ def _export(tmp_path_factory, family, mode, prox=False):
     return wrapper, arts, initial
 
 
-@pytest.fixture(scope="module", params=[(f, m) for f in FAMILIES for m in MODES], ids=lambda p: f"{p[0]}-{p[1]}")
+@pytest.fixture(scope="module", params=CASES, ids=lambda p: f"{p[0]}-{p[1]}")
 def exported(request, tmp_path_factory):
     return _export(tmp_path_factory, *request.param)
 
