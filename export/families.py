@@ -22,6 +22,7 @@ MOE_FAMILIES: dict[str, bool | None] = {
     "qwen2_moe": None,
     "qwen3_moe": None,
     "olmoe": None,
+    "granitemoe": True,  # softmax over the top-k logits: the renormalised top-k of the softmax
 }
 # dense decoders with a gated MLP (gate/up/down, or Phi-3's fused gate_up) that `fedmoe-export upcycle` accepts
 DENSE_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3")

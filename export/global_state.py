@@ -112,12 +112,13 @@ def export_checkpoint(checkpoint: str | Path, state_file: str | Path, out_dir: s
 
     LoRA adapters are merged into the expert weights (``W + (alpha / r) B A``). The result is in the checkpoint's
     own format: a pretrained MoE family's or an upcycled Llama's loads with plain transformers (``save_pretrained``
-    writes the family's own tensor layout), an upcycled model of another family is in the fedmoe format
-    (``export.upcycle``). Returns ``out_dir``.
+    writes the family's own tensor layout, ``export.hf_moe.to_hf``), an upcycled model of another family is in the
+    fedmoe format (``export.upcycle``). Returns ``out_dir``.
     """
     import torch
 
     from export.experts_impl import experts_modules
+    from export.hf_moe import to_hf
 
     model = load_with_state(checkpoint, state_file)
     with torch.no_grad():
@@ -130,7 +131,7 @@ def export_checkpoint(checkpoint: str | Path, state_file: str | Path, out_dir: s
             for name in ("gate_up_lora_A", "gate_up_lora_B", "down_lora_A", "down_lora_B"):
                 delattr(module, name)
     out_dir = Path(out_dir)
-    model.save_pretrained(out_dir)
+    to_hf(model).save_pretrained(out_dir)
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         if (Path(checkpoint) / name).is_file():
             shutil.copy(Path(checkpoint) / name, out_dir / name)

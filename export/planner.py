@@ -62,6 +62,8 @@ from device_runtime.modes import Order, TrainableMode
 from device_runtime.units import MIB
 from export.checkpoint_format import FEDMOE_KEY
 
+_ROUTER_SUFFIXES = (".gate.weight", ".router.layer.weight")
+
 # Measured by bench/bench_planner.py (ORT 1.19.2, 2 threads, CPU arena off; bench/README.md has the tables): on 24
 # runs of 4-, 8- and 30-layer upcycled SmolLM2 bundles (1, 2, 4 experts/layer, experts and LoRA r=8, 16 to 1024
 # tokens per step) the estimate was 1.02-1.18x the measured peak RSS with these two memory constants. Efficiency:
@@ -323,8 +325,9 @@ def model_shape(checkpoint: str | Path) -> ModelShape:
             shapes.update({name: handle.get_slice(name).get_shape() for name in handle.keys()})
     hidden = int(config["hidden_size"])
     intermediate = int(config.get("moe_intermediate_size") or config["intermediate_size"])
-    # Routers are ``*.gate.weight`` of shape (E, hidden) whatever the on-disk layout (fused or per-expert).
-    moe_layers = sum(1 for n, s in shapes.items() if n.endswith(".gate.weight") and list(s) == [num_experts, hidden])
+    # Routers are (E, hidden) tensors named *.gate.weight (GraniteMoE on disk: *.router.layer.weight) whatever the
+    # on-disk layout of the experts (fused or per-expert).
+    moe_layers = sum(1 for n, s in shapes.items() if n.endswith(_ROUTER_SUFFIXES) and list(s) == [num_experts, hidden])
     if not moe_layers:
         raise ModelError(f"{checkpoint} has no router tensor (*.gate.weight of shape ({num_experts}, {hidden}))")
     expert_params = 3 * hidden * intermediate  # gate, up, down projections

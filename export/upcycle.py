@@ -10,8 +10,7 @@ Families: :data:`export.families.DENSE_FAMILIES`, any whose MLP is ``down(act(ga
 separate ``gate_proj`` / ``up_proj`` (Llama, Mistral, Qwen2/2.5, Qwen3, Gemma 3) or Phi-3's fused ``gate_up_proj``
 (``[gate; up]``: the experts' own layout).
 
-Checkpoint format (:func:`save_upcycled`, read back by :func:`load_upcycled` through
-``export.loading.load_causal_lm``):
+Checkpoint format (:func:`save_upcycled`, read back by ``export.loading.load_causal_lm``):
 
 - Llama / Mistral without biases: a plain **Mixtral** checkpoint (``MixtralForCausalLM.save_pretrained``). Mixtral
   is exactly a Llama decoder with this MoE block, so any transformers loads it without fedmoe, and the default
@@ -21,20 +20,20 @@ Checkpoint format (:func:`save_upcycled`, read back by :func:`load_upcycled` thr
   its decoder) plus a ``"fedmoe"`` object ``{"format", "num_experts", "num_experts_per_tok", "norm_topk_prob"}``, and
   ``model.safetensors`` with the state dict, the MoE tensors under the names of ``export.moe_block``. Plain
   ``from_pretrained`` would build the dense model and leave its MLPs freshly initialised (with a missing-keys
-  warning): load it with fedmoe (``load_upcycled``), which builds the dense decoder from the config, installs the
-  blocks and loads every tensor strictly. A custom transformers model class per family would cost a registration
-  and a config class each, for the same tensors.
+  warning): load it with fedmoe (``export.loading.load_fedmoe_format``), which builds the dense decoder from the
+  config, installs the blocks and loads every tensor strictly. A custom transformers model class per family would
+  cost a registration and a config class each, for the same tensors.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import shutil
 from pathlib import Path
 
 from device_runtime.errors import ConfigError, ModelError
-from export.checkpoint_format import FEDMOE_KEY, FORMAT
+from export.checkpoint_format import FORMAT
+from export.dense_moe import install_moe
 from export.families import DENSE_FAMILIES
 
 _MIXTRAL_FAMILIES = ("llama", "mistral")
@@ -55,63 +54,6 @@ _COPIED_CONFIG = (
     "rope_parameters",
     "attention_dropout",
 )
-
-
-def experts_from_dense(gate_proj, up_proj, down_proj, num_experts: int):
-    """A dense FFN copied into ``num_experts`` fused experts: ``(gate_up (E, 2I, H), down (E, H, I))``.
-
-    Args: the dense ``gate_proj (I, H)``, ``up_proj (I, H)``, ``down_proj (H, I)`` weights (torch tensors).
-    The fused layout is ``[gate; up]`` along dim 1, as transformers' MoE experts keep it.
-    """
-    import torch
-
-    gate_up = torch.cat([gate_proj, up_proj]).unsqueeze(0).repeat(num_experts, 1, 1)  # (E, 2I, H)
-    return gate_up, down_proj.unsqueeze(0).repeat(num_experts, 1, 1)  # (E, H, I)
-
-
-def dense_mlp(mlp):
-    """``(gate (I, H), up (I, H), down (H, I), act_fn)`` of a family's gated MLP module.
-
-    Raises:
-        ModelError: the MLP is not gated (no gate/up/down or fused gate_up + down projections) or has biases.
-    """
-    if hasattr(mlp, "gate_up_proj"):  # Phi-3: one Linear(H, 2I), [gate; up]
-        projections, act_fn = (mlp.gate_up_proj, mlp.down_proj), getattr(mlp, "activation_fn", None)
-    elif all(hasattr(mlp, p) for p in ("gate_proj", "up_proj", "down_proj")):
-        projections, act_fn = (mlp.gate_proj, mlp.up_proj, mlp.down_proj), getattr(mlp, "act_fn", None)
-    else:
-        raise ModelError(f"{type(mlp).__name__} is not a gated MLP (gate/up/down or gate_up/down projections)")
-    if any(p.bias is not None for p in projections) or not callable(act_fn):
-        raise ModelError(f"{type(mlp).__name__}: MLP biases or a missing activation are not supported")
-    weights = [p.weight.detach() for p in projections]
-    if len(weights) == 2:
-        weights = [*weights[0].chunk(2, dim=0), weights[1]]
-    return (*weights, act_fn)
-
-
-def install_moe(model, *, num_experts: int, experts_per_token: int, router_std: float = 0.02, seed: int = 0):
-    """Replace, in place, every decoder layer's MLP of a dense CausalLM with a :class:`MoeBlock` whose
-    ``num_experts`` experts are copies of it and whose router ``(E, H)`` is drawn ``N(0, router_std^2)`` from a
-    generator seeded with ``seed`` (layers in order). Returns ``model``.
-
-    Raises:
-        ModelError: a layer's MLP is not a gated MLP without bias (:func:`dense_mlp`).
-    """
-    import torch
-
-    from export.moe_block import Experts, MoeBlock, Router
-
-    generator = torch.Generator().manual_seed(seed)
-    hidden = int(model.config.hidden_size)
-    for layer in model.model.layers:
-        gate, up, down, act_fn = dense_mlp(layer.mlp)
-        gate_up, down = experts_from_dense(gate, up, down, num_experts)
-        router = torch.randn((num_experts, hidden), generator=generator) * router_std
-        layer.mlp = MoeBlock(
-            router=Router(router.to(gate.dtype), top_k=experts_per_token, norm_topk_prob=True),
-            experts=Experts(gate_up, down, act_fn=act_fn),
-        )
-    return model
 
 
 def _truncate(model, num_layers: int) -> None:
@@ -201,42 +143,6 @@ def save_upcycled(moe, out_dir: Path) -> Path:
     out_dir = Path(out_dir)
     (_as_mixtral(moe) or moe).save_pretrained(out_dir)
     return out_dir
-
-
-def is_upcycled(checkpoint: Path) -> bool:
-    """Whether ``checkpoint/config.json`` is in the fedmoe format (has the ``"fedmoe"`` object)."""
-    try:
-        return FEDMOE_KEY in json.loads((Path(checkpoint) / "config.json").read_text())
-    except (OSError, ValueError):
-        return False
-
-
-def load_upcycled(checkpoint: Path):
-    """Load a fedmoe-format checkpoint (float32, eval mode): the dense decoder built from its config, a
-    :class:`~export.moe_block.MoeBlock` per layer, every tensor of its safetensors files loaded strictly.
-
-    Raises:
-        ModelError: an unknown format version, or tensors missing from / unexpected in the checkpoint.
-    """
-    import torch
-    from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(str(checkpoint))
-    spec = getattr(config, FEDMOE_KEY)
-    if spec.get("format") != FORMAT:
-        raise ModelError(f"{checkpoint}: fedmoe checkpoint format {spec.get('format')!r}, this fedmoe reads {FORMAT}")
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    install_moe(model, num_experts=spec["num_experts"], experts_per_token=spec["num_experts_per_tok"])
-    state = {}
-    for file in sorted(Path(checkpoint).glob("*.safetensors")):
-        state.update(load_file(str(file)))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
-    if set(missing) - tied or unexpected:
-        absent = sorted(set(missing) - tied)[:5]
-        raise ModelError(f"{checkpoint}: tensors missing {absent}, unexpected {unexpected[:5]}")
-    return model.eval()
 
 
 def upcycle_checkpoint(dense_dir: Path, out_dir: Path, **kwargs) -> Path:

@@ -131,12 +131,13 @@ def write_tokenizer(root: Path, words: tuple[str, ...]) -> None:
 
 
 # dense families fedmoe upcycles, each with the feature that sets it apart switched on
-DENSE_FAMILIES = ("llama", "qwen2", "qwen3", "gemma3_text", "phi3")
+DENSE_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3")
 
 
 def tiny_dense(family: str, *, vocab_size: int, hidden_size: int, intermediate_size: int, num_layers: int = 2):
     """A seeded (torch seed 0) tiny random dense CausalLM of ``family`` (:data:`DENSE_FAMILIES`), every weight
-    drawn N(0, 0.2^2) so no part is left at its zero or one initialisation: Qwen2 with its q/k/v biases, Qwen3
+    drawn N(0, 0.2^2) so no part is left at its zero or one initialisation: Mistral with a sliding window of 4,
+    Qwen2 with its q/k/v biases, Qwen3
     with QK-norm, Gemma 3 with a sliding-window layer (window 4) then a global one, GELU-tanh, (1 + w) RMSNorms,
     sandwich norms and scaled embeddings, Phi-3 with fused qkv and gate_up projections. 4 heads of 8, 2 KV heads.
     """
@@ -159,6 +160,7 @@ def tiny_dense(family: str, *, vocab_size: int, hidden_size: int, intermediate_s
     layer_types = ["sliding_attention", "full_attention"] * num_layers
     configs = {
         "llama": lambda: transformers.LlamaConfig(**common),
+        "mistral": lambda: transformers.MistralConfig(**common, sliding_window=4),
         "qwen2": lambda: transformers.Qwen2Config(**common),
         "qwen3": lambda: transformers.Qwen3Config(**common),
         "gemma3_text": lambda: transformers.Gemma3TextConfig(

@@ -1,4 +1,5 @@
-"""Every dense family fedmoe upcycles, end to end on a tiny random config (``helpers.tiny_dense``): Llama, Qwen2
+"""Every dense family fedmoe upcycles, end to end on a tiny random config (``helpers.tiny_dense``): Llama, Mistral
+(sliding window), Qwen2
 (attention biases), Qwen3 (QK-norm), Gemma 3 (sliding-window and global layers, GELU-tanh, (1 + w) RMSNorm, sandwich
 norms, scaled embeddings) and Phi-3 (fused qkv and gate_up).
 
@@ -73,9 +74,10 @@ def test_upcycled_checkpoint_reproduces_the_dense_logits(upcycled):
     moe = load_causal_lm(checkpoint)
     description = describe(moe)
     assert (description.num_experts, description.experts_per_token, len(description.layers)) == (4, 2, 2)
-    assert description.family == ("mixtral" if family == "llama" else family)  # Llama is saved as a Mixtral
+    as_mixtral = family in ("llama", "mistral")  # saved as a Mixtral checkpoint
+    assert description.family == ("mixtral" if as_mixtral else family)
     config = json.loads((checkpoint / "config.json").read_text())
-    assert ("fedmoe" in config) == (family != "llama")
+    assert ("fedmoe" in config) != as_mixtral
     with torch.no_grad():
         diff = (dense(_ids()).logits - moe(_ids()).logits).abs().max().item()
         assert diff < MAX_UPCYCLE_DIFF, (family, diff)

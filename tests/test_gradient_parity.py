@@ -2,12 +2,12 @@
 gradient bugs (``docs/stack.md``: Scatter-add, Sequence ops and Einsum give wrong or no gradients without error).
 
 For tiny random Mixtral, Qwen2-MoE (shared expert), Qwen3-MoE and OLMoE models and upcycled Llama, in both trainable
-modes (full experts + router; LoRA + router), and upcycled Qwen2, Qwen3, Gemma 3 and Phi-3 (``helpers.tiny_dense``) in
-experts mode, all held in fedmoe's block (``export.moe_block``), with padding and non-zero load-balancing and routing-KL
-coefficients: every trainable tensor's ORT gradient equals torch's, three ORT AdamW steps track three
-torch AdamW steps, and the routing_stats outputs equal a numpy reference built from the router logits of a plain
-forward. The graph runs the lm_head on target positions only (``select_targets``): its loss
-and gradients are checked against Hugging Face's own full-logits ``ForCausalLMLoss``, on batches whose rows
+modes (full experts + router; LoRA + router), and GraniteMoE (its multipliers set) and upcycled Mistral, Qwen2, Qwen3,
+Gemma 3 and Phi-3 (``helpers.tiny_dense``) in experts mode, all held in fedmoe's block (``export.moe_block``), with
+padding and non-zero load-balancing and routing-KL coefficients: every trainable tensor's ORT gradient equals torch's,
+three ORT AdamW steps track three torch AdamW steps, and the routing_stats outputs equal a numpy reference built from
+the router logits of a plain forward. The graph runs the lm_head on target positions only (``select_targets``): its
+loss and gradients are checked against Hugging Face's own full-logits ``ForCausalLMLoss``, on batches whose rows
 have different numbers of targets, none, and padding. The parity batches carry a logit adjustment of the first
 target (``answer_ids`` / ``answer_bias``).
 """
@@ -21,6 +21,8 @@ import pytest
 import torch
 from helpers import DENSE_FAMILIES, tiny_dense
 from transformers import (
+    GraniteMoeConfig,
+    GraniteMoeForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
     MixtralConfig,
@@ -86,6 +88,18 @@ FAMILIES = {
     "olmoe": lambda: OlmoeForCausalLM(
         OlmoeConfig(intermediate_size=40, num_experts=NUM_EXPERTS, num_experts_per_tok=TOP_K, **COMMON)
     ),
+    "granitemoe": lambda: GraniteMoeForCausalLM(
+        GraniteMoeConfig(
+            intermediate_size=40,
+            num_local_experts=NUM_EXPERTS,
+            num_experts_per_tok=TOP_K,
+            embedding_multiplier=2.0,
+            logits_scaling=3.0,
+            residual_multiplier=0.5,
+            attention_multiplier=0.2,
+            **COMMON,
+        )
+    ),
     "upcycled-llama": lambda: upcycle(
         LlamaForCausalLM(LlamaConfig(intermediate_size=48, **COMMON)), num_experts=NUM_EXPERTS, experts_per_token=TOP_K
     ),
@@ -100,12 +114,12 @@ FAMILIES = {
     },
 }
 MODES = ("experts", "lora")
-# LoRA lives in the experts only (``export.experts_impl``), whatever the decoder around them: the other upcycled
-# families run in experts mode
-CASES = [
-    (f, m) for f in FAMILIES for m in MODES if m == "experts" or not f.startswith("upcycled-") or f.endswith("llama")
-]
+# LoRA lives in the experts only (``export.experts_impl``), whatever the decoder around them: the families added with
+# fedmoe's own block (upcycled Mistral, Qwen2, Qwen3, Gemma 3, Phi-3; GraniteMoE) run in experts mode
+LORA_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "upcycled-llama")
+CASES = [(f, m) for f in FAMILIES for m in MODES if m == "experts" or f in LORA_FAMILIES]
 AUX, KL_COEF, LR = 0.05, 0.3, 1e-2
+NOISE_FLOOR = 1e-6  # of a tensor's largest gradient: below it a gradient element is float noise
 ANSWER_IDS, ANSWER_BIAS = (5, 40, 77, 3), (-0.7, -20.0, 1.3, -2.2)  # a logit adjustment, one absent label (floor)
 
 
@@ -297,20 +311,31 @@ def test_adamw_steps_track_torch(exported):
         [params[n] for n in wrapper.trainable], lr=LR, eps=ADAMW_EPS, weight_decay=ADAMW_WEIGHT_DECAY
     )
     torch_losses = []
+    # Elements whose gradient is at float noise in some step (0 < |g| < NOISE_FLOOR * max |g| of the tensor): AdamW's
+    # step there is ~LR * g / eps, so ORT's and torch's rounding of g (~1e-10) moves them by up to ~1e-4 (measured:
+    # one element of 6144 in the upcycled Mistral's draw, first gradient 7.3e-10). They are left out of the check.
+    noisy = {n: np.zeros(params[n].shape, dtype=bool) for n in wrapper.trainable}
     for step_inputs in inputs:
         torch_opt.zero_grad()
         loss = wrapper(*step_inputs.values())[0]
         loss.backward()
+        for name in wrapper.trainable:
+            grad = np.abs(params[name].grad.numpy())
+            noisy[name] |= (grad > 0) & (grad < NOISE_FLOOR * grad.max())  # exact zeros (unrouted experts) agree
         torch_opt.step()
         torch_losses.append(float(loss.detach()))
     try:
         assert len(set(np.round(torch_losses, 6))) == 3
         np.testing.assert_allclose(ort_losses, torch_losses, rtol=1e-4)
-        # atol 2e-3 of a step (LR): AdamW scales an element whose first gradient is float noise (~1e-9, measured on
-        # the upcycled Llama's draw) to a step of ~LR, so ORT's and torch's rounding move it by ~1e-5
         for name in wrapper.trainable:
+            assert noisy[name].mean() < 0.01, name  # the check still covers almost every element
+            keep = ~noisy[name]
             np.testing.assert_allclose(
-                state.parameters[name].data, params[name].detach().numpy(), rtol=1e-3, atol=2e-3 * LR, err_msg=name
+                state.parameters[name].data[keep],
+                params[name].detach().numpy()[keep],
+                rtol=1e-3,
+                atol=1e-5,
+                err_msg=name,
             )
     finally:
         wrapper.load_state_dict(initial)
