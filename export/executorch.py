@@ -66,7 +66,7 @@ def export_pte(
     """Write ``checkpoint`` (optionally pruned to the experts ``keep[l]`` of each MoE layer) as ``out_dir``.
 
     Raises:
-        ModelError: the checkpoint cannot be loaded or has no fused MoE experts.
+        ModelError: the checkpoint cannot be loaded or holds no MoE layer.
         ExportError: ExecuTorch is not installed (``pip install -e ".[executorch]"``) or lowering failed.
     """
     try:
@@ -75,8 +75,8 @@ def export_pte(
         from executorch.exir import to_edge_transform_and_lower
     except ImportError as exc:
         raise ExportError(f'ExecuTorch is not installed ({exc}); pip install -e ".[executorch]"') from exc
-    from export.experts_impl import use_dense_masked
     from export.loading import load_causal_lm
+    from export.moe_block import use_dense_masked
     from export.prune import prune
 
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)

@@ -1,4 +1,4 @@
-"""A dense-masked experts implementation for transformers 5.x MoE layers, and per-expert LoRA adapters.
+"""The two forwards of fedmoe's fused experts (``export.moe_block.Experts``), and per-expert LoRA adapters.
 
 Why: ONNX Runtime training gives silent wrong gradients for ScatterND/ScatterElements with
 ``reduction="add"`` (``index_add``) and Sequence ops, and no gradient for Einsum (``docs/stack.md``). Here every
@@ -7,8 +7,8 @@ expert of a (pruned) layer runs on every token with batched MatMul, and the outp
 sparse computation (the zero gates drop the unused outputs); the cost is ``num_experts / top_k`` times the
 expert FLOPs, which is acceptable for the few experts a device keeps.
 
-Works for the fused experts classes of Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE (``gate_up_proj
-(E, 2I, H)``, ``down_proj (E, H, I)``, concatenated ``[gate; up]`` layout, no bias).
+The experts are fused tensors (``gate_up_proj (E, 2I, H)``, ``down_proj (E, H, I)``, concatenated ``[gate; up]``
+layout, no bias) with an ``act_fn``; :func:`routed_experts_forward` is the sparse form for torch evaluation.
 
 LoRA (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models", eq. 3:
 ``h = W0 x + (alpha / r) B A x``) is added per expert by :func:`add_lora`; the dense-masked forward uses
@@ -21,7 +21,6 @@ import math
 
 import torch
 from torch import nn
-from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from device_runtime.errors import ModelError
 
@@ -94,7 +93,7 @@ def expert_weights(self: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
 def dense_masked_experts_forward(
     self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
 ) -> torch.Tensor:
-    """Experts forward in the ``ExpertsInterface`` signature, every expert on every token.
+    """Experts forward, every expert on every token.
 
     Args:
         self: the fused experts module (``gate_up_proj (E, 2I, H)``, ``down_proj (E, H, I)``, optional LoRA
@@ -142,9 +141,6 @@ def dense_masked_experts_forward(
     return combined.to(hidden_states.dtype)
 
 
-ALL_EXPERTS_FUNCTIONS.register(DENSE_MASKED, dense_masked_experts_forward)
-
-
 def routed_experts_forward(
     self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
 ) -> torch.Tensor:
@@ -180,9 +176,6 @@ def routed_experts_forward(
     return out.to(hidden_states.dtype)
 
 
-ALL_EXPERTS_FUNCTIONS.register(ROUTED, routed_experts_forward)
-
-
 def experts_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The fused experts modules of ``model`` (those with 3-D ``gate_up_proj`` and ``down_proj``), in order."""
     found = []
@@ -192,36 +185,6 @@ def experts_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
         if isinstance(gate_up, nn.Parameter) and isinstance(down, nn.Parameter) and gate_up.dim() == 3:
             found.append((name, module))
     return found
-
-
-def _check_layout(name: str, module: nn.Module) -> None:
-    if getattr(module, "is_transposed", False) or getattr(module, "has_bias", False):
-        raise ModelError(f"{name}: transposed or biased fused experts are not supported by {DENSE_MASKED!r}")
-    if not getattr(module, "has_gate", True) or not getattr(module, "is_concatenated", True):
-        raise ModelError(f"{name}: only gated experts with concatenated [gate; up] weights are supported")
-    clamped = [a for a in ("limit", "gate_softcap", "swiglu_alpha") if getattr(module, a, None) is not None]
-    if clamped or not callable(getattr(module, "act_fn", None)):
-        raise ModelError(
-            f"{name}: only plain act(gate) * up experts are supported (this one sets {clamped or 'no act_fn'})"
-        )
-
-
-def use_dense_masked(model: nn.Module) -> nn.Module:
-    """Switch ``model`` (a transformers MoE ``PreTrainedModel``) to the dense-masked experts implementation.
-
-    Returns:
-        ``model`` (modified in place).
-
-    Raises:
-        ModelError: the model has no fused experts, or their layout is not ``[gate; up]`` without bias.
-    """
-    found = experts_modules(model)
-    if not found:
-        raise ModelError(f"{type(model).__name__} has no fused MoE experts (gate_up_proj / down_proj)")
-    for name, module in found:
-        _check_layout(name, module)
-    model.set_experts_implementation(DENSE_MASKED)
-    return model
 
 
 def _lora_pair(num_experts: int, rank: int, fan_in: int, fan_out: int, like: torch.Tensor):
@@ -238,8 +201,7 @@ def add_lora(model: nn.Module, rank: int, alpha: float) -> list[str]:
 
     Each experts module gets ``gate_up_lora_A (E, r, H)``, ``gate_up_lora_B (E, 2I, r)``,
     ``down_lora_A (E, r, I)``, ``down_lora_B (E, H, r)`` and ``lora_scaling = alpha / r``. B is zero, so the
-    model output is unchanged until training moves it. Only :data:`DENSE_MASKED` uses the adapters: call
-    :func:`use_dense_masked` too.
+    model output is unchanged until training moves it. Both forwards use the adapters.
 
     Returns:
         The new parameters' names, as in ``model.state_dict()``.

@@ -1,9 +1,10 @@
-"""Uniform description of the supported Hugging Face MoE families.
+"""Uniform description of the MoE models fedmoe trains, and the families it accepts.
 
-transformers 5.x keeps every supported family's experts as fused 3-D tensors under ``mlp.experts`` and its
-router under ``mlp.gate``; only the config attribute names and a few extras (Qwen2-MoE's shared expert) differ.
-:func:`describe` turns a loaded model into a :class:`MoeDescription` that the rest of the export pipeline
-(importance, pruning, planner, bundle) uses without caring about the family.
+Every such model holds fedmoe's own block (``export.moe_block.MoeBlock``) at ``model.model.layers[i].mlp`` of its MoE
+layers: pretrained MoE checkpoints of :data:`MOE_FAMILIES` are mapped into it when loaded (``export.hf_moe``), dense
+decoders of :data:`DENSE_FAMILIES` get it by sparse upcycling (``export.upcycle``). :func:`describe` turns such a
+model into a :class:`MoeDescription` that the rest of the export pipeline (importance, pruning, planner, bundle)
+uses without caring about the family.
 """
 
 from __future__ import annotations
@@ -15,13 +16,16 @@ from device_runtime.bundle import ROUTER_WEIGHT
 from device_runtime.errors import UnsupportedArchitectureError
 from device_runtime.modes import TrainableMode
 
-# model_type -> config attribute holding the number of experts per MoE layer
-FAMILIES = {
-    "mixtral": "num_local_experts",
-    "qwen2_moe": "num_experts",
-    "qwen3_moe": "num_experts",
-    "olmoe": "num_experts",
+# model_type -> whether the router renormalises its top-k weights (None: the config's ``norm_topk_prob`` says)
+MOE_FAMILIES: dict[str, bool | None] = {
+    "mixtral": True,
+    "qwen2_moe": None,
+    "qwen3_moe": None,
+    "olmoe": None,
+    "granitemoe": True,  # softmax over the top-k logits: the renormalised top-k of the softmax
 }
+# dense decoders with a gated MLP (gate/up/down, or Phi-3's fused gate_up) that `fedmoe-export upcycle` accepts
+DENSE_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3")
 EXPERT_TENSORS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")  # (E, 2I, H), (E, H, I)
 
 
@@ -82,54 +86,46 @@ class MoeDescription:
         ]
 
 
-def family_of(config) -> str:
-    """The family name of a transformers config.
-
-    Raises:
-        UnsupportedArchitectureError: naming the architecture and the supported ones.
-    """
-    model_type = getattr(config, "model_type", None)
-    if model_type not in FAMILIES:
-        archs = getattr(config, "architectures", None) or [model_type]
-        raise UnsupportedArchitectureError(
-            f"architecture {archs[0]!r} (model_type {model_type!r}) is not a supported MoE family; supported: "
-            f"{', '.join(sorted(FAMILIES))}. A dense Llama-family model can be upcycled with `fedmoe-export upcycle`."
-        )
-    return model_type
-
-
 def describe(model) -> MoeDescription:
-    """Describe a loaded transformers MoE CausalLM.
+    """Describe a loaded CausalLM holding fedmoe MoE blocks (``export.moe_block``).
+
+    ``family`` is the config's ``model_type``: a MoE family's own, or the dense family of an upcycled model.
 
     Raises:
-        UnsupportedArchitectureError: the family is not supported or the layout is not the fused one.
+        UnsupportedArchitectureError: the model holds no fedmoe MoE block (naming what to do: upcycle a dense
+            model, load a MoE checkpoint with ``export.loading.load_causal_lm``).
     """
-    family = family_of(model.config)
-    layers = []
-    for index, layer in enumerate(model.model.layers):
-        mlp = layer.mlp
-        if not (hasattr(mlp, "gate") and hasattr(mlp, "experts")):
-            continue  # dense layer (e.g. Qwen2-MoE mlp_only_layers)
-        if not hasattr(mlp.experts, "gate_up_proj"):
-            raise UnsupportedArchitectureError(f"{family} layer {index}: experts are not fused 3-D tensors")
-        prefix = f"model.layers.{index}."
-        layers.append(
-            MoeLayer(
-                index=index,
-                num_experts=int(mlp.gate.weight.shape[0]),
-                experts_per_token=int(mlp.gate.top_k),
-                router=prefix + ROUTER_WEIGHT,
-                experts=tuple(prefix + name for name in EXPERT_TENSORS),
-            )
-        )
-    if not layers:
-        raise UnsupportedArchitectureError(f"{family} model has no MoE layer")
+    from export.moe_block import moe_blocks
+
     config = model.config
+    family = str(getattr(config, "model_type", None))
+    blocks = moe_blocks(model)
+    if not blocks:
+        archs = getattr(config, "architectures", None) or [type(model).__name__]
+        if family in MOE_FAMILIES:
+            hint = "load it with export.loading.load_causal_lm (or export.hf_moe.to_fedmoe) to map it into the block"
+        elif family in DENSE_FAMILIES:
+            hint = "a dense model: upcycle it with `fedmoe-export upcycle`"
+        else:
+            hint = f"supported MoE families: {', '.join(MOE_FAMILIES)}; dense (upcycle): {', '.join(DENSE_FAMILIES)}"
+        raise UnsupportedArchitectureError(
+            f"architecture {archs[0]!r} (model_type {family!r}) holds no fedmoe MoE layer; {hint}"
+        )
+    layers = tuple(
+        MoeLayer(
+            index=index,
+            num_experts=int(block.gate.weight.shape[0]),
+            experts_per_token=int(block.gate.top_k),
+            router=f"model.layers.{index}.{ROUTER_WEIGHT}",
+            experts=tuple(f"model.layers.{index}.{name}" for name in EXPERT_TENSORS),
+        )
+        for index, block in blocks
+    )
     return MoeDescription(
         family=family,
         hidden_size=int(config.hidden_size),
-        intermediate_size=int(getattr(config, "moe_intermediate_size", None) or config.intermediate_size),
+        intermediate_size=int(blocks[0][1].experts.down_proj.shape[2]),
         vocab_size=int(config.vocab_size),
         num_hidden_layers=int(config.num_hidden_layers),
-        layers=tuple(layers),
+        layers=layers,
     )

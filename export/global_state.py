@@ -24,12 +24,14 @@ def load_trainable_model(
     lora_alpha: float = 16.0,
     seed: int = 0,
 ):
-    """The checkpoint's model with dense-masked experts and, in LoRA mode, adapters seeded with ``seed``
+    """The checkpoint's model (fedmoe MoE blocks, ``export.loading.load_causal_lm``) with dense-masked experts and,
+    in LoRA mode, adapters seeded with ``seed``
     (the same seed gives the same adapters: bundles and the global state agree)."""
     import torch
 
-    from export.experts_impl import add_lora, use_dense_masked
+    from export.experts_impl import add_lora
     from export.loading import load_causal_lm
+    from export.moe_block import use_dense_masked
 
     model = use_dense_masked(load_causal_lm(checkpoint))
     if trainable_mode == TrainableMode.LORA:
@@ -108,12 +110,15 @@ def apply_state(model, tensors: dict):
 def export_checkpoint(checkpoint: str | Path, state_file: str | Path, out_dir: str | Path) -> Path:
     """Write ``checkpoint`` with the global state applied as a Hugging Face checkpoint directory.
 
-    LoRA adapters are merged into the expert weights (``W + (alpha / r) B A``), so the result loads with plain
-    transformers. Returns ``out_dir``.
+    LoRA adapters are merged into the expert weights (``W + (alpha / r) B A``). The result is in the checkpoint's
+    own format: a pretrained MoE family's or an upcycled Llama's loads with plain transformers (``save_pretrained``
+    writes the family's own tensor layout, ``export.hf_moe.to_hf``), an upcycled model of another family is in the
+    fedmoe format (``export.upcycle``). Returns ``out_dir``.
     """
     import torch
 
     from export.experts_impl import experts_modules
+    from export.hf_moe import to_hf
 
     model = load_with_state(checkpoint, state_file)
     with torch.no_grad():
@@ -125,9 +130,8 @@ def export_checkpoint(checkpoint: str | Path, state_file: str | Path, out_dir: s
             module.down_proj += scale * module.down_lora_B @ module.down_lora_A
             for name in ("gate_up_lora_A", "gate_up_lora_B", "down_lora_A", "down_lora_B"):
                 delattr(module, name)
-    model.set_experts_implementation("eager")
     out_dir = Path(out_dir)
-    model.save_pretrained(out_dir)
+    to_hf(model).save_pretrained(out_dir)
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         if (Path(checkpoint) / name).is_file():
             shutil.copy(Path(checkpoint) / name, out_dir / name)

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 from pathlib import Path
 
 from device_runtime.errors import ModelError
+from export.checkpoint_format import FEDMOE_KEY, FORMAT
 
 SMOLLM2 = "smollm2-135m-instruct"
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -40,7 +42,9 @@ def _quiet_transformers() -> None:
 
 
 def load_causal_lm(path: str | Path):
-    """Load a local Hugging Face CausalLM checkpoint directory in float32, eval mode.
+    """Load a local CausalLM checkpoint directory in float32, eval mode: a Hugging Face checkpoint (a MoE family's
+    layers mapped into fedmoe's block by ``export.hf_moe.to_fedmoe``; a dense model as it is) or an upcycled model
+    in the fedmoe format (:func:`load_fedmoe_format`).
 
     Raises:
         ModelError: the directory does not exist or holds no loadable checkpoint.
@@ -51,11 +55,54 @@ def load_causal_lm(path: str | Path):
     import torch
     from transformers import AutoModelForCausalLM
 
+    from export.hf_moe import to_fedmoe
+
     _quiet_transformers()
     try:
+        if is_fedmoe_format(path):
+            return load_fedmoe_format(path)
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
     except (OSError, ValueError, KeyError) as exc:
         raise ModelError(f"cannot load the checkpoint in {path}: {exc}") from exc
+    return to_fedmoe(model).eval()
+
+
+def is_fedmoe_format(checkpoint: Path) -> bool:
+    """Whether ``checkpoint/config.json`` is in the fedmoe format (has the ``"fedmoe"`` object)."""
+    try:
+        return FEDMOE_KEY in json.loads((Path(checkpoint) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+
+
+def load_fedmoe_format(checkpoint: Path):
+    """Load a fedmoe-format checkpoint (``export.checkpoint_format``, written by ``export.upcycle``; float32, eval
+    mode): the dense decoder built from its config, a :class:`~export.moe_block.MoeBlock` per layer
+    (``export.dense_moe.install_moe``), every tensor of its safetensors files loaded strictly.
+
+    Raises:
+        ModelError: an unknown format version, or tensors missing from / unexpected in the checkpoint.
+    """
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from export.dense_moe import install_moe
+
+    config = AutoConfig.from_pretrained(str(checkpoint))
+    spec = getattr(config, FEDMOE_KEY)
+    if spec.get("format") != FORMAT:
+        raise ModelError(f"{checkpoint}: fedmoe checkpoint format {spec.get('format')!r}, this fedmoe reads {FORMAT}")
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    install_moe(model, num_experts=spec["num_experts"], experts_per_token=spec["num_experts_per_tok"])
+    state = {}
+    for file in sorted(Path(checkpoint).glob("*.safetensors")):
+        state.update(load_file(str(file)))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    if set(missing) - tied or unexpected:
+        absent = sorted(set(missing) - tied)[:5]
+        raise ModelError(f"{checkpoint}: tensors missing {absent}, unexpected {unexpected[:5]}")
     return model.eval()
 
 

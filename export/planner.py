@@ -60,6 +60,9 @@ import numpy as np
 from device_runtime.errors import BudgetError, ConfigError, ModelError
 from device_runtime.modes import Order, TrainableMode
 from device_runtime.units import MIB
+from export.checkpoint_format import FEDMOE_KEY
+
+_ROUTER_SUFFIXES = (".gate.weight", ".router.layer.weight")
 
 # Measured by bench/bench_planner.py (ORT 1.19.2, 2 threads, CPU arena off; bench/README.md has the tables): on 24
 # runs of 4-, 8- and 30-layer upcycled SmolLM2 bundles (1, 2, 4 experts/layer, experts and LoRA r=8, 16 to 1024
@@ -299,7 +302,8 @@ def select_experts(importance: list[np.ndarray], kept: int) -> tuple[tuple[int, 
 
 
 def model_shape(checkpoint: str | Path) -> ModelShape:
-    """Read a MoE checkpoint directory's ``config.json`` and safetensors headers (no weights loaded).
+    """Read a MoE checkpoint directory's ``config.json`` (a Hugging Face MoE family's or the fedmoe format's,
+    ``export.upcycle``) and safetensors headers (no weights loaded).
 
     Raises:
         ModelError: no config.json, or the config lacks the MoE fields.
@@ -311,7 +315,8 @@ def model_shape(checkpoint: str | Path) -> ModelShape:
         config = json.loads((checkpoint / "config.json").read_text())
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot read {checkpoint}/config.json: {exc}") from exc
-    num_experts = int(config.get("num_local_experts") or config.get("num_experts") or 0)
+    moe = config.get(FEDMOE_KEY) or config  # an upcycled model in the fedmoe format keeps its MoE sizes apart
+    num_experts = int(moe.get("num_local_experts") or moe.get("num_experts") or 0)
     if not num_experts:
         raise ModelError(f"{checkpoint} is not a MoE checkpoint (no num_local_experts / num_experts)")
     shapes = {}
@@ -320,8 +325,9 @@ def model_shape(checkpoint: str | Path) -> ModelShape:
             shapes.update({name: handle.get_slice(name).get_shape() for name in handle.keys()})
     hidden = int(config["hidden_size"])
     intermediate = int(config.get("moe_intermediate_size") or config["intermediate_size"])
-    # Routers are ``*.gate.weight`` of shape (E, hidden) whatever the on-disk layout (fused or per-expert).
-    moe_layers = sum(1 for n, s in shapes.items() if n.endswith(".gate.weight") and list(s) == [num_experts, hidden])
+    # Routers are (E, hidden) tensors named *.gate.weight (GraniteMoE on disk: *.router.layer.weight) whatever the
+    # on-disk layout of the experts (fused or per-expert).
+    moe_layers = sum(1 for n, s in shapes.items() if n.endswith(_ROUTER_SUFFIXES) and list(s) == [num_experts, hidden])
     if not moe_layers:
         raise ModelError(f"{checkpoint} has no router tensor (*.gate.weight of shape ({num_experts}, {hidden}))")
     expert_params = 3 * hidden * intermediate  # gate, up, down projections
@@ -337,7 +343,7 @@ def model_shape(checkpoint: str | Path) -> ModelShape:
         head_dim=int(config.get("head_dim") or config["hidden_size"] // heads),
         moe_layers=moe_layers,
         num_experts=num_experts,
-        experts_per_token=int(config["num_experts_per_tok"]),
+        experts_per_token=int(moe["num_experts_per_tok"]),
         shared_params=total - moe_layers * num_experts * (expert_params + hidden),
         expert_params=expert_params,
     )

@@ -4,8 +4,9 @@
 AdamW with the devices' settings (eps 1e-8, weight decay 0.01, ``docs/stack.md``), causal-LM loss on the completion
 tokens (labels -100 elsewhere, shifted as the device's graph shifts them), with the device's logit adjustment of
 the first answer token (``export/training_graph.py``: the same :func:`select_targets` and
-:func:`adjust_first_target`), plus ``aux_loss_coef`` times the MoE load-balancing loss when the model has routers
-(Shazeer et al. 2017 / Switch Transformer, as transformers computes it).
+:func:`adjust_first_target`), plus ``aux_loss_coef`` times the MoE load-balancing loss when the model holds fedmoe
+MoE blocks (Switch Transformer, Fedus et al. 2021 eq. 4, averaged over the MoE layers: the device graph's own
+``load_balancing_loss``; a dense model, e.g. Flower's peer, has none).
 """
 
 from __future__ import annotations
@@ -45,8 +46,6 @@ def fit_steps(
 
     from export.artifacts import ADAMW_EPS, ADAMW_WEIGHT_DECAY
 
-    if getattr(model.config, "num_local_experts", None):
-        model.config.output_router_logits, model.config.router_aux_loss_coef = aux_loss_coef > 0, aux_loss_coef
     optimizer = optimizer or torch.optim.AdamW(params, lr=learning_rate, eps=ADAMW_EPS, weight_decay=ADAMW_WEIGHT_DECAY)
     model.train()
     losses = []
@@ -66,13 +65,26 @@ def batch_loss(model, batch, *, aux_loss_coef: float, answer_shift=None):
     import torch
 
     from device_runtime.graph_io import NO_ANSWER_SHIFT
-    from export.training_graph import IGNORE_INDEX, adjust_first_target, causal_lm_loss, select_targets
+    from export.moe_block import routing_outputs
+    from export.training_graph import (
+        IGNORE_INDEX,
+        adjust_first_target,
+        causal_lm_loss,
+        load_balancing_loss,
+        routing_sums,
+        select_targets,
+    )
 
     mask = torch.from_numpy(batch.attention_mask)
-    out = model(input_ids=torch.from_numpy(batch.input_ids), attention_mask=mask)
+    with routing_outputs(model) as routed:
+        out = model(input_ids=torch.from_numpy(batch.input_ids), attention_mask=mask)
     labels = torch.from_numpy(batch.labels).masked_fill(mask == 0, IGNORE_INDEX)
     logits, targets = select_targets(out.logits, labels)  # (batch, K, vocab), (batch, K)
     ids, bias = (torch.as_tensor(a) for a in (answer_shift or NO_ANSWER_SHIFT))
     loss = causal_lm_loss(adjust_first_target(logits, ids, bias), targets)
-    aux = getattr(out, "aux_loss", None)
-    return loss if aux is None or not aux_loss_coef else loss + aux_loss_coef * aux
+    if not routed or not aux_loss_coef:
+        return loss
+    valid = mask.reshape(-1, 1).to(torch.float32)  # (N, 1)
+    num_valid = valid.sum().clamp_min(1.0)
+    sums = [routing_sums(router_logits, index, valid) for router_logits, _, index in routed]
+    return loss + aux_loss_coef * torch.stack([load_balancing_loss(s[2], s[3], num_valid) for s in sums]).mean()

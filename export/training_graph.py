@@ -86,18 +86,11 @@ from device_runtime.graph_io import (
     ROUTING_REG_COEF,
     ROUTING_STATS,
 )
-from export.experts_impl import experts_modules, use_dense_masked
+from export.moe_block import moe_blocks, use_dense_masked
 
 DYNAMIC_INPUTS = (INPUT_IDS, ATTENTION_MASK, LABELS)
 ANSWER_INPUTS = (ANSWER_IDS, ANSWER_BIAS)  # dynamic axis 0: num_answers
 _EPS = 1e-12
-
-
-def moe_routers(model: nn.Module) -> list[nn.Module]:
-    """The router (``mlp.gate``) of each MoE decoder layer of an HF CausalLM, in layer order."""
-    return [
-        layer.mlp.gate for layer in model.model.layers if hasattr(layer.mlp, "experts") and hasattr(layer.mlp, "gate")
-    ]
 
 
 def routing_sums(logits: torch.Tensor, top_k_index: torch.Tensor, valid: torch.Tensor):
@@ -208,19 +201,21 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 class TrainingWrapper(nn.Module):
-    """An HF MoE CausalLM (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE; pruned or not) as an ONNX training graph.
+    """A CausalLM holding fedmoe MoE blocks (any supported family, upcycled or pretrained; pruned or not) as an
+    ONNX training graph.
 
     The wrapper adopts the CausalLM's children (``model``, ``lm_head``) so its ``state_dict`` names equal
-    the CausalLM's, and switches the experts to the dense-masked implementation. Router logits are captured
+    the CausalLM's, and switches the experts to the dense-masked forward. Router logits are captured
     with forward hooks on each MoE layer's ``mlp.gate``.
 
     Args:
-        causal_lm: a transformers ``*ForCausalLM`` with fused MoE experts (LoRA via ``add_lora`` optional).
+        causal_lm: a transformers ``*ForCausalLM`` holding ``export.moe_block.MoeBlock`` layers (LoRA via
+            ``add_lora`` optional).
         prox: add the FedProx inputs (``prox_mu`` and one ``<name>.anchor`` per trainable tensor).
         trainable: trainable parameter names (``state_dict`` names); needed when ``prox`` is set.
 
     Raises:
-        ModelError: no MoE layer, a ``trainable`` name that is not a parameter, or ``prox`` without
+        ModelError: no fedmoe MoE block, a ``trainable`` name that is not a parameter, or ``prox`` without
             ``trainable``.
     """
 
@@ -230,9 +225,8 @@ class TrainingWrapper(nn.Module):
         for name, child in causal_lm.named_children():
             self.add_module(name, child)
         self.config = causal_lm.config
-        self.routers = moe_routers(causal_lm)  # a plain list: not registered twice
-        if not self.routers:
-            raise ModelError(f"{type(causal_lm).__name__} has no MoE layer (no mlp.experts + mlp.gate)")
+        blocks = [block for _, block in moe_blocks(causal_lm)]  # plain lists: not registered twice
+        self.routers = [block.gate for block in blocks]
         params = dict(self.named_parameters())
         unknown = [n for n in trainable if n not in params]
         if unknown:
@@ -241,7 +235,7 @@ class TrainingWrapper(nn.Module):
             raise ModelError("FedProx (prox=True) needs the trainable names: one anchor input per trainable tensor")
         self.prox = prox
         self.trainable = tuple(trainable)
-        self.experts = [module for _, module in experts_modules(causal_lm)]
+        self.experts = [block.experts for block in blocks]
         self.frozen_layers = tuple(
             l for l, m in enumerate(self.experts) if getattr(m, "frozen_experts", None) is not None
         )

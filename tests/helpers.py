@@ -98,7 +98,6 @@ CALIBRATION_TEXTS = ["the match team won", "market shares profit bank", "film st
 def tiny_checkpoint(root: Path, model: TinyMixtral) -> Path:
     """Write a seeded (torch seed 0) tiny Mixtral checkpoint and a WordLevel tokenizer.json to ``root``."""
     import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import MixtralConfig, MixtralForCausalLM
 
     torch.manual_seed(0)
@@ -117,11 +116,64 @@ def tiny_checkpoint(root: Path, model: TinyMixtral) -> Path:
         eos_token_id=2,
     )
     MixtralForCausalLM(config).save_pretrained(root)
-    vocab = {"<pad>": 0, "<unk>": 1, **{w: i + 3 for i, w in enumerate(model.words)}}
+    write_tokenizer(root, model.words)
+    return root
+
+
+def write_tokenizer(root: Path, words: tuple[str, ...]) -> None:
+    """A WordLevel ``root / "tokenizer.json"``: ``<pad>`` 0, ``<unk>`` 1, ``words[i]`` i + 3."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<pad>": 0, "<unk>": 1, **{w: i + 3 for i, w in enumerate(words)}}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer.save(str(root / "tokenizer.json"))
-    return root
+
+
+# dense families fedmoe upcycles, each with the feature that sets it apart switched on
+DENSE_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3")
+
+
+def tiny_dense(family: str, *, vocab_size: int, hidden_size: int, intermediate_size: int, num_layers: int = 2):
+    """A seeded (torch seed 0) tiny random dense CausalLM of ``family`` (:data:`DENSE_FAMILIES`), every weight
+    drawn N(0, 0.2^2) so no part is left at its zero or one initialisation: Mistral with a sliding window of 4,
+    Qwen2 with its q/k/v biases, Qwen3
+    with QK-norm, Gemma 3 with a sliding-window layer (window 4) then a global one, GELU-tanh, (1 + w) RMSNorms,
+    sandwich norms and scaled embeddings, Phi-3 with fused qkv and gate_up projections. 4 heads of 8, 2 KV heads.
+    """
+    import torch
+    import transformers
+
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    layer_types = ["sliding_attention", "full_attention"] * num_layers
+    configs = {
+        "llama": lambda: transformers.LlamaConfig(**common),
+        "mistral": lambda: transformers.MistralConfig(**common, sliding_window=4),
+        "qwen2": lambda: transformers.Qwen2Config(**common),
+        "qwen3": lambda: transformers.Qwen3Config(**common),
+        "gemma3_text": lambda: transformers.Gemma3TextConfig(
+            **common, sliding_window=4, layer_types=layer_types[:num_layers], query_pre_attn_scalar=8
+        ),
+        "phi3": lambda: transformers.Phi3Config(**common),
+    }
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(configs[family]())
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0.0, 0.2)
+    return model.eval()
 
 
 def init_by_cli(root: Path, *init_args: str) -> Path:
@@ -208,18 +260,19 @@ def config_with(cfg, **changes):
     return dataclasses.replace(cfg, rounds=dataclasses.replace(cfg.rounds, **rounds), **changes)
 
 
-def initialised_coordinator(root: Path, state_dir: Path, **overrides):
+def initialised_coordinator(root: Path, state_dir: Path, checkpoint: Path | None = None, **overrides):
     """A ``CoordinatorConfig`` (HFedMoE, one client per round, port 0) over a fresh ``COORD_MIXTRAL`` checkpoint
     at ``root / "checkpoint"``, with the global state initialised (model version 0), devices pruned to the experts
     they train (``frozen_experts``: these coordinators test protocol and rounds, ``tests/test_frozen_experts.py``
     and ``tests/test_reference_parity.py`` the frozen rungs). ``overrides`` replace config fields (and
     ``[rounds]`` fields, :func:`config_with`). It serves plain
     ws:// (``insecure``: its clients speak the protocol by hand); pass it
-    through ``coordinator.tls.with_new_authority`` for wss:// with mutual TLS."""
+    through ``coordinator.tls.with_new_authority`` for wss:// with mutual TLS. ``checkpoint``: another model
+    directory (with a tokenizer covering ``CALIBRATION_TEXTS``) instead of ``COORD_MIXTRAL``'s."""
     from coordinator.config import CoordinatorConfig
     from coordinator.federation import initialize
 
-    checkpoint = tiny_checkpoint(root / "checkpoint", COORD_MIXTRAL)
+    checkpoint = checkpoint or tiny_checkpoint(root / "checkpoint", COORD_MIXTRAL)
     fields = dict(
         checkpoint=str(checkpoint),
         state_dir=str(state_dir),

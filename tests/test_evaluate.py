@@ -12,6 +12,7 @@ from helpers import COORD_MIXTRAL, tiny_checkpoint  # noqa: E402
 from export.evaluate import _label_scores  # noqa: E402
 from export.experts_impl import DENSE_MASKED, ROUTED  # noqa: E402
 from export.global_state import load_trainable_model  # noqa: E402
+from export.moe_block import set_experts_forward  # noqa: E402
 
 
 def _reference(model, prompt: list[int], label: list[int]) -> float:
@@ -40,7 +41,7 @@ PROMPTS = [[3, 4, 5, 6, 7, 8], [9, 10], [11, 12, 13, 3], [4]]  # different lengt
 @pytest.mark.parametrize("labels", [[[5], [9], [12]], [[5, 6, 7], [9], [12, 3]]], ids=["one-token", "multi-token"])
 @pytest.mark.parametrize("impl", [DENSE_MASKED, ROUTED])
 def test_batched_scores_equal_one_forward_per_pair(model, labels, impl):
-    model.set_experts_implementation(impl)
+    set_experts_forward(model, impl)
     scores, counts = _label_scores(model, PROMPTS, labels)
     assert counts == [len(label) for label in labels]
     expected = [[_reference(model, prompt, label) for label in labels] for prompt in PROMPTS]

@@ -10,6 +10,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralFo
 
 from device_runtime.errors import BudgetError, ConfigError, ModelError, UnsupportedArchitectureError  # noqa: E402
 from export.families import describe  # noqa: E402
+from export.hf_moe import to_fedmoe  # noqa: E402
 from export.planner import Budget, TrainingShape, estimate, model_shape, plan, select_experts  # noqa: E402
 from export.prune import prune  # noqa: E402
 from export.upcycle import upcycle  # noqa: E402
@@ -32,7 +33,8 @@ def tiny_llama():
 
 def tiny_mixtral(num_experts=4, top_k=2):
     torch.manual_seed(0)
-    return MixtralForCausalLM(MixtralConfig(num_local_experts=num_experts, num_experts_per_tok=top_k, **COMMON)).eval()
+    config = MixtralConfig(num_local_experts=num_experts, num_experts_per_tok=top_k, **COMMON)
+    return to_fedmoe(MixtralForCausalLM(config)).eval()
 
 
 def test_upcycled_model_reproduces_dense_logits():
@@ -45,7 +47,7 @@ def test_upcycled_model_reproduces_dense_logits():
     router = moe.model.layers[0].mlp.gate.weight
     assert router.shape == (4, 32) and router.abs().sum() > 0  # a fresh router, not zeros
     description = describe(moe)
-    assert description.family == "mixtral" and len(description.layers) == 3
+    assert description.family == "llama" and len(description.layers) == 3
     assert (description.num_experts, description.experts_per_token) == (4, 2)
 
 
@@ -60,7 +62,7 @@ def test_upcycle_keeps_first_layers_and_validates_arguments():
         upcycle(dense, num_experts=2, experts_per_token=3)
     with pytest.raises(ConfigError, match="num-layers"):
         upcycle(dense, num_experts=2, experts_per_token=1, num_layers=9)
-    with pytest.raises(ModelError, match="Llama-family"):
+    with pytest.raises(ModelError, match="dense families"):
         upcycle(tiny_mixtral(), num_experts=2, experts_per_token=1)
 
 
@@ -120,3 +122,39 @@ def test_select_experts_takes_the_most_important_per_layer():
     importance = [np.array([0.1, 0.5, 0.3, 0.2]), np.array([0.9, 0.1, 0.8, 0.0])]
     assert select_experts(importance, 2) == ((1, 2), (0, 2))
     assert select_experts(importance, 9) == ((0, 1, 2, 3), (0, 1, 2, 3))
+
+
+def test_granitemoe_maps_into_the_block_and_exports_in_its_own_layout(tmp_path):
+    """GraniteMoE keeps its MoE at ``block_sparse_moe`` (router ``.router``): converted, its tensors take fedmoe's
+    ``mlp.gate`` / ``mlp.experts`` names with the logits unchanged; pruning works on it; ``to_hf`` writes Granite's
+    own checkpoint layout, which loads back (through transformers' own renaming) to the same logits."""
+    from safetensors import safe_open
+    from transformers import GraniteMoeConfig, GraniteMoeForCausalLM
+
+    from export.hf_moe import to_hf
+    from export.loading import load_causal_lm
+
+    torch.manual_seed(0)
+    config = GraniteMoeConfig(
+        num_local_experts=4, num_experts_per_tok=2, embedding_multiplier=2.0, logits_scaling=3.0, **COMMON
+    )
+    model = GraniteMoeForCausalLM(config).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0.0, 0.2)
+    ids = torch.tensor([[1, 5, 9, 3, 7, 2]])
+    with torch.no_grad():
+        before = model(ids).logits
+        to_fedmoe(model)
+        torch.testing.assert_close(model(ids).logits, before, rtol=1e-5, atol=1e-6)
+    assert "model.layers.0.mlp.gate.weight" in model.state_dict()
+    assert not any("block_sparse_moe" in n for n in model.state_dict())
+    assert describe(model).family == "granitemoe" and describe(model).experts_per_token == 2
+    pruned, _ = prune(model, ((1, 3), (0,), (2,)))
+    assert pruned.model.layers[0].block_sparse_moe is pruned.model.layers[0].mlp  # the alias follows the copy
+    to_hf(model).save_pretrained(tmp_path)
+    with safe_open(str(tmp_path / "model.safetensors"), "np") as handle:
+        assert "model.layers.0.block_sparse_moe.router.layer.weight" in handle.keys()
+    assert (model_shape(tmp_path).moe_layers, model_shape(tmp_path).num_experts) == (3, 4)  # the planner reads it
+    with torch.no_grad():
+        torch.testing.assert_close(load_causal_lm(tmp_path)(ids).logits, before, rtol=1e-5, atol=1e-6)

@@ -1,12 +1,13 @@
 """ORT training graphs vs torch autograd, per MoE family and trainable mode: the guard against silent ORT
 gradient bugs (``docs/stack.md``: Scatter-add, Sequence ops and Einsum give wrong or no gradients without error).
 
-For tiny random Mixtral, Qwen2-MoE (shared expert), Qwen3-MoE and OLMoE models, in both trainable modes
-(full experts + router; LoRA + router), with padding and non-zero load-balancing and routing-KL
-coefficients: every trainable tensor's ORT gradient equals torch's, three ORT AdamW steps track three
-torch AdamW steps, and the routing_stats outputs equal a numpy reference built from the model's own
-``output_router_logits``. The graph runs the lm_head on target positions only (``select_targets``): its loss
-and gradients are checked against Hugging Face's own full-logits ``ForCausalLMLoss``, on batches whose rows
+For tiny random Mixtral, Qwen2-MoE (shared expert), Qwen3-MoE and OLMoE models and upcycled Llama, in both trainable
+modes (full experts + router; LoRA + router), and GraniteMoE (its multipliers set) and upcycled Mistral, Qwen2, Qwen3,
+Gemma 3 and Phi-3 (``helpers.tiny_dense``) in experts mode, all held in fedmoe's block (``export.moe_block``), with
+padding and non-zero load-balancing and routing-KL coefficients: every trainable tensor's ORT gradient equals torch's,
+three ORT AdamW steps track three torch AdamW steps, and the routing_stats outputs equal a numpy reference built from
+the router logits of a plain forward. The graph runs the lm_head on target positions only (``select_targets``): its
+loss and gradients are checked against Hugging Face's own full-logits ``ForCausalLMLoss``, on batches whose rows
 have different numbers of targets, none, and padding. The parity batches carry a logit adjustment of the first
 target (``answer_ids`` / ``answer_bias``).
 """
@@ -18,7 +19,10 @@ import copy
 import numpy as np
 import pytest
 import torch
+from helpers import DENSE_FAMILIES, tiny_dense
 from transformers import (
+    GraniteMoeConfig,
+    GraniteMoeForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
     MixtralConfig,
@@ -34,7 +38,9 @@ from transformers.loss.loss_utils import ForCausalLMLoss
 
 from device_runtime.errors import ExportError
 from export.artifacts import ADAMW_EPS, ADAMW_WEIGHT_DECAY, export_training_artifacts
-from export.experts_impl import LORA_PARAMS, add_lora, use_dense_masked
+from export.experts_impl import LORA_PARAMS, ROUTED, add_lora
+from export.hf_moe import to_fedmoe
+from export.moe_block import routing_outputs, set_experts_forward, use_dense_masked
 from export.prune import prune
 from export.training_graph import TrainingWrapper, select_targets
 from export.upcycle import upcycle
@@ -82,19 +88,45 @@ FAMILIES = {
     "olmoe": lambda: OlmoeForCausalLM(
         OlmoeConfig(intermediate_size=40, num_experts=NUM_EXPERTS, num_experts_per_tok=TOP_K, **COMMON)
     ),
+    "granitemoe": lambda: GraniteMoeForCausalLM(
+        GraniteMoeConfig(
+            intermediate_size=40,
+            num_local_experts=NUM_EXPERTS,
+            num_experts_per_tok=TOP_K,
+            embedding_multiplier=2.0,
+            logits_scaling=3.0,
+            residual_multiplier=0.5,
+            attention_multiplier=0.2,
+            **COMMON,
+        )
+    ),
     "upcycled-llama": lambda: upcycle(
         LlamaForCausalLM(LlamaConfig(intermediate_size=48, **COMMON)), num_experts=NUM_EXPERTS, experts_per_token=TOP_K
     ),
+    **{
+        f"upcycled-{family}": lambda family=family: upcycle(
+            tiny_dense(family, vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=48),
+            num_experts=NUM_EXPERTS,
+            experts_per_token=TOP_K,
+        )
+        for family in DENSE_FAMILIES
+        if family != "llama"
+    },
 }
 MODES = ("experts", "lora")
+# LoRA lives in the experts only (``export.experts_impl``), whatever the decoder around them: the families added with
+# fedmoe's own block (upcycled Mistral, Qwen2, Qwen3, Gemma 3, Phi-3; GraniteMoE) run in experts mode
+LORA_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "upcycled-llama")
+CASES = [(f, m) for f in FAMILIES for m in MODES if m == "experts" or f in LORA_FAMILIES]
 AUX, KL_COEF, LR = 0.05, 0.3, 1e-2
+NOISE_FLOOR = 1e-6  # of a tensor's largest gradient: below it a gradient element is float noise
 ANSWER_IDS, ANSWER_BIAS = (5, 40, 77, 3), (-0.7, -20.0, 1.3, -2.2)  # a logit adjustment, one absent label (floor)
 
 
 def tiny_model(family: str, mode: str) -> tuple[torch.nn.Module, list[str]]:
     """A seeded tiny model and its trainable names; LoRA B is made non-zero so A gets real gradients."""
     torch.manual_seed(0)
-    model = FAMILIES[family]()
+    model = to_fedmoe(FAMILIES[family]())
     model.config._attn_implementation = "eager"
     with torch.no_grad():  # HF leaves some weights at zero (e.g. the Qwen2-MoE router): randomise all
         for param in model.parameters():
@@ -160,7 +192,7 @@ def _export(tmp_path_factory, family, mode, prox=False):
     return wrapper, arts, initial
 
 
-@pytest.fixture(scope="module", params=[(f, m) for f in FAMILIES for m in MODES], ids=lambda p: f"{p[0]}-{p[1]}")
+@pytest.fixture(scope="module", params=CASES, ids=lambda p: f"{p[0]}-{p[1]}")
 def exported(request, tmp_path_factory):
     return _export(tmp_path_factory, *request.param)
 
@@ -246,11 +278,11 @@ def assert_outputs_match(wrapper, arts, module):
 
 
 def reference_stats(wrapper, inputs, layer) -> np.ndarray:
-    """routing_stats from the HF model's own router-logit recorder, in numpy."""
+    """routing_stats from the router logits of a plain forward (``routing_outputs``), in numpy."""
     hf_inputs = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
-    with torch.no_grad():
-        out = wrapper.model(**hf_inputs, output_router_logits=True, use_cache=False)
-    logits = out.router_logits[layer].double().numpy()  # (N, E)
+    with torch.no_grad(), routing_outputs(wrapper) as routed:
+        wrapper.model(**hf_inputs, use_cache=False)
+    logits = routed[layer][0].double().numpy()  # (N, E)
     valid = inputs["attention_mask"].reshape(-1).numpy() == 1
     logits = logits[valid]
     probs = np.exp(logits - logits.max(-1, keepdims=True))
@@ -279,18 +311,31 @@ def test_adamw_steps_track_torch(exported):
         [params[n] for n in wrapper.trainable], lr=LR, eps=ADAMW_EPS, weight_decay=ADAMW_WEIGHT_DECAY
     )
     torch_losses = []
+    # Elements whose gradient is at float noise in some step (0 < |g| < NOISE_FLOOR * max |g| of the tensor): AdamW's
+    # step there is ~LR * g / eps, so ORT's and torch's rounding of g (~1e-10) moves them by up to ~1e-4 (measured:
+    # one element of 6144 in the upcycled Mistral's draw, first gradient 7.3e-10). They are left out of the check.
+    noisy = {n: np.zeros(params[n].shape, dtype=bool) for n in wrapper.trainable}
     for step_inputs in inputs:
         torch_opt.zero_grad()
         loss = wrapper(*step_inputs.values())[0]
         loss.backward()
+        for name in wrapper.trainable:
+            grad = np.abs(params[name].grad.numpy())
+            noisy[name] |= (grad > 0) & (grad < NOISE_FLOOR * grad.max())  # exact zeros (unrouted experts) agree
         torch_opt.step()
         torch_losses.append(float(loss.detach()))
     try:
         assert len(set(np.round(torch_losses, 6))) == 3
         np.testing.assert_allclose(ort_losses, torch_losses, rtol=1e-4)
         for name in wrapper.trainable:
+            assert noisy[name].mean() < 0.01, name  # the check still covers almost every element
+            keep = ~noisy[name]
             np.testing.assert_allclose(
-                state.parameters[name].data, params[name].detach().numpy(), rtol=1e-3, atol=1e-5, err_msg=name
+                state.parameters[name].data[keep],
+                params[name].detach().numpy()[keep],
+                rtol=1e-3,
+                atol=1e-5,
+                err_msg=name,
             )
     finally:
         wrapper.load_state_dict(initial)
@@ -356,10 +401,10 @@ def test_pruned_uneven_layers_gradients_and_dynamic_shapes(tmp_path):
 
 
 def test_export_refuses_scatter_add_experts(tmp_path):
-    """The HF eager experts loop uses index_add_: the export must refuse it rather than train it wrongly."""
+    """The routed experts forward uses index_add_: the export must refuse it rather than train it wrongly."""
     model, trainable = tiny_model("mixtral", "experts")
     wrapper = TrainingWrapper(model, trainable=trainable)
-    model.set_experts_implementation("eager")
+    set_experts_forward(model, ROUTED)
     with pytest.raises(ExportError, match="ScatterElements|ScatterND|Sequence"):
         export_training_artifacts(wrapper, tmp_path, trainable=trainable, example_batch=graph_inputs(wrapper))
 

@@ -213,6 +213,7 @@ def global_routing(model, global_params: Params, cfg, device: ReferenceDevice, t
     import torch
 
     from export.families import describe
+    from export.moe_block import routing_outputs
     from export.training_graph import routing_stats, routing_sums
 
     load_params(model, global_params)
@@ -222,15 +223,13 @@ def global_routing(model, global_params: Params, cfg, device: ReferenceDevice, t
     )
     dataset = round_dataset(device.data_file, tokenizer, cfg)
     model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), routing_outputs(model) as routed:
         for _, batch in zip(range(cfg.local_steps), dataset.train_batches(cfg.batch_size)):
             mask = torch.from_numpy(batch.attention_mask)
-            out = model(input_ids=torch.from_numpy(batch.input_ids), attention_mask=mask, output_router_logits=True)
+            routed.clear()
+            model(input_ids=torch.from_numpy(batch.input_ids), attention_mask=mask)
             valid = mask.reshape(-1, 1).to(torch.float32)
-            sums = []
-            for layer, logits in zip(layers, out.router_logits):
-                top = torch.topk(torch.softmax(logits.float(), -1), layer.experts_per_token, dim=-1).indices
-                sums.append(routing_stats(*routing_sums(logits, top, valid)).numpy())
+            sums = [routing_stats(*routing_sums(logits, top, valid)).numpy() for logits, _, top in routed]
             stats.update(sums, int(mask.sum()))
     return stats
 

@@ -65,7 +65,7 @@ def as_global_state(kind: str, state: dict, num_experts: int) -> dict:
     """fedmoe global-state tensors (name -> float32 array) of a peer model's trainable ``state``: the MoE's as
     they are; a dense FFN copied into every expert of its layer (an upcycled MoE with identical experts computes
     the dense FFN whatever its router says, so fedmoe's ``Evaluator`` scores the dense model exactly)."""
-    from export.upcycle import experts_from_dense
+    from export.dense_moe import experts_from_dense
 
     if kind == "moe":
         return {n: v.numpy() for n, v in state.items()}
