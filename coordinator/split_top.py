@@ -26,13 +26,13 @@ from device_runtime.stats import RoutingStats
 from export.artifacts import ADAMW_EPS, ADAMW_WEIGHT_DECAY
 from export.families import describe
 from export.global_state import apply_state, load_trainable_model
+from export.moe_block import moe_blocks
 from export.split_graph import split_model
 from export.training_graph import (
     IGNORE_INDEX,
     adjust_first_target,
     causal_lm_loss,
     load_balancing_loss,
-    moe_routers,
     routing_stats,
     routing_sums,
     select_targets,
@@ -103,7 +103,7 @@ class SplitTop:
         self.top_params = {n: named[n] for n in top_names}
         for param in self.top_params.values():
             param.requires_grad_(True)
-        self.routers = [r for r in moe_routers(model) if any(r is m for m in self.top.modules())]
+        self.routers = [block.gate for i, block in moe_blocks(model) if i >= cut_layer]
         self._captured: list[tuple[torch.Tensor, torch.Tensor]] = []
         for router in self.routers:
             router.register_forward_hook(lambda _m, _a, out: self._captured.append((out[0], out[2])))

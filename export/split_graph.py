@@ -26,8 +26,8 @@ from torch import nn
 from device_runtime.errors import ExportError, ModelError
 from device_runtime.graph_io import ATTENTION_MASK, INPUT_IDS, NUM_TOKENS, ROUTING_STATS, SMASHED
 from export.artifacts import OPSET
-from export.experts_impl import use_dense_masked
-from export.training_graph import moe_routers, routing_stats, routing_sums
+from export.moe_block import moe_blocks, use_dense_masked
+from export.training_graph import routing_stats, routing_sums
 
 
 def _shallow(module: nn.Module) -> nn.Module:
@@ -85,7 +85,7 @@ class BottomWrapper(nn.Module):
         unknown = [n for n in self.trainable if n not in params]
         if unknown:
             raise ModelError(f"trainable names that are not parameters below the cut: {unknown[:3]}")
-        self.routers = [r for r in moe_routers(causal_lm)[:cut_layer] if any(r is m for m in self.modules())]
+        self.routers = [block.gate for i, block in moe_blocks(causal_lm) if i < cut_layer]
         if not self.routers:
             raise ModelError(f"no MoE layer below the cut layer {cut_layer}")
         self._captured: list[tuple[torch.Tensor, torch.Tensor]] = []
