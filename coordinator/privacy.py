@@ -94,6 +94,16 @@ class PrivacyConfig:
         epsilon_budget: stop starting rounds when the next one would spend more epsilon than this (0: no budget).
         seed: seed of the noise (>= 0: reproducible, for tests and simulations only; -1: fresh OS entropy each
             round, what a deployment needs: whoever knows the seed can subtract the noise).
+        secure_aggregation: aggregate with secure aggregation (``coordinator.secagg``, ``device_runtime.secagg``):
+            the coordinator sees each row's sum over its holders only. With DP on, devices clip their own deltas.
+        secure_min_holders: a row is aggregated only over at least this many devices (>= 2); fewer: it keeps
+            its global value that round (reported as ``secagg_rows_below_min``).
+        secure_threshold: share of the round's key holders whose shares reconstruct a secret (t = max(2,
+            floor(share x n) + 1)): more dropouts than n - t fail the round.
+        secure_clip_range: each weighted delta coordinate is clipped to +- this before quantisation (without DP).
+        secure_max_weight: examples that weigh 1 on a device (its rows are scaled by min(n, this) / this);
+            0: ``[fit] local_steps x batch_size`` (1000 when local_steps is 0).
+        secure_timeout_s: seconds each secure phase (keys, shares, reveals) waits for the devices.
     Raises:
         ConfigError: naming the value out of range.
     """
@@ -107,8 +117,37 @@ class PrivacyConfig:
     delta: float = 1e-5
     epsilon_budget: float = 0.0
     seed: int = -1
+    secure_aggregation: bool = False
+    secure_min_holders: int = 2
+    secure_threshold: float = 0.5
+    secure_clip_range: float = 1.0
+    secure_max_weight: float = 0.0
+    secure_timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
+        secure = [
+            (not isinstance(self.secure_aggregation, bool), "secure_aggregation must be true or false"),
+            (
+                isinstance(self.secure_min_holders, bool) or not 2 <= self.secure_min_holders <= 1024,
+                f"secure_min_holders must be an integer in [2, 1024], got {self.secure_min_holders}",
+            ),
+            (not 0 <= self.secure_threshold < 1, f"secure_threshold must be in [0, 1), got {self.secure_threshold}"),
+            (
+                not 0 < self.secure_clip_range <= 1e6,
+                f"secure_clip_range must be in (0, 1e6], got {self.secure_clip_range}",
+            ),
+            (
+                not 0 <= self.secure_max_weight <= 1e12,
+                f"secure_max_weight must be in [0, 1e12] (0: from [fit]), got {self.secure_max_weight}",
+            ),
+            (
+                not 0 < self.secure_timeout_s <= 86400,
+                f"secure_timeout_s must be in (0, 86400], got {self.secure_timeout_s}",
+            ),
+        ]
+        for bad, message in secure:
+            if bad:
+                raise ConfigError(f"config [privacy]: {message}")
         if not self.enabled:
             return
         z, sb = self.noise_multiplier, self.clipped_count_stddev

@@ -40,6 +40,7 @@ from coordinator.connection import (
     Close,
     CoordinatorConnection,
     HandleError,
+    HandleSecure,
     HandleUpdate,
     Login,
     Send,
@@ -54,6 +55,8 @@ from device_runtime.auth import NonceBook
 from device_runtime.errors import BundleError, ConfigError, FedmoeError, ProtocolError
 from device_runtime.tls import CA_PATH, CERTIFICATE_PATH
 from device_runtime.wire import (
+    SECURE_FROM_DEVICE,
+    SECURE_TO_DEVICE,
     Assignment,
     BundleData,
     Message,
@@ -75,7 +78,8 @@ ACCEPT_BATCH = 64  # connections accepted per event-loop iteration (coordinator.
 CLOSE_TOO_BIG = 1009  # websocket close code: a message exceeded the receiver's max_size
 
 
-TRAFFIC = (Assignment, BundleData, Update)  # the messages whose bytes are counted per device and round
+# the messages whose bytes are counted per device and round (a secure round's own messages too: its overhead)
+TRAFFIC = (Assignment, BundleData, Update, *SECURE_TO_DEVICE, *SECURE_FROM_DEVICE)
 
 
 def http_routes(coord: Coordinator) -> Callable:
@@ -235,6 +239,10 @@ class Connection:
                 await self.send_bundle(shape_key_id)
             case HandleError(error):
                 self.coord.device_error(self.session, error)
+            case HandleSecure(message):
+                reply = await self.coord.handle_secure(self.session, message)
+                if reply is not None:
+                    await self.send(reply)
 
     async def login(self, login: Login) -> None:
         """Close the device's older connection (one session per device: the newest wins), allow the frames its

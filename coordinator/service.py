@@ -18,9 +18,19 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from coordinator.config import MIB, CoordinatorConfig, make_strategy
 from coordinator.evaluation import Evaluator, background_executor
-from coordinator.federation import FED_EVAL, GlobalModel, aggregate_round, fit_context, privacy_budget, tensor_store
+from coordinator.federation import (
+    FED_EVAL,
+    GlobalModel,
+    aggregate_round,
+    aggregate_secure_round,
+    fit_context,
+    privacy_budget,
+    tensor_store,
+)
 from coordinator.planning import BundleStore, check_evaluation, check_update, slice_assignment, update_meta
 from coordinator.registry import Registry
 from coordinator.rounds import (
@@ -33,13 +43,26 @@ from coordinator.rounds import (
     StartRound,
     Wait,
 )
+from coordinator.secagg import SecureMember, SecureRound, SecureSettings, masked_blob
 from coordinator.strategy import ClientInfo, FitIns, Strategy
 from coordinator.zo_updates import expand_zo_update
 from device_runtime.bundle import Manifest
-from device_runtime.errors import FedmoeError, UpdateRejected
+from device_runtime.errors import FedmoeError, ProtocolError, UpdateRejected
+from device_runtime.secagg import slots_of
 from device_runtime.signing import Signer
 from device_runtime.stats import RoutingStats
-from device_runtime.wire import Ack, Assignment, Error, FitConfig, Message, Update
+from device_runtime.wire import (
+    Ack,
+    Assignment,
+    Error,
+    FitConfig,
+    Message,
+    SecAggKeys,
+    SecAggMasked,
+    SecAggReveal,
+    SecAggShares,
+    Update,
+)
 from device_runtime.wire.fields import to_json
 
 log = logging.getLogger("fedmoe.coord")
@@ -126,6 +149,14 @@ class Coordinator:
         self._evaluations: set[asyncio.Task] = set()
         self._evaluating = asyncio.Lock()  # one evaluation at a time: they share the evaluator's model
         self._evaluation_pool = background_executor() if self.evaluator is not None else None
+        weighting = strategy.secure_weighting
+        self.secure_settings = (
+            SecureSettings.from_config(cfg.privacy, cfg.fit, weighting)
+            if cfg.privacy.secure_aggregation and weighting is not None
+            else None
+        )
+        self.secure: SecureRound | None = None  # the secure round in progress (coordinator.secagg)
+        self._revealed = asyncio.Event()  # every device asked has revealed its shares
         self._resume()
 
     @classmethod
@@ -172,6 +203,9 @@ class Coordinator:
         self.sessions[session.device_id] = session
         self.engine.device_back(session.device_id, session.profile)
         pending = self._pending_of(session.device_id)
+        if self.secure is not None:  # its secure-aggregation messages so far, each idempotent on the device
+            for msg in self.secure.sent.get(session.device_id, []):
+                await self._send(session, msg)
         if pending is not None:
             await self._send(session, pending.message(self.model))
         self.wake.set()
@@ -247,6 +281,8 @@ class Coordinator:
             Exception: a registry, storage or strategy error; the round stays busy in the engine (``run_rounds``
             abandons it).
         """
+        if self.secure is not None and self.secure.phase in ("keys", "shares"):
+            await self._advance_secure()
         action = self.engine.step(self.clock(), self._available())
         if isinstance(action, StartRound):
             await self._start_round(action.devices)
@@ -254,6 +290,7 @@ class Coordinator:
             await self._aggregate(action)
         elif isinstance(action, RetryRound):
             log.warning("round %d failed: %s", action.round_id, action.reason)
+            self.secure = None
             self.registry.finish_round(action.round_id, metrics={"reason": action.reason}, status="failed")
             self._closed_failed(action.reason)
         elif isinstance(action, Finished):
@@ -324,6 +361,9 @@ class Coordinator:
             if pending is not None:
                 self.engine.assign(pending.update_id, device_id)
                 prepared.append(pending)
+        if self.secure_settings is not None:
+            members = [self._secure_member(p) for p in prepared]
+            self.secure = SecureRound(row.id, members, self.secure_settings, now=self.clock())
         await asyncio.gather(*(self._deliver(pending) for pending in prepared))
         log.info(
             "round %d (server round %d) started with %d of %d devices",
@@ -346,7 +386,11 @@ class Coordinator:
             self._reject(pending, f"assignment could not be built: {type(exc).__name__}: {exc}")
             return
         session = self.sessions.get(pending.device_id)
-        if session is not None and await self._send(session, message):
+        secure = [] if self.secure is None else self.secure.sent.get(pending.device_id, [])
+        sent = session is not None
+        for msg in [*secure, message]:  # a secure round's SecAggStart goes before the Assignment
+            sent = sent and await self._send(session, msg)
+        if sent:
             return
         now = self.sessions.get(pending.device_id)
         if now is None or now is session:
@@ -385,17 +429,32 @@ class Coordinator:
     async def _aggregate(self, action: Aggregate) -> None:
         current = self.engine.current
         rows = {r.update_id: r for r in self.registry.accepted_updates(action.round_id)}
+        accepted = [rows[u] for u in action.update_ids]
+        kwargs = {"server_round": self.engine.server_round, "round_id": action.round_id}
+        secure, self.secure = self.secure, None
         try:
-            version = await asyncio.to_thread(
-                aggregate_round,
-                self.model,
-                self.strategy,
-                [rows[u] for u in action.update_ids],
-                current.failures(),
-                server_round=self.engine.server_round,
-                round_id=action.round_id,
-                sampling_rate=self.engine.sampling_rate,
-            )
+            if secure is not None and secure.round_id == action.round_id:
+                await self._unmask(secure, [r.device_id for r in accepted])
+                version = await asyncio.to_thread(
+                    aggregate_secure_round,
+                    self.model,
+                    self.strategy,
+                    secure,
+                    accepted,
+                    current.failures(),
+                    sampling_rate=self.engine.sampling_rate,
+                    **kwargs,
+                )
+            else:
+                version = await asyncio.to_thread(
+                    aggregate_round,
+                    self.model,
+                    self.strategy,
+                    accepted,
+                    current.failures(),
+                    sampling_rate=self.engine.sampling_rate,
+                    **kwargs,
+                )
         except FedmoeError as exc:
             log.error("round %d aggregation failed: %s", action.round_id, exc)
             self.registry.finish_round(action.round_id, metrics={"reason": str(exc)}, status="failed")
@@ -485,20 +544,36 @@ class Coordinator:
         A replayed update_id is answered from the registry before anything is stored, also once its round is
         closed and its assignment forgotten (after the next aggregation or a restart). An update that arrives
         while its round is being aggregated (or after) is rejected: "accepted" always means aggregated."""
-        known = self.registry.get_update(msg.update_id)
+
+        async def store(pending: Pending, _: Message) -> str:
+            return await self._validate_and_store(pending, msg)
+
+        return await self._receive(session, msg, msg.update_id, store)
+
+    async def _receive(
+        self,
+        session: Session,
+        msg: Update | SecAggMasked,
+        update_id: str,
+        store: Callable[[Pending, Message], Awaitable[str]],
+    ) -> Ack:
+        """:meth:`handle_update` for an Update or a SecAggMasked: ``store(pending, msg)`` validates and stores the
+        result (its sha256; raises UpdateRejected). A masked result records no example count (it is masked)."""
+        num_examples, num_tokens = (msg.num_examples, msg.num_tokens) if isinstance(msg, Update) else (0, 0)
+        known = self.registry.get_update(update_id)
         if known is not None and (known.device_id, known.round_id) == (session.device_id, msg.round_id):
-            return Ack(update_id=msg.update_id, accepted=known.accepted, reason="already recorded")
-        pending = self.pending.get(msg.update_id)
+            return Ack(update_id=update_id, accepted=known.accepted, reason="already recorded")
+        pending = self.pending.get(update_id)
         if (
             known is not None
             or pending is None
             or (pending.device_id, pending.round_id) != (session.device_id, msg.round_id)
         ):
-            return Ack(update_id=msg.update_id, accepted=False, reason="no such assignment for this device and round")
+            return Ack(update_id=update_id, accepted=False, reason="no such assignment for this device and round")
         reason, sha, evaluation = "", None, None
         try:
             evaluation = check_evaluation(msg.evaluation, pending.fit.config)
-            sha = await self._validate_and_store(pending, msg)
+            sha = await store(pending, msg)
         except UpdateRejected as exc:
             reason, evaluation = exc.reason, None
         meta = update_meta(
@@ -508,11 +583,11 @@ class Coordinator:
             await asyncio.to_thread(self.model.discard, [sha])
             reason, sha = f"round {msg.round_id} closed while the update was stored", None
         row, created = self.registry.record_update(
-            update_id=msg.update_id,
+            update_id=update_id,
             round_id=msg.round_id,
             device_id=session.device_id,
-            num_examples=msg.num_examples,
-            num_tokens=msg.num_tokens,
+            num_examples=num_examples,
+            num_tokens=num_tokens,
             tensor_sha256=sha,
             metadata=meta,
             accepted=sha is not None,
@@ -521,11 +596,11 @@ class Coordinator:
         if not created:  # a concurrent copy of this update_id was recorded first
             if sha is not None:
                 await asyncio.to_thread(self.model.discard, [sha])
-            return Ack(update_id=msg.update_id, accepted=row.accepted, reason="already recorded")
-        if self.engine.on_update(msg.update_id, row.accepted, reason) and row.accepted:
+            return Ack(update_id=update_id, accepted=row.accepted, reason="already recorded")
+        if self.engine.on_update(update_id, row.accepted, reason) and row.accepted:
             self.reported[session.device_id] = RoutingStats.from_dict(msg.routing)
         self.wake.set()
-        return Ack(update_id=msg.update_id, accepted=row.accepted, reason=reason)
+        return Ack(update_id=update_id, accepted=row.accepted, reason=reason)
 
     def _collecting(self, round_id: int) -> bool:
         """Whether round ``round_id`` still takes updates (it is current and no aggregation or retry is under way)."""
@@ -630,6 +705,114 @@ class Coordinator:
             global_params=self.model.params,
         )
         return await asyncio.to_thread(self.model.store.put, tensors)
+
+    # ------------------------------------------------------------ secure aggregation
+
+    def _secure_member(self, pending: Pending) -> SecureMember:
+        """A device of a secure round: what it holds (from its assignment's manifest) and the rows it sends."""
+        ids, manifest = pending.fit.expert_ids, pending.manifest
+        return SecureMember(pending.device_id, pending.update_id, ids, manifest.held_ids(ids), slots_of(manifest, ids))
+
+    async def _advance_secure(self) -> None:
+        """Close the secure round's key or share phase when it is due (``SecureRound.advance``): send the roster
+        or the inboxes, reject the assignments of the devices that did not answer, or all of them when too few
+        did (the engine then retries the round: nothing was aggregated)."""
+        secure = self.secure
+        if secure is None:
+            return
+        advance = secure.advance(self.clock())
+        dropped = dict(advance.dropped)
+        if advance.failed is not None:
+            log.error("round %d: secure aggregation failed: %s", secure.round_id, advance.failed)
+            dropped |= {d: f"secure aggregation failed: {advance.failed}" for d in secure.members}
+            self.secure = None
+        for device_id, reason in dropped.items():
+            pending = self.pending.get(secure.members[device_id].update_id)
+            if pending is not None and self.engine.pending_of(device_id) == pending.update_id:
+                self._reject(pending, reason)
+        await asyncio.gather(*(self._send_to(device_id, msg) for device_id, msg in advance.sends))
+
+    async def _send_to(self, device_id: str, msg: Message) -> None:
+        """Send to the device's session of the moment, if it has one (a reconnect re-sends, :meth:`attach`)."""
+        session = self.sessions.get(device_id)
+        if session is not None:
+            await self._send(session, msg)
+
+    async def _unmask(self, secure: SecureRound, masked: list[str]) -> None:
+        """Ask the devices whose masked rows were accepted for their shares (``SecureRound.unmask``) and wait
+        until all answered or ``secure_timeout_s`` passed; ``SecureRound.secrets`` then needs t of them.
+
+        Raises:
+            ProtocolError: too few of them can be unmasked without exposing a thin row.
+        """
+        self._revealed.clear()
+        self.secure = secure  # reveals are taken while it waits
+        try:
+            sends = secure.unmask(masked)
+            await asyncio.gather(*(self._send_to(device_id, msg) for device_id, msg in sends))
+            try:
+                await asyncio.wait_for(self._revealed.wait(), secure.timeout_s)
+            except TimeoutError:
+                log.warning(
+                    "round %d: %d of %d devices revealed their shares within %.0f s",
+                    secure.round_id,
+                    len(secure.reveals),
+                    len(secure.asked),
+                    secure.timeout_s,
+                )
+        finally:
+            self.secure = None
+
+    async def handle_secure(self, session: Session, msg: Message) -> Ack | None:
+        """A device's secure-aggregation message: keys, shares and reveals are recorded (nothing to answer), a
+        masked result is handled like an Update (its Ack).
+
+        Raises:
+            ProtocolError: no secure round is running, or the message does not fit it (sent back as Error).
+        """
+        if isinstance(msg, SecAggMasked):
+            return await self._receive(session, msg, msg.update_id, self._store_masked)
+        secure = self.secure
+        if secure is None:
+            raise ProtocolError("unexpected", f"{msg.TYPE}: no secure aggregation round is running")
+        if isinstance(msg, SecAggKeys):
+            secure.on_keys(session.device_id, msg)
+        elif isinstance(msg, SecAggShares):
+            secure.on_shares(session.device_id, msg)
+        elif isinstance(msg, SecAggReveal):
+            secure.on_reveal(session.device_id, msg)
+            if secure.revealed:
+                self._revealed.set()
+        self.wake.set()
+        return None
+
+    async def _store_masked(self, pending: Pending, msg: Message) -> str:
+        """Check a SecAggMasked against the secure round (size of its payload) and its clear fields against the
+        assignment (``check_update`` on stand-in zero tensors: trained experts, routing statistics, metrics),
+        then store its words (``masked_blob``). Raises UpdateRejected."""
+        if not isinstance(msg, SecAggMasked) or not self._collecting(msg.round_id):
+            raise UpdateRejected(f"round {pending.round_id} is closed")
+        secure = self.secure
+        if secure is None or secure.round_id != msg.round_id:
+            raise UpdateRejected(f"round {msg.round_id} is not a running secure round")
+        try:
+            secure.check_masked(pending.device_id, msg)
+        except ProtocolError as exc:
+            raise UpdateRejected(str(exc)) from exc
+        stand_in = {s.name: np.zeros(s.shape, np.float32) for s in pending.manifest.tensors if s.trainable}
+        check_update(
+            pending.manifest,
+            pending.fit.expert_ids,
+            device_id=pending.device_id,
+            num_examples=1,
+            tensors=stand_in,
+            trained_experts=msg.trained_experts,
+            routing=msg.routing,
+            metrics=msg.metrics,
+            norm_bound=float("inf"),
+            global_params=self.model.params,
+        )
+        return await asyncio.to_thread(self.model.store.put, masked_blob(msg.data))
 
     # ------------------------------------------------------------ crash recovery
 

@@ -79,6 +79,35 @@ MESSAGES = [
     ),
     p.Heartbeat(),
     p.Error(code="bad_tensor", message="tensor x: shape (2,) != expected (3,)"),
+    p.SecAggStart(
+        round_id=3, update_id="r3-d-1f2e", weighting="examples", max_weight=80, clip=0, clip_range=1.0, min_holders=2
+    ),
+    p.SecAggKeys(round_id=3, update_id="r3-d-1f2e", cipher_key=b"c" * 32, mask_key=b"m" * 32),
+    p.SecAggRoster(
+        round_id=3,
+        update_id="r3-d-1f2e",
+        threshold=2,
+        participants=(
+            p.Participant("d-a", b"c" * 32, b"m" * 32, ((4, 0), (7,)), ((4, 0), (7,))),
+            p.Participant("d-b", b"C" * 32, b"M" * 32, ((4,), (7,)), ((4, 1), (7, 2))),
+        ),
+    ),
+    p.SecAggShares(round_id=3, update_id="r3-d-1f2e", shares=(p.SealedShare("d-b", bytes(range(92))),)),
+    p.SecAggInbox(round_id=3, update_id="r3-d-1f2e", shares=(p.SealedShare("d-a", bytes(range(92))),)),
+    p.SecAggMasked(
+        round_id=3,
+        update_id="r3-d-1f2e",
+        metrics={"loss": 2.5},
+        routing={"usage": [[0.5, 0.5], [1.0]]},
+        trained_experts=((4,), ()),
+        data=bytes(range(64)),
+    ),
+    p.SecAggUnmask(round_id=3, update_id="r3-d-1f2e", survivors=("d-a",), dropped=("d-b",)),
+    p.SecAggReveal(
+        round_id=3,
+        update_id="r3-d-1f2e",
+        shares=(p.RevealedShare("d-a", "self", b"s" * 32), p.RevealedShare("d-b", "mask", b"k" * 32)),
+    ),
 ]
 
 

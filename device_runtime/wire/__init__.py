@@ -1,4 +1,4 @@
-"""The fedmoe wire protocol, version 3: message types and their binary framing, free of I/O.
+"""The fedmoe wire protocol, version 4: message types and their binary framing, free of I/O.
 
 Shared by the device runtime and the coordinator. Every protocol message travels as ONE websocket binary
 message (frame) laid out as::
@@ -32,11 +32,15 @@ Conversation (the server and the client own the I/O and the ordering)::
                        (a zeroth-order device may send Update(zo=ZoUpdate(seeds, scalars)) and no tensors)
              (evaluation rides on the round: with FitConfig.eval_fraction > 0 the Update carries
               evaluation=EvalResult(...), the received model's score on the device's held-out split)
+    secure round (``[privacy] secure_aggregation``; ``wire.secure``): SecAggStart before the Assignment, then
+             SecAggKeys / SecAggRoster / SecAggShares / SecAggInbox, the masked result SecAggMasked (Ack),
+             SecAggUnmask / SecAggReveal
     any time: Heartbeat(), Error(code, message)
 
 Modules, one job each: ``fields`` (limits, error codes, field types, validation with msgspec),
 ``tensors`` (safetensors blobs and their header checks), ``messages`` (the message dataclasses),
-``framing`` (encode / decode / expect), ``transfer`` (bundle files in chunks). This package exports
+``framing`` (encode / decode / expect), ``transfer`` (bundle files in chunks), ``secure`` (the
+secure-aggregation messages). This package exports
 their public names.
 """
 
@@ -61,6 +65,21 @@ from device_runtime.wire.messages import (
     Message,
     Update,
     ZoUpdate,
+)
+from device_runtime.wire.secure import (
+    SECURE_FROM_DEVICE,
+    SECURE_TO_DEVICE,
+    Participant,
+    RevealedShare,
+    SealedShare,
+    SecAggInbox,
+    SecAggKeys,
+    SecAggMasked,
+    SecAggReveal,
+    SecAggRoster,
+    SecAggShares,
+    SecAggStart,
+    SecAggUnmask,
 )
 from device_runtime.wire.tensors import MAX_TENSORS, WIRE_DTYPES, bytes_to_tensors, tensors_to_bytes, to_float32
 from device_runtime.wire.transfer import BundleAssembler, bundle_chunks
@@ -88,6 +107,19 @@ __all__ = [
     "Heartbeat",
     "Hello",
     "Message",
+    "Participant",
+    "RevealedShare",
+    "SECURE_FROM_DEVICE",
+    "SECURE_TO_DEVICE",
+    "SealedShare",
+    "SecAggInbox",
+    "SecAggKeys",
+    "SecAggMasked",
+    "SecAggReveal",
+    "SecAggRoster",
+    "SecAggShares",
+    "SecAggStart",
+    "SecAggUnmask",
     "Update",
     "ZoUpdate",
     "bundle_chunks",

@@ -21,7 +21,8 @@ from device_runtime.units import MIB
 # 2: assignments carry the coordinator's signature (device_runtime.signing)
 # 3: the messages "enroll" / "enroll_ok" (were "enrol" / "enrol_ok": one spelling of enroll); "evaluate" /
 #    "evaluate_res" removed (federated evaluation rides on fit: FitConfig.eval_fraction, Update.evaluation)
-PROTOCOL_VERSION = 3
+# 4: the secure-aggregation messages "secagg_*" (device_runtime.wire.secure)
+PROTOCOL_VERSION = 4
 MAX_HEADER_BYTES = MIB  # JSON header bound (bytes); weights travel in the payload
 MAX_EXPERT_ID = 1 << 20
 MAX_NUM_EXAMPLES = 1 << 30  # sequences a device may report per round (about 10**9: no device gets near)
@@ -29,6 +30,7 @@ MAX_NUM_TOKENS = 1 << 40
 MAX_TEXT = 2000  # characters of a free-text field (error messages, ack reasons)
 MAX_EVAL_LOSS = 1e3  # nats per token of an EvalResult (ln of a 10**6-token vocabulary is 14)
 MAX_LABELS = 1024  # candidate labels of FitConfig.labels (logit adjustment)
+MAX_SECURE_PEERS = 1024  # devices of one securely aggregated round (each sends a sealed share to every other)
 MAX_ZO_SEEDS = 4096  # seeds of a zeroth-order ZoUpdate (FedKSeed's K; ~100 KB of header at most)
 ERROR_CODES = (
     "bad_frame",  # frame shorter than its declared lengths, or a payload where none belongs
