@@ -332,9 +332,12 @@ def federated_evaluation(
 
 
 def _mean_loss(rows: Sequence[UpdateRecord]) -> float | None:
-    """num_examples-weighted mean of the devices' reported ``loss``."""
+    """num_examples-weighted mean of the devices' reported ``loss``; the plain mean when no row has a count (a
+    securely aggregated round records none: its weights are masked)."""
     pairs = [(r.num_examples, r.meta.get("metrics", {}).get("loss")) for r in rows]
     pairs = [(n, float(l)) for n, l in pairs if l is not None]
+    if pairs and not any(n for n, _ in pairs):
+        pairs = [(1, l) for _, l in pairs]
     total = sum(n for n, _ in pairs)
     return sum(n * l for n, l in pairs) / total if total else None
 

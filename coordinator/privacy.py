@@ -68,6 +68,7 @@ configured total z and noise the sum with z_v = (z^-2 - (2 sigma_b)^-2)^-1/2, wh
 from __future__ import annotations
 
 import functools
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -75,6 +76,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from device_runtime.errors import ConfigError
+
+log = logging.getLogger("fedmoe.coord")
 
 
 @dataclass(frozen=True)
@@ -271,12 +274,26 @@ def accounted_rate(q: float) -> float:
 @functools.lru_cache(maxsize=4096)
 def _round_rdp(noise_multiplier: float, q: float) -> np.ndarray:
     """The RDP (at dp-accounting's default orders) of one round ``PoissonSampledDpEvent(q, GaussianDpEvent(z))``,
-    zero-out neighbours (for this event the same numbers as add-or-remove)."""
+    zero-out neighbours (for this event the same numbers as add-or-remove).
+
+    For small z, dp-accounting's series at some fractional orders does not converge; it then excludes that order
+    (its RDP becomes infinite, which can only raise the epsilon reported) and logs a warning through absl for each
+    such order of every call. That warning is silenced here (the ``absl`` logger at ERROR while composing), and
+    the count of excluded orders goes to this module's debug log."""
     import dp_accounting
     from dp_accounting.rdp import RdpAccountant
 
     accountant = RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_SPECIAL)
-    accountant.compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(noise_multiplier)))
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(logging.ERROR)
+    try:
+        accountant.compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(noise_multiplier)))
+    finally:
+        absl.setLevel(level)
+    excluded = int(np.sum(np.isinf(accountant.rdp)))
+    if excluded:
+        log.debug("dp-accounting excluded %d RDP orders (z %g, q %g): no convergence", excluded, noise_multiplier, q)
     rdp: np.ndarray = np.array(accountant.rdp, np.float64)
     rdp.setflags(write=False)
     return rdp
@@ -295,3 +312,27 @@ def epsilon(rounds: Sequence[tuple[float, float]], delta: float) -> float:
     total = sum(_round_rdp(float(z), accounted_rate(float(q))) for z, q in rounds)
     eps, _ = compute_epsilon(RdpAccountant().orders, total, delta)
     return float(eps)
+
+
+def noise_for_epsilon(target: float, rounds: int, sampling_rate: float, delta: float) -> float:
+    """The smallest noise multiplier z (to 0.1%) whose ``rounds`` rounds at ``sampling_rate`` spend at most
+    ``target`` epsilon at ``delta`` (:func:`epsilon`): bisection on log z over [0.05, 1000].
+
+    Raises:
+        ConfigError: ``target`` or ``rounds`` is not positive, or even z = 1000 spends more.
+    """
+    if not target > 0 or rounds < 1:
+        raise ConfigError(f"a target epsilon > 0 over >= 1 round is needed, got {target} over {rounds}")
+
+    def spent(z: float) -> float:
+        return epsilon([(z, sampling_rate)] * rounds, delta)
+
+    low, high = 0.05, 1000.0
+    if spent(high) > target:
+        raise ConfigError(f"epsilon {target:g} over {rounds} rounds is out of reach (z = {high:g} spends more)")
+    if spent(low) <= target:
+        return low
+    while high / low > 1.001:
+        middle = math.sqrt(low * high)
+        low, high = (low, middle) if spent(middle) <= target else (middle, high)
+    return high

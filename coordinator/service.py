@@ -688,6 +688,8 @@ class Coordinator:
     async def _validate_and_store(self, pending: Pending, msg: Update) -> str:
         if not self._collecting(msg.round_id):
             raise UpdateRejected(f"round {msg.round_id} is closed")
+        if self.secure_settings is not None:
+            raise UpdateRejected("this federation aggregates securely: an update in clear is refused (SecAggMasked)")
         tensors = msg.tensors
         if msg.zo is not None:  # seeds and scalars (FedKSeed): expand against the assignment's weights
             assigned = slice_assignment(self.model.params, pending.manifest, pending.fit.expert_ids)

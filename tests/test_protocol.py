@@ -346,3 +346,20 @@ def test_bundle_assembler_rejects_bad_sequences():
     assert _assemble([chunks[0], early_end]) == "bad_frame"
     escape = chunks[0].__class__(**{**chunks[0].__dict__, "name": "../a.onnx"})
     assert _assemble([escape]) == "bad_header"
+
+
+@pytest.mark.parametrize("msg", [m for m in MESSAGES if m.SIGNED], ids=lambda m: m.TYPE)
+def test_every_signed_message_verifies_for_its_device_only(msg):
+    """Signed with the coordinator's ECDSA key for one device, each SIGNED type (with or without a payload) verifies
+    for that device, and is refused for another or with a changed field."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from device_runtime.signing import Signer, Verifier
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    signer, verifier = Signer(key), Verifier(key.public_key())
+    data = p.encode(msg, sign=signer.assignment("d-a"))
+    assert p.decode(data, max_size=MAX, verify=verifier.assignment("d-a")) == msg
+    assert code_of(data, verify=verifier.assignment("d-b")) == "bad_signature"
+    tampered = data.replace(b'"round_id":3', b'"round_id":4')
+    assert tampered != data and code_of(tampered, verify=verifier.assignment("d-a")) == "bad_signature"
