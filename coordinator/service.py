@@ -157,6 +157,7 @@ class Coordinator:
         )
         self.secure: SecureRound | None = None  # the secure round in progress (coordinator.secagg)
         self._revealed = asyncio.Event()  # every device asked has revealed its shares
+        self._round_cpu = 0.0  # time.process_time() when the current round started
         self._resume()
 
     @classmethod
@@ -343,6 +344,7 @@ class Coordinator:
         """Open a round, ask the strategy what each device trains, build the bundles and record every assignment,
         then send them. Nothing is sent before the whole selection is recorded: a crash in between would
         leave an update acknowledged in a round that cannot be rebuilt at restart."""
+        self._round_cpu = time.process_time()  # the coordinator's CPU seconds from here: coordinator_cpu_s
         row = self.registry.start_round(self.strategy.name, {"model_version": self.model.version})
         server_round = self.engine.server_round
         self.engine.started(row.id, {}, self.clock())
@@ -461,6 +463,8 @@ class Coordinator:
             self._closed_failed(str(exc))
             return
         log.info("round %d aggregated %d updates -> model version %d", action.round_id, len(rows), version.version)
+        cpu = time.process_time() - self._round_cpu  # every thread of the process, evaluation of the last version too
+        self.registry.log_metrics({"coordinator_cpu_s": cpu}, round_id=action.round_id)
         self._log_federated_evaluation(action.round_id, version.metrics)
         self.pending = {u: p for u, p in self.pending.items() if p.round_id >= action.round_id}
         self.engine.closed()
@@ -825,6 +829,10 @@ class Coordinator:
         running = [r for r in rounds if r.status == "running"]
         for stale in running[:-1]:
             self.registry.finish_round(stale.id, metrics={"reason": "superseded at restart"}, status="failed")
+        if running and self.secure_settings is not None:  # its keys, shares and reveals were in memory only
+            reason = "a secure round cannot resume after a restart (its protocol state was in memory); retried"
+            self.registry.finish_round(running[-1].id, metrics={"reason": reason}, status="failed")
+            running = []
         self._sweep_update_files(running[-1].id if running else None)
         self.engine.resume(done, self._resume_round(running[-1].id, done + 1) if running else None, self.clock())
 

@@ -22,8 +22,6 @@ from device_runtime.wire import (
     Update,
 )
 
-MAX_ROUNDS = 4  # secure states kept (the newest assignments'); an older one's masking is abandoned
-
 
 class SecureRounds:
     """The secure states of one device, by update id (call from the event loop's thread)."""
@@ -66,16 +64,19 @@ class SecureRounds:
         raise ProtocolError("unexpected", f"{msg.TYPE} is not a coordinator's secure step")
 
     def arrived(self, msg: Message) -> None:
-        """After :meth:`answer` on the loop: wake the masking of an inbox's assignment; forget the oldest states
-        beyond :data:`MAX_ROUNDS` (their waiting masking ends)."""
+        """After :meth:`answer` on the loop: wake the masking of an inbox's assignment. A SecAggStart of a new
+        assignment ends every older secure round of this device (the coordinator runs one round at a time and
+        closed the last before it started this one): their states, waiting maskings (which end) and unacknowledged
+        results are forgotten, so a failed round holds no model-sized arrays."""
         update_id = getattr(msg, "update_id", "")
         if isinstance(msg, SecAggInbox):
             self._event(update_id).set()
-        while len(self._states) > MAX_ROUNDS:
-            oldest = next(iter(self._states))
-            del self._states[oldest]
-            self._event(oldest).set()
-            del self._ready[oldest]
+        if isinstance(msg, SecAggStart):
+            for old in [u for u in self._states if u != update_id]:
+                del self._states[old]
+                self._event(old).set()
+                del self._ready[old]
+                self.unacked.pop(old, None)
 
     def _event(self, update_id: str) -> asyncio.Event:
         return self._ready.setdefault(update_id, asyncio.Event())
@@ -88,7 +89,7 @@ class SecureRounds:
         base: Mapping[str, np.ndarray],
     ) -> SecAggMasked | None:
         """``update`` masked (``DeviceSecAgg.mask`` in a worker thread) once its inbox arrived: None if its state
-        was forgotten meanwhile. The message is kept in :attr:`unacked` until :meth:`acked`.
+        was forgotten meanwhile (a newer round started). The message is kept in :attr:`unacked` until :meth:`acked`.
 
         Args:
             base: the assignment's trainable tensors as received (float32), the rows the deltas are taken from.
