@@ -359,27 +359,35 @@ class DeviceSecAgg:
             raise ProtocolError("unexpected", "masking before the inbox arrived")
         start, n = self.start, len(roster.participants)
         sent = sent_slots(slots, roster.participants, u2, start.min_holders)
-        deltas = [_row(trained[s.name], s) - _row(base[s.name], s) for s in sent]
+
+        def delta(slot: Slot) -> np.ndarray:  # one row at a time: temporaries stay the size of one row
+            row: np.ndarray = _row(trained[slot.name], slot) - _row(base[slot.name], slot)
+            return row
+
         factor = 1.0
         if start.clip > 0:
-            norm = math.sqrt(sum(float(np.vdot(d, d)) for d in deltas))
+            norm = math.sqrt(sum(float(np.vdot(d, d)) for d in map(delta, sent)))
             factor = 1.0 if norm <= start.clip else start.clip / norm
         weight = 1.0 if start.weighting == "unit" else min(float(examples), start.max_weight) / start.max_weight
         value_scale, weight_scale = scales(start.clip_range, n)
         rng = np.random.default_rng()
         keys = {p.device_id: p.mask_key for p in roster.participants}
-        out = []
-        for slot, delta in zip(sent, deltas):
-            values = np.clip(delta * (weight * factor), -start.clip_range, start.clip_range)
+        pair_keys: dict[str, bytes] = {}  # s_uv per peer, agreed once
+        out, offset = np.empty(sum(s.size + 1 for s in sent), WORD), 0  # the payload, filled row by row
+        for slot in sent:
+            values = np.clip(delta(slot) * (weight * factor), -start.clip_range, start.clip_range)
             words = np.concatenate(
                 [quantize(values, value_scale, rng), quantize(np.array([weight]), weight_scale, rng)]
             )
             words += prg(self._seed, start.round_id, slot)
             for peer in sorted(holders(roster.participants, slot.key, u2) - {self.device_id}):
-                pair = prg(agree(self._mask, keys[peer], "mask", start.round_id), start.round_id, slot)
+                if peer not in pair_keys:
+                    pair_keys[peer] = agree(self._mask, keys[peer], "mask", start.round_id)
+                pair = prg(pair_keys[peer], start.round_id, slot)
                 words = words + pair if pair_sign(self.device_id, peer) > 0 else words - pair
-            out.append(words)
-        return np.concatenate(out).astype(WORD).tobytes() if out else b""
+            out[offset : offset + slot.size + 1] = words
+            offset += slot.size + 1
+        return out.tobytes()
 
     def on_unmask(self, request: SecAggUnmask) -> SecAggReveal:
         """The shares ``request`` asks for, after checking it: survivors and dropped partition U2, at least t

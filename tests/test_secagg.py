@@ -21,7 +21,16 @@ from coordinator.secagg import SecureMember, SecureRound, SecureSettings, secure
 from coordinator.strategy import DPFedAvg, FedAvg
 from device_runtime.errors import ProtocolError
 from device_runtime.secagg import WORD, DeviceSecAgg, Slot, combine_secret, split_secret, unmaskable
-from device_runtime.wire import PROTOCOL_VERSION, FitConfig, Participant, SecAggKeys, SecAggRoster, decode, encode
+from device_runtime.wire import (
+    PROTOCOL_VERSION,
+    FitConfig,
+    Participant,
+    SecAggKeys,
+    SecAggRoster,
+    SecAggUnmask,
+    decode,
+    encode,
+)
 
 ROUND = 7
 SETTINGS = SecureSettings("examples", 10.0, 0.0, 64.0, 2, 0.5, 60.0)
@@ -193,3 +202,24 @@ def test_messages_are_bounded_and_checked():
     with pytest.raises(ProtocolError, match="no secure assignment"):
         fed.round.on_reveal("b", reveal)
     fed.round.on_reveal("a", reveal)
+
+
+def test_a_device_forgets_older_secure_rounds_when_a_new_one_starts():
+    """The client's bookkeeping (``SecureRounds``): a repeated start gets the same keys, a different one for the
+    same assignment is refused, and a new assignment's start drops the older round's state and result."""
+    from device_runtime.secure_rounds import SecureRounds
+
+    rounds = SecureRounds("a")
+    first = dataclasses.replace(Federation(HOLDINGS).round.start_message("a"), update_id="u1")
+    keys = rounds.answer(first)
+    rounds.arrived(first)
+    assert rounds.answer(first) == keys and rounds.expects("u1")
+    with pytest.raises(ProtocolError, match="different secure start"):
+        rounds.answer(dataclasses.replace(first, min_holders=3))
+    rounds.unacked["u1"] = "a masked result"
+    second = dataclasses.replace(first, round_id=first.round_id + 1, update_id="u2")
+    rounds.answer(second)
+    rounds.arrived(second)
+    assert rounds.expects("u2") and not rounds.expects("u1") and not rounds.unacked
+    with pytest.raises(ProtocolError, match="no secure round of this device"):
+        rounds.answer(SecAggUnmask(round_id=first.round_id, update_id="u1", survivors=("a", "b"), dropped=()))
