@@ -191,7 +191,7 @@ def participants(fed: Federation, cfg: CoordinatorConfig) -> list[tuple[Simulate
     Raises:
         FedmoeError: no device gets anything to train.
     """
-    strategy = make_strategy(cfg).bind(fit_context(cfg))
+    strategy = make_strategy(dataclasses.replace(cfg, strategy=fed.strategy)).bind(fit_context(cfg))
     planned = strategy.configure_fit(
         1, {}, [ClientInfo(d.name, {"memory_mib": d.memory_mib, "backend": d.backend}) for d in fed.devices]
     )
