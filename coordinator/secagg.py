@@ -341,11 +341,6 @@ class SecureRound:
             self.sent[device_id].append(msg)
         return sends
 
-    @property
-    def revealed(self) -> bool:
-        """Every device asked has revealed."""
-        return bool(self.asked) and set(self.reveals) == set(self.asked)
-
     def secrets(self) -> tuple[dict[str, bytes], dict[str, bytes]]:
         """The reconstructed self-mask seeds of S and mask private keys of U2 \\ S.
 

@@ -156,7 +156,7 @@ class Coordinator:
             else None
         )
         self.secure: SecureRound | None = None  # the secure round in progress (coordinator.secagg)
-        self._revealed = asyncio.Event()  # every device asked has revealed its shares
+        self._revealed = asyncio.Event()  # set by each reveal of the secure round being unmasked
         self._round_cpu = 0.0  # time.process_time() when the current round started
         self._resume()
 
@@ -746,21 +746,29 @@ class Coordinator:
 
     async def _unmask(self, secure: SecureRound, masked: list[str]) -> None:
         """Ask the devices whose masked rows were accepted for their shares (``SecureRound.unmask``) and wait
-        until all answered or ``secure_timeout_s`` passed; ``SecureRound.secrets`` then needs t of them.
+        until every one still connected answered, or ``secure_timeout_s`` passed; ``SecureRound.secrets`` then
+        needs t of them.
 
         Raises:
             ProtocolError: too few of them can be unmasked without exposing a thin row.
         """
-        self._revealed.clear()
         self.secure = secure  # reveals are taken while it waits
         try:
             sends = secure.unmask(masked)
             await asyncio.gather(*(self._send_to(device_id, msg) for device_id, msg in sends))
-            try:
-                await asyncio.wait_for(self._revealed.wait(), secure.timeout_s)
-            except TimeoutError:
+            deadline = self.clock() + secure.timeout_s
+            while not set(secure.reveals) >= set(secure.asked) & set(self.sessions):  # a lost device never answers
+                if self.clock() >= deadline:
+                    break
+                self._revealed.clear()
+                try:
+                    await asyncio.wait_for(self._revealed.wait(), _POLL_S)
+                except TimeoutError:
+                    pass
+            if set(secure.reveals) != set(secure.asked):
                 log.warning(
-                    "round %d: %d of %d devices revealed their shares within %.0f s",
+                    "round %d: %d of %d devices asked revealed their shares (the others disconnected, or did not "
+                    "answer within %.0f s)",
                     secure.round_id,
                     len(secure.reveals),
                     len(secure.asked),
@@ -787,8 +795,7 @@ class Coordinator:
             secure.on_shares(session.device_id, msg)
         elif isinstance(msg, SecAggReveal):
             secure.on_reveal(session.device_id, msg)
-            if secure.revealed:
-                self._revealed.set()
+            self._revealed.set()
         self.wake.set()
         return None
 
