@@ -46,6 +46,8 @@ Example (``fedmoe-coord init`` writes one)::
     clip = 0.1                              # S, L2 clip of a device's update delta (or target_quantile: adaptive)
     delta = 1e-5
     epsilon_budget = 8.0                    # rounds stop before epsilon would pass it (0: no budget)
+    secure_aggregation = true               # the coordinator sees only each row's sum (coordinator.secagg)
+    secure_min_holders = 2                  # rows with fewer holders keep their global value that round
 
     [split]                                 # device_runtime.wire.SplitConfig fields: devices with the
     cut_layer = 1                           # split backend train layers < cut_layer with the coordinator
@@ -268,8 +270,10 @@ def make_strategy(cfg: CoordinatorConfig) -> Strategy:
 
     Raises:
         ConfigError: unknown strategy or bad parameters; ``[privacy]`` with a strategy that cannot be private, or
-        ``dp-fedavg`` without it.
+        ``dp-fedavg`` without it; ``secure_aggregation`` with a strategy that reads individual updates
+        (``coordinator.secagg.check_secure``).
     """
+    from coordinator.secagg import check_secure
     from coordinator.strategy import from_name
     from coordinator.strategy.dp_fedavg import NOT_PRIVATE, DPFedAvg
 
@@ -284,7 +288,10 @@ def make_strategy(cfg: CoordinatorConfig) -> Strategy:
             f"config: [privacy] noise_multiplier > 0 needs strategy = {DPFedAvg.name!r}; {cfg.strategy!r} cannot be "
             f"private: {why}"
         )
-    return from_name(cfg.strategy, **params)
+    strategy = from_name(cfg.strategy, **params)
+    if cfg.privacy.secure_aggregation:
+        check_secure(cfg.strategy, strategy.secure_weighting, cfg.privacy, cfg.fit)
+    return strategy
 
 
 def load_config(path: str | Path) -> CoordinatorConfig:

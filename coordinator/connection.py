@@ -17,7 +17,8 @@ States::
     CHALLENGED --Auth--> LOGGED_IN (Login, AuthOk)
     CHALLENGED --bad frame--> OPEN (Error)    OPEN / CHALLENGED --refused--> CLOSED (Error "auth", Close)
     OPEN / CHALLENGED --budget spent--> CLOSED (Close)
-    LOGGED_IN --message--> LOGGED_IN (HandleUpdate, HandleSplit, SendBundle, HandleError or Error "unexpected")
+    LOGGED_IN --message--> LOGGED_IN (HandleUpdate, HandleSplit, HandleSecure, SendBundle, HandleError or
+        Error "unexpected")
     LOGGED_IN --rate exceeded or revoked--> CLOSED (Close)
 
 Before login, a connection may send at most :data:`MAX_PRE_LOGIN_MESSAGES` messages (a Hello and its Auth count
@@ -53,6 +54,7 @@ from device_runtime.auth import NonceBook, verify_challenge
 from device_runtime.errors import AuthError, ProtocolError
 from device_runtime.wire import (
     PROTOCOL_VERSION,
+    SECURE_FROM_DEVICE,
     Auth,
     AuthOk,
     BundleRequest,
@@ -177,13 +179,21 @@ class SendBundle:
 
 
 @dataclass(frozen=True)
+class HandleSecure:
+    """Hand a secure-aggregation ``message`` (keys, shares, masked result, reveal) to the coordinator and send
+    the device its answer, if any (an Ack for a masked result)."""
+
+    message: Message
+
+
+@dataclass(frozen=True)
 class HandleError:
     """Hand the device's ``error`` (it failed its assignment, say) to the coordinator."""
 
     error: Error
 
 
-Action = Send | Close | Login | HandleUpdate | HandleSplit | SendBundle | HandleError
+Action = Send | Close | Login | HandleUpdate | HandleSplit | SendBundle | HandleError | HandleSecure
 
 
 def refusal(code: str, message: str) -> Send:
@@ -388,6 +398,8 @@ class CoordinatorConnection:
             return [HandleUpdate(msg)]
         if isinstance(msg, (SmashedData, SplitScalars)):
             return [HandleSplit(msg)]
+        if isinstance(msg, SECURE_FROM_DEVICE):
+            return [HandleSecure(msg)]
         if isinstance(msg, BundleRequest):
             return [SendBundle(msg.shape_key_id)]
         if isinstance(msg, Heartbeat):

@@ -25,9 +25,10 @@ from coordinator.config import PRUNED, CoordinatorConfig
 from coordinator.planning import to_client_update
 from coordinator.registry import Registry
 from coordinator.registry.tables import ModelVersion, UpdateRecord
+from coordinator.secagg import SecureRound, masked_payload, secure_sums
 from coordinator.strategy.base import Strategy
 from coordinator.strategy.dp_fedavg import DPFedAvg
-from coordinator.strategy.types import ClientEvaluation, ClientUpdate, FitContext, Params, StrategyState
+from coordinator.strategy.types import Aggregated, ClientEvaluation, ClientUpdate, FitContext, Params, StrategyState
 from coordinator.tensor_store import TensorStore
 from device_runtime.errors import ConfigError
 from device_runtime.stats import RoutingStats
@@ -218,13 +219,56 @@ def aggregate_round(
     rows = sorted(rows, key=lambda r: r.device_id)
     results = stored_updates(model.store, rows)
     if isinstance(strategy, DPFedAvg):
-        params, metrics, state = strategy.aggregate_fit(
+        aggregated = strategy.aggregate_fit(
             server_round, results, failures, model.params, model.strategy_state, sampling_rate=sampling_rate
         )
     else:
-        params, metrics, state = strategy.aggregate_fit(
-            server_round, results, failures, model.params, model.strategy_state
-        )
+        aggregated = strategy.aggregate_fit(server_round, results, failures, model.params, model.strategy_state)
+    return _commit(model, strategy, aggregated, rows, failures, server_round=server_round, round_id=round_id)
+
+
+def aggregate_secure_round(
+    model: GlobalModel,
+    strategy: Strategy,
+    secure: SecureRound,
+    rows: Sequence[UpdateRecord],
+    failures: Sequence[tuple[str, str]],
+    *,
+    server_round: int,
+    round_id: int,
+    sampling_rate: float = 1.0,
+) -> ModelVersion:
+    """:func:`aggregate_round` for a securely aggregated round: the revealed shares give the secrets
+    (``SecureRound.secrets``), the masked payloads of ``rows`` (the accepted ``SecAggMasked``, read one at a time)
+    their per-row sums (``coordinator.secagg.secure_sums``), which the strategy's ``aggregate_secure`` merges.
+    Nothing is committed unless every step succeeds.
+
+    Raises:
+        ProtocolError: fewer than t devices revealed, a reconstructed key is wrong, or a payload does not fit.
+        ModelError: a stored payload is missing or corrupted.
+    """
+    seeds, masks = secure.secrets()
+    sha = {r.device_id: r.tensor_sha256 for r in rows}
+    sums = secure_sums(secure, lambda device: masked_payload(model.store.get(sha[device])), model.params, seeds, masks)
+    aggregated = strategy.aggregate_secure(
+        server_round, sums, failures, model.params, model.strategy_state, sampling_rate=sampling_rate
+    )
+    return _commit(model, strategy, aggregated, rows, failures, server_round=server_round, round_id=round_id)
+
+
+def _commit(
+    model: GlobalModel,
+    strategy: Strategy,
+    aggregated: Aggregated,
+    rows: Sequence[UpdateRecord],
+    failures: Sequence[tuple[str, str]],
+    *,
+    server_round: int,
+    round_id: int,
+) -> ModelVersion:
+    """Commit a round's aggregate as the next version, with its metrics (JSON-safe), the devices' mean training
+    loss and the federated evaluation; log ``dp_epsilon`` as a round metric when the strategy reports one."""
+    params, metrics, state = aggregated
     metrics = json.loads(json.dumps(metrics, default=float))  # JSON-safe (int keys -> strings)
     metrics["train_loss"] = _mean_loss(rows)
     metrics.update(federated_evaluation(strategy, server_round, rows, failures))
@@ -289,9 +333,12 @@ def federated_evaluation(
 
 
 def _mean_loss(rows: Sequence[UpdateRecord]) -> float | None:
-    """num_examples-weighted mean of the devices' reported ``loss``."""
+    """num_examples-weighted mean of the devices' reported ``loss``; the plain mean when no row has a count (a
+    securely aggregated round records none: its weights are masked)."""
     pairs = [(r.num_examples, r.meta.get("metrics", {}).get("loss")) for r in rows]
     pairs = [(n, float(l)) for n, l in pairs if l is not None]
+    if pairs and not any(n for n, _ in pairs):
+        pairs = [(1, l) for _, l in pairs]
     total = sum(n for n, _ in pairs)
     return sum(n * l for n, l in pairs) / total if total else None
 

@@ -3,9 +3,10 @@ decisions (enrollment, authentication, rate and revocation checks, dispatch) ``c
 without I/O; this module reads and decodes frames, carries out the actions it returns and awaits the heavy work
 (``Coordinator.handle_update``, bundle reads).
 
-A bundle transfer is counted as one ``bytes_down`` metric; an Assignment, BundleData or Update frame is counted
-per device (registry writes are commits on the event loop). Messages with tensors are encoded in a worker thread,
-frames above :data:`DECODE_IN_THREAD_BYTES` decoded in one; Assignments are signed for their device.
+A bundle transfer is counted as one ``bytes_down`` metric; an Assignment, BundleData, Update or secure-aggregation
+frame is counted per device (registry writes are commits on the event loop). Messages with tensors are encoded in a
+worker thread, frames above :data:`DECODE_IN_THREAD_BYTES` decoded in one; Assignments and secure-aggregation steps
+are signed for their device.
 A frame above :data:`PRE_LOGIN_MAX_BYTES` before login, and after it above what an update to the device's
 assignments needs (``coordinator.frame_cap``, never above ``max_message_mib``), is refused by websockets itself
 (close code 1009). Admission control (``coordinator.admission``): connection caps, one session per
@@ -40,6 +41,7 @@ from coordinator.connection import (
     Close,
     CoordinatorConnection,
     HandleError,
+    HandleSecure,
     HandleSplit,
     HandleUpdate,
     Login,
@@ -55,6 +57,8 @@ from device_runtime.auth import NonceBook
 from device_runtime.errors import BundleError, ConfigError, FedmoeError, ProtocolError
 from device_runtime.tls import CA_PATH, CERTIFICATE_PATH
 from device_runtime.wire import (
+    SECURE_FROM_DEVICE,
+    SECURE_TO_DEVICE,
     Assignment,
     BundleData,
     CutGradient,
@@ -80,8 +84,18 @@ ACCEPT_BATCH = 64  # connections accepted per event-loop iteration (coordinator.
 CLOSE_TOO_BIG = 1009  # websocket close code: a message exceeded the receiver's max_size
 
 
-# the messages whose bytes are counted per device and round
-TRAFFIC = (Assignment, BundleData, Update, SmashedData, CutGradient, SplitScalars, SplitStep)
+# the messages whose bytes are counted per device and round (a secure round's own messages too: its overhead)
+TRAFFIC = (
+    Assignment,
+    BundleData,
+    Update,
+    SmashedData,
+    CutGradient,
+    SplitScalars,
+    SplitStep,
+    *SECURE_TO_DEVICE,
+    *SECURE_FROM_DEVICE,
+)
 
 
 def http_routes(coord: Coordinator) -> Callable:
@@ -138,10 +152,11 @@ class Connection:
     async def send(self, msg: Message, *, count: bool = True) -> int:
         """Send ``msg``; returns the frame's size (bytes), recorded as ``bytes_down`` if ``count``.
         Messages with tensors are encoded in a worker thread (100s of MiB must not stall the event loop);
-        an Assignment is signed for this connection's device (``device_runtime.signing``)."""
+        an Assignment and the secure-aggregation steps are signed for this connection's device
+        (``device_runtime.signing``)."""
         device_id, signer = self.machine.device_id, self.coord.signer
         sign = signer.assignment(device_id) if signer is not None and msg.SIGNED else None
-        frame = await asyncio.to_thread(encode, msg, sign=sign) if msg.PAYLOAD else encode(msg)
+        frame = await asyncio.to_thread(encode, msg, sign=sign) if msg.PAYLOAD else encode(msg, sign=sign)
         if isinstance(msg, (Assignment, BundleData)):
             self.assignment_frame = (msg.update_id, len(frame)) if isinstance(msg, Assignment) else None
         if isinstance(msg, Assignment):
@@ -243,6 +258,10 @@ class Connection:
                 await self.send_bundle(shape_key_id)
             case HandleError(error):
                 self.coord.device_error(self.session, error)
+            case HandleSecure(message):
+                reply = await self.coord.handle_secure(self.session, message)
+                if reply is not None:
+                    await self.send(reply)
 
     async def login(self, login: Login) -> None:
         """Close the device's older connection (one session per device: the newest wins), allow the frames its

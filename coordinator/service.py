@@ -18,9 +18,19 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from coordinator.config import MIB, CoordinatorConfig, make_strategy
 from coordinator.evaluation import Evaluator, background_executor
-from coordinator.federation import FED_EVAL, GlobalModel, aggregate_round, fit_context, privacy_budget, tensor_store
+from coordinator.federation import (
+    FED_EVAL,
+    GlobalModel,
+    aggregate_round,
+    aggregate_secure_round,
+    fit_context,
+    privacy_budget,
+    tensor_store,
+)
 from coordinator.planning import BundleStore, check_evaluation, check_update, slice_assignment, update_meta
 from coordinator.registry import Registry
 from coordinator.rounds import (
@@ -33,14 +43,29 @@ from coordinator.rounds import (
     StartRound,
     Wait,
 )
+from coordinator.secagg import SecureMember, SecureRound, SecureSettings, masked_blob
 from coordinator.split_rounds import SplitMember, SplitRounds
 from coordinator.strategy import ClientInfo, FitIns, Strategy
 from coordinator.zo_updates import expand_zo_update
 from device_runtime.bundle import Manifest
 from device_runtime.errors import FedmoeError, ProtocolError, UpdateRejected
+from device_runtime.secagg import slots_of
 from device_runtime.signing import Signer
 from device_runtime.stats import RoutingStats
-from device_runtime.wire import Ack, Assignment, Error, FitConfig, Message, SmashedData, SplitScalars, Update
+from device_runtime.wire import (
+    Ack,
+    Assignment,
+    Error,
+    FitConfig,
+    Message,
+    SecAggKeys,
+    SecAggMasked,
+    SecAggReveal,
+    SecAggShares,
+    SmashedData,
+    SplitScalars,
+    Update,
+)
 from device_runtime.wire.fields import to_json
 
 log = logging.getLogger("fedmoe.coord")
@@ -129,6 +154,15 @@ class Coordinator:
         self._evaluation_pool = background_executor() if self.evaluator is not None else None
         self.split = SplitRounds(cfg.checkpoint, trainable_mode=cfg.trainable_mode, lora_rank=cfg.lora_rank)
         self._split_tasks: set[asyncio.Task] = set()
+        weighting = strategy.secure_weighting
+        self.secure_settings = (
+            SecureSettings.from_config(cfg.privacy, cfg.fit, weighting)
+            if cfg.privacy.secure_aggregation and weighting is not None
+            else None
+        )
+        self.secure: SecureRound | None = None  # the secure round in progress (coordinator.secagg)
+        self._revealed = asyncio.Event()  # set by each reveal of the secure round being unmasked
+        self._round_cpu = 0.0  # time.process_time() when the current round started
         self._resume()
 
     @classmethod
@@ -175,6 +209,9 @@ class Coordinator:
         self.sessions[session.device_id] = session
         self.engine.device_back(session.device_id, session.profile)
         pending = self._pending_of(session.device_id)
+        if self.secure is not None:  # its secure-aggregation messages so far, each idempotent on the device
+            for msg in self.secure.sent.get(session.device_id, []):
+                await self._send(session, msg)
         if pending is not None:
             await self._send(session, pending.message(self.model))
         self.wake.set()
@@ -253,6 +290,8 @@ class Coordinator:
             Exception: a registry, storage or strategy error; the round stays busy in the engine (``run_rounds``
             abandons it).
         """
+        if self.secure is not None and self.secure.phase in ("keys", "shares"):
+            await self._advance_secure()
         action = self.engine.step(self.clock(), self._available())
         if isinstance(action, StartRound):
             await self._start_round(action.devices)
@@ -260,6 +299,7 @@ class Coordinator:
             await self._aggregate(action)
         elif isinstance(action, RetryRound):
             log.warning("round %d failed: %s", action.round_id, action.reason)
+            self.secure = None
             self.registry.finish_round(action.round_id, metrics={"reason": action.reason}, status="failed")
             self._closed_failed(action.reason)
         elif isinstance(action, Finished):
@@ -312,6 +352,7 @@ class Coordinator:
         """Open a round, ask the strategy what each device trains, build the bundles and record every assignment,
         then send them. Nothing is sent before the whole selection is recorded: a crash in between would
         leave an update acknowledged in a round that cannot be rebuilt at restart."""
+        self._round_cpu = time.process_time()  # the coordinator's CPU seconds from here: coordinator_cpu_s
         row = self.registry.start_round(self.strategy.name, {"model_version": self.model.version})
         server_round = self.engine.server_round
         self.engine.started(row.id, {}, self.clock())
@@ -331,6 +372,9 @@ class Coordinator:
                 self.engine.assign(pending.update_id, device_id)
                 prepared.append(pending)
         await self._start_split(row.id, [p for p in prepared if p.fit.config.split is not None])
+        if self.secure_settings is not None:
+            members = [self._secure_member(p) for p in prepared]
+            self.secure = SecureRound(row.id, members, self.secure_settings, now=self.clock())
         await asyncio.gather(*(self._deliver(pending) for pending in prepared))
         log.info(
             "round %d (server round %d) started with %d of %d devices",
@@ -395,7 +439,11 @@ class Coordinator:
             self._reject(pending, f"assignment could not be built: {type(exc).__name__}: {exc}")
             return
         session = self.sessions.get(pending.device_id)
-        if session is not None and await self._send(session, message):
+        secure = [] if self.secure is None else self.secure.sent.get(pending.device_id, [])
+        sent = session is not None
+        for msg in [*secure, message]:  # a secure round's SecAggStart goes before the Assignment
+            sent = sent and await self._send(session, msg)
+        if sent:
             return
         now = self.sessions.get(pending.device_id)
         if now is None or now is session:
@@ -434,17 +482,32 @@ class Coordinator:
     async def _aggregate(self, action: Aggregate) -> None:
         current = self.engine.current
         rows = {r.update_id: r for r in self.registry.accepted_updates(action.round_id)}
+        accepted = [rows[u] for u in action.update_ids]
+        kwargs = {"server_round": self.engine.server_round, "round_id": action.round_id}
+        secure, self.secure = self.secure, None
         try:
-            version = await asyncio.to_thread(
-                aggregate_round,
-                self.model,
-                self.strategy,
-                [rows[u] for u in action.update_ids],
-                current.failures(),
-                server_round=self.engine.server_round,
-                round_id=action.round_id,
-                sampling_rate=self.engine.sampling_rate,
-            )
+            if secure is not None and secure.round_id == action.round_id:
+                await self._unmask(secure, [r.device_id for r in accepted])
+                version = await asyncio.to_thread(
+                    aggregate_secure_round,
+                    self.model,
+                    self.strategy,
+                    secure,
+                    accepted,
+                    current.failures(),
+                    sampling_rate=self.engine.sampling_rate,
+                    **kwargs,
+                )
+            else:
+                version = await asyncio.to_thread(
+                    aggregate_round,
+                    self.model,
+                    self.strategy,
+                    accepted,
+                    current.failures(),
+                    sampling_rate=self.engine.sampling_rate,
+                    **kwargs,
+                )
         except FedmoeError as exc:
             log.error("round %d aggregation failed: %s", action.round_id, exc)
             self.registry.finish_round(action.round_id, metrics={"reason": str(exc)}, status="failed")
@@ -452,6 +515,8 @@ class Coordinator:
             return
         log.info("round %d aggregated %d updates -> model version %d", action.round_id, len(rows), version.version)
         self.split.close()
+        cpu = time.process_time() - self._round_cpu  # every thread of the process, evaluation of the last version too
+        self.registry.log_metrics({"coordinator_cpu_s": cpu}, round_id=action.round_id)
         self._log_federated_evaluation(action.round_id, version.metrics)
         self.pending = {u: p for u, p in self.pending.items() if p.round_id >= action.round_id}
         self.engine.closed()
@@ -535,23 +600,38 @@ class Coordinator:
         A replayed update_id is answered from the registry before anything is stored, also once its round is
         closed and its assignment forgotten (after the next aggregation or a restart). An update that arrives
         while its round is being aggregated (or after) is rejected: "accepted" always means aggregated."""
-        known = self.registry.get_update(msg.update_id)
+
+        async def store(pending: Pending, _: Message) -> tuple[str, dict | None]:
+            if pending.fit.config.split is not None:  # its steps are here already: the group's model, its rows
+                return await self._store_split(pending, msg)
+            return await self._validate_and_store(pending, msg), None
+
+        return await self._receive(session, msg, msg.update_id, store)
+
+    async def _receive(
+        self,
+        session: Session,
+        msg: Update | SecAggMasked,
+        update_id: str,
+        store: Callable[[Pending, Message], Awaitable[tuple[str, dict | None]]],
+    ) -> Ack:
+        """:meth:`handle_update` for an Update or a SecAggMasked: ``store(pending, msg)`` validates and stores the
+        result (its sha256; raises UpdateRejected). A masked result records no example count (it is masked)."""
+        num_examples, num_tokens = (msg.num_examples, msg.num_tokens) if isinstance(msg, Update) else (0, 0)
+        known = self.registry.get_update(update_id)
         if known is not None and (known.device_id, known.round_id) == (session.device_id, msg.round_id):
-            return Ack(update_id=msg.update_id, accepted=known.accepted, reason="already recorded")
-        pending = self.pending.get(msg.update_id)
+            return Ack(update_id=update_id, accepted=known.accepted, reason="already recorded")
+        pending = self.pending.get(update_id)
         if (
             known is not None
             or pending is None
             or (pending.device_id, pending.round_id) != (session.device_id, msg.round_id)
         ):
-            return Ack(update_id=msg.update_id, accepted=False, reason="no such assignment for this device and round")
+            return Ack(update_id=update_id, accepted=False, reason="no such assignment for this device and round")
         reason, sha, evaluation, meta = "", None, None, None
         try:
             evaluation = check_evaluation(msg.evaluation, pending.fit.config)
-            if pending.fit.config.split is not None:  # its steps are here already: the group's model, its rows
-                sha, meta = await self._store_split(pending, msg)
-            else:
-                sha = await self._validate_and_store(pending, msg)
+            sha, meta = await store(pending, msg)
         except UpdateRejected as exc:
             reason, evaluation, meta = exc.reason, None, None
         meta = meta or update_meta(
@@ -561,11 +641,11 @@ class Coordinator:
             await asyncio.to_thread(self.model.discard, [sha])
             reason, sha = f"round {msg.round_id} closed while the update was stored", None
         row, created = self.registry.record_update(
-            update_id=msg.update_id,
+            update_id=update_id,
             round_id=msg.round_id,
             device_id=session.device_id,
-            num_examples=msg.num_examples,
-            num_tokens=msg.num_tokens,
+            num_examples=num_examples,
+            num_tokens=num_tokens,
             tensor_sha256=sha,
             metadata=meta,
             accepted=sha is not None,
@@ -574,11 +654,11 @@ class Coordinator:
         if not created:  # a concurrent copy of this update_id was recorded first
             if sha is not None:
                 await asyncio.to_thread(self.model.discard, [sha])
-            return Ack(update_id=msg.update_id, accepted=row.accepted, reason="already recorded")
-        if self.engine.on_update(msg.update_id, row.accepted, reason) and row.accepted:
+            return Ack(update_id=update_id, accepted=row.accepted, reason="already recorded")
+        if self.engine.on_update(update_id, row.accepted, reason) and row.accepted:
             self.reported[session.device_id] = RoutingStats.from_dict(msg.routing)
         self.wake.set()
-        return Ack(update_id=msg.update_id, accepted=row.accepted, reason=reason)
+        return Ack(update_id=update_id, accepted=row.accepted, reason=reason)
 
     def _collecting(self, round_id: int) -> bool:
         """Whether round ``round_id`` still takes updates (it is current and no aggregation or retry is under way)."""
@@ -666,6 +746,8 @@ class Coordinator:
     async def _validate_and_store(self, pending: Pending, msg: Update) -> str:
         if not self._collecting(msg.round_id):
             raise UpdateRejected(f"round {msg.round_id} is closed")
+        if self.secure_settings is not None:
+            raise UpdateRejected("this federation aggregates securely: an update in clear is refused (SecAggMasked)")
         tensors = msg.tensors
         if msg.zo is not None:  # seeds and scalars (FedKSeed): expand against the assignment's weights
             assigned = slice_assignment(self.model.params, pending.manifest, pending.fit.expert_ids)
@@ -690,6 +772,121 @@ class Coordinator:
         tensors, meta = self.split.update_of(pending.update_id, msg, self.cfg.update_norm_bound, self.model.params)
         return await asyncio.to_thread(self.model.store.put, tensors), meta
 
+    # ------------------------------------------------------------ secure aggregation
+
+    def _secure_member(self, pending: Pending) -> SecureMember:
+        """A device of a secure round: what it holds (from its assignment's manifest) and the rows it sends."""
+        ids, manifest = pending.fit.expert_ids, pending.manifest
+        return SecureMember(pending.device_id, pending.update_id, ids, manifest.held_ids(ids), slots_of(manifest, ids))
+
+    async def _advance_secure(self) -> None:
+        """Close the secure round's key or share phase when it is due (``SecureRound.advance``): send the roster
+        or the inboxes, reject the assignments of the devices that did not answer, or all of them when too few
+        did (the engine then retries the round: nothing was aggregated)."""
+        secure = self.secure
+        if secure is None:
+            return
+        advance = secure.advance(self.clock())
+        dropped = dict(advance.dropped)
+        if advance.failed is not None:
+            log.error("round %d: secure aggregation failed: %s", secure.round_id, advance.failed)
+            dropped |= {d: f"secure aggregation failed: {advance.failed}" for d in secure.members}
+            self.secure = None
+        for device_id, reason in dropped.items():
+            pending = self.pending.get(secure.members[device_id].update_id)
+            if pending is not None and self.engine.pending_of(device_id) == pending.update_id:
+                self._reject(pending, reason)
+        await asyncio.gather(*(self._send_to(device_id, msg) for device_id, msg in advance.sends))
+
+    async def _send_to(self, device_id: str, msg: Message) -> None:
+        """Send to the device's session of the moment, if it has one (a reconnect re-sends, :meth:`attach`)."""
+        session = self.sessions.get(device_id)
+        if session is not None:
+            await self._send(session, msg)
+
+    async def _unmask(self, secure: SecureRound, masked: list[str]) -> None:
+        """Ask the devices whose masked rows were accepted for their shares (``SecureRound.unmask``) and wait
+        until every one still connected answered, or ``secure_timeout_s`` passed; ``SecureRound.secrets`` then
+        needs t of them.
+
+        Raises:
+            ProtocolError: too few of them can be unmasked without exposing a thin row.
+        """
+        self.secure = secure  # reveals are taken while it waits
+        try:
+            sends = secure.unmask(masked)
+            await asyncio.gather(*(self._send_to(device_id, msg) for device_id, msg in sends))
+            deadline = self.clock() + secure.timeout_s
+            while not set(secure.reveals) >= set(secure.asked) & set(self.sessions):  # a lost device never answers
+                if self.clock() >= deadline:
+                    break
+                self._revealed.clear()
+                try:
+                    await asyncio.wait_for(self._revealed.wait(), _POLL_S)
+                except TimeoutError:
+                    pass
+            if set(secure.reveals) != set(secure.asked):
+                log.warning(
+                    "round %d: %d of %d devices asked revealed their shares (the others disconnected, or did not "
+                    "answer within %.0f s)",
+                    secure.round_id,
+                    len(secure.reveals),
+                    len(secure.asked),
+                    secure.timeout_s,
+                )
+        finally:
+            self.secure = None
+
+    async def handle_secure(self, session: Session, msg: Message) -> Ack | None:
+        """A device's secure-aggregation message: keys, shares and reveals are recorded (nothing to answer), a
+        masked result is handled like an Update (its Ack).
+
+        Raises:
+            ProtocolError: no secure round is running, or the message does not fit it (sent back as Error).
+        """
+        if isinstance(msg, SecAggMasked):
+            return await self._receive(session, msg, msg.update_id, self._store_masked)
+        secure = self.secure
+        if secure is None:
+            raise ProtocolError("unexpected", f"{msg.TYPE}: no secure aggregation round is running")
+        if isinstance(msg, SecAggKeys):
+            secure.on_keys(session.device_id, msg)
+        elif isinstance(msg, SecAggShares):
+            secure.on_shares(session.device_id, msg)
+        elif isinstance(msg, SecAggReveal):
+            secure.on_reveal(session.device_id, msg)
+            self._revealed.set()
+        self.wake.set()
+        return None
+
+    async def _store_masked(self, pending: Pending, msg: Message) -> tuple[str, dict | None]:
+        """Check a SecAggMasked against the secure round (size of its payload) and its clear fields against the
+        assignment (``check_update`` on stand-in zero tensors: trained experts, routing statistics, metrics),
+        then store its words (``masked_blob``). Raises UpdateRejected."""
+        if not isinstance(msg, SecAggMasked) or not self._collecting(msg.round_id):
+            raise UpdateRejected(f"round {pending.round_id} is closed")
+        secure = self.secure
+        if secure is None or secure.round_id != msg.round_id:
+            raise UpdateRejected(f"round {msg.round_id} is not a running secure round")
+        try:
+            secure.check_masked(pending.device_id, msg)
+        except ProtocolError as exc:
+            raise UpdateRejected(str(exc)) from exc
+        stand_in = {s.name: np.zeros(s.shape, np.float32) for s in pending.manifest.tensors if s.trainable}
+        check_update(
+            pending.manifest,
+            pending.fit.expert_ids,
+            device_id=pending.device_id,
+            num_examples=1,
+            tensors=stand_in,
+            trained_experts=msg.trained_experts,
+            routing=msg.routing,
+            metrics=msg.metrics,
+            norm_bound=float("inf"),
+            global_params=self.model.params,
+        )
+        return await asyncio.to_thread(self.model.store.put, masked_blob(msg.data)), None
+
     # ------------------------------------------------------------ crash recovery
 
     def _resume(self) -> None:
@@ -699,6 +896,10 @@ class Coordinator:
         running = [r for r in rounds if r.status == "running"]
         for stale in running[:-1]:
             self.registry.finish_round(stale.id, metrics={"reason": "superseded at restart"}, status="failed")
+        if running and self.secure_settings is not None:  # its keys, shares and reveals were in memory only
+            reason = "a secure round cannot resume after a restart (its protocol state was in memory); retried"
+            self.registry.finish_round(running[-1].id, metrics={"reason": reason}, status="failed")
+            running = []
         self._sweep_update_files(running[-1].id if running else None)
         self.engine.resume(done, self._resume_round(running[-1].id, done + 1) if running else None, self.clock())
 

@@ -37,11 +37,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
+import numpy as np
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from device_runtime.auth import Credentials, check_device_name, generate_keypair, save_credentials, sign_challenge
 from device_runtime.backends import select_backend
+from device_runtime.bundle import Bundle
 from device_runtime.bundle_cache import BundleCache
 from device_runtime.data import DEFAULT_TEMPLATE
 from device_runtime.errors import (
@@ -56,7 +58,8 @@ from device_runtime.errors import (
 )
 from device_runtime.fit_round import fit_assignment
 from device_runtime.memory import release_memory
-from device_runtime.session import Acked, Action, DeviceSession, InstallBundle, Report, Send, SplitReply, Train
+from device_runtime.secure_rounds import SecureRounds
+from device_runtime.session import Acked, Action, DeviceSession, InstallBundle, Report, Secure, Send, SplitReply, Train
 from device_runtime.signing import Verifier
 from device_runtime.slots import training_slot
 from device_runtime.tls import client_context, fetch_client_certificate, fetch_pinned_ca, split_token, write_client_pem
@@ -341,6 +344,8 @@ class DeviceClient:
         self.trainers = TrainerCache(
             reuse=reuse_trainer, memory_limit_bytes=None if memory_mib is None else int(memory_mib * MIB)
         )
+        self.secure = SecureRounds(credentials.device_id)  # secure-aggregation rounds (device_runtime.secagg)
+        self._masking: set[asyncio.Task[None]] = set()
         self.connections = 0  # successful authentications so far
         self._ws: ClientConnection | None = None
         self._queue: asyncio.Queue[Assignment | None] = asyncio.Queue()
@@ -432,6 +437,9 @@ class DeviceClient:
         for update in self.store.pending():
             log.info("re-sending update %s (round %d)", update.update_id, update.round_id)
             await ws.send(encode(update))
+        for masked in list(self.secure.unacked.values()):
+            log.info("re-sending masked update %s (round %d)", masked.update_id, masked.round_id)
+            await ws.send(encode(masked))
 
     async def _heartbeat(self, ws: ClientConnection) -> None:
         try:
@@ -476,6 +484,8 @@ class DeviceClient:
                     log.warning("%s outside a split step ignored", action.message.TYPE)
                 else:
                     self._link.replies.put(action.message)
+            elif isinstance(action, Secure):
+                await self._secure_step(action.message)
             elif isinstance(action, Report):
                 log.log(logging.WARNING if action.level == "warning" else logging.INFO, "%s", action.text)
 
@@ -507,6 +517,32 @@ class DeviceClient:
         log.info("bundle %s verified and cached", action.shape_key_id)
         return self.session.bundle_installed(action.shape_key_id)
 
+    async def _secure_step(self, msg: Message) -> None:
+        """Answer a coordinator's secure-aggregation step; one that does not fit is refused with an Error (the
+        coordinator then counts this device out of the round)."""
+        try:
+            reply = await asyncio.to_thread(self.secure.answer, msg)
+        except ProtocolError as exc:
+            log.warning("secure aggregation step %s refused: %s", msg.TYPE, exc)
+            await self._send(Error(code=exc.code, message=f"{getattr(msg, 'update_id', '?')}: {exc}"[:2000]))
+            return
+        self.secure.arrived(msg)
+        if reply is not None:
+            await self._send(reply)
+
+    async def _send_masked(
+        self, update: Update, bundle: Bundle, assignment: Assignment, base: dict[str, np.ndarray]
+    ) -> None:
+        """Mask ``update`` once its round's inbox arrived and send it (``SecureRounds.masked``)."""
+        try:
+            masked = await self.secure.masked(update, bundle.manifest, assignment.expert_ids, base)
+        except ProtocolError as exc:
+            await self._report_failure(update.update_id, exc)
+            return
+        if masked is not None:
+            log.info("round %d: sending masked update %s", update.round_id, update.update_id)
+            await self._send(masked)
+
     async def _report_failure(self, update_id: str, exc: BaseException) -> None:
         """Tell the coordinator that ``update_id`` will get no Update (it rejects the assignment at once)."""
         code = exc.code if isinstance(exc, ProtocolError) else "internal"
@@ -514,6 +550,7 @@ class DeviceClient:
 
     def _acked(self, ack: Acked) -> None:
         self.store.acked(ack.update_id)
+        self.secure.acked(ack.update_id)
         if ack.accepted:
             log.info("update %s accepted", ack.update_id)
         else:
@@ -546,6 +583,8 @@ class DeviceClient:
         split = assignment.config.split is not None
         if split:
             self._link = ThreadLink(asyncio.get_running_loop(), self._send, self._stop_training)
+        secure = self.secure.expects(uid)
+        base = await asyncio.to_thread(_received_trainable, bundle, assignment) if secure else {}
         try:
             update = await asyncio.to_thread(
                 fit_assignment if split else _fit_in_slot,  # split devices step together: no slot to queue for
@@ -570,6 +609,11 @@ class DeviceClient:
             return
         finally:
             self._link = None
+        if secure:  # masked once the round's inbox is here; the worker goes on meanwhile
+            task = asyncio.create_task(self._send_masked(update, bundle, assignment, base))
+            self._masking.add(task)
+            task.add_done_callback(self._masking.discard)
+            return
         self.store.put(update)  # on disk before it is sent: a drop or restart re-sends it
         log.info(
             "round %d: loss %.4f, %d steps, peak RSS %.0f MiB; sending update %s",
@@ -582,6 +626,12 @@ class DeviceClient:
         await self._send(update)
         del update
         release_memory()  # the round's assignment and update (and a trainer not kept) are garbage now
+
+
+def _received_trainable(bundle: Bundle, assignment: Assignment) -> dict[str, np.ndarray]:
+    """A float32 copy of the assignment's trainable tensors, the rows a secure update's deltas are taken from
+    (``fit_assignment`` frees the assignment's own)."""
+    return {n: np.array(assignment.tensors[n], np.float32) for n in bundle.manifest.trainable_names}
 
 
 def _fit_in_slot(*args: Any, **kwargs: Any) -> Update:

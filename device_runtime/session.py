@@ -1,8 +1,8 @@
 """How an authenticated device reacts to coordinator messages: a "message + state -> actions" layer.
 
 No network I/O here: :class:`DeviceSession` returns :class:`Send`, :class:`InstallBundle`, :class:`Train`,
-:class:`Acked`, :class:`SplitReply` and :class:`Report` actions that ``device_runtime.client`` carries out (websocket,
-bundle cache, ORT training, update store), and the client tells the session what came of them
+:class:`Acked`, :class:`SplitReply`, :class:`Secure` and :class:`Report` actions that ``device_runtime.client``
+carries out (websocket, bundle cache, ORT training, update store), and the client tells the session what came of them
 (:meth:`DeviceSession.bundle_installed`, :meth:`DeviceSession.bundle_rejected`, :meth:`DeviceSession.forget`).
 The one disk write is the bundle transfer: ``BundleAssembler`` streams chunks into a staging directory
 that the client's bundle cache provides.
@@ -25,6 +25,7 @@ from pathlib import Path
 
 from device_runtime.errors import ProtocolError
 from device_runtime.wire import (
+    SECURE_TO_DEVICE,
     Ack,
     Assignment,
     BundleAssembler,
@@ -63,6 +64,13 @@ class Train:
 
 
 @dataclass(frozen=True)
+class Secure:
+    """Run this secure-aggregation step (``device_runtime.secagg``) and send its answer."""
+
+    message: Message
+
+
+@dataclass(frozen=True)
 class Acked:
     """The coordinator recorded ``update_id`` (``accepted`` False: it was rejected for ``reason``)."""
 
@@ -86,7 +94,7 @@ class Report:
     text: str
 
 
-Action = Send | InstallBundle | Train | Acked | SplitReply | Report
+Action = Send | InstallBundle | Train | Acked | SplitReply | Report | Secure
 
 
 class DeviceSession:
@@ -115,6 +123,8 @@ class DeviceSession:
             return self._assignment(msg)
         if isinstance(msg, BundleData):
             return self._chunk(msg)
+        if isinstance(msg, SECURE_TO_DEVICE):
+            return [Secure(msg)]
         if isinstance(msg, Ack):
             self.known.add(msg.update_id)
             return [Acked(msg.update_id, msg.accepted, msg.reason)]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import device_runtime
 
-ALLOWED = {"numpy", "onnxruntime", "tokenizers", "safetensors", "websockets", "cryptography", "msgspec"}
+ALLOWED = {"numpy", "onnxruntime", "tokenizers", "safetensors", "websockets", "cryptography", "msgspec", "Crypto"}
 CLI_ONLY = {"click", "rich"}
 CLI_MODULES = {"device_runtime/cli.py", "device_runtime/cli_errors.py"}
 NAMED_EXCEPTIONS = {

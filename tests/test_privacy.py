@@ -230,3 +230,43 @@ def test_aggregate_round_accounts_the_sampling_rate_logs_epsilon_and_restores_th
 def test_the_accountant_rounds_q_up_never_down():
     assert [accounted_rate(q) for q in (0.3, 1 / 3, 0.0031, 7 / 9, 0.999, 1.0)] == [0.3, 0.34, 0.0031, 0.78, 1.0, 1.0]
     assert epsilon([(1.0, 1 / 3)] * 3, 1e-5) == epsilon([(1.0, 0.34)] * 3, 1e-5) > epsilon([(1.0, 0.33)] * 3, 1e-5)
+
+
+def test_noise_for_epsilon_spends_at_most_the_target_and_silences_absl(caplog):
+    """The calibrated z spends at most the target over the rounds, and 0.1% less noise would spend more; the
+    accountant's absl warnings (orders that do not converge at small z and fractional q) stay out of the log."""
+    import logging
+
+    from coordinator.privacy import noise_for_epsilon
+    from coordinator.simulation.cli import simulation_privacy
+
+    z = noise_for_epsilon(4.0, 5, 1.0, 1e-5)
+    assert epsilon([(z, 1.0)] * 5, 1e-5) <= 4.0 < epsilon([(z / 1.002, 1.0)] * 5, 1e-5)
+    with caplog.at_level(logging.WARNING):
+        assert epsilon([(0.5, 0.2)] * 5, 1e-5) > 10  # dp-accounting excludes orders here
+    assert not [r for r in caplog.records if r.name == "absl"]
+    with pytest.raises(ConfigError, match="out of reach"):
+        noise_for_epsilon(1e-6, 1000, 1.0, 1e-5)
+    p = simulation_privacy(4.0, 0.5, True, 5)
+    assert (p.noise_multiplier, p.clip, p.epsilon_budget, p.secure_aggregation) == (z, 0.5, 4.0, True)
+    assert simulation_privacy(None, 0.1, False, 5) == PrivacyConfig()
+
+
+def test_secure_aggregation_refuses_strategies_that_need_individual_updates(tmp_path):
+    def config(strategy, **privacy):
+        return CoordinatorConfig(checkpoint="x", state_dir=str(tmp_path), strategy=strategy, privacy=privacy)
+
+    for name, why in (("fedalign", "cosine similarity"), ("fedprox", "anchor"), ("hfedmoe", "not computed")):
+        with pytest.raises(ConfigError, match=f"secure_aggregation cannot run strategy '{name}'.*{why}"):
+            config(name, secure_aggregation=True)
+    with pytest.raises(ConfigError, match="adaptive clipping"):
+        config(
+            "dp-fedavg",
+            noise_multiplier=1.0,
+            target_quantile=0.5,
+            clipped_count_stddev=1.0,
+            secure_aggregation=True,
+        )
+    with pytest.raises(ConfigError, match="secure_min_holders"):
+        PrivacyConfig(secure_aggregation=True, secure_min_holders=1)
+    assert make_strategy(config("fedavg", secure_aggregation=True)).secure_weighting == "examples"

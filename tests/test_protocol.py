@@ -95,6 +95,35 @@ MESSAGES = [
     p.SplitStep(update_id="r3-d-3f2e", round_id=3, first_step=1, scalars=((0.5, -1.25), (2.0, 0.0))),
     p.Heartbeat(),
     p.Error(code="bad_tensor", message="tensor x: shape (2,) != expected (3,)"),
+    p.SecAggStart(
+        round_id=3, update_id="r3-d-1f2e", weighting="examples", max_weight=80, clip=0, clip_range=1.0, min_holders=2
+    ),
+    p.SecAggKeys(round_id=3, update_id="r3-d-1f2e", cipher_key=b"c" * 32, mask_key=b"m" * 32),
+    p.SecAggRoster(
+        round_id=3,
+        update_id="r3-d-1f2e",
+        threshold=2,
+        participants=(
+            p.Participant("d-a", b"c" * 32, b"m" * 32, ((4, 0), (7,)), ((4, 0), (7,))),
+            p.Participant("d-b", b"C" * 32, b"M" * 32, ((4,), (7,)), ((4, 1), (7, 2))),
+        ),
+    ),
+    p.SecAggShares(round_id=3, update_id="r3-d-1f2e", shares=(p.SealedShare("d-b", bytes(range(92))),)),
+    p.SecAggInbox(round_id=3, update_id="r3-d-1f2e", shares=(p.SealedShare("d-a", bytes(range(92))),)),
+    p.SecAggMasked(
+        round_id=3,
+        update_id="r3-d-1f2e",
+        metrics={"loss": 2.5},
+        routing={"usage": [[0.5, 0.5], [1.0]]},
+        trained_experts=((4,), ()),
+        data=bytes(range(64)),
+    ),
+    p.SecAggUnmask(round_id=3, update_id="r3-d-1f2e", survivors=("d-a",), dropped=("d-b",)),
+    p.SecAggReveal(
+        round_id=3,
+        update_id="r3-d-1f2e",
+        shares=(p.RevealedShare("d-a", "self", b"s" * 32), p.RevealedShare("d-b", "mask", b"k" * 32)),
+    ),
 ]
 
 
@@ -333,3 +362,20 @@ def test_bundle_assembler_rejects_bad_sequences():
     assert _assemble([chunks[0], early_end]) == "bad_frame"
     escape = chunks[0].__class__(**{**chunks[0].__dict__, "name": "../a.onnx"})
     assert _assemble([escape]) == "bad_header"
+
+
+@pytest.mark.parametrize("msg", [m for m in MESSAGES if m.SIGNED], ids=lambda m: m.TYPE)
+def test_every_signed_message_verifies_for_its_device_only(msg):
+    """Signed with the coordinator's ECDSA key for one device, each SIGNED type (with or without a payload) verifies
+    for that device, and is refused for another or with a changed field."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from device_runtime.signing import Signer, Verifier
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    signer, verifier = Signer(key), Verifier(key.public_key())
+    data = p.encode(msg, sign=signer.assignment("d-a"))
+    assert p.decode(data, max_size=MAX, verify=verifier.assignment("d-a")) == msg
+    assert code_of(data, verify=verifier.assignment("d-b")) == "bad_signature"
+    tampered = data.replace(b'"round_id":3', b'"round_id":4')
+    assert tampered != data and code_of(tampered, verify=verifier.assignment("d-a")) == "bad_signature"

@@ -140,6 +140,19 @@ def messages(draw, cls):
         fixed["expert_ids"] = st.tuples(
             *[st.lists(st.integers(0, 1 << 20), min_size=n, max_size=n).map(tuple) for n in key.experts_per_layer]
         )
+    fields = wire.fields.json_fields(cls)
+    if "participants" in fields:  # a roster: distinct devices in id order, 2 <= t <= n
+        people = draw(st.lists(records(wire.Participant), min_size=2, max_size=4, unique_by=lambda p: p.device_id))
+        fixed["participants"] = st.just(tuple(sorted(people, key=lambda p: p.device_id)))
+        fixed["threshold"] = st.integers(2, len(people))
+    if "shares" in fields:  # one share per peer (or owner)
+        item = typing.get_args(_meta(typing.get_type_hints(cls, include_extras=True)["shares"])[0])[0]
+        key = "peer" if "peer" in {f.name for f in dataclasses.fields(item)} else "owner"
+        fixed["shares"] = st.lists(records(item), max_size=4, unique_by=lambda x: getattr(x, key)).map(tuple)
+    if "survivors" in fields:  # survivors and dropped: distinct devices
+        ids = draw(st.lists(st.from_regex(wire.fields.ID.pattern, fullmatch=True), max_size=4, unique=True))
+        cut = draw(st.integers(0, len(ids)))
+        fixed["survivors"], fixed["dropped"] = st.just(tuple(ids[:cut])), st.just(tuple(ids[cut:]))
     msg = draw(records(cls, **fixed))
     if cls.PAYLOAD == "tensors":
         msg = dataclasses.replace(msg, tensors=draw(TENSORS))

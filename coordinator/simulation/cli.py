@@ -12,6 +12,7 @@ from rich.live import Live
 from rich.spinner import Spinner
 from rich.table import Table
 
+from coordinator.privacy import PrivacyConfig, noise_for_epsilon
 from coordinator.simulation.centralized import NAME as CENTRALIZED
 from coordinator.simulation.profiles import load_profiles
 from coordinator.simulation.reference import PREFIX as REFERENCE_PREFIX
@@ -51,6 +52,20 @@ def _with_trainable(preset, trainable: str | None, lora_rank: int | None, learni
         lora_rank=(lora_rank or preset.lora_rank or 8) if mode == TrainableMode.LORA else 0,
         learning_rate=rate,
     )
+
+
+def simulation_privacy(epsilon: float | None, clip: float, secure: bool, rounds: int) -> PrivacyConfig:
+    """The ``[privacy]`` table of ``simulate``'s flags: with ``epsilon`` the noise multiplier whose ``rounds``
+    rounds at q = 1 spend it (``privacy.noise_for_epsilon``), clip S and that epsilon as the budget.
+
+    Raises:
+        ConfigError: the epsilon is out of reach.
+    """
+    if epsilon is None:
+        return PrivacyConfig(secure_aggregation=secure)
+    delta = PrivacyConfig().delta
+    z = noise_for_epsilon(epsilon, rounds, 1.0, delta)
+    return PrivacyConfig(noise_multiplier=z, clip=clip, delta=delta, epsilon_budget=epsilon, secure_aggregation=secure)
 
 
 def _round_table(records: list[RoundRecord]) -> Table:
@@ -191,6 +206,26 @@ def _fed(r: RoundRecord) -> str:
     show_default=True,
     help="The dtype devices send their updates in (float16 halves the upload).",
 )
+@click.option(
+    "--dp-epsilon",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Client-level DP (with --strategy dp-fedavg): the epsilon budget of the whole run at delta 1e-5; the noise "
+    "multiplier is the smallest that spends at most this over --rounds rounds (every device every round: q = 1).",
+)
+@click.option(
+    "--dp-clip",
+    type=click.FloatRange(min=0, min_open=True),
+    default=0.1,
+    show_default=True,
+    help="With --dp-epsilon: S, the L2 clip of a device's update delta (every row it sends).",
+)
+@click.option(
+    "--secure-aggregation",
+    is_flag=True,
+    help="Secure aggregation of the sparse rows ([privacy] secure_aggregation): the coordinator sees only each "
+    "row's sum over its holders (fedavg, fedmoe, dense-fedavg, dp-fedavg).",
+)
 @click.option("--slots", default=2, show_default=True, help="Devices training at the same time (machine cores).")
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Output directory.  [default: runs/<name>]")
 @click.option("--name", default=None, help="Run name.  [default: <preset>-<strategies>-<time>]")
@@ -218,6 +253,9 @@ def simulate_command(
     eval_fraction,
     reference_scores,
     update_dtype,
+    dp_epsilon,
+    dp_clip,
+    secure_aggregation,
     slots,
     out,
     name,
@@ -258,6 +296,7 @@ def simulate_command(
         slots=slots,
         update_dtype=update_dtype,
         reference_scores=reference_scores,
+        privacy=simulation_privacy(dp_epsilon, dp_clip, secure_aggregation, chosen.rounds),
     )
     console = Console()
     summary = _run_live(plan, console) if console.is_terminal else simulate(plan, _printer(console))

@@ -19,8 +19,9 @@ from dataclasses import dataclass
 from datetime import UTC
 from pathlib import Path
 
-from coordinator.config import CoordinatorConfig, save_config
+from coordinator.config import CoordinatorConfig, make_strategy, save_config
 from coordinator.federation import FED_EVAL, export_latest, fit_context, initialize
+from coordinator.privacy import PrivacyConfig
 from coordinator.registry import Registry
 from coordinator.registry.store import utc_now
 from coordinator.rounds import RoundPolicy
@@ -35,7 +36,7 @@ from coordinator.simulation.processes import (
 )
 from coordinator.simulation.profiles import SimulatedDevice
 from coordinator.simulation.report import DeviceRound, RoundRecord, experts_label
-from coordinator.strategy import ClientInfo, from_name
+from coordinator.strategy import ClientInfo
 from coordinator.tensor_store import TensorStore
 from coordinator.tls import local_url, pinned_token, with_new_authority
 from device_runtime.errors import FedmoeError
@@ -56,6 +57,7 @@ class Federation:
         calibration_texts: text sample for the initial expert importance. seed: selection / data seed.
         slots: concurrent trainings allowed on this machine. round_deadline_s: per-round deadline.
         eval_data: the held-out JSONL set the coordinator scores every version on.
+        privacy: the coordinator's ``[privacy]`` table (DP-FedAvg's noise and clip, secure aggregation).
     """
 
     strategy: str
@@ -73,6 +75,7 @@ class Federation:
     slots: int = 2
     round_deadline_s: float = 1800.0  # from the round's opening, bundle exports included: a loaded 2-core machine
     # took 6.5 min to export the default's three graphs and 2 slots x 5 devices ~8 min to train one round
+    privacy: PrivacyConfig = PrivacyConfig()
 
 
 def coordinator_config(fed: Federation, out: Path, port: int) -> CoordinatorConfig:
@@ -94,6 +97,7 @@ def coordinator_config(fed: Federation, out: Path, port: int) -> CoordinatorConf
         seed=fed.seed,
         eval_data=str(fed.eval_data.resolve()),
         fit=fed.fit,
+        privacy=fed.privacy,
     )
 
 
@@ -191,7 +195,7 @@ def participants(fed: Federation, cfg: CoordinatorConfig) -> list[tuple[Simulate
     Raises:
         FedmoeError: no device gets anything to train.
     """
-    strategy = from_name(fed.strategy, **cfg.strategy_params).bind(fit_context(cfg))
+    strategy = make_strategy(dataclasses.replace(cfg, strategy=fed.strategy)).bind(fit_context(cfg))
     planned = strategy.configure_fit(
         1, {}, [ClientInfo(d.name, {"memory_mib": d.memory_mib, "backend": d.backend}) for d in fed.devices]
     )

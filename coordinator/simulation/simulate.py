@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from coordinator.config import DEFAULT_EVAL_FRACTION
+from coordinator.privacy import PrivacyConfig
 from coordinator.simulation.centralized import NAME as CENTRALIZED
 from coordinator.simulation.centralized import run_centralized
 from coordinator.simulation.data import dirichlet_split, label_histogram, train_test_split, write_jsonl
@@ -100,6 +101,7 @@ class SimulationPlan:
     slots: int
     update_dtype: str = "float32"
     reference_scores: str = "held"  # torch-<strategy> only: "all" = selection from routing over every expert
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)  # the coordinators' [privacy] table
 
 
 def ensure_checkpoint(preset: Preset) -> Path:
@@ -224,6 +226,7 @@ def simulate(plan: SimulationPlan, on_event: Callable[[str, object], None]) -> d
             calibration_texts=tuple(default_texts()),
             seed=plan.seed,
             slots=plan.slots,
+            privacy=plan.privacy,
         )
         if is_reference(strategy):
             on_event("stage", f"{strategy}: the same rounds in torch in this process")

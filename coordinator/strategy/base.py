@@ -28,6 +28,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from coordinator.strategy.aggregate import RowAccumulator, RowCombine, weighted_loss_avg, weighted_metrics_avg
+from coordinator.strategy.secure_rows import SecureRows
 from coordinator.strategy.selection import affordable_fit, expert_scores, split_fit, training_order
 from coordinator.strategy.types import (
     Aggregated,
@@ -191,6 +192,41 @@ class Strategy(ABC):
             :class:`Aggregated` ``(params, metrics, state)``: the coordinator commits the state with the version
             (``coordinator.federation``) and passes it to the next round.
         """
+
+    secure_weighting: ClassVar[str | None] = None
+    """How devices weigh their rows under secure aggregation (``coordinator.secagg``): ``"examples"`` (by
+    num_examples, FedAvg), ``"unit"`` (1 each, DP-FedAvg); None: the strategy needs individual updates and refuses
+    secure aggregation."""
+
+    def aggregate_secure(
+        self,
+        server_round: int,
+        sums: SecureRows,
+        failures: Sequence[Failure],
+        global_params: Params,
+        state: StrategyState | None = None,
+        *,
+        sampling_rate: float = 1.0,
+    ) -> Aggregated:
+        """Merge a securely aggregated round: only each row's sums over its holders are known (``sums``).
+
+        The default (``secure_weighting`` "examples"): every row with a positive weight sum becomes
+        global + sum_i w_i d_i / sum_i w_i (d_i: the holders' deltas), i.e. the weighted FedAvg of the holders'
+        rows; other rows are unchanged. ``sampling_rate``: the round's q (privacy accounting).
+
+        Raises:
+            ConfigError: the strategy has no ``secure_weighting``.
+        """
+        if self.secure_weighting != "examples":
+            raise ConfigError(f"strategy {self.name!r} cannot aggregate securely")
+
+        def average(name: str, base: np.ndarray, row_sums: np.ndarray, totals: np.ndarray) -> np.ndarray:
+            out: np.ndarray = base + row_sums / totals.reshape(-1, 1)
+            return out
+
+        params = sums.apply(global_params, average, by_weight=True)
+        metrics = sums.metrics(server_round, failures)
+        return Aggregated(params, metrics, self.initial_state() if state is None else state)
 
     def aggregate_evaluate(
         self, server_round: int, results: Sequence[ClientEvaluation], failures: Sequence[Failure]

@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
 from coordinator.privacy import PrivacyConfig, adaptive_clip_step, clip_factor, epsilon, l2_norm, noisy_rows
 from coordinator.strategy.aggregate import expert_rows
 from coordinator.strategy.base import Strategy, StreamingAggregation, feed, open_results, round_metrics, split_state
+from coordinator.strategy.secure_rows import SecureRows
 from coordinator.strategy.types import Aggregated, ClientUpdate, Failure, Params, Results, StrategyState
 from device_runtime.bundle import TensorSpec
 from device_runtime.errors import ConfigError
@@ -54,6 +55,7 @@ class DPFedAvg(Strategy):
 
     name = "dp-fedavg"
     state_kinds = ("dp",)
+    secure_weighting: ClassVar[str | None] = "unit"  # devices clip their own delta to S under secure aggregation
     accounts_privacy = True  # aggregate_fit takes the round's sampling_rate (coordinator.federation)
 
     def __init__(self, privacy: PrivacyConfig | Mapping[str, Any] | None = None, prox_mu: float = 0.0):
@@ -158,16 +160,9 @@ class DPFedAvg(Strategy):
             return noisy_rows(base, sums, holders, std, rng)
 
         params = aggregation.finish(combine=add_noise)
-        rounds = np.concatenate([np.asarray(state["dp/rounds"], np.float64), [[p.noise_multiplier, sampling_rate]]])
         metrics: dict[str, Any] = round_metrics(server_round, aggregation, failures, rejected)
-        metrics |= {
-            "dp_clip": clip,
-            "dp_noise_std": std,
-            "dp_clipped": sum(n > clip for n in norms),
-            "dp_sampling_rate": sampling_rate,
-            "dp_epsilon": epsilon([(float(z), float(q)) for z, q in rounds.tolist()], p.delta),
-            "dp_delta": p.delta,
-        }
+        metrics["dp_clipped"] = sum(n > clip for n in norms)
+        rounds = self._account(metrics, state, clip, sampling_rate)
         next_clip = clip
         if p.adaptive and norms:
             next_clip, share = adaptive_clip_step(
@@ -181,6 +176,48 @@ class DPFedAvg(Strategy):
             )
             metrics |= {"dp_next_clip": next_clip, "dp_unclipped_share": share}
         return Aggregated(params, metrics, {"dp/clip": np.array([next_clip]), "dp/rounds": rounds})
+
+    def _account(self, metrics: dict[str, Any], state: StrategyState, clip: float, sampling_rate: float) -> np.ndarray:
+        """Add the round's DP metrics (``dp_clip``, ``dp_noise_std``, ``dp_sampling_rate``, ``dp_epsilon``,
+        ``dp_delta``) to ``metrics``; returns ``dp/rounds`` with this round appended."""
+        p = self.privacy
+        rounds = np.concatenate([np.asarray(state["dp/rounds"], np.float64), [[p.noise_multiplier, sampling_rate]]])
+        metrics |= {
+            "dp_clip": clip,
+            "dp_noise_std": p.value_noise_multiplier * clip,
+            "dp_sampling_rate": sampling_rate,
+            "dp_epsilon": epsilon([(float(z), float(q)) for z, q in rounds.tolist()], p.delta),
+            "dp_delta": p.delta,
+        }
+        return rounds
+
+    def aggregate_secure(
+        self,
+        server_round: int,
+        sums: SecureRows,
+        failures: Sequence[Failure],
+        global_params: Params,
+        state: StrategyState | None = None,
+        *,
+        sampling_rate: float = 1.0,
+    ) -> Aggregated:
+        """The same mechanism over a securely aggregated round: each device clipped its own delta to S
+        (``SecAggStart.clip``) and weighed it 1, so ``sums`` holds sum_{i holds r} c_{i,r} per row; each row with
+        at least ``min_holders`` holders gets N(0, (z S)^2) per coordinate and is divided by its holder count.
+        The clip is fixed (adaptive clipping needs every device's norm: refused with secure aggregation)."""
+        if not 0 < sampling_rate <= 1:
+            raise ValueError(f"sampling_rate must be in (0, 1], got {sampling_rate}")
+        state = self.check_state(self.initial_state() if state is None else state)
+        clip, rng = self.clip(state), self.privacy.rng(server_round)
+        std = self.privacy.value_noise_multiplier * clip
+
+        def add_noise(name: str, base: np.ndarray, row_sums: np.ndarray, holders: np.ndarray) -> np.ndarray:
+            return noisy_rows(base, row_sums, holders, std, rng)
+
+        params = sums.apply(global_params, add_noise, by_weight=False)
+        metrics = sums.metrics(server_round, failures)
+        rounds = self._account(metrics, state, clip, sampling_rate)
+        return Aggregated(params, metrics, {"dp/clip": np.array([clip]), "dp/rounds": rounds})
 
 
 def _one_per_row(update: ClientUpdate, name: str, meta: TensorSpec, num_experts: tuple[int, ...]) -> float:

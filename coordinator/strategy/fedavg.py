@@ -8,6 +8,8 @@ When every client holds every expert this is the dense FedAvg baseline.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import numpy as np
 
 from coordinator.strategy.base import SinglePassStrategy
@@ -19,6 +21,7 @@ class FedAvg(SinglePassStrategy):
     """Example-weighted averaging of every tensor, per expert row over its holders."""
 
     name = "fedavg"
+    secure_weighting: ClassVar[str | None] = "examples"
 
     def row_weights(
         self, update: ClientUpdate, name: str, meta: TensorSpec, num_experts: tuple[int, ...]

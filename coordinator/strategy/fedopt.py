@@ -27,6 +27,7 @@ class FedAdam(FedAvg):
     """FedAvg's average as a pseudo-gradient for a server Adam step of size ``eta``."""
 
     name = "fedadam"
+    secure_weighting = None  # coordinator.secagg.NOT_SECURE says why
 
     def __init__(self, eta: float = 1e-3, beta_1: float = 0.9, beta_2: float = 0.99, tau: float = 1e-9):
         if not (eta > 0 and 0 <= beta_1 < 1 and 0 <= beta_2 < 1 and tau > 0):

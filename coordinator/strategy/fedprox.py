@@ -19,6 +19,7 @@ class FedProx(FedAvg):
     """FedAvg aggregation plus the proximal coefficient ``prox_mu`` sent to every client."""
 
     name = "fedprox"
+    secure_weighting = None  # coordinator.secagg.NOT_SECURE says why
 
     def __init__(self, prox_mu: float = 0.01):
         """Args:

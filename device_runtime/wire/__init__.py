@@ -36,11 +36,15 @@ Conversation (the server and the client own the I/O and the ordering)::
              device -> SmashedData(step, z)    coordinator -> CutGradient(step, lambda, loss)
              device -> SplitScalars(step, v)   coordinator -> SplitStep(first_step, vbar...)
              then the device's Update carries no tensors: the coordinator replayed its steps
+    secure round (``[privacy] secure_aggregation``; ``wire.secure``): SecAggStart before the Assignment, then
+             SecAggKeys / SecAggRoster / SecAggShares / SecAggInbox, the masked result SecAggMasked (Ack),
+             SecAggUnmask / SecAggReveal
     any time: Heartbeat(), Error(code, message)
 
 Modules, one job each: ``fields`` (limits, error codes, field types, validation with msgspec),
 ``tensors`` (safetensors blobs and their header checks), ``messages`` (the message dataclasses),
-``framing`` (encode / decode / expect), ``transfer`` (bundle files in chunks). This package exports
+``framing`` (encode / decode / expect), ``transfer`` (bundle files in chunks), ``secure`` (the
+secure-aggregation messages). This package exports
 their public names.
 """
 
@@ -71,6 +75,21 @@ from device_runtime.wire.messages import (
     Update,
     ZoUpdate,
 )
+from device_runtime.wire.secure import (
+    SECURE_FROM_DEVICE,
+    SECURE_TO_DEVICE,
+    Participant,
+    RevealedShare,
+    SealedShare,
+    SecAggInbox,
+    SecAggKeys,
+    SecAggMasked,
+    SecAggReveal,
+    SecAggRoster,
+    SecAggShares,
+    SecAggStart,
+    SecAggUnmask,
+)
 from device_runtime.wire.tensors import MAX_TENSORS, WIRE_DTYPES, bytes_to_tensors, tensors_to_bytes, to_float32
 from device_runtime.wire.transfer import BundleAssembler, bundle_chunks
 
@@ -98,6 +117,19 @@ __all__ = [
     "Heartbeat",
     "Hello",
     "Message",
+    "Participant",
+    "RevealedShare",
+    "SECURE_FROM_DEVICE",
+    "SECURE_TO_DEVICE",
+    "SealedShare",
+    "SecAggInbox",
+    "SecAggKeys",
+    "SecAggMasked",
+    "SecAggReveal",
+    "SecAggRoster",
+    "SecAggShares",
+    "SecAggStart",
+    "SecAggUnmask",
     "SmashedData",
     "SplitConfig",
     "SplitScalars",

@@ -22,7 +22,7 @@ from device_runtime.units import MIB
 # 3: the messages "enroll" / "enroll_ok" (were "enrol" / "enrol_ok": one spelling of enroll); "evaluate" /
 #    "evaluate_res" removed (federated evaluation rides on fit: FitConfig.eval_fraction, Update.evaluation)
 # 4: split mode (HO-SFL): FitConfig.split and the messages "smashed_data", "cut_gradient", "split_scalars",
-#    "split_step"
+#    "split_step"; the secure-aggregation messages "secagg_*" (device_runtime.wire.secure)
 PROTOCOL_VERSION = 4
 MAX_HEADER_BYTES = MIB  # JSON header bound (bytes); weights travel in the payload
 MAX_EXPERT_ID = 1 << 20
@@ -31,6 +31,7 @@ MAX_NUM_TOKENS = 1 << 40
 MAX_TEXT = 2000  # characters of a free-text field (error messages, ack reasons)
 MAX_EVAL_LOSS = 1e3  # nats per token of an EvalResult (ln of a 10**6-token vocabulary is 14)
 MAX_LABELS = 1024  # candidate labels of FitConfig.labels (logit adjustment)
+MAX_SECURE_PEERS = 1024  # devices of one securely aggregated round (each sends a sealed share to every other)
 MAX_ZO_SEEDS = 4096  # seeds of a zeroth-order ZoUpdate (FedKSeed's K; ~100 KB of header at most)
 MAX_PERTURBATIONS = 64  # HO-SFL's P: perturbed forwards per split step (the paper uses 2 for language)
 MAX_SPLIT_HISTORY = 4096  # steps of (seed, vbar) history one SplitStep may replay to a device that fell behind

@@ -142,7 +142,8 @@ def _verify(
     signature: Any,
 ) -> None:
     """Run ``verify`` on the canonical form of the header as sent; its error names the message."""
-    signed = canonical_header({"v": PROTOCOL_VERSION, "type": cls.TYPE, **fields, "payload": declared})
+    payload = {"payload": declared} if cls.PAYLOAD is not None else {}  # a message without payload signs none
+    signed = canonical_header({"v": PROTOCOL_VERSION, "type": cls.TYPE, **fields, **payload})
     try:
         verify(signed, decode_signature(signature))
     except ProtocolError as exc:

@@ -456,4 +456,4 @@ class Error(Message):
         object.__setattr__(self, "message", printable(self.message))
 
 
-MESSAGE_TYPES: dict[str, type[Message]] = dict(_REGISTRY)
+MESSAGE_TYPES: dict[str, type[Message]] = _REGISTRY  # the live registry: ``wire.secure`` adds its messages
