@@ -150,7 +150,7 @@ def test_emulated_python_is_aarch64_313_with_only_the_zo_backend(arm64_python, t
         [*arm64_python, "-c", code], env=arm64_env(tmp_path), capture_output=True, text=True, timeout=600
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.split(" ", 1) == ["aarch64", "(3, 13) True ('zo',)\n"]
+    assert out.stdout.split(" ", 1) == ["aarch64", "(3, 13) True ('zo', 'split')\n"]
 
 
 def test_emulated_aarch64_device_completes_a_zeroth_order_round(arm64_python, tmp_path):

@@ -77,7 +77,7 @@ def test_lite_venv_has_plain_onnxruntime_and_neither_training_nor_torch(lite_pyt
     )
     out = subprocess.run([str(lite_python), "-c", code], env=lite_env(), capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["('zo',)", "True", "False"]
+    assert out.stdout.split() == ["('zo',", "'split')", "True", "False"]
 
 
 def test_lite_device_enrolls_trains_forward_only_and_its_update_is_aggregated(lite_python, tmp_path):
@@ -101,7 +101,7 @@ def test_lite_device_enrolls_trains_forward_only_and_its_update_is_aggregated(li
             timeout_s=120,
         )
         (registered,) = registry.list_devices()
-        assert registered.profile["backends"] == ["zo"] and registered.profile["backend"] == "zo"
+        assert registered.profile["backends"] == ["zo", "split"] and registered.profile["backend"] == "zo"
         assert update.meta["metrics"]["zeroth_order"] == 1.0 and update.meta["metrics"]["steps"] == 4.0
         assert_aggregated(tensor_store(server.cfg), registry, update)
 

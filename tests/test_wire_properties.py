@@ -58,7 +58,8 @@ def strategy_for(tp) -> st.SearchStrategy:
         )
     if base is str:
         if meta.pattern is not None:
-            return st.from_regex(meta.pattern)
+            limit = meta.max_length
+            return st.from_regex(meta.pattern).filter(lambda text: limit is None or len(text) <= limit)
         return st.text(max_size=min(meta.max_length or 50, 50))
     if base is bytes:
         return st.binary(min_size=meta.min_length or 0, max_size=meta.max_length or 64)
