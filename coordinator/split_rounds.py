@@ -7,9 +7,12 @@ carries the group's model with its own examples).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -21,6 +24,8 @@ from device_runtime.bundle import tensor_role
 from device_runtime.errors import ProtocolError, UpdateRejected
 from device_runtime.stats import RoutingStats
 from device_runtime.wire import FitConfig, SmashedData, SplitScalars, Update
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -44,6 +49,12 @@ class SplitRounds:
         self.group: SplitGroup | None = None
         self._top: SplitTop | None = None  # kept across rounds: the checkpoint loads once per cut
         self._lock = asyncio.Lock()
+        # every torch call of the top on one thread: spread over asyncio's pool, each thread's malloc arena kept its
+        # own copy of the step's buffers (the coordinator's RSS grew by GBs a round)
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="split-top")
+
+    async def _run(self, func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, partial(func, *args, **kwargs))
 
     async def start(
         self, round_id: int, config: FitConfig, params: Mapping[str, np.ndarray], members: Sequence[SplitMember]
@@ -56,12 +67,10 @@ class SplitRounds:
         assert config.split is not None
         top = self._top
         if top is not None and top.cut_layer == config.split.cut_layer:
-            await asyncio.to_thread(
-                top.reset, params, learning_rate=config.learning_rate, aux_loss_coef=config.aux_loss_coef
-            )
+            await self._run(top.reset, params, learning_rate=config.learning_rate, aux_loss_coef=config.aux_loss_coef)
         else:
             self._top = None  # the old top's memory goes before the new one loads
-            top = self._top = await asyncio.to_thread(
+            top = self._top = await self._run(
                 SplitTop,
                 self.checkpoint,
                 params,
@@ -92,7 +101,7 @@ class SplitRounds:
                 raise ProtocolError("unexpected", f"{msg.TYPE}: no split step of assignment {update_id} runs")
             handler = group.on_smashed if isinstance(msg, SmashedData) else group.on_scalars
             try:
-                return await asyncio.to_thread(handler, update_id, msg)
+                return await self._run(handler, update_id, msg)
             except UpdateRejected as exc:
                 raise ProtocolError("unexpected", f"{msg.TYPE}: {exc.reason}") from exc
 
@@ -101,7 +110,7 @@ class SplitRounds:
         async with self._lock:
             if self.group is None:
                 return []
-            return await asyncio.to_thread(self.group.drop, update_id)
+            return await self._run(self.group.drop, update_id)
 
     def update_of(
         self, member: str, msg: Update, norm_bound: float, global_params: Mapping[str, np.ndarray]
