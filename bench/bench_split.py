@@ -152,7 +152,9 @@ def _split_child(opts) -> dict:
     bundle = load_bundle(opts.bundle)
     conn = Client(opts.address, authkey=b"bench")
     trainer = SplitTrainer(bundle, threads=opts.threads, progress=False)
-    config = SplitConfig(cut_layer=opts.cut, perturbations=opts.perturbations, keep_ratio=opts.keep_ratio)
+    config = SplitConfig(
+        cut_layer=opts.cut, perturbations=opts.perturbations, keep_ratio=opts.keep_ratio, learning_rate=opts.split_lr
+    )
     trainer.join(
         _PipeLink(conn), update_id="u-1", round_id=1, seed=0, config=config, expert_ids=bundle.manifest.expert_ids
     )
@@ -189,13 +191,14 @@ def _serve_split(opts, keep_ratio: float, common: list[str]) -> dict:
     model = load_trainable_model(opts.checkpoint, trainable_mode="experts", lora_rank=0, seed=0)
     names = set(global_tensor_names(model))
     params = {n: p.detach().numpy().copy() for n, p in model.named_parameters() if n in names}
-    split = SplitConfig(cut_layer=opts.cut, perturbations=opts.perturbations, keep_ratio=keep_ratio)
+    split = SplitConfig(
+        cut_layer=opts.cut, perturbations=opts.perturbations, keep_ratio=keep_ratio, learning_rate=opts.split_lr
+    )
     config = FitConfig(
         batch_size=opts.batch_size,
         seq_len=opts.seq_len,
         learning_rate=opts.lr,
         local_steps=opts.steps,
-        zo_learning_rate=opts.split_lr,
         aux_loss_coef=0.0,
         split=split,
     )

@@ -53,6 +53,7 @@ Example (``fedmoe-coord init`` writes one)::
     cut_layer = 1                           # split backend train layers < cut_layer with the coordinator
     perturbations = 2                       # (HO-SFL); keep_ratio < 1: ACP-SL prunes their smashed data
     keep_ratio = 1.0
+    learning_rate = 1e-5                    # the bottom's SGD step size
 
     [fit]                                   # device_runtime.wire.FitConfig fields
     batch_size = 8

@@ -61,8 +61,8 @@ class SplitGroup:
     """The split devices of round ``round_id`` (module docstring).
 
     Args:
-        round_id: the round. config: the split devices' FitConfig (``config.split`` set; ``local_steps`` >= 1
-            steps; ``zo_learning_rate`` (else ``learning_rate``) the bottom's step size).
+        round_id: the round. config: the split devices' FitConfig (``config.split`` set, its ``learning_rate``
+            the bottom's step size; ``local_steps`` >= 1 steps).
         top: the round's :class:`SplitTop`. members: the split assignments. vocab_size: for label checks.
     """
 
@@ -71,7 +71,7 @@ class SplitGroup:
         self.round_id, self.config, self.split, self.top = round_id, config, config.split, top
         self.members = {m.update_id: m for m in members}
         self.steps, self.vocab_size = config.local_steps, vocab_size
-        self.lr = config.zo_learning_rate or config.learning_rate
+        self.lr = config.split.learning_rate
         self.hidden = int(top.top.config.hidden_size)
         self.history: list[tuple[float, ...]] = []
         self.current = _Step()

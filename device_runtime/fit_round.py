@@ -239,7 +239,7 @@ def _fit(
     result = trainer.fit(
         until_stopped(dataset.train_batches(cfg.batch_size), stop),
         steps=steps,
-        learning_rate=(is_zo and cfg.zo_learning_rate) or cfg.learning_rate,
+        learning_rate=cfg.split.learning_rate if cfg.split else (is_zo and cfg.zo_learning_rate) or cfg.learning_rate,
         aux_loss_coef=cfg.aux_loss_coef,
         routing_prior=prior,
         routing_reg_coef=cfg.routing_reg_coef,

@@ -142,7 +142,8 @@ def _smashed(batch, *, step=0, update_id="u1", **tensors):
 
 def _group(tiny, members=("u1",), steps=3):
     root, _, params, *_ = tiny
-    config = FitConfig(batch_size=4, seq_len=8, local_steps=steps, zo_learning_rate=1e-3, split=SplitConfig(CUT))
+    split = SplitConfig(CUT, learning_rate=1e-3)
+    config = FitConfig(batch_size=4, seq_len=8, local_steps=steps, split=split)
     top = SplitTop(root, params, cut_layer=CUT, learning_rate=1e-3)
     return SplitGroup(1, config, top, [Member(u, f"d-{u}", ((0, 2),)) for u in members], vocab_size=32)
 
@@ -227,7 +228,7 @@ def test_a_split_device_and_a_first_order_device_complete_a_round_over_websocket
     """A real coordinator on port 0, two real device processes: one ``--backend split`` (HO-SFL steps over the
     authenticated session), one first-order; the round aggregates both, the split device's update holds the
     bottom rows it held and the whole top."""
-    fit = {"batch_size": 2, "seq_len": 8, "local_steps": 3, "zo_learning_rate": 1e-3, "eval_fraction": 0.0}
+    fit = {"batch_size": 2, "seq_len": 8, "local_steps": 3, "eval_fraction": 0.0}
     with one_round_federation(
         tmp_path, max_message_mib=4.0, fit=fit, split={"cut_layer": CUT}, min_fit_clients=2, max_fit_clients=2
     ) as (server, registry, data, memory):

@@ -62,12 +62,15 @@ class SplitConfig:
         mu: the perturbation scale of the scalar estimate (the paper: 1e-3).
         keep_ratio: ACP-SL's uplink budget, the share of hidden channels of the smashed data sent per step
             (``device_runtime.acp``); 1 = send every channel.
+        learning_rate: the bottom's SGD step size (``bench/bench_split.py``: 1e-5 adds nothing measurable with one
+            device, 1e-4 costs points; the top trains with ``FitConfig.learning_rate``).
     """
 
     cut_layer: Annotated[int, msgspec.Meta(ge=1, le=4096)]
     perturbations: Annotated[int, msgspec.Meta(ge=1, le=MAX_PERTURBATIONS)] = 2
     mu: Annotated[float, msgspec.Meta(gt=0.0, le=1.0)] = 1e-3
     keep_ratio: Annotated[float, msgspec.Meta(gt=0.0, le=1.0)] = 1.0
+    learning_rate: Annotated[float, msgspec.Meta(gt=0.0, le=1.0)] = 1e-5
 
 
 @dataclass(frozen=True)
