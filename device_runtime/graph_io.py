@@ -10,11 +10,11 @@ checked against the manifest, and the target-token count the loss averages over.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 
 import numpy as np
 
-from device_runtime.bundle import WEIGHTS_FILE, Bundle, Manifest
+from device_runtime.bundle import WEIGHTS_FILE, Bundle, Manifest, TensorSpec
 from device_runtime.data import IGNORE_INDEX, Batch
 from device_runtime.errors import BundleError, ConfigError
 
@@ -155,6 +155,22 @@ def read_weights(bundle: Bundle) -> dict[str, np.ndarray]:
                 f"{specs[name].dtype}{specs[name].shape}"
             )
     return weights
+
+
+def checked_parameters(
+    specs: Mapping[str, TensorSpec], parameters: Mapping[str, np.ndarray]
+) -> Iterator[tuple[str, np.ndarray]]:
+    """``(name, array)`` of ``parameters``, each checked against its manifest spec (a backend's ``set_parameters``).
+
+    Raises:
+        BundleError: an unknown name, a shape differing from the manifest, or a non-finite value.
+    """
+    for name, value in parameters.items():
+        if name not in specs:
+            raise BundleError(f"tensor {name!r} is not in the bundle manifest")
+        value = np.asarray(value)
+        check_tensor(specs[name].shape, name, value)
+        yield name, value
 
 
 def check_tensor(manifest_shape: tuple[int, ...], name: str, value: np.ndarray) -> None:

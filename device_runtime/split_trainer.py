@@ -33,7 +33,7 @@ from device_runtime import acp
 from device_runtime.bundle import BOTTOM_MODEL, Bundle, load_bundle
 from device_runtime.data import IGNORE_INDEX, Batch
 from device_runtime.errors import BundleError, ConfigError, DataError, ProtocolError
-from device_runtime.graph_io import ATTENTION_MASK, INPUT_IDS, LOSS, SMASHED, check_tensor, read_weights
+from device_runtime.graph_io import ATTENTION_MASK, INPUT_IDS, LOSS, SMASHED, checked_parameters, read_weights
 from device_runtime.hosfl import apply_step, projected_scalar, step_seeds
 from device_runtime.modes import SPLIT_BACKEND, Order
 from device_runtime.ort_api import import_onnxruntime
@@ -233,8 +233,5 @@ class SplitTrainer(BundleTrainer):
         Raises:
             BundleError: an unknown name, a shape differing from the manifest, or a non-finite value.
         """
-        for name, value in parameters.items():
-            if name not in self._specs:
-                raise BundleError(f"tensor {name!r} is not in the bundle manifest")
-            check_tensor(self._specs[name].shape, name, np.asarray(value))
+        for name, value in checked_parameters(self._specs, parameters):
             np.copyto(self._weights[name], value, casting="unsafe")

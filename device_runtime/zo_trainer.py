@@ -34,7 +34,7 @@ import numpy as np
 from device_runtime.bundle import Bundle, load_bundle
 from device_runtime.data import Batch
 from device_runtime.errors import BundleError, ConfigError
-from device_runtime.graph_io import DTYPES, LOSS, NUM_TOKENS, check_tensor, read_weights, stats_names
+from device_runtime.graph_io import DTYPES, LOSS, NUM_TOKENS, checked_parameters, read_weights, stats_names
 from device_runtime.modes import ZO_BACKEND, Order
 from device_runtime.ort_api import import_onnxruntime
 from device_runtime.ort_checkpoint import read_checkpoint
@@ -141,11 +141,7 @@ class ZoTrainer(BundleTrainer):
         Raises:
             BundleError: an unknown name, a shape differing from the manifest, or a non-finite value.
         """
-        for name, value in parameters.items():
-            if name not in self._specs:
-                raise BundleError(f"tensor {name!r} is not in the bundle manifest")
-            value = np.asarray(value)
-            check_tensor(self._specs[name].shape, name, value)
+        for name, value in checked_parameters(self._specs, parameters):
             target = self._weights[name]
             if not target.flags.writeable:  # a frozen manifest tensor still on the checkpoint's bytes
                 self._weights[name] = target = np.array(target)
