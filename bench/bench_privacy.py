@@ -153,7 +153,7 @@ def scaling(counts: list[int], seed: int = 0) -> str:
     import numpy as np
 
     from coordinator.secagg import SecureMember, SecureRound, SecureSettings, secure_sums
-    from device_runtime.secagg import DeviceSecAgg, Slot
+    from device_runtime.secagg import DeviceSecAgg, Slot, row_weighting
     from device_runtime.wire import decode, encode
 
     layers, experts, hidden, ffn = 2, 4, 64, 128
@@ -230,7 +230,7 @@ def scaling(counts: list[int], seed: int = 0) -> str:
             plain[d] = 4 * sum(a.size for a in trained.values())
             t = time.perf_counter()
             devices[d].on_inbox(wire(msg))
-            payloads[d] = devices[d].mask(slots[d], base, trained, 10)
+            payloads[d] = devices[d].mask(slots[d], base, trained, row_weighting(devices[d].start, 10, {}, (), ()))
             device_s[d] += time.perf_counter() - t
             sent[d].append(len(payloads[d]))
         alive = ids[: max(2, n - n // 10)]  # the last 10% drop after masking: summed, but never reveal

@@ -44,6 +44,7 @@ from device_runtime.secagg import (
 )
 from device_runtime.wire import (
     FitConfig,
+    ImportanceWeighting,
     Message,
     Participant,
     SealedShare,
@@ -60,7 +61,6 @@ from device_runtime.wire import (
 NOT_SECURE = {
     "fedalign": "its expert alignment selects devices by the cosine similarity of their individual updates",
     "fedprox": "its anchor checks read each device's individual update",
-    "hfedmoe": "its weights (usage threshold, gate alpha) are not computed on the devices yet",
     "fedadam": "a server optimizer over the secure average is not wired yet",
     "fedyogi": "a server optimizer over the secure average is not wired yet",
 }
@@ -96,7 +96,7 @@ def check_secure(strategy: str, weighting: str | None, privacy: PrivacyConfig, f
         why = NOT_SECURE.get(strategy, "it reads individual updates")
         raise ConfigError(
             f"config: [privacy] secure_aggregation cannot run strategy {strategy!r}: {why}; secure aggregation "
-            "gives the coordinator only each row's sum. Use fedavg, fedmoe, dense-fedavg or dp-fedavg"
+            "gives the coordinator only each row's sum. Use hfedmoe, fedavg, fedmoe, dense-fedavg or dp-fedavg"
         )
     if privacy.adaptive:
         raise ConfigError(
@@ -110,8 +110,9 @@ def check_secure(strategy: str, weighting: str | None, privacy: PrivacyConfig, f
 @dataclass(frozen=True)
 class SecureSettings:
     """A secure round's parameters: the SecAggStart fields every device gets (``weighting``, ``max_weight``,
-    ``clip``, ``clip_range``, ``min_holders``), the share of U1 needed to reconstruct a secret (``threshold``:
-    t = max(2, floor(threshold * |U1|) + 1), at most |U1|) and the seconds a phase waits (``timeout_s``)."""
+    ``clip``, ``clip_range``, ``min_holders``, ``importance``), the share of U1 needed to reconstruct a secret
+    (``threshold``: t = max(2, floor(threshold * |U1|) + 1), at most |U1|) and the seconds a phase waits
+    (``timeout_s``)."""
 
     weighting: str
     max_weight: float
@@ -120,12 +121,15 @@ class SecureSettings:
     min_holders: int
     threshold: float
     timeout_s: float
+    importance: ImportanceWeighting | None = None
 
     @classmethod
-    def from_config(cls, privacy: PrivacyConfig, fit: FitConfig, weighting: str) -> SecureSettings:
+    def from_config(
+        cls, privacy: PrivacyConfig, fit: FitConfig, weighting: str, importance: ImportanceWeighting | None = None
+    ) -> SecureSettings:
         """From ``[privacy]`` and ``[fit]``: with DP (``weighting`` "unit") the device clips its delta to S and
         each coordinate is within S; ``max_weight`` 0 means the examples of ``local_steps`` batches (or Flower's
-        1000 for one epoch)."""
+        1000 for one epoch). ``importance``: HFedMoE's parameters (``Strategy.secure_importance``)."""
         dp = weighting == "unit"
         max_weight = privacy.secure_max_weight or float(fit.local_steps * fit.batch_size or 1000)
         return cls(
@@ -136,6 +140,7 @@ class SecureSettings:
             privacy.secure_min_holders,
             privacy.secure_threshold,
             privacy.secure_timeout_s,
+            importance,
         )
 
 
@@ -188,11 +193,12 @@ class SecureRound:
         return SecAggStart(
             round_id=self.round_id,
             update_id=self.members[device_id].update_id,
-            weighting=s.weighting,  # type: ignore[arg-type]  # "examples" | "unit", checked by the decoder
+            weighting=s.weighting,  # type: ignore[arg-type]  # "examples" | "unit" | "hfedmoe", checked by the decoder
             max_weight=s.max_weight,
             clip=s.clip,
             clip_range=s.clip_range,
             min_holders=s.min_holders,
+            importance=s.importance,
         )
 
     def _member(self, device_id: str, update_id: str, round_id: int) -> SecureMember:

@@ -156,7 +156,7 @@ class Coordinator:
         self._split_tasks: set[asyncio.Task] = set()
         weighting = strategy.secure_weighting
         self.secure_settings = (
-            SecureSettings.from_config(cfg.privacy, cfg.fit, weighting)
+            SecureSettings.from_config(cfg.privacy, cfg.fit, weighting, strategy.secure_importance())
             if cfg.privacy.secure_aggregation and weighting is not None
             else None
         )

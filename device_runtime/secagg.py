@@ -22,7 +22,8 @@ Over Z_{2^32}, for each row r it sends (|H_r n U2| >= ``min_holders``, else the 
     y_{u,r} = Q(w_u * clip(d_{u,r})) || Q(w_u)  +  PRG(b_u, r)  +  sum_{v in H_r n U2, v != u} +-PRG(s_uv, r)
 
 with Q stochastic fixed-point rounding (:func:`quantize`), d the row's delta against the global row the round
-started from, w_u the device's weight and s_uv = HKDF(X25519(s_u, s_v)), + when u < v, - otherwise. Summed over
+started from, w_u the device's weight of the row (:func:`row_weighting`: one per device for FedAvg and DP-FedAvg,
+per row for HFedMoE) and s_uv = HKDF(X25519(s_u, s_v)), + when u < v, - otherwise. Summed over
 a row's holders the pairwise masks cancel. To unmask, the coordinator picks S within U3 (:func:`unmaskable`:
 no row may be left with fewer than ``min_holders`` holders in S) and asks the live devices for b-shares of S and
 s-shares of U2 \\ S; it removes PRG(b_u, r) for u in S and, with the reconstructed s_v, the masks of S's members
@@ -38,9 +39,9 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from cryptography.hazmat.primitives import hashes
@@ -51,6 +52,8 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from device_runtime.bundle import HELD, TRAINED, Manifest, TensorRole
 from device_runtime.errors import ProtocolError
+from device_runtime.hfedmoe_weights import expert_weights, router_weight
+from device_runtime.stats import RoutingStats
 from device_runtime.wire.secure import (
     CIPHERTEXT_BYTES,
     Participant,
@@ -117,6 +120,47 @@ def slots_of(manifest: Manifest, expert_ids: tuple[tuple[int, ...], ...]) -> tup
         kind = HELD if router else TRAINED
         out.extend(Slot(spec.name, i, int(row), kind, spec.moe_layer, size // len(rows)) for i, row in enumerate(rows))
     return tuple(out)
+
+
+def row_weighting(
+    start: SecAggStart,
+    num_examples: int,
+    routing: Mapping[str, Any],
+    expert_ids: Sequence[Sequence[int]],
+    trained_experts: Sequence[Sequence[int]],
+) -> Callable[[Slot], float]:
+    """The weight in [0, 1] a device gives each of its rows (:class:`Slot`) under ``start.weighting``: 1 (``unit``);
+    min(num_examples, max_weight) / max_weight (``examples``); HFedMoE's row weights (``hfedmoe``,
+    ``device_runtime.hfedmoe_weights``: that example weight on shared rows and on the trained experts used above
+    tau, 0 on other expert rows, the layer's gate alpha on router rows), from the device's own routing
+    statistics (``routing``: its Update's, over the held experts, ``expert_ids`` first) and ``trained_experts``
+    (global ids per MoE layer, those that got a gradient).
+
+    Raises:
+        ProtocolError("bad_routing_stats"): ``routing`` does not parse or has fewer layers than a row needs.
+    """
+    examples = 1.0 if start.weighting == "unit" else min(float(num_examples), start.max_weight) / start.max_weight
+    importance = start.importance
+    if importance is None:
+        return lambda slot: examples
+    layers = RoutingStats.from_dict(dict(routing)).layers
+    if not len(layers) == len(importance.num_experts) == len(expert_ids) == len(trained_experts):
+        raise ProtocolError("bad_routing_stats", f"routing statistics of {len(layers)} MoE layers for this model")
+    alphas = [
+        min(max(router_weight(stats, len(stats.usage), total, importance.lam), 0.0), 1.0)
+        for stats, total in zip(layers, importance.num_experts)
+    ]
+    experts = [
+        expert_weights(stats, ids, trained, examples, importance.tau)
+        for stats, ids, trained in zip(layers, expert_ids, trained_experts)
+    ]
+
+    def weight(slot: Slot) -> float:
+        if slot.kind == "shared":
+            return examples
+        return alphas[slot.layer] if slot.kind == HELD else float(experts[slot.layer][slot.local])
+
+    return weight
 
 
 def holds(participant: Participant, key: tuple[str, int, int]) -> bool:
@@ -345,14 +389,19 @@ class DeviceSecAgg:
         self._u2 = u2
 
     def mask(
-        self, slots: Sequence[Slot], base: Mapping[str, np.ndarray], trained: Mapping[str, np.ndarray], examples: int
+        self,
+        slots: Sequence[Slot],
+        base: Mapping[str, np.ndarray],
+        trained: Mapping[str, np.ndarray],
+        weight_of: Callable[[Slot], float],
     ) -> bytes:
         """The SecAggMasked payload: for each sent slot (:func:`sent_slots`) its quantised, weighted, clipped
         delta then its quantised weight, each row masked; little-endian uint32 words.
 
         Args:
             slots: :func:`slots_of` this device's manifest and assignment. base: the assignment's trainable
-                tensors (the global rows). trained: the same tensors after training. examples: num_examples.
+                tensors (the global rows). trained: the same tensors after training. weight_of: each row's weight in
+                [0, 1] (:func:`row_weighting`).
         """
         roster, u2 = self._require_roster(), self._u2
         if u2 is None:
@@ -368,13 +417,13 @@ class DeviceSecAgg:
         if start.clip > 0:
             norm = math.sqrt(sum(float(np.vdot(d, d)) for d in map(delta, sent)))
             factor = 1.0 if norm <= start.clip else start.clip / norm
-        weight = 1.0 if start.weighting == "unit" else min(float(examples), start.max_weight) / start.max_weight
         value_scale, weight_scale = scales(start.clip_range, n)
         rng = np.random.default_rng()
         keys = {p.device_id: p.mask_key for p in roster.participants}
         pair_keys: dict[str, bytes] = {}  # s_uv per peer, agreed once
         out, offset = np.empty(sum(s.size + 1 for s in sent), WORD), 0  # the payload, filled row by row
         for slot in sent:
+            weight = weight_of(slot)
             values = np.clip(delta(slot) * (weight * factor), -start.clip_range, start.clip_range)
             words = np.concatenate(
                 [quantize(values, value_scale, rng), quantize(np.array([weight]), weight_scale, rng)]

@@ -11,7 +11,7 @@ import numpy as np
 
 from device_runtime.bundle import Manifest
 from device_runtime.errors import ProtocolError
-from device_runtime.secagg import DeviceSecAgg, slots_of
+from device_runtime.secagg import DeviceSecAgg, row_weighting, slots_of
 from device_runtime.wire import (
     Message,
     SecAggInbox,
@@ -100,7 +100,8 @@ class SecureRounds:
         if state is None:
             return None
         slots = slots_of(manifest, expert_ids)
-        data = await asyncio.to_thread(state.mask, slots, base, update.tensors, update.num_examples)
+        weight_of = row_weighting(state.start, update.num_examples, update.routing, expert_ids, update.trained_experts)
+        data = await asyncio.to_thread(state.mask, slots, base, update.tensors, weight_of)
         msg = SecAggMasked(
             round_id=update.round_id,
             update_id=update_id,

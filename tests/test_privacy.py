@@ -256,7 +256,7 @@ def test_secure_aggregation_refuses_strategies_that_need_individual_updates(tmp_
     def config(strategy, **privacy):
         return CoordinatorConfig(checkpoint="x", state_dir=str(tmp_path), strategy=strategy, privacy=privacy)
 
-    for name, why in (("fedalign", "cosine similarity"), ("fedprox", "anchor"), ("hfedmoe", "not computed")):
+    for name, why in (("fedalign", "cosine similarity"), ("fedprox", "anchor")):
         with pytest.raises(ConfigError, match=f"secure_aggregation cannot run strategy '{name}'.*{why}"):
             config(name, secure_aggregation=True)
     with pytest.raises(ConfigError, match="adaptive clipping"):
@@ -270,3 +270,4 @@ def test_secure_aggregation_refuses_strategies_that_need_individual_updates(tmp_
     with pytest.raises(ConfigError, match="secure_min_holders"):
         PrivacyConfig(secure_aggregation=True, secure_min_holders=1)
     assert make_strategy(config("fedavg", secure_aggregation=True)).secure_weighting == "examples"
+    assert make_strategy(config("hfedmoe", secure_aggregation=True)).secure_weighting == "hfedmoe"

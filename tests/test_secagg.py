@@ -20,7 +20,15 @@ from coordinator.privacy import PrivacyConfig
 from coordinator.secagg import SecureMember, SecureRound, SecureSettings, secure_sums
 from coordinator.strategy import DPFedAvg, FedAvg
 from device_runtime.errors import ProtocolError
-from device_runtime.secagg import WORD, DeviceSecAgg, Slot, combine_secret, split_secret, unmaskable
+from device_runtime.secagg import (
+    WORD,
+    DeviceSecAgg,
+    Slot,
+    combine_secret,
+    row_weighting,
+    split_secret,
+    unmaskable,
+)
 from device_runtime.wire import (
     PROTOCOL_VERSION,
     FitConfig,
@@ -77,7 +85,9 @@ class Federation:
             update = make_update(d, n, ids, experts, gate, other)
             self.updates[d] = update
             base = {"experts.w": g["experts.w"][ids], "gate.weight": g["gate.weight"][ids], "attn.w": g["attn.w"]}
-            self.payloads[d] = self.devices[d].mask(slots(ids), base, update.tensors, n)
+            self.payloads[d] = self.devices[d].mask(
+                slots(ids), base, update.tensors, row_weighting(self.devices[d].start, n, {}, (), ())
+            )
 
     def unmask(self, u3):
         """Unmask the payloads of ``u3``: each of them reveals what it is asked."""

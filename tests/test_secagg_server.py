@@ -18,10 +18,10 @@ from coordinator.federation import tensor_store
 from coordinator.planning import to_client_update, update_meta
 from coordinator.registry import Registry
 from coordinator.secagg import masked_payload
-from coordinator.strategy import FedAvg
+from coordinator.strategy import FedAvg, HFedMoE
 from device_runtime.auth import sign_challenge
 from device_runtime.bundle import MANIFEST, Manifest
-from device_runtime.secagg import WORD, DeviceSecAgg, slots_of
+from device_runtime.secagg import WORD, DeviceSecAgg, row_weighting, slots_of
 from device_runtime.wire import (
     PROTOCOL_VERSION,
     Ack,
@@ -44,15 +44,15 @@ from test_server import MAX_MIB, enroll, recv, send, wait_for, ws  # noqa: E402
 
 @pytest.fixture
 def secure(request, tmp_path, monkeypatch):
-    """``(server, config, memory_mib)``: a FedAvg coordinator with secure aggregation; ``request.param``: the
-    number of devices per round and the share threshold."""
-    devices, threshold = request.param
+    """``(server, config, memory_mib)``: a coordinator with secure aggregation; ``request.param``: the number of
+    devices per round, the share threshold and the strategy."""
+    devices, threshold, strategy = request.param
     monkeypatch.setenv("FEDMOE_CACHE", str(tmp_path / "cache"))
     cfg = initialised_coordinator(
         tmp_path,
         tmp_path / "state",
         max_message_mib=MAX_MIB,
-        strategy="fedavg",
+        strategy=strategy,
         privacy={"secure_aggregation": True, "secure_threshold": threshold, "secure_timeout_s": 8.0},
         min_fit_clients=2,
         max_fit_clients=devices,
@@ -134,7 +134,10 @@ class HandDevice(threading.Thread):
         plain = replace(plain, tensors=tensors, num_examples=self.examples)
         meta = update_meta(manifest, assignment.expert_ids, plain.trained_experts, plain.routing, plain.metrics)
         self.update = to_client_update(self.device_id, self.examples, meta, tensors)
-        data = state.mask(slots_of(manifest, assignment.expert_ids), base, tensors, self.examples)
+        weight_of = row_weighting(
+            state.start, self.examples, plain.routing, assignment.expert_ids, plain.trained_experts
+        )
+        data = state.mask(slots_of(manifest, assignment.expert_ids), base, tensors, weight_of)
         return SecAggMasked(
             round_id=assignment.round_id,
             update_id=assignment.update_id,
@@ -168,10 +171,11 @@ def _round(registry, devices):
     return rounds[0] if rounds and rounds[0].status != "running" else None
 
 
-@pytest.mark.parametrize("secure", [(4, 0.3)], indirect=True)
-def test_a_secure_round_over_websockets_recovers_dropouts_and_equals_fedavg(secure):
+@pytest.mark.parametrize("secure", [(4, 0.3, "fedavg"), (4, 0.3, "hfedmoe")], indirect=True, ids=["fedavg", "hfedmoe"])
+def test_a_secure_round_over_websockets_recovers_dropouts_and_equals_the_plain_strategy(secure):
     """d drops before masking (its pairwise masks are removed with its reconstructed key), c after masking (its
-    self mask is removed with its reconstructed seed; it reveals nothing): the new version is FedAvg of a, b, c."""
+    self mask is removed with its reconstructed seed; it reveals nothing): the new version is the strategy's plain
+    aggregation of a, b, c (HFedMoE: with the row weights each device computed itself)."""
     server, cfg, memory = secure
     plans = [("a", 1.0, 1, None), ("b", 2.0, 2, None), ("c", -1.0, 4, "after_masking"), ("d", 3.0, 3, "before_masking")]
     devices = start_devices(server, cfg, memory, plans)
@@ -188,7 +192,8 @@ def test_a_secure_round_over_websockets_recovers_dropouts_and_equals_fedavg(secu
         store = tensor_store(cfg)
         new, old = store.load(version.tensor_sha256), store.load(registry.get_model_version(0).tensor_sha256)
         old = {n: np.asarray(a, np.float32) for n, a in old.items()}
-        expected, _, _ = FedAvg().aggregate_fit(1, [d.update for d in devices[:3]], [], old)
+        strategy = FedAvg() if cfg.strategy == "fedavg" else HFedMoE(**cfg.strategy_params)
+        expected, _, _ = strategy.aggregate_fit(1, [d.update for d in devices[:3]], [], old)
         changed = [n for n in expected if not np.array_equal(expected[n], old[n])]
         assert changed
         for name in expected:
@@ -206,7 +211,7 @@ def test_a_secure_round_over_websockets_recovers_dropouts_and_equals_fedavg(secu
         registry.close()
 
 
-@pytest.mark.parametrize("secure", [(3, 0.5)], indirect=True)
+@pytest.mark.parametrize("secure", [(3, 0.5, "fedavg")], indirect=True)
 def test_below_the_threshold_the_round_fails_and_nothing_is_applied(secure):
     """t = 2 of 3; b and c leave after masking, so only a can reveal: the round fails naming the threshold and
     the model stays at version 0."""

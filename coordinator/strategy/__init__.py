@@ -9,7 +9,6 @@ One module per algorithm; the math in ``aggregate.py``; how experts are picked i
 from coordinator.strategy.aggregate import (
     RowAccumulator,
     cosine_similarity,
-    hfedmoe_alpha,
     kl_divergence,
     weighted_loss_avg,
     weighted_metrics_avg,
@@ -39,6 +38,7 @@ from coordinator.strategy.types import (
     TensorSpec,
 )
 from coordinator.strategy.validate import validate_update
+from device_runtime.hfedmoe_weights import hfedmoe_alpha
 
 __all__ = [
     "STRATEGIES",

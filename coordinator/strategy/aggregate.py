@@ -109,18 +109,6 @@ class RowAccumulator:
         return out
 
 
-def hfedmoe_alpha(usage: np.ndarray, scores: np.ndarray, num_global_experts: int) -> float:
-    """HFedMoE gate weight of a client for one layer (arXiv 2601.00583, gate aggregation).
-
-    alpha(c) = sum_{e in S_c} p_c(e) / |S_global| with p_c(e) = u_c(e) * s_c(e).
-    The paper leaves alpha unnormalised; the strategy normalises it per router row over the holders.
-
-    Args:
-        usage: u_c(e), ``(E_local,)``. scores: s_c(e), ``(E_local,)``. num_global_experts: |S_global|.
-    """
-    return float(np.sum(np.asarray(usage) * np.asarray(scores)) / num_global_experts)
-
-
 def kl_divergence(p: np.ndarray, q: np.ndarray) -> float:
     """KL(p || q) = sum_e p(e) log(p(e) / q(e)) of two distributions over the same experts (0 log 0 = 0).
 

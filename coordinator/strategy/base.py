@@ -48,7 +48,7 @@ from device_runtime.bundle import EXPERT_ROLES, TensorRole, TensorSpec
 from device_runtime.errors import ConfigError, FedmoeError, UpdateRejected
 from device_runtime.modes import Order
 from device_runtime.stats import IMPORTANCE_BETA, IMPORTANCE_LAMBDA
-from device_runtime.wire import FitConfig
+from device_runtime.wire import FitConfig, ImportanceWeighting
 from export.planner import select_experts
 
 log = logging.getLogger("fedmoe.coord")
@@ -195,8 +195,13 @@ class Strategy(ABC):
 
     secure_weighting: ClassVar[str | None] = None
     """How devices weigh their rows under secure aggregation (``coordinator.secagg``): ``"examples"`` (by
-    num_examples, FedAvg), ``"unit"`` (1 each, DP-FedAvg); None: the strategy needs individual updates and refuses
-    secure aggregation."""
+    num_examples, FedAvg), ``"unit"`` (1 each, DP-FedAvg), ``"hfedmoe"`` (per row, HFedMoE's weights computed by
+    each device from :meth:`secure_importance`); None: the strategy needs individual updates and refuses secure
+    aggregation."""
+
+    def secure_importance(self) -> ImportanceWeighting | None:
+        """The parameters a device needs to compute ``"hfedmoe"`` row weights itself (None for other weightings)."""
+        return None
 
     def aggregate_secure(
         self,
@@ -210,14 +215,15 @@ class Strategy(ABC):
     ) -> Aggregated:
         """Merge a securely aggregated round: only each row's sums over its holders are known (``sums``).
 
-        The default (``secure_weighting`` "examples"): every row with a positive weight sum becomes
-        global + sum_i w_i d_i / sum_i w_i (d_i: the holders' deltas), i.e. the weighted FedAvg of the holders'
-        rows; other rows are unchanged. ``sampling_rate``: the round's q (privacy accounting).
+        The default (``secure_weighting`` "examples" or "hfedmoe"): every row with a positive weight sum becomes
+        global + sum_i w_i d_i / sum_i w_i (d_i: the holders' deltas), i.e. the weighted mean of the holders' rows
+        (FedAvg's, or HFedMoE's with its per-row weights); other rows are unchanged. ``sampling_rate``: the
+        round's q (privacy accounting).
 
         Raises:
             ConfigError: the strategy has no ``secure_weighting``.
         """
-        if self.secure_weighting != "examples":
+        if self.secure_weighting not in ("examples", "hfedmoe"):
             raise ConfigError(f"strategy {self.name!r} cannot aggregate securely")
 
         def average(name: str, base: np.ndarray, row_sums: np.ndarray, totals: np.ndarray) -> np.ndarray:

@@ -23,18 +23,20 @@ from __future__ import annotations
 
 import numpy as np
 
-from coordinator.strategy.aggregate import hfedmoe_alpha
 from coordinator.strategy.base import SinglePassStrategy
 from coordinator.strategy.types import ClientUpdate
 from device_runtime.bundle import TensorRole, TensorSpec
 from device_runtime.errors import ConfigError
+from device_runtime.hfedmoe_weights import expert_weights, router_weight
 from device_runtime.stats import IMPORTANCE_BETA, IMPORTANCE_LAMBDA
+from device_runtime.wire import ImportanceWeighting
 
 
 class HFedMoE(SinglePassStrategy):
     """Usage-thresholded expert aggregation and importance-weighted router aggregation."""
 
     name = "hfedmoe"
+    secure_weighting = "hfedmoe"  # each device weighs its rows itself (device_runtime.hfedmoe_weights)
 
     def __init__(self, tau: float = 0.01, lam: float = IMPORTANCE_LAMBDA, beta: float = IMPORTANCE_BETA):
         """Args:
@@ -48,6 +50,11 @@ class HFedMoE(SinglePassStrategy):
             raise ConfigError(f"need 0 <= tau <= 1, 0 <= lam <= 1, beta >= 0; got tau={tau}, lam={lam}, beta={beta}")
         self.tau, self.lam, self.beta = float(tau), float(lam), float(beta)
 
+    def secure_importance(self) -> ImportanceWeighting:
+        """tau, lam and the global experts per MoE layer. Raises ConfigError: the strategy is not bound."""
+        model = self._bound().model
+        return ImportanceWeighting(self.tau, self.lam, (model.num_experts,) * model.moe_layers)
+
     def row_weights(
         self, update: ClientUpdate, name: str, meta: TensorSpec, num_experts: tuple[int, ...]
     ) -> np.ndarray | float:
@@ -57,10 +64,5 @@ class HFedMoE(SinglePassStrategy):
         layer = meta.moe_layer
         stats = update.routing[layer]  # over held_ids: ids first
         if meta.role is TensorRole.ROUTER:
-            if len(ids) < 2:  # a one-expert router is not trainable (see the module docstring)
-                return np.zeros(len(ids))
-            scores = stats.importance(self.lam)
-            return np.full(len(ids), hfedmoe_alpha(stats.usage, scores, num_experts[layer]))
-        trained = update.trained_experts[layer]
-        keep = (np.asarray(stats.usage)[: len(ids)] >= self.tau) & np.array([g in trained for g in ids])
-        return np.where(keep, float(update.num_examples), 0.0)
+            return np.full(len(ids), router_weight(stats, len(ids), num_experts[layer], self.lam))
+        return expert_weights(stats, ids, update.trained_experts[layer], update.num_examples, self.tau)

@@ -78,6 +78,7 @@ from device_runtime.wire.messages import (
 from device_runtime.wire.secure import (
     SECURE_FROM_DEVICE,
     SECURE_TO_DEVICE,
+    ImportanceWeighting,
     Participant,
     RevealedShare,
     SealedShare,
@@ -117,6 +118,7 @@ __all__ = [
     "Heartbeat",
     "Hello",
     "Message",
+    "ImportanceWeighting",
     "Participant",
     "RevealedShare",
     "SECURE_FROM_DEVICE",

@@ -26,6 +26,7 @@ from device_runtime.wire.fields import (
     JsonDict,
     Metrics,
     NonNegative,
+    Probability,
     payload_field,
 )
 from device_runtime.wire.messages import EvalResult, Message, _message
@@ -40,6 +41,16 @@ def _distinct(ids: tuple[str, ...], what: str) -> None:
         raise ProtocolError("bad_header", f"{what} names a device twice")
 
 
+@dataclass(frozen=True)
+class ImportanceWeighting:
+    """HFedMoE's row weights, computed by the device under secure aggregation (``device_runtime.hfedmoe_weights``):
+    usage threshold ``tau``, importance mix ``lam`` and the global experts of each MoE layer (``num_experts``)."""
+
+    tau: Probability
+    lam: Probability
+    num_experts: Annotated[tuple[Annotated[int, msgspec.Meta(ge=1, le=4096)], ...], msgspec.Meta(max_length=4096)]
+
+
 @_message
 class SecAggStart(Message):
     """Coordinator -> device, before the round's Assignment: this round aggregates securely.
@@ -47,21 +58,27 @@ class SecAggStart(Message):
     Attributes:
         round_id, update_id: those of the Assignment that follows.
         weighting: ``"examples"`` (FedAvg: the device weighs its rows by min(num_examples, max_weight) /
-            max_weight) or ``"unit"`` (DP-FedAvg: weight 1).
+            max_weight), ``"unit"`` (DP-FedAvg: weight 1) or ``"hfedmoe"`` (HFedMoE: per row, by ``importance``).
         max_weight: examples that weigh 1 (> 0). clip: L2 clip S of the device's whole delta (0: none; DP).
         clip_range: each weighted delta coordinate is clipped to [-clip_range, clip_range] before quantisation.
         min_holders: a row is aggregated only over at least this many holders (>= 2).
+        importance: HFedMoE's parameters, with weighting ``"hfedmoe"`` only.
     """
 
     TYPE: ClassVar[str] = "secagg_start"
     SIGNED: ClassVar[bool] = True
     round_id: Count
     update_id: Id
-    weighting: Literal["examples", "unit"]
+    weighting: Literal["examples", "unit", "hfedmoe"]
     max_weight: Annotated[float, msgspec.Meta(gt=0.0, le=1e12)]
     clip: NonNegative
     clip_range: Annotated[float, msgspec.Meta(gt=0.0, le=1e6)]
     min_holders: Annotated[int, msgspec.Meta(ge=2, le=MAX_SECURE_PEERS)]
+    importance: ImportanceWeighting | None = None
+
+    def __post_init__(self) -> None:
+        if (self.weighting == "hfedmoe") != (self.importance is not None):
+            raise ProtocolError("bad_header", "secagg_start: importance goes with weighting hfedmoe, and only there")
 
 
 @_message
