@@ -145,6 +145,12 @@ def _fed(r: RoundRecord) -> str:
 @click.option("--local-steps", type=int, default=None, help="Local training steps per round.")
 @click.option("--num-layers", type=int, default=None, help="Decoder layers of SmolLM2 to keep.")
 @click.option("--learning-rate", type=float, default=None, help="Local AdamW learning rate.")
+@click.option(
+    "--zo-learning-rate",
+    type=click.FloatRange(min=0.0),
+    default=None,
+    help="SGD step size of zeroth-order (zo) devices; 0: the AdamW rate.  [default: from the preset]",
+)
 @click.option("--seq-len", type=int, default=None, help="Tokens per training example (prompt + label).")
 @click.option("--test-size", type=int, default=None, help="Held-out records the global model is scored on.")
 @click.option("--alpha", default=1.0, show_default=True, help="Dirichlet concentration of the non-IID split.")
@@ -239,6 +245,7 @@ def simulate_command(
     local_steps,
     num_layers,
     learning_rate,
+    zo_learning_rate,
     seq_len,
     test_size,
     alpha,
@@ -272,6 +279,7 @@ def simulate_command(
         local_steps=local_steps,
         num_layers=num_layers,
         learning_rate=learning_rate,
+        zo_learning_rate=zo_learning_rate,
         seq_len=seq_len,
         test_size=test_size,
         logit_adjustment=logit_adjustment,

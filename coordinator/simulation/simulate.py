@@ -48,6 +48,9 @@ class Preset:
     logit_adjustment: float = 1.0  # tau of the devices' balanced softmax on the answer token (0: off)
     frozen_experts: str = "float16"  # the experts a device does not train: resident in float16, or "pruned"
     eval_fraction: float = DEFAULT_EVAL_FRACTION  # share of each device's records held out for federated evaluation
+    zo_learning_rate: float = (
+        0.0  # SGD step size of zeroth-order devices (FitConfig.zo_learning_rate; 0: learning_rate)
+    )
 
 
 # Local AdamW rate by trainable mode, for a preset run with the other mode (``--trainable``): full experts at
@@ -151,6 +154,7 @@ def _fit(plan: SimulationPlan, labels: list[str]) -> FitConfig:
         batch_size=preset.batch_size,
         seq_len=preset.seq_len,
         learning_rate=preset.learning_rate,
+        zo_learning_rate=preset.zo_learning_rate,
         local_steps=preset.local_steps,
         update_dtype=plan.update_dtype,
         labels=tuple(labels),
