@@ -54,7 +54,9 @@ def _parse(argv=None):
     parser.add_argument("--preset", default="default", help="the simulation preset (default: the main job)")
     parser.add_argument("--rounds", type=int, default=None, help="rounds per run [default: the preset's]")
     parser.add_argument("--num-devices", type=int, default=None, help="[default: the preset's profiles]")
-    parser.add_argument("--dp-clip", type=float, default=0.1, help="S of the DP variants (L2 of a device's delta)")
+    parser.add_argument(
+        "--dp-clip", type=float, default=0.001, help="S of the DP variants (L2 of a device's delta; README: why 0.001)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--slots", type=int, default=2, help="devices training at once (this machine's cores)")
     parser.add_argument("--scaling", default=None, help="device counts, e.g. 5,20,50: the protocol alone (no training)")
