@@ -149,7 +149,7 @@ def _fed(r: RoundRecord) -> str:
     "--zo-learning-rate",
     type=click.FloatRange(min=0.0),
     default=None,
-    help="SGD step size of zeroth-order (zo) devices; 0: the AdamW rate.  [default: from the preset]",
+    help="SGD step size of zeroth-order (zo) devices (MeZO); 0: the AdamW rate, which diverges.  [default: 1e-5]",
 )
 @click.option("--seq-len", type=int, default=None, help="Tokens per training example (prompt + label).")
 @click.option("--test-size", type=int, default=None, help="Held-out records the global model is scored on.")

@@ -26,6 +26,7 @@ from coordinator.simulation.runner import Federation, run_federation
 from device_runtime.data import load_records
 from device_runtime.errors import ConfigError
 from device_runtime.wire import FitConfig
+from device_runtime.wire.messages import ZO_LEARNING_RATE
 
 
 @dataclass(frozen=True)
@@ -48,9 +49,7 @@ class Preset:
     logit_adjustment: float = 1.0  # tau of the devices' balanced softmax on the answer token (0: off)
     frozen_experts: str = "float16"  # the experts a device does not train: resident in float16, or "pruned"
     eval_fraction: float = DEFAULT_EVAL_FRACTION  # share of each device's records held out for federated evaluation
-    zo_learning_rate: float = (
-        0.0  # SGD step size of zeroth-order devices (FitConfig.zo_learning_rate; 0: learning_rate)
-    )
+    zo_learning_rate: float = ZO_LEARNING_RATE  # SGD step size of zeroth-order devices (FitConfig's)
 
 
 # Local AdamW rate by trainable mode, for a preset run with the other mode (``--trainable``): full experts at
