@@ -21,6 +21,7 @@ machine: a directory under the node's temp dir named after the run.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import socket
@@ -223,11 +224,8 @@ def connect(options: RayOptions) -> None:
 
 def disconnect() -> None:
     """Leave the Ray cluster if this process joined one (the cluster keeps running)."""
-    try:
-        import ray
-    except ImportError:
-        return
-    if ray.is_initialized():
+    ray = sys.modules.get("ray")  # never imported: never joined
+    if ray is not None and ray.is_initialized():
         ray.shutdown()
 
 
@@ -252,7 +250,7 @@ def start_devices(
 
     connect(options)
     actor_class = ray.remote(DeviceHost)
-    run_id = out.resolve().parent.name + "-" + out.name
+    run_id = hashlib.sha256(str(out.resolve()).encode()).hexdigest()[:12]  # names the node-side dirs of this run
     started: list[RemoteChild] = []
     try:
         for (name, memory_mib, backend, data), token in zip(devices, tokens):
@@ -287,7 +285,8 @@ def start_devices(
                     )
                 )
             except ray.exceptions.RayTaskError as exc:
-                raise FedmoeError(f"device {name} on Ray node {node['node_id']} ({node['host']}): {exc}") from None
+                cause = getattr(exc, "cause", None) or exc
+                raise FedmoeError(f"device {name} on Ray node {node['node_id']} ({node['host']}): {cause}") from None
     except BaseException:
         for child in started:
             child.stop()
