@@ -391,7 +391,18 @@ async def idle_phase(opts, coord: Coord, tokens: list[str], out: dict, probe: He
         flush=True,
     )
     probe.phase = "idle"
+    profiler = None
+    if opts.py_spy:  # where the idle coordinator's time goes (collapsed stacks, one line per stack and its samples)
+        profile = opts.workdir / "idle-profile.txt"
+        profiler = await asyncio.create_subprocess_exec(
+            "py-spy", "record", "--pid", str(pid), "--duration", str(int(opts.idle_seconds)), "--format", "raw",
+            "--nonblocking", "--output", str(profile), stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )  # fmt: skip
     await asyncio.sleep(opts.idle_seconds)
+    if profiler is not None:
+        await profiler.wait()
+        print(f"py-spy profile of the idle coordinator: {profile} (exit {profiler.returncode})", flush=True)
     out["alive"], out["rss_n"], out["idle_reconnects"] = established(port), rss_mib(pid), fleet.reconnects(1)
     print(
         f"after {opts.idle_seconds:.0f} s idle (heartbeat every {opts.heartbeat_s:g} s): {out['alive']} "
@@ -572,6 +583,7 @@ def main() -> int:
         "database is created and dropped  [$FEDMOE_TEST_POSTGRES_URL or /etc/fedmoe-test-postgres-url]",
     )
     parser.add_argument("--insecure", action="store_true", help="plain ws:// without TLS (older numbers' setting)")
+    parser.add_argument("--py-spy", action="store_true", help="profile the coordinator during the idle phase (py-spy)")
     parser.add_argument("--workdir", type=Path, help="state, configs, logs, device homes (default: a new temp dir)")
     opts = parser.parse_args()
     if opts.connect_timeout is None:
