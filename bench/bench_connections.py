@@ -66,7 +66,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
-from helpers import fake_update, initialised_coordinator  # noqa: E402
+from helpers import config_with, fake_update, initialised_coordinator  # noqa: E402
 
 import device_runtime.client as device_client  # noqa: E402
 from coordinator.admission import raise_descriptor_limit  # noqa: E402
@@ -251,7 +251,7 @@ class Coord:
         self.cfg, self.workdir, self.runs, self.child = cfg, workdir, 0, None
 
     def start(self, **changes) -> Child:
-        self.cfg = dataclasses.replace(self.cfg, **changes)
+        self.cfg = config_with(self.cfg, **changes)  # [rounds] fields too
         self.runs += 1
         config = self.workdir / f"coord-{self.runs}.toml"
         save_config(self.cfg, config)
