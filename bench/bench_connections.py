@@ -7,6 +7,7 @@ token enrollment, Ed25519 challenge-response, heartbeats, bundle transfer, updat
 run as asyncio tasks in this one process. Only their training is a stand-in: :func:`stand_in_fit` replaces
 ``device_runtime.client._fit_in_slot`` (DeviceClient has no trainer argument) and returns the assignment's
 trainable tensors shifted, with valid routing statistics (``tests/helpers.fake_update``), without ONNX Runtime.
+Nor do they collect garbage after each update (``release_memory``), which a device process does for its one client.
 
 The coordinator serves wss:// with mutual TLS, as ``fedmoe-coord init`` sets it up (``--insecure``: plain ws://, for
 comparison with older numbers): every device enrolls with a token pinned to the coordinator's CA, fetches its client
@@ -499,6 +500,10 @@ def _failures(opts, out: dict) -> list[str]:
 
 async def run(opts, cfg: CoordinatorConfig, tokens: list[str], device_problems: Counter) -> int:
     device_client._fit_in_slot = stand_in_fit  # the load generator does not train (module docstring)
+    # A device process runs one client and collects its garbage (gc.collect, malloc_trim) after each update; this
+    # process runs them all, where one full collection takes about a second with 10,000 clients: 500 updates
+    # stalled its loop for minutes, the clients' pongs came late and the coordinator closed them (measured).
+    device_client.release_memory = lambda: None
     coord, out = Coord(cfg, opts.workdir), {}
     await asyncio.to_thread(coord.start)
     probe, fleet = HealthProbe(cfg.port, cafile=cfg.tls_ca_cert), None
