@@ -7,6 +7,18 @@ token enrollment, Ed25519 challenge-response, heartbeats, bundle transfer, updat
 run as asyncio tasks in this one process. Only their training is a stand-in: :func:`stand_in_fit` replaces
 ``device_runtime.client._fit_in_slot`` (DeviceClient has no trainer argument) and returns the assignment's
 trainable tensors shifted, with valid routing statistics (``tests/helpers.fake_update``), without ONNX Runtime.
+Nor do they collect garbage after each update (``release_memory``), which a device process does for its one client.
+
+The coordinator serves wss:// with mutual TLS, as ``fedmoe-coord init`` sets it up (``--insecure``: plain ws://, for
+comparison with older numbers): every device enrolls with a token pinned to the coordinator's CA, fetches its client
+certificate, and connects with it. The registry is SQLite in the state directory, or (``--registry postgresql``) a
+fresh database on the PostgreSQL server of ``--database-url`` (default: ``$FEDMOE_TEST_POSTGRES_URL`` or
+``/etc/fedmoe-test-postgres-url``, which ``.ci/setup.d/20-postgresql.sh`` writes), dropped afterwards.
+
+This process raises its own file-descriptor limits (soft and, as root, hard) to hold every client socket; the
+coordinator inherits them (the product itself only raises its soft limit to the hard one: ``ulimit -Hn`` must
+exceed ``max_connections``). The load generator's own TLS connections read into 16 KiB buffers instead of
+asyncio's 256 KiB (:data:`CLIENT_SSL_BUFFER`; only in this process), so 10,000 clients fit beside the coordinator.
 
 Phases:
 
@@ -26,6 +38,7 @@ engine tick, and every warning or error of either side, grouped.
 Run (about 3 minutes on 2 busy cores)::
 
     python bench/bench_connections.py --idle 1000 --active 50 --rounds 3
+    python bench/bench_connections.py --idle 10000 --active 500 --rounds 3 --registry postgresql
 
 Exit status 1 when fewer connections than requested were established or survived the idle period, or fewer
 than ``--rounds`` rounds aggregated ``--active`` accepted updates each.
@@ -35,9 +48,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import asyncio.sslproto
 import dataclasses
 import logging
+import os
 import re
+import resource
+import secrets
+import ssl
 import statistics
 import sys
 import tempfile
@@ -49,16 +67,18 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
-from helpers import fake_update, initialised_coordinator  # noqa: E402
+from helpers import config_with, fake_update, initialised_coordinator  # noqa: E402
 
 import device_runtime.client as device_client  # noqa: E402
 from coordinator.admission import raise_descriptor_limit  # noqa: E402
 from coordinator.config import CoordinatorConfig, save_config  # noqa: E402
 from coordinator.registry import Registry  # noqa: E402
 from coordinator.simulation.processes import Child, free_port, start_coordinator, wait_healthy  # noqa: E402
+from coordinator.tls import local_url, pinned_token, with_new_authority  # noqa: E402
 from device_runtime.client import DeviceClient, enroll  # noqa: E402
 from device_runtime.wire import Update  # noqa: E402
 
+CLIENT_SSL_BUFFER = 16 << 10  # bytes each of this process's TLS connections reads into (asyncio: 256 KiB)
 PROFILE = {
     "memory_total_mib": 4096,
     "memory_available_mib": 2048,
@@ -113,9 +133,10 @@ def open_fds(pid: int) -> int:
 class HealthProbe:
     """GET /healthz every ``period_s`` from a thread; latencies (seconds, inf = failed) per phase label."""
 
-    def __init__(self, port: int, period_s: float = 0.5):
-        self.url, self.period_s = f"http://127.0.0.1:{port}/healthz", period_s
-        self.phase, self.samples = "start", {}
+    def __init__(self, port: int, period_s: float = 0.5, *, cafile: str = ""):
+        self.url = f"{'https' if cafile else 'http'}://127.0.0.1:{port}/healthz"
+        self.context = ssl.create_default_context(cafile=cafile) if cafile else None
+        self.period_s, self.phase, self.samples = period_s, "start", {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -124,7 +145,7 @@ class HealthProbe:
         while not self._stop.wait(self.period_s):
             start = time.perf_counter()
             try:
-                with urllib.request.urlopen(self.url, timeout=10) as response:
+                with urllib.request.urlopen(self.url, timeout=10, context=self.context) as response:
                     response.read()
                 latency = time.perf_counter() - start
             except OSError:
@@ -231,12 +252,12 @@ class Coord:
         self.cfg, self.workdir, self.runs, self.child = cfg, workdir, 0, None
 
     def start(self, **changes) -> Child:
-        self.cfg = dataclasses.replace(self.cfg, **changes)
+        self.cfg = config_with(self.cfg, **changes)  # [rounds] fields too
         self.runs += 1
         config = self.workdir / f"coord-{self.runs}.toml"
         save_config(self.cfg, config)
         self.child = start_coordinator(config, self.workdir / f"coordinator-{self.runs}.log")
-        wait_healthy(self.cfg.port, self.child)
+        wait_healthy(self.cfg.port, self.child, cafile=self.cfg.tls_ca_cert)
         return self.child
 
     def stop(self) -> float:
@@ -256,21 +277,28 @@ class Coord:
 
 
 def registry_tick_cost(cfg: CoordinatorConfig, device_ids: list[str]) -> dict:
-    """Seconds of the registry calls the coordinator makes on its event loop: one ``get_device`` per connected
-    device (``Coordinator._available``, every engine tick) and one ``touch_device`` (every Heartbeat)."""
+    """Seconds of the registry calls the coordinator makes on its event loop: an engine tick's
+    (``Coordinator._available``: one ``revoked_device_ids`` query; before, ``active_device_ids`` over every
+    connected device), and per Heartbeat at most one ``get_device`` (revocation check) and one ``touch_device``."""
     registry = Registry(cfg.registry_url)
     try:
         start = time.perf_counter()
-        for device_id in device_ids:
-            registry.get_device(device_id)
+        registry.revoked_device_ids()
         tick = time.perf_counter() - start
+        start = time.perf_counter()
+        registry.active_device_ids(device_ids)
+        old_tick = time.perf_counter() - start
+        start = time.perf_counter()
+        for device_id in device_ids[:200]:
+            registry.get_device(device_id)
+        get = (time.perf_counter() - start) / max(1, min(200, len(device_ids)))
         start = time.perf_counter()
         for device_id in device_ids[:200]:
             registry.touch_device(device_id)
         touch = (time.perf_counter() - start) / max(1, min(200, len(device_ids)))
     finally:
         registry.close()
-    return {"available_tick_s": tick, "touch_device_s": touch}
+    return {"available_tick_s": tick, "old_tick_s": old_tick, "get_device_s": get, "touch_device_s": touch}
 
 
 def round_rows(cfg: CoordinatorConfig) -> list[dict]:
@@ -315,6 +343,12 @@ async def wait_rounds(cfg: CoordinatorConfig, rounds: int, timeout_s: float) -> 
 # ---------------------------------------------------------------- the run
 
 
+def quantile(values: list[float], q: float) -> float:
+    """The ``q`` quantile of ``values`` (nearest rank; failed probes, inf, count as the slowest)."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, int(round(q * len(ordered))) - 1))] if ordered else float("nan")
+
+
 def _seconds(values: list[float]) -> str:
     done = sorted(v for v in values if v < float("inf"))
     if not done:
@@ -324,7 +358,7 @@ def _seconds(values: list[float]) -> str:
 
 
 async def idle_phase(opts, coord: Coord, tokens: list[str], out: dict, probe: HealthProbe) -> Fleet:
-    pid, port, url = coord.child.process.pid, coord.cfg.port, f"ws://127.0.0.1:{coord.cfg.port}"
+    pid, port, url = coord.child.process.pid, coord.cfg.port, local_url(coord.cfg)
     out["coordinator_nofile"] = nofile_of(pid)
     out["rss_0"] = rss_mib(pid)
     print(
@@ -332,7 +366,7 @@ async def idle_phase(opts, coord: Coord, tokens: list[str], out: dict, probe: He
         f"with 0 connections, {open_fds(pid)} fds",
         flush=True,
     )
-    names = [f"dev-{i:04d}" for i in range(opts.idle)]
+    names = [f"dev-{i:05d}" for i in range(opts.idle)]
     probe.phase, overflows = "enroll", listen_overflows()
     results, seconds = await enroll_all(url, names, tokens, opts.workdir / "devices", opts.enroll_concurrency)
     credentials = [r for r in results if not isinstance(r, BaseException)]
@@ -358,7 +392,18 @@ async def idle_phase(opts, coord: Coord, tokens: list[str], out: dict, probe: He
         flush=True,
     )
     probe.phase = "idle"
+    profiler = None
+    if opts.py_spy:  # where the idle coordinator's time goes (collapsed stacks, one line per stack and its samples)
+        profile = opts.workdir / "idle-profile.txt"
+        profiler = await asyncio.create_subprocess_exec(
+            "py-spy", "record", "--pid", str(pid), "--duration", str(int(opts.idle_seconds)), "--format", "raw",
+            "--nonblocking", "--output", str(profile), stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )  # fmt: skip
     await asyncio.sleep(opts.idle_seconds)
+    if profiler is not None:
+        await profiler.wait()
+        print(f"py-spy profile of the idle coordinator: {profile} (exit {profiler.returncode})", flush=True)
     out["alive"], out["rss_n"], out["idle_reconnects"] = established(port), rss_mib(pid), fleet.reconnects(1)
     print(
         f"after {opts.idle_seconds:.0f} s idle (heartbeat every {opts.heartbeat_s:g} s): {out['alive']} "
@@ -409,16 +454,29 @@ def _print_summary(opts, out: dict, probe: HealthProbe, coord: Coord, device_pro
     print(
         "\n/healthz latency per phase (ms): "
         + "; ".join(
-            f"{phase}: n={len(v)} median {1e3 * statistics.median(v):.0f} max {1e3 * max(v):.0f} "
-            f"failed {sum(x == float('inf') for x in v)}"
+            f"{phase}: n={len(v)} median {1e3 * statistics.median(v):.0f} p99 {1e3 * quantile(v, 0.99):.0f} "
+            f"max {1e3 * max(v):.0f} failed {sum(x == float('inf') for x in v)}"
             for phase, v in probe.samples.items()
         )
     )
+    idle = probe.samples.get("idle", [float("nan")])
+    walls = ", ".join(f"{r['wall_s']:.1f}" for r in out.get("rounds", []))
+    print(
+        "\nsummary row: | registry | TLS | idle | active | established after idle | RSS MiB 0 / idle / after rounds "
+        "| /healthz idle median / p99 ms | round s |"
+    )
+    print(
+        f"| {opts.registry} | {'plain ws' if opts.insecure else 'mutual TLS'} | {opts.idle} | {opts.active} | "
+        f"{out.get('alive', 0)} | {out.get('rss_0', 0):.0f} / {out.get('rss_n', 0):.0f} / "
+        f"{out.get('rss_rounds', 0):.0f} | {1e3 * statistics.median(idle):.0f} / {1e3 * quantile(idle, 0.99):.0f} "
+        f"| {walls} |"
+    )
     cost = out["registry"]
     print(
-        f"registry on the coordinator's event loop: {len(out['device_ids'])} x get_device (one engine tick of "
-        f"Coordinator._available) {1e3 * cost['available_tick_s']:.0f} ms; touch_device (one Heartbeat) "
-        f"{1e3 * cost['touch_device_s']:.2f} ms"
+        f"registry on the coordinator's event loop: one engine tick (Coordinator._available: revoked_device_ids) "
+        f"{1e3 * cost['available_tick_s']:.1f} ms (before: active_device_ids over {len(out['device_ids'])} ids "
+        f"{1e3 * cost['old_tick_s']:.1f} ms); per Heartbeat at most one get_device {1e3 * cost['get_device_s']:.2f} ms "
+        f"and one touch_device {1e3 * cost['touch_device_s']:.2f} ms"
     )
     for title, counts in (
         ("enrollment errors", out["enroll_errors"]),
@@ -442,9 +500,13 @@ def _failures(opts, out: dict) -> list[str]:
 
 async def run(opts, cfg: CoordinatorConfig, tokens: list[str], device_problems: Counter) -> int:
     device_client._fit_in_slot = stand_in_fit  # the load generator does not train (module docstring)
+    # A device process runs one client and collects its garbage (gc.collect, malloc_trim) after each update; this
+    # process runs them all, where one full collection takes about a second with 10,000 clients: 500 updates
+    # stalled its loop for minutes, the clients' pongs came late and the coordinator closed them (measured).
+    device_client.release_memory = lambda: None
     coord, out = Coord(cfg, opts.workdir), {}
     await asyncio.to_thread(coord.start)
-    probe, fleet = HealthProbe(cfg.port), None
+    probe, fleet = HealthProbe(cfg.port, cafile=cfg.tls_ca_cert), None
     try:
         fleet = await idle_phase(opts, coord, tokens, out, probe)
         await rounds_phase(opts, coord, fleet, out, probe)
@@ -463,6 +525,44 @@ async def run(opts, cfg: CoordinatorConfig, tokens: list[str], device_problems: 
     return 1 if failures else 0
 
 
+def raise_file_limits(needed: int) -> tuple[int, int]:
+    """This process's RLIMIT_NOFILE, soft and (as root) hard, raised to at least ``needed``; children inherit it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard < needed:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (needed, needed))
+        except (ValueError, OSError):
+            pass  # not root: the hard limit stays; the run reports how many connections it held
+    return raise_descriptor_limit()
+
+
+def postgres_database(base: str) -> tuple[str, str]:
+    """A new, empty database on the PostgreSQL server of URL ``base``: ``(its URL, its name)``."""
+    from sqlalchemy import create_engine
+    from sqlalchemy.engine import make_url
+
+    name = f"fedmoe_bench_{secrets.token_hex(4)}"
+    admin = create_engine(base, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    admin.dispose()
+    return make_url(base).set(database=name).render_as_string(hide_password=False), name
+
+
+def drop_database(base: str, name: str) -> None:
+    from sqlalchemy import create_engine
+
+    admin = create_engine(base, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'DROP DATABASE "{name}" WITH (FORCE)')
+    admin.dispose()
+
+
+def default_postgres_url() -> str:
+    url_file = Path("/etc/fedmoe-test-postgres-url")
+    return os.environ.get("FEDMOE_TEST_POSTGRES_URL") or (url_file.read_text().strip() if url_file.exists() else "")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--idle", type=int, default=1000, help="devices to enroll and keep connected")
@@ -476,35 +576,64 @@ def main() -> int:
         help="device Heartbeat interval and the coordinator's websocket ping interval (seconds)",
     )
     parser.add_argument("--enroll-concurrency", type=int, default=100)
-    parser.add_argument("--connect-timeout", type=float, default=90.0, help="seconds for all devices to authenticate")
+    parser.add_argument(
+        "--connect-timeout", type=float, default=None, help="seconds for all devices to authenticate [90, +30 per 1000]"
+    )
     parser.add_argument("--round-timeout", type=float, default=120.0, help="seconds for all rounds after restart")
+    parser.add_argument("--registry", choices=["sqlite", "postgresql"], default="sqlite")
+    parser.add_argument(
+        "--database-url",
+        default=None,
+        help="with --registry postgresql: a server URL (postgresql+psycopg://USER:PW@HOST:PORT/DB) on which a fresh "
+        "database is created and dropped  [$FEDMOE_TEST_POSTGRES_URL or /etc/fedmoe-test-postgres-url]",
+    )
+    parser.add_argument("--insecure", action="store_true", help="plain ws:// without TLS (older numbers' setting)")
+    parser.add_argument("--py-spy", action="store_true", help="profile the coordinator during the idle phase (py-spy)")
     parser.add_argument("--workdir", type=Path, help="state, configs, logs, device homes (default: a new temp dir)")
     opts = parser.parse_args()
+    if opts.connect_timeout is None:
+        opts.connect_timeout = 90.0 + 30.0 * opts.idle / 1000
     opts.workdir = (opts.workdir or Path(tempfile.mkdtemp(prefix="fedmoe-conn-"))).resolve()
     opts.workdir.mkdir(parents=True, exist_ok=True)
-    soft, hard = raise_descriptor_limit()
+    soft, hard = raise_file_limits(2 * opts.idle + 1024)  # the clients' sockets here, the coordinator's there
+    asyncio.sslproto.SSLProtocol.max_size = CLIENT_SSL_BUFFER  # this process's (clients') TLS read buffers only
     print(f"workdir {opts.workdir}; this process RLIMIT_NOFILE {soft}/{hard} (inherited by the coordinator)")
-    cfg = initialised_coordinator(
-        opts.workdir,
-        opts.workdir / "state",
-        port=free_port(),
-        num_rounds=opts.rounds,
-        min_fit_clients=opts.idle + 1,
-        max_fit_clients=opts.idle + 1,
-        heartbeat_s=opts.heartbeat_s,
-        deadline_s=opts.round_timeout,
-        # every simulated device connects from 127.0.0.1, all at once
-        max_unauthenticated_per_address=opts.idle + 1,
-    )
-    registry = Registry(cfg.registry_url)
-    start = time.perf_counter()
-    tokens = [registry.create_enroll_token(f"dev-{i:04d}", 3600) for i in range(opts.idle)]
-    registry.close()
-    print(f"{len(tokens)} one-time enrollment tokens in {time.perf_counter() - start:.1f} s")
-    counter = WarningCounter()
-    logging.getLogger().addHandler(counter)
-    device_problems = counter.counts
-    return asyncio.run(run(opts, cfg, tokens, device_problems))
+    base, database = "", ""
+    if opts.registry == "postgresql":
+        base = opts.database_url or default_postgres_url()
+        if not base:
+            parser.error("--registry postgresql needs --database-url (or run .ci/setup.d/20-postgresql.sh)")
+        url, database = postgres_database(base)
+        print(f"registry: PostgreSQL database {database} (dropped at the end)")
+    try:
+        cfg = initialised_coordinator(
+            opts.workdir,
+            opts.workdir / "state",
+            port=free_port(),
+            num_rounds=opts.rounds,
+            min_fit_clients=opts.idle + 1,
+            max_fit_clients=opts.idle + 1,
+            heartbeat_s=opts.heartbeat_s,
+            deadline_s=opts.round_timeout,
+            database_url=url if database else "",
+            # every simulated device connects from 127.0.0.1, all at once
+            max_unauthenticated_per_address=opts.idle + 1,
+            max_connections=opts.idle + 256,  # the devices, the /healthz probe, enrollment's side requests
+        )
+        if not opts.insecure:
+            cfg = with_new_authority(cfg)
+        registry = Registry(cfg.registry_url)
+        start = time.perf_counter()
+        tokens = [pinned_token(registry.create_enroll_token(f"dev-{i:05d}", 3600), cfg) for i in range(opts.idle)]
+        registry.close()
+        print(f"{len(tokens)} one-time enrollment tokens in {time.perf_counter() - start:.1f} s")
+        counter = WarningCounter()
+        logging.getLogger().addHandler(counter)
+        device_problems = counter.counts
+        return asyncio.run(run(opts, cfg, tokens, device_problems))
+    finally:
+        if database:
+            drop_database(base, database)
 
 
 if __name__ == "__main__":

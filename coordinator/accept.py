@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterable
 
 from coordinator.admission import Admission, AdmittedConnection, Place
 from coordinator.handshake_slots import HandshakeSlots
+from coordinator.lean_tls import lean_reads
 
 log = logging.getLogger("fedmoe.coord")
 MAX_EARLY_BYTES = 64 << 10  # application bytes a gate holds between the handshake and the hand-over
@@ -222,6 +223,7 @@ class Gate(asyncio.Protocol):
         if not self.keeper.admission.settle(place, certified):
             transport.abort()
             return
+        lean_reads(transport)  # 4 KiB of TLS read buffer while idle instead of 256 KiB (coordinator.lean_tls)
         connection = self.build(place)
         transport.set_protocol(connection)
         connection.connection_made(transport)

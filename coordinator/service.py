@@ -253,7 +253,11 @@ class Coordinator:
         select then; its participation rules filter these)."""
         if not self.engine.selecting:
             return []
-        return self.registry.active_device_ids(self.sessions)
+        # Sessions belong to logged-in, hence enrolled, devices: only revocations since their login need a query,
+        # and asking for the revoked ids costs little with 10,000 connected devices (bench_connections.py: 6 ms a
+        # tick, against 111 ms for ``registry.active_device_ids`` over every session).
+        revoked = self.registry.revoked_device_ids()
+        return [d for d in self.sessions if d not in revoked]
 
     async def _send(self, session: Session, msg: Message) -> bool:
         try:

@@ -20,16 +20,19 @@ goes on without it).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from coordinator.split_top import Smashed, SplitTop
 from device_runtime import acp
 from device_runtime.data import IGNORE_INDEX
 from device_runtime.errors import UpdateRejected
 from device_runtime.hosfl import step_seeds
 from device_runtime.stats import RoutingStats
 from device_runtime.wire import CutGradient, FitConfig, Message, SmashedData, SplitScalars, SplitStep
+
+if TYPE_CHECKING:  # split_top imports torch (~200 MiB): a coordinator loads it only when a split round runs
+    from coordinator.split_top import Smashed, SplitTop
 
 Replies = list[tuple[str, Message]]
 
@@ -236,4 +239,6 @@ class SplitGroup:
         assert member.means is not None
         member.means.update(values, channels, mask)
         full = member.means.fill(values.astype(np.float32), channels)
+        from coordinator.split_top import Smashed  # loaded with the round's SplitTop already
+
         return Smashed(full, mask.astype(np.int64), labels.astype(np.int64))

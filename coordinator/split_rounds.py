@@ -12,18 +12,20 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
 from coordinator.planning import to_client_update
 from coordinator.split_group import Member, Replies, SplitGroup
-from coordinator.split_top import SplitTop
 from coordinator.strategy.validate import validate_update
 from device_runtime.bundle import tensor_role
 from device_runtime.errors import ProtocolError, UpdateRejected
 from device_runtime.stats import RoutingStats
 from device_runtime.wire import FitConfig, SmashedData, SplitScalars, Update
+
+if TYPE_CHECKING:  # split_top imports torch (~200 MiB): only a coordinator that runs a split round loads it
+    from coordinator.split_top import SplitTop
 
 T = TypeVar("T")
 
@@ -69,6 +71,8 @@ class SplitRounds:
         if top is not None and top.cut_layer == config.split.cut_layer:
             await self._run(top.reset, params, learning_rate=config.learning_rate, aux_loss_coef=config.aux_loss_coef)
         else:
+            from coordinator.split_top import SplitTop
+
             self._top = None  # the old top's memory goes before the new one loads
             top = self._top = await self._run(
                 SplitTop,

@@ -208,6 +208,7 @@ def test_touch_revoke_and_list(reg, clock):
     assert [d.id for d in reg.list_devices(include_revoked=False)] == [a.id]
     assert {d.id for d in reg.list_devices()} == {a.id, b.id}
     assert reg.active_device_ids([b.id, a.id, "d-unknown"]) == [a.id] and reg.active_device_ids([]) == []
+    assert reg.revoked_device_ids() == {b.id}
     with pytest.raises(ConfigError):
         reg.revoke_device("d-missing")
     assert reg.get_device("d-missing") is None

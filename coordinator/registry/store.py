@@ -149,6 +149,11 @@ class Registry:
         with self._session() as s:
             return list(s.scalars(query))
 
+    def revoked_device_ids(self) -> set[str]:
+        """The ids of the revoked devices (one query, whose answer grows with the revoked devices only)."""
+        with self._session() as s:
+            return set(s.scalars(select(Device.id).where(Device.revoked_at.is_not(None))))
+
     def list_devices(self, *, include_revoked: bool = True) -> list[Device]:
         query = select(Device).order_by(Device.created_at, Device.id)
         if not include_revoked:

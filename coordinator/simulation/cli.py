@@ -15,6 +15,7 @@ from rich.table import Table
 from coordinator.privacy import PrivacyConfig, noise_for_epsilon
 from coordinator.simulation.centralized import NAME as CENTRALIZED
 from coordinator.simulation.profiles import load_profiles
+from coordinator.simulation.ray_pool import RayOptions, disconnect
 from coordinator.simulation.reference import PREFIX as REFERENCE_PREFIX
 from coordinator.simulation.report import RoundRecord
 from coordinator.simulation.simulate import LEARNING_RATES, PRESETS, SimulationPlan, simulate, with_overrides
@@ -233,6 +234,27 @@ def _fed(r: RoundRecord) -> str:
     "row's sum over its holders (fedavg, fedmoe, dense-fedavg, dp-fedavg).",
 )
 @click.option("--slots", default=2, show_default=True, help="Devices training at the same time (machine cores).")
+@click.option(
+    "--ray-address",
+    default=None,
+    help="Run the device processes on this Ray cluster (HOST:PORT of its head, or auto) instead of this machine: "
+    "one Ray actor per device starts the same fedmoe-device process on its node (--slots then counts per node); "
+    "the coordinator stays here.  Needs fedmoe[ray].",
+)
+@click.option(
+    "--ray-cpus-per-device",
+    type=click.FloatRange(min=0, min_open=True),
+    default=1.0,
+    show_default=True,
+    help="With --ray-address: Ray CPUs each device reserves on its node.",
+)
+@click.option(
+    "--coordinator-host",
+    default="127.0.0.1",
+    show_default=True,
+    help="With --ray-address: the address the Ray nodes reach this machine at (not loopback: the coordinator "
+    "listens on every interface and the address goes into its certificate).",
+)
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Output directory.  [default: runs/<name>]")
 @click.option("--name", default=None, help="Run name.  [default: <preset>-<strategies>-<time>]")
 def simulate_command(
@@ -264,6 +286,9 @@ def simulate_command(
     dp_clip,
     secure_aggregation,
     slots,
+    ray_address,
+    ray_cpus_per_device,
+    coordinator_host,
     out,
     name,
 ):
@@ -305,9 +330,13 @@ def simulate_command(
         update_dtype=update_dtype,
         reference_scores=reference_scores,
         privacy=simulation_privacy(dp_epsilon, dp_clip, secure_aggregation, chosen.rounds),
+        ray=RayOptions(ray_address, ray_cpus_per_device, coordinator_host) if ray_address else None,
     )
     console = Console()
-    summary = _run_live(plan, console) if console.is_terminal else simulate(plan, _printer(console))
+    try:
+        summary = _run_live(plan, console) if console.is_terminal else simulate(plan, _printer(console))
+    finally:
+        disconnect()  # leave the Ray cluster if this run joined one (the cluster keeps running)
     _final(console, summary)
 
 
@@ -360,6 +389,8 @@ def _final(console: Console, summary: dict) -> None:
         )
     console.print(table)
     console.print(_memory_table(summary))
+    if any(s.get("device_nodes") for s in summary["strategies"].values()):
+        console.print(_nodes_table(summary))
     console.print(_devices_table(summary))
     if any(r.get("backend") for s in summary["strategies"].values() for r in _device_rows(s)):
         console.print(_backends_table(summary))
@@ -427,6 +458,15 @@ def _backends_table(summary: dict) -> Table:
 def _mean(values: list, fmt: str) -> str:
     known = [float(v) for v in values if v is not None]
     return fmt.format(sum(known) / len(known)) if known else "-"
+
+
+def _nodes_table(summary: dict) -> Table:
+    """Per strategy and device: the Ray node (id, host name) its process ran on (``--ray-address``)."""
+    table = Table("strategy", "device", "Ray node", "host", title="device placement (Ray)")
+    for strategy, s in summary["strategies"].items():
+        for device, node in s.get("device_nodes", {}).items():
+            table.add_row(strategy, device, node["node_id"][:16], node["host"])
+    return table
 
 
 def _memory_table(summary: dict) -> Table:

@@ -136,16 +136,19 @@ def _backend_env(backend: str) -> dict[str, str]:
     return {"FEDMOE_DEVICE_BACKEND": backend} if backend else {}
 
 
-def enroll_device(url: str, token: str, name: str, home: Path, memory_mib: int, backend: str = "") -> None:
+def enroll_device(
+    url: str, token: str, name: str, home: Path, memory_mib: int, backend: str = "", *, command: list[str] | None = None
+) -> None:
     """``fedmoe-device enroll`` (a real websocket enrollment), credentials under ``home``; ``backend``: the
-    training backend the device reports and uses ("" = its own choice).
+    training backend the device reports and uses ("" = its own choice); ``command``: how to run ``fedmoe-device``
+    (default: the console script, else ``python -m device_runtime.cli``).
 
     Raises:
         FedmoeError: enrollment failed (with its output).
     """
     home.mkdir(parents=True, exist_ok=True)
     result = subprocess.run(
-        [*_command("fedmoe-device"), "enroll", url, "--name", name, "--memory-mib", str(memory_mib)],
+        [*(command or _command("fedmoe-device")), "enroll", url, "--name", name, "--memory-mib", str(memory_mib)],
         env={**os.environ, "FEDMOE_DEVICE_HOME": str(home), "FEDMOE_ENROLL_TOKEN": token, **_backend_env(backend)},
         capture_output=True,
         text=True,
@@ -166,10 +169,12 @@ def start_device(
     slots: str,
     max_message_mib: float,
     backend: str = "",
+    command: list[str] | None = None,
 ) -> Child:
-    """``fedmoe-device run`` under RLIMIT_DATA = ``memory_mib`` MiB; training slots bound the concurrency."""
+    """``fedmoe-device run`` under RLIMIT_DATA = ``memory_mib`` MiB; training slots bound the concurrency;
+    ``command``: as for :func:`enroll_device`."""
     args = [
-        *_command("fedmoe-device"),
+        *(command or _command("fedmoe-device")),
         "run",
         url,
         "--data",

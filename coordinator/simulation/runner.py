@@ -12,6 +12,7 @@ from on their held-out records, ``fed_eval_*`` metrics of the round) beside it.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -35,6 +36,7 @@ from coordinator.simulation.processes import (
     wait_healthy,
 )
 from coordinator.simulation.profiles import SimulatedDevice
+from coordinator.simulation.ray_pool import RayOptions, RemoteChild
 from coordinator.simulation.report import DeviceRound, RoundRecord, experts_label
 from coordinator.strategy import ClientInfo
 from coordinator.tensor_store import TensorStore
@@ -58,6 +60,8 @@ class Federation:
         slots: concurrent trainings allowed on this machine. round_deadline_s: per-round deadline.
         eval_data: the held-out JSONL set the coordinator scores every version on.
         privacy: the coordinator's ``[privacy]`` table (DP-FedAvg's noise and clip, secure aggregation).
+        ray: where the device processes run: None = this machine, else a Ray cluster
+            (``coordinator.simulation.ray_pool``); the coordinator runs here either way.
     """
 
     strategy: str
@@ -76,6 +80,7 @@ class Federation:
     round_deadline_s: float = 1800.0  # from the round's opening, bundle exports included: a loaded 2-core machine
     # took 6.5 min to export the default's three graphs and 2 slots x 5 devices ~8 min to train one round
     privacy: PrivacyConfig = PrivacyConfig()
+    ray: RayOptions | None = None
 
 
 def coordinator_config(fed: Federation, out: Path, port: int) -> CoordinatorConfig:
@@ -98,6 +103,7 @@ def coordinator_config(fed: Federation, out: Path, port: int) -> CoordinatorConf
         eval_data=str(fed.eval_data.resolve()),
         fit=fed.fit,
         privacy=fed.privacy,
+        host=fed.ray.listen_host if fed.ray else "127.0.0.1",
     )
 
 
@@ -210,12 +216,17 @@ def participants(fed: Federation, cfg: CoordinatorConfig) -> list[tuple[Simulate
 
 def _start_devices(
     fed: Federation, devices: Sequence[tuple[SimulatedDevice, Path]], out: Path, cfg: CoordinatorConfig, url: str
-) -> list[Child]:
+) -> Sequence[Child | RemoteChild]:
     registry = Registry(cfg.registry_url)
     try:
         tokens = [pinned_token(registry.create_enroll_token(d.name, 600), cfg) for d, _ in devices]
     finally:
         registry.close()
+    if fed.ray is not None:
+        from coordinator.simulation.ray_pool import start_devices
+
+        placed = [(d.name, d.memory_mib, d.backend, data) for d, data in devices]
+        return start_devices(fed.ray, placed, tokens, url, out, slots=fed.slots, max_message_mib=cfg.max_message_mib)
     children, slots = [], f"{out / 'slots'}:{fed.slots}"
     for (device, data), token in zip(devices, tokens):
         home = out / "devices" / device.name
@@ -236,7 +247,7 @@ def _start_devices(
     return children
 
 
-def _check_alive(children: Sequence[Child]) -> None:
+def _check_alive(children: Sequence[Child | RemoteChild]) -> None:
     """Raise naming any device that died (e.g. its bundle did not fit its memory limit)."""
     for child in children:
         if child.poll() is not None:
@@ -250,7 +261,8 @@ def run_federation(
     fed: Federation, out: Path, on_round: Callable[[RoundRecord], None], *, poll_s: float = 1.0
 ) -> tuple[list[RoundRecord], dict]:
     """Run ``fed`` to completion in ``out``; returns its round records and each device's peak RSS (MiB).
-    The final global model is written to ``out / "model"`` (a Hugging Face checkpoint directory).
+    The final global model is written to ``out / "model"`` (a Hugging Face checkpoint directory). With ``fed.ray``,
+    where each device ran (Ray node id and host name) is written to ``out / "placement.json"``.
 
     ``on_round`` sees each record once the coordinator has scored the round's model version.
 
@@ -260,7 +272,9 @@ def run_federation(
     out.mkdir(parents=True, exist_ok=True)
     cfg = coordinator_config(fed, out, free_port())
     version = initialize(cfg, list(fed.calibration_texts), seq_len=fed.fit.seq_len)
-    cfg = with_new_authority(cfg)  # devices enroll and run over mutual TLS, as in a deployment
+    # devices enroll and run over mutual TLS, as in a deployment; on Ray they reach the coordinator at its host
+    hosts = [fed.ray.coordinator_host] if fed.ray else []
+    cfg = with_new_authority(cfg, hosts)
     devices = participants(fed, cfg)
     # The largest message is an assignment of every expert (the global state) plus its header.
     state_mib = TensorStore(Path(cfg.state_dir) / "tensors").path(version.tensor_sha256).stat().st_size / MIB
@@ -271,11 +285,15 @@ def run_federation(
     )
     save_config(cfg, out / "fedmoe-coord.toml")
     coordinator = start_coordinator(out / "fedmoe-coord.toml", out / "coordinator.log")
-    children: list[Child] = []
+    children: Sequence[Child | RemoteChild] = []
     peak: dict[str, float] = {}
+    url = local_url(cfg) if fed.ray is None else f"wss://{_url_host(fed.ray.coordinator_host)}:{cfg.port}"
     try:
         wait_healthy(cfg.port, coordinator, cafile=cfg.tls_ca_cert)
-        children = _start_devices(fed, devices, out, cfg, local_url(cfg))
+        children = _start_devices(fed, devices, out, cfg, url)
+        if fed.ray is not None:
+            placement = {c.name: {k: c.extra[k] for k in ("node_id", "host")} for c in children}
+            (out / "placement.json").write_text(json.dumps(placement, indent=2))
         records = _watch_rounds(fed, cfg, coordinator, children, on_round, peak, poll_s)
     finally:
         for child in children:
@@ -285,6 +303,11 @@ def run_federation(
         peak[child.name] = max(peak.get(child.name, 0.0), child.peak_rss_mib or 0.0)
     export_latest(cfg, out / "model")  # the final global model as a Hugging Face checkpoint directory
     return records, peak
+
+
+def _url_host(host: str) -> str:
+    """``host`` as it goes in a URL (an IPv6 address in brackets)."""
+    return f"[{host}]" if ":" in host else host
 
 
 def _watch_rounds(fed, cfg, coordinator, children, on_round, peak, poll_s) -> list[RoundRecord]:

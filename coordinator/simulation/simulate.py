@@ -19,6 +19,7 @@ from coordinator.simulation.centralized import NAME as CENTRALIZED
 from coordinator.simulation.centralized import run_centralized
 from coordinator.simulation.data import dirichlet_split, label_histogram, train_test_split, write_jsonl
 from coordinator.simulation.profiles import SimulatedDevice
+from coordinator.simulation.ray_pool import RayOptions
 from coordinator.simulation.reference import PREFIX as REFERENCE_PREFIX
 from coordinator.simulation.reference import is_reference, run_reference
 from coordinator.simulation.report import RoundRecord, plot_accuracy, write_metrics
@@ -104,6 +105,7 @@ class SimulationPlan:
     update_dtype: str = "float32"
     reference_scores: str = "held"  # torch-<strategy> only: "all" = selection from routing over every expert
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)  # the coordinators' [privacy] table
+    ray: RayOptions | None = None  # device processes on a Ray cluster (``ray_pool``); None: on this machine
 
 
 def ensure_checkpoint(preset: Preset) -> Path:
@@ -230,6 +232,7 @@ def simulate(plan: SimulationPlan, on_event: Callable[[str, object], None]) -> d
             seed=plan.seed,
             slots=plan.slots,
             privacy=plan.privacy,
+            ray=plan.ray,
         )
         if is_reference(strategy):
             on_event("stage", f"{strategy}: the same rounds in torch in this process")
@@ -242,7 +245,8 @@ def simulate(plan: SimulationPlan, on_event: Callable[[str, object], None]) -> d
                 scores=plan.reference_scores,
             )
             continue
-        on_event("stage", f"{strategy}: starting the coordinator and {len(plan.devices)} devices")
+        where = "" if plan.ray is None else f" on the Ray cluster at {plan.ray.address}"
+        on_event("stage", f"{strategy}: starting the coordinator and {len(plan.devices)} devices{where}")
         done, peaks[strategy] = run_federation(fed, plan.out / strategy, lambda r: on_event("round", r))
         records += done
     write_metrics(records, plan.out)
@@ -267,6 +271,7 @@ def _summary(plan, records, peaks, histogram, labels, plot) -> dict:
             "bytes_down_per_round": [r.bytes_down for r in rows],
             "round_wall_s": [r.wall_s for r in rows],
             "peak_rss_mib": peaks.get(strategy, {}),
+            "device_nodes": _placement(plan.out / strategy),
             "devices_per_round": [{"round": r.round, "devices": [asdict(d) for d in r.devices]} for r in rows[1:]],
         }
     return {
@@ -278,6 +283,13 @@ def _summary(plan, records, peaks, histogram, labels, plot) -> dict:
         "budgets_mib": {d.name: d.memory_mib for d in plan.devices},
         "strategies": per_strategy,
     }
+
+
+def _placement(run: Path) -> dict:
+    """Where each device ran on a Ray cluster (``placement.json`` of the strategy's run: node id and host name per
+    device); empty for a local run."""
+    path = run / "placement.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def with_overrides(preset: Preset, **overrides) -> Preset:
