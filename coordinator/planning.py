@@ -34,7 +34,7 @@ from device_runtime.files import atomic_write
 from device_runtime.shape_key import standin_expert
 from device_runtime.signing import MANIFEST_SIG, Signer
 from device_runtime.stats import RoutingStats
-from device_runtime.wire import EvalResult, FitConfig
+from device_runtime.wire import BundleFile, EvalResult, FitConfig
 from device_runtime.wire.fields import MAX_EVAL_LOSS
 
 # ---------------------------------------------------------------- bundle store
@@ -109,11 +109,13 @@ class BundleStore:
             self._manifests[shape_key_id] = self._load(self.root / shape_key_id)
         return self._manifests[shape_key_id]
 
-    def files(self, shape_key_id: str) -> dict[str, bytes]:
-        """Every file of a cached bundle, relative path -> bytes, ``manifest.sig`` (if signed) and the manifest
-        last."""
+    def files(self, shape_key_id: str) -> dict[str, bytes | BundleFile]:
+        """Every file of a cached bundle, relative path -> the file with its manifest sha256 (sent from disk in
+        chunks, ``wire.bundle_chunks``), ``manifest.sig`` (if signed) and the manifest last, as bytes."""
         manifest, root = self.manifest(shape_key_id), self.root / shape_key_id
-        files = {name: (root / name).read_bytes() for name in sorted(manifest.files)}
+        files: dict[str, bytes | BundleFile] = {
+            name: BundleFile.of(root / name, manifest.files[name]) for name in sorted(manifest.files)
+        }
         if (root / MANIFEST_SIG).is_file():
             files[MANIFEST_SIG] = (root / MANIFEST_SIG).read_bytes()
         files[MANIFEST] = (root / MANIFEST).read_bytes()

@@ -7,7 +7,7 @@ import secrets
 from pathlib import Path
 
 
-def atomic_write(path: str | Path, data: bytes, *, mode: int = 0o600) -> Path:
+def atomic_write(path: str | Path, data: bytes | memoryview, *, mode: int = 0o600) -> Path:
     """Write ``data`` to ``path`` atomically: a temporary file in the same directory (created with
     permissions ``mode``, never readable by others in between), fsync, then ``os.replace``.
 

@@ -63,6 +63,17 @@ def encode(msg: Message, *, sign: Callable[[bytes], bytes] | None = None) -> byt
     return _LEN.pack(len(raw)) + raw + payload
 
 
+def frame_payload(frame: bytes) -> memoryview:
+    """The payload of a frame made by :func:`encode` (a view, no copy): for a ``tensors`` message, the safetensors
+    blob. Raises ProtocolError("bad_frame"): not a whole frame."""
+    if len(frame) < _LEN.size:
+        raise ProtocolError("bad_frame", f"frame of {len(frame)} bytes has no header length")
+    (hlen,) = _LEN.unpack_from(frame)
+    if _LEN.size + hlen > len(frame):
+        raise ProtocolError("bad_frame", f"header length {hlen} runs past the {len(frame)}-byte frame")
+    return memoryview(frame)[_LEN.size + hlen :]
+
+
 def decode(
     data: bytes,
     *,
