@@ -17,8 +17,9 @@ from safetensors import SafetensorError, safe_open
 
 from device_runtime.errors import ModelError
 from device_runtime.files import atomic_write
-from device_runtime.wire import bytes_to_tensors, tensors_to_bytes
+from device_runtime.wire import bytes_to_tensors
 from device_runtime.wire.fields import SHA256
+from device_runtime.wire.tensors import safetensors_parts
 
 
 class TensorStore:
@@ -42,13 +43,17 @@ class TensorStore:
         Raises:
             ProtocolError("bad_tensor"): a tensor name or dtype is not allowed on the wire.
         """
-        data = tensors_or_bytes if isinstance(tensors_or_bytes, bytes) else tensors_to_bytes(tensors_or_bytes)
-        sha = hashlib.sha256(data).hexdigest()
+        # tensors: the safetensors header and views of the arrays, hashed and written part by part (no blob copy)
+        parts = [tensors_or_bytes] if isinstance(tensors_or_bytes, bytes) else safetensors_parts(tensors_or_bytes)
+        digest = hashlib.sha256()
+        for part in parts:
+            digest.update(part)
+        sha = digest.hexdigest()
         target = self.path(sha)
         if target.is_file():
             return sha
         target.parent.mkdir(exist_ok=True)
-        atomic_write(target, data, mode=0o644)
+        atomic_write(target, parts, mode=0o644)
         _fsync_dir(target.parent)
         return sha
 
