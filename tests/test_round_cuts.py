@@ -207,3 +207,23 @@ def test_timing_lines_parse(caplog):
         log_timing(logger, "send_update", 1.23456, round=3, bytes=10)
     match = PATTERN.search(caplog.records[0].getMessage())
     assert match and match.group("phase") == "send_update" and float(match.group("seconds")) == 1.235
+
+
+def test_blobs_are_byte_for_byte_the_safetensors_packages_both_ways():
+    safetensors_numpy = pytest.importorskip("safetensors.numpy")
+    from device_runtime.wire import bytes_to_tensors, tensors_to_bytes
+
+    rng = np.random.default_rng(0)
+    for _ in range(100):
+        tensors = {}
+        for i in range(int(rng.integers(0, 6))):
+            dtype = rng.choice([np.float32, np.float16, np.int32])
+            shape = tuple(int(x) for x in rng.integers(0, 4, size=int(rng.integers(0, 4))))
+            tensors[f"layers.{rng.integers(0, 50)}.w_{i}"] = np.asarray(rng.standard_normal(shape) * 10).astype(dtype)
+        blob = tensors_to_bytes(tensors)
+        assert blob == safetensors_numpy.save(tensors)
+        back, reference = bytes_to_tensors(memoryview(blob)), safetensors_numpy.load(blob)
+        assert list(back) == list(reference)
+        for name, array in reference.items():
+            assert back[name].dtype == array.dtype and back[name].shape == array.shape and back[name].flags.writeable
+            np.testing.assert_array_equal(back[name], array)
