@@ -223,7 +223,7 @@ def test_blobs_are_byte_for_byte_the_safetensors_packages_both_ways():
         blob = tensors_to_bytes(tensors)
         assert blob == safetensors_numpy.save(tensors)
         back, reference = bytes_to_tensors(memoryview(blob)), safetensors_numpy.load(blob)
-        assert list(back) == list(reference)
+        assert set(back) == set(reference)  # the package's order varies from process to process (a hash map)
         for name, array in reference.items():
             assert back[name].dtype == array.dtype and back[name].shape == array.shape and back[name].flags.writeable
             np.testing.assert_array_equal(back[name], array)
