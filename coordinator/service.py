@@ -11,6 +11,7 @@ runs them until stopped. Networking stays in ``coordinator.server``: a :class:`S
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import secrets
 import time
@@ -792,18 +793,21 @@ class Coordinator:
         if msg.zo is not None:  # seeds and scalars (FedKSeed): expand against the assignment's weights
             assigned = slice_assignment(self.model.params, pending.manifest, pending.fit.expert_ids)
             tensors = await asyncio.to_thread(expand_zo_update, msg, assigned, pending.manifest, pending.fit.config)
-        with timed(log, "validate_update", round=msg.round_id):
-            tensors = check_update(
-                pending.manifest,
-                pending.fit.expert_ids,
-                device_id=pending.device_id,
-                num_examples=msg.num_examples,
-                tensors=tensors,
-                trained_experts=msg.trained_experts,
-                routing=msg.routing,
-                metrics=msg.metrics,
-                norm_bound=self.cfg.update_norm_bound,
-                global_params=self.model.params,
+        with timed(log, "validate_update", round=msg.round_id):  # norms of 100s of MiB: off the event loop
+            tensors = await asyncio.to_thread(
+                functools.partial(
+                    check_update,
+                    pending.manifest,
+                    pending.fit.expert_ids,
+                    device_id=pending.device_id,
+                    num_examples=msg.num_examples,
+                    tensors=tensors,
+                    trained_experts=msg.trained_experts,
+                    routing=msg.routing,
+                    metrics=msg.metrics,
+                    norm_bound=self.cfg.update_norm_bound,
+                    global_params=self.model.params,
+                )
             )
         with timed(log, "store_update", round=msg.round_id):
             return await asyncio.to_thread(self.model.store.put, tensors)
