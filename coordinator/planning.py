@@ -149,13 +149,21 @@ def slice_assignment(
         source = spec.source or spec.name
         if source not in global_state:
             raise BundleError(f"bundle tensor {source} is not in the global state; re-run `fedmoe-coord init`")
-        rows = global_state[source][list(manifest.rows(spec, expert_ids))]
+        rows = _take_rows(global_state[source], list(manifest.rows(spec, expert_ids)))
         rows = standin_expert(rows) if spec.rows == FROZEN and manifest.shape_key.merged else rows
         rows = np.ascontiguousarray(np.swapaxes(rows, 1, 2) if spec.transposed else rows, dtype=spec.dtype)
         if rows.shape != tuple(spec.shape):
             raise BundleError(f"{spec.name}: global slice {rows.shape} != bundle spec {tuple(spec.shape)}")
         out[spec.name] = rows
     return out
+
+
+def _take_rows(array: np.ndarray, rows: list[int]) -> np.ndarray:
+    """``array[rows]`` along axis 0: a view (no copy; the assignment's encoder reads it once) when the rows are
+    one ascending run, e.g. every expert of a layer or a single one; else numpy's copy."""
+    if rows and rows == list(range(rows[0], rows[0] + len(rows))):
+        return array[rows[0] : rows[0] + len(rows)]
+    return array[rows]
 
 
 # ---------------------------------------------------------------- update validation
