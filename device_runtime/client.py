@@ -482,9 +482,7 @@ class DeviceClient:
                 await self._apply(await self._install(action))
             elif isinstance(action, Train):
                 if action.assignment.config.split is None:  # split devices step together, outside the slots
-                    queued = ticket()
-                    if queued is not None:
-                        self._tickets[action.assignment.update_id] = queued
+                    self._take_ticket(action.assignment.update_id)
                 self._queue.put_nowait(action.assignment)
             elif isinstance(action, Acked):
                 self._acked(action)
@@ -497,6 +495,17 @@ class DeviceClient:
                 await self._secure_step(action.message)
             elif isinstance(action, Report):
                 log.log(logging.WARNING if action.level == "warning" else logging.INFO, "%s", action.text)
+
+    def _take_ticket(self, update_id: str) -> None:
+        """Queue ``update_id`` for a training slot now, as it arrives (``device_runtime.slots``); a slot
+        directory that cannot be used is reported when training asks for the slot."""
+        try:
+            queued = ticket()
+        except (ConfigError, OSError) as exc:
+            log.warning("no place in the training slots' queue for %s: %s", update_id, exc)
+            return
+        if queued is not None:
+            self._tickets[update_id] = queued
 
     async def _send(self, msg: Message) -> None:
         """Send on the current connection, if any (a lost message is recovered by the next connection)."""
