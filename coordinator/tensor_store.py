@@ -66,9 +66,16 @@ class TensorStore:
         Raises:
             ModelError: ``sha`` is malformed, absent, or the file's content no longer hashes to it.
         """
+        return bytes(self._read(sha))
+
+    def _read(self, sha: str) -> bytearray:
+        """:meth:`get` into a writable buffer (read once from the file, no further copy)."""
         path = self.path(sha)
         try:
-            data = path.read_bytes()
+            with open(path, "rb") as handle:
+                data = bytearray(os.fstat(handle.fileno()).st_size)
+                if handle.readinto(data) != len(data):
+                    raise ModelError(f"tensor file {path} changed size while it was read")
         except FileNotFoundError as exc:
             raise ModelError(f"tensor file {sha[:12]}... is not in the store {self.root}") from exc
         if hashlib.sha256(data).hexdigest() != sha:
@@ -112,8 +119,9 @@ class TensorStore:
         return {p.stem for p in self.root.glob("??/*.safetensors") if SHA256.fullmatch(p.stem)}
 
     def load(self, sha: str) -> dict[str, np.ndarray]:
-        """The tensors stored under ``sha`` (name -> array, dtype as stored). Raises like :meth:`get`."""
-        return bytes_to_tensors(self.get(sha))
+        """The tensors stored under ``sha`` (name -> array, dtype as stored): writable views of one buffer read from
+        the file (no copy after the read). Raises like :meth:`get`."""
+        return bytes_to_tensors(self._read(sha), copy=False)
 
 
 def _fsync_dir(directory: Path) -> None:

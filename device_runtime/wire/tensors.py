@@ -82,7 +82,10 @@ def tensors_to_bytes(tensors: Mapping[str, np.ndarray], *, wire_dtype: str | Non
 
 
 def bytes_to_tensors(
-    data: bytes | memoryview, *, expected: Mapping[str, tuple[int, ...]] | None = None
+    data: bytes | bytearray | memoryview,
+    *,
+    expected: Mapping[str, tuple[int, ...]] | None = None,
+    copy: bool = True,
 ) -> dict[str, np.ndarray]:
     """Parse a safetensors blob after validating its header.
 
@@ -90,10 +93,11 @@ def bytes_to_tensors(
         data: the blob, or a view of it in a frame (its size is bounded by the caller, e.g. by ``decode``'s
             ``max_size``).
         expected: if given, the exact name -> shape map the blob must hold.
+        copy: each tensor its own copy (True); False: views of ``data`` (writable only if ``data`` is, e.g. a
+            bytearray; they keep it alive).
 
     Returns:
-        name -> array (its own writable copy, one per tensor), float32, float16 or int32 as sent (see
-        :func:`to_float32`).
+        name -> array, float32, float16 or int32 as sent (see :func:`to_float32`).
 
     Raises:
         ProtocolError("bad_tensor"): malformed header, bad name / dtype / shape / offsets, or a
@@ -106,8 +110,8 @@ def bytes_to_tensors(
     for name, (dtype, shape) in entries.items():
         begin, end = spans[name]
         count = (end - begin) // _ITEMSIZE[dtype]
-        flat = np.frombuffer(data, dtype=_NUMPY[dtype], count=count, offset=start + begin)
-        out[name] = flat.reshape(shape).astype(_NUMPY[dtype].newbyteorder("="), copy=True)
+        flat = np.frombuffer(data, dtype=_NUMPY[dtype], count=count, offset=start + begin).reshape(shape)
+        out[name] = flat.astype(_NUMPY[dtype].newbyteorder("="), copy=True) if copy else flat
     return out
 
 
@@ -116,13 +120,13 @@ def to_float32(tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {name: np.asarray(a, dtype=np.float32) for name, a in tensors.items()}
 
 
-def _safetensors_header(data: bytes | memoryview) -> dict[str, tuple[str, tuple[int, ...]]]:
+def _safetensors_header(data: bytes | bytearray | memoryview) -> dict[str, tuple[str, tuple[int, ...]]]:
     """Validate a safetensors header; returns name -> (dtype code, shape)."""
     return _safetensors_layout(data)[0]
 
 
 def _safetensors_layout(
-    data: bytes | memoryview,
+    data: bytes | bytearray | memoryview,
 ) -> tuple[dict[str, tuple[str, tuple[int, ...]]], dict[str, tuple[int, int]], int]:
     """Validate a safetensors header; returns name -> (dtype code, shape), name -> (begin, end) byte offsets in the
     data section, and where the data section starts in ``data``."""
