@@ -398,12 +398,17 @@ def round_table(result: dict) -> list[str]:
             f"{role} CPU s user / kernel",
             [f"{r['counters'][role]['user_s']:.1f} / {r['counters'][role]['sys_s']:.1f}" for r in rounds],
         )
+        row(f"{role} kernel share %", [_fmt(100 * _kernel_share(r["counters"][role])) for r in rounds])
         row(f"{role} minor faults (k)", [_fmt(r["counters"][role]["minflt"], 1e3, 0) for r in rounds])
         row(f"{role} MiB written", [_fmt(r["counters"][role]["write_bytes"], MIB, 0) for r in rounds])
     phases = sorted({p for r in rounds for p in r["phases"]})
     for phase in phases:
         row(f"{phase} s", [_fmt(r["phases"].get(phase, 0.0)) for r in rounds])
     return lines
+
+
+def _kernel_share(counters: dict[str, float]) -> float:
+    return counters["sys_s"] / max(counters["user_s"] + counters["sys_s"], 1e-9)
 
 
 def summary_lines(result: dict) -> list[str]:
@@ -449,6 +454,8 @@ def compare_lines(before: dict, after: dict) -> list[str]:
         acc = [("-" if r["accuracy"] is None else f"{100 * r['accuracy']:.0f}%") for r in (rb, ra)]
         lines.append(f"| round {n} accuracy | {acc[0]} | {acc[1]} |")
         for role in ("coordinator", "devices"):
+            shares = [_fmt(100 * _kernel_share(r["counters"][role])) for r in (rb, ra)]
+            lines.append(f"| round {n} {role} kernel share % | {shares[0]} | {shares[1]} |")
             for key, label, scale in (
                 ("user_s", "CPU user s", 1.0),
                 ("sys_s", "CPU kernel s", 1.0),
