@@ -233,22 +233,28 @@ def attribute(rounds: list[Round], timings: list, sampler: Sampler) -> None:
 
 # ------------------------------------------------------------------------------------------------ profiling
 
-CATEGORIES = (  # leaf first: the first frame (from the leaf up) that matches decides
-    ("hash", re.compile(r"sha256|hashlib|verify_files|_payload \(")),
-    ("write", re.compile(r"atomic_write|fsync|write_bytes|_write_files|\bput \(.*update_store")),
-    ("serialise", re.compile(r"tensors_to_bytes|bytes_to_tensors|safetensors|encode \(|decode \(|msgspec|_parse")),
-    ("tls/socket", re.compile(r"ssl|sslproto|selector_events|websockets|_write_appdata|transport")),
-    ("copy", re.compile(r"slice_assignment|to_float32|assignment_tensors|wire_tensors|asarray|\bcopy\b")),
-    ("evaluate", re.compile(r"evaluat|score \(")),
-    ("aggregate", re.compile(r"aggregat")),
-    ("train", re.compile(r"ort_trainer|trainer\.py|train_step|fit \(|onnxruntime")),
+WHOLE_STACK = (  # a stack with one of these frames anywhere is that phase, whatever its leaf does
+    ("evaluate", re.compile(r"evaluate_received|Evaluator|score \(|evaluate \(")),
+    ("aggregate", re.compile(r"aggregate")),
+)
+LEAF_FIRST = (  # else the first frame from the leaf up that matches decides
+    ("hash", re.compile(r"sha256|hashlib|verify_files|_payload \(|put \(coordinator/tensor_store")),
+    ("write", re.compile(r"atomic_write|fsync|_write_files|write_bytes")),
+    ("serialise", re.compile(r"tensors_to_bytes|bytes_to_tensors|safetensors|encode \(|decode \(|msgspec")),
+    ("tls/socket", re.compile(r"ssl|sslproto|selector_events|websockets|transport")),
+    ("copy", re.compile(r"slice_assignment|to_float32|assignment_tensors|wire_tensors|_take_rows|asarray")),
+    ("train", re.compile(r"onnxruntime|ort_trainer|trainer\.py|fit \(")),
 )
 
 
 def classify(stack: str) -> str:
+    """The category of one collapsed stack (``frame;frame;...``, root first)."""
     frames = stack.split(";")
+    for name, pattern in WHOLE_STACK:
+        if any(pattern.search(frame) for frame in frames):
+            return name
     for frame in reversed(frames):
-        for name, pattern in CATEGORIES:
+        for name, pattern in LEAF_FIRST:
             if pattern.search(frame):
                 return name
     return "other"
