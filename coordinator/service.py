@@ -433,10 +433,13 @@ class Coordinator:
     def estimated_seconds(self, pending: Pending) -> float:
         """The planner's compute estimate of ``pending`` on its device (``selection.estimated_seconds``); 0.0 when
         the device is not connected or the strategy is not bound."""
-        session, context = self.sessions.get(pending.device_id), self.strategy.context
+        session, context = self.sessions.get(pending.device_id), getattr(self.strategy, "context", None)
         if session is None or context is None:
             return 0.0
-        return estimated_seconds(context, pending.fit, session.profile)
+        try:
+            return estimated_seconds(context, pending.fit, session.profile)
+        except FedmoeError:  # e.g. a shape the planner cannot estimate: no order for it
+            return 0.0
 
     async def _deliver_longest_first(self, prepared: list[Pending]) -> None:
         """Build the round's assignments one at a time, longest estimated training first
