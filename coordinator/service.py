@@ -118,6 +118,9 @@ class Pending:
         )
 
 
+ORDER_WAIT_S = 10.0  # the longest one assignment's send holds back the next of the round (_deliver_longest_first)
+
+
 class Coordinator:
     """Registry, global model, strategy, bundle store, round engine, evaluator and the authenticated sessions.
 
@@ -442,17 +445,23 @@ class Coordinator:
             return 0.0
 
     async def _deliver_longest_first(self, prepared: list[Pending]) -> None:
-        """Build the round's assignments one at a time, longest estimated training first
-        (:meth:`estimated_seconds`, longest-processing-time-first list scheduling), and start sending each as soon
-        as it is built: the devices receive them in that order, so where devices share cores (the simulation's
-        training slots, which serve them first come first served) the slowest trains first instead of last.
-        The sends run concurrently; building one at a time keeps the order."""
-        ordered = sorted(prepared, key=self.estimated_seconds, reverse=True)
+        """Build and send the round's assignments one at a time, longest estimated training first
+        (:meth:`estimated_seconds`, ties: more trained experts first; longest-processing-time-first list
+        scheduling), each send started once the one before it is written out or after :data:`ORDER_WAIT_S`
+        seconds (a slow link does not hold the others back longer). The devices then receive them in that order:
+        started together, a small assignment arrives (and is decoded) seconds before a large one, so where devices
+        share cores (the simulation's training slots, first come first served) the fastest trained first and the
+        slowest last."""
+
+        def order(pending: Pending) -> tuple[float, int]:
+            return self.estimated_seconds(pending), sum(len(ids) for ids in pending.fit.expert_ids)
+
         sends = []
-        for pending in ordered:
+        for pending in sorted(prepared, key=order, reverse=True):
             message = await self._build(pending)
             if message is not None:
                 sends.append(asyncio.create_task(self._deliver(pending, message)))
+                await asyncio.wait({sends[-1]}, timeout=ORDER_WAIT_S)
         await asyncio.gather(*sends)
 
     async def _build(self, pending: Pending) -> Assignment | None:

@@ -66,21 +66,22 @@ def test_assignments_are_built_and_sent_longest_estimated_training_first():
     async def build(pending):
         built.append(pending)
         await asyncio.sleep(0)
-        return f"assignment-{pending}"
+        return f"assignment-{pending.name}"
 
     async def deliver(pending, message):
-        await asyncio.sleep(0.01 if pending == "long" else 0)  # the sends overlap; the building order holds
-        sent.append(message)
+        await asyncio.sleep(0.05 if pending.name == "long" else 0)  # the largest takes longest to send
+        sent.append(pending.name)
 
     estimates = {"short": 1.0, "long": 9.0, "middle": 4.0, "unbuildable": 5.0}
 
     async def build_or_fail(pending):
-        return None if pending == "unbuildable" else await build(pending)
+        return None if pending.name == "unbuildable" else await build(pending)
 
-    fake = SimpleNamespace(estimated_seconds=estimates.get, _build=build_or_fail, _deliver=deliver)
-    asyncio.run(Coordinator._deliver_longest_first(fake, ["short", "long", "middle", "unbuildable"]))  # type: ignore[arg-type]
-    assert built == ["long", "middle", "short"]
-    assert sorted(sent) == ["assignment-long", "assignment-middle", "assignment-short"]
+    fake = SimpleNamespace(estimated_seconds=lambda p: estimates[p.name], _build=build_or_fail, _deliver=deliver)
+    pending = [SimpleNamespace(name=n, fit=SimpleNamespace(expert_ids=((0,),))) for n in estimates]
+    asyncio.run(Coordinator._deliver_longest_first(fake, pending))  # type: ignore[arg-type]
+    assert [p.name for p in built] == ["long", "middle", "short"]
+    assert sent == ["long", "middle", "short"]  # each send waits for the one before it (up to ORDER_WAIT_S)
 
 
 def _wait_for_slot(spec, name, arrived, events):
