@@ -47,7 +47,7 @@ from coordinator.rounds import (
 from coordinator.secagg import SecureMember, SecureRound, SecureSettings, masked_blob
 from coordinator.split_rounds import SplitMember, SplitRounds
 from coordinator.strategy import ClientInfo, FitIns, Strategy
-from coordinator.strategy.selection import estimated_seconds
+from coordinator.strategy.selection import estimated_work
 from coordinator.zo_updates import expand_zo_update
 from device_runtime.bundle import Manifest
 from device_runtime.errors import FedmoeError, ProtocolError, UpdateRejected
@@ -433,20 +433,20 @@ class Coordinator:
         self._split_tasks.add(task)
         task.add_done_callback(self._split_tasks.discard)
 
-    def estimated_seconds(self, pending: Pending) -> float:
-        """The planner's compute estimate of ``pending`` on its device (``selection.estimated_seconds``); 0.0 when
+    def estimated_work(self, pending: Pending) -> float:
+        """The planner's compute estimate of ``pending`` (GFLOP, ``selection.estimated_work``); 0.0 when
         the device is not connected or the strategy is not bound."""
         session, context = self.sessions.get(pending.device_id), getattr(self.strategy, "context", None)
         if session is None or context is None:
             return 0.0
         try:
-            return estimated_seconds(context, pending.fit, session.profile)
+            return estimated_work(context, pending.fit, session.profile)
         except FedmoeError:  # e.g. a shape the planner cannot estimate: no order for it
             return 0.0
 
     async def _deliver_longest_first(self, prepared: list[Pending]) -> None:
         """Build and send the round's assignments one at a time, longest estimated training first
-        (:meth:`estimated_seconds`, ties: more trained experts first; longest-processing-time-first list
+        (:meth:`estimated_work`, ties: more trained experts first; longest-processing-time-first list
         scheduling), each send started once the one before it is written out or after :data:`ORDER_WAIT_S`
         seconds (a slow link does not hold the others back longer). The devices then receive them in that order:
         started together, a small assignment arrives (and is decoded) seconds before a large one, so where devices
@@ -454,7 +454,7 @@ class Coordinator:
         slowest last."""
 
         def order(pending: Pending) -> tuple[float, int]:
-            return self.estimated_seconds(pending), sum(len(ids) for ids in pending.fit.expert_ids)
+            return self.estimated_work(pending), sum(len(ids) for ids in pending.fit.expert_ids)
 
         sends = []
         for pending in sorted(prepared, key=order, reverse=True):

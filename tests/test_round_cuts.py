@@ -16,7 +16,7 @@ import pytest
 
 import device_runtime.bundle_cache as bundle_cache
 from coordinator.service import Coordinator
-from coordinator.strategy.selection import estimated_seconds
+from coordinator.strategy.selection import estimated_work
 from coordinator.strategy.types import FitContext, FitIns
 from device_runtime.bundle import MANIFEST, WEIGHTS_FILE
 from device_runtime.bundle_cache import BundleCache
@@ -55,9 +55,11 @@ def test_the_planner_estimate_orders_a_four_expert_fit_before_a_one_expert_fit()
     four = FitIns(((0, 1, 2, 3),) * 8, config)
     resident = FitIns(((0, 1),) * 8, config, frozen_dtype="float16")
     profile = {"memory_mib": 8192, "gflops": 50.0}
-    seconds = [estimated_seconds(context, fit, profile) for fit in (one, resident, four)]
-    assert 0 < seconds[0] < seconds[1] <= seconds[2]  # the planner counts a resident expert's forward and backward
-    assert estimated_seconds(context, four, {"gflops": 50.0}) == 0.0  # no budget in the profile: no estimate
+    work = [estimated_work(context, fit, profile) for fit in (one, resident, four)]
+    assert 0 < work[0] < work[1] <= work[2]  # the planner counts a resident expert's forward and backward
+    slow = {"memory_mib": 1536, "gflops": 2.0}  # a device that measured its speed while the machine was busy
+    assert estimated_work(context, one, slow) == work[0]  # the work, not the device's own (noisy) speed
+    assert estimated_work(context, four, {"gflops": 50.0}) == 0.0  # no budget in the profile: no estimate
 
 
 def test_assignments_are_built_and_sent_longest_estimated_training_first():
@@ -77,7 +79,7 @@ def test_assignments_are_built_and_sent_longest_estimated_training_first():
     async def build_or_fail(pending):
         return None if pending.name == "unbuildable" else await build(pending)
 
-    fake = SimpleNamespace(estimated_seconds=lambda p: estimates[p.name], _build=build_or_fail, _deliver=deliver)
+    fake = SimpleNamespace(estimated_work=lambda p: estimates[p.name], _build=build_or_fail, _deliver=deliver)
     pending = [SimpleNamespace(name=n, fit=SimpleNamespace(expert_ids=((0,),))) for n in estimates]
     asyncio.run(Coordinator._deliver_longest_first(fake, pending))  # type: ignore[arg-type]
     assert [p.name for p in built] == ["long", "middle", "short"]

@@ -86,13 +86,15 @@ def affordable_fit(context: FitContext, config: FitConfig, profile: Mapping[str,
     return plan(context.model, shape, budget).experts_per_layer, None, False
 
 
-def estimated_seconds(context: FitContext, fit: FitIns, profile: Mapping[str, Any]) -> float:
-    """The planner's compute estimate of one FitIns on one device (seconds): ``export.planner.estimate``'s step
-    time for the experts it trains, what it holds frozen, its training order and its profile's ``gflops``, times
-    the local steps (an epoch, ``local_steps = 0``, counts as one step). Used to order the round's deliveries
-    longest first (``Coordinator._start_round``); 0.0 for a profile without a usable budget."""
+def estimated_work(context: FitContext, fit: FitIns, profile: Mapping[str, Any]) -> float:
+    """The planner's compute estimate of one FitIns (GFLOP): ``export.planner.estimate``'s step for the experts it
+    trains, what it holds frozen and its training order, at 1 GFLOP/s (so its seconds are GFLOP), times the local
+    steps (an epoch, ``local_steps = 0``, counts as one step). Not divided by the profile's ``gflops``: it orders
+    the round's deliveries longest first (``Coordinator._start_round``), which matters where devices share cores
+    (the simulation, where a device's own ``gflops`` reading says only how busy the machine was when it started:
+    2 to 171 GFLOP/s among the five devices of one run). 0.0 for a profile without a usable budget."""
     try:
-        budget = budget_of(profile)
+        budget_of(profile)
     except ConfigError:
         return 0.0
     order = training_order(profile)
@@ -107,8 +109,8 @@ def estimated_seconds(context: FitContext, fit: FitIns, profile: Mapping[str, An
         merged=fit.merged,
     )
     kept = max((len(ids) for ids in fit.expert_ids), default=1)
-    step_s = estimate(context.model, shape, kept, gflops=budget.gflops).step_s
-    return step_s * max(1, fit.config.local_steps)
+    step = estimate(context.model, shape, kept, gflops=1.0).step_s
+    return step * max(1, fit.config.local_steps)
 
 
 def split_fit(
