@@ -34,7 +34,7 @@ from device_runtime.files import atomic_write
 from device_runtime.shape_key import standin_expert
 from device_runtime.signing import MANIFEST_SIG, Signer
 from device_runtime.stats import RoutingStats
-from device_runtime.wire import EvalResult, FitConfig
+from device_runtime.wire import BundleFile, EvalResult, FitConfig
 from device_runtime.wire.fields import MAX_EVAL_LOSS
 
 # ---------------------------------------------------------------- bundle store
@@ -109,11 +109,13 @@ class BundleStore:
             self._manifests[shape_key_id] = self._load(self.root / shape_key_id)
         return self._manifests[shape_key_id]
 
-    def files(self, shape_key_id: str) -> dict[str, bytes]:
-        """Every file of a cached bundle, relative path -> bytes, ``manifest.sig`` (if signed) and the manifest
-        last."""
+    def files(self, shape_key_id: str) -> dict[str, bytes | BundleFile]:
+        """Every file of a cached bundle, relative path -> the file with its manifest sha256 (sent from disk in
+        chunks, ``wire.bundle_chunks``), ``manifest.sig`` (if signed) and the manifest last, as bytes."""
         manifest, root = self.manifest(shape_key_id), self.root / shape_key_id
-        files = {name: (root / name).read_bytes() for name in sorted(manifest.files)}
+        files: dict[str, bytes | BundleFile] = {
+            name: BundleFile.of(root / name, manifest.files[name]) for name in sorted(manifest.files)
+        }
         if (root / MANIFEST_SIG).is_file():
             files[MANIFEST_SIG] = (root / MANIFEST_SIG).read_bytes()
         files[MANIFEST] = (root / MANIFEST).read_bytes()
@@ -147,13 +149,21 @@ def slice_assignment(
         source = spec.source or spec.name
         if source not in global_state:
             raise BundleError(f"bundle tensor {source} is not in the global state; re-run `fedmoe-coord init`")
-        rows = global_state[source][list(manifest.rows(spec, expert_ids))]
+        rows = _take_rows(global_state[source], list(manifest.rows(spec, expert_ids)))
         rows = standin_expert(rows) if spec.rows == FROZEN and manifest.shape_key.merged else rows
         rows = np.ascontiguousarray(np.swapaxes(rows, 1, 2) if spec.transposed else rows, dtype=spec.dtype)
         if rows.shape != tuple(spec.shape):
             raise BundleError(f"{spec.name}: global slice {rows.shape} != bundle spec {tuple(spec.shape)}")
         out[spec.name] = rows
     return out
+
+
+def _take_rows(array: np.ndarray, rows: list[int]) -> np.ndarray:
+    """``array[rows]`` along axis 0: a view (no copy; the assignment's encoder reads it once) when the rows are
+    one ascending run, e.g. every expert of a layer or a single one; else numpy's copy."""
+    if rows and rows == list(range(rows[0], rows[0] + len(rows))):
+        return array[rows[0] : rows[0] + len(rows)]
+    return array[rows]
 
 
 # ---------------------------------------------------------------- update validation

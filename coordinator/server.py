@@ -21,6 +21,7 @@ cleanly (:func:`run`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import ssl
@@ -55,6 +56,7 @@ from coordinator.service import Coordinator, Session
 from coordinator.tls import issue_device_certificate, peer_public_key, server_context
 from device_runtime.auth import NonceBook
 from device_runtime.errors import BundleError, ConfigError, FedmoeError, ProtocolError
+from device_runtime.timing import log_timing
 from device_runtime.tls import CA_PATH, CERTIFICATE_PATH
 from device_runtime.wire import (
     SECURE_FROM_DEVICE,
@@ -156,12 +158,17 @@ class Connection:
         (``device_runtime.signing``)."""
         device_id, signer = self.machine.device_id, self.coord.signer
         sign = signer.assignment(device_id) if signer is not None and msg.SIGNED else None
+        start = time.perf_counter()
         frame = await asyncio.to_thread(encode, msg, sign=sign) if msg.PAYLOAD else encode(msg, sign=sign)
+        encoded = time.perf_counter()
         if isinstance(msg, (Assignment, BundleData)):
             self.assignment_frame = (msg.update_id, len(frame)) if isinstance(msg, Assignment) else None
         if isinstance(msg, Assignment):
             self.allow_frames_for([msg.shape_key.id])
         await self.ws.send(frame)
+        if len(frame) > DECODE_IN_THREAD_BYTES and not isinstance(msg, BundleData):  # a bundle: send_bundle's line
+            log_timing(log, "encode", encoded - start, type=msg.TYPE, bytes=len(frame))
+            log_timing(log, "send", time.perf_counter() - encoded, type=msg.TYPE, bytes=len(frame))
         if count and device_id is not None and isinstance(msg, TRAFFIC):
             self.coord.count_bytes(device_id, "bytes_down", len(frame))
         return len(frame)
@@ -178,7 +185,9 @@ class Connection:
         if isinstance(raw, str):
             raise ProtocolError("bad_frame", "protocol frames are binary websocket messages")
         if len(raw) > DECODE_IN_THREAD_BYTES:
+            start = time.perf_counter()
             msg = await asyncio.to_thread(decode, raw, max_size=self.max_size)
+            log_timing(log, "decode", time.perf_counter() - start, type=msg.TYPE, bytes=len(raw))
         else:
             msg = decode(raw, max_size=self.max_size)
         if self.machine.device_id is not None and isinstance(msg, TRAFFIC):
@@ -280,10 +289,16 @@ class Connection:
         except BundleError as exc:
             raise ProtocolError("unexpected", str(exc)) from exc
         chunk = max(1, min(CHUNK_BYTES, self.max_size // 2))
-        sent = 0
-        for message in bundle_chunks(shape_key_id, files, chunk_bytes=chunk):
-            sent += await self.send(message, count=False)
+        sent, start = 0, time.perf_counter()
+        chunks = bundle_chunks(shape_key_id, files, chunk_bytes=chunk)  # read from disk, one chunk at a time
+        try:
+            while (message := await asyncio.to_thread(next, chunks, None)) is not None:
+                sent += await self.send(message, count=False)
+        finally:
+            with contextlib.suppress(ValueError):  # cancelled while a worker thread reads: it ends with the thread
+                chunks.close()
         self.coord.count_bytes(self.machine.device_id, "bytes_down", sent)  # one registry write per transfer
+        log_timing(log, "send_bundle", time.perf_counter() - start, bytes=sent)
 
 
 def _ssl_context(cfg: CoordinatorConfig) -> ssl.SSLContext | None:

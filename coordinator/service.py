@@ -11,6 +11,7 @@ runs them until stopped. Networking stays in ``coordinator.server``: a :class:`S
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import secrets
 import time
@@ -46,12 +47,14 @@ from coordinator.rounds import (
 from coordinator.secagg import SecureMember, SecureRound, SecureSettings, masked_blob
 from coordinator.split_rounds import SplitMember, SplitRounds
 from coordinator.strategy import ClientInfo, FitIns, Strategy
+from coordinator.strategy.selection import estimated_work
 from coordinator.zo_updates import expand_zo_update
 from device_runtime.bundle import Manifest
 from device_runtime.errors import FedmoeError, ProtocolError, UpdateRejected
 from device_runtime.secagg import slots_of
 from device_runtime.signing import Signer
 from device_runtime.stats import RoutingStats
+from device_runtime.timing import log_timing, timed
 from device_runtime.wire import (
     Ack,
     Assignment,
@@ -113,6 +116,9 @@ class Pending:
             config=self.fit.config,
             tensors=slice_assignment(model.params, self.manifest, self.fit.expert_ids),
         )
+
+
+ORDER_WAIT_S = 10.0  # the longest one assignment's send holds back the next of the round (_deliver_longest_first)
 
 
 class Coordinator:
@@ -361,9 +367,10 @@ class Coordinator:
         server_round = self.engine.server_round
         self.engine.started(row.id, {}, self.clock())
         clients = [ClientInfo(d, s.profile, self.reported.get(d)) for d in devices if (s := self.sessions.get(d))]
-        fits = await asyncio.to_thread(
-            self.strategy.configure_fit, server_round, self.model.params, clients, self.model.strategy_state
-        )
+        with timed(log, "plan", round=row.id):
+            fits = await asyncio.to_thread(
+                self.strategy.configure_fit, server_round, self.model.params, clients, self.model.strategy_state
+            )
         for client in clients:
             if client.client_id not in fits:
                 self.engine.participation.unplannable(
@@ -379,7 +386,7 @@ class Coordinator:
         if self.secure_settings is not None:
             members = [self._secure_member(p) for p in prepared]
             self.secure = SecureRound(row.id, members, self.secure_settings, now=self.clock())
-        await asyncio.gather(*(self._deliver(pending) for pending in prepared))
+        await self._deliver_longest_first(prepared)
         log.info(
             "round %d (server round %d) started with %d of %d devices",
             row.id,
@@ -430,18 +437,59 @@ class Coordinator:
         self._split_tasks.add(task)
         task.add_done_callback(self._split_tasks.discard)
 
-    async def _deliver(self, pending: Pending) -> None:
-        """Send an assignment to its device's connection of the moment (the round's deliveries run concurrently).
+    def estimated_work(self, pending: Pending) -> float:
+        """The planner's compute estimate of ``pending`` (GFLOP, ``selection.estimated_work``); 0.0 when
+        the device is not connected or the strategy is not bound."""
+        session, context = self.sessions.get(pending.device_id), getattr(self.strategy, "context", None)
+        if session is None or context is None:
+            return 0.0
+        try:
+            return estimated_work(context, pending.fit, session.profile)
+        except FedmoeError:  # e.g. a shape the planner cannot estimate: no order for it
+            return 0.0
 
-        Never raises. An assignment that cannot be built is rejected. If the device is gone or the send fails,
-        the assignment stays pending with the device lost: :meth:`attach` re-sends it if the device reconnects
-        before the round closes (a connection that came up meanwhile already got it there)."""
+    async def _deliver_longest_first(self, prepared: list[Pending]) -> None:
+        """Build and send the round's assignments one at a time, longest estimated training first
+        (:meth:`estimated_work`, ties: more trained experts first; longest-processing-time-first list
+        scheduling), each send started once the one before it is written out or after :data:`ORDER_WAIT_S`
+        seconds (a slow link does not hold the others back longer). The devices then receive them in that order:
+        started together, a small assignment arrives (and is decoded) seconds before a large one, so where devices
+        share cores (the simulation's training slots, first come first served) the fastest trained first and the
+        slowest last."""
+
+        def order(pending: Pending) -> tuple[float, int]:
+            return self.estimated_work(pending), sum(len(ids) for ids in pending.fit.expert_ids)
+
+        sends = []
+        for pending in sorted(prepared, key=order, reverse=True):
+            message = await self._build(pending)
+            if message is not None:
+                sends.append(asyncio.create_task(self._deliver(pending, message)))
+                await asyncio.wait({sends[-1]}, timeout=ORDER_WAIT_S)
+        await asyncio.gather(*sends)
+
+    async def _build(self, pending: Pending) -> Assignment | None:
+        """``pending``'s Assignment, or None (logged, and the assignment rejected) if it cannot be built."""
+        start = time.perf_counter()
         try:
             message = await asyncio.to_thread(pending.message, self.model)
         except Exception as exc:  # noqa: BLE001 - a bug here must not stop the round's other deliveries
             log.exception("building assignment %s failed", pending.update_id)
             self._reject(pending, f"assignment could not be built: {type(exc).__name__}: {exc}")
-            return
+            return None
+        log_timing(log, "build_assignment", time.perf_counter() - start, round=pending.round_id)
+        return message
+
+    async def _deliver(self, pending: Pending, message: Assignment | None = None) -> None:
+        """Send an assignment (``message``, else built here) to its device's connection of the moment.
+
+        Never raises. An assignment that cannot be built is rejected. If the device is gone or the send fails,
+        the assignment stays pending with the device lost: :meth:`attach` re-sends it if the device reconnects
+        before the round closes (a connection that came up meanwhile already got it there)."""
+        if message is None:
+            message = await self._build(pending)
+            if message is None:
+                return
         session = self.sessions.get(pending.device_id)
         secure = [] if self.secure is None else self.secure.sent.get(pending.device_id, [])
         sent = session is not None
@@ -457,7 +505,8 @@ class Coordinator:
         """Build the FitIns's bundle if needed and record the assignment; None (logged, and the device
         unplannable until it reconnects) if that fails."""
         try:
-            manifest = await asyncio.to_thread(self.bundles.ensure, fit.shape_key)
+            with timed(log, "bundle_ensure", round=round_id):
+                manifest = await asyncio.to_thread(self.bundles.ensure, fit.shape_key)
             update_id = f"r{round_id}-{device_id}-{secrets.token_hex(4)}"
             self.registry.record_assignment(
                 round_id,
@@ -489,6 +538,7 @@ class Coordinator:
         accepted = [rows[u] for u in action.update_ids]
         kwargs = {"server_round": self.engine.server_round, "round_id": action.round_id}
         secure, self.secure = self.secure, None
+        aggregating = time.perf_counter()
         try:
             if secure is not None and secure.round_id == action.round_id:
                 await self._unmask(secure, [r.device_id for r in accepted])
@@ -518,6 +568,7 @@ class Coordinator:
             self._closed_failed(str(exc))
             return
         log.info("round %d aggregated %d updates -> model version %d", action.round_id, len(rows), version.version)
+        log_timing(log, "aggregate", time.perf_counter() - aggregating, round=action.round_id)
         self.split.close()
         cpu = time.process_time() - self._round_cpu  # every thread of the process, evaluation of the last version too
         self.registry.log_metrics({"coordinator_cpu_s": cpu}, round_id=action.round_id)
@@ -580,10 +631,12 @@ class Coordinator:
         (``evaluation.background_executor``); log ``eval_accuracy`` and ``eval_loss`` (nats per label token) as
         metrics of ``round_id``. A failure is logged, rounds go on."""
         async with self._evaluating:
+            start = time.perf_counter()
             try:
                 score = await asyncio.get_running_loop().run_in_executor(
                     self._evaluation_pool, lambda: self.evaluator.score(self.model.store.load(tensor_sha256))
                 )
+                log_timing(log, "evaluate", time.perf_counter() - start, round=round_id)
             except Exception:  # noqa: BLE001 - evaluation is advisory; the federation must not stop for it
                 log.exception("evaluating round %d failed", round_id)
                 return
@@ -756,19 +809,24 @@ class Coordinator:
         if msg.zo is not None:  # seeds and scalars (FedKSeed): expand against the assignment's weights
             assigned = slice_assignment(self.model.params, pending.manifest, pending.fit.expert_ids)
             tensors = await asyncio.to_thread(expand_zo_update, msg, assigned, pending.manifest, pending.fit.config)
-        tensors = check_update(
-            pending.manifest,
-            pending.fit.expert_ids,
-            device_id=pending.device_id,
-            num_examples=msg.num_examples,
-            tensors=tensors,
-            trained_experts=msg.trained_experts,
-            routing=msg.routing,
-            metrics=msg.metrics,
-            norm_bound=self.cfg.update_norm_bound,
-            global_params=self.model.params,
-        )
-        return await asyncio.to_thread(self.model.store.put, tensors)
+        with timed(log, "validate_update", round=msg.round_id):  # norms of 100s of MiB: off the event loop
+            tensors = await asyncio.to_thread(
+                functools.partial(
+                    check_update,
+                    pending.manifest,
+                    pending.fit.expert_ids,
+                    device_id=pending.device_id,
+                    num_examples=msg.num_examples,
+                    tensors=tensors,
+                    trained_experts=msg.trained_experts,
+                    routing=msg.routing,
+                    metrics=msg.metrics,
+                    norm_bound=self.cfg.update_norm_bound,
+                    global_params=self.model.params,
+                )
+            )
+        with timed(log, "store_update", round=msg.round_id):
+            return await asyncio.to_thread(self.model.store.put, tensors)
 
     async def _store_split(self, pending: Pending, msg: Update) -> tuple[str, dict]:
         if not self._collecting(msg.round_id):

@@ -17,8 +17,9 @@ from safetensors import SafetensorError, safe_open
 
 from device_runtime.errors import ModelError
 from device_runtime.files import atomic_write
-from device_runtime.wire import bytes_to_tensors, tensors_to_bytes
+from device_runtime.wire import bytes_to_tensors
 from device_runtime.wire.fields import SHA256
+from device_runtime.wire.tensors import safetensors_parts
 
 
 class TensorStore:
@@ -42,13 +43,17 @@ class TensorStore:
         Raises:
             ProtocolError("bad_tensor"): a tensor name or dtype is not allowed on the wire.
         """
-        data = tensors_or_bytes if isinstance(tensors_or_bytes, bytes) else tensors_to_bytes(tensors_or_bytes)
-        sha = hashlib.sha256(data).hexdigest()
+        # tensors: the safetensors header and views of the arrays, hashed and written part by part (no blob copy)
+        parts = [tensors_or_bytes] if isinstance(tensors_or_bytes, bytes) else safetensors_parts(tensors_or_bytes)
+        digest = hashlib.sha256()
+        for part in parts:
+            digest.update(part)
+        sha = digest.hexdigest()
         target = self.path(sha)
         if target.is_file():
             return sha
         target.parent.mkdir(exist_ok=True)
-        atomic_write(target, data, mode=0o644)
+        atomic_write(target, parts, mode=0o644)
         _fsync_dir(target.parent)
         return sha
 
@@ -61,9 +66,16 @@ class TensorStore:
         Raises:
             ModelError: ``sha`` is malformed, absent, or the file's content no longer hashes to it.
         """
+        return bytes(self._read(sha))
+
+    def _read(self, sha: str) -> bytearray:
+        """:meth:`get` into a writable buffer (read once from the file, no further copy)."""
         path = self.path(sha)
         try:
-            data = path.read_bytes()
+            with open(path, "rb") as handle:
+                data = bytearray(os.fstat(handle.fileno()).st_size)
+                if handle.readinto(data) != len(data):
+                    raise ModelError(f"tensor file {path} changed size while it was read")
         except FileNotFoundError as exc:
             raise ModelError(f"tensor file {sha[:12]}... is not in the store {self.root}") from exc
         if hashlib.sha256(data).hexdigest() != sha:
@@ -107,8 +119,9 @@ class TensorStore:
         return {p.stem for p in self.root.glob("??/*.safetensors") if SHA256.fullmatch(p.stem)}
 
     def load(self, sha: str) -> dict[str, np.ndarray]:
-        """The tensors stored under ``sha`` (name -> array, dtype as stored). Raises like :meth:`get`."""
-        return bytes_to_tensors(self.get(sha))
+        """The tensors stored under ``sha`` (name -> array, dtype as stored): writable views of one buffer read from
+        the file (no copy after the read). Raises like :meth:`get`."""
+        return bytes_to_tensors(self._read(sha), copy=False)
 
 
 def _fsync_dir(directory: Path) -> None:

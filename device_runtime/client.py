@@ -24,6 +24,7 @@ disk for the next start.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import queue
@@ -32,6 +33,7 @@ import shutil
 import signal
 import ssl
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -61,7 +63,8 @@ from device_runtime.memory import release_memory
 from device_runtime.secure_rounds import SecureRounds
 from device_runtime.session import Acked, Action, DeviceSession, InstallBundle, Report, Secure, Send, SplitReply, Train
 from device_runtime.signing import Verifier
-from device_runtime.slots import training_slot
+from device_runtime.slots import Ticket, ticket, training_slot
+from device_runtime.timing import log_timing, timed
 from device_runtime.tls import client_context, fetch_client_certificate, fetch_pinned_ca, split_token, write_client_pem
 from device_runtime.trainer_cache import TrainerCache
 from device_runtime.units import MIB
@@ -83,6 +86,7 @@ from device_runtime.wire import (
     decode,
     encode,
     expect,
+    frame_payload,
 )
 
 log = logging.getLogger("fedmoe.device")
@@ -346,6 +350,7 @@ class DeviceClient:
         )
         self.secure = SecureRounds(credentials.device_id)  # secure-aggregation rounds (device_runtime.secagg)
         self._masking: set[asyncio.Task[None]] = set()
+        self._tickets: dict[str, Ticket] = {}  # update_id -> its place in the training slots queue (slots.py)
         self.connections = 0  # successful authentications so far
         self._ws: ClientConnection | None = None
         self._queue: asyncio.Queue[Assignment | None] = asyncio.Queue()
@@ -476,6 +481,8 @@ class DeviceClient:
             elif isinstance(action, InstallBundle):
                 await self._apply(await self._install(action))
             elif isinstance(action, Train):
+                if action.assignment.config.split is None:  # split devices step together, outside the slots
+                    self._take_ticket(action.assignment.update_id)
                 self._queue.put_nowait(action.assignment)
             elif isinstance(action, Acked):
                 self._acked(action)
@@ -489,19 +496,35 @@ class DeviceClient:
             elif isinstance(action, Report):
                 log.log(logging.WARNING if action.level == "warning" else logging.INFO, "%s", action.text)
 
+    def _take_ticket(self, update_id: str) -> None:
+        """Queue ``update_id`` for a training slot now, as it arrives (``device_runtime.slots``); a slot
+        directory that cannot be used is reported when training asks for the slot."""
+        try:
+            queued = ticket()
+        except (ConfigError, OSError) as exc:
+            log.warning("no place in the training slots' queue for %s: %s", update_id, exc)
+            return
+        if queued is not None:
+            self._tickets[update_id] = queued
+
     async def _send(self, msg: Message) -> None:
         """Send on the current connection, if any (a lost message is recovered by the next connection)."""
+        await self._send_frame(encode(msg), msg.TYPE)
+
+    async def _send_frame(self, frame: bytes, kind: str) -> None:
+        """:meth:`_send` of an encoded ``kind`` message."""
         ws = self._ws
         if ws is None:
             return
         try:
-            await ws.send(encode(msg))
+            await ws.send(frame)
         except ConnectionClosed:
-            log.info("connection closed before %s could be sent", msg.TYPE)
+            log.info("connection closed before %s could be sent", kind)
 
     async def _install(self, action: InstallBundle) -> list[Action]:
         try:
-            await asyncio.to_thread(self.cache.install, action.shape_key_id, action.files)
+            with timed(log, "install_bundle"):
+                await asyncio.to_thread(self.cache.install, action.shape_key_id, action.files, digests=action.digests)
         except BundleSignatureError as exc:
             log.error("bundle %s refused: %s", action.shape_key_id, exc)
             return self.session.bundle_rejected(action.shape_key_id, "bad_signature", str(exc))
@@ -572,8 +595,17 @@ class DeviceClient:
                 await self._report_failure(assignment.update_id, exc)  # the round need not wait for us
 
     async def _train(self, assignment: Assignment) -> None:
+        queued = self._tickets.pop(assignment.update_id, None)
+        try:
+            await self._train_queued(assignment, queued)
+        finally:
+            if queued is not None:
+                queued.close()
+
+    async def _train_queued(self, assignment: Assignment, queued: Ticket | None) -> None:
         uid = assignment.update_id
-        bundle = await asyncio.to_thread(self.cache.get, assignment.shape_key.id)
+        with timed(log, "open_bundle", round=assignment.round_id):
+            bundle = await asyncio.to_thread(self.cache.get, assignment.shape_key.id)
         if bundle is None:
             self.session.forget(uid)
             log.warning("bundle %s vanished from the cache; assignment %s skipped", assignment.shape_key.id, uid)
@@ -587,7 +619,7 @@ class DeviceClient:
         base = await asyncio.to_thread(_received_trainable, bundle, assignment) if secure else {}
         try:
             update = await asyncio.to_thread(
-                fit_assignment if split else _fit_in_slot,  # split devices step together: no slot to queue for
+                fit_assignment if split else functools.partial(_fit_in_slot, queued),  # split: no slot to queue for
                 bundle,
                 assignment,
                 self.data_file,
@@ -614,7 +646,13 @@ class DeviceClient:
             self._masking.add(task)
             task.add_done_callback(self._masking.discard)
             return
-        self.store.put(update)  # on disk before it is sent: a drop or restart re-sends it
+        _log_fit_timings(update)
+        start = time.perf_counter()
+        frame = await asyncio.to_thread(encode, update)  # serialised once: the stored record and the frame share it
+        encoded = time.perf_counter()
+        await asyncio.to_thread(self.store.put, update, payload=frame_payload(frame))  # on disk before it is sent
+        stored = time.perf_counter()
+        update.tensors.clear()  # in the frame now: one copy fewer while it is sent
         log.info(
             "round %d: loss %.4f, %d steps, peak RSS %.0f MiB; sending update %s",
             assignment.round_id,
@@ -623,8 +661,11 @@ class DeviceClient:
             update.metrics["peak_rss_mb"],
             uid,
         )
-        await self._send(update)
-        del update
+        await self._send_frame(frame, update.TYPE)
+        log_timing(log, "encode_update", encoded - start, round=assignment.round_id, bytes=len(frame))
+        log_timing(log, "store_update", stored - encoded, round=assignment.round_id, bytes=len(frame))
+        log_timing(log, "send_update", time.perf_counter() - stored, round=assignment.round_id, bytes=len(frame))
+        del update, frame
         release_memory()  # the round's assignment and update (and a trainer not kept) are garbage now
 
 
@@ -634,10 +675,28 @@ def _received_trainable(bundle: Bundle, assignment: Assignment) -> dict[str, np.
     return {n: np.array(assignment.tensors[n], np.float32) for n in bundle.manifest.trainable_names}
 
 
-def _fit_in_slot(*args: Any, **kwargs: Any) -> Update:
-    """``fit_assignment`` while holding a training slot (``$FEDMOE_TRAINING_SLOTS``, see device_runtime.slots)."""
-    with training_slot():
+def _fit_in_slot(queued: Ticket | None, *args: Any, **kwargs: Any) -> Update:
+    """``fit_assignment`` while holding a training slot (``$FEDMOE_TRAINING_SLOTS``, see device_runtime.slots),
+    served in the order of ``queued`` (the assignment's ticket, taken when it arrived; None: now)."""
+    start = time.perf_counter()
+    with training_slot(queued=queued):
+        log_timing(log, "slot_wait", time.perf_counter() - start)
         return fit_assignment(*args, **kwargs)
+
+
+_FIT_PHASES = {
+    "load": "load_seconds",
+    "evaluate": "eval_seconds",
+    "train": "train_seconds",
+    "collect": "collect_seconds",
+}
+
+
+def _log_fit_timings(update: Update) -> None:
+    """The phases ``fit_assignment`` measured (its metrics), as timing lines (``device_runtime.timing``)."""
+    for phase, metric in _FIT_PHASES.items():
+        if metric in update.metrics:
+            log_timing(log, phase, update.metrics[metric], round=update.round_id)
 
 
 def run_until_signal(client: DeviceClient) -> None:

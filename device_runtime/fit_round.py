@@ -227,10 +227,12 @@ def _fit(
         "seed": (cfg.seed, assignment.round_id),
         "candidates": candidate_seeds(cfg.seed, assignment.round_id, cfg.zo_seeds),
     }
+    loading = time.perf_counter()
     trainer = trainers.trainer(bundle, backend=backend, threads=threads, zeroth_order=zeroth_order)
     trainer.set_parameters(tensors)
     del tensors
     assignment.tensors.clear()  # now copied into the trainer: free the wire copy (100s of MiB) before training
+    load_seconds = time.perf_counter() - loading
     if cfg.split is not None:
         _join_split(trainer, assignment, link)
     evaluation, eval_seconds = evaluate_received(trainer, dataset, cfg.batch_size, stop)
@@ -251,6 +253,7 @@ def _fit(
         **_metrics(result, seconds),
         "model_version": float(assignment.model_version),
         "zeroth_order": float(is_zo),
+        "load_seconds": load_seconds,
         **({"eval_seconds": eval_seconds} if evaluation is not None else {}),
         **(extra_metrics or {}),
     }
@@ -265,8 +268,10 @@ def _fit(
             held=held,
             evaluation=evaluation,
         )
+    collecting = time.perf_counter()
     trainable = set(bundle.manifest.trainable_names) if cfg.split is None else set()  # split: the coordinator has it
     params = {n: a for n, a in trainer.get_parameters().items() if n in trainable}
+    metrics["collect_seconds"] = time.perf_counter() - collecting  # the trained tensors out of the trainer
     return build_update(assignment, result, params, metrics, held=held, evaluation=evaluation)
 
 

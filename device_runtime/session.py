@@ -54,6 +54,7 @@ class InstallBundle:
     shape_key_id: str
     files: dict[str, Path] = field(compare=False)
     directory: Path = field(compare=False)
+    digests: dict[str, str] = field(default_factory=dict, compare=False)  # sha256 of each file, checked as received
 
 
 @dataclass(frozen=True)
@@ -207,7 +208,7 @@ class DeviceSession:
         if files is None:
             return []
         del self._fetching[chunk.shape_key_id]
-        return [InstallBundle(chunk.shape_key_id, files, assembler.directory)]
+        return [InstallBundle(chunk.shape_key_id, files, assembler.directory, assembler.digests)]
 
     def _drop_transfer(self, shape_key_id: str, reason: str) -> list[Action]:
         assembler = self._fetching.pop(shape_key_id, None)

@@ -38,10 +38,15 @@ class UpdateStore:
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._acked = self._read_acked()
 
-    def put(self, update: Update) -> None:
-        """Persist ``update`` (tensors first, then the JSON that marks it complete)."""
+    def put(self, update: Update, *, payload: bytes | memoryview | None = None) -> None:
+        """Persist ``update`` (tensors first, then the JSON that marks it complete).
+
+        ``payload``: the update's tensors already serialised as its frame's payload (``wire.frame_payload`` of
+        ``encode(update)``, a safetensors blob of the same tensors), written as they are instead of serialising
+        the tensors again.
+        """
         name = _checked(update.update_id)
-        blob = safetensors.numpy.save({n: t for n, t in update.tensors.items()})
+        blob = safetensors.numpy.save({n: t for n, t in update.tensors.items()}) if payload is None else payload
         atomic_write(self.root / f"{name}.safetensors", blob)
         fields = {k: v for k, v in _fields(update).items() if k != "tensors"}
         atomic_write(self.root / f"{name}.json", json.dumps(fields).encode())

@@ -17,12 +17,12 @@ from typing import Any
 
 import numpy as np
 
-from coordinator.strategy.types import FitContext
+from coordinator.strategy.types import FitContext, FitIns
 from device_runtime.errors import BudgetError, ConfigError
 from device_runtime.modes import SPLIT_BACKEND, ZO_BACKEND, Order, TrainableMode
 from device_runtime.stats import RoutingStats
 from device_runtime.wire import FitConfig
-from export.planner import Budget, TrainingShape, plan
+from export.planner import Budget, TrainingShape, estimate, plan
 
 
 def budget_of(profile: Mapping[str, Any]) -> Budget:
@@ -84,6 +84,33 @@ def affordable_fit(context: FitContext, config: FitConfig, profile: Mapping[str,
                 return kept, None, False
             return kept, context.frozen_dtype, merged
     return plan(context.model, shape, budget).experts_per_layer, None, False
+
+
+def estimated_work(context: FitContext, fit: FitIns, profile: Mapping[str, Any]) -> float:
+    """The planner's compute estimate of one FitIns (GFLOP): ``export.planner.estimate``'s step for the experts it
+    trains, what it holds frozen and its training order, at 1 GFLOP/s (so its seconds are GFLOP), times the local
+    steps (an epoch, ``local_steps = 0``, counts as one step). Not divided by the profile's ``gflops``: it orders
+    the round's deliveries longest first (``Coordinator._start_round``), which matters where devices share cores
+    (the simulation, where a device's own ``gflops`` reading says only how busy the machine was when it started:
+    2 to 171 GFLOP/s among the five devices of one run). 0.0 for a profile without a usable budget."""
+    try:
+        budget_of(profile)
+    except ConfigError:
+        return 0.0
+    order = training_order(profile)
+    order = Order.ZEROTH if order == Order.HYBRID else order
+    shape = TrainingShape(
+        fit.config.batch_size,
+        fit.config.seq_len,
+        fit.trainable_mode,
+        fit.lora_rank,
+        order=order,
+        frozen_dtype=fit.frozen_dtype,
+        merged=fit.merged,
+    )
+    kept = max((len(ids) for ids in fit.expert_ids), default=1)
+    step = estimate(context.model, shape, kept, gflops=1.0).step_s
+    return step * max(1, fit.config.local_steps)
 
 
 def split_fit(

@@ -49,7 +49,7 @@ their public names.
 """
 
 from device_runtime.wire.fields import ERROR_CODES, MAX_HEADER_BYTES, PROTOCOL_VERSION, validate
-from device_runtime.wire.framing import decode, encode, expect
+from device_runtime.wire.framing import decode, encode, expect, frame_payload
 from device_runtime.wire.messages import (
     MESSAGE_TYPES,
     Ack,
@@ -92,7 +92,7 @@ from device_runtime.wire.secure import (
     SecAggUnmask,
 )
 from device_runtime.wire.tensors import MAX_TENSORS, WIRE_DTYPES, bytes_to_tensors, tensors_to_bytes, to_float32
-from device_runtime.wire.transfer import BundleAssembler, bundle_chunks
+from device_runtime.wire.transfer import BundleAssembler, BundleFile, bundle_chunks
 
 __all__ = [
     "ERROR_CODES",
@@ -106,6 +106,7 @@ __all__ = [
     "Auth",
     "AuthOk",
     "BundleAssembler",
+    "BundleFile",
     "BundleData",
     "BundleRequest",
     "Challenge",
@@ -143,6 +144,7 @@ __all__ = [
     "decode",
     "encode",
     "expect",
+    "frame_payload",
     "tensors_to_bytes",
     "to_float32",
     "validate",

@@ -16,7 +16,7 @@ from device_runtime.errors import ProtocolError
 from device_runtime.signing import canonical_header, decode_signature, encode_signature
 from device_runtime.wire.fields import MAX_HEADER_BYTES, PROTOCOL_VERSION, json_fields, printable, to_json, validate
 from device_runtime.wire.messages import MESSAGE_TYPES, Error, Message
-from device_runtime.wire.tensors import bytes_to_tensors, tensors_to_bytes
+from device_runtime.wire.tensors import bytes_to_tensors, safetensors_parts
 
 _LEN = struct.Struct(">I")
 
@@ -42,25 +42,39 @@ def encode(msg: Message, *, sign: Callable[[bytes], bytes] | None = None) -> byt
             put in the header as ``signature``; ignored for other types.
 
     Raises:
-        ProtocolError("bad_tensor"): a tensor is not serialisable (see :func:`tensors_to_bytes`).
+        ProtocolError("bad_tensor"): a tensor is not serialisable (see ``wire.tensors_to_bytes``).
         ProtocolError("too_large"): the JSON header exceeds ``MAX_HEADER_BYTES``.
     """
     header: dict[str, Any] = {"v": PROTOCOL_VERSION, "type": msg.TYPE}
     for name in json_fields(type(msg)):
         header[name] = to_json(getattr(msg, name))
-    payload = b""
-    if msg.PAYLOAD == "tensors":
-        payload = tensors_to_bytes(cast(_TensorsPayload, msg).tensors)
+    parts: list[bytes | memoryview] = []
+    if msg.PAYLOAD == "tensors":  # the safetensors header, then views of the arrays: copied once, into the frame
+        parts = list(safetensors_parts(cast(_TensorsPayload, msg).tensors))
     elif msg.PAYLOAD == "bytes":
-        payload = bytes(cast(_BytesPayload, msg).data)
+        parts = [cast(_BytesPayload, msg).data]
     if msg.PAYLOAD is not None:
-        header["payload"] = {"size": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}
+        digest = hashlib.sha256()
+        for part in parts:
+            digest.update(part)
+        header["payload"] = {"size": sum(len(part) for part in parts), "sha256": digest.hexdigest()}
     if sign is not None and msg.SIGNED:
         header["signature"] = encode_signature(sign(canonical_header(header)))
     raw = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
     if len(raw) > MAX_HEADER_BYTES:
         raise ProtocolError("too_large", f"{msg.TYPE} header is {len(raw)} bytes (max {MAX_HEADER_BYTES})")
-    return _LEN.pack(len(raw)) + raw + payload
+    return b"".join([_LEN.pack(len(raw)), raw, *parts])
+
+
+def frame_payload(frame: bytes) -> memoryview:
+    """The payload of a frame made by :func:`encode` (a view, no copy): for a ``tensors`` message, the safetensors
+    blob. Raises ProtocolError("bad_frame"): not a whole frame."""
+    if len(frame) < _LEN.size:
+        raise ProtocolError("bad_frame", f"frame of {len(frame)} bytes has no header length")
+    (hlen,) = _LEN.unpack_from(frame)
+    if _LEN.size + hlen > len(frame):
+        raise ProtocolError("bad_frame", f"header length {hlen} runs past the {len(frame)}-byte frame")
+    return memoryview(frame)[_LEN.size + hlen :]
 
 
 def decode(
@@ -99,7 +113,7 @@ def decode(
     cls = _message_class(header)
     signature = header.pop("signature", None) if cls.SIGNED else None
     declared = header.pop("payload", None)
-    payload = _payload(cls, declared, data[_LEN.size + hlen :])
+    payload = _payload(cls, declared, memoryview(data)[_LEN.size + hlen :])  # a view: tensors are copied once, below
     if verify is not None and cls.SIGNED:
         _verify(verify, cls, header, declared, signature)
     try:
@@ -109,7 +123,7 @@ def decode(
     if cls.PAYLOAD == "tensors":
         return dataclasses.replace(msg, tensors=bytes_to_tensors(payload, expected=expected_tensors))
     if cls.PAYLOAD == "bytes":
-        return dataclasses.replace(msg, data=payload)
+        return dataclasses.replace(msg, data=bytes(payload))
     return msg
 
 
@@ -175,11 +189,11 @@ def _message_class(header: dict[str, Any]) -> type[Message]:
     return MESSAGE_TYPES[kind]
 
 
-def _payload(cls: type[Message], declared: Any, payload: bytes) -> bytes:
+def _payload(cls: type[Message], declared: Any, payload: memoryview) -> memoryview:
     if cls.PAYLOAD is None:
-        if declared is not None or payload:
+        if declared is not None or len(payload):
             raise ProtocolError("bad_frame", f"{cls.TYPE} carries no payload")
-        return b""
+        return payload
     if not isinstance(declared, dict) or set(declared) != {"size", "sha256"}:
         raise ProtocolError("bad_header", f"{cls.TYPE} header needs payload {{size, sha256}}")
     if declared["size"] != len(payload):

@@ -1,13 +1,18 @@
 """Named float tensors <-> safetensors blobs, with the blob's header checked before anything is read.
 
 The safetensors header of a received blob (tensor names, dtypes, shapes and byte offsets) is validated
-here before ``safetensors`` parses the data: names match :data:`~device_runtime.wire.fields.NAME`, dtypes
-are F32 / F16, shapes are at most 8 non-negative integers, and the tensors tile the data exactly (no
-overlap, no gap, nothing past the end).
+here before any tensor data is read: names match :data:`~device_runtime.wire.fields.NAME`, dtypes
+are F32 / F16 / I32, shapes are at most 8 non-negative integers, and the tensors tile the data exactly (no
+overlap, no gap, nothing past the end). The blobs are safetensors' format, byte for byte what the
+``safetensors`` package writes and reads (a test checks both ways); this module builds and parses them itself so
+that a blob of 100s of MiB is copied once, not two or three times (issue 22: an update was copied ~8 times on
+its way out of a device): :func:`safetensors_parts` gives the header and views of the arrays to hash and to write
+or join, :func:`bytes_to_tensors` copies each tensor once out of the received frame.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import struct
 from collections.abc import Mapping
@@ -15,7 +20,6 @@ from typing import Any
 
 import msgspec
 import numpy as np
-import safetensors.numpy
 
 from device_runtime.errors import ProtocolError
 from device_runtime.wire.fields import MAX_HEADER_BYTES, NAME
@@ -25,18 +29,17 @@ WIRE_DTYPES = {"float32": "F32", "float16": "F16", "int32": "I32"}  # int32: spl
 _ITEMSIZE = {"F32": 4, "F16": 2, "I32": 4}
 
 
-def tensors_to_bytes(tensors: Mapping[str, np.ndarray], *, wire_dtype: str | None = None) -> bytes:
-    """Serialise named float tensors to a safetensors blob.
+# safetensors' file order: its Dtype enum descending (F32 > I32 > F16 for the wire dtypes), then the name
+_FILE_ORDER = {"F32": 0, "I32": 1, "F16": 2}
+_NUMPY: dict[str, np.dtype[Any]] = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "I32": np.dtype("<i4")}
 
-    Args:
-        tensors: name -> float32 or float16 array (any shape).
-        wire_dtype: ``"float16"`` or ``"float32"`` to cast every tensor for the wire; None keeps dtypes.
 
-    Raises:
-        ProtocolError("bad_tensor"): a name is invalid, a dtype is not float32/float16/int32, or a value
-            overflows float16 (|x| > 65504) when casting.
-    """
-    out = {}
+def safetensors_parts(tensors: Mapping[str, np.ndarray], *, wire_dtype: str | None = None) -> list[memoryview]:
+    """A safetensors blob of named tensors as a list of buffers: the header (length and JSON), then each tensor's
+    bytes, **views of the arrays** (no copy of a C-contiguous array). Joined, they are byte for byte what
+    ``safetensors.numpy.save`` writes (same order, header and padding); written or hashed part by part, a blob of
+    100s of MiB is never copied whole. Arguments and errors as :func:`tensors_to_bytes`."""
+    arrays = {}
     for name, array in tensors.items():
         array = np.asarray(array)
         if not isinstance(name, str) or not NAME.fullmatch(name):
@@ -49,31 +52,67 @@ def tensors_to_bytes(tensors: Mapping[str, np.ndarray], *, wire_dtype: str | Non
             if not np.array_equal(np.isfinite(cast), np.isfinite(array)):
                 raise ProtocolError("bad_tensor", f"tensor {name} overflows {wire_dtype}; send float32")
             array = cast
-        out[name] = np.asarray(array, order="C")  # not ascontiguousarray: it makes a 0-d tensor 1-d
-    return safetensors.numpy.save(out)
+        arrays[name] = np.asarray(array, dtype=array.dtype.newbyteorder("<"), order="C")
+    order = sorted(arrays, key=lambda n: (_FILE_ORDER[WIRE_DTYPES[arrays[n].dtype.name]], n))
+    header: dict[str, Any] = {}
+    offset = 0
+    for name in order:
+        array = arrays[name]
+        code = WIRE_DTYPES[array.dtype.name]
+        header[name] = {"dtype": code, "shape": list(array.shape), "data_offsets": [offset, offset + array.nbytes]}
+        offset += array.nbytes
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    raw += b" " * (-len(raw) % 8)
+    head = memoryview(struct.pack("<Q", len(raw)) + raw)
+    return [head, *(arrays[n].reshape(-1).view(np.uint8).data for n in order)]
 
 
-def bytes_to_tensors(data: bytes, *, expected: Mapping[str, tuple[int, ...]] | None = None) -> dict[str, np.ndarray]:
+def tensors_to_bytes(tensors: Mapping[str, np.ndarray], *, wire_dtype: str | None = None) -> bytes:
+    """Serialise named float tensors to a safetensors blob (:func:`safetensors_parts`, joined: one copy).
+
+    Args:
+        tensors: name -> float32 or float16 array (any shape).
+        wire_dtype: ``"float16"`` or ``"float32"`` to cast every tensor for the wire; None keeps dtypes.
+
+    Raises:
+        ProtocolError("bad_tensor"): a name is invalid, a dtype is not float32/float16/int32, or a value
+            overflows float16 (|x| > 65504) when casting.
+    """
+    return b"".join(safetensors_parts(tensors, wire_dtype=wire_dtype))
+
+
+def bytes_to_tensors(
+    data: bytes | bytearray | memoryview,
+    *,
+    expected: Mapping[str, tuple[int, ...]] | None = None,
+    copy: bool = True,
+) -> dict[str, np.ndarray]:
     """Parse a safetensors blob after validating its header.
 
     Args:
-        data: the blob (its size is bounded by the caller, e.g. by ``decode``'s ``max_size``).
+        data: the blob, or a view of it in a frame (its size is bounded by the caller, e.g. by ``decode``'s
+            ``max_size``).
         expected: if given, the exact name -> shape map the blob must hold.
+        copy: each tensor its own copy (True); False: views of ``data`` (writable only if ``data`` is, e.g. a
+            bytearray; they keep it alive).
 
     Returns:
-        name -> array, float32 or float16 as sent (see :func:`to_float32`).
+        name -> array, float32, float16 or int32 as sent (see :func:`to_float32`).
 
     Raises:
         ProtocolError("bad_tensor"): malformed header, bad name / dtype / shape / offsets, or a
             name set or shape differing from ``expected``.
     """
-    entries = _safetensors_header(data)
+    entries, spans, start = _safetensors_layout(data)
     if expected is not None:
         _check_expected(entries, expected)
-    try:
-        return safetensors.numpy.load(data)
-    except Exception as exc:  # safetensors raises its own SafetensorError / ValueError types
-        raise ProtocolError("bad_tensor", f"unreadable safetensors payload: {exc}") from exc
+    out = {}
+    for name, (dtype, shape) in entries.items():
+        begin, end = spans[name]
+        count = (end - begin) // _ITEMSIZE[dtype]
+        flat = np.frombuffer(data, dtype=_NUMPY[dtype], count=count, offset=start + begin).reshape(shape)
+        out[name] = flat.astype(_NUMPY[dtype].newbyteorder("="), copy=True) if copy else flat
+    return out
 
 
 def to_float32(tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -81,8 +120,16 @@ def to_float32(tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {name: np.asarray(a, dtype=np.float32) for name, a in tensors.items()}
 
 
-def _safetensors_header(data: bytes) -> dict[str, tuple[str, tuple[int, ...]]]:
+def _safetensors_header(data: bytes | bytearray | memoryview) -> dict[str, tuple[str, tuple[int, ...]]]:
     """Validate a safetensors header; returns name -> (dtype code, shape)."""
+    return _safetensors_layout(data)[0]
+
+
+def _safetensors_layout(
+    data: bytes | bytearray | memoryview,
+) -> tuple[dict[str, tuple[str, tuple[int, ...]]], dict[str, tuple[int, int]], int]:
+    """Validate a safetensors header; returns name -> (dtype code, shape), name -> (begin, end) byte offsets in the
+    data section, and where the data section starts in ``data``."""
     if len(data) < 8:
         raise ProtocolError("bad_tensor", "safetensors payload shorter than its 8-byte header length")
     (size,) = struct.unpack("<Q", data[:8])
@@ -95,19 +142,19 @@ def _safetensors_header(data: bytes) -> dict[str, tuple[str, tuple[int, ...]]]:
     if not isinstance(header, dict) or len(header) > MAX_TENSORS:
         raise ProtocolError("bad_tensor", f"safetensors header must be an object of at most {MAX_TENSORS} tensors")
     header.pop("__metadata__", None)
-    data_len, spans, entries = len(data) - 8 - size, [], {}
+    data_len, spans, entries = len(data) - 8 - size, {}, {}
     for name, info in header.items():
         dtype, shape, span = _safetensors_entry(name, info)
-        spans.append(span)
+        spans[name] = span
         entries[name] = (dtype, shape)
     covered = 0
-    for begin, end in sorted(spans):
+    for begin, end in sorted(spans.values()):
         if begin != covered:
             raise ProtocolError("bad_tensor", "safetensors tensors overlap or leave gaps")
         covered = end
     if covered != data_len:
         raise ProtocolError("bad_tensor", f"safetensors data is {data_len} bytes, tensors cover {covered}")
-    return entries
+    return entries, spans, 8 + size
 
 
 def _safetensors_entry(name: str, info: Any) -> tuple[str, tuple[int, ...], tuple[int, int]]:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import shutil
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -13,31 +15,77 @@ from device_runtime.units import MIB
 from device_runtime.wire.messages import BundleData
 
 
-def bundle_chunks(shape_key_id: str, files: Mapping[str, bytes], *, chunk_bytes: int = 4 * MIB) -> Iterator[BundleData]:
+@dataclass(frozen=True)
+class BundleFile:
+    """A bundle file sent from disk: its path, size (bytes) and sha256 as the sender knows them (the manifest's).
+
+    :func:`bundle_chunks` reads it one chunk at a time, so a sender never holds a whole file in memory; the
+    receiver checks the bytes against ``sha256`` (``BundleAssembler``), so a file that changed on disk since it
+    was hashed fails the transfer instead of installing.
+    """
+
+    path: Path
+    size: int
+    sha256: str
+
+    @classmethod
+    def of(cls, path: Path, sha256: str) -> BundleFile:
+        return cls(path, path.stat().st_size, sha256)
+
+
+def bundle_chunks(
+    shape_key_id: str, files: Mapping[str, bytes | BundleFile], *, chunk_bytes: int = 4 * MIB
+) -> Iterator[BundleData]:
     """Split bundle files into ``BundleData`` messages of at most ``chunk_bytes`` payload each.
 
-    Files go in the order given, each in offset order; the last message has ``more=False``.
+    Files go in the order given, each in offset order; the last message has ``more=False``. A
+    :class:`BundleFile` is read from disk chunk by chunk (bytes values are sliced).
 
     Raises:
         ValueError: ``chunk_bytes < 1`` or no file.
+        OSError: a BundleFile cannot be read, or is not ``size`` bytes long any more.
     """
     if chunk_bytes < 1 or not files:
         raise ValueError("need chunk_bytes >= 1 and at least one file")
     names = list(files)
     for index, name in enumerate(names):
-        blob, digest = files[name], hashlib.sha256(files[name]).hexdigest()
-        offsets = range(0, max(len(blob), 1), chunk_bytes)
-        for offset in offsets:
-            last = index == len(names) - 1 and offset == offsets[-1]
-            yield BundleData(
-                shape_key_id=shape_key_id,
-                name=name,
-                offset=offset,
-                total_size=len(blob),
-                sha256=digest,
-                more=not last,
-                data=blob[offset : offset + chunk_bytes],
-            )
+        content = files[name]
+        size = content.size if isinstance(content, BundleFile) else len(content)
+        digest = content.sha256 if isinstance(content, BundleFile) else hashlib.sha256(content).hexdigest()
+        offsets = range(0, max(size, 1), chunk_bytes)
+        with _reader(content) as read:
+            for offset in offsets:
+                last = index == len(names) - 1 and offset == offsets[-1]
+                data = read(offset, min(chunk_bytes, size - offset))
+                yield BundleData(
+                    shape_key_id=shape_key_id,
+                    name=name,
+                    offset=offset,
+                    total_size=size,
+                    sha256=digest,
+                    more=not last,
+                    data=data,
+                )
+
+
+@contextlib.contextmanager
+def _reader(content: bytes | BundleFile) -> Iterator[Callable[[int, int], bytes]]:
+    """``read(offset, size)`` of a bundle file's bytes: slices of a bytes value, or reads of a BundleFile (which
+    must still be ``content.size`` bytes long)."""
+    if not isinstance(content, BundleFile):
+        yield lambda offset, size: content[offset : offset + size]
+        return
+    with open(content.path, "rb") as handle:
+
+        def read(offset: int, size: int) -> bytes:
+            data = handle.read(size)
+            if len(data) != size:
+                raise OSError(f"bundle file {content.path} shrank below its {content.size} bytes while being sent")
+            return data
+
+        yield read
+        if handle.read(1):
+            raise OSError(f"bundle file {content.path} grew beyond its {content.size} bytes while being sent")
 
 
 class BundleAssembler:
@@ -59,6 +107,7 @@ class BundleAssembler:
         self.shape_key_id, self.directory, self.max_total_bytes = shape_key_id, Path(directory), max_total_bytes
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._paths: dict[str, Path] = {}
+        self.digests: dict[str, str] = {}  # peer's file name -> sha256 of the bytes received, checked (a complete file)
         self._current: BundleData | None = None
         self._out: BinaryIO | None = None
         self._hash = hashlib.sha256()
@@ -143,3 +192,4 @@ class BundleAssembler:
             out.close()
         if self._hash.hexdigest() != chunk.sha256:
             raise ProtocolError("bad_payload", f"bundle file {chunk.name} differs from its sha256")
+        self.digests[chunk.name] = chunk.sha256
