@@ -154,6 +154,10 @@ def messages(draw, cls):
         ids = draw(st.lists(st.from_regex(wire.fields.ID.pattern, fullmatch=True), max_size=4, unique=True))
         cut = draw(st.integers(0, len(ids)))
         fixed["survivors"], fixed["dropped"] = st.just(tuple(ids[:cut])), st.just(tuple(ids[cut:]))
+    if "importance" in fields:  # HFedMoE's parameters go with weighting "hfedmoe", and only there
+        importance = draw(st.none() | records(wire.ImportanceWeighting))
+        fixed["importance"] = st.just(importance)
+        fixed["weighting"] = st.just("hfedmoe") if importance else st.sampled_from(["examples", "unit"])
     msg = draw(records(cls, **fixed))
     if cls.PAYLOAD == "tensors":
         msg = dataclasses.replace(msg, tensors=draw(TENSORS))
