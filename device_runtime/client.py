@@ -34,7 +34,7 @@ import signal
 import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -85,7 +85,9 @@ from device_runtime.wire import (
     Update,
     decode,
     encode,
+    encode_parts,
     expect,
+    fragments,
     frame_payload,
 )
 
@@ -441,10 +443,10 @@ class DeviceClient:
     async def _resend_pending(self, ws: ClientConnection) -> None:
         for update in self.store.pending():
             log.info("re-sending update %s (round %d)", update.update_id, update.round_id)
-            await ws.send(encode(update))
+            await ws.send(fragments(encode_parts(update)))
         for masked in list(self.secure.unacked.values()):
             log.info("re-sending masked update %s (round %d)", masked.update_id, masked.round_id)
-            await ws.send(encode(masked))
+            await ws.send(fragments(encode_parts(masked)))
 
     async def _heartbeat(self, ws: ClientConnection) -> None:
         try:
@@ -509,15 +511,16 @@ class DeviceClient:
 
     async def _send(self, msg: Message) -> None:
         """Send on the current connection, if any (a lost message is recovered by the next connection)."""
-        await self._send_frame(encode(msg), msg.TYPE)
+        await self._send_frame(encode_parts(msg), msg.TYPE)
 
-    async def _send_frame(self, frame: bytes, kind: str) -> None:
-        """:meth:`_send` of an encoded ``kind`` message."""
+    async def _send_frame(self, parts: Sequence[bytes | memoryview], kind: str) -> None:
+        """:meth:`_send` of an encoded ``kind`` message (its frame, or parts of it: ``wire.encode_parts``), in
+        fragments of ``wire.FRAGMENT_BYTES``: nothing the size of an update is copied on its way out."""
         ws = self._ws
         if ws is None:
             return
         try:
-            await ws.send(frame)
+            await ws.send(fragments(parts))
         except ConnectionClosed:
             log.info("connection closed before %s could be sent", kind)
 
@@ -661,7 +664,7 @@ class DeviceClient:
             update.metrics["peak_rss_mb"],
             uid,
         )
-        await self._send_frame(frame, update.TYPE)
+        await self._send_frame([frame], update.TYPE)
         log_timing(log, "encode_update", encoded - start, round=assignment.round_id, bytes=len(frame))
         log_timing(log, "store_update", stored - encoded, round=assignment.round_id, bytes=len(frame))
         log_timing(log, "send_update", time.perf_counter() - stored, round=assignment.round_id, bytes=len(frame))

@@ -12,6 +12,7 @@ import pytest
 from device_runtime import wire as p
 from device_runtime.bundle import ShapeKey
 from device_runtime.errors import ProtocolError
+from device_runtime.wire.framing import FRAGMENT_BYTES
 
 MAX = 1 << 20
 V = p.PROTOCOL_VERSION
@@ -379,3 +380,17 @@ def test_every_signed_message_verifies_for_its_device_only(msg):
     assert code_of(data, verify=verifier.assignment("d-b")) == "bad_signature"
     tampered = data.replace(b'"round_id":3', b'"round_id":4')
     assert tampered != data and code_of(tampered, verify=verifier.assignment("d-a")) == "bad_signature"
+
+
+def test_fragments_are_views_of_the_frame_no_larger_than_the_cap():
+    """What a device sends: the frame of ``encode`` in views of at most FRAGMENT_BYTES (websockets copies each frame
+    it sends twice, so a whole-update frame cost a 1.5 GiB Pi 2 x 85 MB at once: it ran out of memory re-sending its
+    masked update)."""
+    data = bytes(range(256)) * 10_000  # 2.56 MB, three fragments of 1 MiB and one short
+    msg = p.SecAggMasked(round_id=1, update_id="u1", metrics={}, routing={}, trained_experts=(), data=data)
+    parts = p.encode_parts(msg)
+    pieces = list(p.fragments(parts))
+    assert b"".join(pieces) == p.encode(msg)
+    assert max(map(len, pieces)) == FRAGMENT_BYTES
+    assert len(pieces) == 2 + -(-len(data) // FRAGMENT_BYTES)  # the header's length, the header, the payload's slices
+    assert any(piece.obj is data for piece in pieces)  # a view of the message's own bytes, not a copy

@@ -49,7 +49,7 @@ their public names.
 """
 
 from device_runtime.wire.fields import ERROR_CODES, MAX_HEADER_BYTES, PROTOCOL_VERSION, validate
-from device_runtime.wire.framing import decode, encode, expect, frame_payload
+from device_runtime.wire.framing import decode, encode, encode_parts, expect, fragments, frame_payload
 from device_runtime.wire.messages import (
     MESSAGE_TYPES,
     Ack,
@@ -143,6 +143,8 @@ __all__ = [
     "bytes_to_tensors",
     "decode",
     "encode",
+    "encode_parts",
+    "fragments",
     "expect",
     "frame_payload",
     "tensors_to_bytes",

@@ -6,7 +6,7 @@ import dataclasses
 import hashlib
 import json
 import struct
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Protocol, TypeVar, cast, overload
 
 import msgspec
@@ -33,8 +33,28 @@ class _BytesPayload(Protocol):
     data: bytes
 
 
+FRAGMENT_BYTES = 1 << 20
+"""The largest websocket frame :func:`fragments` makes (bytes): websockets copies a frame's data twice as it sends it
+(client masking, then serialisation), so whole-message frames cost a device twice an update's size at once."""
+
+
 def encode(msg: Message, *, sign: Callable[[bytes], bytes] | None = None) -> bytes:
-    """Frame a message as one binary websocket message.
+    """Frame a message as one binary websocket message: :func:`encode_parts` joined (one copy of the payload)."""
+    return b"".join(encode_parts(msg, sign=sign))
+
+
+def fragments(parts: Iterable[bytes | memoryview], size: int = FRAGMENT_BYTES) -> Iterator[memoryview]:
+    """Views of ``parts`` of at most ``size`` bytes each, in order, nothing copied: ``websocket.send`` of them sends
+    one fragmented message whose data is the parts joined (what the receiver reassembles and :func:`decode` reads)."""
+    for part in parts:
+        view = memoryview(part).cast("B")
+        for start in range(0, len(view), size):
+            yield view[start : start + size]
+
+
+def encode_parts(msg: Message, *, sign: Callable[[bytes], bytes] | None = None) -> list[bytes | memoryview]:
+    """The binary websocket message of ``msg`` as parts that, joined, are its frame: the header's length and the
+    header, then the payload's parts (views of the message's arrays or bytes, not copied).
 
     Args:
         msg: the message.
@@ -63,7 +83,7 @@ def encode(msg: Message, *, sign: Callable[[bytes], bytes] | None = None) -> byt
     raw = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
     if len(raw) > MAX_HEADER_BYTES:
         raise ProtocolError("too_large", f"{msg.TYPE} header is {len(raw)} bytes (max {MAX_HEADER_BYTES})")
-    return b"".join([_LEN.pack(len(raw)), raw, *parts])
+    return [_LEN.pack(len(raw)), raw, *parts]
 
 
 def frame_payload(frame: bytes) -> memoryview:
