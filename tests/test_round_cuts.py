@@ -13,6 +13,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from test_zo_planning import SMOLLM2_8L  # the default job's model
 
 import device_runtime.bundle_cache as bundle_cache
 from coordinator.service import Coordinator
@@ -25,31 +26,12 @@ from device_runtime.slots import ticket, training_slot
 from device_runtime.timing import PATTERN, log_timing
 from device_runtime.update_store import UpdateStore
 from device_runtime.wire import BundleAssembler, BundleFile, FitConfig, Update, bundle_chunks, encode, frame_payload
-from export.planner import ModelShape
 
 # ------------------------------------------------------------------ longest processing time first
 
 
-def _shape() -> ModelShape:
-    """The default job's model: SmolLM2's first 8 layers, 4 experts per layer."""
-    return ModelShape(
-        hidden=576,
-        intermediate=1536,
-        vocab=49152,
-        num_layers=8,
-        num_heads=9,
-        num_kv_heads=3,
-        head_dim=64,
-        moe_layers=8,
-        num_experts=4,
-        experts_per_token=2,
-        shared_params=40_000_000,
-        expert_params=3 * 576 * 1536,
-    )
-
-
 def test_the_planner_estimate_orders_a_four_expert_fit_before_a_one_expert_fit():
-    context = FitContext(model=_shape(), calibration=None)  # type: ignore[arg-type]
+    context = FitContext(model=SMOLLM2_8L, calibration=None)  # type: ignore[arg-type]
     config = FitConfig(local_steps=10, batch_size=4, seq_len=64)
     one = FitIns(((0,),) * 8, config)
     four = FitIns(((0, 1, 2, 3),) * 8, config)
