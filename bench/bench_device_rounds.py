@@ -26,11 +26,19 @@ import _measure
 from export.planner import TrainingShape
 
 
-def _status() -> dict[str, int]:
-    """VmData, VmHWM and VmRSS of this process (MiB)."""
+def _status() -> dict[str, float]:
+    """VmData, VmHWM and VmRSS of this process (MiB), its user and kernel CPU seconds and minor faults so far."""
+    import resource
+
     from device_runtime.memory import status_kib
 
-    return {key: status_kib(key) // 1024 for key in ("VmData", "VmHWM", "VmRSS")}
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return {
+        **{key: status_kib(key) // 1024 for key in ("VmData", "VmHWM", "VmRSS")},
+        "user": usage.ru_utime,
+        "kernel": usage.ru_stime,
+        "faults": usage.ru_minflt,
+    }
 
 
 def _child(opts) -> None:
@@ -63,6 +71,7 @@ def _child(opts) -> None:
     )
     del weights
     trainers = TrainerCache(reuse=opts.keep_trainer)
+    before = _status()
     for number in range(1, opts.rounds + 1):
         start = time.perf_counter()
         assignment = decode(frame, max_size=len(frame))
@@ -70,7 +79,10 @@ def _child(opts) -> None:
         del assignment, payload
         if opts.memory_care:
             release_memory()
-        print(json.dumps({"round": number, **_status(), "seconds": time.perf_counter() - start}), flush=True)
+        now = _status()
+        spent = {key: now[key] - before[key] for key in ("user", "kernel", "faults")}
+        print(json.dumps({"round": number, **now, **spent, "seconds": time.perf_counter() - start}), flush=True)
+        before = now
 
 
 def _run(opts, bundle: Path, data: Path, memory_care: bool, keep_trainer: bool) -> list[dict]:
@@ -106,6 +118,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=8, help="local steps per round")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=96)
+    parser.add_argument("--device-only", action="store_true", help="only the setting the device runs")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--memory-care", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--keep-trainer", action="store_true", help=argparse.SUPPRESS)
@@ -128,16 +141,17 @@ def main() -> int:
             experts_per_layer=1,
         )
     print(f"8 layers, 1 expert/layer, batch {opts.batch_size}x{opts.seq_len}, {opts.steps} steps per round (MiB)")
-    print("setting | round | VmData | peak RSS | RSS | seconds")
+    print("setting | round | VmData | peak RSS | RSS | seconds | user s | kernel s | minor faults")
     settings = (
         (True, True, "device (memory care, kept trainer)"),
         (True, False, "memory care, fresh trainer"),
         (False, False, "glibc defaults, fresh trainer"),
     )
-    for care, keep, label in settings:
+    for care, keep, label in settings[:1] if opts.device_only else settings:
         for row in _run(opts, bundle, data, care, keep):
             print(
                 f"{label} | {row['round']} | {row['VmData']} | {row['VmHWM']} | {row['VmRSS']} | {row['seconds']:.1f}"
+                f" | {row['user']:.2f} | {row['kernel']:.2f} | {row['faults']}"
             )
     return 0
 

@@ -22,6 +22,7 @@ from device_runtime.answer_prior import local_answer_shift
 from device_runtime.bundle import TOKENIZER_FILE, Bundle, Manifest
 from device_runtime.data import DEFAULT_TEMPLATE, EVAL_SPLIT_SEED, Batch, LocalDataset
 from device_runtime.errors import ConfigError, DataError, ProtocolError
+from device_runtime.memory import training_heap
 from device_runtime.modes import Order
 from device_runtime.split_trainer import SplitLink, SplitTrainer
 from device_runtime.trainer import FitResult, Trainer
@@ -235,20 +236,22 @@ def _fit(
     load_seconds = time.perf_counter() - loading
     if cfg.split is not None:
         _join_split(trainer, assignment, link)
-    evaluation, eval_seconds = evaluate_received(trainer, dataset, cfg.batch_size, stop)
     is_zo = trainer.order in (Order.ZEROTH, Order.HYBRID)
-    start = time.perf_counter()
-    result = trainer.fit(
-        until_stopped(dataset.train_batches(cfg.batch_size), stop),
-        steps=steps,
-        learning_rate=cfg.split.learning_rate if cfg.split else (is_zo and cfg.zo_learning_rate) or cfg.learning_rate,
-        aux_loss_coef=cfg.aux_loss_coef,
-        routing_prior=prior,
-        routing_reg_coef=cfg.routing_reg_coef,
-        prox_mu=cfg.prox_mu,
-        answer_shift=answer,
-    )
-    seconds = time.perf_counter() - start
+    rate = cfg.split.learning_rate if cfg.split else (is_zo and cfg.zo_learning_rate) or cfg.learning_rate
+    with training_heap():  # steps reuse freed buffers instead of mapping fresh ones
+        evaluation, eval_seconds = evaluate_received(trainer, dataset, cfg.batch_size, stop)
+        start = time.perf_counter()
+        result = trainer.fit(
+            until_stopped(dataset.train_batches(cfg.batch_size), stop),
+            steps=steps,
+            learning_rate=rate,
+            aux_loss_coef=cfg.aux_loss_coef,
+            routing_prior=prior,
+            routing_reg_coef=cfg.routing_reg_coef,
+            prox_mu=cfg.prox_mu,
+            answer_shift=answer,
+        )
+        seconds = time.perf_counter() - start
     metrics = {
         **_metrics(result, seconds),
         "model_version": float(assignment.model_version),

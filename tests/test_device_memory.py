@@ -51,3 +51,35 @@ def test_freed_round_memory_leaves_the_data_segment():
     assert grown >= 190 and kept < 20
     grown, kept = _grown_and_kept("defaults")  # the failure this prevents: freed blocks stay mapped
     assert grown >= 190 and kept >= 190
+
+
+STEPS = """
+import resource, sys, numpy as np
+from device_runtime.memory import limit_heap_growth, training_heap
+def vm_data_mib():
+    return next(int(l.split()[1]) >> 10 for l in open("/proc/self/status") if l.startswith("VmData:"))
+def steps():  # a training step's buffers: 8 MiB each, written, freed
+    for _ in range(20):
+        np.ones(1 << 20)
+limit_heap_growth()
+before = vm_data_mib()
+faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+with training_heap() if sys.argv[1] == "window" else open("/dev/null"):
+    steps()
+faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+print(faults, vm_data_mib() - before)
+"""
+
+
+def _faults_and_kept(mode: str) -> tuple[int, int]:
+    out = subprocess.run([sys.executable, "-c", STEPS, mode], capture_output=True, text=True, check=True).stdout
+    faults, kept = out.split()
+    return int(faults), int(kept)
+
+
+def test_training_heap_reuses_step_buffers_and_gives_them_back():
+    if _LIBC is None:
+        return  # not glibc: nothing to tune
+    reused, kept = _faults_and_kept("window")  # one 8 MiB block faulted in once, then reused; trimmed after
+    fresh, _ = _faults_and_kept("plain")  # outside the window every 8 MiB block is a fresh mapping
+    assert kept < 4 and 5 * reused < fresh  # measured 977 vs 10,320 (numpy asks for huge pages where it can)
