@@ -59,6 +59,7 @@ from device_runtime.errors import BundleError, ConfigError, FedmoeError, Protoco
 from device_runtime.timing import log_timing
 from device_runtime.tls import CA_PATH, CERTIFICATE_PATH
 from device_runtime.wire import (
+    FRAGMENT_BYTES,
     SECURE_FROM_DEVICE,
     SECURE_TO_DEVICE,
     Assignment,
@@ -71,7 +72,8 @@ from device_runtime.wire import (
     Update,
     bundle_chunks,
     decode,
-    encode,
+    encode_parts,
+    fragments,
 )
 
 log = logging.getLogger("fedmoe.coord")
@@ -159,19 +161,21 @@ class Connection:
         device_id, signer = self.machine.device_id, self.coord.signer
         sign = signer.assignment(device_id) if signer is not None and msg.SIGNED else None
         start = time.perf_counter()
-        frame = await asyncio.to_thread(encode, msg, sign=sign) if msg.PAYLOAD else encode(msg, sign=sign)
+        parts = await asyncio.to_thread(encode_parts, msg, sign=sign) if msg.PAYLOAD else encode_parts(msg, sign=sign)
+        size = sum(memoryview(part).nbytes for part in parts)
         encoded = time.perf_counter()
         if isinstance(msg, (Assignment, BundleData)):
-            self.assignment_frame = (msg.update_id, len(frame)) if isinstance(msg, Assignment) else None
+            self.assignment_frame = (msg.update_id, size) if isinstance(msg, Assignment) else None
         if isinstance(msg, Assignment):
             self.allow_frames_for([msg.shape_key.id])
-        await self.ws.send(frame)
-        if len(frame) > DECODE_IN_THREAD_BYTES and not isinstance(msg, BundleData):  # a bundle: send_bundle's line
-            log_timing(log, "encode", encoded - start, type=msg.TYPE, bytes=len(frame))
-            log_timing(log, "send", time.perf_counter() - encoded, type=msg.TYPE, bytes=len(frame))
+        # a large one as views of its arrays, 1 MiB at a time: no frame-sized copy on its way out
+        await self.ws.send(fragments(parts) if size > FRAGMENT_BYTES else b"".join(parts))
+        if size > DECODE_IN_THREAD_BYTES and not isinstance(msg, BundleData):  # a bundle: send_bundle's line
+            log_timing(log, "encode", encoded - start, type=msg.TYPE, bytes=size)
+            log_timing(log, "send", time.perf_counter() - encoded, type=msg.TYPE, bytes=size)
         if count and device_id is not None and isinstance(msg, TRAFFIC):
-            self.coord.count_bytes(device_id, "bytes_down", len(frame))
-        return len(frame)
+            self.coord.count_bytes(device_id, "bytes_down", size)
+        return size
 
     def allow_frames_for(self, shape_keys) -> None:
         """Raise this connection's frame limit to what an update to assignments of ``shape_keys`` needs

@@ -212,3 +212,26 @@ def test_blobs_are_byte_for_byte_the_safetensors_packages_both_ways():
         for name, array in reference.items():
             assert back[name].dtype == array.dtype and back[name].shape == array.shape and back[name].flags.writeable
             np.testing.assert_array_equal(back[name], array)
+
+
+def test_the_coordinator_sends_a_large_message_as_views_of_at_most_a_fragment_and_a_small_one_whole():
+    from coordinator.server import Connection
+    from device_runtime.wire import FRAGMENT_BYTES, Ack
+
+    sent: list = []
+
+    async def send(message):
+        sent.append(message if isinstance(message, bytes) else list(message))
+
+    conn = Connection.__new__(Connection)
+    conn.coord = SimpleNamespace(signer=None)
+    conn.ws, conn.machine = SimpleNamespace(send=send), SimpleNamespace(device_id=None)
+    tensors = {"experts.weight": np.arange(3 * FRAGMENT_BYTES // 4 + 5, dtype=np.float32)}  # 3 MiB + 20 bytes
+    update = Update("r1-dev-x", 1, 4, 64, {"loss": 1.0}, {}, ((0,),), tensors=tensors)
+    ack = Ack(update_id="r1-dev-x", accepted=True)
+    sizes = [asyncio.run(conn.send(update)), asyncio.run(conn.send(ack))]
+    fragmented, whole = sent
+    assert [type(part) for part in fragmented] == [memoryview] * len(fragmented) and len(fragmented) >= 4
+    assert max(part.nbytes for part in fragmented) <= FRAGMENT_BYTES
+    assert b"".join(fragmented) == encode(update) and whole == encode(ack)
+    assert sizes == [len(encode(update)), len(encode(ack))]

@@ -49,7 +49,15 @@ their public names.
 """
 
 from device_runtime.wire.fields import ERROR_CODES, MAX_HEADER_BYTES, PROTOCOL_VERSION, validate
-from device_runtime.wire.framing import decode, encode, encode_parts, expect, fragments, frame_payload
+from device_runtime.wire.framing import (
+    FRAGMENT_BYTES,
+    decode,
+    encode,
+    encode_parts,
+    expect,
+    fragments,
+    frame_payload,
+)
 from device_runtime.wire.messages import (
     MESSAGE_TYPES,
     Ack,
@@ -95,6 +103,7 @@ from device_runtime.wire.tensors import MAX_TENSORS, WIRE_DTYPES, bytes_to_tenso
 from device_runtime.wire.transfer import BundleAssembler, BundleFile, bundle_chunks
 
 __all__ = [
+    "FRAGMENT_BYTES",
     "ERROR_CODES",
     "MAX_HEADER_BYTES",
     "MAX_TENSORS",
