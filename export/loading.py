@@ -11,6 +11,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import threading
 from pathlib import Path
 
 from device_runtime.errors import ModelError
@@ -18,6 +19,7 @@ from export.checkpoint_format import FEDMOE_KEY, FORMAT
 
 SMOLLM2 = "smollm2-135m-instruct"
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_LOADING = threading.Lock()  # transformers' lazy imports fail when two threads race them (ImportError)
 
 
 def cache_dir() -> Path:
@@ -46,12 +48,21 @@ def load_causal_lm(path: str | Path):
     layers mapped into fedmoe's block by ``export.hf_moe.to_fedmoe``; a dense model as it is) or an upcycled model
     in the fedmoe format (:func:`load_fedmoe_format`).
 
+    Loads in different threads run one at a time: transformers resolves its classes by lazy imports, and two
+    threads racing one fail with ImportError (the simulation scores the zero-shot model in a thread while its
+    federation starts).
+
     Raises:
         ModelError: the directory does not exist or holds no loadable checkpoint.
     """
     path = Path(path)
     if not (path / "config.json").is_file():
         raise ModelError(f"{path} is not a Hugging Face checkpoint directory (no config.json)")
+    with _LOADING:
+        return _load(path)
+
+
+def _load(path: Path):
     import torch
     from transformers import AutoModelForCausalLM
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -192,68 +193,94 @@ def simulate(plan: SimulationPlan, on_event: Callable[[str, object], None]) -> d
     on_event("stage", "preparing the model (upcycling SmolLM2 once, cached)")
     checkpoint = ensure_checkpoint(plan.preset)
     files, test, labels, histogram = prepare_data(plan)
-    on_event("stage", "zero-shot evaluation of the initial global model")
-    zero = _zero_shot(checkpoint, test, plan)
-    from export.calibration import default_texts
-
+    on_event("stage", "zero-shot evaluation of the initial global model (while the first federation starts)")
     records: list[RoundRecord] = []
     peaks: dict[str, dict] = {}
-    for strategy in plan.strategies:
-        start = RoundRecord(strategy, 0, zero.accuracy, zero.loss, 0.0, 0, 0)
-        records.append(start)
-        on_event("round", start)
-        if strategy == CENTRALIZED:
-            on_event("stage", f"{strategy}: training on the union of the device files in this process")
-            records += run_centralized(
-                checkpoint,
-                files,
-                test,
-                rounds=plan.preset.rounds,
-                fit=_fit(plan, labels),
-                trainable_mode=plan.preset.trainable_mode,
-                lora_rank=plan.preset.lora_rank,
-                seed=plan.seed,
-                on_round=lambda r: on_event("round", r),
-                threads=plan.slots,
-            )
-            continue
-        fed = Federation(
-            strategy=strategy.removeprefix(REFERENCE_PREFIX),
-            rounds=plan.preset.rounds,
-            checkpoint=checkpoint,
-            devices=plan.devices,
-            data_files=tuple(files),
-            fit=_fit(plan, labels),
-            eval_data=plan.out / "data" / "test.jsonl",
-            trainable_mode=plan.preset.trainable_mode,
-            lora_rank=plan.preset.lora_rank,
-            frozen_experts=plan.preset.frozen_experts,
-            calibration_texts=tuple(default_texts()),
-            seed=plan.seed,
-            slots=plan.slots,
-            privacy=plan.privacy,
-            ray=plan.ray,
-        )
-        if is_reference(strategy):
-            on_event("stage", f"{strategy}: the same rounds in torch in this process")
-            records += run_reference(
-                fed,
-                plan.out / strategy,
-                test,
-                lambda r: on_event("round", r),
-                threads=plan.slots,
-                scores=plan.reference_scores,
-            )
-            continue
-        where = "" if plan.ray is None else f" on the Ray cluster at {plan.ray.address}"
-        on_event("stage", f"{strategy}: starting the coordinator and {len(plan.devices)} devices{where}")
-        done, peaks[strategy] = run_federation(fed, plan.out / strategy, lambda r: on_event("round", r))
-        records += done
+    with ThreadPoolExecutor(1, thread_name_prefix="zero-shot") as pool:
+        zero_shot = pool.submit(_zero_shot, checkpoint, test, plan)  # its ~12 s overlap processes starting
+        for strategy in plan.strategies:
+            round_zero = _round_zero(strategy, zero_shot, records, on_event)
+            peaks |= _run_strategy(plan, strategy, checkpoint, files, test, labels, records, round_zero, on_event)
     write_metrics(records, plan.out)
     plot = plot_accuracy(records, plan.out / "accuracy.png")
     summary = _summary(plan, records, peaks, histogram, labels, plot)
     (plan.out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _round_zero(
+    strategy: str, zero_shot: Future, records: list[RoundRecord], on_event: Callable[[str, object], None]
+) -> Callable[[], None]:
+    """A call that records and reports ``strategy``'s round 0 (the zero-shot score ``zero_shot`` computes in the
+    background) the first time it is made, waiting for the score if need be; later calls do nothing."""
+    done: list[RoundRecord] = []
+
+    def emit() -> None:
+        if not done:
+            zero = zero_shot.result()
+            done.append(RoundRecord(strategy, 0, zero.accuracy, zero.loss, 0.0, 0, 0))
+            records.append(done[0])
+            on_event("round", done[0])
+
+    return emit
+
+
+def _run_strategy(plan, strategy, checkpoint, files, test, labels, records, round_zero, on_event) -> dict:
+    """Run one strategy of the plan (centralized, a torch reference, or a federation), adding its rounds to
+    ``records`` after its round 0 (``round_zero``); a federation's peak RSS per device (``{strategy: ...}``)."""
+
+    def on_round(record: RoundRecord) -> None:
+        round_zero()
+        on_event("round", record)
+
+    if strategy == CENTRALIZED:
+        round_zero()
+        on_event("stage", f"{strategy}: training on the union of the device files in this process")
+        records += run_centralized(
+            checkpoint,
+            files,
+            test,
+            rounds=plan.preset.rounds,
+            fit=_fit(plan, labels),
+            trainable_mode=plan.preset.trainable_mode,
+            lora_rank=plan.preset.lora_rank,
+            seed=plan.seed,
+            on_round=on_round,
+            threads=plan.slots,
+        )
+        return {}
+    from export.calibration import default_texts
+
+    fed = Federation(
+        strategy=strategy.removeprefix(REFERENCE_PREFIX),
+        rounds=plan.preset.rounds,
+        checkpoint=checkpoint,
+        devices=plan.devices,
+        data_files=tuple(files),
+        fit=_fit(plan, labels),
+        eval_data=plan.out / "data" / "test.jsonl",
+        trainable_mode=plan.preset.trainable_mode,
+        lora_rank=plan.preset.lora_rank,
+        frozen_experts=plan.preset.frozen_experts,
+        calibration_texts=tuple(default_texts()),
+        seed=plan.seed,
+        slots=plan.slots,
+        privacy=plan.privacy,
+        ray=plan.ray,
+    )
+    if is_reference(strategy):
+        round_zero()
+        on_event("stage", f"{strategy}: the same rounds in torch in this process")
+        records += run_reference(
+            fed, plan.out / strategy, test, on_round, threads=plan.slots, scores=plan.reference_scores
+        )
+        return {}
+    where = "" if plan.ray is None else f" on the Ray cluster at {plan.ray.address}"
+    on_event("stage", f"{strategy}: starting the coordinator and {len(plan.devices)} devices{where}")
+    done, peaks = run_federation(fed, plan.out / strategy, on_round)
+    round_zero()  # a federation that ended before its first round
+    records += done
+    return {strategy: peaks}
 
 
 def _summary(plan, records, peaks, histogram, labels, plot) -> dict:
