@@ -80,7 +80,8 @@ log = logging.getLogger("fedmoe.coord")
 PRE_LOGIN_MAX_BYTES = 64 << 10  # largest frame before login: an Enroll with its profile is ~1 KiB
 MAX_QUEUE = 2  # frames websockets buffers per connection before it stops reading (its default: 16)
 DECODE_IN_THREAD_BYTES = 1 << 20  # frames above this are hashed and parsed in a worker thread
-CHUNK_BYTES = 4 << 20  # largest BundleData chunk (bytes; at most half the frame limit)
+CHUNK_BYTES = 2 << 20  # largest BundleData chunk (bytes; at most half the frame limit; a device reuses its
+# heap for frames under its 4 MiB mmap threshold, device_runtime.memory)
 # Pending TCP connections the kernel queues for accept() (asyncio's default is 100; Linux caps it at
 # net.core.somaxconn). Measured: 1000 devices (re)connecting at once overflowed a 100-deep queue.
 LISTEN_BACKLOG = 4096

@@ -83,3 +83,28 @@ def test_training_heap_reuses_step_buffers_and_gives_them_back():
     reused, kept = _faults_and_kept("window")  # one 8 MiB block faulted in once, then reused; trimmed after
     fresh, _ = _faults_and_kept("plain")  # outside the window every 8 MiB block is a fresh mapping
     assert kept < 4 and 5 * reused < fresh  # measured 977 vs 10,320 (numpy asks for huge pages where it can)
+
+
+FRAMES = """
+import ctypes, resource, sys
+from device_runtime.memory import _LIBC, _M_TRIM_THRESHOLD, limit_heap_growth
+limit_heap_growth()
+if sys.argv[1] == "glibc-trim":  # the trim threshold a fixed mmap threshold leaves: glibc's 128 KiB
+    _LIBC.mallopt(_M_TRIM_THRESHOLD, 128 << 10)
+faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(40):  # frames of 2 MiB received, read, freed (bundle chunks, websocket fragments)
+    frame = bytearray(2 << 20)
+    del frame
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults)
+"""
+
+
+def test_frames_under_the_mmap_threshold_reuse_the_heap():
+    if _LIBC is None:
+        return  # not glibc: nothing to tune
+
+    def faults(mode: str) -> int:
+        return int(subprocess.run([sys.executable, "-c", FRAMES, mode], capture_output=True, text=True).stdout)
+
+    kept, trimmed = faults("device"), faults("glibc-trim")
+    assert kept < 2_000 and trimmed > 40 * 400  # each 2 MiB frame is 512 pages faulted in again when trimmed
