@@ -70,7 +70,13 @@ def limit_heap_growth() -> bool:
     applied = bool(_LIBC.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
     applied = bool(_LIBC.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)) and applied
     applied = bool(_LIBC.mallopt(_M_ARENA_MAX, ARENA_MAX)) and applied
-    log.debug("mmap threshold %d bytes, arena max %d: %s", MMAP_THRESHOLD_BYTES, ARENA_MAX, applied)
+    log.debug(
+        "mmap threshold %d, trim threshold %d bytes, arena max %d: %s",
+        MMAP_THRESHOLD_BYTES,
+        TRIM_THRESHOLD_BYTES,
+        ARENA_MAX,
+        applied,
+    )
     _limited = applied
     return applied
 
