@@ -182,19 +182,18 @@ def fit_assignment(
     """
     trainers = trainers or TrainerCache(reuse=False)
     try:
-        with training_heap():  # the trainer's build, loads, steps and copies reuse freed blocks, trimmed after
-            update = _fit(
-                bundle,
-                assignment,
-                data_file,
-                threads=threads,
-                stop=stop,
-                template=template,
-                extra_metrics=extra_metrics,
-                backend=backend,
-                trainers=trainers,
-                link=link,
-            )
+        update = _fit(
+            bundle,
+            assignment,
+            data_file,
+            threads=threads,
+            stop=stop,
+            template=template,
+            extra_metrics=extra_metrics,
+            backend=backend,
+            trainers=trainers,
+            link=link,
+        )
     except BaseException:
         trainers.done(failed=True)
         raise
@@ -239,19 +238,20 @@ def _fit(
         _join_split(trainer, assignment, link)
     is_zo = trainer.order in (Order.ZEROTH, Order.HYBRID)
     rate = cfg.split.learning_rate if cfg.split else (is_zo and cfg.zo_learning_rate) or cfg.learning_rate
-    evaluation, eval_seconds = evaluate_received(trainer, dataset, cfg.batch_size, stop)
-    start = time.perf_counter()
-    result = trainer.fit(
-        until_stopped(dataset.train_batches(cfg.batch_size), stop),
-        steps=steps,
-        learning_rate=rate,
-        aux_loss_coef=cfg.aux_loss_coef,
-        routing_prior=prior,
-        routing_reg_coef=cfg.routing_reg_coef,
-        prox_mu=cfg.prox_mu,
-        answer_shift=answer,
-    )
-    seconds = time.perf_counter() - start
+    with training_heap():  # steps reuse freed buffers instead of mapping fresh ones
+        evaluation, eval_seconds = evaluate_received(trainer, dataset, cfg.batch_size, stop)
+        start = time.perf_counter()
+        result = trainer.fit(
+            until_stopped(dataset.train_batches(cfg.batch_size), stop),
+            steps=steps,
+            learning_rate=rate,
+            aux_loss_coef=cfg.aux_loss_coef,
+            routing_prior=prior,
+            routing_reg_coef=cfg.routing_reg_coef,
+            prox_mu=cfg.prox_mu,
+            answer_shift=answer,
+        )
+        seconds = time.perf_counter() - start
     metrics = {
         **_metrics(result, seconds),
         "model_version": float(assignment.model_version),

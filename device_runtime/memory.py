@@ -83,9 +83,8 @@ def limit_heap_growth() -> bool:
 
 @contextlib.contextmanager
 def training_heap() -> Iterator[None]:
-    """While a round fits (the trainer built, the weights loaded, evaluation, the steps, the trained tensors
-    copied out), keep freed blocks of up to 32 MiB in the heap to be reused; after it, back to
-    :func:`limit_heap_growth`'s 4 MiB threshold, and the freed pages go back to the OS.
+    """While a round trains, keep freed blocks of up to 32 MiB in the heap for the next step to reuse; after it,
+    back to :func:`limit_heap_growth`'s 4 MiB threshold, and the freed pages go back to the OS.
 
     Why: ORT trains with its arena off, so every activation and gradient buffer of every step is a fresh
     allocation; at a 4 MiB threshold each one >= 4 MiB is a new mapping, page-faulted in and unmapped again.
