@@ -31,9 +31,9 @@ Phases:
 
 Printed: the file-descriptor limits, connections requested / established (coordinator-side socket table) / still
 established after the idle period, client reconnects, the coordinator's RSS (``/proc/<pid>/status`` VmRSS) with 0
-and with all connections, ``/healthz`` latency (the coordinator's event-loop responsiveness, probed from a thread
-of this process), per-round wall time, assignments, accepted updates and bytes, the registry cost of one round
-engine tick, and every warning or error of either side, grouped.
+and with all connections, ``/healthz`` latency (the coordinator's event-loop responsiveness, probed from a process
+of its own: ``healthz_probe.py``), per-round wall time, assignments, accepted updates and bytes, the registry cost
+of one round engine tick, and every warning or error of either side, grouped.
 
 Run (about 3 minutes on 2 busy cores)::
 
@@ -49,19 +49,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import asyncio.sslproto
+import bisect
 import dataclasses
 import logging
 import os
 import re
 import resource
 import secrets
-import ssl
 import statistics
+import subprocess
 import sys
 import tempfile
-import threading
 import time
-import urllib.request
 from collections import Counter
 from pathlib import Path
 
@@ -131,38 +130,45 @@ def open_fds(pid: int) -> int:
 
 
 class HealthProbe:
-    """GET /healthz every ``period_s`` from a thread; latencies (seconds, inf = failed) per phase label."""
+    """``bench/healthz_probe.py`` in a process of its own, GETting ``/healthz`` every ``period_s`` seconds: the
+    latencies (seconds, inf = failed) per phase label (set ``phase``) are in ``samples`` once stopped."""
 
-    def __init__(self, port: int, period_s: float = 0.5, *, cafile: str = ""):
-        self.url = f"{'https' if cafile else 'http'}://127.0.0.1:{port}/healthz"
-        self.context = ssl.create_default_context(cafile=cafile) if cafile else None
-        self.period_s, self.phase, self.samples = period_s, "start", {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
+    def __init__(self, port: int, workdir: Path, period_s: float = 0.5, *, cafile: str = ""):
+        self.out = workdir / "healthz-probes.txt"
+        self.out.unlink(missing_ok=True)
+        url = f"{'https' if cafile else 'http'}://127.0.0.1:{port}/healthz"
+        command = [sys.executable, str(ROOT / "bench" / "healthz_probe.py"), "--url", url, "--out", str(self.out)]
+        command += ["--cafile", cafile, "--period-s", str(period_s)]
+        self.process = subprocess.Popen(command)
+        self.phases: list[tuple[float, str]] = [(time.monotonic(), "start")]  # (monotonic start, label)
+        self.samples: dict[str, list[float]] = {}
 
-    def _run(self) -> None:
-        while not self._stop.wait(self.period_s):
-            start = time.perf_counter()
-            try:
-                with urllib.request.urlopen(self.url, timeout=10, context=self.context) as response:
-                    response.read()
-                latency = time.perf_counter() - start
-            except OSError:
-                latency = float("inf")
-            self.samples.setdefault(self.phase, []).append(latency)
+    @property
+    def phase(self) -> str:
+        return self.phases[-1][1]
+
+    @phase.setter
+    def phase(self, label: str) -> None:
+        self.phases.append((time.monotonic(), label))
 
     def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
+        """End the probe process and sort its probes into the phases they started in."""
+        self.process.terminate()
+        self.process.wait(timeout=30)
+        starts = [start for start, _ in self.phases]
+        for line in self.out.read_text().splitlines():
+            started, latency = (float(field) for field in line.split())
+            label = self.phases[max(0, bisect.bisect_right(starts, started) - 1)][1]
+            self.samples.setdefault(label, []).append(latency)
 
 
 # ---------------------------------------------------------------- the load generator's devices
 
 
-def stand_in_fit(bundle, assignment, data_file, **_ignored) -> Update:
-    """The load generator's trainer: ``fake_update`` (trainable tensors shifted, valid routing statistics)
-    plus the metrics ``DeviceClient`` logs. No training happens: this bench loads the coordinator only."""
+def stand_in_fit(_queued, bundle, assignment, data_file, **_ignored) -> Update:
+    """The load generator's trainer in place of ``_fit_in_slot`` (its first argument, the slot ticket, unused):
+    ``fake_update`` (trainable tensors shifted, valid routing statistics) plus the metrics ``DeviceClient`` logs.
+    No training happens: this bench loads the coordinator only."""
     update = fake_update(assignment, bundle.manifest)
     return dataclasses.replace(update, metrics={**update.metrics, "steps": 1.0, "peak_rss_mb": 0.0})
 
@@ -506,7 +512,7 @@ async def run(opts, cfg: CoordinatorConfig, tokens: list[str], device_problems: 
     device_client.release_memory = lambda: None
     coord, out = Coord(cfg, opts.workdir), {}
     await asyncio.to_thread(coord.start)
-    probe, fleet = HealthProbe(cfg.port, cafile=cfg.tls_ca_cert), None
+    probe, fleet = HealthProbe(cfg.port, opts.workdir, cafile=cfg.tls_ca_cert), None
     try:
         fleet = await idle_phase(opts, coord, tokens, out, probe)
         await rounds_phase(opts, coord, fleet, out, probe)
