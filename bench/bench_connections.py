@@ -33,7 +33,7 @@ Printed: the file-descriptor limits, connections requested / established (coordi
 established after the idle period, client reconnects, the coordinator's RSS (``/proc/<pid>/status`` VmRSS) with 0
 and with all connections, ``/healthz`` latency (the coordinator's event-loop responsiveness, probed from a process
 of its own: ``healthz_probe.py``), per-round wall time, assignments, accepted updates and bytes, the registry cost
-of one round engine tick, and every warning or error of either side, grouped.
+of one presence sweep, and every warning or error of either side, grouped.
 
 Run (about 3 minutes on 2 busy cores)::
 
@@ -71,6 +71,8 @@ from helpers import config_with, fake_update, initialised_coordinator  # noqa: E
 import device_runtime.client as device_client  # noqa: E402
 from coordinator.admission import raise_descriptor_limit  # noqa: E402
 from coordinator.config import CoordinatorConfig, save_config  # noqa: E402
+from coordinator.connection import LAST_SEEN_EVERY_S  # noqa: E402
+from coordinator.presence import SWEEP_S  # noqa: E402
 from coordinator.registry import Registry  # noqa: E402
 from coordinator.simulation.processes import Child, free_port, start_coordinator, wait_healthy  # noqa: E402
 from coordinator.tls import local_url, pinned_token, with_new_authority  # noqa: E402
@@ -102,10 +104,10 @@ def nofile_of(pid: int) -> str:
     return "?"
 
 
-def rss_mib(pid: int) -> float:
-    """Resident set size of ``pid`` in MiB (``VmRSS`` of ``/proc/<pid>/status``)."""
+def rss_mib(pid: int, field: str = "VmRSS") -> float:
+    """Resident set size of ``pid`` in MiB (``VmRSS`` of ``/proc/<pid>/status``; ``VmHWM``: its peak)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
     return float("nan")
 
@@ -282,29 +284,35 @@ class Coord:
         return counts
 
 
-def registry_tick_cost(cfg: CoordinatorConfig, device_ids: list[str]) -> dict:
-    """Seconds of the registry calls the coordinator makes on its event loop: an engine tick's
-    (``Coordinator._available``: one ``revoked_device_ids`` query; before, ``active_device_ids`` over every
-    connected device), and per Heartbeat at most one ``get_device`` (revocation check) and one ``touch_device``."""
+def registry_sweep_cost(cfg: CoordinatorConfig, device_ids: list[str]) -> dict:
+    """Seconds of the registry calls of one presence sweep (``coordinator.presence``, every ``SWEEP_S``) with
+    ``device_ids`` connected: the revoked query and the ``last_seen`` write of the devices due in one ``SWEEP_S``
+    (each every ``LAST_SEEN_EVERY_S``); and, for comparison, the per-Heartbeat calls the sweep replaced
+    (``get_device``, ``touch_device``: mean of up to 200)."""
     registry = Registry(cfg.registry_url)
+    sample = device_ids[:200]
+    due = device_ids[: max(1, round(len(device_ids) * SWEEP_S / LAST_SEEN_EVERY_S))]
     try:
-        start = time.perf_counter()
-        registry.revoked_device_ids()
-        tick = time.perf_counter() - start
-        start = time.perf_counter()
-        registry.active_device_ids(device_ids)
-        old_tick = time.perf_counter() - start
-        start = time.perf_counter()
-        for device_id in device_ids[:200]:
-            registry.get_device(device_id)
-        get = (time.perf_counter() - start) / max(1, min(200, len(device_ids)))
-        start = time.perf_counter()
-        for device_id in device_ids[:200]:
-            registry.touch_device(device_id)
-        touch = (time.perf_counter() - start) / max(1, min(200, len(device_ids)))
+        revoked_s = timed_call(registry.revoked_device_ids)
+        touch_many_s = timed_call(registry.touch_devices, due)
+        get_s = timed_call(lambda: [registry.get_device(d) for d in sample]) / max(1, len(sample))
+        touch_s = timed_call(lambda: [registry.touch_device(d) for d in sample]) / max(1, len(sample))
     finally:
         registry.close()
-    return {"available_tick_s": tick, "old_tick_s": old_tick, "get_device_s": get, "touch_device_s": touch}
+    return {
+        "revoked_s": revoked_s,
+        "due": len(due),
+        "touch_devices_s": touch_many_s,
+        "get_s": get_s,
+        "touch_s": touch_s,
+    }
+
+
+def timed_call(function, *args) -> float:
+    """Seconds ``function(*args)`` took."""
+    start = time.perf_counter()
+    function(*args)
+    return time.perf_counter() - start
 
 
 def round_rows(cfg: CoordinatorConfig) -> list[dict]:
@@ -443,11 +451,18 @@ async def rounds_phase(opts, coord: Coord, fleet: Fleet, out: dict, probe: Healt
     await wait_rounds(coord.cfg, opts.rounds, opts.round_timeout - (time.perf_counter() - start))
     out["rounds"] = await asyncio.to_thread(round_rows, coord.cfg)
     out["rss_rounds"], out["alive_rounds"] = rss_mib(pid), established(coord.cfg.port)
+    out["peak_rounds"] = rss_mib(pid, "VmHWM")  # of the restarted coordinator: reconnects and rounds
     print(
-        f"after the rounds: {out['alive_rounds']} established, RSS {out['rss_rounds']:.1f} MiB, "
+        f"after the rounds: {out['alive_rounds']} established, RSS {out['rss_rounds']:.1f} MiB (peak since the "
+        f"restart {out['peak_rounds']:.1f} MiB), "
         f"{fleet.reconnects(2)} client reconnects",
         flush=True,
     )
+
+
+def _latency(samples: list[float]) -> str:
+    """``median / p99`` of probe latencies (seconds) in ms."""
+    return f"{1e3 * statistics.median(samples):.0f} / {1e3 * quantile(samples, 0.99):.0f}"
 
 
 def _print_summary(opts, out: dict, probe: HealthProbe, coord: Coord, device_problems: Counter) -> None:
@@ -465,24 +480,24 @@ def _print_summary(opts, out: dict, probe: HealthProbe, coord: Coord, device_pro
             for phase, v in probe.samples.items()
         )
     )
-    idle = probe.samples.get("idle", [float("nan")])
+    idle, rounds = (probe.samples.get(phase, [float("nan")]) for phase in ("idle", "rounds"))
     walls = ", ".join(f"{r['wall_s']:.1f}" for r in out.get("rounds", []))
     print(
         "\nsummary row: | registry | TLS | idle | active | established after idle | RSS MiB 0 / idle / after rounds "
-        "| /healthz idle median / p99 ms | round s |"
+        "(peak) | /healthz idle median / p99 ms | /healthz rounds median / p99 ms | round s |"
     )
     print(
         f"| {opts.registry} | {'plain ws' if opts.insecure else 'mutual TLS'} | {opts.idle} | {opts.active} | "
         f"{out.get('alive', 0)} | {out.get('rss_0', 0):.0f} / {out.get('rss_n', 0):.0f} / "
-        f"{out.get('rss_rounds', 0):.0f} | {1e3 * statistics.median(idle):.0f} / {1e3 * quantile(idle, 0.99):.0f} "
+        f"{out.get('rss_rounds', 0):.0f} ({out.get('peak_rounds', 0):.0f}) | {_latency(idle)} | {_latency(rounds)} "
         f"| {walls} |"
     )
     cost = out["registry"]
     print(
-        f"registry on the coordinator's event loop: one engine tick (Coordinator._available: revoked_device_ids) "
-        f"{1e3 * cost['available_tick_s']:.1f} ms (before: active_device_ids over {len(out['device_ids'])} ids "
-        f"{1e3 * cost['old_tick_s']:.1f} ms); per Heartbeat at most one get_device {1e3 * cost['get_device_s']:.2f} ms "
-        f"and one touch_device {1e3 * cost['touch_device_s']:.2f} ms"
+        f"registry on the coordinator's event loop, one presence sweep every {SWEEP_S:g} s: revoked_device_ids "
+        f"{1e3 * cost['revoked_s']:.1f} ms + touch_devices of {cost['due']} due {1e3 * cost['touch_devices_s']:.1f} ms "
+        f"(it replaced, per Heartbeat, a get_device {1e3 * cost['get_s']:.2f} ms at most every 10 s and a "
+        f"touch_device {1e3 * cost['touch_s']:.2f} ms at most every {LAST_SEEN_EVERY_S:g} s)"
     )
     for title, counts in (
         ("enrollment errors", out["enroll_errors"]),
@@ -523,7 +538,7 @@ async def run(opts, cfg: CoordinatorConfig, tokens: list[str], device_problems: 
             await fleet.stop()
         await asyncio.to_thread(coord.stop)
     out["device_ids"] = [c.credentials.device_id for c in fleet.clients]
-    out["registry"] = registry_tick_cost(coord.cfg, out["device_ids"])
+    out["registry"] = registry_sweep_cost(coord.cfg, out["device_ids"])
     _print_summary(opts, out, probe, coord, device_problems)
     failures = _failures(opts, out) + [f"client task ended: {e!r}" for e in out["ended_clients"]]
     for failure in failures:

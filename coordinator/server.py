@@ -14,8 +14,9 @@ device, a login deadline (``login_timeout_s``), the pre-login message budget and
 ``coordinator.connection``, and at most :data:`MAX_QUEUE` frames buffered per connection. A device that closes
 with 1009 right after an Assignment refused it as too big: the coordinator rejects that assignment instead
 of re-sending it on every reconnect. An ``Error`` from a device ends its part in the current round (see
-``Coordinator.device_error``). ``GET /healthz`` answers 200 ``ok``. SIGTERM / SIGINT stop the server
-cleanly (:func:`run`).
+``Coordinator.device_error``). The coordinator's presence sweep (``coordinator.presence``, a task beside the
+round loop) ends a revoked device's session through ``Session.revoked``. ``GET /healthz`` answers 200 ``ok``.
+SIGTERM / SIGINT stop the server cleanly (:func:`run`).
 """
 
 from __future__ import annotations
@@ -143,6 +144,7 @@ class Connection:
             coord.registry,
             ws.admission,
             nonces,
+            coord.presence,
             address=ws.place.address,
             mutual_tls=mutual_tls,
             peer_key=peer_public_key(ws.transport.get_extra_info("ssl_object")) if mutual_tls else None,
@@ -150,6 +152,7 @@ class Connection:
         self.session: Session | None = None  # set at login
         # (update_id, frame bytes) of the last Assignment sent, unless a BundleData frame followed it
         self.assignment_frame: tuple[str, int] | None = None
+        self.ending: asyncio.Task | None = None  # carrying out on_revoked's actions (see revoked)
 
     async def send(self, msg: Message, *, count: bool = True) -> int:
         """Send ``msg``; returns the frame's size (bytes), recorded as ``bytes_down`` if ``count``.
@@ -279,7 +282,20 @@ class Connection:
         if older is not None:
             await older.close(CLOSE_POLICY, "replaced by a newer connection of this device")
         self.allow_frames_for(login.shape_keys)
-        self.session = Session(login.device_id, login.profile, self.send)
+        self.session = Session(login.device_id, login.profile, self.send, self.revoked)
+
+    def revoked(self) -> None:
+        """The registry says the device was revoked (``coordinator.presence``): send it ``Error("auth")`` and
+        close, in a task of its own (a close handshake waits for the device); nothing once closing."""
+        actions = self.machine.on_revoked()
+        if actions:
+            self.ending = asyncio.create_task(self._carry_out(actions))
+
+    async def _carry_out(self, actions: list[Action]) -> None:
+        """Execute ``actions`` in order; a connection that closed meanwhile ends them quietly."""
+        with contextlib.suppress(ConnectionClosed):
+            for action in actions:
+                await self.execute(action)
 
     async def send_bundle(self, shape_key_id: str) -> None:
         """Send the bundle in BundleData chunks, counted as one ``bytes_down`` metric. Raises ProtocolError
@@ -363,12 +379,13 @@ async def serve_coordinator(
         try:
             if ready is not None:
                 ready(server.sockets[0].getsockname()[1])
-            rounds = asyncio.create_task(coord.run_rounds(stop))
+            tasks = [asyncio.create_task(coord.run_rounds(stop)), asyncio.create_task(coord.presence.run(stop))]
             try:
                 await stop.wait()
             finally:
-                rounds.cancel()
-                await asyncio.gather(rounds, return_exceptions=True)
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
         finally:  # what ``async with serve(...)`` does on exit
             server.close()
             await server.wait_closed()
