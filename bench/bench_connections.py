@@ -27,11 +27,13 @@ Phases:
 2. rounds: the coordinator is stopped (SIGTERM) and restarted with ``min_fit_clients = max_fit_clients =
    --active`` and ``num_rounds = --rounds``; the devices reconnect on their own backoff; each round selects
    ``--active`` of them (Assignment, BundleRequest / BundleData on a device's first round, Update, Ack), the
-   others stay connected and idle.
+   others stay connected and idle. ``/healthz`` probes count as ``reconnect`` until every device is back (the
+   first round runs amid the others' handshakes), then as ``rounds``.
 
 Printed: the file-descriptor limits, connections requested / established (coordinator-side socket table) / still
 established after the idle period, client reconnects, the coordinator's RSS (``/proc/<pid>/status`` VmRSS) with 0
-and with all connections, ``/healthz`` latency (the coordinator's event-loop responsiveness, probed from a process
+and with all connections, after the reconnect and after the rounds (with its peak, ``VmHWM``, and what is resident
+by kind of mapping), ``/healthz`` latency (the coordinator's event-loop responsiveness, probed from a process
 of its own: ``healthz_probe.py``), per-round wall time, assignments, accepted updates and bytes, the registry cost
 of one presence sweep, and every warning or error of either side, grouped.
 
@@ -110,6 +112,22 @@ def rss_mib(pid: int, field: str = "VmRSS") -> float:
         if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def resident_by_kind(pid: int) -> dict[str, float]:
+    """MiB resident per kind of mapping of ``pid`` (``/proc/<pid>/smaps``): ``heap`` (the main malloc arena),
+    ``anonymous`` (thread arenas, large blocks malloc maps on their own, thread stacks) and ``files`` (code,
+    libraries such as torch's)."""
+    kinds: Counter[str] = Counter()
+    kind = "files"
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        fields = line.split()
+        if not fields[0].endswith(":"):  # a mapping's header: range perms offset dev inode [path]
+            path = fields[5] if len(fields) > 5 else ""
+            kind = "heap" if path == "[heap]" else "anonymous" if not path or path.startswith("[") else "files"
+        elif fields[0] == "Rss:":
+            kinds[kind] += int(fields[1]) / 1024
+    return dict(kinds)
 
 
 def established(port: int) -> int:
@@ -440,18 +458,21 @@ async def rounds_phase(opts, coord: Coord, fleet: Fleet, out: dict, probe: Healt
         coord.start, min_fit_clients=opts.active, max_fit_clients=opts.active, num_rounds=opts.rounds
     )
     pid, start, overflows = coord.child.process.pid, time.perf_counter(), listen_overflows()
-    probe.phase = "rounds"
+    probe.phase = "reconnect"  # the first round starts once --active devices are back, amid the others' handshakes
     reached = await fleet.wait_connected(2, opts.connect_timeout)
+    probe.phase = "rounds"
     print(
         f"reconnect after restart: {sum(r < float('inf') for r in reached)} of {len(fleet.clients)} "
         f"re-authenticated ({_seconds(reached)} after /healthz answered); listen-queue overflows "
-        f"{listen_overflows() - overflows}",
+        f"{listen_overflows() - overflows}; coordinator RSS {rss_mib(pid):.1f} MiB",
         flush=True,
     )
     await wait_rounds(coord.cfg, opts.rounds, opts.round_timeout - (time.perf_counter() - start))
     out["rounds"] = await asyncio.to_thread(round_rows, coord.cfg)
     out["rss_rounds"], out["alive_rounds"] = rss_mib(pid), established(coord.cfg.port)
     out["peak_rounds"] = rss_mib(pid, "VmHWM")  # of the restarted coordinator: reconnects and rounds
+    kinds = ", ".join(f"{kind} {mib:.0f}" for kind, mib in sorted(resident_by_kind(pid).items()))
+    print(f"coordinator resident MiB by mapping after the rounds: {kinds}", flush=True)
     print(
         f"after the rounds: {out['alive_rounds']} established, RSS {out['rss_rounds']:.1f} MiB (peak since the "
         f"restart {out['peak_rounds']:.1f} MiB), "
