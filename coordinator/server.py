@@ -57,7 +57,7 @@ from coordinator.service import Coordinator, Session
 from coordinator.tls import issue_device_certificate, peer_public_key, server_context
 from device_runtime.auth import NonceBook
 from device_runtime.errors import BundleError, ConfigError, FedmoeError, ProtocolError
-from device_runtime.timing import log_timing
+from device_runtime.timing import log_slow_collections, log_timing
 from device_runtime.tls import CA_PATH, CERTIFICATE_PATH
 from device_runtime.wire import (
     SECURE_FROM_DEVICE,
@@ -419,8 +419,10 @@ async def _listen(cfg: CoordinatorConfig, server: Server) -> Server:
 
 def run(cfg: CoordinatorConfig, *, ready: Callable[[int], None] | None = None) -> None:
     """Blocking entry point: serve until SIGTERM or SIGINT, then close connections and the registry.
-    The soft file-descriptor limit is raised to the hard limit first (each connection holds one)."""
+    The soft file-descriptor limit is raised to the hard limit first (each connection holds one); garbage
+    collections longer than 0.1 s are logged (``timing phase=gc``)."""
     raise_descriptor_limit()
+    log_slow_collections(log)
 
     async def main() -> None:
         stop = asyncio.Event()
