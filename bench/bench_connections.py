@@ -27,13 +27,15 @@ Phases:
 2. rounds: the coordinator is stopped (SIGTERM) and restarted with ``min_fit_clients = max_fit_clients =
    --active`` and ``num_rounds = --rounds``; the devices reconnect on their own backoff; each round selects
    ``--active`` of them (Assignment, BundleRequest / BundleData on a device's first round, Update, Ack), the
-   others stay connected and idle.
+   others stay connected and idle. ``/healthz`` probes count as ``reconnect`` until every device is back (the
+   first round runs amid the others' handshakes), then as ``rounds``.
 
 Printed: the file-descriptor limits, connections requested / established (coordinator-side socket table) / still
 established after the idle period, client reconnects, the coordinator's RSS (``/proc/<pid>/status`` VmRSS) with 0
-and with all connections, ``/healthz`` latency (the coordinator's event-loop responsiveness, probed from a thread
-of this process), per-round wall time, assignments, accepted updates and bytes, the registry cost of one round
-engine tick, and every warning or error of either side, grouped.
+and with all connections, after the reconnect and after the rounds (with its peak, ``VmHWM``, and what is resident
+by kind of mapping), ``/healthz`` latency (the coordinator's event-loop responsiveness, probed from a process
+of its own: ``healthz_probe.py``), per-round wall time, assignments, accepted updates and bytes, the registry cost
+of one presence sweep, and every warning or error of either side, grouped.
 
 Run (about 3 minutes on 2 busy cores)::
 
@@ -49,19 +51,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import asyncio.sslproto
+import bisect
 import dataclasses
 import logging
 import os
 import re
 import resource
 import secrets
-import ssl
 import statistics
+import subprocess
 import sys
 import tempfile
-import threading
 import time
-import urllib.request
 from collections import Counter
 from pathlib import Path
 
@@ -72,6 +73,8 @@ from helpers import config_with, fake_update, initialised_coordinator  # noqa: E
 import device_runtime.client as device_client  # noqa: E402
 from coordinator.admission import raise_descriptor_limit  # noqa: E402
 from coordinator.config import CoordinatorConfig, save_config  # noqa: E402
+from coordinator.connection import LAST_SEEN_EVERY_S  # noqa: E402
+from coordinator.presence import SWEEP_S  # noqa: E402
 from coordinator.registry import Registry  # noqa: E402
 from coordinator.simulation.processes import Child, free_port, start_coordinator, wait_healthy  # noqa: E402
 from coordinator.tls import local_url, pinned_token, with_new_authority  # noqa: E402
@@ -103,12 +106,28 @@ def nofile_of(pid: int) -> str:
     return "?"
 
 
-def rss_mib(pid: int) -> float:
-    """Resident set size of ``pid`` in MiB (``VmRSS`` of ``/proc/<pid>/status``)."""
+def rss_mib(pid: int, field: str = "VmRSS") -> float:
+    """Resident set size of ``pid`` in MiB (``VmRSS`` of ``/proc/<pid>/status``; ``VmHWM``: its peak)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def resident_by_kind(pid: int) -> dict[str, float]:
+    """MiB resident per kind of mapping of ``pid`` (``/proc/<pid>/smaps``): ``heap`` (the main malloc arena),
+    ``anonymous`` (thread arenas, large blocks malloc maps on their own, thread stacks) and ``files`` (code,
+    libraries such as torch's)."""
+    kinds: Counter[str] = Counter()
+    kind = "files"
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        fields = line.split()
+        if not fields[0].endswith(":"):  # a mapping's header: range perms offset dev inode [path]
+            path = fields[5] if len(fields) > 5 else ""
+            kind = "heap" if path == "[heap]" else "anonymous" if not path or path.startswith("[") else "files"
+        elif fields[0] == "Rss:":
+            kinds[kind] += int(fields[1]) / 1024
+    return dict(kinds)
 
 
 def established(port: int) -> int:
@@ -131,38 +150,45 @@ def open_fds(pid: int) -> int:
 
 
 class HealthProbe:
-    """GET /healthz every ``period_s`` from a thread; latencies (seconds, inf = failed) per phase label."""
+    """``bench/healthz_probe.py`` in a process of its own, GETting ``/healthz`` every ``period_s`` seconds: the
+    latencies (seconds, inf = failed) per phase label (set ``phase``) are in ``samples`` once stopped."""
 
-    def __init__(self, port: int, period_s: float = 0.5, *, cafile: str = ""):
-        self.url = f"{'https' if cafile else 'http'}://127.0.0.1:{port}/healthz"
-        self.context = ssl.create_default_context(cafile=cafile) if cafile else None
-        self.period_s, self.phase, self.samples = period_s, "start", {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
+    def __init__(self, port: int, workdir: Path, period_s: float = 0.5, *, cafile: str = ""):
+        self.out = workdir / "healthz-probes.txt"
+        self.out.unlink(missing_ok=True)
+        url = f"{'https' if cafile else 'http'}://127.0.0.1:{port}/healthz"
+        command = [sys.executable, str(ROOT / "bench" / "healthz_probe.py"), "--url", url, "--out", str(self.out)]
+        command += ["--cafile", cafile, "--period-s", str(period_s)]
+        self.process = subprocess.Popen(command)
+        self.phases: list[tuple[float, str]] = [(time.monotonic(), "start")]  # (monotonic start, label)
+        self.samples: dict[str, list[float]] = {}
 
-    def _run(self) -> None:
-        while not self._stop.wait(self.period_s):
-            start = time.perf_counter()
-            try:
-                with urllib.request.urlopen(self.url, timeout=10, context=self.context) as response:
-                    response.read()
-                latency = time.perf_counter() - start
-            except OSError:
-                latency = float("inf")
-            self.samples.setdefault(self.phase, []).append(latency)
+    @property
+    def phase(self) -> str:
+        return self.phases[-1][1]
+
+    @phase.setter
+    def phase(self, label: str) -> None:
+        self.phases.append((time.monotonic(), label))
 
     def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
+        """End the probe process and sort its probes into the phases they started in."""
+        self.process.terminate()
+        self.process.wait(timeout=30)
+        starts = [start for start, _ in self.phases]
+        for line in self.out.read_text().splitlines():
+            started, latency = (float(field) for field in line.split())
+            label = self.phases[max(0, bisect.bisect_right(starts, started) - 1)][1]
+            self.samples.setdefault(label, []).append(latency)
 
 
 # ---------------------------------------------------------------- the load generator's devices
 
 
-def stand_in_fit(bundle, assignment, data_file, **_ignored) -> Update:
-    """The load generator's trainer: ``fake_update`` (trainable tensors shifted, valid routing statistics)
-    plus the metrics ``DeviceClient`` logs. No training happens: this bench loads the coordinator only."""
+def stand_in_fit(_queued, bundle, assignment, data_file, **_ignored) -> Update:
+    """The load generator's trainer in place of ``_fit_in_slot`` (its first argument, the slot ticket, unused):
+    ``fake_update`` (trainable tensors shifted, valid routing statistics) plus the metrics ``DeviceClient`` logs.
+    No training happens: this bench loads the coordinator only."""
     update = fake_update(assignment, bundle.manifest)
     return dataclasses.replace(update, metrics={**update.metrics, "steps": 1.0, "peak_rss_mb": 0.0})
 
@@ -276,29 +302,35 @@ class Coord:
         return counts
 
 
-def registry_tick_cost(cfg: CoordinatorConfig, device_ids: list[str]) -> dict:
-    """Seconds of the registry calls the coordinator makes on its event loop: an engine tick's
-    (``Coordinator._available``: one ``revoked_device_ids`` query; before, ``active_device_ids`` over every
-    connected device), and per Heartbeat at most one ``get_device`` (revocation check) and one ``touch_device``."""
+def registry_sweep_cost(cfg: CoordinatorConfig, device_ids: list[str]) -> dict:
+    """Seconds of the registry calls of one presence sweep (``coordinator.presence``, every ``SWEEP_S``) with
+    ``device_ids`` connected: the revoked query and the ``last_seen`` write of the devices due in one ``SWEEP_S``
+    (each every ``LAST_SEEN_EVERY_S``); and, for comparison, the per-Heartbeat calls the sweep replaced
+    (``get_device``, ``touch_device``: mean of up to 200)."""
     registry = Registry(cfg.registry_url)
+    sample = device_ids[:200]
+    due = device_ids[: max(1, round(len(device_ids) * SWEEP_S / LAST_SEEN_EVERY_S))]
     try:
-        start = time.perf_counter()
-        registry.revoked_device_ids()
-        tick = time.perf_counter() - start
-        start = time.perf_counter()
-        registry.active_device_ids(device_ids)
-        old_tick = time.perf_counter() - start
-        start = time.perf_counter()
-        for device_id in device_ids[:200]:
-            registry.get_device(device_id)
-        get = (time.perf_counter() - start) / max(1, min(200, len(device_ids)))
-        start = time.perf_counter()
-        for device_id in device_ids[:200]:
-            registry.touch_device(device_id)
-        touch = (time.perf_counter() - start) / max(1, min(200, len(device_ids)))
+        revoked_s = timed_call(registry.revoked_device_ids)
+        touch_many_s = timed_call(registry.touch_devices, due)
+        get_s = timed_call(lambda: [registry.get_device(d) for d in sample]) / max(1, len(sample))
+        touch_s = timed_call(lambda: [registry.touch_device(d) for d in sample]) / max(1, len(sample))
     finally:
         registry.close()
-    return {"available_tick_s": tick, "old_tick_s": old_tick, "get_device_s": get, "touch_device_s": touch}
+    return {
+        "revoked_s": revoked_s,
+        "due": len(due),
+        "touch_devices_s": touch_many_s,
+        "get_s": get_s,
+        "touch_s": touch_s,
+    }
+
+
+def timed_call(function, *args) -> float:
+    """Seconds ``function(*args)`` took."""
+    start = time.perf_counter()
+    function(*args)
+    return time.perf_counter() - start
 
 
 def round_rows(cfg: CoordinatorConfig) -> list[dict]:
@@ -426,22 +458,32 @@ async def rounds_phase(opts, coord: Coord, fleet: Fleet, out: dict, probe: Healt
         coord.start, min_fit_clients=opts.active, max_fit_clients=opts.active, num_rounds=opts.rounds
     )
     pid, start, overflows = coord.child.process.pid, time.perf_counter(), listen_overflows()
-    probe.phase = "rounds"
+    probe.phase = "reconnect"  # the first round starts once --active devices are back, amid the others' handshakes
     reached = await fleet.wait_connected(2, opts.connect_timeout)
+    probe.phase = "rounds"
     print(
         f"reconnect after restart: {sum(r < float('inf') for r in reached)} of {len(fleet.clients)} "
         f"re-authenticated ({_seconds(reached)} after /healthz answered); listen-queue overflows "
-        f"{listen_overflows() - overflows}",
+        f"{listen_overflows() - overflows}; coordinator RSS {rss_mib(pid):.1f} MiB",
         flush=True,
     )
     await wait_rounds(coord.cfg, opts.rounds, opts.round_timeout - (time.perf_counter() - start))
     out["rounds"] = await asyncio.to_thread(round_rows, coord.cfg)
     out["rss_rounds"], out["alive_rounds"] = rss_mib(pid), established(coord.cfg.port)
+    out["peak_rounds"] = rss_mib(pid, "VmHWM")  # of the restarted coordinator: reconnects and rounds
+    kinds = ", ".join(f"{kind} {mib:.0f}" for kind, mib in sorted(resident_by_kind(pid).items()))
+    print(f"coordinator resident MiB by mapping after the rounds: {kinds}", flush=True)
     print(
-        f"after the rounds: {out['alive_rounds']} established, RSS {out['rss_rounds']:.1f} MiB, "
+        f"after the rounds: {out['alive_rounds']} established, RSS {out['rss_rounds']:.1f} MiB (peak since the "
+        f"restart {out['peak_rounds']:.1f} MiB), "
         f"{fleet.reconnects(2)} client reconnects",
         flush=True,
     )
+
+
+def _latency(samples: list[float]) -> str:
+    """``median / p99`` of probe latencies (seconds) in ms."""
+    return f"{1e3 * statistics.median(samples):.0f} / {1e3 * quantile(samples, 0.99):.0f}"
 
 
 def _print_summary(opts, out: dict, probe: HealthProbe, coord: Coord, device_problems: Counter) -> None:
@@ -459,24 +501,24 @@ def _print_summary(opts, out: dict, probe: HealthProbe, coord: Coord, device_pro
             for phase, v in probe.samples.items()
         )
     )
-    idle = probe.samples.get("idle", [float("nan")])
+    idle, rounds = (probe.samples.get(phase, [float("nan")]) for phase in ("idle", "rounds"))
     walls = ", ".join(f"{r['wall_s']:.1f}" for r in out.get("rounds", []))
     print(
         "\nsummary row: | registry | TLS | idle | active | established after idle | RSS MiB 0 / idle / after rounds "
-        "| /healthz idle median / p99 ms | round s |"
+        "(peak) | /healthz idle median / p99 ms | /healthz rounds median / p99 ms | round s |"
     )
     print(
         f"| {opts.registry} | {'plain ws' if opts.insecure else 'mutual TLS'} | {opts.idle} | {opts.active} | "
         f"{out.get('alive', 0)} | {out.get('rss_0', 0):.0f} / {out.get('rss_n', 0):.0f} / "
-        f"{out.get('rss_rounds', 0):.0f} | {1e3 * statistics.median(idle):.0f} / {1e3 * quantile(idle, 0.99):.0f} "
+        f"{out.get('rss_rounds', 0):.0f} ({out.get('peak_rounds', 0):.0f}) | {_latency(idle)} | {_latency(rounds)} "
         f"| {walls} |"
     )
     cost = out["registry"]
     print(
-        f"registry on the coordinator's event loop: one engine tick (Coordinator._available: revoked_device_ids) "
-        f"{1e3 * cost['available_tick_s']:.1f} ms (before: active_device_ids over {len(out['device_ids'])} ids "
-        f"{1e3 * cost['old_tick_s']:.1f} ms); per Heartbeat at most one get_device {1e3 * cost['get_device_s']:.2f} ms "
-        f"and one touch_device {1e3 * cost['touch_device_s']:.2f} ms"
+        f"registry on the coordinator's event loop, one presence sweep every {SWEEP_S:g} s: revoked_device_ids "
+        f"{1e3 * cost['revoked_s']:.1f} ms + touch_devices of {cost['due']} due {1e3 * cost['touch_devices_s']:.1f} ms "
+        f"(it replaced, per Heartbeat, a get_device {1e3 * cost['get_s']:.2f} ms at most every 10 s and a "
+        f"touch_device {1e3 * cost['touch_s']:.2f} ms at most every {LAST_SEEN_EVERY_S:g} s)"
     )
     for title, counts in (
         ("enrollment errors", out["enroll_errors"]),
@@ -506,7 +548,7 @@ async def run(opts, cfg: CoordinatorConfig, tokens: list[str], device_problems: 
     device_client.release_memory = lambda: None
     coord, out = Coord(cfg, opts.workdir), {}
     await asyncio.to_thread(coord.start)
-    probe, fleet = HealthProbe(cfg.port, cafile=cfg.tls_ca_cert), None
+    probe, fleet = HealthProbe(cfg.port, opts.workdir, cafile=cfg.tls_ca_cert), None
     try:
         fleet = await idle_phase(opts, coord, tokens, out, probe)
         await rounds_phase(opts, coord, fleet, out, probe)
@@ -517,7 +559,7 @@ async def run(opts, cfg: CoordinatorConfig, tokens: list[str], device_problems: 
             await fleet.stop()
         await asyncio.to_thread(coord.stop)
     out["device_ids"] = [c.credentials.device_id for c in fleet.clients]
-    out["registry"] = registry_tick_cost(coord.cfg, out["device_ids"])
+    out["registry"] = registry_sweep_cost(coord.cfg, out["device_ids"])
     _print_summary(opts, out, probe, coord, device_problems)
     failures = _failures(opts, out) + [f"client task ended: {e!r}" for e in out["ended_clients"]]
     for failure in failures:

@@ -4,7 +4,8 @@
 and the frames that failed to decode (:meth:`~CoordinatorConnection.on_bad_frame`), with the time ``now``
 (seconds, monotonic), and answers with a list of :data:`Action` for ``coordinator.server`` to carry out in order.
 It never awaits, reads a socket or a clock; the registry is reached through the :class:`DeviceDirectory` port and
-the per-address and per-device limits through the :class:`Limits` port (``coordinator.admission.Admission``).
+the per-address and per-device limits through the :class:`Limits` port (``coordinator.admission.Admission``), the
+batched ``last_seen`` writes through the :class:`LastSeen` port (``coordinator.presence.Presence``).
 
 Per connection (see the protocol module docstring)::
 
@@ -19,7 +20,7 @@ States::
     OPEN / CHALLENGED --budget spent--> CLOSED (Close)
     LOGGED_IN --message--> LOGGED_IN (HandleUpdate, HandleSplit, HandleSecure, SendBundle, HandleError or
         Error "unexpected")
-    LOGGED_IN --rate exceeded or revoked--> CLOSED (Close)
+    LOGGED_IN --rate exceeded or revoked (a message, or on_revoked)--> CLOSED (Close)
 
 Before login, a connection may send at most :data:`MAX_PRE_LOGIN_MESSAGES` messages (a Hello and its Auth count
 as one) of which at most :data:`MAX_BAD_BEFORE_AUTH` malformed or out of place; then it is closed. Failed
@@ -31,10 +32,13 @@ malformed messages get ``Error(code)`` and the connection stays open.
 
 After login, every message spends one of the device's message tokens (``Limits.take``: beyond the rate the
 connection is closed), and before it is handled the registry is asked whether the device was revoked
-(``fedmoe-coord devices revoke``, another process) since it logged in: before each message but a Heartbeat, which
-checks at most every :data:`REVOCATION_CHECK_S`. So a revoked device's live session ends at its next message (an
-idle one within a heartbeat interval plus that), and its update or bundle request never counts. A Heartbeat
-refreshes the device's ``last_seen`` at most every :data:`LAST_SEEN_EVERY_S`.
+(``fedmoe-coord devices revoke``, another process) since it logged in: before each message but a Heartbeat. An
+idle device's revocation is found by the coordinator, which asks the registry for the revoked devices of all
+connections at once every ``coordinator.presence.SWEEP_S`` and hands each of its connections to
+:meth:`~CoordinatorConnection.on_revoked`. So a revoked device's live session ends at its next message or sweep,
+whichever comes first, and its update or bundle request never counts. A Heartbeat marks the device's ``last_seen``
+due (``LastSeen.seen``) at most every :data:`LAST_SEEN_EVERY_S`; the coordinator writes the due ones in one
+registry call per sweep.
 
 Error codes sent: ``auth`` (refused, then closed), ``rate`` (too many failed enrollments from the address),
 ``version`` (Hello of another protocol version), ``unexpected`` (a message out of place), and the codes of the
@@ -75,14 +79,10 @@ MAX_BAD_BEFORE_AUTH = 3  # malformed or out-of-place messages a connection may s
 MAX_PRE_LOGIN_MESSAGES = 16  # Enroll / Hello / Auth messages one connection may send before it is logged in
 CLOSE_POLICY = 1008  # websocket close code: policy violation
 MAX_ERROR_CHARS = 2000  # longest ``Error.message`` sent
-# A Heartbeat refreshes the device's ``last_seen`` at most this often (seconds): each refresh is a registry
-# commit (an fsync) on the event loop. Measured (bench/bench_connections.py, 1000 devices heartbeating every
-# 10 s): one commit per Heartbeat took 53% of the loop's time.
+# A Heartbeat marks the device's ``last_seen`` due at most this often (seconds). Measured
+# (bench/bench_connections.py, 1000 devices heartbeating every 10 s): one registry commit per Heartbeat took 53%
+# of the event loop's time; the due ones are now written in one batch per sweep (``coordinator.presence``).
 LAST_SEEN_EVERY_S = 60.0
-# A Heartbeat re-checks in the registry whether the device was revoked at most this often (seconds); every
-# other message checks it at once. Heartbeats are the one frequent message: a SELECT for each was a registry
-# query per device every heartbeat_s on the event loop, and a heartbeat changes nothing a revoked device could use.
-REVOCATION_CHECK_S = 10.0
 
 
 # ---------------------------------------------------------------- ports
@@ -113,6 +113,13 @@ class DeviceDirectory(Protocol):
 
     def device_shape_keys(self, device_id: str) -> Iterable[str]:
         """The shape keys of the bundles the device was ever assigned."""
+
+
+class LastSeen(Protocol):
+    """The batched ``last_seen`` writes (``coordinator.presence.Presence`` provides them)."""
+
+    def seen(self, device_id: str) -> None:
+        """Write the device's ``last_seen`` with the next batch (one registry call for every device due)."""
 
 
 class Limits(Protocol):
@@ -228,6 +235,7 @@ class CoordinatorConnection:
     Args:
         devices: the registry.
         limits: enrollment and message rate limits.
+        last_seen: where a Heartbeat marks the device's ``last_seen`` due.
         nonces: challenge nonces, shared by all connections.
         address: the remote address (failed enrollments are counted per address).
         mutual_tls: whether a device must log in with the client certificate of its enrolled key.
@@ -239,19 +247,19 @@ class CoordinatorConnection:
         devices: DeviceDirectory,
         limits: Limits,
         nonces: NonceBook,
+        last_seen: LastSeen,
         *,
         address: str,
         mutual_tls: bool = False,
         peer_key: bytes | None = None,
     ):
-        self.devices, self.limits, self.nonces = devices, limits, nonces
+        self.devices, self.limits, self.nonces, self.last_seen = devices, limits, nonces, last_seen
         self.address, self.mutual_tls, self.peer_key = address, mutual_tls, peer_key
         self.state = State.OPEN
         self.device_id: str | None = None  # set at login
         self.pre_login_messages = self.bad_before_auth = 0
         self.challenged: Challenged | None = None  # while CHALLENGED
-        self.last_seen = 0.0  # ``now`` of the last ``last_seen`` write (seconds)
-        self.revocation_checked = 0.0  # ``now`` of the last revocation check (seconds; login is one)
+        self.seen_at = 0.0  # ``now`` of the login or the last Heartbeat that marked ``last_seen`` due (seconds)
 
     def on_message(self, msg: Message, now: float) -> list[Action]:
         """The actions answering ``msg``, received at ``now`` (seconds, monotonic); none after a Close.
@@ -277,6 +285,17 @@ class CoordinatorConnection:
         if self.state is State.OPEN:
             self.pre_login_messages += 1
         return self._bad(exc)
+
+    def on_revoked(self) -> list[Action]:
+        """The actions once the registry says the logged-in device was revoked (the coordinator's sweep):
+        ``Error("auth")`` and Close; none before login (the Hello checks) or after a Close."""
+        if self.state is not State.LOGGED_IN:
+            return []
+        self.state = State.CLOSED
+        return [
+            refusal("auth", "this device was revoked; enroll it again to rejoin"),
+            Close(CLOSE_POLICY, "device revoked"),
+        ]
 
     # ------------------------------------------------------------ before login
 
@@ -339,7 +358,7 @@ class CoordinatorConnection:
         self.nonces.consume(nonce)
         verify_challenge(device.public_key, nonce, device.id, auth.signature)
         self.devices.touch_device(device.id, hello.profile or None)
-        self.last_seen = self.revocation_checked = now
+        self.seen_at = now
         shape_keys = frozenset(self.devices.device_shape_keys(device.id))
         self.state, self.device_id, self.challenged = State.LOGGED_IN, device.id, None
         log.info("device %s authenticated", device.id)
@@ -376,20 +395,12 @@ class CoordinatorConnection:
             log.warning("device %s exceeded the message rate; disconnecting it", self.device_id)
             self.state = State.CLOSED
             return [Close(CLOSE_POLICY, "message rate exceeded")]
-        if self._revoked(msg, now):
-            self.state = State.CLOSED
-            return [
-                refusal("auth", "this device was revoked; enroll it again to rejoin"),
-                Close(CLOSE_POLICY, "device revoked"),
-            ]
+        if not isinstance(msg, Heartbeat) and self._revoked():
+            return self.on_revoked()
         return self._dispatch(msg, now)
 
-    def _revoked(self, msg: Message, now: float) -> bool:
-        """Whether the device was revoked since it logged in (a Heartbeat checks at most every
-        :data:`REVOCATION_CHECK_S` seconds, every other message at once)."""
-        if isinstance(msg, Heartbeat) and now - self.revocation_checked < REVOCATION_CHECK_S:
-            return False
-        self.revocation_checked = now
+    def _revoked(self) -> bool:
+        """Whether the device was revoked since it logged in (one registry query)."""
         device = self.devices.get_device(self.device_id)
         return device is None or device.revoked
 
@@ -410,7 +421,7 @@ class CoordinatorConnection:
         return [refusal("unexpected", f"{msg.TYPE} is not expected from an authenticated device")]
 
     def _heartbeat(self, now: float) -> None:
-        """Refresh the device's ``last_seen``, at most every :data:`LAST_SEEN_EVERY_S` seconds."""
-        if now - self.last_seen >= LAST_SEEN_EVERY_S:
-            self.devices.touch_device(self.device_id)
-            self.last_seen = now
+        """Mark the device's ``last_seen`` due, at most every :data:`LAST_SEEN_EVERY_S` seconds."""
+        if now - self.seen_at >= LAST_SEEN_EVERY_S:
+            self.last_seen.seen(self.device_id)
+            self.seen_at = now

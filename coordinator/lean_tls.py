@@ -3,9 +3,13 @@
 asyncio's ``SSLProtocol`` reads every TLS connection's ciphertext into its own ``bytearray`` of
 ``SSLProtocol.max_size`` (256 KiB), allocated when the connection starts and kept for its life: 2.5 GiB for
 10,000 connected devices that send a heartbeat every 20 seconds. :func:`lean_reads` gives one connection an
-adaptive buffer instead: :data:`IDLE_BYTES` while its reads are small, asyncio's full size as soon as a read fills
-the small one (a bundle request or an update on its way in), and small again after :data:`SHRINK_AFTER` small reads
-in a row. A bulk transfer therefore reads in the same 256 KiB pieces as before.
+adaptive buffer instead: :data:`IDLE_BYTES` while its reads are small, :data:`TRANSFER_BYTES` as soon as a read
+fills the small one (an update on its way in), and small again after :data:`SHRINK_AFTER` small reads in a row.
+
+The transfer size and the quick shrink are what a round of many devices costs: measured
+(``bench/bench_connections.py``, 1000 devices, 3 rounds of 100), a full 256 KiB kept for 8 small reads (minutes
+of heartbeats) by every device that had uploaded was most of the 90 MiB a coordinator's RSS grew by in the rounds.
+A read of 64 KiB holds four full TLS records (16 KiB each), so a bulk transfer costs little more CPU.
 
 This reaches into asyncio's private ``SSLProtocol`` state (``_ssl_buffer``, ``_ssl_buffer_view``, the transport's
 ``_ssl_protocol``), present from Python 3.11 (the pure-Python TLS implementation) on; anything else is left as it
@@ -19,7 +23,8 @@ import weakref
 from asyncio.sslproto import SSLProtocol
 
 IDLE_BYTES = 4 << 10  # a heartbeat, a ping, a small control message
-SHRINK_AFTER = 8  # small reads in a row before a full-size buffer is given back
+TRANSFER_BYTES = 64 << 10  # once a read fills the idle buffer (asyncio's own size: 256 KiB)
+SHRINK_AFTER = 2  # small reads in a row before a transfer-size buffer is given back
 
 
 def lean_reads(transport: asyncio.BaseTransport) -> bool:
@@ -46,8 +51,8 @@ def lean_reads(transport: asyncio.BaseTransport) -> bool:
         assert proto is not None
         SSLProtocol.buffer_updated(proto, nbytes)  # copies the bytes into the TLS object's memory BIO
         size = len(proto._ssl_buffer)  # type: ignore[attr-defined]
-        if nbytes >= size and size < proto.max_size:
-            resize(proto, proto.max_size)  # a transfer: read in asyncio's full pieces
+        if nbytes >= size and size < TRANSFER_BYTES:
+            resize(proto, TRANSFER_BYTES)  # a transfer: read in larger pieces
             small_reads = 0
         elif size > IDLE_BYTES and nbytes <= IDLE_BYTES:
             small_reads += 1

@@ -7,11 +7,14 @@ strategy's choice (``coordinator.strategy.selection``).
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import shutil
 import tempfile
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +32,7 @@ from device_runtime.bundle import (
     load_bundle,
     tensor_role,
 )
-from device_runtime.errors import BundleError, ProtocolError, UpdateRejected
+from device_runtime.errors import BundleError, ExportError, ProtocolError, UpdateRejected
 from device_runtime.files import atomic_write
 from device_runtime.shape_key import standin_expert
 from device_runtime.signing import MANIFEST_SIG, Signer
@@ -45,9 +48,11 @@ class BundleStore:
     manifests carry ``training`` (the federation's ``[fit]``) as the defaults of ``fedmoe-device train-local``.
 
     Any expert selection of a shape gives the same graph; the weights a device trains arrive with each
-    assignment. Writing a bundle runs torch and the ONNX export (seconds): call :meth:`ensure` off the
-    event loop. With a ``signer`` every bundle gets ``manifest.sig`` as it is written (a bundle written
-    before the coordinator had one is signed when first loaded, after its files verified):
+    assignment. Writing a bundle runs torch and the ONNX export (seconds) in a child process of its own
+    (:func:`export_bundle`), so that a serving coordinator never holds torch and the export's memory (measured,
+    ``bench/bench_connections.py``: +370 MiB RSS for the tiny test model when it ran in process): call
+    :meth:`ensure` off the event loop. With a ``signer`` every bundle gets ``manifest.sig`` as it is written (a
+    bundle written before the coordinator had one is signed when first loaded, after its files verified):
     ``device_runtime.signing``.
     """
 
@@ -69,21 +74,8 @@ class BundleStore:
             return self._manifests[key.id]
 
     def _write(self, key: ShapeKey) -> None:
-        from export.bundle_writer import BundleRequest, write_bundle
-
-        keep = tuple(tuple(range(c)) for c in key.experts_per_layer)
-        request = BundleRequest(
-            keep=keep,
-            trainable_mode=key.trainable_mode,
-            lora_rank=key.lora_rank,
-            prox=key.prox,
-            training=self.training,
-            frozen_dtype=key.frozen_dtype,
-            merged=key.merged,
-            cut_layer=key.cut_layer,
-        )
         with tempfile.TemporaryDirectory(dir=self.root, prefix=".tmp-") as tmp:
-            write_bundle(self.checkpoint, Path(tmp) / "b", request)
+            _in_child_process(export_bundle, self.checkpoint, Path(tmp) / "b", key, self.training)
             self._sign(Path(tmp) / "b")
             os.replace(Path(tmp) / "b", self.root / key.id)
 
@@ -120,6 +112,38 @@ class BundleStore:
             files[MANIFEST_SIG] = (root / MANIFEST_SIG).read_bytes()
         files[MANIFEST] = (root / MANIFEST).read_bytes()
         return files
+
+
+def export_bundle(checkpoint: Path, out: Path, key: ShapeKey, training: FitConfig) -> None:
+    """Write the bundle of ``key`` (every expert selection of its shape: experts ``0..n-1`` per layer) to ``out``
+    with ``training`` as its manifest's defaults (``export.bundle_writer``, which imports torch)."""
+    from export.bundle_writer import BundleRequest, write_bundle
+
+    request = BundleRequest(
+        keep=tuple(tuple(range(c)) for c in key.experts_per_layer),
+        trainable_mode=key.trainable_mode,
+        lora_rank=key.lora_rank,
+        prox=key.prox,
+        training=training,
+        frozen_dtype=key.frozen_dtype,
+        merged=key.merged,
+        cut_layer=key.cut_layer,
+    )
+    write_bundle(checkpoint, out, request)
+
+
+def _in_child_process(function: Callable[..., None], *args) -> None:
+    """``function(*args)`` in a fresh child process (spawned, ended once it returns): what it imports and
+    allocates stays out of this process.
+
+    Raises:
+        What ``function`` raises; ExportError if the child died (killed for memory, say).
+    """
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        try:
+            pool.submit(function, *args).result()
+        except BrokenProcessPool as exc:
+            raise ExportError(f"the bundle export process ended abruptly (out of memory?): {exc}") from exc
 
 
 # ---------------------------------------------------------------- assignment tensors

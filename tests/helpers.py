@@ -340,10 +340,14 @@ class InboxDevice:
         token = registry.create_enroll_token(name, 60)
         self.device = registry.redeem_token(token, name, profile, generate_keypair()[1])
         self.inbox = []
-        self.session = Session(self.device.id, profile, self.send)
+        self.revocations = 0  # times the coordinator ended the session as revoked
+        self.session = Session(self.device.id, profile, self.send, self.revoked)
 
     async def send(self, msg):
         self.inbox.append(msg)
+
+    def revoked(self):
+        self.revocations += 1
 
 
 @contextlib.contextmanager

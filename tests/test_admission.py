@@ -19,6 +19,7 @@ from websockets.sync.client import connect
 
 from coordinator.admission import MESSAGE_BURST
 from coordinator.config import save_config
+from coordinator.presence import SWEEP_S
 from coordinator.registry import Registry
 from device_runtime.bundle import Manifest
 from device_runtime.wire import AuthOk, Error, Heartbeat
@@ -180,6 +181,24 @@ def test_a_revoked_device_s_live_session_ends_and_its_update_is_refused(setup):
         assert closed_code(conn) == 1008
     assert assignment.update_id not in {u.update_id for u in registry.accepted_updates(assignment.round_id)}
     registry.close()
+
+
+def test_a_revoked_idle_device_is_closed_within_a_sweep(setup):
+    """A revoked device that sends nothing (or only Heartbeats, which no longer query the registry) is found by
+    the presence sweep, one registry query for every connection (``coordinator.presence``), and closed within
+    ``SWEEP_S``."""
+    server, cfg, profile = setup
+    device_id, private, _ = enroll(server, cfg, "revoked-idle", profile)
+    with ws(server) as conn:
+        assert isinstance(login(conn, device_id, private, profile), AuthOk)
+        registry = Registry(cfg.registry_url)
+        registry.revoke_device(device_id)
+        registry.close()
+        # within a sweep period plus a busy machine's slack (old code: never, for a device that sends nothing)
+        while not isinstance(reply := recv(conn, timeout=SWEEP_S + 4), Error):  # an Assignment may come first
+            pass
+        assert reply.code == "auth" and "revoked" in reply.message, reply
+        assert closed_code(conn) == 1008
 
 
 def test_at_the_descriptor_limit_no_log_storm_and_service_resumes(tmp_path):

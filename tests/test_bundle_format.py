@@ -4,6 +4,7 @@ with the next step (the device) or written again (the coordinator's bundle cache
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -103,3 +104,30 @@ def test_the_coordinator_writes_again_a_bundle_of_an_older_format(tmp_path, monk
     fresh = BundleStore(cache.root, cache.checkpoint, FitConfig()).ensure(key)
     assert fresh.format_version == FORMAT_VERSION
     assert json.loads(path.read_text())["format_version"] == FORMAT_VERSION
+
+
+def test_the_coordinator_writes_a_bundle_in_a_child_process_and_never_imports_torch(tmp_path):
+    """The export (torch, ONNX) runs in a child process that ends with it: a serving coordinator's memory stays
+    free of both (``bench/bench_connections.py``, 1000 devices, 3 rounds of 100: RSS after the rounds 676 MiB when
+    the export ran in process, 305 MiB since)."""
+    pytest.importorskip("torch")
+    import subprocess
+    import sys
+
+    from helpers import COORD_MIXTRAL, tiny_checkpoint
+
+    checkpoint = tiny_checkpoint(tmp_path / "ckpt", COORD_MIXTRAL)
+    code = (
+        "import sys\n"
+        "from coordinator.planning import BundleStore\n"
+        "from device_runtime.bundle import ShapeKey\n"
+        "from device_runtime.wire import FitConfig\n"
+        f"store = BundleStore({str(tmp_path / 'bundles')!r}, {str(checkpoint)!r}, FitConfig())\n"
+        "manifest = store.ensure(ShapeKey((2, 2)))\n"
+        "assert manifest.shape_key == ShapeKey((2, 2))\n"
+        "assert 'torch' not in sys.modules, 'the coordinator imported torch'\n"
+    )
+    env = {**os.environ, "FEDMOE_CACHE": str(tmp_path / "cache")}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "bundles" / ShapeKey((2, 2)).id / MANIFEST).is_file()

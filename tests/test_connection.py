@@ -15,7 +15,6 @@ from coordinator.connection import (
     MAX_BAD_BEFORE_AUTH,
     MAX_ERROR_CHARS,
     MAX_PRE_LOGIN_MESSAGES,
-    REVOCATION_CHECK_S,
     Close,
     CoordinatorConnection,
     HandleError,
@@ -58,13 +57,15 @@ class FakeDevice:
 
 @dataclass
 class FakeDirectory:
-    """The registry calls of a connection, in memory, with a log of lookups and touches."""
+    """The registry calls of a connection, in memory, with a log of lookups and touches; also the batched
+    ``last_seen`` writes (``LastSeen``), logged in ``due``."""
 
     devices: dict[str, FakeDevice] = field(default_factory=dict)
     tokens: set[str] = field(default_factory=set)
     shape_keys: dict[str, set[str]] = field(default_factory=dict)
     lookups: list[str] = field(default_factory=list)
     touches: list[tuple[str, dict | None]] = field(default_factory=list)
+    due: list[str] = field(default_factory=list)  # LastSeen.seen calls
 
     def redeem_token(self, token: str, name: str, profile: dict, public_key: bytes) -> FakeDevice:
         if token not in self.tokens:
@@ -78,6 +79,9 @@ class FakeDirectory:
 
     def touch_device(self, device_id: str, profile: dict | None = None) -> None:
         self.touches.append((device_id, profile))
+
+    def seen(self, device_id: str) -> None:
+        self.due.append(device_id)
 
     def device_shape_keys(self, device_id: str) -> set[str]:
         return self.shape_keys.get(device_id, set())
@@ -133,7 +137,7 @@ def device(directory):
 
 
 def connection(directory, nonces, limits=None, **kwargs) -> CoordinatorConnection:
-    return CoordinatorConnection(directory, limits or FakeLimits(), nonces, address=ADDRESS, **kwargs)
+    return CoordinatorConnection(directory, limits or FakeLimits(), nonces, directory, address=ADDRESS, **kwargs)
 
 
 def hello(device_id, *, profile=None, version=PROTOCOL_VERSION) -> Hello:
@@ -204,7 +208,7 @@ def test_failed_enrollments_are_rate_limited_per_address(directory, nonces):
         )
     ]
     assert conn.state is State.OPEN and directory.tokens == {"good"}
-    other = CoordinatorConnection(directory, admission, nonces, address="192.0.2.8")
+    other = CoordinatorConnection(directory, admission, nonces, directory, address="192.0.2.8")
     assert other.on_message(enroll_message("good"), T0) == [Send(EnrollOk(device_id="d-phone"))]
 
 
@@ -424,40 +428,45 @@ def test_every_message_but_a_heartbeat_checks_revocation_first(directory, nonces
     assert conn.state is State.CLOSED and directory.lookups == [device[0]] * 2
 
 
-def test_heartbeats_check_revocation_at_most_every_10_s(directory, nonces, device):
-    """Old code looked the device up in the registry before every message (one SELECT per Heartbeat on the
-    event loop)."""
+def test_heartbeats_never_query_the_registry(directory, nonces, device):
+    """Old code looked the device up (revocation) at most every 10 s and wrote ``last_seen`` at most every 60 s
+    per Heartbeat, one registry call each on the event loop; both are batched for all connections now
+    (``coordinator.presence``), so a Heartbeat of a device revoked meanwhile is answered as any other."""
     conn = logged_in(directory, nonces, device)
     directory.lookups.clear()
+    directory.touches.clear()  # the login's
+    directory.devices[device[0]].revoked = True
     for i in range(50):
-        assert conn.on_message(Heartbeat(), T0 + i * REVOCATION_CHECK_S / 50) == []
-    assert directory.lookups == []
-    directory.devices[device[0]].revoked = True
-    assert conn.on_message(Heartbeat(), T0 + REVOCATION_CHECK_S - 0.01) == []
-    assert conn.on_message(Heartbeat(), T0 + REVOCATION_CHECK_S) == REVOKED
-    assert directory.lookups == [device[0]]
+        assert conn.on_message(Heartbeat(), T0 + i * LAST_SEEN_EVERY_S / 10) == []
+    assert directory.lookups == directory.touches == [] and conn.state is State.LOGGED_IN
 
 
-def test_a_message_resets_the_heartbeat_revocation_clock(directory, nonces, device):
+def test_on_revoked_closes_a_logged_in_connection_once(directory, nonces, device):
     conn = logged_in(directory, nonces, device)
-    conn.on_message(BundleRequest(shape_key_id="experts-2.2"), T0 + 5)
-    directory.devices[device[0]].revoked = True
-    assert conn.on_message(Heartbeat(), T0 + 5 + REVOCATION_CHECK_S - 0.01) == []
-    assert conn.on_message(Heartbeat(), T0 + 5 + REVOCATION_CHECK_S) == REVOKED
+    assert conn.on_revoked() == REVOKED
+    assert conn.state is State.CLOSED and conn.on_revoked() == []
+    assert conn.on_message(BundleRequest(shape_key_id="experts-2.2"), T0) == []  # nothing after the Close
 
 
-def test_heartbeats_refresh_last_seen_at_most_every_60_s(directory, nonces, device):
+def test_on_revoked_before_login_does_nothing(directory, nonces, device):
+    """A connection that has not logged in is not the revoked device's session (its Hello is checked)."""
+    conn = connection(directory, nonces)
+    challenge(conn, device[0])
+    assert conn.on_revoked() == [] and conn.state is State.CHALLENGED
+
+
+def test_heartbeats_mark_last_seen_due_at_most_every_60_s(directory, nonces, device):
     device_id = device[0]
     conn = logged_in(directory, nonces, device)
-    directory.touches.clear()  # the login's
+    assert directory.touches == [(device_id, None)] and directory.due == []  # the login writes it at once
     for now in (T0 + 1, T0 + LAST_SEEN_EVERY_S - 0.01):
         conn.on_message(Heartbeat(), now)
-    assert directory.touches == []
+    assert directory.due == []
     conn.on_message(Heartbeat(), T0 + LAST_SEEN_EVERY_S)
     conn.on_message(Heartbeat(), T0 + LAST_SEEN_EVERY_S + 1)
-    assert directory.touches == [(device_id, None)]
+    assert directory.due == [device_id]
     conn.on_message(Heartbeat(), T0 + 2 * LAST_SEEN_EVERY_S)
-    assert directory.touches == [(device_id, None)] * 2
+    assert directory.due == [device_id] * 2 and directory.touches == [(device_id, None)]
 
 
 def test_error_messages_are_cut_to_2000_characters():

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from alembic import command
-from sqlalchemy import create_engine, inspect, make_url, text
+from sqlalchemy import create_engine, event, inspect, make_url, text
 
 from coordinator.registry import SCHEMA_REVISION, Registry
 from coordinator.registry.engine import _alembic_config
@@ -212,6 +212,21 @@ def test_touch_revoke_and_list(reg, clock):
     with pytest.raises(ConfigError):
         reg.revoke_device("d-missing")
     assert reg.get_device("d-missing") is None
+
+
+def test_touch_devices_writes_last_seen_of_many_in_one_statement(reg, clock):
+    """The coordinator's batched ``last_seen`` (``coordinator.presence``): one UPDATE for every due device, where
+    each Heartbeat due used to be a ``touch_device`` commit of its own."""
+    a, b, c = enroll(reg, "a"), enroll(reg, "b"), enroll(reg, "c")
+    clock.now = T0 + timedelta(minutes=5)
+    statements = []
+    event.listen(reg.engine, "before_cursor_execute", lambda _c, _cur, sql, *_: statements.append(sql))
+    reg.touch_devices([a.id, c.id, "d-unknown"])
+    assert [sql.split()[0] for sql in statements] == ["UPDATE"]
+    assert [reg.get_device(d.id).last_seen for d in (a, b, c)] == [clock.now, None, clock.now]
+    statements.clear()
+    reg.touch_devices([])
+    assert statements == []
 
 
 def test_rounds_and_assignments(reg, clock):

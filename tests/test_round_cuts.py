@@ -23,7 +23,7 @@ from device_runtime.bundle import MANIFEST, WEIGHTS_FILE
 from device_runtime.bundle_cache import BundleCache
 from device_runtime.errors import BundleIntegrityError
 from device_runtime.slots import ticket, training_slot
-from device_runtime.timing import PATTERN, log_timing
+from device_runtime.timing import PATTERN, log_slow_collections, log_timing
 from device_runtime.update_store import UpdateStore
 from device_runtime.wire import BundleAssembler, BundleFile, FitConfig, Update, bundle_chunks, encode, frame_payload
 
@@ -192,6 +192,21 @@ def test_timing_lines_parse(caplog):
         log_timing(logger, "send_update", 1.23456, round=3, bytes=10)
     match = PATTERN.search(caplog.records[0].getMessage())
     assert match and match.group("phase") == "send_update" and float(match.group("seconds")) == 1.235
+
+
+def test_slow_garbage_collections_are_logged_as_timing_lines(caplog):
+    import gc
+    import logging
+
+    logger = logging.getLogger("fedmoe.test")
+    callback = log_slow_collections(logger, threshold_s=0.0)
+    try:
+        with caplog.at_level(logging.INFO, logger="fedmoe.test"):
+            gc.collect()
+    finally:
+        gc.callbacks.remove(callback)
+    lines = [PATTERN.search(r.getMessage()) for r in caplog.records]
+    assert any(m and m.group("phase") == "gc" and "generation=2" in m.group("rest") for m in lines), caplog.text
 
 
 def test_blobs_are_byte_for_byte_the_safetensors_packages_both_ways():

@@ -131,6 +131,14 @@ class Registry:
         values = {"last_seen": self._clock()} | ({} if profile is None else {"profile": profile})
         self._update_device(device_id, values)
 
+    def touch_devices(self, device_ids: Iterable[str]) -> None:
+        """Set ``last_seen`` to now for every one of ``device_ids`` in one statement and one commit (none for no
+        ids); unknown ids are skipped."""
+        ids = list(device_ids)
+        if ids:
+            with self._session.begin() as s:
+                s.execute(update(Device).where(Device.id.in_(ids)).values(last_seen=self._clock()))
+
     def revoke_device(self, device_id: str) -> None:
         """Revoke a device: it can no longer authenticate. Raises ConfigError if unknown."""
         self._update_device(device_id, {"revoked_at": self._clock()})
