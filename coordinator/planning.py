@@ -12,7 +12,7 @@ import os
 import shutil
 import tempfile
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -49,7 +49,7 @@ class BundleStore:
 
     Any expert selection of a shape gives the same graph; the weights a device trains arrive with each
     assignment. Writing a bundle runs torch and the ONNX export (seconds) in a child process of its own
-    (:func:`export_bundle`), so that a serving coordinator never holds torch and the export's memory (measured,
+    (:func:`export_bundles`), so that a serving coordinator never holds torch and the export's memory (measured,
     ``bench/bench_connections.py``: +370 MiB RSS for the tiny test model when it ran in process): call
     :meth:`ensure` off the event loop. With a ``signer`` every bundle gets ``manifest.sig`` as it is written (a
     bundle written before the coordinator had one is signed when first loaded, after its files verified):
@@ -65,19 +65,29 @@ class BundleStore:
     def ensure(self, key: ShapeKey) -> Manifest:
         """The manifest of ``key``'s bundle, writing the bundle first if it is not cached (or was written by a
         fedmoe of another bundle format)."""
-        with self._lock:
-            if key.id not in self._manifests:
-                if not _current_format(self.root / key.id):
-                    shutil.rmtree(self.root / key.id, ignore_errors=True)
-                    self._write(key)
-                self._manifests[key.id] = self._load(self.root / key.id)
-            return self._manifests[key.id]
+        return self.ensure_all([key])[key.id]
 
-    def _write(self, key: ShapeKey) -> None:
+    def ensure_all(self, keys: Iterable[ShapeKey]) -> dict[str, Manifest]:
+        """The manifests of ``keys``' bundles by shape key id, writing those not cached first, all in one child
+        process: a round's new bundles pay its start and torch import (~6 s on 2 cores) once, not each."""
+        with self._lock:
+            wanted = {key.id: key for key in keys}
+            missing = [k for i, k in wanted.items() if i not in self._manifests and not _current_format(self.root / i)]
+            if missing:
+                self._write(missing)
+            for shape_key_id in wanted:
+                if shape_key_id not in self._manifests:
+                    self._manifests[shape_key_id] = self._load(self.root / shape_key_id)
+            return {shape_key_id: self._manifests[shape_key_id] for shape_key_id in wanted}
+
+    def _write(self, keys: list[ShapeKey]) -> None:
         with tempfile.TemporaryDirectory(dir=self.root, prefix=".tmp-") as tmp:
-            _in_child_process(export_bundle, self.checkpoint, Path(tmp) / "b", key, self.training)
-            self._sign(Path(tmp) / "b")
-            os.replace(Path(tmp) / "b", self.root / key.id)
+            jobs = [(Path(tmp) / key.id, key) for key in keys]
+            _in_child_process(export_bundles, self.checkpoint, jobs, self.training)
+            for out, key in jobs:
+                self._sign(out)
+                shutil.rmtree(self.root / key.id, ignore_errors=True)  # one of an older bundle format
+                os.replace(out, self.root / key.id)
 
     def _load(self, root: Path) -> Manifest:
         manifest = load_bundle(root).manifest
@@ -114,22 +124,23 @@ class BundleStore:
         return files
 
 
-def export_bundle(checkpoint: Path, out: Path, key: ShapeKey, training: FitConfig) -> None:
-    """Write the bundle of ``key`` (every expert selection of its shape: experts ``0..n-1`` per layer) to ``out``
-    with ``training`` as its manifest's defaults (``export.bundle_writer``, which imports torch)."""
+def export_bundles(checkpoint: Path, jobs: list[tuple[Path, ShapeKey]], training: FitConfig) -> None:
+    """Write the bundle of each ``(out, key)`` (every expert selection of its shape: experts ``0..n-1`` per layer)
+    to ``out`` with ``training`` as its manifest's defaults (``export.bundle_writer``, which imports torch)."""
     from export.bundle_writer import BundleRequest, write_bundle
 
-    request = BundleRequest(
-        keep=tuple(tuple(range(c)) for c in key.experts_per_layer),
-        trainable_mode=key.trainable_mode,
-        lora_rank=key.lora_rank,
-        prox=key.prox,
-        training=training,
-        frozen_dtype=key.frozen_dtype,
-        merged=key.merged,
-        cut_layer=key.cut_layer,
-    )
-    write_bundle(checkpoint, out, request)
+    for out, key in jobs:
+        request = BundleRequest(
+            keep=tuple(tuple(range(c)) for c in key.experts_per_layer),
+            trainable_mode=key.trainable_mode,
+            lora_rank=key.lora_rank,
+            prox=key.prox,
+            training=training,
+            frozen_dtype=key.frozen_dtype,
+            merged=key.merged,
+            cut_layer=key.cut_layer,
+        )
+        write_bundle(checkpoint, out, request)
 
 
 def _in_child_process(function: Callable[..., None], *args) -> None:

@@ -53,6 +53,7 @@ from coordinator.zo_updates import expand_zo_update
 from device_runtime.bundle import Manifest
 from device_runtime.errors import FedmoeError, ProtocolError, UpdateRejected
 from device_runtime.secagg import slots_of
+from device_runtime.shape_key import ShapeKey
 from device_runtime.signing import Signer
 from device_runtime.stats import RoutingStats
 from device_runtime.timing import log_timing, timed
@@ -379,6 +380,7 @@ class Coordinator:
                 self.engine.participation.unplannable(
                     client.client_id, f"{self.strategy.name} gave it nothing to train"
                 )
+        await self._write_bundles(row.id, [fit.shape_key for fit in fits.values()])
         prepared = []
         for device_id, fit in fits.items():
             pending = await self._prepare(row.id, device_id, fit)
@@ -503,6 +505,15 @@ class Coordinator:
         now = self.sessions.get(pending.device_id)
         if now is None or now is session:
             self._lost(pending.device_id)
+
+    async def _write_bundles(self, round_id: int, keys: list[ShapeKey]) -> None:
+        """Write the round's bundles not cached yet, together (``BundleStore.ensure_all``: one export process).
+        A failure is logged; :meth:`_prepare` then tries each device's bundle alone and reports its own."""
+        try:
+            with timed(log, "bundle_ensure_all", round=round_id):
+                await asyncio.to_thread(self.bundles.ensure_all, keys)
+        except Exception as exc:  # noqa: BLE001 - a shape that does not fit fails only its own devices, below
+            log.warning("round %d: writing its bundles together failed (%s); each is tried alone", round_id, exc)
 
     async def _prepare(self, round_id: int, device_id: str, fit: FitIns) -> Pending | None:
         """Build the FitIns's bundle if needed and record the assignment; None (logged, and the device

@@ -106,10 +106,11 @@ def test_the_coordinator_writes_again_a_bundle_of_an_older_format(tmp_path, monk
     assert json.loads(path.read_text())["format_version"] == FORMAT_VERSION
 
 
-def test_the_coordinator_writes_a_bundle_in_a_child_process_and_never_imports_torch(tmp_path):
+def test_the_coordinator_writes_a_rounds_bundles_in_one_child_process_and_never_imports_torch(tmp_path):
     """The export (torch, ONNX) runs in a child process that ends with it: a serving coordinator's memory stays
     free of both (``bench/bench_connections.py``, 1000 devices, 3 rounds of 100: RSS after the rounds 676 MiB when
-    the export ran in process, 305 MiB since)."""
+    the export ran in process, 305 MiB since). A round's new bundles share one child (its start and torch import
+    cost ~6 s)."""
     pytest.importorskip("torch")
     import subprocess
     import sys
@@ -119,15 +120,20 @@ def test_the_coordinator_writes_a_bundle_in_a_child_process_and_never_imports_to
     checkpoint = tiny_checkpoint(tmp_path / "ckpt", COORD_MIXTRAL)
     code = (
         "import sys\n"
-        "from coordinator.planning import BundleStore\n"
+        "import coordinator.planning as planning\n"
         "from device_runtime.bundle import ShapeKey\n"
         "from device_runtime.wire import FitConfig\n"
-        f"store = BundleStore({str(tmp_path / 'bundles')!r}, {str(checkpoint)!r}, FitConfig())\n"
-        "manifest = store.ensure(ShapeKey((2, 2)))\n"
-        "assert manifest.shape_key == ShapeKey((2, 2))\n"
+        "children, spawn = [], planning._in_child_process\n"
+        "planning._in_child_process = lambda *a: children.append(a) or spawn(*a)\n"
+        f"store = planning.BundleStore({str(tmp_path / 'bundles')!r}, {str(checkpoint)!r}, FitConfig())\n"
+        "manifests = store.ensure_all([ShapeKey((2, 2)), ShapeKey((1, 1)), ShapeKey((2, 2))])\n"
+        "assert [m.shape_key for m in manifests.values()] == [ShapeKey((2, 2)), ShapeKey((1, 1))]\n"
+        "assert store.ensure(ShapeKey((1, 1))).shape_key == ShapeKey((1, 1))\n"
+        "assert len(children) == 1, children\n"
         "assert 'torch' not in sys.modules, 'the coordinator imported torch'\n"
     )
     env = {**os.environ, "FEDMOE_CACHE": str(tmp_path / "cache")}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert (tmp_path / "bundles" / ShapeKey((2, 2)).id / MANIFEST).is_file()
+    for key in (ShapeKey((2, 2)), ShapeKey((1, 1))):
+        assert (tmp_path / "bundles" / key.id / MANIFEST).is_file()
