@@ -16,17 +16,21 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from coordinator.registry import Registry
-
-if TYPE_CHECKING:
-    from coordinator.service import Session
 
 log = logging.getLogger("fedmoe.coord")
 # Seconds between two sweeps: a revoked device's session ends at most this long after the revocation (plus one
 # sweep's time). A sweep costs ~6 ms with 10,000 devices connected (the revoked query; bench_connections.py).
 SWEEP_S = 1.0
+
+
+class Revocable(Protocol):
+    """What a sweep needs of a connected device's session (``coordinator.service.Session``)."""
+
+    def revoked(self) -> None:
+        """End the session: the registry says the device was revoked."""
 
 
 class Presence:
@@ -37,7 +41,7 @@ class Presence:
         sessions: the connected devices' sessions by device id (the coordinator's, read at each sweep).
     """
 
-    def __init__(self, registry: Registry, sessions: Mapping[str, Session]):
+    def __init__(self, registry: Registry, sessions: Mapping[str, Revocable]):
         self.registry, self.sessions = registry, sessions
         self.revoked: set[str] = set()  # the revoked device ids as of the last sweep (none before it)
         self._due: set[str] = set()  # devices whose ``last_seen`` the next sweep writes

@@ -33,13 +33,13 @@ def timed(logger: logging.Logger, phase: str, **fields: object) -> Iterator[None
         log_timing(logger, phase, time.perf_counter() - start, **fields)
 
 
-def log_slow_collections(logger: logging.Logger, threshold_s: float = 0.1) -> Callable[[str, dict], None]:
+def log_slow_collections(logger: logging.Logger, threshold_s: float = 0.1) -> Callable[[str, dict[str, int]], None]:
     """From now on, log every garbage collection that holds the process longer than ``threshold_s`` seconds as a
     ``timing phase=gc`` line: with 10,000 connections a full collection walks millions of objects while the event
     loop waits. Returns the callback added to ``gc.callbacks`` (remove it to stop)."""
     started = 0.0
 
-    def callback(phase: str, info: dict) -> None:
+    def callback(phase: str, info: dict[str, int]) -> None:
         nonlocal started
         if phase == "start":
             started = time.perf_counter()
